@@ -1,0 +1,96 @@
+"""Round to nearest (RTN), asymmetric or symmetric, with an optional MSE-optimal clipping search.
+
+Plain RTN takes each group's [min, max] as its range. The clipping search (as in GPTQ's reference
+quantizer and AWQ's clip search) shrinks the range by a factor p in a grid and keeps, per group, the
+p with the least squared reconstruction error, optionally weighted per input channel by activation
+importance (mean squared input), which trades a few clipped outliers for finer steps everywhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bitsmith.methods import LayerStats, register
+from bitsmith.primitives import (
+    affine_params,
+    dequantize_codes,
+    from_groups,
+    group_mask,
+    quantize_codes,
+    to_groups,
+)
+from bitsmith.spec import QuantSpec
+from bitsmith.tensor import QuantizedTensor
+
+DEFAULT_CLIP_GRID = 20  # candidate shrink factors between 1.0 and MIN_SHRINK
+MIN_SHRINK = 0.6
+
+
+def _channel_weights(stats: LayerStats | None, spec: QuantSpec, in_features: int) -> torch.Tensor | None:
+    """Per-weight error weights in group layout [1, G, gs], or None for plain MSE."""
+    if stats is None or stats.importance is None:
+        return None
+    imp = stats.importance.float().clamp_min(0)
+    imp = imp / imp.mean().clamp_min(1e-12)
+    return to_groups(imp.unsqueeze(0), spec)
+
+
+def _fit_group_ranges(
+    groups: torch.Tensor, spec: QuantSpec, mask: torch.Tensor | None, weights: torch.Tensor | None, grid: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick per-group (scale, zero) [out, G, 1]: plain min/max when grid == 0, else the shrink factor
+    with the least (weighted) squared error."""
+    lo = groups.amin(dim=-1, keepdim=True)
+    hi = groups.amax(dim=-1, keepdim=True)
+    best_scale, best_zero = affine_params(lo, hi, spec)
+    if grid <= 0:
+        return best_scale, best_zero
+    best_err = torch.full_like(lo, float("inf"))
+    err_weight = torch.ones_like(groups[:1]) if weights is None else weights
+    if mask is not None:
+        err_weight = err_weight * mask
+    for step in range(grid + 1):
+        shrink = 1.0 - (1.0 - MIN_SHRINK) * step / grid
+        scale, zero = affine_params(lo * shrink, hi * shrink, spec)
+        recon = dequantize_codes(quantize_codes(groups, scale, zero, spec.qmax), scale, zero)
+        err = ((recon - groups).pow(2) * err_weight).sum(dim=-1, keepdim=True)  # [out, G, 1]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def quantize_with_params(
+    weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec
+) -> QuantizedTensor:
+    """Codes for weight [out, in] given per-group scale/zero [out, G, 1], stored as fp16.
+
+    The codes are computed against the fp16-rounded scale and zero, the values a loader will see,
+    so storage rounding cannot add error on top of the grid."""
+    in_features = weight.shape[1]
+    scale16 = scale.half()
+    zero16 = None if spec.symmetric else zero.half()
+    zero_used = zero if zero16 is None else zero16.float()
+    codes = quantize_codes(to_groups(weight, spec), scale16.float(), zero_used, spec.qmax)
+    codes = from_groups(codes, in_features).to(torch.uint8)
+    return QuantizedTensor(
+        codes=codes.contiguous(),
+        scale=scale16.squeeze(-1).contiguous(),
+        zero=None if zero16 is None else zero16.squeeze(-1).contiguous(),
+        spec=spec,
+    )
+
+
+@register("rtn")
+def rtn(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, options: dict | None = None) -> QuantizedTensor:
+    """options: ``clip_search`` (bool, default True) and ``clip_grid`` (int steps)."""
+    options = options or {}
+    weight = weight.float()
+    in_features = weight.shape[1]
+    grid = int(options.get("clip_grid", DEFAULT_CLIP_GRID)) if options.get("clip_search", True) else 0
+    groups = to_groups(weight, spec)  # [out, G, gs]
+    scale, zero = _fit_group_ranges(
+        groups, spec, group_mask(spec, in_features), _channel_weights(stats, spec, in_features), grid
+    )
+    return quantize_with_params(weight, scale, zero, spec)

@@ -1,0 +1,85 @@
+"""Pure quantization maths on tensors: groups, affine quantization parameters, codes, error metrics.
+
+Affine quantization (e.g. Jacob et al. 2018; Nagel et al. 2021, "A White Paper on Neural Network
+Quantization", eq. 2-4): ``code = clamp(round(w / scale + zero), 0, qmax)`` and
+``w_hat = (code - zero) * scale``, one (scale, zero) pair per group of ``group_size`` consecutive
+weights in a row. Symmetric codes fix ``zero`` at the middle of the code range, ``(qmax + 1) / 2``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bitsmith.spec import QuantSpec
+
+
+def to_groups(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """[out, in] -> [out, G, gs]; a short last group is padded by repeating the row's last weight,
+    which leaves the group's min and max unchanged (see :func:`group_mask` for error sums)."""
+    out_features, in_features = weight.shape
+    width = spec.group_width(in_features)
+    groups = spec.groups_per_row(in_features)
+    pad = groups * width - in_features
+    if pad:
+        weight = torch.cat([weight, weight[:, -1:].expand(out_features, pad)], dim=1)
+    return weight.reshape(out_features, groups, width)
+
+
+def group_mask(spec: QuantSpec, in_features: int) -> torch.Tensor | None:
+    """[G, gs] bool marking real weights (None when every group is full)."""
+    width = spec.group_width(in_features)
+    groups = spec.groups_per_row(in_features)
+    if groups * width == in_features:
+        return None
+    return (torch.arange(groups * width) < in_features).reshape(groups, width)
+
+
+def from_groups(grouped: torch.Tensor, in_features: int) -> torch.Tensor:
+    """[out, G, gs] -> [out, in], dropping padding."""
+    return grouped.reshape(grouped.shape[0], -1)[:, :in_features]
+
+
+def expand_groups(per_group: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:
+    """[out, G] -> [out, in]: each group's value repeated over its weights."""
+    width = spec.group_width(in_features)
+    return per_group.repeat_interleave(width, dim=1)[:, :in_features]
+
+
+def affine_params(
+    lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for ranges [lo, hi] (any shape). Ranges always include 0, so zero is
+    representable; an all-zero group gets scale 1 rather than a division by zero."""
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    if spec.symmetric:
+        absmax = torch.maximum(-lo, hi)
+        scale = absmax / (spec.qmax / 2)
+        zero = torch.full_like(scale, (spec.qmax + 1) / 2)
+    else:
+        scale = (hi - lo) / spec.qmax
+        zero = None
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if zero is None:
+        zero = torch.round(-lo / scale)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Round to nearest on the grid; broadcasting shapes (e.g. [out, G, gs] with [out, G, 1])."""
+    return torch.clamp(torch.round(w / scale + zero), 0, qmax)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (codes - zero) * scale
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|w|^2 / |w - w_hat|^2)."""
+    noise = (reference.double() - approx.double()).pow(2).sum().item()
+    signal = reference.double().pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise)

@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from bitsmith.formats.packing import pack, packed_row_bytes, unpack
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 8), (4, 576), (2, 1001), (0, 16)])
+def test_pack_roundtrip_exact(bits: int, shape: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(bits * 1000 + shape[1])
+    codes = torch.randint(0, 1 << bits, shape, generator=gen, dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (shape[0], packed_row_bytes(shape[1], bits))
+    assert torch.equal(unpack(packed, bits, shape[1]), codes)
+
+
+def test_pack_known_bytes() -> None:
+    # 4-bit: code i of a run sits in bits [4i, 4i+4) of a little-endian stream.
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=torch.uint8)
+    assert pack(codes, 4).tolist() == [[0x21, 0x43, 0x65, 0x87]]
+    # 3-bit: 8 codes of 7 fill 3 bytes with ones.
+    assert pack(torch.full((1, 8), 7, dtype=torch.uint8), 3).tolist() == [[255, 255, 255]]
+
+
+def test_pack_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="too large for 3 bits"):
+        pack(torch.tensor([[8]], dtype=torch.uint8), 3)
+    with pytest.raises(ValueError, match="need"):
+        unpack(torch.zeros(2, 5, dtype=torch.uint8), 4, 16)
