@@ -1,0 +1,131 @@
+"""``bitsmith fit MODEL --memory 24GB``: what fits on this GPU, at which bits, and how fast.
+
+Examples::
+
+    bitsmith fit llama-3-70b --memory 48GB            # 4-bit fits a 48 GB workstation card
+    bitsmith fit llama-3-70b --memory 24GB --ctx 8192  # needs layers offloaded to CPU RAM
+    bitsmith fit ./my-model/ --memory 24GiB --kv-bits 8 --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bitsmith.plan.catalog import ArchShape, get_shape, shape_from_path
+from bitsmith.plan.fit import (
+    DEFAULT_LEVELS,
+    GPU_BANDWIDTH_GB_S,
+    KV_BITS_CHOICES,
+    PCIE_GB_S,
+    FitPlan,
+    Runtime,
+    parse_size,
+    plan,
+)
+
+__all__ = ["add_parser", "run", "resolve_shape"]
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``fit`` subcommand on an ``argparse`` subparsers object."""
+    parser = subparsers.add_parser(
+        "fit",
+        help="plan GPU memory: which bit widths fit, what must be offloaded, estimated speed",
+        description="Plan GPU memory for a model at 16..2 bits: weights, KV cache, overhead, "
+        "layers to offload and estimated decoding speed. GB = 10^9 bytes.",
+    )
+    parser.add_argument("model", help="catalog name (e.g. llama-3-70b), a model folder with "
+                        "config.json, a config.json, or a .gguf file")
+    parser.add_argument("--memory", required=True, help="GPU memory, e.g. 24GB, 24GiB, 24000MB")
+    parser.add_argument("--ctx", type=int, default=8192, help="context length per sequence (8192)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (1)")
+    parser.add_argument("--kv-bits", type=int, choices=KV_BITS_CHOICES, default=16,
+                        help="KV cache precision (16)")
+    parser.add_argument("--bits", type=int, default=None,
+                        help="explain this bit width (default: the best one that fits, else 4)")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="quantization group size for every level (default: 128, 64 at 2-bit)")
+    parser.add_argument("--quantize-embeddings", action="store_true",
+                        help="count embeddings and lm_head at the level's bits instead of 16")
+    parser.add_argument("--gpu-bandwidth", type=float, default=GPU_BANDWIDTH_GB_S,
+                        help=f"GPU memory bandwidth in GB/s ({GPU_BANDWIDTH_GB_S:g})")
+    parser.add_argument("--pcie", type=float, default=PCIE_GB_S,
+                        help=f"effective CPU->GPU bandwidth in GB/s ({PCIE_GB_S:g}, PCIe 4.0 x16)")
+    parser.add_argument("--flash-attn", action="store_true",
+                        help="the runtime uses flash attention (no score matrix in activations)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(run=run)  # the dispatcher (bitsmith.cli.main) calls args.run(args)
+
+
+def resolve_shape(model: str) -> ArchShape:
+    """A catalog name, else a local folder / config.json / .gguf file."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return shape_from_path(path)
+    try:
+        return get_shape(model)
+    except KeyError:
+        if path.suffix in (".gguf", ".json") or model.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"{model} does not exist; check the path") from None
+        raise
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _print_table(result: FitPlan) -> None:
+    from rich.console import Console  # the CLI is the only place that prints; keep import local
+    from rich.table import Table
+
+    shape = result.shape
+    console = Console()
+    title = (f"{shape.name} ({shape.n_params / 1e9:.2f}e9 params) on {result.memory_gb:.2f} GB, "
+             f"ctx {result.ctx}, batch {result.batch}, KV {result.kv_bits}-bit")
+    table = Table(title=title)
+    # two-line headers keep the table inside an 80-column terminal
+    for column in ("bits", "bits/\nweight", "weights\nGB", "KV\nGB", "overhead\nGB", "total\nGB",
+                   "fits", "offload\nlayers", "est.\ntok/s"):
+        table.add_column(column, justify="left" if column == "fits" else "right", no_wrap=True)
+    for lvl in result.levels:
+        offload = "too big" if lvl.offload_layers is None else f"{lvl.offload_layers}/{shape.layers}"
+        table.add_row(
+            str(lvl.bits), f"{lvl.bits_per_weight:.2f}", _fmt(lvl.weights_gb), _fmt(lvl.kv_gb),
+            _fmt(lvl.overhead_gb), _fmt(lvl.total_gb), "[green]yes[/]" if lvl.fits else "[red]no[/]",
+            offload, _fmt(lvl.tok_s, 1 if lvl.fits else 2),
+        )
+    console.print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``bitsmith fit``; returns the process exit code (0 ok, 1 bad input, as other commands)."""
+    try:
+        shape = resolve_shape(args.model)
+        memory = parse_size(args.memory) if isinstance(args.memory, str) else int(args.memory)
+        runtime = Runtime(gpu_bandwidth_gb_s=args.gpu_bandwidth, pcie_gb_s=args.pcie,
+                          materialize_scores=not args.flash_attn)
+        levels = DEFAULT_LEVELS if args.bits is None else tuple(sorted({*DEFAULT_LEVELS, args.bits}))
+        result = plan(shape, memory, ctx=args.ctx, batch=args.batch, kv_bits=args.kv_bits,
+                      levels=levels, group_size=args.group_size,
+                      quantize_embeddings=args.quantize_embeddings, runtime=runtime)
+        lines = result.explain(args.bits)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    _print_table(result)
+    chosen = result.level(args.bits) if args.bits is not None else result.recommended()
+    print(f"\nArithmetic for {chosen.bits}-bit:")
+    for line in lines:
+        print(f"  {line}")
+    print(f"\nAssumptions: GB = 10^9 bytes; {runtime.cuda_context_gb:g} GB CUDA context; activations "
+          f"of a {runtime.prefill_chunk}-token prefill chunk; decoding reads all weights + KV once "
+          f"per step at {runtime.gpu_bandwidth_gb_s:g} GB/s; offloaded layers stream over PCIe at "
+          f"{runtime.pcie_gb_s:g} GB/s each step. Change them with --gpu-bandwidth and --pcie.")
+    return 0

@@ -1,0 +1,145 @@
+"""Perplexity, KL divergence and top-1 agreement of a causal LM on fixed token windows.
+
+The measurement protocol is ``PROTOCOL.md``: tokenize with the model's own tokenizer, split
+into non-overlapping windows of ``ctx`` tokens (remainder dropped), and score every predicted
+position of every window: positions ``0..ctx-2`` predict tokens ``1..ctx-1``.
+
+Models are Hugging Face causal LMs (possibly with quantized linear layers) used only through
+``model(input_ids=..., use_cache=False).logits``. Only one window's logits per model are alive
+at a time, so a 152k vocabulary at ctx 512 costs ~300 MB per model, not per text.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bitsmith.eval.metrics import EvalResult, TokenStats, summarize, token_stats
+
+__all__ = ["windows", "evaluate", "tokenize_text"]
+
+log = logging.getLogger(__name__)
+
+
+def windows(token_ids: Sequence[int] | Tensor, ctx: int = 512) -> Tensor:
+    """Split a token sequence into non-overlapping windows of ``ctx`` tokens.
+
+    Returns a long tensor [n, ctx]; the trailing ``len % ctx`` tokens are dropped.
+    """
+    if ctx < 2:
+        raise ValueError(f"--ctx must be at least 2 tokens to predict anything, got {ctx}")
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()  # [N]
+    n = ids.numel() // ctx
+    if n == 0:
+        raise ValueError(
+            f"the text has {ids.numel()} tokens, fewer than one window of --ctx {ctx}; "
+            "use a longer text or a smaller --ctx"
+        )
+    return ids[: n * ctx].reshape(n, ctx).clone()  # [n, ctx]
+
+
+def _device(model: Any) -> torch.device:
+    """Where the model wants its inputs: its ``device`` attribute or its first tensor."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(*models: Any) -> Iterator[None]:
+    """Put models in eval mode (no dropout) for the duration; restore their modes after."""
+    modes = [(m, m.training) for m in models if m is not None]
+    try:
+        for model, _ in modes:
+            model.eval()
+        yield
+    finally:
+        for model, was_training in modes:
+            model.train(was_training)
+
+
+def _window_logits(model: Any, window: Tensor) -> Tensor:
+    """Logits [ctx, V] of one window [ctx]."""
+    input_ids = window.to(_device(model)).unsqueeze(0)  # [1, ctx]
+    return model(input_ids=input_ids, use_cache=False).logits[0]  # [ctx, V]
+
+
+def evaluate(
+    model: Any,
+    windows: Tensor,
+    reference: Any | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Score ``model`` on every predicted position of ``windows`` [n, ctx].
+
+    With a ``reference`` model (the unquantized one, same tokenizer) the result also holds
+    KL(reference || model), top-1 agreement and the reference's own perplexity.
+    ``progress(done_tokens, total_tokens)`` is called after each window.
+    """
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ValueError(
+            f"windows must be [n, ctx] with ctx >= 2, got shape {tuple(windows.shape)}; "
+            "build them with bitsmith.eval.perplexity.windows(token_ids, ctx)"
+        )
+    n, ctx = windows.shape
+    total = n * ctx
+    stats: list[TokenStats] = []
+    with torch.inference_mode(), eval_mode(model, reference):
+        for i, window in enumerate(windows):
+            targets = window[1:]  # [ctx-1]
+            ref_logits = None
+            if reference is not None:
+                ref_logits = _window_logits(reference, window)[:-1]  # [ctx-1, V]
+            logits = _window_logits(model, window)[:-1]  # [ctx-1, V]
+            if ref_logits is not None:
+                ref_logits = ref_logits.to(logits.device)
+            stats.append(token_stats(ref_logits, logits, targets))
+            del logits, ref_logits  # keep only one window's logits alive
+            if progress is not None:
+                progress((i + 1) * ctx, total)
+    result = summarize(stats)
+    log.info("evaluated %d windows x %d tokens: %s", n, ctx, result.as_dict())
+    return result
+
+
+def _convention_adds_bos(tokenizer: Any) -> bool:
+    """True when the tokenizer's own default encoding starts with its BOS token."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return len(with_special) > 0 and with_special[0] == bos and (not plain or plain[0] != bos)
+
+
+def tokenize_text(tokenizer: Any, text: str, add_bos: bool | None = None) -> list[int]:
+    """Token ids of ``text`` with no special tokens except, optionally, one leading BOS.
+
+    ``add_bos``: ``True`` prepends the tokenizer's BOS, ``False`` never does, and ``None``
+    (the default) follows the tokenizer's own convention: BOS is prepended exactly when
+    ``tokenizer(text)`` with its default special tokens would start with BOS (Llama-style
+    tokenizers do, Qwen/GPT-2-style ones do not). Nothing else (EOS, padding) is added.
+    """
+    # verbose=False: a long evaluation text exceeding model_max_length is expected here;
+    # it is cut into windows afterwards, so the tokenizer's length warning is noise.
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    if add_bos is None:
+        add_bos = _convention_adds_bos(tokenizer)
+    if add_bos:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise ValueError(
+                "add_bos=True but this tokenizer defines no BOS token; "
+                "pass add_bos=False (or None to follow the tokenizer)"
+            )
+        ids.insert(0, int(bos))
+    log.debug("tokenized %d characters into %d tokens (bos=%s)", len(text), len(ids), add_bos)
+    return ids

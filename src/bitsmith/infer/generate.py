@@ -1,0 +1,296 @@
+"""Text generation with a KV cache: one prefill pass over the prompt, then one token per step.
+
+Sampling is greedy at ``temperature == 0``; otherwise the logits are divided by the
+temperature and sampled from the nucleus: the smallest set of most-likely tokens whose
+probability mass reaches ``top_p`` (Holtzman et al. 2020, "The Curious Case of Neural Text
+Degeneration", Sec. 3.1). Randomness comes from a local ``torch.Generator`` only, so a
+``seed`` makes a run reproducible and the global RNG is never touched.
+
+Models are Hugging Face causal LMs used only through
+``model(input_ids=..., cache=..., use_cache=True) -> .logits, .cache``; the cache argument is
+spelled ``past_key_values`` in older transformers and is picked from the forward signature.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["GenerationResult", "generate", "sample_next"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The generated continuation and how fast it came.
+
+    ``prefill_s`` is the prompt's forward pass (and the choice of the first new token);
+    ``decode_s`` the remaining one-token steps. ``decode_tok_s`` counts the tokens those
+    steps produced, i.e. ``new_tokens - 1`` (the first one comes from the prefill logits).
+    """
+
+    text: str
+    new_tokens: int
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    token_ids: tuple[int, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON contract of ``bitsmith generate --json``."""
+        return {
+            "new_tokens": self.new_tokens,
+            "prefill_tok_s": self.prefill_tok_s,
+            "decode_tok_s": self.decode_tok_s,
+            "text": self.text,
+        }
+
+
+def _check_sampling(temperature: float, top_p: float) -> None:
+    if not temperature >= 0:  # also rejects nan
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}; use 1.0 to disable nucleus")
+
+
+def sample_next(
+    logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
+    """Choose the next token id from ``logits`` [V].
+
+    ``temperature == 0`` is greedy (argmax, first index on ties). Otherwise tokens are
+    sampled from ``softmax(logits / temperature)`` restricted to the top-``top_p`` nucleus,
+    which always keeps at least the most likely token.
+    """
+    if logits.dim() != 1:
+        raise ValueError(f"logits must be one row [vocab], got shape {tuple(logits.shape)}")
+    _check_sampling(temperature, top_p)
+    if temperature == 0:
+        return int(logits.argmax())
+    # Sampling runs on the CPU in float32 so a CPU generator drives it on any device.
+    probs = torch.softmax(logits.detach().float().cpu() / temperature, dim=-1)  # [V]
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True, stable=True)  # [V], [V]
+        # keep token k while the mass *before* it is still short of top_p; k = 0 always kept
+        before = sorted_p.cumsum(0) - sorted_p  # [V]
+        keep = before < top_p  # [V] bool
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])  # [V]
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every end-of-sequence id the generation config, model config or tokenizer names."""
+    ids: set[int] = set()
+    sources = (
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(getattr(model, "config", None), "eos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    )
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def _prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    """Prompt token ids: the chat template applied, or the tokenizer's default encoding."""
+    if not chat:
+        # Default special tokens follow the model's convention (a BOS for Llama, none for Qwen).
+        return list(tokenizer(prompt)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "chat=True but this tokenizer has no chat template (no chat_template in "
+            "tokenizer_config.json); run without --chat, or use an instruct model that ships one"
+        )
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+class _TextStream:
+    """Incremental detokenizer: decode all new tokens, emit the not-yet-emitted suffix.
+
+    A piece is held back while the text ends in U+FFFD (a multi-byte character split across
+    tokens) or while a later token rewrote already emitted text (a merge), so the emitted
+    pieces concatenate to the final decode.
+    """
+
+    def __init__(self, tokenizer: Any, on_token: Callable[[str], None] | None) -> None:
+        self.tokenizer = tokenizer
+        self.on_token = on_token
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.callback_s = 0.0  # time spent in on_token, kept out of the decode timing
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def _emit(self, text: str) -> None:
+        piece = text[len(self.emitted) :]
+        self.emitted = text
+        if piece and self.on_token is not None:
+            start = time.perf_counter()
+            self.on_token(piece)
+            self.callback_s += time.perf_counter() - start
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        if self.on_token is None:
+            return  # nobody listens: decode once at the end
+        text = self._decode()
+        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+            return
+        self._emit(text)
+
+    def finish(self) -> str:
+        text = self._decode()
+        if text.startswith(self.emitted):
+            self._emit(text)
+        else:
+            log.warning("streamed text %r is not a prefix of the final text %r", self.emitted, text)
+        return text
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """No dropout while generating; the model's training flag is restored afterwards."""
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model: Any) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    tensor = next(model.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class _CallStyle:
+    """How this model's forward spells its KV-cache argument and last-logits option."""
+
+    cache_kw: str  # "cache" (recent transformers 5) or "past_key_values" (older)
+    last_logits_kw: str | None  # "logits_to_keep" when supported: prefill keeps 1 row, not P
+
+    @classmethod
+    def of(cls, model: Any) -> _CallStyle:
+        params = inspect.signature(model.forward).parameters
+        cache_kw = "cache" if "cache" in params else "past_key_values"
+        return cls(cache_kw, "logits_to_keep" if "logits_to_keep" in params else None)
+
+    def call(self, model: Any, input_ids: Tensor, cache: Any) -> tuple[Tensor, Any]:
+        """Run one step; return (last-position logits [V], the updated cache)."""
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": True}
+        if cache is not None:
+            kwargs[self.cache_kw] = cache
+        if self.last_logits_kw is not None:
+            kwargs[self.last_logits_kw] = 1
+        out = model(**kwargs)
+        new_cache = getattr(out, "cache", None)
+        if new_cache is None:
+            new_cache = getattr(out, "past_key_values", None)
+        if new_cache is None:
+            raise RuntimeError(
+                f"{type(model).__name__} returned no KV cache for use_cache=True; generation "
+                "needs a causal LM whose forward returns one (a transformers *ForCausalLM)"
+            )
+        return out.logits[0, -1], new_cache
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    """A local CPU generator: seeded for reproducible runs, fresh entropy otherwise."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def _rate(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 and tokens > 0 else 0.0
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    chat: bool = False,
+    on_token: Callable[[str], None] | None = None,
+    stop_at_eos: bool = True,
+) -> GenerationResult:
+    """Continue ``prompt`` by up to ``max_new_tokens`` tokens with a KV cache.
+
+    ``chat=True`` wraps the prompt as one user message in the tokenizer's chat template.
+    ``on_token`` receives each newly decoded piece of text as it is produced. Generation
+    stops early at any EOS id of the model or tokenizer unless ``stop_at_eos`` is False.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_sampling(temperature, top_p)
+    prompt_ids = _prompt_ids(tokenizer, prompt, chat)
+    if not prompt_ids:
+        raise ValueError("the prompt encodes to no tokens (and the tokenizer adds no BOS); "
+                         "give a non-empty prompt")
+    eos = _eos_ids(model, tokenizer) if stop_at_eos else frozenset()
+    generator = _generator(seed)
+    stream = _TextStream(tokenizer, on_token)
+    device = _device(model)
+    style = _CallStyle.of(model)
+    with torch.inference_mode(), _eval_mode(model):
+        start = time.perf_counter()
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, P]
+        logits, cache = style.call(model, input_ids, None)  # [V], cache of P positions
+        next_id = sample_next(logits, temperature, top_p, generator)
+        prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for step in range(max_new_tokens):
+            stream.push(next_id)
+            if next_id in eos or step + 1 == max_new_tokens:
+                break
+            step_ids = torch.tensor([[next_id]], dtype=torch.long, device=device)  # [1, 1]
+            logits, cache = style.call(model, step_ids, cache)  # [V]
+            next_id = sample_next(logits, temperature, top_p, generator)
+        decode_s = max(time.perf_counter() - start - stream.callback_s, 0.0)
+    text = stream.finish()
+    new = len(stream.ids)
+    log.info("generated %d tokens after a %d-token prompt", new, len(prompt_ids))
+    return GenerationResult(
+        text=text,
+        new_tokens=new,
+        prompt_tokens=len(prompt_ids),
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        prefill_tok_s=_rate(len(prompt_ids), prefill_s),
+        decode_tok_s=_rate(new - 1, decode_s),
+        token_ids=tuple(stream.ids),
+    )
