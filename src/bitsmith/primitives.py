@@ -83,3 +83,37 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return math.inf
     return 10 * math.log10(signal / noise)
+
+
+def nf_grid(bits: int) -> torch.Tensor:
+    """Normal-float levels in [-1, 1], sorted: quantiles of N(0, 1) with an exact zero, one more
+    level on the positive side (the NF4 construction of QLoRA, sec. 3, for 2**bits levels)."""
+    levels = 1 << bits
+    offset = 0.5 * (1 / 32 + 1 / 30)  # tail probability left out, as in NF4 (0.9677 quantile)
+    pos = torch.special.ndtri(torch.linspace(1 - offset, 0.5, levels // 2 + 1, dtype=torch.float64))[:-1]
+    neg = -torch.special.ndtri(torch.linspace(1 - offset, 0.5, levels // 2, dtype=torch.float64))[:-1]
+    grid = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
+    return (grid / grid.abs().max()).float()
+
+
+def nearest_grid_codes(q: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level of a sorted grid for every value of q (any shape)."""
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    return torch.bucketize(q.contiguous(), midpoints)
+
+
+def fit_grid(normalized: torch.Tensor, weights: torch.Tensor | None, bits: int, iters: int = 25, max_samples: int = 1 << 20) -> torch.Tensor:
+    """A 2**bits-level grid for values scaled to [-1, 1]: weighted 1-D k-means (Lloyd), started
+    from the normal-float grid; sorted and rounded to fp16, the precision it is stored in."""
+    values = normalized.reshape(-1).float()
+    w = torch.ones_like(values) if weights is None else weights.reshape(-1).float().expand_as(values)
+    if values.numel() > max_samples:  # a deterministic stride sample keeps this cheap on big tensors
+        step = values.numel() // max_samples
+        values, w = values[::step], w[::step]
+    grid = nf_grid(bits)
+    for _ in range(iters):
+        codes = nearest_grid_codes(values, grid)
+        mass = torch.zeros_like(grid).index_add_(0, codes, w)
+        total = torch.zeros_like(grid).index_add_(0, codes, w * values)
+        grid = torch.where(mass > 0, total / mass.clamp_min(1e-12), grid).sort().values
+    return grid.half().float()

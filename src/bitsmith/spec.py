@@ -1,13 +1,17 @@
 """QuantSpec: the one spelling of a quantization setting, used by the CLI, checkpoints, logs and reports.
 
-Grammar (case-insensitive): ``w<bits>[g<group>][s]``
+Grammar (case-insensitive): ``w<bits>[g<group>][s|nf|fit]``
 
 - ``bits`` 2-8: code width.
 - ``g<group>``: weights per scale along the input dimension (32, 64, 128, 256); absent means one
   scale per output row (per-channel).
-- ``s``: symmetric codes (no stored zero point); absent means asymmetric (fp16 scale and zero).
+- no suffix: asymmetric uniform codes (fp16 scale and zero per group).
+- ``s``: symmetric uniform codes (no stored zero point).
+- ``nf``: a fixed non-uniform grid of 2**bits levels at normal quantiles (NF4-like; Dettmers et al.
+  2023, QLoRA, sec. 3), scale only: ``w = scale * grid[code]``.
+- ``fit``: a non-uniform grid fitted to each tensor's weights (weighted 1-D k-means), stored with it.
 
-Examples: ``w8`` (8-bit per channel, asymmetric), ``w4g128``, ``w3g64s``, ``w2g32``.
+Examples: ``w8`` (8-bit per channel, asymmetric), ``w4g128``, ``w3g64s``, ``w4g32nf``, ``w3g64fit``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ BITS_RANGE = range(2, 9)
 GROUP_SIZES = (32, 64, 128, 256)
 SCALE_BITS = 16  # scales and zeros are stored as fp16
 
-_PATTERN = re.compile(r"^w(?P<bits>\d+)(?:g(?P<group>\d+))?(?P<sym>s)?$")
+GRIDS = ("uniform", "nf", "fit")
+GRID_BITS = range(2, 5)  # non-uniform grids: 4, 8 or 16 levels
+_PATTERN = re.compile(r"^w(?P<bits>\d+)(?:g(?P<group>\d+))?(?P<suffix>s|nf|fit)?$")
 
 
 class SpecError(ValueError):
@@ -32,6 +38,7 @@ class QuantSpec:
     bits: int
     group_size: int | None = None  # None: one group per row (per-channel)
     symmetric: bool = False
+    grid: str = "uniform"  # "uniform" | "nf" | "fit"
 
     def __post_init__(self) -> None:
         if self.bits not in BITS_RANGE:
@@ -39,18 +46,35 @@ class QuantSpec:
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
             sizes = ", ".join(map(str, GROUP_SIZES))
             raise SpecError(f"group size {self.group_size} is not supported; use one of {sizes} or none (per-channel)")
+        if self.grid not in GRIDS:
+            raise SpecError(f"grid {self.grid!r} is not supported; use one of {', '.join(GRIDS)}")
+        if self.grid != "uniform" and self.bits not in GRID_BITS:
+            raise SpecError(f"a non-uniform grid needs 2 to 4 bits (4 to 16 levels), not {self.bits}; e.g. w4g32{self.grid}")
+        if self.grid != "uniform" and self.symmetric:
+            raise SpecError("non-uniform grids are scale-only already; drop the 's'")
 
     @classmethod
     def parse(cls, text: str) -> "QuantSpec":
         match = _PATTERN.match(text.strip().lower())
         if match is None:
             raise SpecError(f"cannot read quantization spec {text!r}; write it like w4g128, w3g64s or w8")
-        group = match["group"]
-        return cls(int(match["bits"]), int(group) if group else None, match["sym"] is not None)
+        group, suffix = match["group"], match["suffix"]
+        grid = suffix if suffix in ("nf", "fit") else "uniform"
+        return cls(int(match["bits"]), int(group) if group else None, suffix == "s", grid)
 
     def __str__(self) -> str:
         group = f"g{self.group_size}" if self.group_size else ""
-        return f"w{self.bits}{group}{'s' if self.symmetric else ''}"
+        suffix = "s" if self.symmetric else ("" if self.grid == "uniform" else self.grid)
+        return f"w{self.bits}{group}{suffix}"
+
+    @property
+    def has_zero(self) -> bool:
+        """Whether a zero point is stored per group (asymmetric uniform codes only)."""
+        return self.grid == "uniform" and not self.symmetric
+
+    @property
+    def levels(self) -> int:
+        return 1 << self.bits
 
     @property
     def qmax(self) -> int:
@@ -68,11 +92,12 @@ class QuantSpec:
         return in_features if self.group_size is None else self.group_size
 
     def stored_bits(self, out_features: int, in_features: int) -> int:
-        """Every bit a weight matrix costs on disk: packed codes (rows padded to 8 codes) plus fp16
-        scale (and zero when asymmetric) per group."""
+        """Every bit a weight matrix costs on disk: packed codes (rows padded to 8 codes), fp16
+        scale (and zero when asymmetric) per group, and the fp16 grid of a non-uniform spec."""
         codes = out_features * math.ceil(in_features / 8) * 8 * self.bits
-        per_group = SCALE_BITS * (1 if self.symmetric else 2)
-        return codes + out_features * self.groups_per_row(in_features) * per_group
+        per_group = SCALE_BITS * (2 if self.has_zero else 1)
+        grid = 0 if self.grid == "uniform" else SCALE_BITS * self.levels
+        return codes + out_features * self.groups_per_row(in_features) * per_group + grid
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
         return self.stored_bits(out_features, in_features) / (out_features * in_features)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from bitsmith.formats.packing import pack, unpack
-from bitsmith.primitives import dequantize_codes, expand_groups
+from bitsmith.primitives import dequantize_codes, expand_groups, nf_grid
 from bitsmith.spec import QuantSpec
 
 
@@ -15,22 +15,25 @@ from bitsmith.spec import QuantSpec
 class QuantizedTensor:
     codes: torch.Tensor  # uint8 [out, in], values 0..qmax
     scale: torch.Tensor  # fp16 [out, G]
-    zero: torch.Tensor | None  # fp16 [out, G] (code units, may be fractional); None when symmetric
+    zero: torch.Tensor | None  # fp16 [out, G] (code units, may be fractional); None unless spec.has_zero
     spec: QuantSpec
+    grid: torch.Tensor | None = None  # fp16 [2**bits] sorted levels of a non-uniform spec
 
     def __post_init__(self) -> None:
         out_features, in_features = self.codes.shape
         groups = self.spec.groups_per_row(in_features)
         if tuple(self.scale.shape) != (out_features, groups):
             raise ValueError(f"scale shape {tuple(self.scale.shape)} != {(out_features, groups)} for {self.spec}")
-        if (self.zero is None) != self.spec.symmetric:
-            raise ValueError(f"{self.spec} {'has no' if self.spec.symmetric else 'needs a'} stored zero")
+        if (self.zero is not None) != self.spec.has_zero:
+            raise ValueError(f"{self.spec} {'needs a' if self.spec.has_zero else 'has no'} stored zero")
+        if (self.grid is not None) != (self.spec.grid != "uniform"):
+            raise ValueError(f"{self.spec} {'has no' if self.spec.grid == 'uniform' else 'needs a'} grid")
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
-    def zero_or_mid(self) -> torch.Tensor:
+    def zero_or_mid(self) -> torch.Tensor:  # uniform specs only
         """Zero in code units, [out, G]; the fixed midpoint for symmetric codes."""
         if self.zero is not None:
             return self.zero.float()
@@ -40,6 +43,8 @@ class QuantizedTensor:
         """The reference reconstruction, float32 [out, in]."""
         in_features = self.codes.shape[1]
         scale = expand_groups(self.scale.float(), self.spec, in_features)
+        if self.grid is not None:
+            return self.grid.float()[self.codes.long()] * scale
         zero = expand_groups(self.zero_or_mid(), self.spec, in_features)
         return dequantize_codes(self.codes.float(), scale, zero)
 
@@ -51,10 +56,18 @@ class QuantizedTensor:
         state = {f"{prefix}.qweight": pack(self.codes, self.spec.bits), f"{prefix}.scale": self.scale}
         if self.zero is not None:
             state[f"{prefix}.zero"] = self.zero
+        if self.grid is not None:
+            state[f"{prefix}.grid"] = self.grid.half()
         return state
 
     @classmethod
     def from_state(
-        cls, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec, in_features: int
+        cls, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec, in_features: int,
+        grid: torch.Tensor | None = None,
     ) -> "QuantizedTensor":
-        return cls(unpack(qweight, spec.bits, in_features), scale, zero, spec)
+        return cls(unpack(qweight, spec.bits, in_features), scale, zero, spec, grid)
+
+
+def default_grid(spec: QuantSpec) -> torch.Tensor | None:
+    """The fixed grid of an ``nf`` spec (None for uniform; ``fit`` grids come from the weights)."""
+    return nf_grid(spec.bits).half().float() if spec.grid == "nf" else None

@@ -14,13 +14,15 @@ from bitsmith.methods import LayerStats, register
 from bitsmith.primitives import (
     affine_params,
     dequantize_codes,
+    fit_grid,
     from_groups,
     group_mask,
+    nearest_grid_codes,
     quantize_codes,
     to_groups,
 )
 from bitsmith.spec import QuantSpec
-from bitsmith.tensor import QuantizedTensor
+from bitsmith.tensor import QuantizedTensor, default_grid
 
 DEFAULT_CLIP_GRID = 20  # candidate shrink factors between 1.0 and MIN_SHRINK
 MIN_SHRINK = 0.6
@@ -61,8 +63,32 @@ def _fit_group_ranges(
     return best_scale, best_zero
 
 
+def _fit_grid_scales(
+    groups: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor | None, steps: int
+) -> torch.Tensor:
+    """Per-group signed scale [out, G, 1] for a non-uniform grid: map the group's extreme weight
+    onto either end of the grid (a negative scale mirrors an asymmetric grid), times a shrink factor,
+    keeping the candidate with the least (weighted) squared error (as IQ4_NL's scale search)."""
+    extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))  # [out, G, 1], signed
+    extreme = torch.where(extreme == 0, torch.ones_like(extreme), extreme)
+    err_weight = torch.ones_like(groups[:1]) if weights is None else weights
+    if mask is not None:
+        err_weight = err_weight * mask
+    best_scale = extreme / grid[-1]
+    best_err = torch.full_like(extreme, float("inf"))
+    for end in (grid[0], grid[-1]):
+        for step in range(max(steps, 0) + 1):
+            shrink = 1.0 - (1.0 - MIN_SHRINK) * step / max(steps, 1)
+            scale = (extreme / end * shrink).half().float()
+            recon = grid[nearest_grid_codes(groups / scale, grid)] * scale
+            err = ((recon - groups).pow(2) * err_weight).sum(dim=-1, keepdim=True)
+            better = err < best_err
+            best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+    return best_scale
+
+
 def quantize_with_params(
-    weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec
+    weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec, grid: torch.Tensor | None = None
 ) -> QuantizedTensor:
     """Codes for weight [out, in] given per-group scale/zero [out, G, 1], stored as fp16.
 
@@ -70,16 +96,31 @@ def quantize_with_params(
     so storage rounding cannot add error on top of the grid."""
     in_features = weight.shape[1]
     scale16 = scale.half()
-    zero16 = None if spec.symmetric else zero.half()
-    zero_used = zero if zero16 is None else zero16.float()
-    codes = quantize_codes(to_groups(weight, spec), scale16.float(), zero_used, spec.qmax)
+    zero16 = zero.half() if spec.has_zero else None
+    groups = to_groups(weight, spec)
+    if grid is not None:
+        codes = nearest_grid_codes(groups / scale16.float(), grid)
+    else:
+        zero_used = zero if zero16 is None else zero16.float()
+        codes = quantize_codes(groups, scale16.float(), zero_used, spec.qmax)
     codes = from_groups(codes, in_features).to(torch.uint8)
     return QuantizedTensor(
         codes=codes.contiguous(),
         scale=scale16.squeeze(-1).contiguous(),
         zero=None if zero16 is None else zero16.squeeze(-1).contiguous(),
         spec=spec,
+        grid=None if grid is None else grid.half(),
     )
+
+
+def grid_for(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None) -> torch.Tensor | None:
+    """The level grid a non-uniform spec uses for this tensor: fixed (nf) or fitted (fit)."""
+    if spec.grid != "fit":
+        return default_grid(spec)
+    groups = to_groups(weight.float(), spec)
+    absmax = groups.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    weights = _channel_weights(stats, spec, weight.shape[1])
+    return fit_grid(groups / absmax, None if weights is None else weights.expand_as(groups), spec.bits)
 
 
 @register("rtn")
@@ -88,9 +129,11 @@ def rtn(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, 
     options = options or {}
     weight = weight.float()
     in_features = weight.shape[1]
-    grid = int(options.get("clip_grid", DEFAULT_CLIP_GRID)) if options.get("clip_search", True) else 0
+    steps = int(options.get("clip_grid", DEFAULT_CLIP_GRID)) if options.get("clip_search", True) else 0
     groups = to_groups(weight, spec)  # [out, G, gs]
-    scale, zero = _fit_group_ranges(
-        groups, spec, group_mask(spec, in_features), _channel_weights(stats, spec, in_features), grid
-    )
+    mask, weights = group_mask(spec, in_features), _channel_weights(stats, spec, in_features)
+    levels = grid_for(weight, spec, stats)
+    if levels is not None:
+        return quantize_with_params(weight, _fit_grid_scales(groups, levels, mask, weights, steps), None, spec, levels)
+    scale, zero = _fit_group_ranges(groups, spec, mask, weights, steps)
     return quantize_with_params(weight, scale, zero, spec)
