@@ -1,0 +1,5 @@
+import sys
+
+from bitsmith.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""Helpers shared by the subcommands: error reporting, progress bars, number formatting."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+out = Console()
+
+
+class CommandFailed(Exception):
+    """Raised inside friendly_errors to exit non-zero with a one-line message."""
+
+
+@contextlib.contextmanager
+def friendly_errors() -> Iterator[None]:
+    """User mistakes (bad files, specs, folders) become one line on stderr and exit code 1."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, FileExistsError, CommandFailed, OSError) as exc:
+        msg = " ".join((str(exc) or exc.__class__.__name__).split())  # one line, never wrapped
+        sys.stderr.write(f"error: {msg}\n")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        sys.exit(130)
+
+
+def progress_bar(transient: bool = True) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient,
+    )
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.1f}"
+    return f"{value:.{digits}g}"
+
+
+def dir_size_mb(path) -> float:
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size / 1e6
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 1e6

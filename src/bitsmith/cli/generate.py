@@ -1,0 +1,40 @@
+"""bitsmith generate MODEL "prompt" [--max-new-tokens N] [--seed S] [--json]"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text, streamed to the terminal")
+    p.add_argument("model", help="checkpoint, Hugging Face folder, .gguf file or alias")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help='print a last line {"new_tokens", "prefill_tok_s", "decode_tok_s", "text"}')
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from bitsmith.cli.common import console
+    from bitsmith.infer.generate import generate
+    from bitsmith.io.load import load_model
+
+    loaded = load_model(args.model)
+    stream = (lambda piece: (sys.stdout.write(piece), sys.stdout.flush())) if not args.json else None
+    result = generate(
+        loaded.model, loaded.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat, on_token=stream,
+    )
+    if args.json:
+        print(json.dumps(result.as_json()))
+    else:
+        sys.stdout.write("\n")
+        console.print(f"[dim]{result.new_tokens} tokens; prefill {result.prefill_tok_s:.1f} tok/s, decode {result.decode_tok_s:.1f} tok/s[/]")
+    return 0

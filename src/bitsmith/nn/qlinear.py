@@ -1,0 +1,77 @@
+"""QuantLinear: a drop-in for nn.Linear that computes from quantized weights, and the one
+module-swap helper."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bitsmith.kernels import Kernel, prepare, prepare_packed
+from bitsmith.spec import QuantSpec
+from bitsmith.tensor import QuantizedTensor
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b from a quantized W. Only the kernel's tensors stay resident: for the native
+    kernel that is the packed codes plus fp16 scale and zero, exactly the checkpoint's bytes; the
+    unpacked QuantizedTensor is rebuilt on demand by :meth:`quantized`."""
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self._attach(prepare(qt), qt.shape, qt.spec, bias)
+
+    def _attach(self, kernel: Kernel, shape: tuple[int, int], spec: QuantSpec, bias: torch.Tensor | None) -> None:
+        self.out_features, self.in_features = shape
+        self.spec = spec
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self._kernel = kernel
+
+    @classmethod
+    def from_state(
+        cls,
+        qweight: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor | None,
+        spec: QuantSpec,
+        in_features: int,
+        bias: torch.Tensor | None = None,
+    ) -> "QuantLinear":
+        """Build from checkpoint tensors (``QuantizedTensor.to_state``) without unpacking the codes."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._attach(prepare_packed(qweight, scale, zero, spec, in_features), (qweight.shape[0], in_features), spec, bias)
+        return module
+
+    @property
+    def kernel_name(self) -> str:
+        return self._kernel.name
+
+    def quantized(self) -> QuantizedTensor:
+        """The weights as a QuantizedTensor (rebuilt from the kernel's packed tensors on each call)."""
+        return self._kernel.quantized()
+
+    @property
+    def qt(self) -> QuantizedTensor:
+        """Same as :meth:`quantized`; kept for code written against the earlier attribute."""
+        return self.quantized()
+
+    def to_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors, identical to ``self.quantized().to_state(prefix)`` but without a repack."""
+        return self._kernel.to_state(prefix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._kernel(x)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}, "
+            f"kernel={self._kernel.name}"
+        )
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the module at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)

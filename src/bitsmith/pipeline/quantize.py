@@ -1,0 +1,141 @@
+"""The calibration-free quantization pipeline: stream the source tensor by tensor, quantize the
+linear layers of the decoder blocks, write the checkpoint shard by shard.
+
+Peak memory is one tensor plus one shard's worth of output, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
+from bitsmith.methods import get_method
+from bitsmith.primitives import sqnr_db
+from bitsmith.spec import QuantSpec, SpecError
+
+log = logging.getLogger(__name__)
+
+STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    spec: QuantSpec
+    method: str = "rtn"
+    options: dict = field(default_factory=dict)
+    quantize_head: bool = False  # also quantize lm_head (untied from the embedding if tied)
+    unquantized_dtype: str = "fp16"  # storage for 2-D tensors left unquantized (embeddings, lm_head)
+
+
+def meta_model(config) -> torch.nn.Module:
+    """The architecture with no weights: enough to find blocks and layer names."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def quantizable_layers(config, quantize_head: bool = False) -> dict[str, tuple[int, int]]:
+    """Module names of the linear layers to quantize -> (out, in): every linear in the decoder
+    blocks, plus lm_head when asked."""
+    from bitsmith.models.arch import block_linears, embedding_and_head_names, find_blocks
+
+    model = meta_model(config)
+    path, blocks = find_blocks(model)
+    layers = {}
+    for i, block in enumerate(blocks):
+        for rel, linear in block_linears(block).items():
+            layers[f"{path}.{i}.{rel}"] = (linear.out_features, linear.in_features)
+    if quantize_head:
+        emb_name, head_name = embedding_and_head_names(model)
+        weight = model.get_parameter(emb_name if head_name is None else head_name)
+        layers["lm_head"] = tuple(weight.shape)
+    return layers
+
+
+def check_layers(layers: dict[str, tuple[int, int]], spec: QuantSpec) -> None:
+    for name, (_, in_features) in layers.items():
+        if spec.group_size is not None and spec.group_size > in_features:
+            raise SpecError(
+                f"group size {spec.group_size} is larger than {name}'s row of {in_features} weights; "
+                f"use a group size <= {in_features} or per-channel (e.g. w{spec.bits})"
+            )
+
+
+def _storage(tensor: torch.Tensor, dtype_name: str) -> torch.Tensor:
+    """Norms and biases stay fp32; 2-D tensors go to the chosen dtype unless fp16 would overflow."""
+    if tensor.dim() < 2:
+        return tensor.float()
+    dtype = STORAGE_DTYPES[dtype_name]
+    if dtype is torch.float16 and tensor.abs().max().item() > FP16_MAX:
+        log.warning("a tensor exceeds the fp16 range; storing it in fp32")
+        return tensor.float()
+    return tensor.to(dtype)
+
+
+def _layer_report(name: str, weight: torch.Tensor, qt, seconds: float) -> dict:
+    out_features, in_features = weight.shape
+    return {"name": name, "shape": [out_features, in_features], "spec": str(qt.spec),
+            "bits_per_weight": qt.spec.bits_per_weight(out_features, in_features),
+            "sqnr_db": sqnr_db(weight, qt.dequantize()), "seconds": round(seconds, 4)}
+
+
+def quantize_model(
+    model: str | Path,
+    out_dir: Path,
+    config: QuantizeConfig,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
+    """Quantize ``model`` (folder, GGUF file or alias) into a bitsmith checkpoint at ``out_dir``."""
+    from bitsmith.models import open_source
+
+    start = time.perf_counter()
+    if Path(out_dir).exists() and not overwrite:  # fail before any work
+        raise CheckpointError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    source = open_source(model)
+    layers = quantizable_layers(source.config, config.quantize_head)
+    check_layers(layers, config.spec)
+    method = get_method(config.method)
+    names = source.tensor_names()
+    head_is_tied = config.quantize_head and "lm_head.weight" not in names
+    report_layers = []
+    options = {**config.options, "quantize_head": config.quantize_head, "unquantized_dtype": config.unquantized_dtype}
+    with CheckpointWriter(Path(out_dir), config.method, options, overwrite=overwrite) as writer:
+        for i, name in enumerate(names):
+            module = name.removesuffix(".weight")
+            tensor = source.load_tensor(name)
+            if module in layers:
+                t0 = time.perf_counter()
+                qt = method(tensor, config.spec, None, config.options)
+                writer.add_quantized(module, qt)
+                report_layers.append(_layer_report(module, tensor, qt, time.perf_counter() - t0))
+            else:
+                writer.add_tensor(name, _storage(tensor, config.unquantized_dtype))
+            if head_is_tied and name.endswith("embed_tokens.weight"):
+                # Untie: the embedding stays at full precision, the output projection is quantized.
+                qt = method(tensor, config.spec, None, config.options)
+                writer.add_quantized("lm_head", qt)
+                report_layers.append(_layer_report("lm_head", tensor, qt, 0.0))
+            if progress:
+                progress(name, i + 1, len(names))
+        source.save_config_and_tokenizer(writer.tmp_dir)
+        if head_is_tied:
+            untied = copy.deepcopy(source.config)
+            untied.tie_word_embeddings = False
+            untied.save_pretrained(writer.tmp_dir)
+        stored = sum(l["bits_per_weight"] * l["shape"][0] * l["shape"][1] for l in report_layers)
+        count = sum(l["shape"][0] * l["shape"][1] for l in report_layers)
+        report = {"source": str(source.path), "spec": str(config.spec), "layers": report_layers,
+                  "quantized_weights": count, "bits_per_weight": stored / max(count, 1),
+                  "seconds": round(time.perf_counter() - start, 2)}
+        return writer.finish(report)

@@ -1,0 +1,129 @@
+"""Quantize -> save -> load on tiny random models: identical logits, honest sizes, clean failures."""
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import make_tiny_model
+
+from bitsmith.io.checkpoint import CheckpointError, read_info
+from bitsmith.io.load import load_model
+from bitsmith.methods import get_method
+from bitsmith.models import ModelSourceError
+from bitsmith.nn.qlinear import QuantLinear
+from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+from bitsmith.spec import QuantSpec, SpecError
+
+IDS = torch.tensor([[1, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("src") / "tiny", intermediate_size=80)
+
+
+@pytest.mark.parametrize("spec", ["w8", "w4g32", "w3g64s", "w2g32", "w5g32", "w6s"])
+def test_save_load_gives_identical_logits(tiny: Path, tmp_path: Path, spec: str, monkeypatch) -> None:
+    # The reference kernel, so the comparison is exact; fast kernels are checked against it elsewhere.
+    monkeypatch.setenv("BITSMITH_KERNEL", "reference")
+    ckpt = quantize_model(tiny, tmp_path / "q", QuantizeConfig(QuantSpec.parse(spec)))
+    loaded = load_model(ckpt)
+    # The same quantization done in memory on the original weights, applied by hand.
+    expected = load_model(tiny).model
+    rtn = get_method("rtn")
+    for name, module in list(expected.named_modules()):
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            module.weight.data = rtn(module.weight.data, QuantSpec.parse(spec), None, {}).dequantize()
+    for module in (expected.model.embed_tokens, expected.lm_head):  # stored as fp16 by default
+        module.weight.data = module.weight.data.half().float()
+    assert torch.equal(_logits(loaded.model), _logits(expected))
+    quantized = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 2 * 7  # 2 blocks x (q, k, v, o, gate, up, down)
+
+
+def test_short_last_group_and_size_match_theory(tiny: Path, tmp_path: Path) -> None:
+    # intermediate 80 with group 32: down_proj rows end in a 16-weight group.
+    spec = QuantSpec.parse("w4g32")
+    ckpt = quantize_model(tiny, tmp_path / "q", QuantizeConfig(spec))
+    info = read_info(ckpt)
+    assert info.shapes["model.layers.0.mlp.down_proj"] == (64, 80)
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        stored = sum(
+            f.get_tensor(k).numel() * f.get_tensor(k).element_size() * 8
+            for k in f.keys() if k.rsplit(".", 1)[-1] in ("qweight", "scale", "zero")
+        )
+    assert stored == sum(spec.stored_bits(*shape) for shape in info.shapes.values())
+    assert info.report["bits_per_weight"] <= 4 + 32 / 32 + 0.1
+    assert QuantSpec.parse("w4g128").bits_per_weight(576, 576) <= 4.3
+
+
+def test_quantlinear_equals_dequantize_then_matmul() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 200, generator=gen)
+    qt = get_method("rtn")(w, QuantSpec.parse("w3g64"), None, {})
+    x = torch.randn(5, 200, generator=gen)
+    bias = torch.randn(48, generator=gen)
+    layer = QuantLinear(qt, bias)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, qt.dequantize(), bias), rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_head_untied(tmp_path: Path) -> None:
+    src = make_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+    ckpt = quantize_model(src, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w8"), quantize_head=True))
+    loaded = load_model(ckpt)
+    assert isinstance(loaded.model.lm_head, QuantLinear)
+    ref = load_model(src).model
+    assert torch.allclose(_logits(loaded.model), _logits(ref), atol=0.05)
+
+
+def test_existing_output_folder_is_refused(tiny: Path, tmp_path: Path) -> None:
+    (tmp_path / "q").mkdir()
+    with pytest.raises(CheckpointError, match="already exists"):
+        quantize_model(tiny, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32")))
+
+
+def test_group_larger_than_row_is_refused(tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="larger than .* row of 64"):
+        quantize_model(tiny, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g128")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_weight_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    src = make_tiny_model(tmp_path / "nan")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(src / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelSourceError, match="up_proj"):
+        quantize_model(src, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]
+
+
+def test_full_disk_leaves_no_output(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(CheckpointError, match="no space left"):
+        quantize_model(tiny, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_records_per_layer_error(tiny: Path, tmp_path: Path) -> None:
+    ckpt = quantize_model(tiny, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32")))
+    report = json.loads((ckpt / "bitsmith.json").read_text())
+    assert report["format"] == "bitsmith" and report["method"] == "rtn"
+    layers = report["report"]["layers"]
+    assert len(layers) == 14 and all(l["sqnr_db"] > 10 for l in layers)
