@@ -127,3 +127,28 @@ def test_report_records_per_layer_error(tiny: Path, tmp_path: Path) -> None:
     assert report["format"] == "bitsmith" and report["method"] == "rtn"
     layers = report["report"]["layers"]
     assert len(layers) == 14 and all(l["sqnr_db"] > 10 for l in layers)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantize_embeddings(tmp_path: Path, tied: bool) -> None:
+    from bitsmith.nn.qembedding import QuantEmbedding
+
+    src = make_tiny_model(tmp_path / "m", tie_word_embeddings=tied)
+    ckpt = quantize_model(src, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w8"), quantize_embeddings=True))
+    loaded = load_model(ckpt)
+    assert isinstance(loaded.model.model.embed_tokens, QuantEmbedding)
+    assert isinstance(loaded.model.lm_head, QuantLinear) == tied
+    ref = load_model(src).model
+    assert torch.allclose(_logits(loaded.model), _logits(ref), atol=0.05)
+    emb = loaded.model.model.embed_tokens
+    torch.testing.assert_close(emb(IDS)[0], emb.qt.dequantize()[IDS[0]])
+
+
+@pytest.mark.parametrize("spec", ["w4g32nf", "w3g32fit"])
+def test_grid_checkpoints_run_on_the_default_kernel(tiny: Path, tmp_path: Path, spec: str) -> None:
+    ckpt = quantize_model(tiny, tmp_path / "q", QuantizeConfig(QuantSpec.parse(spec)))
+    loaded = load_model(ckpt)
+    layer = loaded.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.quantized().dequantize()), rtol=1e-5, atol=1e-5)
+    assert loaded.info.specs["model.layers.0.self_attn.q_proj"] == QuantSpec.parse(spec)

@@ -48,6 +48,11 @@ class QuantizedTensor:
         zero = expand_groups(self.zero_or_mid(), self.spec, in_features)
         return dequantize_codes(self.codes.float(), scale, zero)
 
+    def rows(self, index: slice | torch.Tensor) -> "QuantizedTensor":
+        """The same quantization restricted to some output rows (a slice or an index tensor)."""
+        zero = None if self.zero is None else self.zero[index]
+        return QuantizedTensor(self.codes[index], self.scale[index], zero, self.spec, self.grid)
+
     def stored_bits(self) -> int:
         return self.spec.stored_bits(*self.shape)
 

@@ -14,6 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out once the new checkpoint is complete")
     p.add_argument("--no-clip-search", action="store_true", help="RTN: plain min/max ranges, no clipping search")
     p.add_argument("--quantize-head", action="store_true", help="also quantize lm_head (default: keep it and the embeddings unquantized)")
+    p.add_argument("--quantize-embeddings", action="store_true", help="also quantize the input embedding table")
     p.add_argument("--unquantized-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage for tensors left unquantized")
     p.set_defaults(run=run)
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = QuantizeConfig(
         spec=QuantSpec.parse(args.spec), method=args.method, options={"clip_search": not args.no_clip_search},
-        quantize_head=args.quantize_head, unquantized_dtype=args.unquantized_dtype,
+        quantize_head=args.quantize_head, quantize_embeddings=args.quantize_embeddings, unquantized_dtype=args.unquantized_dtype,
     )
     with progress_bar() as bar:
         task = bar.add_task(f"quantize {args.spec}", total=None, rate="")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from bitsmith.io.checkpoint import CheckpointInfo, read_info, shard_files
+from bitsmith.nn.qembedding import QuantEmbedding
 from bitsmith.nn.qlinear import QuantLinear, set_submodule
 from bitsmith.tensor import QuantizedTensor
 
@@ -62,9 +63,22 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32) -> LoadedM
     if info is None:
         return LoadedModel(build_model(source, dtype), source.tokenizer(), source, None)
     quantized = set(info.specs)
+    tied_head = getattr(source.config, "tie_word_embeddings", False) and "lm_head" not in quantized
+    if tied_head:
+        from bitsmith.models import embedding_and_head_names
+        from bitsmith.pipeline.quantize import meta_model
+
+        embed_name, head_name = embedding_and_head_names(meta_model(source.config))
+        if embed_name.removesuffix(".weight") in quantized:
+            quantized.add((head_name or "lm_head.weight").removesuffix(".weight"))  # shares the embedding's codes
     net = build_model(source, dtype, skip=lambda name: name.rpartition(".")[0] in quantized)
     for module_name, qt in _quantized_tensors(source.path, info).items():
         old = net.get_submodule(module_name)
+        if isinstance(old, torch.nn.Embedding):
+            set_submodule(net, module_name, QuantEmbedding(qt, getattr(old, "embed_scale", None)))
+            if tied_head and isinstance(net.get_output_embeddings(), torch.nn.Linear):
+                net.set_output_embeddings(QuantLinear(qt))  # the tied head computes from the same table
+            continue
         bias = getattr(old, "bias", None)
         set_submodule(net, module_name, QuantLinear(qt, None if bias is None or bias.is_meta else bias.detach()))
     return LoadedModel(net, source.tokenizer(), source, info)

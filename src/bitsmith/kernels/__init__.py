@@ -1,0 +1,77 @@
+"""Matmul with packed quantized weights.
+
+``reference_linear`` is the oracle every fast path is tested against: unpack, dequantize to
+float32, then ``F.linear``. ``prepare`` picks a kernel for a QuantizedTensor once, at load time:
+
+- ``native`` (:mod:`bitsmith.kernels.cpu`): compiled C++/OpenMP reading the packed codes; every spec.
+- ``torch-chunked``: torch only, dequantizing a few MB of rows at a time; used without a compiler.
+- ``reference``: the oracle itself.
+
+``$BITSMITH_KERNEL`` (``auto``, the default, or ``native``, ``torch``, ``reference``) forces a
+choice; it is read on every ``prepare`` call, so tests can set it per test.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import torch
+
+from bitsmith.formats.packing import pack, unpack
+from bitsmith.kernels.torch_path import ChunkedKernel, ReferenceKernel, reference_linear
+from bitsmith.spec import QuantSpec
+from bitsmith.tensor import QuantizedTensor
+
+__all__ = ["Kernel", "KERNEL_ENV", "prepare", "prepare_packed", "reference_linear"]
+
+KERNEL_ENV = "BITSMITH_KERNEL"
+_CHOICES = ("auto", "native", "torch", "reference")
+
+
+class Kernel(Protocol):
+    """x [..., in] float -> y [..., out] (no bias), plus the way back to the stored tensors."""
+
+    name: str
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def quantized(self) -> QuantizedTensor: ...
+
+    def to_state(self, prefix: str) -> dict[str, torch.Tensor]: ...
+
+
+def _choice() -> str:
+    choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"{KERNEL_ENV}={choice!r} is not a kernel choice; use one of {', '.join(_CHOICES)}")
+    return choice
+
+
+def prepare_packed(
+    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec, in_features: int
+) -> Kernel:
+    """The fastest kernel for tensors as a checkpoint stores them (``QuantizedTensor.to_state``)."""
+    choice = _choice()
+    if choice in ("auto", "native"):
+        from bitsmith.kernels.build import native_library
+
+        lib = native_library()
+        if lib is not None:
+            from bitsmith.kernels.cpu import NativeKernel
+
+            return NativeKernel(lib, qweight, scale, zero, spec, in_features)
+        if choice == "native":
+            raise RuntimeError(f"{KERNEL_ENV}=native but the native kernels could not be built; see the log")
+    qt = QuantizedTensor(unpack(qweight, spec.bits, in_features), scale, zero, spec)
+    return ReferenceKernel(qt) if choice == "reference" else ChunkedKernel(qt)
+
+
+def prepare(qt: QuantizedTensor) -> Kernel:
+    """The fastest kernel available for this tensor (see the module docstring)."""
+    choice = _choice()
+    if choice == "reference":
+        return ReferenceKernel(qt)
+    if choice == "torch" or qt.grid is not None:  # the native kernels know uniform codes only
+        return ChunkedKernel(qt)
+    return prepare_packed(pack(qt.codes, qt.spec.bits), qt.scale, qt.zero, qt.spec, qt.shape[1])

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from bitsmith.calib.data import CalibrationConfig
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.methods import get_method
 from bitsmith.primitives import sqnr_db
@@ -22,6 +23,7 @@ from bitsmith.spec import QuantSpec, SpecError
 
 log = logging.getLogger(__name__)
 
+CALIBRATED_METHODS = frozenset({"gptq", "awq"})  # methods that need calibration data
 STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FP16_MAX = 65504.0
 
@@ -32,6 +34,7 @@ class QuantizeConfig:
     method: str = "rtn"
     options: dict = field(default_factory=dict)
     quantize_head: bool = False  # also quantize lm_head (untied from the embedding if tied)
+    quantize_embeddings: bool = False  # also quantize the input embedding (a tied head then shares it)
     unquantized_dtype: str = "fp16"  # storage for 2-D tensors left unquantized (embeddings, lm_head)
 
 
@@ -43,9 +46,9 @@ def meta_model(config) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def quantizable_layers(config, quantize_head: bool = False) -> dict[str, tuple[int, int]]:
-    """Module names of the linear layers to quantize -> (out, in): every linear in the decoder
-    blocks, plus lm_head when asked."""
+def quantizable_layers(config, quantize_head: bool = False, quantize_embeddings: bool = False) -> dict[str, tuple[int, int]]:
+    """Module names of the layers to quantize -> (out, in): every linear in the decoder blocks,
+    plus lm_head and the input embedding when asked."""
     from bitsmith.models.arch import block_linears, embedding_and_head_names, find_blocks
 
     model = meta_model(config)
@@ -54,10 +57,12 @@ def quantizable_layers(config, quantize_head: bool = False) -> dict[str, tuple[i
     for i, block in enumerate(blocks):
         for rel, linear in block_linears(block).items():
             layers[f"{path}.{i}.{rel}"] = (linear.out_features, linear.in_features)
+    emb_name, head_name = embedding_and_head_names(model)
     if quantize_head:
-        emb_name, head_name = embedding_and_head_names(model)
         weight = model.get_parameter(emb_name if head_name is None else head_name)
         layers["lm_head"] = tuple(weight.shape)
+    if quantize_embeddings:
+        layers[emb_name.removesuffix(".weight")] = tuple(model.get_parameter(emb_name).shape)
     return layers
 
 
@@ -95,21 +100,40 @@ def quantize_model(
     *,
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    calib: CalibrationConfig | None = None,
+    resume: bool = False,
 ) -> Path:
-    """Quantize ``model`` (folder, GGUF file or alias) into a bitsmith checkpoint at ``out_dir``."""
+    """Quantize ``model`` (folder, GGUF file or alias) into a bitsmith checkpoint at ``out_dir``.
+
+    Methods that need calibration (CALIBRATED_METHODS), or any method given ``calib``, go through
+    the layer-wise pipeline (:func:`bitsmith.pipeline.layerwise.quantize_calibrated`); the rest
+    stream tensor by tensor here.
+    """
     from bitsmith.models import open_source
 
     start = time.perf_counter()
     if Path(out_dir).exists() and not overwrite:  # fail before any work
         raise CheckpointError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    if config.method in CALIBRATED_METHODS or calib is not None:
+        from bitsmith.pipeline.layerwise import quantize_calibrated
+
+        calib = calib or CalibrationConfig()
+        tokens = calib.batches(open_source(model).tokenizer())  # [samples, seq_len]
+        return quantize_calibrated(model, Path(out_dir), config, tokens, resume=resume, overwrite=overwrite, progress=progress)
+    if resume:
+        raise ValueError(f"--resume applies to calibrated methods ({', '.join(sorted(CALIBRATED_METHODS))}); "
+                         f"{config.method} without --calib runs in one pass, drop --resume")
     source = open_source(model)
-    layers = quantizable_layers(source.config, config.quantize_head)
+    layers = quantizable_layers(source.config, config.quantize_head, config.quantize_embeddings)
     check_layers(layers, config.spec)
     method = get_method(config.method)
     names = source.tensor_names()
-    head_is_tied = config.quantize_head and "lm_head.weight" not in names
+    # A tied head is untied only when the head alone is quantized; quantizing the embedding with a
+    # tied head keeps them tied (the head then computes from the quantized embedding).
+    head_is_tied = config.quantize_head and "lm_head.weight" not in names and not config.quantize_embeddings
     report_layers = []
-    options = {**config.options, "quantize_head": config.quantize_head, "unquantized_dtype": config.unquantized_dtype}
+    options = {**config.options, "quantize_head": config.quantize_head,
+               "quantize_embeddings": config.quantize_embeddings, "unquantized_dtype": config.unquantized_dtype}
     with CheckpointWriter(Path(out_dir), config.method, options, overwrite=overwrite) as writer:
         for i, name in enumerate(names):
             module = name.removesuffix(".weight")
@@ -128,14 +152,23 @@ def quantize_model(
                 report_layers.append(_layer_report("lm_head", tensor, qt, 0.0))
             if progress:
                 progress(name, i + 1, len(names))
-        source.save_config_and_tokenizer(writer.tmp_dir)
-        if head_is_tied:
-            untied = copy.deepcopy(source.config)
-            untied.tie_word_embeddings = False
-            untied.save_pretrained(writer.tmp_dir)
-        stored = sum(l["bits_per_weight"] * l["shape"][0] * l["shape"][1] for l in report_layers)
-        count = sum(l["shape"][0] * l["shape"][1] for l in report_layers)
-        report = {"source": str(source.path), "spec": str(config.spec), "layers": report_layers,
-                  "quantized_weights": count, "bits_per_weight": stored / max(count, 1),
-                  "seconds": round(time.perf_counter() - start, 2)}
-        return writer.finish(report)
+        finish_folder(writer, source, head_is_tied)
+        return writer.finish(summary(source, config, report_layers, start))
+
+
+def finish_folder(writer: CheckpointWriter, source, head_is_tied: bool) -> None:
+    """Config and tokenizer into the checkpoint; an untied config when a tied head was quantized."""
+    source.save_config_and_tokenizer(writer.tmp_dir)
+    if head_is_tied:
+        untied = copy.deepcopy(source.config)
+        untied.tie_word_embeddings = False
+        untied.save_pretrained(writer.tmp_dir)
+
+
+def summary(source, config: QuantizeConfig, report_layers: list[dict], start: float) -> dict:
+    """The checkpoint report: per-layer entries plus totals."""
+    stored = sum(l["bits_per_weight"] * l["shape"][0] * l["shape"][1] for l in report_layers)
+    count = sum(l["shape"][0] * l["shape"][1] for l in report_layers)
+    return {"source": str(source.path), "spec": str(config.spec), "method": config.method, "layers": report_layers,
+            "quantized_weights": count, "bits_per_weight": stored / max(count, 1),
+            "seconds": round(time.perf_counter() - start, 2)}

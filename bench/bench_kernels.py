@@ -1,0 +1,104 @@
+"""Quantized matmul speed on this CPU: fp32 / bf16 F.linear, the reference (dequantize then matmul)
+and each bitsmith kernel, with the bandwidth each reaches on the packed weight bytes.
+
+Not a test; run on demand:  python bench/bench_kernels.py [--threads N] [--specs w8,w4g128]
+
+Every figure is the minimum over repeated calls (the machine may be shared). "GB/s" is packed bytes
+(codes + fp16 scales and zeros) per second; "% fp32 bw" compares that with the bandwidth fp32
+F.linear reached on its own 4-byte weights in the same run, i.e. how close the kernel is to the memory
+bound that fp32 decode is held to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bitsmith.kernels import KERNEL_ENV, prepare, reference_linear
+from bitsmith.spec import QuantSpec
+from bitsmith.tensor import QuantizedTensor
+
+SHAPES = [(8192, 2048), (2048, 8192), (576, 1536), (1536, 8960)]  # weight [out, in]
+BATCHES = [1, 32]
+SPECS = ["w8", "w4g128", "w4g32", "w3g64", "w2g64"]
+
+
+def best_ms(fn: Callable[[], object], min_time: float = 0.4, min_reps: int = 5, max_reps: int = 200) -> float:
+    fn()  # warm up (allocations, lazy builds)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e3
+
+
+def random_qt(out: int, inp: int, spec: QuantSpec) -> QuantizedTensor:
+    gen = torch.Generator().manual_seed(0)
+    groups = spec.groups_per_row(inp)
+    codes = torch.randint(0, spec.qmax + 1, (out, inp), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(out, groups, generator=gen) * 0.02 + 1e-3).half()
+    zero = None if spec.symmetric else (torch.rand(out, groups, generator=gen) * spec.qmax).half()
+    return QuantizedTensor(codes, scale, zero, spec)
+
+
+def kernel_for(qt: QuantizedTensor, choice: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    previous = os.environ.get(KERNEL_ENV)
+    os.environ[KERNEL_ENV] = choice
+    try:
+        return prepare(qt)
+    finally:
+        if previous is None:
+            del os.environ[KERNEL_ENV]
+        else:
+            os.environ[KERNEL_ENV] = previous
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--specs", default=",".join(SPECS))
+    parser.add_argument("--no-reference", action="store_true", help="skip the slow reference column")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    specs = [QuantSpec.parse(s) for s in args.specs.split(",")]
+    print(f"torch {torch.__version__}, {args.threads} threads; times are the best of repeated calls (ms)")
+    header = (
+        f"{'weight':>11} {'T':>3} {'fp32':>7} {'bf16':>7} {'spec':>7} {'MB':>6} {'reference':>9} "
+        f"{'torch':>7} {'native':>7} {'GB/s':>6} {'%fp32bw':>7} {'x fp32':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for out, inp in SHAPES:
+        weight = torch.randn(out, inp)
+        weight_bf16 = weight.bfloat16()
+        for batch in BATCHES:
+            x = torch.randn(batch, inp)
+            x_bf16 = x.bfloat16()
+            fp32_ms = best_ms(lambda: F.linear(x, weight))
+            bf16_ms = best_ms(lambda: F.linear(x_bf16, weight_bf16))
+            fp32_gbs = out * inp * 4 / fp32_ms / 1e6
+            for spec in specs:
+                qt = random_qt(out, inp, spec)
+                packed_bytes = qt.stored_bits() / 8
+                ref_ms = float("nan") if args.no_reference else best_ms(lambda: reference_linear(x, qt), min_reps=3)
+                chunked = kernel_for(qt, "torch")
+                torch_ms = best_ms(lambda: chunked(x), min_reps=3)
+                native = kernel_for(qt, "native")
+                native_ms = best_ms(lambda: native(x))
+                gbs = packed_bytes / native_ms / 1e6
+                print(
+                    f"{out:>5}x{inp:<5} {batch:>3} {fp32_ms:7.3f} {bf16_ms:7.3f} {str(spec):>7} "
+                    f"{packed_bytes / 1e6:6.2f} {ref_ms:9.2f} {torch_ms:7.2f} {native_ms:7.3f} {gbs:6.1f} "
+                    f"{100 * gbs / fp32_gbs:6.0f}% {fp32_ms / native_ms:6.1f}"
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Quality and size of quantized variants against the unquantized model (PROTOCOL.md).
+
+    python bench/quality.py --model smollm2-135m --specs w8,w4g128,w4g32,w3g128,w2g64 --method rtn
+
+Quantizes each spec (timed), then scores every variant and the reference in one pass over the
+evaluation windows (the reference runs once per window). Prints a Markdown table; --json writes
+the same numbers. Nothing here is asserted: it prints what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "austen_pride_and_prejudice.txt"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--specs", default="w8,w4g128,w4g32,w3g128,w2g64")
+    ap.add_argument("--method", default="rtn")
+    ap.add_argument("--text", default=str(DEFAULT_TEXT), help="evaluation text (default: PROTOCOL.md's prose slice)")
+    ap.add_argument("--chars", type=int, default=60_000, help="first N characters of the text (PROTOCOL.md: 60,000)")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--work", default="/tmp/bitsmith-bench", help="folder for the checkpoints")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from bitsmith.cli.common import dir_size_mb
+    from bitsmith.eval.suite import evaluate_variants, text_windows
+    from bitsmith.io.load import load_model
+    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.spec import QuantSpec
+
+    specs = [s for s in args.specs.split(",") if s]
+    rows = {}
+    for spec in specs:
+        out = Path(args.work) / f"{Path(args.model).stem}-{spec}-{args.method}"
+        t0 = time.perf_counter()
+        quantize_model(args.model, out, QuantizeConfig(QuantSpec.parse(spec), args.method), overwrite=True)
+        rows[spec] = {"path": str(out), "quantize_s": time.perf_counter() - t0, "file_mb": dir_size_mb(out)}
+        print(f"quantized {spec} in {rows[spec]['quantize_s']:.1f} s", flush=True)
+    reference = load_model(args.model)
+    text = Path(args.text).read_text(encoding="utf-8", errors="replace")[: args.chars]
+    wins = text_windows(reference.tokenizer, text, args.ctx, args.max_windows)
+    variants = {}
+    for spec in specs:
+        loaded = load_model(rows[spec]["path"])
+        variants[spec] = loaded.model
+        rows[spec]["bits_per_weight"] = loaded.info.report["bits_per_weight"]
+    t0 = time.perf_counter()
+    results = evaluate_variants(reference.model, variants, wins)
+    eval_s = time.perf_counter() - t0
+    print(f"\n{args.model}, method {args.method}, {wins.numel():,} tokens ({wins.shape[0]} x {args.ctx}) of {Path(args.text).name}[:{args.chars}], "
+          f"reference ppl {results['reference'].ppl:.3f}; evaluation took {eval_s:.0f} s\n")
+    print("| spec | bits/weight | file MB | ppl | KLD mean | KLD p99 | top-1 | quantize s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for spec in specs:
+        r, row = results[spec], rows[spec]
+        row.update(r.as_dict())
+        print(f"| {spec} | {row['bits_per_weight']:.3f} | {row['file_mb']:.1f} | {r.ppl:.3f} | {r.kld_mean:.4f} | {r.kld_p99:.3f} | {r.top1:.3f} | {row['quantize_s']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "method": args.method, "tokens": wins.numel(),
+                                               "reference_ppl": results["reference"].ppl, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Build and load the native CPU kernels (csrc/qmatmul.cpp) once per machine.
+
+The source is plain C++ with a C ABI, compiled by the system ``g++`` (or ``$CXX``) with
+``-O3 -march=native -fopenmp`` into a shared library cached under ``~/.cache/bitsmith/kernels``
+(``$BITSMITH_CACHE`` or ``$XDG_CACHE_HOME`` move it), then loaded with :mod:`ctypes`. No torch headers,
+pybind or ninja are involved, so a build takes a few seconds. The cache key covers the source, the
+flags, the compiler and the CPU's feature flags, so a cache shared between machines never runs code
+built for another CPU. OpenMP calls resolve to the libgomp torch already loaded, so both share one
+thread pool.
+
+When there is no compiler, or the build fails, :func:`native_library` logs one warning and returns
+``None``; :func:`bitsmith.kernels.prepare` then uses the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "qmatmul.cpp"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
+
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+
+
+class NativeBuildError(RuntimeError):
+    """The native kernel library could not be compiled or loaded."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("BITSMITH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bitsmith"
+    )
+    return Path(root) / "kernels"
+
+
+def _cpu_flags() -> str:
+    """The CPU feature line, so -march=native builds are never reused on another CPU."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() + platform.machine()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
+def build(extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile the library (or find it in the cache) and return its path."""
+    cxx = _compiler()
+    if cxx is None:
+        raise NativeBuildError("no C++ compiler found (install g++ or set $CXX)")
+    flags = FLAGS + tuple(extra_flags)
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), cxx.encode(), _cpu_flags().encode()):
+        key.update(part)
+    target = cache_dir() / f"qmatmul-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build to a private name, then rename: concurrent processes never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [cxx, *flags, str(SOURCE), "-o", tmp]
+    log.info("compiling bitsmith CPU kernels: %s", " ".join(cmd))
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        os.unlink(tmp)
+        raise NativeBuildError(f"running {cxx} failed: {err}") from err
+    if done.returncode != 0:
+        os.unlink(tmp)
+        raise NativeBuildError(f"{cxx} could not build {SOURCE.name}:\n{done.stderr[-2000:]}")
+    os.replace(tmp, target)
+    return target
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Load a built library and declare its functions' C signatures."""
+    import torch  # noqa: F401  (loads torch's libgomp first, so the kernels share its thread pool)
+
+    lib = ctypes.CDLL(str(path))
+    args = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64]
+    lib.bs_gemv.argtypes = args + [_PTR, _I64, _PTR, _I64]
+    lib.bs_gemv.restype = None
+    lib.bs_dequant.argtypes = args + [_I64, _I64, _PTR, _I64, _I64]
+    lib.bs_dequant.restype = None
+    lib.bs_permute4.argtypes = [_PTR, _PTR, _I64, _I64]
+    lib.bs_permute4.restype = None
+    lib.bs_simd_width.argtypes = []
+    lib.bs_simd_width.restype = ctypes.c_int
+    return lib
+
+
+@lru_cache(maxsize=None)
+def native_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (with one logged warning) when it cannot be built."""
+    try:
+        return load(build(extra_flags))
+    except (NativeBuildError, OSError) as err:
+        log.warning("bitsmith native CPU kernels unavailable, using the slower torch path: %s", err)
+        return None

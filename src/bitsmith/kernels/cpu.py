@@ -1,0 +1,111 @@
+"""The native CPU kernel: matmul straight from the packed on-disk codes (csrc/qmatmul.cpp).
+
+It keeps exactly what a checkpoint stores (packed codes, fp16 scale, fp16 zero), so resident memory
+is the packed size. Decode and small batches (up to ``GEMV_MAX_ROWS`` activation rows) run the
+fused gemv: codes are widened to float in registers and multiplied into x, group by group, with the
+zero point folded into a per-group sum of x. Larger batches (prefill) dequantize a few MB of weight
+rows at a time into a reused float buffer and hand each block to torch's BLAS-backed ``mm``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from bitsmith.formats.packing import packed_row_bytes
+from bitsmith.kernels.torch_path import reference_linear
+from bitsmith.spec import QuantSpec
+from bitsmith.tensor import QuantizedTensor
+
+GEMV_MAX_ROWS = 8  # above this many activation rows, dequantize blocks + BLAS is faster
+CHUNK_BYTES = 2 << 20  # fp32 weight rows per block on the prefill path
+PARALLEL_MIN_WEIGHTS = 1 << 16  # smaller matrices run on one thread: waking others costs more
+
+
+class NativeKernel:
+    """x [..., in] -> y [..., out] with the compiled kernels; float32 arithmetic, output in x's dtype."""
+
+    name = "native"
+
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        qweight: torch.Tensor,  # uint8 [out, ceil(in/8)*bits], formats.packing layout
+        scale: torch.Tensor,  # fp16 [out, G]
+        zero: torch.Tensor | None,  # fp16 [out, G]; None when symmetric
+        spec: QuantSpec,
+        in_features: int,
+    ) -> None:
+        out_features = qweight.shape[0]
+        if tuple(qweight.shape) != (out_features, packed_row_bytes(in_features, spec.bits)):
+            raise ValueError(f"packed codes {tuple(qweight.shape)} do not hold {in_features} {spec.bits}-bit codes per row")
+        self._lib = lib
+        self.spec = spec
+        self.in_features, self.out_features = in_features, out_features
+        # The kernels read whole 64-bit words, so the codes live in a buffer 8 bytes longer than they are.
+        padded = torch.zeros(qweight.numel() + 8, dtype=torch.uint8)
+        self.qweight = padded[: qweight.numel()].view(qweight.shape)  # uint8 [out, row_bytes]
+        self.qweight.copy_(qweight)
+        self.scale = scale.to(torch.float16).contiguous()
+        self.zero = None if zero is None else zero.to(torch.float16).contiguous()
+        self._group = spec.group_size or max(in_features, 1)
+        self._small = out_features * in_features < PARALLEL_MIN_WEIGHTS
+
+    def _threads(self) -> int:
+        return 1 if self._small else torch.get_num_threads()
+
+    def _weight_args(self) -> tuple[int, int, int | None, int, int, int, int]:
+        zero = None if self.zero is None else self.zero.data_ptr()
+        return (self.qweight.data_ptr(), self.scale.data_ptr(), zero, self.out_features, self.in_features,
+                self.spec.bits, self._group)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+            return reference_linear(x, self.quantized())  # other devices and autograd: the oracle
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"input has {tuple(x.shape)[-1:]} features; this layer takes {self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # [T, in]
+        rows = x2.shape[0]
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)  # [T, out]
+        if rows and self.out_features:
+            if rows <= GEMV_MAX_ROWS:
+                self._lib.bs_gemv(*self._weight_args(), x2.data_ptr(), rows, y.data_ptr(), self._threads())
+            else:
+                self._blocked(x2, y)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _blocked(self, x2: torch.Tensor, y: torch.Tensor) -> None:
+        """Prefill: dequantize weight rows block by block into one buffer; BLAS does each block."""
+        block = max(16, CHUNK_BYTES // (4 * max(self.in_features, 1)))
+        block = min(block, self.out_features)
+        buf = torch.empty(block, self.in_features, dtype=torch.float32)  # [block, in]
+        threads = self._threads()
+        permuted = self.spec.bits == 4  # 4-bit rows come out in nibble order; permute x to match
+        if permuted:
+            xp = torch.empty_like(x2)
+            self._lib.bs_permute4(x2.data_ptr(), xp.data_ptr(), x2.shape[0], self.in_features)
+            x2 = xp
+        for start in range(0, self.out_features, block):
+            n = min(block, self.out_features - start)
+            self._lib.bs_dequant(*self._weight_args(), start, n, buf.data_ptr(), int(permuted), threads)
+            torch.mm(x2, buf[:n].t(), out=y[:, start : start + n])
+
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        """float32 [stop - start, in]: the reference reconstruction of those rows."""
+        buf = torch.empty(stop - start, self.in_features, dtype=torch.float32)
+        if stop > start:
+            self._lib.bs_dequant(*self._weight_args(), start, stop - start, buf.data_ptr(), 0, self._threads())
+        return buf
+
+    def quantized(self) -> QuantizedTensor:
+        """The QuantizedTensor again (codes unpacked on demand; nothing else is kept)."""
+        return QuantizedTensor.from_state(self.qweight, self.scale, self.zero, self.spec, self.in_features)
+
+    def to_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The same tensors as ``self.quantized().to_state(prefix)``, without unpacking."""
+        state = {f"{prefix}.qweight": self.qweight, f"{prefix}.scale": self.scale}
+        if self.zero is not None:
+            state[f"{prefix}.zero"] = self.zero
+        return state

@@ -1,0 +1,420 @@
+// bitsmith CPU kernels: matmul straight from the packed on-disk layout (formats/packing.py).
+//
+// Layout: each row of `in` codes is padded to a multiple of 8; every run of 8 codes is `bits` bytes,
+// a little-endian bit stream with code i of the run in bits [i*bits, (i+1)*bits). Scales and zeros
+// are fp16 [out, G] (zero in code units, may be fractional; symmetric codes use the midpoint).
+//
+// gemv (decode, few activation rows): per group,
+//     y[t, o] += scale * (sum_i code_i * x[t, i] - zero * sum_i x[t, i])
+// so the inner loop is only "widen codes to float, fused multiply-add"; the group sums of x are
+// computed once per call. 4-bit codes are read 16 bytes (32 codes) at a time: the low nibbles are the
+// even codes and the high nibbles the odd codes, so x is permuted once per call into
+// [16 even | 16 odd] per 32-block instead of re-interleaving codes for every row.
+//
+// dequant (prefill): (code - zero) * scale for a block of rows into a float buffer, exactly the
+// reference reconstruction, for a BLAS matmul done by the caller.
+//
+// Vector code is written once against a tiny `Vec` interface with AVX-512, AVX2+FMA and portable
+// scalar implementations; -march=native picks one. Plain C ABI (called through ctypes) so it builds
+// with a bare g++ in seconds; threads come from OpenMP, which resolves to the libgomp torch loaded.
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define BS_SIMD 512
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define BS_SIMD 256
+#else
+#define BS_SIMD 0
+#endif
+#if defined(__F16C__) && BS_SIMD == 0
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#endif
+  // IEEE fp16 -> fp32, exact for normals, subnormals, inf and nan.
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      do { ++e; man <<= 1; } while ((man & 0x400u) == 0);
+      bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3FFu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// The 64-bit word holding a run of 8 codes. The caller guarantees 8 readable bytes (the packed buffer
+// carries 8 bytes of padding), and bits above 8*bits are masked away by every user.
+inline uint64_t run_word(const uint8_t* row, int64_t run, int bits) {
+  uint64_t w;
+  std::memcpy(&w, row + run * bits, 8);
+  return w;
+}
+
+inline uint32_t code_at(const uint8_t* row, int64_t i, int bits) {
+  return (uint32_t)(run_word(row, i >> 3, bits) >> ((i & 7) * bits)) & ((1u << bits) - 1u);
+}
+
+// One vector of L float lanes and the few operations the kernels need, per instruction set.
+#if BS_SIMD == 512
+struct Vec {
+  static constexpr int L = 16;
+  typedef __m512 f;
+  static f zero() { return _mm512_setzero_ps(); }
+  static f load(const float* p) { return _mm512_loadu_ps(p); }
+  static f fma(f a, f b, f c) { return _mm512_fmadd_ps(a, b, c); }
+  static f add(f a, f b) { return _mm512_add_ps(a, b); }
+  static f sub(f a, f b) { return _mm512_sub_ps(a, b); }
+  static f mul(f a, f b) { return _mm512_mul_ps(a, b); }
+  static void store(float* p, f a) { _mm512_storeu_ps(p, a); }
+  static f set(float s) { return _mm512_set1_ps(s); }
+  static float sum(f a) { return _mm512_reduce_add_ps(a); }
+  static __m512i bytes(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+  static f u8(const uint8_t* p) { return _mm512_cvtepi32_ps(bytes(p)); }  // L bytes -> L floats
+  static void nibbles(const uint8_t* p, f& lo, f& hi) {                   // L bytes -> 2L codes
+    __m512i b = bytes(p);
+    lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0xF)));
+    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+  }
+  template <int BITS>
+  static f codes(const uint8_t* row, int64_t i) {  // codes i .. i+L (i a multiple of 8): two runs
+    const __m512i shifts = _mm512_set_epi64(7 * BITS, 6 * BITS, 5 * BITS, 4 * BITS, 3 * BITS, 2 * BITS, BITS, 0);
+    const __m512i mask = _mm512_set1_epi64((1 << BITS) - 1);
+    __m512i w0 = _mm512_set1_epi64((long long)run_word(row, i >> 3, BITS));
+    __m512i w1 = _mm512_set1_epi64((long long)run_word(row, (i >> 3) + 1, BITS));
+    __m256i c0 = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srlv_epi64(w0, shifts), mask));
+    __m256i c1 = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srlv_epi64(w1, shifts), mask));
+    return _mm512_cvtepi32_ps(_mm512_inserti64x4(_mm512_castsi256_si512(c0), c1, 1));
+  }
+};
+#elif BS_SIMD == 256
+struct Vec {
+  static constexpr int L = 8;
+  typedef __m256 f;
+  static f zero() { return _mm256_setzero_ps(); }
+  static f load(const float* p) { return _mm256_loadu_ps(p); }
+  static f fma(f a, f b, f c) { return _mm256_fmadd_ps(a, b, c); }
+  static f add(f a, f b) { return _mm256_add_ps(a, b); }
+  static f sub(f a, f b) { return _mm256_sub_ps(a, b); }
+  static f mul(f a, f b) { return _mm256_mul_ps(a, b); }
+  static void store(float* p, f a) { _mm256_storeu_ps(p, a); }
+  static f set(float s) { return _mm256_set1_ps(s); }
+  static float sum(f a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static __m256i bytes(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+  static f u8(const uint8_t* p) { return _mm256_cvtepi32_ps(bytes(p)); }
+  static void nibbles(const uint8_t* p, f& lo, f& hi) {
+    __m256i b = bytes(p);
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0xF)));
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+  }
+  template <int BITS>
+  static f codes(const uint8_t* row, int64_t i) {  // one run: 8 codes
+    const __m256i lo_shifts = _mm256_set_epi64x(3 * BITS, 2 * BITS, BITS, 0);
+    const __m256i hi_shifts = _mm256_set_epi64x(7 * BITS, 6 * BITS, 5 * BITS, 4 * BITS);
+    __m256i w = _mm256_set1_epi64x((long long)run_word(row, i >> 3, BITS));
+    __m256i lo = _mm256_srlv_epi64(w, lo_shifts);                      // codes 0..3 in 64-bit lanes
+    __m256i hi = _mm256_slli_epi64(_mm256_srlv_epi64(w, hi_shifts), 32);  // codes 4..7, upper halves
+    __m256i mixed = _mm256_blend_epi32(lo, hi, 0xAA);                  // dwords: 0 4 1 5 2 6 3 7
+    __m256i ordered = _mm256_permutevar8x32_epi32(mixed, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(ordered, _mm256_set1_epi32((1 << BITS) - 1)));
+  }
+};
+#else
+struct Vec {  // portable: one lane; the compiler may still vectorise the loops
+  static constexpr int L = 1;
+  typedef float f;
+  static f zero() { return 0.f; }
+  static f load(const float* p) { return *p; }
+  static f fma(f a, f b, f c) { return a * b + c; }
+  static f add(f a, f b) { return a + b; }
+  static f sub(f a, f b) { return a - b; }
+  static f mul(f a, f b) { return a * b; }
+  static void store(float* p, f a) { *p = a; }
+  static f set(float s) { return s; }
+  static float sum(f a) { return a; }
+  static f u8(const uint8_t* p) { return (float)*p; }
+  static void nibbles(const uint8_t* p, f& lo, f& hi) {
+    lo = (float)(*p & 0xF);
+    hi = (float)(*p >> 4);
+  }
+  template <int BITS>
+  static f codes(const uint8_t* row, int64_t i) { return (float)code_at(row, i, BITS); }
+};
+#endif
+typedef Vec::f vf;
+constexpr int L = Vec::L;
+
+struct Weights {
+  const uint8_t* packed;   // [out, row_bytes], readable 8 bytes past the end
+  const uint16_t* scale;   // fp16 [out, groups]
+  const uint16_t* zero;    // fp16 [out, groups] or null (symmetric)
+  int64_t out, in, bits, group, groups, row_bytes;
+  float mid;
+  float scale_at(int64_t o, int64_t g) const { return half_to_float(scale[o * groups + g]); }
+  float zero_at(int64_t o, int64_t g) const { return zero ? half_to_float(zero[o * groups + g]) : mid; }
+  // Row o's scales into s[0, groups) and zeros into z[0, groups), as floats.
+  void row_params(int64_t o, float* s, float* z) const {
+    int64_t g = 0;
+#if defined(__F16C__)
+    for (; g + 8 <= groups; g += 8) {
+      _mm256_storeu_ps(s + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scale + o * groups + g))));
+      if (zero) _mm256_storeu_ps(z + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zero + o * groups + g))));
+    }
+#endif
+    for (; g < groups; ++g) {
+      s[g] = scale_at(o, g);
+      if (zero) z[g] = zero_at(o, g);
+    }
+    if (!zero)
+      for (g = 0; g < groups; ++g) z[g] = mid;
+  }
+};
+
+// Partial sums over codes [start, start + width) of code * x[t][i]: full blocks into the vectors
+// acc[2t], acc[2t+1] (two independent FMA chains, fresh per group), leftover codes into tail[t].
+template <int TT>
+inline void dot8(const uint8_t* row, int64_t start, int64_t width, const float* const* x, vf* acc, float* tail) {
+  const uint8_t* p = row + start;
+  int64_t n = width / (2 * L) * (2 * L), k = 0;
+  for (; k < n; k += 2 * L) {
+    vf w0 = Vec::u8(p + k), w1 = Vec::u8(p + k + L);
+    for (int t = 0; t < TT; ++t) {
+      acc[2 * t] = Vec::fma(w0, Vec::load(x[t] + start + k), acc[2 * t]);
+      acc[2 * t + 1] = Vec::fma(w1, Vec::load(x[t] + start + k + L), acc[2 * t + 1]);
+    }
+  }
+  for (; k < width; ++k)
+    for (int t = 0; t < TT; ++t) tail[t] += (float)p[k] * x[t][start + k];
+}
+
+// xp: x permuted per 32-block into [16 even | 16 odd] (permute_for_4bit), matching the nibbles:
+// byte j of a block holds code 2j (low) and code 2j+1 (high).
+template <int TT>
+inline void dot4(const uint8_t* row, int64_t start, int64_t width, const float* const* x, const float* const* xp,
+                 vf* acc, float* tail) {
+  const uint8_t* p = row + start / 2;
+  int64_t n = width / 32 * 32, k = 0;
+  for (; k < n; k += 32) {
+    for (int h = 0; h < 16; h += L) {
+      vf even, odd;
+      Vec::nibbles(p + k / 2 + h, even, odd);
+      for (int t = 0; t < TT; ++t) {
+        acc[2 * t] = Vec::fma(even, Vec::load(xp[t] + start + k + h), acc[2 * t]);
+        acc[2 * t + 1] = Vec::fma(odd, Vec::load(xp[t] + start + k + 16 + h), acc[2 * t + 1]);
+      }
+    }
+  }
+  for (; k < width; ++k) {
+    float c = (float)((p[k >> 1] >> ((k & 1) * 4)) & 0xF);
+    for (int t = 0; t < TT; ++t) tail[t] += c * x[t][start + k];
+  }
+}
+
+// Any width: each run of 8 codes is one 64-bit word split into lanes by per-lane shifts.
+template <int TT, int BITS>
+inline void dot_runs(const uint8_t* row, int64_t start, int64_t width, const float* const* x, vf* acc,
+                     float* tail) {
+  int64_t n = width / (2 * L) * (2 * L), k = 0;
+  for (; k < n; k += 2 * L) {
+    vf w0 = Vec::codes<BITS>(row, start + k), w1 = Vec::codes<BITS>(row, start + k + L);
+    for (int t = 0; t < TT; ++t) {
+      acc[2 * t] = Vec::fma(w0, Vec::load(x[t] + start + k), acc[2 * t]);
+      acc[2 * t + 1] = Vec::fma(w1, Vec::load(x[t] + start + k + L), acc[2 * t + 1]);
+    }
+  }
+  for (; k < width; ++k) {
+    float c = (float)code_at(row, start + k, BITS);
+    for (int t = 0; t < TT; ++t) tail[t] += c * x[t][start + k];
+  }
+}
+
+template <int TT>
+inline void group_dot(const Weights& w, const uint8_t* row, int64_t start, int64_t width, const float* const* x,
+                      const float* const* xp, vf* acc, float* tail) {
+  switch (w.bits) {
+    case 8: dot8<TT>(row, start, width, x, acc, tail); return;
+    case 4: dot4<TT>(row, start, width, x, xp, acc, tail); return;
+    case 2: dot_runs<TT, 2>(row, start, width, x, acc, tail); return;
+    case 3: dot_runs<TT, 3>(row, start, width, x, acc, tail); return;
+    case 5: dot_runs<TT, 5>(row, start, width, x, acc, tail); return;
+    case 6: dot_runs<TT, 6>(row, start, width, x, acc, tail); return;
+    default: dot_runs<TT, 7>(row, start, width, x, acc, tail); return;
+  }
+}
+
+// y[t0 .. t0+TT, o] for one output row: sum_g scale_g * dot_g - sum_g scale_g * zero_g * xsum_g.
+template <int TT>
+void row_tile(const Weights& w, int64_t o, int64_t t0, const float* x, const float* xp, const float* xsum,
+              const float* sc, const float* zr, float* y) {
+  const float* xr[TT];
+  const float* xpr[TT];
+  vf total[TT];  // scale-weighted group dots, summed across lanes once at the end
+  float offset[TT];
+  for (int t = 0; t < TT; ++t) {
+    xr[t] = x + (t0 + t) * w.in;
+    xpr[t] = xp + (t0 + t) * w.in;
+    total[t] = Vec::zero();
+    offset[t] = 0.f;
+  }
+  const uint8_t* row = w.packed + o * w.row_bytes;
+  for (int64_t g = 0; g < w.groups; ++g) {
+    int64_t start = g * w.group;
+    int64_t width = start + w.group <= w.in ? w.group : w.in - start;
+    vf acc[2 * TT];
+    float tail[TT];
+    for (int t = 0; t < TT; ++t) {
+      acc[2 * t] = acc[2 * t + 1] = Vec::zero();
+      tail[t] = 0.f;
+    }
+    group_dot<TT>(w, row, start, width, xr, xpr, acc, tail);
+    float s = sc[g], z = zr[g];
+    for (int t = 0; t < TT; ++t) {
+      total[t] = Vec::fma(Vec::set(s), Vec::add(acc[2 * t], acc[2 * t + 1]), total[t]);
+      offset[t] += s * (z * xsum[(t0 + t) * w.groups + g] - tail[t]);
+    }
+  }
+  for (int t = 0; t < TT; ++t) y[(t0 + t) * w.out + o] = Vec::sum(total[t]) - offset[t];
+}
+
+void permute_for_4bit(const float* x, float* xp, int64_t in) {
+  int64_t n = in / 32 * 32;
+  for (int64_t b = 0; b < n; b += 32)
+    for (int j = 0; j < 16; ++j) {
+      xp[b + j] = x[b + 2 * j];
+      xp[b + 16 + j] = x[b + 2 * j + 1];
+    }
+  for (int64_t i = n; i < in; ++i) xp[i] = x[i];
+}
+
+}  // namespace
+
+extern "C" {
+
+// y [T, out] = x [T, in] @ W^T for small T (decode).
+void bs_gemv(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero, int64_t out, int64_t in,
+             int64_t bits, int64_t group, const float* x, int64_t T, float* y, int64_t threads) {
+  Weights w{packed, scale, zero, out, in, bits, group, (in + group - 1) / group, (in + 7) / 8 * bits,
+            (float)((1 << bits) / 2)};
+  std::vector<float> xsum(T * w.groups, 0.f);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < w.groups; ++g) {
+      int64_t end = (g + 1) * group < in ? (g + 1) * group : in;
+      float s = 0.f;
+      for (int64_t i = g * group; i < end; ++i) s += x[t * in + i];
+      xsum[t * w.groups + g] = s;
+    }
+  std::vector<float> xp_store;
+  const float* xp = x;
+  if (bits == 4) {
+    xp_store.resize(T * in);
+    for (int64_t t = 0; t < T; ++t) permute_for_4bit(x + t * in, xp_store.data() + t * in, in);
+    xp = xp_store.data();
+  }
+  const float* xs = xsum.data();
+#pragma omp parallel num_threads((int)threads)
+  {
+    std::vector<float> params(2 * w.groups);  // this thread's row scales and zeros as floats
+    float* sc = params.data();
+    float* zr = sc + w.groups;
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < out; ++o) {
+      w.row_params(o, sc, zr);
+      int64_t t = 0;
+      for (; t + 4 <= T; t += 4) row_tile<4>(w, o, t, x, xp, xs, sc, zr, y);
+      switch (T - t) {
+        case 3: row_tile<3>(w, o, t, x, xp, xs, sc, zr, y); break;
+        case 2: row_tile<2>(w, o, t, x, xp, xs, sc, zr, y); break;
+        case 1: row_tile<1>(w, o, t, x, xp, xs, sc, zr, y); break;
+      }
+    }
+  }
+}
+
+// buf [rows, in] = (code - zero) * scale for weight rows [row0, row0 + rows) (prefill), the same
+// arithmetic as the reference. permuted != 0 (4-bit only) writes each full 32-block as
+// [16 even | 16 odd] codes, the order nibbles come in; the caller permutes x the same way
+// (bs_permute4), which leaves x @ W^T unchanged and saves interleaving the weights.
+void bs_dequant(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero, int64_t out, int64_t in,
+                int64_t bits, int64_t group, int64_t row0, int64_t rows, float* buf, int64_t permuted,
+                int64_t threads) {
+  Weights w{packed, scale, zero, out, in, bits, group, (in + group - 1) / group, (in + 7) / 8 * bits,
+            (float)((1 << bits) / 2)};
+#pragma omp parallel for schedule(static) num_threads((int)threads)
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t o = row0 + r;
+    const uint8_t* row = w.packed + o * w.row_bytes;
+    float* dst = buf + r * in;
+    for (int64_t g = 0; g < w.groups; ++g) {
+      int64_t start = g * group;
+      int64_t end = start + group < in ? start + group : in;
+      float s = w.scale_at(o, g), z = w.zero_at(o, g);
+      vf vs = Vec::set(s), vz = Vec::set(z);
+      int64_t i = start;
+      if (bits == 8) {
+        for (; i + L <= end; i += L) Vec::store(dst + i, Vec::mul(Vec::sub(Vec::u8(row + i), vz), vs));
+      } else if (bits == 4 && permuted) {
+        for (; i + 32 <= end; i += 32)
+          for (int h = 0; h < 16; h += L) {
+            vf even, odd;
+            Vec::nibbles(row + i / 2 + h, even, odd);
+            Vec::store(dst + i + h, Vec::mul(Vec::sub(even, vz), vs));
+            Vec::store(dst + i + 16 + h, Vec::mul(Vec::sub(odd, vz), vs));
+          }
+      } else if (bits == 4) {
+        for (; i + 2 <= end; i += 2) {
+          uint8_t b = row[i >> 1];
+          dst[i] = ((float)(b & 0xF) - z) * s;
+          dst[i + 1] = ((float)(b >> 4) - z) * s;
+        }
+      } else {
+        for (; i + L <= end && L >= 8; i += L) {
+          vf c;
+          switch (bits) {
+            case 2: c = Vec::codes<2>(row, i); break;
+            case 3: c = Vec::codes<3>(row, i); break;
+            case 5: c = Vec::codes<5>(row, i); break;
+            case 6: c = Vec::codes<6>(row, i); break;
+            default: c = Vec::codes<7>(row, i); break;
+          }
+          Vec::store(dst + i, Vec::mul(Vec::sub(c, vz), vs));
+        }
+      }
+      for (; i < end; ++i) dst[i] = ((float)code_at(row, i, (int)bits) - z) * s;
+    }
+  }
+}
+
+// xp [T, in] = x [T, in] with every full 32-block permuted to [16 even | 16 odd].
+void bs_permute4(const float* x, float* xp, int64_t T, int64_t in) {
+  for (int64_t t = 0; t < T; ++t) permute_for_4bit(x + t * in, xp + t * in, in);
+}
+
+int bs_simd_width() { return BS_SIMD; }
+
+}  // extern "C"

@@ -1,0 +1,211 @@
+"""Every kernel against the oracle (reference dequantize-then-matmul) on fresh random inputs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from bitsmith.kernels import KERNEL_ENV, prepare, prepare_packed, reference_linear
+from bitsmith.kernels.build import native_library
+from bitsmith.kernels.cpu import GEMV_MAX_ROWS, NativeKernel
+from bitsmith.kernels.torch_path import ChunkedKernel, ReferenceKernel
+from bitsmith.nn.qlinear import QuantLinear
+from bitsmith.spec import QuantSpec
+from bitsmith.tensor import QuantizedTensor
+
+RTOL = 1e-4  # relative error (Frobenius) against the fp32 reference; all kernels compute in fp32
+
+native = native_library()
+needs_native = pytest.mark.skipif(native is None, reason="native kernels could not be built (no C++ compiler?)")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    """Small shapes run single-threaded: on a busy machine every parallel region can wait a whole
+    scheduler slice for its second thread. The real-size test below uses several threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_qt(out: int, inp: int, spec: QuantSpec, gen: torch.Generator) -> QuantizedTensor:
+    """Random codes, scales and fractional zeros (HQQ-style)."""
+    groups = spec.groups_per_row(inp)
+    codes = torch.randint(0, spec.qmax + 1, (out, inp), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(out, groups, generator=gen) * 0.02 + 1e-3).half()
+    zero = None if spec.symmetric else (torch.rand(out, groups, generator=gen) * spec.qmax).half()
+    return QuantizedTensor(codes, scale, zero, spec)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+SPECS = [QuantSpec(b, g, s) for b in range(2, 9) for g in (None, 32, 128) for s in (False, True)]
+SHAPES = [(7, 200), (33, 576), (16, 1001), (64, 256), (5, 8), (3, 1)]
+
+
+def _native_kernels() -> list[tuple[str, object]]:
+    """The default build plus portable builds (AVX2, baseline x86-64), so CI covers the code paths
+    of CPUs other than its own."""
+    kernels = [("native", native)]
+    import platform
+
+    if platform.machine() in ("x86_64", "AMD64"):
+        kernels += [("avx2", native_library(("-march=x86-64-v3",))), ("x86-64", native_library(("-march=x86-64",)))]
+    return kernels
+
+
+@needs_native
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_native_matches_reference(spec: QuantSpec) -> None:
+    gen = torch.Generator().manual_seed(spec.bits * 100 + (spec.group_size or 0) + spec.symmetric)
+    for (out, inp), rows in itertools.product(SHAPES, (1, 3, 4, 6, GEMV_MAX_ROWS + 3)):
+        qt = random_qt(out, inp, spec, gen)
+        kernel = prepare(qt)
+        assert isinstance(kernel, NativeKernel)
+        x = torch.randn(rows, inp, generator=gen) + 0.5  # a non-zero mean stresses the zero folding
+        assert rel_err(kernel(x), reference_linear(x, qt)) < RTOL, (out, inp, rows)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_portable_builds_match_reference(bits: int) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    for name, lib in _native_kernels()[1:]:
+        if lib is None:
+            continue
+        for spec, (out, inp), rows in itertools.product(
+            (QuantSpec(bits, 32), QuantSpec(bits, None, True)), ((9, 576), (4, 203)), (1, 5, 12)
+        ):
+            qt = random_qt(out, inp, spec, gen)
+            from bitsmith.formats.packing import pack
+
+            kernel = NativeKernel(lib, pack(qt.codes, bits), qt.scale, qt.zero, spec, inp)
+            x = torch.randn(rows, inp, generator=gen)
+            assert rel_err(kernel(x), reference_linear(x, qt)) < RTOL, (name, spec, inp, rows)
+
+
+@needs_native
+@pytest.mark.parametrize("spec", [QuantSpec(4, 128), QuantSpec(8), QuantSpec(3, 64, True)], ids=str)
+def test_native_real_sizes_and_shapes(spec: QuantSpec) -> None:
+    gen = torch.Generator().manual_seed(7)
+    torch.set_num_threads(2)  # the rows split between threads
+    qt = random_qt(96, 1536, spec, gen)
+    kernel = prepare(qt)
+    for shape in ((1, 1536), (1, 1, 1536), (2, 5, 1536), (40, 1536), (0, 1536), (1536,)):
+        x = torch.randn(*shape, generator=gen)
+        y = kernel(x)
+        ref = reference_linear(x, qt)
+        assert y.shape == ref.shape and y.dtype == x.dtype
+        if ref.numel():
+            assert rel_err(y, ref) < RTOL, shape
+
+
+@needs_native
+def test_native_rejects_wrong_width() -> None:
+    kernel = prepare(random_qt(4, 64, QuantSpec(4, 32), torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="takes 64"):
+        kernel(torch.randn(2, 65))
+
+
+@needs_native
+def test_native_dequantize_is_the_reference_reconstruction() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for spec in (QuantSpec(4, 32), QuantSpec(3, 128, True), QuantSpec(8), QuantSpec(6, 64)):
+        qt = random_qt(10, 300, spec, gen)
+        kernel = prepare(qt)
+        assert torch.equal(kernel.dequantize_rows(0, 10), qt.dequantize())
+        assert torch.equal(kernel.dequantize_rows(4, 7), qt.dequantize()[4:7])
+
+
+@needs_native
+def test_native_low_precision_activations() -> None:
+    """bf16 / fp16 x: computed in fp32 inside, returned in x's dtype (tolerance of that dtype)."""
+    gen = torch.Generator().manual_seed(5)
+    qt = random_qt(48, 512, QuantSpec(4, 64), gen)
+    kernel = prepare(qt)
+    for dtype in (torch.bfloat16, torch.float16):
+        for rows in (1, 32):
+            x = torch.randn(rows, 512, generator=gen).to(dtype)
+            y = kernel(x)
+            assert y.dtype == dtype
+            assert rel_err(y, reference_linear(x.float(), qt)) < 1e-2
+
+
+@needs_native
+def test_native_keeps_only_packed_bytes_and_round_trips() -> None:
+    gen = torch.Generator().manual_seed(11)
+    qt = random_qt(24, 200, QuantSpec(3, 64), gen)
+    kernel = prepare(qt)
+    assert kernel.qweight.numel() == 24 * 25 * 3  # ceil(200/8) * 3 bytes per row
+    back = kernel.quantized()
+    assert torch.equal(back.codes, qt.codes) and torch.equal(back.scale, qt.scale) and torch.equal(back.zero, qt.zero)
+    expected = qt.to_state("w")
+    state = kernel.to_state("w")
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+
+
+@needs_native
+def test_native_autograd_falls_back_to_reference() -> None:
+    gen = torch.Generator().manual_seed(2)
+    qt = random_qt(8, 64, QuantSpec(4, 32), gen)
+    x = torch.randn(2, 64, generator=gen, requires_grad=True)
+    prepare(qt)(x).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("choice,cls", [("reference", ReferenceKernel), ("torch", ChunkedKernel)])
+def test_env_switch_and_torch_paths(monkeypatch: pytest.MonkeyPatch, choice: str, cls: type) -> None:
+    monkeypatch.setenv(KERNEL_ENV, choice)
+    gen = torch.Generator().manual_seed(13)
+    monkeypatch.setattr("bitsmith.kernels.torch_path.CHUNK_BYTES", 4 * 576 * 5)  # several chunks
+    for spec in (QuantSpec(4, 128), QuantSpec(2, None, True), QuantSpec(8, 32)):
+        qt = random_qt(33, 576, spec, gen)
+        kernel = prepare(qt)
+        assert isinstance(kernel, cls)
+        x = torch.randn(2, 3, 576, generator=gen)
+        assert rel_err(kernel(x), reference_linear(x, qt)) < RTOL
+        from bitsmith.formats.packing import pack
+
+        packed = prepare_packed(pack(qt.codes, spec.bits), qt.scale, qt.zero, spec, 576)
+        assert isinstance(packed, cls) and torch.equal(packed.quantized().codes, qt.codes)
+
+
+def test_env_switch_rejects_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match="reference"):
+        prepare(random_qt(2, 8, QuantSpec(4), torch.Generator().manual_seed(0)))
+
+
+def test_no_compiler_falls_back_with_warning(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    native_library.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="bitsmith.kernels.build"):
+            kernel = prepare(random_qt(4, 64, QuantSpec(4, 32), torch.Generator().manual_seed(0)))
+        assert isinstance(kernel, ChunkedKernel)
+        assert "no C++ compiler" in caplog.text
+    finally:
+        native_library.cache_clear()
+
+
+def test_quant_linear_module() -> None:
+    gen = torch.Generator().manual_seed(17)
+    qt = random_qt(40, 96, QuantSpec(4, 32), gen)
+    bias = torch.randn(40, generator=gen)
+    layer = QuantLinear(qt, bias)
+    assert (layer.in_features, layer.out_features, layer.spec) == (96, 40, qt.spec)
+    x = torch.randn(3, 2, 96, generator=gen)
+    ref = reference_linear(x, qt) + bias
+    assert rel_err(layer(x), ref) < RTOL
+    assert torch.equal(layer.quantized().codes, qt.codes) and torch.equal(layer.qt.codes, qt.codes)
+    state = layer.to_state("m")
+    assert all(torch.equal(v, qt.to_state("m")[k]) for k, v in state.items())
+    again = QuantLinear.from_state(state["m.qweight"], state["m.scale"], state["m.zero"], qt.spec, 96, bias)
+    assert torch.equal(again(x), layer(x))
+    assert not hasattr(layer, "_qt_cache") and "qt" not in vars(layer)  # no unpacked copy kept
