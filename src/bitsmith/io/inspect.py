@@ -1,147 +1,217 @@
 """Say what quantization a file or folder carries, tensor by tensor: bitsmith checkpoints, GGUF
-files and plain safetensors folders. The format is read from the file's contents, never its name."""
+files, GPTQ / AWQ / compressed-tensors / bitsandbytes safetensors folders and plain fp32/fp16/bf16
+safetensors. The format is read from the contents (magic bytes, safetensors headers and metadata,
+tensor names and dtypes, config.json's ``quantization_config``), never from a file name.
+
+Nothing here loads a tensor: headers are read and a few small tensors (g_idx, stored shapes,
+quantization states) are read from their byte ranges, so inspecting a large model is instant."""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
 
-DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "I64": 64,
-              "I32": 32, "I16": 16, "I8": 8, "U8": 8, "BOOL": 8}
-_ATTENTION = re.compile(r"(attn|attention|q_proj|k_proj|v_proj|o_proj)", re.I)
-_EMBED = re.compile(r"(embed|token_embd|wte|lm_head|output\.weight$)", re.I)
+from bitsmith.io.inspect_headers import DTYPE_BITS, StHeader, StTensor, looks_like_safetensors, read_header
+from bitsmith.io.inspect_report import InspectError, InspectReport, TensorInfo, quality_warnings
 
+__all__ = ["InspectError", "InspectReport", "TensorInfo", "inspect_path"]
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    kind: str  # spec string (w4g128), ggml type (Q4_K) or dtype (F16)
-    shape: tuple[int, ...]
-    bits_per_weight: float
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-@dataclass(frozen=True)
-class InspectReport:
-    path: str
-    format: str  # "bitsmith" | "gguf" | "safetensors"
-    summary: str  # e.g. "Q4_K_M", "w4g128 (rtn)", "F16"
-    tensors: list[TensorInfo]
-    warnings: list[str] = field(default_factory=list)
-
-    def total_bits_per_weight(self, only_quantized: bool = False) -> float:
-        rows = [t for t in self.tensors if not only_quantized or t.bits_per_weight < 16]
-        weights = sum(t.numel for t in rows)
-        return sum(t.numel * t.bits_per_weight for t in rows) / max(weights, 1)
-
-    def as_dict(self) -> dict:
-        return {"path": self.path, "format": self.format, "summary": self.summary,
-                "bits_per_weight": self.total_bits_per_weight(),
-                "quantized_bits_per_weight": self.total_bits_per_weight(True),
-                "warnings": self.warnings,
-                "tensors": [{"name": t.name, "kind": t.kind, "shape": list(t.shape), "bits_per_weight": t.bits_per_weight} for t in self.tensors]}
-
-
-def _flags(tensors: list[TensorInfo], bits_of) -> list[str]:
-    """What commonly hurts quality: attention or embeddings at <= 3 bits, no groups at low bits."""
-    warnings = []
-    low_attn = [t.name for t in tensors if _ATTENTION.search(t.name) and (bits_of(t) or 99) <= 3]
-    low_emb = [t.name for t in tensors if _EMBED.search(t.name) and (bits_of(t) or 99) <= 3]
-    if low_attn:
-        warnings.append(f"{len(low_attn)} attention tensors at 3 bits or fewer (e.g. {low_attn[0]}): attention is sensitive; expect quality loss")
-    if low_emb:
-        warnings.append(f"embeddings/output at 3 bits or fewer ({low_emb[0]}): this often hurts quality noticeably")
-    return warnings
+_GGUF_MAGIC = b"GGUF"
+_OLD_GGML = {b"lmgg", b"fmgg", b"tjgg"}  # GGML, GGMF, GGJT: llama.cpp's formats before GGUF
+_BITSMITH_VERSIONS = ("1",)  # checkpoint format versions this reader understands (io/checkpoint.py)
+_KNOWN_METHODS = {"gptq": "gptq/awq", "awq": "gptq/awq", "compressed-tensors": "compressed-tensors",
+                  "bitsandbytes": "bitsandbytes"}
 
 
 def inspect_path(path: str | Path) -> InspectReport:
+    """The quantization a bitsmith checkpoint, GGUF file, safetensors file or model folder carries."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
     if p.is_file():
-        with open(p, "rb") as f:
-            magic = f.read(4)
-        if magic == b"GGUF":
-            return _inspect_gguf(p)
-        if p.suffix == ".safetensors":
-            return _inspect_safetensors([p], p)
-        raise ValueError(f"{p} is neither a GGUF file nor safetensors; point inspect at a .gguf file or a model folder")
-    from bitsmith.io.checkpoint import read_info, shard_files
-
-    shards = shard_files(p)
-    ggufs = sorted(p.glob("*.gguf"))
-    if not shards and len(ggufs) == 1:
-        return _inspect_gguf(ggufs[0])
-    if not shards:
-        raise ValueError(f"{p} holds no .safetensors or .gguf file; point inspect at a model folder or file")
-    info = read_info(p)
-    if info is not None:
-        return _inspect_bitsmith(p, info, shards)
-    return _inspect_safetensors(shards, p)
+        return _inspect_file(p)
+    return _inspect_folder(p)
 
 
-def _header(path: Path) -> dict:
+def _magic(path: Path) -> bytes:
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n <= 0 or n > 100_000_000:
-            raise ValueError(f"{path} is not a valid safetensors file (header length {n}); download or write it again")
-        return json.loads(f.read(n))
+        return f.read(4)
 
 
-def _inspect_safetensors(shards: list[Path], root: Path) -> InspectReport:
-    tensors = []
-    for shard in shards:
-        for name, meta in _header(shard).items():
-            if name == "__metadata__":
-                continue
-            tensors.append(TensorInfo(name, meta["dtype"], tuple(meta["shape"]), DTYPE_BITS.get(meta["dtype"], 0)))
-    kinds = sorted({t.kind for t in tensors if len(t.shape) == 2})
-    return InspectReport(str(root), "safetensors", "/".join(kinds) or "-", tensors)
+def _inspect_file(p: Path) -> InspectReport:
+    from bitsmith.io.inspect_gguf import inspect_gguf
+
+    magic = _magic(p)
+    if magic == _GGUF_MAGIC:
+        return inspect_gguf(p)
+    if looks_like_safetensors(p):
+        return _inspect_safetensors([read_header(p)], p, {})
+    if p.stat().st_size == 0:
+        raise InspectError(f"{p} is empty (0 bytes); download it again")
+    if magic in _OLD_GGML:
+        raise InspectError(f"{p.name} is an old GGML/GGJT file from before GGUF; convert it to GGUF with llama.cpp's "
+                           "convert scripts, or download a GGUF version")
+    raise InspectError(f"{p.name} is neither a GGUF file (it does not start with the GGUF magic bytes, it starts with "
+                       f"{magic!r}) nor a safetensors file; check the path, or download the file again if it should be one")
 
 
-def _inspect_bitsmith(root: Path, info, shards: list[Path]) -> InspectReport:
-    tensors = []
-    quant_parts = {f"{m}.{part}" for m in info.specs for part in ("qweight", "scale", "zero", "grid")}
-    for module, spec in info.specs.items():
-        shape = info.shapes[module]
-        tensors.append(TensorInfo(module + ".weight", str(spec), shape, spec.bits_per_weight(*shape)))
-    for shard in shards:
-        for name, meta in _header(shard).items():
-            if name != "__metadata__" and name not in quant_parts:
-                tensors.append(TensorInfo(name, meta["dtype"], tuple(meta["shape"]), DTYPE_BITS.get(meta["dtype"], 0)))
-    specs = sorted({str(s) for s in info.specs.values()})
-    warnings = _flags(tensors, lambda t: info.specs[t.name.removesuffix(".weight")].bits if t.name.removesuffix(".weight") in info.specs else None)
-    return InspectReport(str(root), "bitsmith", f"{'+'.join(specs)} ({info.method})", tensors, warnings)
+def _inspect_folder(p: Path) -> InspectReport:
+    from bitsmith.io.inspect_gguf import inspect_gguf
+
+    files = sorted(f for f in p.iterdir() if f.is_file())
+    if not files:
+        raise InspectError(f"{p} is an empty folder; point inspect at a model folder (config.json + *.safetensors) "
+                           "or a .gguf file")
+    headers = [read_header(f) for f in _shard_files(p, files)]
+    if not headers:
+        ggufs = [f for f in files if _magic(f) == _GGUF_MAGIC]
+        if len(ggufs) == 1:
+            return inspect_gguf(ggufs[0])
+        if ggufs:
+            names = ", ".join(f.name for f in ggufs[:4])
+            raise InspectError(f"{p} holds {len(ggufs)} GGUF files ({names}); point inspect at one of them")
+        raise InspectError(f"{p} holds no safetensors or GGUF file; point inspect at a model folder or file")
+    return _inspect_safetensors(headers, p, _quantization_config(p))
 
 
-def _inspect_gguf(path: Path) -> InspectReport:
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable GGUF file ({exc}); it may be truncated: download it again") from exc
-    tensors = []
-    for t in reader.tensors:
-        block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        tensors.append(TensorInfo(t.name, t.tensor_type.name, shape, type_size * 8 / block))
-    ftype = reader.get_field("general.file_type")
-    summary = "unknown"
-    if ftype is not None:
-        value = int(ftype.contents())
+def _shard_files(folder: Path, files: list[Path]) -> list[Path]:
+    """The safetensors files of a folder: those its index lists (each must exist), else every file
+    whose contents start like safetensors (plus *.safetensors files, so a damaged one is reported)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
         try:
-            summary = gguf.LlamaFileType(value).name.removeprefix("MOSTLY_")
-        except ValueError:
-            summary = f"file type {value}"
-    bits = {"Q2": 2, "Q3": 3, "IQ2": 2, "IQ3": 3, "IQ1": 1, "TQ1": 2, "TQ2": 2}
-    bits_of = lambda t: next((b for k, b in bits.items() if t.kind.startswith(k + "_")), None)  # noqa: E731
-    return InspectReport(str(path), "gguf", summary, tensors, _flags(tensors, bits_of))
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InspectError(f"{index} is not a valid safetensors index ({exc!r}); download it again") from exc
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise InspectError(f"{missing[0]} is listed in {index.name} but missing from {folder}; download it again")
+        return [folder / n for n in names]
+    return [f for f in files if f.suffix == ".safetensors" or looks_like_safetensors(f)]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InspectError(f"{path} is not valid JSON ({exc}); fix it or download it again") from exc
+    if not isinstance(value, dict):
+        raise InspectError(f"{path} does not hold a JSON object; fix it or download it again")
+    return value
+
+
+def _quantization_config(folder: Path) -> dict:
+    """config.json's quantization_config (or compression_config); older AutoGPTQ and AutoAWQ
+    folders keep it in quantize_config.json / quant_config.json instead."""
+    config = folder / "config.json"
+    if config.exists():
+        cfg = _read_json(config)
+        qc = cfg.get("quantization_config") or cfg.get("compression_config")
+        if isinstance(qc, dict):
+            return qc
+    for name, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
+        if (folder / name).exists():
+            qc = _read_json(folder / name)
+            return {"quant_method": method, **qc}
+    return {}
+
+
+def _inspect_safetensors(headers: list[StHeader], root: Path, qc: dict) -> InspectReport:
+    from bitsmith.io import inspect_hf
+
+    size = sum(h.size for h in headers)
+    if any(h.metadata.get("format") == "bitsmith" for h in headers):
+        return _inspect_bitsmith(headers, root, size)
+    entries: dict[str, StTensor] = {}
+    for h in headers:
+        entries.update(h.tensors)
+    method = str(qc.get("quant_method", "")).lower()
+    layout = inspect_hf.detect_layout(entries)
+    warnings: list[str] = []
+    if method and method not in _KNOWN_METHODS:
+        warnings.append(f"config.json names quant_method {method!r}, which inspect does not know; tensors are listed as stored")
+    elif method and layout != _KNOWN_METHODS[method]:
+        warnings.append(f"config.json says quant_method {method!r} but the tensors do not have its layout; "
+                        "tensors are listed as stored")
+    readers = {"gptq/awq": inspect_hf.gptq_awq, "compressed-tensors": inspect_hf.compressed_tensors,
+               "bitsandbytes": inspect_hf.bitsandbytes}
+    if layout is None:
+        tensors = sorted(_plain_rows(entries, set()), key=lambda t: _natural(t.name))
+        summary = f"unknown quantization {method!r}" if method and method not in _KNOWN_METHODS else _dtype_summary(tensors)
+        details = {k: str(v) for k, v in qc.items() if not isinstance(v, (dict, list))}
+        return InspectReport(str(root), "safetensors", summary, tensors, warnings + quality_warnings(tensors), size, details)
+    found = readers[layout](entries, qc if method in _KNOWN_METHODS else {})
+    tensors = sorted(found.tensors + _plain_rows(entries, found.consumed), key=lambda t: _natural(t.name))
+    return InspectReport(str(root), found.format, _layout_summary(found.tensors), tensors,
+                         warnings + found.warnings + quality_warnings(tensors), size, found.details)
+
+
+def _plain_rows(entries: dict[str, StTensor], consumed: set[str] | frozenset[str]) -> list[TensorInfo]:
+    """Tensors stored as they are; fp8 ones count as 8-bit quantized, other dtypes as not quantized."""
+    rows = []
+    for name, t in entries.items():
+        if name in consumed:
+            continue
+        bits = 8 if t.dtype.startswith("F8") else None
+        rows.append(TensorInfo(name, t.dtype, t.shape, DTYPE_BITS.get(t.dtype, t.nbytes * 8 / max(t.numel, 1)), bits))
+    return rows
+
+
+def _natural(name: str) -> tuple:
+    """Sort key that puts layers.9 before layers.10."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name))
+
+
+def _dtype_summary(tensors: list[TensorInfo]) -> str:
+    return "/".join(sorted({t.kind for t in tensors if len(t.shape) == 2})) or "-"
+
+
+def _layout_summary(tensors: list[TensorInfo]) -> str:
+    """The kinds of the quantized modules, most weights first, with their notes (act-order ...)."""
+    weights: Counter[str] = Counter()
+    notes: set[str] = set()
+    for t in tensors:
+        weights[t.kind] += t.numel
+        notes.update(t.notes)
+    text = " + ".join(k for k, _ in weights.most_common()) or "no quantized tensors"
+    return f"{text} ({', '.join(sorted(notes))})" if notes else text
+
+
+def _inspect_bitsmith(headers: list[StHeader], root: Path, size: int) -> InspectReport:
+    """A bitsmith checkpoint: per-module specs from the shard metadata (each shard lists its own),
+    bits per weight from the stored qweight/scale/zero/grid tensors."""
+    from bitsmith.spec import QuantSpec
+
+    specs: dict[str, QuantSpec] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    method = ""
+    for h in headers:
+        version = h.metadata.get("format_version", "")
+        if version not in _BITSMITH_VERSIONS:
+            raise InspectError(f"{h.path.name} is bitsmith format {version}; this bitsmith reads format "
+                               f"{', '.join(_BITSMITH_VERSIONS)}; upgrade bitsmith")
+        try:
+            q = json.loads(h.metadata["quantization"])
+            method = q.get("method", method)
+            for module, entry in q["tensors"].items():
+                specs[module], shapes[module] = QuantSpec.parse(entry["spec"]), tuple(entry["shape"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise InspectError(f"{h.path.name} has damaged bitsmith metadata ({exc!r}); quantize the model again") from exc
+    entries: dict[str, StTensor] = {}
+    for h in headers:
+        entries.update(h.tensors)
+    consumed = {f"{m}.{part}" for m in specs for part in ("qweight", "scale", "zero", "grid")}
+    tensors = []
+    for module, spec in specs.items():
+        parts = [entries[n] for n in (f"{module}.{p}" for p in ("qweight", "scale", "zero", "grid")) if n in entries]
+        out, in_features = shapes[module]
+        stored = sum(t.nbytes * 8 for t in parts) or spec.stored_bits(out, in_features)
+        tensors.append(TensorInfo(module + ".weight", str(spec), (out, in_features), stored / (out * in_features),
+                                  spec.bits, spec.group_size))
+    tensors = sorted(tensors + _plain_rows(entries, consumed), key=lambda t: _natural(t.name))
+    counts = Counter(str(s) for s in specs.values())
+    summary = " + ".join(f"{s} x{n}" if len(counts) > 1 else s for s, n in counts.most_common())
+    details = {"method": method, "format_version": headers[0].metadata.get("format_version", "")}
+    return InspectReport(str(root), "bitsmith", f"{summary} ({method})", tensors, quality_warnings(tensors), size, details)
