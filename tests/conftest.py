@@ -4,6 +4,18 @@ import os
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tests use small tensors: one thread avoids OpenMP wake-up costs on a busy 2-core machine.
+    Tests that exercise threading set their own count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
         return

@@ -1,0 +1,332 @@
+"""Model sources: one interface over a Hugging Face folder, a GGUF file, or a named alias.
+
+A :class:`ModelSource` hands out tensors one at a time, by their Hugging Face name, as float32 in
+Hugging Face layout (``[out, in]`` for linears), read lazily from memory-mapped files, so a model
+larger than RAM can be walked block by block. Every file is checked against its own header before
+use, and every problem is reported in the user's terms with the fix.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+# Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+EXTRA_HF_FILES = ("generation_config.json",)
+
+
+class ModelSourceError(ValueError):
+    """A model folder or file that cannot be used; the message names the fix."""
+
+
+class TensorStore(Protocol):
+    """What a source needs from its container: names, shapes, dtypes and one tensor at a time."""
+
+    def names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> str: ...
+    def load(self, name: str) -> torch.Tensor: ...
+
+
+@dataclass
+class ModelSource:
+    """A model on disk: its config, its tokenizer and its tensors (by Hugging Face name)."""
+
+    path: Path  # the folder or .gguf file actually used
+    config: PretrainedConfig
+    kind: str  # "hf" | "gguf" | "bitsmith"
+    store: TensorStore = field(repr=False)
+    tokenizer_dir: Path | None = None  # folder holding the tokenizer files; None: ``path``
+    _tokenizer: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def tensor_names(self) -> list[str]:
+        """Hugging Face names of all tensors, e.g. ``model.layers.0.self_attn.q_proj.weight``."""
+        return self.store.names()
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """Shape in Hugging Face (torch) layout, without reading the data."""
+        return self.store.shape(name)
+
+    def source_dtype(self, name: str) -> str:
+        """Storage type on disk: ``bf16``/``f16``/``f32`` for safetensors, the ggml name for GGUF."""
+        return self.store.dtype(name)
+
+    def load_tensor(self, name: str) -> torch.Tensor:
+        """One tensor, float32 (integer tensors keep their type), checked to be finite."""
+        import torch
+
+        tensor = self.store.load(name)
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32)
+            # max |x| is NaN or inf exactly when some element is; 6x faster than isfinite().all()
+            if tensor.numel() and not bool(torch.isfinite(tensor.abs().amax())):
+                raise ModelSourceError(
+                    f"tensor {name} in {self.path.name} contains NaN or inf values; "
+                    "the file is corrupt, download it again"
+                )
+        return tensor
+
+    def tokenizer(self) -> Any:
+        """A transformers tokenizer, loaded offline (from the folder or the GGUF metadata)."""
+        if self._tokenizer is None:
+            _set_offline()
+            from transformers import AutoTokenizer
+
+            folder = self.tokenizer_dir or self.path
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            except (OSError, ValueError, KeyError) as err:
+                raise ModelSourceError(
+                    f"cannot load the tokenizer of {self.path} ({err}); copy the tokenizer files "
+                    "(tokenizer.json, tokenizer_config.json) from the original model"
+                ) from err
+        return self._tokenizer
+
+    def save_config_and_tokenizer(self, out_dir: Path) -> None:
+        """Write config.json, generation_config.json and the tokenizer files (with chat template)
+        into ``out_dir``, so that it is a self-contained Hugging Face folder once weights are added."""
+        from transformers import GenerationConfig
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(self.config)
+        if not getattr(config, "architectures", None):
+            config.architectures = [_causal_lm_class(config).__name__]
+        config.save_pretrained(str(out_dir))
+        self.tokenizer().save_pretrained(str(out_dir))
+        copied = False
+        if self.kind != "gguf":
+            for name in EXTRA_HF_FILES:
+                src = self.path / name
+                if src.is_file() and src.resolve() != (out_dir / name).resolve():
+                    shutil.copyfile(src, out_dir / name)
+                    copied = True
+        if not copied and not (out_dir / "generation_config.json").is_file():
+            GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
+
+
+def open_source(model: str | Path) -> ModelSource:
+    """Open a Hugging Face folder, a GGUF file, or an alias such as ``smollm2-135m``."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return open_hf_folder(path)
+    if path.is_file():
+        with path.open("rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF" or path.suffix.lower() == ".gguf":
+            from bitsmith.models.gguf_source import open_gguf
+
+            return open_gguf(path)
+        raise ModelSourceError(
+            f"{path} is neither a model folder nor a GGUF file; pass the folder that holds "
+            "config.json and the *.safetensors files, or a .gguf file"
+        )
+    if path.suffix.lower() == ".gguf" or os.sep in str(model):
+        raise ModelSourceError(f"{path} does not exist; check the path")
+    from bitsmith.models.aliases import resolve_alias
+    from bitsmith.models.gguf_source import open_gguf
+
+    return open_gguf(resolve_alias(str(model)))
+
+
+# --------------------------------------------------------------------------- Hugging Face folders
+
+
+def open_hf_folder(folder: Path) -> ModelSource:
+    """Open a folder with config.json, tokenizer files and safetensors shards."""
+    folder = Path(folder)
+    config = load_hf_config(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelSourceError(
+            f"no tokenizer in {folder} (expected one of {', '.join(TOKENIZER_FILES)}); "
+            "copy the tokenizer files from the original model repo into the folder"
+        )
+    store = SafetensorsStore(folder)
+    kind = "bitsmith" if store.metadata.get("format") == "bitsmith" else "hf"
+    return ModelSource(path=folder, config=config, kind=kind, store=store)
+
+
+def load_hf_config(folder: Path) -> PretrainedConfig:
+    """config.json of a folder, checked to be a causal LM that transformers can build."""
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(
+            f"{folder} has no config.json; download the full model repo "
+            "(config.json, tokenizer files and *.safetensors) into one folder"
+        )
+    _set_offline()
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (ValueError, KeyError) as err:
+        model_type = _read_model_type(folder / "config.json")
+        raise ModelSourceError(
+            f"unsupported architecture {model_type!r} in {folder / 'config.json'}: this "
+            "transformers version does not know it; upgrade transformers or use a supported model"
+        ) from err
+    except OSError as err:
+        raise ModelSourceError(f"cannot read {folder / 'config.json'} ({err}); download it again") from err
+    _causal_lm_class(config)  # fail now, not after reading gigabytes
+    return config
+
+
+def _causal_lm_class(config: PretrainedConfig) -> type:
+    """The AutoModelForCausalLM class for a config, or a clear error."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ModelSourceError(
+            f"unsupported architecture {config.model_type!r}: transformers has no causal language "
+            "model for it; bitsmith quantizes decoder LLMs (llama, qwen2, gemma3, mistral, ...)"
+        ) from None
+
+
+def _read_model_type(config_path: Path) -> str:
+    try:
+        return str(json.loads(config_path.read_text()).get("model_type", "?"))
+    except (OSError, ValueError):
+        return "?"
+
+
+def _set_offline() -> None:
+    """Never let transformers reach the network from library code."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, after checking that the file holds all its data."""
+    size = path.stat().st_size
+    if size < 8:
+        raise ModelSourceError(f"{path.name} is truncated ({size} bytes); download it again")
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if 8 + header_len > size:
+            raise ModelSourceError(
+                f"{path.name} is truncated or not a safetensors file (header says "
+                f"{_mb(header_len)} of header, file has {_mb(size)}); download it again"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ModelSourceError(
+                f"{path.name} has a corrupt header ({err}); download it again"
+            ) from err
+    if not isinstance(header, dict):
+        raise ModelSourceError(f"{path.name} has a corrupt header; download it again")
+    needed = max(
+        (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0
+    )
+    have = size - 8 - header_len
+    if have < needed:
+        raise ModelSourceError(
+            f"{path.name} is truncated (header says {_mb(needed)} of data, file has "
+            f"{_mb(have)}); download it again"
+        )
+    return header
+
+
+class SafetensorsStore:
+    """Tensors of one or many safetensors shards, read lazily through ``safe_open``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        shards = self._shard_files(folder)
+        self._where: dict[str, Path] = {}
+        self._info: dict[str, dict[str, Any]] = {}
+        self.metadata: dict[str, str] = {}
+        for shard in shards:
+            header = read_safetensors_header(shard)
+            self.metadata.update(header.pop("__metadata__", None) or {})
+            for name, info in header.items():
+                if name in self._where:
+                    raise ModelSourceError(
+                        f"tensor {name} appears in both {self._where[name].name} and {shard.name}; "
+                        f"remove the stray shard from {folder}"
+                    )
+                self._where[name] = shard
+                self._info[name] = info
+        self._check_index(folder)
+        self._handles: dict[Path, Any] = {}
+
+    @staticmethod
+    def _shard_files(folder: Path) -> list[Path]:
+        index = folder / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise ModelSourceError(f"{index} is corrupt ({err}); download it again") from err
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if not (folder / shard).is_file():
+                    raise ModelSourceError(
+                        f"{INDEX_FILE} lists {shard} but it is missing from {folder}; download it again"
+                    )
+            return [folder / s for s in shards]
+        shards = sorted(folder.glob("*.safetensors"))
+        if not shards:
+            raise ModelSourceError(
+                f"no *.safetensors weights in {folder}; download the safetensors files "
+                "(pytorch_model.bin checkpoints are not supported: convert them to safetensors first)"
+            )
+        return shards
+
+    def _check_index(self, folder: Path) -> None:
+        index = folder / INDEX_FILE
+        if not index.is_file():
+            return
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        for name, shard in weight_map.items():
+            where = self._where.get(name)
+            if where is None or where.name != shard:
+                raise ModelSourceError(
+                    f"{INDEX_FILE} says {name} is in {shard} but it is not there; "
+                    "the download is inconsistent, download the model again"
+                )
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def _get_info(self, name: str) -> dict[str, Any]:
+        try:
+            return self._info[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a tensor of {self.folder}; see tensor_names()") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._get_info(name)["shape"])
+
+    def dtype(self, name: str) -> str:
+        return str(self._get_info(name)["dtype"]).lower()
+
+    def load(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        self._get_info(name)
+        shard = self._where[name]
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = safe_open(str(shard), framework="pt")
+            self._handles[shard] = handle
+        return handle.get_tensor(name)
