@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-COMMANDS = ["demo", "quantize", "generate", "eval", "inspect", "fit"]
+COMMANDS = ["demo", "quantize", "generate", "eval", "compare", "tasks", "inspect", "fit", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,43 +1,107 @@
-"""bitsmith quantize MODEL --spec w4g128 --method rtn --out DIR"""
+"""bitsmith quantize MODEL --spec w4g128 | --budget 3.5bpw --method rtn|gptq|awq|hqq --out DIR [--calib FILE ...] [--resume]"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model into a packed bitsmith checkpoint")
     p.add_argument("model", help="Hugging Face folder, .gguf file, or alias (smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b)")
     p.add_argument("--spec", default="w4g128", help="quantization spec: w8, w4g128, w3g64s, ... (default w4g128)")
-    p.add_argument("--method", default="rtn", help="quantization method (default rtn)")
+    p.add_argument("--method", default="rtn", help="quantization method: rtn, hqq (no calibration), gptq, awq (calibrated) (default rtn)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out once the new checkpoint is complete")
     p.add_argument("--no-clip-search", action="store_true", help="RTN: plain min/max ranges, no clipping search")
     p.add_argument("--quantize-head", action="store_true", help="also quantize lm_head (default: keep it and the embeddings unquantized)")
     p.add_argument("--quantize-embeddings", action="store_true", help="also quantize the input embedding table")
     p.add_argument("--unquantized-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage for tensors left unquantized")
+    b = p.add_argument_group("mixed precision (one spec per layer, chosen to minimise the predicted KL under a budget)")
+    b.add_argument("--budget", default=None, help="size budget: bits per quantized weight (3.5bpw) or checkpoint tensor bytes (900MB); replaces --spec")
+    b.add_argument("--candidates", default="w2g64,w3g64,w4g64,w4g128,w8", help="specs each layer may get (default w2g64,w3g64,w4g64,w4g128,w8)")
+    b.add_argument("--sensitivity", choices=["fisher", "measured"], default="fisher", help="cost estimator: fisher (one backward per window) or measured (a forward per layer x spec; tiny models)")
+    b.add_argument("--sensitivity-windows", type=int, default=16, help="calibration sequences for the sensitivity pass (default 16, at most --calib-samples)")
+    c = p.add_argument_group("calibration (gptq, awq; rtn/hqq use it only when --calib is given)")
+    c.add_argument("--calib", type=Path, default=None, help="calibration text file (default: the shipped State of the Union text)")
+    c.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
+    c.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    c.add_argument("--calib-random", action="store_true", help="draw sequences at random offsets (default: consecutive from the start)")
+    c.add_argument("--seed", type=int, default=0, help="seed for --calib-random (default 0)")
+    c.add_argument("--awq", action="store_true", help="apply the AWQ transform to each block before quantizing (e.g. with --method gptq)")
+    c.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the block forwards (bf16 is ~2x faster on CPU; Hessians stay fp32)")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted calibrated run from its last finished block")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import torch
 
+    from bitsmith.calib import CalibrationConfig
     from bitsmith.cli.common import console, dir_size_mb, out, progress_bar
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.pipeline.quantize import CALIBRATED_METHODS, QuantizeConfig, quantize_model
     from bitsmith.spec import QuantSpec
 
+    options = {"clip_search": not args.no_clip_search, **({"awq": True} if args.awq else {})}
+    calib = None
+    if args.calib is not None or args.method in CALIBRATED_METHODS or args.awq:
+        calib = CalibrationConfig(text=args.calib, samples=args.calib_samples, seq_len=args.calib_len,
+                                  seed=args.seed, random_offsets=args.calib_random)
     config = QuantizeConfig(
-        spec=QuantSpec.parse(args.spec), method=args.method, options={"clip_search": not args.no_clip_search},
+        spec=QuantSpec.parse(args.spec), method=args.method, options=options,
         quantize_head=args.quantize_head, quantize_embeddings=args.quantize_embeddings, unquantized_dtype=args.unquantized_dtype,
     )
+    allocation = None
+    if args.budget is not None:
+        config, allocation, calib = _allocate(args, config, calib)
     with progress_bar() as bar:
-        task = bar.add_task(f"quantize {args.spec}", total=None, rate="")
+        task = bar.add_task(f"quantize {args.budget or args.spec}", total=None, rate="")
         done = lambda name, i, n: bar.update(task, completed=i, total=n, rate=name)  # noqa: E731
-        path = quantize_model(args.model, Path(args.out), config, overwrite=args.overwrite, progress=done)
+        path = quantize_model(args.model, Path(args.out), config, overwrite=args.overwrite, progress=done, calib=calib,
+                              resume=args.resume, compute_dtype=torch.bfloat16 if args.compute_dtype == "bf16" else torch.float32)
     from bitsmith.io.checkpoint import read_info
 
     info = read_info(path)
+    if allocation is not None:
+        _record(path, info, allocation)
+        info = read_info(path)
     report = info.report if info else {}
     console.print(f"quantized {report.get('quantized_weights', 0):,} weights at {report.get('bits_per_weight', 0):.3f} bits/weight in {report.get('seconds', 0)} s")
     out.print(f"{path}  ({dir_size_mb(path):.1f} MB)")
     return 0
+
+
+def _allocate(args: argparse.Namespace, config, calib):
+    """Sensitivity on the calibration text, then the allocation; returns the config with per-layer
+    specs, the allocation, and the calibration the quantize step itself needs (calibrated methods only)."""
+    from bitsmith.calib import CalibrationConfig
+    from bitsmith.cli.common import console
+    from bitsmith.models import open_source
+    from bitsmith.pipeline.quantize import CALIBRATED_METHODS
+    from bitsmith.plan.allocate import Budget
+    from bitsmith.plan.sensitivity import plan_allocation
+    from bitsmith.spec import QuantSpec
+
+    budget = Budget.parse(args.budget)
+    candidates = [QuantSpec.parse(s) for s in args.candidates.split(",") if s.strip()]
+    sens_calib = CalibrationConfig(text=args.calib, samples=min(args.calib_samples, args.sensitivity_windows),
+                                   seq_len=args.calib_len, seed=args.seed, random_offsets=args.calib_random)
+    tokens = sens_calib.batches(open_source(args.model).tokenizer())  # [samples, seq_len]
+    with console.status(f"sensitivity ({args.sensitivity}) on {tokens.shape[0]} x {tokens.shape[1]} tokens"):
+        config, allocation = plan_allocation(args.model, config, budget, candidates, tokens, estimator=args.sensitivity)
+    console.print(f"allocation for {budget}: {allocation.bits_per_weight:.3f} bits/weight, predicted KL "
+                  f"{allocation.predicted_cost:.4g}; " + ", ".join(f"{n} x {s}" for s, n in allocation.counts().items()))
+    # rtn and hqq quantize in one pass with the allocated specs; the calibration text was for the costs
+    return config, allocation, (calib if config.method in CALIBRATED_METHODS or args.awq else None)
+
+
+def _record(path, info, allocation) -> None:
+    """Check the checkpoint holds the allocated specs, then add the allocation to its report."""
+    from bitsmith.plan.sensitivity import record_allocation
+
+    wrong = sorted(n for n, s in allocation.specs.items() if info is None or info.specs.get(n) != s)
+    if wrong:
+        raise ValueError(f"the checkpoint at {path} does not carry the allocated spec of {wrong[0]} "
+                         f"({allocation.specs[wrong[0]]}); this quantization path ignores per-layer specs, "
+                         "use --method rtn or hqq with --budget")
+    record_allocation(path, allocation)

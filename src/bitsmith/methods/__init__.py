@@ -44,7 +44,7 @@ def register(name: str) -> Callable[[Method], Method]:
 
 def get_method(name: str) -> Method:
     # Import the built-in methods so they register themselves.
-    from bitsmith.methods import rtn  # noqa: F401
+    from bitsmith.methods import gptq, hqq, rtn  # noqa: F401
 
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")

@@ -28,7 +28,7 @@ DEFAULT_CLIP_GRID = 20  # candidate shrink factors between 1.0 and MIN_SHRINK
 MIN_SHRINK = 0.6
 
 
-def _channel_weights(stats: LayerStats | None, spec: QuantSpec, in_features: int) -> torch.Tensor | None:
+def channel_weights(stats: LayerStats | None, spec: QuantSpec, in_features: int) -> torch.Tensor | None:
     """Per-weight error weights in group layout [1, G, gs], or None for plain MSE."""
     if stats is None or stats.importance is None:
         return None
@@ -37,7 +37,7 @@ def _channel_weights(stats: LayerStats | None, spec: QuantSpec, in_features: int
     return to_groups(imp.unsqueeze(0), spec)
 
 
-def _fit_group_ranges(
+def fit_group_ranges(
     groups: torch.Tensor, spec: QuantSpec, mask: torch.Tensor | None, weights: torch.Tensor | None, grid: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick per-group (scale, zero) [out, G, 1]: plain min/max when grid == 0, else the shrink factor
@@ -63,7 +63,7 @@ def _fit_group_ranges(
     return best_scale, best_zero
 
 
-def _fit_grid_scales(
+def fit_grid_scales(
     groups: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor | None, steps: int
 ) -> torch.Tensor:
     """Per-group signed scale [out, G, 1] for a non-uniform grid: map the group's extreme weight
@@ -119,7 +119,7 @@ def grid_for(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None) ->
         return default_grid(spec)
     groups = to_groups(weight.float(), spec)
     absmax = groups.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
-    weights = _channel_weights(stats, spec, weight.shape[1])
+    weights = channel_weights(stats, spec, weight.shape[1])
     return fit_grid(groups / absmax, None if weights is None else weights.expand_as(groups), spec.bits)
 
 
@@ -131,9 +131,9 @@ def rtn(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, 
     in_features = weight.shape[1]
     steps = int(options.get("clip_grid", DEFAULT_CLIP_GRID)) if options.get("clip_search", True) else 0
     groups = to_groups(weight, spec)  # [out, G, gs]
-    mask, weights = group_mask(spec, in_features), _channel_weights(stats, spec, in_features)
+    mask, weights = group_mask(spec, in_features), channel_weights(stats, spec, in_features)
     levels = grid_for(weight, spec, stats)
     if levels is not None:
-        return quantize_with_params(weight, _fit_grid_scales(groups, levels, mask, weights, steps), None, spec, levels)
-    scale, zero = _fit_group_ranges(groups, spec, mask, weights, steps)
+        return quantize_with_params(weight, fit_grid_scales(groups, levels, mask, weights, steps), None, spec, levels)
+    scale, zero = fit_group_ranges(groups, spec, mask, weights, steps)
     return quantize_with_params(weight, scale, zero, spec)

@@ -36,6 +36,10 @@ class QuantizeConfig:
     quantize_head: bool = False  # also quantize lm_head (untied from the embedding if tied)
     quantize_embeddings: bool = False  # also quantize the input embedding (a tied head then shares it)
     unquantized_dtype: str = "fp16"  # storage for 2-D tensors left unquantized (embeddings, lm_head)
+    layer_specs: dict[str, QuantSpec] = field(default_factory=dict)  # per-module overrides (mixed precision)
+
+    def spec_for(self, module: str) -> QuantSpec:
+        return self.layer_specs.get(module, self.spec)
 
 
 def meta_model(config) -> torch.nn.Module:
@@ -66,8 +70,12 @@ def quantizable_layers(config, quantize_head: bool = False, quantize_embeddings:
     return layers
 
 
-def check_layers(layers: dict[str, tuple[int, int]], spec: QuantSpec) -> None:
+def check_layers(layers: dict[str, tuple[int, int]], config: "QuantizeConfig") -> None:
+    unknown = sorted(set(config.layer_specs) - set(layers))
+    if unknown:
+        raise SpecError(f"per-layer specs name {unknown[0]}, which is not a quantizable layer of this model")
     for name, (_, in_features) in layers.items():
+        spec = config.spec_for(name)
         if spec.group_size is not None and spec.group_size > in_features:
             raise SpecError(
                 f"group size {spec.group_size} is larger than {name}'s row of {in_features} weights; "
@@ -102,6 +110,7 @@ def quantize_model(
     progress: Callable[[str, int, int], None] | None = None,
     calib: CalibrationConfig | None = None,
     resume: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Quantize ``model`` (folder, GGUF file or alias) into a bitsmith checkpoint at ``out_dir``.
 
@@ -119,13 +128,14 @@ def quantize_model(
 
         calib = calib or CalibrationConfig()
         tokens = calib.batches(open_source(model).tokenizer())  # [samples, seq_len]
-        return quantize_calibrated(model, Path(out_dir), config, tokens, resume=resume, overwrite=overwrite, progress=progress)
+        return quantize_calibrated(model, Path(out_dir), config, tokens, resume=resume, overwrite=overwrite,
+                                   progress=progress, compute_dtype=compute_dtype)
     if resume:
         raise ValueError(f"--resume applies to calibrated methods ({', '.join(sorted(CALIBRATED_METHODS))}); "
                          f"{config.method} without --calib runs in one pass, drop --resume")
     source = open_source(model)
     layers = quantizable_layers(source.config, config.quantize_head, config.quantize_embeddings)
-    check_layers(layers, config.spec)
+    check_layers(layers, config)
     method = get_method(config.method)
     names = source.tensor_names()
     # A tied head is untied only when the head alone is quantized; quantizing the embedding with a
@@ -140,14 +150,14 @@ def quantize_model(
             tensor = source.load_tensor(name)
             if module in layers:
                 t0 = time.perf_counter()
-                qt = method(tensor, config.spec, None, config.options)
+                qt = method(tensor, config.spec_for(module), None, config.options)
                 writer.add_quantized(module, qt)
                 report_layers.append(_layer_report(module, tensor, qt, time.perf_counter() - t0))
             else:
                 writer.add_tensor(name, _storage(tensor, config.unquantized_dtype))
             if head_is_tied and name.endswith("embed_tokens.weight"):
                 # Untie: the embedding stays at full precision, the output projection is quantized.
-                qt = method(tensor, config.spec, None, config.options)
+                qt = method(tensor, config.spec_for("lm_head"), None, config.options)
                 writer.add_quantized("lm_head", qt)
                 report_layers.append(_layer_report("lm_head", tensor, qt, 0.0))
             if progress:

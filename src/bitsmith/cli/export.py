@@ -1,0 +1,54 @@
+"""bitsmith export CKPT --to gguf|gptq --out PATH [--type Q4_K_M]"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a checkpoint or model as GGUF (llama.cpp) or GPTQ (transformers, vLLM)")
+    p.add_argument("model", help="bitsmith checkpoint; for --to gguf also a Hugging Face folder, .gguf file or alias")
+    p.add_argument("--to", choices=["gguf", "gptq"], required=True, help="target format")
+    p.add_argument("--out", required=True, help="output .gguf file (gguf) or folder (gptq)")
+    p.add_argument("--type", dest="qtype", default=None,
+                   help="gguf: llama.cpp type or mix (Q4_K_M, Q4_0, Q4_1, Q8_0, ...); default for a checkpoint: "
+                        "its own codes in the exact GGUF type (w4g32 -> Q4_1, w4g32s -> Q4_0, w8g32s -> Q8_0)")
+    p.add_argument("--no-imatrix", action="store_true", help="gguf from an unquantized model: no activation importance")
+    p.add_argument("--calibration-tokens", type=int, default=4096, help="tokens of calibration text for the importance (default 4096)")
+    p.add_argument("--gptq-format", choices=["gptq", "gptq_v2"], default="gptq",
+                   help="gptq: v1 stores zero-1 (every loader), v2 stores zero (GPTQModel) (default gptq)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out once the new file is complete")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bitsmith.cli.common import console, dir_size_mb, fmt, out
+
+    if args.to == "gptq":
+        from bitsmith.io.export_gptq import GPTQFormat, export_gptq
+
+        report = export_gptq(args.model, Path(args.out), GPTQFormat(args.gptq_format), overwrite=args.overwrite)
+        rounded = {k: v for k, v in report.items() if v["max_zero_rounding"]}
+        for name, entry in rounded.items():
+            console.print(f"{name}: zeros rounded (max {entry['max_zero_rounding']:.3f}), SQNR {fmt(entry['sqnr_db'])} dB")
+        out.print(f"{args.out}  ({dir_size_mb(args.out):.1f} MB, {len(report)} GPTQ layers)")
+        return 0
+    from bitsmith.io.export_gguf import export_gguf
+
+    with console.status("exporting to GGUF"):
+        result = export_gguf(args.model, Path(args.out), args.qtype, importance=not args.no_imatrix,
+                             calibration_tokens=args.calibration_tokens, overwrite=args.overwrite)
+    counts: dict[str, int] = {}
+    for t in result.tensors:
+        counts[f"{t.qtype} {t.route}"] = counts.get(f"{t.qtype} {t.route}", 0) + 1
+    console.print("tensors: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    lossy = [t for t in result.tensors if t.route != "copied"]
+    if lossy:
+        worst = min(lossy, key=lambda t: t.sqnr_db)
+        console.print(f"worst tensor {worst.name}: {worst.qtype} {worst.route}, SQNR {fmt(worst.sqnr_db)} dB, "
+                      f"max |error| {worst.max_abs_error:.3g}")
+    console.print(f"metadata from {result.metadata_from}")
+    out.print(f"{result.path}  ({dir_size_mb(result.path):.1f} MB, {result.file_type})")
+    return 0

@@ -1,0 +1,59 @@
+"""Calibration token batches: PROTOCOL.md's default windows, seeded random offsets, clear errors."""
+
+import pytest
+import torch
+from tiny import sample_text, tiny_tokenizer
+
+from bitsmith.calib import CalibrationConfig, StatsAccumulator, calibration_batches, read_calibration_text
+from bitsmith.eval.perplexity import tokenize_text
+
+
+def test_default_windows_are_consecutive_from_the_start() -> None:
+    tok, text = tiny_tokenizer(), sample_text(1000)
+    ids = torch.tensor(tokenize_text(tok, text))
+    batches = calibration_batches(tok, text, samples=5, seq_len=64)
+    assert batches.shape == (5, 64) and batches.dtype == torch.long
+    assert torch.equal(batches.flatten(), ids[: 5 * 64])
+
+
+def test_random_offsets_are_seeded() -> None:
+    tok, text = tiny_tokenizer(), sample_text(1000)
+    a = calibration_batches(tok, text, samples=6, seq_len=32, seed=1, random_offsets=True)
+    b = calibration_batches(tok, text, samples=6, seq_len=32, seed=1, random_offsets=True)
+    c = calibration_batches(tok, text, samples=6, seq_len=32, seed=2, random_offsets=True)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_too_short_text_says_how_to_fix_it() -> None:
+    tok = tiny_tokenizer()
+    text = sample_text(300)
+    n = len(tokenize_text(tok, text))
+    with pytest.raises(ValueError) as err:
+        calibration_batches(tok, text, samples=128, seq_len=512)
+    assert str(err.value) == (
+        f"calibration text has {n:,} tokens; 128 x 512 needs 65,536: "
+        "give a longer --calib file or fewer --calib-samples"
+    )
+
+
+def test_shipped_text_and_config(tmp_path) -> None:
+    assert len(read_calibration_text()) > 100_000  # the shipped State of the Union slice
+    path = tmp_path / "calib.txt"
+    path.write_text(sample_text(2000))
+    batches = CalibrationConfig(text=path, samples=3, seq_len=16).batches(tiny_tokenizer())
+    assert batches.shape == (3, 16)
+    with pytest.raises(FileNotFoundError, match="--calib"):
+        read_calibration_text(tmp_path / "missing.txt")
+
+
+def test_stats_accumulator_is_the_sum_of_outer_products() -> None:
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 5, 8), torch.randn(3, 5, 8)]
+    acc = StatsAccumulator(8)
+    for x in xs:
+        acc.add(x)
+    flat = torch.cat([x.reshape(-1, 8) for x in xs])  # [25, 8]
+    stats = acc.stats()
+    assert stats.tokens == 25
+    torch.testing.assert_close(stats.hessian, flat.T @ flat)
+    torch.testing.assert_close(stats.importance, flat.pow(2).mean(0))

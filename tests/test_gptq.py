@@ -1,0 +1,119 @@
+import logging
+
+import pytest
+import torch
+
+from bitsmith.methods import LayerStats, get_method
+from bitsmith.methods.gptq import inverse_cholesky, layer_error, lower_inverse
+from bitsmith.spec import QuantSpec
+
+
+def _calib(out: int = 64, inp: int = 256, tokens: int = 1024, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight [out, in] and inputs X [tokens, in] with correlated channels (Z @ A), uneven channel
+    scales and a few outlier channels, as LLM activations have."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(inp, inp, generator=gen) / inp**0.5
+    x = (torch.randn(tokens, inp, generator=gen) @ mix) * torch.exp(0.7 * torch.randn(inp, generator=gen))
+    x[:, torch.randperm(inp, generator=gen)[:4]] *= 15
+    return torch.randn(out, inp, generator=gen) * 0.02, x
+
+
+def _stats(x: torch.Tensor) -> LayerStats:
+    return LayerStats(hessian=x.T @ x, importance=x.pow(2).mean(0), tokens=x.shape[0])
+
+
+@pytest.mark.parametrize("text", ["w4g32", "w3g64", "w4g128", "w4g32nf"])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_output_error_below_rtn(text: str, act_order: bool) -> None:
+    w, x = _calib(seed=1)
+    stats, spec = _stats(x), QuantSpec.parse(text)
+    rtn = get_method("rtn")(w, spec, stats, {}).dequantize()  # clip search weighted by importance
+    qt = get_method("gptq")(w, spec, stats, {"act_order": act_order})
+    assert qt.scale.shape == (64, spec.groups_per_row(256))
+    err_rtn, err_gptq = layer_error(w, rtn, stats.hessian), layer_error(w, qt.dequantize(), stats.hessian)
+    assert err_gptq < 0.7 * err_rtn, (err_gptq, err_rtn)
+
+
+def test_act_order_keeps_stored_order_groups() -> None:
+    """With a diagonal Hessian there is nothing to compensate, so GPTQ with act-order must give RTN's
+    codes and parameters exactly: any leftover permutation or misplaced group would show."""
+    w, _ = _calib(out=32, inp=200, seed=2)  # 200 inputs: a short last group at g128
+    diag = torch.rand(200, generator=torch.Generator().manual_seed(3)) * 10 + 0.1
+    for text in ["w4g128", "w3g32", "w4g64s", "w3g64nf"]:
+        spec = QuantSpec.parse(text)
+        qt = get_method("gptq")(w, spec, LayerStats(hessian=torch.diag(diag)), {"act_order": True})
+        ref = get_method("rtn")(w, spec, LayerStats(importance=diag), {})
+        assert torch.equal(qt.codes, ref.codes), text
+        assert torch.equal(qt.scale, ref.scale), text
+        assert (qt.zero is None) == (ref.zero is None) and (qt.zero is None or torch.equal(qt.zero, ref.zero))
+
+
+def test_act_order_helps_with_uneven_channels() -> None:
+    w, x = _calib(seed=4)
+    stats, spec = _stats(x), QuantSpec.parse("w3g64")
+    gptq = get_method("gptq")
+    errs = [layer_error(w, gptq(w, spec, stats, {"act_order": a}).dequantize(), stats.hessian) for a in (True, False)]
+    assert errs[0] < errs[1], errs
+
+
+def test_dead_inputs_and_short_groups() -> None:
+    w, x = _calib(inp=200, seed=5)
+    x[:, [0, 7, 150, 199]] = 0.0  # channels never active in calibration
+    stats = _stats(x)
+    for text in ["w4g128", "w2g64", "w4g32fit"]:
+        spec = QuantSpec.parse(text)
+        for act_order in (True, False):
+            out = get_method("gptq")(w, spec, stats, {"act_order": act_order}).dequantize()
+            assert torch.isfinite(out).all()
+            rtn = get_method("rtn")(w, spec, stats, {}).dequantize()
+            assert layer_error(w, out, stats.hessian) < layer_error(w, rtn, stats.hessian)
+
+
+def test_hessian_scale_does_not_matter() -> None:
+    w, x = _calib(out=32, inp=128, seed=6)
+    spec = QuantSpec.parse("w4g32")
+    total = get_method("gptq")(w, spec, LayerStats(hessian=x.T @ x), {})
+    mean = get_method("gptq")(w, spec, LayerStats(hessian=x.T @ x / x.shape[0]), {})
+    assert (total.codes == mean.codes).float().mean() > 0.99
+
+
+def test_gptq_needs_a_hessian() -> None:
+    w = torch.randn(8, 64)
+    for stats in (None, LayerStats(importance=torch.ones(64))):
+        with pytest.raises(ValueError, match="gptq needs calibration data; pass --calib or use rtn/hqq"):
+            get_method("gptq")(w, QuantSpec.parse("w4g32"), stats, {})
+    with pytest.raises(ValueError, match="does not match"):
+        get_method("gptq")(w, QuantSpec.parse("w4g32"), LayerStats(hessian=torch.eye(32)), {})
+    with pytest.raises(ValueError, match="does not know option"):
+        get_method("gptq")(w, QuantSpec.parse("w4g32"), LayerStats(hessian=torch.eye(64)), {"actorder": True})
+
+
+def test_indefinite_hessian_retries_with_more_damping(caplog: pytest.LogCaptureFixture) -> None:
+    h = torch.eye(64)
+    h[0, 1] = h[1, 0] = 2.0  # eigenvalue -1: needs damping of more than 1x the mean diagonal
+    with caplog.at_level(logging.WARNING, logger="bitsmith.methods.gptq"):
+        upper = inverse_cholesky(h, 0.01)
+    assert "retrying" in caplog.text
+    assert torch.isfinite(upper).all() and torch.equal(upper, upper.triu())
+    h[0, 1] = h[1, 0] = 1e4  # beyond every retry (damping up to 100x the mean diagonal)
+    with pytest.raises(ValueError, match="not positive definite"):
+        inverse_cholesky(h, 0.01)
+
+
+def test_inverse_cholesky_factor() -> None:
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(7)) @ torch.diag(torch.linspace(0.5, 2, 64))
+    h = x.T @ x
+    upper = inverse_cholesky(h, 0.01)  # upper triangular, (H + λI)^-1 = U^T U
+    damped = h + torch.eye(64) * 0.01 * h.diagonal().mean()
+    assert torch.equal(upper, upper.triu()) and (upper.diagonal() > 0).all()
+    assert torch.allclose(upper.T @ upper @ damped, torch.eye(64), atol=1e-4)
+    lower = torch.linalg.cholesky(damped[:61, :61].double())  # odd sizes through the recursion
+    assert torch.allclose(lower_inverse(lower, leaf=8) @ lower, torch.eye(61, dtype=torch.float64), atol=1e-10)
+
+
+def test_layer_error_is_output_error() -> None:
+    w, x = _calib(out=16, inp=64, tokens=128, seed=8)
+    approx = w + 0.001 * torch.randn(16, 64)
+    direct = (x @ (w - approx).T).double().pow(2).sum() / (x @ w.T).double().pow(2).sum()
+    assert layer_error(w, approx, x.T @ x) == pytest.approx(direct.item(), rel=1e-3)
+    assert layer_error(w, w, x.T @ x) == 0.0
