@@ -184,7 +184,8 @@ def _write_other_tensors(writer: CheckpointWriter, source: Any, net: nn.Module, 
             continue  # blocks go one by one; the head is quantized after them, with its real inputs
         tensor = source.load_tensor(name)
         if config.quantize_embeddings and name == embed_name:
-            writer.add_quantized(name.removesuffix(".weight"), rtn(tensor, config.spec, None, config.options))
+            module = name.removesuffix(".weight")
+            writer.add_quantized(module, rtn(tensor, config.spec_for(module), None, config.options))
         else:
             writer.add_tensor(name, _storage(tensor, config.unquantized_dtype))
     return config.quantize_head and "lm_head.weight" not in names and not config.quantize_embeddings
@@ -294,11 +295,12 @@ def _quantize_linear(name: str, weight: torch.Tensor, stats: LayerStats, method:
     from bitsmith.methods.rtn import rtn
 
     t0 = time.perf_counter()
-    qt = method(weight, config.spec, stats, config.options)
+    spec = config.spec_for(name)
+    qt = method(weight, spec, stats, config.options)
     report = _layer_report(name, weight, qt, time.perf_counter() - t0)
     report["output_error"] = layer_error(weight, qt.dequantize(), stats.hessian)
     if method is not rtn:
-        report["rtn_output_error"] = layer_error(weight, rtn(weight, config.spec, None, {}).dequantize(), stats.hessian)
+        report["rtn_output_error"] = layer_error(weight, rtn(weight, spec, None, {}).dequantize(), stats.hessian)
     report["tokens"] = stats.tokens
     return qt, report
 
