@@ -27,13 +27,18 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--work", default="/tmp/bitsmith-bench", help="folder for the checkpoints")
+    ap.add_argument("--calib-samples", type=int, default=128, help="calibration sequences of 512 tokens (gptq/awq)")
+    ap.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="bf16", help="block forwards of calibrated methods")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
+    import torch
+
+    from bitsmith.calib import CalibrationConfig
     from bitsmith.cli.common import dir_size_mb
     from bitsmith.eval.suite import evaluate_variants, text_windows
     from bitsmith.io.load import load_model
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.pipeline.quantize import CALIBRATED_METHODS, QuantizeConfig, quantize_model
     from bitsmith.spec import QuantSpec
 
     specs = [s for s in args.specs.split(",") if s]
@@ -41,7 +46,10 @@ def main() -> None:
     for spec in specs:
         out = Path(args.work) / f"{Path(args.model).stem}-{spec}-{args.method}"
         t0 = time.perf_counter()
-        quantize_model(args.model, out, QuantizeConfig(QuantSpec.parse(spec), args.method), overwrite=True)
+        calib = CalibrationConfig(samples=args.calib_samples) if args.method in CALIBRATED_METHODS else None
+        dtype = torch.bfloat16 if args.compute_dtype == "bf16" else torch.float32
+        quantize_model(args.model, out, QuantizeConfig(QuantSpec.parse(spec), args.method), overwrite=True,
+                       calib=calib, compute_dtype=dtype)
         rows[spec] = {"path": str(out), "quantize_s": time.perf_counter() - t0, "file_mb": dir_size_mb(out)}
         print(f"quantized {spec} in {rows[spec]['quantize_s']:.1f} s", flush=True)
     reference = load_model(args.model)
