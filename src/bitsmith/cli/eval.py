@@ -1,18 +1,26 @@
-"""bitsmith eval MODEL --text FILE [--reference REF] [--json OUT]"""
+"""bitsmith eval MODEL [--text [NAME=]PATH ...] [--reference REF] [--json OUT] [--report DIR]"""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+MAX_CHARS = 60_000  # bitsmith.eval.domains.MAX_CHARS, repeated so --help imports nothing heavy
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity, and KL divergence / top-1 agreement against a reference")
+    p = sub.add_parser("eval", help="perplexity, and KL divergence / top-1 agreement against a reference, per domain")
     p.add_argument("model", help="checkpoint, Hugging Face folder, .gguf file or alias")
-    p.add_argument("--text", help="UTF-8 text file to score (default: the shipped Pride and Prejudice slice)")
+    p.add_argument("--text", action="append", metavar="[NAME=]PATH",
+                   help="text to score: a file, a folder, or a built-in domain (prose, code, humaneval, stdlib); "
+                        "repeat for several domains (default: the shipped Pride and Prejudice slice)")
     p.add_argument("--reference", help="the unquantized model to compare against (same tokenizer)")
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
-    p.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows of each text")
+    p.add_argument("--max-chars", type=int, default=MAX_CHARS, help=f"use the first N characters of each text (default {MAX_CHARS:,}, as PROTOCOL.md)")
+    p.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout); one text gives a flat "
+                   "object, several give {\"domains\": {name: result}}")
+    p.add_argument("--report", metavar="DIR", help="write report.md, report.json and plots into DIR (runs accumulate)")
     p.set_defaults(run=run)
 
 
@@ -36,31 +44,56 @@ def check_same_tokenizer(a, b) -> None:
         raise CommandFailed(f"{a.name} and {b.name} use different tokenizers; KL divergence needs the same tokenizer on both")
 
 
-def run(args: argparse.Namespace) -> int:
+def write_json(dest: str, payload: Any) -> None:
+    """JSON to a file, or to stdout for '-'."""
     import json
 
-    from bitsmith.cli.common import fmt, out, progress_bar
-    from bitsmith.eval.suite import evaluate_variants, read_text, text_windows
+    text = json.dumps(payload)
+    if dest == "-":
+        print(text)
+    else:
+        with open(dest, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+def _domains(args: argparse.Namespace) -> list:
+    from bitsmith.eval.domains import Domain, resolve_domains
+    from bitsmith.eval.suite import DEFAULT_TEXT, shipped_text
+
+    if not args.text:  # the historical default: the shipped prose slice
+        return [Domain("prose", shipped_text()[: args.max_chars], f"bitsmith/data/{DEFAULT_TEXT}")]
+    return resolve_domains(args.text, args.max_chars)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bitsmith.cli.common import fmt, out
+    from bitsmith.cli.compare import evaluate_cli, report_notes, variant_info
+    from bitsmith.eval.domains import domain_metrics
     from bitsmith.io.load import load_model
 
+    domains = _domains(args)
     model = load_model(args.model)
     reference = load_model(args.reference) if args.reference else None
     if reference is not None:
         check_same_tokenizer(model, reference)
-    wins = text_windows(model.tokenizer, read_text(args.text), args.ctx, args.max_windows)
-    with progress_bar() as bar:
-        task = bar.add_task("eval", total=wins.numel(), rate="")
-        results = evaluate_variants(reference and reference.model, {"model": model.model}, wins, timed_progress(bar, task))
-    result = results["model"].as_dict()
-    if reference is not None:
-        result["ref_ppl"] = results["reference"].ppl
-    line = "  ".join(f"{k}={fmt(v)}" for k, v in result.items())
-    out.print(f"{args.model}: {line}")
+    results = evaluate_cli(reference and reference.model, {"model": model.model}, model.tokenizer, domains, args.ctx, args.max_windows)
+    rows: dict[str, dict[str, Any]] = {}
+    for domain, per_model in results.items():
+        rows[domain] = domain_metrics(per_model["model"])
+        if reference is not None:
+            rows[domain]["ref_ppl"] = per_model["reference"].ppl
+        line = "  ".join(f"{k}={fmt(v)}" for k, v in rows[domain].items())
+        out.print(f"{args.model}: {line}" if len(rows) == 1 else f"{args.model} [{domain}]: {line}")
     if args.json:
-        text = json.dumps(result)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+        write_json(args.json, next(iter(rows.values())) if len(rows) == 1 else {"domains": rows})
+    if args.report:
+        from bitsmith.eval.report import Run, write_report
+
+        run_record = Run(
+            command="eval", reference=reference.name if reference else None, kl="exact", ctx=args.ctx,
+            domains={d.name: {"source": d.source, "tokens": rows[d.name]["tokens"]} for d in domains},
+            variants=(variant_info("model", model),), results={d: {"model": r} for d, r in rows.items()},
+            notes=report_notes(model, reference),
+        )
+        out.print(f"report: {write_report(args.report, run_record).markdown}")
     return 0

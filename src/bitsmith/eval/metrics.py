@@ -7,7 +7,9 @@ Pure maths on logits; no models, files or printing here. The definitions follow
 - perplexity:                                   ``exp(mean_t NLL_t)``;
 - KL divergence of the reference p from q:      ``KL(p || q) = sum_v p_v (log p_v - log q_v)``,
   natural log, one value per position;
-- top-1 agreement:                              ``argmax p == argmax q`` per position.
+- top-1 agreement:                              ``argmax p == argmax q`` per position;
+- change in the probability of the true token:  ``q(y_t) - p(y_t)`` (negative: the model
+  became less sure of the right answer), from the two NLLs.
 
 Logits may span a 152k vocabulary, so every quantity is computed over blocks of ``chunk``
 rows: at most ``chunk x V`` float32 log-probabilities are alive per model at a time, beyond the
@@ -58,11 +60,12 @@ class EvalResult:
     kld_p99: float | None = None
     top1: float | None = None
     ref_ppl: float | None = None
+    dprob_mean: float | None = None  # mean of q(target) - p(target)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON contract: ``ppl`` and ``tokens`` always; reference metrics when present."""
         out: dict[str, Any] = {"ppl": self.ppl, "tokens": self.tokens}
-        for key in ("kld_mean", "kld_median", "kld_p99", "top1", "ref_ppl"):
+        for key in ("kld_mean", "kld_median", "kld_p99", "top1", "ref_ppl", "dprob_mean"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -162,4 +165,5 @@ def summarize(stats: list[TokenStats]) -> EvalResult:
         kld_p99=float(np.percentile(kld, 99)),
         top1=float(top1.double().mean()),
         ref_ppl=math.exp(float(ref_nll.mean())),
+        dprob_mean=float((torch.exp(-nll) - torch.exp(-ref_nll)).mean()),
     )
