@@ -190,3 +190,11 @@ def test_evaluate_ppl_matches_cross_entropy() -> None:
     assert r.ppl == pytest.approx(math.exp(ce.item()), rel=1e-5)
     other = evaluate(_tiny_llama(seed=2), w, reference=model)
     assert other.kld_mean > 0 and other.ref_ppl == pytest.approx(r.ppl, rel=1e-5)
+
+
+def test_windows_with_bos_start_every_window_with_it() -> None:
+    from bitsmith.eval.perplexity import windows
+
+    w = windows(list(range(10, 30)), ctx=5, bos=1)
+    assert w.tolist() == [[1, 10, 11, 12, 13], [1, 14, 15, 16, 17], [1, 18, 19, 20, 21], [1, 22, 23, 24, 25], [1, 26, 27, 28, 29]]
+    assert windows(list(range(10, 30)), ctx=5).shape == (4, 5)

@@ -25,11 +25,17 @@ __all__ = ["windows", "evaluate", "tokenize_text"]
 log = logging.getLogger(__name__)
 
 
-def windows(token_ids: Sequence[int] | Tensor, ctx: int = 512) -> Tensor:
+def windows(token_ids: Sequence[int] | Tensor, ctx: int = 512, bos: int | None = None) -> Tensor:
     """Split a token sequence into non-overlapping windows of ``ctx`` tokens.
 
-    Returns a long tensor [n, ctx]; the trailing ``len % ctx`` tokens are dropped.
+    Returns a long tensor [n, ctx]; the trailing remainder is dropped. With ``bos``, every window
+    starts with that token followed by ``ctx - 1`` text tokens: models trained to always see BOS
+    first (Gemma) are scored as they run, as llama.cpp's perplexity tool does.
     """
+    if bos is not None:
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        body = windows(ids, ctx - 1)  # [n, ctx-1]
+        return torch.cat([torch.full((body.shape[0], 1), int(bos), dtype=torch.long), body], dim=1)
     if ctx < 2:
         raise ValueError(f"--ctx must be at least 2 tokens to predict anything, got {ctx}")
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()  # [N]
@@ -110,7 +116,7 @@ def evaluate(
     return result
 
 
-def _convention_adds_bos(tokenizer: Any) -> bool:
+def convention_adds_bos(tokenizer: Any) -> bool:
     """True when the tokenizer's own default encoding starts with its BOS token."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
@@ -132,7 +138,7 @@ def tokenize_text(tokenizer: Any, text: str, add_bos: bool | None = None) -> lis
     # it is cut into windows afterwards, so the tokenizer's length warning is noise.
     ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
     if add_bos is None:
-        add_bos = _convention_adds_bos(tokenizer)
+        add_bos = convention_adds_bos(tokenizer)
     if add_bos:
         bos = getattr(tokenizer, "bos_token_id", None)
         if bos is None:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 
 from bitsmith.eval.metrics import EvalResult, TokenStats, summarize, token_stats
-from bitsmith.eval.perplexity import eval_mode, tokenize_text, windows
+from bitsmith.eval.perplexity import convention_adds_bos, eval_mode, tokenize_text, windows
 
 DEFAULT_TEXT = "pride_and_prejudice_60k.txt"
 
@@ -30,7 +30,10 @@ def read_text(path: str | Path | None) -> str:
 
 
 def text_windows(tokenizer: Any, text: str, ctx: int, max_windows: int | None = None) -> torch.Tensor:
-    w = windows(tokenize_text(tokenizer, text), ctx)  # [n, ctx]
+    """Evaluation windows [n, ctx] of ``text``; for tokenizers whose convention starts with BOS,
+    every window starts with BOS (PROTOCOL.md: "no extra BOS unless the model's convention needs it")."""
+    bos = tokenizer.bos_token_id if convention_adds_bos(tokenizer) else None
+    w = windows(tokenize_text(tokenizer, text, add_bos=False), ctx, bos=bos)  # [n, ctx]
     return w[:max_windows] if max_windows else w
 
 
