@@ -235,3 +235,17 @@ def test_cli_gptq_with_calibration_file(models, tmp_path) -> None:
     assert main(["quantize", str(models["llama"]), "--method", "gptq", "--spec", "w4g32", "--calib", str(text),
                  "--calib-samples", "4", "--calib-len", "32", "--out", str(out)]) == 0
     assert read_info(out).options["calibration"]["seq_len"] == 32
+
+
+def test_cli_hqq_and_gptq_with_awq_accept_the_cli_options(tmp_path) -> None:
+    """The CLI passes clip_search (and awq) to every method; hqq and gptq must accept them."""
+    from tiny import make_tiny_model, sample_text
+
+    from bitsmith.cli import main
+
+    src = make_tiny_model(tmp_path / "m")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(sample_text(3000))
+    assert main(["quantize", str(src), "--spec", "w4g32", "--method", "hqq", "--no-clip-search", "--out", str(tmp_path / "h")]) == 0
+    assert main(["quantize", str(src), "--spec", "w4g32", "--method", "gptq", "--awq", "--calib", str(calib),
+                 "--calib-samples", "4", "--calib-len", "32", "--out", str(tmp_path / "g")]) == 0

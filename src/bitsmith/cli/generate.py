@@ -1,4 +1,4 @@
-"""bitsmith generate MODEL "prompt" [--max-new-tokens N] [--seed S] [--json]"""
+"""bitsmith generate MODEL "prompt" [--max-new-tokens N] [--seed S] [--max-memory 60MB] [--json]"""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-memory", default=None, help="bytes of quantized block weights to keep resident (e.g. 60MB); other blocks stream from the checkpoint")
     p.add_argument("--json", action="store_true", help='print a last line {"new_tokens", "prefill_tok_s", "decode_tok_s", "text"}')
     p.set_defaults(run=run)
 
@@ -26,7 +27,13 @@ def run(args: argparse.Namespace) -> int:
     from bitsmith.infer.generate import generate
     from bitsmith.io.load import load_model
 
-    loaded = load_model(args.model)
+    from bitsmith.plan.fit import parse_size
+
+    loaded = load_model(args.model, max_memory=None if args.max_memory is None else parse_size(args.max_memory))
+    if loaded.offload is not None:
+        plan = loaded.offload
+        console.print(f"[dim]offload: {len(plan.resident)} of {len(plan.block_bytes)} blocks resident "
+                      f"({plan.resident_bytes / 1e6:.2f} MB), {len(plan.streamed)} streamed per token[/]")
     stream = (lambda piece: (sys.stdout.write(piece), sys.stdout.flush())) if not args.json else None
     result = generate(
         loaded.model, loaded.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,

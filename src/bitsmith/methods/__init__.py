@@ -33,6 +33,15 @@ class Method(Protocol):
 
 METHODS: dict[str, Method] = {}
 
+# Options that belong to the pipeline (the AWQ transform and its settings, the quantizer behind
+# AWQ), not to a method; methods that validate their options drop these first.
+PIPELINE_OPTIONS = frozenset({"awq", "quantizer"})
+
+
+def method_options(options: dict | None) -> dict:
+    """The options meant for a method: ``options`` without the pipeline's own keys."""
+    return {k: v for k, v in (options or {}).items() if k not in PIPELINE_OPTIONS and not k.startswith("awq_")}
+
 
 def register(name: str) -> Callable[[Method], Method]:
     def wrap(fn: Method) -> Method:

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from bitsmith.methods import LayerStats, register
+from bitsmith.methods import LayerStats, method_options, register
 from bitsmith.methods.rtn import (
     DEFAULT_CLIP_GRID,
     channel_weights,
@@ -68,7 +68,7 @@ class GPTQOptions:
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "GPTQOptions":
-        options = dict(options or {})
+        options = method_options(options)
         known = set(cls.__dataclass_fields__)
         unknown = set(options) - known
         if unknown:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bitsmith.methods import LayerStats, register
+from bitsmith.methods import LayerStats, method_options, register
 from bitsmith.methods.rtn import (
     DEFAULT_CLIP_GRID,
     channel_weights,
@@ -65,7 +65,9 @@ class HQQOptions:
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "HQQOptions":
-        options = dict(options or {})
+        options = method_options(options)
+        if "clip_search" in options:  # the CLI's --no-clip-search: start from min/max, as the paper
+            options["clip_init"] = bool(options.pop("clip_search"))
         unknown = set(options) - set(cls.__dataclass_fields__)
         if unknown:
             names = ", ".join(sorted(unknown))

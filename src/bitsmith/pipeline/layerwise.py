@@ -145,7 +145,8 @@ def _quantizer_name(config: QuantizeConfig) -> str:
 
 def _state_key(source: Any, config: QuantizeConfig, calib: torch.Tensor, dtype: torch.dtype, batch_size: int) -> dict:
     options = json.loads(json.dumps(config.options, sort_keys=True, default=str))
-    return {"model": str(source.path), "spec": str(config.spec), "method": config.method, "options": options,
+    layer_specs = {k: str(v) for k, v in sorted(config.layer_specs.items())}
+    return {"model": str(source.path), "spec": str(config.spec), "layer_specs": layer_specs, "method": config.method, "options": options,
             "quantize_head": config.quantize_head, "quantize_embeddings": config.quantize_embeddings,
             "unquantized_dtype": config.unquantized_dtype, "calib": tokens_digest(calib), "calib_shape": list(calib.shape),
             "compute_dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size}

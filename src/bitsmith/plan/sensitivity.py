@@ -1,0 +1,260 @@
+"""Layer sensitivity: how much each (layer, spec) adds to the model's output KL divergence, and the
+one-call planner that turns a budget into per-layer specs.
+
+Two estimators of cost(layer, spec) = mean over positions of KL(float model || model with only that
+layer quantized at that spec):
+
+- ``measured``: exactly that, one forward pass per (layer, spec, window). Exact but costs
+  layers x candidates x windows forwards: an oracle for tiny models and tests.
+- ``fisher`` (default): a second-order expansion. At the float weights the KL and its gradient are
+  zero, so for a weight perturbation d, KL ~= 0.5 d^T F d with F the Fisher information of the
+  model's output distribution (Amari 1998; as used for bit allocation by HAWQ-V2, Dong et al. 2020,
+  and SqueezeLLM, Kim et al. 2023, eq. 4). With F's diagonal,
+
+      cost(layer, spec) = 0.5 * sum_ij F_ij (W_ij - Q(W)_ij)^2
+
+  where Q is the actual quantizer, so each cost uses the real quantization error at that spec.
+  F_ij = E[g_ij^2] is estimated with one backward pass per calibration window of
+  ``sum_t log p(y_t | x_<t)`` with labels y_t *sampled from the model itself* (the true Fisher, not
+  the empirical one): the per-position score has zero mean given the text, so the square of the
+  window's summed gradient is an unbiased estimate of the sum of the per-position Fishers; dividing
+  by the number of positions gives the Fisher of the mean KL that ``measured`` reports.
+
+Memory: only the linear weights require gradients; a post-accumulate-grad hook squares each
+weight's gradient into a float32 accumulator and frees it, so at most the gradients being produced
+by autograd at that moment are alive, never all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from bitsmith.plan.allocate import Allocation, Budget, allocate
+from bitsmith.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+ESTIMATORS = ("fisher", "measured")
+COST_METHODS = ("rtn", "hqq")  # calibration-free quantizers whose error the costs can use directly
+HEADER_BYTES_PER_TENSOR = 256  # safetensors header allowance per tensor (name, dtype, offsets, spec metadata)
+
+Quantizer = Callable[[torch.Tensor, QuantSpec], torch.Tensor]  # float weight [out, in] -> dequantized [out, in]
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """Predicted cost of each layer at each candidate spec (mean KL increase, nats per position)."""
+
+    costs: dict[str, dict[QuantSpec, float]]
+    shapes: dict[str, tuple[int, int]]
+    estimator: str
+    quantizer: str
+    windows: int
+
+    def total(self, spec: QuantSpec) -> float:
+        """Summed cost of quantizing every layer at ``spec`` (additivity is the estimators' assumption)."""
+        return sum(c[spec] for c in self.costs.values() if spec in c)
+
+
+def make_quantizer(method: str, options: dict | None = None) -> tuple[str, Quantizer]:
+    """The quantizer used to price each spec. Calibrated methods (gptq, awq) need per-layer input
+    statistics that this pass does not collect, so their costs are priced with RTN (a pessimistic
+    but consistently ranked stand-in)."""
+    from bitsmith.methods import get_method
+
+    name = method if method in COST_METHODS else "rtn"
+    if name != method:
+        log.info("pricing specs for %s with rtn errors (a calibrated method's error needs its statistics)", method)
+    opts = dict(options or {}) if name == "rtn" else {}
+    fn = get_method(name)
+    return name, lambda weight, spec: fn(weight, spec, None, opts).dequantize()
+
+
+def layer_weight(model: nn.Module, layer: str) -> nn.Parameter:
+    return model.get_submodule(layer).weight
+
+
+def fisher_diagonal(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of the mean per-position output distribution, per layer weight, float32.
+
+    ``model`` must be float32; ``tokens`` is [windows, seq_len]. Only the named layers' weights get
+    gradients, squared and accumulated by hooks as soon as each is ready (then freed)."""
+    params = {name: layer_weight(model, name) for name in layers}
+    if any(p.dtype != torch.float32 for p in params.values()):
+        raise ValueError("the Fisher estimate needs the model in float32; build it with dtype=torch.float32")
+    acc = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in params.items()}  # [out, in] each
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hooks = []
+    for name, p in params.items():
+        p.requires_grad_(True)
+
+        def square_and_free(param: torch.Tensor, name: str = name) -> None:
+            acc[name].add_(param.grad.float().square())
+            param.grad = None  # free it now: only the grads in flight are alive
+
+        hooks.append(p.register_post_accumulate_grad_hook(square_and_free))
+    generator = torch.Generator().manual_seed(seed)
+    positions = 0
+    try:
+        with torch.enable_grad():
+            for window in tokens:
+                logits = model(input_ids=window[None], use_cache=False).logits[0, :-1].float()  # [T-1, V]
+                logp = torch.log_softmax(logits, dim=-1)  # [T-1, V]
+                with torch.no_grad():  # labels drawn from the model: the true Fisher
+                    labels = torch.multinomial(logp.exp(), 1, generator=generator)  # [T-1, 1]
+                (-logp.gather(1, labels).sum()).backward()
+                positions += logits.shape[0]
+                del logits, logp
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return {name: a.div_(max(positions, 1)) for name, a in acc.items()}
+
+
+def fisher_costs(
+    weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], candidates: dict[str, Sequence[QuantSpec]],
+    quantize: Quantizer,
+) -> dict[str, dict[QuantSpec, float]]:
+    """cost = 0.5 * sum F (W - Q(W))^2 per layer and candidate spec."""
+    costs: dict[str, dict[QuantSpec, float]] = {}
+    for name, specs in candidates.items():
+        w = weights[name].detach().float()  # [out, in]
+        costs[name] = {spec: 0.5 * float((fisher[name] * (w - quantize(w, spec)).square()).sum()) for spec in specs}
+    return costs
+
+
+def _mean_kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Summed KL(ref || q) over positions: ref_logp and logits [T, V]."""
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    return (ref_logp.exp() * (ref_logp - logq)).sum()
+
+
+def measured_costs(
+    model: nn.Module, candidates: dict[str, Sequence[QuantSpec]], tokens: torch.Tensor, quantize: Quantizer,
+) -> dict[str, dict[QuantSpec, float]]:
+    """Mean KL vs the float model with only one layer quantized, for every layer and spec."""
+    with torch.inference_mode():
+        refs = [torch.log_softmax(model(input_ids=w[None], use_cache=False).logits[0, :-1].float(), -1) for w in tokens]
+        positions = sum(r.shape[0] for r in refs)
+        costs: dict[str, dict[QuantSpec, float]] = {}
+        for name, specs in candidates.items():
+            param = layer_weight(model, name)
+            original = param.data
+            costs[name] = {}
+            try:
+                for spec in specs:
+                    param.data = quantize(original.float(), spec).to(original.dtype)
+                    kl = sum(float(_mean_kl(r, model(input_ids=w[None], use_cache=False).logits[0, :-1])) for r, w in zip(refs, tokens))
+                    costs[name][spec] = kl / positions
+            finally:
+                param.data = original
+    return costs
+
+
+def estimate_sensitivity(
+    model: nn.Module, layers: dict[str, tuple[int, int]], candidates: Sequence[QuantSpec], tokens: torch.Tensor,
+    *, estimator: str = "fisher", method: str = "rtn", options: dict | None = None, seed: int = 0,
+) -> Sensitivity:
+    """Cost of each layer of ``layers`` (name -> (out, in)) at each usable candidate spec.
+
+    A candidate whose group is wider than a layer's row is skipped for that layer."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown sensitivity estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
+    per_layer = {name: [s for s in candidates if s.group_size is None or s.group_size <= shape[1]] for name, shape in layers.items()}
+    empty = [n for n, specs in per_layer.items() if not specs]
+    if empty:
+        raise ValueError(f"no candidate spec fits {empty[0]} (rows of {layers[empty[0]][1]} weights); add a smaller group or a per-channel spec (e.g. w8)")
+    qname, quantize = make_quantizer(method, options)
+    if estimator == "measured":
+        costs = measured_costs(model, per_layer, tokens, quantize)
+    else:
+        fisher = fisher_diagonal(model, list(layers), tokens, seed)
+        costs = fisher_costs({n: layer_weight(model, n) for n in layers}, fisher, per_layer, quantize)
+    return Sensitivity(costs, dict(layers), estimator, qname, int(tokens.shape[0]))
+
+
+def float_model(source, layers: dict[str, tuple[int, int]]) -> nn.Module:
+    """The source model in float32; a tied output head that is to be quantized gets its own copy of
+    the weights (quantizing it unties it, and its Fisher must not mix in the embedding's gradient)."""
+    from bitsmith.models.arch import build_model
+
+    net = build_model(source, torch.float32)
+    head, embed = net.get_output_embeddings(), net.get_input_embeddings()
+    if head is not None and head.weight is embed.weight and any(layer_weight(net, n) is head.weight for n in layers):
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+    return net
+
+
+def fixed_bits(source, net: nn.Module, layers: dict[str, tuple[int, int]], unquantized_dtype: str = "fp16") -> int:
+    """Bits of a checkpoint outside its quantized layers: every other stored tensor at its storage
+    dtype (2-D at ``unquantized_dtype``, 1-D at fp32, as the pipeline writes them) plus an allowance
+    for the safetensors header. Config and tokenizer files are not counted."""
+    state = net.state_dict()
+    total, count = 0, 0
+    for name in source.tensor_names():
+        count += 1
+        if name.removesuffix(".weight") in layers:
+            count += 2  # qweight, scale, zero instead of weight
+            continue
+        shape = state[name].shape if name in state else source.load_tensor(name).shape
+        width = 32 if len(shape) < 2 or unquantized_dtype == "fp32" else 16
+        total += math.prod(shape) * width
+    return total + 8 * HEADER_BYTES_PER_TENSOR * count
+
+
+def plan_allocation(
+    model, config, budget: Budget, candidates: Sequence[QuantSpec], tokens: torch.Tensor,
+    *, estimator: str = "fisher", seed: int = 0,
+) -> tuple["object", Allocation]:
+    """Sensitivity -> allocation for ``model`` (path or alias) under ``budget``: returns ``config``
+    (a :class:`~bitsmith.pipeline.quantize.QuantizeConfig`) with ``layer_specs`` set, and the
+    :class:`Allocation` to record in the checkpoint's report."""
+    from bitsmith.models import open_source
+    from bitsmith.pipeline.quantize import quantizable_layers
+
+    source = open_source(model)
+    layers = quantizable_layers(source.config, config.quantize_head, config.quantize_embeddings)
+    net = float_model(source, layers)
+    sens = estimate_sensitivity(net, layers, candidates, tokens, estimator=estimator, method=config.method,
+                                options=config.options, seed=seed)
+    weights = sum(o * i for o, i in layers.values())
+    fixed = 0 if budget.bits_per_weight is not None else fixed_bits(source, net, layers, config.unquantized_dtype)
+    del net
+    alloc = allocate(sens.costs, layers, budget.layer_bits(weights, fixed))
+    extra = {"budget": str(budget), "estimator": estimator, "cost_quantizer": sens.quantizer, "windows": sens.windows,
+             "candidates": [str(s) for s in candidates],
+             "uniform_predicted_kl": {str(s): sens.total(s) for s in candidates}}
+    alloc = dataclasses.replace(alloc, fixed_bits=fixed, extra=extra)
+    common = Counter(alloc.specs.values()).most_common(1)[0][0]
+    log.info("allocated %s: %.3f bits/weight, predicted KL %.4g, %s", budget, alloc.bits_per_weight,
+             alloc.predicted_cost, alloc.counts())
+    return dataclasses.replace(config, spec=common, layer_specs=dict(alloc.specs)), alloc
+
+
+def record_allocation(checkpoint, allocation: Allocation) -> None:
+    """Add the allocation to the checkpoint's report (bitsmith.json), written atomically."""
+    import json
+    import os
+    from pathlib import Path
+
+    from bitsmith.io.checkpoint import REPORT_FILE
+
+    path = Path(checkpoint) / REPORT_FILE
+    data = json.loads(path.read_text())
+    data.setdefault("report", {})["allocation"] = allocation.to_report()
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
