@@ -3,6 +3,8 @@ settings that commonly hurt quality. Every format reader fills the same two data
 
 from __future__ import annotations
 
+import math
+
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,10 +33,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def quantized(self) -> bool:
