@@ -98,3 +98,69 @@ def test_reference_cache_builds_once_then_reads(models, tmp_path: Path, monkeypa
     assert len(calls) == 1 and again.windows.shape[0] == 2
     assert torch.equal(again.topk_ids, first.topk_ids[: 2 * 63])
     assert list((tmp_path / "refcache").glob("ref-*.safetensors"))
+
+
+def test_cli_reference_cache_builds_once_reuses_and_refuses_mismatch(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`eval/compare --reference-cache DIR`: the first run builds one file per domain from
+    --reference; later runs reuse it without loading the reference and give the same numbers as
+    exact evaluation at k = V; another text or reference under the same domain name is refused."""
+    import json
+
+    import bitsmith.io.load as load_mod
+    from bitsmith.cli import main
+    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.spec import QuantSpec
+
+    tiny = make_tiny_model(tmp_path / "tiny", seed=0)
+    quantize_model(tiny, tmp_path / "w3", QuantizeConfig(QuantSpec.parse("w3g32"), options={"clip_search": False}))
+    quantize_model(tiny, tmp_path / "w8", QuantizeConfig(QuantSpec.parse("w8"), options={"clip_search": False}))
+    words = tmp_path / "words.txt"
+    words.write_text(sample_text(900))
+    cache, out = tmp_path / "cache", tmp_path / "out.json"
+    common = ["--text", f"words={words}", "--ctx", "32", "--max-windows", "3", "--cache-topk", "117"]  # k = V: exact
+
+    assert main(["eval", str(tmp_path / "w3"), "--reference", str(tiny), "--json", str(out), *common]) == 0
+    exact = json.loads(out.read_text())
+    assert main(["eval", str(tmp_path / "w3"), "--reference", str(tiny), "--reference-cache", str(cache), "--json", str(out), *common]) == 0
+    built = json.loads(out.read_text())
+    assert [p.name for p in cache.iterdir()] == ["words.refcache.safetensors"]
+    assert "cache for words: built" in capsys.readouterr().out
+    for key in ("ppl", "ref_ppl", "top1", "tokens"):
+        assert built[key] == pytest.approx(exact[key], rel=1e-6), key
+    assert built["kld_mean"] == pytest.approx(exact["kld_mean"], rel=2e-3) and built["kld_mean"] > 0
+
+    loads = []
+    real_load = load_mod.load_model
+    monkeypatch.setattr(load_mod, "load_model", lambda m, *a, **k: loads.append(str(m)) or real_load(m, *a, **k))
+    stamp = (cache / "words.refcache.safetensors").stat().st_mtime_ns
+    # reuse without --reference: only the scored model is loaded, the cache file is untouched
+    assert main(["eval", str(tmp_path / "w3"), "--reference-cache", str(cache), "--json", str(out), *common]) == 0
+    assert json.loads(out.read_text())["kld_mean"] == built["kld_mean"] and loads == [str(tmp_path / "w3")]
+    assert "cache for words: reused" in capsys.readouterr().out
+    assert (cache / "words.refcache.safetensors").stat().st_mtime_ns == stamp
+
+    # compare against the same cache (reference named by the checkpoints): no reference load either
+    loads.clear()
+    assert main(["compare", str(tmp_path / "w8"), str(tmp_path / "w3"), "--reference-cache", str(cache), "--json", str(out), *common]) == 0
+    data = json.loads(out.read_text())
+    assert sorted(loads) == sorted([str(tmp_path / "w8"), str(tmp_path / "w3")])
+    assert data["domains"]["words"]["B"]["kld_mean"] == built["kld_mean"]
+    assert 0 < data["domains"]["words"]["A"]["kld_mean"] < built["kld_mean"] and data["verdict"].startswith("B is")
+
+    # the same domain name over another text, or another reference: a clear one-line error
+    words.write_text(sample_text(900) + " changed")
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tmp_path / "w3"), "--reference-cache", str(cache), *common])
+    assert exc.value.code == 1 and "another text" in capsys.readouterr().err
+    words.write_text(sample_text(900))
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tmp_path / "w3"), "--reference", str(other), "--reference-cache", str(cache), *common])
+    assert exc.value.code == 1 and "another model" in capsys.readouterr().err
+    # more windows than the cache holds, and a missing cache without --reference
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tmp_path / "w3"), "--reference-cache", str(cache), *common[:-4], "--max-windows", "50", *common[-2:]])
+    assert exc.value.code == 1 and "holds 3 windows" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tmp_path / "w3"), "--reference-cache", str(tmp_path / "none"), *common])
+    assert exc.value.code == 1 and "pass --reference" in capsys.readouterr().err

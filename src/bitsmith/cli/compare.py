@@ -19,6 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("b", metavar="B", help="second model, with the same tokenizer")
     p.add_argument("--text", action="append", metavar="[NAME=]PATH", help="a domain: built-in prose, code, humaneval, stdlib, or a file/folder; repeat for several (default: prose and code)")
     p.add_argument("--reference", help="the unquantized model (default: the source named in a checkpoint, else A)")
+    from bitsmith.cli.eval import add_cache_arguments
+
+    add_cache_arguments(p)
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows of each domain")
     p.add_argument("--max-chars", type=int, default=MAX_CHARS, help=f"use the first N characters of each text (default {MAX_CHARS:,}, as PROTOCOL.md)")
@@ -80,6 +83,28 @@ def evaluate_cli(reference: Any, variants: dict[str, Any], tokenizer: Any, domai
         return evaluate_domains(reference, variants, tokenizer, domains, ctx, max_windows, progress)
 
 
+def evaluate_cli_cached(cache_dir: str, reference_path: str | None, load_reference: Any, variants: dict[str, Any],
+                        tokenizer: Any, domains: list, ctx: int, max_windows: int | None, k: int) -> tuple[dict, dict]:
+    """:func:`bitsmith.eval.domains.evaluate_domains_cached` with a progress bar; says per domain
+    whether the cache was built or reused."""
+    from bitsmith.cli.common import out, progress_bar
+    from bitsmith.cli.eval import timed_progress
+    from bitsmith.eval.domains import evaluate_domains_cached
+
+    callbacks: dict[str, Any] = {}
+    with progress_bar() as bar:
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in callbacks:
+                callbacks[label] = timed_progress(bar, bar.add_task(label, total=total, rate=""))
+            callbacks[label](done, total)
+
+        results, info = evaluate_domains_cached(cache_dir, reference_path, load_reference, variants, tokenizer,
+                                                domains, ctx, max_windows, k, progress)
+    for d in domains:
+        out.print(f"reference cache for {d.name}: {info[d.name]} ({cache_dir}, top-{info['k']}, KL is a lower bound)", markup=False)
+    return results, info
+
+
 def print_tables(rows: dict[str, dict[str, dict[str, Any]]]) -> None:
     from rich.table import Table
 
@@ -128,16 +153,37 @@ def run(args: argparse.Namespace) -> int:
     domains = resolve_domains(args.text, args.max_chars)
     a, b = load_model(args.a), load_model(args.b)
     check_same_tokenizer(a, b)
-    reference, ref_path = _pick_reference(args, a, b)
-    variants = {"A": a.model, "B": b.model} if reference is not None else {"B": b.model}
-    results = evaluate_cli(reference.model if reference else a.model, variants, a.tokenizer, domains, args.ctx, args.max_windows)
+    kl = "exact"
+    if args.reference_cache:
+        from bitsmith.cli.eval import source_path
+
+        ref_path = args.reference or checkpoint_source(a) or checkpoint_source(b) or a.name
+        is_a = Path(source_path(ref_path)).resolve() == Path(a.name).resolve()
+        reference = None  # never kept loaded: the cache stands for it
+
+        def load_reference() -> Any:
+            if is_a:
+                return a.model
+            ref = load_model(ref_path)
+            check_same_tokenizer(ref, a)
+            return ref.model
+
+        variants = {"B": b.model} if is_a else {"A": a.model, "B": b.model}  # A itself: not scored again
+        results, info = evaluate_cli_cached(args.reference_cache, source_path(ref_path), load_reference, variants,
+                                            a.tokenizer, domains, args.ctx, args.max_windows, args.cache_topk)
+        kl = f"top-{info['k']} reference cache (a lower bound)"
+    else:
+        reference, ref_path = _pick_reference(args, a, b)
+        is_a = reference is None
+        variants = {"A": a.model, "B": b.model} if reference is not None else {"B": b.model}
+        results = evaluate_cli(reference.model if reference else a.model, variants, a.tokenizer, domains, args.ctx, args.max_windows)
     rows: dict[str, dict[str, dict[str, Any]]] = {}
     for domain, per_model in results.items():
         rows[domain] = {name: domain_metrics(r) for name, r in per_model.items() if name != "reference"}
-        if reference is None:
+        if is_a:
             rows[domain] = {"A": _self_row(per_model["reference"].as_dict()), **rows[domain]}
     line = verdict("A", "B", rows)
-    out.print(f"A = {a.name}\nB = {b.name}\nreference = {ref_path}{' (A)' if reference is None else ''}")
+    out.print(f"A = {a.name}\nB = {b.name}\nreference = {ref_path}{' (A)' if is_a else ''}")
     print_tables(rows)
     out.print(f"[bold]{line}[/]", soft_wrap=True)  # one line, so it can be copied whole
     if args.json:
@@ -145,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         tokens = {d: next(iter(rows[d].values()))["tokens"] for d in rows}
         run_record = Run(
-            command="compare", reference=ref_path, kl="exact", ctx=args.ctx,
+            command="compare", reference=ref_path, kl=kl, ctx=args.ctx,
             domains={d.name: {"source": d.source, "tokens": tokens[d.name]} for d in domains},
             variants=(variant_info("A", a), variant_info("B", b)), results=rows, verdict=line,
             notes=report_notes(a, b, reference),

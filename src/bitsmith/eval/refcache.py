@@ -64,6 +64,7 @@ __all__ = [
     "RefCache", "RefCacheError", "build_cache", "save_cache", "load_cache", "cached_kl",
     "evaluate_against_cache", "tokenizer_fingerprint", "text_fingerprint", "cache_path",
     "model_fingerprint", "default_cache_dir", "reference_cache", "DEFAULT_TOPK",
+    "domain_cache_file", "open_or_build", "reference_result",
 ]
 
 log = logging.getLogger(__name__)
@@ -306,3 +307,53 @@ def reference_cache(
     cache = build_cache(load_reference(), wins, {**meta, "model_path": str(model_path)}, k, progress)
     save_cache(cache, path)
     return cache
+
+
+def domain_cache_file(folder: str | Path, domain: str) -> Path:
+    """The cache file of one evaluation domain inside a ``--reference-cache`` folder."""
+    return Path(folder).expanduser() / f"{domain}.refcache.safetensors"
+
+
+def open_or_build(
+    path: str | Path,
+    tokenizer: Any,
+    text: str,
+    wins: Tensor,
+    model_path: str | Path | None,
+    load_reference: Callable[[], Any] | None,
+    k: int = DEFAULT_TOPK,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[RefCache, bool]:
+    """The cache at ``path`` for ``wins`` [n, ctx] of ``text``: (cache, built).
+
+    An existing file is reused when its tokenizer, text, ctx and (when ``model_path`` is given)
+    reference model match and it holds at least these windows; any mismatch raises
+    :class:`RefCacheError` naming what differs. A missing file is built by running
+    ``load_reference()`` (so the reference is loaded only then) and written atomically.
+    """
+    path = Path(path)
+    n, ctx = wins.shape
+    expect = {"tokenizer": tokenizer_fingerprint(tokenizer), "text": text_fingerprint(text), "ctx": str(ctx)}
+    if model_path is not None:
+        expect["model"] = model_fingerprint(model_path)
+    if path.is_file():
+        cache = load_cache(path, expect=expect)
+        if cache.windows.shape[0] < n or not torch.equal(cache.windows[:n].long(), wins.long()):
+            raise RefCacheError(
+                f"reference cache {path} holds {cache.windows.shape[0]} windows, this run needs {n}; "
+                "pass --max-windows <= that, or delete the cache to build it again"
+            )
+        return cache.head(n), False
+    if load_reference is None or model_path is None:
+        raise RefCacheError(f"reference cache {path} does not exist yet; pass --reference MODEL to build it")
+    meta = {key: expect[key] for key in ("model", "tokenizer", "text")}
+    cache = build_cache(load_reference(), wins, {**meta, "model_path": str(model_path)}, k, progress)
+    save_cache(cache, path)
+    return cache, True
+
+
+def reference_result(cache: RefCache) -> EvalResult:
+    """The reference's own numbers on the cache's windows (ppl; KLD 0, top-1 1 against itself)."""
+    ref_nll = -cache.target_logp.double()
+    zeros = torch.zeros_like(ref_nll)
+    return summarize([TokenStats(nll=ref_nll, kld=zeros, top1=torch.ones_like(ref_nll, dtype=torch.bool), ref_nll=ref_nll)])
