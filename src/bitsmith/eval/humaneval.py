@@ -160,13 +160,20 @@ def build_prompt(problem: Problem, chat: bool) -> str:
     return f"{CHAT_INSTRUCTION}```python\n{problem.prompt}```\n"
 
 
+# Stop string of chat replies: the end of the first fenced code block. It is matched only after an
+# opening fence (see bitsmith.eval.tasks), so the reply stops once its function is written instead
+# of going on to explain it.
+FENCE_END = "\n```"
+
+
 def stop_sequences(chat: bool) -> list[str]:
     """Stop strings for generation: a base model stops at the next top-level statement.
 
-    A chat model gets none, because its reply legitimately restates the signature (``\\ndef``)
-    and may open its code block after a line of prose; :func:`extract_completion` cuts instead.
+    A chat model's reply legitimately restates the signature (``\\ndef``) and may open its code
+    block after a line of prose, so it stops only at the end of its first code block
+    (:data:`FENCE_END`); :func:`extract_completion` takes the code from there.
     """
-    return [] if chat else list(STOP_SEQUENCES)
+    return [FENCE_END] if chat else list(STOP_SEQUENCES)
 
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)

@@ -29,9 +29,20 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def _find_stop(text: str, stop: str) -> int:
+    """Where ``stop`` first occurs in ``text`` (-1: nowhere); the closing-fence stop of chat
+    replies (:data:`bitsmith.eval.humaneval.FENCE_END`) counts only after an opening fence."""
+    from bitsmith.eval.humaneval import FENCE_END
+
+    if stop != FENCE_END:
+        return text.find(stop)
+    opening = text.find("```")
+    return -1 if opening == -1 else text.find(stop, opening + 3)
+
+
 def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
     """``text`` up to its first stop string, and whether one was found."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i != -1]
+    hits = [i for i in (_find_stop(text, s) for s in stop if s) if i != -1]
     return (text[: min(hits)], True) if hits else (text, False)
 
 
