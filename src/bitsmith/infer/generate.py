@@ -247,12 +247,16 @@ def generate(
     chat: bool = False,
     on_token: Callable[[str], None] | None = None,
     stop_at_eos: bool = True,
+    lean: bool = True,
 ) -> GenerationResult:
     """Continue ``prompt`` by up to ``max_new_tokens`` tokens with a KV cache.
 
     ``chat=True`` wraps the prompt as one user message in the tokenizer's chat template.
     ``on_token`` receives each newly decoded piece of text as it is produced. Generation
     stops early at any EOS id of the model or tokenizer unless ``stop_at_eos`` is False.
+    ``lean`` (default) runs the model through :mod:`bitsmith.infer.lean` (its own submodules and a
+    preallocated KV cache) when the architecture is one it reproduces; ``lean=False``, or a model
+    outside it (the reason is logged), uses the Hugging Face forward with its dynamic cache.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -265,11 +269,20 @@ def generate(
     generator = _generator(seed)
     stream = _TextStream(tokenizer, on_token)
     device = _device(model)
-    style = _CallStyle.of(model)
     with torch.inference_mode(), _eval_mode(model):
+        runner = None
+        if lean:
+            from bitsmith.infer.lean import lean_runner
+
+            runner = lean_runner(model, len(prompt_ids) + max(max_new_tokens, 1))
+        if runner is None:
+            style = _CallStyle.of(model)
         start = time.perf_counter()
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, P]
-        logits, cache = style.call(model, input_ids, None)  # [V], cache of P positions
+        if runner is not None:
+            logits = runner(input_ids[0])  # [V]
+        else:
+            logits, cache = style.call(model, input_ids, None)  # [V], cache of P positions
         next_id = sample_next(logits, temperature, top_p, generator)
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -278,7 +291,10 @@ def generate(
             if next_id in eos or step + 1 == max_new_tokens:
                 break
             step_ids = torch.tensor([[next_id]], dtype=torch.long, device=device)  # [1, 1]
-            logits, cache = style.call(model, step_ids, cache)  # [V]
+            if runner is not None:
+                logits = runner(step_ids[0])  # [V]
+            else:
+                logits, cache = style.call(model, step_ids, cache)  # [V]
             next_id = sample_next(logits, temperature, top_p, generator)
         decode_s = max(time.perf_counter() - start - stream.callback_s, 0.0)
     text = stream.finish()

@@ -74,4 +74,8 @@ def prepare(qt: QuantizedTensor) -> Kernel:
         return ReferenceKernel(qt)
     if choice == "torch" or qt.grid is not None:  # the native kernels know uniform codes only
         return ChunkedKernel(qt)
-    return prepare_packed(pack(qt.codes, qt.spec.bits), qt.scale, qt.zero, qt.spec, qt.shape[1])
+    if qt.spec.bits == 8 and qt.shape[1] % 8 == 0 and qt.codes.dtype == torch.uint8 and qt.codes.is_contiguous():
+        packed = qt.codes  # 8-bit whole runs: the packed layout is the codes themselves, shared not copied
+    else:
+        packed = pack(qt.codes, qt.spec.bits)
+    return prepare_packed(packed, qt.scale, qt.zero, qt.spec, qt.shape[1])

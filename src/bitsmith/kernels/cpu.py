@@ -43,22 +43,33 @@ class NativeKernel:
         self._lib = lib
         self.spec = spec
         self.in_features, self.out_features = in_features, out_features
-        # The kernels read whole 64-bit words, so the codes live in a buffer 8 bytes longer than they are.
-        padded = torch.zeros(qweight.numel() + 8, dtype=torch.uint8)
-        self.qweight = padded[: qweight.numel()].view(qweight.shape)  # uint8 [out, row_bytes]
-        self.qweight.copy_(qweight)
+        if spec.bits == 8 and in_features % 8 == 0 and qweight.dtype == torch.uint8 and qweight.is_contiguous():
+            # 8-bit rows of whole runs are never read past their end: keep the caller's tensor as is
+            # (a tied head then shares the quantized embedding's codes instead of copying them).
+            self.qweight = qweight
+        else:
+            # The kernels read whole 64-bit words, so the codes live in a buffer 8 bytes longer than they are.
+            padded = torch.zeros(qweight.numel() + 8, dtype=torch.uint8)
+            self.qweight = padded[: qweight.numel()].view(qweight.shape)  # uint8 [out, row_bytes]
+            self.qweight.copy_(qweight)
         self.scale = scale.to(torch.float16).contiguous()
         self.zero = None if zero is None else zero.to(torch.float16).contiguous()
         self._group = spec.group_size or max(in_features, 1)
         self._small = out_features * in_features < PARALLEL_MIN_WEIGHTS
+        self._shared = False  # tensors are views into a fused buffer (see fuse_native)
+        self._bind()
+
+    def _bind(self) -> None:
+        """Cache the C arguments that describe the weights (pointers change only when rebound)."""
+        zero = None if self.zero is None else self.zero.data_ptr()
+        self._args = (self.qweight.data_ptr(), self.scale.data_ptr(), zero, self.out_features, self.in_features,
+                      self.spec.bits, self._group)
 
     def _threads(self) -> int:
         return 1 if self._small else torch.get_num_threads()
 
     def _weight_args(self) -> tuple[int, int, int | None, int, int, int, int]:
-        zero = None if self.zero is None else self.zero.data_ptr()
-        return (self.qweight.data_ptr(), self.scale.data_ptr(), zero, self.out_features, self.in_features,
-                self.spec.bits, self._group)
+        return self._args
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
@@ -66,15 +77,18 @@ class NativeKernel:
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"input has {tuple(x.shape)[-1:]} features; this layer takes {self.in_features}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # [T, in]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.to(torch.float32).contiguous()  # [T, in]
         rows = x2.shape[0]
         y = torch.empty(rows, self.out_features, dtype=torch.float32)  # [T, out]
         if rows and self.out_features:
             if rows <= GEMV_MAX_ROWS:
-                self._lib.bs_gemv(*self._weight_args(), x2.data_ptr(), rows, y.data_ptr(), self._threads())
+                self._lib.bs_gemv(*self._args, x2.data_ptr(), rows, y.data_ptr(), self._threads())
             else:
                 self._blocked(x2, y)
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+        y = y.view(*lead, self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _blocked(self, x2: torch.Tensor, y: torch.Tensor) -> None:
         """Prefill: dequantize weight rows block by block into one buffer; BLAS does each block."""
@@ -104,8 +118,45 @@ class NativeKernel:
         return QuantizedTensor.from_state(self.qweight, self.scale, self.zero, self.spec, self.in_features)
 
     def to_state(self, prefix: str) -> dict[str, torch.Tensor]:
-        """The same tensors as ``self.quantized().to_state(prefix)``, without unpacking."""
-        state = {f"{prefix}.qweight": self.qweight, f"{prefix}.scale": self.scale}
+        """The same tensors as ``self.quantized().to_state(prefix)``, without unpacking (copies when
+        they are views into a fused buffer, so a checkpoint writer never sees shared storage)."""
+        own = (lambda t: t.clone()) if self._shared else (lambda t: t)
+        state = {f"{prefix}.qweight": own(self.qweight), f"{prefix}.scale": own(self.scale)}
         if self.zero is not None:
-            state[f"{prefix}.zero"] = self.zero
+            state[f"{prefix}.zero"] = own(self.zero)
         return state
+
+
+def fusable(kernels: list[object]) -> bool:
+    """Whether these kernels can share one call: native, same spec, inputs and zero-point kind."""
+    if len(kernels) < 2 or not all(isinstance(k, NativeKernel) for k in kernels):
+        return False
+    first = kernels[0]
+    return all(k.spec == first.spec and k.in_features == first.in_features and (k.zero is None) == (first.zero is None)
+               and k._lib is first._lib for k in kernels)
+
+
+def fuse_native(kernels: list[NativeKernel]) -> NativeKernel:
+    """One kernel computing ``cat([k(x) for k in kernels], -1)`` in a single call (q/k/v, gate/up).
+
+    The packed rows, scales and zeros are concatenated once; each given kernel is then rebound to row
+    views of the fused tensors, so the bytes exist once and every kernel keeps working on its own.
+    """
+    if not fusable(kernels):
+        raise ValueError("only native kernels with the same spec, input size and zero-point kind fuse")
+    first = kernels[0]
+    qweight = torch.cat([k.qweight for k in kernels])
+    scale = torch.cat([k.scale for k in kernels])
+    zero = None if first.zero is None else torch.cat([k.zero for k in kernels])
+    fused = NativeKernel(first._lib, qweight, scale, zero, first.spec, first.in_features)
+    del qweight
+    row = 0
+    for k in kernels:
+        rows = slice(row, row + k.out_features)
+        k.qweight, k.scale = fused.qweight[rows], fused.scale[rows]
+        k.zero = None if fused.zero is None else fused.zero[rows]
+        k._shared = True
+        k._bind()
+        row += k.out_features
+    fused._shared = True
+    return fused
