@@ -249,3 +249,41 @@ def test_cli_hqq_and_gptq_with_awq_accept_the_cli_options(tmp_path) -> None:
     assert main(["quantize", str(src), "--spec", "w4g32", "--method", "hqq", "--no-clip-search", "--out", str(tmp_path / "h")]) == 0
     assert main(["quantize", str(src), "--spec", "w4g32", "--method", "gptq", "--awq", "--calib", str(calib),
                  "--calib-samples", "4", "--calib-len", "32", "--out", str(tmp_path / "g")]) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_output_replay_changes_nothing(models, calib, tmp_path, arch) -> None:
+    """Replaying finished sub-modules (q/k/v, attention, gate/up) instead of recomputing them gives
+    the same checkpoint as recomputing everything (budget 0) and as a small budget (partial replay)."""
+    config = QuantizeConfig(QuantSpec.parse("w4g32"), "gptq")
+    full = quantize_calibrated(models[arch], tmp_path / "full", config, calib, batch_size=BATCH)
+    none = quantize_calibrated(models[arch], tmp_path / "none", config, calib, batch_size=BATCH, replay_bytes=0)
+    some = quantize_calibrated(models[arch], tmp_path / "some", config, calib, batch_size=BATCH, replay_bytes=20_000)
+    assert_same_tensors(tensors(full), tensors(none))
+    assert_same_tensors(tensors(full), tensors(some))
+
+
+def test_output_replay_skips_recomputation(models, calib) -> None:
+    """After q/k/v are marked done, a pass records them; the next pass calls none of their forwards."""
+    from bitsmith.pipeline.layerwise import OutputReplay
+
+    net = build_model(open_source(models["llama"]))
+    block = find_blocks(net)[1][0]
+    linears = block_linears(block)
+    calls = []
+    hooks = [lin.register_forward_pre_hook(lambda m, a, rel=rel: calls.append(rel)) for rel, lin in linears.items()]
+    hidden = torch.randn(2, 5, net.config.hidden_size)
+    pos = torch.arange(5)[None].expand(2, 5)
+    kwargs = {"position_embeddings": net.model.rotary_emb(hidden, pos), "attention_mask": None}
+    replay = OutputReplay(block, linears, batches=1, budget=1 << 30)
+    with torch.no_grad():
+        want = block(hidden, **kwargs)
+        replay.mark_done(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"])
+        for _ in range(2):
+            calls.clear()
+            with replay.active():
+                got = block(hidden, **kwargs)
+            assert torch.equal(got[0] if isinstance(got, tuple) else got, want[0] if isinstance(want, tuple) else want)
+    assert not any(c.startswith("self_attn") for c in calls) and "mlp.down_proj" in calls
+    for h in hooks:
+        h.remove()

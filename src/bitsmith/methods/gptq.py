@@ -266,3 +266,29 @@ def gptq(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None,
         spec=spec,
         grid=None if grid is None else grid.half(),
     )
+
+
+def gptq_many(
+    weights: list[torch.Tensor], spec: QuantSpec, stats: LayerStats | None = None, options: dict | None = None
+) -> list[QuantizedTensor]:
+    """GPTQ for layers that read the same input (q/k/v, gate/up): one Hessian, one Cholesky factor
+    and one column walk over their stacked rows. Rows are independent in Algorithm 1 (the update
+    of a row uses only U and that row's own errors), so each layer's result equals ``gptq`` on it
+    alone. Fitted grids (``fit``) are per tensor and go one by one."""
+    if len(weights) < 2 or spec.grid == "fit" or len({w.shape[1] for w in weights}) != 1:
+        return [gptq(w, spec, stats, options) for w in weights]
+    rows = [w.shape[0] for w in weights]
+    stacked = gptq(torch.cat([w.float() for w in weights]), spec, stats, options)
+    out, start = [], 0
+    for n in rows:
+        end = start + n
+        out.append(QuantizedTensor(
+            codes=stacked.codes[start:end].contiguous(),
+            scale=stacked.scale[start:end].contiguous(),
+            zero=None if stacked.zero is None else stacked.zero[start:end].contiguous(),
+            spec=spec, grid=stacked.grid))
+        start = end
+    return out
+
+
+gptq.many = gptq_many  # the pipeline quantizes a stage's layers in one call when a method offers this

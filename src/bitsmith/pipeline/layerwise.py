@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SPILL_BYTES = 2 * 1024**3
 DEFAULT_BATCH_SIZE = 8  # sequences per block forward
+DEFAULT_REPLAY_BYTES = 1024**3  # finished sub-modules' outputs kept per block (OutputReplay)
 AWQ_METHOD = "awq"
 
 
@@ -59,12 +60,15 @@ def quantize_calibrated(
     spill_bytes: int = DEFAULT_SPILL_BYTES,
     compute_dtype: torch.dtype = torch.float32,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    replay_bytes: int = DEFAULT_REPLAY_BYTES,
 ) -> Path:
     """Quantize ``model`` block by block with calibration tokens ``calib`` [samples, seq_len].
 
     ``compute_dtype`` is the dtype of the block forwards and stored activations (bf16 is about
     twice as fast on CPU); Hessians are always accumulated in float32 and methods always see the
     float32 weights. ``progress(name, done, total)`` is called after each committed block.
+    ``replay_bytes`` bounds the finished sub-module outputs kept per block (:class:`OutputReplay`);
+    it changes the time, never the result.
     """
     from bitsmith.models import build_model, embedding_and_head_names, find_blocks, open_source
     from bitsmith.pipeline.quantize import meta_model
@@ -99,7 +103,7 @@ def quantize_calibrated(
             block_prefix = f"{prefix}.{i}"
             _load_block(net, source, block_prefix)
             tensors, specs, reports, store = _process_block(
-                blocks[i], block_prefix, store, calls[i], method, config, state, spill_bytes, batch_size)
+                blocks[i], block_prefix, store, calls[i], method, config, state, spill_bytes, batch_size, replay_bytes)
             _unload_block(blocks[i])
             state.commit_block(i, tensors, specs, reports)
             _emit_block(writer, state, i)
@@ -203,6 +207,7 @@ def _emit_block(writer: CheckpointWriter, state: WorkState, index: int) -> None:
 def _process_block(
     block: nn.Module, block_prefix: str, store: ActivationStore, calls: list[BlockCall], method: Method,
     config: QuantizeConfig, state: WorkState, spill_bytes: int, batch_size: int,
+    replay_bytes: int = DEFAULT_REPLAY_BYTES,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[dict], ActivationStore]:
     """Quantize one loaded block; returns its plain tensors, its quantized tensors' specs, its layer
     reports (all keyed by full name) and the store holding the next block's inputs."""
@@ -219,24 +224,123 @@ def _process_block(
                    for rel, t in block.state_dict().items() if rel.removesuffix(".weight") not in linears}
         block.to(compute_dtype)
         stages = find_stages(block, linears, store.tensor[slices[0]], calls[0])
+        replay = OutputReplay(block, linears, len(slices), replay_bytes)
         specs, reports = {}, []
         for stage in stages:
-            stats = _stage_stats(block, linears[stage[0]], store, slices, calls)
-            for rel in stage:
-                name = f"{block_prefix}.{rel}"
-                qt, report = _quantize_linear(name, masters[rel], stats, method, config)
+            stats = _stage_stats(block, linears[stage[0]], store, slices, calls, replay)
+            names = [f"{block_prefix}.{rel}" for rel in stage]
+            results = _quantize_stage(names, [masters[rel] for rel in stage], stats, method, config)
+            for rel, name, (qt, report) in zip(stage, names, results):
                 linears[rel].weight = nn.Parameter(qt.dequantize().to(compute_dtype), requires_grad=False)
                 tensors.update(qt.to_state(name))
                 specs[name] = {"spec": str(qt.spec), "shape": list(qt.shape)}
                 reports.append(report)
+            replay.mark_done(stage)
         index = int(block_prefix.rsplit(".", 1)[1])
         out = ActivationStore.create(tuple(store.tensor.shape), compute_dtype, state.inputs_file(index + 1), spill_bytes)
-        for sl, (args, kwargs) in zip(slices, calls):
-            result = block(store.tensor[sl], *args, **kwargs)
-            out.tensor[sl] = result[0] if isinstance(result, tuple) else result
+        with replay.active():
+            for b, (sl, (args, kwargs)) in enumerate(zip(slices, calls)):
+                replay.batch = b
+                result = block(store.tensor[sl], *args, **kwargs)
+                out.tensor[sl] = result[0] if isinstance(result, tuple) else result
+        replay.clear()
     out.save(state.inputs_file(index + 1))
     store.close()
     return tensors, specs, reports, out
+
+
+class OutputReplay:
+    """Replays the outputs of a block's finished sub-modules instead of recomputing them.
+
+    True-sequential quantization runs the block once per stage (each stage must see the already
+    quantized earlier stages) and once more for the next block's inputs. A sub-module whose linears
+    are all quantized (q/k/v; then the whole attention once o is done; gate/up) computes the same
+    output on every later pass, so the first pass that runs it records its output per batch and
+    later passes replay it: every linear's product is computed once per block (bit-identical: the
+    same module on the same inputs). Only the topmost finished modules are recorded, within
+    ``budget`` bytes in all; a module that does not fit is simply recomputed.
+    """
+
+    def __init__(self, block: nn.Module, linears: dict[str, nn.Linear], batches: int, budget: int) -> None:
+        self.block, self.batches, self.budget = block, batches, budget
+        self.batch = 0
+        self._modules = {n: m for n, m in block.named_modules() if n}
+        # module name -> the linears (relative names) it is or contains; modules without any are never replayed
+        inside = {n: {rel for rel in linears if rel == n or rel.startswith(n + ".")} for n in self._modules}
+        self._inside = {n: v for n, v in inside.items() if v}
+        self._done: set[str] = set()
+        self._cache: dict[str, list] = {}
+        self._too_big: set[str] = set()
+
+    def mark_done(self, rels: list[str]) -> None:
+        self._done.update(rels)
+
+    def _finished(self, name: str) -> bool:
+        return name in self._inside and self._inside[name] <= self._done
+
+    def _ancestors(self, name: str):
+        parent = name.rpartition(".")[0]
+        while parent:
+            yield parent
+            parent = parent.rpartition(".")[0]
+
+    def active(self):
+        """Context manager for one pass over all batches (set ``self.batch`` before each)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            patched, hooks, recording = [], [], {}
+            used = [sum(_nbytes(v) for outs in self._cache.values() for v in outs)]
+            for name in self._inside:
+                if not self._finished(name):
+                    continue
+                module = self._modules[name]
+                if name in self._cache:
+                    if not any(a in self._cache for a in self._ancestors(name)):
+                        module.forward = (lambda *a, _n=name, **k: self._cache[_n][self.batch])
+                        patched.append(module)
+                elif not any(self._finished(a) for a in self._ancestors(name)) and name not in self._too_big:
+                    recording[name] = [None] * self.batches
+
+                    def record(_m, _args, output, _n=name):
+                        outs = recording.get(_n)
+                        if outs is None:
+                            return
+                        if all(o is None for o in outs):
+                            need = _nbytes(output) * self.batches
+                            if need + used[0] > self.budget:
+                                recording.pop(_n)  # would not fit: recomputed on later passes
+                                self._too_big.add(_n)
+                                return
+                            used[0] += need
+                        outs[self.batch] = output
+                    hooks.append(module.register_forward_hook(record))
+            try:
+                yield
+            finally:
+                for module in patched:
+                    del module.forward
+                for h in hooks:
+                    h.remove()
+                for name, outs in recording.items():
+                    if all(o is not None for o in outs):  # complete: later passes replay it
+                        self._cache[name] = outs
+                        for child in [c for c in self._cache if c.startswith(name + ".")]:
+                            del self._cache[child]
+
+        return ctx()
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def find_stages(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, call: BlockCall) -> list[list[str]]:
@@ -268,9 +372,14 @@ def find_stages(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.T
     return stages
 
 
-def _stage_stats(block: nn.Module, first: nn.Linear, store: ActivationStore, slices: list[slice], calls: list[BlockCall]) -> LayerStats:
+def _stage_stats(
+    block: nn.Module, first: nn.Linear, store: ActivationStore, slices: list[slice], calls: list[BlockCall],
+    replay: "OutputReplay | None" = None,
+) -> LayerStats:
     """Input statistics of a stage over all calibration batches: the block runs only up to the
-    stage's first linear (the hook stops it there)."""
+    stage's first linear (the hook stops it there), replaying finished sub-modules."""
+    from contextlib import nullcontext
+
     acc = StatsAccumulator(first.in_features)
 
     def catch(module: nn.Module, args: tuple) -> None:
@@ -279,31 +388,52 @@ def _stage_stats(block: nn.Module, first: nn.Linear, store: ActivationStore, sli
 
     hook = first.register_forward_pre_hook(catch)
     try:
-        for sl, (args, kwargs) in zip(slices, calls):
-            try:
-                block(store.tensor[sl], *args, **kwargs)
-            except _StopForward:
-                pass
+        with replay.active() if replay is not None else nullcontext():
+            for b, (sl, (args, kwargs)) in enumerate(zip(slices, calls)):
+                if replay is not None:
+                    replay.batch = b
+                try:
+                    block(store.tensor[sl], *args, **kwargs)
+                except _StopForward:
+                    pass
     finally:
         hook.remove()
     return acc.stats()
 
 
+def _quantize_stage(names: list[str], weights: list[torch.Tensor], stats: LayerStats, method: Method,
+                    config: QuantizeConfig) -> list[tuple]:
+    """Quantize a stage's layers (they share ``stats``): in one call when the method can take them
+    together (``method.many``, e.g. GPTQ's one walk over the stacked rows) and they share a spec,
+    else one by one. Returns (QuantizedTensor, report) per layer."""
+    specs = [config.spec_for(n) for n in names]
+    many = getattr(method, "many", None)
+    if many is None or len(names) < 2 or any(s != specs[0] for s in specs):
+        return [_quantize_linear(n, w, stats, method, config) for n, w in zip(names, weights)]
+    t0 = time.perf_counter()
+    qts = many(weights, specs[0], stats, config.options)
+    elapsed = (time.perf_counter() - t0) / len(names)
+    return [(qt, _linear_report(n, w, qt, stats, method, elapsed)) for n, w, qt in zip(names, weights, qts)]
+
+
 def _quantize_linear(name: str, weight: torch.Tensor, stats: LayerStats, method: Method, config: QuantizeConfig):
     """Quantize one layer; its report adds ``output_error``, the relative squared output error
     ||X W^T - X Wq^T||^2 / ||X W^T||^2 on the calibration inputs, and plain RTN's for comparison."""
+    t0 = time.perf_counter()
+    qt = method(weight, config.spec_for(name), stats, config.options)
+    return qt, _linear_report(name, weight, qt, stats, method, time.perf_counter() - t0)
+
+
+def _linear_report(name: str, weight: torch.Tensor, qt, stats: LayerStats, method: Method, seconds: float) -> dict:
     from bitsmith.methods.gptq import layer_error
     from bitsmith.methods.rtn import rtn
 
-    t0 = time.perf_counter()
-    spec = config.spec_for(name)
-    qt = method(weight, spec, stats, config.options)
-    report = _layer_report(name, weight, qt, time.perf_counter() - t0)
+    report = _layer_report(name, weight, qt, seconds)
     report["output_error"] = layer_error(weight, qt.dequantize(), stats.hessian)
     if method is not rtn:
-        report["rtn_output_error"] = layer_error(weight, rtn(weight, spec, None, {}).dequantize(), stats.hessian)
+        report["rtn_output_error"] = layer_error(weight, rtn(weight, qt.spec, None, {}).dequantize(), stats.hessian)
     report["tokens"] = stats.tokens
-    return qt, report
+    return report
 
 
 def _apply_awq(block: nn.Module, store: ActivationStore, calls: list[BlockCall], config: QuantizeConfig, batch_size: int) -> None:
