@@ -4,15 +4,22 @@ For each uniform comparator spec (default w3g64 = 3.5 bpw and w2g64 = 2.5 bpw on
 allocator gets exactly the uniform checkpoint's quantized-layer bits as its budget; both are then
 quantized with the same method and scored against the fp32 model (PROTOCOL.md metrics) on the first
 60,000 characters of Pride and Prejudice. The sensitivity (Fisher by default) is computed once on
-the shipped State of the Union calibration text and shared by every budget.
+the shipped State of the Union calibration text and shared by every budget. Each budget's pair is
+loaded, scored and dropped before the next (the fp32 reference runs once per pair), so peak memory
+is the fp32 model plus two quantized ones.
 
-    .venv/bin/python bench/mixed_precision.py --model smollm2-135m --max-windows 8
+    .venv/bin/python bench/mixed_precision.py --model smollm2-135m --no-clip-search
+    .venv/bin/python bench/mixed_precision.py --model qwen2.5-coder-1.5b --no-clip-search \
+        --calib-windows 4 --calib-len 256 --max-windows 4 --fisher-gb 1.5
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +43,13 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-clip-search", action="store_true", help="rtn: plain min/max ranges (about 15x faster pricing)")
+    ap.add_argument("--fisher-gb", type=float, default=None,
+                    help="cap on the Fisher accumulators alive at once, GB (layers split into passes; same result)")
+    ap.add_argument("--fake-quant", action="store_true",
+                    help="score each variant by swapping its dequantized weights into the fp32 model (no checkpoints "
+                         "written; same weights the checkpoint would hold; for models too slow to quantize 4 times here)")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="JSON file of sensitivity costs: reused when model and settings match, else written")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,42 +72,126 @@ def main() -> None:
     net = float_model(source, layers)
     t0 = time.perf_counter()
     options = {"clip_search": False} if args.no_clip_search else {}
-    sens = estimate_sensitivity(net, layers, candidates, calib, estimator=args.estimator, method=args.method, options=options)
+    key = {"model": args.model, "estimator": args.estimator, "method": args.method, "options": options,
+           "calib": list(calib.shape), "candidates": args.candidates}
+    sens = _cached(args.cache, key, layers)
+    if sens is None:
+        fisher_bytes = None if args.fisher_gb is None else int(args.fisher_gb * 1e9)
+        sens = estimate_sensitivity(net, layers, candidates, calib, estimator=args.estimator, method=args.method,
+                                    options=options, fisher_bytes=fisher_bytes)
+        if args.cache:
+            costs = {n: {str(spec): c for spec, c in cs.items()} for n, cs in sens.costs.items()}
+            args.cache.write_text(json.dumps({"key": key, "costs": costs}))
     sens_s = time.perf_counter() - t0
     print(f"sensitivity ({args.estimator}, {calib.shape[0]} x {calib.shape[1]} tokens): {sens_s:.1f} s", flush=True)
 
-    rows, variants = [], {}
-    tmp = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
-    for name in args.uniform.split(","):
-        spec = QuantSpec.parse(name)
-        budget = sum(spec.stored_bits(*shape) for shape in layers.values())
-        alloc = allocate(sens.costs, layers, budget)
-        print(f"{spec}: allocation {alloc.counts()} at {alloc.bits_per_weight:.4f} bpw", flush=True)
-        for label, config in ((f"uniform {spec}", QuantizeConfig(spec, method=args.method, options=options)),
-                              (f"mixed @{spec}", QuantizeConfig(spec, method=args.method, options=options, layer_specs=dict(alloc.specs)))):
-            t0 = time.perf_counter()
-            path = quantize_model(args.model, tmp / label.replace(" ", "_").replace("@", ""), config)
-            variants[label] = load_model(path).model
-            bits = budget if label.startswith("uniform") else alloc.total_bits
-            predicted = sens.total(spec) if label.startswith("uniform") else alloc.predicted_cost
-            rows.append({"variant": label, "bpw": bits / weights, "predicted_kl": predicted,
-                         "quantize_s": round(time.perf_counter() - t0, 1),
-                         **({"counts": alloc.counts()} if label.startswith("mixed") else {})})
+    rows, results = [], {}
     wins = text_windows(tokenizer, DEV_TEXT.read_text(encoding="utf-8")[:60_000], args.ctx, args.max_windows)
-    t0 = time.perf_counter()
-    results = evaluate_variants(net, variants, wins)
-    eval_s = time.perf_counter() - t0
+    if args.fake_quant:
+        from bitsmith.plan.sensitivity import make_quantizer
+
+        _, quantize = make_quantizer(args.method, options)
+        plans = {}
+        for name in args.uniform.split(","):
+            spec = QuantSpec.parse(name)
+            budget = sum(spec.stored_bits(*shape) for shape in layers.values())
+            alloc = allocate(sens.costs, layers, budget)
+            print(f"{spec}: allocation {alloc.counts()} at {alloc.bits_per_weight:.4f} bpw", flush=True)
+            plans[f"uniform {spec}"] = {n: spec for n in layers}
+            plans[f"mixed @{spec}"] = dict(alloc.specs)
+            rows.append({"variant": f"uniform {spec}", "bpw": budget / weights, "predicted_kl": sens.total(spec)})
+            rows.append({"variant": f"mixed @{spec}", "bpw": alloc.total_bits / weights,
+                         "predicted_kl": alloc.predicted_cost, "counts": alloc.counts()})
+        t0 = time.perf_counter()
+        results = _fake_quant_eval(net, source, plans, quantize, wins)
+        eval_s = time.perf_counter() - t0
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        _table(rows, results, wins, eval_s)
+        print(f"times: sensitivity {sens_s:.0f} s, fake-quant eval (incl. quantizing) {eval_s:.0f} s; "
+              f"peak RSS {peak_gb:.2f} GB")
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
+    eval_s = 0.0
+    try:
+        for name in args.uniform.split(","):
+            spec = QuantSpec.parse(name)
+            budget = sum(spec.stored_bits(*shape) for shape in layers.values())
+            alloc = allocate(sens.costs, layers, budget)
+            print(f"{spec}: allocation {alloc.counts()} at {alloc.bits_per_weight:.4f} bpw", flush=True)
+            variants = {}
+            for label, config in ((f"uniform {spec}", QuantizeConfig(spec, method=args.method, options=options)),
+                                  (f"mixed @{spec}", QuantizeConfig(spec, method=args.method, options=options,
+                                                                    layer_specs=dict(alloc.specs)))):
+                t0 = time.perf_counter()
+                path = quantize_model(args.model, tmp / label.replace(" ", "_").replace("@", ""), config)
+                variants[label] = load_model(path).model
+                uniform = label.startswith("uniform")
+                rows.append({"variant": label, "bpw": (budget if uniform else alloc.total_bits) / weights,
+                             "predicted_kl": sens.total(spec) if uniform else alloc.predicted_cost,
+                             "quantize_s": round(time.perf_counter() - t0, 1),
+                             **({} if uniform else {"counts": alloc.counts()})})
+                print(f"  {label}: quantized in {rows[-1]['quantize_s']} s", flush=True)
+            t0 = time.perf_counter()
+            results.update(evaluate_variants(net, variants, wins))
+            eval_s += time.perf_counter() - t0
+            del variants
+            gc.collect()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is KiB on Linux
     _table(rows, results, wins, eval_s)
+    print(f"times: sensitivity {sens_s:.0f} s, quantize {sum(r['quantize_s'] for r in rows):.0f} s, "
+          f"eval {eval_s:.0f} s; peak RSS {peak_gb:.2f} GB")
     if args.json:
         out = {"model": args.model, "method": args.method, "estimator": args.estimator, "sensitivity_s": sens_s,
-               "windows": list(wins.shape), "rows": rows,
-               "results": {k: v.as_dict() for k, v in results.items()}}
+               "calib": list(calib.shape), "windows": list(wins.shape), "rows": rows, "eval_s": eval_s,
+               "peak_rss_gb": peak_gb, "results": {k: v.as_dict() for k, v in results.items()}}
         args.json.write_text(json.dumps(out, indent=1, default=str))
+
+
+def _fake_quant_eval(net, source, plans: dict, quantize, wins: torch.Tensor) -> dict:
+    """PROTOCOL metrics of each plan (layer -> spec), its dequantized weights swapped into ``net`` in
+    turn. The reference logits of every window are computed once and kept (windows x ctx x vocab
+    floats); each layer's float weights are restored from the source afterwards, not held twice."""
+    from bitsmith.eval.metrics import summarize, token_stats
+    from bitsmith.plan.sensitivity import layer_weight
+
+    net.eval()
+    with torch.inference_mode():
+        refs = [net(input_ids=w[None], use_cache=False).logits[0, :-1] for w in wins]  # each [ctx-1, V]
+        results = {"reference": summarize([token_stats(None, r, w[1:]) for r, w in zip(refs, wins)])}
+        for label, specs in plans.items():
+            t0 = time.perf_counter()
+            for name, spec in specs.items():
+                param = layer_weight(net, name)
+                param.data = quantize(param.data, spec)  # [out, in] dequantized, float32
+            stats = [token_stats(r, net(input_ids=w[None], use_cache=False).logits[0, :-1], w[1:])
+                     for r, w in zip(refs, wins)]
+            results[label] = summarize(stats)
+            for name in specs:
+                layer_weight(net, name).data = source.load_tensor(f"{name}.weight")
+            print(f"  {label}: kld_mean {results[label].kld_mean:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return results
+
+
+def _cached(path: Path | None, key: dict, layers: dict):
+    """Costs from ``path`` when it was written for the same model and settings, else None."""
+    from bitsmith.plan.sensitivity import Sensitivity
+    from bitsmith.spec import QuantSpec
+
+    if path is None or not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("key") != json.loads(json.dumps(key)):
+        return None
+    costs = {n: {QuantSpec.parse(s): c for s, c in cs.items()} for n, cs in data["costs"].items()}
+    print(f"sensitivity costs read from {path}", flush=True)
+    return Sensitivity(costs, dict(layers), key["estimator"], key["method"], key["calib"][0])
 
 
 def _table(rows: list[dict], results: dict, wins: torch.Tensor, eval_s: float) -> None:
     ref = results["reference"]
-    print(f"\n{wins.shape[0]} windows x {wins.shape[1]} tokens of Pride and Prejudice; reference ppl {ref.ppl:.3f}; eval {eval_s:.0f} s")
+    print(f"\n{wins.shape[0]} windows x {wins.shape[1]} tokens of Pride and Prejudice; reference ppl {ref.ppl:.3f}")
     print(f"{'variant':<16} {'bpw':>7} {'pred KL':>9} {'kld_mean':>9} {'kld_p99':>8} {'top1':>7} {'ppl':>8}  specs")
     for row in rows:
         r = results[row["variant"]]

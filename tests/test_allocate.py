@@ -155,6 +155,28 @@ def test_fisher_ranks_layers_like_the_measured_oracle(tiny: Path, calib: torch.T
         assert actual / 2 < predicted < actual * 2, f"{spec}: predicted {predicted:.4g} vs measured {actual:.4g}"
 
 
+def test_chunked_fisher_equals_one_pass(tiny: Path, calib: torch.Tensor) -> None:
+    """Capping the Fisher accumulators splits the layers into passes without changing any cost."""
+    from bitsmith.models import open_source
+    from bitsmith.pipeline.quantize import quantizable_layers
+    from bitsmith.plan.sensitivity import estimate_sensitivity, fisher_chunks, float_model
+
+    source = open_source(tiny)
+    layers = quantizable_layers(source.config)
+    net = float_model(source, layers)
+    cap = 4 * max(o * i for o, i in layers.values()) * 3  # about three layers per pass
+    chunks = fisher_chunks(layers, cap)
+    assert len(chunks) > 2 and sorted(sum(chunks, [])) == sorted(layers)  # every layer, once
+    assert all(sum(4 * layers[n][0] * layers[n][1] for n in c) <= cap for c in chunks)
+    assert chunks[0][-1] == list(layers)[-1]  # the top layers first: their passes stop early
+    one = estimate_sensitivity(net, layers, TINY_CANDIDATES, calib[:3], estimator="fisher")
+    split = estimate_sensitivity(net, layers, TINY_CANDIDATES, calib[:3], estimator="fisher", fisher_bytes=cap)
+    for n in layers:
+        for spec in one.costs[n]:
+            assert split.costs[n][spec] == pytest.approx(one.costs[n][spec], rel=1e-5, abs=1e-12)
+    assert fisher_chunks(layers, 1) == [[n] for n in reversed(layers)]  # below one layer: one layer per pass
+
+
 def test_plan_and_quantize_under_a_size_budget(tiny: Path, calib: torch.Tensor, tmp_path: Path) -> None:
     """End to end: a byte budget between uniform w2g64 and w8 -> mixed specs, the checkpoint's
     shards fit the budget, the metadata and report carry the per-layer specs."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bitsmith.plan.catalog import CATALOG, ArchShape, get_shape, shape_from_config, shape_from_path
-from bitsmith.plan.fit import GB, FitPlan, Runtime, bits_per_weight, parse_size, plan
+from bitsmith.plan.fit import GB, FitPlan, Runtime, bits_per_weight, kv_bits_per_value, parse_size, plan
 
 # A made-up shape with easy numbers: q_dim = 4 x 2 = 8, kv_dim = 2 x 2 = 4.
 TINY = ArchShape("tiny", layers=2, hidden=8, heads=4, kv_heads=2, head_dim=2, vocab=10,
@@ -86,12 +86,37 @@ def test_bits_per_weight_table() -> None:
         bits_per_weight(4, 0)
 
 
-def test_kv_bits_halve_the_cache_and_gqa_counts_kv_heads() -> None:
+def test_kv_bits_shrink_the_cache_with_scales_and_gqa_counts_kv_heads() -> None:
     shape = get_shape("llama-3-70b")
     kv = {b: plan(shape, 48 * GB, ctx=8192, kv_bits=b).level(4).kv_gb for b in (16, 8, 4)}
-    assert kv[8] == pytest.approx(kv[16] / 2) and kv[4] == pytest.approx(kv[16] / 4)
+    # 8-bit and 4-bit caches carry one fp16 scale per 32 values (q8_0 / q4_0): 8.5 and 4.5 bits
+    assert kv[8] == pytest.approx(kv[16] * 8.5 / 16) and kv[4] == pytest.approx(kv[16] * 4.5 / 16)
+    assert kv_bits_per_value(16) == 16 and kv_bits_per_value(8) == 8.5 and kv_bits_per_value(4) == 4.5
+    tiny_kv = plan(TINY, GB, ctx=4, batch=3, kv_bits=4, levels=(4,)).level(4).kv_gb * GB
+    assert tiny_kv == pytest.approx(2 * 2 * 2 * 2 * 4 * 3 * 4.5 / 8)  # 216 bytes by hand
     # GQA: 8 KV heads, not 64 query heads -> 2 x 80 x 8 x 128 x 8192 x 2 bytes
     assert kv[16] * GB == pytest.approx(2 * 80 * 8 * 128 * 8192 * 2) and kv[16] < 2.7
+
+
+def test_untied_input_embedding_is_not_read_per_token_and_cpu_offload_speed() -> None:
+    untied = ArchShape("u", 2, 8, 4, 2, 2, 10, 16, tied_embeddings=False)
+    rt = Runtime(cuda_context_gb=0.0)
+    lvl = plan(untied, 10**12, ctx=4, batch=3, levels=(4,), runtime=rt).level(4)
+    weights = 1152 * 4.25 / 8 + 160 * 16 / 8 + 40 * 32 / 8  # 612 + 320 + 160 bytes
+    assert lvl.weights_gb * GB == pytest.approx(weights)
+    # one step reads the linears, the lm_head (80 x 2 bytes) and the KV, not the input embedding
+    assert lvl.read_gb * GB == pytest.approx(weights - 80 * 2 + 384)
+    assert lvl.tok_s == pytest.approx(3 / (lvl.read_gb / rt.gpu_bandwidth_gb_s))
+    tied = plan(TINY, 10**12, ctx=4, batch=3, levels=(4,), runtime=rt).level(4)
+    assert tied.read_gb * GB == pytest.approx(932 + 384)  # tied: the one matrix is the lm_head, read
+    total = lvl.total_gb * GB
+    off = plan(untied, round(total - 1), ctx=4, batch=3, levels=(4,), runtime=rt).level(4)
+    assert off.offload_layers == 2 and off.tok_s_cpu_offload is not None
+    layer = 576 * 4.25 / 8 + 16 * 32 / 8
+    on_gpu = (weights - 160 + 384 - 2 * layer) / GB / rt.gpu_bandwidth_gb_s
+    assert off.tok_s_cpu_offload == pytest.approx(3 / (on_gpu + 2 * layer / GB / rt.ram_gb_s))
+    assert off.tok_s == pytest.approx(3 / (on_gpu + 2 * layer / GB / rt.pcie_gb_s))
+    assert off.tok_s < off.tok_s_cpu_offload < off.tok_s_resident  # RAM (60) beats PCIe (25 GB/s)
 
 
 def test_tied_embeddings_counted_once_and_quantize_embeddings() -> None:
@@ -250,6 +275,30 @@ def test_catalog_matches_real_smollm2_gguf() -> None:
     assert shape.n_params == tensor_params == CATALOG["smollm2-135m"].n_params
 
 
+@pytest.mark.slow  # reads the real model files behind the aliases
+@pytest.mark.parametrize("alias, catalog", [("smollm2-135m", "smollm2-135m"), ("gemma3-270m", "gemma-3-270m"),
+                                            ("qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b")])
+def test_aliases_read_their_gguf_and_agree_with_the_catalog(alias: str, catalog: str) -> None:
+    from gguf import GGUFReader
+
+    from bitsmith.cli.fit import resolve_shape
+    from bitsmith.models.aliases import resolve_alias
+    from bitsmith.models.sources import ModelSourceError
+
+    try:
+        path = resolve_alias(alias)
+    except ModelSourceError:
+        pytest.skip(f"{alias} is not installed")
+    shape = resolve_shape(alias)
+    assert shape.name == alias  # read from the file, not looked up in the catalog
+    tensor_params = sum(int(np.prod(t.shape)) for t in GGUFReader(path).tensors)
+    assert shape.n_params == tensor_params
+    # the catalog follows the HF configs (all three tie lm_head to the embedding); the Qwen GGUF file
+    # stores its own output.weight, which the file-read shape counts as an untied head
+    untied_head = 0 if shape.tied_embeddings else shape.vocab * shape.hidden
+    assert shape.n_params == CATALOG[catalog].n_params + untied_head
+
+
 def _cli(argv: list[str]) -> int:
     from bitsmith.cli import fit as fit_cli
 
@@ -274,7 +323,7 @@ def test_cli_table_and_local_config(tmp_path: Path, capsys: pytest.CaptureFixtur
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B_CONFIG))
     assert _cli([str(tmp_path), "--memory", "48GB", "--kv-bits", "8"]) == 0
     out = capsys.readouterr().out
-    assert "Arithmetic for 4-bit" in out and "x 8 bits / 8" in out and "fits" in out
+    assert "Arithmetic for 4-bit" in out and "x 8.5 bits (8-bit + fp16 scale/32) / 8" in out and "fits" in out
 
 
 def test_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:

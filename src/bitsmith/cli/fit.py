@@ -14,12 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bitsmith.plan.catalog import ArchShape, get_shape, shape_from_path
+from bitsmith.plan.catalog import ArchShape, get_shape, shape_from_gguf, shape_from_path
 from bitsmith.plan.fit import (
     DEFAULT_LEVELS,
     GPU_BANDWIDTH_GB_S,
     KV_BITS_CHOICES,
     PCIE_GB_S,
+    RAM_GB_S,
     FitPlan,
     Runtime,
     parse_size,
@@ -37,7 +38,8 @@ def add_parser(subparsers: Any) -> None:
         description="Plan GPU memory for a model at 16..2 bits: weights, KV cache, overhead, "
         "layers to offload and estimated decoding speed. GB = 10^9 bytes.",
     )
-    parser.add_argument("model", help="catalog name (e.g. llama-3-70b), a model folder with "
+    parser.add_argument("model", help="catalog name (e.g. llama-3-70b), a bitsmith model alias "
+                        "(e.g. gemma3-270m, read from its local GGUF file), a model folder with "
                         "config.json, a config.json, or a .gguf file")
     parser.add_argument("--memory", required=True, help="GPU memory, e.g. 24GB, 24GiB, 24000MB")
     parser.add_argument("--ctx", type=int, default=8192, help="context length per sequence (8192)")
@@ -54,6 +56,9 @@ def add_parser(subparsers: Any) -> None:
                         help=f"GPU memory bandwidth in GB/s ({GPU_BANDWIDTH_GB_S:g})")
     parser.add_argument("--pcie", type=float, default=PCIE_GB_S,
                         help=f"effective CPU->GPU bandwidth in GB/s ({PCIE_GB_S:g}, PCIe 4.0 x16)")
+    parser.add_argument("--ram-bandwidth", type=float, default=RAM_GB_S,
+                        help=f"CPU memory bandwidth in GB/s, for offloaded layers run on the CPU "
+                        f"({RAM_GB_S:g}, dual-channel DDR5)")
     parser.add_argument("--flash-attn", action="store_true",
                         help="the runtime uses flash attention (no score matrix in activations)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -61,10 +66,19 @@ def add_parser(subparsers: Any) -> None:
 
 
 def resolve_shape(model: str) -> ArchShape:
-    """A catalog name, else a local folder / config.json / .gguf file."""
+    """A local folder / config.json / .gguf file, else a bitsmith alias whose GGUF file is installed
+    (its real metadata), else a catalog name."""
+    from bitsmith.models.aliases import ALIASES, resolve_alias
+    from bitsmith.models.sources import ModelSourceError
+
     path = Path(model).expanduser()
     if path.exists():
         return shape_from_path(path)
+    if model.strip().lower() in ALIASES:
+        try:
+            return shape_from_gguf(resolve_alias(model), name=model.strip().lower())
+        except ModelSourceError:  # alias package not installed: the catalog may still know the shape
+            pass
     try:
         return get_shape(model)
     except KeyError:
@@ -78,6 +92,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def _print_table(result: FitPlan) -> None:
+    from rich import box
     from rich.console import Console  # the CLI is the only place that prints; keep import local
     from rich.table import Table
 
@@ -85,10 +100,10 @@ def _print_table(result: FitPlan) -> None:
     console = Console()
     title = (f"{shape.name} ({shape.n_params / 1e9:.2f}e9 params) on {result.memory_gb:.2f} GB, "
              f"ctx {result.ctx}, batch {result.batch}, KV {result.kv_bits}-bit")
-    table = Table(title=title)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
     # two-line headers keep the table inside an 80-column terminal
     for column in ("bits", "bits/\nweight", "weights\nGB", "KV\nGB", "overhead\nGB", "total\nGB",
-                   "fits", "offload\nlayers", "est.\ntok/s"):
+                   "fits", "offload\nlayers", "tok/s\nPCIe", "tok/s\nCPU"):
         table.add_column(column, justify="left" if column == "fits" else "right", no_wrap=True)
     for lvl in result.levels:
         offload = "too big" if lvl.offload_layers is None else f"{lvl.offload_layers}/{shape.layers}"
@@ -96,6 +111,7 @@ def _print_table(result: FitPlan) -> None:
             str(lvl.bits), f"{lvl.bits_per_weight:.2f}", _fmt(lvl.weights_gb), _fmt(lvl.kv_gb),
             _fmt(lvl.overhead_gb), _fmt(lvl.total_gb), "[green]yes[/]" if lvl.fits else "[red]no[/]",
             offload, _fmt(lvl.tok_s, 1 if lvl.fits else 2),
+            "" if lvl.fits else _fmt(lvl.tok_s_cpu_offload, 2),
         )
     console.print(table)
 
@@ -106,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         shape = resolve_shape(args.model)
         memory = parse_size(args.memory) if isinstance(args.memory, str) else int(args.memory)
         runtime = Runtime(gpu_bandwidth_gb_s=args.gpu_bandwidth, pcie_gb_s=args.pcie,
+                          ram_gb_s=getattr(args, "ram_bandwidth", RAM_GB_S),
                           materialize_scores=not args.flash_attn)
         levels = DEFAULT_LEVELS if args.bits is None else tuple(sorted({*DEFAULT_LEVELS, args.bits}))
         result = plan(shape, memory, ctx=args.ctx, batch=args.batch, kv_bits=args.kv_bits,
@@ -125,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
     for line in lines:
         print(f"  {line}")
     print(f"\nAssumptions: GB = 10^9 bytes; {runtime.cuda_context_gb:g} GB CUDA context; activations "
-          f"of a {runtime.prefill_chunk}-token prefill chunk; decoding reads all weights + KV once "
-          f"per step at {runtime.gpu_bandwidth_gb_s:g} GB/s; offloaded layers stream over PCIe at "
-          f"{runtime.pcie_gb_s:g} GB/s each step. Change them with --gpu-bandwidth and --pcie.")
+          f"of a {runtime.prefill_chunk}-token prefill chunk; decoding reads all weights (but an untied "
+          f"input embedding) + the full KV cache once per step at {runtime.gpu_bandwidth_gb_s:g} GB/s; "
+          f"offloaded layers stream over PCIe at {runtime.pcie_gb_s:g} GB/s each step ('tok/s PCIe'), "
+          f"or run on the CPU reading RAM at {runtime.ram_gb_s:g} GB/s ('tok/s CPU'). Change them "
+          "with --gpu-bandwidth, --pcie and --ram-bandwidth.")
     return 0

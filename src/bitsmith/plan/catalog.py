@@ -38,6 +38,8 @@ _FOUR_NORM_FAMILIES = ("gemma2", "gemma3", "gemma3_text")
 _TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3", "gemma3_text")
 # Families whose q/k/v projections carry a bias even though the config has no ``attention_bias``.
 _QKV_BIAS_FAMILIES = ("qwen2",)
+# Families that RMS-normalise each query and key head (one weight vector of head_dim for q and for k).
+_QK_NORM_FAMILIES = ("gemma3", "gemma3_text", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ArchShape:
         tied_embeddings: the output head reuses the input embedding matrix.
         qkv_bias: q, k and v projections have a bias vector (Qwen2).
         norms_per_layer: RMSNorm weight vectors of size ``hidden`` per block (2, or 4 for Gemma 2/3).
+        qk_norm: each block also norms its query and key heads (two vectors of ``head_dim``; Gemma 3).
     """
 
     name: str
@@ -69,6 +72,7 @@ class ArchShape:
     tied_embeddings: bool
     qkv_bias: bool = False
     norms_per_layer: int = 2
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for field in ("layers", "hidden", "heads", "kv_heads", "head_dim", "vocab", "intermediate"):
@@ -93,7 +97,8 @@ class ArchShape:
     def layer_other_params(self) -> int:
         """Small vectors of one block kept in full precision: norm weights and q/k/v biases."""
         bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
-        return self.norms_per_layer * self.hidden + bias
+        qk_norm = 2 * self.head_dim if self.qk_norm else 0
+        return self.norms_per_layer * self.hidden + bias + qk_norm
 
     @property
     def block_linear_params(self) -> int:
@@ -118,9 +123,10 @@ class ArchShape:
 
 
 def _s(name: str, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, vocab: int,
-       intermediate: int, tied: bool, qkv_bias: bool = False, norms: int = 2) -> ArchShape:
+       intermediate: int, tied: bool, qkv_bias: bool = False, norms: int = 2,
+       qk_norm: bool = False) -> ArchShape:
     return ArchShape(name, layers, hidden, heads, kv_heads, head_dim, vocab, intermediate, tied,
-                     qkv_bias, norms)
+                     qkv_bias, norms, qk_norm)
 
 
 # name, layers, hidden, heads, kv_heads, head_dim, vocab, intermediate, tied embeddings
@@ -145,15 +151,15 @@ _SHAPES: tuple[ArchShape, ...] = (
     # Mistral 7B (v0.1/v0.2 vocabulary 32000; v0.3 extended it to 32768)
     _s("mistral-7b", 32, 4096, 32, 8, 128, 32000, 14336, False),
     _s("mistral-7b-v0.3", 32, 4096, 32, 8, 128, 32768, 14336, False),
-    # Google Gemma 2 and Gemma 3 (four norms per block; text decoder only)
+    # Google Gemma 2 and Gemma 3 (four norms per block; Gemma 3 also norms q and k; text decoder only)
     _s("gemma-2-2b", 26, 2304, 8, 4, 256, 256000, 9216, True, norms=4),
     _s("gemma-2-9b", 42, 3584, 16, 8, 256, 256000, 14336, True, norms=4),
     _s("gemma-2-27b", 46, 4608, 32, 16, 128, 256000, 36864, True, norms=4),
-    _s("gemma-3-270m", 18, 640, 4, 1, 256, 262144, 2048, True, norms=4),
-    _s("gemma-3-1b", 26, 1152, 4, 1, 256, 262144, 6912, True, norms=4),
-    _s("gemma-3-4b", 34, 2560, 8, 4, 256, 262208, 10240, True, norms=4),
-    _s("gemma-3-12b", 48, 3840, 16, 8, 256, 262208, 15360, True, norms=4),
-    _s("gemma-3-27b", 62, 5376, 32, 16, 128, 262208, 21504, True, norms=4),
+    _s("gemma-3-270m", 18, 640, 4, 1, 256, 262144, 2048, True, norms=4, qk_norm=True),
+    _s("gemma-3-1b", 26, 1152, 4, 1, 256, 262144, 6912, True, norms=4, qk_norm=True),
+    _s("gemma-3-4b", 34, 2560, 8, 4, 256, 262208, 10240, True, norms=4, qk_norm=True),
+    _s("gemma-3-12b", 48, 3840, 16, 8, 256, 262208, 15360, True, norms=4, qk_norm=True),
+    _s("gemma-3-27b", 62, 5376, 32, 16, 128, 262208, 21504, True, norms=4, qk_norm=True),
     # Microsoft Phi-3-mini (4k and 128k context share the shape)
     _s("phi-3-mini", 32, 3072, 32, 32, 96, 32064, 8192, False),
     # Hugging Face SmolLM2
@@ -227,6 +233,7 @@ def _from_hf(config: Mapping[str, Any], name: str | None) -> ArchShape:
         kv_heads=kv_heads, head_dim=head_dim, vocab=_int(config, "vocab_size", src),
         intermediate=_int(config, "intermediate_size", src), tied_embeddings=tied,
         qkv_bias=qkv_bias, norms_per_layer=4 if model_type in _FOUR_NORM_FAMILIES else 2,
+        qk_norm=model_type in _QK_NORM_FAMILIES,
     )
 
 
@@ -252,6 +259,7 @@ def _from_gguf_metadata(meta: Mapping[str, Any], name: str | None) -> ArchShape:
         intermediate=_int(meta, f"{arch}.feed_forward_length", src), tied_embeddings=tied,
         qkv_bias=bool(meta.get("qkv_bias", arch in _QKV_BIAS_FAMILIES)),
         norms_per_layer=4 if arch in _FOUR_NORM_FAMILIES else 2,
+        qk_norm=bool(meta.get("qk_norm", arch in _QK_NORM_FAMILIES)),
     )
 
 
@@ -262,7 +270,7 @@ def shape_from_config(config: Mapping[str, Any], name: str | None = None) -> Arc
     ``{arch}.block_count``, ``{arch}.embedding_length``, ``{arch}.attention.head_count(_kv)``,
     ``{arch}.feed_forward_length`` and ``{arch}.vocab_size`` (or the length of
     ``tokenizer.ggml.tokens``). Two derived keys, ``tied_embeddings`` and ``qkv_bias``, may be added
-    by the caller from the tensor list (see :func:`shape_from_gguf`).
+    by the caller from the tensor list (see :func:`shape_from_gguf`), and ``qk_norm``.
 
     Raises:
         ValueError: a key needed for the shape is missing.
@@ -294,6 +302,7 @@ def shape_from_gguf(path: str | Path, name: str | None = None) -> ArchShape:
     tensor_names = {tensor.name for tensor in reader.tensors}
     meta["tied_embeddings"] = "output.weight" not in tensor_names
     meta["qkv_bias"] = "blk.0.attn_q.bias" in tensor_names
+    meta["qk_norm"] = "blk.0.attn_q_norm.weight" in tensor_names
     if name is None:
         name = str(reader.fields["general.name"].contents()) if "general.name" in reader.fields \
             else path.stem

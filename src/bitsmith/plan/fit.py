@@ -5,17 +5,25 @@ Pure arithmetic over an :class:`~bitsmith.plan.catalog.ArchShape`. For each bit 
     weights  = block linears x bits_per_weight / 8            (quantized)
              + embeddings (+ untied lm_head) x 16 / 8         (kept in 16 bit unless quantize_embeddings)
              + norm weights and biases x 32 / 8
-    KV cache = 2 (K and V) x layers x kv_heads x head_dim x ctx x batch x kv_bits / 8
+    KV cache = 2 (K and V) x layers x kv_heads x head_dim x ctx x batch x kv_bits_per_value / 8
     overhead = runtime constant (CUDA context, allocator slack) + activations of one prefill chunk
 
 and compares the total with the memory given. When it does not fit, it finds the fewest decoder
 layers whose weights must live in CPU RAM and be streamed to the GPU over PCIe for each token
 (as accelerate-style offloading does), and estimates decoding speed from memory traffic: decoding is
 memory-bound, so a token costs (bytes read from GPU memory) / (GPU bandwidth) plus
-(bytes streamed from CPU RAM) / (PCIe bandwidth).
+(bytes streamed from CPU RAM) / (PCIe bandwidth). A second estimate covers runtimes that instead
+*compute* the offloaded layers on the CPU (llama.cpp's partial ``-ngl`` offload): those bytes are
+then read from RAM at the CPU's memory bandwidth and never cross PCIe.
+
+Bytes read per decoded token: every quantized linear, the output head and the whole KV cache (an
+upper bound: the cache is full only at the end of the context); an untied input embedding is not
+read, only one of its rows per token.
 
 Bits per weight include the quantization metadata: a group of ``g`` weights shares one fp16 scale and
-one fp16 zero point, so ``bits_per_weight = bits + 32 / g`` (4-bit g128 -> 4.25).
+one fp16 zero point, so ``bits_per_weight = bits + 32 / g`` (4-bit g128 -> 4.25). A quantized KV
+cache is counted like llama.cpp's q8_0 / q4_0 cache types: blocks of 32 values with one fp16 scale,
+so 8-bit KV costs 8.5 bits per value and 4-bit KV 4.5.
 
 GB means 10^9 bytes throughout; :func:`parse_size` also accepts GiB (2^30 bytes).
 """
@@ -34,6 +42,7 @@ __all__ = [
     "FitPlan",
     "Runtime",
     "bits_per_weight",
+    "kv_bits_per_value",
     "parse_size",
     "plan",
 ]
@@ -57,10 +66,12 @@ PREFILL_CHUNK_TOKENS = 512  # the prompt is processed in chunks of this many tok
 ACTIVATION_BYTES = 2  # activations in bf16/fp16
 MATERIALIZE_SCORES = True  # eager attention keeps a (heads, chunk, ctx) score matrix; flash does not
 PCIE_GB_S = 25.0  # effective host-to-device bandwidth of PCIe 4.0 x16 (32 GB/s peak)
+RAM_GB_S = 60.0  # CPU memory bandwidth, dual-channel DDR5 (about 90 GB/s peak, ~60 sustained)
 GPU_BANDWIDTH_GB_S = 900.0  # GPU memory bandwidth, roughly an RTX 4090 / A6000-class card
 STAGING_LAYERS = 1  # offloading needs room on the GPU for one streamed-in layer at a time
 RECOMMENDED_BITS = 4  # level explained when nothing fits: the usual quality/size sweet spot
 KV_BITS_CHOICES = (16, 8, 4)
+KV_GROUP = 32  # a quantized KV cache stores one fp16 scale per 32 values (llama.cpp q8_0 / q4_0)
 
 
 @dataclass(frozen=True)
@@ -74,10 +85,11 @@ class Runtime:
     pcie_gb_s: float = PCIE_GB_S
     gpu_bandwidth_gb_s: float = GPU_BANDWIDTH_GB_S
     staging_layers: int = STAGING_LAYERS
+    ram_gb_s: float = RAM_GB_S
 
     def __post_init__(self) -> None:
-        if self.pcie_gb_s <= 0 or self.gpu_bandwidth_gb_s <= 0:
-            raise ValueError("bandwidths must be positive GB/s, e.g. pcie_gb_s=25, gpu_bandwidth_gb_s=900")
+        if self.pcie_gb_s <= 0 or self.gpu_bandwidth_gb_s <= 0 or self.ram_gb_s <= 0:
+            raise ValueError("bandwidths must be positive GB/s, e.g. pcie_gb_s=25, gpu_bandwidth_gb_s=900, ram_gb_s=60")
         if self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be a positive token count, got {self.prefill_chunk}")
 
@@ -102,9 +114,11 @@ class FitLevel:
     offload_layers: int | None  # 0 if it fits; None if even offloading every layer is not enough
     offload_gb: float  # weights living in CPU RAM
     gpu_gb: float  # what the GPU holds (total, or total - offload + staging buffer)
+    read_gb: float  # bytes read per decoding step: weights less an untied input embedding, + KV
     tok_s_resident: float  # decoding speed if everything were on the GPU
     tok_s: float | None  # expected decoding speed as planned (None if it cannot run)
     slowdown: float | None  # tok_s_resident / tok_s (1.0 when it fits)
+    tok_s_cpu_offload: float | None  # speed if the offloaded layers ran on the CPU from RAM instead
 
     @property
     def runnable(self) -> bool:
@@ -119,6 +133,11 @@ def bits_per_weight(bits: int, group_size: int | None) -> float:
     if group_size is None or group_size <= 0:
         raise ValueError(f"{bits}-bit weights need a positive group size, got {group_size}")
     return bits + (SCALE_BITS + ZERO_BITS) / group_size
+
+
+def kv_bits_per_value(kv_bits: int) -> float:
+    """Stored bits of one cached K or V value: 16, or the code bits plus a fp16 scale per block of 32."""
+    return float(kv_bits) if kv_bits >= 16 else kv_bits + SCALE_BITS / KV_GROUP
 
 
 def _activation_bytes(shape: ArchShape, ctx: int, batch: int, runtime: Runtime) -> float:
@@ -160,20 +179,24 @@ def _level(shape: ArchShape, bits: int, group_size: int | None, memory_gb: float
     offload = 0 if fits else _min_offload(total, layer, shape.layers, memory_gb, runtime.staging_layers)
     offload_gb = (offload or 0) * layer
     gpu_gb = total - offload_gb + (runtime.staging_layers * layer if offload else 0.0)
-    # decoding is memory-bound: one step (one token for each of `batch` sequences) reads all weights
-    # and the whole KV cache once; offloaded weights additionally cross PCIe (no overlap assumed)
-    resident_s = (weights + kv_gb) / runtime.gpu_bandwidth_gb_s
-    tok_s_resident = batch / resident_s
+    # decoding is memory-bound: one step (one token for each of `batch` sequences) reads every weight
+    # but an untied input embedding (one row per token) and the whole KV cache once; offloaded weights
+    # additionally cross PCIe (no overlap assumed), or, run on the CPU, are read from RAM there
+    unread = shape.vocab * shape.hidden * emb_bits / 8 / GB if not shape.tied_embeddings else 0.0
+    read = weights - unread + kv_gb
+    tok_s_resident = batch / (read / runtime.gpu_bandwidth_gb_s)
     tok_s: float | None = None
+    tok_s_cpu: float | None = None
     if offload is not None:
-        step_s = (weights - offload_gb + kv_gb) / runtime.gpu_bandwidth_gb_s + offload_gb / runtime.pcie_gb_s
-        tok_s = batch / step_s
+        on_gpu_s = (read - offload_gb) / runtime.gpu_bandwidth_gb_s
+        tok_s = batch / (on_gpu_s + offload_gb / runtime.pcie_gb_s)
+        tok_s_cpu = batch / (on_gpu_s + offload_gb / runtime.ram_gb_s)
     return FitLevel(
         bits=bits, group_size=group, bits_per_weight=bpw, linears_gb=linears, embeddings_gb=embeddings,
         norms_gb=norms, weights_gb=weights, kv_gb=kv_gb, activations_gb=act_gb, overhead_gb=overhead,
         total_gb=total, fits=fits, layer_gb=layer, offload_layers=offload, offload_gb=offload_gb,
-        gpu_gb=gpu_gb, tok_s_resident=tok_s_resident, tok_s=tok_s,
-        slowdown=None if tok_s is None else tok_s_resident / tok_s,
+        gpu_gb=gpu_gb, read_gb=read, tok_s_resident=tok_s_resident, tok_s=tok_s,
+        slowdown=None if tok_s is None else tok_s_resident / tok_s, tok_s_cpu_offload=tok_s_cpu,
     )
 
 
@@ -239,7 +262,7 @@ def plan(shape: ArchShape, memory_bytes: int, ctx: int = 8192, batch: int = 1, k
         memory_bytes: GPU memory in bytes (see :func:`parse_size`).
         ctx: context length (prompt + generated tokens) the KV cache must hold per sequence.
         batch: sequences decoded together.
-        kv_bits: KV cache precision, 16, 8 or 4 (quantization scales of the cache are not counted).
+        kv_bits: KV cache precision, 16, 8 or 4 (8 and 4 include a fp16 scale per 32 values).
         levels: weight bit widths to plan (2..16).
         group_size: override :data:`DEFAULT_GROUP_SIZE` for every quantized level.
         quantize_embeddings: store embeddings and lm_head at the level's bits instead of 16.
@@ -255,7 +278,8 @@ def plan(shape: ArchShape, memory_bytes: int, ctx: int = 8192, batch: int = 1, k
     if bad or not levels:
         raise ValueError(f"levels must be bit widths from 2 to 16, got {list(levels)}")
     memory_gb = memory_bytes / GB
-    kv_gb = 2 * shape.layers * shape.kv_heads * shape.head_dim * ctx * batch * kv_bits / 8 / GB
+    kv_values = 2 * shape.layers * shape.kv_heads * shape.head_dim * ctx * batch  # K and V, GQA heads only
+    kv_gb = kv_values * kv_bits_per_value(kv_bits) / 8 / GB
     act_gb = _activation_bytes(shape, ctx, batch, runtime) / GB
     planned = tuple(
         _level(shape, b, group_size, memory_gb, batch, kv_gb, act_gb, runtime, quantize_embeddings)
@@ -281,24 +305,28 @@ def _explain(p: FitPlan, lvl: FitLevel) -> list[str]:
     group = f"group {lvl.group_size}, fp16 scale + zero" if lvl.group_size else "unquantized"
     emb_bits = lvl.bits_per_weight if p.quantize_embeddings else EMBEDDING_BITS
     emb_what = "embeddings (tied, counted once)" if s.tied_embeddings else "embeddings + lm_head"
-    gpu_read = lvl.weights_gb + lvl.kv_gb
+    kv_bpv = kv_bits_per_value(p.kv_bits)
+    kv_what = f"{p.kv_bits} bits" if p.kv_bits >= 16 else f"{kv_bpv:g} bits ({p.kv_bits}-bit + fp16 scale/{KV_GROUP})"
+    unread = lvl.weights_gb + lvl.kv_gb - lvl.read_gb
+    read_what = (f"{lvl.weights_gb:.2f} weights - {unread:.2f} input embedding (one row/token) + {lvl.kv_gb:.2f} KV"
+                 if unread > 0 else f"{lvl.weights_gb:.2f} weights + {lvl.kv_gb:.2f} KV")
     lines = [
         f"model: {s.name}, {_count(s.n_params)} params ({s.layers} layers, hidden {s.hidden}, "
-        f"{s.heads} heads / {s.kv_heads} KV heads x {s.head_dim}, vocab {s.vocab})",
+        f"{s.heads} heads / {s.kv_heads} KV heads x {s.head_dim}, vocab {s.vocab}, MLP {s.intermediate})",
         f"block linears: {_count(s.block_linear_params)} params x {lvl.bits_per_weight:g} bits / 8 "
         f"= {_gb(lvl.linears_gb)}  ({lvl.bits}-bit, {group})",
         f"{emb_what}: {_count(s.embedding_params)} params x {emb_bits:g} bits / 8 = {_gb(lvl.embeddings_gb)}",
-        f"norms: {_count(s.norm_params)} params x {NORM_BITS} bits / 8 = {_gb(lvl.norms_gb)}",
+        f"norms (+ biases): {_count(s.norm_params)} params x {NORM_BITS} bits / 8 = {_gb(lvl.norms_gb)}",
         f"weights: {_gb(lvl.linears_gb)} + {_gb(lvl.embeddings_gb)} + {_gb(lvl.norms_gb)} "
         f"= {_gb(lvl.weights_gb)}",
         f"KV cache: 2 x {s.layers} layers x {s.kv_heads} KV heads x {s.head_dim} head_dim x {p.ctx} ctx "
-        f"x {p.batch} batch x {p.kv_bits} bits / 8 = {_gb(lvl.kv_gb)}",
+        f"x {p.batch} batch x {kv_what} / 8 = {_gb(lvl.kv_gb)}",
         f"overhead: {_gb(rt.cuda_context_gb)} runtime + {_gb(lvl.activations_gb)} activations "
         f"({min(p.ctx, rt.prefill_chunk)}-token prefill chunk) = {_gb(lvl.overhead_gb)}",
         f"total: {lvl.weights_gb:.2f} + {lvl.kv_gb:.2f} + {lvl.overhead_gb:.2f} = {_gb(lvl.total_gb)} "
         + (f"<= {_gb(p.memory_gb)} -> fits" if lvl.fits else f"> {_gb(p.memory_gb)} -> does not fit"),
-        f"speed if resident: ({lvl.weights_gb:.2f} + {lvl.kv_gb:.2f}) GB read per step / "
-        f"{rt.gpu_bandwidth_gb_s:g} GB/s = {1e3 * gpu_read / rt.gpu_bandwidth_gb_s:.1f} ms "
+        f"speed if resident: ({read_what}) = {lvl.read_gb:.2f} GB read per step / "
+        f"{rt.gpu_bandwidth_gb_s:g} GB/s = {1e3 * lvl.read_gb / rt.gpu_bandwidth_gb_s:.1f} ms "
         f"-> {lvl.tok_s_resident:.1f} tok/s",
     ]
     if lvl.fits:
@@ -312,18 +340,22 @@ def _explain(p: FitPlan, lvl: FitLevel) -> list[str]:
         )
         return lines
     k, staging = lvl.offload_layers, rt.staging_layers * lvl.layer_gb
-    on_gpu_s = (gpu_read - lvl.offload_gb) / rt.gpu_bandwidth_gb_s
-    pcie_s = lvl.offload_gb / rt.pcie_gb_s
-    assert lvl.tok_s is not None and lvl.slowdown is not None  # runnable levels have a speed
+    on_gpu_gb = lvl.read_gb - lvl.offload_gb
+    on_gpu_s = on_gpu_gb / rt.gpu_bandwidth_gb_s
+    pcie_s, ram_s = lvl.offload_gb / rt.pcie_gb_s, lvl.offload_gb / rt.ram_gb_s
+    assert lvl.tok_s is not None and lvl.slowdown is not None and lvl.tok_s_cpu_offload is not None
     lines += [
         f"offload: one decoder layer = {_gb(lvl.layer_gb)}; {k} of {s.layers} layers x "
         f"{lvl.layer_gb:.3f} = {_gb(lvl.offload_gb)} live in CPU RAM",
         f"GPU keeps: {lvl.total_gb:.2f} - {lvl.offload_gb:.2f} + {staging:.2f} (staging buffer) "
         f"= {_gb(lvl.gpu_gb)} <= {_gb(p.memory_gb)}; {k - 1} layers would need "
         f"{lvl.gpu_gb + lvl.layer_gb:.2f} GB",
-        f"speed offloaded: {gpu_read - lvl.offload_gb:.2f} GB / {rt.gpu_bandwidth_gb_s:g} GB/s + "
+        f"speed offloaded (layers streamed to the GPU): {on_gpu_gb:.2f} GB / {rt.gpu_bandwidth_gb_s:g} GB/s + "
         f"{lvl.offload_gb:.2f} GB / {rt.pcie_gb_s:g} GB/s (PCIe) = {1e3 * on_gpu_s:.0f} + "
-        f"{1e3 * pcie_s:.0f} ms -> {lvl.tok_s:.2f} tok/s ({lvl.slowdown:.0f}x slower than resident)",
+        f"{1e3 * pcie_s:.0f} ms -> {lvl.tok_s:.2f} tok/s ({lvl.slowdown:.1f}x slower than resident)",
+        f"speed offloaded (layers run on the CPU, llama.cpp -ngl): {1e3 * on_gpu_s:.0f} + "
+        f"{lvl.offload_gb:.2f} GB / {rt.ram_gb_s:g} GB/s (RAM) = {1e3 * (on_gpu_s + ram_s):.0f} ms "
+        f"-> {lvl.tok_s_cpu_offload:.2f} tok/s ({lvl.tok_s_resident / lvl.tok_s_cpu_offload:.1f}x slower)",
     ]
     return lines
 

@@ -22,7 +22,12 @@ layer quantized at that spec):
 
 Memory: only the linear weights require gradients; a post-accumulate-grad hook squares each
 weight's gradient into a float32 accumulator and frees it, so at most the gradients being produced
-by autograd at that moment are alive, never all of them.
+by autograd at that moment are alive, never all of them. The accumulators themselves are as large as
+the weights (5 GB for a 1.5B model), so :func:`estimate_sensitivity` can cap them
+(``fisher_bytes``): the layers are split into consecutive chunks that each fit the cap, and each
+chunk gets its own pass over the same windows with the same sampled labels (same seed, same
+logits), so the result is identical to one pass. A chunk of late layers is also cheaper than a full
+pass: nothing below it requires a gradient, so autograd neither records nor walks the early blocks.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ log = logging.getLogger(__name__)
 
 ESTIMATORS = ("fisher", "measured")
 COST_METHODS = ("rtn", "hqq")  # calibration-free quantizers whose error the costs can use directly
+FISHER_BYTES = 2 * 10**9  # default cap on the Fisher accumulators alive at once (quantize --budget)
 HEADER_BYTES_PER_TENSOR = 256  # safetensors header allowance per tensor (name, dtype, offsets, spec metadata)
 
 Quantizer = Callable[[torch.Tensor, QuantSpec], torch.Tensor]  # float weight [out, in] -> dequantized [out, in]
@@ -167,10 +173,12 @@ def measured_costs(
 def estimate_sensitivity(
     model: nn.Module, layers: dict[str, tuple[int, int]], candidates: Sequence[QuantSpec], tokens: torch.Tensor,
     *, estimator: str = "fisher", method: str = "rtn", options: dict | None = None, seed: int = 0,
+    fisher_bytes: int | None = None,
 ) -> Sensitivity:
     """Cost of each layer of ``layers`` (name -> (out, in)) at each usable candidate spec.
 
-    A candidate whose group is wider than a layer's row is skipped for that layer."""
+    A candidate whose group is wider than a layer's row is skipped for that layer. ``fisher_bytes``
+    caps the float32 Fisher accumulators alive at once (None: all layers in one pass)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown sensitivity estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
     per_layer = {name: [s for s in candidates if s.group_size is None or s.group_size <= shape[1]] for name, shape in layers.items()}
@@ -181,9 +189,36 @@ def estimate_sensitivity(
     if estimator == "measured":
         costs = measured_costs(model, per_layer, tokens, quantize)
     else:
-        fisher = fisher_diagonal(model, list(layers), tokens, seed)
-        costs = fisher_costs({n: layer_weight(model, n) for n in layers}, fisher, per_layer, quantize)
+        costs = {}
+        chunks = fisher_chunks(layers, fisher_bytes)
+        for i, chunk in enumerate(chunks):
+            log.info("fisher pass %d/%d over %d layers", i + 1, len(chunks), len(chunk))
+            fisher = fisher_diagonal(model, chunk, tokens, seed)
+            costs.update(fisher_costs({n: layer_weight(model, n) for n in chunk}, fisher,
+                                      {n: per_layer[n] for n in chunk}, quantize))
+            del fisher
     return Sensitivity(costs, dict(layers), estimator, qname, int(tokens.shape[0]))
+
+
+def fisher_chunks(layers: dict[str, tuple[int, int]], max_bytes: int | None) -> list[list[str]]:
+    """Consecutive groups of layers whose float32 accumulators fit ``max_bytes`` (one layer at least
+    per group); the last layers come first, so the first passes only backpropagate through the top."""
+    names = list(layers)
+    if max_bytes is None:
+        return [names]
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name in reversed(names):
+        size = 4 * layers[name][0] * layers[name][1]
+        if current and used + size > max_bytes:
+            chunks.append(current[::-1])
+            current, used = [], 0
+        current.append(name)
+        used += size
+    if current:
+        chunks.append(current[::-1])
+    return chunks
 
 
 def float_model(source, layers: dict[str, tuple[int, int]]) -> nn.Module:
@@ -217,7 +252,7 @@ def fixed_bits(source, net: nn.Module, layers: dict[str, tuple[int, int]], unqua
 
 def plan_allocation(
     model, config, budget: Budget, candidates: Sequence[QuantSpec], tokens: torch.Tensor,
-    *, estimator: str = "fisher", seed: int = 0,
+    *, estimator: str = "fisher", seed: int = 0, fisher_bytes: int | None = FISHER_BYTES,
 ) -> tuple["object", Allocation]:
     """Sensitivity -> allocation for ``model`` (path or alias) under ``budget``: returns ``config``
     (a :class:`~bitsmith.pipeline.quantize.QuantizeConfig`) with ``layer_specs`` set, and the
@@ -229,7 +264,7 @@ def plan_allocation(
     layers = quantizable_layers(source.config, config.quantize_head, config.quantize_embeddings)
     net = float_model(source, layers)
     sens = estimate_sensitivity(net, layers, candidates, tokens, estimator=estimator, method=config.method,
-                                options=config.options, seed=seed)
+                                options=config.options, seed=seed, fisher_bytes=fisher_bytes)
     weights = sum(o * i for o, i in layers.values())
     fixed = 0 if budget.bits_per_weight is not None else fixed_bits(source, net, layers, config.unquantized_dtype)
     del net
