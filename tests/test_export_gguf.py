@@ -12,7 +12,7 @@ import torch
 from bitsmith.formats.ggml_types import decode
 from bitsmith.io.checkpoint import read_info
 from bitsmith.io.export_gguf import ExportError, encode_exact, export_gguf, pick_type
-from bitsmith.io.load import _quantized_tensors, load_model
+from bitsmith.io.load import quantized_tensors, load_model
 from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
 from bitsmith.spec import QuantSpec
 
@@ -34,7 +34,7 @@ def _checkpoint(tmp_path: Path, arch: str, spec: str) -> Path:
 def test_q4_1_reencoding_is_exact_up_to_fp16_m(tmp_path: Path) -> None:
     """Q4_1 stores w = d q + m: d = scale exactly, m = -zero * scale rounded to fp16, the one error."""
     ck = _checkpoint(tmp_path, "llama", "w4g32")
-    for name, qt in _quantized_tensors(ck, read_info(ck)).items():
+    for name, qt in quantized_tensors(ck, read_info(ck)).items():
         qtype, data, err = encode_exact(qt)
         assert qtype == "Q4_1"
         got = decode(data, "Q4_1", qt.shape)
@@ -48,7 +48,7 @@ def test_q4_1_reencoding_is_exact_up_to_fp16_m(tmp_path: Path) -> None:
 @pytest.mark.parametrize("spec,qtype", [("w4g32s", "Q4_0"), ("w8g32s", "Q8_0"), ("w5g32s", "Q5_0")])
 def test_symmetric_reencoding_is_bit_exact(tmp_path: Path, spec: str, qtype: str) -> None:
     ck = _checkpoint(tmp_path, "llama", spec)
-    for qt in _quantized_tensors(ck, read_info(ck)).values():
+    for qt in quantized_tensors(ck, read_info(ck)).values():
         got_type, data, err = encode_exact(qt)
         assert got_type == qtype and err == 0.0
         assert np.array_equal(decode(data, qtype, qt.shape), qt.dequantize().numpy())
@@ -81,7 +81,7 @@ def test_gguf_reader_sees_same_tensors_and_metadata(tmp_path: Path) -> None:
     assert field("tokenizer.ggml.bos_token_id") == 1 and field("tokenizer.ggml.eos_token_id") == 2
     assert len(field("tokenizer.ggml.tokens")) == 117
     tensors = {t.name: t for t in reader.tensors}
-    quantized = _quantized_tensors(ck, read_info(ck))
+    quantized = quantized_tensors(ck, read_info(ck))
     q = tensors["blk.1.attn_q.weight"]
     got = decode(np.asarray(q.data), q.tensor_type.name, (64, 64))
     want = permute_qk(quantized["model.layers.1.self_attn.q_proj"].dequantize().numpy(), 4)

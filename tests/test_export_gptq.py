@@ -10,7 +10,7 @@ import torch
 from bitsmith.io.checkpoint import read_info
 from bitsmith.io.export_gptq import GPTQError, GPTQFormat, export_gptq, from_gptq, pack_columns, to_gptq
 from bitsmith.io.import_gptq import load_gptq_folder
-from bitsmith.io.load import _quantized_tensors
+from bitsmith.io.load import quantized_tensors
 from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
@@ -66,10 +66,10 @@ def test_folder_export_import_round_trips(tmp_path: Path) -> None:
     config, quantized, others = load_gptq_folder(tmp_path / "gptq")
     assert config["quantization_config"] == {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False,
                                              "sym": False, "checkpoint_format": "gptq", "lm_head": False}
-    original = _quantized_tensors(ck, read_info(ck))
+    original = quantized_tensors(ck, read_info(ck))
     assert set(quantized) == set(original)
     for name, qt in original.items():
-        assert torch.equal(quantized[name].dequantize(), qt.dequantize()), name
+        assert quantized[name][1] is None and torch.equal(quantized[name][0].dequantize(), qt.dequantize()), name
     assert "model.layers.0.self_attn.q_proj.bias" in others and "model.embed_tokens.weight" in others
     assert (tmp_path / "gptq" / "tokenizer.json").is_file() or (tmp_path / "gptq" / "vocab.json").is_file()
 

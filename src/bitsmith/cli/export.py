@@ -14,6 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="gguf: llama.cpp type or mix (Q4_K_M, Q4_0, Q4_1, Q8_0, ...); default for a checkpoint: "
                         "its own codes in the exact GGUF type (w4g32 -> Q4_1, w4g32s -> Q4_0, w8g32s -> Q8_0)")
     p.add_argument("--no-imatrix", action="store_true", help="gguf from an unquantized model: no activation importance")
+    p.add_argument("--gptq", action="store_true",
+                   help="gguf from an unquantized model: GPTQ error feedback on the GGUF grid (Hessians from the calibration text)")
     p.add_argument("--calibration-tokens", type=int, default=4096, help="tokens of calibration text for the importance (default 4096)")
     p.add_argument("--gptq-format", choices=["gptq", "gptq_v2"], default="gptq",
                    help="gptq: v1 stores zero-1 (every loader), v2 stores zero (GPTQModel) (default gptq)")
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     with console.status("exporting to GGUF"):
         result = export_gguf(args.model, Path(args.out), args.qtype, importance=not args.no_imatrix,
-                             calibration_tokens=args.calibration_tokens, overwrite=args.overwrite)
+                             calibration_tokens=args.calibration_tokens, error_feedback=args.gptq, overwrite=args.overwrite)
     counts: dict[str, int] = {}
     for t in result.tensors:
         counts[f"{t.qtype} {t.route}"] = counts.get(f"{t.qtype} {t.route}", 0) + 1

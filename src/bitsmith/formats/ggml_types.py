@@ -129,7 +129,7 @@ def _round_away(v: np.ndarray) -> np.ndarray:
     return t + np.sign(v) * (np.abs(v - t) >= F32(0.5))
 
 
-def _pack_legacy(q: np.ndarray, bits: int) -> list[np.ndarray]:
+def pack_legacy(q: np.ndarray, bits: int) -> list[np.ndarray]:
     """Levels (B, 32) -> [qh (B, 4) if 5-bit] + [qs (B, 16)]: qs[j] = q[j] low | q[j+16] high nibble."""
     q = q.astype(np.uint8)
     qs = (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)
@@ -156,14 +156,14 @@ def _legacy_ref(name: str, x: np.ndarray) -> np.ndarray:
         vmax = np.where(vmax == 0, F32(0), vmax)  # C starts from +0.0 and keeps it for an all-zero block
         d = vmax / F32(-(1 << (bits - 1)))
         q = np.clip(np.trunc(x * _inv(d)[:, None] + F32((1 << (bits - 1)) + 0.5)), 0, top)
-        return np.concatenate([half_bytes(d), *_pack_legacy(q, bits)], axis=1)
+        return np.concatenate([half_bytes(d), *pack_legacy(q, bits)], axis=1)
     # the first minimum / maximum, as C's `if (v < min)` scans keep them: this decides the sign
     # of a zero min or range (-0.0 vs 0.0) where numpy's min/max (and so gguf-py) may pick either
     vmin = np.take_along_axis(x, x.argmin(axis=1)[:, None], 1)[:, 0]
     vmax = np.take_along_axis(x, x.argmax(axis=1)[:, None], 1)[:, 0]
     d = (vmax - vmin) / F32(top)
     q = np.clip(np.trunc((x - vmin[:, None]) * _inv(d)[:, None] + F32(0.5)), 0, top)
-    return np.concatenate([half_bytes(d), half_bytes(vmin), *_pack_legacy(q, bits)], axis=1)
+    return np.concatenate([half_bytes(d), half_bytes(vmin), *pack_legacy(q, bits)], axis=1)
 
 
 def _legacy_impl(name: str, rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
@@ -174,9 +174,9 @@ def _legacy_impl(name: str, rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
     bits = 4 if name in ("Q4_0", "Q4_1") else 5
     if name in ("Q4_0", "Q5_0"):
         d, lev = fit_symmetric(x, 1 << (bits - 1), w)
-        return np.concatenate([half_bytes(d), *_pack_legacy(lev, bits)], axis=1)
+        return np.concatenate([half_bytes(d), *pack_legacy(lev, bits)], axis=1)
     d, neg_min, lev = fit_scale_min(x, w, (1 << bits) - 1, -0.9, 0.05, 36, use_mad=False)
-    return np.concatenate([half_bytes(d), half_bytes(-neg_min), *_pack_legacy(lev, bits)], axis=1)
+    return np.concatenate([half_bytes(d), half_bytes(-neg_min), *pack_legacy(lev, bits)], axis=1)
 
 
 def _decode_legacy(name: str, b: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from bitsmith.formats.ggml_kquants import half_bytes
-from bitsmith.formats.ggml_types import _pack_legacy, decode, encode, get_type
+from bitsmith.formats.ggml_types import pack_legacy, decode, encode, get_type
 from bitsmith.primitives import sqnr_db
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
@@ -70,6 +70,7 @@ class Rule(enum.Enum):
     FIRST_FOUR = "first_four"  # i < 4
     FIRST_TWO = "first_two"  # i < 2
     FIRST_SIXTEENTH = "first_sixteenth"  # i < n / 16
+    GQA4 = "gqa4"  # every layer, when each k/v head serves at least 4 query heads
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Mix:
 MIXES: dict[str, Mix] = {
     "Q4_0": Mix("Q4_0", ffn_down=(Rule.FIRST_EIGHTH, "Q4_1", "")), "Q4_1": Mix("Q4_1"),
     "Q5_0": Mix("Q5_0", ffn_down=(Rule.FIRST_EIGHTH, "Q5_1", "")), "Q5_1": Mix("Q5_1"), "Q8_0": Mix("Q8_0"),
+    "Q2_K": Mix("Q2_K", (Rule.GQA4, "Q4_K", "Q3_K"), (Rule.NEVER, "", "Q3_K"), "Q3_K"),
     "Q3_K_M": Mix("Q3_K", (Rule.FIRST_TWO, "Q5_K", "Q4_K"), (Rule.FIRST_SIXTEENTH, "Q5_K", "Q4_K"), "Q4_K"),
     "Q3_K_L": Mix("Q3_K", (Rule.NEVER, "", "Q5_K"), (Rule.NEVER, "", "Q5_K"), "Q5_K"),
     "Q4_K_S": Mix("Q4_K", (Rule.FIRST_FOUR, "Q5_K", ""), (Rule.FIRST_EIGHTH, "Q5_K", "")),
@@ -104,13 +106,13 @@ MIXES: dict[str, Mix] = {
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
-def _rule_applies(rule: Rule, i: int, n: int) -> bool:
-    return {Rule.NEVER: False, Rule.FIRST_EIGHTH: i < n // 8, Rule.FIRST_FOUR: i < 4, Rule.FIRST_TWO: i < 2,
+def _rule_applies(rule: Rule, i: int, n: int, n_gqa: int = 1) -> bool:
+    return {Rule.NEVER: False, Rule.GQA4: n_gqa >= 4, Rule.FIRST_EIGHTH: i < n // 8, Rule.FIRST_FOUR: i < 4, Rule.FIRST_TWO: i < 2,
             Rule.FIRST_SIXTEENTH: i < n // 16,
             Rule.MORE_BITS: i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2}[rule]
 
 
-def pick_type(mix_name: str, gguf_name: str, cols: int, n_layers: int, tied: bool) -> str:
+def pick_type(mix_name: str, gguf_name: str, cols: int, n_layers: int, tied: bool, n_gqa: int = 1) -> str:
     """The GGUF type llama.cpp's mix ``mix_name`` gives matrix ``gguf_name`` with rows of ``cols``."""
     mix = mix_for(mix_name)
     if mix.base in ("F16", "F32"):
@@ -122,7 +124,7 @@ def pick_type(mix_name: str, gguf_name: str, cols: int, n_layers: int, tied: boo
         qtype = "Q8_0" if cols % 256 or mix.base == "Q8_0" else "Q6_K"
     elif kind in ("attn_v", "ffn_down"):
         rule, hi, otherwise = mix.attn_v if kind == "attn_v" else mix.ffn_down
-        qtype = hi if _rule_applies(rule, layer, n_layers) else (otherwise or mix.base)
+        qtype = hi if _rule_applies(rule, layer, n_layers, n_gqa) else (otherwise or mix.base)
     elif kind == "attn_output" and mix.attn_output:
         qtype = mix.attn_output
     if cols % get_type(qtype).block_size:
@@ -165,10 +167,10 @@ def encode_exact(qt: QuantizedTensor) -> tuple[str, np.ndarray, float]:
     if name == "Q8_0":
         body = [half_bytes(d), (q - offset).astype(np.int8).view(np.uint8)]
     elif qt.zero is None:  # Q4_0 / Q5_0: w = d * (q - offset), offset = the symmetric midpoint
-        body = [half_bytes(d), *_pack_legacy(q, qt.spec.bits)]
+        body = [half_bytes(d), *pack_legacy(q, qt.spec.bits)]
     else:  # Q4_1 / Q5_1: w = d * q + m
         m = (-qt.zero.numpy().reshape(-1).astype(np.float64) * d).astype(np.float32)
-        body = [half_bytes(d), half_bytes(m), *_pack_legacy(q, qt.spec.bits)]
+        body = [half_bytes(d), half_bytes(m), *pack_legacy(q, qt.spec.bits)]
     data = np.concatenate(body, axis=1).reshape(rows, -1)
     err = np.abs(decode(data, name, (rows, cols)) - qt.dequantize().numpy()).max(initial=0.0)
     return name, data, float(err)
@@ -341,6 +343,15 @@ def gguf_origin(source: Any, report: dict) -> Path | None:
 def activation_importance(model: str | Path, tokens: int = 4096, seq_len: int = 512) -> dict[str, np.ndarray]:
     """llama.cpp's imatrix: per linear layer (HF weight name), the mean squared input activation of
     each input channel over ``tokens`` tokens of the shipped calibration text (State of the Union)."""
+    return calibration_statistics(model, tokens, seq_len)[0]
+
+
+def calibration_statistics(model: str | Path, tokens: int = 4096, seq_len: int = 512, hessians: bool = False,
+                           ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """One forward pass over ``tokens`` tokens of the shipped calibration text (State of the Union):
+    (imatrix: HF weight name -> mean squared input activation per input channel,
+     hessians: HF weight name -> X^T X / tokens (float32 [in, in]) of the decoder blocks' linears,
+     empty unless ``hessians``). The imatrix is the Hessian's diagonal."""
     from importlib.resources import files
 
     from bitsmith.io.load import load_model
@@ -349,13 +360,17 @@ def activation_importance(model: str | Path, tokens: int = 4096, seq_len: int = 
     text = files("bitsmith.data").joinpath("sotu_calibration.txt").read_text(encoding="utf-8")
     ids = torch.tensor(loaded.tokenizer(text).input_ids[:tokens])  # [T]
     sums: dict[str, torch.Tensor] = {}
+    grams: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # [tokens, in]
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            x = args[0].detach().reshape(-1, args[0].shape[-1])  # [tokens, in]
+            sums[name] = sums.get(name, 0) + (x.double() ** 2).sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
+            if hessians and ".layers." in name:
+                xf = x.float()
+                grams[name] = grams.get(name, 0) + xf.T @ xf
         return record
 
     handles = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in loaded.model.named_modules()
@@ -367,7 +382,55 @@ def activation_importance(model: str | Path, tokens: int = 4096, seq_len: int = 
     finally:
         for h in handles:
             h.remove()
-    return {n: (sums[n] / counts[n]).float().numpy() for n in sums}
+    imat = {n: (sums[n] / counts[n]).float().numpy() for n in sums}
+    return imat, {n: grams[n] / counts[n] for n in grams}
+
+
+def gptq_encode(weights: np.ndarray, hessian: torch.Tensor, qtype: str, importance: np.ndarray | None = None,
+                damp: float = 0.01, block: int = 128) -> np.ndarray:
+    """GGUF blocks of ``qtype`` for weights (rows, cols), with GPTQ error feedback on llama.cpp's own grid.
+
+    Columns are quantized left to right; the rounding error of each is spread over the columns not
+    yet quantized through the inverse Hessian ``hessian`` (cols, cols) = E[x x^T] of the layer's
+    input, as GPTQ does. The grid (block scales and mins) of each GGUF block is chosen when the
+    sweep reaches it, by the type's own (importance-weighted) encoder run on the weights as the
+    feedback has updated them; the levels are then GPTQ's and are written into those blocks
+    (:mod:`bitsmith.formats.ggml_grid`), so the file is plain ``qtype`` for every reader."""
+    from bitsmith.formats.ggml_grid import grid, with_levels
+
+    t = get_type(qtype)
+    rows, cols = weights.shape
+    size = t.block_size
+    w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).clone()  # [R, C]
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diag(h).mean() * torch.eye(cols, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()  # [C, C]
+    out = np.empty((rows, cols // size, t.type_size), np.uint8)
+    levels = np.empty((rows, cols), np.int32)
+    step = size * max(1, block // size)
+    g = None
+    for i1 in range(0, cols, step):
+        i2 = min(i1 + step, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % size == 0:  # a new GGUF block: fit its scales to the weights as updated so far
+                data = encode(w1[:, i:i + size].numpy(), qtype, None if importance is None else importance[col:col + size])
+                out[:, col // size] = data
+                g = grid(data, qtype)
+            q, val = g.quantize(w1[:, i].numpy(), col % size)
+            levels[:, col] = q
+            e = (w1[:, i] - torch.from_numpy(val)) / h1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    for b in range(cols // size):
+        out[:, b] = with_levels(out[:, b], qtype, levels[:, b * size:(b + 1) * size])
+    return out.reshape(rows, -1)
 
 
 # ------------------------------------------------------------------------------ the exporter
@@ -391,13 +454,17 @@ class GGUFExport:
 
 
 def _encode_tensor(gname: str, values: np.ndarray, qtype: str, imp: np.ndarray | None, naming: Naming,
-                   reference: np.ndarray | None = None) -> tuple[np.ndarray, TensorExport, str]:
+                   reference: np.ndarray | None = None, hessian: torch.Tensor | None = None,
+                   ) -> tuple[np.ndarray, TensorExport, str]:
     """Encode float values (HF layout) as ``qtype`` in GGUF layout, with the error it adds."""
     values = naming.fix_rows(gname, naming.fix_values(gname, values.astype(np.float32)))
     ref = values if reference is None else naming.fix_rows(gname, reference)
     if values.ndim < 2 or qtype == "F32":
         return values, TensorExport(gname, "F32", "copied", math.inf, 0.0), "F32"
-    data = encode(values, qtype, imp)
+    if hessian is not None and qtype not in ("F16", "F32", "BF16"):
+        data = gptq_encode(values, hessian, qtype, imp)
+    else:
+        data = encode(values, qtype, imp)
     back = decode(data, qtype, values.shape)
     route = "copied" if qtype in ("F16", "F32") else "quantized" if reference is None else "requantized"
     err = TensorExport(gname, qtype, route, sqnr_db(torch.from_numpy(ref), torch.from_numpy(back)),
@@ -406,16 +473,18 @@ def _encode_tensor(gname: str, values: np.ndarray, qtype: str, imp: np.ndarray |
 
 
 def export_gguf(model: str | Path, out: str | Path, qtype: str | None = None, *, importance: bool = True,
-                calibration_tokens: int = 4096, overwrite: bool = False,
+                calibration_tokens: int = 4096, error_feedback: bool = False, overwrite: bool = False,
                 progress: Callable[[str, int, int], None] | None = None) -> GGUFExport:
     """Write ``model`` (a bitsmith checkpoint, HF folder, GGUF file or alias) as a GGUF file at ``out``.
 
     qtype: a llama.cpp type or mix (:data:`MIXES`). For a checkpoint, None keeps every layer whose
-    spec has an exact GGUF type (:data:`EXACT_TYPES`) as it is; for other models it is required."""
+    spec has an exact GGUF type (:data:`EXACT_TYPES`) as it is; for other models it is required.
+    error_feedback (route (b) only): GPTQ on the GGUF grid for the decoder blocks' matrices
+    (:func:`gptq_encode`), with Hessians from the same calibration tokens as the importance."""
     import gguf
 
     from bitsmith.io.checkpoint import read_info
-    from bitsmith.io.load import _quantized_tensors
+    from bitsmith.io.load import quantized_tensors
     from bitsmith.models import open_source
 
     out = Path(out)
@@ -429,18 +498,25 @@ def export_gguf(model: str | Path, out: str | Path, qtype: str | None = None, *,
         qtype = qtype.upper()
         mix_for(qtype)
     naming = Naming.for_config(source.config)
-    quantized = _quantized_tensors(source.path, info) if info else {}
+    quantized = quantized_tensors(source.path, info) if info else {}
     if qtype is None:
         missing = sorted({str(qt.spec) for qt in quantized.values() if exact_type(qt.spec) is None})
         if missing:
             raise ExportError(f"{', '.join(missing)} has no exact GGUF type (exact: {', '.join(EXACT_TYPES)}); "
                               "pass --type (e.g. Q4_K_M or Q8_0) to re-quantize into a GGUF type")
-    imat = {}
-    if info is None and importance and qtype not in ("F16", "F32", "Q8_0"):
-        imat = activation_importance(model, calibration_tokens)
+    imat: dict[str, np.ndarray] = {}
+    hess: dict[str, torch.Tensor] = {}
+    if error_feedback and info is not None:
+        raise ExportError("error feedback (GPTQ) applies when quantizing from unquantized weights; "
+                          f"{model} is a bitsmith checkpoint: export it without it, or quantize it with --method gptq")
+    if info is None and qtype not in ("F16", "F32") and (error_feedback or (importance and qtype != "Q8_0")):
+        imat, hess = calibration_statistics(model, calibration_tokens, hessians=error_feedback)
+        if not importance:
+            imat = {}
     names = source.tensor_names()
     tied = "lm_head.weight" not in names and "lm_head" not in quantized
     n_layers = source.config.num_hidden_layers
+    n_gqa = source.config.num_attention_heads // (getattr(source.config, "num_key_value_heads", None) or source.config.num_attention_heads)
     origin = gguf_origin(source, info.report if info else {})
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -471,7 +547,7 @@ def export_gguf(model: str | Path, out: str | Path, qtype: str | None = None, *,
                 log.warning("%s has no GGUF name in %s; left out", name, naming.arch_name)
                 continue
             if module in quantized and part == "qweight":
-                data, res, used = _export_quantized(gname, quantized[module], qtype, naming, n_layers, tied)
+                data, res, used = _export_quantized(gname, quantized[module], qtype, naming, n_layers, tied, n_gqa)
             else:
                 values = source.load_tensor(name).numpy()
                 if values.ndim < 2:
@@ -479,8 +555,9 @@ def export_gguf(model: str | Path, out: str | Path, qtype: str | None = None, *,
                 elif info is not None:  # a tensor the checkpoint kept unquantized: write it as stored
                     used = "F16" if source.source_dtype(name) in ("f16", "bf16") else "F32"
                 else:
-                    used = pick_type(qtype, gname, values.shape[-1], n_layers, tied)
-                data, res, used = _encode_tensor(gname, values, used, imat.get(name) if used not in ("F16", "F32") else None, naming)
+                    used = pick_type(qtype, gname, values.shape[-1], n_layers, tied, n_gqa)
+                data, res, used = _encode_tensor(gname, values, used, imat.get(name) if used not in ("F16", "F32") else None,
+                                                 naming, hessian=hess.get(name))
             _add_tensor(writer, gname, data, used)
             results.append(res)
             types[used] = types.get(used, 0) + (data.size if data.ndim > 1 else 0)
@@ -500,10 +577,10 @@ def export_gguf(model: str | Path, out: str | Path, qtype: str | None = None, *,
 
 
 def _export_quantized(gname: str, qt: QuantizedTensor, qtype: str | None, naming: Naming, n_layers: int,
-                      tied: bool) -> tuple[np.ndarray, TensorExport, str]:
+                      tied: bool, n_gqa: int = 1) -> tuple[np.ndarray, TensorExport, str]:
     """A checkpoint layer: its codes as they are when a GGUF type holds them, else re-quantized."""
     exact = exact_type(qt.spec)
-    target = exact if qtype is None else pick_type(qtype, gname, qt.shape[1], n_layers, tied)
+    target = exact if qtype is None else pick_type(qtype, gname, qt.shape[1], n_layers, tied, n_gqa)
     if exact is not None and exact == target:
         rows = naming.fix_rows(gname, np.arange(qt.shape[0]))  # permute codes, scales and zeros alike
         idx = torch.from_numpy(rows)

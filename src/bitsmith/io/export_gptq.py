@@ -134,7 +134,7 @@ def export_gptq(checkpoint: str | Path, out: str | Path, fmt: GPTQFormat = GPTQF
     from safetensors.torch import save_file
 
     from bitsmith.io.checkpoint import read_info, shard_files
-    from bitsmith.io.load import _quantized_tensors
+    from bitsmith.io.load import quantized_tensors
 
     folder, out = Path(checkpoint), Path(out)
     info = read_info(folder) if folder.is_dir() else None
@@ -146,7 +146,7 @@ def export_gptq(checkpoint: str | Path, out: str | Path, fmt: GPTQFormat = GPTQF
     if len({(s.bits, s.group_size, s.symmetric) for s in info.specs.values()}) > 1:
         raise GPTQError(f"the checkpoint mixes specs ({', '.join(sorted(specs))}); GPTQ's quantization_config holds one")
     spec = next(iter(info.specs.values()))
-    quantized = _quantized_tensors(folder, info)
+    quantized = quantized_tensors(folder, info)
     state: dict[str, torch.Tensor] = {}
     report: dict[str, dict] = {}
     for module, qt in quantized.items():

@@ -1,5 +1,10 @@
-"""Read a GPTQ safetensors folder (``quantization_config.quant_method == "gptq"``, no act-order) as
-bitsmith quantized layers, losslessly: see :mod:`bitsmith.io.export_gptq` for the layout."""
+"""Read a GPTQ safetensors folder (``quantization_config.quant_method == "gptq"``) as bitsmith
+quantized layers, losslessly: see :mod:`bitsmith.io.export_gptq` for the layout.
+
+Act-order folders (``desc_act``: ``g_idx`` assigns input channels to groups out of order) are read
+too: sorting the channels by group makes every group contiguous, so the layer is a bitsmith
+QuantizedTensor over the sorted channels, run by :class:`InputPermuted`, which gathers the input's
+channels in that order first (``y = x[..., perm] W_sorted^T``): the same products, no rounding."""
 
 from __future__ import annotations
 
@@ -23,8 +28,39 @@ def read_gptq_config(folder: Path) -> dict | None:
     return qc if qc.get("quant_method") == "gptq" else None
 
 
-def load_gptq_folder(path: str | Path) -> tuple[dict, dict[str, QuantizedTensor], dict[str, torch.Tensor]]:
-    """(config.json as a dict, module name -> QuantizedTensor, every other tensor by name)."""
+class InputPermuted(torch.nn.Module):
+    """``inner(x[..., perm])``: a GPTQ act-order layer as a QuantLinear over group-sorted channels."""
+
+    def __init__(self, inner: torch.nn.Module, perm: torch.Tensor) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("perm", perm.long(), persistent=False)
+        self.in_features, self.out_features = perm.numel(), getattr(inner, "out_features", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.index_select(-1, self.perm))
+
+
+def gptq_layer(tensors: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
+               fmt: GPTQFormat = GPTQFormat.V1) -> tuple[QuantizedTensor, torch.Tensor | None]:
+    """One GPTQ layer: (QuantizedTensor, None) without act-order; with it, the tensor over the
+    input channels sorted by group and the permutation ``perm`` (sorted channel j = channel perm[j])."""
+    in_features = tensors["qweight"].shape[0] * 32 // bits
+    group = in_features if group_size in (-1, None) else group_size
+    g_idx = tensors.get("g_idx")
+    plain = torch.arange(in_features) // group
+    if g_idx is None or torch.equal(g_idx.long(), plain):
+        return from_gptq(tensors, bits, group_size, sym, fmt), None
+    perm = torch.argsort(g_idx.long(), stable=True)
+    if not torch.equal(g_idx.long()[perm], plain):
+        raise GPTQError(f"g_idx assigns groups of unequal size (group size {group}); the GPTQ folder is corrupt")
+    qt = from_gptq({k: v for k, v in tensors.items() if k != "g_idx"}, bits, group_size, sym, fmt)
+    return QuantizedTensor(qt.codes[:, perm].contiguous(), qt.scale, qt.zero, qt.spec), perm
+
+
+def load_gptq_folder(path: str | Path) -> tuple[dict, dict[str, tuple[QuantizedTensor, torch.Tensor | None]], dict[str, torch.Tensor]]:
+    """(config.json as a dict, module name -> (QuantizedTensor, act-order permutation or None),
+    every other tensor by name)."""
     from safetensors import safe_open
 
     from bitsmith.io.checkpoint import shard_files
@@ -33,8 +69,6 @@ def load_gptq_folder(path: str | Path) -> tuple[dict, dict[str, QuantizedTensor]
     qc = read_gptq_config(folder)
     if qc is None:
         raise GPTQError(f"{folder} is not a GPTQ folder (config.json has no quantization_config with quant_method 'gptq')")
-    if qc.get("desc_act"):
-        raise GPTQError(f"{folder} was quantized with act-order (desc_act: true); bitsmith reads GPTQ without act-order only")
     try:
         fmt = GPTQFormat(qc.get("checkpoint_format", "gptq"))
     except ValueError:
@@ -54,6 +88,6 @@ def load_gptq_folder(path: str | Path) -> tuple[dict, dict[str, QuantizedTensor]
         missing = [p for p in _PARTS[:3] if p not in tensors]
         if missing:
             raise GPTQError(f"{module} in {folder} lacks {', '.join(missing)}; the GPTQ folder is incomplete, download it again")
-        quantized[module] = from_gptq(tensors, int(qc["bits"]), int(qc.get("group_size", -1)), bool(qc.get("sym", True)), fmt)
+        quantized[module] = gptq_layer(tensors, int(qc["bits"]), int(qc.get("group_size", -1)), bool(qc.get("sym", True)), fmt)
     config = json.loads((folder / "config.json").read_text())
     return config, quantized, others
