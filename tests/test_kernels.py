@@ -227,3 +227,40 @@ def test_generate_fast_path_equals_reference_path(tmp_path, monkeypatch: pytest.
         loaded = load_model(ckpt)
         runs[choice] = generate(loaded.model, loaded.tokenizer, "the cat sat", max_new_tokens=12, stop_at_eos=False).token_ids
     assert len(runs["auto"]) == 12 and runs["auto"] == runs["reference"]
+
+
+@needs_native
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(4, 128, True), QuantSpec(8, None), QuantSpec(3, 64), QuantSpec(2, 32)], ids=str)
+@pytest.mark.parametrize("inp", [96, 200, 1001])
+def test_fused_kernels_match_each_reference(spec: QuantSpec, inp: int) -> None:
+    """q/k/v-style fusion: one call equals the concatenated references, and every member kernel,
+    now reading row views of the fused buffer, still equals its own reference and round-trips."""
+    from bitsmith.kernels.cpu import fusable, fuse_native
+
+    gen = torch.Generator().manual_seed(inp + spec.bits)
+    qts = [random_qt(out, inp, spec, gen) for out in (24, 8, 8)]
+    kernels = [prepare(qt) for qt in qts]
+    assert fusable(kernels)
+    fused = fuse_native(kernels)
+    for rows in (1, 3, GEMV_MAX_ROWS + 5):  # decode and the blocked prefill path
+        x = torch.randn(rows, inp, generator=gen)
+        refs = [reference_linear(x, qt) for qt in qts]
+        assert rel_err(fused(x), torch.cat(refs, -1)) < RTOL
+        for kernel, ref in zip(kernels, refs):
+            assert rel_err(kernel(x), ref) < RTOL
+    for kernel, qt in zip(kernels, qts):
+        state, want = kernel.to_state("m"), qt.to_state("m")
+        assert all(torch.equal(state[k], want[k]) for k in want)
+        assert state["m.qweight"].untyped_storage().data_ptr() != fused.qweight.untyped_storage().data_ptr()  # a copy
+    assert not fusable([kernels[0], prepare(random_qt(8, inp + 8, spec, gen))])  # other input width
+
+
+@needs_native
+def test_eight_bit_codes_are_shared_not_copied() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for inp, shared in ((64, True), (61, False)):  # whole runs of 8 codes: the codes are the packed layout
+        qt = random_qt(12, inp, QuantSpec(8, 32), gen)
+        kernel = prepare(qt)
+        assert (kernel.qweight.data_ptr() == qt.codes.data_ptr()) == shared
+        x = torch.randn(2, inp, generator=gen)
+        assert rel_err(kernel(x), reference_linear(x, qt)) < RTOL

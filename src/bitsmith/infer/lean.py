@@ -294,6 +294,16 @@ def _identity(model: nn.Module) -> tuple[int, ...]:
     return (hooks, *(id(m) for m in modules), *(id(p) for p in model.parameters()))
 
 
+def _release_freed_memory() -> None:
+    """glibc keeps freed heap pages mapped; malloc_trim returns them so RSS shows what is live."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def lean_runner(model: nn.Module, max_len: int) -> LeanRunner | None:
     """A runner with a cache for ``max_len`` positions, or None (reason logged once) when the model
     is outside the lean path. The plan is read once per model and reused."""
@@ -304,6 +314,7 @@ def lean_runner(model: nn.Module, max_len: int) -> LeanRunner | None:
         try:
             with torch.no_grad():
                 plan = lean_plan(model)
+            _release_freed_memory()  # fusion replaced many buffers: hand the freed pages back
         except LeanUnsupported as err:
             plan = str(err)
             log.info("lean inference path not used for %s: %s; using the Hugging Face forward", type(model).__name__, err)

@@ -1,0 +1,370 @@
+"""Decode and prefill speed of bitsmith next to llama.cpp, against this machine's memory-bandwidth bound.
+
+One command prints the whole table:
+
+    python bench/speed.py                          # smollm2-135m and qwen2.5-coder-1.5b, 2 threads
+    python bench/speed.py --models smollm2-135m    # a subset
+
+For each model: bitsmith fp32, bf16, w8, w4g128 and w4g32 (``generate`` on the lean path: a
+``--prompt``-token prompt, then ``--new`` greedy tokens, batch 1), each in its own subprocess so its
+peak RSS is its own; then llama.cpp's ``llama-bench`` on the same weights at F16, Q8_0, Q4_0 and
+Q4_K_M with the same thread count. The exact llama.cpp commands are printed.
+
+The bound: decode reads every weight of every matmul once per token, so ``bandwidth / weight bytes
+per token`` is the fastest possible decode; each decode figure is also given as a fraction of it.
+Bandwidth is measured here (best read rate of a 1 GB float32 tensor summed with the same threads).
+
+Peak RSS is the process's high-water mark while generating (reset after loading through
+/proc/self/clear_refs), shown against the packed size (checkpoint tensor bytes, or the float weights)
+plus the KV cache, and also as the growth over the process before the model was loaded (python, torch
+and transformers alone take a few hundred MB).
+
+Made once and cached under ``--cache`` (default /tmp/bitsmith-speed): the bitsmith checkpoints (RTN,
+no clip search: speed does not depend on the rounding; the tied embedding/head at w8, the layers at the
+variant's spec) and the GGUFs (``llama-quantize --allow-requantize`` of the alias's own GGUF to F16,
+then F16 -> Q8_0 / Q4_0 / Q4_K_M, i.e. the same weights as bitsmith's fp32 model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LLAMA_BIN = Path("/tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin")
+MODELS = ["smollm2-135m", "qwen2.5-coder-1.5b"]
+VARIANTS = ["fp32", "bf16", "w8", "w4g128", "w4g32"]
+GGUF_TYPES = ["F16", "Q8_0", "Q4_0", "Q4_K_M"]
+TEXT = Path("/work/shared/data/dev/austen_pride_and_prejudice.txt")
+
+
+# ----------------------------------------------------------------------------- one bitsmith run (child)
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _weight_bytes_per_token(model) -> int:
+    """Bytes of every matmul weight one decode step reads (the head included, embedding lookups not)."""
+    import torch
+
+    from bitsmith.nn.qlinear import QuantLinear
+
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            tensors = list(module._kernel.to_state("x").values()) if not getattr(module._kernel, "_shared", False) else [
+                module._kernel.qweight, module._kernel.scale] + ([module._kernel.zero] if module._kernel.zero is not None else [])
+        elif isinstance(module, torch.nn.Linear):
+            tensors = [module.weight]
+        else:
+            continue
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _resident_tensor_bytes(model) -> int:
+    """Bytes of every tensor the loaded model keeps (parameters, buffers, packed kernel tensors,
+    quantized embedding codes), each storage once: what RSS would be with nothing else around."""
+    from bitsmith.nn.qembedding import QuantEmbedding
+    from bitsmith.nn.qlinear import QuantLinear
+
+    seen, total = set(), 0
+
+    def add(t) -> None:
+        nonlocal total
+        if t is not None and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+
+    for mod in model.modules():
+        for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]:
+            add(t)
+        if isinstance(mod, QuantLinear):
+            for t in (mod._kernel.qweight, mod._kernel.scale, getattr(mod._kernel, "zero", None)):
+                add(t)
+        if isinstance(mod, QuantEmbedding):
+            for t in (mod.qt.codes, mod.qt.scale, mod.qt.zero):
+                add(t)
+    return total
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from bitsmith.infer.generate import generate
+    from bitsmith.io.load import load_model
+
+    base_rss = _rss_mb("VmRSS")
+    source = args.child_model
+    if args.child_variant in ("fp32", "bf16"):
+        loaded = load_model(source, dtype=torch.float32 if args.child_variant == "fp32" else torch.bfloat16)
+        packed = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    else:
+        loaded = load_model(args.child_path)
+        packed = sum(f.stat().st_size for f in Path(args.child_path).glob("*.safetensors"))
+    model, tok = loaded.model, loaded.tokenizer
+    ids = tok(TEXT.read_text(encoding="utf-8")[: 8 * args.prompt])["input_ids"][: args.prompt]
+    prompt = tok.decode(ids)
+    # warm-up: kernel builds, allocator, thread pool
+    generate(model, tok, prompt[:200], max_new_tokens=4, stop_at_eos=False, lean=not args.hf)
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed loader buffers back to the OS: RSS shows what is live
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the RSS high-water mark: the peak below is generation's own
+    except OSError:
+        pass
+    before = _rss_mb("VmRSS")
+    result = generate(model, tok, prompt, max_new_tokens=args.new, stop_at_eos=False, lean=not args.hf)
+    peak = _rss_mb("VmHWM")
+    from bitsmith.infer.lean import lean_plan
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_dtype_bytes = 2 if args.child_variant == "bf16" else 4
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * (result.prompt_tokens + args.new) * kv_dtype_bytes
+    print("RESULT " + json.dumps({
+        "prompt_tokens": result.prompt_tokens, "new_tokens": result.new_tokens,
+        "prefill_tok_s": result.prefill_tok_s, "decode_tok_s": result.decode_tok_s,
+        "weight_bytes": _weight_bytes_per_token(model), "packed_bytes": packed, "kv_bytes": kv,
+        "peak_rss_mb": peak, "rss_before_mb": before, "base_rss_mb": base_rss,
+        "resident_bytes": _resident_tensor_bytes(model),
+    }), flush=True)
+    del lean_plan
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+def checkpoint(cache: Path, model: str, variant: str) -> Path:
+    """A bitsmith checkpoint of ``model`` at ``variant`` (made once): layers at the spec, the tied
+    embedding/head at w8 (as llama.cpp keeps its output at 6-8 bits)."""
+    path = cache / f"{model}-{variant}"
+    if (path / "bitsmith.json").exists() or any(path.glob("*.safetensors")):
+        return path
+    from bitsmith.models import embedding_and_head_names, open_source
+    from bitsmith.pipeline.quantize import QuantizeConfig, meta_model, quantize_model
+    from bitsmith.spec import QuantSpec
+
+    source = open_source(model)
+    emb, head = embedding_and_head_names(meta_model(source.config))
+    tied = getattr(source.config, "tie_word_embeddings", False)
+    w8 = QuantSpec.parse("w8")
+    layer_specs = {emb.removesuffix(".weight"): w8} if tied else {(head or "lm_head.weight").removesuffix(".weight"): w8}
+    config = QuantizeConfig(QuantSpec.parse(variant), options={"clip_search": False}, quantize_embeddings=tied,
+                            quantize_head=not tied, layer_specs=layer_specs)
+    print(f"[prepare] quantizing {model} -> {path} (once)", file=sys.stderr, flush=True)
+    quantize_model(model, path, config, overwrite=True)
+    return path
+
+
+def ggufs(cache: Path, model: str, types: list[str]) -> dict[str, Path]:
+    """llama.cpp files of the alias's weights: requantized to F16 once, then F16 -> each type."""
+    from bitsmith.models import open_source
+
+    folder = cache / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    f16 = folder / f"{model}-F16.gguf"
+    quantize = str(LLAMA_BIN / "llama-quantize")
+    if not f16.exists():
+        src = open_source(model).path
+        tmp = f16.with_suffix(".tmp")
+        subprocess.run([quantize, "--allow-requantize", str(src), str(tmp), "F16", "2"], check=True, capture_output=True)
+        tmp.rename(f16)
+    out = {}
+    for t in types:
+        path = folder / f"{model}-{t}.gguf"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            subprocess.run([quantize, str(f16), str(tmp), t, "2"], check=True, capture_output=True)
+            tmp.rename(path)
+        out[t] = path
+    return out
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes of the matmul weights a decode step reads: every 2-D tensor, but the token embedding
+    only when it doubles as the output (no output.weight)."""
+    from bitsmith.io.inspect_gguf import inspect_gguf
+
+    tensors = inspect_gguf(path).tensors
+    has_output = any(t.name == "output.weight" for t in tensors)
+    total = 0.0
+    for t in tensors:
+        if len(t.shape) != 2 or (t.name == "token_embd.weight" and has_output):
+            continue
+        total += t.numel * t.bits_per_weight / 8
+    return int(total)
+
+
+# ----------------------------------------------------------------------------- measurements (parent)
+
+
+def bandwidth_gbs(threads: int) -> float:
+    """Best read bandwidth: sum a 1 GB float32 tensor (far larger than any cache)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(256 << 20)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    del x
+    return (1 << 30) / best / 1e9
+
+
+def run_bitsmith(args: argparse.Namespace, model: str, variant: str, path: Path | None) -> dict | None:
+    cmd = [sys.executable, __file__, "--child-model", model, "--child-variant", variant, "--threads", str(args.threads),
+           "--prompt", str(args.prompt), "--new", str(args.new)]
+    if path is not None:
+        cmd += ["--child-path", str(path)]
+    if args.hf:
+        cmd += ["--hf"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    print(f"[bitsmith {model} {variant}] failed:\n{done.stderr[-1500:]}", file=sys.stderr)
+    return None
+
+
+def run_llamacpp(args: argparse.Namespace, path: Path) -> tuple[dict | None, str]:
+    cmd = [str(LLAMA_BIN / "llama-bench"), "-m", str(path), "-p", str(args.prompt), "-n", str(args.new),
+           "-t", str(args.threads), "-r", str(args.reps), "-o", "json"]
+    shown = " ".join(cmd)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"[llama-bench] failed: {done.stderr[-800:]}", file=sys.stderr)
+        return None, shown
+    rows = json.loads(done.stdout)
+    out = {}
+    for row in rows:
+        if row.get("n_prompt", 0) > 0 and row.get("n_gen", 0) == 0:
+            out["prefill_tok_s"] = row["avg_ts"]
+        elif row.get("n_gen", 0) > 0:
+            out["decode_tok_s"] = row["avg_ts"]
+    return out, shown
+
+
+def _memory(r: dict) -> list[str] | None:
+    """packed+KV, resident tensors, RSS growth while generating, their ratio, whole-process peak (MB)."""
+    if "packed_bytes" not in r:
+        return None
+    need = (r["packed_bytes"] + r["kv_bytes"]) / 1e6
+    tensors = r["resident_bytes"] / 1e6
+    growth = max(r["peak_rss_mb"] - r["rss_before_mb"], 0.0) * 1.048576
+    return [f"{need:.0f}", f"{tensors:.0f}", f"{growth:.0f}", f"{(tensors + growth) / need:.2f}", f"{r['peak_rss_mb'] * 1.048576:.0f}"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--gguf-types", default=",".join(GGUF_TYPES))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--reps", type=int, default=2, help="llama-bench repetitions")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/bitsmith-speed"))
+    p.add_argument("--no-llamacpp", action="store_true")
+    p.add_argument("--prepare-only", action="store_true", help="make the checkpoints and GGUFs, measure nothing")
+    p.add_argument("--hf", action="store_true", help="bitsmith on the Hugging Face forward instead of the lean path")
+    p.add_argument("--child-model", help=argparse.SUPPRESS)
+    p.add_argument("--child-variant", help=argparse.SUPPRESS)
+    p.add_argument("--child-path", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child_model:
+        child(args)
+        return 0
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    types = [t.strip() for t in args.gguf_types.split(",") if t.strip()]
+    llamacpp = not args.no_llamacpp and (LLAMA_BIN / "llama-bench").exists()
+    if not args.no_llamacpp and not llamacpp:
+        print(f"llama-bench not found in {LLAMA_BIN}; llama.cpp rows skipped", file=sys.stderr)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    paths = {(m, v): checkpoint(args.cache, m, v) for m in models for v in variants if v not in ("fp32", "bf16")}
+    files = {m: ggufs(args.cache, m, types) for m in models} if llamacpp else {}
+    if args.prepare_only:
+        return 0
+
+    start = time.time()
+    load_start = os.getloadavg()
+    bw = bandwidth_gbs(args.threads)
+    rows, commands = [], []
+    for m in models:
+        for v in variants:
+            r = run_bitsmith(args, m, v, paths.get((m, v)))
+            if r is not None:
+                rows.append((m, "bitsmith" + (" (HF fwd)" if args.hf else ""), v, r))
+            print(f"[done] {m} bitsmith {v}", file=sys.stderr, flush=True)
+        for t, path in files.get(m, {}).items():
+            r, cmd = run_llamacpp(args, path)
+            commands.append(cmd)
+            if r is not None:
+                r["weight_bytes"] = gguf_weight_bytes(path)
+                rows.append((m, "llama.cpp", t, r))
+            print(f"[done] {m} llama.cpp {t}", file=sys.stderr, flush=True)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"batch 1, {args.prompt}-token prompt then {args.new} new tokens, {args.threads} threads; "
+                        f"read bandwidth {bw:.1f} GB/s")
+    for col in ("model", "engine", "weights", "MB/token", "prefill tok/s", "decode tok/s", "bound tok/s",
+                "of bound", "packed+KV MB", "tensors MB", "gen. growth MB", "mem/(packed+KV)", "peak RSS MB"):
+        table.add_column(col, justify="left" if col in ("model", "engine", "weights") else "right")
+    for m, engine, v, r in rows:
+        bound = bw * 1e9 / r["weight_bytes"]
+        mem = _memory(r)
+        table.add_row(m, engine, v, f"{r['weight_bytes'] / 1e6:.0f}", f"{r.get('prefill_tok_s', float('nan')):.1f}",
+                      f"{r.get('decode_tok_s', float('nan')):.1f}", f"{bound:.1f}", f"{r.get('decode_tok_s', 0) / bound:.0%}",
+                      *(mem if mem else [""] * 5))
+    Console(width=220).print(table)
+
+    def find(m: str, engine: str, v: str) -> dict | None:
+        return next((r for mm, e, vv, r in rows if mm == m and e.startswith(engine) and vv == v), None)
+
+    for m in models:
+        w4, fp32, q40 = find(m, "bitsmith", "w4g128"), find(m, "bitsmith", "fp32"), find(m, "llama.cpp", "Q4_0")
+        if w4 and fp32:
+            print(f"{m}: w4g128 decode / fp32 decode = {w4['decode_tok_s'] / fp32['decode_tok_s']:.2f}x (target >= 3x)")
+        if w4 and q40:
+            print(f"{m}: w4g128 decode / llama.cpp Q4_0 decode = {w4['decode_tok_s'] / q40['decode_tok_s']:.2f}x (target >= 0.8x)")
+        if w4:
+            need, tensors, growth, ratio, peak = _memory(w4)
+            print(f"{m}: w4g128 resident tensors {tensors} MB + growth while generating {growth} MB = {ratio}x packed+KV "
+                  f"({need} MB; target <= 1.3x); whole-process peak RSS {peak} MB, {w4['base_rss_mb']:.0f} MB of it "
+                  "python/torch before loading")
+    if commands:
+        print("llama.cpp commands:")
+        for c in commands:
+            print("  " + c)
+    print(f"load average at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f}; {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
