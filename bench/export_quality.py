@@ -51,13 +51,14 @@ def main() -> int:
     ap.add_argument("--mixes", nargs="+", default=["Q4_K_M", "Q3_K_M", "Q2_K"])
     ap.add_argument("--chunks", type=int, default=16, help="calibration chunks of 512 tokens (default 16)")
     ap.add_argument("--bin", default=DEFAULT_BIN)
+    ap.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default: all, PROTOCOL)")
     ap.add_argument("--variants", nargs="+", default=["llama", "llama+imatrix", "bitsmith imatrix", "bitsmith imatrix+gptq"])
     args = ap.parse_args()
 
     import torch
 
     from bitsmith.eval.perplexity import convention_adds_bos, evaluate, tokenize_text, windows
-    from bitsmith.io.export_gguf import export_gguf
+    from bitsmith.io.export_gguf import calibration_statistics, export_gguf
     from bitsmith.io.load import load_model
 
     torch.set_num_threads(2)
@@ -76,6 +77,7 @@ def main() -> int:
         run([f"{args.bin}/llama-imatrix", "-m", str(ref_gguf), "-f", str(calib), "-c", "512", "--chunks", str(args.chunks),
              "-t", "2", "-o", str(imatrix)])
     files_by_row = []
+    stats = None  # one calibration pass (importance and Hessians) serves every bitsmith file
     for mix in args.mixes:
         for variant in args.variants:
             out = work / f"{mix}-{variant.replace(' ', '_').replace('+', '_')}.gguf"
@@ -86,7 +88,10 @@ def main() -> int:
                 elif variant == "llama+imatrix":
                     run([f"{args.bin}/llama-quantize", "--imatrix", str(imatrix), str(ref_gguf), str(out), mix, "2"])
                 else:
-                    export_gguf(args.model, out, mix, calibration_tokens=tokens, error_feedback=variant.endswith("gptq"))
+                    if stats is None:
+                        stats = calibration_statistics(args.model, tokens, hessians=True)
+                    export_gguf(args.model, out, mix, calibration_tokens=tokens, error_feedback=variant.endswith("gptq"),
+                                calibration=stats)
                 print(f"{out.name}: {time.time() - t0:.0f} s", flush=True)
             files_by_row.append((mix, variant, out))
 
@@ -94,9 +99,10 @@ def main() -> int:
     tok = reference.tokenizer
     text = PROSE.read_text(encoding="utf-8")[:60000]
     wins = windows(tokenize_text(tok, text, add_bos=False), 512, bos=tok.bos_token_id if convention_adds_bos(tok) else None)
+    wins = wins[: args.max_windows] if args.max_windows else wins
     rows = []
     for mix, variant, path in files_by_row:
-        model = load_model(path).model
+        model = load_model(path, dequantize=True).model  # exactly what llama.cpp decodes
         r = evaluate(model, wins, reference.model).as_dict()
         del model
         rows.append((mix, variant, r, path.stat().st_size / 1e6, block_bpw(path)))

@@ -158,3 +158,40 @@ def test_gguf_file_imports_quantized_and_matches_gguf_dequantizer(tmp_path: Path
     assert np.array_equal(q_proj.quantized().dequantize().numpy(), want)
     assert len(loaded.info.specs) >= 2 * 7  # every block matrix of both layers
     torch.testing.assert_close(_logits(loaded.model), _logits(floats.model), rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_file_re_exports_its_blocks_unchanged(tmp_path: Path) -> None:
+    """A Q4_0 GGUF given back to export_gguf keeps its codes: the same bytes for every mapped matrix."""
+    from gguf import GGUFReader
+
+    src = make_tiny_model(tmp_path / "tiny", "llama")
+    first = tmp_path / "a.gguf"
+    export_gguf(src, first, "Q4_0", importance=False)
+    result = export_gguf(first, tmp_path / "b.gguf")
+    assert {t.route for t in result.tensors if t.qtype == "Q4_0"} == {"exact"}
+    a = {t.name: t for t in GGUFReader(str(first)).tensors}
+    b = {t.name: t for t in GGUFReader(str(tmp_path / "b.gguf")).tensors}
+    assert set(a) == set(b)
+    for name, t in a.items():
+        assert t.tensor_type == b[name].tensor_type, name
+        if t.tensor_type.name == "Q4_0":
+            assert np.array_equal(np.asarray(t.data), np.asarray(b[name].data)), name
+
+
+def test_gptq_folder_re_exports_to_gguf_exactly(tmp_path: Path) -> None:
+    src = make_tiny_model(tmp_path / "tiny", "llama")
+    ck = quantize_model(src, tmp_path / "ck", QuantizeConfig(QuantSpec.parse("w4g32s")))
+    export_gptq(ck, tmp_path / "gptq")
+    from_ck = export_gguf(ck, tmp_path / "ck.gguf")
+    from_gptq = export_gguf(tmp_path / "gptq", tmp_path / "gptq.gguf")
+    assert {t.route for t in from_gptq.tensors if t.qtype == "Q4_0"} == {"exact"}
+    from gguf import GGUFReader
+
+    a = {t.name: t for t in GGUFReader(str(tmp_path / "ck.gguf")).tensors}
+    b = {t.name: t for t in GGUFReader(str(tmp_path / "gptq.gguf")).tensors}
+    assert set(a) == set(b)
+    for name, t in a.items():  # the same blocks, tensor by tensor
+        assert t.tensor_type == b[name].tensor_type and np.array_equal(np.asarray(t.data), np.asarray(b[name].data)), name
+    torch.testing.assert_close(_logits(load_model(tmp_path / "gptq.gguf").model), _logits(load_model(ck).model),
+                               rtol=1e-5, atol=1e-5)
+    assert len(from_ck.tensors) == len(from_gptq.tensors)

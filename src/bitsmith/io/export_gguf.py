@@ -362,9 +362,16 @@ def calibration_statistics(model: str | Path, tokens: int = 4096, seq_len: int =
     sums: dict[str, torch.Tensor] = {}
     grams: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    same_input: dict[str, str] = {}  # q/k/v (gate/up) read one tensor: one Gram matrix serves them all
+    # this window's inputs -> (first module that read it, the input kept alive so that no later tensor reuses its address)
+    seen: dict[tuple[int, tuple[int, ...]], tuple[str, torch.Tensor]] = {}
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            key = (args[0].data_ptr(), tuple(args[0].shape))
+            first = same_input.setdefault(name, seen.setdefault(key, (name, args[0]))[0])
+            if first != name:
+                return
             x = args[0].detach().reshape(-1, args[0].shape[-1])  # [tokens, in]
             sums[name] = sums.get(name, 0) + (x.double() ** 2).sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
@@ -378,12 +385,14 @@ def calibration_statistics(model: str | Path, tokens: int = 4096, seq_len: int =
     try:
         with torch.inference_mode():
             for start in range(0, max(len(ids) - 1, 1), seq_len):
+                seen.clear()
                 loaded.model(ids[start:start + seq_len].unsqueeze(0))
     finally:
         for h in handles:
             h.remove()
-    imat = {n: (sums[n] / counts[n]).float().numpy() for n in sums}
-    return imat, {n: grams[n] / counts[n] for n in grams}
+    imat = {n: (sums[f] / counts[f]).float().numpy() for n, f in same_input.items()}
+    mean = {f: g / counts[f] for f, g in grams.items()}
+    return imat, {n: mean[f] for n, f in same_input.items() if f in mean}
 
 
 def gptq_encode(weights: np.ndarray, hessian: torch.Tensor, qtype: str, importance: np.ndarray | None = None,
@@ -474,13 +483,16 @@ def _encode_tensor(gname: str, values: np.ndarray, qtype: str, imp: np.ndarray |
 
 def export_gguf(model: str | Path, out: str | Path, qtype: str | None = None, *, importance: bool = True,
                 calibration_tokens: int = 4096, error_feedback: bool = False, overwrite: bool = False,
+                calibration: tuple[dict[str, np.ndarray], dict[str, torch.Tensor]] | None = None,
                 progress: Callable[[str, int, int], None] | None = None) -> GGUFExport:
     """Write ``model`` (a bitsmith checkpoint, HF folder, GGUF file or alias) as a GGUF file at ``out``.
 
     qtype: a llama.cpp type or mix (:data:`MIXES`). For a checkpoint, None keeps every layer whose
     spec has an exact GGUF type (:data:`EXACT_TYPES`) as it is; for other models it is required.
     error_feedback (route (b) only): GPTQ on the GGUF grid for the decoder blocks' matrices
-    (:func:`gptq_encode`), with Hessians from the same calibration tokens as the importance."""
+    (:func:`gptq_encode`), with Hessians from the same calibration tokens as the importance.
+    calibration: precomputed :func:`calibration_statistics` of ``model`` (to export several mixes
+    from one forward pass); computed here when needed and not given."""
     import gguf
 
     from bitsmith.io.checkpoint import read_info
@@ -492,13 +504,15 @@ def export_gguf(model: str | Path, out: str | Path, qtype: str | None = None, *,
         raise ExportError(f"{out} already exists; choose another --out or pass --overwrite")
     source = open_source(model)
     info = read_info(source.path) if source.kind == "bitsmith" else None
-    if info is None and qtype is None:
-        raise ExportError(f"{model} is not a bitsmith checkpoint, so it needs a target type: pass --type (e.g. Q4_K_M or Q8_0)")
     if qtype is not None:
         qtype = qtype.upper()
         mix_for(qtype)
     naming = Naming.for_config(source.config)
-    quantized = quantized_tensors(source.path, info) if info else {}
+    quantized = quantized_tensors(source.path, info) if info else imported_layers(source, model)
+    from_quantized = info is not None or bool(quantized)  # route (a): a checkpoint, or an imported GPTQ/GGUF model
+    if not from_quantized and qtype is None:
+        raise ExportError(f"{model} is not quantized (not a bitsmith checkpoint, GPTQ folder or GGUF file), so it "
+                          "needs a target type: pass --type (e.g. Q4_K_M or Q8_0)")
     if qtype is None:
         missing = sorted({str(qt.spec) for qt in quantized.values() if exact_type(qt.spec) is None})
         if missing:
@@ -506,11 +520,14 @@ def export_gguf(model: str | Path, out: str | Path, qtype: str | None = None, *,
                               "pass --type (e.g. Q4_K_M or Q8_0) to re-quantize into a GGUF type")
     imat: dict[str, np.ndarray] = {}
     hess: dict[str, torch.Tensor] = {}
-    if error_feedback and info is not None:
+    if error_feedback and from_quantized:
         raise ExportError("error feedback (GPTQ) applies when quantizing from unquantized weights; "
-                          f"{model} is a bitsmith checkpoint: export it without it, or quantize it with --method gptq")
-    if info is None and qtype not in ("F16", "F32") and (error_feedback or (importance and qtype != "Q8_0")):
-        imat, hess = calibration_statistics(model, calibration_tokens, hessians=error_feedback)
+                          f"{model} is already quantized: export it without it, or quantize it with --method gptq")
+    if not from_quantized and qtype not in ("F16", "F32") and (error_feedback or (importance and qtype != "Q8_0")):
+        imat, hess = calibration if calibration is not None else calibration_statistics(
+            model, calibration_tokens, hessians=error_feedback)
+        if not error_feedback:
+            hess = {}
         if not importance:
             imat = {}
     names = source.tensor_names()
@@ -538,22 +555,25 @@ def export_gguf(model: str | Path, out: str | Path, qtype: str | None = None, *,
         types: dict[str, int] = {}
         for i, name in enumerate(names):
             module, _, part = name.rpartition(".")
-            if module in quantized and part in ("scale", "zero", "grid"):
+            if module in quantized and part in ("scale", "zero", "grid", "qzeros", "scales", "g_idx"):
                 continue
-            if module in quantized and part == "qweight":
+            is_quantized = module in quantized and part in ("qweight", "weight")
+            if is_quantized:
                 name = f"{module}.weight"
             gname = naming.gguf_name(name)
             if gname is None:
                 log.warning("%s has no GGUF name in %s; left out", name, naming.arch_name)
                 continue
-            if module in quantized and part == "qweight":
+            if is_quantized:
                 data, res, used = _export_quantized(gname, quantized[module], qtype, naming, n_layers, tied, n_gqa)
             else:
                 values = source.load_tensor(name).numpy()
                 if values.ndim < 2:
                     used = "F32"
-                elif info is not None:  # a tensor the checkpoint kept unquantized: write it as stored
-                    used = "F16" if source.source_dtype(name) in ("f16", "bf16") else "F32"
+                elif from_quantized:  # a tensor the input kept unquantized (or in a type without group codes): as stored
+                    stored = source.source_dtype(name)
+                    used = ("F16" if stored.lower() in ("f16", "bf16") else stored if source.kind == "gguf" and stored != "BF16"
+                            else "F32")
                 else:
                     used = pick_type(qtype, gname, values.shape[-1], n_layers, tied, n_gqa)
                 data, res, used = _encode_tensor(gname, values, used, imat.get(name) if used not in ("F16", "F32") else None,
@@ -574,6 +594,26 @@ def export_gguf(model: str | Path, out: str | Path, qtype: str | None = None, *,
     finally:
         tmp.unlink(missing_ok=True)
     return GGUFExport(out, file_type, tuple(results), str(origin) if origin else "config")
+
+
+def imported_layers(source: Any, model: str | Path) -> dict[str, QuantizedTensor]:
+    """The quantized layers of a GPTQ folder or of a GGUF file given by path (its matrices whose type maps
+    onto bitsmith group codes, :mod:`bitsmith.io.import_gguf`); empty for unquantized models and aliases."""
+    if source.kind == "hf":
+        from bitsmith.io.import_gptq import load_gptq_folder, read_gptq_config
+
+        if read_gptq_config(source.path) is None:
+            return {}
+        _, layers, _ = load_gptq_folder(source.path)
+        if any(perm is not None for _, perm in layers.values()):
+            raise ExportError(f"{source.path} uses GPTQ act-order (a permuted g_idx), whose groups are not contiguous "
+                              "channel ranges as GGUF blocks are; load it with bitsmith (eval, generate) instead")
+        return {name: qt for name, (qt, _) in layers.items()}
+    if source.kind == "gguf" and Path(str(model)).expanduser().is_file():
+        from bitsmith.io.import_gguf import gguf_quantized_tensors
+
+        return gguf_quantized_tensors(source.path)[0]
+    return {}
 
 
 def _export_quantized(gname: str, qt: QuantizedTensor, qtype: str | None, naming: Naming, n_layers: int,
