@@ -1,4 +1,4 @@
-"""bitsmith export CKPT --to gguf|gptq --out PATH [--type Q4_K_M]"""
+"""bitsmith export MODEL --to gguf|gptq --out PATH [--type Q4_K_M] [--gptq]"""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import argparse
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint or model as GGUF (llama.cpp) or GPTQ (transformers, vLLM)")
-    p.add_argument("model", help="bitsmith checkpoint; for --to gguf also a Hugging Face folder, .gguf file or alias")
+    p.add_argument("model", help="bitsmith checkpoint; for --to gguf also a GPTQ folder or .gguf file (re-encoded "
+                                 "from their codes), or an unquantized Hugging Face folder or alias (quantized to --type)")
     p.add_argument("--to", choices=["gguf", "gptq"], required=True, help="target format")
     p.add_argument("--out", required=True, help="output .gguf file (gguf) or folder (gptq)")
     p.add_argument("--type", dest="qtype", default=None,
