@@ -57,3 +57,20 @@ def test_stats_accumulator_is_the_sum_of_outer_products() -> None:
     assert stats.tokens == 25
     torch.testing.assert_close(stats.hessian, flat.T @ flat)
     torch.testing.assert_close(stats.importance, flat.pow(2).mean(0))
+
+
+@pytest.mark.parametrize("width", [512, 700])
+def test_wide_stats_accumulate_the_upper_triangle_exactly(width: int) -> None:
+    """Wide inputs accumulate only H's upper block triangle and mirror it: the same H as the full
+    product (to float32 rounding), exactly symmetric."""
+    torch.manual_seed(1)
+    xs = [torch.randn(3, 40, width) * torch.rand(width) * 3, torch.randn(2, 40, width)]
+    acc = StatsAccumulator(width)
+    for x in xs:
+        acc.add(x.bfloat16())
+    flat = torch.cat([x.bfloat16().float().reshape(-1, width) for x in xs])
+    stats = acc.stats()
+    torch.testing.assert_close(stats.hessian, stats.hessian.T, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(stats.hessian, flat.T @ flat, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(stats.importance, flat.pow(2).mean(0), rtol=1e-5, atol=1e-6)
+    assert stats.tokens == 200

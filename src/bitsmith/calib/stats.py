@@ -3,6 +3,12 @@ per-channel importance mean_t x_t^2 (AWQ / weighted clipping), accumulated batch
 
 The Hessian is a plain sum over tokens (``LayerStats.hessian``'s contract); importance is its
 diagonal over the token count, so it costs nothing extra.
+
+H is symmetric, so wide inputs (``in >= SYMMETRIC_FROM``) accumulate only its upper block triangle:
+with the columns cut into c panels, row panel i is multiplied by the columns from panel i on,
+(c + 1) / 2c of the full product's multiply-adds (62 % at c = 4), and the lower triangle is
+mirrored once when the statistics are read. The blocks are plain float32 GEMMs, as accurate as the
+full product.
 """
 
 from __future__ import annotations
@@ -11,6 +17,9 @@ import torch
 
 from bitsmith.methods import LayerStats
 
+SYMMETRIC_FROM = 512  # inputs at least this wide use the upper-triangle accumulation
+PANELS = 4
+
 
 class StatsAccumulator:
     """Accumulates X^T X over batches of inputs x [..., in] in float32."""
@@ -18,14 +27,23 @@ class StatsAccumulator:
     def __init__(self, in_features: int) -> None:
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32)  # [in, in]
         self.tokens = 0
+        n = in_features
+        self._cuts = ([round(n * i / PANELS) for i in range(PANELS + 1)] if n >= SYMMETRIC_FROM else None)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
-        # addmm into the fp32 sum: one pass, no [in, in] temporary per batch
-        self.hessian.addmm_(x.T, x)
         self.tokens += x.shape[0]
+        if self._cuts is None:
+            # addmm into the fp32 sum: one pass, no [in, in] temporary per batch
+            self.hessian.addmm_(x.T, x)
+            return
+        for a, b in zip(self._cuts, self._cuts[1:]):  # upper block triangle: rows a:b, columns a:
+            self.hessian[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
 
     def stats(self) -> LayerStats:
+        if self._cuts is not None:  # mirror the upper block triangle into the lower one
+            for a, b in zip(self._cuts, self._cuts[1:]):
+                self.hessian[b:, a:b] = self.hessian[a:b, b:].T
+            self._cuts = None  # the full matrix from now on
         importance = self.hessian.diagonal() / max(self.tokens, 1)  # [in], mean x^2
         return LayerStats(hessian=self.hessian, importance=importance.clone(), tokens=self.tokens)
-
