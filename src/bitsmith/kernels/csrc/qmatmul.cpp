@@ -302,6 +302,51 @@ void row_tile(const Weights& w, int64_t o, int64_t t0, const float* x, const flo
   for (int t = 0; t < TT; ++t) y[(t0 + t) * w.out + o] = Vec::sum(total[t]) - offset[t];
 }
 
+// 4-bit rows made only of whole groups that are whole 32-blocks (group % 32 == 0, in % group == 0):
+// the common case (w4g32, w4g128) without the general path's per-group dispatch and tail handling.
+// One fresh FMA chain per group, scaled into two alternating totals (so consecutive groups do not
+// wait on each other); the zero-point term sum_g scale*zero*xsum is a separate loop over groups.
+template <int TT>
+void row_tile4(const Weights& w, int64_t o, int64_t t0, const float* xp, const float* xsum, const float* sc,
+               const float* zr, float* y) {
+  const float* xpr[TT];
+  vf total[2 * TT];
+  for (int t = 0; t < TT; ++t) {
+    xpr[t] = xp + (t0 + t) * w.in;
+    total[2 * t] = total[2 * t + 1] = Vec::zero();
+  }
+  const uint8_t* row = w.packed + o * w.row_bytes;
+  const int64_t group = w.group;
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const int64_t start = g * group;
+    vf acc[TT];
+    for (int t = 0; t < TT; ++t) acc[t] = Vec::zero();
+    for (int64_t k = start; k < start + group; k += 32) {
+      const uint8_t* p = row + k / 2;
+      for (int h = 0; h < 16; h += L) {
+        vf even, odd;
+        Vec::nibbles(p + h, even, odd);
+        for (int t = 0; t < TT; ++t) {
+          acc[t] = Vec::fma(even, Vec::load(xpr[t] + k + h), acc[t]);
+          acc[t] = Vec::fma(odd, Vec::load(xpr[t] + k + 16 + h), acc[t]);
+        }
+      }
+    }
+    const vf s = Vec::set(sc[g]);
+    const int half = (int)(g & 1);
+    for (int t = 0; t < TT; ++t) total[2 * t + half] = Vec::fma(acc[t], s, total[2 * t + half]);
+  }
+  for (int t = 0; t < TT; ++t) {
+    const float* xs = xsum + (t0 + t) * w.groups;
+    vf off = Vec::zero();  // vector lanes: a serial scalar chain here cost as much as the codes
+    int64_t g = 0;
+    for (; g + L <= w.groups; g += L) off = Vec::fma(Vec::mul(Vec::load(sc + g), Vec::load(zr + g)), Vec::load(xs + g), off);
+    float offset = Vec::sum(off);
+    for (; g < w.groups; ++g) offset += sc[g] * zr[g] * xs[g];
+    y[(t0 + t) * w.out + o] = Vec::sum(Vec::add(total[2 * t], total[2 * t + 1])) - offset;
+  }
+}
+
 void permute_for_4bit(const float* x, float* xp, int64_t in) {
   int64_t n = in / 32 * 32;
   for (int64_t b = 0; b < n; b += 32)
@@ -337,6 +382,7 @@ void bs_gemv(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero,
     xp = xp_store.data();
   }
   const float* xs = xsum.data();
+  const bool whole4 = bits == 4 && group % 32 == 0 && in % group == 0;
 #pragma omp parallel num_threads((int)threads)
   {
     std::vector<float> params(2 * w.groups);  // this thread's row scales and zeros as floats
@@ -346,6 +392,15 @@ void bs_gemv(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero,
     for (int64_t o = 0; o < out; ++o) {
       w.row_params(o, sc, zr);
       int64_t t = 0;
+      if (whole4) {
+        for (; t + 4 <= T; t += 4) row_tile4<4>(w, o, t, xp, xs, sc, zr, y);
+        switch (T - t) {
+          case 3: row_tile4<3>(w, o, t, xp, xs, sc, zr, y); break;
+          case 2: row_tile4<2>(w, o, t, xp, xs, sc, zr, y); break;
+          case 1: row_tile4<1>(w, o, t, xp, xs, sc, zr, y); break;
+        }
+        continue;
+      }
       for (; t + 4 <= T; t += 4) row_tile<4>(w, o, t, x, xp, xs, sc, zr, y);
       switch (T - t) {
         case 3: row_tile<3>(w, o, t, x, xp, xs, sc, zr, y); break;
