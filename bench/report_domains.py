@@ -71,7 +71,8 @@ def main() -> None:
                       "--json", str(out), "--report", str(report)])
         domains = json.loads(out.read_text())["domains"]
         rows[spec] = {"checkpoint": str(ckpt), "quantize_s": quantize_s, "eval_s": eval_s, "domains": domains,
-                      "code_over_prose_kld": domains["code"]["kld_mean"] / domains["prose"]["kld_mean"]}
+                      "code_over_prose_kld": domains["code"]["kld_mean"] / domains["prose"]["kld_mean"]
+                       if domains["prose"]["kld_mean"] > 0 else None}
 
     load = os.getloadavg()
     ref_note = f", reference {args.reference} instead of the fp32 model" if args.reference else ""
@@ -86,7 +87,7 @@ def main() -> None:
     for spec, r in rows.items():
         p, c = r["domains"]["prose"], r["domains"]["code"]
         lines.append(
-            f"| {spec} | {p['kld_mean']:.4f} | {c['kld_mean']:.4f} | {r['code_over_prose_kld']:.2f} | "
+            f"| {spec} | {p['kld_mean']:.4f} | {c['kld_mean']:.4f} | {'-' if r['code_over_prose_kld'] is None else format(r['code_over_prose_kld'], '.2f')} | "
             f"{100 * p['top1']:.1f}% | {100 * c['top1']:.1f}% | {p['ppl_ratio']:.3f} | {c['ppl_ratio']:.3f} | "
             f"{p['dprob_mean']:+.4f} | {c['dprob_mean']:+.4f} |"
         )

@@ -147,6 +147,13 @@ def test_cli_reference_cache_builds_once_reuses_and_refuses_mismatch(tmp_path: P
     assert data["domains"]["words"]["B"]["kld_mean"] == built["kld_mean"]
     assert 0 < data["domains"]["words"]["A"]["kld_mean"] < built["kld_mean"] and data["verdict"].startswith("B is")
 
+    # a model as its own reference (e.g. a w8 stand-in for a reference too big to load twice): one load
+    loads.clear()
+    assert main(["eval", str(tmp_path / "w8"), "--reference", str(tmp_path / "w8"), "--reference-cache", str(tmp_path / "self"),
+                 "--json", str(out), *common]) == 0
+    own = json.loads(out.read_text())
+    assert loads == [str(tmp_path / "w8")] and own["top1"] == 1.0 and abs(own["kld_mean"]) < 1e-6
+
     # the same domain name over another text, or another reference: a clear one-line error
     words.write_text(sample_text(900) + " changed")
     with pytest.raises(SystemExit) as exc:

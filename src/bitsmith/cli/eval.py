@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 MAX_CHARS = 60_000  # bitsmith.eval.domains.MAX_CHARS, repeated so --help imports nothing heavy
@@ -101,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         from bitsmith.cli.compare import evaluate_cli_cached
 
         def load_reference() -> Any:
+            if Path(source_path(args.reference)).resolve() == Path(model.name).resolve():
+                return model.model  # the model is its own reference: one copy in memory
             ref = load_model(args.reference)
             check_same_tokenizer(model, ref)
             return ref.model
