@@ -15,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-memory", default=None, help="bytes of quantized block weights to keep resident (e.g. 60MB); other blocks stream from the checkpoint")
+    p.add_argument("--hf-forward", action="store_true", help="use the Hugging Face forward instead of bitsmith's lean path")
     p.add_argument("--json", action="store_true", help='print a last line {"new_tokens", "prefill_tok_s", "decode_tok_s", "text"}')
     p.set_defaults(run=run)
 
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     result = generate(
         loaded.model, loaded.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat, on_token=stream,
+        lean=not args.hf_forward,
     )
     if args.json:
         print(json.dumps(result.as_json()))
