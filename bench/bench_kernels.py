@@ -3,6 +3,10 @@ and each bitsmith kernel, with the bandwidth each reaches on the packed weight b
 
 Not a test; run on demand:  python bench/bench_kernels.py [--threads N] [--specs w8,w4g128]
 
+"torch-wo" is torch's own weight-only kernel for the same width (``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu`` after their one-time repack, bf16 activations): bitsmith would use it
+where it beats "native"; on the machines measured so far it does not (see the issue 6 report).
+
 Every figure is the minimum over repeated calls (the machine may be shared). "GB/s" is packed bytes
 (codes + fp16 scales and zeros) per second; "% fp32 bw" compares that with the bandwidth fp32
 F.linear reached on its own 4-byte weights in the same run, i.e. how close the kernel is to the memory
@@ -24,8 +28,8 @@ from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
 SHAPES = [(8192, 2048), (2048, 8192), (576, 1536), (1536, 8960)]  # weight [out, in]
-BATCHES = [1, 32]
-SPECS = ["w8", "w4g128", "w4g32", "w3g64", "w2g64"]
+BATCHES = [1, 32, 512]  # decode, a small batch, a prefill
+SPECS = ["w8", "w4g128", "w4g32", "w3g64", "w2g64"]  # w8 = per-channel, as torch's int8 kernel
 
 
 def best_ms(fn: Callable[[], object], min_time: float = 0.4, min_reps: int = 5, max_reps: int = 200) -> float:
@@ -46,6 +50,22 @@ def random_qt(out: int, inp: int, spec: QuantSpec) -> QuantizedTensor:
     scale = (torch.rand(out, groups, generator=gen) * 0.02 + 1e-3).half()
     zero = None if spec.symmetric else (torch.rand(out, groups, generator=gen) * spec.qmax).half()
     return QuantizedTensor(codes, scale, zero, spec)
+
+
+def torch_weight_only(out: int, inp: int, spec: QuantSpec, x: torch.Tensor) -> Callable[[], object] | None:
+    """torch's own weight-only CPU kernel for this spec's width, when it has one (timing only: random
+    codes in torch's layout after its one-time repack). int8: per-channel scales only; int4: groups
+    of 32..256 dividing the input width. bf16 activations, their fast case."""
+    xb = x.bfloat16()
+    if spec.bits == 8 and spec.group_size is None:
+        w8 = torch.randint(-128, 127, (out, inp), dtype=torch.int8)
+        scales = torch.rand(out).bfloat16()
+        return lambda: torch._weight_int8pack_mm(xb, w8, scales)
+    if spec.bits == 4 and spec.group_size in (32, 64, 128, 256) and inp % spec.group_size == 0:
+        packed = torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (out, inp), dtype=torch.int32), 2)
+        sz = torch.rand(inp // spec.group_size, out, 2).bfloat16()
+        return lambda: torch._weight_int4pack_mm_for_cpu(xb, packed, spec.group_size, sz)
+    return None
 
 
 def kernel_for(qt: QuantizedTensor, choice: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -71,7 +91,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads; times are the best of repeated calls (ms)")
     header = (
         f"{'weight':>11} {'T':>3} {'fp32':>7} {'bf16':>7} {'spec':>7} {'MB':>6} {'reference':>9} "
-        f"{'torch':>7} {'native':>7} {'GB/s':>6} {'%fp32bw':>7} {'x fp32':>6}"
+        f"{'torch':>7} {'torch-wo':>8} {'native':>7} {'GB/s':>6} {'%fp32bw':>7} {'x fp32':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -90,12 +110,14 @@ def main() -> None:
                 ref_ms = float("nan") if args.no_reference else best_ms(lambda: reference_linear(x, qt), min_reps=3)
                 chunked = kernel_for(qt, "torch")
                 torch_ms = best_ms(lambda: chunked(x), min_reps=3)
+                wo = torch_weight_only(out, inp, spec, x)
+                wo_ms = float("nan") if wo is None else best_ms(wo)
                 native = kernel_for(qt, "native")
                 native_ms = best_ms(lambda: native(x))
                 gbs = packed_bytes / native_ms / 1e6
                 print(
                     f"{out:>5}x{inp:<5} {batch:>3} {fp32_ms:7.3f} {bf16_ms:7.3f} {str(spec):>7} "
-                    f"{packed_bytes / 1e6:6.2f} {ref_ms:9.2f} {torch_ms:7.2f} {native_ms:7.3f} {gbs:6.1f} "
+                    f"{packed_bytes / 1e6:6.2f} {ref_ms:9.2f} {torch_ms:7.2f} {wo_ms:8.3f} {native_ms:7.3f} {gbs:6.1f} "
                     f"{100 * gbs / fp32_gbs:6.0f}% {fp32_ms / native_ms:6.1f}"
                 )
 

@@ -12,8 +12,10 @@ CHUNK_BYTES = 4 << 20  # fp32 weight rows dequantized at a time by the chunked p
 
 
 def reference_linear(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
-    """The oracle: dequantize the whole matrix to float32, then ``F.linear``."""
-    return F.linear(x, qt.dequantize().to(x.dtype))
+    """The oracle: dequantize the whole matrix to float32, then ``F.linear``. Also the path for inputs
+    on another device (CUDA): the packed tensors stay on the CPU and the dequantized weight moves to
+    the input's device per call (works, slowly; untested here, no GPU)."""
+    return F.linear(x, qt.dequantize().to(device=x.device, dtype=x.dtype))
 
 
 class ReferenceKernel:
@@ -51,5 +53,5 @@ class ChunkedKernel(ReferenceKernel):
         y = x.new_empty(*x.shape[:-1], out_features)  # [..., out]
         for start in range(0, out_features, rows):
             stop = min(start + rows, out_features)
-            y[..., start:stop] = F.linear(x, dequantize_rows(self.qt, start, stop).to(x.dtype))
+            y[..., start:stop] = F.linear(x, dequantize_rows(self.qt, start, stop).to(device=x.device, dtype=x.dtype))
         return y
