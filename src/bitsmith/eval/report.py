@@ -8,7 +8,8 @@ Plots (matplotlib, Agg canvas, no pyplot global state):
 
 - ``pareto.png``: bits per weight of the quantized linear layers vs mean KLD, one series per
   domain, the lower-left frontier drawn as a step line (latest result per variant and domain);
-- ``domains.png``: mean KLD and top-1 agreement per domain, one bar per variant (latest run);
+- ``domains.png``: mean KLD and top-1 agreement per domain, one bar per variant scored against the
+  latest run's reference in any run of the folder (latest result per variant);
 - ``layers.png``: per-layer SQNR (dB) of each quantized variant by block index and layer type,
   from the checkpoint's quantization report.
 """
@@ -100,7 +101,7 @@ def write_report(folder: str | Path, run: Run) -> ReportFiles:
     json_path = folder / "report.json"
     payload = {"version": REPORT_VERSION, "runs": [r.as_dict() for r in runs]}
     json_path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    plots = [p for p in (_plot_pareto(folder, runs), _plot_domains(folder, run), _plot_layers(folder, run)) if p]
+    plots = [p for p in (_plot_pareto(folder, runs), _plot_domains(folder, runs), _plot_layers(folder, run)) if p]
     md_path = folder / "report.md"
     md_path.write_text(_markdown(run, runs, plots), encoding="utf-8")
     log.info("report written to %s (%d runs)", folder, len(runs))
@@ -218,9 +219,32 @@ def _plot_pareto(folder: Path, runs: list[Run]) -> Path | None:
     return path
 
 
-def _plot_domains(folder: Path, run: Run) -> Path | None:
-    domains = [d for d in run.results if any("kld_mean" in m for m in run.results[d].values())]
-    names = [v.name for v in run.variants if any(v.name in run.results[d] for d in domains)]
+def _domain_rows(runs: list[Run]) -> tuple[list[str], dict[str, dict[str, dict[str, Any]]]]:
+    """Domains and {label: {domain: metrics}} of every variant scored against the latest run's
+    reference, latest run winning, ordered by bits per weight (high first); labels are specs, or
+    paths where specs repeat."""
+    latest = runs[-1]
+    found: dict[str, tuple[VariantInfo, dict[str, dict[str, Any]]]] = {}
+    for run in runs:
+        if run.reference != latest.reference:
+            continue
+        for v in run.variants:
+            for domain, per_variant in run.results.items():
+                if "kld_mean" in per_variant.get(v.name, {}):
+                    found.setdefault(v.path, (v, {}))[1][domain] = per_variant[v.name]
+                    found[v.path] = (v, found[v.path][1])
+    shorts = [_short(v) for v, _ in found.values()]
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for v, metrics in sorted(found.values(), key=lambda item: -(item[0].bits_per_weight or 0.0)):
+        label = _short(v) if shorts.count(_short(v)) == 1 else v.path
+        rows[label] = metrics
+    domains = [d for d in latest.results if any(d in m for m in rows.values())]
+    return domains, rows
+
+
+def _plot_domains(folder: Path, runs: list[Run]) -> Path | None:
+    domains, rows = _domain_rows(runs)
+    names = list(rows)
     if not domains or not names:
         return None
     fig, axes = _figure(max(6, 1.6 * len(domains) * max(1, len(names)) / 2 + 3), 4, ncols=2)
@@ -228,14 +252,15 @@ def _plot_domains(folder: Path, run: Run) -> Path | None:
     for col, (key, label) in enumerate((("kld_mean", "mean KLD (nats)"), ("top1", "top-1 agreement"))):
         ax = axes[0][col]
         for i, name in enumerate(names):
-            values = [run.results[d].get(name, {}).get(key) or 0.0 for d in domains]
+            values = [rows[name].get(d, {}).get(key) or 0.0 for d in domains]
             ax.bar([j + i * width for j in range(len(domains))], values, width, label=name)
         ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(domains))], domains)
         ax.set_ylabel(label)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0][1].set_ylim(0, 1)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Per-domain quality against {Path(run.reference).name if run.reference else 'no reference'}")
+    reference = runs[-1].reference
+    fig.suptitle(f"Per-domain quality against {Path(reference).name if reference else 'no reference'}")
     path = folder / "domains.png"
     fig.savefig(path, dpi=110)
     return path
