@@ -20,8 +20,8 @@ plus the KV cache, and also as the growth over the process before the model was 
 and transformers alone take a few hundred MB).
 
 Made once and cached under ``--cache`` (default /tmp/bitsmith-speed): the bitsmith checkpoints (RTN,
-no clip search: speed does not depend on the rounding; the tied embedding/head at w8, the layers at the
-variant's spec) and the GGUFs (``llama-quantize --allow-requantize`` of the alias's own GGUF to F16,
+no clip search: speed does not depend on the rounding; the embedding and head at w8, the layers at
+the variant's spec) and the GGUFs (``llama-quantize --allow-requantize`` of the alias's own GGUF to F16,
 then F16 -> Q8_0 / Q4_0 / Q4_K_M, i.e. the same weights as bitsmith's fp32 model).
 """
 
@@ -156,11 +156,13 @@ def child(args: argparse.Namespace) -> None:
 
 
 def checkpoint(cache: Path, model: str, variant: str) -> Path:
-    """A bitsmith checkpoint of ``model`` at ``variant`` (made once): layers at the spec, the tied
-    embedding/head at w8 (as llama.cpp keeps its output at 6-8 bits)."""
+    """A bitsmith checkpoint of ``model`` at ``variant`` (made once): layers at the spec, the embedding
+    and the head (tied or not) at w8, as llama.cpp keeps its output at 6-8 bits."""
     path = cache / f"{model}-{variant}"
-    if (path / "bitsmith.json").exists() or any(path.glob("*.safetensors")):
-        return path
+    if (path / "bitsmith.json").exists():
+        made = json.loads((path / "bitsmith.json").read_text()).get("options", {})
+        if made.get("quantize_embeddings"):  # this recipe (an older one left a float embedding table)
+            return path
     from bitsmith.models import embedding_and_head_names, open_source
     from bitsmith.pipeline.quantize import QuantizeConfig, meta_model, quantize_model
     from bitsmith.spec import QuantSpec
@@ -169,8 +171,11 @@ def checkpoint(cache: Path, model: str, variant: str) -> Path:
     emb, head = embedding_and_head_names(meta_model(source.config))
     tied = getattr(source.config, "tie_word_embeddings", False)
     w8 = QuantSpec.parse("w8")
-    layer_specs = {emb.removesuffix(".weight"): w8} if tied else {(head or "lm_head.weight").removesuffix(".weight"): w8}
-    config = QuantizeConfig(QuantSpec.parse(variant), options={"clip_search": False}, quantize_embeddings=tied,
+    # the embedding at w8 too when untied: otherwise the loader keeps a float32 table (RSS, not speed)
+    layer_specs = {emb.removesuffix(".weight"): w8}
+    if not tied:
+        layer_specs[(head or "lm_head.weight").removesuffix(".weight")] = w8
+    config = QuantizeConfig(QuantSpec.parse(variant), options={"clip_search": False}, quantize_embeddings=True,
                             quantize_head=not tied, layer_specs=layer_specs)
     print(f"[prepare] quantizing {model} -> {path} (once)", file=sys.stderr, flush=True)
     quantize_model(model, path, config, overwrite=True)
