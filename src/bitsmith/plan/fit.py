@@ -347,9 +347,9 @@ def _explain(p: FitPlan, lvl: FitLevel) -> list[str]:
     lines += [
         f"offload: one decoder layer = {_gb(lvl.layer_gb)}; {k} of {s.layers} layers x "
         f"{lvl.layer_gb:.3f} = {_gb(lvl.offload_gb)} live in CPU RAM",
-        f"GPU keeps: {lvl.total_gb:.2f} - {lvl.offload_gb:.2f} + {staging:.2f} (staging buffer) "
-        f"= {_gb(lvl.gpu_gb)} <= {_gb(p.memory_gb)}; {k - 1} layers would need "
-        f"{lvl.gpu_gb + lvl.layer_gb:.2f} GB",
+        f"GPU keeps: {lvl.total_gb:.3f} - {lvl.offload_gb:.3f} + {staging:.3f} (staging buffer) "
+        f"= {lvl.gpu_gb:.3f} GB <= {p.memory_gb:.3f} GB; {k - 1} layers would need "
+        f"{lvl.gpu_gb + lvl.layer_gb:.3f} GB",
         f"speed offloaded (layers streamed to the GPU): {on_gpu_gb:.2f} GB / {rt.gpu_bandwidth_gb_s:g} GB/s + "
         f"{lvl.offload_gb:.2f} GB / {rt.pcie_gb_s:g} GB/s (PCIe) = {1e3 * on_gpu_s:.0f} + "
         f"{1e3 * pcie_s:.0f} ms -> {lvl.tok_s:.2f} tok/s ({lvl.slowdown:.1f}x slower than resident)",

@@ -91,11 +91,12 @@ def layer_weight(model: nn.Module, layer: str) -> nn.Parameter:
 def fisher_diagonal(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of the mean per-position output distribution, per layer weight, float32.
 
-    ``model`` must be float32; ``tokens`` is [windows, seq_len]. Only the named layers' weights get
+    ``model`` should be float32; bfloat16 halves its memory (gradients then carry 8 mantissa bits; they
+    are squared and summed in float32). ``tokens`` is [windows, seq_len]. Only the named layers' weights get
     gradients, squared and accumulated by hooks as soon as each is ready (then freed)."""
     params = {name: layer_weight(model, name) for name in layers}
-    if any(p.dtype != torch.float32 for p in params.values()):
-        raise ValueError("the Fisher estimate needs the model in float32; build it with dtype=torch.float32")
+    if any(p.dtype not in (torch.float32, torch.bfloat16) for p in params.values()):
+        raise ValueError("the Fisher estimate needs the model in float32 (or bfloat16 to halve its memory)")
     acc = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in params.items()}  # [out, in] each
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -221,12 +222,12 @@ def fisher_chunks(layers: dict[str, tuple[int, int]], max_bytes: int | None) -> 
     return chunks
 
 
-def float_model(source, layers: dict[str, tuple[int, int]]) -> nn.Module:
-    """The source model in float32; a tied output head that is to be quantized gets its own copy of
-    the weights (quantizing it unties it, and its Fisher must not mix in the embedding's gradient)."""
+def float_model(source, layers: dict[str, tuple[int, int]], dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The source model in float32 (or ``dtype``); a tied output head that is to be quantized gets its
+    own copy of the weights (quantizing it unties it, and its Fisher must not mix in the embedding's gradient)."""
     from bitsmith.models.arch import build_model
 
-    net = build_model(source, torch.float32)
+    net = build_model(source, dtype)
     head, embed = net.get_output_embeddings(), net.get_input_embeddings()
     if head is not None and head.weight is embed.weight and any(layer_weight(net, n) is head.weight for n in layers):
         head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
