@@ -155,3 +155,18 @@ def test_cache_overflow_is_a_clear_error() -> None:
         runner(torch.tensor([3, 4, 5]))
         with pytest.raises(ValueError, match="holds 4 positions"):
             runner(torch.tensor([6, 7]))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_bf16_model_tracks_hf_within_rounding(arch: str) -> None:
+    """bf16 weights: norms in float32 as the reference modules do, cache and rotary tables in bf16."""
+    model = random_model(arch).to(torch.bfloat16)
+    ids = torch.randint(0, 100, (30,), generator=torch.Generator().manual_seed(6))
+    ref = reference_logits(model, ids).float()
+    runner = lean_runner(model, 30)
+    tol = 0.03 * float(ref.abs().max())  # a few bf16 roundings apart, not a different model
+    with torch.no_grad():
+        assert runner.keys[0].dtype == torch.bfloat16
+        torch.testing.assert_close(runner(ids[:20], all_logits=True).float(), ref[:20], atol=tol, rtol=0)
+        for pos in range(20, 30):
+            torch.testing.assert_close(runner(ids[pos : pos + 1]).float(), ref[pos], atol=tol, rtol=0)
