@@ -136,8 +136,6 @@ def child(args: argparse.Namespace) -> None:
     before = _rss_mb("VmRSS")
     result = generate(model, tok, prompt, max_new_tokens=args.new, stop_at_eos=False, lean=not args.hf)
     peak = _rss_mb("VmHWM")
-    from bitsmith.infer.lean import lean_plan
-
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_dtype_bytes = 2 if args.child_variant == "bf16" else 4
@@ -149,7 +147,6 @@ def child(args: argparse.Namespace) -> None:
         "peak_rss_mb": peak, "rss_before_mb": before, "base_rss_mb": base_rss,
         "resident_bytes": _resident_tensor_bytes(model),
     }), flush=True)
-    del lean_plan
 
 
 # ----------------------------------------------------------------------------- preparation
