@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bitsmith-bench", help="folder for the checkpoints")
     ap.add_argument("--calib-samples", type=int, default=128, help="calibration sequences of 512 tokens (gptq/awq)")
     ap.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="bf16", help="block forwards of calibrated methods")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="method option, repeatable (e.g. awq=true with gptq: AWQ scaling then GPTQ; quantizer=gptq with awq)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -42,13 +44,21 @@ def main() -> None:
     from bitsmith.spec import QuantSpec
 
     specs = [s for s in args.specs.split(",") if s]
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        low = value.strip().lower()
+        options[key] = True if low in ("true", "yes", "on") else False if low in ("false", "no", "off") else (
+            int(value) if value.lstrip("-").isdigit() else value)
+    label = args.method + "".join(f"+{k}={v}" for k, v in options.items())
+    calibrated = args.method in CALIBRATED_METHODS or bool(options.get("awq"))
     rows = {}
     for spec in specs:
-        out = Path(args.work) / f"{Path(args.model).stem}-{spec}-{args.method}"
+        out = Path(args.work) / f"{Path(args.model).stem}-{spec}-{label.replace('=', '_')}"
         t0 = time.perf_counter()
-        calib = CalibrationConfig(samples=args.calib_samples) if args.method in CALIBRATED_METHODS else None
+        calib = CalibrationConfig(samples=args.calib_samples) if calibrated else None
         dtype = torch.bfloat16 if args.compute_dtype == "bf16" else torch.float32
-        quantize_model(args.model, out, QuantizeConfig(QuantSpec.parse(spec), args.method), overwrite=True,
+        quantize_model(args.model, out, QuantizeConfig(QuantSpec.parse(spec), args.method, options), overwrite=True,
                        calib=calib, compute_dtype=dtype)
         rows[spec] = {"path": str(out), "quantize_s": time.perf_counter() - t0, "file_mb": dir_size_mb(out)}
         print(f"quantized {spec} in {rows[spec]['quantize_s']:.1f} s", flush=True)
@@ -63,7 +73,8 @@ def main() -> None:
     t0 = time.perf_counter()
     results = evaluate_variants(reference.model, variants, wins)
     eval_s = time.perf_counter() - t0
-    print(f"\n{args.model}, method {args.method}, {wins.numel():,} tokens ({wins.shape[0]} x {args.ctx}) of {Path(args.text).name}[:{args.chars}], "
+    calib_note = f", calibration {args.calib_samples} x 512 ({args.compute_dtype} forwards)" if calibrated else ""
+    print(f"\n{args.model}, method {label}{calib_note}, {wins.numel():,} tokens ({wins.shape[0]} x {args.ctx}) of {Path(args.text).name}[:{args.chars}], "
           f"reference ppl {results['reference'].ppl:.3f}; evaluation took {eval_s:.0f} s\n")
     print("| spec | bits/weight | file MB | ppl | KLD mean | KLD p99 | top-1 | quantize s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -72,7 +83,7 @@ def main() -> None:
         row.update(r.as_dict())
         print(f"| {spec} | {row['bits_per_weight']:.3f} | {row['file_mb']:.1f} | {r.ppl:.3f} | {r.kld_mean:.4f} | {r.kld_p99:.3f} | {r.top1:.3f} | {row['quantize_s']:.1f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "method": args.method, "tokens": wins.numel(),
+        Path(args.json).write_text(json.dumps({"model": args.model, "method": label, "tokens": wins.numel(),
                                                "reference_ppl": results["reference"].ppl, "rows": rows}, indent=1))
 
 

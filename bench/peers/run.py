@@ -1,0 +1,148 @@
+"""Peers side by side with bitsmith on one model, one calibration text, one set of eval windows.
+
+    python bench/peers/run.py --work /tmp/peers            # everything, then the table
+    python bench/peers/run.py --work /tmp/peers --only eval  # re-score what is there
+
+Steps (each quantizer timed by /usr/bin/time -v for wall seconds and peak RSS):
+prepare.py (reference HF folder + F32 GGUF + calibration text, bitsmith venv); the `hqq` package,
+optimum-quanto and llm-compressor each in its own venv (/tmp/peer-NAME, PEERS.md); llama.cpp's
+llama-quantize at Q4_0, Q4_K_M, IQ4_NL, Q3_K_M with and without an importance matrix; bitsmith's
+own methods. Every output is then scored by bitsmith's evaluation (PROTOCOL.md windows of the
+prose slice) against the same fp32 reference, and one Markdown table is printed. A peer whose step
+fails is listed with the reason instead of numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+PY = sys.executable
+
+
+def steps(work: Path, model: str, calib_samples: int) -> list[tuple[str, list[str], Path, dict]]:
+    """(name, command, output path, known facts) for every quantizer."""
+    ref, ids = str(work / "reference"), str(work / "calib_ids.pt")
+    out: list[tuple[str, list[str], Path, dict]] = []
+    for bits, group in ((4, 64), (3, 64)):
+        out.append((f"hqq w{bits} g{group}", ["/tmp/peer-hqq/bin/python", str(HERE / "peer_hqq.py"), ref,
+                    str(work / f"hqq-w{bits}g{group}"), "--bits", str(bits), "--group", str(group)],
+                    work / f"hqq-w{bits}g{group}", {}))
+    out.append(("optimum-quanto qint4", ["/tmp/peer-quanto/bin/python", str(HERE / "peer_quanto.py"), ref,
+                str(work / "quanto-qint4")], work / "quanto-qint4", {}))
+    out.append(("llm-compressor GPTQ W4A16 g64", ["/tmp/peer-llmc/bin/python", str(HERE / "peer_llmc.py"), ref, ids,
+                str(work / "llmc-w4g64"), "--group", "64", "--samples", str(calib_samples)], work / "llmc-w4g64", {}))
+    for typ in ("Q4_0", "Q4_K_M", "IQ4_NL", "Q3_K_M"):
+        for mode in ("plain", "imatrix"):
+            suffix = "-imatrix" if mode == "imatrix" else ""
+            out.append((f"llama.cpp {typ}{' + imatrix' if suffix else ''}",
+                        [str(HERE / "peer_llamacpp.sh"), str(work), typ, mode], work / f"llamacpp-{typ}{suffix}.gguf", {}))
+    bitsmith = [("gptq", "w4g128"), ("gptq", "w4g64"), ("gptq", "w4g32nf"), ("gptq", "w4g32fit"), ("gptq", "w3g64"),
+                ("hqq", "w4g64"), ("rtn", "w4g64")]
+    for method, spec in bitsmith:
+        dest = work / f"bitsmith-{method}-{spec}"
+        cmd = [PY, "-m", "bitsmith", "quantize", model, "--method", method, "--spec", spec, "--out", str(dest),
+               "--overwrite"]
+        if method in ("gptq", "awq"):
+            cmd += ["--calib-samples", str(calib_samples)]
+        out.append((f"bitsmith {method} {spec}", cmd, dest, {}))
+    return out
+
+
+def timed(cmd: list[str], log: Path) -> tuple[int, float, float]:
+    """(exit code, wall seconds, peak RSS MB) of cmd under /usr/bin/time -v."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    text = log.read_text(errors="replace")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return rc, time.perf_counter() - t0, int(rss.group(1)) / 1024 if rss else float("nan")
+
+
+def gguf_bpw(path: Path) -> float:
+    """Stored bits per weight of the block linears in a GGUF file."""
+    from gguf import GGUFReader
+
+    bits = n = 0
+    for t in GGUFReader(str(path)).tensors:
+        if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2:
+            bits += int(t.n_bytes) * 8
+            n += int(t.n_elements)
+    return bits / max(n, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--work", default="/tmp/peers")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--max-windows", type=int, default=12)
+    ap.add_argument("--only", choices=["quantize", "eval"], default=None)
+    ap.add_argument("--match", default="", help="run only the quantizers whose name contains this")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    facts_path = work / "facts.json"
+    facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
+    todo = [s for s in steps(work, args.model, args.calib_samples) if args.match in s[0]]
+    if args.only != "eval":
+        if not (work / "reference-f32.gguf").exists():
+            subprocess.run([PY, str(HERE / "prepare.py"), "--model", args.model, "--work", str(work),
+                            "--calib-samples", str(args.calib_samples)], check=True, cwd=ROOT)
+        for name, cmd, dest, _ in todo:
+            log = work / (re.sub(r"\W+", "_", name) + ".log")
+            print(f"running {name} ...", flush=True)
+            rc, secs, rss = timed(cmd, log)
+            facts[name] = {"rc": rc, "wall_s": secs, "rss_mb": rss, "path": str(dest), "log": str(log)}
+            if rc != 0:
+                facts[name]["error"] = log.read_text(errors="replace").strip().splitlines()[-25:]
+            facts_path.write_text(json.dumps(facts, indent=1))
+    if args.only == "quantize":
+        return
+    score(work, args.model, facts, [s[0] for s in todo], args.max_windows)
+
+
+def score(work: Path, model: str, facts: dict, names: list[str], max_windows: int) -> None:
+    from bitsmith.eval.suite import evaluate_variants, shipped_text, text_windows
+    from bitsmith.io.load import load_model
+
+    reference = load_model(work / "reference")
+    text = shipped_text()[:60_000]
+    wins = text_windows(reference.tokenizer, text, 512, max_windows)
+    rows = []
+    for name in names:
+        fact = facts.get(name)
+        if fact is None:
+            continue
+        if fact["rc"] != 0:
+            rows.append(f"| {name} | — | — | — | — | {fact['wall_s']:.0f} | {fact['rss_mb']:.0f} | failed: see {fact['log']} |")
+            continue
+        path = Path(fact["path"])
+        loaded = load_model(path)
+        if path.suffix == ".gguf":
+            bpw = gguf_bpw(path)
+        elif (path / "peer.json").exists():
+            bpw = json.loads((path / "peer.json").read_text())["bits_per_weight"]
+        else:
+            bpw = loaded.info.report["bits_per_weight"]
+        r = evaluate_variants(reference.model, {name: loaded.model}, wins)
+        q, ref_ppl = r[name], r["reference"].ppl
+        rows.append(f"| {name} | {bpw:.3f} | {q.kld_mean:.4f} | {q.top1:.3f} | {q.ppl:.3f} | {fact['wall_s']:.0f} | "
+                    f"{fact['rss_mb']:.0f} | |")
+        del loaded
+    print(f"\n{model}: reference = its fp32 weights ({work / 'reference'}), ppl {ref_ppl:.3f}; "
+          f"{wins.shape[0]} x 512 tokens of the prose slice; calibration = {work / 'calib.txt'}\n")
+    print("| method | bits/weight | KLD | top-1 | ppl | quantize s | peak RSS MB | note |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
