@@ -24,13 +24,13 @@ def cases() -> list[tuple[str, list[str]]]:
         ("seed claim 1: Llama-3-70B, 4-bit on a 48 GB card", ["llama-3-70b", "--memory", "48GB", "--ctx", "8192"]),
         ("seed claim 2: Llama-3-70B on a 24 GB card (offloading)", ["llama-3-70b", "--memory", "24GB", "--ctx", "8192"]),
         ("seed claim 2 with an 8-bit KV cache", ["llama-3-70b", "--memory", "24GB", "--ctx", "8192", "--kv-bits", "8", "--bits", "4"]),
-        ("alias smollm2-135m (read from its GGUF)", ["smollm2-135m", "--memory", "0.6GB", "--ctx", "8192"]),
-        ("alias gemma3-270m (read from its GGUF)", ["gemma3-270m", "--memory", "1GB", "--ctx", "8192"]),
+        ("alias smollm2-135m (read from its GGUF)", ["smollm2-135m", "--memory", "1GB", "--ctx", "8192"]),
+        ("alias gemma3-270m (read from its GGUF)", ["gemma3-270m", "--memory", "1.2GB", "--ctx", "8192"]),
         ("alias qwen2.5-coder-1.5b (read from its GGUF)", ["qwen2.5-coder-1.5b", "--memory", "2GB", "--ctx", "8192"]),
     ]
     try:
         gguf = resolve_alias("gemma3-270m")
-        out.append((f"local GGUF file {gguf.name}", [str(gguf), "--memory", "1GB", "--ctx", "32768", "--batch", "4"]))
+        out.append((f"local GGUF file {gguf.name}", [str(gguf), "--memory", "4GB", "--ctx", "32768", "--batch", "4"]))
     except ModelSourceError as err:
         print(f"(skipping the GGUF-file table: {err})", file=sys.stderr)
     out.append(("local HF folder (config.json of Qwen2.5-Coder-1.5B)", [str(_hf_folder()), "--memory", "4GB", "--ctx", "32768", "--kv-bits", "8"]))
