@@ -66,8 +66,7 @@ def _checkpoint(model: str, spec: str, workdir: Path) -> Path:
 def _block_bytes(ckpt: Path) -> int:
     """Quantized decoder-block bytes, the quantity ``max_memory`` budgets (the plan with no limit)."""
     from bitsmith.io.checkpoint import read_info
-    from bitsmith.models.arch import build_model  # noqa: F401  (imported by the loader anyway)
-    from bitsmith.nn.offload import _tensor_index, PACKED_PARTS
+    from bitsmith.nn.offload import PACKED_PARTS, _tensor_index  # the sizes the offload planner uses
 
     info = read_info(ckpt)
     index = _tensor_index(ckpt)
