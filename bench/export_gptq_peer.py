@@ -43,6 +43,38 @@ save_file({"logits": torch.stack(out).contiguous()}, io_file + ".peer")
 '''
 
 
+def spec_decode(folder: Path) -> dict[str, "torch.Tensor"]:
+    """Dequantize every GPTQ layer of ``folder`` from the layout's written-out formulas (AutoGPTQ's
+    4/8-bit packing), independently of bitsmith's unpacker: q[i, j] = (qweight[i * bits // 32, j] >>
+    (bits * (i % (32 // bits)))) & mask, zero[g, j] likewise from qzeros along j, plus 1 for
+    checkpoint_format "gptq" (v1 stores zero - 1), w[j, i] = scales[g_idx[i], j] (q[i, j] - zero[g_idx[i], j])."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    bits, mask = int(qc["bits"]), (1 << int(qc["bits"])) - 1
+    per = 32 // bits
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    out = {}
+    for key in [k for k in tensors if k.endswith(".qweight")]:
+        m = key[: -len(".qweight")]
+        qw = tensors[key].long() & 0xFFFFFFFF  # [in / per, out]
+        rows = torch.arange(qw.shape[0] * per)
+        q = (qw[rows // per] >> (bits * (rows % per)).unsqueeze(1)) & mask  # [in, out]
+        qz = tensors[m + ".qzeros"].long() & 0xFFFFFFFF  # [G, out / per]
+        cols = torch.arange(qz.shape[1] * per)
+        z = (qz[:, cols // per] >> (bits * (cols % per))) & mask  # [G, out]
+        z = z + (1 if qc.get("checkpoint_format", "gptq") == "gptq" else 0)
+        g = tensors[m + ".g_idx"].long()
+        sc = tensors[m + ".scales"].float()
+        out[m] = (sc[g] * (q - z[g]).float()).T.contiguous()  # [out, in]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -68,6 +100,14 @@ def main() -> int:
         subprocess.run(py + ["quantize", args.model, "--spec", args.spec, "--out", str(ckpt)], check=True)
     if not folder.exists():
         subprocess.run(py + ["export", str(ckpt), "--to", "gptq", "--gptq-format", args.format, "--out", str(folder)], check=True)
+    from bitsmith.io.checkpoint import read_info
+    from bitsmith.io.load import quantized_tensors
+
+    decoded = spec_decode(folder)
+    reference = {m: qt.dequantize() for m, qt in quantized_tensors(ckpt, read_info(ckpt)).items()}
+    layout_ok = set(decoded) == set(reference) and all(torch.equal(decoded[m], reference[m]) for m in reference)
+    print(f"layout check: {len(decoded)} layers decoded from the written-out GPTQ formulas "
+          f"{'equal' if layout_ok else 'DIFFER FROM'} the checkpoint's weights bit for bit")
     ours = load_model(ckpt)
     tok = ours.tokenizer
     text = PROSE.read_text(encoding="utf-8")[:60000]
