@@ -341,8 +341,9 @@ def main() -> int:
     for m, engine, v, r in rows:
         bound = bw * 1e9 / r["weight_bytes"]
         mem = _memory(r)
-        table.add_row(m, engine, v, f"{r['weight_bytes'] / 1e6:.0f}", f"{r.get('prefill_tok_s', float('nan')):.1f}",
-                      f"{r.get('decode_tok_s', float('nan')):.1f}", f"{bound:.1f}", f"{r.get('decode_tok_s', 0) / bound:.0%}",
+        rate = lambda x: f"{x:.1f}" if x >= 10 else f"{x:.2f}"  # noqa: E731
+        table.add_row(m, engine, v, f"{r['weight_bytes'] / 1e6:.0f}", rate(r.get("prefill_tok_s", float("nan"))),
+                      rate(r.get("decode_tok_s", float("nan"))), rate(bound), f"{r.get('decode_tok_s', 0) / bound:.1%}",
                       *(mem if mem else [""] * 5))
     Console(width=220).print(table)
 
