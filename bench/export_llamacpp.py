@@ -123,7 +123,7 @@ def main() -> int:
         simple = sh([f"{args.bin}/llama-simple", "-m", str(gguf_file), "-n", "40", PROMPTS.get(model, "Once upon a time")])
         warns = [ln for ln in simple.stderr.splitlines() if re.search(r"warn|\bW\b", ln, re.I)]
         print(f"== {model}: llama-simple (greedy, 40 tokens); {len(warns)} warning lines in the load log")
-        print(simple.stdout.strip())
+        print(simple.stdout.strip(), flush=True)
         for ln in warns[:10]:
             print("   ", ln)
         ppl_run = sh([f"{args.bin}/llama-perplexity", "-m", str(gguf_file), "-f", str(text_file), "-c", str(args.ctx), "-t", "2"])
@@ -134,6 +134,8 @@ def main() -> int:
         ours, scored, full = bitsmith_llama_ppl(ckpt, text, args.ctx, add_bos, bos)
         rows.append((model, args.spec, qtype, add_bos, chunks.group(1) if chunks else "?", scored // (args.ctx - args.ctx // 2),
                      llama_ppl, ours, 100 * (llama_ppl - ours) / ours, full))
+        print(f"{model}: llama.cpp ppl {llama_ppl:.4f}, bitsmith ppl on the same positions {ours:.4f} "
+              f"({rows[-1][8]:+.2f} %), bitsmith eval (PROTOCOL) {full:.4f}", flush=True)
     print()
     print("| model | checkpoint | GGUF type | add_bos | llama.cpp chunks | bitsmith chunks | llama.cpp ppl | bitsmith ppl (same positions) | diff % | bitsmith eval ppl (PROTOCOL, all positions) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
