@@ -125,6 +125,11 @@ def score(work: Path, model: str, facts: dict, names: list[str], max_windows: in
             rows.append(f"| {name} | — | — | — | — | {fact['wall_s']:.0f} | {fact['rss_mb']:.0f} | failed: see {fact['log']} |")
             continue
         path = Path(fact["path"])
+        if path.is_dir() and not (path / "tokenizer.json").exists():  # peers save weights only: same tokenizer
+            import shutil
+
+            for f in (work / "reference").glob("tokenizer*"):
+                shutil.copy(f, path / f.name)
         loaded = load_model(path)
         if path.suffix == ".gguf":
             bpw = gguf_bpw(path)
