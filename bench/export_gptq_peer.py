@@ -4,7 +4,7 @@ bitsmith's own run of the checkpoint (a benchmark, not a test; run on demand):
     .venv/bin/python bench/export_gptq_peer.py [--model smollm2-135m] [--spec w4g64] [--peer /tmp/peer-gptq]
 
 The peer venv (outside the repo, ../shared/PEERS.md): python3 -m venv /tmp/peer-gptq; pip install -c
-constraints.txt torch==2.13.0 gptqmodel transformers accelerate safetensors. SmolLM2's hidden size 576
+constraints.txt torch==2.13.0 gptqmodel transformers accelerate safetensors optimum (transformers 5 refuses GPTQ without optimum). SmolLM2's hidden size 576
 is not divisible by 128: use group 64 or 32. Steps: bitsmith quantizes (RTN) and exports the GPTQ
 folder; bitsmith scores --windows windows of the prose slice with the checkpoint (fp32) and saves
 token ids and logits; the peer loads the folder with AutoModelForCausalLM.from_pretrained
