@@ -130,7 +130,11 @@ def score(work: Path, model: str, facts: dict, names: list[str], max_windows: in
 
             for f in (work / "reference").glob("tokenizer*"):
                 shutil.copy(f, path / f.name)
-        loaded = load_model(path)
+        try:
+            loaded = load_model(path)
+        except Exception as err:  # noqa: BLE001 - one unreadable output must not lose the table
+            rows.append(f"| {name} | — | — | — | — | {fact['wall_s']:.0f} | {fact['rss_mb']:.0f} | not loadable: {err} |")
+            continue
         if path.suffix == ".gguf":
             bpw = gguf_bpw(path)
         elif (path / "peer.json").exists():
