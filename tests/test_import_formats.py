@@ -195,3 +195,19 @@ def test_gptq_folder_re_exports_to_gguf_exactly(tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(load_model(tmp_path / "gptq.gguf").model), _logits(load_model(ck).model),
                                rtol=1e-5, atol=1e-5)
     assert len(from_ck.tensors) == len(from_gptq.tensors)
+
+
+def test_gguf_file_with_tied_quantized_embedding_imports(tmp_path: Path) -> None:
+    """llama.cpp writes tied models without output.weight; a quantized token_embd (Q8_0 here) must
+    load quantized and serve as the head too, with the logits of the dequantized file."""
+    from gguf import GGUFReader
+
+    src = make_tiny_model(tmp_path / "tiny", "llama", tie_word_embeddings=True)
+    path = tmp_path / "tied-Q8_0.gguf"
+    export_gguf(src, path, "Q8_0", importance=False)
+    names = {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    assert "output.weight" not in names and names["token_embd.weight"] == "Q8_0"
+    loaded = load_model(path)
+    floats = load_model(path, dequantize=True)
+    assert isinstance(loaded.model.get_output_embeddings(), QuantLinear)
+    torch.testing.assert_close(_logits(loaded.model), _logits(floats.model), rtol=1e-4, atol=1e-4)

@@ -181,7 +181,16 @@ def _load_gguf(source, dtype: torch.dtype) -> LoadedModel:
     found, notes = gguf_quantized_tensors(source.path, wanted)
     names = set(source.tensor_names())
     tied_head = "lm_head.weight" not in names
-    net = build_model(source, dtype, skip=lambda name: name.rpartition(".")[0] in found and name.endswith(".weight"))
+    # A tied head has no tensor of its own: when the embedding loads quantized, the head is skipped
+    # with it (the head then computes from the embedding's codes, see _install).
+    embed_quantized = "model.embed_tokens" in found
+
+    def skip(name: str) -> bool:
+        if tied_head and embed_quantized and name == "lm_head.weight":
+            return True
+        return name.rpartition(".")[0] in found and name.endswith(".weight")
+
+    net = build_model(source, dtype, skip=skip)
     _install(net, {k: (v, None) for k, v in found.items()}, tied_head)
     if tied_head and "model.embed_tokens" not in found and not isinstance(net.get_output_embeddings(), QuantLinear):
         net.tie_weights()
