@@ -67,20 +67,27 @@ def report_notes(*models: Any) -> tuple[str, ...]:
     return (CAVEAT_DEQUANTIZED_GGUF,) if any(from_gguf(m) for m in models if m is not None) else ()
 
 
+def _bar_per_label(bar: Any) -> Any:
+    """A progress callback ``(label, done, total)`` that gives each label its own timed task on ``bar``."""
+    from bitsmith.cli.eval import timed_progress
+
+    callbacks: dict[str, Any] = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        if label not in callbacks:
+            callbacks[label] = timed_progress(bar, bar.add_task(label, total=total, rate=""))
+        callbacks[label](done, total)
+
+    return progress
+
+
 def evaluate_cli(reference: Any, variants: dict[str, Any], tokenizer: Any, domains: list, ctx: int, max_windows: int | None) -> dict:
     """Per-domain evaluation with a progress bar showing tokens/s."""
     from bitsmith.cli.common import progress_bar
-    from bitsmith.cli.eval import timed_progress
     from bitsmith.eval.domains import evaluate_domains
 
-    callbacks: dict[str, Any] = {}
     with progress_bar() as bar:
-        def progress(domain: str, done: int, total: int) -> None:
-            if domain not in callbacks:
-                callbacks[domain] = timed_progress(bar, bar.add_task(domain, total=total, rate=""))
-            callbacks[domain](done, total)
-
-        return evaluate_domains(reference, variants, tokenizer, domains, ctx, max_windows, progress)
+        return evaluate_domains(reference, variants, tokenizer, domains, ctx, max_windows, _bar_per_label(bar))
 
 
 def evaluate_cli_cached(cache_dir: str, reference_path: str | None, load_reference: Any, variants: dict[str, Any],
@@ -88,18 +95,11 @@ def evaluate_cli_cached(cache_dir: str, reference_path: str | None, load_referen
     """:func:`bitsmith.eval.domains.evaluate_domains_cached` with a progress bar; says per domain
     whether the cache was built or reused."""
     from bitsmith.cli.common import out, progress_bar
-    from bitsmith.cli.eval import timed_progress
     from bitsmith.eval.domains import evaluate_domains_cached
 
-    callbacks: dict[str, Any] = {}
     with progress_bar() as bar:
-        def progress(label: str, done: int, total: int) -> None:
-            if label not in callbacks:
-                callbacks[label] = timed_progress(bar, bar.add_task(label, total=total, rate=""))
-            callbacks[label](done, total)
-
         results, info = evaluate_domains_cached(cache_dir, reference_path, load_reference, variants, tokenizer,
-                                                domains, ctx, max_windows, k, progress)
+                                                domains, ctx, max_windows, k, _bar_per_label(bar))
     for d in domains:
         out.print(f"reference cache for {d.name}: {info[d.name]} ({cache_dir}, top-{info['k']}, KL is a lower bound)", markup=False)
     return results, info
