@@ -170,3 +170,14 @@ def test_bf16_model_tracks_hf_within_rounding(arch: str) -> None:
         torch.testing.assert_close(runner(ids[:20], all_logits=True).float(), ref[:20], atol=tol, rtol=0)
         for pos in range(20, 30):
             torch.testing.assert_close(runner(ids[pos : pos + 1]).float(), ref[pos], atol=tol, rtol=0)
+
+
+def test_cached_plan_follows_the_model_to_another_dtype() -> None:
+    """model.to(...) keeps the parameter objects but moves their storage: the cached plan must not survive."""
+    model = random_model("llama")
+    assert lean_runner(model, 8).plan.dtype == torch.float32
+    model.to(torch.bfloat16)
+    runner = lean_runner(model, 8)
+    assert runner.plan.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert runner(torch.arange(4)).dtype == torch.bfloat16  # computed by the moved weights

@@ -37,7 +37,7 @@ class QuantizedTensor:
         """Zero in code units, [out, G]; the fixed midpoint for symmetric codes."""
         if self.zero is not None:
             return self.zero.float()
-        return torch.full(self.scale.shape, (self.spec.qmax + 1) / 2)
+        return torch.full(self.scale.shape, (self.spec.qmax + 1) / 2, device=self.scale.device)
 
     def dequantize(self) -> torch.Tensor:
         """The reference reconstruction, float32 [out, in]."""
@@ -47,6 +47,11 @@ class QuantizedTensor:
             return self.grid.float()[self.codes.long()] * scale
         zero = expand_groups(self.zero_or_mid(), self.spec, in_features)
         return dequantize_codes(self.codes.float(), scale, zero)
+
+    def to(self, device: torch.device | str) -> "QuantizedTensor":
+        """The same tensor with its codes, scales, zeros and grid on ``device`` (dtypes kept)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedTensor(move(self.codes), move(self.scale), move(self.zero), self.spec, move(self.grid))
 
     def rows(self, index: slice | torch.Tensor) -> "QuantizedTensor":
         """The same quantization restricted to some output rows (a slice or an index tensor)."""

@@ -31,9 +31,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     padded = torch.nn.functional.pad(codes, (0, runs * 8 - cols)).view(rows, runs, 8)
     if bits == 8:
         return padded.reshape(rows, runs * 8).clone()
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=codes.device) * bits
     word = (padded.to(torch.int64) << shifts).sum(-1)  # [rows, runs], < 2**56
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=codes.device) * 8
     out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF  # [rows, runs, bits]
     return out.to(torch.uint8).reshape(rows, runs * bits)
 
@@ -48,8 +48,8 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
         )
     if bits == 8:
         return packed[:, :cols].contiguous()
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
     word = (packed.view(rows, runs, bits).to(torch.int64) << byte_shifts).sum(-1)  # [rows, runs]
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
     codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [rows, runs, 8]
     return codes.to(torch.uint8).reshape(rows, runs * 8)[:, :cols].contiguous()

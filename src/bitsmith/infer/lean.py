@@ -288,10 +288,12 @@ _PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], _Plan | str
 
 
 def _identity(model: nn.Module) -> tuple[int, ...]:
-    """Which modules, tensors and hooks the model holds now: a cached plan is stale once any changes."""
+    """Which modules, tensors, kernels and hooks the model holds now, and where: a cached plan is stale once
+    any changes (``model.to("cuda")`` keeps the parameter objects but moves their storage and kernels)."""
     modules = list(model.modules())
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
-    return (hooks, *(id(m) for m in modules), *(id(p) for p in model.parameters()))
+    kernels = (id(getattr(m, "_kernel", None)) for m in modules)
+    return (hooks, *(id(m) for m in modules), *kernels, *(x for p in model.parameters() for x in (id(p), p.data_ptr())))
 
 
 def _release_freed_memory() -> None:

@@ -6,6 +6,8 @@ float32, then ``F.linear``. ``prepare`` picks a kernel for a QuantizedTensor onc
 - ``native`` (:mod:`bitsmith.kernels.cpu`): compiled C++/OpenMP reading the packed codes; every spec.
 - ``torch-chunked``: torch only, dequantizing a few MB of rows at a time; used without a compiler.
 - ``reference``: the oracle itself.
+- ``device`` (:mod:`bitsmith.kernels.device`): packed codes on an accelerator, dequantized there in
+  row blocks; chosen by :func:`move` when a module goes to a non-CPU device (``model.to("cuda")``).
 
 ``$BITSMITH_KERNEL`` (``auto``, the default, or ``native``, ``torch``, ``reference``) forces a
 choice; it is read on every ``prepare`` call, so tests can set it per test.
@@ -23,7 +25,7 @@ from bitsmith.kernels.torch_path import ChunkedKernel, ReferenceKernel, referenc
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
-__all__ = ["Kernel", "KERNEL_ENV", "prepare", "prepare_packed", "reference_linear"]
+__all__ = ["Kernel", "KERNEL_ENV", "kernel_device", "move", "prepare", "prepare_packed", "reference_linear"]
 
 KERNEL_ENV = "BITSMITH_KERNEL"
 _CHOICES = ("auto", "native", "torch", "reference")
@@ -79,3 +81,28 @@ def prepare(qt: QuantizedTensor) -> Kernel:
     else:
         packed = pack(qt.codes, qt.spec.bits)
     return prepare_packed(packed, qt.scale, qt.zero, qt.spec, qt.shape[1])
+
+
+def kernel_device(kernel: Kernel) -> torch.device:
+    """Where a kernel's tensors live (the CPU kernels do not say: they are all on the CPU)."""
+    return getattr(kernel, "device", torch.device("cpu"))
+
+
+def move(kernel: Kernel, device: torch.device | str, spec: QuantSpec, in_features: int) -> Kernel:
+    """The kernel for the same packed tensors on ``device``: :class:`~bitsmith.kernels.device.DeviceKernel`
+    off the CPU, the fastest CPU kernel (:func:`prepare_packed`) back on it. No-op when already there."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if kernel_device(kernel) == device:
+        return kernel
+    state = kernel.to_state("w")
+    qweight, scale, zero, grid = state["w.qweight"], state["w.scale"], state.get("w.zero"), state.get("w.grid")
+    if device.type != "cpu":
+        from bitsmith.kernels.device import DeviceKernel
+
+        return DeviceKernel(qweight, scale, zero, spec, in_features, device, grid)
+    cpu = (lambda t: None if t is None else t.cpu())  # noqa: E731
+    if grid is not None:
+        return prepare(QuantizedTensor.from_state(cpu(qweight), cpu(scale), cpu(zero), spec, in_features, cpu(grid)))
+    return prepare_packed(cpu(qweight), cpu(scale), cpu(zero), spec, in_features)

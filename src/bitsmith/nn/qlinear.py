@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitsmith.kernels import Kernel, prepare, prepare_packed
+from bitsmith.kernels import Kernel, kernel_device, move, prepare, prepare_packed
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
@@ -58,6 +58,18 @@ class QuantLinear(nn.Module):
     def to_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """Checkpoint tensors, identical to ``self.quantized().to_state(prefix)`` but without a repack."""
         return self._kernel.to_state(prefix)
+
+    @property
+    def device(self) -> torch.device:
+        return kernel_device(self._kernel)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """``module.to(device)`` / ``.cuda()`` / ``.cpu()`` move the packed weights too (the kernel is not a
+        parameter, so torch would not); a dtype change leaves them as they are (codes stay codes)."""
+        super()._apply(fn, recurse)
+        target = fn(torch.empty(0, device=self.device)).device  # .half() keeps the device, .cuda() moves
+        self._kernel = move(self._kernel, target, self.spec, self.in_features)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._kernel(x)
