@@ -73,3 +73,9 @@ def test_truncated_checkpoint_gives_clear_error(tiny: Path, tmp_path: Path) -> N
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
     proc = _run("generate", str(ckpt), "the cat", "--max-new-tokens", "2")
     assert proc.returncode == 1 and "truncated" in proc.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error of a torch without CUDA")
+def test_generate_on_a_missing_device_says_so(tiny: Path) -> None:
+    with pytest.raises(SystemExit, match="cannot use device 'cuda'"):
+        main(["generate", str(tiny), "the cat", "--max-new-tokens", "2", "--device", "cuda"])

@@ -81,7 +81,8 @@ def test_compiled_dequantize_equals_eager(monkeypatch: pytest.MonkeyPatch) -> No
         assert kernel._compile
         x = torch.randn(2, 64)
         torch.testing.assert_close(kernel(x), reference_linear(x, qt), atol=1e-6, rtol=1e-5)
-        assert kernel._compile, "compilation fell back to eager"
+        # torch 2.13 (the pinned version) compiles every width; 2.11 failed below 8 bits and fell back
+        assert kernel._compile or torch.__version__ < "2.13", "compilation fell back to eager"
 
 
 def test_move_to_the_same_device_is_a_no_op() -> None:

@@ -1,4 +1,4 @@
-"""bitsmith generate MODEL "prompt" [--max-new-tokens N] [--seed S] [--max-memory 60MB] [--json]"""
+"""bitsmith generate MODEL "prompt" [--max-new-tokens N] [--seed S] [--max-memory 60MB] [--device cuda] [--json]"""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-memory", default=None, help="bytes of quantized block weights to keep resident (e.g. 60MB); other blocks stream from the checkpoint")
+    p.add_argument("--device", default="cpu", help="cpu (default) or an accelerator such as cuda: packed weights move there and are dequantized on it")
     p.add_argument("--hf-forward", action="store_true", help="use the Hugging Face forward instead of bitsmith's lean path")
     p.add_argument("--json", action="store_true", help='print a last line {"new_tokens", "prefill_tok_s", "decode_tok_s", "text"}')
     p.set_defaults(run=run)
@@ -35,6 +36,15 @@ def run(args: argparse.Namespace) -> int:
         plan = loaded.offload
         console.print(f"[dim]offload: {len(plan.resident)} of {len(plan.block_bytes)} blocks resident "
                       f"({plan.resident_bytes / 1e6:.2f} MB), {len(plan.streamed)} streamed per token[/]")
+    if args.device != "cpu":
+        if loaded.offload is not None:
+            raise SystemExit("--max-memory streams blocks from disk to the CPU; it cannot be combined with --device")
+        import torch
+
+        try:
+            loaded.model.to(torch.device(args.device))
+        except (RuntimeError, AssertionError) as exc:  # e.g. "Torch not compiled with CUDA enabled"
+            raise SystemExit(f"cannot use device {args.device!r}: {exc}") from None
     stream = (lambda piece: (sys.stdout.write(piece), sys.stdout.flush())) if not args.json else None
     result = generate(
         loaded.model, loaded.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,

@@ -48,6 +48,10 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
         )
     if bits == 8:
         return packed[:, :cols].contiguous()
+    if bits in (2, 4):  # whole codes per byte: code k of a byte sits at bits [k*bits, (k+1)*bits)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # [8 // bits]
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [rows, runs*bits, 8 // bits]
+        return codes.reshape(rows, runs * 8)[:, :cols].contiguous()
     byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
     word = (packed.view(rows, runs, bits).to(torch.int64) << byte_shifts).sum(-1)  # [rows, runs]
     shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits

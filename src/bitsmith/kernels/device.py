@@ -53,6 +53,7 @@ def dequantize_packed(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Te
 
 
 _compiled = None  # torch.compile(dequantize_packed), made on first use
+_COMPILE_FAILED: set[int] = set()  # bit widths whose compilation failed once: not tried again (one warning)
 
 
 def _compiled_dequantize():
@@ -92,12 +93,14 @@ class DeviceKernel:
         """Rows [start, stop) dequantized on the device, [stop - start, in] in ``dtype``."""
         args = (self.qweight[start:stop], self.scale[start:stop], None if self.zero is None else self.zero[start:stop],
                 self.grid, self.spec, self.in_features, dtype)
-        if self._compile:
+        if self._compile and self.spec.bits not in _COMPILE_FAILED:
             try:
                 return _compiled_dequantize()(*args)
             except Exception as exc:  # no Triton, an old GPU, a compiler bug: eager ops give the same values
-                log.warning("torch.compile of the dequantization failed (%s: %s); using eager torch ops",
-                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                # seen on torch 2.11 + CUDA for 2-6 bits ("failed to eval lshift"); 8 bits compiled there
+                _COMPILE_FAILED.add(self.spec.bits)
+                log.warning("torch.compile of the %d-bit dequantization failed (%s: %s); using eager torch ops",
+                            self.spec.bits, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
                 self._compile = False
         return dequantize_packed(*args)
 
