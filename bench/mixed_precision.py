@@ -113,6 +113,7 @@ def main() -> None:
         _table(rows, results, wins, eval_s)
         print(f"times: sensitivity {sens_s:.0f} s, fake-quant eval (incl. quantizing) {eval_s:.0f} s; "
               f"peak RSS {peak_gb:.2f} GB")
+        _write_json(args, calib, wins, sens_s, rows, eval_s, peak_gb, results)
         return
     tmp = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
     eval_s = 0.0
@@ -146,10 +147,15 @@ def main() -> None:
     _table(rows, results, wins, eval_s)
     print(f"times: sensitivity {sens_s:.0f} s, quantize {sum(r['quantize_s'] for r in rows):.0f} s, "
           f"eval {eval_s:.0f} s; peak RSS {peak_gb:.2f} GB")
+    _write_json(args, calib, wins, sens_s, rows, eval_s, peak_gb, results)
+
+
+def _write_json(args, calib, wins, sens_s, rows, eval_s, peak_gb, results) -> None:  # type: ignore[no-untyped-def]
     if args.json:
         out = {"model": args.model, "method": args.method, "estimator": args.estimator, "sensitivity_s": sens_s,
                "calib": list(calib.shape), "windows": list(wins.shape), "rows": rows, "eval_s": eval_s,
-               "peak_rss_gb": peak_gb, "results": {k: v.as_dict() for k, v in results.items()}}
+               "peak_rss_gb": peak_gb, "fake_quant": args.fake_quant, "dtype": args.dtype,
+               "results": {k: v.as_dict() for k, v in results.items()}}
         args.json.write_text(json.dumps(out, indent=1, default=str))
 
 
