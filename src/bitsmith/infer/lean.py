@@ -185,17 +185,26 @@ def _joined(modules: list[nn.Module]) -> Callable[[Tensor], tuple[Tensor, ...]]:
 
     kernels = [getattr(m, "_kernel", None) for m in modules]
     if all(type(m) is QuantLinear for m in modules) and fusable(kernels):
-        fused = fuse_native(kernels)
         sizes = [m.out_features for m in modules]
         biases = [m.bias for m in modules]
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([b.detach().float() if b is not None else torch.zeros(n) for b, n in zip(biases, sizes)])
-        if bias is None:
-            return lambda x: fused(x).split(sizes, -1)
-        return lambda x: (fused(x) + bias).split(sizes, -1)
+        return _Joined(fuse_native(kernels), bias, sizes)
     calls = [_linear(m) for m in modules]
     return lambda x: tuple(c(x) for c in calls)
+
+
+class _Joined:
+    """x -> the fused kernel's output (+ bias) split per module; kernel and bias kept as data for the
+    fused decode step (infer/fused.py)."""
+
+    def __init__(self, kernel: Any, bias: Tensor | None, sizes: list[int]) -> None:
+        self.kernel, self.bias, self.sizes = kernel, bias, sizes
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
+        y = self.kernel(x)
+        return (y if self.bias is None else y + self.bias).split(self.sizes, -1)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -350,6 +359,9 @@ class LeanRunner:
         self.keys = [torch.zeros(l.kv_heads, max_len, l.head_dim, dtype=plan.dtype, device=plan.device) for l in plan.layers]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.pos = 0
+        from bitsmith.infer.fused import fused_decoder
+
+        self._fused = fused_decoder(self)  # one native call per decoded token, or None (reason logged)
 
     @property
     def cache_bytes(self) -> int:
@@ -410,6 +422,10 @@ class LeanRunner:
             raise ValueError("forward needs at least one token")
         if stop > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions; {stop} were asked for")
+        if t == 1 and self._fused is not None:
+            logits = self._fused(ids, start)
+            self.pos = stop
+            return logits[None] if all_logits else logits
         h = plan.embed(ids[None])[0].to(plan.dtype)  # [T, hidden]
         for i, layer in enumerate(plan.layers):
             x = layer.in_norm(h)

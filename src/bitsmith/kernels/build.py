@@ -1,9 +1,9 @@
-"""Build and load the native CPU kernels (csrc/qmatmul.cpp) once per machine.
+"""Build and load the native CPU kernels (csrc/qmatmul.cpp, csrc/decode.cpp) once per machine.
 
 The source is plain C++ with a C ABI, compiled by the system ``g++`` (or ``$CXX``) with
 ``-O3 -march=native -fopenmp`` into a shared library cached under ``~/.cache/bitsmith/kernels``
 (``$BITSMITH_CACHE`` or ``$XDG_CACHE_HOME`` move it), then loaded with :mod:`ctypes`. No torch headers,
-pybind or ninja are involved, so a build takes a few seconds. The cache key covers the source, the
+pybind or ninja are involved, so a build takes a few seconds. The cache key covers the sources, the
 flags, the compiler and the CPU's feature flags, so a cache shared between machines never runs code
 built for another CPU. OpenMP calls resolve to the libgomp torch already loaded, so both share one
 thread pool.
@@ -26,7 +26,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "qmatmul.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "qmatmul.cpp"
+SOURCES = (SOURCE, CSRC / "decode.cpp")  # compiled together into one library
+HEADERS = (CSRC / "gemv.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
 
 _I64 = ctypes.c_int64
@@ -69,7 +72,7 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
         raise NativeBuildError("no C++ compiler found (install g++ or set $CXX)")
     flags = FLAGS + tuple(extra_flags)
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), cxx.encode(), _cpu_flags().encode()):
+    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(flags).encode(), cxx.encode(), _cpu_flags().encode()):
         key.update(part)
     target = cache_dir() / f"qmatmul-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -78,7 +81,7 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
     # Build to a private name, then rename: concurrent processes never load a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [cxx, *flags, str(SOURCE), "-o", tmp]
+    cmd = [cxx, *flags, *map(str, SOURCES), "-o", tmp]
     log.info("compiling bitsmith CPU kernels: %s", " ".join(cmd))
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -87,7 +90,7 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
         raise NativeBuildError(f"running {cxx} failed: {err}") from err
     if done.returncode != 0:
         os.unlink(tmp)
-        raise NativeBuildError(f"{cxx} could not build {SOURCE.name}:\n{done.stderr[-2000:]}")
+        raise NativeBuildError(f"{cxx} could not build {', '.join(p.name for p in SOURCES)}:\n{done.stderr[-2000:]}")
     os.replace(tmp, target)
     return target
 
@@ -104,6 +107,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.bs_dequant.restype = None
     lib.bs_permute4.argtypes = [_PTR, _PTR, _I64, _I64]
     lib.bs_permute4.restype = None
+    lib.bs_decode_scratch.argtypes = [_PTR, _I64]
+    lib.bs_decode_scratch.restype = _I64
+    lib.bs_decode_step.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64]
+    lib.bs_decode_step.restype = None
     lib.bs_simd_width.argtypes = []
     lib.bs_simd_width.restype = ctypes.c_int
     return lib

@@ -22,6 +22,8 @@
 #include <cstring>
 #include <vector>
 
+#include "gemv.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define BS_SIMD 512
@@ -359,56 +361,64 @@ void permute_for_4bit(const float* x, float* xp, int64_t in) {
 
 }  // namespace
 
+namespace bs {
+
+void gemv_prepare(const Matrix& m, const float* x, int64_t T, float* xsum, float* xp) {
+  const int64_t groups = gemv_groups(m);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t end = (g + 1) * m.group < m.in ? (g + 1) * m.group : m.in;
+      float s = 0.f;
+      for (int64_t i = g * m.group; i < end; ++i) s += x[t * m.in + i];
+      xsum[t * groups + g] = s;
+    }
+  if (m.bits == 4)
+    for (int64_t t = 0; t < T; ++t) permute_for_4bit(x + t * m.in, xp + t * m.in, m.in);
+}
+
+void gemv_rows(const Matrix& m, const float* x, const float* xp, const float* xs, int64_t T, float* y) {
+  const Weights w{m.packed, m.scale, m.zero, m.out, m.in, m.bits, m.group, gemv_groups(m),
+                  (m.in + 7) / 8 * m.bits, (float)((1 << m.bits) / 2)};
+  if (m.bits != 4) xp = x;
+  const bool whole4 = m.bits == 4 && m.group % 32 == 0 && m.in % m.group == 0;
+  std::vector<float> params(2 * w.groups);  // this thread's row scales and zeros as floats
+  float* sc = params.data();
+  float* zr = sc + w.groups;
+#pragma omp for schedule(static)
+  for (int64_t o = 0; o < m.out; ++o) {
+    w.row_params(o, sc, zr);
+    int64_t t = 0;
+    if (whole4) {
+      for (; t + 4 <= T; t += 4) row_tile4<4>(w, o, t, xp, xs, sc, zr, y);
+      switch (T - t) {
+        case 3: row_tile4<3>(w, o, t, xp, xs, sc, zr, y); break;
+        case 2: row_tile4<2>(w, o, t, xp, xs, sc, zr, y); break;
+        case 1: row_tile4<1>(w, o, t, xp, xs, sc, zr, y); break;
+      }
+      continue;
+    }
+    for (; t + 4 <= T; t += 4) row_tile<4>(w, o, t, x, xp, xs, sc, zr, y);
+    switch (T - t) {
+      case 3: row_tile<3>(w, o, t, x, xp, xs, sc, zr, y); break;
+      case 2: row_tile<2>(w, o, t, x, xp, xs, sc, zr, y); break;
+      case 1: row_tile<1>(w, o, t, x, xp, xs, sc, zr, y); break;
+    }
+  }
+}
+
+}  // namespace bs
+
 extern "C" {
 
 // y [T, out] = x [T, in] @ W^T for small T (decode).
 void bs_gemv(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero, int64_t out, int64_t in,
              int64_t bits, int64_t group, const float* x, int64_t T, float* y, int64_t threads) {
-  Weights w{packed, scale, zero, out, in, bits, group, (in + group - 1) / group, (in + 7) / 8 * bits,
-            (float)((1 << bits) / 2)};
-  std::vector<float> xsum(T * w.groups, 0.f);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t g = 0; g < w.groups; ++g) {
-      int64_t end = (g + 1) * group < in ? (g + 1) * group : in;
-      float s = 0.f;
-      for (int64_t i = g * group; i < end; ++i) s += x[t * in + i];
-      xsum[t * w.groups + g] = s;
-    }
-  std::vector<float> xp_store;
-  const float* xp = x;
-  if (bits == 4) {
-    xp_store.resize(T * in);
-    for (int64_t t = 0; t < T; ++t) permute_for_4bit(x + t * in, xp_store.data() + t * in, in);
-    xp = xp_store.data();
-  }
-  const float* xs = xsum.data();
-  const bool whole4 = bits == 4 && group % 32 == 0 && in % group == 0;
+  const bs::Matrix m{packed, scale, zero, out, in, bits, group};
+  std::vector<float> xsum(T * bs::gemv_groups(m), 0.f);
+  std::vector<float> xp(bits == 4 ? T * in : 0);
+  bs::gemv_prepare(m, x, T, xsum.data(), xp.data());
 #pragma omp parallel num_threads((int)threads)
-  {
-    std::vector<float> params(2 * w.groups);  // this thread's row scales and zeros as floats
-    float* sc = params.data();
-    float* zr = sc + w.groups;
-#pragma omp for schedule(static)
-    for (int64_t o = 0; o < out; ++o) {
-      w.row_params(o, sc, zr);
-      int64_t t = 0;
-      if (whole4) {
-        for (; t + 4 <= T; t += 4) row_tile4<4>(w, o, t, xp, xs, sc, zr, y);
-        switch (T - t) {
-          case 3: row_tile4<3>(w, o, t, xp, xs, sc, zr, y); break;
-          case 2: row_tile4<2>(w, o, t, xp, xs, sc, zr, y); break;
-          case 1: row_tile4<1>(w, o, t, xp, xs, sc, zr, y); break;
-        }
-        continue;
-      }
-      for (; t + 4 <= T; t += 4) row_tile<4>(w, o, t, x, xp, xs, sc, zr, y);
-      switch (T - t) {
-        case 3: row_tile<3>(w, o, t, x, xp, xs, sc, zr, y); break;
-        case 2: row_tile<2>(w, o, t, x, xp, xs, sc, zr, y); break;
-        case 1: row_tile<1>(w, o, t, x, xp, xs, sc, zr, y); break;
-      }
-    }
-  }
+  bs::gemv_rows(m, x, xp.data(), xsum.data(), T, y);
 }
 
 // buf [rows, in] = (code - zero) * scale for weight rows [row0, row0 + rows) (prefill), the same

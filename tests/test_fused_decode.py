@@ -1,0 +1,124 @@
+"""The fused decode step (infer/fused.py, csrc/decode.cpp) against the torch lean path it replaces, on
+tiny random quantized llama, qwen2 and gemma3 models (a sliding window shorter than the sequence):
+logits and KV cache over many decode steps after a torch prefill, greedy tokens, several bit widths,
+one and two threads, and the fallbacks (torch kernels, $BITSMITH_FUSED_DECODE=0)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from test_lean import ARCHS
+from tiny import make_tiny_model
+
+from bitsmith.infer.fused import fused_reason
+from bitsmith.infer.generate import generate
+from bitsmith.infer.lean import LeanRunner, lean_plan
+
+ATOL = 1e-4  # float32 both ways; only the order of the sums differs
+SPECS = ["w4g32", "w8", "w3g64"]  # the 4-bit fast path, whole bytes, and bit runs with a partial group (96 % 64)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    """(arch, spec) -> a quantized checkpoint folder, made once for the module."""
+    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.spec import QuantSpec
+
+    root = tmp_path_factory.mktemp("fused")
+    out = {}
+    for arch in ARCHS:
+        src = make_tiny_model(root / arch, arch, seed=7, **ARCHS[arch])
+        for spec in SPECS:
+            out[arch, spec] = quantize_model(src, root / f"{arch}-{spec}", QuantizeConfig(QuantSpec.parse(spec)))
+    return out
+
+
+def load(folder):
+    from bitsmith.io.load import load_model
+
+    loaded = load_model(folder)
+    return loaded.model.eval(), loaded.tokenizer
+
+
+def runners(model, max_len: int, monkeypatch) -> tuple[LeanRunner, LeanRunner]:
+    """(torch lean runner, fused runner) over the same plan, each with its own cache."""
+    plan = lean_plan(model)
+    monkeypatch.setenv("BITSMITH_FUSED_DECODE", "0")
+    torch_runner = LeanRunner(plan, max_len)
+    monkeypatch.setenv("BITSMITH_FUSED_DECODE", "1")
+    fused_runner = LeanRunner(plan, max_len)
+    assert torch_runner._fused is None
+    assert fused_runner._fused is not None, fused_reason(plan)
+    return torch_runner, fused_runner
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_fused_decode_equals_torch_lean(arch: str, spec: str, threads: int, checkpoints, monkeypatch) -> None:
+    if threads == 2 and spec != "w4g32":
+        pytest.skip("two threads: one bit width per architecture is enough")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model, _ = load(checkpoints[arch, spec])
+        ref, fused = runners(model, 48, monkeypatch)
+        ids = torch.randint(0, 100, (44,), generator=torch.Generator().manual_seed(11))
+        with torch.no_grad():
+            torch.testing.assert_close(fused(ids[:17]), ref(ids[:17]), atol=0, rtol=0)  # prefill: the same torch code
+            for pos in range(17, 44):  # 27 decode steps, gemma's window of 8 sliding past the prompt
+                want = ref(ids[pos : pos + 1])
+                got = fused(ids[pos : pos + 1])
+                torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        assert fused.pos == ref.pos == 44
+        for i in range(len(ref.keys)):  # the fused step wrote the same K/V into the shared cache layout
+            torch.testing.assert_close(fused.keys[i][:, :44], ref.keys[i][:, :44], atol=ATOL, rtol=0)
+            torch.testing.assert_close(fused.values[i][:, :44], ref.values[i][:, :44], atol=ATOL, rtol=0)
+        # a decode step right after a reset (prefill of one token is a decode step too)
+        fused.reset()
+        ref.reset()
+        with torch.no_grad():
+            torch.testing.assert_close(fused(ids[:1]), ref(ids[:1]), atol=ATOL, rtol=0)
+            torch.testing.assert_close(fused(ids[1:2], all_logits=True), ref(ids[1:2], all_logits=True),
+                                       atol=ATOL, rtol=0)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_greedy_tokens_equal_with_and_without_fused_decode(arch: str, checkpoints, monkeypatch) -> None:
+    model, tok = load(checkpoints[arch, "w4g32"])
+    prompt = " ".join(["the cat sat on the mat and the dog ran far"] * 2)  # longer than gemma's window
+    runs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("BITSMITH_FUSED_DECODE", flag)
+        runs.append(generate(model, tok, prompt, max_new_tokens=24, stop_at_eos=False).token_ids)
+    assert len(runs[0]) == 24 and runs[0] == runs[1]
+
+
+def test_unsupported_plan_falls_back_with_a_reason(checkpoints, monkeypatch, caplog) -> None:
+    """Torch kernels (not native): no fused step, the reason is logged, and the tokens are unchanged."""
+    monkeypatch.setenv("BITSMITH_KERNEL", "torch")
+    model, tok = load(checkpoints["llama", "w4g32"])
+    with caplog.at_level(logging.INFO, logger="bitsmith.infer.fused"):
+        runner = LeanRunner(lean_plan(model), 8)
+    assert runner._fused is None
+    assert "q/k/v is not a fused native kernel" in caplog.text
+    fallback = generate(model, tok, "the cat sat", max_new_tokens=12, stop_at_eos=False).token_ids
+    monkeypatch.setenv("BITSMITH_KERNEL", "auto")
+    native, _ = load(checkpoints["llama", "w4g32"])
+    assert LeanRunner(lean_plan(native), 8)._fused is not None
+    assert generate(native, tok, "the cat sat", max_new_tokens=12, stop_at_eos=False).token_ids == fallback
+
+
+def test_unquantized_and_bf16_models_keep_the_torch_path(caplog) -> None:
+    from test_lean import random_model
+
+    model = random_model("llama")
+    with caplog.at_level(logging.INFO, logger="bitsmith.infer.fused"):
+        assert LeanRunner(lean_plan(model), 8)._fused is None
+    assert "quantized linear" in caplog.text
+    assert "bfloat16" in fused_reason(lean_plan(model.to(torch.bfloat16)))
