@@ -87,6 +87,24 @@ struct Scratch {
   }
 };
 
+// exp(x) without a library call, so `omp simd` loops over it vectorise (softmax, SiLU): Cephes-style
+// range reduction x = n ln2 + r and a degree-6 polynomial, within a few ulp of expf; x is clamped to
+// [-87, 88] (exp(-87) ~ 1.6e-38 stands in for smaller results, which softmax and SiLU cannot tell apart).
+inline float exp_fast(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  return p * __builtin_bit_cast(float, ((int32_t)n + 127) << 23);
+}
+
 // y = rms_norm(x) * w over n values (y may be x).
 void rms_norm(const float* x, const BsNorm& norm, int64_t n, float* y) {
   float ss = 0.f;
@@ -126,8 +144,9 @@ void attend_head(const float* q, const float* K, const float* V, int64_t lo, int
     mx = scores[s] > mx ? scores[s] : mx;
   }
   float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
   for (int64_t s = 0; s < S; ++s) {
-    scores[s] = std::exp(scores[s] - mx);
+    scores[s] = exp_fast(scores[s] - mx);
     sum += scores[s];
   }
   const float inv = 1.f / sum;
@@ -140,11 +159,19 @@ void attend_head(const float* q, const float* K, const float* V, int64_t lo, int
   }
 }
 
-inline float activation(float g, int64_t act) {
-  switch (act) {
-    case ACT_SILU: return g / (1.f + std::exp(-g));
-    case ACT_GELU_TANH: return 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-    default: return 0.5f * g * (1.f + std::erf(g * 0.7071067811865476f));
+// y[i] = act(gate[i]) * up[i]
+void gated(const float* gate, const float* up, int64_t n, int64_t act, float* y) {
+  if (act == ACT_SILU) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = gate[i] / (1.f + exp_fast(-gate[i])) * up[i];
+  } else if (act == ACT_GELU_TANH) {  // 0.5 g (1 + tanh(u)) = g - g / (exp(2u) + 1)
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = gate[i], u = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+      y[i] = (g - g / (exp_fast(2.f * u) + 1.f)) * up[i];
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) y[i] = 0.5f * gate[i] * (1.f + std::erf(gate[i] * 0.7071067811865476f)) * up[i];
   }
 }
 
@@ -224,7 +251,7 @@ void bs_decode_step(const BsLayer* layers, int64_t n, float* h, int64_t pos, flo
       {
         add_bias(gu, L.gate_up.bias, L.gate_up.out);
         const int64_t inter = L.down.in;
-        for (int64_t i = 0; i < inter; ++i) act[i] = activation(gu[i], L.act) * gu[inter + i];
+        gated(gu, gu + inter, inter, L.act, act);
         bs::gemv_prepare(mdown, act, 1, xsum, xp);
       }
       bs::gemv_rows(mdown, act, xp, xsum, 1, mo);
