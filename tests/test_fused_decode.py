@@ -122,3 +122,21 @@ def test_unquantized_and_bf16_models_keep_the_torch_path(caplog) -> None:
         assert LeanRunner(lean_plan(model), 8)._fused is None
     assert "quantized linear" in caplog.text
     assert "bfloat16" in fused_reason(lean_plan(model.to(torch.bfloat16)))
+
+
+@pytest.mark.parametrize("shape", [dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1),  # head_dim 64
+                                   dict(hidden_size=72, num_attention_heads=4, num_key_value_heads=2)])  # 18: no vector path
+def test_other_head_dims(shape: dict, tmp_path, monkeypatch) -> None:
+    """The attention has a register-blocked version for head_dim = 16k and a plain one for the rest."""
+    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.spec import QuantSpec
+
+    src = make_tiny_model(tmp_path / "m", "llama", seed=9, **shape)
+    model, _ = load(quantize_model(src, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32"))))
+    ref, fused = runners(model, 40, monkeypatch)
+    ids = torch.randint(0, 100, (40,), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        ref(ids[:9])
+        fused(ids[:9])
+        for pos in range(9, 40):
+            torch.testing.assert_close(fused(ids[pos : pos + 1]), ref(ids[pos : pos + 1]), atol=ATOL, rtol=0)

@@ -17,7 +17,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+
+#include <omp.h>
 
 #include "gemv.h"
 
@@ -53,19 +56,23 @@ inline bs::Matrix matrix(const BsMat& m) { return bs::Matrix{m.packed, m.scale, 
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
-// One scratch buffer, carved into the vectors of a step; sized for the largest layer.
+// The vectors of a step, sized for the largest layer: shared ones are carved out of the caller's
+// scratch buffer (offsets), each thread's own are allocated per call (sizes); all multiples of 16.
 struct Scratch {
-  int64_t x, qkv, attn, mo, gu, act, xsum, xp, scores, total;
+  int64_t qkv, attn, mo, gu, scores, total;  // shared: gemv outputs, attention output and scores
+  int64_t nh, nx, nq, nsum, nxp, nact, own;  // per thread
   Scratch(const BsLayer* layers, int64_t n) {
-    int64_t nx = 0, nqkv = 0, nattn = 0, nmo = 0, ngu = 0, nact = 0, nsum = 0, nxp = 0, nsc = 0;
+    int64_t nqkv = 0, nattn = 0, nmo = 0, ngu = 0, nsc = 0;
+    nh = nx = nsum = nxp = nact = 0;
     for (int64_t l = 0; l < n; ++l) {
       const BsLayer& L = layers[l];
       const BsMat* mats[4] = {&L.qkv, &L.o, &L.gate_up, &L.down};
       for (const BsMat* m : mats) {
-        nsum = m->in > 0 ? std::max(nsum, bs::gemv_groups(matrix(*m))) : nsum;
+        nsum = std::max(nsum, bs::gemv_groups(matrix(*m)));
         nxp = std::max(nxp, m->in);
         nx = std::max(nx, std::max(m->in, m->out));
       }
+      nh = std::max(nh, L.o.out);
       nqkv = std::max(nqkv, L.qkv.out);
       nattn = std::max(nattn, L.heads * L.head_dim);
       nmo = std::max(nmo, std::max(L.o.out, L.down.out));
@@ -74,16 +81,15 @@ struct Scratch {
       nsc = std::max(nsc, L.heads * L.max_len);
     }
     int64_t at = 0;
-    x = at; at += round16(nx);
     qkv = at; at += round16(nqkv);
     attn = at; at += round16(nattn);
     mo = at; at += round16(nmo);
     gu = at; at += round16(ngu);
-    act = at; at += round16(nact);
-    xsum = at; at += round16(nsum);
-    xp = at; at += round16(nxp);
     scores = at; at += round16(nsc);
     total = at;
+    nh = round16(nh); nx = round16(nx); nq = round16(nqkv); nsum = round16(nsum); nxp = round16(nxp);
+    nact = round16(nact);
+    own = nh + nx + nq + nsum + nxp + nact;
   }
 };
 
@@ -130,19 +136,27 @@ void add_bias(float* y, const float* bias, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += bias[i];
 }
 
-// out [D] = softmax(scaling * q . K[s]) @ V[s] over the cached positions s in [lo, stop).
-void attend_head(const float* q, const float* K, const float* V, int64_t lo, int64_t stop, int64_t D, float scaling,
-                 float* scores, float* out) {
-  const int64_t S = stop - lo;
-  float mx = -INFINITY;
-  for (int64_t s = 0; s < S; ++s) {
-    const float* k = K + (lo + s) * D;
-    float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
-    scores[s] = dot * scaling;
-    mx = scores[s] > mx ? scores[s] : mx;
-  }
+// 16 floats as one value (GCC/Clang vector extension): one AVX-512 register, two AVX2 ones, or
+// four SSE ones, whatever -march=native gives; used where D is a multiple of 16.
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+inline float hsum16(v16 v) {
+  v8 a, b;
+  std::memcpy(&a, &v, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
+  a += b;
+  v4 c, d;
+  std::memcpy(&c, &a, sizeof c);
+  std::memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof c, sizeof d);
+  c += d;
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+// softmax over scores[0, S) in place, normalised; the shift by the maximum as torch's softmax does.
+void softmax(float* scores, int64_t S, float mx) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t s = 0; s < S; ++s) {
@@ -150,10 +164,65 @@ void attend_head(const float* q, const float* K, const float* V, int64_t lo, int
     sum += scores[s];
   }
   const float inv = 1.f / sum;
+#pragma omp simd
+  for (int64_t s = 0; s < S; ++s) scores[s] *= inv;
+}
+
+// out [D] = softmax(scaling * q . k_s) @ v_s over the cached positions s in [lo, pos) and this one
+// (k_now, v_now: not read back from the cache, which thread 0 may be writing). D = 16 * C: q and the
+// output stay in registers, one fresh FMA chain per key.
+template <int C>
+void attend_head_v(const float* q, const float* K, const float* V, const float* k_now, const float* v_now, int64_t lo,
+                   int64_t pos, float scaling, float* scores, float* out) {
+  constexpr int64_t D = 16 * C;
+  const int64_t S = pos + 1 - lo;
+  v16 qv[C], acc[C];
+  for (int c = 0; c < C; ++c) {
+    qv[c] = load16(q + 16 * c);
+    acc[c] = v16{};
+  }
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    const float* k = lo + s < pos ? K + (lo + s) * D : k_now;
+    v16 dot = qv[0] * load16(k);
+    for (int c = 1; c < C; ++c) dot += qv[c] * load16(k + 16 * c);
+    scores[s] = hsum16(dot) * scaling;
+    mx = scores[s] > mx ? scores[s] : mx;
+  }
+  softmax(scores, S, mx);
+  for (int64_t s = 0; s < S; ++s) {
+    const float* v = lo + s < pos ? V + (lo + s) * D : v_now;
+    const float p = scores[s];
+    for (int c = 0; c < C; ++c) acc[c] += p * load16(v + 16 * c);
+  }
+  for (int c = 0; c < C; ++c) store16(out + 16 * c, acc[c]);
+}
+
+// Any D (the vector version above for multiples of 16 up to 256).
+void attend_head(const float* q, const float* K, const float* V, const float* k_now, const float* v_now, int64_t lo,
+                 int64_t pos, int64_t D, float scaling, float* scores, float* out) {
+  switch (D) {
+    case 16: return attend_head_v<1>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
+    case 32: return attend_head_v<2>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
+    case 64: return attend_head_v<4>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
+    case 128: return attend_head_v<8>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
+    case 256: return attend_head_v<16>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
+  }
+  const int64_t S = pos + 1 - lo;
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    const float* k = lo + s < pos ? K + (lo + s) * D : k_now;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+    scores[s] = dot * scaling;
+    mx = scores[s] > mx ? scores[s] : mx;
+  }
+  softmax(scores, S, mx);
   for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
   for (int64_t s = 0; s < S; ++s) {
-    const float p = scores[s] * inv;
-    const float* v = V + (lo + s) * D;
+    const float p = scores[s];
+    const float* v = lo + s < pos ? V + (lo + s) * D : v_now;
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) out[d] += p * v[d];
   }
@@ -184,84 +253,90 @@ int64_t bs_decode_scratch(const BsLayer* layers, int64_t n) { return Scratch(lay
 
 // h [hidden] (the embedded token at position `pos`) -> the last layer's output, in place; every
 // layer's K/V cache gets position `pos` written. scratch: bs_decode_scratch(layers, n) floats.
+//
+// Synchronisation: only the matrix products and the attention heads are shared out (5 barriers a
+// layer). Everything between them (norms, bias, RoPE, residual, activation, the gemv input
+// preparation) is cheap and is computed by every thread into its own buffers from the same shared
+// inputs, so no thread waits for another to finish it. Thread 0 alone writes the new K/V row; the
+// attention reads the cache for the earlier positions and each thread's own copy for this one.
 void bs_decode_step(const BsLayer* layers, int64_t n, float* h, int64_t pos, float* scratch, int64_t threads) {
   const Scratch s(layers, n);
-  float* x = scratch + s.x;
-  float* qkv = scratch + s.qkv;
+  float* qkv = scratch + s.qkv;    // shared: gemv outputs and attention output
   float* attn = scratch + s.attn;
   float* mo = scratch + s.mo;
   float* gu = scratch + s.gu;
-  float* act = scratch + s.act;
-  float* xsum = scratch + s.xsum;
-  float* xp = scratch + s.xp;
   float* scores = scratch + s.scores;
+  const int64_t hidden = n > 0 ? layers[0].o.out : 0;
 #pragma omp parallel num_threads((int)threads)
   {
+    // this thread's buffers, all at the same 64-byte alignment so every thread rounds alike
+    float* own = static_cast<float*>(std::aligned_alloc(64, s.own * sizeof(float)));
+    float* hh_ = own;          // residual stream
+    float* x = hh_ + s.nh;     // normed input, RoPE temporary, biased gemv output
+    float* q = x + s.nx;       // q | k | v after bias, norms and RoPE
+    float* xsum = q + s.nq;
+    float* xp = xsum + s.nsum;
+    float* act = xp + s.nxp;
+    std::memcpy(hh_, h, hidden * sizeof(float));
+    const bool first = omp_get_thread_num() == 0;
     for (int64_t l = 0; l < n; ++l) {
       const BsLayer& L = layers[l];
       const bs::Matrix mqkv = matrix(L.qkv), mo_ = matrix(L.o), mgu = matrix(L.gate_up), mdown = matrix(L.down);
-      const int64_t hidden = L.o.out, D = L.head_dim, qn = L.heads * D, kn = L.kv_heads * D;
-      const int64_t stop = pos + 1;
-      const int64_t lo = L.window > 0 && stop > L.window ? stop - L.window : 0;
-#pragma omp single
-      {
-        rms_norm(h, L.in_norm, hidden, x);
-        bs::gemv_prepare(mqkv, x, 1, xsum, xp);
+      const int64_t D = L.head_dim, qn = L.heads * D, kn = L.kv_heads * D, inter = L.down.in;
+      const int64_t lo = L.window > 0 && pos + 1 > L.window ? pos + 1 - L.window : 0;
+      rms_norm(hh_, L.in_norm, hidden, x);
+      bs::gemv_prepare(mqkv, x, 1, xsum, xp);
+      bs::gemv_rows(mqkv, x, xp, xsum, 1, qkv);  // barrier
+      std::memcpy(q, qkv, L.qkv.out * sizeof(float));
+      add_bias(q, L.qkv.bias, L.qkv.out);
+      float* k = q + qn;
+      const float* v = q + qn + kn;
+      const float* cos = L.cos + pos * D;
+      const float* sin = L.sin + pos * D;
+      for (int64_t i = 0; i < L.heads; ++i) {
+        if (L.q_norm.weight) rms_norm(q + i * D, L.q_norm, D, q + i * D);
+        rope(q + i * D, cos, sin, D, x);
       }
-      bs::gemv_rows(mqkv, x, xp, xsum, 1, qkv);
-#pragma omp single
-      {
-        add_bias(qkv, L.qkv.bias, L.qkv.out);
-        float* q = qkv;
-        float* k = qkv + qn;
-        const float* v = qkv + qn + kn;
-        const float* cos = L.cos + pos * D;
-        const float* sin = L.sin + pos * D;
-        for (int64_t hh = 0; hh < L.heads; ++hh) {
-          if (L.q_norm.weight) rms_norm(q + hh * D, L.q_norm, D, q + hh * D);
-          rope(q + hh * D, cos, sin, D, x);
-        }
-        for (int64_t g = 0; g < L.kv_heads; ++g) {
-          if (L.k_norm.weight) rms_norm(k + g * D, L.k_norm, D, k + g * D);
-          rope(k + g * D, cos, sin, D, x);
+      for (int64_t g = 0; g < L.kv_heads; ++g) {
+        if (L.k_norm.weight) rms_norm(k + g * D, L.k_norm, D, k + g * D);
+        rope(k + g * D, cos, sin, D, x);
+        if (first) {  // nobody reads row `pos` of the cache during this step
           std::memcpy(L.keys + (g * L.max_len + pos) * D, k + g * D, D * sizeof(float));
           std::memcpy(L.values + (g * L.max_len + pos) * D, v + g * D, D * sizeof(float));
         }
       }
       const int64_t rep = L.heads / L.kv_heads;
 #pragma omp for schedule(static)
-      for (int64_t hh = 0; hh < L.heads; ++hh) {
-        const int64_t g = hh / rep;
-        attend_head(qkv + hh * D, L.keys + g * L.max_len * D, L.values + g * L.max_len * D, lo, stop, D,
-                    (float)L.scaling, scores + hh * L.max_len, attn + hh * D);
-      }
-#pragma omp single
+      for (int64_t i = 0; i < L.heads; ++i) {
+        const int64_t g = i / rep;
+        attend_head(q + i * D, L.keys + g * L.max_len * D, L.values + g * L.max_len * D, k + g * D, v + g * D,
+                    lo, pos, D, (float)L.scaling, scores + i * L.max_len, attn + i * D);
+      }  // barrier
       bs::gemv_prepare(mo_, attn, 1, xsum, xp);
-      bs::gemv_rows(mo_, attn, xp, xsum, 1, mo);
-#pragma omp single
-      {
-        add_bias(mo, L.o.bias, hidden);
-        if (L.post_attn_norm.weight) rms_norm(mo, L.post_attn_norm, hidden, mo);
-        for (int64_t i = 0; i < hidden; ++i) h[i] += mo[i];
-        rms_norm(h, L.pre_mlp_norm, hidden, x);
-        bs::gemv_prepare(mgu, x, 1, xsum, xp);
-      }
-      bs::gemv_rows(mgu, x, xp, xsum, 1, gu);
-#pragma omp single
-      {
-        add_bias(gu, L.gate_up.bias, L.gate_up.out);
-        const int64_t inter = L.down.in;
+      bs::gemv_rows(mo_, attn, xp, xsum, 1, mo);  // barrier
+      std::memcpy(x, mo, hidden * sizeof(float));
+      add_bias(x, L.o.bias, hidden);
+      if (L.post_attn_norm.weight) rms_norm(x, L.post_attn_norm, hidden, x);
+      for (int64_t i = 0; i < hidden; ++i) hh_[i] += x[i];
+      rms_norm(hh_, L.pre_mlp_norm, hidden, x);
+      bs::gemv_prepare(mgu, x, 1, xsum, xp);
+      bs::gemv_rows(mgu, x, xp, xsum, 1, gu);  // barrier
+      if (L.gate_up.bias) {
+        std::memcpy(x, gu, L.gate_up.out * sizeof(float));
+        add_bias(x, L.gate_up.bias, L.gate_up.out);
+        gated(x, x + inter, inter, L.act, act);
+      } else {
         gated(gu, gu + inter, inter, L.act, act);
-        bs::gemv_prepare(mdown, act, 1, xsum, xp);
       }
-      bs::gemv_rows(mdown, act, xp, xsum, 1, mo);
-#pragma omp single
-      {
-        add_bias(mo, L.down.bias, hidden);
-        if (L.post_mlp_norm.weight) rms_norm(mo, L.post_mlp_norm, hidden, mo);
-        for (int64_t i = 0; i < hidden; ++i) h[i] += mo[i];
-      }
+      bs::gemv_prepare(mdown, act, 1, xsum, xp);
+      bs::gemv_rows(mdown, act, xp, xsum, 1, mo);  // barrier
+      std::memcpy(x, mo, hidden * sizeof(float));
+      add_bias(x, L.down.bias, hidden);
+      if (L.post_mlp_norm.weight) rms_norm(x, L.post_mlp_norm, hidden, x);
+      for (int64_t i = 0; i < hidden; ++i) hh_[i] += x[i];
     }
+    if (first) std::memcpy(h, hh_, hidden * sizeof(float));
+    std::free(own);
   }
 }
 
