@@ -124,14 +124,18 @@ def test_unquantized_and_bf16_models_keep_the_torch_path(caplog) -> None:
     assert "bfloat16" in fused_reason(lean_plan(model.to(torch.bfloat16)))
 
 
-@pytest.mark.parametrize("shape", [dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1),  # head_dim 64
-                                   dict(hidden_size=72, num_attention_heads=4, num_key_value_heads=2)])  # 18: no vector path
-def test_other_head_dims(shape: dict, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("arch,shape", [
+    ("llama", dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)),  # head_dim 64 (SmolLM2)
+    ("llama", dict(hidden_size=72, num_attention_heads=4, num_key_value_heads=2)),  # 18: no vector path
+    ("gemma3_text", dict(ARCHS["gemma3_text"], head_dim=256, num_attention_heads=2, num_key_value_heads=1,
+                         query_pre_attn_scalar=256)),  # 256 (Gemma 3 270M), window 8
+])
+def test_other_head_dims(arch: str, shape: dict, tmp_path, monkeypatch) -> None:
     """The attention has a register-blocked version for head_dim = 16k and a plain one for the rest."""
     from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
     from bitsmith.spec import QuantSpec
 
-    src = make_tiny_model(tmp_path / "m", "llama", seed=9, **shape)
+    src = make_tiny_model(tmp_path / "m", arch, seed=9, **shape)
     model, _ = load(quantize_model(src, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32"))))
     ref, fused = runners(model, 40, monkeypatch)
     ids = torch.randint(0, 100, (40,), generator=torch.Generator().manual_seed(12))
