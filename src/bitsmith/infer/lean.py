@@ -22,7 +22,9 @@ architectures bitsmith supports is read from the config and the modules as data 
 
 The KV cache is one key and one value tensor per layer, ``[kv_heads, max_len, head_dim]``,
 allocated once for prompt + new tokens. Prefill is one pass over the prompt (causal mask with the
-sliding window applied where a layer has one); decode is one position per call.
+sliding window applied where a layer has one); decode is one position per call. When every layer is
+native-kernel quantized, float32 and on the CPU, a decode step is one native call over all layers
+(:mod:`bitsmith.infer.fused`) writing the same cache; ``$BITSMITH_FUSED_DECODE=0`` keeps it in torch.
 
 Anything outside this (an unknown architecture, rotary scaling that depends on the sequence length,
 hooks on the modules such as offloaded blocks, bidirectional attention) makes :func:`lean_runner`
