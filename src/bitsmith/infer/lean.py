@@ -308,13 +308,26 @@ def _identity(model: nn.Module) -> tuple[int, ...]:
 
 
 def _release_freed_memory() -> None:
-    """glibc keeps freed heap pages mapped; malloc_trim returns them so RSS shows what is live."""
+    """glibc keeps freed heap pages mapped; malloc_trim returns them so RSS shows what is live.
+
+    Also fixes glibc's mmap threshold at 128 KiB (once; its default, before glibc raises it
+    adaptively): otherwise, after the loader frees its large buffers, every later per-token buffer
+    (logits, activations) up to 32 MB is served from the heap and its pages stay resident after
+    free, which showed as 13-30 MB of RSS growth while generating SmolLM2 (bench/speed.py)."""
+    global _MALLOC_TUNED
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6")
+        if not _MALLOC_TUNED:
+            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+            _MALLOC_TUNED = True
+        libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+_MALLOC_TUNED = False
 
 
 def lean_runner(model: nn.Module, max_len: int) -> LeanRunner | None:
