@@ -287,3 +287,18 @@ def test_output_replay_skips_recomputation(models, calib) -> None:
     assert not any(c.startswith("self_attn") for c in calls) and "mlp.down_proj" in calls
     for h in hooks:
         h.remove()
+
+
+@pytest.mark.parametrize("spec", ["w4g32nf", "w3g32fit"])
+def test_gptq_with_grids_writes_a_loadable_checkpoint(models, calib, tmp_path, spec) -> None:
+    """q/k/v (and gate/up) quantized as one stacked GPTQ problem share one grid tensor; the block file
+    and the checkpoint must still be written (safetensors refuses shared storage) and load back."""
+    from bitsmith.io.load import load_model
+
+    out = quantize_calibrated(models["llama"], tmp_path / "q", QuantizeConfig(QuantSpec.parse(spec), "gptq"), calib,
+                              batch_size=8)
+    model = load_model(out).model
+    q, k = model.model.layers[0].self_attn.q_proj.quantized(), model.model.layers[0].self_attn.k_proj.quantized()
+    assert q.grid is not None and torch.equal(q.grid, k.grid) if spec.endswith("nf") else q.grid is not None
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(8)[None]).logits).all()

@@ -61,6 +61,23 @@ def _disk_full_error(path: Path, exc: OSError) -> CheckpointError:
     return CheckpointError(f"no space left on the device while writing {path}; free some space or choose another --out ({exc.strerror})")
 
 
+def distinct_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors, contiguous, none sharing memory with another (safetensors refuses shared
+    storage): a tensor whose storage an earlier one uses is cloned. Shared storage arises legitimately,
+    e.g. q/k/v quantized as one stacked GPTQ problem share one fitted or fixed grid."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        seen.add(ptr)
+        out[name] = t
+    return out
+
+
 class CheckpointWriter:
     """Writes a checkpoint tensor by tensor, shard by shard, into a temporary folder that
     :meth:`finish` renames to ``out_dir``. Use as a context manager: an exception removes the
@@ -106,6 +123,7 @@ class CheckpointWriter:
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
+        self._pending = distinct_storage(self._pending)
         name = f"shard-{len(self._shards):05d}.safetensors"
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "quantization": json.dumps({"method": self.method, "options": self.options, "tensors": self._pending_specs})}
