@@ -136,6 +136,20 @@ void add_bias(float* y, const float* bias, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += bias[i];
 }
 
+// The end of the attention and of the MLP: y = m x (shared gemv rows; the gemv's barrier included),
+// plus bias, optional post-norm, added to this thread's residual stream h. ``out`` is the shared gemv
+// output, ``tmp`` this thread's scratch; both m.out (= hidden) long.
+void project_add(const bs::Matrix& m, const float* bias, const BsNorm& post_norm, const float* in, float* xsum,
+                 float* xp, float* out, float* tmp, float* h) {
+  const int64_t hidden = m.out;
+  bs::gemv_prepare(m, in, 1, xsum, xp);
+  bs::gemv_rows(m, in, xp, xsum, 1, out);  // barrier
+  std::memcpy(tmp, out, hidden * sizeof(float));
+  add_bias(tmp, bias, hidden);
+  if (post_norm.weight) rms_norm(tmp, post_norm, hidden, tmp);
+  for (int64_t i = 0; i < hidden; ++i) h[i] += tmp[i];
+}
+
 // 16 floats as one value (GCC/Clang vector extension): one AVX-512 register, two AVX2 ones, or
 // four SSE ones, whatever -march=native gives; used where D is a multiple of 16.
 typedef float v16 __attribute__((vector_size(64)));
@@ -312,12 +326,7 @@ void bs_decode_step(const BsLayer* layers, int64_t n, float* h, int64_t pos, flo
         attend_head(q + i * D, L.keys + g * L.max_len * D, L.values + g * L.max_len * D, k + g * D, v + g * D,
                     lo, pos, D, (float)L.scaling, scores + i * L.max_len, attn + i * D);
       }  // barrier
-      bs::gemv_prepare(mo_, attn, 1, xsum, xp);
-      bs::gemv_rows(mo_, attn, xp, xsum, 1, mo);  // barrier
-      std::memcpy(x, mo, hidden * sizeof(float));
-      add_bias(x, L.o.bias, hidden);
-      if (L.post_attn_norm.weight) rms_norm(x, L.post_attn_norm, hidden, x);
-      for (int64_t i = 0; i < hidden; ++i) hh_[i] += x[i];
+      project_add(mo_, L.o.bias, L.post_attn_norm, attn, xsum, xp, mo, x, hh_);  // barrier
       rms_norm(hh_, L.pre_mlp_norm, hidden, x);
       bs::gemv_prepare(mgu, x, 1, xsum, xp);
       bs::gemv_rows(mgu, x, xp, xsum, 1, gu);  // barrier
@@ -328,12 +337,7 @@ void bs_decode_step(const BsLayer* layers, int64_t n, float* h, int64_t pos, flo
       } else {
         gated(gu, gu + inter, inter, L.act, act);
       }
-      bs::gemv_prepare(mdown, act, 1, xsum, xp);
-      bs::gemv_rows(mdown, act, xp, xsum, 1, mo);  // barrier
-      std::memcpy(x, mo, hidden * sizeof(float));
-      add_bias(x, L.down.bias, hidden);
-      if (L.post_mlp_norm.weight) rms_norm(x, L.post_mlp_norm, hidden, x);
-      for (int64_t i = 0; i < hidden; ++i) hh_[i] += x[i];
+      project_add(mdown, L.down.bias, L.post_mlp_norm, act, xsum, xp, mo, x, hh_);  // barrier
     }
     if (first) std::memcpy(h, hh_, hidden * sizeof(float));
     std::free(own);
