@@ -23,3 +23,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def exact_decode():
+    """4-bit decode on its exact float path instead of the default int8 activations (the kernels'
+    trade of a few 1e-3 relative error for speed), for tests that demand the reference's tokens."""
+    from bitsmith.kernels.build import native_library, set_int8_decode
+
+    lib = native_library()
+    if lib is not None:
+        set_int8_decode(lib, False)
+    yield
+    if lib is not None:
+        set_int8_decode(lib, True)

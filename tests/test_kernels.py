@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bitsmith.kernels import KERNEL_ENV, prepare, prepare_packed, reference_linear
-from bitsmith.kernels.build import native_library
+from bitsmith.kernels.build import native_library, set_int8_decode
 from bitsmith.kernels.cpu import GEMV_MAX_ROWS, NativeKernel
 from bitsmith.kernels.torch_path import ChunkedKernel, ReferenceKernel
 from bitsmith.nn.qlinear import QuantLinear
@@ -19,6 +19,18 @@ RTOL = 1e-4  # relative error (Frobenius) against the fp32 reference; all kernel
 
 native = native_library()
 needs_native = pytest.mark.skipif(native is None, reason="native kernels could not be built (no C++ compiler?)")
+
+
+@pytest.fixture(autouse=True)
+def exact_decode() -> object:
+    """These tests hold every kernel to the float reference at RTOL, so 4-bit decode runs its exact
+    float path here; the int8-activation path (the default) has its own oracle below."""
+    libs = [lib for _, lib in _native_kernels() if lib is not None]
+    for lib in libs:
+        set_int8_decode(lib, False)
+    yield
+    for lib in libs:
+        set_int8_decode(lib, True)
 
 
 @pytest.fixture(autouse=True)
@@ -264,3 +276,44 @@ def test_eight_bit_codes_are_shared_not_copied() -> None:
         assert (kernel.qweight.data_ptr() == qt.codes.data_ptr()) == shared
         x = torch.randn(2, inp, generator=gen)
         assert rel_err(kernel(x), reference_linear(x, qt)) < RTOL
+
+
+def int8_oracle(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """What the int8-activation decode path computes, the slow way: x rounded to int8 with one scale
+    per block of 32 inputs (max |x| / 127, round half to even), then the reference matmul."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    xq = torch.round(xb * inv) * (amax / 127.0)
+    return reference_linear(xq.reshape(x.shape), qt)
+
+
+@needs_native
+@pytest.mark.parametrize("spec", [QuantSpec(4, g, s) for g in (32, 64, 128, 256, None) for s in (False, True)], ids=str)
+def test_int8_decode_matches_its_oracle(spec: QuantSpec) -> None:
+    """Default 4-bit decode: exact to the int8-activation oracle, and within the stated few-1e-3 of the
+    float reference; shapes the path cannot take (width not a multiple of 64 or of the group) stay exact."""
+    gen = torch.Generator().manual_seed(11 + (spec.group_size or 0) + spec.symmetric)
+    for name, lib in _native_kernels():
+        if lib is None:
+            continue
+        int8 = set_int8_decode(lib, True)
+        # 576 = 4.5 groups of 128 (SmolLM2's width: a partial last group), 288 and 200 not whole chunks
+        for (out, inp), rows in itertools.product(((33, 512), (64, 1536), (7, 576), (5, 200), (9, 288)), (1, 3, 4, 7)):
+            from bitsmith.formats.packing import pack
+
+            qt = random_qt(out, inp, spec, gen)
+            kernel = NativeKernel(lib, pack(qt.codes, 4), qt.scale, qt.zero, spec, inp)
+            x = torch.randn(rows, inp, generator=gen) * torch.rand(inp, generator=gen) * 3 + 0.2  # uneven channels
+            x[0, :3] = 0.0  # zeros and a group of zeros must not divide by zero
+            if spec.group_size and rows > 1:
+                x[-1, : spec.group_size] = 0.0
+            y, ref = kernel(x), reference_linear(x, qt)
+            group = spec.group_size or inp
+            takes_path = int8 and inp % 64 == 0 and (group == 32 or group % 64 == 0)
+            if takes_path:
+                assert rel_err(y, int8_oracle(x, qt)) < RTOL, (name, out, inp, rows)
+                assert 1e-5 < rel_err(y, ref) < 2e-2, (name, out, inp, rows)  # the approximation, bounded
+            else:
+                assert rel_err(y, ref) < RTOL, (name, out, inp, rows)
+        set_int8_decode(lib, False)

@@ -14,6 +14,9 @@ from tiny import make_tiny_model, tiny_config, tiny_tokenizer
 from bitsmith.infer.generate import generate
 from bitsmith.infer.lean import LeanRunner, lean_plan, lean_runner
 
+# Exact float decode throughout: these tests compare implementations at float tolerance; the
+# default int8-activation 4-bit decode is held to its own oracle (test_kernels.py, and below).
+pytestmark = pytest.mark.usefixtures("exact_decode")
 ATOL = 2e-4  # float32 throughout; the reference and the lean path differ only in op order
 
 ARCHS = {

@@ -31,6 +31,7 @@ SOURCE = CSRC / "qmatmul.cpp"
 SOURCES = (SOURCE, CSRC / "decode.cpp")  # compiled together into one library
 HEADERS = (CSRC / "gemv.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
+INT8_DECODE_ENV = "BITSMITH_INT8_DECODE"  # "0" turns the int8-activation 4-bit decode path off
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
@@ -113,7 +114,17 @@ def load(path: Path) -> ctypes.CDLL:
     lib.bs_decode_step.restype = None
     lib.bs_simd_width.argtypes = []
     lib.bs_simd_width.restype = ctypes.c_int
+    lib.bs_set_int8_decode.argtypes = [ctypes.c_int]
+    lib.bs_set_int8_decode.restype = ctypes.c_int
+    set_int8_decode(lib, os.environ.get(INT8_DECODE_ENV, "1").strip() not in ("0", "false", "no", "off"))
     return lib
+
+
+def set_int8_decode(lib: ctypes.CDLL, on: bool) -> bool:
+    """Switch 4-bit decode between int8 activations (on, the default: llama.cpp's trade, a few 1e-3
+    relative error on each product, about twice the speed) and the exact float path. Returns whether
+    the integer path is in effect (False on builds without AVX2)."""
+    return bool(lib.bs_set_int8_decode(1 if on else 0)) and on
 
 
 @lru_cache(maxsize=None)
