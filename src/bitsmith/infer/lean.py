@@ -361,6 +361,9 @@ def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     return torch.addcmul(x * cos, swapped, signed_sin)
 
 
+PREFILL_CHUNK = 256  # prompt tokens per prefill slice (see LeanRunner.forward)
+
+
 class LeanRunner:
     """Prefill and decode over a preallocated KV cache. ``forward(ids)`` appends ``ids`` [T] at the
     next positions and returns the last position's logits [V] (or all T with ``all_logits``)."""
@@ -441,6 +444,12 @@ class LeanRunner:
             logits = self._fused(ids, start)
             self.pos = stop
             return logits[None] if all_logits else logits
+        if t > PREFILL_CHUNK and not all_logits:
+            # A long prompt in slices: the activations, attention scores and dequantized weight blocks of
+            # one slice at a time (peak memory), at the cost of dequantizing the weights once per slice.
+            for lo in range(0, t - PREFILL_CHUNK, PREFILL_CHUNK):
+                self.forward(ids[lo : lo + PREFILL_CHUNK])
+            return self.forward(ids[(t - 1) // PREFILL_CHUNK * PREFILL_CHUNK :])
         h = plan.embed(ids[None])[0].to(plan.dtype)  # [T, hidden]
         for i, layer in enumerate(plan.layers):
             x = layer.in_norm(h)
