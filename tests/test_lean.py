@@ -71,6 +71,29 @@ def test_prefill_and_decode_logits_equal_hf(arch: str) -> None:
         torch.testing.assert_close(runner(ids[:5]), ref[4], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_long_prompt_prefills_in_slices(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt longer than PREFILL_CHUNK runs slice by slice (bounded peak memory) with the same last
+    logits and cache as the HF forward; 23 tokens in slices of 5 leave a short last slice, and gemma's
+    window of 8 spans slices."""
+    import bitsmith.infer.lean as lean
+
+    model = random_model(arch)
+    ids = torch.randint(0, model.config.vocab_size, (30,), generator=torch.Generator().manual_seed(3))
+    ref = reference_logits(model, ids)
+    monkeypatch.setattr(lean, "PREFILL_CHUNK", 5)
+    runner = lean_runner(model, 32)
+    calls = []
+    forward = runner.forward
+    monkeypatch.setattr(runner, "forward", lambda t, all_logits=False: calls.append(len(t)) or forward(t, all_logits))
+    with torch.no_grad():
+        torch.testing.assert_close(runner.forward(ids[:23]), ref[22], atol=ATOL, rtol=0)
+        assert runner.pos == 23
+        for pos in range(23, 30):  # decoding reads the cache the slices wrote
+            torch.testing.assert_close(runner(ids[pos : pos + 1]), ref[pos], atol=ATOL, rtol=0)
+    assert calls[:6] == [23, 5, 5, 5, 5, 3], calls  # the call itself, then its slices
+
+
 def test_sliding_window_is_applied() -> None:
     """The window matters here (a model with a huge window gives other logits), and lean follows it."""
     ids = torch.randint(0, 100, (30,), generator=torch.Generator().manual_seed(2))
