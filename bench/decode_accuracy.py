@@ -1,0 +1,95 @@
+"""What the decode kernels' shortcuts cost in quality: KLD and top-1 of token-by-token decode logits.
+
+``eval`` scores whole windows through prefill (dequantize + BLAS, exact float arithmetic), so it never
+sees the decode kernels. This script decodes real text one token at a time (teacher-forced) through the
+lean runner and its fused native step, once with the default 4-bit int8-activation path and once with
+the exact float path (``BITSMITH_INT8_DECODE=0``), and scores both against the unquantized model's
+logits on the same positions (PROTOCOL.md metrics), plus the two decode paths against each other.
+
+    python bench/decode_accuracy.py --model smollm2-135m --checkpoint /tmp/bitsmith-speed/smollm2-135m-w4g128
+
+Prints one table; nothing is asserted (tests/test_kernels.py holds each path to its oracle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from bitsmith.eval.metrics import summarize, token_stats
+from bitsmith.eval.perplexity import tokenize_text
+from bitsmith.infer.lean import lean_runner
+from bitsmith.io.load import load_model
+from bitsmith.kernels.build import native_library, set_int8_decode
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "austen_pride_and_prejudice.txt"
+
+
+def decode_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits [T - prompt, V] at positions prompt-1 .. T-2, each from a one-token decode step."""
+    runner = lean_runner(model, ids.numel())
+    if runner is None:
+        raise SystemExit("this model is outside the lean path; nothing to measure")
+    rows = []
+    with torch.no_grad():
+        rows.append(runner(ids[:prompt]).float())  # the prompt's last position
+        for pos in range(prompt, ids.numel() - 1):
+            rows.append(runner(ids[pos : pos + 1]).float())
+    return torch.stack(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="the unquantized model (reference)")
+    ap.add_argument("--checkpoint", required=True, help="a bitsmith checkpoint of that model")
+    ap.add_argument("--text", default=str(DEFAULT_TEXT))
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=64, help="tokens prefilled before decoding")
+    ap.add_argument("--decode", type=int, default=448, help="tokens decoded one by one per window")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lib = native_library()
+    if lib is None:
+        raise SystemExit("the native kernels could not be built; the decode paths compared here do not exist")
+
+    ref = load_model(args.model, dtype=torch.float32)
+    quant = load_model(args.checkpoint)
+    text = Path(args.text).read_text(encoding="utf-8")[:200_000]
+    ids = torch.tensor(tokenize_text(ref.tokenizer, text))
+    span = args.prompt + args.decode + 1
+    runs: dict[str, list] = {"int8 activations (default)": [], "exact float": [], "int8 vs exact": []}
+    t0 = time.perf_counter()
+    for w in range(args.windows):
+        window = ids[w * span : (w + 1) * span]
+        if window.numel() < span:
+            break
+        targets = window[args.prompt :]
+        with torch.no_grad():
+            want = ref.model(input_ids=window[None]).logits[0, args.prompt - 1 : -1].float()
+        set_int8_decode(lib, True)
+        fast = decode_logits(quant.model, window, args.prompt)
+        set_int8_decode(lib, False)
+        exact = decode_logits(quant.model, window, args.prompt)
+        set_int8_decode(lib, True)
+        runs["int8 activations (default)"].append(token_stats(want, fast, targets))
+        runs["exact float"].append(token_stats(want, exact, targets))
+        runs["int8 vs exact"].append(token_stats(exact, fast, targets))
+    seconds = time.perf_counter() - t0
+    tokens = sum(s.tokens for s in runs["exact float"])
+    print(f"{args.checkpoint}: {tokens} decoded positions over {len(runs['exact float'])} windows "
+          f"({args.prompt}-token prompt each), reference {args.model} fp32; {seconds:.0f} s")
+    print("| decode path | against | KLD mean | KLD p99 | top-1 | ppl |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, stats in runs.items():
+        r = summarize(stats)
+        against = "exact-float decode" if name == "int8 vs exact" else f"{args.model} fp32"
+        print(f"| {name} | {against} | {r.kld_mean:.5f} | {r.kld_p99:.4f} | {r.top1:.4f} | {r.ppl:.3f} |")
+    print(f"reference ppl on these positions: {summarize(runs['exact float']).ref_ppl:.3f}")
+
+
+if __name__ == "__main__":
+    main()
