@@ -289,31 +289,53 @@ def int8_oracle(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
 
 
 @needs_native
-@pytest.mark.parametrize("spec", [QuantSpec(4, g, s) for g in (32, 64, 128, 256, None) for s in (False, True)], ids=str)
+@pytest.mark.parametrize("spec", [QuantSpec(b, g, s) for b in (4, 8) for g in (32, 64, 128, 256, None) for s in (False, True)],
+                         ids=str)
 def test_int8_decode_matches_its_oracle(spec: QuantSpec) -> None:
-    """Default 4-bit decode: exact to the int8-activation oracle, and within the stated few-1e-3 of the
-    float reference; shapes the path cannot take (width not a multiple of 64 or of the group) stay exact."""
-    gen = torch.Generator().manual_seed(11 + (spec.group_size or 0) + spec.symmetric)
+    """Default decode of 4- and 8-bit codes: exact to the int8-activation oracle, and within the stated
+    few-1e-3 of the float reference; shapes the path cannot take stay exact."""
+    from bitsmith.formats.packing import pack
+
+    gen = torch.Generator().manual_seed(11 + spec.bits + (spec.group_size or 0) + spec.symmetric)
     for name, lib in _native_kernels():
         if lib is None:
             continue
-        int8 = set_int8_decode(lib, True)
-        # 576 = 4.5 groups of 128 (SmolLM2's width: a partial last group), 288 and 200 not whole chunks
+        widths = set_int8_decode(lib, True)
+        # 576 = 4.5 groups of 128 (SmolLM2's width: a partial last group); 288 is not whole 64-code
+        # chunks (4-bit) but whole 32-blocks (8-bit); 200 is neither
         for (out, inp), rows in itertools.product(((33, 512), (64, 1536), (7, 576), (5, 200), (9, 288)), (1, 3, 4, 7)):
-            from bitsmith.formats.packing import pack
-
             qt = random_qt(out, inp, spec, gen)
-            kernel = NativeKernel(lib, pack(qt.codes, 4), qt.scale, qt.zero, spec, inp)
+            kernel = NativeKernel(lib, pack(qt.codes, spec.bits), qt.scale, qt.zero, spec, inp)
             x = torch.randn(rows, inp, generator=gen) * torch.rand(inp, generator=gen) * 3 + 0.2  # uneven channels
             x[0, :3] = 0.0  # zeros and a group of zeros must not divide by zero
             if spec.group_size and rows > 1:
                 x[-1, : spec.group_size] = 0.0
             y, ref = kernel(x), reference_linear(x, qt)
             group = spec.group_size or inp
-            takes_path = int8 and inp % 64 == 0 and (group == 32 or group % 64 == 0)
-            if takes_path:
+            if spec.bits == 4:
+                takes_path = inp % 64 == 0 and (group == 32 or group % 64 == 0)
+            else:
+                takes_path = inp % 32 == 0 and group % 32 == 0
+            if spec.bits in widths and takes_path:
                 assert rel_err(y, int8_oracle(x, qt)) < RTOL, (name, out, inp, rows)
                 assert 1e-5 < rel_err(y, ref) < 2e-2, (name, out, inp, rows)  # the approximation, bounded
             else:
                 assert rel_err(y, ref) < RTOL, (name, out, inp, rows)
         set_int8_decode(lib, False)
+
+
+@needs_native
+def test_huge_page_advice_keeps_contents_and_results() -> None:
+    """advise_huge_pages works in place: same address, same bytes, same products (whether or not this
+    kernel grants huge pages), and small or non-CPU tensors are left alone."""
+    from bitsmith.kernels.cpu import HUGE_MIN_BYTES, advise_huge_pages
+
+    gen = torch.Generator().manual_seed(21)
+    qt = random_qt(6000, 2048, QuantSpec(4, 128), gen)  # 6 MB of packed codes
+    kernel = prepare(qt)
+    x = torch.randn(2, 2048, generator=gen)
+    before, ptr, data = kernel(x), kernel.qweight.data_ptr(), kernel.qweight.clone()
+    advise_huge_pages(kernel.qweight)  # again: the constructor already did
+    assert kernel.qweight.data_ptr() == ptr and torch.equal(kernel.qweight, data)
+    assert torch.equal(kernel(x), before)
+    assert not advise_huge_pages(torch.zeros(HUGE_MIN_BYTES - 1, dtype=torch.uint8))

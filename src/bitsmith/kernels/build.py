@@ -120,11 +120,12 @@ def load(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def set_int8_decode(lib: ctypes.CDLL, on: bool) -> bool:
-    """Switch 4-bit decode between int8 activations (on, the default: llama.cpp's trade, a few 1e-3
-    relative error on each product, about twice the speed) and the exact float path. Returns whether
-    the integer path is in effect (False on builds without AVX2)."""
-    return bool(lib.bs_set_int8_decode(1 if on else 0)) and on
+def set_int8_decode(lib: ctypes.CDLL, on: bool) -> frozenset[int]:
+    """Switch decode between int8 activations (on, the default: llama.cpp's trade, a few 1e-3 relative
+    error on each product, up to twice the speed) and the exact float path. Returns the bit widths now
+    on the integer path: {4, 8} with VNNI, {4} on other AVX2 builds, empty when off or without AVX2."""
+    mask = lib.bs_set_int8_decode(1 if on else 0)
+    return frozenset(b for b in (4, 8) if on and mask & (1 << b))
 
 
 @lru_cache(maxsize=None)

@@ -23,6 +23,45 @@ CHUNK_BYTES = 2 << 20  # fp32 weight rows per block on the prefill path
 PARALLEL_MIN_WEIGHTS = 1 << 16  # smaller matrices run on one thread: waking others costs more
 
 
+HUGE_PAGE = 2 << 20
+HUGE_MIN_BYTES = 2 * HUGE_PAGE  # smaller buffers hold at most one aligned 2 MB page: not worth a syscall
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # Linux <asm-generic/mman-common.h>
+_madvise = None
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Back the 2 MB-aligned interior of a large CPU tensor with transparent huge pages, in place.
+
+    Decode streams every packed byte once per token; with 4 KB pages each one costs a TLB entry and the
+    hardware prefetchers stop at every page boundary. Measured on this machine's Qwen2.5-1.5B-sized
+    sweep (w4g128 layers + w8 head, 2 threads, alternating in one process): 19.3 -> 21.2 GB/s median.
+    MADV_HUGEPAGE marks the range (THP is often "madvise"-only) and MADV_COLLAPSE (Linux >= 6.1)
+    moves it onto huge pages now rather than whenever khugepaged gets to it; contents and addresses
+    are unchanged. Anything unsupported (another OS, an older kernel, THP disabled) is a silent no-op.
+    Returns whether the collapse succeeded.
+    """
+    global _madvise
+    nbytes = t.numel() * t.element_size()
+    if t.device.type != "cpu" or nbytes < HUGE_MIN_BYTES:
+        return False
+    if _madvise is None:
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            libc.madvise.restype = ctypes.c_int
+            _madvise = libc.madvise
+        except (OSError, AttributeError):
+            _madvise = False
+    if not _madvise:
+        return False
+    start = (t.data_ptr() + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+    stop = (t.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
+    if stop <= start:
+        return False
+    _madvise(start, stop - start, _MADV_HUGEPAGE)
+    return _madvise(start, stop - start, _MADV_COLLAPSE) == 0
+
+
 class NativeKernel:
     """x [..., in] -> y [..., out] with the compiled kernels; float32 arithmetic, output in x's dtype."""
 
@@ -52,6 +91,7 @@ class NativeKernel:
             padded = torch.zeros(qweight.numel() + 8, dtype=torch.uint8)
             self.qweight = padded[: qweight.numel()].view(qweight.shape)  # uint8 [out, row_bytes]
             self.qweight.copy_(qweight)
+        advise_huge_pages(self.qweight)
         self.scale = scale.to(torch.float16).contiguous()
         self.zero = None if zero is None else zero.to(torch.float16).contiguous()
         self._group = spec.group_size or max(in_features, 1)

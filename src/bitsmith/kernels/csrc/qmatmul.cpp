@@ -361,34 +361,39 @@ void permute_for_4bit(const float* x, float* xp, int64_t in) {
   for (int64_t i = n; i < in; ++i) xp[i] = x[i];
 }
 
-// ---- 4-bit codes times int8 activations (decode) ----------------------------------------------
+// ---- 4- and 8-bit codes times int8 activations (decode) ------------------------------------------
 // The float gemv above spends ~7 vector instructions per 16 bytes of 4-bit codes (widen, mask,
 // shift, two conversions, two FMAs) and so runs compute-bound at about half the memory bandwidth.
 // Like llama.cpp's Q4_0 x Q8_0 dot products, this path quantizes x once per call to int8 with one
 // scale per block of 32 inputs (xs_b = max|x_b| / 127; small blocks keep an outlier channel from
-// flattening its neighbours) and multiplies the unsigned 4-bit codes into it with integer dot
-// products (VNNI vpdpbusd; AVX2 maddubs + madd otherwise): per 64 codes one load, two masks, one
-// shift, two dot products, one conversion and one FMA. The result is the exact product of the
-// dequantized weights with the int8-rounded x: a relative error of a few 1e-3 on y, the trade
-// llama.cpp makes for every matmul. bs_set_int8_decode(0) (BITSMITH_INT8_DECODE=0) restores the
-// exact float path.
+// flattening its neighbours) and multiplies the unsigned codes into it with integer dot products
+// (VNNI vpdpbusd; for 4-bit codes AVX2 maddubs + madd otherwise, which would saturate on 8-bit
+// codes, so 8-bit needs VNNI). The result is the exact product of the dequantized weights with the
+// int8-rounded x: a relative error of a few 1e-3 on y, the trade llama.cpp makes for every matmul.
+// bs_set_int8_decode(0) (BITSMITH_INT8_DECODE=0) restores the exact float path.
 //
-// x layout (int8, per 64-code chunk): [32 even codes | 32 odd codes], so the low nibbles of the
-// chunk's 32 bytes meet the first half and the high nibbles the second; each int32 lane of the dot
-// product then sums codes of one 32-block (lanes 0-3 the chunk's first block, 4-7 its second).
-// Prepared buffers: xs [T, in / 32] floats, then xq [T, in] int8; xsum [T, groups] holds
-// sum_b xs_b * sum(xq_b) over the group's blocks, for the zero-point term.
+// Prepared per call (prepare_int8): xq [T, in] int8; xv [T, in / 4] floats of per-lane x scales;
+// xsum [T, groups] = sum over the group's blocks of xs_b * sum(xq_b), for the zero-point term.
+// 4-bit: the 32 bytes of a 64-code chunk hold even codes in low nibbles and odd codes in high ones,
+// so xq is stored per chunk as [32 even | 32 odd] and each int32 lane of the two dot products sums
+// codes of one 32-block (lanes 0-3 the chunk's first block, 4-7 its second): xv holds, per chunk,
+// [xs_b0 x4, xs_b1 x4]. 8-bit: xq in natural order, one dot product per 32-block, xv [xs_b x8].
 int g_int8 = 1;
 
 #if BS_SIMD >= 256
 #define BS_INT8 1
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+#define BS_VNNI 1
+#else
+#define BS_VNNI 0
+#endif
 inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return _mm256_dpbusd_epi32(acc, u, s);
 #elif defined(__AVXVNNI__)
   return _mm256_dpbusd_avx_epi32(acc, u, s);
 #else
-  // 15 * 127 * 2 < 32767: the pairwise i16 sums never saturate.
+  // 4-bit codes only: 15 * 127 * 2 < 32767, the pairwise i16 sums never saturate.
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
@@ -400,44 +405,82 @@ inline float hsum256(__m256 a) {
   return _mm_cvtss_f32(s);
 }
 
-// One 64-code chunk at byte p of the row, times TT rows of x: total[t] += codes . xq * (s0|s1) per lane
-// half, where s0/s1 are the weight scales of the chunk's two 32-blocks.
-template <int TT>
-inline void chunk_int8(const uint8_t* p, const int8_t* const* q, const float* const* xs, int64_t k, float s0,
-                       float s1, __m256* total) {
+inline __m256i load256(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+
+// Integer dot products of one 64-code 4-bit chunk (32 bytes at p) with xq at q.
+inline __m256i chunk4(__m256i b, const int8_t* q) {
   const __m256i nib = _mm256_set1_epi8(0x0F);
-  const __m256i b = _mm256_loadu_si256((const __m256i*)p);
   const __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
-  for (int t = 0; t < TT; ++t) {
-    __m256i acc = dot_u8s8(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i*)(q[t] + k)));
-    acc = dot_u8s8(acc, hi, _mm256_loadu_si256((const __m256i*)(q[t] + k + 32)));
-    const float* x = xs[t] + k / 32;
-    const __m256 f = _mm256_set_m128(_mm_set1_ps(s1 * x[1]), _mm_set1_ps(s0 * x[0]));
-    total[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), f, total[t]);
-  }
+  return dot_u8s8(dot_u8s8(_mm256_setzero_si256(), lo, load256(q)), hi, load256(q + 32));
 }
 
-// y[t0 .. t0+TT, o]. in % 64 == 0 and group 32 or a multiple of 64 (int8_ok); the last group may be
-// partial (SmolLM2's 576 inputs in groups of 128), so every chunk lies inside one group, or two for 32.
+// Per row: total += sum over groups of scale_g * (sum over the group's chunks/blocks of x-scaled
+// integer dots), lanes summed once at the end, minus the zero-point term.
 template <int TT>
-void row_tile4_int8(const Weights& w, int64_t o, int64_t t0, const float* xs, const int8_t* xq, const float* xsum,
-                    const float* sc, const float* zr, float* y) {
+void row_tile_int8(const Weights& w, int64_t o, int64_t t0, const float* xv, const int8_t* xq, const float* xsum,
+                   const float* sc, const float* zr, float* y) {
   const uint8_t* row = w.packed + o * w.row_bytes;
-  const int64_t group = w.group, groups = w.groups, in = w.in, blocks = in / 32;
+  const int64_t group = w.group, groups = w.groups, in = w.in;
   const int8_t* q[TT];
-  const float* xb[TT];
+  const float* v[TT];
   __m256 total[TT];
   for (int t = 0; t < TT; ++t) {
     q[t] = xq + (t0 + t) * in;
-    xb[t] = xs + (t0 + t) * blocks;
+    v[t] = xv + (t0 + t) * (in / 4);
     total[t] = _mm256_setzero_ps();
   }
-  if (group == 32) {  // a chunk spans two groups
-    for (int64_t g = 0; g < groups; g += 2) chunk_int8<TT>(row + g * 16, q, xb, g * 32, sc[g], sc[g + 1], total);
+  if (w.bits == 4 && group == 32) {  // a chunk spans two groups: per-lane weight scales
+    for (int64_t g = 0; g < groups; g += 2) {
+      const __m256i b = load256(row + g * 16);
+      const __m256 s = _mm256_set_m128(_mm_set1_ps(sc[g + 1]), _mm_set1_ps(sc[g]));
+      for (int t = 0; t < TT; ++t) {
+        const __m256 f = _mm256_mul_ps(s, _mm256_loadu_ps(v[t] + g * 4));
+        total[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk4(b, q[t] + g * 32)), f, total[t]);
+      }
+    }
   } else {
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t k = g * group, end = std::min(k + group, in); k < end; k += 64)
-        chunk_int8<TT>(row + k / 2, q, xb, k, sc[g], sc[g], total);
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 f0[TT], f1[TT];  // two FMA chains, alternating chunks
+      for (int t = 0; t < TT; ++t) f0[t] = f1[t] = _mm256_setzero_ps();
+      const int64_t end = std::min((g + 1) * group, in);
+      if (w.bits == 4) {
+        int64_t k = g * group;
+        for (; k + 128 <= end; k += 128) {
+          const __m256i b0 = load256(row + k / 2), b1 = load256(row + k / 2 + 32);
+          for (int t = 0; t < TT; ++t) {
+            f0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk4(b0, q[t] + k)), _mm256_loadu_ps(v[t] + k / 8), f0[t]);
+            f1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk4(b1, q[t] + k + 64)), _mm256_loadu_ps(v[t] + k / 8 + 8), f1[t]);
+          }
+        }
+        if (k < end) {  // one 64-code chunk left (groups of 64, a partial last group)
+          const __m256i b0 = load256(row + k / 2);
+          for (int t = 0; t < TT; ++t)
+            f0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk4(b0, q[t] + k)), _mm256_loadu_ps(v[t] + k / 8), f0[t]);
+        }
+      } else {
+#if BS_VNNI
+        int64_t k = g * group;
+        for (; k + 64 <= end; k += 64) {
+          const __m256i b0 = load256(row + k), b1 = load256(row + k + 32);
+          for (int t = 0; t < TT; ++t) {
+            const __m256i a0 = dot_u8s8(_mm256_setzero_si256(), b0, load256(q[t] + k));
+            const __m256i a1 = dot_u8s8(_mm256_setzero_si256(), b1, load256(q[t] + k + 32));
+            f0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_loadu_ps(v[t] + k / 4), f0[t]);
+            f1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), _mm256_loadu_ps(v[t] + k / 4 + 8), f1[t]);
+          }
+        }
+        if (k < end) {  // one 32-block left
+          const __m256i b0 = load256(row + k);
+          for (int t = 0; t < TT; ++t) {
+            const __m256i a0 = dot_u8s8(_mm256_setzero_si256(), b0, load256(q[t] + k));
+            f0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_loadu_ps(v[t] + k / 4), f0[t]);
+          }
+        }
+#endif
+      }
+      const __m256 s = _mm256_set1_ps(sc[g]);
+      for (int t = 0; t < TT; ++t) total[t] = _mm256_fmadd_ps(_mm256_add_ps(f0[t], f1[t]), s, total[t]);
+    }
   }
   for (int t = 0; t < TT; ++t) {
     const float* xm = xsum + (t0 + t) * groups;
@@ -448,18 +491,22 @@ void row_tile4_int8(const Weights& w, int64_t o, int64_t t0, const float* xs, co
 }
 #else
 #define BS_INT8 0
+#define BS_VNNI 0
 #endif
 
 inline bool int8_ok(const bs::Matrix& m) {
-  return BS_INT8 && g_int8 && m.bits == 4 && m.in % 64 == 0 && (m.group == 32 || m.group % 64 == 0);
+  if (!BS_INT8 || !g_int8) return false;
+  if (m.bits == 4) return m.in % 64 == 0 && (m.group == 32 || m.group % 64 == 0);
+  return m.bits == 8 && BS_VNNI && m.in % 32 == 0 && m.group % 32 == 0;
 }
 
-// xs [T, in / 32], xq [T, in] (chunk layout above) and xsum [T, groups].
-void prepare_int8(const bs::Matrix& m, const float* x, int64_t T, float* xsum, float* xs, int8_t* xq) {
+// xv [T, in / 4] floats, xq [T, in] int8 and xsum [T, groups] (layouts above).
+void prepare_int8(const bs::Matrix& m, const float* x, int64_t T, float* xsum, float* xv, int8_t* xq) {
   const int64_t groups = bs::gemv_groups(m), blocks = m.in / 32;
   for (int64_t t = 0; t < T; ++t) {
     const float* xr = x + t * m.in;
     int8_t* qr = xq + t * m.in;
+    float* vr = xv + t * (m.in / 4);
     for (int64_t g = 0; g < groups; ++g) xsum[t * groups + g] = 0.f;
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t start = b * 32;
@@ -468,13 +515,21 @@ void prepare_int8(const bs::Matrix& m, const float* x, int64_t T, float* xsum, f
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       int32_t sum = 0;
       for (int64_t i = start; i < start + 32; ++i) {
-        const int32_t v = (int32_t)std::nearbyint(xr[i] * inv);  // |v| <= 127
-        sum += v;
-        const int64_t c = i & ~(int64_t)63, j = i - c;  // chunk start, position in the chunk
-        qr[c + (j & 1) * 32 + (j >> 1)] = (int8_t)v;
+        const int32_t q = (int32_t)std::nearbyint(xr[i] * inv);  // |q| <= 127
+        sum += q;
+        if (m.bits == 4) {
+          const int64_t c = i & ~(int64_t)63, j = i - c;  // chunk start, position in the chunk
+          qr[c + (j & 1) * 32 + (j >> 1)] = (int8_t)q;
+        } else {
+          qr[i] = (int8_t)q;
+        }
       }
       const float scale = amax / 127.f;
-      xs[t * blocks + b] = scale;
+      if (m.bits == 4) {  // chunk b / 2, lanes 0-3 (even b) or 4-7 (odd b)
+        for (int l = 0; l < 4; ++l) vr[(b / 2) * 8 + (b & 1) * 4 + l] = scale;
+      } else {
+        for (int l = 0; l < 8; ++l) vr[b * 8 + l] = scale;
+      }
       xsum[t * groups + start / m.group] += scale * (float)sum;
     }
   }
@@ -486,8 +541,8 @@ namespace bs {
 
 void gemv_prepare(const Matrix& m, const float* x, int64_t T, float* xsum, float* xp) {
   const int64_t groups = gemv_groups(m);
-  if (int8_ok(m)) {  // xp [T, in] floats hold xs [T, in / 32] floats then xq [T, in] bytes
-    prepare_int8(m, x, T, xsum, xp, (int8_t*)(xp + T * (m.in / 32)));
+  if (int8_ok(m)) {  // xp [T, in] floats hold xv [T, in / 4] floats then xq [T, in] bytes
+    prepare_int8(m, x, T, xsum, xp, (int8_t*)(xp + T * (m.in / 4)));
     return;
   }
   for (int64_t t = 0; t < T; ++t)
@@ -504,23 +559,23 @@ void gemv_prepare(const Matrix& m, const float* x, int64_t T, float* xsum, float
 void gemv_rows(const Matrix& m, const float* x, const float* xp, const float* xs, int64_t T, float* y) {
   const Weights w{m.packed, m.scale, m.zero, m.out, m.in, m.bits, m.group, gemv_groups(m),
                   (m.in + 7) / 8 * m.bits, (float)((1 << m.bits) / 2)};
-  if (m.bits != 4) xp = x;
+  if (m.bits != 4 && !int8_ok(m)) xp = x;
   const bool whole4 = m.bits == 4 && m.group % 32 == 0 && m.in % m.group == 0;
   std::vector<float> params(2 * w.groups);  // this thread's row scales and zeros as floats
   float* sc = params.data();
   float* zr = sc + w.groups;
 #if BS_INT8
   if (int8_ok(m)) {
-    const int8_t* xq = (const int8_t*)(xp + T * (m.in / 32));
+    const int8_t* xq = (const int8_t*)(xp + T * (m.in / 4));
 #pragma omp for schedule(static)
     for (int64_t o = 0; o < m.out; ++o) {
       w.row_params(o, sc, zr);
       int64_t t = 0;
-      for (; t + 4 <= T; t += 4) row_tile4_int8<4>(w, o, t, xp, xq, xs, sc, zr, y);
+      for (; t + 4 <= T; t += 4) row_tile_int8<4>(w, o, t, xp, xq, xs, sc, zr, y);
       switch (T - t) {
-        case 3: row_tile4_int8<3>(w, o, t, xp, xq, xs, sc, zr, y); break;
-        case 2: row_tile4_int8<2>(w, o, t, xp, xq, xs, sc, zr, y); break;
-        case 1: row_tile4_int8<1>(w, o, t, xp, xq, xs, sc, zr, y); break;
+        case 3: row_tile_int8<3>(w, o, t, xp, xq, xs, sc, zr, y); break;
+        case 2: row_tile_int8<2>(w, o, t, xp, xq, xs, sc, zr, y); break;
+        case 1: row_tile_int8<1>(w, o, t, xp, xq, xs, sc, zr, y); break;
       }
     }
     return;
@@ -557,7 +612,7 @@ void bs_gemv(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero,
              int64_t bits, int64_t group, const float* x, int64_t T, float* y, int64_t threads) {
   const bs::Matrix m{packed, scale, zero, out, in, bits, group};
   std::vector<float> xsum(T * bs::gemv_groups(m), 0.f);
-  std::vector<float> xp(bits == 4 ? T * in : 0);
+  std::vector<float> xp(bits == 4 || bits == 8 ? T * in : 0);  // 4-bit permuted x, or int8 x (both widths)
   bs::gemv_prepare(m, x, T, xsum.data(), xp.data());
 #pragma omp parallel num_threads((int)threads)
   bs::gemv_rows(m, x, xp.data(), xsum.data(), T, y);
@@ -624,11 +679,11 @@ void bs_permute4(const float* x, float* xp, int64_t T, int64_t in) {
 
 int bs_simd_width() { return BS_SIMD; }
 
-// 4-bit decode with int8 activations (see row_tile4_int8): on (1, the default) or off (0, exact float
-// path). Returns whether this build has the integer path at all.
+// 4- and 8-bit decode with int8 activations (see row_tile_int8): on (1, the default) or off (0, exact
+// float path). Returns the bit widths this build runs on the integer path, as a mask (1 << bits).
 int bs_set_int8_decode(int on) {
   g_int8 = on ? 1 : 0;
-  return BS_INT8;
+  return (BS_INT8 ? 1 << 4 : 0) | (BS_VNNI ? 1 << 8 : 0);
 }
 
 }  // extern "C"
