@@ -500,6 +500,47 @@ inline bool int8_ok(const bs::Matrix& m) {
   return m.bits == 8 && BS_VNNI && m.in % 32 == 0 && m.group % 32 == 0;
 }
 
+#if BS_INT8
+// One block of 32 x values to int8 (round half to even, as nearbyint) at its place in the row's xq
+// layout; returns the sum of the codes and sets *scale = max|x| / 127.
+inline int32_t quantize_block(const float* x, int64_t bits, int64_t b, int8_t* qr, float* scale) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4];
+  __m256 mx = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float amax = _mm_cvtss_f32(m4);
+  *scale = amax / 127.f;
+  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // MXCSR: nearest even
+  const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  __m128i s2 = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+  s2 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0x4E));
+  s2 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xB1));
+  // pack to 32 bytes in natural order: packs interleave 128-bit lanes, the permute undoes it
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  __m256i bytes = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  const int64_t start = b * 32;
+  if (bits == 4) {  // evens to [0, 16), odds to [16, 32), then into the chunk's halves
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    bytes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(bytes, split), 0xD8);  // qwords 0 2 1 3
+    int8_t* chunk = qr + (start & ~(int64_t)63) + (b & 1) * 16;
+    _mm_storeu_si128((__m128i*)chunk, _mm256_castsi256_si128(bytes));
+    _mm_storeu_si128((__m128i*)(chunk + 32), _mm256_extracti128_si256(bytes, 1));
+  } else {
+    _mm256_storeu_si256((__m256i*)(qr + start), bytes);
+  }
+  return _mm_cvtsi128_si32(s2);
+}
+#endif
+
 // xv [T, in / 4] floats, xq [T, in] int8 and xsum [T, groups] (layouts above).
 void prepare_int8(const bs::Matrix& m, const float* x, int64_t T, float* xsum, float* xv, int8_t* xq) {
   const int64_t groups = bs::gemv_groups(m), blocks = m.in / 32;
@@ -510,6 +551,10 @@ void prepare_int8(const bs::Matrix& m, const float* x, int64_t T, float* xsum, f
     for (int64_t g = 0; g < groups; ++g) xsum[t * groups + g] = 0.f;
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t start = b * 32;
+#if BS_INT8
+      float scale;
+      const int32_t sum = quantize_block(xr + start, m.bits, b, qr, &scale);
+#else
       float amax = 0.f;
       for (int64_t i = start; i < start + 32; ++i) amax = std::max(amax, std::fabs(xr[i]));
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
@@ -525,6 +570,7 @@ void prepare_int8(const bs::Matrix& m, const float* x, int64_t T, float* xsum, f
         }
       }
       const float scale = amax / 127.f;
+#endif
       if (m.bits == 4) {  // chunk b / 2, lanes 0-3 (even b) or 4-7 (odd b)
         for (int l = 0; l < 4; ++l) vr[(b / 2) * 8 + (b & 1) * 4 + l] = scale;
       } else {
