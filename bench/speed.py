@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import resource
 import shutil
 import subprocess
@@ -138,7 +139,9 @@ def child(args: argparse.Namespace) -> None:
     peak = _rss_mb("VmHWM")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_dtype_bytes = 2 if args.child_variant == "bf16" else 4
+    from bitsmith.infer.lean import kv_cache_dtype
+
+    kv_dtype_bytes = kv_cache_dtype(torch.bfloat16 if args.child_variant == "bf16" else torch.float32).itemsize
     kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * (result.prompt_tokens + args.new) * kv_dtype_bytes
     print("RESULT " + json.dumps({
         "prompt_tokens": result.prompt_tokens, "new_tokens": result.new_tokens,
@@ -279,6 +282,22 @@ def _memory(r: dict) -> list[str] | None:
     return [f"{need:.0f}", f"{tensors:.0f}", f"{growth:.0f}", f"{(tensors + growth) / need:.2f}", f"{r['peak_rss_mb'] * 1.048576:.0f}"]
 
 
+def _median_run(results: list[dict]) -> dict:
+    """One result per row: the round with the median decode speed (its memory figures too), with the
+    median prefill speed of all rounds."""
+    ordered = sorted(results, key=lambda r: r.get("decode_tok_s", 0.0))
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    prefill = [r["prefill_tok_s"] for r in results if r.get("prefill_tok_s") is not None]
+    if prefill:
+        chosen["prefill_tok_s"] = statistics.median(prefill)
+    return chosen
+
+
+def _spread(results: list[dict], key: str) -> str:
+    values = [r[key] for r in results if r.get(key) is not None]
+    return f"{min(values):.1f}-{max(values):.1f}" if values else ""
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -288,6 +307,9 @@ def main() -> int:
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--reps", type=int, default=2, help="llama-bench repetitions")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure everything this many times, interleaved; the table shows medians and ranges and "
+                        "the ratios are paired within a round (a shared host's bandwidth drifts by tens of percent)")
     p.add_argument("--cache", type=Path, default=Path("/tmp/bitsmith-speed"))
     p.add_argument("--no-llamacpp", action="store_true")
     p.add_argument("--prepare-only", action="store_true", help="make the checkpoints and GGUFs, measure nothing")
@@ -315,20 +337,25 @@ def main() -> int:
     start = time.time()
     load_start = os.getloadavg()
     bw = bandwidth_gbs(args.threads)
-    rows, commands = [], []
-    for m in models:
-        for v in variants:
-            r = run_bitsmith(args, m, v, paths.get((m, v)))
-            if r is not None:
-                rows.append((m, "bitsmith" + (" (HF fwd)" if args.hf else ""), v, r))
-            print(f"[done] {m} bitsmith {v}", file=sys.stderr, flush=True)
-        for t, path in files.get(m, {}).items():
-            r, cmd = run_llamacpp(args, path)
-            commands.append(cmd)
-            if r is not None:
-                r["weight_bytes"] = gguf_weight_bytes(path)
-                rows.append((m, "llama.cpp", t, r))
-            print(f"[done] {m} llama.cpp {t}", file=sys.stderr, flush=True)
+    ours = "bitsmith" + (" (HF fwd)" if args.hf else "")
+    runs: dict[tuple[str, str, str], list[dict]] = {}  # (model, engine, variant) -> one result per round
+    commands: list[str] = []
+    for round_ in range(args.rounds):
+        for m in models:
+            for v in variants:
+                r = run_bitsmith(args, m, v, paths.get((m, v)))
+                if r is not None:
+                    runs.setdefault((m, ours, v), []).append(r)
+                print(f"[done {round_ + 1}/{args.rounds}] {m} bitsmith {v}", file=sys.stderr, flush=True)
+            for t, path in files.get(m, {}).items():
+                r, cmd = run_llamacpp(args, path)
+                if round_ == 0:
+                    commands.append(cmd)
+                if r is not None:
+                    r["weight_bytes"] = gguf_weight_bytes(path)
+                    runs.setdefault((m, "llama.cpp", t), []).append(r)
+                print(f"[done {round_ + 1}/{args.rounds}] {m} llama.cpp {t}", file=sys.stderr, flush=True)
+    rows = [(m, e, v, _median_run(rs)) for (m, e, v), rs in runs.items()]
 
     from rich.console import Console
     from rich.table import Table
@@ -336,7 +363,8 @@ def main() -> int:
     table = Table(title=f"batch 1, {args.prompt}-token prompt then {args.new} new tokens, {args.threads} threads; "
                         f"read bandwidth {bw:.1f} GB/s")
     for col in ("model", "engine", "weights", "MB/token", "prefill tok/s", "decode tok/s", "bound tok/s",
-                "of bound", "packed+KV MB", "tensors MB", "gen. growth MB", "mem/(packed+KV)", "peak RSS MB"):
+                "of bound", "packed+KV MB", "tensors MB", "gen. growth MB", "mem/(packed+KV)", "peak RSS MB",
+                *(["decode min-max"] if args.rounds > 1 else [])):
         table.add_column(col, justify="left" if col in ("model", "engine", "weights") else "right")
     for m, engine, v, r in rows:
         bound = bw * 1e9 / r["weight_bytes"]
@@ -344,7 +372,8 @@ def main() -> int:
         rate = lambda x: f"{x:.1f}" if x >= 10 else f"{x:.2f}"  # noqa: E731
         table.add_row(m, engine, v, f"{r['weight_bytes'] / 1e6:.0f}", rate(r.get("prefill_tok_s", float("nan"))),
                       rate(r.get("decode_tok_s", float("nan"))), rate(bound), f"{r.get('decode_tok_s', 0) / bound:.1%}",
-                      *(mem if mem else [""] * 5))
+                      *(mem if mem else [""] * 5),
+                      *([_spread(runs[m, engine, v], "decode_tok_s")] if args.rounds > 1 else []))
     Console(width=220).print(table)
 
     def find(m: str, engine: str, v: str) -> dict | None:
@@ -355,7 +384,9 @@ def main() -> int:
         if w4 and fp32:
             print(f"{m}: w4g128 decode / fp32 decode = {w4['decode_tok_s'] / fp32['decode_tok_s']:.2f}x (target >= 3x)")
         if w4 and q40:
-            print(f"{m}: w4g128 decode / llama.cpp Q4_0 decode = {w4['decode_tok_s'] / q40['decode_tok_s']:.2f}x (target >= 0.8x)")
+            paired = sorted(a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(runs[m, ours, "w4g128"], runs[m, "llama.cpp", "Q4_0"]))
+            spread = f" (median of {len(paired)} paired rounds, range {paired[0]:.2f}-{paired[-1]:.2f})" if len(paired) > 1 else ""
+            print(f"{m}: w4g128 decode / llama.cpp Q4_0 decode = {statistics.median(paired):.2f}x{spread} (target >= 0.8x)")
         if w4:
             need, tensors, growth, ratio, peak = _memory(w4)
             print(f"{m}: w4g128 resident tensors {tensors} MB + growth while generating {growth} MB = {ratio}x packed+KV "

@@ -26,11 +26,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def exact_decode():
-    """4-bit decode on its exact float path instead of the default int8 activations (the kernels'
-    trade of a few 1e-3 relative error for speed), for tests that demand the reference's tokens."""
+def exact_decode(monkeypatch):
+    """Generation exactly as the reference computes it: the exact float gemv for 4/8-bit codes instead
+    of the default int8 activations, and a float32 KV cache instead of the default fp16 one (both
+    trade a few 1e-3 relative error for speed), for tests that compare implementations at float
+    tolerance. The approximations are held to their own oracles elsewhere."""
     from bitsmith.kernels.build import native_library, set_int8_decode
 
+    monkeypatch.setenv("BITSMITH_KV_CACHE", "fp32")
     lib = native_library()
     if lib is not None:
         set_int8_decode(lib, False)

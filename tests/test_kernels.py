@@ -339,3 +339,25 @@ def test_huge_page_advice_keeps_contents_and_results() -> None:
     assert kernel.qweight.data_ptr() == ptr and torch.equal(kernel.qweight, data)
     assert torch.equal(kernel(x), before)
     assert not advise_huge_pages(torch.zeros(HUGE_MIN_BYTES - 1, dtype=torch.uint8))
+
+
+@needs_native
+def test_half_rounding_matches_torch() -> None:
+    """The fp16 KV cache's float -> half -> float (F16C, and the portable code of a baseline x86-64
+    build) equals torch's .half() on random values and the edges: subnormals, ties, overflow, inf, nan."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.cat([
+        torch.randn(4096, generator=gen) * torch.logspace(-9, 5, 4096),
+        torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, 6e-8, 2.9e-8, 3e-8, 1e-9, 5.96e-8,
+                      1.0 + 2**-11, 1.0 + 3 * 2**-11, 2**-14, 2**-14 * (1 - 2**-11), float("inf"), float("-inf")]),
+    ])
+    want = x.half().float()
+    for name, lib in _native_kernels():
+        if lib is None:
+            continue
+        y = torch.empty_like(x)
+        lib.bs_half_roundtrip(x.data_ptr(), y.data_ptr(), x.numel())
+        assert torch.equal(y, want), (name, x[y != want][:5], y[y != want][:5], want[y != want][:5])
+        nan = torch.tensor([float("nan")])
+        lib.bs_half_roundtrip(nan.data_ptr(), y.data_ptr(), 1)
+        assert torch.isnan(y[0]), name

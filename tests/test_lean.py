@@ -94,6 +94,28 @@ def test_long_prompt_prefills_in_slices(arch: str, monkeypatch: pytest.MonkeyPat
     assert calls[:6] == [23, 5, 5, 5, 5, 3], calls  # the call itself, then its slices
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_fp16_kv_cache_tracks_hf(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default cache of a float32 model is fp16: half the bytes, logits within fp16 rounding of the
+    HF forward (the float32 cache is held to ATOL in the other tests)."""
+    monkeypatch.setenv("BITSMITH_KV_CACHE", "fp16")
+    model = random_model(arch)
+    ids = torch.randint(0, model.config.vocab_size, (30,), generator=torch.Generator().manual_seed(6))
+    ref = reference_logits(model, ids)
+    runner = lean_runner(model, 32)
+    assert runner.keys[0].dtype == torch.float16
+    monkeypatch.setenv("BITSMITH_KV_CACHE", "fp32")
+    assert lean_runner(model, 32).cache_bytes == 2 * runner.cache_bytes
+    with torch.no_grad():
+        got = [runner(ids[:12], all_logits=True)] + [runner(ids[p : p + 1])[None] for p in range(12, 30)]
+    got = torch.cat(got)
+    err = (got - ref).abs().max().item()
+    assert 0 < err < 5e-3, err
+    monkeypatch.setenv("BITSMITH_KV_CACHE", "int4")
+    with pytest.raises(ValueError, match="BITSMITH_KV_CACHE"):
+        lean_runner(model, 32)
+
+
 def test_sliding_window_is_applied() -> None:
     """The window matters here (a model with a huge window gives other logits), and lean follows it."""
     ids = torch.randint(0, 100, (30,), generator=torch.Generator().manual_seed(2))

@@ -48,7 +48,7 @@ class _LayerS(ctypes.Structure):
     _fields_ = [(n, _NormS) for n in ("in_norm", "post_attn_norm", "pre_mlp_norm", "post_mlp_norm", "q_norm", "k_norm")] + \
                [(n, _Mat) for n in ("qkv", "o", "gate_up", "down")] + \
                [(n, _P) for n in ("keys", "values", "cos", "sin")] + \
-               [(n, _I) for n in ("heads", "kv_heads", "head_dim", "window", "act", "max_len")] + \
+               [(n, _I) for n in ("heads", "kv_heads", "head_dim", "window", "act", "max_len", "kv_half")] + \
                [("scaling", _D)]
 
 
@@ -188,6 +188,9 @@ class FusedDecoder:
                 setattr(s, name, value)
             s.keys, s.values, s.cos, s.sin = keys.data_ptr(), values.data_ptr(), cos.data_ptr(), sin.data_ptr()
             s.max_len = runner.max_len
+            if keys.dtype not in (torch.float32, torch.float16) or values.dtype != keys.dtype:
+                raise _Unfusable(f"layer {i}: a {keys.dtype} KV cache (the fused step reads float32 or float16)")
+            s.kv_half = int(keys.dtype == torch.float16)
             self._keep += [keys, values, cos, sin]
         self.scratch = torch.empty(int(lib.bs_decode_scratch(self.layers, len(specs))), dtype=torch.float32)
         self.h = torch.empty(1, plan.hidden, dtype=torch.float32)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -362,6 +363,18 @@ def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
 
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill slice (see LeanRunner.forward)
+KV_CACHE_ENV = "BITSMITH_KV_CACHE"  # "fp16" (default for float32 models) or "fp32"
+
+
+def kv_cache_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype for a model computing in ``dtype``: float16 for float32 models unless
+    ``$BITSMITH_KV_CACHE=fp32``. Decode reads the whole cache per token (at 512 positions about a fifth of
+    SmolLM2's bytes per token); half of it in fp16, rounded once when written, as llama.cpp's default
+    f16 cache. Generation only: eval never goes through the runner. Other model dtypes keep theirs."""
+    choice = os.environ.get(KV_CACHE_ENV, "fp16").strip().lower() or "fp16"
+    if choice not in ("fp16", "fp32"):
+        raise ValueError(f"{KV_CACHE_ENV}={choice!r}; use fp16 or fp32")
+    return torch.float16 if dtype == torch.float32 and choice == "fp16" else dtype
 
 
 class LeanRunner:
@@ -374,7 +387,8 @@ class LeanRunner:
         self.plan = plan
         self.max_len = max_len
         self.tables = plan.rope_tables(max_len)
-        self.keys = [torch.zeros(l.kv_heads, max_len, l.head_dim, dtype=plan.dtype, device=plan.device) for l in plan.layers]
+        kv = kv_cache_dtype(plan.dtype)
+        self.keys = [torch.zeros(l.kv_heads, max_len, l.head_dim, dtype=kv, device=plan.device) for l in plan.layers]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.pos = 0
         from bitsmith.infer.fused import fused_decoder
@@ -394,8 +408,8 @@ class LeanRunner:
         lo = 0
         if layer.window is not None and t == 1:
             lo = max(0, stop - layer.window)
-        keys = self.keys[i][:, lo:stop]  # [KV, S, D]
-        values = self.values[i][:, lo:stop]
+        keys = self.keys[i][:, lo:stop].to(q.dtype)  # [KV, S, D]; a copy when the cache is fp16
+        values = self.values[i][:, lo:stop].to(q.dtype)
         mask = None
         causal = False
         if t > 1:

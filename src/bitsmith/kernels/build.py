@@ -112,6 +112,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.bs_decode_scratch.restype = _I64
     lib.bs_decode_step.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64]
     lib.bs_decode_step.restype = None
+    lib.bs_half_roundtrip.argtypes = [_PTR, _PTR, _I64]
+    lib.bs_half_roundtrip.restype = None
     lib.bs_simd_width.argtypes = []
     lib.bs_simd_width.restype = ctypes.c_int
     lib.bs_set_int8_decode.argtypes = [ctypes.c_int]

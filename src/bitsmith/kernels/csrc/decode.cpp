@@ -21,6 +21,9 @@
 #include <cstring>
 
 #include <omp.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include "gemv.h"
 
@@ -42,11 +45,12 @@ struct BsNorm {
 struct BsLayer {
   BsNorm in_norm, post_attn_norm, pre_mlp_norm, post_mlp_norm, q_norm, k_norm;
   BsMat qkv, o, gate_up, down;
-  float* keys;    // [kv_heads, max_len, head_dim]
-  float* values;  // [kv_heads, max_len, head_dim]
+  void* keys;    // [kv_heads, max_len, head_dim], float32, or fp16 (IEEE half) when kv_half
+  void* values;  // [kv_heads, max_len, head_dim], same type
   const float* cos;  // [positions, head_dim]
   const float* sin;  // [positions, head_dim], first half negated (rotate_half's sign)
   int64_t heads, kv_heads, head_dim, window, act, max_len;  // window 0: attend to every position
+  int64_t kv_half;
   double scaling;
 };
 
@@ -111,6 +115,38 @@ inline float exp_fast(float x) {
   return p * __builtin_bit_cast(float, ((int32_t)n + 127) << 23);
 }
 
+// IEEE half <-> float, round to nearest even (what torch's .half() does): F16C where compiled in.
+inline uint16_t to_half(float f) {
+#if defined(__F16C__)
+  return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7FFFFFFFu;
+  if (x >= 0x7F800000u) return (uint16_t)(sign | (x > 0x7F800000u ? 0x7E00u : 0x7C00u));  // nan, inf
+  if (x >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  // rounds past 65504: inf
+  if (x < 0x38800000u) {  // below the smallest normal half: subnormal (or zero)
+    const float a = __builtin_bit_cast(float, x) * 16777216.f;  // in units of 2^-24
+    return (uint16_t)(sign | (uint32_t)std::nearbyint(a));
+  }
+  const uint32_t mant = x & 0x1FFFu, base = ((x >> 13) - ((127u - 15u) << 10));
+  const uint32_t up = mant > 0x1000u || (mant == 0x1000u && (base & 1u));
+  return (uint16_t)(sign | (base + up));
+#endif
+}
+
+inline float from_half(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  if (exp == 0) return (sign ? -1.f : 1.f) * (float)man * 5.9604644775390625e-8f;  // man * 2^-24
+  const uint32_t bits = exp == 31 ? sign | 0x7F800000u | (man << 13) : sign | ((exp + 112u) << 23) | (man << 13);
+  return __builtin_bit_cast(float, bits);
+#endif
+}
+
 // y = rms_norm(x) * w over n values (y may be x).
 void rms_norm(const float* x, const BsNorm& norm, int64_t n, float* y) {
   float ss = 0.f;
@@ -156,6 +192,20 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
+inline v16 load16(const uint16_t* p) {  // 16 halves -> 16 floats
+  v16 v;
+#if defined(__F16C__)
+  const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+  const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 8)));
+  std::memcpy(&v, &a, sizeof a);
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof a, &b, sizeof b);
+#else
+  for (int i = 0; i < 16; ++i) v[i] = from_half(p[i]);
+#endif
+  return v;
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return from_half(*p); }
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 inline float hsum16(v16 v) {
   v8 a, b;
@@ -182,11 +232,11 @@ void softmax(float* scores, int64_t S, float mx) {
   for (int64_t s = 0; s < S; ++s) scores[s] *= inv;
 }
 
-// out [D] = softmax(scaling * q . k_s) @ v_s over the cached positions s in [lo, pos) and this one
-// (k_now, v_now: not read back from the cache, which thread 0 may be writing). D = 16 * C: q and the
-// output stay in registers, one fresh FMA chain per key.
-template <int C>
-void attend_head_v(const float* q, const float* K, const float* V, const float* k_now, const float* v_now, int64_t lo,
+// out [D] = softmax(scaling * q . k_s) @ v_s over the cached positions s in [lo, pos) (K, V: float or
+// half) and this one (k_now, v_now: not read back from the cache, which thread 0 may be writing).
+// D = 16 * C: q and the output stay in registers, one fresh FMA chain per key.
+template <int C, typename KV>
+void attend_head_v(const float* q, const KV* K, const KV* V, const float* k_now, const float* v_now, int64_t lo,
                    int64_t pos, float scaling, float* scores, float* out) {
   constexpr int64_t D = 16 * C;
   const int64_t S = pos + 1 - lo;
@@ -197,23 +247,31 @@ void attend_head_v(const float* q, const float* K, const float* V, const float* 
   }
   float mx = -INFINITY;
   for (int64_t s = 0; s < S; ++s) {
-    const float* k = lo + s < pos ? K + (lo + s) * D : k_now;
-    v16 dot = qv[0] * load16(k);
-    for (int c = 1; c < C; ++c) dot += qv[c] * load16(k + 16 * c);
+    v16 dot;
+    if (lo + s < pos) {
+      const KV* k = K + (lo + s) * D;
+      dot = qv[0] * load16(k);
+      for (int c = 1; c < C; ++c) dot += qv[c] * load16(k + 16 * c);
+    } else {
+      dot = qv[0] * load16(k_now);
+      for (int c = 1; c < C; ++c) dot += qv[c] * load16(k_now + 16 * c);
+    }
     scores[s] = hsum16(dot) * scaling;
     mx = scores[s] > mx ? scores[s] : mx;
   }
   softmax(scores, S, mx);
-  for (int64_t s = 0; s < S; ++s) {
-    const float* v = lo + s < pos ? V + (lo + s) * D : v_now;
+  for (int64_t s = 0; s + lo < pos; ++s) {
+    const KV* v = V + (lo + s) * D;
     const float p = scores[s];
     for (int c = 0; c < C; ++c) acc[c] += p * load16(v + 16 * c);
   }
+  for (int c = 0; c < C; ++c) acc[c] += scores[S - 1] * load16(v_now + 16 * c);
   for (int c = 0; c < C; ++c) store16(out + 16 * c, acc[c]);
 }
 
 // Any D (the vector version above for multiples of 16 up to 256).
-void attend_head(const float* q, const float* K, const float* V, const float* k_now, const float* v_now, int64_t lo,
+template <typename KV>
+void attend_head(const float* q, const KV* K, const KV* V, const float* k_now, const float* v_now, int64_t lo,
                  int64_t pos, int64_t D, float scaling, float* scores, float* out) {
   switch (D) {
     case 16: return attend_head_v<1>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
@@ -225,10 +283,14 @@ void attend_head(const float* q, const float* K, const float* V, const float* k_
   const int64_t S = pos + 1 - lo;
   float mx = -INFINITY;
   for (int64_t s = 0; s < S; ++s) {
-    const float* k = lo + s < pos ? K + (lo + s) * D : k_now;
     float dot = 0.f;
+    if (lo + s < pos) {
+      const KV* k = K + (lo + s) * D;
+      for (int64_t d = 0; d < D; ++d) dot += q[d] * load1(k + d);
+    } else {
 #pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+      for (int64_t d = 0; d < D; ++d) dot += q[d] * k_now[d];
+    }
     scores[s] = dot * scaling;
     mx = scores[s] > mx ? scores[s] : mx;
   }
@@ -236,9 +298,13 @@ void attend_head(const float* q, const float* K, const float* V, const float* k_
   for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
   for (int64_t s = 0; s < S; ++s) {
     const float p = scores[s];
-    const float* v = lo + s < pos ? V + (lo + s) * D : v_now;
+    if (lo + s < pos) {
+      const KV* v = V + (lo + s) * D;
+      for (int64_t d = 0; d < D; ++d) out[d] += p * load1(v + d);
+    } else {
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) out[d] += p * v[d];
+      for (int64_t d = 0; d < D; ++d) out[d] += p * v_now[d];
+    }
   }
 }
 
@@ -261,6 +327,11 @@ void gated(const float* gate, const float* up, int64_t n, int64_t act, float* y)
 }  // namespace
 
 extern "C" {
+
+// y[i] = float(half(x[i])): the KV cache's rounding, exposed for tests against torch's .half().
+void bs_half_roundtrip(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = from_half(to_half(x[i]));
+}
 
 // Floats of scratch bs_decode_step needs for these layers.
 int64_t bs_decode_scratch(const BsLayer* layers, int64_t n) { return Scratch(layers, n).total; }
@@ -314,17 +385,36 @@ void bs_decode_step(const BsLayer* layers, int64_t n, float* h, int64_t pos, flo
       for (int64_t g = 0; g < L.kv_heads; ++g) {
         if (L.k_norm.weight) rms_norm(k + g * D, L.k_norm, D, k + g * D);
         rope(k + g * D, cos, sin, D, x);
-        if (first) {  // nobody reads row `pos` of the cache during this step
-          std::memcpy(L.keys + (g * L.max_len + pos) * D, k + g * D, D * sizeof(float));
-          std::memcpy(L.values + (g * L.max_len + pos) * D, v + g * D, D * sizeof(float));
+      }
+      if (L.kv_half) {  // this position's k/v as the cache will hold them (the torch path reads them back)
+        for (int64_t i = 0; i < 2 * kn; ++i) k[i] = from_half(to_half(k[i]));
+      }
+      if (first) {  // nobody reads row `pos` of the cache during this step
+        for (int64_t g = 0; g < L.kv_heads; ++g) {
+          const int64_t row = (g * L.max_len + pos) * D;
+          if (L.kv_half) {
+            uint16_t* kc = static_cast<uint16_t*>(L.keys) + row;
+            uint16_t* vc = static_cast<uint16_t*>(L.values) + row;
+            for (int64_t d = 0; d < D; ++d) {
+              kc[d] = to_half(k[g * D + d]);
+              vc[d] = to_half(v[g * D + d]);
+            }
+          } else {
+            std::memcpy(static_cast<float*>(L.keys) + row, k + g * D, D * sizeof(float));
+            std::memcpy(static_cast<float*>(L.values) + row, v + g * D, D * sizeof(float));
+          }
         }
       }
       const int64_t rep = L.heads / L.kv_heads;
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < L.heads; ++i) {
-        const int64_t g = i / rep;
-        attend_head(q + i * D, L.keys + g * L.max_len * D, L.values + g * L.max_len * D, k + g * D, v + g * D,
-                    lo, pos, D, (float)L.scaling, scores + i * L.max_len, attn + i * D);
+        const int64_t g = i / rep, at = g * L.max_len * D;
+        if (L.kv_half)
+          attend_head(q + i * D, static_cast<const uint16_t*>(L.keys) + at, static_cast<const uint16_t*>(L.values) + at,
+                      k + g * D, v + g * D, lo, pos, D, (float)L.scaling, scores + i * L.max_len, attn + i * D);
+        else
+          attend_head(q + i * D, static_cast<const float*>(L.keys) + at, static_cast<const float*>(L.values) + at,
+                      k + g * D, v + g * D, lo, pos, D, (float)L.scaling, scores + i * L.max_len, attn + i * D);
       }  // barrier
       project_add(mo_, L.o.bias, L.post_attn_norm, attn, xsum, xp, mo, x, hh_);  // barrier
       rms_norm(hh_, L.pre_mlp_norm, hidden, x);
