@@ -308,6 +308,44 @@ void attend_head(const float* q, const KV* K, const KV* V, const float* k_now, c
   }
 }
 
+// This position's k | v [2 * kv_heads * head_dim] (this thread's copy) into cache row `pos`, written by
+// the first thread only (nobody reads that row during the step). An fp16 cache rounds them, and every
+// thread rounds its copy the same way, so this position reads as the torch path reads it back.
+void store_kv(const BsLayer& L, float* kv, int64_t pos, bool first) {
+  const int64_t D = L.head_dim, kn = L.kv_heads * D;
+  if (L.kv_half)
+    for (int64_t i = 0; i < 2 * kn; ++i) kv[i] = from_half(to_half(kv[i]));
+  if (!first) return;
+  for (int64_t g = 0; g < L.kv_heads; ++g) {
+    const int64_t row = (g * L.max_len + pos) * D;
+    if (L.kv_half) {
+      uint16_t* kc = static_cast<uint16_t*>(L.keys) + row;
+      uint16_t* vc = static_cast<uint16_t*>(L.values) + row;
+      for (int64_t d = 0; d < D; ++d) {
+        kc[d] = to_half(kv[g * D + d]);
+        vc[d] = to_half(kv[kn + g * D + d]);
+      }
+    } else {
+      std::memcpy(static_cast<float*>(L.keys) + row, kv + g * D, D * sizeof(float));
+      std::memcpy(static_cast<float*>(L.values) + row, kv + kn + g * D, D * sizeof(float));
+    }
+  }
+}
+
+// Head i of the layer: q [heads * D], kv this position's k | v, output into attn [heads * D].
+void attend(const BsLayer& L, int64_t i, const float* q, const float* kv, int64_t lo, int64_t pos, float* scores,
+            float* attn) {
+  const int64_t D = L.head_dim, g = i / (L.heads / L.kv_heads), at = g * L.max_len * D;
+  const float* k_now = kv + g * D;
+  const float* v_now = kv + L.kv_heads * D + g * D;
+  if (L.kv_half)
+    attend_head(q + i * D, static_cast<const uint16_t*>(L.keys) + at, static_cast<const uint16_t*>(L.values) + at,
+                k_now, v_now, lo, pos, D, (float)L.scaling, scores + i * L.max_len, attn + i * D);
+  else
+    attend_head(q + i * D, static_cast<const float*>(L.keys) + at, static_cast<const float*>(L.values) + at, k_now,
+                v_now, lo, pos, D, (float)L.scaling, scores + i * L.max_len, attn + i * D);
+}
+
 // y[i] = act(gate[i]) * up[i]
 void gated(const float* gate, const float* up, int64_t n, int64_t act, float* y) {
   if (act == ACT_SILU) {
@@ -367,15 +405,14 @@ void bs_decode_step(const BsLayer* layers, int64_t n, float* h, int64_t pos, flo
     for (int64_t l = 0; l < n; ++l) {
       const BsLayer& L = layers[l];
       const bs::Matrix mqkv = matrix(L.qkv), mo_ = matrix(L.o), mgu = matrix(L.gate_up), mdown = matrix(L.down);
-      const int64_t D = L.head_dim, qn = L.heads * D, kn = L.kv_heads * D, inter = L.down.in;
+      const int64_t D = L.head_dim, qn = L.heads * D, inter = L.down.in;
       const int64_t lo = L.window > 0 && pos + 1 > L.window ? pos + 1 - L.window : 0;
       rms_norm(hh_, L.in_norm, hidden, x);
       bs::gemv_prepare(mqkv, x, 1, xsum, xp);
       bs::gemv_rows(mqkv, x, xp, xsum, 1, qkv);  // barrier
       std::memcpy(q, qkv, L.qkv.out * sizeof(float));
       add_bias(q, L.qkv.bias, L.qkv.out);
-      float* k = q + qn;
-      const float* v = q + qn + kn;
+      float* k = q + qn;  // then v: this position's k | v
       const float* cos = L.cos + pos * D;
       const float* sin = L.sin + pos * D;
       for (int64_t i = 0; i < L.heads; ++i) {
@@ -386,36 +423,9 @@ void bs_decode_step(const BsLayer* layers, int64_t n, float* h, int64_t pos, flo
         if (L.k_norm.weight) rms_norm(k + g * D, L.k_norm, D, k + g * D);
         rope(k + g * D, cos, sin, D, x);
       }
-      if (L.kv_half) {  // this position's k/v as the cache will hold them (the torch path reads them back)
-        for (int64_t i = 0; i < 2 * kn; ++i) k[i] = from_half(to_half(k[i]));
-      }
-      if (first) {  // nobody reads row `pos` of the cache during this step
-        for (int64_t g = 0; g < L.kv_heads; ++g) {
-          const int64_t row = (g * L.max_len + pos) * D;
-          if (L.kv_half) {
-            uint16_t* kc = static_cast<uint16_t*>(L.keys) + row;
-            uint16_t* vc = static_cast<uint16_t*>(L.values) + row;
-            for (int64_t d = 0; d < D; ++d) {
-              kc[d] = to_half(k[g * D + d]);
-              vc[d] = to_half(v[g * D + d]);
-            }
-          } else {
-            std::memcpy(static_cast<float*>(L.keys) + row, k + g * D, D * sizeof(float));
-            std::memcpy(static_cast<float*>(L.values) + row, v + g * D, D * sizeof(float));
-          }
-        }
-      }
-      const int64_t rep = L.heads / L.kv_heads;
+      store_kv(L, k, pos, first);
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < L.heads; ++i) {
-        const int64_t g = i / rep, at = g * L.max_len * D;
-        if (L.kv_half)
-          attend_head(q + i * D, static_cast<const uint16_t*>(L.keys) + at, static_cast<const uint16_t*>(L.values) + at,
-                      k + g * D, v + g * D, lo, pos, D, (float)L.scaling, scores + i * L.max_len, attn + i * D);
-        else
-          attend_head(q + i * D, static_cast<const float*>(L.keys) + at, static_cast<const float*>(L.values) + at,
-                      k + g * D, v + g * D, lo, pos, D, (float)L.scaling, scores + i * L.max_len, attn + i * D);
-      }  // barrier
+      for (int64_t i = 0; i < L.heads; ++i) attend(L, i, q, k, lo, pos, scores, attn);  // barrier
       project_add(mo_, L.o.bias, L.post_attn_norm, attn, xsum, xp, mo, x, hh_);  // barrier
       rms_norm(hh_, L.pre_mlp_norm, hidden, x);
       bs::gemv_prepare(mgu, x, 1, xsum, xp);
