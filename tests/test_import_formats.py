@@ -91,9 +91,10 @@ def test_gptq_folder_loads_quantized_with_checkpoint_logits(tmp_path: Path, spec
     torch.testing.assert_close(_logits(imported.model), _logits(ours.model), rtol=1e-5, atol=1e-5)
 
 
-def test_gptq_act_order_layer_computes_the_permuted_product() -> None:
+def test_gptq_act_order_layer_computes_the_permuted_product(exact_decode) -> None:
     """desc_act: g_idx puts channels in groups out of order; the imported layer equals x W^T with
-    W[:, c] = scale[:, g_idx[c]] (code[:, c] - zero[:, g_idx[c]])."""
+    W[:, c] = scale[:, g_idx[c]] (code[:, c] - zero[:, g_idx[c]]) (exact float gemv: 3 rows take the
+    decode kernel)."""
     gen = torch.Generator().manual_seed(3)
     out_f, in_f, group = 16, 128, 32
     codes = torch.randint(0, 16, (out_f, in_f), generator=gen).to(torch.uint8)
