@@ -542,6 +542,7 @@ inline int32_t quantize_block(const float* x, int64_t bits, int64_t b, int8_t* q
 #endif
 
 // xv [T, in / 4] floats, xq [T, in] int8 and xsum [T, groups] (layouts above).
+#if BS_INT8
 void prepare_int8(const bs::Matrix& m, const float* x, int64_t T, float* xsum, float* xv, int8_t* xq) {
   const int64_t groups = bs::gemv_groups(m), blocks = m.in / 32;
   for (int64_t t = 0; t < T; ++t) {
@@ -551,26 +552,8 @@ void prepare_int8(const bs::Matrix& m, const float* x, int64_t T, float* xsum, f
     for (int64_t g = 0; g < groups; ++g) xsum[t * groups + g] = 0.f;
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t start = b * 32;
-#if BS_INT8
       float scale;
       const int32_t sum = quantize_block(xr + start, m.bits, b, qr, &scale);
-#else
-      float amax = 0.f;
-      for (int64_t i = start; i < start + 32; ++i) amax = std::max(amax, std::fabs(xr[i]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t sum = 0;
-      for (int64_t i = start; i < start + 32; ++i) {
-        const int32_t q = (int32_t)std::nearbyint(xr[i] * inv);  // |q| <= 127
-        sum += q;
-        if (m.bits == 4) {
-          const int64_t c = i & ~(int64_t)63, j = i - c;  // chunk start, position in the chunk
-          qr[c + (j & 1) * 32 + (j >> 1)] = (int8_t)q;
-        } else {
-          qr[i] = (int8_t)q;
-        }
-      }
-      const float scale = amax / 127.f;
-#endif
       if (m.bits == 4) {  // chunk b / 2, lanes 0-3 (even b) or 4-7 (odd b)
         for (int l = 0; l < 4; ++l) vr[(b / 2) * 8 + (b & 1) * 4 + l] = scale;
       } else {
@@ -580,6 +563,7 @@ void prepare_int8(const bs::Matrix& m, const float* x, int64_t T, float* xsum, f
     }
   }
 }
+#endif
 
 }  // namespace
 
@@ -587,10 +571,12 @@ namespace bs {
 
 void gemv_prepare(const Matrix& m, const float* x, int64_t T, float* xsum, float* xp) {
   const int64_t groups = gemv_groups(m);
+#if BS_INT8
   if (int8_ok(m)) {  // xp [T, in] floats hold xv [T, in / 4] floats then xq [T, in] bytes
     prepare_int8(m, x, T, xsum, xp, (int8_t*)(xp + T * (m.in / 4)));
     return;
   }
+#endif
   for (int64_t t = 0; t < T; ++t)
     for (int64_t g = 0; g < groups; ++g) {
       int64_t end = (g + 1) * m.group < m.in ? (g + 1) * m.group : m.in;
