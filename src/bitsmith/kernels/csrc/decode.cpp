@@ -21,9 +21,6 @@
 #include <cstring>
 
 #include <omp.h>
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
 
 #include "gemv.h"
 
@@ -115,38 +112,6 @@ inline float exp_fast(float x) {
   return p * __builtin_bit_cast(float, ((int32_t)n + 127) << 23);
 }
 
-// IEEE half <-> float, round to nearest even (what torch's .half() does): F16C where compiled in.
-inline uint16_t to_half(float f) {
-#if defined(__F16C__)
-  return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
-#else
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  x &= 0x7FFFFFFFu;
-  if (x >= 0x7F800000u) return (uint16_t)(sign | (x > 0x7F800000u ? 0x7E00u : 0x7C00u));  // nan, inf
-  if (x >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  // rounds past 65504: inf
-  if (x < 0x38800000u) {  // below the smallest normal half: subnormal (or zero)
-    const float a = __builtin_bit_cast(float, x) * 16777216.f;  // in units of 2^-24
-    return (uint16_t)(sign | (uint32_t)std::nearbyint(a));
-  }
-  const uint32_t mant = x & 0x1FFFu, base = ((x >> 13) - ((127u - 15u) << 10));
-  const uint32_t up = mant > 0x1000u || (mant == 0x1000u && (base & 1u));
-  return (uint16_t)(sign | (base + up));
-#endif
-}
-
-inline float from_half(uint16_t h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#else
-  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
-  if (exp == 0) return (sign ? -1.f : 1.f) * (float)man * 5.9604644775390625e-8f;  // man * 2^-24
-  const uint32_t bits = exp == 31 ? sign | 0x7F800000u | (man << 13) : sign | ((exp + 112u) << 23) | (man << 13);
-  return __builtin_bit_cast(float, bits);
-#endif
-}
-
 // y = rms_norm(x) * w over n values (y may be x).
 void rms_norm(const float* x, const BsNorm& norm, int64_t n, float* y) {
   float ss = 0.f;
@@ -208,12 +173,12 @@ inline v16 load16(const uint16_t* p) {
 #else
 inline v16 load16(const uint16_t* p) {
   v16 v;
-  for (int i = 0; i < 16; ++i) v[i] = from_half(p[i]);
+  for (int i = 0; i < 16; ++i) v[i] = bs::half_to_float(p[i]);
   return v;
 }
 #endif
 inline float load1(const float* p) { return *p; }
-inline float load1(const uint16_t* p) { return from_half(*p); }
+inline float load1(const uint16_t* p) { return bs::half_to_float(*p); }
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 inline float hsum16(v16 v) {
   v8 a, b;
@@ -322,7 +287,7 @@ void attend_head(const float* q, const KV* K, const KV* V, const float* k_now, c
 void store_kv(const BsLayer& L, float* kv, int64_t pos, bool first) {
   const int64_t D = L.head_dim, kn = L.kv_heads * D;
   if (L.kv_half)
-    for (int64_t i = 0; i < 2 * kn; ++i) kv[i] = from_half(to_half(kv[i]));
+    for (int64_t i = 0; i < 2 * kn; ++i) kv[i] = bs::half_to_float(bs::float_to_half(kv[i]));
   if (!first) return;
   for (int64_t g = 0; g < L.kv_heads; ++g) {
     const int64_t row = (g * L.max_len + pos) * D;
@@ -330,8 +295,8 @@ void store_kv(const BsLayer& L, float* kv, int64_t pos, bool first) {
       uint16_t* kc = static_cast<uint16_t*>(L.keys) + row;
       uint16_t* vc = static_cast<uint16_t*>(L.values) + row;
       for (int64_t d = 0; d < D; ++d) {
-        kc[d] = to_half(kv[g * D + d]);
-        vc[d] = to_half(kv[kn + g * D + d]);
+        kc[d] = bs::float_to_half(kv[g * D + d]);
+        vc[d] = bs::float_to_half(kv[kn + g * D + d]);
       }
     } else {
       std::memcpy(static_cast<float*>(L.keys) + row, kv + g * D, D * sizeof(float));
@@ -376,7 +341,7 @@ extern "C" {
 
 // y[i] = float(half(x[i])): the KV cache's rounding, exposed for tests against torch's .half().
 void bs_half_roundtrip(const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = from_half(to_half(x[i]));
+  for (int64_t i = 0; i < n; ++i) y[i] = bs::half_to_float(bs::float_to_half(x[i]));
 }
 
 // Floats of scratch bs_decode_step needs for these layers.

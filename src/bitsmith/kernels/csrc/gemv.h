@@ -1,9 +1,64 @@
 // The decode gemv of qmatmul.cpp, split so other kernels in the library (decode.cpp) can run it
 // inside their own OpenMP parallel region instead of opening one per matrix.
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace bs {
+
+// IEEE fp16 <-> fp32 (scales and zeros, the fp16 KV cache): F16C where compiled in, else portable code,
+// both tested against torch's .half() (bs_half_roundtrip).
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#endif
+  // exact for normals, subnormals, inf and nan
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      do { ++e; man <<= 1; } while ((man & 0x400u) == 0);
+      bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3FFu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// fp32 -> fp16, round to nearest even (what torch's .half() does).
+inline uint16_t float_to_half(float f) {
+#if defined(__F16C__)
+  return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7FFFFFFFu;
+  if (x >= 0x7F800000u) return (uint16_t)(sign | (x > 0x7F800000u ? 0x7E00u : 0x7C00u));  // nan, inf
+  if (x >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  // rounds past 65504: inf
+  if (x < 0x38800000u) {  // below the smallest normal half: subnormal (or zero)
+    const float a = __builtin_bit_cast(float, x) * 16777216.f;  // in units of 2^-24
+    return (uint16_t)(sign | (uint32_t)std::nearbyint(a));
+  }
+  const uint32_t mant = x & 0x1FFFu, base = ((x >> 13) - ((127u - 15u) << 10));
+  const uint32_t up = mant > 0x1000u || (mant == 0x1000u && (base & 1u));
+  return (uint16_t)(sign | (base + up));
+#endif
+}
 
 // One packed weight matrix (formats/packing.py layout, fp16 scale/zero [out, groups]).
 struct Matrix {

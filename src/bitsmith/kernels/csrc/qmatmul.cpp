@@ -35,38 +35,8 @@
 #else
 #define BS_SIMD 0
 #endif
-#if defined(__F16C__) && BS_SIMD == 0
-#include <immintrin.h>
-#endif
 
 namespace {
-
-inline float half_to_float(uint16_t h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#endif
-  // IEEE fp16 -> fp32, exact for normals, subnormals, inf and nan.
-  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1Fu;
-  uint32_t man = h & 0x3FFu;
-  uint32_t bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {  // subnormal: renormalise
-      int e = -1;
-      do { ++e; man <<= 1; } while ((man & 0x400u) == 0);
-      bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3FFu) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7F800000u | (man << 13);
-  } else {
-    bits = sign | ((exp + 112u) << 23) | (man << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
 
 // The 64-bit word holding a run of 8 codes. The caller guarantees 8 readable bytes (the packed buffer
 // carries 8 bytes of padding), and bits above 8*bits are masked away by every user.
@@ -180,8 +150,8 @@ struct Weights {
   const uint16_t* zero;    // fp16 [out, groups] or null (symmetric)
   int64_t out, in, bits, group, groups, row_bytes;
   float mid;
-  float scale_at(int64_t o, int64_t g) const { return half_to_float(scale[o * groups + g]); }
-  float zero_at(int64_t o, int64_t g) const { return zero ? half_to_float(zero[o * groups + g]) : mid; }
+  float scale_at(int64_t o, int64_t g) const { return bs::half_to_float(scale[o * groups + g]); }
+  float zero_at(int64_t o, int64_t g) const { return zero ? bs::half_to_float(zero[o * groups + g]) : mid; }
   // Row o's scales into s[0, groups) and zeros into z[0, groups), as floats.
   void row_params(int64_t o, float* s, float* z) const {
     int64_t g = 0;
