@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -211,7 +210,9 @@ class FusedDecoder:
 def fused_decoder(runner: LeanRunner) -> FusedDecoder | None:
     """The fused step for this runner, or None: switched off by ``$BITSMITH_FUSED_DECODE=0``, or the
     plan is outside it (reason logged once per plan)."""
-    if os.environ.get("BITSMITH_FUSED_DECODE", "1").strip().lower() in ("0", "false", "no", "off"):
+    from bitsmith.kernels.build import env_switch
+
+    if not env_switch("BITSMITH_FUSED_DECODE"):
         return None
     specs = _plan_specs(runner.plan)
     if isinstance(specs, str):

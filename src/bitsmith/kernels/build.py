@@ -31,7 +31,7 @@ SOURCE = CSRC / "qmatmul.cpp"
 SOURCES = (SOURCE, CSRC / "decode.cpp")  # compiled together into one library
 HEADERS = (CSRC / "gemv.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
-INT8_DECODE_ENV = "BITSMITH_INT8_DECODE"  # "0" turns the int8-activation 4-bit decode path off
+INT8_DECODE_ENV = "BITSMITH_INT8_DECODE"  # "0" turns the int8-activation 4/8-bit decode path off
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
@@ -118,8 +118,13 @@ def load(path: Path) -> ctypes.CDLL:
     lib.bs_simd_width.restype = ctypes.c_int
     lib.bs_set_int8_decode.argtypes = [ctypes.c_int]
     lib.bs_set_int8_decode.restype = ctypes.c_int
-    set_int8_decode(lib, os.environ.get(INT8_DECODE_ENV, "1").strip() not in ("0", "false", "no", "off"))
+    set_int8_decode(lib, env_switch(INT8_DECODE_ENV))
     return lib
+
+
+def env_switch(name: str) -> bool:
+    """An on-by-default switch from the environment: off for 0, false, no or off (any case)."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def set_int8_decode(lib: ctypes.CDLL, on: bool) -> frozenset[int]:
