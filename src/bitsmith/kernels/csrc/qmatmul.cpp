@@ -50,6 +50,16 @@ inline uint32_t code_at(const uint8_t* row, int64_t i, int bits) {
   return (uint32_t)(run_word(row, i >> 3, bits) >> ((i & 7) * bits)) & ((1u << bits) - 1u);
 }
 
+#if BS_SIMD >= 256
+// The eight lanes of a 256-bit float vector summed (the AVX2 Vec and the int8 decode path).
+inline float hsum256(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
 // One vector of L float lanes and the few operations the kernels need, per instruction set.
 #if BS_SIMD == 512
 struct Vec {
@@ -94,12 +104,7 @@ struct Vec {
   static f mul(f a, f b) { return _mm256_mul_ps(a, b); }
   static void store(float* p, f a) { _mm256_storeu_ps(p, a); }
   static f set(float s) { return _mm256_set1_ps(s); }
-  static float sum(f a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
+  static float sum(f a) { return hsum256(a); }
   static __m256i bytes(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
   static f u8(const uint8_t* p) { return _mm256_cvtepi32_ps(bytes(p)); }
   static void nibbles(const uint8_t* p, f& lo, f& hi) {
@@ -276,6 +281,17 @@ void row_tile(const Weights& w, int64_t o, int64_t t0, const float* x, const flo
   for (int t = 0; t < TT; ++t) y[(t0 + t) * w.out + o] = Vec::sum(total[t]) - offset[t];
 }
 
+// The zero-point term of one row: sum_g scale_g * zero_g * xsum_g, in vector lanes (a serial scalar
+// chain here cost as much as the codes).
+inline float zero_offset(const float* sc, const float* zr, const float* xs, int64_t groups) {
+  vf off = Vec::zero();
+  int64_t g = 0;
+  for (; g + L <= groups; g += L) off = Vec::fma(Vec::mul(Vec::load(sc + g), Vec::load(zr + g)), Vec::load(xs + g), off);
+  float offset = Vec::sum(off);
+  for (; g < groups; ++g) offset += sc[g] * zr[g] * xs[g];
+  return offset;
+}
+
 // 4-bit rows made only of whole groups that are whole 32-blocks (group % 32 == 0, in % group == 0):
 // the common case (w4g32, w4g128) without the general path's per-group dispatch and tail handling.
 // One fresh FMA chain per group, scaled into two alternating totals (so consecutive groups do not
@@ -310,15 +326,9 @@ void row_tile4(const Weights& w, int64_t o, int64_t t0, const float* xp, const f
     const int half = (int)(g & 1);
     for (int t = 0; t < TT; ++t) total[2 * t + half] = Vec::fma(acc[t], s, total[2 * t + half]);
   }
-  for (int t = 0; t < TT; ++t) {
-    const float* xs = xsum + (t0 + t) * w.groups;
-    vf off = Vec::zero();  // vector lanes: a serial scalar chain here cost as much as the codes
-    int64_t g = 0;
-    for (; g + L <= w.groups; g += L) off = Vec::fma(Vec::mul(Vec::load(sc + g), Vec::load(zr + g)), Vec::load(xs + g), off);
-    float offset = Vec::sum(off);
-    for (; g < w.groups; ++g) offset += sc[g] * zr[g] * xs[g];
-    y[(t0 + t) * w.out + o] = Vec::sum(Vec::add(total[2 * t], total[2 * t + 1])) - offset;
-  }
+  for (int t = 0; t < TT; ++t)
+    y[(t0 + t) * w.out + o] = Vec::sum(Vec::add(total[2 * t], total[2 * t + 1])) -
+                              zero_offset(sc, zr, xsum + (t0 + t) * w.groups, w.groups);
 }
 
 void permute_for_4bit(const float* x, float* xp, int64_t in) {
@@ -366,13 +376,6 @@ inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
   // 4-bit codes only: 15 * 127 * 2 < 32767, the pairwise i16 sums never saturate.
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
-}
-
-inline float hsum256(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 inline __m256i load256(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
@@ -452,12 +455,7 @@ void row_tile_int8(const Weights& w, int64_t o, int64_t t0, const float* xv, con
       for (int t = 0; t < TT; ++t) total[t] = _mm256_fmadd_ps(_mm256_add_ps(f0[t], f1[t]), s, total[t]);
     }
   }
-  for (int t = 0; t < TT; ++t) {
-    const float* xm = xsum + (t0 + t) * groups;
-    float offset = 0.f;
-    for (int64_t g = 0; g < groups; ++g) offset += sc[g] * zr[g] * xm[g];
-    y[(t0 + t) * w.out + o] = hsum256(total[t]) - offset;
-  }
+  for (int t = 0; t < TT; ++t) y[(t0 + t) * w.out + o] = hsum256(total[t]) - zero_offset(sc, zr, xsum + (t0 + t) * groups, groups);
 }
 #else
 #define BS_INT8 0
