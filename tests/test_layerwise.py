@@ -302,3 +302,78 @@ def test_gptq_with_grids_writes_a_loadable_checkpoint(models, calib, tmp_path, s
     assert q.grid is not None and torch.equal(q.grid, k.grid) if spec.endswith("nf") else q.grid is not None
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(8)[None]).logits).all()
+
+
+def test_output_replay_tail_skips_the_attention_core(models) -> None:
+    """The pass that stops at o_proj records its input; once o_proj is done, the attention module is
+    computed as o_proj(recorded input) (checked for real on the first batch only), and the pass
+    after that replays the attention's recorded output: the same outputs, bit for bit."""
+    from bitsmith.pipeline.layerwise import OutputReplay
+
+    net = build_model(open_source(models["llama"]))
+    block = find_blocks(net)[1][0]
+    linears = block_linears(block)
+    q_calls = []
+    q_hook = block.self_attn.q_proj.register_forward_pre_hook(lambda m, a: q_calls.append(1))
+    batches = [torch.randn(2, 5, net.config.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    pos = torch.arange(5)[None].expand(2, 5)
+    kwargs = {"position_embeddings": net.model.rotary_emb(batches[0], pos), "attention_mask": None}
+
+    class Stop(Exception):
+        pass
+
+    with torch.no_grad():
+        want = [block(x, **kwargs)[0] if isinstance(block(x, **kwargs), tuple) else block(x, **kwargs) for x in batches]
+        replay = OutputReplay(block, linears, batches=len(batches), budget=1 << 30)
+        replay.mark_done(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
+        tail = replay.tail_recorder("self_attn.o_proj")
+        assert tail == []
+
+        def catch(m, a):
+            tail.append(a[0])
+            raise Stop
+
+        stop = block.self_attn.o_proj.register_forward_pre_hook(catch)
+        with replay.active():  # the pass of the o_proj stage: stops at o_proj
+            for b, x in enumerate(batches):
+                replay.batch = b
+                with pytest.raises(Stop):
+                    block(x, **kwargs)
+        stop.remove()
+        replay.mark_done(["self_attn.o_proj"])
+        replay.keep_tail("self_attn.o_proj", tail)
+        for expected_q_calls in (1, 0):  # tail pass: only batch 0 runs the attention for real; then replayed
+            q_calls.clear()
+            with replay.active():
+                for b, x in enumerate(batches):
+                    replay.batch = b
+                    got = block(x, **kwargs)
+                    assert torch.equal(got[0] if isinstance(got, tuple) else got, want[b])
+            assert len(q_calls) == expected_q_calls
+    q_hook.remove()
+
+
+def test_gptq_with_quantized_head_reloads_the_released_embedding(models, calib, tmp_path) -> None:
+    """The input embedding is released after capture and loaded again for the head's statistics:
+    the quantized head is written and the checkpoint runs."""
+    from bitsmith.io.load import load_model
+
+    config = QuantizeConfig(QuantSpec.parse("w4g32"), "gptq", quantize_head=True)
+    out = quantize_calibrated(models["llama"], tmp_path / "q", config, calib, batch_size=BATCH)
+    model = load_model(out).model
+    assert model.lm_head.quantized() is not None
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(8)[None]).logits).all()
+
+
+def test_awq_quantizes_with_min_max_ranges_unless_asked(models, calib, tmp_path) -> None:
+    """After AWQ's output-aware clipping, RTN keeps plain min/max ranges by default (the choice is
+    recorded in the checkpoint); an explicit clip_search=True is kept."""
+    from bitsmith.io.checkpoint import read_info
+
+    plain = quantize_calibrated(models["llama"], tmp_path / "a", QuantizeConfig(QuantSpec.parse("w4g32"), "awq"), calib,
+                                batch_size=BATCH)
+    asked = quantize_calibrated(models["llama"], tmp_path / "b",
+                                QuantizeConfig(QuantSpec.parse("w4g32"), "awq", {"clip_search": True}), calib, batch_size=BATCH)
+    assert read_info(plain).options["clip_search"] is False
+    assert read_info(asked).options["clip_search"] is True

@@ -305,3 +305,15 @@ def test_tensors_match_transformers_gguf_loader(alias: str, monkeypatch: pytest.
     direct = AutoTokenizer.from_pretrained(str(src.path.parent), gguf_file=src.path.name, local_files_only=True)
     text = TEXT.read_text()[:2000]
     assert src.tokenizer()(text).input_ids == direct(text).input_ids  # the cached copy is faithful
+
+
+def test_dequantization_in_row_slices_is_exact(tiny_gguf, monkeypatch) -> None:
+    """Tensors dequantize in slices of rows (bounded temporaries); slices as small as one row give
+    the same values as one slice."""
+    import bitsmith.models.gguf_source as gs
+
+    _, path, held = tiny_gguf
+    monkeypatch.setattr(gs, "DEQUANT_CHUNK", 1)
+    src = open_source(path)
+    for name, value in held.items():
+        assert torch.equal(src.load_tensor(name), torch.from_numpy(value)), name

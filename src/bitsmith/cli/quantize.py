@@ -30,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--seed", type=int, default=0, help="seed for --calib-random (default 0)")
     c.add_argument("--awq", action="store_true", help="apply the AWQ transform to each block before quantizing (e.g. with --method gptq)")
     c.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the block forwards (bf16 is ~2x faster on CPU; Hessians stay fp32)")
+    c.add_argument("--hessian-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="GEMM dtype of the Hessian products, summed in fp32 (bf16: ~20%% faster GPTQ, ~2%% higher KLD measured)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted calibrated run from its last finished block")
     p.set_defaults(run=run)
 
@@ -42,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     from bitsmith.pipeline.quantize import CALIBRATED_METHODS, QuantizeConfig, quantize_model
     from bitsmith.spec import QuantSpec
 
-    options = {"clip_search": not args.no_clip_search, **({"awq": True} if args.awq else {})}
+    # clip_search is sent only when turned off: each method keeps its own default otherwise (rtn and
+    # gptq search ranges; after AWQ, whose own clipping is output-aware, plain min/max ranges)
+    options = {**({"clip_search": False} if args.no_clip_search else {}), **({"awq": True} if args.awq else {})}
     calib = None
     if args.calib is not None or args.method in CALIBRATED_METHODS or args.awq:
         calib = CalibrationConfig(text=args.calib, samples=args.calib_samples, seq_len=args.calib_len,
@@ -58,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         task = bar.add_task(f"quantize {args.budget or args.spec}", total=None, rate="")
         done = lambda name, i, n: bar.update(task, completed=i, total=n, rate=name)  # noqa: E731
         path = quantize_model(args.model, Path(args.out), config, overwrite=args.overwrite, progress=done, calib=calib,
-                              resume=args.resume, compute_dtype=torch.bfloat16 if args.compute_dtype == "bf16" else torch.float32)
+                              resume=args.resume, compute_dtype=torch.bfloat16 if args.compute_dtype == "bf16" else torch.float32,
+                              hessian_dtype=args.hessian_dtype)
     from bitsmith.io.checkpoint import read_info
 
     info = read_info(path)

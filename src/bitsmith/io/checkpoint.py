@@ -119,6 +119,8 @@ class CheckpointWriter:
             self._flush()
         self._pending.update(tensors)
         self._pending_bytes += size
+        if self._pending_bytes >= self.shard_bytes:  # full: write it now, not when the next tensor comes
+            self._flush()
 
     def _flush(self) -> None:
         from safetensors.torch import save_file

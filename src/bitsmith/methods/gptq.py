@@ -98,42 +98,61 @@ def layer_error(weight: torch.Tensor, dequant: torch.Tensor, hessian: torch.Tens
 
 
 def lower_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
-    """Inverse of a lower-triangular matrix by 2x2 blocks, ``[[A, 0], [C, D]]^-1 =
-    [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``: n^3/3 multiply-adds in GEMMs, where a triangular solve
-    against the identity spends n^3/2 and runs 2-3x slower (torch exposes no trtri)."""
+    """Inverse of a lower-triangular matrix (a new tensor); see :func:`lower_inverse_`."""
+    return lower_inverse_(lower.clone(), leaf)
+
+
+def lower_inverse_(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """Invert a lower-triangular matrix in place by 2x2 blocks, ``[[A, 0], [C, D]]^-1 =
+    [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``: A and D are inverted in place first, then C is replaced
+    using only the inverses. n^3/3 multiply-adds in GEMMs (a triangular solve against the identity
+    spends n^3/2 and runs 2-3x slower; torch exposes no trtri), and no n x n temporary."""
     n = lower.shape[0]
     if n <= leaf:
-        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False)
+        lower.copy_(torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False))
+        return lower
     half = n // 2
-    out = torch.zeros_like(lower)
-    a_inv, d_inv = lower_inverse(lower[:half, :half], leaf), lower_inverse(lower[half:, half:], leaf)
-    out[:half, :half] = a_inv
-    out[half:, half:] = d_inv
-    out[half:, :half] = -(d_inv @ (lower[half:, :half] @ a_inv))
-    return out
+    lower_inverse_(lower[:half, :half], leaf)
+    lower_inverse_(lower[half:, half:], leaf)
+    lower[half:, :half] = -(lower[half:, half:] @ (lower[half:, :half] @ lower[:half, :half]))
+    return lower
 
 
-def inverse_cholesky(hessian: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + λI)^-1 (so (H + λI)^-1 = U^T U), λ = damp_percent x mean(diag H).
+def _flip_both_(m: torch.Tensor) -> torch.Tensor:
+    """``m.flip(0, 1)`` in place, a pair of rows at a time (no second n x n matrix)."""
+    n = m.shape[0]
+    for i in range(n // 2):
+        j = n - 1 - i
+        top = m[i].flip(0)  # a copy
+        m[i] = m[j].flip(0)
+        m[j] = top
+    if n % 2:
+        m[n // 2] = m[n // 2].flip(0)
+    return m
+
+
+def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """Upper Cholesky factor U of (H_p + λI)^-1 (so (H_p + λI)^-1 = U^T U), where H_p is ``hessian``
+    with rows and columns in the order ``perm`` (default: as is) and λ = damp_percent x mean(diag H).
 
     Dead inputs (H_ii = 0: the channel was always zero in calibration) get H_ii = 1, which decouples
     them: their weights are rounded and their error feeds nothing. On a failed factorization λ grows
-    x10, up to DAMP_RETRIES times."""
-    h = hessian.float().clone()  # [in, in]; one working copy, damped in place (big layers: 8960^2 floats)
-    diag = h.diagonal()
-    dead = diag <= 0
-    diag[dead] = 1.0
-    mean_diag = diag.mean().item()
-    damp, added = max(damp_percent, 1e-6), 0.0
+    x10, up to DAMP_RETRIES times. Memory: one n x n matrix besides ``hessian`` (factorized, inverted
+    and flipped in place; on an 8960-wide layer each copy is 321 MB)."""
+    n = hessian.shape[0]
+    # With J the reversal, J H J = L L^T gives H = R R^T, R = J L J upper, so H^-1 = U^T U with
+    # U = R^-1 = J L^-1 J: one factorization and one triangular inverse, no explicit inverse
+    # (as accurate; LAPACK's potri also stalls badly on an oversubscribed CPU).
+    rev = (torch.arange(n) if perm is None else perm).flip(0)
+    damp = max(damp_percent, 1e-6)
     for attempt in range(DAMP_RETRIES + 1):
-        diag.add_(damp * mean_diag - added)
-        added = damp * mean_diag
-        # With J the reversal, J H J = L L^T gives H = R R^T, R = J L J upper, so H^-1 = U^T U with
-        # U = R^-1 = J L^-1 J: one factorization and one triangular solve, no explicit inverse
-        # (as accurate; LAPACK's potri also stalls badly on an oversubscribed CPU).
-        chol, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+        h = hessian.float()[rev[:, None], rev[None, :]]  # [in, in]: J H_p J, the one working copy
+        diag = h.diagonal()
+        diag[diag <= 0] = 1.0
+        diag.add_(damp * diag.mean().item())
+        _, info = torch.linalg.cholesky_ex(h, out=(h, torch.empty((), dtype=torch.int32)))  # in place
         if int(info) == 0:
-            upper = lower_inverse(chol).flip(0, 1)  # [in, in]
+            upper = _flip_both_(lower_inverse_(h))  # [in, in]
             if torch.isfinite(upper).all():
                 return upper
         if attempt < DAMP_RETRIES:
@@ -231,7 +250,7 @@ def gptq(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None,
     grid = grid_for(weight, spec, LayerStats(importance=importance))  # fit grids see the original weights
 
     perm = torch.argsort(importance, descending=True, stable=True) if opts.act_order else torch.arange(in_features)
-    upper = inverse_cholesky(hessian[perm][:, perm], opts.damp_percent)  # [in, in] in visit order
+    upper = inverse_cholesky(hessian, opts.damp_percent, perm)  # [in, in] in visit order
 
     # Static groups: parameters from the original weights, in stored order, then permuted per column.
     scale, zero = _group_params(weight, spec, importance, grid, steps)  # [out, G, 1]

@@ -92,8 +92,8 @@ class HQQOptions:
     @classmethod
     def from_dict(cls, options: dict | None) -> "HQQOptions":
         options = method_options(options)
-        # The CLI always sends RTN's ``clip_search`` (True unless --no-clip-search). For hqq it can
-        # only ask for the min/max start (the default); the clip-searched start is ``clip_init=True``.
+        # The CLI sends RTN's ``clip_search=False`` for --no-clip-search. For hqq it can only ask for
+        # the min/max start (the default); the clip-searched start is ``clip_init=True``.
         if options.pop("clip_search", True) is False:
             options.setdefault("clip_init", False)
         unknown = set(options) - set(cls.__dataclass_fields__)

@@ -72,8 +72,9 @@ class ModelSource:
         tensor = self.store.load(name)
         if tensor.is_floating_point():
             tensor = tensor.to(torch.float32)
-            # max |x| is NaN or inf exactly when some element is; 6x faster than isfinite().all()
-            if tensor.numel() and not bool(torch.isfinite(tensor.abs().amax())):
+            # min and max are NaN or inf exactly when some element is; no temporary of the
+            # tensor's size (isfinite().all() makes a bool one, abs().amax() a float one)
+            if tensor.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):
                 raise ModelSourceError(
                     f"tensor {name} in {self.path.name} contains NaN or inf values; "
                     "the file is corrupt, download it again"

@@ -17,9 +17,11 @@ Every finished block is committed to ``<out>.partial/`` so ``resume=True`` conti
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +36,7 @@ from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, 
 from bitsmith.pipeline.quantize import (
     QuantizeConfig, _layer_report, _storage, check_layers, finish_folder, quantizable_layers, summary,
 )
+from bitsmith.pipeline.replay import OutputReplay
 from bitsmith.pipeline.workstate import WorkState, work_dir_for
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SPILL_BYTES = 2 * 1024**3
 DEFAULT_BATCH_SIZE = 8  # sequences per block forward
 DEFAULT_REPLAY_BYTES = 1024**3  # finished sub-modules' outputs kept per block (OutputReplay)
+SHARD_BYTES = 256 * 1024**2  # checkpoint shards: bounds what the writer holds in memory
 AWQ_METHOD = "awq"
 
 
@@ -61,12 +65,15 @@ def quantize_calibrated(
     compute_dtype: torch.dtype = torch.float32,
     batch_size: int = DEFAULT_BATCH_SIZE,
     replay_bytes: int = DEFAULT_REPLAY_BYTES,
+    hessian_dtype: str = "fp32",
 ) -> Path:
     """Quantize ``model`` block by block with calibration tokens ``calib`` [samples, seq_len].
 
     ``compute_dtype`` is the dtype of the block forwards and stored activations (bf16 is about
-    twice as fast on CPU); Hessians are always accumulated in float32 and methods always see the
-    float32 weights. ``progress(name, done, total)`` is called after each committed block.
+    twice as fast on CPU); Hessians are summed in float32 and methods always see the float32
+    weights. ``hessian_dtype="bf16"`` computes each batch's Hessian products in bf16 GEMMs
+    (:class:`StatsAccumulator`; with bf16 forwards SmolLM2's GPTQ took 140.6 instead of 173.1 s
+    and its KLD rose 2.1%, bench/results/issue3/gptq_speed.md). ``progress(name, done, total)`` is called after each committed block.
     ``replay_bytes`` bounds the finished sub-module outputs kept per block (:class:`OutputReplay`);
     it changes the time, never the result.
     """
@@ -79,12 +86,18 @@ def quantize_calibrated(
         raise CheckpointError(f"{out_dir} already exists; choose another --out or pass --overwrite")
     if calib.dim() != 2 or calib.shape[0] < 1:
         raise ValueError(f"calibration tokens must be [samples, seq_len], got shape {tuple(calib.shape)}")
+    if config.method == AWQ_METHOD or config.options.get("awq"):
+        # AWQ's clipping already looks at the block output; the quantizer after it keeps plain
+        # min/max ranges unless clip_search is asked for (AutoAWQ's behaviour)
+        config = replace(config, options={"clip_search": False, **config.options})
     source = open_source(model)
     check_layers(quantizable_layers(source.config, config.quantize_head), config)
     method = get_method(_quantizer_name(config))
     prefix, _ = find_blocks(meta_model(source.config))
     _, head_name = embedding_and_head_names(meta_model(source.config))
-    key = _state_key(source, config, calib, compute_dtype, batch_size)
+    if hessian_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"hessian_dtype must be 'fp32' or 'bf16', got {hessian_dtype!r}")
+    key = {**_state_key(source, config, calib, compute_dtype, batch_size), "hessian_dtype": hessian_dtype}
     state = WorkState.open(work_dir_for(out_dir), key, resume)
     net = build_model(source, compute_dtype, skip=lambda n: n.startswith(prefix + ".") or n == head_name)
     _, blocks = find_blocks(net)
@@ -94,7 +107,9 @@ def quantize_calibrated(
     options = {**config.options, "quantize_head": config.quantize_head, "quantize_embeddings": config.quantize_embeddings,
                "unquantized_dtype": config.unquantized_dtype,
                "calibration": {"samples": shape[0], "seq_len": shape[1], "hash": key["calib"]}}
-    with CheckpointWriter(out_dir, config.method, options, overwrite=overwrite) as writer:
+    # shards of SHARD_BYTES: the writer holds a shard's tensors until it is full
+    with CheckpointWriter(out_dir, config.method, options, overwrite=overwrite, shard_bytes=SHARD_BYTES) as writer:
+        embed_module = _release_embedding(net)  # needed again only to quantize the head
         head_is_tied = _write_other_tensors(writer, source, net, prefix, config)
         for i in range(state.done):
             _emit_block(writer, state, i)
@@ -103,8 +118,10 @@ def quantize_calibrated(
             block_prefix = f"{prefix}.{i}"
             _load_block(net, source, block_prefix)
             tensors, specs, reports, store = _process_block(
-                blocks[i], block_prefix, store, calls[i], method, config, state, spill_bytes, batch_size, replay_bytes)
+                blocks[i], block_prefix, store, calls[i], method, config, state, spill_bytes, batch_size, replay_bytes,
+                hessian_dtype)
             _unload_block(blocks[i])
+            _trim_heap()
             state.commit_block(i, tensors, specs, reports)
             _emit_block(writer, state, i)
             log.info("block %d/%d quantized in %.1f s", i + 1, n_blocks, time.perf_counter() - t0)
@@ -112,6 +129,8 @@ def quantize_calibrated(
                 progress(f"block {i + 1}/{n_blocks}", i + 1, n_blocks)
         head_reports = []
         if config.quantize_head and not (config.quantize_embeddings and "lm_head.weight" not in source.tensor_names()):
+            _load_block(net, source, embed_module)
+            net.get_submodule(embed_module).to(compute_dtype)
             head_reports = _quantize_head(net, blocks, source, head_is_tied, store, calib, method, config, batch_size, writer)
         store.close()
         finish_folder(writer, source, head_is_tied)
@@ -171,6 +190,26 @@ def _load_block(net: nn.Module, source: Any, block_prefix: str) -> None:
         _set_tensor(net, name, _load_checked(source, name, tensor.shape, torch.float32))
 
 
+def _release_embedding(net: nn.Module) -> str:
+    """Put the input embedding on the meta device (block 0's inputs are captured; on a 1.5B model
+    with a 152k vocabulary that frees ~0.5 GB for the whole run). Returns its module name."""
+    from bitsmith.models import embedding_and_head_names
+
+    name = embedding_and_head_names(net)[0].removesuffix(".weight")
+    net.get_submodule(name).to("meta")
+    return name
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps freed chunks below its mmap threshold,
+    and that threshold grows (to 32 MB) as big tensors come and go, so a long run's resident set
+    creeps up by the fragments; ``malloc_trim`` releases them. A no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _unload_block(block: nn.Module) -> None:
     block.to("meta")  # releases the weights; the module keeps its structure
 
@@ -193,6 +232,8 @@ def _write_other_tensors(writer: CheckpointWriter, source: Any, net: nn.Module, 
             writer.add_quantized(module, rtn(tensor, config.spec_for(module), None, config.options))
         else:
             writer.add_tensor(name, _storage(tensor, config.unquantized_dtype))
+        del tensor  # before the next load: two 152k-vocabulary matrices in fp32 are ~1.9 GB
+    _trim_heap()
     return config.quantize_head and "lm_head.weight" not in names and not config.quantize_embeddings
 
 
@@ -207,7 +248,7 @@ def _emit_block(writer: CheckpointWriter, state: WorkState, index: int) -> None:
 def _process_block(
     block: nn.Module, block_prefix: str, store: ActivationStore, calls: list[BlockCall], method: Method,
     config: QuantizeConfig, state: WorkState, spill_bytes: int, batch_size: int,
-    replay_bytes: int = DEFAULT_REPLAY_BYTES,
+    replay_bytes: int = DEFAULT_REPLAY_BYTES, hessian_dtype: str = "fp32",
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[dict], ActivationStore]:
     """Quantize one loaded block; returns its plain tensors, its quantized tensors' specs, its layer
     reports (all keyed by full name) and the store holding the next block's inputs."""
@@ -227,18 +268,24 @@ def _process_block(
         replay = OutputReplay(block, linears, len(slices), replay_bytes)
         specs, reports = {}, []
         for stage in stages:
-            stats = _stage_stats(block, linears[stage[0]], store, slices, calls, replay)
+            stats, tail = _stage_stats(block, linears[stage[0]], store, slices, calls, replay,
+                                       replay.tail_recorder(stage[0]) if len(stage) == 1 else None, stage[0],
+                                       hessian_dtype)
             names = [f"{block_prefix}.{rel}" for rel in stage]
             results = _quantize_stage(names, [masters[rel] for rel in stage], stats, method, config)
+            del stats
+            _trim_heap()
             for rel, name, (qt, report) in zip(stage, names, results):
                 linears[rel].weight = nn.Parameter(qt.dequantize().to(compute_dtype), requires_grad=False)
                 tensors.update(qt.to_state(name))
                 specs[name] = {"spec": str(qt.spec), "shape": list(qt.shape)}
                 reports.append(report)
             replay.mark_done(stage)
+            if tail is not None:
+                replay.keep_tail(stage[0], tail)
         index = int(block_prefix.rsplit(".", 1)[1])
         out = ActivationStore.create(tuple(store.tensor.shape), compute_dtype, state.inputs_file(index + 1), spill_bytes)
-        with replay.active():
+        with replay.active(record=False):
             for b, (sl, (args, kwargs)) in enumerate(zip(slices, calls)):
                 replay.batch = b
                 result = block(store.tensor[sl], *args, **kwargs)
@@ -247,100 +294,6 @@ def _process_block(
     out.save(state.inputs_file(index + 1))
     store.close()
     return tensors, specs, reports, out
-
-
-class OutputReplay:
-    """Replays the outputs of a block's finished sub-modules instead of recomputing them.
-
-    True-sequential quantization runs the block once per stage (each stage must see the already
-    quantized earlier stages) and once more for the next block's inputs. A sub-module whose linears
-    are all quantized (q/k/v; then the whole attention once o is done; gate/up) computes the same
-    output on every later pass, so the first pass that runs it records its output per batch and
-    later passes replay it: every linear's product is computed once per block (bit-identical: the
-    same module on the same inputs). Only the topmost finished modules are recorded, within
-    ``budget`` bytes in all; a module that does not fit is simply recomputed.
-    """
-
-    def __init__(self, block: nn.Module, linears: dict[str, nn.Linear], batches: int, budget: int) -> None:
-        self.block, self.batches, self.budget = block, batches, budget
-        self.batch = 0
-        self._modules = {n: m for n, m in block.named_modules() if n}
-        # module name -> the linears (relative names) it is or contains; modules without any are never replayed
-        inside = {n: {rel for rel in linears if rel == n or rel.startswith(n + ".")} for n in self._modules}
-        self._inside = {n: v for n, v in inside.items() if v}
-        self._done: set[str] = set()
-        self._cache: dict[str, list] = {}
-        self._too_big: set[str] = set()
-
-    def mark_done(self, rels: list[str]) -> None:
-        self._done.update(rels)
-
-    def _finished(self, name: str) -> bool:
-        return name in self._inside and self._inside[name] <= self._done
-
-    def _ancestors(self, name: str):
-        parent = name.rpartition(".")[0]
-        while parent:
-            yield parent
-            parent = parent.rpartition(".")[0]
-
-    def active(self):
-        """Context manager for one pass over all batches (set ``self.batch`` before each)."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def ctx():
-            patched, hooks, recording = [], [], {}
-            used = [sum(_nbytes(v) for outs in self._cache.values() for v in outs)]
-            for name in self._inside:
-                if not self._finished(name):
-                    continue
-                module = self._modules[name]
-                if name in self._cache:
-                    if not any(a in self._cache for a in self._ancestors(name)):
-                        module.forward = (lambda *a, _n=name, **k: self._cache[_n][self.batch])
-                        patched.append(module)
-                elif not any(self._finished(a) for a in self._ancestors(name)) and name not in self._too_big:
-                    recording[name] = [None] * self.batches
-
-                    def record(_m, _args, output, _n=name):
-                        outs = recording.get(_n)
-                        if outs is None:
-                            return
-                        if all(o is None for o in outs):
-                            need = _nbytes(output) * self.batches
-                            if need + used[0] > self.budget:
-                                recording.pop(_n)  # would not fit: recomputed on later passes
-                                self._too_big.add(_n)
-                                return
-                            used[0] += need
-                        outs[self.batch] = output
-                    hooks.append(module.register_forward_hook(record))
-            try:
-                yield
-            finally:
-                for module in patched:
-                    del module.forward
-                for h in hooks:
-                    h.remove()
-                for name, outs in recording.items():
-                    if all(o is not None for o in outs):  # complete: later passes replay it
-                        self._cache[name] = outs
-                        for child in [c for c in self._cache if c.startswith(name + ".")]:
-                            del self._cache[child]
-
-        return ctx()
-
-    def clear(self) -> None:
-        self._cache.clear()
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (tuple, list)):
-        return sum(_nbytes(v) for v in value)
-    return 0
 
 
 def find_stages(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, call: BlockCall) -> list[list[str]]:
@@ -374,21 +327,30 @@ def find_stages(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.T
 
 def _stage_stats(
     block: nn.Module, first: nn.Linear, store: ActivationStore, slices: list[slice], calls: list[BlockCall],
-    replay: "OutputReplay | None" = None,
-) -> LayerStats:
+    replay: "OutputReplay | None" = None, tail: list | None = None, first_name: str | None = None,
+    hessian_dtype: str = "fp32",
+) -> tuple[LayerStats, list | None]:
     """Input statistics of a stage over all calibration batches: the block runs only up to the
-    stage's first linear (the hook stops it there), replaying finished sub-modules."""
+    stage's first linear (the hook stops it there), replaying final sub-modules. When ``tail`` is a
+    list, the stage's input is also appended to it per batch (see :class:`OutputReplay`)."""
     from contextlib import nullcontext
 
-    acc = StatsAccumulator(first.in_features)
+    acc = StatsAccumulator(first.in_features, hessian_dtype)
+    keep = [tail]
 
     def catch(module: nn.Module, args: tuple) -> None:
         acc.add(args[0])
+        if keep[0] is not None:
+            x = args[0]
+            if replay.used() + x.numel() * x.element_size() * len(slices) > replay.budget:
+                keep[0] = None  # would not fit: the parent is recomputed instead
+            else:
+                keep[0].append(x)
         raise _StopForward
 
     hook = first.register_forward_pre_hook(catch)
     try:
-        with replay.active() if replay is not None else nullcontext():
+        with replay.active(tail_of=first_name if tail is not None else None) if replay is not None else nullcontext():
             for b, (sl, (args, kwargs)) in enumerate(zip(slices, calls)):
                 if replay is not None:
                     replay.batch = b
@@ -398,7 +360,7 @@ def _stage_stats(
                     pass
     finally:
         hook.remove()
-    return acc.stats()
+    return acc.stats(), keep[0]
 
 
 def _quantize_stage(names: list[str], weights: list[torch.Tensor], stats: LayerStats, method: Method,
@@ -446,7 +408,10 @@ def _apply_awq(block: nn.Module, store: ActivationStore, calls: list[BlockCall],
     except ImportError as err:
         raise ValueError(f"AWQ needs bitsmith.transforms.awq, which cannot be imported ({err}); use --method gptq or rtn") from err
     hidden = store.tensor if store.tensor.dtype == torch.float32 else store.tensor.float()  # the block is fp32 here
-    report = awq_transform(block, hidden, calls[0][1], config.spec, rtn, config.options, batch_size=batch_size)
+    # the searches simulate plain min/max RTN (as the reference implementation does): ~20x cheaper
+    # per candidate than RTN's range search, and the search's own clipping does that job
+    options = {**config.options, "clip_search": False}
+    report = awq_transform(block, hidden, calls[0][1], config.spec, rtn, options, batch_size=batch_size)
     log.info("AWQ: %s", report)
 
 

@@ -88,7 +88,7 @@ def _storage(tensor: torch.Tensor, dtype_name: str) -> torch.Tensor:
     if tensor.dim() < 2:
         return tensor.float()
     dtype = STORAGE_DTYPES[dtype_name]
-    if dtype is torch.float16 and tensor.abs().max().item() > FP16_MAX:
+    if dtype is torch.float16 and float(torch.stack(torch.aminmax(tensor)).abs().max()) > FP16_MAX:  # no |x| copy
         log.warning("a tensor exceeds the fp16 range; storing it in fp32")
         return tensor.float()
     return tensor.to(dtype)
@@ -111,6 +111,7 @@ def quantize_model(
     calib: CalibrationConfig | None = None,
     resume: bool = False,
     compute_dtype: torch.dtype = torch.float32,
+    hessian_dtype: str = "fp32",
 ) -> Path:
     """Quantize ``model`` (folder, GGUF file or alias) into a bitsmith checkpoint at ``out_dir``.
 
@@ -129,7 +130,7 @@ def quantize_model(
         calib = calib or CalibrationConfig()
         tokens = calib.batches(open_source(model).tokenizer())  # [samples, seq_len]
         return quantize_calibrated(model, Path(out_dir), config, tokens, resume=resume, overwrite=overwrite,
-                                   progress=progress, compute_dtype=compute_dtype)
+                                   progress=progress, compute_dtype=compute_dtype, hessian_dtype=hessian_dtype)
     if resume:
         raise ValueError(f"--resume applies to calibrated methods ({', '.join(sorted(CALIBRATED_METHODS))}); "
                          f"{config.method} without --calib runs in one pass, drop --resume")

@@ -1,0 +1,197 @@
+"""Replay of final sub-module outputs across the passes of true-sequential quantization.
+
+The layer-wise pipeline runs a block once per stage (each pass stops at the stage's first linear,
+so that stage sees the already quantized earlier stages) and once more for the next block's inputs.
+Two facts make most of that recomputation avoidable, bit for bit:
+
+- **Whatever completes in a pass is final.** A pass stops at its stage's first linear, and every
+  linear that ran before that point belongs to an earlier, already quantized stage (stages are
+  ordered by first call). So any sub-module whose forward *returns* during a pass -- the q/k/v
+  projections, the whole attention, gate/up -- returns what it will return on every later pass.
+  Outputs of modules that contain linears are recorded per batch and replayed (norms and
+  activations are cheap to recompute and not worth their memory); only the topmost are kept.
+- **A cut-short module is often just its last linear.** The pass that stops at ``o_proj`` has
+  computed the attention core; the module that contains ``o_proj`` returns ``o_proj(that input)``.
+  Once ``o_proj`` is quantized, the next pass computes ``o_proj(recorded input)`` instead of the
+  attention again (the same for ``mlp`` = ``down_proj(recorded input)`` in the final pass). Whether
+  a parent really returns its last linear's output (alone, or first in a tuple of Nones) is checked
+  on the first batch by running it for real with a hook on the linear, so no table per
+  architecture is needed; where the check fails the parent is simply recomputed.
+
+A module called more than once per forward is never replayed (its recorded output would stand for
+two different calls). Everything kept counts against ``budget`` bytes; what does not fit is
+recomputed, which changes the time, never the result.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+
+class OutputReplay:
+    def __init__(self, block: nn.Module, linears: dict[str, nn.Module], batches: int, budget: int) -> None:
+        self.block, self.linears, self.batches, self.budget = block, linears, batches, budget
+        self.batch = 0
+        self._modules = {n: m for n, m in block.named_modules() if n}
+        self._done: set[str] = set()
+        self._cache: dict[str, list] = {}  # module name -> output per batch
+        self._tails: dict[str, list] = {}  # linear name -> its input per batch
+        self._tail_kind: dict[str, int | None] = {}  # parent name -> -1 (not a tail), 0 (returns y), n (returns (y, None...))
+        self._skip: set[str] = set()  # too big, or called twice per forward
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def mark_done(self, rels: list[str]) -> None:
+        """The stage's linears are quantized (their weights are final from now on)."""
+        self._done.update(rels)
+
+    def used(self) -> int:
+        return sum(_nbytes(v) for outs in (*self._cache.values(), *self._tails.values()) for v in outs)
+
+    def tail_recorder(self, rel: str) -> "list | None":
+        """A list for the input of linear ``rel`` per batch (filled by the stage's statistics pass),
+        or None when it cannot serve as a tail: not alone in its stage is the caller's business;
+        here, a parent that is already replayed, or one that failed the tail check."""
+        parent = rel.rpartition(".")[0]
+        if not parent or parent in self._cache or self._tail_kind.get(parent) == -1 or parent in self._skip:
+            return None
+        return []
+
+    def keep_tail(self, rel: str, inputs: list) -> None:
+        """Inputs of ``rel`` for every batch, recorded by the pass that stopped at it."""
+        if len(inputs) == self.batches and self.used() + sum(_nbytes(x) for x in inputs) <= self.budget:
+            self._tails[rel] = inputs
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._tails.clear()
+
+    def _ancestors(self, name: str) -> Iterator[str]:
+        parent = name.rpartition(".")[0]
+        while parent:
+            yield parent
+            parent = parent.rpartition(".")[0]
+
+    def _covered(self, name: str) -> bool:
+        return name in self._cache or any(a in self._cache for a in self._ancestors(name))
+
+    def _has_linears(self, name: str) -> bool:
+        return any(rel == name or rel.startswith(name + ".") for rel in self.linears)
+
+    def _linears_done(self, name: str) -> bool:
+        return all(rel in self._done for rel in self.linears if rel == name or rel.startswith(name + "."))
+
+    # -- one pass ----------------------------------------------------------------------------------
+    @contextmanager
+    def active(self, record: bool = True, tail_of: str | None = None) -> Iterator[None]:
+        """One pass over all batches (set ``self.batch`` before each). Replays what is cached,
+        computes tails, and (``record``) records every module that contains linears and completes
+        -- except inside ``tail_of``, the linear whose input this pass records as a tail: its
+        parent will be computed from that input, so its other children's outputs would go unused."""
+        tail_parent = tail_of.rpartition(".")[0] if tail_of else None
+        patched: list[nn.Module] = []
+        hooks = []
+        recording: dict[str, list] = {}
+        calls: dict[str, int] = {}
+        reserved: dict[str, int] = {}
+        used = [self.used()]
+        for name, module in self._modules.items():
+            if name in self._cache and not any(a in self._cache for a in self._ancestors(name)):
+                module.forward = (lambda *a, _n=name, **k: self._cache[_n][self.batch])
+                patched.append(module)
+        for rel, inputs in self._tails.items():
+            parent = rel.rpartition(".")[0]
+            if not self._covered(parent) and self._linears_done(parent) and self._tail_kind.get(parent) != -1:
+                module = self._modules[parent]
+                module.forward = self._tail_forward(parent, module, self._modules[rel], inputs)
+                patched.append(module)
+        if record:
+            for name, module in self._modules.items():
+                if (self._covered(name) or name in self._skip or not self._has_linears(name)
+                        or not self._linears_done(name) or (tail_parent and name.startswith(tail_parent + "."))):
+                    continue  # norms and activations are cheap to recompute; the linears_done test guards other callers
+                recording[name] = [None] * self.batches
+
+                def hook(_m: nn.Module, _args: Any, output: Any, _n: str = name) -> None:
+                    outs = recording.get(_n)
+                    if outs is None:
+                        return
+                    key = f"{_n}@{self.batch}"
+                    calls[key] = calls.get(key, 0) + 1
+                    if calls[key] > 1 or not _replayable(output):  # called twice per forward, or a container
+                        used[0] -= reserved.pop(_n, 0)
+                        recording.pop(_n)
+                        self._skip.add(_n)
+                        return
+                    if _n not in reserved:
+                        need = _nbytes(output) * self.batches
+                        if need + used[0] > self.budget:
+                            recording.pop(_n)
+                            self._skip.add(_n)
+                            return
+                        reserved[_n] = need
+                        used[0] += need
+                    outs[self.batch] = output
+                hooks.append(module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for module in patched:
+                del module.forward
+            for h in hooks:
+                h.remove()
+            complete = {n: outs for n, outs in recording.items() if all(o is not None for o in outs)}
+            for name, outs in complete.items():
+                if not any(a in complete for a in self._ancestors(name)):  # topmost only
+                    self._cache[name] = outs
+            for name in list(self._cache):
+                if any(a in self._cache for a in self._ancestors(name)):
+                    del self._cache[name]
+            for rel in list(self._tails):  # a tail whose parent is now replayed is not needed
+                if self._covered(rel.rpartition(".")[0]) or self._tail_kind.get(rel.rpartition(".")[0]) == -1:
+                    del self._tails[rel]
+
+    def _tail_forward(self, name: str, parent: nn.Module, linear: nn.Module, inputs: list):
+        original = parent.forward  # the class's bound forward (the instance attribute is set after this)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            kind = self._tail_kind.get(name)
+            if kind is None:  # first use: run for real and check that the output is the linear's
+                seen: list = []
+                handle = linear.register_forward_hook(lambda _m, _a, out: seen.append(out))
+                try:
+                    out = original(*args, **kwargs)
+                finally:
+                    handle.remove()
+                if len(seen) == 1 and out is seen[0]:
+                    self._tail_kind[name] = 0
+                elif (len(seen) == 1 and isinstance(out, tuple) and out and out[0] is seen[0]
+                      and all(x is None for x in out[1:])):
+                    self._tail_kind[name] = len(out)
+                else:
+                    self._tail_kind[name] = -1
+                return out
+            if kind == -1:
+                return original(*args, **kwargs)
+            y = linear(inputs[self.batch])
+            return y if kind == 0 else (y,) + (None,) * (kind - 1)
+
+        return forward
+
+
+def _replayable(value: Any) -> bool:
+    """Tensors, and tuples of tensors and Nones: values a replay can hand back as they were."""
+    if isinstance(value, tuple):
+        return all(v is None or isinstance(v, torch.Tensor) for v in value)
+    return isinstance(value, torch.Tensor)
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
