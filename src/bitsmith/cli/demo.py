@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="quantize the default model at w8 and w4g128, evaluate, print a table")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to demo (default {DEFAULT_MODEL})")
     p.add_argument("--specs", default=",".join(DEFAULT_SPECS), help="comma-separated specs (default w8,w4g128)")
-    p.add_argument("--method", default="rtn")
+    p.add_argument("--method", default="hqq", help="calibration-free method (default hqq, as bitsmith quantize)")
     p.add_argument("--out", default="bitsmith-demo", help="folder for the demo checkpoints (replaced each run)")
     p.add_argument("--windows", type=int, default=12, help="512-token windows of text to score (default 12)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per variant for the speed column")

@@ -10,7 +10,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model into a packed bitsmith checkpoint")
     p.add_argument("model", help="Hugging Face folder, .gguf file, or alias (smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b)")
     p.add_argument("--spec", default="w4g128", help="quantization spec: w8, w4g128, w3g64s, ... (default w4g128)")
-    p.add_argument("--method", default="rtn", help="quantization method: rtn, hqq (no calibration), gptq, awq (calibrated) (default rtn)")
+    p.add_argument("--method", default=None,
+                   help="quantization method: rtn, hqq (no calibration), gptq, awq (calibrated) "
+                        "(default: gptq with --calib, else hqq)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out once the new checkpoint is complete")
     p.add_argument("--no-clip-search", action="store_true", help="RTN: plain min/max ranges, no clipping search")
@@ -36,6 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def default_method(args: argparse.Namespace) -> str:
+    """gptq when calibration text is given, else hqq: the best measured method of each kind
+    (bench/results/issue3); rtn stays available with --method rtn."""
+    return args.method or ("gptq" if args.calib is not None else "hqq")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -46,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     # clip_search is sent only when turned off: each method keeps its own default otherwise (rtn and
     # gptq search ranges; after AWQ, whose own clipping is output-aware, plain min/max ranges)
+    args.method = default_method(args)
     options = {**({"clip_search": False} if args.no_clip_search else {}), **({"awq": True} if args.awq else {})}
     calib = None
     if args.calib is not None or args.method in CALIBRATED_METHODS or args.awq:

@@ -111,8 +111,11 @@ class OutputReplay:
         if record:
             for name, module in self._modules.items():
                 if (self._covered(name) or name in self._skip or not self._has_linears(name)
-                        or not self._linears_done(name) or (tail_parent and name.startswith(tail_parent + "."))):
-                    continue  # norms and activations are cheap to recompute; the linears_done test guards other callers
+                        or not self._linears_done(name) or (tail_parent and name.startswith(tail_parent + "."))
+                        or any(self._linears_done(a) for a in self._ancestors(name))):
+                    # norms and activations are cheap to recompute; a finished ancestor is recorded
+                    # instead of its children; the linears_done test guards other callers
+                    continue
                 recording[name] = [None] * self.batches
 
                 def hook(_m: nn.Module, _args: Any, output: Any, _n: str = name) -> None:
