@@ -79,3 +79,15 @@ def test_truncated_checkpoint_gives_clear_error(tiny: Path, tmp_path: Path) -> N
 def test_generate_on_a_missing_device_says_so(tiny: Path) -> None:
     with pytest.raises(SystemExit, match="cannot use device 'cuda'"):
         main(["generate", str(tiny), "the cat", "--max-new-tokens", "2", "--device", "cuda"])
+
+
+def test_default_method_is_hqq_without_calibration_and_gptq_with_it(tmp_path) -> None:
+    """The issue's defaults: hqq (calibration-free) unless calibration text is given, then gptq;
+    an explicit --method always wins."""
+    import argparse
+
+    from bitsmith.cli.quantize import default_method
+
+    assert default_method(argparse.Namespace(method=None, calib=None)) == "hqq"
+    assert default_method(argparse.Namespace(method=None, calib=tmp_path / "c.txt")) == "gptq"
+    assert default_method(argparse.Namespace(method="rtn", calib=tmp_path / "c.txt")) == "rtn"
