@@ -74,3 +74,20 @@ def test_wide_stats_accumulate_the_upper_triangle_exactly(width: int) -> None:
     torch.testing.assert_close(stats.hessian, flat.T @ flat, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(stats.importance, flat.pow(2).mean(0), rtol=1e-5, atol=1e-6)
     assert stats.tokens == 200
+
+
+@pytest.mark.parametrize("n", [40, 600])  # one block, and the upper-triangle panels
+def test_bf16_products_stay_close_to_fp32(n) -> None:
+    """--hessian-dtype bf16: each batch's product rounded once to bf16, summed in fp32; within bf16
+    rounding of the fp32 Hessian (entries relative to the diagonal's scale)."""
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(3, 50, n, generator=g) for _ in range(4)]
+    exact, fast = StatsAccumulator(n), StatsAccumulator(n, "bf16")
+    for x in xs:
+        exact.add(x)
+        fast.add(x)
+    h, hb = exact.stats().hessian, fast.stats().hessian
+    assert torch.equal(hb, hb.T) and fast.tokens == exact.tokens
+    assert (hb - h).abs().max() < 2e-2 * h.diagonal().mean()
+    with pytest.raises(ValueError, match="products"):
+        StatsAccumulator(n, "fp16")

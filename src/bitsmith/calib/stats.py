@@ -42,21 +42,15 @@ class StatsAccumulator:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])  # [tokens, in]
         self.tokens += x.shape[0]
-        if self.products == "bf16":
-            x = x.to(torch.bfloat16)
-            if self._cuts is None:
-                self.hessian += (x.T @ x).float()
-                return
-            for a, b in zip(self._cuts, self._cuts[1:]):
-                self.hessian[a:b, a:] += (x[:, a:b].T @ x[:, a:]).float()
-            return
-        x = x.float()
-        if self._cuts is None:
-            # addmm into the fp32 sum: one pass, no [in, in] temporary per batch
-            self.hessian.addmm_(x.T, x)
-            return
-        for a, b in zip(self._cuts, self._cuts[1:]):  # upper block triangle: rows a:b, columns a:
-            self.hessian[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
+        x = x.to(torch.bfloat16) if self.products == "bf16" else x.float()
+        # upper block triangle: rows a:b, columns a: (one block, the whole matrix, below SYMMETRIC_FROM)
+        cuts = self._cuts or [0, x.shape[1]]
+        for a, b in zip(cuts, cuts[1:]):
+            out = self.hessian[a:b, a:]
+            if self.products == "bf16":
+                out += (x[:, a:b].T @ x[:, a:]).float()
+            else:  # addmm into the fp32 sum: no [in, in] temporary per batch
+                out.addmm_(x[:, a:b].T, x[:, a:])
 
     def stats(self) -> LayerStats:
         if self._cuts is not None:  # mirror the upper block triangle into the lower one

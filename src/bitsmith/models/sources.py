@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -69,12 +70,13 @@ class ModelSource:
         """One tensor, float32 (integer tensors keep their type), checked to be finite."""
         import torch
 
+        from bitsmith.primitives import abs_max
+
         tensor = self.store.load(name)
         if tensor.is_floating_point():
             tensor = tensor.to(torch.float32)
-            # min and max are NaN or inf exactly when some element is; no temporary of the
-            # tensor's size (isfinite().all() makes a bool one, abs().amax() a float one)
-            if tensor.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):
+            # max |x| is NaN or inf exactly when some element is (abs_max: no tensor-sized copy)
+            if tensor.numel() and not math.isfinite(abs_max(tensor)):
                 raise ModelSourceError(
                     f"tensor {name} in {self.path.name} contains NaN or inf values; "
                     "the file is corrupt, download it again"

@@ -269,9 +269,8 @@ def _process_block(
         replay = OutputReplay(block, linears, len(slices), replay_bytes)
         specs, reports = {}, []
         for stage in stages:
-            stats, tail = _stage_stats(block, linears[stage[0]], store, slices, calls, replay,
-                                       replay.tail_recorder(stage[0]) if len(stage) == 1 else None, stage[0],
-                                       hessian_dtype)
+            stats = _stage_stats(block, linears[stage[0]], store, slices, calls, replay,
+                                 stage[0] if len(stage) == 1 else None, hessian_dtype)
             names = [f"{block_prefix}.{rel}" for rel in stage]
             results = _quantize_stage(names, [masters[rel] for rel in stage], stats, method, config)
             del stats
@@ -282,8 +281,6 @@ def _process_block(
                 specs[name] = {"spec": str(qt.spec), "shape": list(qt.shape)}
                 reports.append(report)
             replay.mark_done(stage)
-            if tail is not None:
-                replay.keep_tail(stage[0], tail)
         index = int(block_prefix.rsplit(".", 1)[1])
         out = ActivationStore.create(tuple(store.tensor.shape), compute_dtype, state.inputs_file(index + 1), spill_bytes)
         with replay.active(record=False):
@@ -328,16 +325,17 @@ def find_stages(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.T
 
 def _stage_stats(
     block: nn.Module, first: nn.Linear, store: ActivationStore, slices: list[slice], calls: list[BlockCall],
-    replay: "OutputReplay | None" = None, tail: list | None = None, first_name: str | None = None,
-    hessian_dtype: str = "fp32",
-) -> tuple[LayerStats, list | None]:
+    replay: "OutputReplay | None" = None, tail_of: str | None = None, hessian_dtype: str = "fp32",
+) -> LayerStats:
     """Input statistics of a stage over all calibration batches: the block runs only up to the
-    stage's first linear (the hook stops it there), replaying final sub-modules. When ``tail`` is a
-    list, the stage's input is also appended to it per batch (see :class:`OutputReplay`)."""
+    stage's first linear (the hook stops it there), replaying final sub-modules. ``tail_of``, the
+    name of a stage's only linear, also hands its input per batch to ``replay`` as a tail (see
+    :class:`OutputReplay`), as far as the replay budget allows."""
     from contextlib import nullcontext
 
     acc = StatsAccumulator(first.in_features, hessian_dtype)
-    keep = [tail]
+    keep = [replay.tail_recorder(tail_of) if replay is not None and tail_of else None]
+    tail_of = tail_of if keep[0] is not None else None
 
     def catch(module: nn.Module, args: tuple) -> None:
         acc.add(args[0])
@@ -351,7 +349,7 @@ def _stage_stats(
 
     hook = first.register_forward_pre_hook(catch)
     try:
-        with replay.active(tail_of=first_name if tail is not None else None) if replay is not None else nullcontext():
+        with replay.active(tail_of=tail_of) if replay is not None else nullcontext():
             for b, (sl, (args, kwargs)) in enumerate(zip(slices, calls)):
                 if replay is not None:
                     replay.batch = b
@@ -361,7 +359,9 @@ def _stage_stats(
                     pass
     finally:
         hook.remove()
-    return acc.stats(), keep[0]
+    if keep[0] is not None:
+        replay.keep_tail(tail_of, keep[0])
+    return acc.stats()
 
 
 def _quantize_stage(names: list[str], weights: list[torch.Tensor], stats: LayerStats, method: Method,

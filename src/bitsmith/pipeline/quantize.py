@@ -18,7 +18,7 @@ import torch
 from bitsmith.calib.data import CalibrationConfig
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.methods import get_method
-from bitsmith.primitives import sqnr_db
+from bitsmith.primitives import abs_max, sqnr_db
 from bitsmith.spec import QuantSpec, SpecError
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _storage(tensor: torch.Tensor, dtype_name: str) -> torch.Tensor:
     if tensor.dim() < 2:
         return tensor.float()
     dtype = STORAGE_DTYPES[dtype_name]
-    if dtype is torch.float16 and float(torch.stack(torch.aminmax(tensor)).abs().max()) > FP16_MAX:  # no |x| copy
+    if dtype is torch.float16 and abs_max(tensor) > FP16_MAX:
         log.warning("a tensor exceeds the fp16 range; storing it in fp32")
         return tensor.float()
     return tensor.to(dtype)
