@@ -110,12 +110,18 @@ def test_nan_weight_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_full_disk_leaves_no_output(tiny: Path, tmp_path: Path, monkeypatch) -> None:
-    import safetensors.torch
+    import bitsmith.io.checkpoint as checkpoint
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    written = []
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    def full(f, t):  # the disk fills up part-way through the checkpoint, in the middle of a tensor
+        if len(written) == 3:
+            f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(t.numel())
+        f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    monkeypatch.setattr(checkpoint, "_write_tensor_bytes", full)
     with pytest.raises(CheckpointError, match="no space left"):
         quantize_model(tiny, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32")))
     assert list(tmp_path.iterdir()) == []
@@ -152,3 +158,29 @@ def test_grid_checkpoints_run_on_the_default_kernel(tiny: Path, tmp_path: Path, 
     x = torch.randn(3, layer.in_features)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.quantized().dequantize()), rtol=1e-5, atol=1e-5)
     assert loaded.info.specs["model.layers.0.self_attn.q_proj"] == QuantSpec.parse(spec)
+
+
+def test_write_safetensors_round_trip(tmp_path) -> None:
+    """The streaming writer's files read back with the safetensors package: every dtype the
+    checkpoints use, an empty tensor, a non-contiguous one, shared storage and the metadata."""
+    from safetensors import safe_open
+
+    from bitsmith.io.checkpoint import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 10, generator=g)
+    tensors = {
+        "a.f32": base, "b.f16": base.half(), "c.bf16": base.bfloat16(), "d.u8": torch.randint(0, 255, (7,), dtype=torch.uint8),
+        "e.i64": torch.arange(5), "f.empty": torch.zeros(0, 3), "g.t": base.T, "h.shared": base[:3],
+        "i.bool": torch.tensor([True, False, True]), "j.i32": torch.tensor([[1, -2]], dtype=torch.int32),
+    }
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, tensors, {"k": "v"})
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    assert header_len % 8 == 0
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"k": "v"}
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, t in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name

@@ -31,6 +31,7 @@ in ``err_j · U_jk`` and the damping is relative), so ``LayerStats.hessian`` may
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,7 +45,7 @@ from bitsmith.methods.rtn import (
     fit_group_ranges,
     grid_for,
 )
-from bitsmith.primitives import expand_groups, group_mask, nearest_grid_codes, to_groups
+from bitsmith.primitives import abs_max, group_mask, nearest_grid_codes, to_groups
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
@@ -84,16 +85,22 @@ class GPTQOptions:
         return self.act_order if self.static_groups is None else self.static_groups
 
 
-def layer_error(weight: torch.Tensor, dequant: torch.Tensor, hessian: torch.Tensor, relative: bool = True) -> float:
+def layer_error(weight: torch.Tensor, dequant: torch.Tensor, hessian: torch.Tensor, relative: bool = True,
+                rows: int = 256) -> float:
     """Output reconstruction error ``tr((W - Ŵ) H (W - Ŵ)^T)`` = ``||W X - Ŵ X||^2`` when H = X X^T;
-    divided by ``tr(W H W^T)`` (the output energy) when ``relative``, giving a scale-free figure."""
+    divided by ``tr(W H W^T)`` (the output energy) when ``relative``, giving a scale-free figure.
+    Computed ``rows`` output rows at a time (float64 products and sums), so the temporaries stay
+    small next to an 8960 x 8960 Hessian."""
     h = hessian.float()
-    diff = weight.float() - dequant.float()  # [out, in]
-    err = ((diff @ h).double() * diff.double()).sum().item()
+    err = energy = 0.0
+    for start in range(0, weight.shape[0], rows):
+        w = weight[start : start + rows].float()
+        diff = w - dequant[start : start + rows].float()  # [rows, in]
+        err += ((diff @ h).double() * diff.double()).sum().item()
+        if relative:
+            energy += ((w @ h).double() * w.double()).sum().item()
     if not relative:
         return err
-    w = weight.float()
-    energy = ((w @ h).double() * w.double()).sum().item()
     return err / energy if energy > 0 else (0.0 if err == 0 else float("inf"))
 
 
@@ -153,7 +160,7 @@ def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, perm: torch.Ten
         _, info = torch.linalg.cholesky_ex(h, out=(h, torch.empty((), dtype=torch.int32)))  # in place
         if int(info) == 0:
             upper = _flip_both_(lower_inverse_(h))  # [in, in]
-            if torch.isfinite(upper).all():
+            if math.isfinite(abs_max(upper)):  # no n x n bool temporary
                 return upper
         if attempt < DAMP_RETRIES:
             log.warning("gptq: Hessian not positive definite at damping %.3g; retrying with %.3g", damp, damp * 10)
@@ -192,8 +199,9 @@ def _quantize_column(
 def gptq_walk(
     weight_t: torch.Tensor,
     upper: torch.Tensor,
-    scale_t: torch.Tensor,
-    zero_t: torch.Tensor | None,
+    scale_g: torch.Tensor,
+    zero_g: torch.Tensor | None,
+    group_of: list[int],
     spec: QuantSpec,
     grid: torch.Tensor | None,
     block_size: int,
@@ -201,14 +209,17 @@ def gptq_walk(
     refit_every: int = 0,
 ) -> torch.Tensor:
     """Algorithm 1 on transposed weights (rows are columns, contiguous): weight_t [in, out] in visit
-    order, upper [in, in] the Cholesky factor in the same order, scale_t/zero_t [in, out] per-column
-    parameters. Returns codes [in, out] (long). ``refit(j, rows)``, when given, is called at every
-    column j that is a multiple of ``refit_every`` with the current (error-updated) weights of
-    columns j..j+refit_every [<=refit_every, out] and may overwrite scale_t/zero_t there: that is how
-    dynamic groups are fitted. A block must hold whole groups then."""
-    w_t = weight_t.clone()
+    order, *updated in place* (the caller's copy is the working copy), upper [in, in] the Cholesky
+    factor in the same order, scale_g/zero_g [G, out] per-group parameters and ``group_of[j]`` the
+    group of the j-th visited column. Returns codes [in, out] (uint8). ``refit(j, rows)``, when
+    given, is called at every column j that is a multiple of ``refit_every`` with the current
+    (error-updated) weights of columns j..j+refit_every [<=refit_every, out] and may overwrite
+    scale_g/zero_g of that group: that is how dynamic groups are fitted. A block must hold whole
+    groups then. Memory: per-group parameters and uint8 codes (per-column parameters and int64
+    codes were 5 x the weights' size: 0.9 GB on a 17920 x 1536 stage)."""
+    w_t = weight_t
     n = w_t.shape[0]
-    codes_t = torch.empty(w_t.shape, dtype=torch.long)
+    codes_t = torch.empty(w_t.shape, dtype=torch.uint8)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         block = w_t[i1:i2]  # [B, out], a view: refit sees the in-block updates written back below
@@ -221,7 +232,8 @@ def gptq_walk(
             if refit is not None and col % refit_every == 0:  # a dynamic group starts: its current weights
                 rows = block[j : j + refit_every]  # [gs, out]; still missing this block's earlier errors
                 refit(col, rows - u_block[:j, j : j + refit_every].T @ errs[:j] if j else rows)
-            codes, q = _quantize_column(block[j], scale_t[col], None if zero_t is None else zero_t[col], spec, grid)
+            g = group_of[col]
+            codes, q = _quantize_column(block[j], scale_g[g], None if zero_g is None else zero_g[g], spec, grid)
             codes_t[col] = codes
             errs[j] = (block[j] - q) / u_block[j, j]  # [out]
         if i2 < n:  # lazy batch update of every later column, one GEMM per block
@@ -252,36 +264,38 @@ def gptq(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None,
     perm = torch.argsort(importance, descending=True, stable=True) if opts.act_order else torch.arange(in_features)
     upper = inverse_cholesky(hessian, opts.damp_percent, perm)  # [in, in] in visit order
 
-    # Static groups: parameters from the original weights, in stored order, then permuted per column.
+    # Static groups: parameters from the original weights, in stored order; the walk looks up the
+    # group of each visited column.
     scale, zero = _group_params(weight, spec, importance, grid, steps)  # [out, G, 1]
-    scale_t = expand_groups(scale.squeeze(-1), spec, in_features)[:, perm].T.contiguous()  # [in, out]
-    zero_t = None if zero is None else expand_groups(zero.squeeze(-1), spec, in_features)[:, perm].T.contiguous()
+    scale_g = scale.squeeze(-1).T.contiguous()  # [G, out]
+    zero_g = None if zero is None else zero.squeeze(-1).T.contiguous()
+    width = spec.group_width(in_features)
+    group_of = (perm // width).tolist()
 
     if opts.act_order and not opts.static:
         raise ValueError("gptq: act_order needs static_groups (the stored order must keep contiguous groups)")
-    refit, block_size, width = None, opts.block_size, spec.group_width(in_features)
+    refit, block_size = None, opts.block_size
     if not opts.static and width < in_features:  # dynamic groups: fitted when reached (per-channel: same as static)
         block_size = -(-block_size // width) * width  # whole groups per block
 
-        def refit(col: int, rows: torch.Tensor) -> None:
+        def refit(col: int, rows: torch.Tensor) -> None:  # no act-order here: visit order = stored order
             cols = rows.T.contiguous()  # [out, <=gs], the group's current weights
             one = QuantSpec(spec.bits, None, spec.symmetric, spec.grid)
             s, z = _group_params(cols, one, importance[col : col + cols.shape[1]], grid, steps)  # [out, 1, 1]
-            scale_t[col : col + cols.shape[1]] = s.reshape(1, -1)
-            scale[:, col // width] = s.reshape(-1, 1)
-            if zero_t is not None:
-                zero_t[col : col + cols.shape[1]] = z.reshape(1, -1)
-                zero[:, col // width] = z.reshape(-1, 1)
+            scale_g[col // width] = s.reshape(-1)
+            if zero_g is not None:
+                zero_g[col // width] = z.reshape(-1)
 
-    codes_t = gptq_walk(
-        weight[:, perm].T.contiguous(), upper, scale_t, zero_t, spec, grid, block_size, refit, width
-    )
+    # weight.T[perm]: the visit-order copy in one gather (the walk updates it in place)
+    codes_t = gptq_walk(weight.T[perm].contiguous(), upper, scale_g, zero_g, group_of, spec, grid, block_size, refit, width)
+    del upper
     codes = torch.empty(out_features, in_features, dtype=torch.uint8)
-    codes[:, perm] = codes_t.T.to(torch.uint8)  # back to stored order
+    codes[:, perm] = codes_t.T  # back to stored order
+    scale, zero = scale_g.T, None if zero_g is None else zero_g.T  # [out, G]
     return QuantizedTensor(
         codes=codes,
-        scale=scale.squeeze(-1).half().contiguous(),
-        zero=zero.squeeze(-1).half().contiguous() if spec.has_zero else None,
+        scale=scale.half().contiguous(),
+        zero=zero.half().contiguous() if spec.has_zero else None,
         spec=spec,
         grid=None if grid is None else grid.half(),
     )

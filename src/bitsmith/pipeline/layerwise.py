@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 DEFAULT_SPILL_BYTES = 2 * 1024**3
 DEFAULT_BATCH_SIZE = 8  # sequences per block forward
 DEFAULT_REPLAY_BYTES = 1024**3  # finished sub-modules' outputs kept per block (OutputReplay)
-SHARD_BYTES = 256 * 1024**2  # checkpoint shards: bounds what the writer holds in memory
 AWQ_METHOD = "awq"
 
 
@@ -108,8 +107,7 @@ def quantize_calibrated(
     options = {**config.options, "quantize_head": config.quantize_head, "quantize_embeddings": config.quantize_embeddings,
                "unquantized_dtype": config.unquantized_dtype,
                "calibration": {"samples": shape[0], "seq_len": shape[1], "hash": key["calib"]}}
-    # shards of SHARD_BYTES: the writer holds a shard's tensors until it is full
-    with CheckpointWriter(out_dir, config.method, options, overwrite=overwrite, shard_bytes=SHARD_BYTES) as writer:
+    with CheckpointWriter(out_dir, config.method, options, overwrite=overwrite) as writer:  # streams: holds no tensor
         embed_module = _release_embedding(net)  # needed again only to quantize the head
         head_is_tied = _write_other_tensors(writer, source, net, prefix, config)
         for i in range(state.done):
@@ -261,7 +259,10 @@ def _process_block(
         if config.method == AWQ_METHOD or config.options.get("awq"):
             _apply_awq(block, store, calls, config, batch_size)
         linears = block_linears(block)
-        masters = {rel: lin.weight.detach().float().clone() for rel, lin in linears.items()}  # fp32 [out, in]
+        # fp32 [out, in] masters: the loaded tensors themselves (block.to() below and the dequantized
+        # weights swapped in later replace the modules' references, never these); each is dropped
+        # once its stage is quantized
+        masters = {rel: lin.weight.detach().float() for rel, lin in linears.items()}
         tensors = {f"{block_prefix}.{rel}": _storage(t.detach(), config.unquantized_dtype)
                    for rel, t in block.state_dict().items() if rel.removesuffix(".weight") not in linears}
         block.to(compute_dtype)
@@ -272,7 +273,7 @@ def _process_block(
             stats = _stage_stats(block, linears[stage[0]], store, slices, calls, replay,
                                  stage[0] if len(stage) == 1 else None, hessian_dtype)
             names = [f"{block_prefix}.{rel}" for rel in stage]
-            results = _quantize_stage(names, [masters[rel] for rel in stage], stats, method, config)
+            results = _quantize_stage(names, [masters.pop(rel) for rel in stage], stats, method, config)
             del stats
             _trim_heap()
             for rel, name, (qt, report) in zip(stage, names, results):

@@ -76,13 +76,11 @@ class WorkState:
 
     def commit_block(self, index: int, tensors: dict[str, torch.Tensor], specs: dict[str, dict], reports: list[dict]) -> None:
         """Save block ``index``'s tensors; the caller has made ``inputs_file(index + 1)`` durable."""
-        from safetensors.torch import save_file
-
-        from bitsmith.io.checkpoint import distinct_storage
+        from bitsmith.io.checkpoint import write_safetensors
 
         assert index == self.done, (index, self.done)
         tmp = self.path / f"block-{index:04d}.tmp"
-        save_file(distinct_storage(tensors), str(tmp), metadata={"specs": json.dumps(specs)})
+        write_safetensors(tmp, tensors, {"specs": json.dumps(specs)})
         tmp.replace(self.block_file(index))
         self.done, self.reports = index + 1, [*self.reports, reports]
         self._write_manifest(self.inputs_file(self.done))
