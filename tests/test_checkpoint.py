@@ -173,6 +173,7 @@ def test_write_safetensors_round_trip(tmp_path) -> None:
         "a.f32": base, "b.f16": base.half(), "c.bf16": base.bfloat16(), "d.u8": torch.randint(0, 255, (7,), dtype=torch.uint8),
         "e.i64": torch.arange(5), "f.empty": torch.zeros(0, 3), "g.t": base.T, "h.shared": base[:3],
         "i.bool": torch.tensor([True, False, True]), "j.i32": torch.tensor([[1, -2]], dtype=torch.int32),
+        "k.param": torch.nn.Parameter(torch.ones(2, 3)),
     }
     path = tmp_path / "x.safetensors"
     write_safetensors(path, tensors, {"k": "v"})

@@ -76,7 +76,8 @@ def _safetensors_entry(name: str, t: torch.Tensor, offset: int) -> dict:
 
 def _write_tensor_bytes(f, t: torch.Tensor) -> None:
     if t.numel():
-        f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes, no copy
+        # the tensor's own bytes (no copy for a contiguous CPU tensor)
+        f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _write_safetensors_header(f, header: dict[str, dict], metadata: dict[str, str] | None) -> None:
@@ -158,6 +159,8 @@ class CheckpointWriter:
             self.abort()
 
     def abort(self) -> None:
+        if self._stream is not None:
+            self._stream.file.close()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
