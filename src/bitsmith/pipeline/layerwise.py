@@ -10,8 +10,11 @@ The loop (IST-DASLab/gptq's "catch block-0 inputs, then walk the blocks"):
    quantize, swap the dequantized weights in; then run the quantized block to make the next
    block's inputs; write the block, release its weights.
 
-Peak memory is one block (fp32 master weights plus its compute copy), one stage's Hessian and the
-calibration activations, which spill to a memory-mapped file when larger than ``spill_bytes``.
+Peak memory is one block (fp32 master weights, each dropped once its stage is quantized, plus its
+compute copy), one stage's Hessian with the method's working set (GPTQ: one more n x n matrix and
+the weights in visit order), the replayed outputs (``replay_bytes``) and the calibration
+activations of this block and the next, which spill to a memory-mapped file when larger than
+``spill_bytes``. The checkpoint writer streams every tensor to disk as it comes.
 Every finished block is committed to ``<out>.partial/`` so ``resume=True`` continues bit-identically.
 """
 
