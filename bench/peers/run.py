@@ -45,7 +45,7 @@ def steps(work: Path, model: str, calib_samples: int) -> list[tuple[str, list[st
             out.append((f"llama.cpp {typ}{' + imatrix' if suffix else ''}",
                         [str(HERE / "peer_llamacpp.sh"), str(work), typ, mode], work / f"llamacpp-{typ}{suffix}.gguf", {}))
     bitsmith = [("gptq", "w4g128"), ("gptq", "w4g64"), ("gptq", "w4g32nf"), ("gptq", "w4g32fit"), ("gptq", "w3g64"),
-                ("hqq", "w4g64"), ("rtn", "w4g64")]
+                ("gptq", "w5g32"), ("hqq", "w4g64"), ("rtn", "w4g64")]  # w5g32: 5.5 bits/weight, as Q4_K_M
     for method, spec in bitsmith:
         dest = work / f"bitsmith-{method}-{spec}"
         cmd = [PY, "-m", "bitsmith", "quantize", model, "--method", method, "--spec", spec, "--out", str(dest),
