@@ -83,9 +83,14 @@ def abs_max(t: torch.Tensor) -> float:
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB: 10 log10(|w|^2 / |w - w_hat|^2)."""
-    noise = (reference.double() - approx.double()).pow(2).sum().item()
-    signal = reference.double().pow(2).sum().item()
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|w|^2 / |w - w_hat|^2). Float64 sums over
+    slices of ~1M elements (whole-tensor float64 copies of a 1536 x 8960 layer were ~0.3 GB)."""
+    ref, app = reference.reshape(-1), approx.reshape(-1)
+    noise = signal = 0.0
+    for i in range(0, ref.numel(), 1 << 20):
+        r = ref[i : i + (1 << 20)].double()
+        noise += (r - app[i : i + (1 << 20)].double()).pow(2).sum().item()
+        signal += r.pow(2).sum().item()
     if noise == 0:
         return math.inf
     return 10 * math.log10(signal / noise)
