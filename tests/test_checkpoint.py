@@ -185,3 +185,37 @@ def test_write_safetensors_round_trip(tmp_path) -> None:
         for name, t in tensors.items():
             got = f.get_tensor(name)
             assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+
+
+def test_writer_streams_shards_and_reads_back(tmp_path: Path) -> None:
+    """Small shards: tensors and quantized layers spread over several files, each closed when the
+    next tensor would overflow it (an oversized tensor gets a shard of its own); the index maps
+    every name; nothing but finished shards is left; a name written twice is an error."""
+    import json as _json
+
+    from safetensors import safe_open
+
+    from bitsmith.io.checkpoint import CheckpointWriter
+
+    g = torch.Generator().manual_seed(1)
+    plain = {f"t{i}": torch.randn(10, 50, generator=g) for i in range(5)}  # 2,000 bytes each
+    plain["big"] = torch.randn(30, 100, generator=g)  # 12,000 bytes: over the shard size
+    qt = get_method("rtn")(torch.randn(16, 64, generator=g), QuantSpec.parse("w4g32"), None, {})
+    with CheckpointWriter(tmp_path / "ck", "rtn", {}, shard_bytes=5000) as writer:
+        for name, t in plain.items():
+            writer.add_tensor(name, t)
+        writer.add_quantized("layer", qt)
+        for name in ("layer.scale", "t0"):  # in the open shard, in a closed one
+            with pytest.raises(CheckpointError, match="written twice"):
+                writer.add_tensor(name, torch.zeros(1))
+        out = writer.finish({})
+    files = sorted(p.name for p in out.iterdir())
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) >= 4 and not [f for f in files if f.endswith(".data")]
+    weight_map = _json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    for name, t in plain.items():
+        with safe_open(str(out / weight_map[name]), "pt") as f:
+            assert torch.equal(f.get_tensor(name), t)
+    with safe_open(str(out / weight_map["layer.qweight"]), "pt") as f:
+        assert torch.equal(f.get_tensor("layer.qweight"), qt.to_state("layer")["layer.qweight"])
+    assert read_info(out).specs["layer"] == QuantSpec.parse("w4g32")

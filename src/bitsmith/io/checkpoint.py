@@ -179,6 +179,8 @@ class CheckpointWriter:
             if self._stream is None:
                 self._stream = _ShardStream(self.tmp_dir / f"shard-{len(self._shards):05d}.safetensors")
             for name, t in tensors.items():
+                if any(name in names for _, names in self._shards):
+                    raise CheckpointError(f"tensor {name} was written twice")
                 self._stream.add(name, t)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
