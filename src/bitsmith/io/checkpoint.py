@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,8 +58,17 @@ class CheckpointInfo:
     report: dict = field(default_factory=dict)
 
 
-def _disk_full_error(path: Path, exc: OSError) -> CheckpointError:
-    return CheckpointError(f"no space left on the device while writing {path}; free some space or choose another --out ({exc.strerror})")
+@contextmanager
+def _disk_full_as_error(path: Path):
+    """A full disk while writing ``path`` becomes a CheckpointError that says so."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise CheckpointError(
+                f"no space left on the device while writing {path}; free some space or choose another --out ({exc.strerror})"
+            ) from exc
+        raise
 
 
 SAFETENSORS_DTYPES = {
@@ -120,8 +130,6 @@ class _ShardStream:
         self.size = 0
 
     def add(self, name: str, t: torch.Tensor) -> None:
-        if name in self.header:
-            raise CheckpointError(f"tensor {name} was written twice")
         self.header[name] = _safetensors_entry(name, t, self.size)
         _write_tensor_bytes(self.file, t)
         self.size = self.header[name]["data_offsets"][1]
@@ -149,6 +157,7 @@ class CheckpointWriter:
         self.specs: dict[str, dict] = {}
         self._stream: _ShardStream | None = None  # the shard being written
         self._pending_specs: dict[str, dict] = {}
+        self._names: set[str] = set()  # every tensor written so far, all shards
         self._shards: list[tuple[str, list[str]]] = []  # temp file name, tensor names
 
     def __enter__(self) -> "CheckpointWriter":
@@ -172,36 +181,32 @@ class CheckpointWriter:
     def _add(self, tensors: dict[str, torch.Tensor], specs: dict[str, dict] | None = None) -> None:
         """Write ``tensors`` to the current shard at once (the writer keeps no tensor); a shard is
         closed when the next tensors would take it past ``shard_bytes``, or when it is full."""
+        twice = self._names.intersection(tensors)
+        if twice:
+            raise CheckpointError(f"tensor {sorted(twice)[0]} was written twice")
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if self._stream is not None and self._stream.size and self._stream.size + size > self.shard_bytes:
             self._flush()
-        try:
-            if self._stream is None:
-                self._stream = _ShardStream(self.tmp_dir / f"shard-{len(self._shards):05d}.safetensors")
+        stream = self._open_stream()
+        with _disk_full_as_error(stream.path):
             for name, t in tensors.items():
-                if any(name in names for _, names in self._shards):
-                    raise CheckpointError(f"tensor {name} was written twice")
-                self._stream.add(name, t)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise _disk_full_error(self._stream.path if self._stream else self.tmp_dir, exc) from exc
-            raise
+                stream.add(name, t)
+        self._names.update(tensors)
         self._pending_specs.update(specs or {})
-        if self._stream.size >= self.shard_bytes:  # full: close it now, not when the next tensor comes
+        if stream.size >= self.shard_bytes:  # full: close it now, not when the next tensor comes
             self._flush()
 
-    def _flush(self) -> None:
+    def _open_stream(self) -> _ShardStream:
         if self._stream is None:
             self._stream = _ShardStream(self.tmp_dir / f"shard-{len(self._shards):05d}.safetensors")
-        stream, self._stream = self._stream, None
+        return self._stream
+
+    def _flush(self) -> None:
+        stream, self._stream = self._open_stream(), None
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "quantization": json.dumps({"method": self.method, "options": self.options, "tensors": self._pending_specs})}
-        try:
+        with _disk_full_as_error(stream.path):
             stream.close(meta)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise _disk_full_error(stream.path, exc) from exc
-            raise
         self._shards.append((stream.path.name, list(stream.header)))
         self.specs.update(self._pending_specs)
         self._pending_specs = {}
