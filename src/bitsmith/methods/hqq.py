@@ -63,6 +63,7 @@ from bitsmith.methods.rtn import (
     fit_group_ranges,
     grid_for,
     quantize_with_params,
+    row_slices,
 )
 from bitsmith.primitives import group_mask, nearest_grid_codes, to_groups
 from bitsmith.spec import QuantSpec
@@ -273,9 +274,8 @@ def hqq(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, 
     opts = replace(opts, clip_init=clip_init, keep_extremes=keep)
     steps = DEFAULT_CLIP_GRID if clip_init else 0
     scales, zeros = [], []
-    rows = max(1, ROW_CHUNK_WEIGHTS // in_features)
-    for start in range(0, groups.shape[0], rows):  # groups are independent: chunks stay in cache
-        chunk = groups[start : start + rows]  # [rows, G, gs]
+    for rows in row_slices(groups, ROW_CHUNK_WEIGHTS):  # groups are independent: chunks stay in cache
+        chunk = groups[rows]  # [rows, G, gs]
         if grid is not None:
             scale, zero = fit_grid_scales(chunk, grid, mask, weights, steps), None
         else:

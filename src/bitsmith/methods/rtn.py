@@ -29,10 +29,11 @@ MIN_SHRINK = 0.6
 SEARCH_CHUNK = 1 << 22  # weights per slice of rows in the searches: bounds their temporaries (16 MB each)
 
 
-def _row_slices(groups: torch.Tensor) -> list[slice]:
-    """Slices of output rows, about SEARCH_CHUNK weights each. Rows are independent in every search,
-    so slicing changes no result; it keeps a 17920 x 1536 search from making ~110 MB temporaries."""
-    rows = max(1, SEARCH_CHUNK // max(1, groups[0].numel()))
+def row_slices(groups: torch.Tensor, weights_per_slice: int = SEARCH_CHUNK) -> list[slice]:
+    """Slices of the output rows of groups [out, G, gs], about ``weights_per_slice`` weights each.
+    Rows are independent in every search, so slicing changes no result; it keeps a 17920 x 1536
+    search from making ~110 MB temporaries."""
+    rows = max(1, weights_per_slice // max(1, groups[0].numel()))
     return [slice(i, i + rows) for i in range(0, groups.shape[0], rows)]
 
 
@@ -50,7 +51,7 @@ def fit_group_ranges(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick per-group (scale, zero) [out, G, 1]: plain min/max when grid == 0, else the shrink factor
     with the least (weighted) squared error."""
-    if grid > 0 and groups.shape[0] > 1 and len(slices := _row_slices(groups)) > 1:
+    if grid > 0 and groups.shape[0] > 1 and len(slices := row_slices(groups)) > 1:
         parts = [fit_group_ranges(groups[sl], spec, mask, weights, grid) for sl in slices]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     lo = groups.amin(dim=-1, keepdim=True)
@@ -80,7 +81,7 @@ def fit_grid_scales(
     """Per-group signed scale [out, G, 1] for a non-uniform grid: map the group's extreme weight
     onto either end of the grid (a negative scale mirrors an asymmetric grid), times a shrink factor,
     keeping the candidate with the least (weighted) squared error (as IQ4_NL's scale search)."""
-    if groups.shape[0] > 1 and len(slices := _row_slices(groups)) > 1:
+    if groups.shape[0] > 1 and len(slices := row_slices(groups)) > 1:
         return torch.cat([fit_grid_scales(groups[sl], grid, mask, weights, steps) for sl in slices])
     extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))  # [out, G, 1], signed
     extreme = torch.where(extreme == 0, torch.ones_like(extreme), extreme)
