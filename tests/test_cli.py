@@ -91,3 +91,19 @@ def test_default_method_is_hqq_without_calibration_and_gptq_with_it(tmp_path) ->
     assert default_method(argparse.Namespace(method=None, calib=None)) == "hqq"
     assert default_method(argparse.Namespace(method=None, calib=tmp_path / "c.txt")) == "gptq"
     assert default_method(argparse.Namespace(method="rtn", calib=tmp_path / "c.txt")) == "rtn"
+
+
+def test_compute_dtype_auto_follows_the_cpu(monkeypatch) -> None:
+    """--compute-dtype auto: bf16 only where the CPU multiplies bf16 natively; explicit choices win."""
+    import torch
+
+    from bitsmith.cli.quantize import compute_dtype
+
+    for avx512_bf16, amx, expected in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                       (False, False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert compute_dtype("auto") == expected
+        assert compute_dtype("fp32") == torch.float32 and compute_dtype("bf16") == torch.bfloat16
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert compute_dtype("auto") == torch.float32  # an older torch without the helper: the safe choice
