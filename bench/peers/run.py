@@ -45,7 +45,9 @@ def steps(work: Path, model: str, calib_samples: int) -> list[tuple[str, list[st
             out.append((f"llama.cpp {typ}{' + imatrix' if suffix else ''}",
                         [str(HERE / "peer_llamacpp.sh"), str(work), typ, mode], work / f"llamacpp-{typ}{suffix}.gguf", {}))
     bitsmith = [("gptq", "w4g128"), ("gptq", "w4g64"), ("gptq", "w4g32nf"), ("gptq", "w4g32fit"), ("gptq", "w3g64"),
-                ("gptq", "w5g32"), ("hqq", "w4g64"), ("rtn", "w4g64")]  # w5g32: 5.5 bits/weight, as Q4_K_M
+                ("gptq", "w5g32"), ("hqq", "w4g64"), ("hqq", "w4g32"), ("rtn", "w4g64")]
+    # w5g32: 5.5 bits/weight, as Q4_K_M; hqq w4g32 (5.0): this package's SmolLM2 is 4-bit codes in groups
+    # of 32 with a float minimum, a grid HQQ's float zeros can find again (a trivially exact case)
     for method, spec in bitsmith:
         dest = work / f"bitsmith-{method}-{spec}"
         cmd = [PY, "-m", "bitsmith", "quantize", model, "--method", method, "--spec", spec, "--out", str(dest),
