@@ -45,9 +45,10 @@ def steps(work: Path, model: str, calib_samples: int) -> list[tuple[str, list[st
             out.append((f"llama.cpp {typ}{' + imatrix' if suffix else ''}",
                         [str(HERE / "peer_llamacpp.sh"), str(work), typ, mode], work / f"llamacpp-{typ}{suffix}.gguf", {}))
     bitsmith = [("gptq", "w4g128"), ("gptq", "w4g64"), ("gptq", "w4g32nf"), ("gptq", "w4g32fit"), ("gptq", "w3g64"),
-                ("gptq", "w5g32"), ("hqq", "w4g64"), ("hqq", "w4g32"), ("rtn", "w4g64")]
-    # w5g32: 5.5 bits/weight, as Q4_K_M; hqq w4g32 (5.0): this package's SmolLM2 is 4-bit codes in groups
-    # of 32 with a float minimum, a grid HQQ's float zeros can find again (a trivially exact case)
+                ("gptq", "w5g64"), ("gptq", "w5g32"), ("hqq", "w4g64"), ("hqq", "w4g32"), ("rtn", "w4g64")]
+    # w5g64: 5.5 bits/weight (5 + 32 bits of scale and zero per 64), Q4_K_M's 5.53 here; w5g32 is 6.0;
+    # hqq w4g32 (5.0): this package's SmolLM2 is 4-bit codes in groups of 32 with a float minimum, a
+    # grid HQQ's float zeros can find again (a trivially exact case)
     for method, spec in bitsmith:
         dest = work / f"bitsmith-{method}-{spec}"
         cmd = [PY, "-m", "bitsmith", "quantize", model, "--method", method, "--spec", spec, "--out", str(dest),
@@ -118,7 +119,7 @@ def score(work: Path, model: str, facts: dict, names: list[str], max_windows: in
     reference = load_model(work / "reference")
     text = shipped_text()[:60_000]
     wins = text_windows(reference.tokenizer, text, 512, max_windows)
-    rows = []
+    rows, ref_ppl = [], float("nan")  # nan until a row scores (every step may have failed)
     for name in names:
         fact = facts.get(name)
         if fact is None:
