@@ -63,8 +63,6 @@ def compute_dtype(choice: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from bitsmith.calib import CalibrationConfig
     from bitsmith.cli.common import console, dir_size_mb, out, progress_bar
     from bitsmith.pipeline.quantize import CALIBRATED_METHODS, QuantizeConfig, quantize_model
