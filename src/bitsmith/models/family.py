@@ -28,6 +28,7 @@ __all__ = [
     "FUSED_DECODE_TYPES",
     "GENERIC",
     "GGUF_ARCHES",
+    "GGUF_PRE_TOKENIZERS",
     "HEAD_MODULE",
     "HEAD_WEIGHT",
     "LINEAR_ORDER",
@@ -171,6 +172,10 @@ GGUF_ARCHES: Mapping[str, GGUFArch] = MappingProxyType(
 )
 MODEL_TYPE_TO_GGUF_ARCH: Mapping[str, str] = MappingProxyType(
     {f.model_type: f.gguf_arch for f in FAMILIES if f.gguf_arch is not None}
+)
+# HF model_type -> llama.cpp tokenizer.ggml.pre, for the families that have a name of their own.
+GGUF_PRE_TOKENIZERS: Mapping[str, str] = MappingProxyType(
+    {f.model_type: f.gguf_pre_tokenizer for f in FAMILIES if f.gguf_pre_tokenizer != "default"}
 )
 # model_types that infer.lean's generic forward knows.
 FUSED_DECODE_TYPES: frozenset[str] = frozenset(f.model_type for f in FAMILIES if f.fused_decode)
