@@ -12,7 +12,7 @@ execution order of a block's linears (:data:`LINEAR_ORDER`) and the groups AWQ s
 (:data:`AWQ_GROUPS`). Finding the decoder blocks needs no table at all (see
 :func:`bitsmith.models.arch.find_blocks`).
 
-Adding a family is adding one :class:`Family` line; nothing else in the code names families.
+Adding a family is adding one :class:`Family` line; other packages read family facts only from here.
 """
 from __future__ import annotations
 
