@@ -1,10 +1,10 @@
-"""Helpers shared by the subcommands: error reporting, progress bars, number formatting."""
+"""Helpers shared by the subcommands: error reporting, progress bars, number formatting, JSON output."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -53,3 +53,28 @@ def dir_size_mb(path) -> float:
     if p.is_file():
         return p.stat().st_size / 1e6
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 1e6
+
+
+def timed_progress(bar: Progress, task: Any) -> Callable[[int, int], None]:
+    """A progress callback that shows tokens/s."""
+    import time
+
+    start = time.perf_counter()
+
+    def update(done: int, total: int) -> None:
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tok/s")
+
+    return update
+
+
+def write_json(dest: str, payload: Any) -> None:
+    """JSON to a file, or to stdout for '-'."""
+    import json
+
+    text = json.dumps(payload)
+    if dest == "-":
+        print(text)
+    else:
+        with open(dest, "w", encoding="utf-8") as f:
+            f.write(text + "\n")

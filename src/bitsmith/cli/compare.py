@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-MAX_CHARS = 60_000  # bitsmith.eval.domains.MAX_CHARS, repeated so --help imports nothing heavy
+from bitsmith.cli.textargs import add_cache_arguments, add_window_arguments
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,90 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("b", metavar="B", help="second model, with the same tokenizer")
     p.add_argument("--text", action="append", metavar="[NAME=]PATH", help="a domain: built-in prose, code, humaneval, stdlib, or a file/folder; repeat for several (default: prose and code)")
     p.add_argument("--reference", help="the unquantized model (default: the source named in a checkpoint, else A)")
-    from bitsmith.cli.eval import add_cache_arguments
-
     add_cache_arguments(p)
-    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows of each domain")
-    p.add_argument("--max-chars", type=int, default=MAX_CHARS, help=f"use the first N characters of each text (default {MAX_CHARS:,}, as PROTOCOL.md)")
+    add_window_arguments(p, "domain")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT ('-' for stdout)")
     p.add_argument("--report", metavar="DIR", help="write report.md, report.json and plots into DIR (runs accumulate)")
     p.set_defaults(run=run)
-
-
-def checkpoint_source(loaded: Any) -> str | None:
-    """The model a bitsmith checkpoint was quantized from, when its report names one that exists."""
-    source = (loaded.info.report or {}).get("source") if loaded.info is not None else None
-    return source if source and Path(source).exists() else None
-
-
-def variant_info(name: str, loaded: Any) -> Any:
-    """What a report says about a model: spec, bits/weight of its quantized layers, per-layer error."""
-    from bitsmith.eval.report import VariantInfo
-
-    path = str(loaded.source.path)
-    if loaded.info is not None:
-        report = loaded.info.report or {}
-        layers = tuple({k: l.get(k) for k in ("name", "spec", "bits_per_weight", "sqnr_db")} for l in report.get("layers", ()))
-        return VariantInfo(name, path, report.get("spec"), report.get("bits_per_weight"), layers)
-    if loaded.source.kind == "gguf":
-        from bitsmith.io.inspect import inspect_path
-
-        try:
-            found = inspect_path(path)
-        except ValueError:
-            return VariantInfo(name, path)
-        return VariantInfo(name, path, found.summary, found.total_bits_per_weight(only_quantized=True))
-    return VariantInfo(name, path)
-
-
-def report_notes(*models: Any) -> tuple[str, ...]:
-    """The PROTOCOL.md caveat whenever a real (dequantized GGUF) model is involved."""
-    from bitsmith.eval.report import CAVEAT_DEQUANTIZED_GGUF
-
-    def from_gguf(m: Any) -> bool:
-        src = (m.info.report or {}).get("source", "") if m.info is not None else ""
-        return m.source.kind == "gguf" or str(src).lower().endswith(".gguf")
-
-    return (CAVEAT_DEQUANTIZED_GGUF,) if any(from_gguf(m) for m in models if m is not None) else ()
-
-
-def _bar_per_label(bar: Any) -> Any:
-    """A progress callback ``(label, done, total)`` that gives each label its own timed task on ``bar``."""
-    from bitsmith.cli.eval import timed_progress
-
-    callbacks: dict[str, Any] = {}
-
-    def progress(label: str, done: int, total: int) -> None:
-        if label not in callbacks:
-            callbacks[label] = timed_progress(bar, bar.add_task(label, total=total, rate=""))
-        callbacks[label](done, total)
-
-    return progress
-
-
-def evaluate_cli(reference: Any, variants: dict[str, Any], tokenizer: Any, domains: list, ctx: int, max_windows: int | None) -> dict:
-    """Per-domain evaluation with a progress bar showing tokens/s."""
-    from bitsmith.cli.common import progress_bar
-    from bitsmith.eval.domains import evaluate_domains
-
-    with progress_bar() as bar:
-        return evaluate_domains(reference, variants, tokenizer, domains, ctx, max_windows, _bar_per_label(bar))
-
-
-def evaluate_cli_cached(cache_dir: str, reference_path: str | None, load_reference: Any, variants: dict[str, Any],
-                        tokenizer: Any, domains: list, ctx: int, max_windows: int | None, k: int) -> tuple[dict, dict]:
-    """:func:`bitsmith.eval.domains.evaluate_domains_cached` with a progress bar; says per domain
-    whether the cache was built or reused."""
-    from bitsmith.cli.common import out, progress_bar
-    from bitsmith.eval.domains import evaluate_domains_cached
-
-    with progress_bar() as bar:
-        results, info = evaluate_domains_cached(cache_dir, reference_path, load_reference, variants, tokenizer,
-                                                domains, ctx, max_windows, k, _bar_per_label(bar))
-    for d in domains:
-        out.print(f"reference cache for {d.name}: {info[d.name]} ({cache_dir}, top-{info['k']}, KL is a lower bound)", markup=False)
-    return results, info
 
 
 def print_tables(rows: dict[str, dict[str, dict[str, Any]]]) -> None:
@@ -126,7 +47,7 @@ def print_tables(rows: dict[str, dict[str, dict[str, Any]]]) -> None:
 
 def _pick_reference(args: argparse.Namespace, a: Any, b: Any) -> tuple[Any | None, str]:
     """(loaded reference or None when it is A itself, its path)."""
-    from bitsmith.cli.eval import check_same_tokenizer
+    from bitsmith.cli.scoring import check_same_tokenizer, checkpoint_source
     from bitsmith.io.load import load_model
 
     path = args.reference or checkpoint_source(a) or checkpoint_source(b)
@@ -144,8 +65,11 @@ def _self_row(ref: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitsmith.cli.common import out
-    from bitsmith.cli.eval import check_same_tokenizer, write_json
+    from bitsmith.cli.common import out, write_json
+    from bitsmith.cli.scoring import (
+        check_same_tokenizer, checkpoint_source, evaluate_cli, evaluate_cli_cached, report_notes, source_path,
+        variant_info,
+    )
     from bitsmith.eval.domains import domain_metrics, resolve_domains, verdict
     from bitsmith.eval.report import Run, write_report
     from bitsmith.io.load import load_model
@@ -155,8 +79,6 @@ def run(args: argparse.Namespace) -> int:
     check_same_tokenizer(a, b)
     kl = "exact"
     if args.reference_cache:
-        from bitsmith.cli.eval import source_path
-
         ref_path = args.reference or checkpoint_source(a) or checkpoint_source(b) or a.name
         is_a = Path(source_path(ref_path)).resolve() == Path(a.name).resolve()
         reference = None  # never kept loaded: the cache stands for it

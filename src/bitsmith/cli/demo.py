@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from bitsmith.cli.common import console, dir_size_mb, fmt, out, progress_bar
-    from bitsmith.cli.eval import timed_progress
+    from bitsmith.cli.common import timed_progress
     from bitsmith.eval.suite import evaluate_variants, shipped_text, text_windows
     from bitsmith.infer.generate import generate
     from bitsmith.io.load import load_model

@@ -69,7 +69,7 @@ def resolve_shape(model: str) -> ArchShape:
     """A local folder / config.json / .gguf file, else a bitsmith alias whose GGUF file is installed
     (its real metadata), else a catalog name."""
     from bitsmith.models.aliases import ALIASES, resolve_alias
-    from bitsmith.models.sources import ModelSourceError
+    from bitsmith.models.errors import ModelSourceError
 
     path = Path(model).expanduser()
     if path.exists():

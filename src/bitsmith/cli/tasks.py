@@ -41,8 +41,7 @@ def print_reasoning(probe) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitsmith.cli.common import out, progress_bar
-    from bitsmith.cli.eval import write_json
+    from bitsmith.cli.common import out, progress_bar, write_json
     from bitsmith.eval.tasks import has_chat_template, make_complete, run_tasks
     from bitsmith.io.load import load_model
 

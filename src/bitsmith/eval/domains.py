@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from bitsmith.eval.metrics import EvalResult
+from bitsmith.eval.protocol import MAX_CHARS
 
 __all__ = ["Domain", "DEFAULT_DOMAINS", "BUILTIN_DOMAINS", "MAX_CHARS", "builtin_domain",
            "resolve_domains", "text_from_path", "evaluate_domains", "evaluate_domains_cached", "domain_metrics", "verdict"]
 
 log = logging.getLogger(__name__)
 
-MAX_CHARS = 60_000  # PROTOCOL.md: the first 60,000 characters of each dev text
 DEFAULT_DOMAINS = ("prose", "code")
 BUILTIN_DOMAINS = ("prose", "code", "humaneval", "stdlib")
 # Pure-Python standard library modules with ordinary code (no generated tables), in this order.

@@ -47,12 +47,13 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from bitsmith.models.family import FUSED_DECODE_TYPES
 
 __all__ = ["LeanRunner", "LeanUnsupported", "lean_plan", "lean_runner", "SUPPORTED_MODEL_TYPES"]
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "gemma3_text"})
+SUPPORTED_MODEL_TYPES = FUSED_DECODE_TYPES  # the family table's fused_decode entries
 _ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})  # cos/sin independent of sequence length
 _LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm",
                    "pre_feedforward_layernorm", "post_feedforward_layernorm"}

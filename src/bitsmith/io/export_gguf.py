@@ -40,6 +40,7 @@ import torch
 
 from bitsmith.formats.ggml_kquants import half_bytes
 from bitsmith.formats.ggml_types import pack_legacy, decode, encode, get_type
+from bitsmith.models.family import GGUF_PRE_TOKENIZERS, MODEL_TYPE_TO_GGUF_ARCH
 from bitsmith.primitives import sqnr_db
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
@@ -47,10 +48,9 @@ from bitsmith.tensor import QuantizedTensor
 log = logging.getLogger(__name__)
 
 # HF model_type -> GGUF architecture (names as llama.cpp spells them)
-MODEL_TYPE_TO_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-                      "gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3"}
+MODEL_TYPE_TO_ARCH = MODEL_TYPE_TO_GGUF_ARCH  # both from the family table (models.family)
 # llama.cpp's tokenizer.ggml.pre names for BPE vocabularies, by model_type (else "default")
-PRE_TOKENIZER = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe"}
+PRE_TOKENIZER = GGUF_PRE_TOKENIZERS
 _SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 
 

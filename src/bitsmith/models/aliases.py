@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from bitsmith.models.sources import ModelSourceError
+from bitsmith.models.errors import ModelSourceError
 
 log = logging.getLogger(__name__)
 

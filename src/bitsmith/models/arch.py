@@ -2,7 +2,8 @@
 
 Nothing here knows a model family. The decoder blocks are the longest ``ModuleList`` of
 identically-typed modules; the linears of a block are put in execution order by a small table of
-name patterns (attention q, k, v, o, then mlp gate, up, down), falling back to module order.
+name patterns (:data:`bitsmith.models.family.LINEAR_ORDER`: attention q, k, v, o, then mlp gate,
+up, down), falling back to module order.
 """
 from __future__ import annotations
 
@@ -13,29 +14,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from bitsmith.models.sources import ModelSource, ModelSourceError, _causal_lm_class
+from bitsmith.models.errors import ModelSourceError
+from bitsmith.models.family import ATTENTION_HINT, LINEAR_ORDER
+from bitsmith.models.hf import causal_lm_class
+from bitsmith.models.sources import ModelSource
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 log = logging.getLogger(__name__)
-
-# Execution order of a block's linears: the first pattern that matches the last name component
-# (or the whole relative name) gives the rank; unmatched linears keep module order after these.
-LINEAR_ORDER: tuple[str, ...] = (
-    r"(q_proj|query|wq|q)$",
-    r"(k_proj|key|wk|k)$",
-    r"(v_proj|value|wv|v)$",
-    r"(qkv_proj|query_key_value|c_attn|wqkv)$",
-    r"(o_proj|out_proj|dense|wo|c_proj)$",
-    r"(gate_proj|w1|gate)$",
-    r"(up_proj|w3|up|fc1|c_fc|dense_h_to_4h)$",
-    r"(gate_up_proj)$",
-    r"(down_proj|w2|down|fc2|dense_4h_to_h)$",
-)
-_ATTENTION_HINT = re.compile(r"attn|attention")
-
 
 @contextmanager
 def _parameters_on_meta() -> Iterator[None]:
@@ -80,7 +68,7 @@ def build_model(
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if dtype is None else dtype
-    _causal_lm_class(source.config)  # a clear error for an unsupported architecture
+    causal_lm_class(source.config)  # a clear error for an unsupported architecture
     config = copy.deepcopy(source.config)  # from_config writes into the config it is given
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -185,7 +173,7 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
         for r, pattern in enumerate(LINEAR_ORDER):
             if re.search(pattern, last):
                 # one-letter names (q, k, v) only count inside an attention module
-                if len(last) > 1 or _ATTENTION_HINT.search(name):
+                if len(last) > 1 or ATTENTION_HINT.search(name):
                     return (0, r, position)
         return (1, 0, position)
 

@@ -3,7 +3,8 @@
 Three things the llama.cpp converter (``convert_hf_to_gguf.py``) does to weights are undone here:
 names are renamed (``blk.N.attn_q.weight``), q/k projection rows of the llama family are permuted
 (``w.reshape(n_head, 2, d/2, ...).swapaxes(1, 2)``, interleaving rotary halves), and Gemma RMSNorm
-weights are stored as ``1 + w``. Each is a data entry in :data:`GGUF_ARCHES`, not code per model.
+weights are stored as ``1 + w``. Each is a field of the family table's GGUF layouts
+(:data:`bitsmith.models.family.GGUF_ARCHES`), not code per model.
 
 The header is scanned by :func:`read_gguf_header` rather than ``gguf.GGUFReader``: the reader
 builds a numpy view per vocabulary string and takes 10+ s on a 262k-token vocabulary, the scan
@@ -18,12 +19,16 @@ import logging
 import os
 import shutil
 import struct
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bitsmith.models.sources import ModelSource, ModelSourceError, _mb, _set_offline
+from bitsmith.models.aliases import cache_dir
+from bitsmith.models.errors import ModelSourceError
+from bitsmith.models.errors import mb as _mb  # the name the header scan below uses
+from bitsmith.models.family import GGUF_ARCHES, HEAD_WEIGHT, GGUFArch
+from bitsmith.models.hf import causal_lm_class, set_offline
+from bitsmith.models.sources import ModelSource
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,48 +41,6 @@ DEQUANT_CHUNK = 1 << 22  # values per dequantization slice (16 MB of float32)
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-
-_LLAMA_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GEMMA_BLOCK = {
-    **_LLAMA_BLOCK,
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-}
-_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-
-@dataclass(frozen=True)
-class GGUFArch:
-    """How one GGUF architecture's tensors map back to the Hugging Face model."""
-
-    block: Mapping[str, str]  # GGUF block tensor stem -> HF name inside model.layers.N
-    top: Mapping[str, str] = field(default_factory=lambda: dict(_TOP))
-    permute_qk: bool = False  # the converter interleaved q/k rows for rotary (llama family)
-    norm_offset: float = 0.0  # the converter stored norm weights as offset + w
-    ignore: frozenset[str] = frozenset({"rope_freqs"})  # GGUF-only tensors, no HF parameter
-
-
-GGUF_ARCHES: dict[str, GGUFArch] = {
-    "llama": GGUFArch(_LLAMA_BLOCK, permute_qk=True),
-    "qwen2": GGUFArch(_LLAMA_BLOCK),
-    "qwen3": GGUFArch({**_LLAMA_BLOCK, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}),
-    "gemma2": GGUFArch(_GEMMA_BLOCK, norm_offset=1.0),
-    "gemma3": GGUFArch(_GEMMA_BLOCK, norm_offset=1.0),
-}
-
 
 # ------------------------------------------------------------------------------ header scanning
 
@@ -239,8 +202,8 @@ class GGUFStore:
         if arch is None:
             raise ModelSourceError(
                 f"{path.name} has GGUF architecture {arch_name!r}, not supported yet "
-                f"(supported: {', '.join(sorted(GGUF_ARCHES))}); add its name table to "
-                "GGUF_ARCHES in bitsmith/models/gguf_source.py"
+                f"(supported: {', '.join(sorted(GGUF_ARCHES))}); add its entry to "
+                "FAMILIES in bitsmith/models/family.py"
             )
         self.arch: GGUFArch = arch
         n_head = header.metadata.get(f"{arch_name}.attention.head_count", 0)
@@ -354,15 +317,13 @@ def open_gguf(path: Path) -> ModelSource:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(meta_dir), local_files_only=True)
-    if "lm_head.weight" not in store.names():
+    if HEAD_WEIGHT not in store.names():
         config.tie_word_embeddings = True  # the file has no output.weight: the head is the embedding
     return ModelSource(path=path, config=config, kind="gguf", store=store, tokenizer_dir=meta_dir)
 
 
 def _meta_folder(path: Path) -> Path:
     """A cached HF folder with the config and tokenizer transformers derives from the GGUF."""
-    from bitsmith.models.aliases import cache_dir
-
     stat = path.stat()
     key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     folder = cache_dir() / "gguf-meta" / f"{path.stem}-{key}"
@@ -384,10 +345,8 @@ def _meta_folder(path: Path) -> Path:
 
 
 def _convert_meta(path: Path) -> tuple[PretrainedConfig, Any]:
-    _set_offline()
+    set_offline()
     from transformers import AutoConfig, AutoTokenizer
-
-    from bitsmith.models.sources import _causal_lm_class
 
     log.info("reading config and tokenizer of %s (first use; cached afterwards)", path.name)
     kwargs = {"gguf_file": path.name, "local_files_only": True}
@@ -398,7 +357,7 @@ def _convert_meta(path: Path) -> tuple[PretrainedConfig, Any]:
             f"transformers cannot read the config of {path.name} ({err}); "
             "upgrade transformers or use a GGUF of a supported architecture"
         ) from err
-    _causal_lm_class(config)
+    causal_lm_class(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
     except (ValueError, KeyError, OSError) as err:

@@ -1,5 +1,9 @@
 """Model sources: one interface over a Hugging Face folder, a GGUF file, or a named alias.
 
+This module holds the interface and the Hugging Face folder source; GGUF files are in
+:mod:`bitsmith.models.gguf_source`, aliases in :mod:`bitsmith.models.aliases`, and
+:func:`bitsmith.models.open.open_source` picks one for a model argument.
+
 A :class:`ModelSource` hands out tensors one at a time, by their Hugging Face name, as float32 in
 Hugging Face layout (``[out, in]`` for linears), read lazily from memory-mapped files, so a model
 larger than RAM can be walked block by block. Every file is checked against its own header before
@@ -11,12 +15,14 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from bitsmith.models.errors import ModelSourceError, mb
+from bitsmith.models.hf import causal_lm_class, set_offline
 
 if TYPE_CHECKING:
     import torch
@@ -28,10 +34,6 @@ INDEX_FILE = "model.safetensors.index.json"
 # Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 EXTRA_HF_FILES = ("generation_config.json",)
-
-
-class ModelSourceError(ValueError):
-    """A model folder or file that cannot be used; the message names the fix."""
 
 
 class TensorStore(Protocol):
@@ -86,7 +88,7 @@ class ModelSource:
     def tokenizer(self) -> Any:
         """A transformers tokenizer, loaded offline (from the folder or the GGUF metadata)."""
         if self._tokenizer is None:
-            _set_offline()
+            set_offline()
             from transformers import AutoTokenizer
 
             folder = self.tokenizer_dir or self.path
@@ -108,7 +110,7 @@ class ModelSource:
         out_dir.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(self.config)
         if not getattr(config, "architectures", None):
-            config.architectures = [_causal_lm_class(config).__name__]
+            config.architectures = [causal_lm_class(config).__name__]
         config.save_pretrained(str(out_dir))
         self.tokenizer().save_pretrained(str(out_dir))
         copied = False
@@ -120,30 +122,6 @@ class ModelSource:
                     copied = True
         if not copied and not (out_dir / "generation_config.json").is_file():
             GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
-
-
-def open_source(model: str | Path) -> ModelSource:
-    """Open a Hugging Face folder, a GGUF file, or an alias such as ``smollm2-135m``."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return open_hf_folder(path)
-    if path.is_file():
-        with path.open("rb") as f:
-            magic = f.read(4)
-        if magic == b"GGUF" or path.suffix.lower() == ".gguf":
-            from bitsmith.models.gguf_source import open_gguf
-
-            return open_gguf(path)
-        raise ModelSourceError(
-            f"{path} is neither a model folder nor a GGUF file; pass the folder that holds "
-            "config.json and the *.safetensors files, or a .gguf file"
-        )
-    if path.suffix.lower() == ".gguf" or os.sep in str(model):
-        raise ModelSourceError(f"{path} does not exist; check the path")
-    from bitsmith.models.aliases import resolve_alias
-    from bitsmith.models.gguf_source import open_gguf
-
-    return open_gguf(resolve_alias(str(model)))
 
 
 # --------------------------------------------------------------------------- Hugging Face folders
@@ -170,7 +148,7 @@ def load_hf_config(folder: Path) -> PretrainedConfig:
             f"{folder} has no config.json; download the full model repo "
             "(config.json, tokenizer files and *.safetensors) into one folder"
         )
-    _set_offline()
+    set_offline()
     from transformers import AutoConfig
 
     try:
@@ -183,21 +161,8 @@ def load_hf_config(folder: Path) -> PretrainedConfig:
         ) from err
     except OSError as err:
         raise ModelSourceError(f"cannot read {folder / 'config.json'} ({err}); download it again") from err
-    _causal_lm_class(config)  # fail now, not after reading gigabytes
+    causal_lm_class(config)  # fail now, not after reading gigabytes
     return config
-
-
-def _causal_lm_class(config: PretrainedConfig) -> type:
-    """The AutoModelForCausalLM class for a config, or a clear error."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    try:
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        raise ModelSourceError(
-            f"unsupported architecture {config.model_type!r}: transformers has no causal language "
-            "model for it; bitsmith quantizes decoder LLMs (llama, qwen2, gemma3, mistral, ...)"
-        ) from None
 
 
 def _read_model_type(config_path: Path) -> str:
@@ -205,16 +170,6 @@ def _read_model_type(config_path: Path) -> str:
         return str(json.loads(config_path.read_text()).get("model_type", "?"))
     except (OSError, ValueError):
         return "?"
-
-
-def _set_offline() -> None:
-    """Never let transformers reach the network from library code."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -227,7 +182,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         if 8 + header_len > size:
             raise ModelSourceError(
                 f"{path.name} is truncated or not a safetensors file (header says "
-                f"{_mb(header_len)} of header, file has {_mb(size)}); download it again"
+                f"{mb(header_len)} of header, file has {mb(size)}); download it again"
             )
         try:
             header = json.loads(f.read(header_len))
@@ -243,8 +198,8 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     have = size - 8 - header_len
     if have < needed:
         raise ModelSourceError(
-            f"{path.name} is truncated (header says {_mb(needed)} of data, file has "
-            f"{_mb(have)}); download it again"
+            f"{path.name} is truncated (header says {mb(needed)} of data, file has "
+            f"{mb(have)}); download it again"
         )
     return header
 

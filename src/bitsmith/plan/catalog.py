@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bitsmith.models.family import family_of
+
 __all__ = [
     "ArchShape",
     "CATALOG",
@@ -31,15 +33,8 @@ __all__ = [
     "shape_from_path",
 ]
 
-# Model families whose decoder layers carry four RMSNorms (before and after attention and MLP)
-# instead of the usual two; the names are HF ``model_type`` values and GGUF architecture names.
-_FOUR_NORM_FAMILIES = ("gemma2", "gemma3", "gemma3_text")
-# Families that tie the output head to the input embedding when the config does not say.
-_TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3", "gemma3_text")
-# Families whose q/k/v projections carry a bias even though the config has no ``attention_bias``.
-_QKV_BIAS_FAMILIES = ("qwen2",)
-# Families that RMS-normalise each query and key head (one weight vector of head_dim for q and for k).
-_QK_NORM_FAMILIES = ("gemma3", "gemma3_text", "qwen3")
+# Family facts (tied head by default, norms per block, q/k/v bias, q/k norm) come from the one
+# family table, looked up by HF ``model_type`` or by GGUF architecture name.
 
 
 @dataclass(frozen=True)
@@ -225,15 +220,15 @@ def _from_hf(config: Mapping[str, Any], name: str | None) -> ArchShape:
     heads = _int(config, "num_attention_heads", src)
     kv_heads = _int(config, "num_key_value_heads", src, default=heads)
     head_dim = _int(config, "head_dim", src, default=hidden // heads)
-    tied = bool(config.get("tie_word_embeddings", model_type in _TIED_BY_DEFAULT))
-    qkv_bias = bool(config.get("attention_bias", model_type in _QKV_BIAS_FAMILIES))
+    fam = family_of(model_type)
+    tied = bool(config.get("tie_word_embeddings", fam.tied_by_default))
+    qkv_bias = bool(config.get("attention_bias", fam.qkv_bias))
     label = name or str(config.get("_name_or_path") or model_type or "model")
     return ArchShape(
         name=label, layers=_int(config, "num_hidden_layers", src), hidden=hidden, heads=heads,
         kv_heads=kv_heads, head_dim=head_dim, vocab=_int(config, "vocab_size", src),
         intermediate=_int(config, "intermediate_size", src), tied_embeddings=tied,
-        qkv_bias=qkv_bias, norms_per_layer=4 if model_type in _FOUR_NORM_FAMILIES else 2,
-        qk_norm=model_type in _QK_NORM_FAMILIES,
+        qkv_bias=qkv_bias, norms_per_layer=fam.norms_per_layer, qk_norm=fam.qk_norm,
     )
 
 
@@ -251,15 +246,15 @@ def _from_gguf_metadata(meta: Mapping[str, Any], name: str | None) -> ArchShape:
             raise ValueError(f"{src} has neither '{arch}.vocab_size' nor 'tokenizer.ggml.tokens'")
         vocab = len(tokens)
     # GGUF has no "tied" key: a file without an 'output.weight' tensor reuses the embedding.
-    tied = bool(meta.get("tied_embeddings", arch in _TIED_BY_DEFAULT))
+    fam = family_of(arch)
+    tied = bool(meta.get("tied_embeddings", fam.tied_by_default))
     label = name or str(meta.get("general.name") or arch)
     return ArchShape(
         name=label, layers=_int(meta, f"{arch}.block_count", src), hidden=hidden, heads=heads,
         kv_heads=kv_heads, head_dim=head_dim, vocab=int(vocab),
         intermediate=_int(meta, f"{arch}.feed_forward_length", src), tied_embeddings=tied,
-        qkv_bias=bool(meta.get("qkv_bias", arch in _QKV_BIAS_FAMILIES)),
-        norms_per_layer=4 if arch in _FOUR_NORM_FAMILIES else 2,
-        qk_norm=bool(meta.get("qk_norm", arch in _QK_NORM_FAMILIES)),
+        qkv_bias=bool(meta.get("qkv_bias", fam.qkv_bias)), norms_per_layer=fam.norms_per_layer,
+        qk_norm=bool(meta.get("qk_norm", fam.qk_norm)),
     )
 
 

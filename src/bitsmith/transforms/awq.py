@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from bitsmith.methods import Method
+from bitsmith.models.family import awq_scale_groups
 from bitsmith.primitives import from_groups, to_groups
 from bitsmith.spec import QuantSpec
 
@@ -63,13 +64,9 @@ class ScalePattern:
     blockers: str | None = None  # a module of this name in the block makes the fold invalid
 
 
-SCALE_PATTERNS: tuple[ScalePattern, ...] = (
-    ScalePattern(prev=("input_layernorm",), linears=("q_proj", "k_proj", "v_proj")),
-    ScalePattern(prev=("v_proj",), linears=("o_proj",), blockers="v_norm"),
-    # Gemma 2/3 read pre_feedforward_layernorm in the MLP; post_attention_layernorm there normalises
-    # the attention output instead, so the order of the candidates matters.
-    ScalePattern(prev=("pre_feedforward_layernorm", "post_attention_layernorm"), linears=("gate_proj", "up_proj")),
-    ScalePattern(prev=("up_proj",), linears=("down_proj",)),
+# The groups themselves are model knowledge: they live in the family table (models.family).
+SCALE_PATTERNS: tuple[ScalePattern, ...] = tuple(
+    ScalePattern(prev=g.prev, linears=g.linears, blockers=g.blockers) for g in awq_scale_groups()
 )
 CLIP_SKIP = re.compile(r"q_proj|k_proj|query|key|wq|wk|q|k|qkv_proj|query_key_value|wqkv")  # last name part
 
