@@ -101,17 +101,36 @@ def _read_json_header(path: Path, size: int) -> tuple[dict, int]:
 
 
 def _entry(path: Path, name: str, entry: object, data_start: int) -> StTensor:
-    """One header entry, checked: offsets are two integers, begin <= end, dimensions >= 0."""
+    """One header entry, checked: offsets are two integers, begin <= end, dimensions >= 0, and a
+    known dtype's bytes match its shape (unknown dtypes are kept, so inspect can list them)."""
     try:
         begin, end = (int(v) for v in entry["data_offsets"])  # type: ignore[index]
         shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
         dtype = str(entry["dtype"])  # type: ignore[index]
         if not 0 <= begin <= end or any(d < 0 for d in shape):
             raise ValueError(f"data_offsets {[begin, end]}, shape {list(shape)}")
+        if dtype in DTYPE_BITS and math.prod(shape) * DTYPE_BITS[dtype] != (end - begin) * 8:
+            raise ValueError(f"{dtype} {list(shape)} does not fill data_offsets {[begin, end]}")
     except (KeyError, TypeError, ValueError) as exc:
         raise SafetensorsError(f"{path.name}: the header entry for tensor {name!r} is malformed ({exc!r}); "
                                "download the file again") from exc
     return StTensor(path, name, dtype, shape, data_start + begin, data_start + end)
+
+
+def _check_tiling(path: Path, tensors: dict[str, StTensor], data_start: int, size: int) -> None:
+    """The tensors' byte ranges must follow each other from the end of the header to the end of
+    the file, without gap or overlap: what the safetensors library itself requires before it maps
+    a file, so a file this reader accepts is one that loads."""
+    expected = data_start
+    for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if t.begin != expected:
+            raise SafetensorsError(f"{path.name} has a corrupt safetensors header (the data of tensor {t.name!r} "
+                                   f"starts at byte {t.begin - data_start}, expected {expected - data_start}); "
+                                   "download it again")
+        expected = t.end
+    if expected != size:
+        raise SafetensorsError(f"{path.name} has {size - expected} bytes after its last tensor, which a safetensors "
+                               "file never has (corrupt, or not a safetensors file); download it again")
 
 
 def read_header(path: Path) -> StHeader:
@@ -130,6 +149,7 @@ def read_header(path: Path) -> StHeader:
     if data_start + data > size:
         raise SafetensorsError(f"{path.name} is truncated (header says {mb(data)} of data, file has "
                                f"{mb(size - data_start)}); download it again")
+    _check_tiling(path, tensors, data_start, size)
     return StHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, size)
 
 
