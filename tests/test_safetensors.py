@@ -121,3 +121,24 @@ def test_shard_files(tmp_path: Path) -> None:
     assert shard_files(tmp_path, sniff=True) == [tmp_path / n for n in ("a.safetensors", "b.safetensors", "weights.bin")]
     (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"x": "b.safetensors", "y": "b.safetensors"}}))
     assert shard_files(tmp_path) == shard_files(tmp_path, sniff=True) == [tmp_path / "b.safetensors"]
+
+
+def test_checkpoint_and_gptq_readers_raise_the_one_error(tmp_path: Path) -> None:
+    """read_info (which used safe_open) and the GPTQ importer read shards through the same reader."""
+    import torch
+
+    from bitsmith.io.checkpoint import CheckpointWriter, read_info
+    from bitsmith.io.import_gptq import load_gptq_folder
+
+    with CheckpointWriter(tmp_path / "ck", "rtn", {}) as writer:
+        writer.add_tensor("model.norm.weight", torch.ones(4096))
+        folder = writer.finish()
+    shard = folder / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(SafetensorsError, match=r"model\.safetensors is truncated \(header says"):
+        read_info(folder)
+    (tmp_path / "gptq").mkdir()
+    (tmp_path / "gptq" / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    (tmp_path / "gptq" / INDEX_FILE).write_text(json.dumps({"weight_map": {"a.qweight": "model-00001-of-00001.safetensors"}}))
+    with pytest.raises(SafetensorsError, match="lists model-00001-of-00001.safetensors but it is missing"):
+        load_gptq_folder(tmp_path / "gptq")
