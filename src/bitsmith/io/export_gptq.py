@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bitsmith.formats.gptq_layout import GPTQError, GPTQFormat, from_gptq, to_gptq
+from bitsmith.io.safetensors import shard_files
 from bitsmith.primitives import sqnr_db
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ def export_gptq(checkpoint: str | Path, out: str | Path, fmt: GPTQFormat = GPTQF
 
     from bitsmith.io.checkpoint import read_info
     from bitsmith.io.load import quantized_tensors
-    from bitsmith.io.safetensors import shard_files
 
     folder, out = Path(checkpoint), Path(out)
     info = read_info(folder) if folder.is_dir() else None
