@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bitsmith.formats.gptq_layout import GPTQError, GPTQFormat, from_gptq, pack_columns, to_gptq
 from bitsmith.io.checkpoint import read_info
-from bitsmith.io.export_gptq import GPTQError, GPTQFormat, export_gptq, from_gptq, pack_columns, to_gptq
+from bitsmith.io.export_gptq import export_gptq
 from bitsmith.io.import_gptq import load_gptq_folder
 from bitsmith.io.load import quantized_tensors
 from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model

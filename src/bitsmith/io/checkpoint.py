@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from bitsmith.io.safetensors import read_header, shard_files
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
@@ -235,24 +236,13 @@ class CheckpointWriter:
         return self.out_dir
 
 
-def shard_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
-    return sorted(folder.glob("*.safetensors"))
-
-
 def read_info(folder: Path) -> CheckpointInfo | None:
     """The bitsmith metadata from the shard headers, or None when the folder is no bitsmith checkpoint."""
-    from safetensors import safe_open
-
     specs: dict[str, QuantSpec] = {}
     shapes: dict[str, tuple[int, int]] = {}
     method, options, version = "", {}, ""
     for path in shard_files(Path(folder)):
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = read_header(path).metadata
         if meta.get("format") != FORMAT:
             return None
         version = meta.get("format_version", "")

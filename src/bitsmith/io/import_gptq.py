@@ -1,5 +1,5 @@
 """Read a GPTQ safetensors folder (``quantization_config.quant_method == "gptq"``) as bitsmith
-quantized layers, losslessly: see :mod:`bitsmith.io.export_gptq` for the layout.
+quantized layers, losslessly: see :mod:`bitsmith.formats.gptq_layout` for the layout.
 
 Act-order folders (``desc_act``: ``g_idx`` assigns input channels to groups out of order) are read
 too: sorting the channels by group makes every group contiguous, so the layer is a bitsmith
@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from bitsmith.io.export_gptq import GPTQError, GPTQFormat, from_gptq
+from bitsmith.formats.gptq_layout import PARTS, GPTQError, GPTQFormat, gptq_layer
+from bitsmith.io.safetensors import shard_files
 from bitsmith.tensor import QuantizedTensor
-
-_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def read_gptq_config(folder: Path) -> dict | None:
@@ -41,29 +40,10 @@ class InputPermuted(torch.nn.Module):
         return self.inner(x.index_select(-1, self.perm))
 
 
-def gptq_layer(tensors: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
-               fmt: GPTQFormat = GPTQFormat.V1) -> tuple[QuantizedTensor, torch.Tensor | None]:
-    """One GPTQ layer: (QuantizedTensor, None) without act-order; with it, the tensor over the
-    input channels sorted by group and the permutation ``perm`` (sorted channel j = channel perm[j])."""
-    in_features = tensors["qweight"].shape[0] * 32 // bits
-    group = in_features if group_size in (-1, None) else group_size
-    g_idx = tensors.get("g_idx")
-    plain = torch.arange(in_features) // group
-    if g_idx is None or torch.equal(g_idx.long(), plain):
-        return from_gptq(tensors, bits, group_size, sym, fmt), None
-    perm = torch.argsort(g_idx.long(), stable=True)
-    if not torch.equal(g_idx.long()[perm], plain):
-        raise GPTQError(f"g_idx assigns groups of unequal size (group size {group}); the GPTQ folder is corrupt")
-    qt = from_gptq({k: v for k, v in tensors.items() if k != "g_idx"}, bits, group_size, sym, fmt)
-    return QuantizedTensor(qt.codes[:, perm].contiguous(), qt.scale, qt.zero, qt.spec), perm
-
-
 def load_gptq_folder(path: str | Path) -> tuple[dict, dict[str, tuple[QuantizedTensor, torch.Tensor | None]], dict[str, torch.Tensor]]:
     """(config.json as a dict, module name -> (QuantizedTensor, act-order permutation or None),
     every other tensor by name)."""
     from safetensors import safe_open
-
-    from bitsmith.io.checkpoint import shard_files
 
     folder = Path(path)
     qc = read_gptq_config(folder)
@@ -79,13 +59,13 @@ def load_gptq_folder(path: str | Path) -> tuple[dict, dict[str, tuple[QuantizedT
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
                 module, _, part = key.rpartition(".")
-                if part in _PARTS:
+                if part in PARTS:
                     parts.setdefault(module, {})[part] = f.get_tensor(key)
                 else:
                     others[key] = f.get_tensor(key)
     quantized = {}
     for module, tensors in parts.items():
-        missing = [p for p in _PARTS[:3] if p not in tensors]
+        missing = [p for p in PARTS[:3] if p not in tensors]
         if missing:
             raise GPTQError(f"{module} in {folder} lacks {', '.join(missing)}; the GPTQ folder is incomplete, download it again")
         quantized[module] = gptq_layer(tensors, int(qc["bits"]), int(qc.get("group_size", -1)), bool(qc.get("sym", True)), fmt)

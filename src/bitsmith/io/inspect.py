@@ -13,8 +13,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from bitsmith.io.inspect_headers import DTYPE_BITS, StHeader, StTensor, looks_like_safetensors, read_header
 from bitsmith.io.inspect_report import InspectError, InspectReport, TensorInfo, quality_warnings
+from bitsmith.io.safetensors import (DTYPE_BITS, SafetensorsError, StHeader, StTensor, looks_like_safetensors,
+                                     read_header, shard_files)
 
 __all__ = ["InspectError", "InspectReport", "TensorInfo", "inspect_path"]
 
@@ -30,9 +31,10 @@ def inspect_path(path: str | Path) -> InspectReport:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
-    if p.is_file():
-        return _inspect_file(p)
-    return _inspect_folder(p)
+    try:
+        return _inspect_file(p) if p.is_file() else _inspect_folder(p)
+    except SafetensorsError as exc:  # the shared reader's error, in inspect's own type
+        raise InspectError(str(exc)) from exc
 
 
 def _magic(path: Path) -> bytes:
@@ -64,7 +66,7 @@ def _inspect_folder(p: Path) -> InspectReport:
     if not files:
         raise InspectError(f"{p} is an empty folder; point inspect at a model folder (config.json + *.safetensors) "
                            "or a .gguf file")
-    headers = [read_header(f) for f in _shard_files(p, files)]
+    headers = [read_header(f) for f in shard_files(p, sniff=True)]
     if not headers:
         ggufs = [f for f in files if _magic(f) == _GGUF_MAGIC]
         if len(ggufs) == 1:
@@ -74,22 +76,6 @@ def _inspect_folder(p: Path) -> InspectReport:
             raise InspectError(f"{p} holds {len(ggufs)} GGUF files ({names}); point inspect at one of them")
         raise InspectError(f"{p} holds no safetensors or GGUF file; point inspect at a model folder or file")
     return _inspect_safetensors(headers, p, _quantization_config(p))
-
-
-def _shard_files(folder: Path, files: list[Path]) -> list[Path]:
-    """The safetensors files of a folder: those its index lists (each must exist), else every file
-    whose contents start like safetensors (plus *.safetensors files, so a damaged one is reported)."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InspectError(f"{index} is not a valid safetensors index ({exc!r}); download it again") from exc
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise InspectError(f"{missing[0]} is listed in {index.name} but missing from {folder}; download it again")
-        return [folder / n for n in names]
-    return [f for f in files if f.suffix == ".safetensors" or looks_like_safetensors(f)]
 
 
 def _read_json(path: Path) -> dict:

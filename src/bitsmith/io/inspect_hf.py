@@ -22,8 +22,8 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from bitsmith.io.inspect_headers import DTYPE_BITS, StTensor, read_small
 from bitsmith.io.inspect_report import InspectError, TensorInfo, spec_text
+from bitsmith.io.safetensors import DTYPE_BITS, StTensor, read_small
 
 Entries = dict[str, StTensor]
 _QUANT_STATE = re.compile(r"^(?P<module>.+)\.weight\.quant_state\.bitsandbytes__(?P<type>\w+)$")

@@ -72,10 +72,6 @@ def spec_text(bits: int, group_size: int | None, symmetric: bool = False, grid: 
     return f"w{bits}{group}{suffix}"
 
 
-def mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
 def quality_warnings(tensors: list[TensorInfo]) -> list[str]:
     """What commonly hurts quality: attention or embeddings/lm_head at <= 3 bits, no groups at
     <= 4 bits, act-order with groups, and blocks quantized to very different widths."""

@@ -16,12 +16,12 @@ import json
 import logging
 import math
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bitsmith.models.errors import ModelSourceError, mb
+from bitsmith.io.safetensors import INDEX_FILE, SafetensorsError, StTensor, read_header, shard_files
+from bitsmith.models.errors import ModelSourceError
 from bitsmith.models.hf import causal_lm_class, set_offline
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
 # Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 EXTRA_HF_FILES = ("generation_config.json",)
@@ -172,36 +171,6 @@ def _read_model_type(config_path: Path) -> str:
         return "?"
 
 
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, after checking that the file holds all its data."""
-    size = path.stat().st_size
-    if size < 8:
-        raise ModelSourceError(f"{path.name} is truncated ({size} bytes); download it again")
-    with path.open("rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if 8 + header_len > size:
-            raise ModelSourceError(
-                f"{path.name} is truncated or not a safetensors file (header says "
-                f"{mb(header_len)} of header, file has {mb(size)}); download it again"
-            )
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, ValueError) as err:
-            raise ModelSourceError(
-                f"{path.name} has a corrupt header ({err}); download it again"
-            ) from err
-    if not isinstance(header, dict):
-        raise ModelSourceError(f"{path.name} has a corrupt header; download it again")
-    needed = max(
-        (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0
-    )
-    have = size - 8 - header_len
-    if have < needed:
-        raise ModelSourceError(
-            f"{path.name} is truncated (header says {mb(needed)} of data, file has "
-            f"{mb(have)}); download it again"
-        )
-    return header
 
 
 class SafetensorsStore:
@@ -211,12 +180,15 @@ class SafetensorsStore:
         self.folder = folder
         shards = self._shard_files(folder)
         self._where: dict[str, Path] = {}
-        self._info: dict[str, dict[str, Any]] = {}
+        self._info: dict[str, StTensor] = {}
         self.metadata: dict[str, str] = {}
         for shard in shards:
-            header = read_safetensors_header(shard)
-            self.metadata.update(header.pop("__metadata__", None) or {})
-            for name, info in header.items():
+            try:
+                header = read_header(shard)
+            except SafetensorsError as err:
+                raise ModelSourceError(str(err)) from err
+            self.metadata.update(header.metadata)
+            for name, info in header.tensors.items():
                 if name in self._where:
                     raise ModelSourceError(
                         f"tensor {name} appears in both {self._where[name].name} and {shard.name}; "
@@ -229,20 +201,10 @@ class SafetensorsStore:
 
     @staticmethod
     def _shard_files(folder: Path) -> list[Path]:
-        index = folder / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as err:
-                raise ModelSourceError(f"{index} is corrupt ({err}); download it again") from err
-            shards = sorted(set(weight_map.values()))
-            for shard in shards:
-                if not (folder / shard).is_file():
-                    raise ModelSourceError(
-                        f"{INDEX_FILE} lists {shard} but it is missing from {folder}; download it again"
-                    )
-            return [folder / s for s in shards]
-        shards = sorted(folder.glob("*.safetensors"))
+        try:
+            shards = shard_files(folder)
+        except SafetensorsError as err:
+            raise ModelSourceError(str(err)) from err
         if not shards:
             raise ModelSourceError(
                 f"no *.safetensors weights in {folder}; download the safetensors files "
@@ -266,17 +228,17 @@ class SafetensorsStore:
     def names(self) -> list[str]:
         return list(self._where)
 
-    def _get_info(self, name: str) -> dict[str, Any]:
+    def _get_info(self, name: str) -> StTensor:
         try:
             return self._info[name]
         except KeyError:
             raise KeyError(f"{name!r} is not a tensor of {self.folder}; see tensor_names()") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in self._get_info(name)["shape"])
+        return self._get_info(name).shape
 
     def dtype(self, name: str) -> str:
-        return str(self._get_info(name)["dtype"]).lower()
+        return self._get_info(name).dtype.lower()
 
     def load(self, name: str) -> torch.Tensor:
         from safetensors import safe_open

@@ -85,13 +85,12 @@ def _size(n: int, up: bool = False) -> str:
 
 def _tensor_index(folder: Path) -> dict[str, tuple[Path, int]]:
     """Tensor name -> (shard, stored bytes), from the shard headers alone."""
-    from bitsmith.models.sources import read_safetensors_header
+    from bitsmith.io.safetensors import read_header
 
     index = {}
     for path in shard_files(folder):
-        for name, entry in read_safetensors_header(path).items():
-            if name != "__metadata__":
-                index[name] = (path, math.prod(entry["shape"]) * _DTYPE_BYTES.get(entry["dtype"], 4))
+        for name, entry in read_header(path).tensors.items():
+            index[name] = (path, math.prod(entry.shape) * _DTYPE_BYTES.get(entry.dtype, 4))
     return index
 
 

@@ -1,0 +1,193 @@
+"""The one safetensors reader: a file's header (names, dtypes, shapes, byte ranges, metadata)
+checked against the file before any tensor is touched, a folder's shards (one file, or the shards a
+``model.safetensors.index.json`` lists), and small tensors read straight from their byte range.
+
+A safetensors file is ``u64 n`` (little endian), ``n`` bytes of JSON ({name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {str: str}}), then the data; offsets count from the
+end of the JSON. Every problem raises :class:`SafetensorsError`, whose message names the file and
+the fix; callers with their own error type (model sources, inspect) re-raise it as theirs."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+INDEX_FILE = "model.safetensors.index.json"
+DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F4": 4,
+              "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64, "U32": 32, "U16": 16, "U8": 8, "BOOL": 8}
+_NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+          "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+MAX_HEADER = 100_000_000  # the safetensors library's own limit
+MAX_SMALL_READ = 64 * 1024**2
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file, or a folder's shard index, that cannot be read; the message names the
+    file and what to do."""
+
+
+def mb(n: int) -> str:
+    """Bytes as the messages print them (always MB, so sizes in one message compare at a glance)."""
+    return f"{n / 1e6:.1f} MB"
+
+
+@dataclass(frozen=True)
+class StTensor:
+    """One tensor entry of a safetensors header."""
+
+    path: Path
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class StHeader:
+    """A safetensors file's header: its tensors by name, its ``__metadata__`` and the file size."""
+
+    path: Path
+    tensors: dict[str, StTensor]
+    metadata: dict[str, str]
+    size: int  # file size in bytes
+
+
+def looks_like_safetensors(path: Path) -> bool:
+    """Whether the file starts like a safetensors file (a plausible header length, then '{')."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= MAX_HEADER and head[8:9] == b"{"
+
+
+def _read_json_header(path: Path, size: int) -> tuple[dict, int]:
+    """(the parsed JSON header, its length n): the length prefix checked against the file size."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise SafetensorsError(f"{path.name} is truncated ({size} bytes); download it again")
+        n = int.from_bytes(prefix, "little")
+        if n < 2 or n > MAX_HEADER:
+            raise SafetensorsError(f"{path.name} is not a safetensors file (it does not start with a valid header "
+                                   f"length); download it again or check that it is the file you meant")
+        if 8 + n > size:
+            raise SafetensorsError(f"{path.name} is truncated (its header alone says {mb(n)}, the file has "
+                                   f"{mb(size - 8)}); download it again")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SafetensorsError(f"{path.name} has a corrupt safetensors header ({exc}); download it again") from exc
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path.name} has a corrupt safetensors header (not a JSON object); download it again")
+    return header, n
+
+
+def _entry(path: Path, name: str, entry: object, data_start: int) -> StTensor:
+    """One header entry, checked: offsets are two integers, begin <= end, dimensions >= 0, and a
+    known dtype's bytes match its shape (unknown dtypes are kept, so inspect can list them)."""
+    try:
+        begin, end = (int(v) for v in entry["data_offsets"])  # type: ignore[index]
+        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
+        dtype = str(entry["dtype"])  # type: ignore[index]
+        if not 0 <= begin <= end or any(d < 0 for d in shape):
+            raise ValueError(f"data_offsets {[begin, end]}, shape {list(shape)}")
+        if dtype in DTYPE_BITS and math.prod(shape) * DTYPE_BITS[dtype] != (end - begin) * 8:
+            raise ValueError(f"{dtype} {list(shape)} does not fill data_offsets {[begin, end]}")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SafetensorsError(f"{path.name}: the header entry for tensor {name!r} is malformed ({exc!r}); "
+                               "download the file again") from exc
+    return StTensor(path, name, dtype, shape, data_start + begin, data_start + end)
+
+
+def _check_tiling(path: Path, tensors: dict[str, StTensor], data_start: int, size: int) -> None:
+    """The tensors' byte ranges must follow each other from the end of the header to the end of
+    the file, without gap or overlap: what the safetensors library itself requires before it maps
+    a file, so a file this reader accepts is one that loads."""
+    expected = data_start
+    for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if t.begin != expected:
+            raise SafetensorsError(f"{path.name} has a corrupt safetensors header (the data of tensor {t.name!r} "
+                                   f"starts at byte {t.begin - data_start}, expected {expected - data_start}); "
+                                   "download it again")
+        expected = t.end
+    if expected != size:
+        raise SafetensorsError(f"{path.name} has {size - expected} bytes after its last tensor, which a safetensors "
+                               "file never has (corrupt, or not a safetensors file); download it again")
+
+
+def read_header(path: Path) -> StHeader:
+    """The header of one safetensors file, after checking that the file holds all the data it
+    promises; raises SafetensorsError when the file is cut short, corrupt or no safetensors file."""
+    path = Path(path)
+    size = path.stat().st_size
+    header, n = _read_json_header(path, size)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SafetensorsError(f"{path.name} has a corrupt safetensors header (__metadata__ is not a JSON object); "
+                               "download it again")
+    data_start = 8 + n
+    tensors = {name: _entry(path, name, entry, data_start) for name, entry in header.items()}
+    data = max((t.end for t in tensors.values()), default=data_start) - data_start
+    if data_start + data > size:
+        raise SafetensorsError(f"{path.name} is truncated (header says {mb(data)} of data, file has "
+                               f"{mb(size - data_start)}); download it again")
+    _check_tiling(path, tensors, data_start, size)
+    return StHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, size)
+
+
+def shard_files(folder: Path, *, sniff: bool = False) -> list[Path]:
+    """The safetensors files of a model folder, in name order: those ``model.safetensors.index.json``
+    lists (the index must parse and every shard must exist), else every ``*.safetensors`` file.
+    ``sniff``: without an index, also files of any name whose contents start like safetensors
+    (inspect uses it, so a weight file saved without its suffix is still read)."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+            if not all(isinstance(n, str) for n in names):
+                raise TypeError("weight_map values must be file names")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SafetensorsError(f"{index} is not a valid safetensors index ({exc!r}); download it again") from exc
+        for name in names:
+            if not (folder / name).is_file():
+                raise SafetensorsError(f"{INDEX_FILE} lists {name} but it is missing from {folder}; download it again")
+        return [folder / n for n in names]
+    if not sniff:
+        return sorted(folder.glob("*.safetensors"))
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    return [f for f in files if f.suffix == ".safetensors" or looks_like_safetensors(f)]
+
+
+def read_small(t: StTensor) -> "np.ndarray":
+    """The values of a small tensor (g_idx, a stored shape, a quant-state blob), read from its byte
+    range. Raises SafetensorsError for dtypes numpy cannot hold or tensors too large to read here."""
+    import numpy as np
+
+    if t.dtype not in _NUMPY:
+        raise SafetensorsError(f"{t.path.name}: cannot read tensor {t.name} of dtype {t.dtype} as numbers")
+    if t.nbytes > MAX_SMALL_READ:
+        raise SafetensorsError(f"{t.path.name}: tensor {t.name} is {mb(t.nbytes)}, larger than inspect reads")
+    with open(t.path, "rb") as f:
+        f.seek(t.begin)
+        raw = f.read(t.nbytes)
+    return np.frombuffer(raw, dtype=np.dtype(_NUMPY[t.dtype])).reshape(t.shape)
