@@ -150,8 +150,11 @@ class Destination:
         entries = sorted(p.name for p in path.iterdir())
         if not entries or out.recognise(path):
             return None
-        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-        return (f"is a folder bitsmith did not write ({len(entries)} entries: {shown}); "
+        other = next((k for k in KINDS.values() if not k.is_file and k.recognise(path)), None)
+        if other is not None:
+            return f"is {other.noun}; delete it yourself or choose another --out"
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        return (f"is a folder bitsmith did not write (it holds {shown}); "
                 "move what you need out of it and delete it, or choose another --out")
 
     def stage(self) -> "Staging":
@@ -161,8 +164,8 @@ class Destination:
         parent.mkdir(parents=True, exist_ok=True)
         lock = acquire_lock(lock_path(self.path), self.path, self.error)
         try:
+            remove_stale_temps(self.path)  # may put back an output a killed run had moved aside
             self.check()  # again under the lock: another run may have finished meanwhile
-            remove_stale_temps(self.path)
             prefix = f".{self.path.name}.partial-{os.getpid()}-"
             if self.output.is_file:
                 fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
