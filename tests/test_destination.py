@@ -252,3 +252,21 @@ def test_single_file_destination(tmp_path: Path) -> None:
         staging.publish()
     assert out.read_bytes() == b"GGUF newer" and (tmp_path / "late.gguf").read_text() == "appeared"
     assert _debris(tmp_path) == []
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
+def test_move_noreplace_never_replaces(tmp_path: Path, monkeypatch, renameat2: bool) -> None:
+    if not renameat2:  # where the call or the filesystem lacks it: os.rename / os.link under the lock
+        monkeypatch.setattr(destination, "renameat2_noreplace", lambda src, dst: False)
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new.txt").write_text("new")
+    (tmp_path / "empty").mkdir()  # plain os.rename would replace an empty folder
+    (tmp_path / "old.txt").write_text("old")  # and os.rename a file
+    for src, dst in (("new", "empty"), ("new.txt", "old.txt"), ("new", "old.txt")):
+        with pytest.raises(FileExistsError):
+            destination.move_noreplace(tmp_path / src, tmp_path / dst)
+    assert (tmp_path / "old.txt").read_text() == "old" and (tmp_path / "new").is_dir()
+    destination.move_noreplace(tmp_path / "new", tmp_path / "moved")
+    destination.move_noreplace(tmp_path / "new.txt", tmp_path / "moved.txt")
+    assert (tmp_path / "moved").is_dir() and (tmp_path / "moved.txt").read_text() == "new"
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new.txt").exists()

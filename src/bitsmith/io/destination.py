@@ -185,7 +185,11 @@ def protected_reason(path: Path) -> str | None:
     real = Path(os.path.realpath(path))
     if real == Path(real.anchor):
         return "is the root of the file system; choose a new folder for --out"
-    if real == Path(os.path.realpath(Path.home())):
+    try:
+        home = Path(os.path.realpath(Path.home()))
+    except (RuntimeError, KeyError):  # no HOME and no password entry: there is no home to protect
+        home = None
+    if real == home:
         return "is your home directory; choose a new folder for --out"
     cwd = Path(os.path.realpath(os.getcwd()))
     if real == cwd or real in cwd.parents:
@@ -309,7 +313,7 @@ AT_FDCWD = -100
 RENAME_NOREPLACE = 1
 
 
-def _renameat2_noreplace(src: Path, dst: Path) -> bool:
+def renameat2_noreplace(src: Path, dst: Path) -> bool:
     """``renameat2(src, dst, RENAME_NOREPLACE)``; False when the call or the filesystem lacks it."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -327,7 +331,7 @@ def _renameat2_noreplace(src: Path, dst: Path) -> bool:
 
 def move_noreplace(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst``, raising FileExistsError rather than replacing anything at ``dst``."""
-    if _renameat2_noreplace(src, dst):
+    if renameat2_noreplace(src, dst):
         return
     if os.path.lexists(dst):  # the fallbacks: checked under the destination's lock
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
@@ -359,8 +363,11 @@ def _track(staging: "Staging", live: bool) -> None:
     """Keep the set of live stagings; SIGTERM becomes SystemExit while it is not empty."""
     with _live_guard:
         was_empty = not _live
-        (_live.add if live else _live.discard)(staging)
-        main = threading.current_thread() is threading.main_thread()
+        if live:
+            _live.add(staging)
+        else:
+            _live.discard(staging)
+        main = threading.current_thread() is threading.main_thread()  # signal.signal works only there
         if live and was_empty and main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _on_sigterm)
             _previous_sigterm.append(signal.SIG_DFL)
