@@ -60,7 +60,11 @@ class QuantSpec:
             raise SpecError(f"cannot read quantization spec {text!r}; write it like w4g128, w3g64s or w8")
         group, suffix = match["group"], match["suffix"]
         grid = suffix if suffix in ("nf", "fit") else "uniform"
-        return cls(int(match["bits"]), int(group) if group else None, suffix == "s", grid)
+        try:
+            bits, group_size = int(match["bits"]), int(group) if group else None
+        except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+            raise SpecError(f"cannot read quantization spec {text!r}: its number is too long; write it like w4g128") from None
+        return cls(bits, group_size, suffix == "s", grid)
 
     def __str__(self) -> str:
         group = f"g{self.group_size}" if self.group_size else ""

@@ -24,13 +24,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from bitsmith.io.destination import Destination
 from bitsmith.io.safetensors import read_header, shard_files
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
@@ -152,8 +152,9 @@ class CheckpointWriter:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise CheckpointError(f"{self.out_dir} already exists; choose another --out or pass --overwrite")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        # locked, checked (--overwrite replaces only an earlier checkpoint) and staged in a temp folder
+        self.staging = Destination(self.out_dir, "checkpoint", overwrite, CheckpointError).stage()
+        self.tmp_dir = self.staging.tmp
         self.method, self.options, self.shard_bytes = method, options, shard_bytes
         self.specs: dict[str, dict] = {}
         self._stream: _ShardStream | None = None  # the shard being written
@@ -171,7 +172,7 @@ class CheckpointWriter:
     def abort(self) -> None:
         if self._stream is not None:
             self._stream.file.close()
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.staging.discard()
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         self._add({name: tensor})
@@ -230,10 +231,7 @@ class CheckpointWriter:
         info = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": self.method,
                 "options": self.options, "tensors": self.specs, "report": report or {}}
         self.write_file(REPORT_FILE, json.dumps(info, indent=1))
-        if self.out_dir.exists():  # --overwrite: replace only now that the new folder is complete
-            shutil.rmtree(self.out_dir)
-        os.replace(self.tmp_dir, self.out_dir)
-        return self.out_dir
+        return self.staging.publish()  # never clobbers; --overwrite swaps the old checkpoint out only now
 
 
 def read_info(folder: Path) -> CheckpointInfo | None:

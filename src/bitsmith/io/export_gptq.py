@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -65,8 +63,10 @@ def export_gptq(checkpoint: str | Path, out: str | Path, fmt: GPTQFormat = GPTQF
                 module, _, part = key.rpartition(".")
                 if not (module in quantized and part in ("qweight", "scale", "zero", "grid")):
                     state[key] = f.get_tensor(key)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    from bitsmith.io.destination import Destination
+
+    staging = Destination(out, "gptq-export", overwrite, GPTQError).stage()  # locked; refuses foreign folders
+    tmp = staging.tmp
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for item in folder.iterdir():
@@ -78,10 +78,8 @@ def export_gptq(checkpoint: str | Path, out: str | Path, fmt: GPTQFormat = GPTQF
             "sym": spec.symmetric, "checkpoint_format": fmt.value, "lm_head": "lm_head" in quantized,
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        staging.publish()  # never clobbers; --overwrite swaps an earlier export out only now
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staging.discard()
         raise
     return report

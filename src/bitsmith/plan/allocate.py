@@ -51,6 +51,8 @@ class Budget:
             raise ValueError("a budget is either bits per weight (e.g. 3.5bpw) or a size (e.g. 900MB), not both")
         if self.bits_per_weight is not None and self.bits_per_weight <= 0:
             raise ValueError(f"a bits-per-weight budget must be positive, got {self.bits_per_weight}")
+        if self.bits_per_weight is not None and not math.isfinite(self.bits_per_weight):  # e.g. 400 digits of bpw
+            raise ValueError(f"a bits-per-weight budget must be a finite number, got {self.bits_per_weight}")
         if self.total_bytes is not None and self.total_bytes <= 0:
             raise ValueError(f"a size budget must be positive, got {self.total_bytes} bytes")
 

@@ -29,6 +29,7 @@ GB means 10^9 bytes throughout; :func:`parse_size` also accepts GiB (2^30 bytes)
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -376,4 +377,7 @@ def parse_size(text: str) -> int:
             f"cannot read size '{text}'; write a number with a unit, e.g. 24GB, 24GiB or 24000MB"
         )
     number, prefix, binary = float(match.group(1)), match.group(2).lower(), bool(match.group(3))
-    return round(number * (1024 if binary else 1000) ** _POWERS[prefix])
+    size = number * (1024 if binary else 1000) ** _POWERS[prefix]
+    if not math.isfinite(size):  # hundreds of digits overflow the float; round() would raise OverflowError
+        raise ValueError(f"cannot read size '{text}': the number is too large; write e.g. 24GB, 24GiB or 24000MB")
+    return round(size)

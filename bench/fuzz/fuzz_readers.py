@@ -1,0 +1,152 @@
+"""Coverage-guided fuzzing (atheris, i.e. libFuzzer for Python) of bitsmith's binary header readers.
+
+A header reader meets files from the internet: whatever the bytes, it must return a header or raise
+one of bitsmith's own errors (an exception class defined in a ``bitsmith`` module, whose message
+names the fix). Anything else -- IndexError, OverflowError, RecursionError, MemoryError, a hang -- is
+a crash.
+
+    python bench/fuzz/fuzz_readers.py TARGET [--collect] [libFuzzer flags] [CORPUS_DIR ...]
+
+TARGET is one of :data:`TARGETS`. Useful libFuzzer flags: ``-max_total_time=30`` (seconds),
+``-timeout=5`` (a hang), ``-rss_limit_mb=2048``, ``-artifact_prefix=bench/fuzz/crashes/``. Without a
+corpus directory the run starts from a valid seed file written here. ``--collect`` records every
+distinct crash (by exception type and raising line) under ``bench/fuzz/crashes/`` and keeps going,
+instead of stopping at the first one as libFuzzer does.
+
+Each target is one small adapter from bytes on disk to the reader function, so that when a reader
+moves (the io/ and models/ restructuring) only its adapter changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import atheris
+
+with atheris.instrument_imports(include=["bitsmith"]):
+    import bitsmith.io.inspect_headers  # noqa: F401  (instrumented for coverage feedback)
+    import bitsmith.models.gguf_source  # noqa: F401
+    import bitsmith.models.sources  # noqa: F401
+
+CRASH_DIR = Path(__file__).resolve().parent / "crashes"
+
+
+# -- adapters: bytes in a file -> the reader under test (repoint these after a move) -------------
+
+
+def read_gguf(path: Path) -> object:
+    from bitsmith.models.gguf_source import read_gguf_header
+
+    return read_gguf_header(path)
+
+
+def read_safetensors(path: Path) -> object:
+    from bitsmith.io.inspect_headers import read_header
+
+    return read_header(path)
+
+
+def read_safetensors_source(path: Path) -> object:
+    """The second safetensors header reader (model sources); fuzzed until the two become one."""
+    from bitsmith.models.sources import read_safetensors_header
+
+    return read_safetensors_header(path)
+
+
+# -- seeds: one small valid file per format ------------------------------------------------------
+
+
+def _gguf_string(s: str) -> bytes:
+    raw = s.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def seed_gguf() -> bytes:
+    """GGUF v3: two metadata values (a string, a uint32 alignment, an array) and one F32 [2, 4] tensor."""
+    kv = (_gguf_string("general.architecture") + struct.pack("<I", 8) + _gguf_string("llama")
+          + _gguf_string("general.alignment") + struct.pack("<II", 4, 32)
+          + _gguf_string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + _gguf_string("a") + _gguf_string("b"))
+    tensor = _gguf_string("t.weight") + struct.pack("<IQQIQ", 2, 4, 2, 0, 0)
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 3) + kv + tensor
+    head += b"\0" * (-len(head) % 32)
+    return head + struct.pack("<8f", *range(8))
+
+
+def seed_safetensors() -> bytes:
+    header = {"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+              "y": {"dtype": "U8", "shape": [3], "data_offsets": [16, 19]}, "__metadata__": {"format": "pt"}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + struct.pack("<4f", 1, 2, 3, 4) + b"\1\2\3"
+
+
+TARGETS: dict[str, tuple[Callable[[Path], object], Callable[[], bytes], str]] = {
+    "gguf": (read_gguf, seed_gguf, ".gguf"),
+    "safetensors": (read_safetensors, seed_safetensors, ".safetensors"),
+    "safetensors-source": (read_safetensors_source, seed_safetensors, ".safetensors"),
+}
+
+
+def is_expected(exc: BaseException) -> bool:
+    """bitsmith's own errors (a class defined in a bitsmith module) are the reader doing its job."""
+    return isinstance(exc, Exception) and type(exc).__module__.split(".")[0] == "bitsmith"
+
+
+def crash_key(exc: BaseException) -> str:
+    """Exception type and the innermost bitsmith line it came from: one entry per distinct bug."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "bitsmith" in f.filename]
+    where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+    return f"{type(exc).__name__}@{where}"
+
+
+def make_test(target: str, collect: bool) -> Callable[[bytes], None]:
+    reader, _, suffix = TARGETS[target]
+    folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    path = folder / f"bitsmith-fuzz-{os.getpid()}{suffix}"
+    seen: set[str] = set()
+
+    def test_one_input(data: bytes) -> None:
+        path.write_bytes(data)
+        try:
+            reader(path)
+        except Exception as exc:  # noqa: BLE001 -- sorting expected errors from crashes is the point
+            if is_expected(exc):
+                return
+            if not collect:
+                raise
+            key = crash_key(exc)
+            if key not in seen:
+                seen.add(key)
+                CRASH_DIR.mkdir(exist_ok=True)
+                name = f"{target}-{key.replace('@', '-').replace(':', '-')}-{hashlib.sha1(data).hexdigest()[:8]}"
+                (CRASH_DIR / name).write_bytes(data)
+                print(f"\nCRASH {key}: {exc!r:.200} -> {CRASH_DIR / name}", flush=True)
+
+    return test_one_input
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[1] not in TARGETS:
+        sys.exit(f"usage: {argv[0]} {{{','.join(TARGETS)}}} [--collect] [libFuzzer flags] [CORPUS_DIR ...]")
+    target, rest = argv[1], argv[2:]
+    collect = "--collect" in rest
+    rest = [a for a in rest if a != "--collect"]
+    if not any(not a.startswith("-") for a in rest):  # no corpus given: start from the valid seed
+        corpus = Path(tempfile.mkdtemp(prefix=f"bitsmith-fuzz-{target}-"))
+        (corpus / "seed").write_bytes(TARGETS[target][1]())
+        rest.append(str(corpus))
+    sys.setrecursionlimit(2000)  # deep JSON nesting must end as an error, not exhaust the C stack
+    atheris.Setup([argv[0], *rest], make_test(target, collect))
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
