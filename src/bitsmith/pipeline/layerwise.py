@@ -299,7 +299,7 @@ def _process_block(
         specs, reports = {}, []
         for stage in stages:
             stats = stage_stats(block, linears[stage[0]], store, slices, calls, replay,
-                                 stage[0] if len(stage) == 1 else None, plan.hessian_dtype)
+                                stage[0] if len(stage) == 1 else None, plan.hessian_dtype)
             names = [f"{block_prefix}.{rel}" for rel in stage]
             results = quantize_stage(names, [masters.pop(rel) for rel in stage], stats, method, plan)
             del stats
