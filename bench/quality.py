@@ -40,7 +40,7 @@ def main() -> None:
     from bitsmith.cli.common import dir_size_mb
     from bitsmith.eval.suite import evaluate_variants, text_windows
     from bitsmith.io.load import load_model
-    from bitsmith.pipeline.quantize import CALIBRATED_METHODS, QuantizeConfig, quantize_model
+    from bitsmith.pipeline.quantize import QuantizeConfig, calibrated_methods, quantize_model
     from bitsmith.spec import QuantSpec
 
     specs = [s for s in args.specs.split(",") if s]
@@ -51,7 +51,7 @@ def main() -> None:
         options[key] = True if low in ("true", "yes", "on") else False if low in ("false", "no", "off") else (
             int(value) if value.lstrip("-").isdigit() else value)
     label = args.method + "".join(f"+{k}={v}" for k, v in options.items())
-    calibrated = args.method in CALIBRATED_METHODS or bool(options.get("awq"))
+    calibrated = args.method in calibrated_methods() or bool(options.get("awq"))
     rows = {}
     for spec in specs:
         out = Path(args.work) / f"{Path(args.model).stem}-{spec}-{label.replace('=', '_')}"

@@ -14,11 +14,10 @@ from bitsmith.spec import QuantSpec
 from bitsmith.transforms.awq import (
     SCALE_PATTERNS,
     ScalePattern,
-    awq_transform,
-    clip_search,
     find_scale_groups,
     fold_scale,
 )
+from bitsmith.transforms.awq_search import awq_transform, clip_search
 from tiny import tiny_config
 
 ARCHS = ["llama", "qwen2", "gemma3_text"]
@@ -141,7 +140,7 @@ def test_norm_offset_is_probed_not_named():
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from bitsmith.transforms.awq import _norm_offset
+    from bitsmith.transforms.awq import norm_offset as _norm_offset
 
     class Squared(nn.Module):  # not affine in its weight: no fold possible
         def __init__(self) -> None:

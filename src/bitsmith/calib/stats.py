@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from bitsmith.methods import LayerStats
+from bitsmith.methods.base import LayerStats
 
 SYMMETRIC_FROM = 512  # inputs at least this wide use the upper-triangle accumulation
 PANELS = 4

@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _quantize_all(args, specs, bar) -> dict:
     from pathlib import Path
 
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
     from bitsmith.spec import QuantSpec
 
     paths = {}
@@ -34,7 +35,7 @@ def _quantize_all(args, specs, bar) -> dict:
         task = bar.add_task(f"quantize {spec}", total=None, rate="")
         done = lambda name, i, n, task=task: bar.update(task, completed=i, total=n, rate="")  # noqa: E731
         out = Path(args.out) / f"{Path(str(args.model)).stem}-{spec}"
-        paths[spec] = quantize_model(args.model, out, QuantizeConfig(QuantSpec.parse(spec), args.method), overwrite=True, progress=done)
+        paths[spec] = quantize(args.model, out, QuantizePlan(QuantSpec.parse(spec), args.method), progress=done, overwrite=True)
     return paths
 
 

@@ -53,7 +53,7 @@ def compute_dtype(choice: str):
     128 x 512 tokens 71 s vs 128 s in fp32, and GPTQ's KLD 0.1413 (bf16 forwards) vs 0.1445 (fp32)."""
     import torch
 
-    from bitsmith.pipeline.quantize import STORAGE_DTYPES
+    from bitsmith.pipeline.common import STORAGE_DTYPES
 
     if choice == "auto":
         try:  # private helpers (torch >= 2.3); without them, stay on the safe side
@@ -65,32 +65,36 @@ def compute_dtype(choice: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from bitsmith.calib import CalibrationConfig
     from bitsmith.cli.common import console, dir_size_mb, out, progress_bar
-    from bitsmith.pipeline.quantize import CALIBRATED_METHODS, QuantizeConfig, quantize_model
+    from bitsmith.pipeline.common import dtype_name
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
     from bitsmith.spec import QuantSpec
 
     # clip_search is sent only when turned off: each method keeps its own default otherwise (rtn and
     # gptq search ranges; after AWQ, whose own clipping is output-aware, plain min/max ranges)
     args.method = default_method(args)
     options = {**({"clip_search": False} if args.no_clip_search else {}), **({"awq": True} if args.awq else {})}
-    calib = None
-    if args.calib is not None or args.method in CALIBRATED_METHODS or args.awq:
-        calib = CalibrationConfig(text=args.calib, samples=args.calib_samples, seq_len=args.calib_len,
-                                  seed=args.seed, random_offsets=args.calib_random)
-    config = QuantizeConfig(
+    plan = QuantizePlan(
         spec=QuantSpec.parse(args.spec), method=args.method, options=options,
         quantize_head=args.quantize_head, quantize_embeddings=args.quantize_embeddings, unquantized_dtype=args.unquantized_dtype,
+        compute_dtype=dtype_name(compute_dtype(args.compute_dtype)), hessian_dtype=args.hessian_dtype,
     )
+    calib = None
+    if args.calib is not None or plan.needs_calibration:
+        calib = CalibrationConfig(text=args.calib, samples=args.calib_samples, seq_len=args.calib_len,
+                                  seed=args.seed, random_offsets=args.calib_random)
     allocation = None
     if args.budget is not None:
-        config, allocation, calib = _allocate(args, config, calib)
+        plan, allocation, calib = _allocate(args, plan, calib)
     with progress_bar() as bar:
         task = bar.add_task(f"quantize {args.budget or args.spec}", total=None, rate="")
         done = lambda name, i, n: bar.update(task, completed=i, total=n, rate=name)  # noqa: E731
-        path = quantize_model(args.model, Path(args.out), config, overwrite=args.overwrite, progress=done, calib=calib,
-                              resume=args.resume, compute_dtype=compute_dtype(args.compute_dtype),
-                              hessian_dtype=args.hessian_dtype)
+        path = quantize(args.model, Path(args.out), replace(plan, calib=calib), progress=done, resume=args.resume,
+                        overwrite=args.overwrite)
     from bitsmith.io.checkpoint import read_info
 
     info = read_info(path)
@@ -103,13 +107,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _allocate(args: argparse.Namespace, config, calib):
-    """Sensitivity on the calibration text, then the allocation; returns the config with per-layer
-    specs, the allocation, and the calibration the quantize step itself needs (calibrated methods only)."""
+def _allocate(args: argparse.Namespace, plan, calib):
+    """Sensitivity on the calibration text, then the allocation; returns the plan with per-layer
+    specs, the allocation, and the calibration the quantize step itself needs (calibrated plans only)."""
     from bitsmith.calib import CalibrationConfig
     from bitsmith.cli.common import console
     from bitsmith.models import open_source
-    from bitsmith.pipeline.quantize import CALIBRATED_METHODS
     from bitsmith.plan.allocate import Budget
     from bitsmith.plan.sensitivity import plan_allocation
     from bitsmith.spec import QuantSpec
@@ -120,11 +123,11 @@ def _allocate(args: argparse.Namespace, config, calib):
                                    seq_len=args.calib_len, seed=args.seed, random_offsets=args.calib_random)
     tokens = sens_calib.batches(open_source(args.model).tokenizer())  # [samples, seq_len]
     with console.status(f"sensitivity ({args.sensitivity}) on {tokens.shape[0]} x {tokens.shape[1]} tokens"):
-        config, allocation = plan_allocation(args.model, config, budget, candidates, tokens, estimator=args.sensitivity)
+        plan, allocation = plan_allocation(args.model, plan, budget, candidates, tokens, estimator=args.sensitivity)
     console.print(f"allocation for {budget}: {allocation.bits_per_weight:.3f} bits/weight, predicted KL "
                   f"{allocation.predicted_cost:.4g}; " + ", ".join(f"{n} x {s}" for s, n in allocation.counts().items()))
     # rtn and hqq quantize in one pass with the allocated specs; the calibration text was for the costs
-    return config, allocation, (calib if config.method in CALIBRATED_METHODS or args.awq else None)
+    return plan, allocation, (calib if plan.needs_calibration else None)
 
 
 def _record(path, info, allocation) -> None:

@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from bitsmith.methods import LayerStats, method_options, register
+from bitsmith.methods.base import LayerStats, Needs, register
 from bitsmith.methods.rtn import (
     DEFAULT_CLIP_GRID,
     channel_weights,
@@ -69,7 +69,7 @@ class GPTQOptions:
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "GPTQOptions":
-        options = method_options(options)
+        options = dict(options or {})  # the plan hands each method only its own options
         known = set(cls.__dataclass_fields__)
         unknown = set(options) - known
         if unknown:
@@ -241,7 +241,7 @@ def gptq_walk(
     return codes_t
 
 
-@register("gptq")
+@register("gptq", needs=Needs.HESSIAN, options=GPTQOptions)
 def gptq(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, options: dict | None = None) -> QuantizedTensor:
     """GPTQ (Algorithm 1) with act-order and static groups. Needs ``stats.hessian`` [in, in]: any
     positive multiple of X X^T (the sum over calibration tokens, or the mean).

@@ -55,7 +55,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bitsmith.methods import LayerStats, method_options, register
+from bitsmith.methods.base import LayerStats, register
 from bitsmith.methods.rtn import (
     DEFAULT_CLIP_GRID,
     channel_weights,
@@ -92,7 +92,7 @@ class HQQOptions:
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "HQQOptions":
-        options = method_options(options)
+        options = dict(options or {})  # a copy: popped below; the plan hands each method only its own options
         # The CLI sends RTN's ``clip_search=False`` for --no-clip-search. For hqq it can only ask for
         # the min/max start (the default); the clip-searched start is ``clip_init=True``.
         if options.pop("clip_search", True) is False:
@@ -250,7 +250,7 @@ def _refine_scale(
     return best.scale, best.zero
 
 
-@register("hqq")
+@register("hqq", options=HQQOptions)
 def hqq(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, options: dict | None = None) -> QuantizedTensor:
     """Calibration-free HQQ; ``stats.importance`` (mean squared input per channel) is used when given.
 

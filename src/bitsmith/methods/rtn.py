@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from bitsmith.methods import LayerStats, register
+from bitsmith.methods.base import LayerStats, register
 from bitsmith.primitives import (
     affine_params,
     dequantize_codes,

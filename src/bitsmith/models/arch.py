@@ -87,7 +87,7 @@ def build_model(
         if name not in available:
             missing.append(name)
             continue
-        _set_tensor(model, name, _load_checked(source, name, wanted[name].shape, dtype))
+        set_tensor(model, name, load_checked(source, name, wanted[name].shape, dtype))
     if missing:
         raise ModelSourceError(
             f"{source.path.name} lacks {len(missing)} tensor(s) the {source.config.model_type} model "
@@ -103,7 +103,7 @@ def build_model(
     return model
 
 
-def _load_checked(source: ModelSource, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+def load_checked(source: ModelSource, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     tensor = source.load_tensor(name)
     if tuple(tensor.shape) != tuple(shape):
         raise ModelSourceError(
@@ -113,7 +113,7 @@ def _load_checked(source: ModelSource, name: str, shape: torch.Size, dtype: torc
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Replace parameter or buffer ``name`` of ``model`` (meta or not) by ``tensor``."""
     from torch import nn
 

@@ -1,15 +1,24 @@
-"""The calibration-free quantization pipeline: stream the source tensor by tensor, quantize the
-linear layers of the decoder blocks, write the checkpoint shard by shard.
+"""The quantize pipeline's front door: ``quantize(model, out_dir, plan)``.
 
-Peak memory is one tensor plus one shard's worth of output, whatever the model size.
+One entry point, two loops, chosen by the plan:
+
+- a plan that needs calibration (its quantizer or a transform needs it, or calibration text is
+  given) walks the decoder blocks with their calibration inputs
+  (:func:`bitsmith.pipeline.layerwise.quantize_blocks`);
+- any other plan streams the source tensor by tensor, here: it never builds the model, so peak
+  memory is one tensor plus one shard's worth of output whatever the model size, and it reads the
+  tensors in file order. Running it through the block loop without statistics would give the same
+  numbers but build every block and capture activations for nothing, so it keeps its own loop.
+
+The rules both loops follow (which layers, how other tensors are stored, the tied-head rule,
+reports) live in :mod:`bitsmith.pipeline.plan` and :mod:`bitsmith.pipeline.common`, once.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,169 +26,98 @@ import torch
 
 from bitsmith.calib.data import CalibrationConfig
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
-from bitsmith.methods import get_method
-from bitsmith.primitives import abs_max, sqnr_db
-from bitsmith.spec import QuantSpec, SpecError
+from bitsmith.methods import METHODS, Needs, get_method
+from bitsmith.models.meta import meta_model  # noqa: F401  (re-exported for io.load until it imports models.meta)
+from bitsmith.pipeline.common import (  # noqa: F401  (STORAGE_DTYPES, quantizable_layers: re-exported for callers)
+    STORAGE_DTYPES, check_layers, dtype_name, finish_folder, layer_report, quantizable_layers, storage, summary,
+)
+from bitsmith.pipeline.plan import HEAD, QuantizePlan
+from bitsmith.transforms import TRANSFORMS
 
 log = logging.getLogger(__name__)
 
-CALIBRATED_METHODS = frozenset({"gptq", "awq"})  # methods that need calibration data
-STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-FP16_MAX = 65504.0
+QuantizeConfig = QuantizePlan  # the name callers knew before the plan: the same class
+
+Progress = Callable[[str, int, int], None]  # (what was just done, done, total)
 
 
-@dataclass(frozen=True)
-class QuantizeConfig:
-    spec: QuantSpec
-    method: str = "rtn"
-    options: dict = field(default_factory=dict)
-    quantize_head: bool = False  # also quantize lm_head (untied from the embedding if tied)
-    quantize_embeddings: bool = False  # also quantize the input embedding (a tied head then shares it)
-    unquantized_dtype: str = "fp16"  # storage for 2-D tensors left unquantized (embeddings, lm_head)
-    layer_specs: dict[str, QuantSpec] = field(default_factory=dict)  # per-module overrides (mixed precision)
-
-    def spec_for(self, module: str) -> QuantSpec:
-        return self.layer_specs.get(module, self.spec)
-
-
-def meta_model(config) -> torch.nn.Module:
-    """The architecture with no weights: enough to find blocks and layer names."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def quantizable_layers(config, quantize_head: bool = False, quantize_embeddings: bool = False) -> dict[str, tuple[int, int]]:
-    """Module names of the layers to quantize -> (out, in): every linear in the decoder blocks,
-    plus lm_head and the input embedding when asked."""
-    from bitsmith.models.arch import block_linears, embedding_and_head_names, find_blocks
-
-    model = meta_model(config)
-    path, blocks = find_blocks(model)
-    layers = {}
-    for i, block in enumerate(blocks):
-        for rel, linear in block_linears(block).items():
-            layers[f"{path}.{i}.{rel}"] = (linear.out_features, linear.in_features)
-    emb_name, head_name = embedding_and_head_names(model)
-    if quantize_head:
-        weight = model.get_parameter(emb_name if head_name is None else head_name)
-        layers["lm_head"] = tuple(weight.shape)
-    if quantize_embeddings:
-        layers[emb_name.removesuffix(".weight")] = tuple(model.get_parameter(emb_name).shape)
-    return layers
-
-
-def check_layers(layers: dict[str, tuple[int, int]], config: "QuantizeConfig") -> None:
-    unknown = sorted(set(config.layer_specs) - set(layers))
-    if unknown:
-        raise SpecError(f"per-layer specs name {unknown[0]}, which is not a quantizable layer of this model")
-    for name, (_, in_features) in layers.items():
-        spec = config.spec_for(name)
-        if spec.group_size is not None and spec.group_size > in_features:
-            raise SpecError(
-                f"group size {spec.group_size} is larger than {name}'s row of {in_features} weights; "
-                f"use a group size <= {in_features} or per-channel (e.g. w{spec.bits})"
-            )
-
-
-def _storage(tensor: torch.Tensor, dtype_name: str) -> torch.Tensor:
-    """Norms and biases stay fp32; 2-D tensors go to the chosen dtype unless fp16 would overflow."""
-    if tensor.dim() < 2:
-        return tensor.float()
-    dtype = STORAGE_DTYPES[dtype_name]
-    if dtype is torch.float16 and abs_max(tensor) > FP16_MAX:
-        log.warning("a tensor exceeds the fp16 range; storing it in fp32")
-        return tensor.float()
-    return tensor.to(dtype)
-
-
-def _layer_report(name: str, weight: torch.Tensor, qt, seconds: float) -> dict:
-    out_features, in_features = weight.shape
-    return {"name": name, "shape": [out_features, in_features], "spec": str(qt.spec),
-            "bits_per_weight": qt.spec.bits_per_weight(out_features, in_features),
-            "sqnr_db": sqnr_db(weight, qt.dequantize()), "seconds": round(seconds, 4)}
-
-
-def quantize_model(
-    model: str | Path,
-    out_dir: Path,
-    config: QuantizeConfig,
-    *,
-    overwrite: bool = False,
-    progress: Callable[[str, int, int], None] | None = None,
-    calib: CalibrationConfig | None = None,
-    resume: bool = False,
-    compute_dtype: torch.dtype = torch.float32,
-    hessian_dtype: str = "fp32",
-) -> Path:
+def quantize(model: str | Path, out_dir: Path, plan: QuantizePlan, *, progress: Progress | None = None,
+             resume: bool = False, overwrite: bool = False) -> Path:
     """Quantize ``model`` (folder, GGUF file or alias) into a bitsmith checkpoint at ``out_dir``.
 
-    Methods that need calibration (CALIBRATED_METHODS), or any method given ``calib``, go through
-    the layer-wise pipeline (:func:`bitsmith.pipeline.layerwise.quantize_calibrated`); the rest
-    stream tensor by tensor here.
-    """
+    ``resume`` continues an interrupted calibrated run from its last finished block; ``overwrite``
+    replaces ``out_dir`` once the new checkpoint is complete."""
     from bitsmith.models import open_source
 
     start = time.perf_counter()
     if Path(out_dir).exists() and not overwrite:  # fail before any work
         raise CheckpointError(f"{out_dir} already exists; choose another --out or pass --overwrite")
-    if config.method in CALIBRATED_METHODS or calib is not None:
-        from bitsmith.pipeline.layerwise import quantize_calibrated
+    if plan.needs_calibration:
+        from bitsmith.pipeline.layerwise import quantize_blocks
 
-        calib = calib or CalibrationConfig()
-        tokens = calib.batches(open_source(model).tokenizer())  # [samples, seq_len]
-        return quantize_calibrated(model, Path(out_dir), config, tokens, resume=resume, overwrite=overwrite,
-                                   progress=progress, compute_dtype=compute_dtype, hessian_dtype=hessian_dtype)
+        tokens = (plan.calib or CalibrationConfig()).batches(open_source(model).tokenizer())  # [samples, seq_len]
+        return quantize_blocks(model, Path(out_dir), plan, tokens, progress=progress, resume=resume, overwrite=overwrite)
     if resume:
-        raise ValueError(f"--resume applies to calibrated methods ({', '.join(sorted(CALIBRATED_METHODS))}); "
-                         f"{config.method} without --calib runs in one pass, drop --resume")
+        raise ValueError(f"--resume applies to calibrated methods ({', '.join(calibrated_methods())}); "
+                         f"{plan.method} without --calib runs in one pass, drop --resume")
+    return _stream(model, Path(out_dir), plan, progress, overwrite, start)
+
+
+def calibrated_methods() -> list[str]:
+    """The method spellings that always calibrate (for messages): registered transforms and the
+    methods that need calibration data."""
+    return sorted([*TRANSFORMS, *(name for name, info in METHODS.items() if info.needs is not Needs.NOTHING)])
+
+
+def _stream(model: str | Path, out_dir: Path, plan: QuantizePlan, progress: Progress | None, overwrite: bool,
+            start: float) -> Path:
+    """The calibration-free loop: every tensor of the source once, in file order."""
+    from bitsmith.models import open_source
+
     source = open_source(model)
-    layers = quantizable_layers(source.config, config.quantize_head, config.quantize_embeddings)
-    check_layers(layers, config)
-    method = get_method(config.method)
+    layers = quantizable_layers(source.config, plan.quantize_head, plan.quantize_embeddings)
+    check_layers(layers, plan)
+    method, options = get_method(plan.quantizer), plan.method_options()
     names = source.tensor_names()
-    # A tied head is untied only when the head alone is quantized; quantizing the embedding with a
-    # tied head keeps them tied (the head then computes from the quantized embedding).
-    head_is_tied = config.quantize_head and "lm_head.weight" not in names and not config.quantize_embeddings
+    untie = plan.unties_head(names)
     report_layers = []
-    options = {**config.options, "quantize_head": config.quantize_head,
-               "quantize_embeddings": config.quantize_embeddings, "unquantized_dtype": config.unquantized_dtype}
-    with CheckpointWriter(Path(out_dir), config.method, options, overwrite=overwrite) as writer:
+    with CheckpointWriter(out_dir, plan.method, plan.recorded_options(), overwrite=overwrite) as writer:
         for i, name in enumerate(names):
             module = name.removesuffix(".weight")
             tensor = source.load_tensor(name)
             if module in layers:
                 t0 = time.perf_counter()
-                qt = method(tensor, config.spec_for(module), None, config.options)
+                qt = method(tensor, plan.spec_for(module), None, options)
                 writer.add_quantized(module, qt)
-                report_layers.append(_layer_report(module, tensor, qt, time.perf_counter() - t0))
+                report_layers.append(layer_report(module, tensor, qt, time.perf_counter() - t0))
             else:
-                writer.add_tensor(name, _storage(tensor, config.unquantized_dtype))
-            if head_is_tied and name.endswith("embed_tokens.weight"):
-                # Untie: the embedding stays at full precision, the output projection is quantized.
-                qt = method(tensor, config.spec_for("lm_head"), None, config.options)
-                writer.add_quantized("lm_head", qt)
-                report_layers.append(_layer_report("lm_head", tensor, qt, 0.0))
+                writer.add_tensor(name, storage(tensor, plan.unquantized_dtype))
+            if untie and name.endswith("embed_tokens.weight"):
+                # the embedding stays at full precision (written above); the head gets a quantized copy
+                qt = method(tensor, plan.spec_for(HEAD), None, options)
+                writer.add_quantized(HEAD, qt)
+                report_layers.append(layer_report(HEAD, tensor, qt, 0.0))
             if progress:
                 progress(name, i + 1, len(names))
-        finish_folder(writer, source, head_is_tied)
-        return writer.finish(summary(source, config, report_layers, start))
+        finish_folder(writer, source, untie)
+        return writer.finish(summary(source, plan, report_layers, start))
 
 
-def finish_folder(writer: CheckpointWriter, source, head_is_tied: bool) -> None:
-    """Config and tokenizer into the checkpoint; an untied config when a tied head was quantized."""
-    source.save_config_and_tokenizer(writer.tmp_dir)
-    if head_is_tied:
-        untied = copy.deepcopy(source.config)
-        untied.tie_word_embeddings = False
-        untied.save_pretrained(writer.tmp_dir)
-
-
-def summary(source, config: QuantizeConfig, report_layers: list[dict], start: float) -> dict:
-    """The checkpoint report: per-layer entries plus totals."""
-    stored = sum(l["bits_per_weight"] * l["shape"][0] * l["shape"][1] for l in report_layers)
-    count = sum(l["shape"][0] * l["shape"][1] for l in report_layers)
-    return {"source": str(source.path), "spec": str(config.spec), "method": config.method, "layers": report_layers,
-            "quantized_weights": count, "bits_per_weight": stored / max(count, 1),
-            "seconds": round(time.perf_counter() - start, 2)}
+def quantize_model(
+    model: str | Path,
+    out_dir: Path,
+    config: QuantizePlan,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    calib: CalibrationConfig | None = None,
+    resume: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    hessian_dtype: str | None = None,
+) -> Path:
+    """The pre-plan signature of :func:`quantize`, kept for its callers: the keyword settings go
+    into the plan (None keeps the plan's own)."""
+    plan = replace(config, calib=config.calib if calib is None else calib,
+                   compute_dtype=config.compute_dtype if compute_dtype is None else dtype_name(compute_dtype),
+                   hessian_dtype=hessian_dtype or config.hessian_dtype)
+    return quantize(model, out_dir, plan, progress=progress, resume=resume, overwrite=overwrite)

@@ -26,6 +26,7 @@ recomputed, which changes the time, never the result.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -92,12 +93,21 @@ class OutputReplay:
         -- except inside ``tail_of``, the linear whose input this pass records as a tail: its
         parent will be computed from that input, so its other children's outputs would go unused."""
         tail_parent = tail_of.rpartition(".")[0] if tail_of else None
+        patched = self._patch_forwards()
+        state = _Pass(used=self.used())
+        hooks = self._recording_hooks(state, tail_parent) if record else []
+        try:
+            yield
+        finally:
+            for module in patched:
+                del module.forward
+            for h in hooks:
+                h.remove()
+            self._keep_recorded(state.recording)
+
+    def _patch_forwards(self) -> list[nn.Module]:
+        """Cached modules return their recorded output; finished tails compute from their recorded input."""
         patched: list[nn.Module] = []
-        hooks = []
-        recording: dict[str, list] = {}
-        calls: dict[str, int] = {}
-        reserved: dict[str, int] = {}
-        used = [self.used()]
         for name, module in self._modules.items():
             if name in self._cache and not any(a in self._cache for a in self._ancestors(name)):
                 module.forward = (lambda *a, _n=name, **k: self._cache[_n][self.batch])
@@ -108,54 +118,59 @@ class OutputReplay:
                 module = self._modules[parent]
                 module.forward = self._tail_forward(parent, module, self._modules[rel], inputs)
                 patched.append(module)
-        if record:
-            for name, module in self._modules.items():
-                if (self._covered(name) or name in self._skip or not self._has_linears(name)
-                        or not self._linears_done(name) or (tail_parent and name.startswith(tail_parent + "."))
-                        or any(self._linears_done(a) for a in self._ancestors(name))):
-                    # norms and activations are cheap to recompute; a finished ancestor is recorded
-                    # instead of its children; the linears_done test guards other callers
-                    continue
-                recording[name] = [None] * self.batches
+        return patched
 
-                def hook(_m: nn.Module, _args: Any, output: Any, _n: str = name) -> None:
-                    outs = recording.get(_n)
-                    if outs is None:
-                        return
-                    key = f"{_n}@{self.batch}"
-                    calls[key] = calls.get(key, 0) + 1
-                    if calls[key] > 1 or not _replayable(output):  # called twice per forward, or a container
-                        used[0] -= reserved.pop(_n, 0)
-                        recording.pop(_n)
-                        self._skip.add(_n)
-                        return
-                    if _n not in reserved:
-                        need = _nbytes(output) * self.batches
-                        if need + used[0] > self.budget:
-                            recording.pop(_n)
-                            self._skip.add(_n)
-                            return
-                        reserved[_n] = need
-                        used[0] += need
-                    outs[self.batch] = output
-                hooks.append(module.register_forward_hook(hook))
-        try:
-            yield
-        finally:
-            for module in patched:
-                del module.forward
-            for h in hooks:
-                h.remove()
-            complete = {n: outs for n, outs in recording.items() if all(o is not None for o in outs)}
-            for name, outs in complete.items():
-                if not any(a in complete for a in self._ancestors(name)):  # topmost only
-                    self._cache[name] = outs
-            for name in list(self._cache):
-                if any(a in self._cache for a in self._ancestors(name)):
-                    del self._cache[name]
-            for rel in list(self._tails):  # a tail whose parent is now replayed is not needed
-                if self._covered(rel.rpartition(".")[0]) or self._tail_kind.get(rel.rpartition(".")[0]) == -1:
-                    del self._tails[rel]
+    def _recording_hooks(self, state: "_Pass", tail_parent: str | None) -> list:
+        hooks = []
+        for name, module in self._modules.items():
+            if (self._covered(name) or name in self._skip or not self._has_linears(name)
+                    or not self._linears_done(name) or (tail_parent and name.startswith(tail_parent + "."))
+                    or any(self._linears_done(a) for a in self._ancestors(name))):
+                # norms and activations are cheap to recompute; a finished ancestor is recorded
+                # instead of its children; the linears_done test guards other callers
+                continue
+            state.recording[name] = [None] * self.batches
+            hooks.append(module.register_forward_hook(self._recorder(name, state)))
+        return hooks
+
+    def _recorder(self, name: str, state: "_Pass"):
+        """The forward hook that records ``name``'s output per batch, within the budget."""
+
+        def hook(_m: nn.Module, _args: Any, output: Any) -> None:
+            outs = state.recording.get(name)
+            if outs is None:
+                return
+            key = f"{name}@{self.batch}"
+            state.calls[key] = state.calls.get(key, 0) + 1
+            if state.calls[key] > 1 or not _replayable(output):  # called twice per forward, or a container
+                state.used -= state.reserved.pop(name, 0)
+                state.recording.pop(name)
+                self._skip.add(name)
+                return
+            if name not in state.reserved:
+                need = _nbytes(output) * self.batches
+                if need + state.used > self.budget:
+                    state.recording.pop(name)
+                    self._skip.add(name)
+                    return
+                state.reserved[name] = need
+                state.used += need
+            outs[self.batch] = output
+
+        return hook
+
+    def _keep_recorded(self, recording: dict[str, list]) -> None:
+        """After a pass: keep the topmost completely recorded modules, drop what they cover."""
+        complete = {n: outs for n, outs in recording.items() if all(o is not None for o in outs)}
+        for name, outs in complete.items():
+            if not any(a in complete for a in self._ancestors(name)):  # topmost only
+                self._cache[name] = outs
+        for name in list(self._cache):
+            if any(a in self._cache for a in self._ancestors(name)):
+                del self._cache[name]
+        for rel in list(self._tails):  # a tail whose parent is now replayed is not needed
+            if self._covered(rel.rpartition(".")[0]) or self._tail_kind.get(rel.rpartition(".")[0]) == -1:
+                del self._tails[rel]
 
     def _tail_forward(self, name: str, parent: nn.Module, linear: nn.Module, inputs: list):
         original = parent.forward  # the class's bound forward (the instance attribute is set after this)
@@ -183,6 +198,16 @@ class OutputReplay:
             return y if kind == 0 else (y,) + (None,) * (kind - 1)
 
         return forward
+
+
+@dataclass
+class _Pass:
+    """One pass's recording state: outputs per module and batch, calls seen, bytes reserved."""
+
+    used: int  # bytes of the replay already in use, plus this pass's reservations
+    recording: dict[str, list] = field(default_factory=dict)  # module name -> output per batch
+    calls: dict[str, int] = field(default_factory=dict)  # "name@batch" -> calls in this batch
+    reserved: dict[str, int] = field(default_factory=dict)  # module name -> bytes reserved
 
 
 def _replayable(value: Any) -> bool:

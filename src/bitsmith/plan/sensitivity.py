@@ -48,7 +48,6 @@ from bitsmith.spec import QuantSpec
 log = logging.getLogger(__name__)
 
 ESTIMATORS = ("fisher", "measured")
-COST_METHODS = ("rtn", "hqq")  # calibration-free quantizers whose error the costs can use directly
 FISHER_BYTES = 2 * 10**9  # default cap on the Fisher accumulators alive at once (quantize --budget)
 HEADER_BYTES_PER_TENSOR = 256  # safetensors header allowance per tensor (name, dtype, offsets, spec metadata)
 
@@ -74,9 +73,9 @@ def make_quantizer(method: str, options: dict | None = None) -> tuple[str, Quant
     """The quantizer used to price each spec. Calibrated methods (gptq, awq) need per-layer input
     statistics that this pass does not collect, so their costs are priced with RTN (a pessimistic
     but consistently ranked stand-in)."""
-    from bitsmith.methods import get_method
+    from bitsmith.methods import METHODS, get_method, needs_calibration
 
-    name = method if method in COST_METHODS else "rtn"
+    name = method if method in METHODS and not needs_calibration(method) else "rtn"
     if name != method:
         log.info("pricing specs for %s with rtn errors (a calibrated method's error needs its statistics)", method)
     opts = dict(options or {}) if name == "rtn" else {}
@@ -256,10 +255,10 @@ def plan_allocation(
     *, estimator: str = "fisher", seed: int = 0, fisher_bytes: int | None = FISHER_BYTES,
 ) -> tuple["object", Allocation]:
     """Sensitivity -> allocation for ``model`` (path or alias) under ``budget``: returns ``config``
-    (a :class:`~bitsmith.pipeline.quantize.QuantizeConfig`) with ``layer_specs`` set, and the
+    (a :class:`~bitsmith.pipeline.plan.QuantizePlan`) with ``layer_specs`` set, and the
     :class:`Allocation` to record in the checkpoint's report."""
     from bitsmith.models import open_source
-    from bitsmith.pipeline.quantize import quantizable_layers
+    from bitsmith.pipeline.common import quantizable_layers
 
     source = open_source(model)
     layers = quantizable_layers(source.config, config.quantize_head, config.quantize_embeddings)

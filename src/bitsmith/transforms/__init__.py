@@ -1,34 +1,43 @@
 """Transforms: change a block's weights (exactly, for the float model) so that any quantization
-method loses less on them. A transform runs on one decoder block before its linears are quantized.
+method loses less on them. A transform runs on one decoder block before its linears are quantized
+and registers itself in :mod:`bitsmith.transforms.base`.
 
-- :mod:`bitsmith.transforms.awq`: activation-aware per-channel scaling and weight clipping
-  (Lin et al. 2023).
+- :mod:`bitsmith.transforms.awq`, :mod:`bitsmith.transforms.awq_search`: activation-aware
+  per-channel scaling and weight clipping (Lin et al. 2023).
 """
 
 from bitsmith.transforms.awq import (
     SCALE_PATTERNS,
-    AwqOptions,
-    AwqReport,
-    ClipResult,
     ScaleGroup,
     ScalePattern,
-    ScaleResult,
-    awq_transform,
-    clip_search,
     find_scale_groups,
     fold_scale,
 )
+from bitsmith.transforms.awq_search import (
+    AwqOptions,
+    AwqReport,
+    ClipResult,
+    ScaleResult,
+    awq_transform,
+    clip_search,
+)
+from bitsmith.transforms.base import TRANSFORMS, Transform, get_transform, register_transform, transform_option
 
 __all__ = [
     "SCALE_PATTERNS",
+    "TRANSFORMS",
     "AwqOptions",
     "AwqReport",
     "ClipResult",
     "ScaleGroup",
     "ScalePattern",
     "ScaleResult",
+    "Transform",
     "awq_transform",
     "clip_search",
     "find_scale_groups",
     "fold_scale",
+    "get_transform",
+    "register_transform",
+    "transform_option",
 ]

@@ -31,26 +31,22 @@ to ``[-r max|w|, r max|w|]`` for ``r`` from 1.0 down to ``awq_clip_min`` and kee
 ``|| X_g (Q(clip(W_g)) - W_g)^T ||`` on a token subsample, the group's share of the output error.
 q and k are not clipped: their error reaches the output through softmax(q k^T), which this
 per-linear measure misjudges (the reference implementation skips them too).
+
+This module holds the block's structure side: which ops feed which linears (the scale groups) and
+how a scale is folded in. The searches (the calibration pass, eq. 4-5, clipping) and the registered
+transform are in :mod:`bitsmith.transforms.awq_search`.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from itertools import takewhile
-from typing import Any
 
 import torch
 from torch import nn
 
-from bitsmith.methods import Method
 from bitsmith.models.family import awq_scale_groups
-from bitsmith.primitives import from_groups, to_groups
-from bitsmith.spec import QuantSpec
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,63 +79,7 @@ class ScaleGroup:
     head_dim: int = 0  # used with kv_repeat > 1
 
 
-@dataclass(frozen=True)
-class AwqOptions:
-    grid: int = 20  # alpha candidates i / grid, i < grid
-    tokens: int = 4096  # calibration tokens (whole sequences) the searches run on
-    clip: bool = True
-    clip_grid: int = 20  # shrink candidates from 1.0 to clip_min
-    clip_min: float = 0.5
-    clip_tokens: int = 512  # tokens per linear for the clip search
-    duo: bool = False  # s = s_x^a / s_w^(1-a) instead of the paper's s_x^a
-
-    @classmethod
-    def from_dict(cls, options: dict) -> "AwqOptions":
-        def flag(key: str, default: bool) -> bool:  # "false" from a command line means False
-            value = options.get(key, default)
-            return value.strip().lower() not in ("0", "false", "no", "off") if isinstance(value, str) else bool(value)
-
-        opts = cls(int(options.get("awq_grid", 20)), int(options.get("awq_tokens", 4096)), flag("awq_clip", True),
-                   int(options.get("awq_clip_grid", 20)), float(options.get("awq_clip_min", 0.5)),
-                   int(options.get("awq_clip_tokens", 512)), flag("awq_duo", False))
-        if opts.grid < 1 or opts.clip_grid < 1 or opts.tokens < 1 or opts.clip_tokens < 1:
-            raise ValueError("awq_grid, awq_clip_grid, awq_tokens and awq_clip_tokens must be >= 1")
-        if not 0.0 < opts.clip_min <= 1.0:
-            raise ValueError(f"awq_clip_min={opts.clip_min} must be in (0, 1], e.g. 0.5")
-        return opts
-
-
-@dataclass(frozen=True)
-class ScaleResult:
-    prev: str
-    linears: tuple[str, ...]
-    alpha: float
-    loss_before: float  # MSE of the measured output, plain method (alpha = 0)
-    loss_after: float  # at the chosen alpha
-
-
-@dataclass(frozen=True)
-class ClipResult:
-    linear: str
-    mean_ratio: float
-    min_ratio: float
-    clipped_fraction: float  # groups whose range was shrunk
-    loss_before: float  # MSE of X W^T vs X Q(W)^T on the clip tokens
-    loss_after: float  # same with the clipped weight
-
-
-@dataclass(frozen=True)
-class AwqReport:
-    scales: tuple[ScaleResult, ...] = ()
-    clips: tuple[ClipResult, ...] = ()
-    skipped: tuple[str, ...] = ()  # why a pattern or fold was not applied
-    tokens: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # plain types, for the checkpoint's JSON report
-
-
-def _norm_offset(norm: nn.Module) -> float | None:
+def norm_offset(norm: nn.Module) -> float | None:
     """``offset`` if ``norm(x) = n(x) * (offset + weight) [+ bias]`` elementwise, else None.
 
     Probed with the weight set to 0, 1 and 2 (restored exactly afterwards)."""
@@ -205,23 +145,23 @@ def _match(block: nn.Module, pattern: ScalePattern) -> ScaleGroup | str:
         if in_features % source.out_features or not head_dim or source.out_features % head_dim:
             return f"{prev} -> {'/'.join(linears)}: {source.out_features} outputs feed {in_features} inputs"
         return ScaleGroup(prev, linears, measure, None, in_features // source.out_features, int(head_dim))
-    offset = _norm_offset(source)
+    offset = norm_offset(source)
     if offset is None or source.weight.numel() != in_features:
         return f"{prev} -> {'/'.join(linears)}: {type(source).__name__} is not a per-channel scaled norm"
     return ScaleGroup(prev, linears, measure, offset)
 
 
-def _match_all(block: nn.Module, patterns: tuple[ScalePattern, ...]) -> tuple[list[ScaleGroup], list[str]]:
+def match_all(block: nn.Module, patterns: tuple[ScalePattern, ...]) -> tuple[list[ScaleGroup], list[str]]:
     found = [_match(block, p) for p in patterns]
     return [g for g in found if isinstance(g, ScaleGroup)], [g for g in found if isinstance(g, str)]
 
 
 def find_scale_groups(block: nn.Module, patterns: tuple[ScalePattern, ...] = SCALE_PATTERNS) -> list[ScaleGroup]:
     """The scale groups of ``block`` in pattern order; patterns that do not apply are left out."""
-    return _match_all(block, patterns)[0]
+    return match_all(block, patterns)[0]
 
 
-def _tie_heads(scale: torch.Tensor, group: ScaleGroup) -> tuple[torch.Tensor, torch.Tensor]:
+def tie_heads(scale: torch.Tensor, group: ScaleGroup) -> tuple[torch.Tensor, torch.Tensor]:
     """(consumer scale [in], producer scale [prev out]); under GQA averaged over repeated heads.
 
     Consumer channel h * head_dim + d reads kv head h // kv_repeat (the transformers layout)."""
@@ -239,7 +179,7 @@ def fold_scale(block: nn.Module, group: ScaleGroup, scale: torch.Tensor) -> torc
     (tied over repeated heads under GQA)."""
     modules = dict(block.named_modules())
     prev = modules[group.prev]
-    full, own = _tie_heads(scale.float(), group)
+    full, own = tie_heads(scale.float(), group)
     with torch.no_grad():
         if group.norm_offset is not None:
             off = group.norm_offset
@@ -252,263 +192,3 @@ def fold_scale(block: nn.Module, group: ScaleGroup, scale: torch.Tensor) -> torc
             weight = modules[name].weight
             weight.copy_((weight.float() * full[None, :]).to(weight.dtype))  # columns; bias untouched
     return full
-
-
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _slice(value: Any, index: torch.Tensor, n: int) -> Any:
-    """Per-batch view of a block kwarg: tensors with batch dimension n are indexed."""
-    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == n and n > 1:
-        return value.index_select(0, index.to(value.device))
-    if type(value) in (tuple, list):
-        return type(value)(_slice(v, index, n) for v in value)
-    return value
-
-
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
-
-
-def _stateless(kwargs: dict) -> dict:
-    """The block kwargs without a KV cache: every search call must see only its own tokens."""
-    return {k: (None if k in _CACHE_KWARGS else False if k == "use_cache" else v) for k, v in kwargs.items()}
-
-
-def _run(block: nn.Module, hidden: torch.Tensor, kwargs: dict, index: torch.Tensor) -> torch.Tensor:
-    n = hidden.shape[0]
-    batch_kwargs = {k: _slice(v, index, n) for k, v in kwargs.items()}
-    return _first(block(hidden.index_select(0, index.to(hidden.device)).float(), **batch_kwargs))
-
-
-@dataclass
-class _Calibration:
-    """What one float pass over the calibration data leaves for the searches."""
-
-    abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> sum |x| [in]
-    count: int = 0  # tokens in abs_sum
-    calls: dict[str, list] = field(default_factory=dict)  # measured module -> [(args, kwargs)]
-    first_in: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> input, first batch
-    first_out: dict[str, torch.Tensor] = field(default_factory=dict)  # norm -> output, first batch
-    clip_in: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # linear -> [tokens, in]
-    block_out: torch.Tensor | None = None  # float block output, first batch
-
-
-def _calibrate(
-    block: nn.Module, hidden: torch.Tensor, kwargs: dict, groups: list[ScaleGroup], clip_names: list[str],
-    kept: list[torch.Tensor], rest: list[torch.Tensor], clip_stride: int,
-) -> _Calibration:
-    modules = dict(block.named_modules())
-    cal, state = _Calibration(), {"keep": False, "first": False}
-    hooks = []
-
-    def on_linear(name: str):
-        def hook(_m: nn.Module, args: tuple, _out: Any) -> None:
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # [tokens, in]
-            cal.abs_sum[name] = cal.abs_sum.get(name, 0) + x.abs().sum(0)
-            if state["first"]:
-                cal.first_in[name] = args[0]
-            if state["keep"] and name in clip_names:
-                cal.clip_in.setdefault(name, []).append(x[::clip_stride])
-        return hook
-
-    def on_measure(name: str):
-        def hook(_m: nn.Module, args: tuple, kw: dict) -> None:
-            if state["keep"]:
-                cal.calls.setdefault(name, []).append((args, dict(kw)))
-        return hook
-
-    def on_norm(name: str):
-        def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
-            if state["first"]:
-                cal.first_out[name] = _first(out)
-        return hook
-
-    try:
-        for name, module in modules.items():
-            if isinstance(module, nn.Linear):
-                hooks.append(module.register_forward_hook(on_linear(name)))
-        for name in dict.fromkeys(g.measure for g in groups):  # once each, even if shared
-            hooks.append(modules[name].register_forward_pre_hook(on_measure(name), with_kwargs=True))
-        for name in dict.fromkeys(g.prev for g in groups if g.norm_offset is not None):
-            hooks.append(modules[name].register_forward_hook(on_norm(name)))
-        for i, index in enumerate(kept + rest):
-            state["keep"], state["first"] = i < len(kept), i == 0
-            out = _run(block, hidden, kwargs, index)
-            if i == 0:
-                cal.block_out = out
-            cal.count += out.shape[0] * out.shape[1]
-    finally:
-        for handle in hooks:
-            handle.remove()
-    return cal
-
-
-def _feeds_only(group: ScaleGroup, cal: _Calibration) -> bool:
-    """The norm's output is exactly what the group's linears read, and no other linear reads it."""
-    out = cal.first_out.get(group.prev)
-    if out is None:
-        return False
-    same = {n for n, x in cal.first_in.items() if x.shape == out.shape and torch.equal(x, out)}
-    return same == set(group.linears)
-
-
-def _qdq(weight: torch.Tensor, spec: QuantSpec, method: Method, options: dict) -> torch.Tensor:
-    return method(weight.float(), spec, None, options).dequantize().to(weight)
-
-
-def _weight_mean(linears: list[nn.Linear], spec: QuantSpec) -> torch.Tensor:
-    """Mean over output rows of |w| normalised by its group's max, per input channel [in]."""
-    w = torch.cat([m.weight.detach().float().abs() for m in linears])  # [sum out, in]
-    groups = to_groups(w, spec)
-    groups = groups / groups.amax(dim=-1, keepdim=True).clamp_min(1e-12)
-    return from_groups(groups, w.shape[1]).mean(0)
-
-
-def _search_scale(
-    block: nn.Module, group: ScaleGroup, cal: _Calibration, spec: QuantSpec, method: Method, options: dict,
-    opts: AwqOptions,
-) -> tuple[torch.Tensor, float, float, float]:
-    """AWQ eq. 4-5: (best scale [in], alpha, loss at alpha 0, best loss)."""
-    modules = dict(block.named_modules())
-    measure, linears = modules[group.measure], [modules[n] for n in group.linears]
-    x_mean = cal.abs_sum[group.linears[0]] / max(cal.count, 1)  # [in]
-    w_mean = _weight_mean(linears, spec) if opts.duo else None
-    originals = [m.weight.detach().clone() for m in linears]
-    reference = [_first(measure(*a, **k)) for a, k in cal.calls[group.measure]]
-    best = (torch.ones_like(x_mean), 0.0, math.inf)
-    loss_plain = math.inf
-    try:
-        for i in range(opts.grid):
-            alpha = i / opts.grid
-            s = x_mean.pow(alpha).clamp_min(1e-4)
-            if w_mean is not None:
-                s = s / w_mean.pow(1 - alpha).clamp_min(1e-4)
-            s, _ = _tie_heads(s / (s.max() * s.min()).sqrt(), group)
-            for module, weight in zip(linears, originals):
-                module.weight.copy_(_qdq(weight * s, spec, method, options) / s)
-            err = sum(float((_first(measure(*a, **k)) - ref).float().pow(2).sum())
-                      for (a, k), ref in zip(cal.calls[group.measure], reference))
-            loss = err / sum(ref.numel() for ref in reference)
-            loss_plain = loss if i == 0 else loss_plain
-            if loss < best[2]:
-                best = (s, alpha, loss)
-    finally:
-        for module, weight in zip(linears, originals):
-            module.weight.copy_(weight)
-    return best[0], best[1], loss_plain, best[2]
-
-
-def clip_search(
-    weight: torch.Tensor, inputs: torch.Tensor, spec: QuantSpec, method: Method, options: dict,
-    grid: int = 20, min_ratio: float = 0.5,
-) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """AWQ's weight clipping for one linear: weight [out, in], inputs [T, in].
-
-    Returns (clipped weight [out, in], ratio per group [out, G], loss before, loss after)."""
-    out_features, in_features = weight.shape
-    w = to_groups(weight.float(), spec)  # [out, G, gs]
-    n_groups, width = w.shape[1], w.shape[2]
-    x = torch.zeros(inputs.shape[0], n_groups * width, dtype=torch.float32, device=inputs.device)
-    x[:, :in_features] = inputs.float()  # zero inputs on padding: padded weights never count
-    x = x.view(-1, n_groups, width).transpose(0, 1)  # [G, T, gs]
-    absmax = w.abs().amax(dim=-1, keepdim=True)  # [out, G, 1]
-    rows = max(1, (1 << 24) // max(1, n_groups * x.shape[1]))  # bound [rows, G, T] partial outputs
-    best_err = torch.full((out_features, n_groups), math.inf, device=w.device)
-    best_ratio = torch.ones_like(best_err)
-    for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
-        clipped = torch.maximum(torch.minimum(w, absmax * ratio), -absmax * ratio)
-        delta = to_groups(_qdq(from_groups(clipped, in_features), spec, method, options), spec) - w
-        err = torch.cat([  # per (row, group): mean over tokens of the group's output error squared
-            torch.einsum("gtk,ogk->ogt", x, delta[r:r + rows]).pow(2).mean(-1)
-            for r in range(0, out_features, rows)])
-        better = err < best_err
-        best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, ratio, best_ratio)
-    bound = absmax * best_ratio.unsqueeze(-1)
-    result = from_groups(torch.maximum(torch.minimum(w, bound), -bound), in_features).to(weight)
-
-    def loss(candidate: torch.Tensor) -> float:
-        return float((inputs.float() @ (_qdq(candidate, spec, method, options).float() - weight.float()).T)
-                     .pow(2).mean())
-
-    return result, best_ratio, loss(weight), loss(result)
-
-
-def _batches(n: int, tokens_per_seq: int, opts: AwqOptions, batch_size: int) -> tuple[list, list]:
-    """(kept, rest) index batches: the kept sequences, evenly spaced, hold ~opts.tokens tokens."""
-    n_kept = min(n, max(1, math.ceil(opts.tokens / max(tokens_per_seq, 1))))
-    kept = torch.linspace(0, n - 1, n_kept).round().long().unique()
-    taken = set(kept.tolist())
-    rest = torch.tensor([i for i in range(n) if i not in taken], dtype=torch.long)
-    split = max(1, batch_size)
-    return list(kept.split(split)), list(rest.split(split)) if rest.numel() else []
-
-
-def awq_transform(
-    block: nn.Module, hidden: torch.Tensor, block_kwargs: dict, spec: QuantSpec, method: Method,
-    options: dict, batch_size: int = 8, *, patterns: tuple[ScalePattern, ...] = SCALE_PATTERNS,
-) -> AwqReport:
-    """Scale (eq. 4-5) then clip ``block``'s linears in place, so that quantizing them afterwards
-    (with any method) loses less. ``hidden`` [N, L, H]: the block's calibration inputs;
-    ``block_kwargs``: what the model passes to the block. ``method`` is the quantizer simulated
-    inside the searches (called with ``stats=None``; RTN is the usual choice).
-
-    options: ``awq_grid`` (20), ``awq_tokens`` (4096), ``awq_clip`` (True), ``awq_clip_grid`` (20),
-    ``awq_clip_min`` (0.5), ``awq_clip_tokens`` (512), ``awq_duo`` (False). Cache kwargs are dropped:
-    every call must see only its own tokens."""
-    opts = AwqOptions.from_dict(options)
-    was_training = block.training
-    block.eval()
-    try:
-        with torch.no_grad():
-            return _transform(block, hidden, _stateless(block_kwargs), spec, method, options, opts, batch_size,
-                              patterns)
-    finally:
-        block.train(was_training)
-
-
-def _transform(
-    block: nn.Module, hidden: torch.Tensor, kwargs: dict, spec: QuantSpec, method: Method, options: dict,
-    opts: AwqOptions, batch_size: int, patterns: tuple[ScalePattern, ...],
-) -> AwqReport:
-    modules = dict(block.named_modules())
-    groups, skipped = _match_all(block, patterns)
-    clip_names = [n for n, m in modules.items()
-                  if isinstance(m, nn.Linear) and not CLIP_SKIP.fullmatch(n.rsplit(".", 1)[-1])]
-    n, length = hidden.shape[0], hidden.shape[1]
-    kept, rest = _batches(n, length, opts, batch_size)
-    kept_tokens = sum(len(k) for k in kept) * length
-    cal = _calibrate(block, hidden, kwargs, groups, clip_names if opts.clip else [], kept, rest,
-                     max(1, kept_tokens // opts.clip_tokens))
-    scales = []
-    for group in groups:
-        if group.norm_offset is not None and not _feeds_only(group, cal):
-            skipped.append(f"{group.prev} -> {'/'.join(group.linears)}: its output is not (only) their input")
-            continue
-        s, alpha, before, after = _search_scale(block, group, cal, spec, method, options, opts)
-        applied = fold_scale(block, group, s)
-        out = _run(block, hidden, kwargs, kept[0])
-        tol = 1e-4 * float(cal.block_out.nan_to_num().abs().max())
-        if not torch.allclose(out, cal.block_out, rtol=1e-3, atol=tol, equal_nan=True):
-            fold_scale(block, group, 1.0 / applied)  # undo: the fold changed the float block
-            skipped.append(f"{group.prev} -> {'/'.join(group.linears)}: folding changed the block output")
-            continue
-        for name in group.linears:  # the linears now read x / s
-            if name in cal.clip_in:
-                cal.clip_in[name] = [x / applied for x in cal.clip_in[name]]
-        scales.append(ScaleResult(group.prev, group.linears, alpha, before, after))
-        log.info("awq: %s -> %s alpha=%.2f mse %.3g -> %.3g", group.prev, ",".join(group.linears), alpha,
-                 before, after)
-    clips = []
-    for name in [n for n in clip_names if n in cal.clip_in] if opts.clip else []:
-        linear = modules[name]
-        inputs = torch.cat(cal.clip_in[name])[: opts.clip_tokens]  # [T, in]
-        clipped, ratio, before, after = clip_search(linear.weight.detach(), inputs, spec, method, options,
-                                                    opts.clip_grid, opts.clip_min)
-        if after > before:  # per-group choices ignore cross-group terms; never make the linear worse
-            ratio, after = torch.ones_like(ratio), before
-        else:
-            linear.weight.copy_(clipped)
-        clips.append(ClipResult(name, float(ratio.mean()), float(ratio.min()), float((ratio < 1).float().mean()),
-                                before, after))
-    return AwqReport(tuple(scales), tuple(clips), tuple(skipped), kept_tokens)

@@ -1,0 +1,104 @@
+"""What both quantize loops share: which layers a plan quantizes, how the tensors it leaves alone are
+stored, the per-layer report, and how the checkpoint folder is finished.
+
+The calibration-free loop (:mod:`bitsmith.pipeline.quantize`) and the calibrated block loop
+(:mod:`bitsmith.pipeline.layerwise`) both write through these, so a tensor left unquantized is stored
+the same way whichever loop wrote it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+import torch
+
+from bitsmith.io.checkpoint import CheckpointWriter
+from bitsmith.pipeline.plan import HEAD, QuantizePlan
+from bitsmith.primitives import abs_max, sqnr_db
+from bitsmith.spec import SpecError
+
+log = logging.getLogger(__name__)
+
+STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FP16_MAX = 65504.0
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The plan's name of a torch dtype (the inverse of STORAGE_DTYPES)."""
+    names = {v: k for k, v in STORAGE_DTYPES.items()}
+    if dtype not in names:
+        raise ValueError(f"compute dtype must be one of {', '.join(map(str, names))}, got {dtype}")
+    return names[dtype]
+
+
+def quantizable_layers(config, quantize_head: bool = False, quantize_embeddings: bool = False) -> dict[str, tuple[int, int]]:
+    """Module names of the layers to quantize -> (out, in): every linear in the decoder blocks,
+    plus lm_head and the input embedding when asked."""
+    from bitsmith.models.arch import block_linears, embedding_and_head_names, find_blocks
+    from bitsmith.models.meta import meta_model
+
+    model = meta_model(config)
+    path, blocks = find_blocks(model)
+    layers = {}
+    for i, block in enumerate(blocks):
+        for rel, linear in block_linears(block).items():
+            layers[f"{path}.{i}.{rel}"] = (linear.out_features, linear.in_features)
+    emb_name, head_name = embedding_and_head_names(model)
+    if quantize_head:
+        weight = model.get_parameter(emb_name if head_name is None else head_name)
+        layers[HEAD] = tuple(weight.shape)
+    if quantize_embeddings:
+        layers[emb_name.removesuffix(".weight")] = tuple(model.get_parameter(emb_name).shape)
+    return layers
+
+
+def check_layers(layers: dict[str, tuple[int, int]], plan: QuantizePlan) -> None:
+    unknown = sorted(set(plan.layer_specs) - set(layers))
+    if unknown:
+        raise SpecError(f"per-layer specs name {unknown[0]}, which is not a quantizable layer of this model")
+    for name, (_, in_features) in layers.items():
+        spec = plan.spec_for(name)
+        if spec.group_size is not None and spec.group_size > in_features:
+            raise SpecError(
+                f"group size {spec.group_size} is larger than {name}'s row of {in_features} weights; "
+                f"use a group size <= {in_features} or per-channel (e.g. w{spec.bits})"
+            )
+
+
+def storage(tensor: torch.Tensor, dtype_name: str) -> torch.Tensor:
+    """Norms and biases stay fp32; 2-D tensors go to the chosen dtype unless fp16 would overflow."""
+    if tensor.dim() < 2:
+        return tensor.float()
+    dtype = STORAGE_DTYPES[dtype_name]
+    if dtype is torch.float16 and abs_max(tensor) > FP16_MAX:
+        log.warning("a tensor exceeds the fp16 range; storing it in fp32")
+        return tensor.float()
+    return tensor.to(dtype)
+
+
+def layer_report(name: str, weight: torch.Tensor, qt, seconds: float) -> dict:
+    out_features, in_features = weight.shape
+    return {"name": name, "shape": [out_features, in_features], "spec": str(qt.spec),
+            "bits_per_weight": qt.spec.bits_per_weight(out_features, in_features),
+            "sqnr_db": sqnr_db(weight, qt.dequantize()), "seconds": round(seconds, 4)}
+
+
+def finish_folder(writer: CheckpointWriter, source: Any, head_is_tied: bool) -> None:
+    """Config and tokenizer into the checkpoint; an untied config when a tied head was quantized."""
+    source.save_config_and_tokenizer(writer.tmp_dir)
+    if head_is_tied:
+        untied = copy.deepcopy(source.config)
+        untied.tie_word_embeddings = False
+        untied.save_pretrained(writer.tmp_dir)
+
+
+def summary(source: Any, plan: QuantizePlan, report_layers: list[dict], start: float) -> dict:
+    """The checkpoint report: per-layer entries plus totals."""
+    stored = sum(l["bits_per_weight"] * l["shape"][0] * l["shape"][1] for l in report_layers)
+    count = sum(l["shape"][0] * l["shape"][1] for l in report_layers)
+    return {"source": str(source.path), "spec": str(plan.spec), "method": plan.method, "layers": report_layers,
+            "quantized_weights": count, "bits_per_weight": stored / max(count, 1),
+            "seconds": round(time.perf_counter() - start, 2)}

@@ -1,0 +1,105 @@
+"""The quantize plan: everything one run does, decided before it starts, in one frozen object.
+
+A plan names the spec (and per-layer overrides), the method as the user spelled it, its options,
+the head/embedding policy, the dtypes, the calibration source and the streaming budgets. The user's
+spelling is parsed here and only here (:func:`parse_method`): ``--method awq`` is the AWQ transform
+followed by a quantizer (``quantizer=`` option, default rtn), ``awq=true`` adds the AWQ transform to
+any method. The pipeline then reads ``plan.quantizer`` and ``plan.transforms`` and never looks at a
+method's name again. Importing this module is torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from bitsmith.spec import QuantSpec
+
+if TYPE_CHECKING:
+    from bitsmith.calib.data import CalibrationConfig
+
+HEAD = "lm_head"  # the output head's module name in checkpoints (a tied head has no tensor of its own)
+HEAD_WEIGHT = HEAD + ".weight"
+QUANTIZER_OPTION = "quantizer"  # the plan's own option: the method behind a transform-only spelling
+DEFAULT_BATCH_SIZE = 8  # sequences per block forward
+DEFAULT_SPILL_BYTES = 2 * 1024**3  # calibration activations above this go to a memory-mapped file
+DEFAULT_REPLAY_BYTES = 1024**3  # finished sub-modules' outputs kept per block (OutputReplay)
+
+
+def parse_method(method: str, options: dict[str, Any]) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """(quantizer, transforms, run options) for the user's ``method`` and ``options``.
+
+    A method name that is a registered transform (``awq``) means that transform followed by the
+    ``quantizer`` option's method (default rtn); a truthy option named after a transform adds it to
+    any method. After a transform that clips (AWQ), the quantizer keeps plain min/max ranges
+    unless ``clip_search`` is given (AutoAWQ's behaviour), so the run options (those the methods
+    see and the checkpoint records) say so.
+    """
+    from bitsmith.transforms import TRANSFORMS
+
+    transforms = tuple(name for name in TRANSFORMS if method == name or options.get(name))
+    if transforms:
+        options = {"clip_search": False, **options}  # first key, as the checkpoints have always had it
+    quantizer = str(options.get(QUANTIZER_OPTION, "rtn")) if method in TRANSFORMS else method
+    return quantizer, transforms, options
+
+
+@dataclass(frozen=True)
+class QuantizePlan:
+    """What to quantize and how. Construct it with the user's terms (``method="awq"``,
+    ``options={"awq": True}``); ``quantizer`` and ``transforms`` are derived (:func:`parse_method`)."""
+
+    spec: QuantSpec
+    method: str = "rtn"  # as the user spelled it; recorded in the checkpoint
+    options: dict[str, Any] = field(default_factory=dict)  # as the user gave them
+    quantize_head: bool = False  # also quantize lm_head (untied from the embedding if tied)
+    quantize_embeddings: bool = False  # also quantize the input embedding (a tied head then shares it)
+    unquantized_dtype: str = "fp16"  # storage for 2-D tensors left unquantized (embeddings, lm_head)
+    layer_specs: dict[str, QuantSpec] = field(default_factory=dict)  # per-module overrides (mixed precision)
+    compute_dtype: str = "fp32"  # block forwards and stored activations (calibrated runs)
+    hessian_dtype: str = "fp32"  # GEMM dtype of the Hessian products, summed in fp32
+    calib: "CalibrationConfig | None" = None  # None: calibrate only when the method or a transform needs it
+    batch_size: int = DEFAULT_BATCH_SIZE
+    spill_bytes: int = DEFAULT_SPILL_BYTES
+    replay_bytes: int = DEFAULT_REPLAY_BYTES
+    quantizer: str = field(init=False)  # the method that quantizes each layer
+    transforms: tuple[str, ...] = field(init=False)  # applied to each block before the quantizer
+    run_options: dict[str, Any] = field(init=False)  # ``options`` with the plan's defaults; recorded
+
+    def __post_init__(self) -> None:
+        quantizer, transforms, run_options = parse_method(self.method, self.options)
+        object.__setattr__(self, "quantizer", quantizer)
+        object.__setattr__(self, "transforms", transforms)
+        object.__setattr__(self, "run_options", run_options)
+
+    def spec_for(self, module: str) -> QuantSpec:
+        return self.layer_specs.get(module, self.spec)
+
+    def method_options(self) -> dict[str, Any]:
+        """The options meant for the quantizer: without the plan's and the transforms' own."""
+        from bitsmith.transforms import transform_option
+
+        return {k: v for k, v in self.run_options.items() if k != QUANTIZER_OPTION and not transform_option(k)}
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Calibration data is used when given, or when the quantizer or a transform needs it."""
+        from bitsmith.methods import needs_calibration
+
+        return self.calib is not None or bool(self.transforms) or needs_calibration(self.quantizer)
+
+    def recorded_options(self) -> dict[str, Any]:
+        """The options as the checkpoint records them (the calibrated run adds its calibration)."""
+        return {**self.run_options, "quantize_head": self.quantize_head, "quantize_embeddings": self.quantize_embeddings,
+                "unquantized_dtype": self.unquantized_dtype}
+
+    # -- the head/embedding policy: the tied-head rule lives here and nowhere else ---------------------
+    def unties_head(self, tensor_names: list[str]) -> bool:
+        """A tied head (no lm_head tensor in the source) is untied when the head alone is quantized:
+        the embedding stays at full precision and the output projection gets its own quantized copy.
+        Quantizing the embedding too keeps them tied (the head computes from the quantized embedding)."""
+        return self.quantize_head and HEAD_WEIGHT not in tensor_names and not self.quantize_embeddings
+
+    def quantizes_own_head(self, tensor_names: list[str]) -> bool:
+        """Whether a head tensor is quantized on its own (not shared with a quantized embedding)."""
+        return self.quantize_head and not (self.quantize_embeddings and HEAD_WEIGHT not in tensor_names)

@@ -1,0 +1,129 @@
+"""One true-sequential stage of the calibrated pipeline: which linears form the stages, their input
+statistics on the partially quantized block, and their quantization with per-layer reports.
+
+A stage is a set of linears that read the same input (q,k,v; o; gate,up; down). Its statistics are
+collected by running the block only up to the stage's first linear, so they see every earlier stage
+already quantized (GPTQ's "true sequential" order).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from bitsmith.calib.stats import StatsAccumulator
+from bitsmith.methods import LayerStats, Method
+from bitsmith.pipeline.capture import ActivationStore, BlockCall
+from bitsmith.pipeline.common import layer_report
+from bitsmith.pipeline.plan import QuantizePlan
+from bitsmith.pipeline.replay import OutputReplay
+
+
+class _StopForward(Exception):
+    """Raised from a hook once a stage's input is seen: the rest of the block is not needed."""
+
+
+def find_stages(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, call: BlockCall) -> list[list[str]]:
+    """Group the block's linears into true-sequential stages, in execution order: linears called on
+    the same input tensor (q,k,v; gate,up) are one stage. Found by running one batch with hooks, so
+    no table per architecture is needed."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [lin.register_forward_pre_hook(lambda m, a, rel=rel: seen.append((rel, a[0]))) for rel, lin in linears.items()]
+    try:
+        block(hidden, *call[0], **call[1])
+    finally:
+        for h in hooks:
+            h.remove()
+    stages: list[list[str]] = []
+    keys: list[tuple] = []
+    for rel, x in seen:
+        if any(rel in s for s in stages):
+            continue  # called twice: the first call decides
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+        if key in keys:
+            stages[keys.index(key)].append(rel)
+        else:
+            keys.append(key)
+            stages.append([rel])
+    unused = [rel for rel in linears if not any(rel in s for s in stages)]
+    if unused:
+        raise ValueError(f"the linear layer(s) {', '.join(unused)} are never called by the block's forward; "
+                         "this architecture is not supported by the calibrated pipeline (use --method rtn)")
+    return stages
+
+
+def stage_stats(
+    block: nn.Module, first: nn.Linear, store: ActivationStore, slices: list[slice], calls: list[BlockCall],
+    replay: "OutputReplay | None" = None, tail_of: str | None = None, hessian_dtype: str = "fp32",
+) -> LayerStats:
+    """Input statistics of a stage over all calibration batches: the block runs only up to the
+    stage's first linear (the hook stops it there), replaying final sub-modules. ``tail_of``, the
+    name of a stage's only linear, also hands its input per batch to ``replay`` as a tail (see
+    :class:`OutputReplay`), as far as the replay budget allows."""
+    acc = StatsAccumulator(first.in_features, hessian_dtype)
+    keep = [replay.tail_recorder(tail_of) if replay is not None and tail_of else None]
+    tail_of = tail_of if keep[0] is not None else None
+
+    def catch(module: nn.Module, args: tuple) -> None:
+        acc.add(args[0])
+        if keep[0] is not None:
+            x = args[0]
+            if replay.used() + x.numel() * x.element_size() * len(slices) > replay.budget:
+                keep[0] = None  # would not fit: the parent is recomputed instead
+            else:
+                keep[0].append(x)
+        raise _StopForward
+
+    hook = first.register_forward_pre_hook(catch)
+    try:
+        with replay.active(tail_of=tail_of) if replay is not None else nullcontext():
+            for b, (sl, (args, kwargs)) in enumerate(zip(slices, calls)):
+                if replay is not None:
+                    replay.batch = b
+                try:
+                    block(store.tensor[sl], *args, **kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        hook.remove()
+    if keep[0] is not None:
+        replay.keep_tail(tail_of, keep[0])
+    return acc.stats()
+
+
+def quantize_stage(names: list[str], weights: list[torch.Tensor], stats: LayerStats, method: Method,
+                    plan: QuantizePlan) -> list[tuple]:
+    """Quantize a stage's layers (they share ``stats``): in one call when the method can take them
+    together (``method.many``, e.g. GPTQ's one walk over the stacked rows) and they share a spec,
+    else one by one. Returns (QuantizedTensor, report) per layer."""
+    specs = [plan.spec_for(n) for n in names]
+    many = getattr(method, "many", None)
+    if many is None or len(names) < 2 or any(s != specs[0] for s in specs):
+        return [quantize_linear(n, w, stats, method, plan) for n, w in zip(names, weights)]
+    t0 = time.perf_counter()
+    qts = many(weights, specs[0], stats, plan.method_options())
+    elapsed = (time.perf_counter() - t0) / len(names)
+    return [(qt, _linear_report(n, w, qt, stats, method, elapsed)) for n, w, qt in zip(names, weights, qts)]
+
+
+def quantize_linear(name: str, weight: torch.Tensor, stats: LayerStats, method: Method, plan: QuantizePlan):
+    """Quantize one layer; its report adds ``output_error``, the relative squared output error
+    ||X W^T - X Wq^T||^2 / ||X W^T||^2 on the calibration inputs, and plain RTN's for comparison."""
+    t0 = time.perf_counter()
+    qt = method(weight, plan.spec_for(name), stats, plan.method_options())
+    return qt, _linear_report(name, weight, qt, stats, method, time.perf_counter() - t0)
+
+
+def _linear_report(name: str, weight: torch.Tensor, qt, stats: LayerStats, method: Method, seconds: float) -> dict:
+    from bitsmith.methods.gptq import layer_error
+    from bitsmith.methods.rtn import rtn
+
+    report = layer_report(name, weight, qt, seconds)
+    report["output_error"] = layer_error(weight, qt.dequantize(), stats.hessian)
+    if method is not rtn:
+        report["rtn_output_error"] = layer_error(weight, rtn(weight, qt.spec, None, {}).dequantize(), stats.hessian)
+    report["tokens"] = stats.tokens
+    return report
