@@ -39,7 +39,7 @@ def main() -> None:
     from bitsmith.calib import CalibrationConfig
     from bitsmith.cli.common import dir_size_mb
     from bitsmith.eval.suite import evaluate_variants, text_windows
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
     from bitsmith.pipeline.quantize import CALIBRATED_METHODS, QuantizeConfig, quantize_model
     from bitsmith.spec import QuantSpec
 

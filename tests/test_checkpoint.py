@@ -9,7 +9,7 @@ import torch
 from tiny import make_tiny_model
 
 from bitsmith.io.checkpoint import CheckpointError, read_info
-from bitsmith.io.load import load_model
+from bitsmith.runtime.load import load_model
 from bitsmith.methods import get_method
 from bitsmith.models import ModelSourceError
 from bitsmith.nn.qlinear import QuantLinear

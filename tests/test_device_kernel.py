@@ -129,7 +129,7 @@ def test_cuda_quant_embedding_moves() -> None:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
 def test_cuda_quantized_model_generates_the_cpu_tokens(arch: str, tmp_path) -> None:
     from bitsmith.infer.generate import generate
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
     from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
 
     src = make_tiny_model(tmp_path / "m", arch, seed=4)

@@ -10,7 +10,7 @@ import torch
 from bitsmith.io.checkpoint import read_info
 from bitsmith.io.export_gptq import GPTQError, GPTQFormat, export_gptq, from_gptq, pack_columns, to_gptq
 from bitsmith.io.import_gptq import load_gptq_folder
-from bitsmith.io.load import quantized_tensors
+from bitsmith.io.packed import quantized_tensors
 from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor

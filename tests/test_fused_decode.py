@@ -40,7 +40,7 @@ def checkpoints(tmp_path_factory) -> dict:
 
 
 def load(folder):
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     loaded = load_model(folder)
     return loaded.model.eval(), loaded.tokenizer

@@ -15,7 +15,7 @@ from bitsmith.io.export_gguf import export_gguf, gptq_encode
 from bitsmith.io.export_gptq import export_gptq, to_gptq
 from bitsmith.io.import_gguf import blocks_to_quantized
 from bitsmith.io.import_gptq import InputPermuted, gptq_layer
-from bitsmith.io.load import load_model
+from bitsmith.runtime.load import load_model
 from bitsmith.nn.qlinear import QuantLinear
 from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
 from bitsmith.spec import QuantSpec

@@ -228,7 +228,7 @@ def test_generate_fast_path_equals_reference_path(tmp_path, monkeypatch: pytest.
     from tiny import make_tiny_model
 
     from bitsmith.infer.generate import generate
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
     from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
 
     src = make_tiny_model(tmp_path / "m")

@@ -149,7 +149,7 @@ def test_greedy_tokens_equal_hf_path(arch: str, tmp_path) -> None:
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_quantized_checkpoint_equals_hf_path(arch: str, tmp_path) -> None:
     """A bitsmith checkpoint: QuantLinear layers, q/k/v and gate/up fused into one native call each."""
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
     from bitsmith.kernels.cpu import NativeKernel
     from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
     from bitsmith.spec import QuantSpec

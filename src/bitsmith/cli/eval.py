@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from bitsmith.cli.common import fmt, out
     from bitsmith.cli.compare import evaluate_cli, report_notes, variant_info
     from bitsmith.eval.domains import domain_metrics
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     domains = _domains(args)
     model = load_model(args.model)

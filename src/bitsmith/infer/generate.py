@@ -310,16 +310,20 @@ def generate(
             step_ids = torch.tensor([[next_id]], dtype=torch.long, device=device)  # [1, 1]
             next_id = sample_next(step(step_ids), temperature, top_p, generator)
         decode_s = max(time.perf_counter() - start - stream.callback_s, 0.0)
+    return _result(stream, len(prompt_ids), prefill_s, decode_s)
+
+
+def _result(stream: _TextStream, prompt_tokens: int, prefill_s: float, decode_s: float) -> GenerationResult:
     text = stream.finish()
     new = len(stream.ids)
-    log.info("generated %d tokens after a %d-token prompt", new, len(prompt_ids))
+    log.info("generated %d tokens after a %d-token prompt", new, prompt_tokens)
     return GenerationResult(
         text=text,
         new_tokens=new,
-        prompt_tokens=len(prompt_ids),
+        prompt_tokens=prompt_tokens,
         prefill_s=prefill_s,
         decode_s=decode_s,
-        prefill_tok_s=_rate(len(prompt_ids), prefill_s),
+        prefill_tok_s=_rate(prompt_tokens, prefill_s),
         decode_tok_s=_rate(new - 1, decode_s),
         token_ids=tuple(stream.ids),
     )
