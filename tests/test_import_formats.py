@@ -108,7 +108,7 @@ def test_gptq_act_order_layer_computes_the_permuted_product(exact_decode) -> Non
     assert perm is not None
     w = scale.float()[:, g_idx.long()] * (codes.float() - zero.float()[:, g_idx.long()])  # [out, in]
     x = torch.randn(3, in_f, generator=gen)
-    got = InputPermuted(QuantLinear(qt), perm)(x)
+    got = InputPermuted(QuantLinear(qt, options=exact_decode), perm)(x)
     torch.testing.assert_close(got, x @ w.T, rtol=1e-4, atol=1e-4)
 
 
