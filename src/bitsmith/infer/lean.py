@@ -136,7 +136,9 @@ def kv_cache_dtype(dtype: torch.dtype, choice: str = "fp16") -> torch.dtype:
 
 class LeanRunner:
     """Prefill and decode over a preallocated KV cache. ``forward(ids)`` appends ``ids`` [T] at the
-    next positions and returns the last position's logits [V] (or all T with ``all_logits``)."""
+    next positions and returns the last position's logits [V] (or all T with ``all_logits``).
+    ``options``: the cache dtype (``kv_cache``) and whether decode takes the fused step (``fused_decode``);
+    the matmuls compute as the model's kernels were prepared at load time."""
 
     def __init__(self, plan: Plan, max_len: int, options: RuntimeOptions = DEFAULT_OPTIONS) -> None:
         if max_len < 1:
