@@ -97,7 +97,7 @@ def _float_vec(t: Tensor | None, n: int, what: str) -> Tensor | None:
 
 
 def _matrix(call: Any, what: str, keep: list) -> _Mat:
-    """A fused _Joined (q/k/v, gate/up) or a QuantLinear's bound forward -> the C matrix description."""
+    """A fused Joined (q/k/v, gate/up) or a QuantLinear's bound forward -> the C matrix description."""
     from bitsmith.nn.qlinear import QuantLinear
 
     if isinstance(call, Joined):
