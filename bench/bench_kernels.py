@@ -16,14 +16,14 @@ bound that fp32 decode is held to.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from bitsmith.kernels import KERNEL_ENV, prepare, reference_linear
+from bitsmith.kernels import prepare, reference_linear
+from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
@@ -69,15 +69,7 @@ def torch_weight_only(out: int, inp: int, spec: QuantSpec, x: torch.Tensor) -> C
 
 
 def kernel_for(qt: QuantizedTensor, choice: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    previous = os.environ.get(KERNEL_ENV)
-    os.environ[KERNEL_ENV] = choice
-    try:
-        return prepare(qt)
-    finally:
-        if previous is None:
-            del os.environ[KERNEL_ENV]
-        else:
-            os.environ[KERNEL_ENV] = previous
+    return prepare(qt, RuntimeOptions(kernel=choice))
 
 
 def main() -> None:

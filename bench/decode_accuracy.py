@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,15 +23,16 @@ import torch
 from bitsmith.eval.metrics import summarize, token_stats
 from bitsmith.eval.perplexity import tokenize_text
 from bitsmith.infer.lean import lean_runner
-from bitsmith.io.load import load_model
-from bitsmith.kernels.build import native_library, set_int8_decode
+from bitsmith.runtime.load import load_model
+from bitsmith.kernels.build import native_library
+from bitsmith.runtime.options import RuntimeOptions
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "austen_pride_and_prejudice.txt"
 
 
-def decode_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+def decode_logits(model, ids: torch.Tensor, prompt: int, options: RuntimeOptions) -> torch.Tensor:
     """Logits [T - prompt, V] at positions prompt-1 .. T-2, each from a one-token decode step."""
-    runner = lean_runner(model, ids.numel())
+    runner = lean_runner(model, ids.numel(), options)
     if runner is None:
         raise SystemExit("this model is outside the lean path; nothing to measure")
     rows = []
@@ -57,7 +59,10 @@ def main() -> None:
         raise SystemExit("the native kernels could not be built; the decode paths compared here do not exist")
 
     ref = load_model(args.model, dtype=torch.float32)
-    quant = load_model(args.checkpoint)
+    options = RuntimeOptions.from_env()
+    # the same checkpoint twice: its kernels with int8 activations (the default) and with exact floats
+    quant = load_model(args.checkpoint, options=replace(options, int8_decode=True))
+    quant_exact = load_model(args.checkpoint, options=replace(options, int8_decode=False))
     text = Path(args.text).read_text(encoding="utf-8")[:200_000]
     ids = torch.tensor(tokenize_text(ref.tokenizer, text))
     span = args.prompt + args.decode + 1
@@ -70,11 +75,8 @@ def main() -> None:
         targets = window[args.prompt :]
         with torch.no_grad():
             want = ref.model(input_ids=window[None]).logits[0, args.prompt - 1 : -1].float()
-        set_int8_decode(lib, True)
-        fast = decode_logits(quant.model, window, args.prompt)
-        set_int8_decode(lib, False)
-        exact = decode_logits(quant.model, window, args.prompt)
-        set_int8_decode(lib, True)
+        fast = decode_logits(quant.model, window, args.prompt, options)
+        exact = decode_logits(quant_exact.model, window, args.prompt, options)
         runs["int8 activations (default)"].append(token_stats(want, fast, targets))
         runs["exact float"].append(token_stats(want, exact, targets))
         runs["int8 vs exact"].append(token_stats(exact, fast, targets))

@@ -89,7 +89,7 @@ def main() -> int:
     from safetensors.torch import load_file, save_file
 
     from bitsmith.eval.perplexity import convention_adds_bos, tokenize_text, windows
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     work = Path(os.environ.get("WORK", "/tmp/bitsmith-export-gptq"))
     work.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def main() -> int:
     if not folder.exists():
         subprocess.run(py + ["export", str(ckpt), "--to", "gptq", "--gptq-format", args.format, "--out", str(folder)], check=True)
     from bitsmith.io.checkpoint import read_info
-    from bitsmith.io.load import quantized_tensors
+    from bitsmith.io.packed import quantized_tensors
 
     decoded = spec_decode(folder)
     reference = {m: qt.dequantize() for m, qt in quantized_tensors(ckpt, read_info(ckpt)).items()}

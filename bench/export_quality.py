@@ -59,7 +59,7 @@ def main() -> int:
 
     from bitsmith.eval.perplexity import convention_adds_bos, evaluate, tokenize_text, windows
     from bitsmith.io.export_gguf import calibration_statistics, export_gguf
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     torch.set_num_threads(2)
     work = Path(os.environ.get("WORK", "/tmp/bitsmith-export-quality")) / args.model

@@ -59,7 +59,7 @@ def main() -> None:
 
     from bitsmith.calib.data import calibration_batches, read_calibration_text
     from bitsmith.eval.suite import evaluate_variants, text_windows
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
     from bitsmith.models import open_source
     from bitsmith.pipeline.quantize import QuantizeConfig, quantizable_layers, quantize_model
     from bitsmith.plan.allocate import allocate

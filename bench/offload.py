@@ -66,10 +66,11 @@ def _checkpoint(model: str, spec: str, workdir: Path) -> Path:
 def _block_bytes(ckpt: Path) -> int:
     """Quantized decoder-block bytes, the quantity ``max_memory`` budgets (the plan with no limit)."""
     from bitsmith.io.checkpoint import read_info
-    from bitsmith.nn.offload import PACKED_PARTS, _tensor_index  # the sizes the offload planner uses
+    from bitsmith.io.packed import PACKED_PARTS
+    from bitsmith.runtime.offload import tensor_index  # the sizes the offload planner uses
 
     info = read_info(ckpt)
-    index = _tensor_index(ckpt)
+    index = tensor_index(ckpt)
     return sum(index.get(f"{m}.{part}", (None, 0))[1] for m in info.specs if ".layers." in m for part in PACKED_PARTS)
 
 
@@ -77,7 +78,7 @@ def _child(ckpt: Path, max_memory: int, tokens: int, threads: int) -> None:
     import torch
 
     from bitsmith.infer.generate import generate
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()

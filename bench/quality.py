@@ -39,8 +39,8 @@ def main() -> None:
     from bitsmith.calib import CalibrationConfig
     from bitsmith.cli.common import dir_size_mb
     from bitsmith.eval.suite import evaluate_variants, text_windows
-    from bitsmith.io.load import load_model
     from bitsmith.pipeline.quantize import QuantizeConfig, calibrated_methods, quantize_model
+    from bitsmith.runtime.load import load_model
     from bitsmith.spec import QuantSpec
 
     specs = [s for s in args.specs.split(",") if s]

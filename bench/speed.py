@@ -112,7 +112,7 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from bitsmith.infer.generate import generate
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     base_rss = _rss_mb("VmRSS")
     source = args.child_model
@@ -143,8 +143,10 @@ def child(args: argparse.Namespace) -> None:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     from bitsmith.infer.lean import kv_cache_dtype
+    from bitsmith.runtime.options import RuntimeOptions
 
-    kv_dtype_bytes = kv_cache_dtype(torch.bfloat16 if args.child_variant == "bf16" else torch.float32).itemsize
+    kv_choice = RuntimeOptions.from_env().kv_cache
+    kv_dtype_bytes = kv_cache_dtype(torch.bfloat16 if args.child_variant == "bf16" else torch.float32, kv_choice).itemsize
     kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * (result.prompt_tokens + args.new) * kv_dtype_bytes
     print("RESULT " + json.dumps({
         "prompt_tokens": result.prompt_tokens, "new_tokens": result.new_tokens,

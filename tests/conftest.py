@@ -26,17 +26,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def exact_decode(monkeypatch):
-    """Generation exactly as the reference computes it: the exact float gemv for 4/8-bit codes instead
-    of the default int8 activations, and a float32 KV cache instead of the default fp16 one (both
-    trade a few 1e-3 relative error for speed), for tests that compare implementations at float
-    tolerance. The approximations are held to their own oracles elsewhere."""
-    from bitsmith.kernels.build import native_library, set_int8_decode
+def exact_decode():
+    """Options for generation exactly as the reference computes it: the exact float gemv for 4/8-bit
+    codes instead of the default int8 activations, and a float32 KV cache instead of the default fp16
+    one (both trade a few 1e-3 relative error for speed), for tests that compare implementations at
+    float tolerance; pass them to load_model / generate / the runners. The approximations are held to
+    their own oracles elsewhere."""
+    from bitsmith.runtime.options import RuntimeOptions
 
-    monkeypatch.setenv("BITSMITH_KV_CACHE", "fp32")
-    lib = native_library()
-    if lib is not None:
-        set_int8_decode(lib, False)
-    yield
-    if lib is not None:
-        set_int8_decode(lib, True)
+    return RuntimeOptions(int8_decode=False, kv_cache="fp32")

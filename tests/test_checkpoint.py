@@ -9,10 +9,11 @@ import torch
 from tiny import make_tiny_model
 
 from bitsmith.io.checkpoint import CheckpointError, read_info
-from bitsmith.io.load import load_model
+from bitsmith.runtime.load import load_model
 from bitsmith.methods import get_method
 from bitsmith.models import ModelSourceError
 from bitsmith.nn.qlinear import QuantLinear
+from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
 from bitsmith.spec import QuantSpec, SpecError
 
@@ -32,9 +33,8 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("spec", ["w8", "w4g32", "w3g64s", "w2g32", "w5g32", "w6s"])
 def test_save_load_gives_identical_logits(tiny: Path, tmp_path: Path, spec: str, monkeypatch) -> None:
     # The reference kernel, so the comparison is exact; fast kernels are checked against it elsewhere.
-    monkeypatch.setenv("BITSMITH_KERNEL", "reference")
     ckpt = quantize_model(tiny, tmp_path / "q", QuantizeConfig(QuantSpec.parse(spec)))
-    loaded = load_model(ckpt)
+    loaded = load_model(ckpt, options=RuntimeOptions(kernel="reference"))
     # The same quantization done in memory on the original weights, applied by hand.
     expected = load_model(tiny).model
     rtn = get_method("rtn")

@@ -73,7 +73,7 @@ def test_compare_refuses_other_tokenizer(setup, tmp_path: Path, capsys) -> None:
 
 def test_complete_callable_cuts_at_stop_strings(setup) -> None:
     from bitsmith.eval.tasks import make_complete
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     _, tiny, _ = setup
     loaded = load_model(tiny)

@@ -32,10 +32,10 @@ def random_qt(spec: str, out_features: int, in_features: int, seed: int):
     return quantize_rtn(w, QuantSpec.parse(spec))
 
 
-def as_device_kernel(qt, device="cpu") -> DeviceKernel:
+def as_device_kernel(qt, device="cpu", compile=None) -> DeviceKernel:
     state = qt.to_state("w")
     return DeviceKernel(state["w.qweight"], state["w.scale"], state.get("w.zero"), qt.spec, qt.shape[1], device,
-                        state.get("w.grid"))
+                        state.get("w.grid"), compile)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -74,10 +74,9 @@ def test_device_kernel_rejects_wrong_inputs() -> None:
 @pytest.mark.slow  # inductor compiles C++ for each spec: about 30 s each on this machine
 def test_compiled_dequantize_equals_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     """The torch.compile route (used on CUDA) computes the same weights; run here on the CPU."""
-    monkeypatch.setenv("BITSMITH_COMPILE", "1")
     for spec in ("w4g32", "w3g64s", "w4g32nf"):
         qt = random_qt(spec, 24, 64, seed=5)
-        kernel = as_device_kernel(qt)
+        kernel = as_device_kernel(qt, compile=True)  # RuntimeOptions(compile=True), $BITSMITH_COMPILE=1
         assert kernel._compile
         x = torch.randn(2, 64)
         torch.testing.assert_close(kernel(x), reference_linear(x, qt), atol=1e-6, rtol=1e-5)
@@ -129,7 +128,7 @@ def test_cuda_quant_embedding_moves() -> None:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
 def test_cuda_quantized_model_generates_the_cpu_tokens(arch: str, tmp_path) -> None:
     from bitsmith.infer.generate import generate
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
     from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
 
     src = make_tiny_model(tmp_path / "m", arch, seed=4)

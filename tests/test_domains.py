@@ -52,7 +52,7 @@ def test_dprob_is_mean_change_of_true_token_probability() -> None:
 
 
 def test_evaluate_domains_on_tiny_model(tmp_path: Path) -> None:
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     ref = load_model(make_tiny_model(tmp_path / "tiny"))
     doms = [domains.Domain("a", sample_text(300, seed=1), "t"), domains.Domain("b", sample_text(300, seed=2), "t")]

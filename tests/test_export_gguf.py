@@ -12,7 +12,8 @@ import torch
 from bitsmith.formats.ggml_types import decode
 from bitsmith.io.checkpoint import read_info
 from bitsmith.io.export_gguf import ExportError, encode_exact, export_gguf, pick_type
-from bitsmith.io.load import quantized_tensors, load_model
+from bitsmith.io.packed import quantized_tensors
+from bitsmith.runtime.load import load_model
 from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
 from bitsmith.spec import QuantSpec
 

@@ -11,7 +11,7 @@ from bitsmith.formats.gptq_layout import GPTQError, GPTQFormat, from_gptq, pack_
 from bitsmith.io.checkpoint import read_info
 from bitsmith.io.export_gptq import export_gptq
 from bitsmith.io.import_gptq import load_gptq_folder
-from bitsmith.io.load import quantized_tensors
+from bitsmith.io.packed import quantized_tensors
 from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor

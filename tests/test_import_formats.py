@@ -16,7 +16,7 @@ from bitsmith.io.export_gguf import export_gguf, gptq_encode
 from bitsmith.io.export_gptq import export_gptq
 from bitsmith.io.import_gguf import blocks_to_quantized
 from bitsmith.io.import_gptq import InputPermuted
-from bitsmith.io.load import load_model
+from bitsmith.runtime.load import load_model
 from bitsmith.nn.qlinear import QuantLinear
 from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
 from bitsmith.spec import QuantSpec
@@ -109,7 +109,7 @@ def test_gptq_act_order_layer_computes_the_permuted_product(exact_decode) -> Non
     assert perm is not None
     w = scale.float()[:, g_idx.long()] * (codes.float() - zero.float()[:, g_idx.long()])  # [out, in]
     x = torch.randn(3, in_f, generator=gen)
-    got = InputPermuted(QuantLinear(qt), perm)(x)
+    got = InputPermuted(QuantLinear(qt, options=exact_decode), perm)(x)
     torch.testing.assert_close(got, x @ w.T, rtol=1e-4, atol=1e-4)
 
 

@@ -8,29 +8,22 @@ import pytest
 import torch
 
 from bitsmith.kernels import KERNEL_ENV, prepare, prepare_packed, reference_linear
-from bitsmith.kernels.build import native_library, set_int8_decode
+from bitsmith.kernels.build import int8_widths, native_library
 from bitsmith.kernels.cpu import GEMV_MAX_ROWS, NativeKernel
 from bitsmith.kernels.torch_path import ChunkedKernel, ReferenceKernel
 from bitsmith.nn.qlinear import QuantLinear
+from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
 RTOL = 1e-4  # relative error (Frobenius) against the fp32 reference; all kernels compute in fp32
 
+# These tests hold every kernel to the float reference at RTOL, so 4-bit decode runs its exact float
+# path here; the int8-activation path (the default) has its own oracle below.
+EXACT = RuntimeOptions(int8_decode=False)
+
 native = native_library()
 needs_native = pytest.mark.skipif(native is None, reason="native kernels could not be built (no C++ compiler?)")
-
-
-@pytest.fixture(autouse=True)
-def exact_decode() -> object:
-    """These tests hold every kernel to the float reference at RTOL, so 4-bit decode runs its exact
-    float path here; the int8-activation path (the default) has its own oracle below."""
-    libs = [lib for _, lib in _native_kernels() if lib is not None]
-    for lib in libs:
-        set_int8_decode(lib, False)
-    yield
-    for lib in libs:
-        set_int8_decode(lib, True)
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +70,7 @@ def test_native_matches_reference(spec: QuantSpec) -> None:
     gen = torch.Generator().manual_seed(spec.bits * 100 + (spec.group_size or 0) + spec.symmetric)
     for (out, inp), rows in itertools.product(SHAPES, (1, 3, 4, 6, GEMV_MAX_ROWS + 3)):
         qt = random_qt(out, inp, spec, gen)
-        kernel = prepare(qt)
+        kernel = prepare(qt, EXACT)
         assert isinstance(kernel, NativeKernel)
         x = torch.randn(rows, inp, generator=gen) + 0.5  # a non-zero mean stresses the zero folding
         assert rel_err(kernel(x), reference_linear(x, qt)) < RTOL, (out, inp, rows)
@@ -96,7 +89,7 @@ def test_portable_builds_match_reference(bits: int) -> None:
             qt = random_qt(out, inp, spec, gen)
             from bitsmith.formats.packing import pack
 
-            kernel = NativeKernel(lib, pack(qt.codes, bits), qt.scale, qt.zero, spec, inp)
+            kernel = NativeKernel(lib, pack(qt.codes, bits), qt.scale, qt.zero, spec, inp, int8_decode=False)
             x = torch.randn(rows, inp, generator=gen)
             assert rel_err(kernel(x), reference_linear(x, qt)) < RTOL, (name, spec, inp, rows)
 
@@ -107,7 +100,7 @@ def test_native_real_sizes_and_shapes(spec: QuantSpec) -> None:
     gen = torch.Generator().manual_seed(7)
     torch.set_num_threads(2)  # the rows split between threads
     qt = random_qt(96, 1536, spec, gen)
-    kernel = prepare(qt)
+    kernel = prepare(qt, EXACT)
     for shape in ((1, 1536), (1, 1, 1536), (2, 5, 1536), (40, 1536), (0, 1536), (1536,)):
         x = torch.randn(*shape, generator=gen)
         y = kernel(x)
@@ -119,7 +112,7 @@ def test_native_real_sizes_and_shapes(spec: QuantSpec) -> None:
 
 @needs_native
 def test_native_rejects_wrong_width() -> None:
-    kernel = prepare(random_qt(4, 64, QuantSpec(4, 32), torch.Generator().manual_seed(0)))
+    kernel = prepare(random_qt(4, 64, QuantSpec(4, 32), torch.Generator().manual_seed(0)), EXACT)
     with pytest.raises(ValueError, match="takes 64"):
         kernel(torch.randn(2, 65))
 
@@ -129,7 +122,7 @@ def test_native_dequantize_is_the_reference_reconstruction() -> None:
     gen = torch.Generator().manual_seed(3)
     for spec in (QuantSpec(4, 32), QuantSpec(3, 128, True), QuantSpec(8), QuantSpec(6, 64)):
         qt = random_qt(10, 300, spec, gen)
-        kernel = prepare(qt)
+        kernel = prepare(qt, EXACT)
         assert torch.equal(kernel.dequantize_rows(0, 10), qt.dequantize())
         assert torch.equal(kernel.dequantize_rows(4, 7), qt.dequantize()[4:7])
 
@@ -139,7 +132,7 @@ def test_native_low_precision_activations() -> None:
     """bf16 / fp16 x: computed in fp32 inside, returned in x's dtype (tolerance of that dtype)."""
     gen = torch.Generator().manual_seed(5)
     qt = random_qt(48, 512, QuantSpec(4, 64), gen)
-    kernel = prepare(qt)
+    kernel = prepare(qt, EXACT)
     for dtype in (torch.bfloat16, torch.float16):
         for rows in (1, 32):
             x = torch.randn(rows, 512, generator=gen).to(dtype)
@@ -152,7 +145,7 @@ def test_native_low_precision_activations() -> None:
 def test_native_keeps_only_packed_bytes_and_round_trips() -> None:
     gen = torch.Generator().manual_seed(11)
     qt = random_qt(24, 200, QuantSpec(3, 64), gen)
-    kernel = prepare(qt)
+    kernel = prepare(qt, EXACT)
     assert kernel.qweight.numel() == 24 * 25 * 3  # ceil(200/8) * 3 bytes per row
     back = kernel.quantized()
     assert torch.equal(back.codes, qt.codes) and torch.equal(back.scale, qt.scale) and torch.equal(back.zero, qt.zero)
@@ -166,31 +159,30 @@ def test_native_autograd_falls_back_to_reference() -> None:
     gen = torch.Generator().manual_seed(2)
     qt = random_qt(8, 64, QuantSpec(4, 32), gen)
     x = torch.randn(2, 64, generator=gen, requires_grad=True)
-    prepare(qt)(x).sum().backward()
+    prepare(qt, EXACT)(x).sum().backward()
     assert x.grad is not None
 
 
 @pytest.mark.parametrize("choice,cls", [("reference", ReferenceKernel), ("torch", ChunkedKernel)])
 def test_env_switch_and_torch_paths(monkeypatch: pytest.MonkeyPatch, choice: str, cls: type) -> None:
-    monkeypatch.setenv(KERNEL_ENV, choice)
+    options = RuntimeOptions.from_env({KERNEL_ENV: choice})
     gen = torch.Generator().manual_seed(13)
     monkeypatch.setattr("bitsmith.kernels.torch_path.CHUNK_BYTES", 4 * 576 * 5)  # several chunks
     for spec in (QuantSpec(4, 128), QuantSpec(2, None, True), QuantSpec(8, 32)):
         qt = random_qt(33, 576, spec, gen)
-        kernel = prepare(qt)
+        kernel = prepare(qt, options)
         assert isinstance(kernel, cls)
         x = torch.randn(2, 3, 576, generator=gen)
         assert rel_err(kernel(x), reference_linear(x, qt)) < RTOL
         from bitsmith.formats.packing import pack
 
-        packed = prepare_packed(pack(qt.codes, spec.bits), qt.scale, qt.zero, spec, 576)
+        packed = prepare_packed(pack(qt.codes, spec.bits), qt.scale, qt.zero, spec, 576, options)
         assert isinstance(packed, cls) and torch.equal(packed.quantized().codes, qt.codes)
 
 
 def test_env_switch_rejects_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(KERNEL_ENV, "fastest")
     with pytest.raises(ValueError, match="reference"):
-        prepare(random_qt(2, 8, QuantSpec(4), torch.Generator().manual_seed(0)))
+        prepare(random_qt(2, 8, QuantSpec(4), torch.Generator().manual_seed(0)), RuntimeOptions.from_env({KERNEL_ENV: "fastest"}))
 
 
 def test_no_compiler_falls_back_with_warning(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -199,7 +191,7 @@ def test_no_compiler_falls_back_with_warning(monkeypatch: pytest.MonkeyPatch, ca
     native_library.cache_clear()
     try:
         with caplog.at_level("WARNING", logger="bitsmith.kernels.build"):
-            kernel = prepare(random_qt(4, 64, QuantSpec(4, 32), torch.Generator().manual_seed(0)))
+            kernel = prepare(random_qt(4, 64, QuantSpec(4, 32), torch.Generator().manual_seed(0)), EXACT)
         assert isinstance(kernel, ChunkedKernel)
         assert "no C++ compiler" in caplog.text
     finally:
@@ -210,7 +202,7 @@ def test_quant_linear_module() -> None:
     gen = torch.Generator().manual_seed(17)
     qt = random_qt(40, 96, QuantSpec(4, 32), gen)
     bias = torch.randn(40, generator=gen)
-    layer = QuantLinear(qt, bias)
+    layer = QuantLinear(qt, bias, EXACT)
     assert (layer.in_features, layer.out_features, layer.spec) == (96, 40, qt.spec)
     x = torch.randn(3, 2, 96, generator=gen)
     ref = reference_linear(x, qt) + bias
@@ -218,7 +210,7 @@ def test_quant_linear_module() -> None:
     assert torch.equal(layer.quantized().codes, qt.codes) and torch.equal(layer.qt.codes, qt.codes)
     state = layer.to_state("m")
     assert all(torch.equal(v, qt.to_state("m")[k]) for k, v in state.items())
-    again = QuantLinear.from_state(state["m.qweight"], state["m.scale"], state["m.zero"], qt.spec, 96, bias)
+    again = QuantLinear.from_state(state["m.qweight"], state["m.scale"], state["m.zero"], qt.spec, 96, bias, EXACT)
     assert torch.equal(again(x), layer(x))
     assert not hasattr(layer, "_qt_cache") and "qt" not in vars(layer)  # no unpacked copy kept
 
@@ -228,16 +220,17 @@ def test_generate_fast_path_equals_reference_path(tmp_path, monkeypatch: pytest.
     from tiny import make_tiny_model
 
     from bitsmith.infer.generate import generate
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
     from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
 
     src = make_tiny_model(tmp_path / "m")
     ckpt = quantize_model(src, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32")))
     runs = {}
     for choice in ("auto", "reference"):
-        monkeypatch.setenv("BITSMITH_KERNEL", choice)
-        loaded = load_model(ckpt)
-        runs[choice] = generate(loaded.model, loaded.tokenizer, "the cat sat", max_new_tokens=12, stop_at_eos=False).token_ids
+        options = RuntimeOptions(kernel=choice, int8_decode=False)
+        loaded = load_model(ckpt, options=options)
+        runs[choice] = generate(loaded.model, loaded.tokenizer, "the cat sat", max_new_tokens=12, stop_at_eos=False,
+                                options=options).token_ids
     assert len(runs["auto"]) == 12 and runs["auto"] == runs["reference"]
 
 
@@ -251,7 +244,7 @@ def test_fused_kernels_match_each_reference(spec: QuantSpec, inp: int) -> None:
 
     gen = torch.Generator().manual_seed(inp + spec.bits)
     qts = [random_qt(out, inp, spec, gen) for out in (24, 8, 8)]
-    kernels = [prepare(qt) for qt in qts]
+    kernels = [prepare(qt, EXACT) for qt in qts]
     assert fusable(kernels)
     fused = fuse_native(kernels)
     for rows in (1, 3, GEMV_MAX_ROWS + 5):  # decode and the blocked prefill path
@@ -264,7 +257,7 @@ def test_fused_kernels_match_each_reference(spec: QuantSpec, inp: int) -> None:
         state, want = kernel.to_state("m"), qt.to_state("m")
         assert all(torch.equal(state[k], want[k]) for k in want)
         assert state["m.qweight"].untyped_storage().data_ptr() != fused.qweight.untyped_storage().data_ptr()  # a copy
-    assert not fusable([kernels[0], prepare(random_qt(8, inp + 8, spec, gen))])  # other input width
+    assert not fusable([kernels[0], prepare(random_qt(8, inp + 8, spec, gen), EXACT)])  # other input width
 
 
 @needs_native
@@ -272,7 +265,7 @@ def test_eight_bit_codes_are_shared_not_copied() -> None:
     gen = torch.Generator().manual_seed(3)
     for inp, shared in ((64, True), (61, False)):  # whole runs of 8 codes: the codes are the packed layout
         qt = random_qt(12, inp, QuantSpec(8, 32), gen)
-        kernel = prepare(qt)
+        kernel = prepare(qt, EXACT)
         assert (kernel.qweight.data_ptr() == qt.codes.data_ptr()) == shared
         x = torch.randn(2, inp, generator=gen)
         assert rel_err(kernel(x), reference_linear(x, qt)) < RTOL
@@ -300,7 +293,7 @@ def test_int8_decode_matches_its_oracle(spec: QuantSpec) -> None:
     for name, lib in _native_kernels():
         if lib is None:
             continue
-        widths = set_int8_decode(lib, True)
+        widths = int8_widths(lib)  # the int8 path is the default (int8_decode=True)
         # 576 = 4.5 groups of 128 (SmolLM2's width: a partial last group); 288 is not whole 64-code
         # chunks (4-bit) but whole 32-blocks (8-bit); 200 is neither
         for (out, inp), rows in itertools.product(((33, 512), (64, 1536), (7, 576), (5, 200), (9, 288)), (1, 3, 4, 7)):
@@ -321,7 +314,6 @@ def test_int8_decode_matches_its_oracle(spec: QuantSpec) -> None:
                 assert 1e-5 < rel_err(y, ref) < 2e-2, (name, out, inp, rows)  # the approximation, bounded
             else:
                 assert rel_err(y, ref) < RTOL, (name, out, inp, rows)
-        set_int8_decode(lib, False)
 
 
 @needs_native
@@ -332,7 +324,7 @@ def test_huge_page_advice_keeps_contents_and_results() -> None:
 
     gen = torch.Generator().manual_seed(21)
     qt = random_qt(6000, 2048, QuantSpec(4, 128), gen)  # 6 MB of packed codes
-    kernel = prepare(qt)
+    kernel = prepare(qt, EXACT)
     x = torch.randn(2, 2048, generator=gen)
     before, ptr, data = kernel(x), kernel.qweight.data_ptr(), kernel.qweight.clone()
     advise_huge_pages(kernel.qweight)  # again: the constructor already did

@@ -185,7 +185,7 @@ def test_bf16_compute_runs_and_stays_close(models, calib, tmp_path) -> None:
 
 
 def _kl_vs_float(model_dir: Path, ckpt: Path, ids: torch.Tensor) -> float:
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     ref, quant = load_model(model_dir).model, load_model(ckpt).model
     with torch.no_grad():
@@ -293,7 +293,7 @@ def test_output_replay_skips_recomputation(models, calib) -> None:
 def test_gptq_with_grids_writes_a_loadable_checkpoint(models, calib, tmp_path, spec) -> None:
     """q/k/v (and gate/up) quantized as one stacked GPTQ problem share one grid tensor; the block file
     and the checkpoint must still be written (safetensors refuses shared storage) and load back."""
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     out = quantize_calibrated(models["llama"], tmp_path / "q", QuantizeConfig(QuantSpec.parse(spec), "gptq"), calib,
                               batch_size=8)
@@ -356,7 +356,7 @@ def test_output_replay_tail_skips_the_attention_core(models) -> None:
 def test_gptq_with_quantized_head_reloads_the_released_embedding(models, calib, tmp_path) -> None:
     """The input embedding is released after capture and loaded again for the head's statistics:
     the quantized head is written and the checkpoint runs."""
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     config = QuantizeConfig(QuantSpec.parse("w4g32"), "gptq", quantize_head=True)
     out = quantize_calibrated(models["llama"], tmp_path / "q", config, calib, batch_size=BATCH)

@@ -13,10 +13,11 @@ from tiny import make_tiny_model, tiny_config, tiny_tokenizer
 
 from bitsmith.infer.generate import generate
 from bitsmith.infer.lean import LeanRunner, lean_plan, lean_runner
+from bitsmith.runtime.options import RuntimeOptions
 
 # Exact float decode throughout: these tests compare implementations at float tolerance; the
 # default int8-activation 4-bit decode is held to its own oracle (test_kernels.py, and below).
-pytestmark = pytest.mark.usefixtures("exact_decode")
+EXACT = RuntimeOptions(int8_decode=False, kv_cache="fp32")
 ATOL = 2e-4  # float32 throughout; the reference and the lean path differ only in op order
 
 ARCHS = {
@@ -59,7 +60,7 @@ def test_prefill_and_decode_logits_equal_hf(arch: str) -> None:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (40,), generator=gen)
     ref = reference_logits(model, ids)
-    runner = lean_runner(model, 48)
+    runner = lean_runner(model, 48, EXACT)
     assert runner is not None
     with torch.no_grad():
         prefill = runner(ids[:17], all_logits=True)  # longer than gemma's window of 8
@@ -82,7 +83,7 @@ def test_long_prompt_prefills_in_slices(arch: str, monkeypatch: pytest.MonkeyPat
     ids = torch.randint(0, model.config.vocab_size, (30,), generator=torch.Generator().manual_seed(3))
     ref = reference_logits(model, ids)
     monkeypatch.setattr(lean, "PREFILL_CHUNK", 5)
-    runner = lean_runner(model, 32)
+    runner = lean_runner(model, 32, EXACT)
     calls = []
     forward = runner.forward
     monkeypatch.setattr(runner, "forward", lambda t, all_logits=False: calls.append(len(t)) or forward(t, all_logits))
@@ -98,22 +99,19 @@ def test_long_prompt_prefills_in_slices(arch: str, monkeypatch: pytest.MonkeyPat
 def test_fp16_kv_cache_tracks_hf(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default cache of a float32 model is fp16: half the bytes, logits within fp16 rounding of the
     HF forward (the float32 cache is held to ATOL in the other tests)."""
-    monkeypatch.setenv("BITSMITH_KV_CACHE", "fp16")
     model = random_model(arch)
     ids = torch.randint(0, model.config.vocab_size, (30,), generator=torch.Generator().manual_seed(6))
     ref = reference_logits(model, ids)
-    runner = lean_runner(model, 32)
+    runner = lean_runner(model, 32, RuntimeOptions(int8_decode=False, kv_cache="fp16"))
     assert runner.keys[0].dtype == torch.float16
-    monkeypatch.setenv("BITSMITH_KV_CACHE", "fp32")
-    assert lean_runner(model, 32).cache_bytes == 2 * runner.cache_bytes
+    assert lean_runner(model, 32, EXACT).cache_bytes == 2 * runner.cache_bytes
     with torch.no_grad():
         got = [runner(ids[:12], all_logits=True)] + [runner(ids[p : p + 1])[None] for p in range(12, 30)]
     got = torch.cat(got)
     err = (got - ref).abs().max().item()
     assert 0 < err < 5e-3, err
-    monkeypatch.setenv("BITSMITH_KV_CACHE", "int4")
     with pytest.raises(ValueError, match="BITSMITH_KV_CACHE"):
-        lean_runner(model, 32)
+        lean_runner(model, 32, RuntimeOptions.from_env({"BITSMITH_KV_CACHE": "int4"}))
 
 
 def test_sliding_window_is_applied() -> None:
@@ -124,7 +122,7 @@ def test_sliding_window_is_applied() -> None:
     assert [layer.window for layer in plan.layers] == [8, None]
     ref_narrow, ref_wide = reference_logits(narrow, ids), reference_logits(wide, ids)
     assert (ref_narrow[-1] - ref_wide[-1]).abs().max() > 1e-2
-    runner = LeanRunner(plan, 30)
+    runner = LeanRunner(plan, 30, EXACT)
     (local_cos, _), (global_cos, _) = runner.tables["sliding_attention"], runner.tables["full_attention"]
     assert not torch.allclose(local_cos, global_cos)  # each layer kind has its own rotary base
     with torch.no_grad():
@@ -142,27 +140,28 @@ def test_greedy_tokens_equal_hf_path(arch: str, tmp_path) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = tiny_tokenizer()
     prompt = " ".join(["the cat sat on the mat and the dog ran far"] * 2)  # 22 tokens + BOS
-    runs = [generate(model, tok, prompt, max_new_tokens=24, stop_at_eos=False, lean=lean).token_ids for lean in (True, False)]
+    runs = [generate(model, tok, prompt, max_new_tokens=24, stop_at_eos=False, lean=lean,
+                     options=EXACT).token_ids for lean in (True, False)]
     assert len(runs[0]) == 24 and runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_quantized_checkpoint_equals_hf_path(arch: str, tmp_path) -> None:
     """A bitsmith checkpoint: QuantLinear layers, q/k/v and gate/up fused into one native call each."""
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
     from bitsmith.kernels.cpu import NativeKernel
     from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
     from bitsmith.spec import QuantSpec
 
     src = make_tiny_model(tmp_path / "m", arch, seed=4, **ARCHS[arch])
     ckpt = quantize_model(src, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32")))
-    loaded = load_model(ckpt)
+    loaded = load_model(ckpt, options=EXACT)
     model = loaded.model.eval()
     q_proj = model.model.layers[0].self_attn.q_proj
     before = {k: v.clone() for k, v in q_proj.to_state("q").items()}
     ids = torch.randint(0, 100, (24,), generator=torch.Generator().manual_seed(5))
     ref = reference_logits(model, ids)
-    runner = lean_runner(model, 24)
+    runner = lean_runner(model, 24, EXACT)
     with torch.no_grad():
         torch.testing.assert_close(runner(ids[:12], all_logits=True), ref[:12], atol=ATOL, rtol=0)
         for pos in range(12, 24):
@@ -173,7 +172,7 @@ def test_quantized_checkpoint_equals_hf_path(arch: str, tmp_path) -> None:
             assert all(torch.equal(before[k], after[k]) for k in before)
             torch.testing.assert_close(reference_logits(model, ids), ref, atol=0, rtol=0)
     tokens = [generate(model, loaded.tokenizer, "the cat sat on the mat", max_new_tokens=16, stop_at_eos=False,
-                       lean=lean).token_ids for lean in (True, False)]
+                       lean=lean, options=EXACT).token_ids for lean in (True, False)]
     assert tokens[0] == tokens[1]
 
 
@@ -181,24 +180,24 @@ def test_unsupported_models_fall_back_with_a_reason(caplog: pytest.LogCaptureFix
     model = random_model("llama")
     handle = model.model.layers[0].register_forward_pre_hook(lambda module, args: None)
     with caplog.at_level(logging.INFO, logger="bitsmith.infer.lean"):
-        assert lean_runner(model, 8) is None
+        assert lean_runner(model, 8, EXACT) is None
     assert "hooks" in caplog.text
     tok = tiny_tokenizer()
-    with_hook = generate(model, tok, "the cat", max_new_tokens=6, stop_at_eos=False).token_ids
+    with_hook = generate(model, tok, "the cat", max_new_tokens=6, stop_at_eos=False, options=EXACT).token_ids
     handle.remove()  # the model changed: the plan is read again and the lean path now runs
-    assert lean_runner(model, 8) is not None
-    assert generate(model, tok, "the cat", max_new_tokens=6, stop_at_eos=False).token_ids == with_hook
+    assert lean_runner(model, 8, EXACT) is not None
+    assert generate(model, tok, "the cat", max_new_tokens=6, stop_at_eos=False, options=EXACT).token_ids == with_hook
 
     from transformers import AutoModelForCausalLM
 
     other = AutoModelForCausalLM.from_config(tiny_config("gpt2", n_embd=32, n_layer=1, n_head=2))
     with caplog.at_level(logging.INFO, logger="bitsmith.infer.lean"):
-        assert lean_runner(other, 8) is None
+        assert lean_runner(other, 8, EXACT) is None
     assert "gpt2" in caplog.text
 
 
 def test_cache_overflow_is_a_clear_error() -> None:
-    runner = lean_runner(random_model("llama"), 4)
+    runner = lean_runner(random_model("llama"), 4, EXACT)
     with torch.no_grad():
         runner(torch.tensor([3, 4, 5]))
         with pytest.raises(ValueError, match="holds 4 positions"):
@@ -211,7 +210,7 @@ def test_bf16_model_tracks_hf_within_rounding(arch: str) -> None:
     model = random_model(arch).to(torch.bfloat16)
     ids = torch.randint(0, 100, (30,), generator=torch.Generator().manual_seed(6))
     ref = reference_logits(model, ids).float()
-    runner = lean_runner(model, 30)
+    runner = lean_runner(model, 30, EXACT)
     tol = 0.03 * float(ref.abs().max())  # a few bf16 roundings apart, not a different model
     with torch.no_grad():
         assert runner.keys[0].dtype == torch.bfloat16
@@ -223,9 +222,9 @@ def test_bf16_model_tracks_hf_within_rounding(arch: str) -> None:
 def test_cached_plan_follows_the_model_to_another_dtype() -> None:
     """model.to(...) keeps the parameter objects but moves their storage: the cached plan must not survive."""
     model = random_model("llama")
-    assert lean_runner(model, 8).plan.dtype == torch.float32
+    assert lean_runner(model, 8, EXACT).plan.dtype == torch.float32
     model.to(torch.bfloat16)
-    runner = lean_runner(model, 8)
+    runner = lean_runner(model, 8, EXACT)
     assert runner.plan.dtype == torch.bfloat16
     with torch.no_grad():
         assert runner(torch.arange(4)).dtype == torch.bfloat16  # computed by the moved weights

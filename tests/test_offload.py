@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitsmith.nn.offload import OffloadError, plan_offload
+from bitsmith.runtime.offload import OffloadError, plan_offload
 from tiny import make_tiny_model
 
 
@@ -39,7 +39,7 @@ def _block_bytes(plan) -> int:
 
 
 def test_offloaded_forward_is_bit_exact(checkpoint: Path) -> None:
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     resident = load_model(checkpoint)
     full = load_model(checkpoint, max_memory=10**12)
@@ -59,7 +59,7 @@ def test_offloaded_forward_is_bit_exact(checkpoint: Path) -> None:
 
 def test_offloaded_generation_matches_resident(checkpoint: Path) -> None:
     from bitsmith.infer.generate import generate
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     resident = load_model(checkpoint)
     plan = load_model(checkpoint, max_memory=10**12).offload
@@ -71,7 +71,7 @@ def test_offloaded_generation_matches_resident(checkpoint: Path) -> None:
 
 
 def test_max_memory_needs_a_checkpoint(tmp_path: Path) -> None:
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     src = make_tiny_model(tmp_path / "src")
     with pytest.raises(ValueError, match="quantize it first"):

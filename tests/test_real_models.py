@@ -7,7 +7,7 @@ import pytest
 
 from bitsmith.eval.suite import evaluate_variants, shipped_text, text_windows
 from bitsmith.io.inspect import inspect_path
-from bitsmith.io.load import load_model
+from bitsmith.runtime.load import load_model
 from bitsmith.models import resolve_alias
 from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
 from bitsmith.spec import QuantSpec

@@ -10,7 +10,7 @@ from tiny import make_tiny_model, sample_text
 from bitsmith.eval import refcache
 from bitsmith.eval.metrics import token_stats
 from bitsmith.eval.suite import evaluate_variants, text_windows
-from bitsmith.io.load import load_model
+from bitsmith.runtime.load import load_model
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_cli_reference_cache_builds_once_reuses_and_refuses_mismatch(tmp_path: P
     exact evaluation at k = V; another text or reference under the same domain name is refused."""
     import json
 
-    import bitsmith.io.load as load_mod
+    import bitsmith.runtime.load as load_mod
     from bitsmith.cli import main
     from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
     from bitsmith.spec import QuantSpec

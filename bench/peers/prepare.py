@@ -29,7 +29,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from bitsmith.calib import CalibrationConfig
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     work = Path(args.work)
     ref_dir = work / "reference"

@@ -114,7 +114,7 @@ def main() -> None:
 
 def score(work: Path, model: str, facts: dict, names: list[str], max_windows: int) -> None:
     from bitsmith.eval.suite import evaluate_variants, shipped_text, text_windows
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     reference = load_model(work / "reference")
     text = shipped_text()[:60_000]

@@ -48,7 +48,7 @@ def print_tables(rows: dict[str, dict[str, dict[str, Any]]]) -> None:
 def _pick_reference(args: argparse.Namespace, a: Any, b: Any) -> tuple[Any | None, str]:
     """(loaded reference or None when it is A itself, its path)."""
     from bitsmith.cli.scoring import check_same_tokenizer, checkpoint_source
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     path = args.reference or checkpoint_source(a) or checkpoint_source(b)
     if path is None or Path(path).resolve() == Path(a.name).resolve():  # A itself: no second copy
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from bitsmith.eval.domains import domain_metrics, resolve_domains, verdict
     from bitsmith.eval.report import Run, write_report
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     domains = resolve_domains(args.text, args.max_chars)
     a, b = load_model(args.a), load_model(args.b)

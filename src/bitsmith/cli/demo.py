@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from bitsmith.cli.common import timed_progress
     from bitsmith.eval.suite import evaluate_variants, shipped_text, text_windows
     from bitsmith.infer.generate import generate
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     specs = [s.strip() for s in args.specs.split(",") if s.strip()]
     with progress_bar(transient=False) as bar:

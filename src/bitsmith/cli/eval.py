@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         check_same_tokenizer, evaluate_cli, evaluate_cli_cached, report_notes, source_path, variant_info,
     )
     from bitsmith.eval.domains import domain_metrics
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     domains = _domains(args)
     model = load_model(args.model)

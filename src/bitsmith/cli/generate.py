@@ -27,11 +27,14 @@ def run(args: argparse.Namespace) -> int:
 
     from bitsmith.cli.common import console
     from bitsmith.infer.generate import generate
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     from bitsmith.plan.fit import parse_size
+    from bitsmith.runtime.options import RuntimeOptions
 
-    loaded = load_model(args.model, max_memory=None if args.max_memory is None else parse_size(args.max_memory))
+    options = RuntimeOptions.from_env()  # the user's BITSMITH_* overrides, read once for the whole run
+    loaded = load_model(args.model, max_memory=None if args.max_memory is None else parse_size(args.max_memory),
+                        options=options)
     if loaded.offload is not None:
         plan = loaded.offload
         console.print(f"[dim]offload: {len(plan.resident)} of {len(plan.block_bytes)} blocks resident "
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     result = generate(
         loaded.model, loaded.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat, on_token=stream,
-        lean=not args.hf_forward,
+        lean=not args.hf_forward, options=options,
     )
     if args.json:
         print(json.dumps(result.as_json()))

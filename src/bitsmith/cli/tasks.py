@@ -43,7 +43,7 @@ def print_reasoning(probe) -> None:
 def run(args: argparse.Namespace) -> int:
     from bitsmith.cli.common import out, progress_bar, write_json
     from bitsmith.eval.tasks import has_chat_template, make_complete, run_tasks
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     if not args.humaneval and not args.reasoning:
         args.humaneval = args.reasoning = True

@@ -10,23 +10,24 @@ tensors the torch prefill fills), final norm and head (torch).
 
 Anything outside that (torch or other kernels, bf16, another device, attention logit softcapping, an
 activation other than SiLU/GELU) keeps the torch path; the reason is logged once per plan.
-``$BITSMITH_FUSED_DECODE=0`` turns the fused step off (A/B timing).
+``RuntimeOptions(fused_decode=False)`` (the user's ``$BITSMITH_FUSED_DECODE=0``) turns the fused step off
+in the runner (A/B timing). The step computes as the layers' kernels do: int8 activations and thread
+count come from the kernels (``NativeKernel.int8_decode`` / ``threads``), so both decode paths agree.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from bitsmith.infer.lean import LeanRunner, _Layer, _Norm, _Plan
+from bitsmith.infer.plan import Joined, Layer, Norm, Plan
 
-__all__ = ["FusedDecoder", "fused_decoder", "fused_reason"]
+__all__ = ["DecodeState", "FusedDecoder", "fused_decoder", "fused_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,17 @@ class _LayerS(ctypes.Structure):
 
 class _Unfusable(Exception):
     pass
+
+
+class DecodeState(Protocol):
+    """What the fused step reads from a runner (:class:`bitsmith.infer.lean.LeanRunner`): its plan,
+    KV cache ([kv_heads, max_len, head_dim] per layer) and rotary tables; written in place."""
+
+    plan: Plan
+    keys: list[Tensor]
+    values: list[Tensor]
+    tables: dict[str, tuple[Tensor, Tensor]]
+    max_len: int
 
 
 def _activation_code(act: Any) -> int:
@@ -85,11 +97,10 @@ def _float_vec(t: Tensor | None, n: int, what: str) -> Tensor | None:
 
 
 def _matrix(call: Any, what: str, keep: list) -> _Mat:
-    """A fused _Joined (q/k/v, gate/up) or a QuantLinear's bound forward -> the C matrix description."""
-    from bitsmith.infer.lean import _Joined
+    """A fused Joined (q/k/v, gate/up) or a QuantLinear's bound forward -> the C matrix description."""
     from bitsmith.nn.qlinear import QuantLinear
 
-    if isinstance(call, _Joined):
+    if isinstance(call, Joined):
         kernel, bias = _native(call.kernel, what), call.bias
     elif type(getattr(call, "__self__", None)) is QuantLinear and getattr(call, "__func__", None) is QuantLinear.forward:
         module = call.__self__
@@ -102,7 +113,7 @@ def _matrix(call: Any, what: str, keep: list) -> _Mat:
     return _Mat(packed, scale, zero, None if bias is None else bias.data_ptr(), out, inp, bits, group)
 
 
-def _norm(norm: _Norm | None, n: int, what: str, keep: list) -> _NormS:
+def _norm(norm: Norm | None, n: int, what: str, keep: list) -> _NormS:
     if norm is None:
         return _NormS(None, 0.0)
     weight = _float_vec(norm.weight, n, what)
@@ -110,7 +121,7 @@ def _norm(norm: _Norm | None, n: int, what: str, keep: list) -> _NormS:
     return _NormS(weight.data_ptr(), float(norm.eps))
 
 
-def _layer_spec(layer: _Layer, i: int, hidden: int, keep: list) -> dict[str, Any]:
+def _layer_spec(layer: Layer, i: int, hidden: int, keep: list) -> dict[str, Any]:
     """Everything of one layer that does not depend on the runner (cache, tables)."""
     where = f"layer {i}"
     if layer.softcap is not None:
@@ -140,11 +151,11 @@ def _layer_spec(layer: _Layer, i: int, hidden: int, keep: list) -> dict[str, Any
     return spec
 
 
-def _plan_specs(plan: _Plan) -> tuple[list[dict[str, Any]], list, Any] | str:
-    """The per-layer C descriptions of a plan, or why it cannot be fused; computed once per plan."""
-    cached = getattr(plan, "_fused_specs", None)
-    if cached is not None:
-        return cached
+def _plan_specs(plan: Plan) -> tuple[list[dict[str, Any]], list, Any, bool, int | None] | str:
+    """The per-layer C descriptions of a plan (with the library, int8 switch and thread count its
+    kernels share), or why it cannot be fused; computed once per plan."""
+    if plan.fused is not None:
+        return plan.fused
     try:
         if plan.dtype != torch.float32:
             raise _Unfusable(f"the model runs in {plan.dtype}, the fused step in float32")
@@ -155,16 +166,19 @@ def _plan_specs(plan: _Plan) -> tuple[list[dict[str, Any]], list, Any] | str:
         libs = {id(k._lib) for k in keep if hasattr(k, "_lib")}
         if len(libs) != 1:
             raise _Unfusable("the layers' kernels come from different native libraries")
-        lib = next(k._lib for k in keep if hasattr(k, "_lib"))
-        result: Any = (specs, keep, lib)
+        kernels = [k for k in keep if hasattr(k, "_lib")]
+        options = {(k.int8_decode, k.threads) for k in kernels}
+        if len(options) != 1:
+            raise _Unfusable("the layers' kernels were prepared with different options")
+        result: Any = (specs, keep, kernels[0]._lib, *options.pop())
     except _Unfusable as err:
         result = str(err)
         log.info("fused decode step not used: %s; decoding with the torch lean path", err)
-    plan._fused_specs = result  # type: ignore[attr-defined]
+    plan.fused = result
     return result
 
 
-def fused_reason(plan: _Plan) -> str | None:
+def fused_reason(plan: Plan) -> str | None:
     """Why ``plan`` cannot use the fused decode step, or None when it can."""
     specs = _plan_specs(plan)
     return specs if isinstance(specs, str) else None
@@ -173,9 +187,11 @@ def fused_reason(plan: _Plan) -> str | None:
 class FusedDecoder:
     """Decode one token of a runner with one native call; the C structs are built once here."""
 
-    def __init__(self, runner: LeanRunner, specs: list[dict[str, Any]], keep: list, lib: Any) -> None:
+    def __init__(self, runner: DecodeState, specs: list[dict[str, Any]], keep: list, lib: Any, int8_decode: bool,
+                 threads: int | None) -> None:
         plan = runner.plan
         self.plan, self.lib = plan, lib
+        self.int8_decode, self.threads = int8_decode, threads
         self._keep = list(keep)  # what the structs point into stays alive as long as this decoder
         self.layers = (_LayerS * len(specs))()
         for i, (spec, keys, values, layer) in enumerate(zip(specs, runner.keys, runner.values, plan.layers)):
@@ -200,20 +216,16 @@ class FusedDecoder:
         plan = self.plan
         with torch.no_grad():
             self.h.copy_(plan.embed(ids[None])[0])
-            self.lib.bs_decode_step(*self._args, pos, self.scratch.data_ptr(), torch.get_num_threads())
+            self.lib.bs_decode_step(*self._args, pos, self.scratch.data_ptr(), self.threads or torch.get_num_threads(),
+                                    int(self.int8_decode))
             logits = plan.head(plan.final_norm(self.h))
         if plan.final_softcap:
             logits = torch.tanh(logits / plan.final_softcap) * plan.final_softcap
         return logits[0]
 
 
-def fused_decoder(runner: LeanRunner) -> FusedDecoder | None:
-    """The fused step for this runner, or None: switched off by ``$BITSMITH_FUSED_DECODE=0``, or the
-    plan is outside it (reason logged once per plan)."""
-    from bitsmith.kernels.build import env_switch
-
-    if not env_switch("BITSMITH_FUSED_DECODE"):
-        return None
+def fused_decoder(runner: DecodeState) -> FusedDecoder | None:
+    """The fused step for this runner, or None when the plan is outside it (reason logged once per plan)."""
     specs = _plan_specs(runner.plan)
     if isinstance(specs, str):
         return None

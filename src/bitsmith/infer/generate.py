@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bitsmith.runtime.options import RuntimeOptions
+
 __all__ = ["GenerationResult", "generate", "sample_next"]
 
 log = logging.getLogger(__name__)
@@ -235,6 +237,22 @@ def _rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 and tokens > 0 else 0.0
 
 
+class _Stepper:
+    """One forward step of generation: the lean runner when there is one, else the Hugging Face forward
+    with its dynamic cache (carried here between steps)."""
+
+    def __init__(self, model: Any, runner: Any) -> None:
+        self.model, self.runner, self.cache = model, runner, None
+        self.style = _CallStyle.of(model) if runner is None else None
+
+    def __call__(self, input_ids: Tensor) -> Tensor:
+        """input_ids [1, T] at the next positions -> the last position's logits [V]."""
+        if self.runner is not None:
+            return self.runner(input_ids[0])
+        logits, self.cache = self.style.call(self.model, input_ids, self.cache)
+        return logits
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -248,6 +266,7 @@ def generate(
     on_token: Callable[[str], None] | None = None,
     stop_at_eos: bool = True,
     lean: bool = True,
+    options: RuntimeOptions | None = None,
 ) -> GenerationResult:
     """Continue ``prompt`` by up to ``max_new_tokens`` tokens with a KV cache.
 
@@ -257,6 +276,8 @@ def generate(
     ``lean`` (default) runs the model through :mod:`bitsmith.infer.lean` (its own submodules and a
     preallocated KV cache) when the architecture is one it reproduces; ``lean=False``, or a model
     outside it (the reason is logged), uses the Hugging Face forward with its dynamic cache.
+    ``options`` (KV cache dtype, fused decode step) default to :meth:`RuntimeOptions.from_env`: this is an
+    entry point, so the user's ``BITSMITH_*`` overrides apply as they do for ``load_model``.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -274,39 +295,35 @@ def generate(
         if lean:
             from bitsmith.infer.lean import lean_runner
 
-            runner = lean_runner(model, len(prompt_ids) + max(max_new_tokens, 1))
-        if runner is None:
-            style = _CallStyle.of(model)
+            options = RuntimeOptions.from_env() if options is None else options
+            runner = lean_runner(model, len(prompt_ids) + max(max_new_tokens, 1), options)
+        step = _Stepper(model, runner)
         start = time.perf_counter()
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, P]
-        if runner is not None:
-            logits = runner(input_ids[0])  # [V]
-        else:
-            logits, cache = style.call(model, input_ids, None)  # [V], cache of P positions
-        next_id = sample_next(logits, temperature, top_p, generator)
+        next_id = sample_next(step(input_ids), temperature, top_p, generator)  # logits [V] after P positions
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
-        for step in range(max_new_tokens):
+        for i in range(max_new_tokens):
             stream.push(next_id)
-            if next_id in eos or step + 1 == max_new_tokens:
+            if next_id in eos or i + 1 == max_new_tokens:
                 break
             step_ids = torch.tensor([[next_id]], dtype=torch.long, device=device)  # [1, 1]
-            if runner is not None:
-                logits = runner(step_ids[0])  # [V]
-            else:
-                logits, cache = style.call(model, step_ids, cache)  # [V]
-            next_id = sample_next(logits, temperature, top_p, generator)
+            next_id = sample_next(step(step_ids), temperature, top_p, generator)
         decode_s = max(time.perf_counter() - start - stream.callback_s, 0.0)
+    return _result(stream, len(prompt_ids), prefill_s, decode_s)
+
+
+def _result(stream: _TextStream, prompt_tokens: int, prefill_s: float, decode_s: float) -> GenerationResult:
     text = stream.finish()
     new = len(stream.ids)
-    log.info("generated %d tokens after a %d-token prompt", new, len(prompt_ids))
+    log.info("generated %d tokens after a %d-token prompt", new, prompt_tokens)
     return GenerationResult(
         text=text,
         new_tokens=new,
-        prompt_tokens=len(prompt_ids),
+        prompt_tokens=prompt_tokens,
         prefill_s=prefill_s,
         decode_s=decode_s,
-        prefill_tok_s=_rate(len(prompt_ids), prefill_s),
+        prefill_tok_s=_rate(prompt_tokens, prefill_s),
         decode_tok_s=_rate(new - 1, decode_s),
         token_ids=tuple(stream.ids),
     )

@@ -354,7 +354,7 @@ def calibration_statistics(model: str | Path, tokens: int = 4096, seq_len: int =
      empty unless ``hessians``). The imatrix is the Hessian's diagonal."""
     from importlib.resources import files
 
-    from bitsmith.io.load import load_model
+    from bitsmith.runtime.load import load_model
 
     loaded = load_model(model)
     text = files("bitsmith.data").joinpath("sotu_calibration.txt").read_text(encoding="utf-8")
@@ -496,7 +496,7 @@ def export_gguf(model: str | Path, out: str | Path, qtype: str | None = None, *,
     import gguf
 
     from bitsmith.io.checkpoint import read_info
-    from bitsmith.io.load import quantized_tensors
+    from bitsmith.io.packed import quantized_tensors
     from bitsmith.models import open_source
 
     out = Path(out)

@@ -30,7 +30,7 @@ def export_gptq(checkpoint: str | Path, out: str | Path, fmt: GPTQFormat = GPTQF
     from safetensors.torch import save_file
 
     from bitsmith.io.checkpoint import read_info
-    from bitsmith.io.load import quantized_tensors
+    from bitsmith.io.packed import quantized_tensors
 
     folder, out = Path(checkpoint), Path(out)
     info = read_info(folder) if folder.is_dir() else None

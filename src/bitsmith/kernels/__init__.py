@@ -9,26 +9,27 @@ float32, then ``F.linear``. ``prepare`` picks a kernel for a QuantizedTensor onc
 - ``device`` (:mod:`bitsmith.kernels.device`): packed codes on an accelerator, dequantized there in
   row blocks; chosen by :func:`move` when a module goes to a non-CPU device (``model.to("cuda")``).
 
-``$BITSMITH_KERNEL`` (``auto``, the default, or ``native``, ``torch``, ``reference``) forces a
-choice; it is read on every ``prepare`` call, so tests can set it per test.
+``RuntimeOptions.kernel`` (``auto``, the default, or ``native``, ``torch``, ``reference``) forces a
+choice; the options are a parameter of every ``prepare`` call (the user's ``$BITSMITH_KERNEL`` reaches
+them through :meth:`~bitsmith.runtime.options.RuntimeOptions.from_env` at the entry points).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Protocol
 
 import torch
 
 from bitsmith.formats.packing import pack, unpack
 from bitsmith.kernels.torch_path import ChunkedKernel, ReferenceKernel, reference_linear
+from bitsmith.runtime.options import ENV, RuntimeOptions
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
 __all__ = ["Kernel", "KERNEL_ENV", "kernel_device", "move", "prepare", "prepare_packed", "reference_linear"]
 
-KERNEL_ENV = "BITSMITH_KERNEL"
-_CHOICES = ("auto", "native", "torch", "reference")
+KERNEL_ENV = ENV["kernel"]  # the variable RuntimeOptions.from_env reads the kernel choice from
+DEFAULT_OPTIONS = RuntimeOptions()
 
 
 class Kernel(Protocol):
@@ -43,18 +44,12 @@ class Kernel(Protocol):
     def to_state(self, prefix: str) -> dict[str, torch.Tensor]: ...
 
 
-def _choice() -> str:
-    choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
-    if choice not in _CHOICES:
-        raise ValueError(f"{KERNEL_ENV}={choice!r} is not a kernel choice; use one of {', '.join(_CHOICES)}")
-    return choice
-
-
 def prepare_packed(
-    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec, in_features: int
+    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec, in_features: int,
+    options: RuntimeOptions = DEFAULT_OPTIONS,
 ) -> Kernel:
     """The fastest kernel for tensors as a checkpoint stores them (``QuantizedTensor.to_state``)."""
-    choice = _choice()
+    choice = options.kernel
     if choice in ("auto", "native"):
         from bitsmith.kernels.build import native_library
 
@@ -62,16 +57,16 @@ def prepare_packed(
         if lib is not None:
             from bitsmith.kernels.cpu import NativeKernel
 
-            return NativeKernel(lib, qweight, scale, zero, spec, in_features)
+            return NativeKernel(lib, qweight, scale, zero, spec, in_features, options.int8_decode, options.threads)
         if choice == "native":
             raise RuntimeError(f"{KERNEL_ENV}=native but the native kernels could not be built; see the log")
     qt = QuantizedTensor(unpack(qweight, spec.bits, in_features), scale, zero, spec)
     return ReferenceKernel(qt) if choice == "reference" else ChunkedKernel(qt)
 
 
-def prepare(qt: QuantizedTensor) -> Kernel:
+def prepare(qt: QuantizedTensor, options: RuntimeOptions = DEFAULT_OPTIONS) -> Kernel:
     """The fastest kernel available for this tensor (see the module docstring)."""
-    choice = _choice()
+    choice = options.kernel
     if choice == "reference":
         return ReferenceKernel(qt)
     if choice == "torch" or qt.grid is not None:  # the native kernels know uniform codes only
@@ -80,7 +75,7 @@ def prepare(qt: QuantizedTensor) -> Kernel:
         packed = qt.codes  # 8-bit whole runs: the packed layout is the codes themselves, shared not copied
     else:
         packed = pack(qt.codes, qt.spec.bits)
-    return prepare_packed(packed, qt.scale, qt.zero, qt.spec, qt.shape[1])
+    return prepare_packed(packed, qt.scale, qt.zero, qt.spec, qt.shape[1], options)
 
 
 def kernel_device(kernel: Kernel) -> torch.device:
@@ -88,7 +83,8 @@ def kernel_device(kernel: Kernel) -> torch.device:
     return getattr(kernel, "device", torch.device("cpu"))
 
 
-def move(kernel: Kernel, device: torch.device | str, spec: QuantSpec, in_features: int) -> Kernel:
+def move(kernel: Kernel, device: torch.device | str, spec: QuantSpec, in_features: int,
+         options: RuntimeOptions = DEFAULT_OPTIONS) -> Kernel:
     """The kernel for the same packed tensors on ``device``: :class:`~bitsmith.kernels.device.DeviceKernel`
     off the CPU, the fastest CPU kernel (:func:`prepare_packed`) back on it. No-op when already there."""
     device = torch.device(device)
@@ -101,8 +97,8 @@ def move(kernel: Kernel, device: torch.device | str, spec: QuantSpec, in_feature
     if device.type != "cpu":
         from bitsmith.kernels.device import DeviceKernel
 
-        return DeviceKernel(qweight, scale, zero, spec, in_features, device, grid)
+        return DeviceKernel(qweight, scale, zero, spec, in_features, device, grid, options.compile)
     cpu = (lambda t: None if t is None else t.cpu())  # noqa: E731
     if grid is not None:
-        return prepare(QuantizedTensor.from_state(cpu(qweight), cpu(scale), cpu(zero), spec, in_features, cpu(grid)))
-    return prepare_packed(cpu(qweight), cpu(scale), cpu(zero), spec, in_features)
+        return prepare(QuantizedTensor.from_state(cpu(qweight), cpu(scale), cpu(zero), spec, in_features, cpu(grid)), options)
+    return prepare_packed(cpu(qweight), cpu(scale), cpu(zero), spec, in_features, options)

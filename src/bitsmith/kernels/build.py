@@ -31,7 +31,6 @@ SOURCE = CSRC / "qmatmul.cpp"
 SOURCES = (SOURCE, CSRC / "decode.cpp")  # compiled together into one library
 HEADERS = (CSRC / "gemv.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
-INT8_DECODE_ENV = "BITSMITH_INT8_DECODE"  # "0" turns the int8-activation 4/8-bit decode path off
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
@@ -102,7 +101,7 @@ def load(path: Path) -> ctypes.CDLL:
 
     lib = ctypes.CDLL(str(path))
     args = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64]
-    lib.bs_gemv.argtypes = args + [_PTR, _I64, _PTR, _I64]
+    lib.bs_gemv.argtypes = args + [_PTR, _I64, _PTR, _I64, _I64]
     lib.bs_gemv.restype = None
     lib.bs_dequant.argtypes = args + [_I64, _I64, _PTR, _I64, _I64]
     lib.bs_dequant.restype = None
@@ -110,29 +109,23 @@ def load(path: Path) -> ctypes.CDLL:
     lib.bs_permute4.restype = None
     lib.bs_decode_scratch.argtypes = [_PTR, _I64]
     lib.bs_decode_scratch.restype = _I64
-    lib.bs_decode_step.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64]
+    lib.bs_decode_step.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64]
     lib.bs_decode_step.restype = None
     lib.bs_half_roundtrip.argtypes = [_PTR, _PTR, _I64]
     lib.bs_half_roundtrip.restype = None
     lib.bs_simd_width.argtypes = []
     lib.bs_simd_width.restype = ctypes.c_int
-    lib.bs_set_int8_decode.argtypes = [ctypes.c_int]
-    lib.bs_set_int8_decode.restype = ctypes.c_int
-    set_int8_decode(lib, env_switch(INT8_DECODE_ENV))
+    lib.bs_int8_widths.argtypes = []
+    lib.bs_int8_widths.restype = ctypes.c_int
     return lib
 
 
-def env_switch(name: str) -> bool:
-    """An on-by-default switch from the environment: off for 0, false, no or off (any case)."""
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def set_int8_decode(lib: ctypes.CDLL, on: bool) -> frozenset[int]:
-    """Switch decode between int8 activations (on, the default: llama.cpp's trade, a few 1e-3 relative
-    error on each product, up to twice the speed) and the exact float path. Returns the bit widths now
-    on the integer path: {4, 8} with VNNI, {4} on other AVX2 builds, empty when off or without AVX2."""
-    mask = lib.bs_set_int8_decode(1 if on else 0)
-    return frozenset(b for b in (4, 8) if on and mask & (1 << b))
+def int8_widths(lib: ctypes.CDLL) -> frozenset[int]:
+    """The bit widths whose decode products this build can run with int8 activations (llama.cpp's
+    trade: a few 1e-3 relative error on each product, up to twice the speed) when a call asks for it
+    (``RuntimeOptions.int8_decode``): {4, 8} with VNNI, {4} on other AVX2 builds, empty without AVX2."""
+    mask = lib.bs_int8_widths()
+    return frozenset(b for b in (4, 8) if mask & (1 << b))
 
 
 @lru_cache(maxsize=None)

@@ -75,12 +75,15 @@ class NativeKernel:
         zero: torch.Tensor | None,  # fp16 [out, G]; None when symmetric
         spec: QuantSpec,
         in_features: int,
+        int8_decode: bool = True,  # decode products of 4/8-bit codes with int8 activations (csrc/qmatmul.cpp)
+        threads: int | None = None,  # None: torch's thread count at each call
     ) -> None:
         out_features = qweight.shape[0]
         if tuple(qweight.shape) != (out_features, packed_row_bytes(in_features, spec.bits)):
             raise ValueError(f"packed codes {tuple(qweight.shape)} do not hold {in_features} {spec.bits}-bit codes per row")
         self._lib = lib
         self.spec = spec
+        self.int8_decode, self.threads = bool(int8_decode), threads
         self.in_features, self.out_features = in_features, out_features
         if spec.bits == 8 and in_features % 8 == 0 and qweight.dtype == torch.uint8 and qweight.is_contiguous():
             # 8-bit rows of whole runs are never read past their end: keep the caller's tensor as is
@@ -106,7 +109,7 @@ class NativeKernel:
                       self.spec.bits, self._group)
 
     def _threads(self) -> int:
-        return 1 if self._small else torch.get_num_threads()
+        return 1 if self._small else self.threads or torch.get_num_threads()
 
     def _weight_args(self) -> tuple[int, int, int | None, int, int, int, int]:
         return self._args
@@ -124,7 +127,7 @@ class NativeKernel:
         y = torch.empty(rows, self.out_features, dtype=torch.float32)  # [T, out]
         if rows and self.out_features:
             if rows <= GEMV_MAX_ROWS:
-                self._lib.bs_gemv(*self._args, x2.data_ptr(), rows, y.data_ptr(), self._threads())
+                self._lib.bs_gemv(*self._args, x2.data_ptr(), rows, y.data_ptr(), self._threads(), int(self.int8_decode))
             else:
                 self._blocked(x2, y)
         y = y.view(*lead, self.out_features)
@@ -168,12 +171,13 @@ class NativeKernel:
 
 
 def fusable(kernels: list[object]) -> bool:
-    """Whether these kernels can share one call: native, same spec, inputs and zero-point kind."""
+    """Whether these kernels can share one call: native, same spec, inputs, zero-point kind and options."""
     if len(kernels) < 2 or not all(isinstance(k, NativeKernel) for k in kernels):
         return False
     first = kernels[0]
     return all(k.spec == first.spec and k.in_features == first.in_features and (k.zero is None) == (first.zero is None)
-               and k._lib is first._lib for k in kernels)
+               and k._lib is first._lib and (k.int8_decode, k.threads) == (first.int8_decode, first.threads)
+               for k in kernels)
 
 
 def fuse_native(kernels: list[NativeKernel]) -> NativeKernel:
@@ -188,7 +192,7 @@ def fuse_native(kernels: list[NativeKernel]) -> NativeKernel:
     qweight = torch.cat([k.qweight for k in kernels])
     scale = torch.cat([k.scale for k in kernels])
     zero = None if first.zero is None else torch.cat([k.zero for k in kernels])
-    fused = NativeKernel(first._lib, qweight, scale, zero, first.spec, first.in_features)
+    fused = NativeKernel(first._lib, qweight, scale, zero, first.spec, first.in_features, first.int8_decode, first.threads)
     del qweight
     row = 0
     for k in kernels:

@@ -8,13 +8,13 @@ float32, ``(q - z) * s``), rounded once to the input's dtype, so on a CPU it equ
 :func:`bitsmith.kernels.reference_linear` bit for bit in float32; the same code is what runs on a
 GPU, which is how CI (no GPU) tests the GPU path. A fused Triton/tinygemm kernel would skip the
 transient buffer; on CUDA the dequantization is compiled by ``torch.compile`` (Triton) into one
-fused kernel where that works, else it runs as eager torch ops (``$BITSMITH_COMPILE=0`` forces eager).
+fused kernel where that works, else it runs as eager torch ops (``RuntimeOptions.compile=False``, the
+user's ``$BITSMITH_COMPILE=0``, forces eager; ``True`` compiles on any device).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -63,11 +63,9 @@ def _compiled_dequantize():
     return _compiled
 
 
-def _want_compile(device: torch.device) -> bool:
-    choice = os.environ.get("BITSMITH_COMPILE", "auto").strip().lower()
-    if choice in ("0", "no", "false", "off"):
-        return False
-    return device.type == "cuda" or choice in ("1", "yes", "true", "on")
+def want_compile(device: torch.device, choice: bool | None) -> bool:
+    """Whether to compile the dequantization: ``choice`` when given, else (None, auto) on CUDA only."""
+    return device.type == "cuda" if choice is None else choice
 
 
 class DeviceKernel:
@@ -76,7 +74,8 @@ class DeviceKernel:
     name = "device"
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
-                 in_features: int, device: torch.device | str, grid: torch.Tensor | None = None) -> None:
+                 in_features: int, device: torch.device | str, grid: torch.Tensor | None = None,
+                 compile: bool | None = None) -> None:
         self.device = torch.device(device)
         self.spec, self.in_features, self.out_features = spec, in_features, qweight.shape[0]
         self.qweight = qweight.to(self.device).contiguous()  # uint8 [out, row_bytes], formats.packing layout
@@ -87,7 +86,7 @@ class DeviceKernel:
         QuantizedTensor.from_state(self.qweight[:1], self.scale[:1], None if self.zero is None else self.zero[:1],
                                    spec, in_features, self.grid)
         self._rows = max(1, CHUNK_ELEMENTS // max(in_features, 1))
-        self._compile = _want_compile(self.device)
+        self._compile = want_compile(self.device, compile)
 
     def _weights(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows [start, stop) dequantized on the device, [stop - start, in] in ``dtype``."""

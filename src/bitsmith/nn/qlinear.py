@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitsmith.kernels import Kernel, kernel_device, move, prepare, prepare_packed
+from bitsmith.kernels import DEFAULT_OPTIONS, Kernel, kernel_device, move, prepare, prepare_packed
+from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
@@ -14,15 +15,19 @@ from bitsmith.tensor import QuantizedTensor
 class QuantLinear(nn.Module):
     """y = x W^T + b from a quantized W. Only the kernel's tensors stay resident: for the native
     kernel that is the packed codes plus fp16 scale and zero, exactly the checkpoint's bytes; the
-    unpacked QuantizedTensor is rebuilt on demand by :meth:`quantized`."""
+    unpacked QuantizedTensor is rebuilt on demand by :meth:`quantized`. ``options`` choose the kernel
+    (and are kept: moving the module between devices picks the kernel again with them)."""
 
-    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None,
+                 options: RuntimeOptions = DEFAULT_OPTIONS) -> None:
         super().__init__()
-        self._attach(prepare(qt), qt.shape, qt.spec, bias)
+        self._attach(prepare(qt, options), qt.shape, qt.spec, bias, options)
 
-    def _attach(self, kernel: Kernel, shape: tuple[int, int], spec: QuantSpec, bias: torch.Tensor | None) -> None:
+    def _attach(self, kernel: Kernel, shape: tuple[int, int], spec: QuantSpec, bias: torch.Tensor | None,
+                options: RuntimeOptions) -> None:
         self.out_features, self.in_features = shape
         self.spec = spec
+        self.options = options
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self._kernel = kernel
 
@@ -35,11 +40,13 @@ class QuantLinear(nn.Module):
         spec: QuantSpec,
         in_features: int,
         bias: torch.Tensor | None = None,
+        options: RuntimeOptions = DEFAULT_OPTIONS,
     ) -> "QuantLinear":
         """Build from checkpoint tensors (``QuantizedTensor.to_state``) without unpacking the codes."""
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module._attach(prepare_packed(qweight, scale, zero, spec, in_features), (qweight.shape[0], in_features), spec, bias)
+        module._attach(prepare_packed(qweight, scale, zero, spec, in_features, options), (qweight.shape[0], in_features),
+                       spec, bias, options)
         return module
 
     @property
@@ -68,7 +75,7 @@ class QuantLinear(nn.Module):
         parameter, so torch would not); a dtype change leaves them as they are (codes stay codes)."""
         super()._apply(fn, recurse)
         target = fn(torch.empty(0, device=self.device)).device  # .half() keeps the device, .cuda() moves
-        self._kernel = move(self._kernel, target, self.spec, self.in_features)
+        self._kernel = move(self._kernel, target, self.spec, self.in_features, self.options)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

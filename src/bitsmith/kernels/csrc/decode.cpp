@@ -53,7 +53,9 @@ struct BsLayer {
 
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
 
-inline bs::Matrix matrix(const BsMat& m) { return bs::Matrix{m.packed, m.scale, m.zero, m.out, m.in, m.bits, m.group}; }
+inline bs::Matrix matrix(const BsMat& m, bool int8) {
+  return bs::Matrix{m.packed, m.scale, m.zero, m.out, m.in, m.bits, m.group, int8};
+}
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -69,7 +71,7 @@ struct Scratch {
       const BsLayer& L = layers[l];
       const BsMat* mats[4] = {&L.qkv, &L.o, &L.gate_up, &L.down};
       for (const BsMat* m : mats) {
-        nsum = std::max(nsum, bs::gemv_groups(matrix(*m)));
+        nsum = std::max(nsum, bs::gemv_groups(matrix(*m, false)));
         nxp = std::max(nxp, m->in);
         nx = std::max(nx, std::max(m->in, m->out));
       }
@@ -349,13 +351,15 @@ int64_t bs_decode_scratch(const BsLayer* layers, int64_t n) { return Scratch(lay
 
 // h [hidden] (the embedded token at position `pos`) -> the last layer's output, in place; every
 // layer's K/V cache gets position `pos` written. scratch: bs_decode_scratch(layers, n) floats.
+// int8 != 0: the matrix products use int8 activations where bs_gemv would (see qmatmul.cpp).
 //
 // Synchronisation: only the matrix products and the attention heads are shared out (5 barriers a
 // layer). Everything between them (norms, bias, RoPE, residual, activation, the gemv input
 // preparation) is cheap and is computed by every thread into its own buffers from the same shared
 // inputs, so no thread waits for another to finish it. Thread 0 alone writes the new K/V row; the
 // attention reads the cache for the earlier positions and each thread's own copy for this one.
-void bs_decode_step(const BsLayer* layers, int64_t n, float* h, int64_t pos, float* scratch, int64_t threads) {
+void bs_decode_step(const BsLayer* layers, int64_t n, float* h, int64_t pos, float* scratch, int64_t threads,
+                    int64_t int8) {
   const Scratch s(layers, n);
   float* qkv = scratch + s.qkv;    // shared: gemv outputs and attention output
   float* attn = scratch + s.attn;
@@ -377,7 +381,8 @@ void bs_decode_step(const BsLayer* layers, int64_t n, float* h, int64_t pos, flo
     const bool first = omp_get_thread_num() == 0;
     for (int64_t l = 0; l < n; ++l) {
       const BsLayer& L = layers[l];
-      const bs::Matrix mqkv = matrix(L.qkv), mo_ = matrix(L.o), mgu = matrix(L.gate_up), mdown = matrix(L.down);
+      const bs::Matrix mqkv = matrix(L.qkv, int8), mo_ = matrix(L.o, int8), mgu = matrix(L.gate_up, int8),
+                       mdown = matrix(L.down, int8);
       const int64_t D = L.head_dim, qn = L.heads * D, inter = L.down.in;
       const int64_t lo = L.window > 0 && pos + 1 > L.window ? pos + 1 - L.window : 0;
       rms_norm(hh_, L.in_norm, hidden, x);

@@ -66,6 +66,7 @@ struct Matrix {
   const uint16_t* scale;   // fp16 [out, groups]
   const uint16_t* zero;    // fp16 [out, groups] or null (symmetric)
   int64_t out, in, bits, group;
+  bool int8;               // 4/8-bit decode with int8 activations where the shape allows (per call)
 };
 
 inline int64_t gemv_groups(const Matrix& m) { return (m.in + m.group - 1) / m.group; }

@@ -350,7 +350,7 @@ void permute_for_4bit(const float* x, float* xp, int64_t in) {
 // (VNNI vpdpbusd; for 4-bit codes AVX2 maddubs + madd otherwise, which would saturate on 8-bit
 // codes, so 8-bit needs VNNI). The result is the exact product of the dequantized weights with the
 // int8-rounded x: a relative error of a few 1e-3 on y, the trade llama.cpp makes for every matmul.
-// bs_set_int8_decode(0) (BITSMITH_INT8_DECODE=0) restores the exact float path.
+// A caller passing int8 = 0 (bs_gemv, bs_decode_step) gets the exact float path instead.
 //
 // Prepared per call (prepare_int8): xq [T, in] int8; xv [T, in / 4] floats of per-lane x scales;
 // xsum [T, groups] = sum over the group's blocks of xs_b * sum(xq_b), for the zero-point term.
@@ -358,8 +358,6 @@ void permute_for_4bit(const float* x, float* xp, int64_t in) {
 // so xq is stored per chunk as [32 even | 32 odd] and each int32 lane of the two dot products sums
 // codes of one 32-block (lanes 0-3 the chunk's first block, 4-7 its second): xv holds, per chunk,
 // [xs_b0 x4, xs_b1 x4]. 8-bit: xq in natural order, one dot product per 32-block, xv [xs_b x8].
-int g_int8 = 1;
-
 #if BS_SIMD >= 256
 #define BS_INT8 1
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
@@ -463,7 +461,7 @@ void row_tile_int8(const Weights& w, int64_t o, int64_t t0, const float* xv, con
 #endif
 
 inline bool int8_ok(const bs::Matrix& m) {
-  if (!BS_INT8 || !g_int8) return false;
+  if (!BS_INT8 || !m.int8) return false;
   if (m.bits == 4) return m.in % 64 == 0 && (m.group == 32 || m.group % 64 == 0);
   return m.bits == 8 && BS_VNNI && m.in % 32 == 0 && m.group % 32 == 0;
 }
@@ -608,9 +606,10 @@ void gemv_rows(const Matrix& m, const float* x, const float* xp, const float* xs
 extern "C" {
 
 // y [T, out] = x [T, in] @ W^T for small T (decode).
+// int8 != 0: 4- and 8-bit codes take the int8-activation path where this build and shape allow it.
 void bs_gemv(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero, int64_t out, int64_t in,
-             int64_t bits, int64_t group, const float* x, int64_t T, float* y, int64_t threads) {
-  const bs::Matrix m{packed, scale, zero, out, in, bits, group};
+             int64_t bits, int64_t group, const float* x, int64_t T, float* y, int64_t threads, int64_t int8) {
+  const bs::Matrix m{packed, scale, zero, out, in, bits, group, int8 != 0};
   std::vector<float> xsum(T * bs::gemv_groups(m), 0.f);
   std::vector<float> xp(bits == 4 || bits == 8 ? T * in : 0);  // 4-bit permuted x, or int8 x (both widths)
   bs::gemv_prepare(m, x, T, xsum.data(), xp.data());
@@ -679,11 +678,8 @@ void bs_permute4(const float* x, float* xp, int64_t T, int64_t in) {
 
 int bs_simd_width() { return BS_SIMD; }
 
-// 4- and 8-bit decode with int8 activations (see row_tile_int8): on (1, the default) or off (0, exact
-// float path). Returns the bit widths this build runs on the integer path, as a mask (1 << bits).
-int bs_set_int8_decode(int on) {
-  g_int8 = on ? 1 : 0;
-  return (BS_INT8 ? 1 << 4 : 0) | (BS_VNNI ? 1 << 8 : 0);
-}
+// The bit widths this build runs on the int8-activation path (see row_tile_int8) when a call asks for
+// it, as a mask (1 << bits).
+int bs_int8_widths() { return (BS_INT8 ? 1 << 4 : 0) | (BS_VNNI ? 1 << 8 : 0); }
 
 }  // extern "C"

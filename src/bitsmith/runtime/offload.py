@@ -24,12 +24,14 @@ import torch
 from torch import nn
 
 from bitsmith.io.checkpoint import CheckpointInfo, shard_files
+from bitsmith.io.packed import PACKED_PARTS
 from bitsmith.nn.qlinear import QuantLinear, set_submodule
+from bitsmith.runtime.install import QuantizedLayer, loaded_bias
+from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
-PACKED_PARTS = ("qweight", "scale", "zero", "grid")
 _DTYPE_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
 
 
@@ -83,7 +85,7 @@ def _size(n: int, up: bool = False) -> str:
     return f"{n}B" if up else f"{n} B"
 
 
-def _tensor_index(folder: Path) -> dict[str, tuple[Path, int]]:
+def tensor_index(folder: Path) -> dict[str, tuple[Path, int]]:
     """Tensor name -> (shard, stored bytes), from the shard headers alone."""
     from bitsmith.io.safetensors import read_header
 
@@ -113,8 +115,9 @@ class _Offloaded(nn.Module):
 class BlockStreamer:
     """Forward hooks that build one block's QuantLinears before it runs and drop them after."""
 
-    def __init__(self, block: nn.Module, prefix: str, placeholders: dict[str, _Offloaded], index: dict[str, tuple[Path, int]]) -> None:
-        self.block, self.prefix, self.placeholders = block, prefix, placeholders
+    def __init__(self, block: nn.Module, prefix: str, placeholders: dict[str, _Offloaded], index: dict[str, tuple[Path, int]],
+                 options: RuntimeOptions) -> None:
+        self.block, self.prefix, self.placeholders, self.options = block, prefix, placeholders, options
         self.shards: dict[Path, list[str]] = {}
         for rel in placeholders:
             for part in PACKED_PARTS:
@@ -134,7 +137,7 @@ class BlockStreamer:
                     parts.setdefault(module_name, {})[part] = f.get_tensor(key)
         for rel, ph in self.placeholders.items():
             p = parts[f"{self.prefix}.{rel}"]
-            set_submodule(self.block, rel, _build(p, ph))
+            set_submodule(self.block, rel, _build(p, ph, self.options))
         self.loads += 1
 
     def release(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -142,25 +145,22 @@ class BlockStreamer:
             set_submodule(self.block, rel, ph)
 
 
-def _build(parts: dict[str, torch.Tensor], ph: _Offloaded) -> QuantLinear:
-    """The QuantLinear the resident loader would build from these checkpoint tensors."""
+def _build(parts: dict[str, torch.Tensor], ph: _Offloaded, options: RuntimeOptions) -> QuantLinear:
+    """The QuantLinear the resident loader builds from these checkpoint tensors (the same code:
+    :class:`~bitsmith.runtime.install.QuantizedLayer`)."""
     bias = None if ph.bias is None else ph.bias.detach()
-    if "grid" in parts:  # non-uniform grids: through the unpacked tensor, as the resident loader does
-        from bitsmith.tensor import QuantizedTensor
-
-        qt = QuantizedTensor.from_state(parts["qweight"], parts["scale"], parts.get("zero"), ph.spec, ph.in_features, parts["grid"])
-        return QuantLinear(qt, bias)
-    return QuantLinear.from_state(parts["qweight"], parts["scale"], parts.get("zero"), ph.spec, ph.in_features, bias)
+    return QuantizedLayer(ph.spec, ph.in_features, parts=parts).linear(bias, options)
 
 
-def offload_blocks(net: nn.Module, folder: Path, info: CheckpointInfo, max_memory: int) -> tuple[OffloadPlan, set[str]]:
+def offload_blocks(net: nn.Module, folder: Path, info: CheckpointInfo, max_memory: int,
+                   options: RuntimeOptions = RuntimeOptions()) -> tuple[OffloadPlan, set[str]]:
     """Plan which blocks of ``net`` to stream under ``max_memory`` bytes of quantized block weights,
     install placeholders and hooks on the streamed ones, and return the plan and the module names now
     streamed (the caller loads every other quantized module as usual)."""
     from bitsmith.models.arch import find_blocks
 
     prefix, blocks = find_blocks(net)
-    index = _tensor_index(Path(folder))
+    index = tensor_index(Path(folder))
     members: list[list[str]] = [[] for _ in blocks]
     for module in info.specs:
         head, _, rest = module.partition(f"{prefix}.")
@@ -174,11 +174,10 @@ def offload_blocks(net: nn.Module, folder: Path, info: CheckpointInfo, max_memor
         placeholders = {}
         for module in members[i]:
             rel = module[len(block_prefix) + 1:]
-            bias = getattr(net.get_submodule(module), "bias", None)
-            bias = None if bias is None or bias.is_meta else bias.detach()
+            bias = loaded_bias(net.get_submodule(module))
             placeholders[rel] = _Offloaded(module, info.specs[module], info.shapes[module], bias)
             set_submodule(blocks[i], rel, placeholders[rel])
-        streamer = BlockStreamer(blocks[i], block_prefix, placeholders, index)
+        streamer = BlockStreamer(blocks[i], block_prefix, placeholders, index, options)
         blocks[i].register_forward_pre_hook(streamer.load)
         blocks[i].register_forward_hook(streamer.release, always_call=True)
         streamed.update(members[i])

@@ -1,0 +1,79 @@
+"""Swap quantized modules into a model: the one place that decides which module computes a quantized
+layer. An embedding becomes a QuantEmbedding (and a tied output head a QuantLinear over the same codes);
+every other layer a QuantLinear, built straight from a checkpoint's packed codes where it can (no
+unpack/repack), or from an unpacked QuantizedTensor (imported formats, non-uniform grids), wrapped in
+an input permutation for GPTQ act-order layers. Used by the loader for bitsmith checkpoints and GPTQ /
+GGUF imports, and by the offloader for each streamed block (so both build identical modules)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bitsmith.nn.qembedding import QuantEmbedding
+from bitsmith.nn.qlinear import QuantLinear, set_submodule
+from bitsmith.runtime.options import RuntimeOptions
+from bitsmith.spec import QuantSpec
+from bitsmith.tensor import QuantizedTensor
+
+__all__ = ["QuantizedLayer", "install_quantized"]
+
+
+@dataclass(frozen=True)
+class QuantizedLayer:
+    """One layer's quantized weights: the packed tensors a checkpoint stores (``parts``: ``qweight``,
+    ``scale``, optional ``zero`` and ``grid``) or an unpacked ``tensor``; ``perm`` permutes the input
+    channels first (GPTQ act-order: the codes are stored over group-sorted channels)."""
+
+    spec: QuantSpec
+    in_features: int
+    parts: Mapping[str, torch.Tensor] | None = None
+    tensor: QuantizedTensor | None = None
+    perm: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, qt: QuantizedTensor, perm: torch.Tensor | None = None) -> QuantizedLayer:
+        return cls(qt.spec, qt.shape[1], tensor=qt, perm=perm)
+
+    def unpacked(self) -> QuantizedTensor:
+        if self.tensor is not None:
+            return self.tensor
+        p = self.parts
+        return QuantizedTensor.from_state(p["qweight"], p["scale"], p.get("zero"), self.spec, self.in_features, p.get("grid"))
+
+    def linear(self, bias: torch.Tensor | None, options: RuntimeOptions) -> nn.Module:
+        """The module computing ``x W^T + bias`` from these weights."""
+        if self.tensor is not None or "grid" in self.parts:  # non-uniform grids go through the unpacked tensor
+            layer = QuantLinear(self.unpacked(), bias, options)
+        else:  # straight from the packed codes: no unpack/repack
+            p = self.parts
+            layer = QuantLinear.from_state(p["qweight"], p["scale"], p.get("zero"), self.spec, self.in_features, bias, options)
+        if self.perm is None:
+            return layer
+        from bitsmith.io.import_gptq import InputPermuted
+
+        return InputPermuted(layer, self.perm)
+
+
+def loaded_bias(module: nn.Module) -> torch.Tensor | None:
+    """A linear's bias as loaded (None when it has none or it was never materialised off the meta device)."""
+    bias = getattr(module, "bias", None)
+    return None if bias is None or bias.is_meta else bias.detach()
+
+
+def install_quantized(net: nn.Module, layers: Mapping[str, QuantizedLayer], tied_head: bool,
+                      options: RuntimeOptions) -> None:
+    """Replace each named module of ``net`` by the quantized module computing from ``layers[name]``;
+    with ``tied_head``, a quantized input embedding also becomes the output head (same codes)."""
+    for name, layer in layers.items():
+        old = net.get_submodule(name)
+        if isinstance(old, nn.Embedding):
+            qt = layer.unpacked()
+            set_submodule(net, name, QuantEmbedding(qt, getattr(old, "embed_scale", None)))
+            if tied_head and isinstance(net.get_output_embeddings(), nn.Linear):
+                net.set_output_embeddings(QuantLinear(qt, options=options))  # the tied head computes from the same table
+            continue
+        set_submodule(net, name, layer.linear(loaded_bias(old), options))

@@ -1,0 +1,98 @@
+"""How a loaded model runs: one frozen :class:`RuntimeOptions`, passed down explicitly.
+
+Kernels and inference never read the environment. The ``BITSMITH_*`` variables below are user
+overrides read in one place, :meth:`RuntimeOptions.from_env`, which only the entry points call (the
+CLI, and :func:`bitsmith.runtime.load.load_model` / :func:`bitsmith.infer.generate.generate` when no
+options are given). Everything else takes options as a parameter and defaults to ``RuntimeOptions()``.
+
+=========================  ==========================  ============================================
+variable                   field                       values (default first)
+=========================  ==========================  ============================================
+``BITSMITH_KERNEL``        ``kernel``                  auto, native, torch, reference
+``BITSMITH_INT8_DECODE``   ``int8_decode``             on; 0/false/no/off = exact float decode
+``BITSMITH_KV_CACHE``      ``kv_cache``                fp16, fp32
+``BITSMITH_FUSED_DECODE``  ``fused_decode``            on; 0/false/no/off = torch lean decode
+``BITSMITH_COMPILE``       ``compile``                 auto (CUDA only); 1/yes/true/on; 0/no/...
+``BITSMITH_THREADS``       ``threads``                 torch's thread count; a positive integer
+=========================  ==========================  ============================================
+
+This module imports nothing heavy: ``import bitsmith`` stays torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["KERNEL_CHOICES", "KV_CACHE_CHOICES", "RuntimeOptions", "ENV"]
+
+KERNEL_CHOICES = ("auto", "native", "torch", "reference")
+KV_CACHE_CHOICES = ("fp16", "fp32")
+_OFF = ("0", "false", "no", "off")
+_ON = ("1", "yes", "true", "on")
+
+# field -> the environment variable that overrides it
+ENV = {
+    "kernel": "BITSMITH_KERNEL",
+    "int8_decode": "BITSMITH_INT8_DECODE",
+    "kv_cache": "BITSMITH_KV_CACHE",
+    "fused_decode": "BITSMITH_FUSED_DECODE",
+    "compile": "BITSMITH_COMPILE",
+    "threads": "BITSMITH_THREADS",
+}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Run-time choices that never change a checkpoint, only how it computes.
+
+    - ``kernel``: the CPU matmul for quantized linears (see :mod:`bitsmith.kernels`); ``auto`` takes the
+      native kernels when they build, else the torch path.
+    - ``int8_decode``: 4/8-bit decode products with int8 activations (llama.cpp's trade, a few 1e-3
+      relative error, up to twice the speed); False runs the exact float path.
+    - ``kv_cache``: the lean runner's cache dtype for float32 models (``fp16`` halves the bytes decode
+      reads per token; other model dtypes keep theirs).
+    - ``fused_decode``: one native call per decoded token when the model allows it (infer/fused.py).
+    - ``compile``: torch.compile the device kernel's dequantization; None = on CUDA only.
+    - ``threads``: native kernel threads; None = torch's current ``get_num_threads()`` at each call.
+    """
+
+    kernel: str = "auto"
+    int8_decode: bool = True
+    kv_cache: str = "fp16"
+    fused_decode: bool = True
+    compile: bool | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNEL_CHOICES:
+            raise ValueError(f"{ENV['kernel']}={self.kernel!r} is not a kernel choice; use one of {', '.join(KERNEL_CHOICES)}")
+        if self.kv_cache not in KV_CACHE_CHOICES:
+            raise ValueError(f"{ENV['kv_cache']}={self.kv_cache!r}; use fp16 or fp32")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"{ENV['threads']}={self.threads}; give a positive number of threads")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RuntimeOptions:
+        """The defaults with the user's ``BITSMITH_*`` overrides applied (table in the module docstring)."""
+        env = os.environ if environ is None else environ
+
+        def text(field: str, default: str) -> str:
+            return env.get(ENV[field], default).strip().lower() or default
+
+        def switch(field: str) -> bool:  # on by default: off for 0, false, no or off
+            return env.get(ENV[field], "1").strip().lower() not in _OFF
+
+        compile_choice = text("compile", "auto")
+        threads = env.get(ENV["threads"], "").strip()
+        if threads and not threads.isdigit():
+            raise ValueError(f"{ENV['threads']}={threads!r}; give a positive number of threads")
+        return cls(
+            kernel=text("kernel", "auto"),
+            int8_decode=switch("int8_decode"),
+            kv_cache=text("kv_cache", "fp16"),
+            fused_decode=switch("fused_decode"),
+            compile=False if compile_choice in _OFF else True if compile_choice in _ON else None,
+            threads=int(threads) if threads else None,
+        )
