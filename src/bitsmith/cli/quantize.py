@@ -41,27 +41,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def default_method(args: argparse.Namespace) -> str:
-    """gptq when calibration text is given, else hqq: the best measured method of each kind
-    (bench/results/issue3); rtn stays available with --method rtn."""
-    return args.method or ("gptq" if args.calib is not None else "hqq")
+    """--method, else the library's default (:func:`bitsmith.pipeline.plan.default_method`)."""
+    from bitsmith.pipeline.plan import default_method as library_default
+
+    return args.method or library_default(args.calib is not None)
 
 
 def compute_dtype(choice: str):
-    """The torch dtype of the calibrated block forwards for --compute-dtype. ``auto`` picks bf16 only
-    where the CPU has bf16 dot-product instructions: elsewhere bf16 GEMMs are emulated and slower
-    than fp32. Measured on SmolLM2 (bench/results/issue3/gptq_speed.md): one bf16 forward over
-    128 x 512 tokens 71 s vs 128 s in fp32, and GPTQ's KLD 0.1413 (bf16 forwards) vs 0.1445 (fp32)."""
-    import torch
-
+    """The torch dtype of the calibrated block forwards for --compute-dtype (auto: bf16 where the CPU
+    has native bf16 instructions; :func:`bitsmith.pipeline.plan.resolve_compute_dtype`)."""
     from bitsmith.pipeline.common import STORAGE_DTYPES
+    from bitsmith.pipeline.plan import resolve_compute_dtype
 
-    if choice == "auto":
-        try:  # private helpers (torch >= 2.3); without them, stay on the safe side
-            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        except AttributeError:
-            native = False
-        choice = "bf16" if native else "fp32"
-    return STORAGE_DTYPES[choice]
+    return STORAGE_DTYPES[resolve_compute_dtype(choice)]
 
 
 def run(args: argparse.Namespace) -> int:
