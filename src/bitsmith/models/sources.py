@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from bitsmith.io.safetensors import INDEX_FILE, SafetensorsError, StTensor, read_header, shard_files
 from bitsmith.models.errors import ModelSourceError
-from bitsmith.models.hf import causal_lm_class, set_offline
+from bitsmith.models.hf import causal_lm_class, refuse_remote_code, set_offline
 
 if TYPE_CHECKING:
     import torch
@@ -92,7 +92,7 @@ class ModelSource:
 
             folder = self.tokenizer_dir or self.path
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+                self._tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError, KeyError) as err:
                 raise ModelSourceError(
                     f"cannot load the tokenizer of {self.path} ({err}); copy the tokenizer files "
@@ -150,8 +150,9 @@ def load_hf_config(folder: Path) -> PretrainedConfig:
     set_offline()
     from transformers import AutoConfig
 
+    refuse_remote_code(_read_config_json(folder / "config.json"), folder / "config.json")
     try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (ValueError, KeyError) as err:
         model_type = _read_model_type(folder / "config.json")
         raise ModelSourceError(
@@ -162,6 +163,15 @@ def load_hf_config(folder: Path) -> PretrainedConfig:
         raise ModelSourceError(f"cannot read {folder / 'config.json'} ({err}); download it again") from err
     causal_lm_class(config)  # fail now, not after reading gigabytes
     return config
+
+
+def _read_config_json(config_path: Path) -> dict[str, Any]:
+    """The raw JSON object of a config.json; {} when unreadable (AutoConfig then reports why)."""
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def _read_model_type(config_path: Path) -> str:

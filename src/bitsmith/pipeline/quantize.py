@@ -47,7 +47,7 @@ def meta_model(config) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
 
 
 def quantizable_layers(config, quantize_head: bool = False, quantize_embeddings: bool = False) -> dict[str, tuple[int, int]]:
