@@ -47,7 +47,7 @@ def print_tables(rows: dict[str, dict[str, dict[str, Any]]]) -> None:
 
 def _pick_reference(args: argparse.Namespace, a: Any, b: Any) -> tuple[Any | None, str]:
     """(loaded reference or None when it is A itself, its path)."""
-    from bitsmith.cli.scoring import check_same_tokenizer, checkpoint_source
+    from bitsmith.cli.scoring import check_ctx_fits, check_same_tokenizer, checkpoint_source
     from bitsmith.io.load import load_model
 
     path = args.reference or checkpoint_source(a) or checkpoint_source(b)
@@ -55,6 +55,7 @@ def _pick_reference(args: argparse.Namespace, a: Any, b: Any) -> tuple[Any | Non
         return None, a.name
     reference = load_model(path)
     check_same_tokenizer(reference, a)
+    check_ctx_fits(args.ctx, reference)
     return reference, reference.name
 
 
@@ -67,8 +68,8 @@ def _self_row(ref: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from bitsmith.cli.common import out, write_json
     from bitsmith.cli.scoring import (
-        check_same_tokenizer, checkpoint_source, evaluate_cli, evaluate_cli_cached, report_notes, source_path,
-        variant_info,
+        check_ctx_fits, check_same_tokenizer, checkpoint_source, evaluate_cli, evaluate_cli_cached, refuse_non_finite,
+        report_notes, source_path, variant_info,
     )
     from bitsmith.eval.domains import domain_metrics, resolve_domains, verdict
     from bitsmith.eval.report import Run, write_report
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     domains = resolve_domains(args.text, args.max_chars)
     a, b = load_model(args.a), load_model(args.b)
     check_same_tokenizer(a, b)
+    check_ctx_fits(args.ctx, a, b)
     kl = "exact"
     if args.reference_cache:
         ref_path = args.reference or checkpoint_source(a) or checkpoint_source(b) or a.name
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
                 return a.model
             ref = load_model(ref_path)
             check_same_tokenizer(ref, a)
+            check_ctx_fits(args.ctx, ref)
             return ref.model
 
         variants = {"B": b.model} if is_a else {"A": a.model, "B": b.model}  # A itself: not scored again
@@ -102,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
     rows: dict[str, dict[str, dict[str, Any]]] = {}
     for domain, per_model in results.items():
         rows[domain] = {name: domain_metrics(r) for name, r in per_model.items() if name != "reference"}
+        if "reference" in per_model:
+            refuse_non_finite(ref_path, domain, {"ppl": per_model["reference"].ppl})
+        for name, metrics in rows[domain].items():
+            refuse_non_finite({"A": a.name, "B": b.name}[name], domain, metrics)
         if is_a:
             rows[domain] = {"A": _self_row(per_model["reference"].as_dict()), **rows[domain]}
     line = verdict("A", "B", rows)
