@@ -202,7 +202,8 @@ def evaluate_domains_cached(
         name = domain.name
         build_progress = (lambda done, total, name=name: progress(f"{name} (reference)", done, total)) if progress else None
         cache, built = open_or_build(path, tokenizer, domain.text, wins, reference_path,
-                                     load_once if load_reference is not None else None, k or DEFAULT_TOPK, build_progress)
+                                     load_once if load_reference is not None else None,
+                                     DEFAULT_TOPK if k is None else k, build_progress)  # 0 is refused, not 256
         info[name] = "built" if built else "reused"
         info["k"], info["model_path"] = cache.k, cache.meta.get("model_path")
         results[name] = {"reference": reference_result(cache)}

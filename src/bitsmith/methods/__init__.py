@@ -56,5 +56,6 @@ def get_method(name: str) -> Method:
     from bitsmith.methods import gptq, hqq, rtn  # noqa: F401
 
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+        choices = sorted({*METHODS, "awq"})  # awq: the pipeline's scaling transform, then a registered quantizer
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(choices)}")
     return METHODS[name]
