@@ -138,3 +138,21 @@ def test_a_symlinked_directory_inside_the_folder_does_not_lead_out(tmp_path: Pat
     with pytest.raises(SafetensorsError, match="outside the model folder"):
         confined_path(folder, "escape/x.safetensors", INDEX_FILE)
     assert confined_path(folder, "sub/x.safetensors", INDEX_FILE) == folder / "sub" / "x.safetensors"
+
+
+def test_tokenizer_files_outside_the_folder_are_refused(tiny: Path, tmp_path: Path) -> None:
+    """transformers follows tokenizer_config.json's fast_tokenizer_files wherever they point."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny, folder)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copyfile(tiny / "tokenizer.json", other / "tokenizer.1.0.json")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["fast_tokenizer_files"] = ["../other/tokenizer.1.0.json"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelSourceError, match="fast_tokenizer_files.*outside the model folder"):
+        open_source(folder).tokenizer()
+    config["fast_tokenizer_files"] = ["tokenizer.1.0.json"]  # inside: fine
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copyfile(tiny / "tokenizer.json", folder / "tokenizer.1.0.json")
+    assert open_source(folder).tokenizer()("the cat").input_ids

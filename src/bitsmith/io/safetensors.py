@@ -179,8 +179,8 @@ def confined_path(folder: Path, name: object, listed_in: str) -> Path:
         if parent == root or root in parent.parents:
             return path
     raise SafetensorsError(f"{listed_in} in {folder} names {name!r}, which is outside the model folder; bitsmith "
-                           "reads only files inside the folder (symlinks the folder holds are fine); fix the "
-                           "index or download the model again")
+                           "reads only files inside the folder (symlinks the folder holds are fine); fix "
+                           f"{listed_in} or download the model again")
 
 
 def shard_files(folder: Path, *, sniff: bool = False) -> list[Path]:

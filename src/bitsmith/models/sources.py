@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bitsmith.io.safetensors import INDEX_FILE, SafetensorsError, StTensor, read_header, shard_files
+from bitsmith.io.safetensors import INDEX_FILE, SafetensorsError, StTensor, confined_path, read_header, shard_files
 from bitsmith.models.errors import ModelSourceError
 from bitsmith.models.hf import causal_lm_class, refuse_remote_code, set_offline
 
@@ -91,6 +91,7 @@ class ModelSource:
             from transformers import AutoTokenizer
 
             folder = self.tokenizer_dir or self.path
+            check_tokenizer_files(folder)
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError, KeyError) as err:
@@ -163,6 +164,19 @@ def load_hf_config(folder: Path) -> PretrainedConfig:
         raise ModelSourceError(f"cannot read {folder / 'config.json'} ({err}); download it again") from err
     causal_lm_class(config)  # fail now, not after reading gigabytes
     return config
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """Refuse a tokenizer_config.json whose ``fast_tokenizer_files`` (the one list of file names in
+    it that transformers follows) names a file outside ``folder``; see
+    :func:`bitsmith.io.safetensors.confined_path` for the rule."""
+    config = _read_config_json(folder / "tokenizer_config.json")
+    names = config.get("fast_tokenizer_files") or []
+    for name in names if isinstance(names, list) else [names]:
+        try:
+            confined_path(folder, name, "tokenizer_config.json (fast_tokenizer_files)")
+        except SafetensorsError as err:
+            raise ModelSourceError(str(err)) from err
 
 
 def _read_config_json(config_path: Path) -> dict[str, Any]:
