@@ -56,6 +56,23 @@ def test_auto_map_folder_is_refused_and_its_code_never_runs(tiny: Path, tmp_path
     assert "Traceback" not in result.stderr and "Do you wish to run" not in result.stdout + result.stderr
 
 
+def test_tokenizer_that_needs_its_own_code_is_refused(tiny: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "MARKER"
+    folder = tmp_path / "remote_tokenizer"
+    shutil.copytree(tiny, folder)
+    (folder / "tokenizer.json").unlink()
+    (folder / "vocab.json").write_text("{}")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil_tok.EvilTokenizer", None]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "evil_tok.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    result = _run("generate", str(folder), "the cat", "--max-new-tokens", "1", stdin="y\ny\n")
+    assert not marker.exists()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "this tokenizer needs its own Python code (auto_map" in result.stderr
+    assert "trust_remote_code" not in result.stderr
+
+
 def test_known_model_type_with_auto_map_uses_transformers_own_class(tiny: Path, tmp_path: Path) -> None:
     marker = tmp_path / "MARKER"
     folder = _remote_code_folder(tiny, tmp_path / "known", marker)

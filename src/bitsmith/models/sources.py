@@ -95,6 +95,13 @@ class ModelSource:
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError, KeyError) as err:
+                auto_map = _read_config_json(folder / "tokenizer_config.json").get("auto_map")
+                if isinstance(auto_map, dict) and "AutoTokenizer" in auto_map:  # transformers refused its code
+                    raise ModelSourceError(
+                        f"{folder}: this tokenizer needs its own Python code (auto_map in tokenizer_config.json); "
+                        "bitsmith never runs code from a model folder; use a model whose tokenizer transformers "
+                        "supports"
+                    ) from err
                 raise ModelSourceError(
                     f"cannot load the tokenizer of {self.path} ({err}); copy the tokenizer files "
                     "(tokenizer.json, tokenizer_config.json) from the original model"
