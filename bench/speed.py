@@ -169,7 +169,8 @@ def checkpoint(cache: Path, model: str, variant: str) -> Path:
         if made.get("quantize_embeddings"):  # this recipe (an older one left a float embedding table)
             return path
     from bitsmith.models import embedding_and_head_names, open_source
-    from bitsmith.pipeline.quantize import QuantizeConfig, meta_model, quantize_model
+    from bitsmith.models.meta import meta_model
+    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
     from bitsmith.spec import QuantSpec
 
     source = open_source(model)

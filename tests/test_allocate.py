@@ -138,7 +138,7 @@ def _uniform_kl(net, layers, spec: QuantSpec, tokens: torch.Tensor) -> float:
 
 def test_fisher_ranks_layers_like_the_measured_oracle(tiny: Path, calib: torch.Tensor) -> None:
     from bitsmith.models import open_source
-    from bitsmith.pipeline.quantize import quantizable_layers
+    from bitsmith.pipeline.common import quantizable_layers
     from bitsmith.plan.sensitivity import estimate_sensitivity, float_model
 
     source = open_source(tiny)
@@ -158,7 +158,7 @@ def test_fisher_ranks_layers_like_the_measured_oracle(tiny: Path, calib: torch.T
 def test_chunked_fisher_equals_one_pass(tiny: Path, calib: torch.Tensor) -> None:
     """Capping the Fisher accumulators splits the layers into passes without changing any cost."""
     from bitsmith.models import open_source
-    from bitsmith.pipeline.quantize import quantizable_layers
+    from bitsmith.pipeline.common import quantizable_layers
     from bitsmith.plan.sensitivity import estimate_sensitivity, fisher_chunks, float_model
 
     source = open_source(tiny)

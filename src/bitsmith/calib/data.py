@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from bitsmith.io.textfile import read_text_file
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CALIB_TEXT = "sotu_calibration.txt"  # shipped in bitsmith/data
@@ -30,7 +32,7 @@ def read_calibration_text(path: str | Path | None = None) -> str:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"calibration text {p} does not exist; pass --calib with a readable text file")
-    return p.read_text(encoding="utf-8", errors="replace")
+    return read_text_file(p, "calibration text")
 
 
 def calibration_batches(

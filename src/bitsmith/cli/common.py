@@ -39,8 +39,12 @@ def progress_bar(transient: bool = True) -> Progress:
 
 
 def fmt(value: float | None, digits: int = 4) -> str:
+    """A metric for a table or a ``key=value`` line: counts as integers with thousands separators
+    (``15,360``, never ``15,360.0``), floats to ``digits`` significant digits or one decimal."""
     if value is None:
         return "-"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     if abs(value) >= 100:
         return f"{value:,.1f}"
     return f"{value:.{digits}g}"
@@ -55,15 +59,30 @@ def dir_size_mb(path) -> float:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 1e6
 
 
+MIN_RATE_SECONDS = 0.5  # a rate over a shorter interval is noise (it once showed 245,799,298 tok/s)
+
+
+def rate_text(done: int, seconds: float, since_done: int = 0) -> str:
+    """``"1,234 tok/s"`` for the tokens done beyond ``since_done`` over ``seconds``; empty until
+    MIN_RATE_SECONDS have passed."""
+    if seconds < MIN_RATE_SECONDS:
+        return ""
+    return f"{(done - since_done) / seconds:,.0f} tok/s"
+
+
 def timed_progress(bar: Progress, task: Any) -> Callable[[int, int], None]:
-    """A progress callback that shows tokens/s."""
+    """A progress callback that shows tokens/s, timed from its first call: callers often create it
+    when the first update arrives, so the work before that call was never timed and must not count."""
     import time
 
-    start = time.perf_counter()
+    first: tuple[float, int] | None = None  # (time, tokens done) at the first update
 
     def update(done: int, total: int) -> None:
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tok/s")
+        nonlocal first
+        now = time.perf_counter()
+        if first is None:
+            first = (now, done)
+        bar.update(task, completed=done, total=total, rate=rate_text(done, now - first[0], first[1]))
 
     return update
 

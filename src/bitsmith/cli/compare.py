@@ -47,7 +47,7 @@ def print_tables(rows: dict[str, dict[str, dict[str, Any]]]) -> None:
 
 def _pick_reference(args: argparse.Namespace, a: Any, b: Any) -> tuple[Any | None, str]:
     """(loaded reference or None when it is A itself, its path)."""
-    from bitsmith.cli.scoring import check_same_tokenizer, checkpoint_source
+    from bitsmith.cli.scoring import check_ctx_fits, check_same_tokenizer, checkpoint_source
     from bitsmith.runtime.load import load_model
 
     path = args.reference or checkpoint_source(a) or checkpoint_source(b)
@@ -55,6 +55,7 @@ def _pick_reference(args: argparse.Namespace, a: Any, b: Any) -> tuple[Any | Non
         return None, a.name
     reference = load_model(path)
     check_same_tokenizer(reference, a)
+    check_ctx_fits(args.ctx, reference)
     return reference, reference.name
 
 
@@ -64,19 +65,38 @@ def _self_row(ref: dict[str, Any]) -> dict[str, Any]:
             "top1": 1.0, "ref_ppl": ref["ppl"], "dprob_mean": 0.0, "ppl_ratio": 1.0}
 
 
+def _rows(results: dict[str, dict[str, Any]], names: dict[str, str], is_a: bool) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per domain, each model's metrics (A's own row when A is the reference); NaN or inf from any
+    model (``names``: label -> path, "reference" included) is refused, never tabled."""
+    from bitsmith.cli.scoring import refuse_non_finite
+    from bitsmith.eval.domains import domain_metrics
+
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for domain, per_model in results.items():
+        if "reference" in per_model:
+            refuse_non_finite(names["reference"], domain, {"ppl": per_model["reference"].ppl})
+        rows[domain] = {name: domain_metrics(r) for name, r in per_model.items() if name != "reference"}
+        for name, metrics in rows[domain].items():
+            refuse_non_finite(names[name], domain, metrics)
+        if is_a:
+            rows[domain] = {"A": _self_row(per_model["reference"].as_dict()), **rows[domain]}
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     from bitsmith.cli.common import out, write_json
     from bitsmith.cli.scoring import (
-        check_same_tokenizer, checkpoint_source, evaluate_cli, evaluate_cli_cached, report_notes, source_path,
-        variant_info,
+        check_ctx_fits, check_same_tokenizer, checkpoint_source, evaluate_cli, evaluate_cli_cached, report_notes,
+        source_path, variant_info,
     )
-    from bitsmith.eval.domains import domain_metrics, resolve_domains, verdict
+    from bitsmith.eval.domains import resolve_domains, verdict
     from bitsmith.eval.report import Run, write_report
     from bitsmith.runtime.load import load_model
 
     domains = resolve_domains(args.text, args.max_chars)
     a, b = load_model(args.a), load_model(args.b)
     check_same_tokenizer(a, b)
+    check_ctx_fits(args.ctx, a, b)
     kl = "exact"
     if args.reference_cache:
         ref_path = args.reference or checkpoint_source(a) or checkpoint_source(b) or a.name
@@ -88,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 return a.model
             ref = load_model(ref_path)
             check_same_tokenizer(ref, a)
+            check_ctx_fits(args.ctx, ref)
             return ref.model
 
         variants = {"B": b.model} if is_a else {"A": a.model, "B": b.model}  # A itself: not scored again
@@ -99,11 +120,7 @@ def run(args: argparse.Namespace) -> int:
         is_a = reference is None
         variants = {"A": a.model, "B": b.model} if reference is not None else {"B": b.model}
         results = evaluate_cli(reference.model if reference else a.model, variants, a.tokenizer, domains, args.ctx, args.max_windows)
-    rows: dict[str, dict[str, dict[str, Any]]] = {}
-    for domain, per_model in results.items():
-        rows[domain] = {name: domain_metrics(r) for name, r in per_model.items() if name != "reference"}
-        if is_a:
-            rows[domain] = {"A": _self_row(per_model["reference"].as_dict()), **rows[domain]}
+    rows = _rows(results, {"A": a.name, "B": b.name, "reference": ref_path}, is_a)
     line = verdict("A", "B", rows)
     out.print(f"A = {a.name}\nB = {b.name}\nreference = {ref_path}{' (A)' if is_a else ''}")
     print_tables(rows)

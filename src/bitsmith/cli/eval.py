@@ -36,13 +36,15 @@ def _domains(args: argparse.Namespace) -> list:
 def run(args: argparse.Namespace) -> int:
     from bitsmith.cli.common import fmt, out, write_json
     from bitsmith.cli.scoring import (
-        check_same_tokenizer, evaluate_cli, evaluate_cli_cached, report_notes, source_path, variant_info,
+        check_ctx_fits, check_same_tokenizer, evaluate_cli, evaluate_cli_cached, refuse_non_finite, report_notes,
+        source_path, variant_info,
     )
     from bitsmith.eval.domains import domain_metrics
     from bitsmith.runtime.load import load_model
 
     domains = _domains(args)
     model = load_model(args.model)
+    check_ctx_fits(args.ctx, model)
     reference, kl, ref_name = None, "exact", args.reference
     if args.reference_cache:
         def load_reference() -> Any:
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
                 return model.model  # the model is its own reference: one copy in memory
             ref = load_model(args.reference)
             check_same_tokenizer(model, ref)
+            check_ctx_fits(args.ctx, ref)
             return ref.model
 
         results, info = evaluate_cli_cached(
@@ -62,12 +65,15 @@ def run(args: argparse.Namespace) -> int:
         reference = load_model(args.reference) if args.reference else None
         if reference is not None:
             check_same_tokenizer(model, reference)
+            check_ctx_fits(args.ctx, reference)
         results = evaluate_cli(reference and reference.model, {"model": model.model}, model.tokenizer, domains, args.ctx, args.max_windows)
     rows: dict[str, dict[str, Any]] = {}
     for domain, per_model in results.items():
         rows[domain] = domain_metrics(per_model["model"])
         if "reference" in per_model:
+            refuse_non_finite(ref_name or "the reference", domain, {"ppl": per_model["reference"].ppl})
             rows[domain]["ref_ppl"] = per_model["reference"].ppl
+        refuse_non_finite(args.model, domain, rows[domain])
         line = "  ".join(f"{k}={fmt(v)}" for k, v in rows[domain].items())
         out.print(f"{args.model}: {line}" if len(rows) == 1 else f"{args.model} [{domain}]: {line}")
     if args.json:

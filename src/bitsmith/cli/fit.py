@@ -20,6 +20,7 @@ from bitsmith.plan.fit import (
     GPU_BANDWIDTH_GB_S,
     KV_BITS_CHOICES,
     PCIE_GB_S,
+    PLANNABLE_BITS,
     RAM_GB_S,
     FitPlan,
     Runtime,
@@ -47,7 +48,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--kv-bits", type=int, choices=KV_BITS_CHOICES, default=16,
                         help="KV cache precision (16)")
     parser.add_argument("--bits", type=int, default=None,
-                        help="explain this bit width (default: the best one that fits, else 4)")
+                        help="explain this bit width, 2 to 8 or 16 (default: the best one that fits, else 4)")
     parser.add_argument("--group-size", type=int, default=None,
                         help="quantization group size for every level (default: 128, 64 at 2-bit)")
     parser.add_argument("--quantize-embeddings", action="store_true",
@@ -116,6 +117,15 @@ def _print_table(result: FitPlan) -> None:
     console.print(table)
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """--bits and --group-size in the user's terms (plan() says "levels" and "group size")."""
+    if args.bits is not None and args.bits not in PLANNABLE_BITS:
+        raise ValueError(f"--bits {args.bits} is not a width bitsmith quantizes to; use 2 to 8, or 16 (unquantized)")
+    if args.group_size is not None and args.group_size < 1:
+        raise ValueError(f"--group-size {args.group_size} is not a group size; use a positive number of weights "
+                         "per group (e.g. 32, 64, 128), or leave it out for the default (128, 64 at 2-bit)")
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute ``bitsmith fit``; returns the process exit code (0 ok, 1 bad input, as other commands)."""
     try:
@@ -124,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         runtime = Runtime(gpu_bandwidth_gb_s=args.gpu_bandwidth, pcie_gb_s=args.pcie,
                           ram_gb_s=getattr(args, "ram_bandwidth", RAM_GB_S),
                           materialize_scores=not args.flash_attn)
+        _check_flags(args)
         levels = DEFAULT_LEVELS if args.bits is None else tuple(sorted({*DEFAULT_LEVELS, args.bits}))
         result = plan(shape, memory, ctx=args.ctx, batch=args.batch, kv_bits=args.kv_bits,
                       levels=levels, group_size=args.group_size,

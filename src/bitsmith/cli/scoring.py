@@ -6,6 +6,7 @@ Heavy imports (torch, transformers, the evaluation code) happen inside the funct
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,28 @@ def check_same_tokenizer(a: Any, b: Any) -> None:
 
     if len(a.tokenizer) != len(b.tokenizer) or a.tokenizer("tokenizer check 123").input_ids != b.tokenizer("tokenizer check 123").input_ids:
         raise CommandFailed(f"{a.name} and {b.name} use different tokenizers; KL divergence needs the same tokenizer on both")
+
+
+def check_ctx_fits(ctx: int, *models: Any) -> None:
+    """Refuse ``--ctx`` longer than any of the loaded models' context, before anything is scored
+    (past its context a model's perplexity means nothing)."""
+    from bitsmith.models.context import check_context
+
+    for loaded in models:
+        if loaded is not None:
+            check_context(getattr(loaded.model, "config", None), ctx, f"--ctx {ctx} (for {loaded.name})",
+                          "pass --ctx {limit} or less")
+
+
+def refuse_non_finite(model_name: str, domain: str, metrics: dict[str, Any]) -> None:
+    """Refuse to report NaN or inf: they come from NaN/inf logits (an inf scale in a checkpoint, a
+    broken kernel), and a printed ``ppl=nan`` with exit 0 passes for a result in scripts."""
+    from bitsmith.cli.common import CommandFailed
+
+    bad = [f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isfinite(v)]
+    if bad:
+        raise CommandFailed(f"the model produced NaN/inf logits: {', '.join(bad)} for {model_name} on {domain}; "
+                            f"the checkpoint may hold inf scales; run bitsmith inspect {model_name}")
 
 
 def checkpoint_source(loaded: Any) -> str | None:

@@ -16,15 +16,26 @@ CACHE_HELP = (
 )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     """--reference-cache and --cache-topk."""
     p.add_argument("--reference-cache", metavar="DIR", help=CACHE_HELP)
-    p.add_argument("--cache-topk", type=int, default=256, metavar="K",
+    p.add_argument("--cache-topk", type=positive_int, default=256, metavar="K",
                    help="reference log-probs kept per position when building a cache (default 256, ~1.5 KB/token)")
 
 
 def add_window_arguments(p: argparse.ArgumentParser, unit: str) -> None:
     """--ctx, --max-windows (counted per ``unit``: "text" or "domain") and --max-chars."""
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--max-windows", type=int, default=None, help=f"score only the first N windows of each {unit}")
+    p.add_argument("--max-windows", type=positive_int, default=None, help=f"score only the first N windows of each {unit}")
     p.add_argument("--max-chars", type=int, default=MAX_CHARS, help=f"use the first N characters of each text (default {MAX_CHARS:,}, as PROTOCOL.md)")

@@ -28,6 +28,7 @@ from typing import Any
 
 from bitsmith.eval.metrics import EvalResult
 from bitsmith.eval.protocol import MAX_CHARS
+from bitsmith.io.textfile import read_text_file
 
 __all__ = ["Domain", "DEFAULT_DOMAINS", "BUILTIN_DOMAINS", "MAX_CHARS", "builtin_domain",
            "resolve_domains", "text_from_path", "evaluate_domains", "evaluate_domains_cached", "domain_metrics", "verdict"]
@@ -99,7 +100,7 @@ def text_from_path(path: str | Path, max_chars: int = MAX_CHARS) -> str:
     """A file's text, or a folder's *.py/*.txt/*.md files in sorted order; at most ``max_chars``."""
     p = Path(path).expanduser()
     if p.is_file():
-        return p.read_text(encoding="utf-8", errors="replace")[:max_chars]
+        return read_text_file(p)[:max_chars]
     if not p.is_dir():
         raise FileNotFoundError(f"text {p} does not exist; pass a text file, a folder or one of {', '.join(BUILTIN_DOMAINS)}")
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
@@ -108,7 +109,7 @@ def text_from_path(path: str | Path, max_chars: int = MAX_CHARS) -> str:
     for f in files:
         if size >= max_chars:
             break
-        parts.append(f.read_text(encoding="utf-8", errors="replace"))
+        parts.append(read_text_file(f))
         size += len(parts[-1]) + 2
     if not parts:
         raise ValueError(f"folder {p} holds no {'/'.join(TEXT_SUFFIXES)} files to evaluate on")
@@ -201,7 +202,8 @@ def evaluate_domains_cached(
         name = domain.name
         build_progress = (lambda done, total, name=name: progress(f"{name} (reference)", done, total)) if progress else None
         cache, built = open_or_build(path, tokenizer, domain.text, wins, reference_path,
-                                     load_once if load_reference is not None else None, k or DEFAULT_TOPK, build_progress)
+                                     load_once if load_reference is not None else None,
+                                     DEFAULT_TOPK if k is None else k, build_progress)  # 0 is refused, not 256
         info[name] = "built" if built else "reused"
         info["k"], info["model_path"] = cache.k, cache.meta.get("model_path")
         results[name] = {"reference": reference_result(cache)}

@@ -111,6 +111,13 @@ def write_report(folder: str | Path, run: Run) -> ReportFiles:
 # ----------------------------------------------------------------------------- Markdown
 
 
+def _count(value: Any) -> str:
+    """A token count as people read it (``15,360``); '?' when unknown."""
+    if value is None:
+        return "?"
+    return f"{int(value):,}" if isinstance(value, (int, float)) and float(value).is_integer() else str(value)
+
+
 def _cell(value: Any, key: str) -> str:
     if value is None:
         return "-"
@@ -160,7 +167,7 @@ def _markdown(run: Run, runs: list[Run], plots: list[Path]) -> str:
     lines += [f"| {v.name} | `{v.path}` | {v.spec or '-'} | {_cell(v.bits_per_weight, 'bits')} |" for v in run.variants]
     for domain in run.results:
         info = run.domains.get(domain, {})
-        lines += ["", f"## {domain}", "", f"{info.get('source', '')}; {info.get('tokens', '?')} scored tokens per model.", ""]
+        lines += ["", f"## {domain}", "", f"{info.get('source', '')}; {_count(info.get('tokens'))} scored tokens per model.", ""]
         lines += _domain_table(run, domain)
     lines += ["", "Columns: ppl ratio = model ppl / reference ppl; KLD = KL(reference || model) per "
               "position, natural log; top-1 = share of positions where both argmaxes agree; "

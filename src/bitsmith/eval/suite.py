@@ -11,6 +11,7 @@ import torch
 
 from bitsmith.eval.metrics import EvalResult, TokenStats, summarize, token_stats
 from bitsmith.eval.perplexity import convention_adds_bos, eval_mode, tokenize_text, windows
+from bitsmith.io.textfile import read_text_file
 
 DEFAULT_TEXT = "pride_and_prejudice_60k.txt"
 
@@ -26,7 +27,7 @@ def read_text(path: str | Path | None) -> str:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"text file {p} does not exist; pass --text with a readable file")
-    return p.read_text(encoding="utf-8", errors="replace")
+    return read_text_file(p)
 
 
 def text_windows(tokenizer: Any, text: str, ctx: int, max_windows: int | None = None) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bitsmith.models.context import check_generation_fits
 from bitsmith.runtime.options import RuntimeOptions
 
 __all__ = ["GenerationResult", "generate", "sample_next"]
@@ -286,6 +287,7 @@ def generate(
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens (and the tokenizer adds no BOS); "
                          "give a non-empty prompt")
+    check_generation_fits(getattr(model, "config", None), len(prompt_ids), max_new_tokens)  # before any work
     eos = _eos_ids(model, tokenizer) if stop_at_eos else frozenset()
     generator = _generator(seed)
     stream = _TextStream(tokenizer, on_token)

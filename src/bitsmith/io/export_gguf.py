@@ -306,7 +306,7 @@ def write_tokenizer(writer: Any, folder: Path, model_type: str, n_vocab: int) ->
         from transformers import AutoTokenizer
 
         log.warning("%s: tokenizer is neither byte-level nor byte-fallback BPE; writing its tokens without merges", folder)
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         special = set(tok.all_special_tokens)
         tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
         types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]

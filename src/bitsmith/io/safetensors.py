@@ -153,6 +153,36 @@ def read_header(path: Path) -> StHeader:
     return StHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, size)
 
 
+def _plain_relative(name: object) -> bool:
+    """A non-empty relative name without ``..``, drive or leading slash (either slash counts, so a
+    Windows-made index cannot smuggle ``..\\..\\x`` past the check)."""
+    if not isinstance(name, str) or not name.strip():
+        return False
+    parts = name.replace("\\", "/").split("/")
+    return parts[0] != "" and ":" not in parts[0] and ".." not in parts
+
+
+def confined_path(folder: Path, name: object, listed_in: str) -> Path:
+    """The file that ``listed_in`` (a file of ``folder``, e.g. the shard index) calls ``name``, or a
+    SafetensorsError when that name could reach outside ``folder``; nothing is opened either way.
+
+    The rule: a name is relative (not absolute, no drive), has no ``..`` component, and its parent
+    directory resolves inside the folder (after the folder's own symlinks are resolved). Its last
+    component may be a symlink to anywhere, because the Hugging Face cache lays out
+    ``snapshots/<rev>/model.safetensors`` as links into ``blobs/``: a link that the folder itself
+    holds is trusted like the folder, a name that by itself points elsewhere (``/etc/passwd``,
+    ``../../other/model.safetensors``) is refused."""
+    folder = Path(folder)
+    if _plain_relative(name):
+        path = folder / str(name)
+        root, parent = folder.resolve(), path.parent.resolve()
+        if parent == root or root in parent.parents:
+            return path
+    raise SafetensorsError(f"{listed_in} in {folder} names {name!r}, which is outside the model folder; bitsmith "
+                           "reads only files inside the folder (symlinks the folder holds are fine); fix "
+                           f"{listed_in} or download the model again")
+
+
 def shard_files(folder: Path, *, sniff: bool = False) -> list[Path]:
     """The safetensors files of a model folder, in name order: those ``model.safetensors.index.json``
     lists (the index must parse and every shard must exist), else every ``*.safetensors`` file.
@@ -168,10 +198,11 @@ def shard_files(folder: Path, *, sniff: bool = False) -> list[Path]:
                 raise TypeError("weight_map values must be file names")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SafetensorsError(f"{index} is not a valid safetensors index ({exc!r}); download it again") from exc
-        for name in names:
-            if not (folder / name).is_file():
+        paths = [confined_path(folder, name, INDEX_FILE) for name in names]  # all checked before any is touched
+        for name, path in zip(names, paths):
+            if not path.is_file():
                 raise SafetensorsError(f"{INDEX_FILE} lists {name} but it is missing from {folder}; download it again")
-        return [folder / n for n in names]
+        return paths
     if not sniff:
         return sorted(folder.glob("*.safetensors"))
     files = sorted(f for f in folder.iterdir() if f.is_file())

@@ -6,7 +6,10 @@
 - :mod:`~bitsmith.models.family`: the one table of model-family facts, with a generic fallback;
 - :mod:`~bitsmith.models.arch`: build a model from a source, find its blocks and linears;
 - :mod:`~bitsmith.models.meta`: the architecture alone, on the meta device;
-- :mod:`~bitsmith.models.hf`, :mod:`~bitsmith.models.errors`: transformers helpers and the error type.
+- :mod:`~bitsmith.models.context`: the model's context length, and the check every command makes
+  before feeding it a sequence;
+- :mod:`~bitsmith.models.hf`, :mod:`~bitsmith.models.errors`: transformers helpers (never running a
+  model folder's own code) and the error type.
 
 Heavy dependencies (torch, transformers, gguf) are imported inside functions, so importing this
 package stays light.

@@ -71,7 +71,7 @@ def build_model(
     causal_lm_class(source.config)  # a clear error for an unsupported architecture
     config = copy.deepcopy(source.config)  # from_config writes into the config it is given
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     available = set(source.tensor_names())
     embed_name, head_name = _embedding_and_head(model)
     wanted = dict(model.named_parameters(remove_duplicate=False))

@@ -316,7 +316,7 @@ def open_gguf(path: Path) -> ModelSource:
     meta_dir = _meta_folder(path)
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(meta_dir), local_files_only=True)
+    config = AutoConfig.from_pretrained(str(meta_dir), local_files_only=True, trust_remote_code=False)
     if HEAD_WEIGHT not in store.names():
         config.tie_word_embeddings = True  # the file has no output.weight: the head is the embedding
     return ModelSource(path=path, config=config, kind="gguf", store=store, tokenizer_dir=meta_dir)
@@ -349,7 +349,7 @@ def _convert_meta(path: Path) -> tuple[PretrainedConfig, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     log.info("reading config and tokenizer of %s (first use; cached afterwards)", path.name)
-    kwargs = {"gguf_file": path.name, "local_files_only": True}
+    kwargs = {"gguf_file": path.name, "local_files_only": True, "trust_remote_code": False}
     try:
         config = AutoConfig.from_pretrained(str(path.parent), **kwargs)
     except (ValueError, KeyError, OSError) as err:

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bitsmith.io.safetensors import INDEX_FILE, SafetensorsError, StTensor, read_header, shard_files
+from bitsmith.io.safetensors import INDEX_FILE, SafetensorsError, StTensor, confined_path, read_header, shard_files
 from bitsmith.models.errors import ModelSourceError
-from bitsmith.models.hf import causal_lm_class, set_offline
+from bitsmith.models.hf import causal_lm_class, refuse_remote_code, set_offline
 
 if TYPE_CHECKING:
     import torch
@@ -91,9 +91,17 @@ class ModelSource:
             from transformers import AutoTokenizer
 
             folder = self.tokenizer_dir or self.path
+            check_tokenizer_files(folder)
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+                self._tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError, KeyError) as err:
+                auto_map = _read_config_json(folder / "tokenizer_config.json").get("auto_map")
+                if isinstance(auto_map, dict) and "AutoTokenizer" in auto_map:  # transformers refused its code
+                    raise ModelSourceError(
+                        f"{folder}: this tokenizer needs its own Python code (auto_map in tokenizer_config.json); "
+                        "bitsmith never runs code from a model folder; use a model whose tokenizer transformers "
+                        "supports"
+                    ) from err
                 raise ModelSourceError(
                     f"cannot load the tokenizer of {self.path} ({err}); copy the tokenizer files "
                     "(tokenizer.json, tokenizer_config.json) from the original model"
@@ -150,8 +158,9 @@ def load_hf_config(folder: Path) -> PretrainedConfig:
     set_offline()
     from transformers import AutoConfig
 
+    refuse_remote_code(_read_config_json(folder / "config.json"), folder / "config.json")
     try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (ValueError, KeyError) as err:
         model_type = _read_model_type(folder / "config.json")
         raise ModelSourceError(
@@ -162,6 +171,28 @@ def load_hf_config(folder: Path) -> PretrainedConfig:
         raise ModelSourceError(f"cannot read {folder / 'config.json'} ({err}); download it again") from err
     causal_lm_class(config)  # fail now, not after reading gigabytes
     return config
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """Refuse a tokenizer_config.json whose ``fast_tokenizer_files`` (the one list of file names in
+    it that transformers follows) names a file outside ``folder``; see
+    :func:`bitsmith.io.safetensors.confined_path` for the rule."""
+    config = _read_config_json(folder / "tokenizer_config.json")
+    names = config.get("fast_tokenizer_files") or []
+    for name in names if isinstance(names, list) else [names]:
+        try:
+            confined_path(folder, name, "tokenizer_config.json (fast_tokenizer_files)")
+        except SafetensorsError as err:
+            raise ModelSourceError(str(err)) from err
+
+
+def _read_config_json(config_path: Path) -> dict[str, Any]:
+    """The raw JSON object of a config.json; {} when unreadable (AutoConfig then reports why)."""
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def _read_model_type(config_path: Path) -> str:

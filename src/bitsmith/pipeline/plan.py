@@ -89,7 +89,13 @@ class QuantizePlan:
     run_options: dict[str, Any] = field(init=False)  # ``options`` with the plan's defaults; recorded
 
     def __post_init__(self) -> None:
+        from bitsmith.methods import METHODS
+        from bitsmith.transforms import TRANSFORMS
+
         quantizer, transforms, run_options = parse_method(self.method, self.options)
+        if quantizer not in METHODS:  # the user's spellings: quantizers and the transforms that imply one
+            choices = sorted({*METHODS, *TRANSFORMS})
+            raise ValueError(f"unknown method {quantizer!r}; choose one of {', '.join(choices)}")
         object.__setattr__(self, "quantizer", quantizer)
         object.__setattr__(self, "transforms", transforms)
         object.__setattr__(self, "run_options", run_options)

@@ -27,9 +27,8 @@ import torch
 from bitsmith.calib.data import CalibrationConfig
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.methods import METHODS, Needs, get_method
-from bitsmith.models.meta import meta_model  # noqa: F401  (re-exported for io.load until it imports models.meta)
-from bitsmith.pipeline.common import (  # noqa: F401  (STORAGE_DTYPES, quantizable_layers: re-exported for callers)
-    STORAGE_DTYPES, check_layers, dtype_name, finish_folder, layer_report, quantizable_layers, storage, summary,
+from bitsmith.pipeline.common import (
+    check_layers, dtype_name, finish_folder, layer_report, quantizable_layers, storage, summary,
 )
 from bitsmith.pipeline.plan import HEAD, QuantizePlan
 from bitsmith.transforms import TRANSFORMS

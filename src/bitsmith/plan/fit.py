@@ -35,12 +35,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from bitsmith.plan.catalog import ArchShape
+from bitsmith.spec import BITS_RANGE
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
     "DEFAULT_LEVELS",
     "FitLevel",
     "FitPlan",
+    "PLANNABLE_BITS",
     "Runtime",
     "bits_per_weight",
     "kv_bits_per_value",
@@ -58,6 +60,8 @@ DEFAULT_GROUP_SIZE: dict[int, int] = {8: 128, 6: 128, 5: 128, 4: 128, 3: 128, 2:
 SCALE_BITS = 16  # one fp16 scale per group
 ZERO_BITS = 16  # one fp16 zero point per group (asymmetric quantization)
 UNQUANTIZED_BITS = 16  # weights that are not quantized are stored in bf16/fp16
+# The widths bitsmith quantizes to (QuantSpec's 2..8), and 16 for unquantized weights.
+PLANNABLE_BITS: tuple[int, ...] = (*BITS_RANGE, UNQUANTIZED_BITS)
 EMBEDDING_BITS = 16  # token embedding and lm_head stay 16 bit unless quantize_embeddings=True
 NORM_BITS = 32  # norm weights and biases are tiny and kept in fp32
 LOGIT_BYTES = 4  # logits of the last position are computed in fp32
@@ -275,9 +279,11 @@ def plan(shape: ArchShape, memory_bytes: int, ctx: int = 8192, batch: int = 1, k
         raise ValueError(f"ctx and batch must be positive, got ctx={ctx}, batch={batch}")
     if kv_bits not in KV_BITS_CHOICES:
         raise ValueError(f"kv_bits must be one of {KV_BITS_CHOICES}, got {kv_bits}")
-    bad = [b for b in levels if not 2 <= b <= UNQUANTIZED_BITS]
+    bad = [b for b in levels if b not in PLANNABLE_BITS]
     if bad or not levels:
-        raise ValueError(f"levels must be bit widths from 2 to 16, got {list(levels)}")
+        raise ValueError(f"levels must be bit widths from 2 to 8, or 16 (unquantized), got {list(levels)}")
+    if group_size is not None and group_size < 1:  # 0 used to fall back to the default silently
+        raise ValueError(f"group size must be a positive number of weights (e.g. 32, 64, 128), got {group_size}")
     memory_gb = memory_bytes / GB
     kv_values = 2 * shape.layers * shape.kv_heads * shape.head_dim * ctx * batch  # K and V, GQA heads only
     kv_gb = kv_values * kv_bits_per_value(kv_bits) / 8 / GB
