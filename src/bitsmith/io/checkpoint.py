@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bitsmith.io.destination import Destination
+from bitsmith.io.destination import Destination, Staging
 from bitsmith.io.safetensors import read_header, shard_files
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
@@ -148,12 +148,14 @@ class CheckpointWriter:
     :meth:`finish` renames to ``out_dir``. Use as a context manager: an exception removes the
     temporary folder."""
 
-    def __init__(self, out_dir: Path, method: str, options: dict, *, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    def __init__(self, out_dir: Path, method: str, options: dict, *, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 staging: Staging | None = None) -> None:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise CheckpointError(f"{self.out_dir} already exists; choose another --out or pass --overwrite")
-        # locked, checked (--overwrite replaces only an earlier checkpoint) and staged in a temp folder
-        self.staging = Destination(self.out_dir, "checkpoint", overwrite, CheckpointError).stage()
+        # locked, checked (--overwrite replaces only an earlier checkpoint) and staged in a temp folder;
+        # a caller that had to hold the lock earlier (the resumable calibrated run) hands its staging in
+        self.staging = staging or Destination(self.out_dir, "checkpoint", overwrite, CheckpointError).stage()
         self.tmp_dir = self.staging.tmp
         self.method, self.options, self.shard_bytes = method, options, shard_bytes
         self.specs: dict[str, dict] = {}

@@ -34,6 +34,7 @@ from torch import nn
 from bitsmith.calib.data import tokens_digest
 from bitsmith.calib.stats import StatsAccumulator
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
+from bitsmith.io.destination import Destination, Staging
 from bitsmith.methods import Method, get_method
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
 from bitsmith.pipeline.common import (
@@ -87,15 +88,24 @@ def quantize_blocks(
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    destination = Destination(out_dir, "checkpoint", overwrite, CheckpointError)
+    destination.check()  # before any work: an existing --out, or a foreign folder even with --overwrite
     if calib.dim() != 2 or calib.shape[0] < 1:
         raise ValueError(f"calibration tokens must be [samples, seq_len], got shape {tuple(calib.shape)}")
+    # the destination's lock before the work folder is opened: two --resume runs to one --out would
+    # otherwise both continue from <out>.partial and overwrite each other's blocks
+    with destination.stage() as staging:
+        return _run_blocks(model, out_dir, plan, calib, staging, progress, resume, overwrite, start)
+
+
+def _run_blocks(model: str | Path, out_dir: Path, plan: QuantizePlan, calib: torch.Tensor, staging: Staging,
+                progress: Callable[[str, int, int], None] | None, resume: bool, overwrite: bool, start: float) -> Path:
+    """:func:`quantize_blocks` once the destination is locked and staged."""
     run = _open_run(model, out_dir, plan, calib, resume)
     shape = tuple(run.store.tensor.shape)
     options = {**plan.recorded_options(),
                "calibration": {"samples": shape[0], "seq_len": shape[1], "hash": run.state.key["calib"]}}
-    with CheckpointWriter(out_dir, plan.method, options, overwrite=overwrite) as writer:  # streams: holds no tensor
+    with CheckpointWriter(out_dir, plan.method, options, overwrite=overwrite, staging=staging) as writer:  # streams: holds no tensor
         embed_module = _release_embedding(run.net)  # needed again only to quantize the head
         head_is_tied = _write_other_tensors(writer, run.source, run.net, run.prefix, plan)
         _walk_blocks(run, writer, progress)

@@ -26,6 +26,7 @@ import torch
 
 from bitsmith.calib.data import CalibrationConfig
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
+from bitsmith.io.destination import Destination
 from bitsmith.methods import METHODS, Needs, get_method
 from bitsmith.pipeline.common import (
     check_layers, dtype_name, finish_folder, layer_report, quantizable_layers, storage, summary,
@@ -49,8 +50,9 @@ def quantize(model: str | Path, out_dir: Path, plan: QuantizePlan, *, progress: 
     from bitsmith.models import open_source
 
     start = time.perf_counter()
-    if Path(out_dir).exists() and not overwrite:  # fail before any work
-        raise CheckpointError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    # the destination rule before any work: an existing --out is refused, and with --overwrite so is
+    # anything but an earlier checkpoint (a foreign folder, the current directory)
+    Destination(Path(out_dir), "checkpoint", overwrite, CheckpointError).check()
     if plan.needs_calibration:
         from bitsmith.pipeline.layerwise import quantize_blocks
 
