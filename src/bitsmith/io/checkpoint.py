@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ import torch
 
 from bitsmith.io.destination import Destination, Staging
 from bitsmith.io.safetensors import read_header, shard_files
+from bitsmith.primitives import abs_max
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
@@ -188,6 +190,10 @@ class CheckpointWriter:
         twice = self._names.intersection(tensors)
         if twice:
             raise CheckpointError(f"tensor {sorted(twice)[0]} was written twice")
+        for name, t in tensors.items():  # the last line of defence: no checkpoint carries inf/NaN
+            if t.is_floating_point() and t.numel() and not math.isfinite(abs_max(t)):
+                raise CheckpointError(f"tensor {name} holds inf/NaN values; the checkpoint was not written "
+                                      "(a weight beyond the fp16 range should have been kept at fp32: please report this)")
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if self._stream is not None and self._stream.size and self._stream.size + size > self.shard_bytes:
             self._flush()

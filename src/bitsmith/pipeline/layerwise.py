@@ -38,7 +38,8 @@ from bitsmith.io.destination import Destination, Staging
 from bitsmith.methods import Method, get_method
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
 from bitsmith.pipeline.common import (
-    STORAGE_DTYPES, check_layers, dtype_name, finish_folder, quantizable_layers, storage, summary,
+    STORAGE_DTYPES, check_layers, dtype_name, finish_folder, fits_fp16, kept_report, quantizable_layers, storage,
+    summary,
 )
 from bitsmith.pipeline.plan import DEFAULT_BATCH_SIZE, DEFAULT_REPLAY_BYTES, DEFAULT_SPILL_BYTES, HEAD_WEIGHT, QuantizePlan
 from bitsmith.pipeline.replay import OutputReplay
@@ -268,7 +269,12 @@ def _write_other_tensors(writer: CheckpointWriter, source: Any, net: nn.Module, 
         tensor = source.load_tensor(name)
         if plan.quantize_embeddings and name == embed_name:
             module = name.removesuffix(".weight")
-            writer.add_quantized(module, rtn(tensor, plan.spec_for(module), None, plan.method_options()))
+            qt = rtn(tensor, plan.spec_for(module), None, plan.method_options())
+            if fits_fp16(qt):
+                writer.add_quantized(module, qt)
+            else:  # the overflow rule (pipeline.common)
+                kept_report(module, tensor)
+                writer.add_tensor(name, tensor.float())
         else:
             writer.add_tensor(name, storage(tensor, plan.unquantized_dtype))
         del tensor  # before the next load: two 152k-vocabulary matrices in fp32 are ~1.9 GB
@@ -311,14 +317,21 @@ def _process_block(
             stats = stage_stats(block, linears[stage[0]], store, slices, calls, replay,
                                 stage[0] if len(stage) == 1 else None, plan.hessian_dtype)
             names = [f"{block_prefix}.{rel}" for rel in stage]
-            results = quantize_stage(names, [masters.pop(rel) for rel in stage], stats, method, plan)
+            weights = [masters.pop(rel) for rel in stage]
+            results = quantize_stage(names, weights, stats, method, plan)
             del stats
             _trim_heap()
-            for rel, name, (qt, report) in zip(stage, names, results):
+            for rel, name, weight, (qt, report) in zip(stage, names, weights, results):
+                if not fits_fp16(qt):  # the overflow rule (pipeline.common): the layer stays fp32
+                    linears[rel].weight = nn.Parameter(weight.to(compute_dtype), requires_grad=False)
+                    tensors[f"{name}.weight"] = weight.float()
+                    reports.append(kept_report(name, weight))
+                    continue
                 linears[rel].weight = nn.Parameter(qt.dequantize().to(compute_dtype), requires_grad=False)
                 tensors.update(qt.to_state(name))
                 specs[name] = {"spec": str(qt.spec), "shape": list(qt.shape)}
                 reports.append(report)
+            del weights
             replay.mark_done(stage)
         index = int(block_prefix.rsplit(".", 1)[1])
         out = ActivationStore.create(tuple(store.tensor.shape), compute_dtype, state.inputs_file(index + 1), plan.spill_bytes)
@@ -372,6 +385,9 @@ def _quantize_head(run: _Run, tied: bool, writer: CheckpointWriter) -> list[dict
             blocks[i] = block
         set_submodule(net, head_name, head)
     qt, report = quantize_linear(head_name, weight, acc.stats(), run.method, run.plan)
+    if not fits_fp16(qt):  # the overflow rule (pipeline.common)
+        writer.add_tensor(f"{head_name}.weight", weight.float())
+        return [kept_report(head_name, weight)]
     writer.add_quantized(head_name, qt)
     return [report]
 
