@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     from bitsmith.calib import CalibrationConfig
     from bitsmith.cli.common import console, dir_size_mb, out, progress_bar
+    from bitsmith.io.checkpoint import CheckpointError
+    from bitsmith.io.destination import Destination
     from bitsmith.pipeline.common import dtype_name
     from bitsmith.pipeline.plan import QuantizePlan
     from bitsmith.pipeline.quantize import quantize
@@ -68,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
     # clip_search is sent only when turned off: each method keeps its own default otherwise (rtn and
     # gptq search ranges; after AWQ, whose own clipping is output-aware, plain min/max ranges)
+    # --out before any work (the --budget sensitivity pass alone takes minutes): an existing path without
+    # --overwrite, or with it anything but an earlier checkpoint, is refused now
+    Destination(Path(args.out), "checkpoint", args.overwrite, CheckpointError).check()
     args.method = default_method(args)
     options = {**({"clip_search": False} if args.no_clip_search else {}), **({"awq": True} if args.awq else {})}
     plan = QuantizePlan(
@@ -103,19 +108,24 @@ def _allocate(args: argparse.Namespace, plan, calib):
     """Sensitivity on the calibration text, then the allocation; returns the plan with per-layer
     specs, the allocation, and the calibration the quantize step itself needs (calibrated plans only)."""
     from bitsmith.calib import CalibrationConfig
-    from bitsmith.cli.common import console
+    from bitsmith.cli.common import console, progress_bar
     from bitsmith.models import open_source
     from bitsmith.plan.allocate import Budget
-    from bitsmith.plan.sensitivity import plan_allocation
+    from bitsmith.plan.sensitivity import check_plan_budget, plan_allocation
     from bitsmith.spec import QuantSpec
 
     budget = Budget.parse(args.budget)
     candidates = [QuantSpec.parse(s) for s in args.candidates.split(",") if s.strip()]
+    check_plan_budget(args.model, plan, budget, candidates)  # an unreachable budget, before minutes of work
     sens_calib = CalibrationConfig(text=args.calib, samples=min(args.calib_samples, args.sensitivity_windows),
                                    seq_len=args.calib_len, seed=args.seed, random_offsets=args.calib_random)
     tokens = sens_calib.batches(open_source(args.model).tokenizer())  # [samples, seq_len]
-    with console.status(f"sensitivity ({args.sensitivity}) on {tokens.shape[0]} x {tokens.shape[1]} tokens"):
-        plan, allocation = plan_allocation(args.model, plan, budget, candidates, tokens, estimator=args.sensitivity)
+    with progress_bar() as bar:
+        task = bar.add_task(f"sensitivity ({args.sensitivity}) on {tokens.shape[0]} x {tokens.shape[1]} tokens",
+                            total=None, rate="")
+        done = lambda name, i, n: bar.update(task, completed=i, total=n, rate=name)  # noqa: E731
+        plan, allocation = plan_allocation(args.model, plan, budget, candidates, tokens, estimator=args.sensitivity,
+                                           progress=done)
     console.print(f"allocation for {budget}: {allocation.bits_per_weight:.3f} bits/weight, predicted KL "
                   f"{allocation.predicted_cost:.4g}; " + ", ".join(f"{n} x {s}" for s, n in allocation.counts().items()))
     # rtn and hqq quantize in one pass with the allocated specs; the calibration text was for the costs
