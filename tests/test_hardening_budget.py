@@ -13,7 +13,7 @@ import torch
 
 from bitsmith.calib import calibration_batches
 from bitsmith.io.checkpoint import CheckpointError
-from bitsmith.plan.allocate import AllocationError, Budget, check_budget, reachable_bits
+from bitsmith.plan.allocate import AllocationError, Budget
 from bitsmith.spec import QuantSpec
 from tiny import make_tiny_model, sample_text, tiny_tokenizer
 
@@ -55,6 +55,8 @@ def test_impossible_budget_is_refused_before_sensitivity(tiny, tmp_path, no_sens
 
 
 def test_reachable_range_is_exact() -> None:
+    from bitsmith.plan.allocate import check_budget, reachable_bits
+
     shapes = {"a": (64, 128), "b": (32, 64)}
     cands = [QuantSpec.parse(s) for s in CANDIDATES.split(",")]
     low, high = reachable_bits(shapes, cands)
