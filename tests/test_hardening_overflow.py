@@ -125,3 +125,26 @@ def test_loader_refuses_a_checkpoint_with_an_inf_scale(base, tmp_path) -> None:
     save_file(state, path, metadata=metadata)
     with pytest.raises(CheckpointError, match=rf"{LAYER}\.scale .*holds inf/NaN scales; re-quantize it"):
         load_model(out)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_head_and_embedding_follow_the_rule(base, calib, tmp_path, caplog, method) -> None:
+    """The same rule for the head and a quantized embedding (each loop quantizes them on their own)."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in base.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    state = load_file(folder / "model.safetensors")
+    state["lm_head.weight"][7, 5] = 1e30
+    state["model.embed_tokens.weight"][100, 5] = 1e30  # a token the test sentence does not use
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    plan = QuantizePlan(QuantSpec.parse("w4g32"), method, quantize_head=True, quantize_embeddings=True)
+    with caplog.at_level(logging.WARNING):
+        out = (quantize_calibrated(folder, tmp_path / "q", plan, calib, batch_size=4) if method == "gptq"
+               else quantize(folder, tmp_path / "q", plan))
+    _all_finite(out)
+    report = json.loads((out / "bitsmith.json").read_text())
+    kept = {l["name"] for l in report["report"]["unquantized_layers"]}
+    assert kept == {"lm_head", "model.embed_tokens"} and not kept & set(report["tensors"])
+    assert sum("1e+30" in r.getMessage() for r in caplog.records) == 2
+    _logits_finite(out)

@@ -136,7 +136,9 @@ def _record(path, info, allocation) -> None:
     """Check the checkpoint holds the allocated specs, then add the allocation to its report."""
     from bitsmith.plan.sensitivity import record_allocation
 
-    wrong = sorted(n for n, s in allocation.specs.items() if info is None or info.specs.get(n) != s)
+    # a layer kept at fp32 because its scales overflow fp16 (warned about, listed in the report) is no mismatch
+    kept = {l["name"] for l in (info.report.get("unquantized_layers", []) if info else [])}
+    wrong = sorted(n for n, s in allocation.specs.items() if n not in kept and (info is None or info.specs.get(n) != s))
     if wrong:
         raise ValueError(f"the checkpoint at {path} does not carry the allocated spec of {wrong[0]} "
                          f"({allocation.specs[wrong[0]]}); this quantization path ignores per-layer specs, "

@@ -13,7 +13,9 @@ Layout (format version 1)::
 
 A quantized linear layer ``L`` is stored as ``L.qweight`` (uint8, packed codes, see
 :mod:`bitsmith.formats.packing`), ``L.scale`` (fp16 [out, G]) and, when asymmetric, ``L.zero``
-(fp16 [out, G]). Every other tensor keeps its name. The folder is written under a temporary name
+(fp16 [out, G]). Every other tensor keeps its name; so does a layer whose scales would overflow fp16
+(a weight far beyond the fp16 range), which the pipeline keeps unquantized at fp32. No stored tensor holds
+inf/NaN: the writer refuses them, and the loader refuses a checkpoint that has them. The folder is written under a temporary name
 and renamed only when complete, so a crash or a full disk never leaves a folder that looks finished.
 """
 

@@ -108,7 +108,7 @@ def _run_blocks(model: str | Path, out_dir: Path, plan: QuantizePlan, calib: tor
                "calibration": {"samples": shape[0], "seq_len": shape[1], "hash": run.state.key["calib"]}}
     with CheckpointWriter(out_dir, plan.method, options, overwrite=overwrite, staging=staging) as writer:  # streams: holds no tensor
         embed_module = _release_embedding(run.net)  # needed again only to quantize the head
-        head_is_tied = _write_other_tensors(writer, run.source, run.net, run.prefix, plan)
+        head_is_tied, kept = _write_other_tensors(writer, run.source, run.net, run.prefix, plan)
         _walk_blocks(run, writer, progress)
         head_reports = []
         if plan.quantizes_own_head(run.source.tensor_names()):
@@ -117,7 +117,7 @@ def _run_blocks(model: str | Path, out_dir: Path, plan: QuantizePlan, calib: tor
             head_reports = _quantize_head(run, head_is_tied, writer)
         run.store.close()
         finish_folder(writer, run.source, head_is_tied)
-        report = summary(run.source, plan, [r for b in run.state.reports for r in b] + head_reports, start)
+        report = summary(run.source, plan, kept + [r for b in run.state.reports for r in b] + head_reports, start)
         path = writer.finish(report)
     run.state.remove()
     return path
@@ -254,15 +254,18 @@ def _unload_block(block: nn.Module) -> None:
     block.to("meta")  # releases the weights; the module keeps its structure
 
 
-def _write_other_tensors(writer: CheckpointWriter, source: Any, net: nn.Module, prefix: str, plan: QuantizePlan) -> bool:
+def _write_other_tensors(writer: CheckpointWriter, source: Any, net: nn.Module, prefix: str,
+                         plan: QuantizePlan) -> tuple[bool, list[dict]]:
     """Every tensor outside the blocks, stored as the calibration-free path stores it (an embedding
     to quantize is a lookup table, not a linear: it gets RTN). Returns whether a tied lm_head is to
-    be quantized, and so written last, untied from the embedding."""
+    be quantized, and so written last, untied from the embedding, and the report entry of an
+    embedding kept at fp32 by the overflow rule (if any)."""
     from bitsmith.methods.rtn import rtn
     from bitsmith.models import embedding_and_head_names
 
     names = source.tensor_names()
     embed_name, _ = embedding_and_head_names(net)
+    kept = []
     for name in names:
         if name.startswith(prefix + ".") or (plan.quantize_head and name == HEAD_WEIGHT):
             continue  # blocks go one by one; the head is quantized after them, with its real inputs
@@ -273,13 +276,13 @@ def _write_other_tensors(writer: CheckpointWriter, source: Any, net: nn.Module, 
             if fits_fp16(qt):
                 writer.add_quantized(module, qt)
             else:  # the overflow rule (pipeline.common)
-                kept_report(module, tensor)
+                kept.append(kept_report(module, tensor))
                 writer.add_tensor(name, tensor.float())
         else:
             writer.add_tensor(name, storage(tensor, plan.unquantized_dtype))
         del tensor  # before the next load: two 152k-vocabulary matrices in fp32 are ~1.9 GB
     _trim_heap()
-    return plan.unties_head(names)
+    return plan.unties_head(names), kept
 
 
 def _emit_block(writer: CheckpointWriter, state: WorkState, index: int) -> None:
