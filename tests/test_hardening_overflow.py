@@ -148,3 +148,19 @@ def test_head_and_embedding_follow_the_rule(base, calib, tmp_path, caplog, metho
     assert kept == {"lm_head", "model.embed_tokens"} and not kept & set(report["tensors"])
     assert sum("1e+30" in r.getMessage() for r in caplog.records) == 2
     _logits_finite(out)
+
+
+def test_cli_quantize_then_eval_as_the_user_tried(base, tmp_path, capsys) -> None:
+    """The issue's steps: quantize a model with a 1e30 weight (exit 0, a warning naming the layer),
+    then eval: a finite perplexity, not ppl=nan."""
+    from bitsmith.cli import main
+
+    model = _model_with(tmp_path / "m", 1e30, base)
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text(400, seed=5))
+    assert main(["quantize", str(model), "--method", "rtn", "--spec", "w4g32", "--out", str(tmp_path / "q")]) == 0
+    assert LAYER in capsys.readouterr().err
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path / "q"), "--text", str(text), "--ctx", "64", "--json", str(report)]) == 0
+    assert "nan" not in capsys.readouterr().out.lower()
+    assert "NaN" not in report.read_text()

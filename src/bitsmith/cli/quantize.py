@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from bitsmith.cli.common import console, dir_size_mb, out, progress_bar
     from bitsmith.io.checkpoint import CheckpointError
     from bitsmith.io.destination import Destination
-    from bitsmith.pipeline.common import dtype_name
+    from bitsmith.pipeline.common import KEPT, dtype_name
     from bitsmith.pipeline.plan import QuantizePlan
     from bitsmith.pipeline.quantize import quantize
     from bitsmith.spec import QuantSpec
@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         info = read_info(path)
     report = info.report if info else {}
     console.print(f"quantized {report.get('quantized_weights', 0):,} weights at {report.get('bits_per_weight', 0):.3f} bits/weight in {report.get('seconds', 0)} s")
+    for layer in report.get("unquantized_layers", []):  # the overflow rule: said here too, whatever the log level
+        console.print(f"warning: {layer['name']} is not quantized: {layer[KEPT]}", markup=False)
     out.print(f"{path}  ({dir_size_mb(path):.1f} MB)")
     return 0
 
