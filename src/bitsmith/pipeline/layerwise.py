@@ -324,17 +324,18 @@ def _process_block(
             results = quantize_stage(names, weights, stats, method, plan)
             del stats
             _trim_heap()
-            for rel, name, weight, (qt, report) in zip(stage, names, weights, results):
-                if not fits_fp16(qt):  # the overflow rule (pipeline.common): the layer stays fp32
+            for j, (rel, name, (qt, report)) in enumerate(zip(stage, names, results)):
+                weight, weights[j] = weights[j], None  # dropped once done: the peak stays in quantize_stage
+                if fits_fp16(qt):
+                    linears[rel].weight = nn.Parameter(qt.dequantize().to(compute_dtype), requires_grad=False)
+                    tensors.update(qt.to_state(name))
+                    specs[name] = {"spec": str(qt.spec), "shape": list(qt.shape)}
+                    reports.append(report)
+                else:  # the overflow rule (pipeline.common): the layer stays fp32
                     linears[rel].weight = nn.Parameter(weight.to(compute_dtype), requires_grad=False)
                     tensors[f"{name}.weight"] = weight.float()
                     reports.append(kept_report(name, weight))
-                    continue
-                linears[rel].weight = nn.Parameter(qt.dequantize().to(compute_dtype), requires_grad=False)
-                tensors.update(qt.to_state(name))
-                specs[name] = {"spec": str(qt.spec), "shape": list(qt.shape)}
-                reports.append(report)
-            del weights
+                del weight
             replay.mark_done(stage)
         index = int(block_prefix.rsplit(".", 1)[1])
         out = ActivationStore.create(tuple(store.tensor.shape), compute_dtype, state.inputs_file(index + 1), plan.spill_bytes)
