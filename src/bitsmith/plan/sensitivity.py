@@ -246,26 +246,12 @@ def float_model(source, layers: dict[str, tuple[int, int]], dtype: torch.dtype =
     return net
 
 
-def fixed_bits(source, net: nn.Module, layers: dict[str, tuple[int, int]], unquantized_dtype: str = "fp16") -> int:
+def fixed_bits(source, layers: dict[str, tuple[int, int]], unquantized_dtype: str = "fp16") -> int:
     """Bits of a checkpoint outside its quantized layers: every other stored tensor at its storage
     dtype (2-D at ``unquantized_dtype``, 1-D at fp32, as the pipeline writes them) plus an allowance
-    for the safetensors header. Config and tokenizer files are not counted."""
-    state = net.state_dict()
-    total, count = 0, 0
-    for name in source.tensor_names():
-        count += 1
-        if name.removesuffix(".weight") in layers:
-            count += 2  # qweight, scale, zero instead of weight
-            continue
-        shape = state[name].shape if name in state else source.load_tensor(name).shape
-        width = 32 if len(shape) < 2 or unquantized_dtype == "fp32" else 16
-        total += math.prod(shape) * width
-    return total + 8 * HEADER_BYTES_PER_TENSOR * count
-
-
-def stored_fixed_bits(source, layers: dict[str, tuple[int, int]], unquantized_dtype: str = "fp16") -> int:
-    """:func:`fixed_bits` from the source's tensor headers alone (no model is built): what a
-    checkpoint stores outside its quantized layers."""
+    for the safetensors header. Config and tokenizer files are not counted. Read from the source's
+    tensor headers alone (shapes in torch layout), so no model is built: the budget check before
+    the sensitivity pass and the allocation after it count the same bits."""
     total, count = 0, 0
     for name in source.tensor_names():
         count += 1
@@ -287,7 +273,7 @@ def check_plan_budget(model, config, budget: Budget, candidates: Sequence[QuantS
 
     source = open_source(model)
     layers = quantizable_layers(source.config, config.quantize_head, config.quantize_embeddings)
-    check_budget(budget, layers, candidates, stored_fixed_bits(source, layers, config.unquantized_dtype))
+    check_budget(budget, layers, candidates, fixed_bits(source, layers, config.unquantized_dtype))
 
 
 def plan_allocation(
@@ -309,7 +295,7 @@ def plan_allocation(
     sens = estimate_sensitivity(net, layers, candidates, tokens, estimator=estimator, method=config.method,
                                 options=config.options, seed=seed, fisher_bytes=fisher_bytes, progress=progress)
     weights = sum(o * i for o, i in layers.values())
-    fixed = 0 if budget.bits_per_weight is not None else fixed_bits(source, net, layers, config.unquantized_dtype)
+    fixed = 0 if budget.bits_per_weight is not None else fixed_bits(source, layers, config.unquantized_dtype)
     del net
     alloc = allocate(sens.costs, layers, budget.layer_bits(weights, fixed))
     extra = {"budget": str(budget), "estimator": estimator, "cost_quantizer": sens.quantizer, "windows": sens.windows,
