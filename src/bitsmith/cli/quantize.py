@@ -61,13 +61,18 @@ def run(args: argparse.Namespace) -> int:
 
     from bitsmith.calib import CalibrationConfig
     from bitsmith.cli.common import console, dir_size_mb, out, progress_bar
-    from bitsmith.pipeline.common import dtype_name
+    from bitsmith.io.checkpoint import CheckpointError
+    from bitsmith.io.destination import Destination
+    from bitsmith.pipeline.common import KEPT, dtype_name
     from bitsmith.pipeline.plan import QuantizePlan
     from bitsmith.pipeline.quantize import quantize
     from bitsmith.spec import QuantSpec
 
     # clip_search is sent only when turned off: each method keeps its own default otherwise (rtn and
     # gptq search ranges; after AWQ, whose own clipping is output-aware, plain min/max ranges)
+    # --out before any work (the --budget sensitivity pass alone takes minutes): an existing path without
+    # --overwrite, or with it anything but an earlier checkpoint, is refused now
+    Destination(Path(args.out), "checkpoint", args.overwrite, CheckpointError).check()
     args.method = default_method(args)
     options = {**({"clip_search": False} if args.no_clip_search else {}), **({"awq": True} if args.awq else {})}
     plan = QuantizePlan(
@@ -95,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         info = read_info(path)
     report = info.report if info else {}
     console.print(f"quantized {report.get('quantized_weights', 0):,} weights at {report.get('bits_per_weight', 0):.3f} bits/weight in {report.get('seconds', 0)} s")
+    for layer in report.get("unquantized_layers", []):  # the overflow rule: said here too, whatever the log level
+        console.print(f"warning: {layer['name']} is not quantized: {layer[KEPT]}", markup=False)
     out.print(f"{path}  ({dir_size_mb(path):.1f} MB)")
     return 0
 
@@ -103,19 +110,24 @@ def _allocate(args: argparse.Namespace, plan, calib):
     """Sensitivity on the calibration text, then the allocation; returns the plan with per-layer
     specs, the allocation, and the calibration the quantize step itself needs (calibrated plans only)."""
     from bitsmith.calib import CalibrationConfig
-    from bitsmith.cli.common import console
+    from bitsmith.cli.common import console, progress_bar
     from bitsmith.models import open_source
     from bitsmith.plan.allocate import Budget
-    from bitsmith.plan.sensitivity import plan_allocation
+    from bitsmith.plan.sensitivity import check_plan_budget, plan_allocation
     from bitsmith.spec import QuantSpec
 
     budget = Budget.parse(args.budget)
     candidates = [QuantSpec.parse(s) for s in args.candidates.split(",") if s.strip()]
+    check_plan_budget(args.model, plan, budget, candidates)  # an unreachable budget, before minutes of work
     sens_calib = CalibrationConfig(text=args.calib, samples=min(args.calib_samples, args.sensitivity_windows),
                                    seq_len=args.calib_len, seed=args.seed, random_offsets=args.calib_random)
     tokens = sens_calib.batches(open_source(args.model).tokenizer())  # [samples, seq_len]
-    with console.status(f"sensitivity ({args.sensitivity}) on {tokens.shape[0]} x {tokens.shape[1]} tokens"):
-        plan, allocation = plan_allocation(args.model, plan, budget, candidates, tokens, estimator=args.sensitivity)
+    with progress_bar() as bar:
+        task = bar.add_task(f"sensitivity ({args.sensitivity}) on {tokens.shape[0]} x {tokens.shape[1]} tokens",
+                            total=None, rate="")
+        done = lambda name, i, n: bar.update(task, completed=i, total=n, rate=name)  # noqa: E731
+        plan, allocation = plan_allocation(args.model, plan, budget, candidates, tokens, estimator=args.sensitivity,
+                                           progress=done)
     console.print(f"allocation for {budget}: {allocation.bits_per_weight:.3f} bits/weight, predicted KL "
                   f"{allocation.predicted_cost:.4g}; " + ", ".join(f"{n} x {s}" for s, n in allocation.counts().items()))
     # rtn and hqq quantize in one pass with the allocated specs; the calibration text was for the costs
@@ -126,7 +138,9 @@ def _record(path, info, allocation) -> None:
     """Check the checkpoint holds the allocated specs, then add the allocation to its report."""
     from bitsmith.plan.sensitivity import record_allocation
 
-    wrong = sorted(n for n, s in allocation.specs.items() if info is None or info.specs.get(n) != s)
+    # a layer kept at fp32 because its scales overflow fp16 (warned about, listed in the report) is no mismatch
+    kept = {l["name"] for l in (info.report.get("unquantized_layers", []) if info else [])}
+    wrong = sorted(n for n, s in allocation.specs.items() if n not in kept and (info is None or info.specs.get(n) != s))
     if wrong:
         raise ValueError(f"the checkpoint at {path} does not carry the allocated spec of {wrong[0]} "
                          f"({allocation.specs[wrong[0]]}); this quantization path ignores per-layer specs, "

@@ -13,7 +13,9 @@ Layout (format version 1)::
 
 A quantized linear layer ``L`` is stored as ``L.qweight`` (uint8, packed codes, see
 :mod:`bitsmith.formats.packing`), ``L.scale`` (fp16 [out, G]) and, when asymmetric, ``L.zero``
-(fp16 [out, G]). Every other tensor keeps its name. The folder is written under a temporary name
+(fp16 [out, G]). Every other tensor keeps its name; so does a layer whose scales would overflow fp16
+(a weight far beyond the fp16 range), which the pipeline keeps unquantized at fp32. No stored tensor holds
+inf/NaN: the writer refuses them, and the loader refuses a checkpoint that has them. The folder is written under a temporary name
 and renamed only when complete, so a crash or a full disk never leaves a folder that looks finished.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -30,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from bitsmith.io.destination import Destination
+from bitsmith.io.destination import Destination, Staging
 from bitsmith.io.safetensors import read_header, shard_files
+from bitsmith.primitives import abs_max
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
@@ -148,12 +152,14 @@ class CheckpointWriter:
     :meth:`finish` renames to ``out_dir``. Use as a context manager: an exception removes the
     temporary folder."""
 
-    def __init__(self, out_dir: Path, method: str, options: dict, *, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    def __init__(self, out_dir: Path, method: str, options: dict, *, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 staging: Staging | None = None) -> None:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise CheckpointError(f"{self.out_dir} already exists; choose another --out or pass --overwrite")
-        # locked, checked (--overwrite replaces only an earlier checkpoint) and staged in a temp folder
-        self.staging = Destination(self.out_dir, "checkpoint", overwrite, CheckpointError).stage()
+        # locked, checked (--overwrite replaces only an earlier checkpoint) and staged in a temp folder;
+        # a caller that had to hold the lock earlier (the resumable calibrated run) hands its staging in
+        self.staging = staging or Destination(self.out_dir, "checkpoint", overwrite, CheckpointError).stage()
         self.tmp_dir = self.staging.tmp
         self.method, self.options, self.shard_bytes = method, options, shard_bytes
         self.specs: dict[str, dict] = {}
@@ -186,6 +192,10 @@ class CheckpointWriter:
         twice = self._names.intersection(tensors)
         if twice:
             raise CheckpointError(f"tensor {sorted(twice)[0]} was written twice")
+        for name, t in tensors.items():  # the last line of defence: no checkpoint carries inf/NaN
+            if t.is_floating_point() and t.numel() and not math.isfinite(abs_max(t)):
+                raise CheckpointError(f"tensor {name} holds inf/NaN values; the checkpoint was not written "
+                                      "(a weight beyond the fp16 range should have been kept at fp32: please report this)")
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if self._stream is not None and self._stream.size and self._stream.size + size > self.shard_bytes:
             self._flush()

@@ -4,11 +4,13 @@ unpacked into QuantizedTensors. Read by the loader (:mod:`bitsmith.runtime.load`
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
-from bitsmith.io.checkpoint import CheckpointInfo, shard_files
+from bitsmith.io.checkpoint import CheckpointError, CheckpointInfo, shard_files
+from bitsmith.primitives import abs_max
 from bitsmith.tensor import QuantizedTensor
 
 PACKED_PARTS = ("qweight", "scale", "zero", "grid")
@@ -36,6 +38,12 @@ def quantized_state(folder: Path, info: CheckpointInfo, exclude: frozenset[str] 
         out_features, in_features = info.shapes[module]
         if tuple(parts["scale"].shape) != (out_features, spec.groups_per_row(in_features)):
             raise ValueError(f"{module} in {folder} has scales of shape {tuple(parts['scale'].shape)}, which do not fit {spec} on a {out_features}x{in_features} weight; the checkpoint is corrupt, quantize again")
+        for part in ("scale", "zero", "grid"):  # an inf scale dequantizes its whole group to inf/NaN
+            t = parts.get(part)
+            if t is not None and t.numel() and not math.isfinite(abs_max(t)):
+                noun = {"scale": "scales", "zero": "zeros", "grid": "grid levels"}[part]
+                raise CheckpointError(f"{module}.{part} in {folder} holds inf/NaN {noun}; re-quantize it "
+                                      "(this bitsmith keeps layers whose scales overflow fp16 at fp32)")
         result[module] = parts
     return result
 

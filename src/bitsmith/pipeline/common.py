@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from typing import Any
 
@@ -79,6 +80,34 @@ def storage(tensor: torch.Tensor, dtype_name: str) -> torch.Tensor:
     return tensor.to(dtype)
 
 
+# -- the fp16 overflow rule ------------------------------------------------------------------------
+# A checkpoint stores scales and zeros as fp16 (max 65504). A finite fp32 weight far beyond that
+# range (1e30 in a corrupt or badly trained layer) gives a scale that rounds to inf, and the whole
+# layer then dequantizes to inf/NaN: the run used to exit 0 and eval printed ppl=nan. Clipping the
+# scale to 65504 would keep the file finite but answer garbage for every group it touches, so a layer
+# whose stored scales, zeros or grid are not finite is kept unquantized at fp32 instead (the rule
+# :func:`storage` already applies to unquantized tensors beyond fp16), with a warning naming the layer
+# and its largest |weight|, and an entry in the report's ``unquantized_layers``.
+
+KEPT = "kept_unquantized"  # the report key that marks a layer kept at fp32 (its value says why)
+
+
+def fits_fp16(qt) -> bool:
+    """Whether a QuantizedTensor's stored scale, zero and grid are all finite (nothing overflowed fp16)."""
+    parts = [t for t in (qt.scale, qt.zero, qt.grid) if t is not None]
+    return all(math.isfinite(abs_max(t)) for t in parts)
+
+
+def kept_report(name: str, weight: torch.Tensor) -> dict:
+    """Warn that layer ``name`` stays unquantized at fp32 and return its report entry."""
+    largest = abs_max(weight)
+    reason = f"its scales overflow fp16 (largest |weight| {largest:.3g} > {FP16_MAX:g}); stored unquantized at fp32"
+    log.warning("layer %s is not quantized: %s", name, reason)
+    out_features, in_features = weight.shape
+    return {"name": name, "shape": [out_features, in_features], "spec": "fp32", "bits_per_weight": 32.0,
+            "max_abs_weight": largest, KEPT: reason}
+
+
 def layer_report(name: str, weight: torch.Tensor, qt, seconds: float) -> dict:
     out_features, in_features = weight.shape
     return {"name": name, "shape": [out_features, in_features], "spec": str(qt.spec),
@@ -96,9 +125,12 @@ def finish_folder(writer: CheckpointWriter, source: Any, head_is_tied: bool) -> 
 
 
 def summary(source: Any, plan: QuantizePlan, report_layers: list[dict], start: float) -> dict:
-    """The checkpoint report: per-layer entries plus totals."""
+    """The checkpoint report: per-layer entries plus totals; layers kept at fp32 by the overflow rule
+    are listed apart (``unquantized_layers``) and count in no total."""
+    kept = [l for l in report_layers if KEPT in l]
+    report_layers = [l for l in report_layers if KEPT not in l]
     stored = sum(l["bits_per_weight"] * l["shape"][0] * l["shape"][1] for l in report_layers)
     count = sum(l["shape"][0] * l["shape"][1] for l in report_layers)
     return {"source": str(source.path), "spec": str(plan.spec), "method": plan.method, "layers": report_layers,
             "quantized_weights": count, "bits_per_weight": stored / max(count, 1),
-            "seconds": round(time.perf_counter() - start, 2)}
+            "seconds": round(time.perf_counter() - start, 2), **({"unquantized_layers": kept} if kept else {})}

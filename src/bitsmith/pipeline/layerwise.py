@@ -34,10 +34,12 @@ from torch import nn
 from bitsmith.calib.data import tokens_digest
 from bitsmith.calib.stats import StatsAccumulator
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
+from bitsmith.io.destination import Destination, Staging
 from bitsmith.methods import Method, get_method
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
 from bitsmith.pipeline.common import (
-    STORAGE_DTYPES, check_layers, dtype_name, finish_folder, quantizable_layers, storage, summary,
+    STORAGE_DTYPES, check_layers, dtype_name, finish_folder, fits_fp16, kept_report, quantizable_layers, storage,
+    summary,
 )
 from bitsmith.pipeline.plan import DEFAULT_BATCH_SIZE, DEFAULT_REPLAY_BYTES, DEFAULT_SPILL_BYTES, HEAD_WEIGHT, QuantizePlan
 from bitsmith.pipeline.replay import OutputReplay
@@ -87,17 +89,26 @@ def quantize_blocks(
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    destination = Destination(out_dir, "checkpoint", overwrite, CheckpointError)
+    destination.check()  # before any work: an existing --out, or a foreign folder even with --overwrite
     if calib.dim() != 2 or calib.shape[0] < 1:
         raise ValueError(f"calibration tokens must be [samples, seq_len], got shape {tuple(calib.shape)}")
+    # the destination's lock before the work folder is opened: two --resume runs to one --out would
+    # otherwise both continue from <out>.partial and overwrite each other's blocks
+    with destination.stage() as staging:
+        return _run_blocks(model, out_dir, plan, calib, staging, progress, resume, overwrite, start)
+
+
+def _run_blocks(model: str | Path, out_dir: Path, plan: QuantizePlan, calib: torch.Tensor, staging: Staging,
+                progress: Callable[[str, int, int], None] | None, resume: bool, overwrite: bool, start: float) -> Path:
+    """:func:`quantize_blocks` once the destination is locked and staged."""
     run = _open_run(model, out_dir, plan, calib, resume)
     shape = tuple(run.store.tensor.shape)
     options = {**plan.recorded_options(),
                "calibration": {"samples": shape[0], "seq_len": shape[1], "hash": run.state.key["calib"]}}
-    with CheckpointWriter(out_dir, plan.method, options, overwrite=overwrite) as writer:  # streams: holds no tensor
+    with CheckpointWriter(out_dir, plan.method, options, overwrite=overwrite, staging=staging) as writer:  # streams: holds no tensor
         embed_module = _release_embedding(run.net)  # needed again only to quantize the head
-        head_is_tied = _write_other_tensors(writer, run.source, run.net, run.prefix, plan)
+        head_is_tied, kept = _write_other_tensors(writer, run.source, run.net, run.prefix, plan)
         _walk_blocks(run, writer, progress)
         head_reports = []
         if plan.quantizes_own_head(run.source.tensor_names()):
@@ -106,7 +117,7 @@ def quantize_blocks(
             head_reports = _quantize_head(run, head_is_tied, writer)
         run.store.close()
         finish_folder(writer, run.source, head_is_tied)
-        report = summary(run.source, plan, [r for b in run.state.reports for r in b] + head_reports, start)
+        report = summary(run.source, plan, kept + [r for b in run.state.reports for r in b] + head_reports, start)
         path = writer.finish(report)
     run.state.remove()
     return path
@@ -243,27 +254,35 @@ def _unload_block(block: nn.Module) -> None:
     block.to("meta")  # releases the weights; the module keeps its structure
 
 
-def _write_other_tensors(writer: CheckpointWriter, source: Any, net: nn.Module, prefix: str, plan: QuantizePlan) -> bool:
+def _write_other_tensors(writer: CheckpointWriter, source: Any, net: nn.Module, prefix: str,
+                         plan: QuantizePlan) -> tuple[bool, list[dict]]:
     """Every tensor outside the blocks, stored as the calibration-free path stores it (an embedding
     to quantize is a lookup table, not a linear: it gets RTN). Returns whether a tied lm_head is to
-    be quantized, and so written last, untied from the embedding."""
+    be quantized, and so written last, untied from the embedding, and the report entry of an
+    embedding kept at fp32 by the overflow rule (if any)."""
     from bitsmith.methods.rtn import rtn
     from bitsmith.models import embedding_and_head_names
 
     names = source.tensor_names()
     embed_name, _ = embedding_and_head_names(net)
+    kept = []
     for name in names:
         if name.startswith(prefix + ".") or (plan.quantize_head and name == HEAD_WEIGHT):
             continue  # blocks go one by one; the head is quantized after them, with its real inputs
         tensor = source.load_tensor(name)
         if plan.quantize_embeddings and name == embed_name:
             module = name.removesuffix(".weight")
-            writer.add_quantized(module, rtn(tensor, plan.spec_for(module), None, plan.method_options()))
+            qt = rtn(tensor, plan.spec_for(module), None, plan.method_options())
+            if fits_fp16(qt):
+                writer.add_quantized(module, qt)
+            else:  # the overflow rule (pipeline.common)
+                kept.append(kept_report(module, tensor))
+                writer.add_tensor(name, tensor.float())
         else:
             writer.add_tensor(name, storage(tensor, plan.unquantized_dtype))
         del tensor  # before the next load: two 152k-vocabulary matrices in fp32 are ~1.9 GB
     _trim_heap()
-    return plan.unties_head(names)
+    return plan.unties_head(names), kept
 
 
 def _emit_block(writer: CheckpointWriter, state: WorkState, index: int) -> None:
@@ -301,14 +320,22 @@ def _process_block(
             stats = stage_stats(block, linears[stage[0]], store, slices, calls, replay,
                                 stage[0] if len(stage) == 1 else None, plan.hessian_dtype)
             names = [f"{block_prefix}.{rel}" for rel in stage]
-            results = quantize_stage(names, [masters.pop(rel) for rel in stage], stats, method, plan)
+            weights = [masters.pop(rel) for rel in stage]
+            results = quantize_stage(names, weights, stats, method, plan)
             del stats
             _trim_heap()
-            for rel, name, (qt, report) in zip(stage, names, results):
-                linears[rel].weight = nn.Parameter(qt.dequantize().to(compute_dtype), requires_grad=False)
-                tensors.update(qt.to_state(name))
-                specs[name] = {"spec": str(qt.spec), "shape": list(qt.shape)}
-                reports.append(report)
+            for j, (rel, name, (qt, report)) in enumerate(zip(stage, names, results)):
+                weight, weights[j] = weights[j], None  # dropped once done: the peak stays in quantize_stage
+                if fits_fp16(qt):
+                    linears[rel].weight = nn.Parameter(qt.dequantize().to(compute_dtype), requires_grad=False)
+                    tensors.update(qt.to_state(name))
+                    specs[name] = {"spec": str(qt.spec), "shape": list(qt.shape)}
+                    reports.append(report)
+                else:  # the overflow rule (pipeline.common): the layer stays fp32
+                    linears[rel].weight = nn.Parameter(weight.to(compute_dtype), requires_grad=False)
+                    tensors[f"{name}.weight"] = weight.float()
+                    reports.append(kept_report(name, weight))
+                del weight
             replay.mark_done(stage)
         index = int(block_prefix.rsplit(".", 1)[1])
         out = ActivationStore.create(tuple(store.tensor.shape), compute_dtype, state.inputs_file(index + 1), plan.spill_bytes)
@@ -362,6 +389,9 @@ def _quantize_head(run: _Run, tied: bool, writer: CheckpointWriter) -> list[dict
             blocks[i] = block
         set_submodule(net, head_name, head)
     qt, report = quantize_linear(head_name, weight, acc.stats(), run.method, run.plan)
+    if not fits_fp16(qt):  # the overflow rule (pipeline.common)
+        writer.add_tensor(f"{head_name}.weight", weight.float())
+        return [kept_report(head_name, weight)]
     writer.add_quantized(head_name, qt)
     return [report]
 

@@ -26,9 +26,11 @@ import torch
 
 from bitsmith.calib.data import CalibrationConfig
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
+from bitsmith.io.destination import Destination
 from bitsmith.methods import METHODS, Needs, get_method
 from bitsmith.pipeline.common import (
-    check_layers, dtype_name, finish_folder, layer_report, quantizable_layers, storage, summary,
+    check_layers, dtype_name, finish_folder, fits_fp16, kept_report, layer_report, quantizable_layers, storage,
+    summary,
 )
 from bitsmith.pipeline.plan import HEAD, QuantizePlan
 from bitsmith.transforms import TRANSFORMS
@@ -49,8 +51,9 @@ def quantize(model: str | Path, out_dir: Path, plan: QuantizePlan, *, progress: 
     from bitsmith.models import open_source
 
     start = time.perf_counter()
-    if Path(out_dir).exists() and not overwrite:  # fail before any work
-        raise CheckpointError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    # the destination rule before any work: an existing --out is refused, and with --overwrite so is
+    # anything but an earlier checkpoint (a foreign folder, the current directory)
+    Destination(Path(out_dir), "checkpoint", overwrite, CheckpointError).check()
     if plan.needs_calibration:
         from bitsmith.pipeline.layerwise import quantize_blocks
 
@@ -85,21 +88,28 @@ def _stream(model: str | Path, out_dir: Path, plan: QuantizePlan, progress: Prog
             module = name.removesuffix(".weight")
             tensor = source.load_tensor(name)
             if module in layers:
-                t0 = time.perf_counter()
-                qt = method(tensor, plan.spec_for(module), None, options)
-                writer.add_quantized(module, qt)
-                report_layers.append(layer_report(module, tensor, qt, time.perf_counter() - t0))
+                report_layers.append(_write_layer(writer, module, tensor, method, plan.spec_for(module), options))
             else:
                 writer.add_tensor(name, storage(tensor, plan.unquantized_dtype))
             if untie and name.endswith("embed_tokens.weight"):
                 # the embedding stays at full precision (written above); the head gets a quantized copy
-                qt = method(tensor, plan.spec_for(HEAD), None, options)
-                writer.add_quantized(HEAD, qt)
-                report_layers.append(layer_report(HEAD, tensor, qt, 0.0))
+                report_layers.append(_write_layer(writer, HEAD, tensor, method, plan.spec_for(HEAD), options))
             if progress:
                 progress(name, i + 1, len(names))
         finish_folder(writer, source, untie)
         return writer.finish(summary(source, plan, report_layers, start))
+
+
+def _write_layer(writer: CheckpointWriter, module: str, weight: torch.Tensor, method, spec, options: dict) -> dict:
+    """Quantize one layer and write it, or write it at fp32 when its scales overflow fp16 (the rule in
+    :mod:`bitsmith.pipeline.common`); returns its report entry."""
+    t0 = time.perf_counter()
+    qt = method(weight, spec, None, options)
+    if not fits_fp16(qt):
+        writer.add_tensor(f"{module}.weight", weight.float())
+        return kept_report(module, weight)
+    writer.add_quantized(module, qt)
+    return layer_report(module, weight, qt, time.perf_counter() - t0)
 
 
 def quantize_model(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -108,6 +108,49 @@ class Allocation:
                 "budget_bits": self.budget_bits, "fixed_bits": self.fixed_bits,
                 "predicted_kl": self.predicted_cost, "counts": self.counts(),
                 "specs": {name: str(spec) for name, spec in self.specs.items()}, **self.extra}
+
+
+def usable_candidates(name: str, shape: tuple[int, int], candidates: Sequence[QuantSpec]) -> list[QuantSpec]:
+    """The candidates a layer of ``shape`` (out, in) can take: a group wider than its row cannot."""
+    usable = [s for s in candidates if s.group_size is None or s.group_size <= shape[1]]
+    if not usable:
+        raise ValueError(f"no candidate spec fits {name} (rows of {shape[1]} weights); "
+                         "add a smaller group or a per-channel spec (e.g. w8)")
+    return usable
+
+
+def reachable_bits(shapes: Mapping[str, tuple[int, int]], candidates: Sequence[QuantSpec]) -> tuple[int, int]:
+    """(smallest, largest) exact stored bits of the quantized layers over every choice of one usable
+    candidate per layer: the range any allocation lands in."""
+    low = high = 0
+    for name, shape in shapes.items():
+        bits = [spec.stored_bits(*shape) for spec in usable_candidates(name, shape, candidates)]
+        low, high = low + min(bits), high + max(bits)
+    return low, high
+
+
+def check_budget(budget: Budget, shapes: Mapping[str, tuple[int, int]], candidates: Sequence[QuantSpec],
+                 fixed_bits: int = 0) -> None:
+    """Refuse, before any sensitivity pass, a budget that no allocation can meet: the message gives
+    the reachable range in bits per weight and in bytes (``fixed_bits``: what stays unquantized).
+    A budget above the range is fine (every layer then gets its best candidate)."""
+    if not shapes:
+        raise ValueError("no layers to allocate; the model has no quantizable layers")
+    weights = sum(o * i for o, i in shapes.values())
+    low, high = reachable_bits(shapes, candidates)
+    if budget.layer_bits(weights, fixed_bits) >= low:
+        return
+    to_bytes = lambda bits: math.ceil((bits + fixed_bits) / 8)  # noqa: E731
+    raise AllocationError(
+        f"the budget {budget} cannot be met: with candidates {','.join(map(str, candidates))} the "
+        f"{len(shapes)} quantized layers take {low / weights:.3f} to {high / weights:.3f} bits/weight, a checkpoint "
+        f"of {_size(to_bytes(low))} to {_size(to_bytes(high))} ({to_bytes(low):,} to {to_bytes(high):,} bytes, of which "
+        f"{_size(math.ceil(fixed_bits / 8))} stay unquantized); raise the budget into that range or add a smaller candidate"
+    )
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.2f} MB" if n_bytes >= 10**6 else f"{n_bytes / 1e3:.1f} kB"
 
 
 def allocate(

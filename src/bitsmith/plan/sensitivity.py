@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from bitsmith.plan.allocate import Allocation, Budget, allocate
+from bitsmith.plan.allocate import Allocation, Budget, allocate, check_budget, usable_candidates
 from bitsmith.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ FISHER_BYTES = 2 * 10**9  # default cap on the Fisher accumulators alive at once
 HEADER_BYTES_PER_TENSOR = 256  # safetensors header allowance per tensor (name, dtype, offsets, spec metadata)
 
 Quantizer = Callable[[torch.Tensor, QuantSpec], torch.Tensor]  # float weight [out, in] -> dequantized [out, in]
+Progress = Callable[[str, int, int], None]  # (what was just done, done, total), as the quantize step reports
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ def layer_weight(model: nn.Module, layer: str) -> nn.Parameter:
     return model.get_submodule(layer).weight
 
 
-def fisher_diagonal(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+def fisher_diagonal(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor, seed: int = 0,
+                    on_window: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of the mean per-position output distribution, per layer weight, float32.
 
     ``model`` should be float32; bfloat16 halves its memory (gradients then carry 8 mantissa bits; they
@@ -121,6 +123,8 @@ def fisher_diagonal(model: nn.Module, layers: Sequence[str], tokens: torch.Tenso
                 (-logp.gather(1, labels).sum()).backward()
                 positions += logits.shape[0]
                 del logits, logp
+                if on_window is not None:
+                    on_window()
     finally:
         for h in hooks:
             h.remove()
@@ -150,6 +154,7 @@ def _mean_kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 def measured_costs(
     model: nn.Module, candidates: dict[str, Sequence[QuantSpec]], tokens: torch.Tensor, quantize: Quantizer,
+    progress: Progress | None = None,
 ) -> dict[str, dict[QuantSpec, float]]:
     """Mean KL vs the float model with only one layer quantized, for every layer and spec."""
     with torch.inference_mode():
@@ -167,33 +172,41 @@ def measured_costs(
                     costs[name][spec] = kl / positions
             finally:
                 param.data = original
+            if progress is not None:
+                progress(name, len(costs), len(candidates))
     return costs
 
 
 def estimate_sensitivity(
     model: nn.Module, layers: dict[str, tuple[int, int]], candidates: Sequence[QuantSpec], tokens: torch.Tensor,
     *, estimator: str = "fisher", method: str = "rtn", options: dict | None = None, seed: int = 0,
-    fisher_bytes: int | None = None,
+    fisher_bytes: int | None = None, progress: Progress | None = None,
 ) -> Sensitivity:
     """Cost of each layer of ``layers`` (name -> (out, in)) at each usable candidate spec.
 
     A candidate whose group is wider than a layer's row is skipped for that layer. ``fisher_bytes``
-    caps the float32 Fisher accumulators alive at once (None: all layers in one pass)."""
+    caps the float32 Fisher accumulators alive at once (None: all layers in one pass).
+    ``progress(what, done, total)`` is called after each window of each Fisher pass (fisher) or
+    after each layer (measured)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown sensitivity estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
-    per_layer = {name: [s for s in candidates if s.group_size is None or s.group_size <= shape[1]] for name, shape in layers.items()}
-    empty = [n for n, specs in per_layer.items() if not specs]
-    if empty:
-        raise ValueError(f"no candidate spec fits {empty[0]} (rows of {layers[empty[0]][1]} weights); add a smaller group or a per-channel spec (e.g. w8)")
+    per_layer = {name: usable_candidates(name, shape, candidates) for name, shape in layers.items()}
     qname, quantize = make_quantizer(method, options)
     if estimator == "measured":
-        costs = measured_costs(model, per_layer, tokens, quantize)
+        costs = measured_costs(model, per_layer, tokens, quantize, progress)
     else:
         costs = {}
         chunks = fisher_chunks(layers, fisher_bytes)
+        total, done = len(chunks) * int(tokens.shape[0]), [0]
+
+        def window_done() -> None:
+            done[0] += 1
+            if progress is not None:
+                progress(f"window {done[0]}/{total}", done[0], total)
+
         for i, chunk in enumerate(chunks):
             log.info("fisher pass %d/%d over %d layers", i + 1, len(chunks), len(chunk))
-            fisher = fisher_diagonal(model, chunk, tokens, seed)
+            fisher = fisher_diagonal(model, chunk, tokens, seed, window_done)
             costs.update(fisher_costs({n: layer_weight(model, n) for n in chunk}, fisher,
                                       {n: per_layer[n] for n in chunk}, quantize))
             del fisher
@@ -233,40 +246,56 @@ def float_model(source, layers: dict[str, tuple[int, int]], dtype: torch.dtype =
     return net
 
 
-def fixed_bits(source, net: nn.Module, layers: dict[str, tuple[int, int]], unquantized_dtype: str = "fp16") -> int:
+def fixed_bits(source, layers: dict[str, tuple[int, int]], unquantized_dtype: str = "fp16") -> int:
     """Bits of a checkpoint outside its quantized layers: every other stored tensor at its storage
     dtype (2-D at ``unquantized_dtype``, 1-D at fp32, as the pipeline writes them) plus an allowance
-    for the safetensors header. Config and tokenizer files are not counted."""
-    state = net.state_dict()
+    for the safetensors header. Config and tokenizer files are not counted. Read from the source's
+    tensor headers alone (shapes in torch layout), so no model is built: the budget check before
+    the sensitivity pass and the allocation after it count the same bits."""
     total, count = 0, 0
     for name in source.tensor_names():
         count += 1
         if name.removesuffix(".weight") in layers:
             count += 2  # qweight, scale, zero instead of weight
             continue
-        shape = state[name].shape if name in state else source.load_tensor(name).shape
+        shape = source.tensor_shape(name)
         width = 32 if len(shape) < 2 or unquantized_dtype == "fp32" else 16
         total += math.prod(shape) * width
     return total + 8 * HEADER_BYTES_PER_TENSOR * count
 
 
-def plan_allocation(
-    model, config, budget: Budget, candidates: Sequence[QuantSpec], tokens: torch.Tensor,
-    *, estimator: str = "fisher", seed: int = 0, fisher_bytes: int | None = FISHER_BYTES,
-) -> tuple["object", Allocation]:
-    """Sensitivity -> allocation for ``model`` (path or alias) under ``budget``: returns ``config``
-    (a :class:`~bitsmith.pipeline.plan.QuantizePlan`) with ``layer_specs`` set, and the
-    :class:`Allocation` to record in the checkpoint's report."""
+def check_plan_budget(model, config, budget: Budget, candidates: Sequence[QuantSpec]) -> None:
+    """Refuse a budget no allocation of ``candidates`` can meet, from the model's config and tensor
+    headers only: in well under a second, before any sensitivity pass (which takes minutes). The
+    message names the reachable range (:func:`bitsmith.plan.allocate.check_budget`)."""
     from bitsmith.models import open_source
     from bitsmith.pipeline.common import quantizable_layers
 
     source = open_source(model)
     layers = quantizable_layers(source.config, config.quantize_head, config.quantize_embeddings)
+    check_budget(budget, layers, candidates, fixed_bits(source, layers, config.unquantized_dtype))
+
+
+def plan_allocation(
+    model, config, budget: Budget, candidates: Sequence[QuantSpec], tokens: torch.Tensor,
+    *, estimator: str = "fisher", seed: int = 0, fisher_bytes: int | None = FISHER_BYTES,
+    progress: Progress | None = None,
+) -> tuple["object", Allocation]:
+    """Sensitivity -> allocation for ``model`` (path or alias) under ``budget``: returns ``config``
+    (a :class:`~bitsmith.pipeline.plan.QuantizePlan`) with ``layer_specs`` set, and the
+    :class:`Allocation` to record in the checkpoint's report. An unreachable budget is refused
+    before the model is built (:func:`check_plan_budget`); ``progress`` follows the sensitivity pass."""
+    from bitsmith.models import open_source
+    from bitsmith.pipeline.common import quantizable_layers
+
+    check_plan_budget(model, config, budget, candidates)
+    source = open_source(model)
+    layers = quantizable_layers(source.config, config.quantize_head, config.quantize_embeddings)
     net = float_model(source, layers)
     sens = estimate_sensitivity(net, layers, candidates, tokens, estimator=estimator, method=config.method,
-                                options=config.options, seed=seed, fisher_bytes=fisher_bytes)
+                                options=config.options, seed=seed, fisher_bytes=fisher_bytes, progress=progress)
     weights = sum(o * i for o, i in layers.values())
-    fixed = 0 if budget.bits_per_weight is not None else fixed_bits(source, net, layers, config.unquantized_dtype)
+    fixed = 0 if budget.bits_per_weight is not None else fixed_bits(source, layers, config.unquantized_dtype)
     del net
     alloc = allocate(sens.costs, layers, budget.layer_bits(weights, fixed))
     extra = {"budget": str(budget), "estimator": estimator, "cost_quantizer": sens.quantizer, "windows": sens.windows,
