@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-DEV_TEXT = Path("/work/shared/data/dev/austen_pride_and_prejudice.txt")
+from common import text_path
+
+DEV_TEXT = text_path()  # the shipped prose slice (docs/PROTOCOL.md); the script reads its first 60,000 chars
 CANDIDATES = "w2g128,w2g64,w3g128,w3g64,w4g128,w4g64,w8"
 
 

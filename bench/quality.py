@@ -14,7 +14,9 @@ import json
 import time
 from pathlib import Path
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "austen_pride_and_prejudice.txt"
+from common import text_path
+
+DEFAULT_TEXT = text_path()  # the shipped 60,000-character prose slice: all that --chars reads by default
 
 
 def main() -> None:

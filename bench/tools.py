@@ -8,7 +8,8 @@ hard-coding one, so a fresh clone on any machine runs the same commands.
 Layout under the tools folder (default ``~/.cache/bitsmith/tools``, or ``$BITSMITH_TOOLS``)::
 
     llama.cpp/              llama.cpp's source tree, vendored by the llama-cpp-python sdist
-    llama.cpp/build/bin/    llama-quantize, llama-imatrix, llama-perplexity, llama-bench, llama-cli
+    llama.cpp/build/bin/    llama-quantize, llama-imatrix, llama-perplexity, llama-bench, llama-cli,
+                            llama-simple
     peers/<name>/           one virtual environment per peer library (bin/python)
 
 Per-tool overrides, for a tool built or installed elsewhere: ``BITSMITH_LLAMA_CPP`` (the source
@@ -37,7 +38,8 @@ INSTALL_HINT = "run `make bench-tools` from the repository root (or set {env} to
 
 # The llama.cpp the recorded results were measured with: the tree vendored by this sdist (PEERS.md).
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-LLAMA_TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-cli")
+# llama-simple: the smallest generator, which bench/export_llamacpp.py uses to check an exported file
+LLAMA_TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-cli", "llama-simple")
 
 
 @dataclass(frozen=True)
