@@ -4,7 +4,7 @@
 sees the decode kernels. This script decodes real text one token at a time (teacher-forced) through the
 lean runner and its fused native step, once with the default 4-bit int8-activation path and once with
 the exact float path (``BITSMITH_INT8_DECODE=0``), and scores both against the unquantized model's
-logits on the same positions (PROTOCOL.md metrics), plus the two decode paths against each other.
+logits on the same positions (docs/PROTOCOL.md metrics), plus the two decode paths against each other.
 
     python bench/decode_accuracy.py --model smollm2-135m --checkpoint /tmp/bitsmith-speed/smollm2-135m-w4g128
 

@@ -2,7 +2,7 @@
 
 For each uniform comparator spec (default w3g64 = 3.5 bpw and w2g64 = 2.5 bpw on these models), the
 allocator gets exactly the uniform checkpoint's quantized-layer bits as its budget; both are then
-quantized with the same method and scored against the fp32 model (PROTOCOL.md metrics) on the first
+quantized with the same method and scored against the fp32 model (docs/PROTOCOL.md metrics) on the first
 60,000 characters of Pride and Prejudice. The sensitivity (Fisher by default) is computed once on
 the shipped State of the Union calibration text and shared by every budget. Each budget's pair is
 loaded, scored and dropped before the next (the fp32 reference runs once per pair), so peak memory

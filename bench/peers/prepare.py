@@ -1,6 +1,6 @@
 """Peers' shared inputs (run in bitsmith's venv): the reference as a Hugging Face folder (the
 model's fp32 weights exactly as bitsmith evaluates them, i.e. dequantized from its GGUF), the
-calibration text (PROTOCOL.md's 128 x 512 tokens of sotu_1790_1949.txt, decoded back to text) and
+calibration text (docs/PROTOCOL.md's 128 x 512 tokens of sotu_1790_1949.txt, decoded back to text) and
 the reference as an F32 GGUF for llama.cpp.
 
     python bench/peers/prepare.py --model smollm2-135m --work /tmp/peers

