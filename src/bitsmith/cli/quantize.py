@@ -42,14 +42,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def default_method(args: argparse.Namespace) -> str:
     """gptq when calibration text is given, else hqq: the best measured method of each kind
-    (bench/results/issue3); rtn stays available with --method rtn."""
+    (bench/results/calibrated-methods); rtn stays available with --method rtn."""
     return args.method or ("gptq" if args.calib is not None else "hqq")
 
 
 def compute_dtype(choice: str):
     """The torch dtype of the calibrated block forwards for --compute-dtype. ``auto`` picks bf16 only
     where the CPU has bf16 dot-product instructions: elsewhere bf16 GEMMs are emulated and slower
-    than fp32. Measured on SmolLM2 (bench/results/issue3/gptq_speed.md): one bf16 forward over
+    than fp32. Measured on SmolLM2 (bench/results/calibrated-methods/gptq_speed.md): one bf16 forward over
     128 x 512 tokens 71 s vs 128 s in fp32, and GPTQ's KLD 0.1413 (bf16 forwards) vs 0.1445 (fp32)."""
     import torch
 
