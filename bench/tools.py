@@ -36,7 +36,7 @@ TOOLS_ENV = "BITSMITH_TOOLS"
 DEFAULT_TOOLS = Path("~/.cache/bitsmith/tools")
 INSTALL_HINT = "run `make bench-tools` from the repository root (or set {env} to an existing install)"
 
-# The llama.cpp the recorded results were measured with: the tree vendored by this sdist (PEERS.md).
+# The llama.cpp the recorded results were measured with: the tree vendored by this sdist.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # llama-simple: the smallest generator, which bench/export_llamacpp.py uses to check an exported file
 LLAMA_TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-cli", "llama-simple")
