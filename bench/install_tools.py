@@ -34,8 +34,14 @@ import tools
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "constraints.txt"
 STAMP = ".bitsmith-installed"
+# Native build (-march=native) minus ggml's AMX kernels: on a VM whose CPU advertises AMX without
+# running it they die of SIGILL at the first tile instruction (seen here: `tilezero` in
+# tinygemm_kernel_amx), and the recorded results were measured without AMX. Undefining the macro
+# compiles those kernels out; every other instruction set the CPU has stays on.
+NO_AMX = "-U__AMX_INT8__"
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF")
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+               f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}")
 
 
 def run(cmd: list[str], log: Path | None = None) -> None:
@@ -86,7 +92,7 @@ def install_llama_cpp(jobs: int) -> None:
     """Build llama.cpp's tools into tools.llama_bin_dir(); skipped when the stamp matches."""
     version = tools.LLAMA_CPP_PYTHON_VERSION
     src = tools.llama_cpp_dir()
-    want = f"llama-cpp-python {version}: {' '.join(tools.LLAMA_TOOLS)}\n"
+    want = f"llama-cpp-python {version}: {' '.join(tools.LLAMA_TOOLS)}; {' '.join(CMAKE_FLAGS)}\n"
     if is_stamped(src, want) and all((tools.llama_bin_dir() / t).is_file() for t in tools.LLAMA_TOOLS):
         print(f"llama.cpp: already built in {tools.llama_bin_dir()}")
         return
