@@ -8,7 +8,7 @@ Everything lands in the tools folder of bench/tools.py (``~/.cache/bitsmith/tool
 ``$BITSMITH_TOOLS``), never in the repository:
 
 - llama.cpp: the llama-cpp-python *source* package from PyPI vendors the whole llama.cpp tree; its
-  command-line tools are built from it with cmake (``-j2`` under ``nice`` by default: about 10
+  command-line tools are built from it with cmake (``-j2`` under ``nice`` by default: 10-25
   minutes on 2 cores). No prebuilt binary exists for every CPU, and a source build tunes for this one.
 - peers: one venv per library (their pins conflict with ours and with each other), each with torch
   held at the CPU wheel of constraints.txt so pip never pulls a multi-GB CUDA build. A peer that
