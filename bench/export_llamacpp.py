@@ -4,7 +4,7 @@
 
 For each model: quantize with bitsmith (w4g32 RTN, which Q4_1 holds exactly), `bitsmith export --to
 gguf` (exact re-encoding of the codes), then with llama.cpp's own tools (built from the
-llama-cpp-python sdist, ../shared/PEERS.md):
+llama-cpp-python sdist by `make bench-tools`; bench/tools.py finds them):
   1. llama-simple: greedy continuation of a prompt (printed: read it) and the count of warning lines
      in its model-load log;
   2. llama-perplexity at ctx 512 on the PROTOCOL prose slice (first 60,000 chars of Pride and
@@ -32,9 +32,11 @@ from pathlib import Path
 
 import torch
 
+import tools
+from common import text_path
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BIN = "/tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"
-PROSE = ROOT.parent / "shared/data/dev/austen_pride_and_prejudice.txt"
+PROSE = text_path()  # first 60,000 chars of Pride and Prejudice, shipped in bitsmith/data
 PROMPTS = {"smollm2-135m": "The capital of France is", "gemma3-270m": "The capital of France is"}
 
 
@@ -96,9 +98,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     ap.add_argument("--spec", default="w4g32")
-    ap.add_argument("--bin", default=DEFAULT_BIN)
+    ap.add_argument("--bin", default=None, help="folder of llama.cpp's binaries (default: bench/tools.py's, from `make bench-tools`)")
     ap.add_argument("--ctx", type=int, default=512)
     args = ap.parse_args()
+    args.bin = args.bin or str(tools.llama_bin("llama-perplexity").parent)  # fails early, naming the fix
     work = Path(os.environ.get("WORK", "/tmp/bitsmith-export-bench"))
     work.mkdir(parents=True, exist_ok=True)
     text = PROSE.read_text(encoding="utf-8")[:60000]

@@ -23,9 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+import tools
+from common import text_path
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BIN = "/tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"
-PROSE = ROOT.parent / "shared/data/dev/austen_pride_and_prejudice.txt"
+PROSE = text_path()  # first 60,000 chars of Pride and Prejudice, shipped in bitsmith/data
 
 
 def run(cmd: list[str]) -> None:
@@ -50,10 +52,11 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--mixes", nargs="+", default=["Q4_K_M", "Q3_K_M", "Q2_K"])
     ap.add_argument("--chunks", type=int, default=16, help="calibration chunks of 512 tokens (default 16)")
-    ap.add_argument("--bin", default=DEFAULT_BIN)
+    ap.add_argument("--bin", default=None, help="folder of llama.cpp's binaries (default: bench/tools.py's, from `make bench-tools`)")
     ap.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default: all, PROTOCOL)")
     ap.add_argument("--variants", nargs="+", default=["llama", "llama+imatrix", "bitsmith imatrix", "bitsmith imatrix+gptq"])
     args = ap.parse_args()
+    args.bin = args.bin or str(tools.llama_bin("llama-quantize").parent)  # fails early, naming the fix
 
     import torch
 

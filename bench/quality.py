@@ -1,4 +1,4 @@
-"""Quality and size of quantized variants against the unquantized model (PROTOCOL.md).
+"""Quality and size of quantized variants against the unquantized model (docs/PROTOCOL.md).
 
     python bench/quality.py --model smollm2-135m --specs w8,w4g128,w4g32,w3g128,w2g64 --method rtn
 
@@ -14,7 +14,9 @@ import json
 import time
 from pathlib import Path
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "austen_pride_and_prejudice.txt"
+from common import text_path
+
+DEFAULT_TEXT = text_path()  # the shipped 60,000-character prose slice: all that --chars reads by default
 
 
 def main() -> None:
@@ -22,8 +24,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--specs", default="w8,w4g128,w4g32,w3g128,w2g64")
     ap.add_argument("--method", default="rtn")
-    ap.add_argument("--text", default=str(DEFAULT_TEXT), help="evaluation text (default: PROTOCOL.md's prose slice)")
-    ap.add_argument("--chars", type=int, default=60_000, help="first N characters of the text (PROTOCOL.md: 60,000)")
+    ap.add_argument("--text", default=str(DEFAULT_TEXT), help="evaluation text (default: docs/PROTOCOL.md's prose slice)")
+    ap.add_argument("--chars", type=int, default=60_000, help="first N characters of the text (docs/PROTOCOL.md: 60,000)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--work", default="/tmp/bitsmith-bench", help="folder for the checkpoints")

@@ -41,11 +41,14 @@ import sys
 import time
 from pathlib import Path
 
-LLAMA_BIN = Path("/tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin")
+import tools
+from common import text_path
+
+LLAMA_BIN = tools.llama_bin_dir()  # `make bench-tools` builds it; without it the llama.cpp rows are skipped
 MODELS = ["smollm2-135m", "qwen2.5-coder-1.5b"]
 VARIANTS = ["fp32", "bf16", "w8", "w4g128", "w4g32"]
 GGUF_TYPES = ["F16", "Q8_0", "Q4_0", "Q4_K_M"]
-TEXT = Path("/work/shared/data/dev/austen_pride_and_prejudice.txt")
+TEXT = text_path()
 
 
 # ----------------------------------------------------------------------------- one bitsmith run (child)
@@ -333,7 +336,7 @@ def main() -> int:
     types = [t.strip() for t in args.gguf_types.split(",") if t.strip()]
     llamacpp = not args.no_llamacpp and (LLAMA_BIN / "llama-bench").exists()
     if not args.no_llamacpp and not llamacpp:
-        print(f"llama-bench not found in {LLAMA_BIN}; llama.cpp rows skipped", file=sys.stderr)
+        print(f"llama-bench not found in {LLAMA_BIN}; llama.cpp rows skipped (`make bench-tools` builds it)", file=sys.stderr)
     args.cache.mkdir(parents=True, exist_ok=True)
     paths = {(m, v): checkpoint(args.cache, m, v) for m in models for v in variants if v not in ("fp32", "bf16")}
     files = {m: ggufs(args.cache, m, types) for m in models} if llamacpp else {}

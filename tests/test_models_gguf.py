@@ -7,6 +7,7 @@ original weights up to the quantization, i.e. exactly ``gguf.quants.dequantize``
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -246,7 +247,7 @@ def test_unsupported_gguf_arch(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------- real models (slow)
 
-TEXT = Path("/work/shared/data/dev/austen_pride_and_prejudice.txt")
+TEXT = Path(str(files("bitsmith").joinpath("data", "pride_and_prejudice_60k.txt")))  # shipped: a fresh clone has it
 
 
 def perplexity(model, ids: torch.Tensor) -> float:

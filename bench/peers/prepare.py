@@ -1,6 +1,6 @@
 """Peers' shared inputs (run in bitsmith's venv): the reference as a Hugging Face folder (the
 model's fp32 weights exactly as bitsmith evaluates them, i.e. dequantized from its GGUF), the
-calibration text (PROTOCOL.md's 128 x 512 tokens of sotu_1790_1949.txt, decoded back to text) and
+calibration text (docs/PROTOCOL.md's 128 x 512 tokens of sotu_1790_1949.txt, decoded back to text) and
 the reference as an F32 GGUF for llama.cpp.
 
     python bench/peers/prepare.py --model smollm2-135m --work /tmp/peers
@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-LLAMA_CPP = Path("/tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for tools.py
+import tools  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
     torch.save(calib, work / "calib_ids.pt")
     gguf = work / "reference-f32.gguf"
     if not gguf.exists():
-        subprocess.run([sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(ref_dir), "--outtype", "f32",
+        subprocess.run([sys.executable, str(tools.llama_script("convert_hf_to_gguf.py")), str(ref_dir), "--outtype", "f32",
                         "--outfile", str(gguf)], check=True)
     print(json.dumps({"reference": str(ref_dir), "calib_text": str(work / "calib.txt"), "gguf": str(gguf)}))
 
