@@ -23,3 +23,18 @@ def text_path(name: str = PROSE) -> Path:
         shipped = sorted(p.name for p in path.parent.glob("*.txt"))
         raise FileNotFoundError(f"no shipped text {name!r} in {path.parent}; shipped: {', '.join(shipped)}")
     return path
+
+
+WORK_ENV = "BITSMITH_BENCH_WORK"
+
+
+def work_dir(name: str) -> Path:
+    """Scratch folder ``name`` for a benchmark's checkpoints and files: under ``$BITSMITH_BENCH_WORK``,
+    else ``~/.cache/bitsmith/bench`` (beside the tools `make bench-tools` installs), never a fixed
+    machine path. Created on first use."""
+    import os
+
+    root = Path(os.environ.get(WORK_ENV) or "~/.cache/bitsmith/bench").expanduser()
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -6,7 +6,7 @@ lean runner and its fused native step, once with the default 4-bit int8-activati
 the exact float path (``BITSMITH_INT8_DECODE=0``), and scores both against the unquantized model's
 logits on the same positions (docs/PROTOCOL.md metrics), plus the two decode paths against each other.
 
-    python bench/decode_accuracy.py --model smollm2-135m --checkpoint /tmp/bitsmith-speed/smollm2-135m-w4g128
+    python bench/decode_accuracy.py --model smollm2-135m --checkpoint ~/.cache/bitsmith/bench/speed/smollm2-135m-w4g128
 
 Prints one table; nothing is asserted (tests/test_kernels.py holds each path to its oracle).
 """

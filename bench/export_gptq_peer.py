@@ -10,7 +10,7 @@ folder; bitsmith scores --windows windows of the prose slice with the checkpoint
 token ids and logits; the peer loads the folder with AutoModelForCausalLM.from_pretrained
 (env GPTQMODEL_CPU_WORKERS=2) and computes logits on the same ids; the table compares them: max |logit
 difference|, mean KL(bitsmith || peer), top-1 agreement, and each side's ppl on those positions.
-Work files go to $WORK (default /tmp/bitsmith-export-gptq).
+Work files go to $WORK (default: bench/common.work_dir, ~/.cache/bitsmith/bench/export-gptq).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import tools
-from common import text_path
+from common import text_path, work_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = text_path()  # first 60,000 chars of Pride and Prejudice, shipped in bitsmith/data
@@ -95,7 +95,7 @@ def main() -> int:
     from bitsmith.eval.perplexity import convention_adds_bos, tokenize_text, windows
     from bitsmith.runtime.load import load_model
 
-    work = Path(os.environ.get("WORK", "/tmp/bitsmith-export-gptq"))
+    work = Path(os.environ.get("WORK") or work_dir("export-gptq"))
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"{args.model}-{args.spec}"
     folder = work / f"{args.model}-{args.spec}-{args.format}"

@@ -17,7 +17,7 @@ add_bos, and scores only the second half of each chunk: logits at positions n_ct
 predicting tokens n_ctx/2 .. n_ctx-1 (255 per chunk at ctx 512). `bitsmith_llama_ppl` below rebuilds
 exactly those chunks from the HF tokenizer and scores exactly those positions. The table also shows
 `bitsmith eval`'s PROTOCOL number (every position of every window) to show the two protocols differ.
-Work files go to $WORK (default /tmp/bitsmith-export-bench).
+Work files go to $WORK (default: bench/common.work_dir, ~/.cache/bitsmith/bench/export-llamacpp).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import tools
-from common import text_path
+from common import text_path, work_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = text_path()  # first 60,000 chars of Pride and Prejudice, shipped in bitsmith/data
@@ -102,7 +102,7 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=512)
     args = ap.parse_args()
     args.bin = args.bin or str(tools.llama_bin("llama-perplexity").parent)  # fails early, naming the fix
-    work = Path(os.environ.get("WORK", "/tmp/bitsmith-export-bench"))
+    work = Path(os.environ.get("WORK") or work_dir("export-llamacpp"))
     work.mkdir(parents=True, exist_ok=True)
     text = PROSE.read_text(encoding="utf-8")[:60000]
     text_file = work / "pp60k.txt"

@@ -11,7 +11,7 @@ from the same number of tokens of the same text, `imatrix+gptq` = plus GPTQ erro
 GGUF grid. Every file is then scored by bitsmith's evaluator (it reads GGUF) against the fp32
 reference on the PROTOCOL prose windows (first 60,000 chars of Pride and Prejudice, ctx 512):
 KLD, top-1, ppl. bpw = stored bits / weights of the decoder blocks' matrices; MB = whole file.
-Work files go to $WORK (default /tmp/bitsmith-export-quality).
+Work files go to $WORK (default: bench/common.work_dir, ~/.cache/bitsmith/bench/export-quality).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import tools
-from common import text_path
+from common import text_path, work_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = text_path()  # first 60,000 chars of Pride and Prejudice, shipped in bitsmith/data
@@ -65,7 +65,7 @@ def main() -> int:
     from bitsmith.runtime.load import load_model
 
     torch.set_num_threads(2)
-    work = Path(os.environ.get("WORK", "/tmp/bitsmith-export-quality")) / args.model
+    work = Path(os.environ.get("WORK") or work_dir("export-quality")) / args.model
     work.mkdir(parents=True, exist_ok=True)
     tokens = args.chunks * 512
     ref_gguf = work / "ref-F32.gguf"

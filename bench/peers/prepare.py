@@ -3,7 +3,7 @@ model's fp32 weights exactly as bitsmith evaluates them, i.e. dequantized from i
 calibration text (docs/PROTOCOL.md's 128 x 512 tokens of sotu_1790_1949.txt, decoded back to text) and
 the reference as an F32 GGUF for llama.cpp.
 
-    python bench/peers/prepare.py --model smollm2-135m --work /tmp/peers
+    python bench/peers/prepare.py --model smollm2-135m --work WORK
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for tools.py
 import tools  # noqa: E402
+from common import work_dir  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--work", default="/tmp/peers")
+    ap.add_argument("--work", default=None, help="work folder (default: ~/.cache/bitsmith/bench/peers)")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-len", type=int, default=512)
     args = ap.parse_args()
@@ -32,7 +33,7 @@ def main() -> None:
     from bitsmith.calib import CalibrationConfig
     from bitsmith.runtime.load import load_model
 
-    work = Path(args.work)
+    work = Path(args.work) if args.work else work_dir("peers")
     ref_dir = work / "reference"
     ref_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_model(args.model)

@@ -1,7 +1,7 @@
 """Peers side by side with bitsmith on one model, one calibration text, one set of eval windows.
 
-    python bench/peers/run.py --work /tmp/peers            # everything, then the table
-    python bench/peers/run.py --work /tmp/peers --only eval  # re-score what is there
+    python bench/peers/run.py --work WORK                  # everything, then the table
+    python bench/peers/run.py --work WORK --only eval  # re-score what is there
 
 Steps (each quantizer timed by /usr/bin/time -v for wall seconds and peak RSS):
 prepare.py (reference HF folder + F32 GGUF + calibration text, bitsmith venv); the `hqq` package,
@@ -28,6 +28,7 @@ PY = sys.executable
 
 sys.path.insert(0, str(HERE.parent))  # bench/, for tools.py
 import tools  # noqa: E402
+from common import work_dir  # noqa: E402
 
 
 def peer_py(name: str) -> str:
@@ -104,13 +105,13 @@ def gguf_bpw(path: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--work", default="/tmp/peers")
+    ap.add_argument("--work", default=None, help="work folder (default: ~/.cache/bitsmith/bench/peers)")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--max-windows", type=int, default=12)
     ap.add_argument("--only", choices=["quantize", "eval"], default=None)
     ap.add_argument("--match", default="", help="run only the quantizers whose name contains this")
     args = ap.parse_args()
-    work = Path(args.work)
+    work = Path(args.work) if args.work else work_dir("peers")
     work.mkdir(parents=True, exist_ok=True)
     facts_path = work / "facts.json"
     facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
