@@ -7,10 +7,19 @@ keeps its codes, with no new rounding: ``w4g32s`` -> Q4_0 (``w = d (q - 8)``), `
 with ``d = scale`` and ``m = -zero * scale`` rounded to fp16: the one rounding step).
 
 Error feedback (:func:`gptq_encode`): Frantar et al. 2022, "GPTQ", Algorithm 1, with each GGUF
-block's scales chosen by the type's own encoder when the column walk reaches the block. It keeps its
-own damping, Cholesky and in-block update order rather than :func:`bitsmith.methods.gptq.gptq_walk`:
-the two agree in exact arithmetic but round differently in float32, and the files it writes are
-pinned byte for byte (see the module's notes in the GGUF export report).
+block's scales chosen by the type's own encoder when the column walk reaches the block.
+
+Why this is not :func:`bitsmith.methods.gptq.gptq_walk` with a GGUF column quantizer: the two agree
+in exact arithmetic but not in float32, and the exported files are pinned byte for byte. Measured on
+random 96-row layers (Hessians from 2048 random tokens): with the same inverse-Hessian factor the
+shared walk writes identical Q4_K and Q3_K bytes (256-weight blocks = one lazy batch, so every block
+is fitted on exact copies) but changes 5 % of Q5_0 and 0.5 % of Q8_0 bytes, the types SmolLM2's
+576-wide rows fall back to: the walk is left-looking (``W[:, j] -= Err[:, :j] U[:j, j]`` per column,
+and a block's encoder input is rebuilt as ``rows - U^T Err``) where this one updates the rest of the
+batch in place after every column, so 32-weight blocks after the first in a batch see different
+float32 roundings. The factor differs too (float64 ``cholesky(cholesky_inverse(cholesky(H)))`` here,
+float32 reversed Cholesky + triangular inverse with damping retries there): it alone changed 16 Q4_K
+bytes of 27648.
 """
 
 from __future__ import annotations
