@@ -3,6 +3,9 @@ names (:mod:`.names`), choose llama.cpp's per-tensor types (:mod:`.mixes`), enco
 (:mod:`.encode`), write files (:mod:`.export`), read quantized matrices back as bitsmith codes
 (:mod:`.quantized`) and describe a file (:mod:`.inspect`).
 
+Errors: :class:`~bitsmith.io.gguf.header.GGUFError` for a file that cannot be read,
+:class:`~bitsmith.io.gguf.mixes.ExportError` for an export that cannot be done as asked.
+
 The package imports nothing itself: each module is imported where it is used, so ``import bitsmith``
 stays free of torch and gguf-py.
 """
