@@ -61,7 +61,8 @@ def main() -> int:
     import torch
 
     from bitsmith.eval.perplexity import convention_adds_bos, evaluate, tokenize_text, windows
-    from bitsmith.io.export_gguf import calibration_statistics, export_gguf
+    from bitsmith.io.gguf.calibration import calibration_statistics
+    from bitsmith.io.gguf.export import export_gguf
     from bitsmith.runtime.load import load_model
 
     torch.set_num_threads(2)

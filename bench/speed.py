@@ -218,7 +218,7 @@ def ggufs(cache: Path, model: str, types: list[str]) -> dict[str, Path]:
 def gguf_weight_bytes(path: Path) -> int:
     """Bytes of the matmul weights a decode step reads: every 2-D tensor, but the token embedding
     only when it doubles as the output (no output.weight)."""
-    from bitsmith.io.inspect_gguf import inspect_gguf
+    from bitsmith.io.gguf.inspect import inspect_gguf
 
     tensors = inspect_gguf(path).tensors
     has_output = any(t.name == "output.weight" for t in tensors)

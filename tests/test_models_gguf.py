@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from bitsmith.models import ModelSourceError, build_model, find_blocks, open_source
-from bitsmith.models.gguf_source import GGUFStore, read_gguf_header, unpermute_qk
+from bitsmith.io.gguf.names import unpermute_qk
+from bitsmith.models.gguf_source import GGUFStore, read_gguf_header
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 64, 128, 4, 2, 2
 QTYPES = {  # GGUF block stem -> storage type, covering the plain and the legacy block quants
