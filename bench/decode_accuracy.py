@@ -8,7 +8,7 @@ logits on the same positions (docs/PROTOCOL.md metrics), plus the two decode pat
 
     python bench/decode_accuracy.py --model smollm2-135m --checkpoint ~/.cache/bitsmith/bench/speed/smollm2-135m-w4g128
 
-Prints one table; nothing is asserted (tests/test_kernels.py holds each path to its oracle).
+Prints one table; nothing is asserted (tests/kernels/test_kernels.py holds each path to its oracle).
 """
 
 from __future__ import annotations

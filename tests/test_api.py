@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny import make_tiny_model, sample_text
+from tests.tiny import make_tiny_model, sample_text
 
 
 @pytest.fixture(scope="module")

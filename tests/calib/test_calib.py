@@ -1,0 +1,93 @@
+"""Calibration token batches: docs/PROTOCOL.md's default windows, seeded random offsets, clear errors."""
+
+import pytest
+import torch
+from tests.tiny import sample_text, tiny_tokenizer
+
+from bitsmith.calib import CalibrationConfig, StatsAccumulator, calibration_batches, read_calibration_text
+from bitsmith.eval.perplexity import tokenize_text
+
+
+def test_default_windows_are_consecutive_from_the_start() -> None:
+    tok, text = tiny_tokenizer(), sample_text(1000)
+    ids = torch.tensor(tokenize_text(tok, text))
+    batches = calibration_batches(tok, text, samples=5, seq_len=64)
+    assert batches.shape == (5, 64) and batches.dtype == torch.long
+    assert torch.equal(batches.flatten(), ids[: 5 * 64])
+
+
+def test_random_offsets_are_seeded() -> None:
+    tok, text = tiny_tokenizer(), sample_text(1000)
+    a = calibration_batches(tok, text, samples=6, seq_len=32, seed=1, random_offsets=True)
+    b = calibration_batches(tok, text, samples=6, seq_len=32, seed=1, random_offsets=True)
+    c = calibration_batches(tok, text, samples=6, seq_len=32, seed=2, random_offsets=True)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_too_short_text_says_how_to_fix_it() -> None:
+    tok = tiny_tokenizer()
+    text = sample_text(300)
+    n = len(tokenize_text(tok, text))
+    with pytest.raises(ValueError) as err:
+        calibration_batches(tok, text, samples=128, seq_len=512)
+    assert str(err.value) == (
+        f"calibration text has {n:,} tokens; 128 x 512 needs 65,536: "
+        "give a longer --calib file or fewer --calib-samples"
+    )
+
+
+def test_shipped_text_and_config(tmp_path) -> None:
+    assert len(read_calibration_text()) > 100_000  # the shipped State of the Union slice
+    path = tmp_path / "calib.txt"
+    path.write_text(sample_text(2000))
+    batches = CalibrationConfig(text=path, samples=3, seq_len=16).batches(tiny_tokenizer())
+    assert batches.shape == (3, 16)
+    with pytest.raises(FileNotFoundError, match="--calib"):
+        read_calibration_text(tmp_path / "missing.txt")
+
+
+def test_stats_accumulator_is_the_sum_of_outer_products() -> None:
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 5, 8), torch.randn(3, 5, 8)]
+    acc = StatsAccumulator(8)
+    for x in xs:
+        acc.add(x)
+    flat = torch.cat([x.reshape(-1, 8) for x in xs])  # [25, 8]
+    stats = acc.stats()
+    assert stats.tokens == 25
+    torch.testing.assert_close(stats.hessian, flat.T @ flat)
+    torch.testing.assert_close(stats.importance, flat.pow(2).mean(0))
+
+
+@pytest.mark.parametrize("width", [512, 700])
+def test_wide_stats_accumulate_the_upper_triangle_exactly(width: int) -> None:
+    """Wide inputs accumulate only H's upper block triangle and mirror it: the same H as the full
+    product (to float32 rounding), exactly symmetric."""
+    torch.manual_seed(1)
+    xs = [torch.randn(3, 40, width) * torch.rand(width) * 3, torch.randn(2, 40, width)]
+    acc = StatsAccumulator(width)
+    for x in xs:
+        acc.add(x.bfloat16())
+    flat = torch.cat([x.bfloat16().float().reshape(-1, width) for x in xs])
+    stats = acc.stats()
+    torch.testing.assert_close(stats.hessian, stats.hessian.T, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(stats.hessian, flat.T @ flat, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(stats.importance, flat.pow(2).mean(0), rtol=1e-5, atol=1e-6)
+    assert stats.tokens == 200
+
+
+@pytest.mark.parametrize("n", [40, 600])  # one block, and the upper-triangle panels
+def test_bf16_products_stay_close_to_fp32(n) -> None:
+    """--hessian-dtype bf16: each batch's product rounded once to bf16, summed in fp32; within bf16
+    rounding of the fp32 Hessian (entries relative to the diagonal's scale)."""
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(3, 50, n, generator=g) for _ in range(4)]
+    exact, fast = StatsAccumulator(n), StatsAccumulator(n, "bf16")
+    for x in xs:
+        exact.add(x)
+        fast.add(x)
+    h, hb = exact.stats().hessian, fast.stats().hessian
+    assert torch.equal(hb, hb.T) and fast.tokens == exact.tokens
+    assert (hb - h).abs().max() < 2e-2 * h.diagonal().mean()
+    with pytest.raises(ValueError, match="products"):
+        StatsAccumulator(n, "fp16")

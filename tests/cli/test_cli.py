@@ -1,0 +1,109 @@
+"""The bitsmith command end to end on a tiny random model, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tests.tiny import make_tiny_model, sample_text
+
+from bitsmith.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("cli") / "tiny")
+
+
+def test_quantize_inspect_eval_generate(tiny: Path, tmp_path: Path, capsys) -> None:
+    ckpt = tmp_path / "q"
+    assert main(["quantize", str(tiny), "--spec", "w4g32", "--out", str(ckpt)]) == 0
+    assert (ckpt / "bitsmith.json").exists()
+
+    capsys.readouterr()
+    assert main(["inspect", str(ckpt), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "bitsmith" and "w4g32" in report["summary"]
+    assert 4.9 <= report["quantized_bits_per_weight"] <= 5.01  # 4 + 32/32 for fp16 scale and zero
+
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text(1200))
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(ckpt), "--text", str(text), "--reference", str(tiny), "--ctx", "64", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) >= {"ppl", "tokens", "kld_mean", "kld_p99", "top1"}
+    assert result["kld_mean"] > 0 and 0 < result["top1"] <= 1 and result["tokens"] > 0
+
+    assert main(["eval", str(tiny), "--text", str(text), "--reference", str(tiny), "--ctx", "64", "--json", str(out)]) == 0
+    same = json.loads(out.read_text())
+    assert same["kld_mean"] == pytest.approx(0, abs=1e-6) and same["top1"] == 1.0
+
+    capsys.readouterr()
+    assert main(["generate", str(ckpt), "the cat", "--max-new-tokens", "5", "--json"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last) == {"new_tokens", "prefill_tok_s", "decode_tok_s", "text"}
+    assert 1 <= last["new_tokens"] <= 5
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bitsmith.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_errors_are_one_line_and_nonzero(tiny: Path, tmp_path: Path) -> None:
+    cases = [
+        (["quantize", str(tiny), "--spec", "w9", "--out", str(tmp_path / "a")], "w4g128"),
+        (["quantize", str(tmp_path / "missing"), "--out", str(tmp_path / "b")], "missing"),
+        (["quantize", str(tiny), "--spec", "w4g32", "--out", str(tiny)], "already exists"),
+        (["quantize", str(tiny), "--spec", "w4g128", "--out", str(tmp_path / "c")], "larger than"),
+        (["inspect", str(tmp_path / "nothing")], "does not exist"),
+    ]
+    for args, needle in cases:
+        proc = _run(*args)
+        assert proc.returncode == 1, proc.stderr
+        lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+        assert len(lines) == 1 and "error:" in lines[0] and needle in proc.stderr, proc.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_truncated_checkpoint_gives_clear_error(tiny: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "q"
+    assert main(["quantize", str(tiny), "--spec", "w8", "--out", str(ckpt)]) == 0
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    proc = _run("generate", str(ckpt), "the cat", "--max-new-tokens", "2")
+    assert proc.returncode == 1 and "truncated" in proc.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error of a torch without CUDA")
+def test_generate_on_a_missing_device_says_so(tiny: Path) -> None:
+    with pytest.raises(SystemExit, match="cannot use device 'cuda'"):
+        main(["generate", str(tiny), "the cat", "--max-new-tokens", "2", "--device", "cuda"])
+
+
+def test_default_method_is_hqq_without_calibration_and_gptq_with_it(tmp_path) -> None:
+    """The issue's defaults: hqq (calibration-free) unless calibration text is given, then gptq;
+    an explicit --method always wins."""
+    import argparse
+
+    from bitsmith.cli.quantize import default_method
+
+    assert default_method(argparse.Namespace(method=None, calib=None)) == "hqq"
+    assert default_method(argparse.Namespace(method=None, calib=tmp_path / "c.txt")) == "gptq"
+    assert default_method(argparse.Namespace(method="rtn", calib=tmp_path / "c.txt")) == "rtn"
+
+
+def test_compute_dtype_auto_follows_the_cpu(monkeypatch) -> None:
+    """--compute-dtype auto: bf16 only where the CPU multiplies bf16 natively; explicit choices win."""
+    import torch
+
+    from bitsmith.cli.quantize import compute_dtype
+
+    for avx512_bf16, amx, expected in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                       (False, False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert compute_dtype("auto") == expected
+        assert compute_dtype("fp32") == torch.float32 and compute_dtype("bf16") == torch.bfloat16
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert compute_dtype("auto") == torch.float32  # an older torch without the helper: the safe choice
