@@ -69,11 +69,11 @@ class RuntimeOptions:
 
     kernel: str = "auto"
     int8_decode: bool = True
-    prefill: str = "auto"
     kv_cache: str = "fp16"
     fused_decode: bool = True
     compile: bool | None = None
     threads: int | None = None
+    prefill: str = "auto"  # last: callers build RuntimeOptions positionally
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNEL_CHOICES:
