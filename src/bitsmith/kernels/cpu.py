@@ -148,14 +148,13 @@ class NativeKernel:
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.to(torch.float32).contiguous()  # [T, in]
         rows = x2.shape[0]
-        if rows > GEMV_MAX_ROWS and self.out_features and self.prefill == "bf16":
-            y = self._blocked_bf16(x2)  # [T, out]
-        else:
-            y = torch.empty(rows, self.out_features, dtype=torch.float32)  # [T, out]
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)  # [T, out]
         if rows and self.out_features:
             if rows <= GEMV_MAX_ROWS:
                 self._lib.bs_gemv(*self._args, x2.data_ptr(), rows, y.data_ptr(), self._threads(), int(self.int8_decode))
-            elif self.prefill != "bf16":
+            elif self.prefill == "bf16":
+                self._blocked_bf16(x2, y)
+            else:
                 self._blocked(x2, y)
         y = y.view(*lead, self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -176,22 +175,22 @@ class NativeKernel:
             self._lib.bs_dequant(*self._weight_args(), start, n, buf.data_ptr(), int(permuted), threads)
             torch.mm(x2, buf[:n].t(), out=y[:, start : start + n])
 
-    def _blocked_bf16(self, x2: torch.Tensor) -> torch.Tensor:
+    def _blocked_bf16(self, x2: torch.Tensor, y: torch.Tensor) -> None:
         """Prefill in bfloat16: weight blocks dequantized straight to bf16 (rounded to nearest even from
         the exact float32 values), activations rounded to bf16 once, each block one oneDNN ``mm``
-        (float32 accumulation inside, bf16 out). Returns float32 [T, out]."""
+        (float32 accumulation inside, bf16 out) widened into its columns of the float32 ``y``. Writing
+        y directly, rather than a bf16 [T, out] then converting it, saves a pass over the output:
+        measured 180 vs 258 ms for a 49152x576 head at T=512 (the output's page faults dominate)."""
         block = min(max(32, BF16_CHUNK_BYTES // (2 * max(self.in_features, 1))), self.out_features)
         buf = torch.empty(block, self.in_features, dtype=torch.bfloat16)  # [block, in]
         threads = self._threads()
         permuted = self.spec.bits == 4  # as in _blocked: x follows the nibble order of the rows
         xb = torch.empty(x2.shape, dtype=torch.bfloat16)  # [T, in]
         self._lib.bs_to_bf16(x2.data_ptr(), xb.data_ptr(), x2.shape[0], self.in_features, int(permuted))
-        yb = torch.empty(x2.shape[0], self.out_features, dtype=torch.bfloat16)  # [T, out]
         for start in range(0, self.out_features, block):
             n = min(block, self.out_features - start)
             self._lib.bs_dequant_bf16(*self._weight_args(), start, n, buf.data_ptr(), int(permuted), threads)
-            yb[:, start : start + n] = torch.mm(xb, buf[:n].t())
-        return yb.to(torch.float32)
+            y[:, start : start + n] = torch.mm(xb, buf[:n].t())
 
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[stop - start, in]: the reference reconstruction of those rows in float32, or (``dtype``
