@@ -81,6 +81,8 @@ def resolve_prefill(choice: str) -> str:
     """``RuntimeOptions.prefill`` as the kernel runs it: ``bf16`` or ``exact`` (``auto`` asks the CPU)."""
     if choice == "auto":
         return "bf16" if native_bf16() else "exact"
+    if choice not in ("bf16", "exact"):
+        raise ValueError(f"prefill={choice!r}; use auto, bf16 or exact")
     return choice
 
 
@@ -197,9 +199,9 @@ class NativeKernel:
         bfloat16) that reconstruction rounded to bf16 as the bf16 prefill multiplies it."""
         buf = torch.empty(stop - start, self.in_features, dtype=dtype)
         if stop > start:
-            fn = self._lib.bs_dequant_bf16 if dtype == torch.bfloat16 else self._lib.bs_dequant
             if dtype not in (torch.float32, torch.bfloat16):
                 raise ValueError(f"rows dequantize to float32 or bfloat16, not {dtype}")
+            fn = self._lib.bs_dequant_bf16 if dtype == torch.bfloat16 else self._lib.bs_dequant
             fn(*self._weight_args(), start, stop - start, buf.data_ptr(), 0, self._threads())
         return buf
 
