@@ -56,10 +56,13 @@ class RuntimeOptions:
       relative error, up to twice the speed); False runs the exact float path.
     - ``prefill``: the native kernel's batched matmul (more than ``GEMV_MAX_ROWS`` rows: prefill,
       evaluation). ``bf16`` dequantizes weight blocks to bfloat16 and multiplies bf16-rounded
-      activations in oneDNN (AMX / AVX512-BF16; float32 accumulation, bf16 output): 5-20x the float32
-      matmul on this CPU, at a teacher-forced KLD measured in the speed report. ``exact`` is the
-      float32 dequantize-then-matmul, bit for bit the old path. ``auto`` is ``bf16`` where the CPU
-      multiplies bf16 natively (amx_bf16 or avx512_bf16) and ``exact`` elsewhere.
+      activations in oneDNN (AMX / AVX512-BF16; float32 accumulation, bf16 output): 4-9x the float32
+      path per layer at T=512 on one core of an AMX CPU, SmolLM2-135M w4g128 prefill 165 -> 332 tok/s.
+      Its cost, teacher-forced on SmolLM2-135M w4g128 over 4 x 512 tokens of Austen: mean KLD 7.2e-4
+      against the exact path, top-1 agreement 97.6%, while the 4-bit quantization itself costs a KLD
+      of 0.344 against the float model (bf16 moves that by +0.1%). ``exact`` is the float32
+      dequantize-then-matmul, bit for bit the old path. ``auto`` is ``bf16`` where the CPU multiplies
+      bf16 natively (amx_bf16 or avx512_bf16) and ``exact`` elsewhere.
     - ``kv_cache``: the lean runner's cache dtype for float32 models (``fp16`` halves the bytes decode
       reads per token; other model dtypes keep theirs).
     - ``fused_decode``: one native call per decoded token when the model allows it (infer/fused.py).
