@@ -22,6 +22,10 @@ shape (the full prompt, 4 new tokens), so the growth is a steady request's, as a
 first one: the first long prompt of a process also leaves ~17-20 MB of allocator and library state
 behind for good (measured on SmolLM2 w4g128), which a warm-up on a short prompt counted as growth.
 
+``--prefill exact,auto`` runs every quantized bitsmith variant under each ``RuntimeOptions.prefill``
+mode (``$BITSMITH_PREFILL`` in the child), one after the other within each round, so ``--rounds 5``
+gives paired before/after prefill ratios on a shared machine (rows ``w4g128@exact``, ``w4g128@auto``).
+
 Made once and cached under ``--cache`` (default ``speed`` under bench/common.work_dir: ~/.cache/bitsmith/bench): the bitsmith checkpoints (RTN,
 no clip search: speed does not depend on the rounding; the embedding and head at w8, the layers at
 the variant's spec) and the GGUFs (``llama-quantize --allow-requantize`` of the alias's own GGUF to F16,
@@ -248,14 +252,15 @@ def bandwidth_gbs(threads: int) -> float:
     return (1 << 30) / best / 1e9
 
 
-def run_bitsmith(args: argparse.Namespace, model: str, variant: str, path: Path | None) -> dict | None:
+def run_bitsmith(args: argparse.Namespace, model: str, variant: str, path: Path | None, prefill: str = "") -> dict | None:
     cmd = [sys.executable, __file__, "--child-model", model, "--child-variant", variant, "--threads", str(args.threads),
            "--prompt", str(args.prompt), "--new", str(args.new)]
     if path is not None:
         cmd += ["--child-path", str(path)]
     if args.hf:
         cmd += ["--hf"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, BITSMITH_PREFILL=prefill) if prefill else None
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -307,6 +312,27 @@ def _spread(results: list[dict], key: str) -> str:
     return f"{min(values):.1f}-{max(values):.1f}" if values else ""
 
 
+def _prefill_summary(runs: dict, models: list[str], variants: list[str], modes: list[str], ours: str) -> None:
+    """Paired prefill ratios: each --prefill mode against the first, and against llama.cpp Q4_0 (pp)."""
+    def paired(a: list[dict], b: list[dict]) -> str:
+        ratios = sorted(x["prefill_tok_s"] / y["prefill_tok_s"] for x, y in zip(a, b))
+        return f"{statistics.median(ratios):.2f}x (median of {len(ratios)} paired rounds, range {ratios[0]:.2f}-{ratios[-1]:.2f})"
+
+    for m in models:
+        for v in variants:
+            labels = [f"{v}@{mode}" if mode else v for mode in modes]
+            if any((m, ours, label) not in runs for label in labels):
+                continue
+            for label in labels:
+                rs = runs[m, ours, label]
+                line = f"{m}: {label} prefill median {statistics.median(r['prefill_tok_s'] for r in rs):.1f} tok/s"
+                if label != labels[0]:
+                    line += f"; / {labels[0]} = {paired(rs, runs[m, ours, labels[0]])}"
+                if (m, "llama.cpp", "Q4_0") in runs and v.startswith("w4"):
+                    line += f"; / llama.cpp Q4_0 = {paired(rs, runs[m, 'llama.cpp', 'Q4_0'])}"
+                print(line)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -323,6 +349,8 @@ def main() -> int:
     p.add_argument("--no-llamacpp", action="store_true")
     p.add_argument("--prepare-only", action="store_true", help="make the checkpoints and GGUFs, measure nothing")
     p.add_argument("--hf", action="store_true", help="bitsmith on the Hugging Face forward instead of the lean path")
+    p.add_argument("--prefill", default="", help="RuntimeOptions.prefill modes (exact, bf16, auto), comma-separated: "
+                                                 "each quantized variant runs under each, alternating within a round")
     p.add_argument("--child-model", help=argparse.SUPPRESS)
     p.add_argument("--child-variant", help=argparse.SUPPRESS)
     p.add_argument("--child-path", help=argparse.SUPPRESS)
@@ -334,6 +362,7 @@ def main() -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     types = [t.strip() for t in args.gguf_types.split(",") if t.strip()]
+    modes = [t.strip() for t in args.prefill.split(",") if t.strip()] or [""]
     llamacpp = not args.no_llamacpp and (LLAMA_BIN / "llama-bench").exists()
     if not args.no_llamacpp and not llamacpp:
         print(f"llama-bench not found in {LLAMA_BIN}; llama.cpp rows skipped (`make bench-tools` builds it)", file=sys.stderr)
@@ -353,10 +382,12 @@ def main() -> int:
     for round_ in range(args.rounds):
         for m in models:
             for v in variants:
-                r = run_bitsmith(args, m, v, paths.get((m, v)))
-                if r is not None:
-                    runs.setdefault((m, ours, v), []).append(r)
-                print(f"[done {round_ + 1}/{args.rounds}] {m} bitsmith {v}", file=sys.stderr, flush=True)
+                for mode in (modes if (m, v) in paths else [""]):
+                    label = f"{v}@{mode}" if mode else v
+                    r = run_bitsmith(args, m, v, paths.get((m, v)), mode)
+                    if r is not None:
+                        runs.setdefault((m, ours, label), []).append(r)
+                    print(f"[done {round_ + 1}/{args.rounds}] {m} bitsmith {label}", file=sys.stderr, flush=True)
             for t, path in files.get(m, {}).items():
                 r, cmd = run_llamacpp(args, path)
                 if round_ == 0:
@@ -402,6 +433,7 @@ def main() -> int:
             print(f"{m}: w4g128 resident tensors {tensors} MB + growth while generating {growth} MB = {ratio}x packed+KV "
                   f"({need} MB; target <= 1.3x); whole-process peak RSS {peak} MB, {w4['base_rss_mb']:.0f} MB of it "
                   "python/torch before loading")
+    _prefill_summary(runs, models, variants, modes, ours)
     if commands:
         print("llama.cpp commands:")
         for c in commands:

@@ -21,7 +21,7 @@ from bitsmith.runtime.options import RuntimeOptions
 
 # Exact float decode throughout: these tests compare implementations at float tolerance; the
 # default int8-activation 4-bit decode is held to its own oracle (test_kernels.py, and below).
-EXACT = RuntimeOptions(int8_decode=False, kv_cache="fp32")
+EXACT = RuntimeOptions(int8_decode=False, kv_cache="fp32", prefill="exact")
 ATOL = 1e-4  # float32 both ways; only the order of the sums differs
 SPECS = ["w4g32", "w8", "w3g64"]  # the 4-bit fast path, whole bytes, and bit runs with a partial group (96 % 64)
 

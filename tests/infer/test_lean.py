@@ -17,7 +17,7 @@ from bitsmith.runtime.options import RuntimeOptions
 
 # Exact float decode throughout: these tests compare implementations at float tolerance; the
 # default int8-activation 4-bit decode is held to its own oracle (test_kernels.py, and below).
-EXACT = RuntimeOptions(int8_decode=False, kv_cache="fp32")
+EXACT = RuntimeOptions(int8_decode=False, kv_cache="fp32", prefill="exact")
 ATOL = 2e-4  # float32 throughout; the reference and the lean path differ only in op order
 
 ARCHS = {

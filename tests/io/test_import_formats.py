@@ -18,12 +18,17 @@ from bitsmith.io.gguf.export import export_gguf
 from bitsmith.io.gguf.quantized import blocks_to_quantized
 from bitsmith.io.import_gptq import InputPermuted
 from bitsmith.runtime.load import load_model
+from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.nn.qlinear import QuantLinear
 from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
 from tests.tiny import make_tiny_model
+
+# held to the float dequantization at 1e-4: the exact float32 prefill, not the bf16 one (the default
+# on CPUs with AMX / AVX512-BF16, held to its own oracle in test_kernels_bf16.py)
+EXACT_PREFILL = RuntimeOptions(prefill="exact")
 
 
 @pytest.fixture(autouse=True)
@@ -151,7 +156,7 @@ def test_gguf_file_imports_quantized_and_matches_gguf_dequantizer(tmp_path: Path
     src = make_tiny_model(tmp_path / "tiny", "llama")
     path = tmp_path / f"m-{mix}.gguf"
     export_gguf(src, path, mix, importance=False)
-    loaded = load_model(path)
+    loaded = load_model(path, options=EXACT_PREFILL)
     floats = load_model(path, dequantize=True)
     reader = {t.name: t for t in GGUFReader(str(path)).tensors}
     q_proj = loaded.model.get_submodule("model.layers.0.self_attn.v_proj")
@@ -210,7 +215,7 @@ def test_gguf_file_with_tied_quantized_embedding_imports(tmp_path: Path) -> None
     export_gguf(src, path, "Q8_0", importance=False)
     names = {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
     assert "output.weight" not in names and names["token_embd.weight"] == "Q8_0"
-    loaded = load_model(path)
+    loaded = load_model(path, options=EXACT_PREFILL)
     floats = load_model(path, dequantize=True)
     assert isinstance(loaded.model.get_output_embeddings(), QuantLinear)
     torch.testing.assert_close(_logits(loaded.model), _logits(floats.model), rtol=1e-4, atol=1e-4)

@@ -19,8 +19,9 @@ from bitsmith.tensor import QuantizedTensor
 RTOL = 1e-4  # relative error (Frobenius) against the fp32 reference; all kernels compute in fp32
 
 # These tests hold every kernel to the float reference at RTOL, so 4-bit decode runs its exact float
-# path here; the int8-activation path (the default) has its own oracle below.
-EXACT = RuntimeOptions(int8_decode=False)
+# path here; the int8-activation path (the default) has its own oracle below, and the bf16 prefill
+# path (the default on CPUs with AMX / AVX512-BF16) its own in test_kernels_bf16.py.
+EXACT = RuntimeOptions(int8_decode=False, prefill="exact")
 
 native = native_library()
 needs_native = pytest.mark.skipif(native is None, reason="native kernels could not be built (no C++ compiler?)")

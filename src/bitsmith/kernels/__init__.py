@@ -57,7 +57,8 @@ def prepare_packed(
         if lib is not None:
             from bitsmith.kernels.cpu import NativeKernel
 
-            return NativeKernel(lib, qweight, scale, zero, spec, in_features, options.int8_decode, options.threads)
+            return NativeKernel(lib, qweight, scale, zero, spec, in_features, options.int8_decode, options.threads,
+                                options.prefill)
         if choice == "native":
             raise RuntimeError(f"{KERNEL_ENV}=native but the native kernels could not be built; see the log")
     qt = QuantizedTensor(unpack(qweight, spec.bits, in_features), scale, zero, spec)

@@ -47,8 +47,9 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _cpu_flags() -> str:
-    """The CPU feature line, so -march=native builds are never reused on another CPU."""
+def cpu_flags() -> str:
+    """The CPU feature line (/proc/cpuinfo), so -march=native builds are never reused on another CPU
+    and run-time choices (bf16 prefill) can ask what this CPU has."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -72,7 +73,7 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
         raise NativeBuildError("no C++ compiler found (install g++ or set $CXX)")
     flags = FLAGS + tuple(extra_flags)
     key = hashlib.sha256()
-    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(flags).encode(), cxx.encode(), _cpu_flags().encode()):
+    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(flags).encode(), cxx.encode(), cpu_flags().encode()):
         key.update(part)
     target = cache_dir() / f"qmatmul-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -105,6 +106,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.bs_gemv.restype = None
     lib.bs_dequant.argtypes = args + [_I64, _I64, _PTR, _I64, _I64]
     lib.bs_dequant.restype = None
+    lib.bs_dequant_bf16.argtypes = args + [_I64, _I64, _PTR, _I64, _I64]
+    lib.bs_dequant_bf16.restype = None
+    lib.bs_to_bf16.argtypes = [_PTR, _PTR, _I64, _I64, _I64]
+    lib.bs_to_bf16.restype = None
     lib.bs_permute4.argtypes = [_PTR, _PTR, _I64, _I64]
     lib.bs_permute4.restype = None
     lib.bs_decode_scratch.argtypes = [_PTR, _I64]

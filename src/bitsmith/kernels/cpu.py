@@ -3,13 +3,16 @@
 It keeps exactly what a checkpoint stores (packed codes, fp16 scale, fp16 zero), so resident memory
 is the packed size. Decode and small batches (up to ``GEMV_MAX_ROWS`` activation rows) run the
 fused gemv: codes are widened to float in registers and multiplied into x, group by group, with the
-zero point folded into a per-group sum of x. Larger batches (prefill) dequantize a few MB of weight
-rows at a time into a reused float buffer and hand each block to torch's BLAS-backed ``mm``.
+zero point folded into a per-group sum of x. Larger batches (prefill, evaluation) dequantize a few MB
+of weight rows at a time into a reused buffer and hand each block to torch's ``mm``: float32 (MKL
+sgemm) on the exact path, or bfloat16 (oneDNN, AMX tiles on CPUs that have them) on the fast path
+(``RuntimeOptions.prefill``; :func:`resolve_prefill` decides what ``auto`` means on this CPU).
 """
 
 from __future__ import annotations
 
 import ctypes
+from functools import lru_cache
 
 import torch
 
@@ -20,6 +23,8 @@ from bitsmith.tensor import QuantizedTensor
 
 GEMV_MAX_ROWS = 8  # above this many activation rows, dequantize blocks + BLAS is faster
 CHUNK_BYTES = 2 << 20  # fp32 weight rows per block on the prefill path
+BF16_CHUNK_BYTES = 2 << 20  # bf16 weight rows per block on the bf16 prefill path
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that multiply bf16 natively
 PARALLEL_MIN_WEIGHTS = 1 << 16  # smaller matrices run on one thread: waking others costs more
 
 
@@ -62,6 +67,25 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     return _madvise(start, stop - start, _MADV_COLLAPSE) == 0
 
 
+@lru_cache(maxsize=None)
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively through oneDNN (AMX or AVX512-BF16). Elsewhere a
+    bf16 ``mm`` is emulated and slower than float32, so ``auto`` keeps the exact path there."""
+    from bitsmith.kernels.build import cpu_flags
+
+    flags = cpu_flags().split()
+    return torch.backends.mkldnn.is_available() and any(f in flags for f in BF16_FLAGS)
+
+
+def resolve_prefill(choice: str) -> str:
+    """``RuntimeOptions.prefill`` as the kernel runs it: ``bf16`` or ``exact`` (``auto`` asks the CPU)."""
+    if choice == "auto":
+        return "bf16" if native_bf16() else "exact"
+    if choice not in ("bf16", "exact"):
+        raise ValueError(f"prefill={choice!r}; use auto, bf16 or exact")
+    return choice
+
+
 class NativeKernel:
     """x [..., in] -> y [..., out] with the compiled kernels; float32 arithmetic, output in x's dtype."""
 
@@ -77,6 +101,7 @@ class NativeKernel:
         in_features: int,
         int8_decode: bool = True,  # decode products of 4/8-bit codes with int8 activations (csrc/qmatmul.cpp)
         threads: int | None = None,  # None: torch's thread count at each call
+        prefill: str = "exact",  # batched matmul: "exact" float32, "bf16" (or "auto": resolve_prefill)
     ) -> None:
         out_features = qweight.shape[0]
         if tuple(qweight.shape) != (out_features, packed_row_bytes(in_features, spec.bits)):
@@ -84,6 +109,7 @@ class NativeKernel:
         self._lib = lib
         self.spec = spec
         self.int8_decode, self.threads = bool(int8_decode), threads
+        self.prefill = resolve_prefill(prefill)
         self.in_features, self.out_features = in_features, out_features
         if spec.bits == 8 and in_features % 8 == 0 and qweight.dtype == torch.uint8 and qweight.is_contiguous():
             # 8-bit rows of whole runs are never read past their end: keep the caller's tensor as is
@@ -128,6 +154,8 @@ class NativeKernel:
         if rows and self.out_features:
             if rows <= GEMV_MAX_ROWS:
                 self._lib.bs_gemv(*self._args, x2.data_ptr(), rows, y.data_ptr(), self._threads(), int(self.int8_decode))
+            elif self.prefill == "bf16":
+                self._blocked_bf16(x2, y)
             else:
                 self._blocked(x2, y)
         y = y.view(*lead, self.out_features)
@@ -149,11 +177,32 @@ class NativeKernel:
             self._lib.bs_dequant(*self._weight_args(), start, n, buf.data_ptr(), int(permuted), threads)
             torch.mm(x2, buf[:n].t(), out=y[:, start : start + n])
 
-    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
-        """float32 [stop - start, in]: the reference reconstruction of those rows."""
-        buf = torch.empty(stop - start, self.in_features, dtype=torch.float32)
+    def _blocked_bf16(self, x2: torch.Tensor, y: torch.Tensor) -> None:
+        """Prefill in bfloat16: weight blocks dequantized straight to bf16 (rounded to nearest even from
+        the exact float32 values), activations rounded to bf16 once, each block one oneDNN ``mm``
+        (float32 accumulation inside, bf16 out) widened into its columns of the float32 ``y``. Writing
+        y directly, rather than a bf16 [T, out] then converting it, saves a pass over the output:
+        measured 180 vs 258 ms for a 49152x576 head at T=512 (the output's page faults dominate)."""
+        block = min(max(32, BF16_CHUNK_BYTES // (2 * max(self.in_features, 1))), self.out_features)
+        buf = torch.empty(block, self.in_features, dtype=torch.bfloat16)  # [block, in]
+        threads = self._threads()
+        permuted = self.spec.bits == 4  # as in _blocked: x follows the nibble order of the rows
+        xb = torch.empty(x2.shape, dtype=torch.bfloat16)  # [T, in]
+        self._lib.bs_to_bf16(x2.data_ptr(), xb.data_ptr(), x2.shape[0], self.in_features, int(permuted))
+        for start in range(0, self.out_features, block):
+            n = min(block, self.out_features - start)
+            self._lib.bs_dequant_bf16(*self._weight_args(), start, n, buf.data_ptr(), int(permuted), threads)
+            y[:, start : start + n] = torch.mm(xb, buf[:n].t())
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[stop - start, in]: the reference reconstruction of those rows in float32, or (``dtype``
+        bfloat16) that reconstruction rounded to bf16 as the bf16 prefill multiplies it."""
+        buf = torch.empty(stop - start, self.in_features, dtype=dtype)
         if stop > start:
-            self._lib.bs_dequant(*self._weight_args(), start, stop - start, buf.data_ptr(), 0, self._threads())
+            if dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"rows dequantize to float32 or bfloat16, not {dtype}")
+            fn = self._lib.bs_dequant_bf16 if dtype == torch.bfloat16 else self._lib.bs_dequant
+            fn(*self._weight_args(), start, stop - start, buf.data_ptr(), 0, self._threads())
         return buf
 
     def quantized(self) -> QuantizedTensor:
@@ -176,7 +225,8 @@ def fusable(kernels: list[object]) -> bool:
         return False
     first = kernels[0]
     return all(k.spec == first.spec and k.in_features == first.in_features and (k.zero is None) == (first.zero is None)
-               and k._lib is first._lib and (k.int8_decode, k.threads) == (first.int8_decode, first.threads)
+               and k._lib is first._lib
+               and (k.int8_decode, k.threads, k.prefill) == (first.int8_decode, first.threads, first.prefill)
                for k in kernels)
 
 
@@ -192,7 +242,8 @@ def fuse_native(kernels: list[NativeKernel]) -> NativeKernel:
     qweight = torch.cat([k.qweight for k in kernels])
     scale = torch.cat([k.scale for k in kernels])
     zero = None if first.zero is None else torch.cat([k.zero for k in kernels])
-    fused = NativeKernel(first._lib, qweight, scale, zero, first.spec, first.in_features, first.int8_decode, first.threads)
+    fused = NativeKernel(first._lib, qweight, scale, zero, first.spec, first.in_features, first.int8_decode,
+                         first.threads, first.prefill)
     del qweight
     row = 0
     for k in kernels:
