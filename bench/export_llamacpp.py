@@ -4,7 +4,7 @@
 
 For each model: quantize with bitsmith (w4g32 RTN, which Q4_1 holds exactly), `bitsmith export --to
 gguf` (exact re-encoding of the codes), then with llama.cpp's own tools (built from the
-llama-cpp-python sdist, ../shared/PEERS.md):
+llama-cpp-python sdist by `make bench-tools`; bench/tools.py finds them):
   1. llama-simple: greedy continuation of a prompt (printed: read it) and the count of warning lines
      in its model-load log;
   2. llama-perplexity at ctx 512 on the PROTOCOL prose slice (first 60,000 chars of Pride and
@@ -17,7 +17,7 @@ add_bos, and scores only the second half of each chunk: logits at positions n_ct
 predicting tokens n_ctx/2 .. n_ctx-1 (255 per chunk at ctx 512). `bitsmith_llama_ppl` below rebuilds
 exactly those chunks from the HF tokenizer and scores exactly those positions. The table also shows
 `bitsmith eval`'s PROTOCOL number (every position of every window) to show the two protocols differ.
-Work files go to $WORK (default /tmp/bitsmith-export-bench).
+Work files go to $WORK (default: bench/common.work_dir, ~/.cache/bitsmith/bench/export-llamacpp).
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ from pathlib import Path
 
 import torch
 
+import tools
+from common import text_path, work_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BIN = "/tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"
-PROSE = ROOT.parent / "shared/data/dev/austen_pride_and_prejudice.txt"
+PROSE = text_path()  # first 60,000 chars of Pride and Prejudice, shipped in bitsmith/data
 PROMPTS = {"smollm2-135m": "The capital of France is", "gemma3-270m": "The capital of France is"}
 
 
@@ -96,10 +98,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     ap.add_argument("--spec", default="w4g32")
-    ap.add_argument("--bin", default=DEFAULT_BIN)
+    ap.add_argument("--bin", default=None, help="folder of llama.cpp's binaries (default: bench/tools.py's, from `make bench-tools`)")
     ap.add_argument("--ctx", type=int, default=512)
     args = ap.parse_args()
-    work = Path(os.environ.get("WORK", "/tmp/bitsmith-export-bench"))
+    args.bin = args.bin or str(tools.llama_bin("llama-perplexity").parent)  # fails early, naming the fix
+    work = Path(os.environ.get("WORK") or work_dir("export-llamacpp"))
     work.mkdir(parents=True, exist_ok=True)
     text = PROSE.read_text(encoding="utf-8")[:60000]
     text_file = work / "pp60k.txt"

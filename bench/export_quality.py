@@ -11,7 +11,7 @@ from the same number of tokens of the same text, `imatrix+gptq` = plus GPTQ erro
 GGUF grid. Every file is then scored by bitsmith's evaluator (it reads GGUF) against the fp32
 reference on the PROTOCOL prose windows (first 60,000 chars of Pride and Prejudice, ctx 512):
 KLD, top-1, ppl. bpw = stored bits / weights of the decoder blocks' matrices; MB = whole file.
-Work files go to $WORK (default /tmp/bitsmith-export-quality).
+Work files go to $WORK (default: bench/common.work_dir, ~/.cache/bitsmith/bench/export-quality).
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+import tools
+from common import text_path, work_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BIN = "/tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"
-PROSE = ROOT.parent / "shared/data/dev/austen_pride_and_prejudice.txt"
+PROSE = text_path()  # first 60,000 chars of Pride and Prejudice, shipped in bitsmith/data
 
 
 def run(cmd: list[str]) -> None:
@@ -50,19 +52,21 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--mixes", nargs="+", default=["Q4_K_M", "Q3_K_M", "Q2_K"])
     ap.add_argument("--chunks", type=int, default=16, help="calibration chunks of 512 tokens (default 16)")
-    ap.add_argument("--bin", default=DEFAULT_BIN)
+    ap.add_argument("--bin", default=None, help="folder of llama.cpp's binaries (default: bench/tools.py's, from `make bench-tools`)")
     ap.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default: all, PROTOCOL)")
     ap.add_argument("--variants", nargs="+", default=["llama", "llama+imatrix", "bitsmith imatrix", "bitsmith imatrix+gptq"])
     args = ap.parse_args()
+    args.bin = args.bin or str(tools.llama_bin("llama-quantize").parent)  # fails early, naming the fix
 
     import torch
 
     from bitsmith.eval.perplexity import convention_adds_bos, evaluate, tokenize_text, windows
-    from bitsmith.io.export_gguf import calibration_statistics, export_gguf
+    from bitsmith.io.gguf.calibration import calibration_statistics
+    from bitsmith.io.gguf.export import export_gguf
     from bitsmith.runtime.load import load_model
 
     torch.set_num_threads(2)
-    work = Path(os.environ.get("WORK", "/tmp/bitsmith-export-quality")) / args.model
+    work = Path(os.environ.get("WORK") or work_dir("export-quality")) / args.model
     work.mkdir(parents=True, exist_ok=True)
     tokens = args.chunks * 512
     ref_gguf = work / "ref-F32.gguf"

@@ -2,7 +2,7 @@
 
 For each uniform comparator spec (default w3g64 = 3.5 bpw and w2g64 = 2.5 bpw on these models), the
 allocator gets exactly the uniform checkpoint's quantized-layer bits as its budget; both are then
-quantized with the same method and scored against the fp32 model (PROTOCOL.md metrics) on the first
+quantized with the same method and scored against the fp32 model (docs/PROTOCOL.md metrics) on the first
 60,000 characters of Pride and Prejudice. The sensitivity (Fisher by default) is computed once on
 the shipped State of the Union calibration text and shared by every budget. Each budget's pair is
 loaded, scored and dropped before the next (the fp32 reference runs once per pair), so peak memory
@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-DEV_TEXT = Path("/work/shared/data/dev/austen_pride_and_prejudice.txt")
+from common import text_path
+
+DEV_TEXT = text_path()  # the shipped prose slice (docs/PROTOCOL.md); the script reads its first 60,000 chars
 CANDIDATES = "w2g128,w2g64,w3g128,w3g64,w4g128,w4g64,w8"
 
 

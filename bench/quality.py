@@ -1,4 +1,4 @@
-"""Quality and size of quantized variants against the unquantized model (PROTOCOL.md).
+"""Quality and size of quantized variants against the unquantized model (docs/PROTOCOL.md).
 
     python bench/quality.py --model smollm2-135m --specs w8,w4g128,w4g32,w3g128,w2g64 --method rtn
 
@@ -14,7 +14,9 @@ import json
 import time
 from pathlib import Path
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "austen_pride_and_prejudice.txt"
+from common import text_path, work_dir
+
+DEFAULT_TEXT = text_path()  # the shipped 60,000-character prose slice: all that --chars reads by default
 
 
 def main() -> None:
@@ -22,11 +24,11 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--specs", default="w8,w4g128,w4g32,w3g128,w2g64")
     ap.add_argument("--method", default="rtn")
-    ap.add_argument("--text", default=str(DEFAULT_TEXT), help="evaluation text (default: PROTOCOL.md's prose slice)")
-    ap.add_argument("--chars", type=int, default=60_000, help="first N characters of the text (PROTOCOL.md: 60,000)")
+    ap.add_argument("--text", default=str(DEFAULT_TEXT), help="evaluation text (default: docs/PROTOCOL.md's prose slice)")
+    ap.add_argument("--chars", type=int, default=60_000, help="first N characters of the text (docs/PROTOCOL.md: 60,000)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=None)
-    ap.add_argument("--work", default="/tmp/bitsmith-bench", help="folder for the checkpoints")
+    ap.add_argument("--work", default=None, help="folder for the checkpoints (default: work_dir('quality'), ~/.cache/bitsmith/bench)")
     ap.add_argument("--calib-samples", type=int, default=128, help="calibration sequences of 512 tokens (gptq/awq)")
     ap.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="bf16", help="block forwards of calibrated methods")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -54,7 +56,7 @@ def main() -> None:
     calibrated = args.method in calibrated_methods() or bool(options.get("awq"))
     rows = {}
     for spec in specs:
-        out = Path(args.work) / f"{Path(args.model).stem}-{spec}-{label.replace('=', '_')}"
+        out = Path(args.work or work_dir("quality")) / f"{Path(args.model).stem}-{spec}-{label.replace('=', '_')}"
         t0 = time.perf_counter()
         calib = CalibrationConfig(samples=args.calib_samples) if calibrated else None
         dtype = torch.bfloat16 if args.compute_dtype == "bf16" else torch.float32

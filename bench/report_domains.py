@@ -1,9 +1,9 @@
 """Does code degrade faster than prose? Per-domain quality of quantized variants of one model.
 
     python bench/report_domains.py --model smollm2-135m --method rtn --quantize-args=--no-clip-search \\
-        --tag rtn-noclip --max-windows 4 --work /tmp/bitsmith-smol --report bench/results/issue4/smollm2-135m
+        --tag rtn-noclip --max-windows 4 --work WORK --report bench/results/quality-per-bit/smollm2-135m
 
-(the report in bench/results/issue4 was made so; on a quiet machine use ``--method gptq`` and
+(the report in bench/results/quality-per-bit was made so; on a quiet machine use ``--method gptq`` and
 ``--max-windows 8`` or more.) ``--reference REF`` scores against another model than ``--model``
 (e.g. an 8-bit checkpoint as a stand-in when the fp32 reference does not fit in memory).
 

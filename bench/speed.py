@@ -22,7 +22,7 @@ shape (the full prompt, 4 new tokens), so the growth is a steady request's, as a
 first one: the first long prompt of a process also leaves ~17-20 MB of allocator and library state
 behind for good (measured on SmolLM2 w4g128), which a warm-up on a short prompt counted as growth.
 
-Made once and cached under ``--cache`` (default /tmp/bitsmith-speed): the bitsmith checkpoints (RTN,
+Made once and cached under ``--cache`` (default ``speed`` under bench/common.work_dir: ~/.cache/bitsmith/bench): the bitsmith checkpoints (RTN,
 no clip search: speed does not depend on the rounding; the embedding and head at w8, the layers at
 the variant's spec) and the GGUFs (``llama-quantize --allow-requantize`` of the alias's own GGUF to F16,
 then F16 -> Q8_0 / Q4_0 / Q4_K_M, i.e. the same weights as bitsmith's fp32 model).
@@ -41,11 +41,14 @@ import sys
 import time
 from pathlib import Path
 
-LLAMA_BIN = Path("/tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin")
+import tools
+from common import text_path, work_dir
+
+LLAMA_BIN = tools.llama_bin_dir()  # `make bench-tools` builds it; without it the llama.cpp rows are skipped
 MODELS = ["smollm2-135m", "qwen2.5-coder-1.5b"]
 VARIANTS = ["fp32", "bf16", "w8", "w4g128", "w4g32"]
 GGUF_TYPES = ["F16", "Q8_0", "Q4_0", "Q4_K_M"]
-TEXT = Path("/work/shared/data/dev/austen_pride_and_prejudice.txt")
+TEXT = text_path()
 
 
 # ----------------------------------------------------------------------------- one bitsmith run (child)
@@ -215,7 +218,7 @@ def ggufs(cache: Path, model: str, types: list[str]) -> dict[str, Path]:
 def gguf_weight_bytes(path: Path) -> int:
     """Bytes of the matmul weights a decode step reads: every 2-D tensor, but the token embedding
     only when it doubles as the output (no output.weight)."""
-    from bitsmith.io.inspect_gguf import inspect_gguf
+    from bitsmith.io.gguf.inspect import inspect_gguf
 
     tensors = inspect_gguf(path).tensors
     has_output = any(t.name == "output.weight" for t in tensors)
@@ -316,7 +319,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="measure everything this many times, interleaved; the table shows medians and ranges and "
                         "the ratios are paired within a round (a shared host's bandwidth drifts by tens of percent)")
-    p.add_argument("--cache", type=Path, default=Path("/tmp/bitsmith-speed"))
+    p.add_argument("--cache", type=Path, default=None, help="checkpoint cache (default: work_dir('speed'))")
     p.add_argument("--no-llamacpp", action="store_true")
     p.add_argument("--prepare-only", action="store_true", help="make the checkpoints and GGUFs, measure nothing")
     p.add_argument("--hf", action="store_true", help="bitsmith on the Hugging Face forward instead of the lean path")
@@ -333,7 +336,8 @@ def main() -> int:
     types = [t.strip() for t in args.gguf_types.split(",") if t.strip()]
     llamacpp = not args.no_llamacpp and (LLAMA_BIN / "llama-bench").exists()
     if not args.no_llamacpp and not llamacpp:
-        print(f"llama-bench not found in {LLAMA_BIN}; llama.cpp rows skipped", file=sys.stderr)
+        print(f"llama-bench not found in {LLAMA_BIN}; llama.cpp rows skipped (`make bench-tools` builds it)", file=sys.stderr)
+    args.cache = args.cache or work_dir("speed")
     args.cache.mkdir(parents=True, exist_ok=True)
     paths = {(m, v): checkpoint(args.cache, m, v) for m in models for v in variants if v not in ("fp32", "bf16")}
     files = {m: ggufs(args.cache, m, types) for m in models} if llamacpp else {}

@@ -1,7 +1,7 @@
 """HumanEval pass@1 and the reasoning probe over several variants of one model, as one table.
 
-    python bench/tasks_table.py --humaneval 10 --reasoning 2 --out bench/results/issue4/tasks \\
-        full=qwen2.5-coder-1.5b w8=/tmp/bitsmith-qwen/w8-rtn w3g128=/tmp/bitsmith-qwen/w3g128-rtn
+    python bench/tasks_table.py --humaneval 10 --reasoning 2 --out bench/results/tasks/qwen-tasks-10 \\
+        full=qwen2.5-coder-1.5b w8=WORK/w8-rtn w3g128=WORK/w3g128-rtn
 
 Runs ``bitsmith tasks MODEL --humaneval --limit N`` (greedy; chat replies stop at the end of their
 first code block) and/or ``--reasoning --n-per-family K`` once per variant (one model in memory at

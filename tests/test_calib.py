@@ -1,4 +1,4 @@
-"""Calibration token batches: PROTOCOL.md's default windows, seeded random offsets, clear errors."""
+"""Calibration token batches: docs/PROTOCOL.md's default windows, seeded random offsets, clear errors."""
 
 import pytest
 import torch

@@ -11,7 +11,9 @@ import torch
 
 from bitsmith.formats.ggml_types import decode
 from bitsmith.io.checkpoint import read_info
-from bitsmith.io.export_gguf import ExportError, encode_exact, export_gguf, pick_type
+from bitsmith.io.gguf.encode import encode_exact
+from bitsmith.io.gguf.export import export_gguf
+from bitsmith.io.gguf.mixes import ExportError, pick_type
 from bitsmith.io.packed import quantized_tensors
 from bitsmith.runtime.load import load_model
 from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
@@ -70,7 +72,7 @@ def test_export_gives_same_logits_through_gguf_source(tmp_path: Path, arch: str)
 def test_gguf_reader_sees_same_tensors_and_metadata(tmp_path: Path) -> None:
     from gguf import GGUFReader
 
-    from bitsmith.io.export_gguf import permute_qk
+    from bitsmith.io.gguf.names import permute_qk
 
     ck = _checkpoint(tmp_path, "llama", "w8g32s")
     export_gguf(ck, tmp_path / "m.gguf")

@@ -12,9 +12,10 @@ import torch
 from bitsmith.formats.ggml_grid import LEVELS, grid, with_levels
 from bitsmith.formats.ggml_types import decode, encode
 from bitsmith.formats.gptq_layout import gptq_layer, to_gptq
-from bitsmith.io.export_gguf import export_gguf, gptq_encode
 from bitsmith.io.export_gptq import export_gptq
-from bitsmith.io.import_gguf import blocks_to_quantized
+from bitsmith.io.gguf.encode import gptq_encode
+from bitsmith.io.gguf.export import export_gguf
+from bitsmith.io.gguf.quantized import blocks_to_quantized
 from bitsmith.io.import_gptq import InputPermuted
 from bitsmith.runtime.load import load_model
 from bitsmith.nn.qlinear import QuantLinear

@@ -7,6 +7,7 @@ original weights up to the quantization, i.e. exactly ``gguf.quants.dequantize``
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from bitsmith.models import ModelSourceError, build_model, find_blocks, open_source
-from bitsmith.models.gguf_source import GGUFStore, read_gguf_header, unpermute_qk
+from bitsmith.io.gguf.names import unpermute_qk
+from bitsmith.models.gguf_source import GGUFStore, read_gguf_header
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 64, 128, 4, 2, 2
 QTYPES = {  # GGUF block stem -> storage type, covering the plain and the legacy block quants
@@ -246,7 +248,7 @@ def test_unsupported_gguf_arch(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------- real models (slow)
 
-TEXT = Path("/work/shared/data/dev/austen_pride_and_prejudice.txt")
+TEXT = Path(str(files("bitsmith").joinpath("data", "pride_and_prejudice_60k.txt")))  # shipped: a fresh clone has it
 
 
 def perplexity(model, ids: torch.Tensor) -> float:

@@ -1,7 +1,8 @@
 """The `hqq` package (mobiusml) on the reference folder; writes the dequantized model as a plain
-Hugging Face folder so bitsmith evaluates it like any other. Run in /tmp/peer-hqq:
+Hugging Face folder so bitsmith evaluates it like any other. Run in the hqq peer venv
+(`make bench-tools` creates it; `python3 bench/tools.py peer-python hqq` prints its interpreter):
 
-    /tmp/peer-hqq/bin/python bench/peers/peer_hqq.py REF_DIR OUT_DIR --bits 4 --group 64
+    $(python3 bench/tools.py peer-python hqq) bench/peers/peer_hqq.py REF_DIR OUT_DIR --bits 4 --group 64
 """
 
 import argparse

@@ -4,7 +4,8 @@
 #   bench/peers/peer_llamacpp.sh WORK TYPE imatrix|plain
 set -euo pipefail
 WORK=$1; TYPE=$2; MODE=$3
-BIN=${LLAMA_BIN:-/tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin}
+# bench/tools.py knows where `make bench-tools` put the binaries (or $LLAMA_BIN); it exits 1 naming the fix
+BIN=$("${PYTHON:-python3}" "$(dirname "$0")/../tools.py" llama-bin)
 if [ "$MODE" = imatrix ]; then
   if [ ! -f "$WORK/imatrix.dat" ]; then
     "$BIN/llama-imatrix" -m "$WORK/reference-f32.gguf" -f "$WORK/calib.txt" -c 512 -t 2 -o "$WORK/imatrix.dat.tmp" >"$WORK/imatrix.log" 2>&1

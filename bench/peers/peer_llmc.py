@@ -1,7 +1,8 @@
 """llm-compressor GPTQ W4A16 (oneshot) on the reference folder with the shared calibration tokens;
-saved uncompressed (dense dequantized weights) so bitsmith evaluates it. Run in /tmp/peer-llmc:
+saved uncompressed (dense dequantized weights) so bitsmith evaluates it. Run in the llmc peer venv
+(`make bench-tools` creates it; `python3 bench/tools.py peer-python llmc` prints its interpreter):
 
-    /tmp/peer-llmc/bin/python bench/peers/peer_llmc.py REF_DIR CALIB_IDS.pt OUT_DIR --group 64
+    $(python3 bench/tools.py peer-python llmc) bench/peers/peer_llmc.py REF_DIR CALIB_IDS.pt OUT_DIR --group 64
 """
 
 import argparse

@@ -1,7 +1,8 @@
 """optimum-quanto qint4 weights on the reference folder; dequantized weights saved as a plain
-Hugging Face folder. Run in /tmp/peer-quanto:
+Hugging Face folder. Run in the quanto peer venv
+(`make bench-tools` creates it; `python3 bench/tools.py peer-python quanto` prints its interpreter):
 
-    /tmp/peer-quanto/bin/python bench/peers/peer_quanto.py REF_DIR OUT_DIR
+    $(python3 bench/tools.py peer-python quanto) bench/peers/peer_quanto.py REF_DIR OUT_DIR
 """
 
 import argparse

@@ -1,9 +1,9 @@
 """Peers' shared inputs (run in bitsmith's venv): the reference as a Hugging Face folder (the
 model's fp32 weights exactly as bitsmith evaluates them, i.e. dequantized from its GGUF), the
-calibration text (PROTOCOL.md's 128 x 512 tokens of sotu_1790_1949.txt, decoded back to text) and
+calibration text (docs/PROTOCOL.md's 128 x 512 tokens of sotu_1790_1949.txt, decoded back to text) and
 the reference as an F32 GGUF for llama.cpp.
 
-    python bench/peers/prepare.py --model smollm2-135m --work /tmp/peers
+    python bench/peers/prepare.py --model smollm2-135m --work WORK
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-LLAMA_CPP = Path("/tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for tools.py
+import tools  # noqa: E402
+from common import work_dir  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--work", default="/tmp/peers")
+    ap.add_argument("--work", default=None, help="work folder (default: ~/.cache/bitsmith/bench/peers)")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-len", type=int, default=512)
     args = ap.parse_args()
@@ -31,7 +33,7 @@ def main() -> None:
     from bitsmith.calib import CalibrationConfig
     from bitsmith.runtime.load import load_model
 
-    work = Path(args.work)
+    work = Path(args.work) if args.work else work_dir("peers")
     ref_dir = work / "reference"
     ref_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_model(args.model)
@@ -53,7 +55,7 @@ def main() -> None:
     torch.save(calib, work / "calib_ids.pt")
     gguf = work / "reference-f32.gguf"
     if not gguf.exists():
-        subprocess.run([sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(ref_dir), "--outtype", "f32",
+        subprocess.run([sys.executable, str(tools.llama_script("convert_hf_to_gguf.py")), str(ref_dir), "--outtype", "f32",
                         "--outfile", str(gguf)], check=True)
     print(json.dumps({"reference": str(ref_dir), "calib_text": str(work / "calib.txt"), "gguf": str(gguf)}))
 

@@ -1,15 +1,15 @@
 """Peers side by side with bitsmith on one model, one calibration text, one set of eval windows.
 
-    python bench/peers/run.py --work /tmp/peers            # everything, then the table
-    python bench/peers/run.py --work /tmp/peers --only eval  # re-score what is there
+    python bench/peers/run.py --work WORK                  # everything, then the table
+    python bench/peers/run.py --work WORK --only eval  # re-score what is there
 
 Steps (each quantizer timed by /usr/bin/time -v for wall seconds and peak RSS):
 prepare.py (reference HF folder + F32 GGUF + calibration text, bitsmith venv); the `hqq` package,
-optimum-quanto and llm-compressor each in its own venv (/tmp/peer-NAME, PEERS.md); llama.cpp's
+optimum-quanto and llm-compressor each in its own venv (`make bench-tools`, bench/tools.py); llama.cpp's
 llama-quantize at Q4_0, Q4_K_M, IQ4_NL, Q3_K_M with and without an importance matrix; bitsmith's
-own methods. Every output is then scored by bitsmith's evaluation (PROTOCOL.md windows of the
+own methods. Every output is then scored by bitsmith's evaluation (docs/PROTOCOL.md windows of the
 prose slice) against the same fp32 reference, and one Markdown table is printed. A peer whose step
-fails is listed with the reason instead of numbers.
+fails (or whose tool is not installed) is listed with the reason instead of numbers.
 """
 
 from __future__ import annotations
@@ -26,18 +26,39 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PY = sys.executable
 
+sys.path.insert(0, str(HERE.parent))  # bench/, for tools.py
+import tools  # noqa: E402
+from common import work_dir  # noqa: E402
+
+
+def peer_py(name: str) -> str:
+    """A peer venv's interpreter, unchecked: a missing one is reported per step (see missing_tool)."""
+    return str(tools.peer_dir(name) / "bin" / "python")
+
+
+def missing_tool(cmd: list[str]) -> str | None:
+    """Why cmd cannot start (its peer interpreter or llama.cpp is not installed), or None."""
+    try:
+        if cmd[0].endswith("peer_llamacpp.sh"):
+            tools.llama_bin("llama-quantize")
+        elif not Path(cmd[0]).exists():
+            raise tools.ToolMissing(f"{cmd[0]} does not exist; {tools.INSTALL_HINT.format(env='BITSMITH_PEER_<NAME>')}")
+    except tools.ToolMissing as exc:
+        return str(exc)
+    return None
+
 
 def steps(work: Path, model: str, calib_samples: int) -> list[tuple[str, list[str], Path, dict]]:
     """(name, command, output path, known facts) for every quantizer."""
     ref, ids = str(work / "reference"), str(work / "calib_ids.pt")
     out: list[tuple[str, list[str], Path, dict]] = []
     for bits, group in ((4, 64), (3, 64)):
-        out.append((f"hqq w{bits} g{group}", ["/tmp/peer-hqq/bin/python", str(HERE / "peer_hqq.py"), ref,
+        out.append((f"hqq w{bits} g{group}", [peer_py("hqq"), str(HERE / "peer_hqq.py"), ref,
                     str(work / f"hqq-w{bits}g{group}"), "--bits", str(bits), "--group", str(group)],
                     work / f"hqq-w{bits}g{group}", {}))
-    out.append(("optimum-quanto qint4", ["/tmp/peer-quanto/bin/python", str(HERE / "peer_quanto.py"), ref,
+    out.append(("optimum-quanto qint4", [peer_py("quanto"), str(HERE / "peer_quanto.py"), ref,
                 str(work / "quanto-qint4")], work / "quanto-qint4", {}))
-    out.append(("llm-compressor GPTQ W4A16 g64", ["/tmp/peer-llmc/bin/python", str(HERE / "peer_llmc.py"), ref, ids,
+    out.append(("llm-compressor GPTQ W4A16 g64", [peer_py("llmc"), str(HERE / "peer_llmc.py"), ref, ids,
                 str(work / "llmc-w4g64"), "--group", "64", "--samples", str(calib_samples)], work / "llmc-w4g64", {}))
     for typ in ("Q4_0", "Q4_K_M", "IQ4_NL", "Q3_K_M"):
         for mode in ("plain", "imatrix"):
@@ -84,13 +105,13 @@ def gguf_bpw(path: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--work", default="/tmp/peers")
+    ap.add_argument("--work", default=None, help="work folder (default: ~/.cache/bitsmith/bench/peers)")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--max-windows", type=int, default=12)
     ap.add_argument("--only", choices=["quantize", "eval"], default=None)
     ap.add_argument("--match", default="", help="run only the quantizers whose name contains this")
     args = ap.parse_args()
-    work = Path(args.work)
+    work = Path(args.work) if args.work else work_dir("peers")
     work.mkdir(parents=True, exist_ok=True)
     facts_path = work / "facts.json"
     facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
@@ -101,6 +122,13 @@ def main() -> None:
                             "--calib-samples", str(args.calib_samples)], check=True, cwd=ROOT)
         for name, cmd, dest, _ in todo:
             log = work / (re.sub(r"\W+", "_", name) + ".log")
+            missing = missing_tool(cmd)
+            if missing:  # as a failed step: the table lists the reason, the other steps still run
+                print(f"skipping {name}: {missing}", flush=True)
+                facts[name] = {"rc": 127, "wall_s": 0.0, "rss_mb": float("nan"), "path": str(dest), "log": str(log),
+                               "error": [missing]}
+                facts_path.write_text(json.dumps(facts, indent=1))
+                continue
             print(f"running {name} ...", flush=True)
             rc, secs, rss = timed(cmd, log)
             facts[name] = {"rc": rc, "wall_s": secs, "rss_mb": rss, "path": str(dest), "log": str(log)}

@@ -1,6 +1,6 @@
 """Calibration token batches from local text.
 
-PROTOCOL.md's default is "128 sequences x 512 tokens from the start" of the calibration text: the
+docs/PROTOCOL.md's default is "128 sequences x 512 tokens from the start" of the calibration text: the
 text is tokenized once (with the tokenizer's own BOS convention) and cut into consecutive,
 non-overlapping windows. ``random_offsets=True`` instead draws window starts uniformly with a seeded
 generator (windows may overlap), for texts whose start is unrepresentative.

@@ -14,7 +14,7 @@ full product.
 bfloat16 GEMMs, ~2.2x the float32 rate here (AVX-512 BF16): each batch's partial sum is accumulated
 in float32 inside the GEMM and rounded to bfloat16 once (relative error 2^-9 per entry and batch),
 then added to the float32 total. On SmolLM2's GPTQ w4g128 it saved 19% of the time and raised the
-held-out KLD 2.1% (0.1413 -> 0.1443, bench/results/issue3/gptq_speed.md), hence not the default.
+held-out KLD 2.1% (0.1413 -> 0.1443, bench/results/calibrated-methods/gptq_speed.md), hence not the default.
 """
 
 from __future__ import annotations

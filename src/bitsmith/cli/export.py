@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"{name}: zeros rounded (max {entry['max_zero_rounding']:.3f}), SQNR {fmt(entry['sqnr_db'])} dB")
         out.print(f"{args.out}  ({dir_size_mb(args.out):.1f} MB, {len(report)} GPTQ layers)")
         return 0
-    from bitsmith.io.export_gguf import export_gguf
+    from bitsmith.io.gguf.export import export_gguf
 
     with console.status("exporting to GGUF"):
         result = export_gguf(args.model, Path(args.out), args.qtype, importance=not args.no_imatrix,

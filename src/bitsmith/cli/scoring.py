@@ -75,7 +75,7 @@ def variant_info(name: str, loaded: Any) -> Any:
 
 
 def report_notes(*models: Any) -> tuple[str, ...]:
-    """The PROTOCOL.md caveat whenever a real (dequantized GGUF) model is involved."""
+    """The docs/PROTOCOL.md caveat whenever a real (dequantized GGUF) model is involved."""
     from bitsmith.eval.report import CAVEAT_DEQUANTIZED_GGUF
 
     def from_gguf(m: Any) -> bool:

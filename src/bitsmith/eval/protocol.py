@@ -7,4 +7,4 @@ from __future__ import annotations
 
 __all__ = ["MAX_CHARS"]
 
-MAX_CHARS = 60_000  # PROTOCOL.md: the first 60,000 characters of each dev text
+MAX_CHARS = 60_000  # docs/PROTOCOL.md: the first 60,000 characters of each dev text

@@ -32,7 +32,7 @@ def read_text(path: str | Path | None) -> str:
 
 def text_windows(tokenizer: Any, text: str, ctx: int, max_windows: int | None = None) -> torch.Tensor:
     """Evaluation windows [n, ctx] of ``text``; for tokenizers whose convention starts with BOS,
-    every window starts with BOS (PROTOCOL.md: "no extra BOS unless the model's convention needs it")."""
+    every window starts with BOS (docs/PROTOCOL.md: "no extra BOS unless the model's convention needs it")."""
     bos = tokenizer.bos_token_id if convention_adds_bos(tokenizer) else None
     w = windows(tokenize_text(tokenizer, text, add_bos=False), ctx, bos=bos)  # [n, ctx]
     return w[:max_windows] if max_windows else w

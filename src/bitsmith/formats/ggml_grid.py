@@ -4,7 +4,7 @@ Every quantized GGUF type here decodes each weight as ``a * q + b`` with an inte
 ``[lo, hi]`` and ``(a, b)`` shared by a sub-block of ``group`` weights (32 for the legacy types and
 Q4_K/Q5_K, 16 for Q2_K/Q3_K/Q6_K). ``grid(data, qtype)`` reads ``(a, b)`` from the stored scales;
 ``with_levels(data, qtype, q)`` writes new levels into the blocks and keeps their scales. Together
-they let a search outside the encoder (GPTQ error feedback, :mod:`bitsmith.io.export_gguf`) choose
+they let a search outside the encoder (GPTQ error feedback, :mod:`bitsmith.io.gguf.encode`) choose
 the levels while the file keeps llama.cpp's own block layout: decode(with_levels(d, t, q)) equals
 ``a * q + b`` up to float32 rounding of the decoder's order of operations.
 

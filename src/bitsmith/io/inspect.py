@@ -43,7 +43,7 @@ def _magic(path: Path) -> bytes:
 
 
 def _inspect_file(p: Path) -> InspectReport:
-    from bitsmith.io.inspect_gguf import inspect_gguf
+    from bitsmith.io.gguf.inspect import inspect_gguf
 
     magic = _magic(p)
     if magic == _GGUF_MAGIC:
@@ -60,7 +60,7 @@ def _inspect_file(p: Path) -> InspectReport:
 
 
 def _inspect_folder(p: Path) -> InspectReport:
-    from bitsmith.io.inspect_gguf import inspect_gguf
+    from bitsmith.io.gguf.inspect import inspect_gguf
 
     files = sorted(f for f in p.iterdir() if f.is_file())
     if not files:

@@ -12,7 +12,7 @@ solved alternately while the coupling weight β grows (β <- κ β):
   ``W_q = round(W / s + z)`` recomputed from the current z.
 
 Differences from the reference, each for a reason (KLD figures: SmolLM2-135M, PROTOCOL prose
-windows, bench/results/issue3/hqq_smollm2.md):
+windows, bench/results/calibrated-methods/hqq_smollm2.md):
 
 - The residual is shrunk in *code units* ((W - Ŵ) / s) rather than weight units, so β means the
   same for any weight magnitude. In weight units (the reference) β = 10 keeps every residual of

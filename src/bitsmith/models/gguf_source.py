@@ -6,11 +6,10 @@ names are renamed (``blk.N.attn_q.weight``), q/k projection rows of the llama fa
 weights are stored as ``1 + w``. Each is a field of the family table's GGUF layouts
 (:data:`bitsmith.models.family.GGUF_ARCHES`), not code per model.
 
-The header is scanned by :func:`read_gguf_header` rather than ``gguf.GGUFReader``: the reader
-builds a numpy view per vocabulary string and takes 10+ s on a 262k-token vocabulary, the scan
-takes well under a second. Dequantization is ``gguf.quants.dequantize`` on a memory-mapped slice.
-The config and tokenizer come from transformers' own GGUF conversion, cached as a small Hugging
-Face folder next to the model cache so that only the first open pays for it.
+The header is read by :mod:`bitsmith.io.gguf.header`, the one GGUF header reader.
+Dequantization is ``gguf.quants.dequantize`` on a memory-mapped slice. The config and tokenizer
+come from transformers' own GGUF conversion, cached as a small Hugging Face folder next to the
+model cache so that only the first open pays for it.
 """
 from __future__ import annotations
 
@@ -18,14 +17,13 @@ import hashlib
 import logging
 import os
 import shutil
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bitsmith.io.gguf.header import GGUFError, GGUFHeader, GGUFTensorInfo, read_header
+from bitsmith.io.gguf.names import unpermute_qk
 from bitsmith.models.aliases import cache_dir
 from bitsmith.models.errors import ModelSourceError
-from bitsmith.models.errors import mb as _mb  # the name the header scan below uses
 from bitsmith.models.family import GGUF_ARCHES, HEAD_WEIGHT, GGUFArch
 from bitsmith.models.hf import causal_lm_class, set_offline
 from bitsmith.models.sources import ModelSource
@@ -39,155 +37,19 @@ log = logging.getLogger(__name__)
 
 DEQUANT_CHUNK = 1 << 22  # values per dequantization slice (16 MB of float32)
 
-GGUF_MAGIC = b"GGUF"
-DEFAULT_ALIGNMENT = 32
 
 # ------------------------------------------------------------------------------ header scanning
 
 
-@dataclass(frozen=True)
-class GGUFTensorInfo:
-    """One tensor entry of a GGUF header."""
-
-    name: str
-    qtype: int  # ggml type id (gguf.GGMLQuantizationType)
-    shape: tuple[int, ...]  # torch order (the reverse of GGUF's ne order)
-    offset: int  # absolute byte offset in the file
-    n_bytes: int
-
-
-@dataclass(frozen=True)
-class GGUFHeader:
-    version: int
-    metadata: dict[str, Any]  # scalars and strings; arrays are recorded as GGUFArray (no items)
-    tensors: list[GGUFTensorInfo]
-    data_end: int  # bytes the file must have to hold every tensor
-
-
-@dataclass(frozen=True)
-class GGUFArray:
-    """A metadata array, recorded by type and length only (vocabularies are large)."""
-
-    item_type: int
-    count: int
-
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-class _Cursor:
-    """Little-endian reads from a memory map, with a clear error past the end."""
-
-    def __init__(self, buf: Any, path: Path) -> None:
-        self.buf, self.pos, self.path = buf, 0, path
-
-    def unpack(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        if self.pos + size > len(self.buf):
-            raise ModelSourceError(
-                f"{self.path.name} is truncated (its header is cut short at {_mb(len(self.buf))}); "
-                "download it again"
-            )
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += size
-        return value
-
-    def string(self) -> str:
-        n = self.unpack("<Q")
-        if self.pos + n > len(self.buf):
-            self.unpack(f"<{n}s")  # raises the truncation error
-        raw = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return raw.decode("utf-8", errors="replace")
-
-    def value(self, vtype: int) -> Any:
-        """One metadata value; arrays are walked over, not read (see GGUFArray)."""
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            item_type, count = self.unpack("<I"), self.unpack("<Q")
-            if item_type in _SCALARS:  # fixed size: skip in one step
-                self.pos += count * struct.calcsize(_SCALARS[item_type])
-            elif item_type == _STRING:
-                for _ in range(count):
-                    length = self.unpack("<Q")  # (not `pos += unpack()`: unpack moves pos)
-                    self.pos += length
-            else:
-                for _ in range(count):
-                    self.value(item_type)
-            return GGUFArray(item_type, count)
-        raise ModelSourceError(f"{self.path.name} has an unknown metadata type {vtype}; the file is corrupt")
-
-
 def read_gguf_header(path: Path) -> GGUFHeader:
-    """Scan a GGUF header (metadata and tensor table) and check the file holds every tensor."""
-    import mmap
-
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise ModelSourceError(
-                f"{path.name} is not a GGUF file (it does not start with the GGUF magic bytes); "
-                "check the path or download the file again"
-            )
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    """The file's header (:func:`bitsmith.io.gguf.header.read_header`), its errors as ModelSourceError."""
     try:
-        cur = _Cursor(buf, path)  # mmap slices are bytes copies: no exported buffers to release
-        cur.pos = 4
-        version = cur.unpack("<I")
-        if version not in (2, 3):
-            raise ModelSourceError(f"{path.name} is GGUF version {version}; only versions 2 and 3 are supported")
-        n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
-        metadata: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = cur.string()
-            metadata[key] = cur.value(cur.unpack("<I"))
-        raw: list[tuple[str, int, tuple[int, ...], int]] = []
-        for _ in range(n_tensors):
-            name = cur.string()
-            n_dims = cur.unpack("<I")
-            dims = tuple(cur.unpack("<Q") for _ in range(n_dims))
-            raw.append((name, cur.unpack("<I"), dims, cur.unpack("<Q")))
-        header_end = cur.pos
-    finally:
-        buf.close()
-    align = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-    data_start = -(-header_end // align) * align
-    tensors = []
-    for name, qtype, dims, offset in raw:
-        try:
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
-        except (ValueError, KeyError):
-            raise ModelSourceError(
-                f"{path.name}: tensor {name} has ggml type {qtype}, unknown to this gguf package; upgrade gguf"
-            ) from None
-        n = 1
-        for d in dims:
-            n *= d
-        shape = tuple(reversed(dims))
-        tensors.append(GGUFTensorInfo(name, qtype, shape, data_start + offset, n * type_size // block))
-    data_end = max((t.offset + t.n_bytes for t in tensors), default=data_start)
-    if data_end > size:
-        raise ModelSourceError(
-            f"{path.name} is truncated (header says {_mb(data_end - data_start)} of tensor data, "
-            f"file has {_mb(max(size - data_start, 0))}); download it again"
-        )
-    return GGUFHeader(version, metadata, tensors, data_end)
+        return read_header(path)
+    except GGUFError as exc:
+        raise ModelSourceError(str(exc)) from exc
 
 
 # ------------------------------------------------------------------------------- tensor store
-
-
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's rotary row interleave: rows (head, pair, half) -> (head, half, pair)."""
-    rows = w.shape[0]
-    # w: [n_head * (d/2) * 2, ...] in GGUF row order (pairs interleaved within each head)
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 class GGUFStore:

@@ -82,7 +82,7 @@ def quantize_blocks(
     twice as fast on CPU); Hessians are summed in float32 and methods always see the float32
     weights. ``plan.hessian_dtype="bf16"`` computes each batch's Hessian products in bf16 GEMMs
     (:class:`StatsAccumulator`; with bf16 forwards SmolLM2's GPTQ took 140.6 instead of 173.1 s
-    and its KLD rose 2.1%, bench/results/issue3/gptq_speed.md). ``progress(name, done, total)``
+    and its KLD rose 2.1%, bench/results/calibrated-methods/gptq_speed.md). ``progress(name, done, total)``
     is called after each committed block.
     ``plan.replay_bytes`` bounds the finished sub-module outputs kept per block (:class:`OutputReplay`);
     it changes the time, never the result.

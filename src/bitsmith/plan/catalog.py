@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bitsmith.io.gguf.header import GGUFArray
 from bitsmith.models.family import family_of
 
 __all__ = [
@@ -204,7 +205,7 @@ def _int(config: Mapping[str, Any], key: str, source: str, default: int | None =
         if default is not None:
             return default
         raise ValueError(f"{source} has no '{key}'; cannot size this model without it")
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, GGUFArray)):
         raise ValueError(f"{source} gives '{key}' per layer; models whose layers differ in shape "
                          "are not supported by the planner")
     return int(value)
@@ -276,31 +277,29 @@ def shape_from_config(config: Mapping[str, Any], name: str | None = None) -> Arc
 
 
 def shape_from_gguf(path: str | Path, name: str | None = None) -> ArchShape:
-    """Read the shape of a ``.gguf`` file from its metadata and tensor names (memory-mapped)."""
-    from gguf import GGUFReader  # optional-weight import: only needed for GGUF files
+    """Read the shape of a ``.gguf`` file from its metadata and tensor names (the header only).
+
+    Raises:
+        GGUFError (a ValueError): the file is not a GGUF file, or is truncated.
+    """
+    from bitsmith.io.gguf.header import read_header
 
     path = Path(path)
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{path} is not a readable GGUF file ({err}); check the file") from err
+    header = read_header(path)
     meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key == "tokenizer.ggml.tokens":
-            meta[key] = range(len(field.data))  # only the count matters; skip decoding strings
-        elif key.startswith(("general.", "tokenizer.ggml.")) and key != "general.architecture":
+    for key, value in header.metadata.items():
+        # tokenizer.ggml.tokens stays a GGUFArray: only its length (the vocabulary size) matters
+        if key.startswith(("general.", "tokenizer.ggml.")) and key not in ("general.architecture", "tokenizer.ggml.tokens"):
             continue
-        else:
-            meta[key] = field.contents()
+        meta[key] = value
     if "general.architecture" not in meta:
         raise ValueError(f"{path} has no 'general.architecture' metadata; it is not a model GGUF")
-    tensor_names = {tensor.name for tensor in reader.tensors}
+    tensor_names = {tensor.name for tensor in header.tensors}
     meta["tied_embeddings"] = "output.weight" not in tensor_names
     meta["qkv_bias"] = "blk.0.attn_q.bias" in tensor_names
     meta["qk_norm"] = "blk.0.attn_q_norm.weight" in tensor_names
     if name is None:
-        name = str(reader.fields["general.name"].contents()) if "general.name" in reader.fields \
-            else path.stem
+        name = str(header.metadata["general.name"]) if "general.name" in header.metadata else path.stem
     return shape_from_config(meta, name=name)
 
 

@@ -42,7 +42,7 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, max_memory
     resident and stream the others from the checkpoint per forward (:mod:`bitsmith.runtime.offload`).
 
     Quantized inputs stay quantized: a bitsmith checkpoint, a GPTQ-layout folder
-    (:mod:`bitsmith.io.import_gptq`) and a GGUF *file* given by path (:mod:`bitsmith.io.import_gguf`:
+    (:mod:`bitsmith.io.import_gptq`) and a GGUF *file* given by path (:mod:`bitsmith.io.gguf.quantized`:
     the matrices whose GGUF type maps onto bitsmith group codes) load as QuantLinear /
     QuantEmbedding layers. ``dequantize=True`` loads a GGUF file's exact float decoding instead.
     Aliases (the shipped unquantized references, stored as GGUF) always load as floats.
@@ -121,7 +121,7 @@ def _load_gptq(source, dtype: torch.dtype, options: RuntimeOptions) -> LoadedMod
 def _load_gguf(source, dtype: torch.dtype, options: RuntimeOptions) -> LoadedModel:
     """A GGUF file: matrices of a type that maps onto bitsmith group codes load quantized, the rest
     (16-weight k-quant sub-blocks, floats) dequantized to ``dtype`` (logged)."""
-    from bitsmith.io.import_gguf import gguf_quantized_tensors
+    from bitsmith.io.gguf.quantized import gguf_quantized_tensors
     from bitsmith.models.arch import build_model
     from bitsmith.models.meta import meta_model
 

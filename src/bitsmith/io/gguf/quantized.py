@@ -64,10 +64,12 @@ def blocks_to_quantized(data: np.ndarray, qtype: str, shape: tuple[int, int]) ->
 def gguf_quantized_tensors(path: str | Path, modules: set[str] | None = None) -> tuple[dict[str, QuantizedTensor], list[str]]:
     """(HF module name -> QuantizedTensor for every 2-D weight of a mappable type, notes on the rest).
     ``modules``: only these module names (e.g. the model's linear and embedding modules)."""
-    from bitsmith.models.gguf_source import GGUF_ARCHES, read_gguf_header, unpermute_qk
+    from bitsmith.io.gguf.header import read_header
+    from bitsmith.io.gguf.names import unpermute_qk
+    from bitsmith.models.family import GGUF_ARCHES
 
     path = Path(path)
-    header = read_gguf_header(path)
+    header = read_header(path)
     arch_name = str(header.metadata.get("general.architecture", "?"))
     arch = GGUF_ARCHES[arch_name]
     n_head = header.metadata.get(f"{arch_name}.attention.head_count", 0)

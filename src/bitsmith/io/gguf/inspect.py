@@ -2,7 +2,7 @@
 8 / block weights, from ``gguf.GGML_QUANT_SIZES``), and the file type named from
 ``general.file_type`` (``gguf.LlamaFileType``), or the dominant ggml type when the key is absent.
 
-The header is scanned with :func:`bitsmith.models.gguf_source.read_gguf_header`, which checks the
+The header is read with :func:`bitsmith.io.gguf.header.read_header`, which checks the
 magic, the version and that the file holds every tensor it lists (a truncated download fails with
 the sizes it should and does have)."""
 
@@ -42,13 +42,14 @@ def file_type_name(value: int) -> str:
 
 
 def inspect_gguf(path: Path) -> InspectReport:
+    """Types, bits per weight and file type of the GGUF file at ``path``."""
     import gguf
 
-    from bitsmith.models.gguf_source import read_gguf_header
+    from bitsmith.io.gguf.header import GGUFError, read_header
 
     try:
-        header = read_gguf_header(path)
-    except ValueError as exc:  # ModelSourceError: truncated, bad magic, unknown version or type
+        header = read_header(path)
+    except GGUFError as exc:  # truncated, bad magic, unknown version or type
         raise InspectError(str(exc)) from exc
     tensors = []
     for t in header.tensors:

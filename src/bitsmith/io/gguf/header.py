@@ -1,0 +1,204 @@
+"""The one GGUF header reader: metadata and tensor table, with the file's size checked against them.
+
+Used by model sources, ``inspect``, the fit catalog and the exporter (which copies a source file's
+metadata). The header is scanned with ``struct`` over a memory map rather than through
+``gguf.GGUFReader``: the reader builds a numpy view per vocabulary string and takes 10+ s on a
+262k-token vocabulary, the scan takes well under a second. Arrays (vocabularies, merges) are skipped
+and recorded by type and length unless the caller asks for their items (``arrays=True``).
+
+Every failure is a :class:`GGUFError` whose message names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+# GGUF metadata value types (gguf.GGUFValueType): fixed-size scalars, then string and array
+SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+STRING, ARRAY = 8, 9
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be read; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor entry of a GGUF header."""
+
+    name: str
+    qtype: int  # ggml type id (gguf.GGMLQuantizationType)
+    shape: tuple[int, ...]  # torch order (the reverse of GGUF's ne order)
+    offset: int  # absolute byte offset in the file
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class GGUFArray:
+    """A metadata array, recorded by type and length only (vocabularies are large)."""
+
+    item_type: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    version: int
+    metadata: dict[str, Any]  # scalars and strings; arrays are GGUFArray, or lists with arrays=True
+    tensors: list[GGUFTensorInfo]
+    data_end: int  # bytes the file must have to hold every tensor
+    # key -> its value type, then for arrays the item type(s): what a writer needs to copy the key
+    value_types: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+class _Cursor:
+    """Little-endian reads from a memory map, with a clear error past the end."""
+
+    def __init__(self, buf: Any, path: Path, arrays: bool) -> None:
+        self.buf, self.pos, self.path, self.arrays = buf, 0, path, arrays
+
+    def unpack(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise GGUFError(
+                f"{self.path.name} is truncated (its header is cut short at {megabytes(len(self.buf))}); "
+                "download it again"
+            )
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if self.pos + n > len(self.buf):
+            self.unpack(f"<{n}s")  # raises the truncation error
+        raw = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, types: list[int]) -> Any:
+        """One metadata value; ``types`` collects its type chain (array, item type, ...)."""
+        types.append(vtype)
+        if vtype in SCALARS:
+            return self.unpack(SCALARS[vtype])
+        if vtype == STRING:
+            return self.string()
+        if vtype == ARRAY:
+            item_type, count = self.unpack("<I"), self.unpack("<Q")
+            if self.arrays:
+                return self.array_items(item_type, count, types)
+            types.append(item_type)
+            self.skip_array(item_type, count)
+            return GGUFArray(item_type, count)
+        raise GGUFError(f"{self.path.name} has an unknown metadata type {vtype}; the file is corrupt")
+
+    def skip_array(self, item_type: int, count: int) -> None:
+        if item_type in SCALARS:  # fixed size: skip in one step
+            self.pos += count * struct.calcsize(SCALARS[item_type])
+        elif item_type == STRING:
+            for _ in range(count):
+                length = self.unpack("<Q")  # (not `pos += unpack()`: unpack moves pos)
+                self.pos += length
+        else:
+            for _ in range(count):
+                self.value(item_type, [])
+
+    def array_items(self, item_type: int, count: int, types: list[int]) -> list[Any]:
+        if item_type in SCALARS:  # one numpy read: Python ints, floats and bools of the stored values
+            import numpy as np
+
+            fmt = SCALARS[item_type]
+            size = count * struct.calcsize(fmt)
+            if self.pos + size > len(self.buf):
+                self.unpack(f"<{size}s")  # raises the truncation error
+            items = np.frombuffer(self.buf, np.dtype(fmt), count, self.pos).tolist()
+            self.pos += size
+            types.append(item_type)
+            return items
+        if count == 0:
+            types.append(item_type)
+            return []
+        inner: list[int] = []
+        items = [self.value(item_type, inner if i == 0 else []) for i in range(count)]
+        types.extend(inner)
+        return items
+
+
+def read_header(path: str | Path, arrays: bool = False) -> GGUFHeader:
+    """Scan a GGUF header (metadata and tensor table) and check the file holds every tensor.
+    ``arrays``: read metadata arrays' items too (to copy them), not only their type and length."""
+    import mmap
+
+    path = Path(path)
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise GGUFError(
+                f"{path.name} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                "check the path or download the file again"
+            )
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        cur = _Cursor(buf, path, arrays)  # mmap slices are bytes copies: no exported buffers to release
+        cur.pos = 4
+        version = cur.unpack("<I")
+        if version not in (2, 3):
+            raise GGUFError(f"{path.name} is GGUF version {version}; only versions 2 and 3 are supported")
+        n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+        metadata: dict[str, Any] = {}
+        value_types: dict[str, tuple[int, ...]] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            types: list[int] = []
+            metadata[key] = cur.value(cur.unpack("<I"), types)
+            value_types[key] = tuple(types)
+        raw = [_tensor_entry(cur) for _ in range(n_tensors)]
+        header_end = cur.pos
+    finally:
+        buf.close()
+    align = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    data_start = -(-header_end // align) * align
+    tensors = [_tensor_info(path, data_start, *entry) for entry in raw]
+    data_end = max((t.offset + t.n_bytes for t in tensors), default=data_start)
+    size = path.stat().st_size
+    if data_end > size:
+        raise GGUFError(
+            f"{path.name} is truncated (header says {megabytes(data_end - data_start)} of tensor data, "
+            f"file has {megabytes(max(size - data_start, 0))}); download it again"
+        )
+    return GGUFHeader(version, metadata, tensors, data_end, value_types)
+
+
+def _tensor_entry(cur: _Cursor) -> tuple[str, int, tuple[int, ...], int]:
+    """(name, ggml type, dims in GGUF's ne order, offset from the data start) of one tensor."""
+    name = cur.string()
+    n_dims = cur.unpack("<I")
+    dims = tuple(cur.unpack("<Q") for _ in range(n_dims))
+    return name, cur.unpack("<I"), dims, cur.unpack("<Q")
+
+
+def _tensor_info(path: Path, data_start: int, name: str, qtype: int, dims: tuple[int, ...], offset: int) -> GGUFTensorInfo:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    except (ValueError, KeyError):
+        raise GGUFError(
+            f"{path.name}: tensor {name} has ggml type {qtype}, unknown to this gguf package; upgrade gguf"
+        ) from None
+    n = 1
+    for d in dims:
+        n *= d
+    return GGUFTensorInfo(name, qtype, tuple(reversed(dims)), data_start + offset, n * type_size // block)
