@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from bitsmith.formats.gptq_layout import GPTQ_BITS, GPTQError, GPTQFormat, from_gptq, to_gptq, unpack_columns
 from bitsmith.io.checkpoint import REPORT_FILE, CheckpointError, read_info
 from bitsmith.io.safetensors import SafetensorsError, read_header
-from bitsmith.models.errors import ModelSourceError as GGUFError  # until the one reader of io/gguf/ lands
-from bitsmith.models.gguf_source import read_gguf_header as read_gguf
+from bitsmith.io.gguf.header import GGUFError
+from bitsmith.io.gguf.header import read_header as read_gguf
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
@@ -291,14 +291,12 @@ def read_gguf_bytes(data: bytes) -> object:
     tmp, path = in_folder("m.gguf", data)
     with tmp:
         try:
-            return read_gguf(path)
+            header = read_gguf(path)
         except Exception as exc:  # noqa: BLE001
             assert_own_error(exc, (GGUFError,), "m.gguf")
             return exc
-
-
-# The GGUF header reader is being rewritten (io/gguf/header.py); its fixes land with it.
-GGUF_PENDING = pytest.mark.xfail(reason="GGUF header fixes land with io/gguf/header.py", strict=False)
+        read_gguf(path, arrays=True)  # the exporter's way (array items read): accepts the same files
+        return header
 
 
 def test_gguf_seed_reads() -> None:
@@ -306,14 +304,12 @@ def test_gguf_seed_reads() -> None:
     assert [t.name for t in header.tensors] == ["t.weight"] and header.metadata["general.alignment"] == 32
 
 
-@GGUF_PENDING
 @FAST
 @given(st.binary(max_size=96), st.sampled_from([2, 3]))
 def test_gguf_random_bytes_after_magic_and_version(body: bytes, version: int) -> None:
     read_gguf_bytes(b"GGUF" + struct.pack("<I", version) + body)
 
 
-@GGUF_PENDING
 @FAST
 @given(st.integers(0, len(gguf_file()) - 1), st.binary(min_size=1, max_size=8))
 def test_gguf_overwritten_bytes(at: int, patch: bytes) -> None:
@@ -324,7 +320,6 @@ def test_gguf_overwritten_bytes(at: int, patch: bytes) -> None:
 HUGE = st.sampled_from([2**63, 2**64 - 1, 2**32, 10**12, 1 << 40])
 
 
-@GGUF_PENDING
 @FAST
 @given(HUGE, st.sampled_from([0, 1, 8, 9, 12]))
 def test_gguf_huge_array_and_string_lengths(n: int, item_type: int) -> None:
@@ -333,7 +328,6 @@ def test_gguf_huge_array_and_string_lengths(n: int, item_type: int) -> None:
     read_gguf_bytes(gguf_file(vocab=struct.pack("<IIQ", 9, 8, 1) + gguf_string("a") + struct.pack("<Q", n)))
 
 
-@GGUF_PENDING
 @FAST
 @given(st.integers(13, 2**32 - 1), st.booleans())
 def test_gguf_unknown_value_types(vtype: int, in_array: bool) -> None:
@@ -341,7 +335,6 @@ def test_gguf_unknown_value_types(vtype: int, in_array: bool) -> None:
     read_gguf_bytes(gguf_file(vocab=kv + b"\0" * 16))
 
 
-@GGUF_PENDING
 @FAST
 @given(st.sampled_from([(4, 0), (5, 0), (10, 0), (11, -1), (6, 0.0), (6, float("inf")), (12, float("nan")),
                         (7, 1), (8, "x"), (0, 3), (5, -32)]))
@@ -353,7 +346,6 @@ def test_gguf_odd_alignments(value: tuple[int, object]) -> None:
     assert isinstance(result, Exception) or result.tensors[0].offset % 32 == 0
 
 
-@GGUF_PENDING
 @FAST
 @given(st.integers(2, 2**64 - 1), st.integers(0, 2**64 - 1))
 def test_gguf_counts_beyond_the_file(n_tensors: int, n_kv: int) -> None:
@@ -361,7 +353,6 @@ def test_gguf_counts_beyond_the_file(n_tensors: int, n_kv: int) -> None:
     read_gguf_bytes(gguf_file(n_kv=max(n_kv, 4)))
 
 
-@GGUF_PENDING
 @FAST
 @given(st.lists(st.integers(0, 2**64 - 1), max_size=6).map(tuple), st.integers(0, 2**32 - 1))
 def test_gguf_odd_tensor_entries(dims: tuple[int, ...], qtype: int) -> None:

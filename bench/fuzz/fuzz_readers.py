@@ -34,7 +34,7 @@ import atheris
 with atheris.instrument_imports(include=["bitsmith"]):
     import bitsmith.io.checkpoint  # noqa: F401  (instrumented for coverage feedback)
     import bitsmith.io.safetensors  # noqa: F401
-    import bitsmith.models.gguf_source  # noqa: F401
+    import bitsmith.io.gguf.header  # noqa: F401
 
 CRASH_DIR = Path(__file__).resolve().parent / "crashes"
 
@@ -43,9 +43,11 @@ CRASH_DIR = Path(__file__).resolve().parent / "crashes"
 
 
 def read_gguf(path: Path) -> object:
-    from bitsmith.models.gguf_source import read_gguf_header
+    """The one GGUF header reader, both ways: arrays skipped (sources, inspect) and read (export)."""
+    from bitsmith.io.gguf.header import read_header
 
-    return read_gguf_header(path)
+    read_header(path)
+    return read_header(path, arrays=True)
 
 
 def read_safetensors(path: Path) -> object:
