@@ -353,6 +353,14 @@ def test_gguf_counts_beyond_the_file(n_tensors: int, n_kv: int) -> None:
     read_gguf_bytes(gguf_file(n_kv=max(n_kv, 4)))
 
 
+@pytest.mark.parametrize("depth", [2, 9, 5000])
+def test_gguf_nested_arrays(depth: int) -> None:
+    """Arrays of arrays: a few levels read, thousands (12 bytes each) a GGUFError, not a RecursionError."""
+    nested = struct.pack("<IQ", 9, 1) * depth + struct.pack("<IQ", 0, 0)
+    result = read_gguf_bytes(gguf_file(vocab=struct.pack("<I", 9) + nested))
+    assert isinstance(result, GGUFError) == (depth > 8)
+
+
 @FAST
 @given(st.lists(st.integers(0, 2**64 - 1), max_size=6).map(tuple), st.integers(0, 2**32 - 1))
 def test_gguf_odd_tensor_entries(dims: tuple[int, ...], qtype: int) -> None:
