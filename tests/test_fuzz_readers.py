@@ -30,7 +30,8 @@ from bitsmith.tensor import QuantizedTensor
 
 FAST = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-REGRESSIONS = Path(__file__).resolve().parents[1] / "bench" / "fuzz" / "regressions"
+# the repository root is the first folder above this file that holds bench/ (tests may move into subfolders)
+REGRESSIONS = next(p / "bench" for p in Path(__file__).resolve().parents if (p / "bench").is_dir()) / "fuzz" / "regressions"
 
 
 def in_folder(name: str, data: bytes, **more: bytes) -> tuple[tempfile.TemporaryDirectory, Path]:
