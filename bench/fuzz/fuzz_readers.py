@@ -32,9 +32,9 @@ from typing import Callable
 import atheris
 
 with atheris.instrument_imports(include=["bitsmith"]):
-    import bitsmith.io.inspect_headers  # noqa: F401  (instrumented for coverage feedback)
-    import bitsmith.models.gguf_source  # noqa: F401
-    import bitsmith.models.sources  # noqa: F401
+    import bitsmith.io.checkpoint  # noqa: F401  (instrumented for coverage feedback)
+    import bitsmith.io.safetensors  # noqa: F401
+    import bitsmith.io.gguf.header  # noqa: F401
 
 CRASH_DIR = Path(__file__).resolve().parent / "crashes"
 
@@ -43,22 +43,25 @@ CRASH_DIR = Path(__file__).resolve().parent / "crashes"
 
 
 def read_gguf(path: Path) -> object:
-    from bitsmith.models.gguf_source import read_gguf_header
+    """The one GGUF header reader, both ways: arrays skipped (sources, inspect) and read (export)."""
+    from bitsmith.io.gguf.header import read_header
 
-    return read_gguf_header(path)
+    read_header(path)
+    return read_header(path, arrays=True)
 
 
 def read_safetensors(path: Path) -> object:
-    from bitsmith.io.inspect_headers import read_header
+    from bitsmith.io.safetensors import read_header
 
     return read_header(path)
 
 
-def read_safetensors_source(path: Path) -> object:
-    """The second safetensors header reader (model sources); fuzzed until the two become one."""
-    from bitsmith.models.sources import read_safetensors_header
+def read_checkpoint(path: Path) -> object:
+    """The fuzzed bytes as the one shard (``model.safetensors``) of a checkpoint folder: the shard
+    header's ``__metadata__`` (format, version, the quantization JSON) is what ``read_info`` parses."""
+    from bitsmith.io.checkpoint import read_info
 
-    return read_safetensors_header(path)
+    return read_info(path.parent)
 
 
 # -- seeds: one small valid file per format ------------------------------------------------------
@@ -88,10 +91,22 @@ def seed_safetensors() -> bytes:
     return struct.pack("<Q", len(raw)) + raw + struct.pack("<4f", 1, 2, 3, 4) + b"\1\2\3"
 
 
+def seed_checkpoint() -> bytes:
+    """A bitsmith checkpoint's shard: one w4g32 layer (qweight, scale, zero) and the format metadata."""
+    quant = {"method": "rtn", "options": {}, "tensors": {"l": {"spec": "w4g32", "shape": [2, 32]}}}
+    meta = {"format": "bitsmith", "format_version": "1", "quantization": json.dumps(quant)}
+    header = {"l.qweight": {"dtype": "U8", "shape": [2, 16], "data_offsets": [0, 32]},
+              "l.scale": {"dtype": "F16", "shape": [2, 1], "data_offsets": [32, 36]},
+              "l.zero": {"dtype": "F16", "shape": [2, 1], "data_offsets": [36, 40]}, "__metadata__": meta}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + bytes(32) + struct.pack("<4e", 1, 1, 8, 8)
+
+
 TARGETS: dict[str, tuple[Callable[[Path], object], Callable[[], bytes], str]] = {
     "gguf": (read_gguf, seed_gguf, ".gguf"),
     "safetensors": (read_safetensors, seed_safetensors, ".safetensors"),
-    "safetensors-source": (read_safetensors_source, seed_safetensors, ".safetensors"),
+    "checkpoint": (read_checkpoint, seed_checkpoint, ""),
 }
 
 
@@ -111,6 +126,9 @@ def make_test(target: str, collect: bool) -> Callable[[bytes], None]:
     reader, _, suffix = TARGETS[target]
     folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     path = folder / f"bitsmith-fuzz-{os.getpid()}{suffix}"
+    if target == "checkpoint":  # a folder of its own, whose one shard is the input
+        path = folder / f"bitsmith-fuzz-{os.getpid()}-checkpoint" / "model.safetensors"
+        path.parent.mkdir(exist_ok=True)
     seen: set[str] = set()
 
     def test_one_input(data: bytes) -> None:

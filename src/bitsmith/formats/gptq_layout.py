@@ -29,7 +29,7 @@ from math import gcd
 
 import torch
 
-from bitsmith.formats.packing import pack, unpack
+from bitsmith.formats.packing import pack, packed_row_bytes, unpack
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
@@ -55,10 +55,28 @@ def pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return pack(codes.contiguous(), bits).view(torch.int32).reshape(rows, n * bits // 32)
 
 
+def packed_codes(words: torch.Tensor, bits: int) -> int:
+    """How many ``bits``-bit codes each row of GPTQ words holds, after checking that the words are
+    what a GPTQ writer produces (2-D int32, a packing for ``bits``, whole codes per row): GPTQError
+    otherwise, as a corrupt folder hands over."""
+    if bits not in GPTQ_BITS:
+        raise GPTQError(f"{bits}-bit codes have no GPTQ packing; the GPTQ config is corrupt (bits must be 2, 3, 4 or 8)")
+    if words.dtype != torch.int32 or words.dim() != 2:
+        raise GPTQError(f"packed GPTQ codes must be a 2-D int32 tensor, not {words.dtype} {tuple(words.shape)}; "
+                        "the GPTQ folder is corrupt, download it again")
+    w = words.shape[1]
+    if packed_row_bytes(w * 32 // bits, bits) != w * 4:
+        raise GPTQError(f"{w} int32 words do not hold whole {bits}-bit codes (GPTQ packs 32 codes into {bits} words); "
+                        "the GPTQ folder is corrupt, download it again")
+    return w * 32 // bits
+
+
 def unpack_columns(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_columns`: int32 [rows, w] -> uint8 [rows, w * 32 / bits]."""
+    """Inverse of :func:`pack_columns`: int32 [rows, w] -> uint8 [rows, w * 32 / bits]; GPTQError
+    for words no GPTQ writer produces (see :func:`packed_codes`)."""
+    n = packed_codes(words, bits)
     rows, w = words.shape
-    return unpack(words.contiguous().view(torch.uint8).reshape(rows, w * 4), bits, w * 32 // bits)
+    return unpack(words.contiguous().view(torch.uint8).reshape(rows, w * 4), bits, n)
 
 
 def zero_offset(fmt: GPTQFormat) -> int:
@@ -109,11 +127,42 @@ def to_gptq(qt: QuantizedTensor, fmt: GPTQFormat = GPTQFormat.V1) -> GPTQTensors
     )
 
 
+def _layer_groups(parts: dict[str, torch.Tensor], bits: int, group_size: int | None) -> tuple[int, int, int]:
+    """(in, out, group) of a GPTQ layer, after checking that its tensors fit each other: every
+    shape below is what :func:`from_gptq` indexes by, so a corrupt folder stops here with a
+    GPTQError instead of an IndexError or a shape error deep in unpacking."""
+    missing = [p for p in PARTS[:3] if not isinstance(parts.get(p), torch.Tensor)]
+    if missing:
+        raise GPTQError(f"the GPTQ layer lacks {', '.join(missing)}; the GPTQ folder is incomplete, download it again")
+    if type(group_size) is not int and group_size is not None or (group_size or -1) < -1 or group_size == 0:
+        raise GPTQError(f"group_size {group_size!r} is neither -1 (per channel) nor a positive size; the GPTQ config is corrupt")
+    qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
+    if qweight.dim() != 2:
+        raise GPTQError(f"qweight has shape {tuple(qweight.shape)}, not [in * bits / 32, out]; the GPTQ folder is corrupt")
+    in_features, out_features = packed_codes(qweight.t(), bits), qweight.shape[1]
+    if not in_features or not out_features:
+        raise GPTQError(f"the GPTQ layer is empty ({out_features}x{in_features} weights); the GPTQ folder is corrupt")
+    group = in_features if group_size in (-1, None) else group_size
+    groups = -(-in_features // group)  # a short last group counts, as QuantSpec.groups_per_row does
+    if not scales.is_floating_point() or tuple(scales.shape) != (groups, out_features):
+        raise GPTQError(f"scales are {scales.dtype} {tuple(scales.shape)}, not floats of shape {(groups, out_features)} "
+                        f"for a {out_features}x{in_features} layer in groups of {group}; the GPTQ folder is corrupt")
+    if qzeros.dim() != 2 or qzeros.shape[0] != groups or packed_codes(qzeros, bits) < out_features:
+        raise GPTQError(f"qzeros of shape {tuple(qzeros.shape)} do not hold {groups} x {out_features} {bits}-bit zero "
+                        "points; the GPTQ folder is corrupt, download it again")
+    g_idx = parts.get("g_idx")
+    if g_idx is not None and (g_idx.dim() != 1 or g_idx.numel() != in_features or g_idx.is_floating_point()):
+        raise GPTQError(f"g_idx is {g_idx.dtype} {tuple(g_idx.shape)}, not {in_features} integers (one group per "
+                        "input channel); the GPTQ folder is corrupt, download it again")
+    return in_features, out_features, group
+
+
 def from_gptq(t: GPTQTensors | dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
               fmt: GPTQFormat = GPTQFormat.V1) -> QuantizedTensor:
     """A GPTQ layer back to a QuantizedTensor, losslessly. ``group_size`` -1 means per-channel.
     Refuses act-order (a permuted g_idx): :func:`gptq_layer` reads those."""
     parts = t if isinstance(t, dict) else {p: getattr(t, p) for p in PARTS}
+    _layer_groups(parts, bits, group_size)
     qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
     codes = unpack_columns(qweight.t().contiguous(), bits)  # [out, in]
     out_features, in_features = codes.shape
@@ -135,8 +184,7 @@ def gptq_layer(tensors: dict[str, torch.Tensor], bits: int, group_size: int, sym
     tensor over the input channels sorted by group and the permutation ``perm`` (sorted channel j =
     channel perm[j]). Sorting by group makes every group contiguous, so a permuted layer is a plain
     bitsmith layer over permuted inputs: ``y = x[..., perm] W_sorted^T``, the same products."""
-    in_features = tensors["qweight"].shape[0] * 32 // bits
-    group = in_features if group_size in (-1, None) else group_size
+    in_features, _, group = _layer_groups(tensors, bits, group_size)
     g_idx = tensors.get("g_idx")
     plain = torch.arange(in_features) // group
     if g_idx is None or torch.equal(g_idx.long(), plain):

@@ -36,7 +36,7 @@ import torch
 from bitsmith.io.destination import Destination, Staging
 from bitsmith.io.safetensors import read_header, shard_files
 from bitsmith.primitives import abs_max
-from bitsmith.spec import QuantSpec
+from bitsmith.spec import QuantSpec, SpecError
 from bitsmith.tensor import QuantizedTensor
 
 FORMAT = "bitsmith"
@@ -244,8 +244,60 @@ class CheckpointWriter:
         return self.staging.publish()  # never clobbers; --overwrite swaps the old checkpoint out only now
 
 
+def _corrupt(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} has corrupt bitsmith metadata ({what}); quantize again or download the "
+                           "checkpoint again")
+
+
+def _layer(path: Path, name: str, entry: object) -> tuple[QuantSpec, tuple[int, int]]:
+    """One layer's entry of the quantization metadata: its spec and its (out, in) shape."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("spec"), str):
+        raise _corrupt(path, f"layer {name[:120]!r} has no spec")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or len(shape) != 2 or not all(type(d) is int and d >= 0 for d in shape):
+        raise _corrupt(path, f"layer {name[:120]!r} has no [out, in] shape")
+    try:
+        return QuantSpec.parse(entry["spec"]), tuple(shape)  # type: ignore[return-value]
+    except SpecError as exc:
+        raise _corrupt(path, f"layer {name[:120]!r}: {exc}") from exc
+
+
+def _quantization(path: Path, meta: dict[str, str]) -> tuple[str, dict, dict[str, object]]:
+    """(method, options, layer entries) from a shard's ``quantization`` metadata, each checked for type."""
+    try:
+        q = json.loads(meta["quantization"])
+    except KeyError:
+        raise _corrupt(path, "no quantization entry") from None
+    except (ValueError, RecursionError) as exc:  # not JSON, a 4,300-digit integer, nesting too deep
+        raise _corrupt(path, f"the quantization entry is not JSON: {str(exc)[:200]}") from exc
+    if not isinstance(q, dict):
+        raise _corrupt(path, "the quantization entry is not a JSON object")
+    method, options, tensors = q.get("method"), q.get("options"), q.get("tensors")
+    if not isinstance(method, str) or not isinstance(options, dict) or not isinstance(tensors, dict):
+        raise _corrupt(path, "the quantization entry lacks its method, options or tensors")
+    return method, options, tensors
+
+
+def _report(folder: Path) -> dict:
+    """The quantization report of bitsmith.json ({} without the file): only informative, so a
+    corrupt file is named with the way out of deleting it."""
+    path = Path(folder) / REPORT_FILE
+    if not path.exists():
+        return {}
+    try:
+        report = json.loads(path.read_text()).get("report", {})
+        if not isinstance(report, dict):
+            raise TypeError("its report is not a JSON object")
+    except (ValueError, RecursionError, AttributeError, TypeError) as exc:
+        raise CheckpointError(f"{path} is corrupt ({str(exc)[:200]}); it holds only the quantization report: "
+                              "restore it from the checkpoint's source, or delete it to load the checkpoint "
+                              "without its report") from exc
+    return report
+
+
 def read_info(folder: Path) -> CheckpointInfo | None:
-    """The bitsmith metadata from the shard headers, or None when the folder is no bitsmith checkpoint."""
+    """The bitsmith metadata from the shard headers, or None when the folder is no bitsmith checkpoint.
+    Corrupt metadata raises CheckpointError naming the file (a corrupt shard, SafetensorsError)."""
     specs: dict[str, QuantSpec] = {}
     shapes: dict[str, tuple[int, int]] = {}
     method, options, version = "", {}, ""
@@ -255,13 +307,10 @@ def read_info(folder: Path) -> CheckpointInfo | None:
             return None
         version = meta.get("format_version", "")
         if version != FORMAT_VERSION:
-            raise CheckpointError(f"{path} is bitsmith format {version}; this bitsmith reads format {FORMAT_VERSION}; upgrade bitsmith")
-        q = json.loads(meta["quantization"])
-        method, options = q["method"], q["options"]
-        specs.update({k: QuantSpec.parse(v["spec"]) for k, v in q["tensors"].items()})
-        shapes.update({k: tuple(v["shape"]) for k, v in q["tensors"].items()})
+            raise CheckpointError(f"{path} is bitsmith format {version[:40]}; this bitsmith reads format {FORMAT_VERSION}; upgrade bitsmith")
+        method, options, tensors = _quantization(path, meta)
+        for name, entry in tensors.items():
+            specs[name], shapes[name] = _layer(path, name, entry)
     if not version:
         return None
-    report_path = Path(folder) / REPORT_FILE
-    report = json.loads(report_path.read_text()).get("report", {}) if report_path.exists() else {}
-    return CheckpointInfo(method, options, specs, shapes, version, report)
+    return CheckpointInfo(method, options, specs, shapes, version, _report(folder))

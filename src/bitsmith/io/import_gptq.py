@@ -14,17 +14,34 @@ from pathlib import Path
 import torch
 
 from bitsmith.formats.gptq_layout import PARTS, GPTQError, GPTQFormat, gptq_layer
-from bitsmith.io.safetensors import shard_files
+from bitsmith.io.safetensors import read_header, shard_files
 from bitsmith.tensor import QuantizedTensor
 
 
 def read_gptq_config(folder: Path) -> dict | None:
-    """The folder's quantization_config when it is GPTQ, else None."""
+    """The folder's quantization_config when it is GPTQ, else None; GPTQError for a config.json
+    that is not a JSON object or whose quantization_config is not one."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         return None
-    qc = json.loads(path.read_text()).get("quantization_config") or {}
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, RecursionError) as exc:  # not UTF-8 or not JSON, a 4,300-digit integer, too deep
+        raise GPTQError(f"{path} is not valid JSON ({str(exc)[:200]}); download it again") from exc
+    qc = (config.get("quantization_config") if isinstance(config, dict) else None) or {}
+    if not isinstance(qc, dict):
+        raise GPTQError(f"{path} has a quantization_config that is not a JSON object; download it again")
     return qc if qc.get("quant_method") == "gptq" else None
+
+
+def gptq_options(folder: Path, qc: dict) -> tuple[int, int, bool]:
+    """(bits, group_size, sym) of a GPTQ quantization_config; GPTQError naming config.json when
+    bits or group_size is not an integer."""
+    bits, group = qc.get("bits"), qc.get("group_size", -1)
+    if type(bits) is not int or type(group) is not int:
+        raise GPTQError(f"{Path(folder) / 'config.json'} has GPTQ bits {bits!r:.40} and group_size {group!r:.40}; "
+                        "both must be integers: download it again")
+    return bits, group, bool(qc.get("sym", True))  # any JSON value has a truth value, as before
 
 
 class InputPermuted(torch.nn.Module):
@@ -43,7 +60,7 @@ class InputPermuted(torch.nn.Module):
 def load_gptq_folder(path: str | Path) -> tuple[dict, dict[str, tuple[QuantizedTensor, torch.Tensor | None]], dict[str, torch.Tensor]]:
     """(config.json as a dict, module name -> (QuantizedTensor, act-order permutation or None),
     every other tensor by name)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     folder = Path(path)
     qc = read_gptq_config(folder)
@@ -55,19 +72,27 @@ def load_gptq_folder(path: str | Path) -> tuple[dict, dict[str, tuple[QuantizedT
         raise GPTQError(f"{folder} has GPTQ checkpoint_format {qc.get('checkpoint_format')!r}; bitsmith reads 'gptq' and 'gptq_v2'") from None
     parts: dict[str, dict[str, torch.Tensor]] = {}
     others: dict[str, torch.Tensor] = {}
+    bits, group_size, sym = gptq_options(folder, qc)
     for shard in shard_files(folder):
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                module, _, part = key.rpartition(".")
-                if part in PARTS:
-                    parts.setdefault(module, {})[part] = f.get_tensor(key)
-                else:
-                    others[key] = f.get_tensor(key)
+        read_header(shard)  # bitsmith's checks and message first; then the library maps the file
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    module, _, part = key.rpartition(".")
+                    if part in PARTS:
+                        parts.setdefault(module, {})[part] = f.get_tensor(key)
+                    else:
+                        others[key] = f.get_tensor(key)
+        except SafetensorError as exc:  # what our reader lets through, e.g. a dtype it does not know
+            raise GPTQError(f"{shard} cannot be read ({exc}); download it again") from exc
     quantized = {}
     for module, tensors in parts.items():
         missing = [p for p in PARTS[:3] if p not in tensors]
         if missing:
             raise GPTQError(f"{module} in {folder} lacks {', '.join(missing)}; the GPTQ folder is incomplete, download it again")
-        quantized[module] = gptq_layer(tensors, int(qc["bits"]), int(qc.get("group_size", -1)), bool(qc.get("sym", True)), fmt)
+        try:
+            quantized[module] = gptq_layer(tensors, bits, group_size, sym, fmt)
+        except GPTQError as exc:  # the layout's message, with the layer and folder it is about
+            raise GPTQError(f"{module} in {folder}: {exc}") from exc
     config = json.loads((folder / "config.json").read_text())
     return config, quantized, others

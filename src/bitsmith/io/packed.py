@@ -9,41 +9,71 @@ from pathlib import Path
 
 import torch
 
+from bitsmith.formats.packing import packed_row_bytes
 from bitsmith.io.checkpoint import CheckpointError, CheckpointInfo, shard_files
 from bitsmith.primitives import abs_max
+from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
 PACKED_PARTS = ("qweight", "scale", "zero", "grid")
 
 
-def quantized_state(folder: Path, info: CheckpointInfo, exclude: frozenset[str] = frozenset()) -> dict[str, dict[str, torch.Tensor]]:
-    """Each quantized layer's stored tensors (``qweight``, ``scale`` and, where present, ``zero``,
-    ``grid``), memory-mapped and checked against the layer's spec and shape; not those in ``exclude``."""
-    from safetensors import safe_open
+def _stored_parts(folder: Path, info: CheckpointInfo, exclude: frozenset[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Every stored part of the quantized layers, memory-mapped; a shard the safetensors library
+    refuses (its header passed bitsmith's reader, e.g. an unknown dtype) becomes a CheckpointError."""
+    from safetensors import SafetensorError, safe_open
 
     found: dict[str, dict[str, torch.Tensor]] = {}
     for path in shard_files(folder):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                module, _, part = key.rpartition(".")
-                if module in info.specs and module not in exclude and part in PACKED_PARTS:
-                    found.setdefault(module, {})[part] = f.get_tensor(key)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    module, _, part = key.rpartition(".")
+                    if module in info.specs and module not in exclude and part in PACKED_PARTS:
+                        found.setdefault(module, {})[part] = f.get_tensor(key)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{path} cannot be read ({exc}); the checkpoint is corrupt, quantize again") from exc
+    return found
+
+
+def _check_layer(folder: Path, module: str, parts: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> None:
+    """A layer's stored parts against its spec and shape: what unpacking and the kernels assume."""
+    if "qweight" not in parts or "scale" not in parts:
+        raise CheckpointError(f"{folder} lists {module} as quantized but its packed tensors are missing; the checkpoint is incomplete, quantize again")
+    out_features, in_features = shape
+    if tuple(parts["scale"].shape) != (out_features, spec.groups_per_row(in_features)):
+        raise CheckpointError(f"{module} in {folder} has scales of shape {tuple(parts['scale'].shape)}, which do not fit {spec} on a {out_features}x{in_features} weight; the checkpoint is corrupt, quantize again")
+    qweight, zero = parts["qweight"], parts.get("zero")
+    packed = (out_features, packed_row_bytes(in_features, spec.bits))
+    if qweight.dtype != torch.uint8 or tuple(qweight.shape) != packed:
+        raise CheckpointError(f"{module}.qweight in {folder} is {qweight.dtype} {tuple(qweight.shape)}, not the uint8 "
+                              f"{packed} that {spec} packs a {out_features}x{in_features} weight into; the checkpoint "
+                              "is corrupt, quantize again")
+    if zero is not None and zero.shape != parts["scale"].shape:
+        raise CheckpointError(f"{module}.zero in {folder} has shape {tuple(zero.shape)}, not its scales' "
+                              f"{tuple(parts['scale'].shape)}; the checkpoint is corrupt, quantize again")
+    for part in ("scale", "zero", "grid"):  # an inf scale dequantizes its whole group to inf/NaN
+        t = parts.get(part)
+        if t is not None and not t.is_floating_point():
+            raise CheckpointError(f"{module}.{part} in {folder} holds {t.dtype} values, not floats; the checkpoint "
+                                  "is corrupt, quantize again")
+        if t is not None and t.numel() and not math.isfinite(abs_max(t)):
+            noun = {"scale": "scales", "zero": "zeros", "grid": "grid levels"}[part]
+            raise CheckpointError(f"{module}.{part} in {folder} holds inf/NaN {noun}; re-quantize it "
+                                  "(this bitsmith keeps layers whose scales overflow fp16 at fp32)")
+
+
+def quantized_state(folder: Path, info: CheckpointInfo, exclude: frozenset[str] = frozenset()) -> dict[str, dict[str, torch.Tensor]]:
+    """Each quantized layer's stored tensors (``qweight``, ``scale`` and, where present, ``zero``,
+    ``grid``), memory-mapped and checked against the layer's spec and shape; not those in ``exclude``.
+    A layer that does not fit raises CheckpointError (a ValueError) naming it."""
+    found = _stored_parts(folder, info, exclude)
     result = {}
     for module, spec in info.specs.items():
         if module in exclude:
             continue
         parts = found.get(module, {})
-        if "qweight" not in parts or "scale" not in parts:
-            raise ValueError(f"{folder} lists {module} as quantized but its packed tensors are missing; the checkpoint is incomplete, quantize again")
-        out_features, in_features = info.shapes[module]
-        if tuple(parts["scale"].shape) != (out_features, spec.groups_per_row(in_features)):
-            raise ValueError(f"{module} in {folder} has scales of shape {tuple(parts['scale'].shape)}, which do not fit {spec} on a {out_features}x{in_features} weight; the checkpoint is corrupt, quantize again")
-        for part in ("scale", "zero", "grid"):  # an inf scale dequantizes its whole group to inf/NaN
-            t = parts.get(part)
-            if t is not None and t.numel() and not math.isfinite(abs_max(t)):
-                noun = {"scale": "scales", "zero": "zeros", "grid": "grid levels"}[part]
-                raise CheckpointError(f"{module}.{part} in {folder} holds inf/NaN {noun}; re-quantize it "
-                                      "(this bitsmith keeps layers whose scales overflow fp16 at fp32)")
+        _check_layer(folder, module, parts, spec, info.shapes[module])
         result[module] = parts
     return result
 

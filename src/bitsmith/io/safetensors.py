@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,11 @@ _NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", 
           "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 MAX_SMALL_READ = 64 * 1024**2
+
+# Names and values from a header go into messages through this: a corrupt header can hold a name
+# of megabytes, or a list nested a thousand deep, and the message must stay one readable line.
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlist = 120, 120, 8
 
 
 class SafetensorsError(ValueError):
@@ -93,26 +99,63 @@ def _read_json_header(path: Path, size: int) -> tuple[dict, int]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsError(f"{path.name} has a corrupt safetensors header ({exc}); download it again") from exc
+    except (ValueError, RecursionError) as exc:
+        # ValueError: not UTF-8, not JSON, or an integer of more than 4,300 digits (Python's own
+        # limit on int(str)); RecursionError: nesting deeper than the interpreter's recursion limit
+        raise SafetensorsError(f"{path.name} has a corrupt safetensors header ({_short(exc)}); "
+                               "download it again") from exc
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path.name} has a corrupt safetensors header (not a JSON object); download it again")
     return header, n
+
+
+def _short(exc: BaseException) -> str:
+    """An exception as a message clause: its text, cut where a fuzzed header could make it huge."""
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _ints(value: object, what: str) -> tuple[int, ...]:
+    """A JSON list of integers in [0, 2**64), exactly: ``true``, ``1.0``, ``"4"`` or ``Infinity``
+    are refused, as the safetensors library itself (unsigned 64-bit integers) refuses them."""
+    if not isinstance(value, list) or not all(type(v) is int and 0 <= v < 2**64 for v in value):
+        # reprlib: a bounded picture of a value that may be nested 1,000 deep or hold a million items
+        raise ValueError(f"{what} {_BRIEF.repr(value)} is not a list of integers from 0 to 2**64 - 1")
+    return tuple(value)
+
+
+def _fills(shape: tuple[int, ...], bits: int, nbytes: int) -> bool:
+    """Whether ``shape`` elements of ``bits`` bits take exactly ``nbytes`` bytes. The product is
+    built one factor at a time and given up once it passes the bytes there are, so a fuzzed shape of
+    a million huge dimensions costs a loop, not a million-digit integer."""
+    if 0 in shape:
+        return nbytes == 0
+    n, limit = 1, nbytes * 8 // bits
+    for d in shape:
+        n *= d
+        if n > limit:
+            return False
+    return n * bits == nbytes * 8
 
 
 def _entry(path: Path, name: str, entry: object, data_start: int) -> StTensor:
     """One header entry, checked: offsets are two integers, begin <= end, dimensions >= 0, and a
     known dtype's bytes match its shape (unknown dtypes are kept, so inspect can list them)."""
     try:
-        begin, end = (int(v) for v in entry["data_offsets"])  # type: ignore[index]
-        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
-        dtype = str(entry["dtype"])  # type: ignore[index]
-        if not 0 <= begin <= end or any(d < 0 for d in shape):
-            raise ValueError(f"data_offsets {[begin, end]}, shape {list(shape)}")
-        if dtype in DTYPE_BITS and math.prod(shape) * DTYPE_BITS[dtype] != (end - begin) * 8:
-            raise ValueError(f"{dtype} {list(shape)} does not fill data_offsets {[begin, end]}")
+        if not isinstance(entry, dict):
+            raise TypeError(f"the entry is a JSON {type(entry).__name__}, not an object")
+        offsets = _ints(entry["data_offsets"], "data_offsets")
+        shape = _ints(entry["shape"], "shape")
+        dtype = entry["dtype"]
+        if not isinstance(dtype, str):
+            raise TypeError(f"dtype {_BRIEF.repr(dtype)} is not a string")
+        if len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise ValueError(f"data_offsets {_BRIEF.repr(list(offsets))}, shape {_BRIEF.repr(list(shape))}")
+        begin, end = offsets
+        if dtype in DTYPE_BITS and not _fills(shape, DTYPE_BITS[dtype], end - begin):
+            raise ValueError(f"{dtype} {_BRIEF.repr(list(shape))} does not fill data_offsets {[begin, end]}")
     except (KeyError, TypeError, ValueError) as exc:
-        raise SafetensorsError(f"{path.name}: the header entry for tensor {name!r} is malformed ({exc!r}); "
+        raise SafetensorsError(f"{path.name}: the header entry for tensor {_BRIEF.repr(name)} is malformed ({_short(repr(exc))}); "
                                "download the file again") from exc
     return StTensor(path, name, dtype, shape, data_start + begin, data_start + end)
 
@@ -124,7 +167,7 @@ def _check_tiling(path: Path, tensors: dict[str, StTensor], data_start: int, siz
     expected = data_start
     for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
         if t.begin != expected:
-            raise SafetensorsError(f"{path.name} has a corrupt safetensors header (the data of tensor {t.name!r} "
+            raise SafetensorsError(f"{path.name} has a corrupt safetensors header (the data of tensor {_BRIEF.repr(t.name)} "
                                    f"starts at byte {t.begin - data_start}, expected {expected - data_start}); "
                                    "download it again")
         expected = t.end
@@ -139,10 +182,14 @@ def read_header(path: Path) -> StHeader:
     path = Path(path)
     size = path.stat().st_size
     header, n = _read_json_header(path, size)
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
         raise SafetensorsError(f"{path.name} has a corrupt safetensors header (__metadata__ is not a JSON object); "
                                "download it again")
+    if not all(isinstance(v, str) for v in metadata.values()):  # what the safetensors library requires too
+        raise SafetensorsError(f"{path.name} has a corrupt safetensors header (a __metadata__ value is not a "
+                               "string); download it again")
     data_start = 8 + n
     tensors = {name: _entry(path, name, entry, data_start) for name, entry in header.items()}
     data = max((t.end for t in tensors.values()), default=data_start) - data_start
@@ -150,7 +197,7 @@ def read_header(path: Path) -> StHeader:
         raise SafetensorsError(f"{path.name} is truncated (header says {mb(data)} of data, file has "
                                f"{mb(size - data_start)}); download it again")
     _check_tiling(path, tensors, data_start, size)
-    return StHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, size)
+    return StHeader(path, tensors, dict(metadata), size)
 
 
 def _plain_relative(name: object) -> bool:
@@ -196,7 +243,7 @@ def shard_files(folder: Path, *, sniff: bool = False) -> list[Path]:
             names = sorted(set(weight_map.values()))
             if not all(isinstance(n, str) for n in names):
                 raise TypeError("weight_map values must be file names")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise SafetensorsError(f"{index} is not a valid safetensors index ({exc!r}); download it again") from exc
         paths = [confined_path(folder, name, INDEX_FILE) for name in names]  # all checked before any is touched
         for name, path in zip(names, paths):

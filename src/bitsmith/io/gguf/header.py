@@ -22,6 +22,8 @@ DEFAULT_ALIGNMENT = 32
 # GGUF metadata value types (gguf.GGUFValueType): fixed-size scalars, then string and array
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 STRING, ARRAY = 8, 9
+MAX_ARRAY_DEPTH = 8  # arrays of arrays: llama.cpp reads none; deeper nesting is a corrupt file, not recursion
+MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses a tensor of more dimensions
 
 
 class GGUFError(ValueError):
@@ -69,22 +71,27 @@ class _Cursor:
 
     def __init__(self, buf: Any, path: Path, arrays: bool) -> None:
         self.buf, self.pos, self.path, self.arrays = buf, 0, path, arrays
+        self.depth = 0  # arrays being read inside each other
 
-    def unpack(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
+    def need(self, size: int) -> None:
+        """The truncation error unless ``size`` more bytes follow: checked before a length read from
+        the file is used (to skip, slice or allocate), so a corrupt length of 2**64 costs nothing."""
         if self.pos + size > len(self.buf):
             raise GGUFError(
                 f"{self.path.name} is truncated (its header is cut short at {megabytes(len(self.buf))}); "
                 "download it again"
             )
+
+    def unpack(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        self.need(size)
         (value,) = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += size
         return value
 
     def string(self) -> str:
         n = self.unpack("<Q")
-        if self.pos + n > len(self.buf):
-            self.unpack(f"<{n}s")  # raises the truncation error
+        self.need(n)
         raw = self.buf[self.pos : self.pos + n]
         self.pos += n
         return raw.decode("utf-8", errors="replace")
@@ -98,19 +105,28 @@ class _Cursor:
             return self.string()
         if vtype == ARRAY:
             item_type, count = self.unpack("<I"), self.unpack("<Q")
-            if self.arrays:
-                return self.array_items(item_type, count, types)
-            types.append(item_type)
-            self.skip_array(item_type, count)
-            return GGUFArray(item_type, count)
+            if self.depth >= MAX_ARRAY_DEPTH:
+                raise GGUFError(f"{self.path.name} has metadata arrays nested more than {MAX_ARRAY_DEPTH} deep; "
+                                "the file is corrupt, download it again")
+            self.depth += 1
+            try:
+                if self.arrays:
+                    return self.array_items(item_type, count, types)
+                types.append(item_type)
+                self.skip_array(item_type, count)
+                return GGUFArray(item_type, count)
+            finally:
+                self.depth -= 1
         raise GGUFError(f"{self.path.name} has an unknown metadata type {vtype}; the file is corrupt")
 
     def skip_array(self, item_type: int, count: int) -> None:
         if item_type in SCALARS:  # fixed size: skip in one step
+            self.need(count * struct.calcsize(SCALARS[item_type]))
             self.pos += count * struct.calcsize(SCALARS[item_type])
         elif item_type == STRING:
-            for _ in range(count):
+            for _ in range(count):  # each item takes 8 bytes at least: the file ends the loop
                 length = self.unpack("<Q")  # (not `pos += unpack()`: unpack moves pos)
+                self.need(length)
                 self.pos += length
         else:
             for _ in range(count):
@@ -122,8 +138,7 @@ class _Cursor:
 
             fmt = SCALARS[item_type]
             size = count * struct.calcsize(fmt)
-            if self.pos + size > len(self.buf):
-                self.unpack(f"<{size}s")  # raises the truncation error
+            self.need(size)
             items = np.frombuffer(self.buf, np.dtype(fmt), count, self.pos).tolist()
             self.pos += size
             types.append(item_type)
@@ -168,7 +183,7 @@ def read_header(path: str | Path, arrays: bool = False) -> GGUFHeader:
         header_end = cur.pos
     finally:
         buf.close()
-    align = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    align = _alignment(path, metadata)
     data_start = -(-header_end // align) * align
     tensors = [_tensor_info(path, data_start, *entry) for entry in raw]
     data_end = max((t.offset + t.n_bytes for t in tensors), default=data_start)
@@ -181,10 +196,23 @@ def read_header(path: str | Path, arrays: bool = False) -> GGUFHeader:
     return GGUFHeader(version, metadata, tensors, data_end, value_types)
 
 
+def _alignment(path: Path, metadata: dict[str, Any]) -> int:
+    """``general.alignment``: a power of two, as llama.cpp requires (0 would divide by zero, and a
+    float, string or array is no alignment at all)."""
+    align = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if type(align) is not int or align <= 0 or align & (align - 1):
+        raise GGUFError(f"{path.name} has general.alignment {str(align)[:40]!r}, not a power of two; "
+                        "the file is corrupt, download or convert it again")
+    return align
+
+
 def _tensor_entry(cur: _Cursor) -> tuple[str, int, tuple[int, ...], int]:
     """(name, ggml type, dims in GGUF's ne order, offset from the data start) of one tensor."""
     name = cur.string()
     n_dims = cur.unpack("<I")
+    if n_dims > MAX_DIMS:
+        raise GGUFError(f"{cur.path.name}: tensor {name[:120]!r} has {n_dims} dimensions, more than GGUF's "
+                        f"{MAX_DIMS}; the file is corrupt, download it again")
     dims = tuple(cur.unpack("<Q") for _ in range(n_dims))
     return name, cur.unpack("<I"), dims, cur.unpack("<Q")
 
@@ -196,8 +224,11 @@ def _tensor_info(path: Path, data_start: int, name: str, qtype: int, dims: tuple
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
     except (ValueError, KeyError):
         raise GGUFError(
-            f"{path.name}: tensor {name} has ggml type {qtype}, unknown to this gguf package; upgrade gguf"
+            f"{path.name}: tensor {name[:120]} has ggml type {qtype}, unknown to this gguf package; upgrade gguf"
         ) from None
+    if dims and dims[0] % block:  # llama.cpp refuses it too: a row must be whole blocks
+        raise GGUFError(f"{path.name}: tensor {name[:120]} has rows of {dims[0]} values, not whole blocks of "
+                        f"{block}; the file is corrupt, download or convert it again")
     n = 1
     for d in dims:
         n *= d
