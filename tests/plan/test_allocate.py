@@ -181,17 +181,18 @@ def test_plan_and_quantize_under_a_size_budget(tiny: Path, calib: torch.Tensor, 
     """End to end: a byte budget between uniform w2g64 and w8 -> mixed specs, the checkpoint's
     shards fit the budget, the metadata and report carry the per-layer specs."""
     from bitsmith.io.checkpoint import read_info, shard_files
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
     from bitsmith.plan.sensitivity import plan_allocation, record_allocation
 
     uniform = {}
     for spec in ("w2g64", "w8"):
-        path = quantize_model(tiny, tmp_path / spec, QuantizeConfig(QuantSpec.parse(spec)))
+        path = quantize(tiny, tmp_path / spec, QuantizePlan(QuantSpec.parse(spec)))
         uniform[spec] = sum(p.stat().st_size for p in shard_files(path))
     budget = Budget(total_bytes=(uniform["w2g64"] + uniform["w8"]) // 2)
-    config, alloc = plan_allocation(tiny, QuantizeConfig(QuantSpec.parse("w4g64")), budget, TINY_CANDIDATES, calib[:3])
+    config, alloc = plan_allocation(tiny, QuantizePlan(QuantSpec.parse("w4g64")), budget, TINY_CANDIDATES, calib[:3])
     assert len(set(alloc.specs.values())) > 1
-    out = quantize_model(tiny, tmp_path / "mixed", config)
+    out = quantize(tiny, tmp_path / "mixed", config)
     record_allocation(out, alloc)
     size = sum(p.stat().st_size for p in shard_files(out))
     assert size <= budget.total_bytes
