@@ -120,7 +120,7 @@ def _spearman(a: list[float], b: list[float]) -> float:
 
 
 def _uniform_kl(net, layers, spec: QuantSpec, tokens: torch.Tensor) -> float:
-    from bitsmith.plan.sensitivity import _mean_kl, layer_weight, make_quantizer
+    from bitsmith.plan.sensitivity import layer_weight, make_quantizer, summed_kl
 
     _, quantize = make_quantizer("rtn")
     originals = {n: layer_weight(net, n).data for n in layers}
@@ -129,7 +129,7 @@ def _uniform_kl(net, layers, spec: QuantSpec, tokens: torch.Tensor) -> float:
         try:
             for n in layers:
                 layer_weight(net, n).data = quantize(originals[n], spec)
-            kl = sum(float(_mean_kl(r, net(input_ids=w[None]).logits[0, :-1])) for r, w in zip(refs, tokens))
+            kl = sum(float(summed_kl(r, net(input_ids=w[None]).logits[0, :-1])) for r, w in zip(refs, tokens))
         finally:
             for n in layers:
                 layer_weight(net, n).data = originals[n]
