@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+import bitsmith
 from bitsmith.eval.metrics import summarize, token_stats
 from bitsmith.eval.perplexity import tokenize_text
 from bitsmith.infer.lean import lean_runner
-from bitsmith.runtime.load import load_model
 from bitsmith.kernels.build import native_library
 from bitsmith.runtime.options import RuntimeOptions
 from common import text_path
@@ -61,11 +61,11 @@ def main() -> None:
     if lib is None:
         raise SystemExit("the native kernels could not be built; the decode paths compared here do not exist")
 
-    ref = load_model(args.model, dtype=torch.float32)
+    ref = bitsmith.load(args.model)  # float32, the reference dtype
     options = RuntimeOptions.from_env()
     # the same checkpoint twice: its kernels with int8 activations (the default) and with exact floats
-    quant = load_model(args.checkpoint, options=replace(options, int8_decode=True))
-    quant_exact = load_model(args.checkpoint, options=replace(options, int8_decode=False))
+    quant = bitsmith.load(args.checkpoint, options=replace(options, int8_decode=True))
+    quant_exact = bitsmith.load(args.checkpoint, options=replace(options, int8_decode=False))
     text = Path(args.text).read_text(encoding="utf-8")[:200_000]
     ids = torch.tensor(tokenize_text(ref.tokenizer, text))
     span = args.prompt + args.decode + 1

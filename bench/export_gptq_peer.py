@@ -92,8 +92,8 @@ def main() -> int:
     import torch
     from safetensors.torch import load_file, save_file
 
+    import bitsmith
     from bitsmith.eval.perplexity import convention_adds_bos, tokenize_text, windows
-    from bitsmith.runtime.load import load_model
 
     work = Path(os.environ.get("WORK") or work_dir("export-gptq"))
     work.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def main() -> int:
     layout_ok = set(decoded) == set(reference) and all(torch.equal(decoded[m], reference[m]) for m in reference)
     print(f"layout check: {len(decoded)} layers decoded from the written-out GPTQ formulas "
           f"{'equal' if layout_ok else 'DIFFER FROM'} the checkpoint's weights bit for bit")
-    ours = load_model(ckpt)
+    ours = bitsmith.load(ckpt)
     tok = ours.tokenizer
     text = PROSE.read_text(encoding="utf-8")[:60000]
     ids = windows(tokenize_text(tok, text, add_bos=False), 512, bos=tok.bos_token_id if convention_adds_bos(tok) else None)

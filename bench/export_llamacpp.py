@@ -69,10 +69,10 @@ def main_type(path: Path) -> str:
 
 def bitsmith_llama_ppl(ckpt: Path, text: str, ctx: int, add_bos: bool, bos: int | None) -> tuple[float, int, float]:
     """(ppl on llama-perplexity's chunks and positions, scored tokens, PROTOCOL ppl on whole windows)."""
+    import bitsmith
     from bitsmith.eval.perplexity import convention_adds_bos, evaluate, tokenize_text, windows
-    from bitsmith.runtime.load import load_model
 
-    loaded = load_model(ckpt)
+    loaded = bitsmith.load(ckpt)
     ids_plain = tokenize_text(loaded.tokenizer, text, add_bos=False)
     ids = [bos] + ids_plain if add_bos else list(ids_plain)
     n = len(ids) // ctx

@@ -60,6 +60,7 @@ def main() -> int:
 
     import torch
 
+    import bitsmith
     from bitsmith.eval.perplexity import convention_adds_bos, evaluate, tokenize_text, windows
     from bitsmith.io.gguf.calibration import calibration_statistics
     from bitsmith.io.gguf.export import export_gguf
@@ -99,7 +100,7 @@ def main() -> int:
                 print(f"{out.name}: {time.time() - t0:.0f} s", flush=True)
             files_by_row.append((mix, variant, out))
 
-    reference = load_model(args.model)
+    reference = bitsmith.load(args.model)
     tok = reference.tokenizer
     text = PROSE.read_text(encoding="utf-8")[:60000]
     wins = windows(tokenize_text(tok, text, add_bos=False), 512, bos=tok.bos_token_id if convention_adds_bos(tok) else None)

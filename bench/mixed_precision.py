@@ -59,11 +59,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    import bitsmith
     from bitsmith.calib.data import calibration_batches, read_calibration_text
     from bitsmith.eval.suite import evaluate_variants, text_windows
-    from bitsmith.runtime.load import load_model
     from bitsmith.models import open_source
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantizable_layers, quantize_model
+    from bitsmith.pipeline.common import quantizable_layers
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
     from bitsmith.plan.allocate import allocate
     from bitsmith.plan.sensitivity import estimate_sensitivity, float_model
     from bitsmith.spec import QuantSpec
@@ -96,7 +98,7 @@ def main() -> None:
     if args.fake_quant:
         from bitsmith.plan.sensitivity import make_quantizer
 
-        _, quantize = make_quantizer(args.method, options)
+        _, quantize_weight = make_quantizer(args.method, options)
         plans = {}
         for name in args.uniform.split(","):
             spec = QuantSpec.parse(name)
@@ -109,7 +111,7 @@ def main() -> None:
             rows.append({"variant": f"mixed @{spec}", "bpw": alloc.total_bits / weights,
                          "predicted_kl": alloc.predicted_cost, "counts": alloc.counts()})
         t0 = time.perf_counter()
-        results = _fake_quant_eval(net, source, plans, quantize, wins)
+        results = _fake_quant_eval(net, source, plans, quantize_weight, wins)
         eval_s = time.perf_counter() - t0
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         _table(rows, results, wins, eval_s)
@@ -126,12 +128,12 @@ def main() -> None:
             alloc = allocate(sens.costs, layers, budget)
             print(f"{spec}: allocation {alloc.counts()} at {alloc.bits_per_weight:.4f} bpw", flush=True)
             variants = {}
-            for label, config in ((f"uniform {spec}", QuantizeConfig(spec, method=args.method, options=options)),
-                                  (f"mixed @{spec}", QuantizeConfig(spec, method=args.method, options=options,
-                                                                    layer_specs=dict(alloc.specs)))):
+            for label, plan in ((f"uniform {spec}", QuantizePlan(spec, method=args.method, options=options)),
+                                (f"mixed @{spec}", QuantizePlan(spec, method=args.method, options=options,
+                                                                layer_specs=dict(alloc.specs)))):
                 t0 = time.perf_counter()
-                path = quantize_model(args.model, tmp / label.replace(" ", "_").replace("@", ""), config)
-                variants[label] = load_model(path).model
+                path = quantize(args.model, tmp / label.replace(" ", "_").replace("@", ""), plan)
+                variants[label] = bitsmith.load(path).model
                 uniform = label.startswith("uniform")
                 rows.append({"variant": label, "bpw": (budget if uniform else alloc.total_bits) / weights,
                              "predicted_kl": sens.total(spec) if uniform else alloc.predicted_cost,

@@ -53,13 +53,12 @@ def main() -> None:
 
 def _checkpoint(model: str, spec: str, workdir: Path) -> Path:
     """The model's ``spec`` RTN checkpoint in ``workdir``, quantized once (plain min/max ranges: speed only)."""
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
-    from bitsmith.spec import QuantSpec
+    import bitsmith
 
     path = workdir / f"{model}-{spec}"
     if not (path / "bitsmith.json").is_file():
         workdir.mkdir(parents=True, exist_ok=True)
-        quantize_model(model, path, QuantizeConfig(QuantSpec.parse(spec), options={"clip_search": False}), overwrite=True)
+        bitsmith.quantize(model, path, spec, "rtn", options={"clip_search": False}, overwrite=True)
     return path
 
 

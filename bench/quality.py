@@ -36,14 +36,11 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    import torch
-
+    import bitsmith
     from bitsmith.calib import CalibrationConfig
     from bitsmith.cli.common import dir_size_mb
     from bitsmith.eval.suite import evaluate_variants, text_windows
-    from bitsmith.pipeline.quantize import QuantizeConfig, calibrated_methods, quantize_model
-    from bitsmith.runtime.load import load_model
-    from bitsmith.spec import QuantSpec
+    from bitsmith.pipeline.quantize import calibrated_methods
 
     specs = [s for s in args.specs.split(",") if s]
     options = {}
@@ -59,17 +56,16 @@ def main() -> None:
         out = Path(args.work or work_dir("quality")) / f"{Path(args.model).stem}-{spec}-{label.replace('=', '_')}"
         t0 = time.perf_counter()
         calib = CalibrationConfig(samples=args.calib_samples) if calibrated else None
-        dtype = torch.bfloat16 if args.compute_dtype == "bf16" else torch.float32
-        quantize_model(args.model, out, QuantizeConfig(QuantSpec.parse(spec), args.method, options), overwrite=True,
-                       calib=calib, compute_dtype=dtype)
+        bitsmith.quantize(args.model, out, spec, args.method, calibration=calib, options=options,
+                          compute_dtype=args.compute_dtype, overwrite=True)
         rows[spec] = {"path": str(out), "quantize_s": time.perf_counter() - t0, "file_mb": dir_size_mb(out)}
         print(f"quantized {spec} in {rows[spec]['quantize_s']:.1f} s", flush=True)
-    reference = load_model(args.model)
+    reference = bitsmith.load(args.model)
     text = Path(args.text).read_text(encoding="utf-8", errors="replace")[: args.chars]
     wins = text_windows(reference.tokenizer, text, args.ctx, args.max_windows)
     variants = {}
     for spec in specs:
-        loaded = load_model(rows[spec]["path"])
+        loaded = bitsmith.load(rows[spec]["path"])
         variants[spec] = loaded.model
         rows[spec]["bits_per_weight"] = loaded.info.report["bits_per_weight"]
     t0 = time.perf_counter()

@@ -177,7 +177,8 @@ def checkpoint(cache: Path, model: str, variant: str) -> Path:
             return path
     from bitsmith.models import embedding_and_head_names, open_source
     from bitsmith.models.meta import meta_model
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
     from bitsmith.spec import QuantSpec
 
     source = open_source(model)
@@ -188,10 +189,10 @@ def checkpoint(cache: Path, model: str, variant: str) -> Path:
     layer_specs = {emb.removesuffix(".weight"): w8}
     if not tied:
         layer_specs[(head or "lm_head.weight").removesuffix(".weight")] = w8
-    config = QuantizeConfig(QuantSpec.parse(variant), options={"clip_search": False}, quantize_embeddings=True,
-                            quantize_head=not tied, layer_specs=layer_specs)
+    plan = QuantizePlan(QuantSpec.parse(variant), "rtn", {"clip_search": False}, quantize_embeddings=True,
+                        quantize_head=not tied, layer_specs=layer_specs)
     print(f"[prepare] quantizing {model} -> {path} (once)", file=sys.stderr, flush=True)
-    quantize_model(model, path, config, overwrite=True)
+    quantize(model, path, plan, overwrite=True)
     return path
 
 

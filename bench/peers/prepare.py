@@ -30,13 +30,13 @@ def main() -> None:
     import torch
     from safetensors.torch import save_file
 
+    import bitsmith
     from bitsmith.calib import CalibrationConfig
-    from bitsmith.runtime.load import load_model
 
     work = Path(args.work) if args.work else work_dir("peers")
     ref_dir = work / "reference"
     ref_dir.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(args.model)
+    loaded = bitsmith.load(args.model)
     model, tok = loaded.model, loaded.tokenizer
     state = {k: v.detach().contiguous().float() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):

@@ -141,10 +141,10 @@ def main() -> None:
 
 
 def score(work: Path, model: str, facts: dict, names: list[str], max_windows: int) -> None:
+    import bitsmith
     from bitsmith.eval.suite import evaluate_variants, shipped_text, text_windows
-    from bitsmith.runtime.load import load_model
 
-    reference = load_model(work / "reference")
+    reference = bitsmith.load(work / "reference")
     text = shipped_text()[:60_000]
     wins = text_windows(reference.tokenizer, text, 512, max_windows)
     rows, ref_ppl = [], float("nan")  # nan until a row scores (every step may have failed)
@@ -162,7 +162,7 @@ def score(work: Path, model: str, facts: dict, names: list[str], max_windows: in
             for f in (work / "reference").glob("tokenizer*"):
                 shutil.copy(f, path / f.name)
         try:
-            loaded = load_model(path)
+            loaded = bitsmith.load(path)
         except Exception as err:  # noqa: BLE001 - one unreadable output must not lose the table
             rows.append(f"| {name} | — | — | — | — | {fact['wall_s']:.0f} | {fact['rss_mb']:.0f} | not loadable: {err} |")
             continue

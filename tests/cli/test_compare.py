@@ -8,7 +8,8 @@ import pytest
 from tests.tiny import make_tiny_model, sample_text
 
 from bitsmith.cli import main
-from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+from bitsmith.pipeline.plan import QuantizePlan
+from bitsmith.pipeline.quantize import quantize
 from bitsmith.spec import QuantSpec
 
 
@@ -17,7 +18,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     tiny = make_tiny_model(root / "tiny")
     for spec in ("w8", "w3g32"):  # plain RTN, no clip search: quick
-        quantize_model(tiny, root / spec, QuantizeConfig(QuantSpec.parse(spec), options={"clip_search": False}))
+        quantize(tiny, root / spec, QuantizePlan(QuantSpec.parse(spec), options={"clip_search": False}))
     text = root / "words.txt"
     text.write_text(sample_text(800))
     return root, tiny, text

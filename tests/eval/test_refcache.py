@@ -108,12 +108,13 @@ def test_cli_reference_cache_builds_once_reuses_and_refuses_mismatch(tmp_path: P
 
     import bitsmith.runtime.load as load_mod
     from bitsmith.cli import main
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
     from bitsmith.spec import QuantSpec
 
     tiny = make_tiny_model(tmp_path / "tiny", seed=0)
-    quantize_model(tiny, tmp_path / "w3", QuantizeConfig(QuantSpec.parse("w3g32"), options={"clip_search": False}))
-    quantize_model(tiny, tmp_path / "w8", QuantizeConfig(QuantSpec.parse("w8"), options={"clip_search": False}))
+    quantize(tiny, tmp_path / "w3", QuantizePlan(QuantSpec.parse("w3g32"), options={"clip_search": False}))
+    quantize(tiny, tmp_path / "w8", QuantizePlan(QuantSpec.parse("w8"), options={"clip_search": False}))
     words = tmp_path / "words.txt"
     words.write_text(sample_text(900))
     cache, out = tmp_path / "cache", tmp_path / "out.json"

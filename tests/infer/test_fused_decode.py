@@ -29,7 +29,8 @@ SPECS = ["w4g32", "w8", "w3g64"]  # the 4-bit fast path, whole bytes, and bit ru
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
     """(arch, spec) -> a quantized checkpoint folder, made once for the module."""
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
     from bitsmith.spec import QuantSpec
 
     root = tmp_path_factory.mktemp("fused")
@@ -37,7 +38,7 @@ def checkpoints(tmp_path_factory) -> dict:
     for arch in ARCHS:
         src = make_tiny_model(root / arch, arch, seed=7, **ARCHS[arch])
         for spec in SPECS:
-            out[arch, spec] = quantize_model(src, root / f"{arch}-{spec}", QuantizeConfig(QuantSpec.parse(spec)))
+            out[arch, spec] = quantize(src, root / f"{arch}-{spec}", QuantizePlan(QuantSpec.parse(spec)))
     return out
 
 
@@ -143,11 +144,12 @@ def test_unquantized_and_bf16_models_keep_the_torch_path(caplog) -> None:
 ])
 def test_other_head_dims(arch: str, shape: dict, tmp_path, monkeypatch) -> None:
     """The attention has a register-blocked version for head_dim = 16k and a plain one for the rest."""
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
     from bitsmith.spec import QuantSpec
 
     src = make_tiny_model(tmp_path / "m", arch, seed=9, **shape)
-    model, _ = load(quantize_model(src, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32"))))
+    model, _ = load(quantize(src, tmp_path / "q", QuantizePlan(QuantSpec.parse("w4g32"))))
     ref, fused = runners(model, 40)
     ids = torch.randint(0, 100, (40,), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():

@@ -150,11 +150,12 @@ def test_quantized_checkpoint_equals_hf_path(arch: str, tmp_path) -> None:
     """A bitsmith checkpoint: QuantLinear layers, q/k/v and gate/up fused into one native call each."""
     from bitsmith.runtime.load import load_model
     from bitsmith.kernels.cpu import NativeKernel
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
     from bitsmith.spec import QuantSpec
 
     src = make_tiny_model(tmp_path / "m", arch, seed=4, **ARCHS[arch])
-    ckpt = quantize_model(src, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32")))
+    ckpt = quantize(src, tmp_path / "q", QuantizePlan(QuantSpec.parse("w4g32")))
     loaded = load_model(ckpt, options=EXACT)
     model = loaded.model.eval()
     q_proj = model.model.layers[0].self_attn.q_proj

@@ -14,7 +14,8 @@ from bitsmith.methods import get_method
 from bitsmith.models import ModelSourceError
 from bitsmith.nn.qlinear import QuantLinear
 from bitsmith.runtime.options import RuntimeOptions
-from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+from bitsmith.pipeline.plan import QuantizePlan
+from bitsmith.pipeline.quantize import quantize
 from bitsmith.spec import QuantSpec, SpecError
 
 IDS = torch.tensor([[1, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
@@ -33,7 +34,7 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("spec", ["w8", "w4g32", "w3g64s", "w2g32", "w5g32", "w6s"])
 def test_save_load_gives_identical_logits(tiny: Path, tmp_path: Path, spec: str, monkeypatch) -> None:
     # The reference kernel, so the comparison is exact; fast kernels are checked against it elsewhere.
-    ckpt = quantize_model(tiny, tmp_path / "q", QuantizeConfig(QuantSpec.parse(spec)))
+    ckpt = quantize(tiny, tmp_path / "q", QuantizePlan(QuantSpec.parse(spec)))
     loaded = load_model(ckpt, options=RuntimeOptions(kernel="reference"))
     # The same quantization done in memory on the original weights, applied by hand.
     expected = load_model(tiny).model
@@ -51,7 +52,7 @@ def test_save_load_gives_identical_logits(tiny: Path, tmp_path: Path, spec: str,
 def test_short_last_group_and_size_match_theory(tiny: Path, tmp_path: Path) -> None:
     # intermediate 80 with group 32: down_proj rows end in a 16-weight group.
     spec = QuantSpec.parse("w4g32")
-    ckpt = quantize_model(tiny, tmp_path / "q", QuantizeConfig(spec))
+    ckpt = quantize(tiny, tmp_path / "q", QuantizePlan(spec))
     info = read_info(ckpt)
     assert info.shapes["model.layers.0.mlp.down_proj"] == (64, 80)
     from safetensors import safe_open
@@ -78,7 +79,7 @@ def test_quantlinear_equals_dequantize_then_matmul() -> None:
 
 def test_quantize_head_untied(tmp_path: Path) -> None:
     src = make_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
-    ckpt = quantize_model(src, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w8"), quantize_head=True))
+    ckpt = quantize(src, tmp_path / "q", QuantizePlan(QuantSpec.parse("w8"), quantize_head=True))
     loaded = load_model(ckpt)
     assert isinstance(loaded.model.lm_head, QuantLinear)
     ref = load_model(src).model
@@ -88,12 +89,12 @@ def test_quantize_head_untied(tmp_path: Path) -> None:
 def test_existing_output_folder_is_refused(tiny: Path, tmp_path: Path) -> None:
     (tmp_path / "q").mkdir()
     with pytest.raises(CheckpointError, match="already exists"):
-        quantize_model(tiny, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32")))
+        quantize(tiny, tmp_path / "q", QuantizePlan(QuantSpec.parse("w4g32")))
 
 
 def test_group_larger_than_row_is_refused(tiny: Path, tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="larger than .* row of 64"):
-        quantize_model(tiny, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g128")))
+        quantize(tiny, tmp_path / "q", QuantizePlan(QuantSpec.parse("w4g128")))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -105,7 +106,7 @@ def test_nan_weight_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
     state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(state, src / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelSourceError, match="up_proj"):
-        quantize_model(src, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32")))
+        quantize(src, tmp_path / "q", QuantizePlan(QuantSpec.parse("w4g32")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]
 
 
@@ -123,12 +124,12 @@ def test_full_disk_leaves_no_output(tiny: Path, tmp_path: Path, monkeypatch) -> 
 
     monkeypatch.setattr(checkpoint, "_write_tensor_bytes", full)
     with pytest.raises(CheckpointError, match="no space left"):
-        quantize_model(tiny, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32")))
+        quantize(tiny, tmp_path / "q", QuantizePlan(QuantSpec.parse("w4g32")))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_report_records_per_layer_error(tiny: Path, tmp_path: Path) -> None:
-    ckpt = quantize_model(tiny, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32")))
+    ckpt = quantize(tiny, tmp_path / "q", QuantizePlan(QuantSpec.parse("w4g32")))
     report = json.loads((ckpt / "bitsmith.json").read_text())
     assert report["format"] == "bitsmith" and report["method"] == "rtn"
     layers = report["report"]["layers"]
@@ -140,7 +141,7 @@ def test_quantize_embeddings(tmp_path: Path, tied: bool) -> None:
     from bitsmith.nn.qembedding import QuantEmbedding
 
     src = make_tiny_model(tmp_path / "m", tie_word_embeddings=tied)
-    ckpt = quantize_model(src, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w8"), quantize_embeddings=True))
+    ckpt = quantize(src, tmp_path / "q", QuantizePlan(QuantSpec.parse("w8"), quantize_embeddings=True))
     loaded = load_model(ckpt)
     assert isinstance(loaded.model.model.embed_tokens, QuantEmbedding)
     assert isinstance(loaded.model.lm_head, QuantLinear) == tied
@@ -152,7 +153,7 @@ def test_quantize_embeddings(tmp_path: Path, tied: bool) -> None:
 
 @pytest.mark.parametrize("spec", ["w4g32nf", "w3g32fit"])
 def test_grid_checkpoints_run_on_the_default_kernel(tiny: Path, tmp_path: Path, spec: str) -> None:
-    ckpt = quantize_model(tiny, tmp_path / "q", QuantizeConfig(QuantSpec.parse(spec)))
+    ckpt = quantize(tiny, tmp_path / "q", QuantizePlan(QuantSpec.parse(spec)))
     loaded = load_model(ckpt)
     layer = loaded.model.model.layers[0].self_attn.q_proj
     x = torch.randn(3, layer.in_features)

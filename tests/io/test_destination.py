@@ -21,7 +21,8 @@ from bitsmith.io import destination
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.io.destination import Destination, DestinationError
 from bitsmith.io.export_gptq import GPTQError, export_gptq
-from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+from bitsmith.pipeline.plan import QuantizePlan
+from bitsmith.pipeline.quantize import quantize
 from bitsmith.spec import QuantSpec
 
 from tests.tiny import make_tiny_model
@@ -217,10 +218,10 @@ def test_quantize_and_gptq_export_follow_the_rule(tmp_path: Path) -> None:
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("my notes")
-    config = QuantizeConfig(QuantSpec.parse("w4g32"))
+    config = QuantizePlan(QuantSpec.parse("w4g32"))
     with pytest.raises(CheckpointError, match="did not write"):
-        quantize_model(src, notes, config, overwrite=True)
-    ck = quantize_model(src, tmp_path / "ck", config)
+        quantize(src, notes, config, overwrite=True)
+    ck = quantize(src, tmp_path / "ck", config)
     with pytest.raises(GPTQError, match="did not write"):
         export_gptq(ck, notes, overwrite=True)
     assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]

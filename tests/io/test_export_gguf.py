@@ -16,7 +16,8 @@ from bitsmith.io.gguf.export import export_gguf
 from bitsmith.io.gguf.mixes import ExportError, pick_type
 from bitsmith.io.packed import quantized_tensors
 from bitsmith.runtime.load import load_model
-from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+from bitsmith.pipeline.plan import QuantizePlan
+from bitsmith.pipeline.quantize import quantize
 from bitsmith.spec import QuantSpec
 
 from tests.tiny import make_tiny_model
@@ -31,7 +32,7 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _checkpoint(tmp_path: Path, arch: str, spec: str) -> Path:
     src = make_tiny_model(tmp_path / arch, arch, **(GEMMA if arch.startswith("gemma") else {}))
-    return quantize_model(src, tmp_path / f"{arch}-{spec}", QuantizeConfig(QuantSpec.parse(spec)))
+    return quantize(src, tmp_path / f"{arch}-{spec}", QuantizePlan(QuantSpec.parse(spec)))
 
 
 def test_q4_1_reencoding_is_exact_up_to_fp16_m(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ from bitsmith.io.checkpoint import read_info
 from bitsmith.io.export_gptq import export_gptq
 from bitsmith.io.import_gptq import load_gptq_folder
 from bitsmith.io.packed import quantized_tensors
-from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+from bitsmith.pipeline.plan import QuantizePlan
+from bitsmith.pipeline.quantize import quantize
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
@@ -62,7 +63,7 @@ def test_layer_round_trip_is_exact(spec: str, fmt: GPTQFormat) -> None:
 
 def test_folder_export_import_round_trips(tmp_path: Path) -> None:
     src = make_tiny_model(tmp_path / "tiny", "qwen2")  # qwen2: biases on q/k/v stay next to the packed weight
-    ck = quantize_model(src, tmp_path / "ck", QuantizeConfig(QuantSpec.parse("w4g32")))
+    ck = quantize(src, tmp_path / "ck", QuantizePlan(QuantSpec.parse("w4g32")))
     export_gptq(ck, tmp_path / "gptq")
     config, quantized, others = load_gptq_folder(tmp_path / "gptq")
     assert config["quantization_config"] == {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False,

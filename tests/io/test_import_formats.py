@@ -20,7 +20,8 @@ from bitsmith.io.import_gptq import InputPermuted
 from bitsmith.runtime.load import load_model
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.nn.qlinear import QuantLinear
-from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+from bitsmith.pipeline.plan import QuantizePlan
+from bitsmith.pipeline.quantize import quantize
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
@@ -88,7 +89,7 @@ def test_gptq_on_the_gguf_grid_lowers_output_error(qtype: str) -> None:
 @pytest.mark.parametrize("spec", ["w4g32", "w8g32s"])
 def test_gptq_folder_loads_quantized_with_checkpoint_logits(tmp_path: Path, spec: str) -> None:
     src = make_tiny_model(tmp_path / "tiny", "qwen2")  # biases on q/k/v
-    ck = quantize_model(src, tmp_path / "ck", QuantizeConfig(QuantSpec.parse(spec)))
+    ck = quantize(src, tmp_path / "ck", QuantizePlan(QuantSpec.parse(spec)))
     export_gptq(ck, tmp_path / "gptq")
     ours = load_model(ck)
     imported = load_model(tmp_path / "gptq")
@@ -188,7 +189,7 @@ def test_gguf_file_re_exports_its_blocks_unchanged(tmp_path: Path) -> None:
 
 def test_gptq_folder_re_exports_to_gguf_exactly(tmp_path: Path) -> None:
     src = make_tiny_model(tmp_path / "tiny", "llama")
-    ck = quantize_model(src, tmp_path / "ck", QuantizeConfig(QuantSpec.parse("w4g32s")))
+    ck = quantize(src, tmp_path / "ck", QuantizePlan(QuantSpec.parse("w4g32s")))
     export_gptq(ck, tmp_path / "gptq")
     from_ck = export_gguf(ck, tmp_path / "ck.gguf")
     from_gptq = export_gguf(tmp_path / "gptq", tmp_path / "gptq.gguf")

@@ -129,10 +129,11 @@ def test_cuda_quant_embedding_moves() -> None:
 def test_cuda_quantized_model_generates_the_cpu_tokens(arch: str, tmp_path) -> None:
     from bitsmith.infer.generate import generate
     from bitsmith.runtime.load import load_model
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
 
     src = make_tiny_model(tmp_path / "m", arch, seed=4)
-    ckpt = quantize_model(src, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32")))
+    ckpt = quantize(src, tmp_path / "q", QuantizePlan(QuantSpec.parse("w4g32")))
     loaded = load_model(ckpt)
     prompt = "the cat sat on the mat"
     cpu_tokens = generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=16, stop_at_eos=False).token_ids

@@ -222,10 +222,11 @@ def test_generate_fast_path_equals_reference_path(tmp_path, monkeypatch: pytest.
 
     from bitsmith.infer.generate import generate
     from bitsmith.runtime.load import load_model
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
 
     src = make_tiny_model(tmp_path / "m")
-    ckpt = quantize_model(src, tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32")))
+    ckpt = quantize(src, tmp_path / "q", QuantizePlan(QuantSpec.parse("w4g32")))
     runs = {}
     for choice in ("auto", "reference"):
         options = RuntimeOptions(kernel=choice, int8_decode=False)

@@ -139,7 +139,7 @@ def test_gptq_many_equals_one_by_one(text: str) -> None:
 def test_inverse_cholesky_in_visit_order_and_in_place_helpers() -> None:
     """Passing the visit order equals permuting the Hessian first (bit for bit); the in-place
     block inverse and flip equal their out-of-place forms, odd sizes included."""
-    from bitsmith.methods.gptq import _flip_both_, lower_inverse_
+    from bitsmith.methods.gptq import flip_both_, lower_inverse_
 
     g = torch.Generator().manual_seed(7)
     for n in (301, 300):
@@ -148,7 +148,7 @@ def test_inverse_cholesky_in_visit_order_and_in_place_helpers() -> None:
         perm = torch.randperm(n, generator=g)
         assert torch.equal(inverse_cholesky(h, 0.01, perm), inverse_cholesky(h[perm][:, perm], 0.01))
         m = torch.randn(n, n, generator=g)
-        assert torch.equal(_flip_both_(m.clone()), m.flip(0, 1))
+        assert torch.equal(flip_both_(m.clone()), m.flip(0, 1))
         lower = torch.linalg.cholesky(h.double() / n + torch.eye(n, dtype=torch.float64))
         inv = lower_inverse_(lower.clone(), leaf=16)
         assert torch.allclose(inv @ lower, torch.eye(n, dtype=torch.float64), atol=1e-10)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from bitsmith.calib import calibration_batches
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
-from bitsmith.pipeline.layerwise import quantize_calibrated
+from bitsmith.pipeline.layerwise import quantize_blocks
 from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.pipeline.quantize import quantize
 from bitsmith.spec import QuantSpec
@@ -67,9 +67,9 @@ def _logits_finite(folder: Path) -> None:
 
 
 def _run(method: str, model: Path, out: Path, calib: torch.Tensor, spec: str = "w4g32") -> Path:
-    plan = QuantizePlan(QuantSpec.parse(spec), method)
+    plan = QuantizePlan(QuantSpec.parse(spec), method, batch_size=4)
     if method == "gptq":
-        return quantize_calibrated(model, out, plan, calib, batch_size=4)
+        return quantize_blocks(model, out, plan, calib)
     return quantize(model, out, plan)
 
 
@@ -138,9 +138,9 @@ def test_head_and_embedding_follow_the_rule(base, calib, tmp_path, caplog, metho
     state["lm_head.weight"][7, 5] = 1e30
     state["model.embed_tokens.weight"][100, 5] = 1e30  # a token the test sentence does not use
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    plan = QuantizePlan(QuantSpec.parse("w4g32"), method, quantize_head=True, quantize_embeddings=True)
+    plan = QuantizePlan(QuantSpec.parse("w4g32"), method, quantize_head=True, quantize_embeddings=True, batch_size=4)
     with caplog.at_level(logging.WARNING):
-        out = (quantize_calibrated(folder, tmp_path / "q", plan, calib, batch_size=4) if method == "gptq"
+        out = (quantize_blocks(folder, tmp_path / "q", plan, calib) if method == "gptq"
                else quantize(folder, tmp_path / "q", plan))
     _all_finite(out)
     report = json.loads((out / "bitsmith.json").read_text())

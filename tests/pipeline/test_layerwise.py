@@ -2,6 +2,7 @@
 resume == uninterrupted, spilled activations == in-memory, and GPTQ beats RTN on the model output."""
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ from bitsmith.io.checkpoint import CheckpointError
 from bitsmith.methods import METHODS, LayerStats, get_method
 from bitsmith.models import block_linears, build_model, find_blocks, open_source
 from bitsmith.pipeline.capture import batch_slices
-from bitsmith.pipeline.layerwise import find_stages, quantize_calibrated
-from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+from bitsmith.pipeline.layerwise import find_stages, quantize_blocks
+from bitsmith.pipeline.plan import QuantizePlan
+from bitsmith.pipeline.quantize import quantize
 from bitsmith.spec import QuantSpec
 
 BATCH = 3
@@ -39,7 +41,7 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def reference_quantize(folder: Path, config: QuantizeConfig, calib: torch.Tensor) -> dict[str, torch.Tensor]:
+def reference_quantize(folder: Path, config: QuantizePlan, calib: torch.Tensor) -> dict[str, torch.Tensor]:
     """The whole model in memory; block inputs caught by hooks on a real forward; each stage's
     Hessian summed by a hook while the full block runs; same batches, same float32 arithmetic."""
     net = build_model(open_source(folder), torch.float32)
@@ -109,8 +111,8 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_streaming_equals_in_memory(models, calib, tmp_path, arch, method) -> None:
-    config = QuantizeConfig(QuantSpec.parse("w4g32"), method)
-    out = quantize_calibrated(models[arch], tmp_path / "q", config, calib, batch_size=BATCH)
+    config = QuantizePlan(QuantSpec.parse("w4g32"), method, batch_size=BATCH)
+    out = quantize_blocks(models[arch], tmp_path / "q", config, calib)
     got = tensors(out)
     want = reference_quantize(models[arch], config, calib)
     assert_same_tensors({k: v for k, v in got.items() if k in want}, want)
@@ -139,8 +141,8 @@ def test_stages_are_found_from_shared_inputs(models, calib) -> None:
 
 
 def test_resume_after_crash_is_bit_identical(models, calib, tmp_path) -> None:
-    config = QuantizeConfig(QuantSpec.parse("w4g32"), "gptq")
-    whole = quantize_calibrated(models["llama"], tmp_path / "whole", config, calib, batch_size=BATCH)
+    config = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", batch_size=BATCH)
+    whole = quantize_blocks(models["llama"], tmp_path / "whole", config, calib)
 
     def crash(name: str, done: int, total: int) -> None:
         if done == 2:
@@ -148,37 +150,37 @@ def test_resume_after_crash_is_bit_identical(models, calib, tmp_path) -> None:
 
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        quantize_calibrated(models["llama"], out, config, calib, batch_size=BATCH, progress=crash)
+        quantize_blocks(models["llama"], out, config, calib, progress=crash)
     assert not out.exists()  # never a complete-looking folder before the end
     assert (tmp_path / "resumed.partial" / "manifest.json").exists()
     with pytest.raises(CheckpointError, match="--resume"):
-        quantize_calibrated(models["llama"], out, config, calib, batch_size=BATCH)
-    other = QuantizeConfig(QuantSpec.parse("w3g32"), "gptq")
+        quantize_blocks(models["llama"], out, config, calib)
+    other = QuantizePlan(QuantSpec.parse("w3g32"), "gptq", batch_size=BATCH)
     with pytest.raises(CheckpointError, match="different settings.*spec"):
-        quantize_calibrated(models["llama"], out, other, calib, batch_size=BATCH, resume=True)
+        quantize_blocks(models["llama"], out, other, calib, resume=True)
     with pytest.raises(CheckpointError, match="different settings.*calib"):
-        quantize_calibrated(models["llama"], out, config, calib[:6], batch_size=BATCH, resume=True)
+        quantize_blocks(models["llama"], out, config, calib[:6], resume=True)
     seen = []
-    quantize_calibrated(models["llama"], out, config, calib, batch_size=BATCH, resume=True,
-                        progress=lambda name, done, total: seen.append(done))
+    quantize_blocks(models["llama"], out, config, calib, resume=True,
+                    progress=lambda name, done, total: seen.append(done))
     assert seen == [3]  # only the last block was left
     assert_same_checkpoint(out, whole)
     assert not (tmp_path / "resumed.partial").exists()
 
 
 def test_spilled_activations_equal_in_memory(models, calib, tmp_path, caplog) -> None:
-    config = QuantizeConfig(QuantSpec.parse("w4g32"), "gptq")
-    memory = quantize_calibrated(models["qwen2"], tmp_path / "memory", config, calib, batch_size=BATCH)
+    config = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", batch_size=BATCH)
+    memory = quantize_blocks(models["qwen2"], tmp_path / "memory", config, calib)
     with caplog.at_level(logging.INFO, logger="bitsmith.pipeline.capture"):
-        spilled = quantize_calibrated(models["qwen2"], tmp_path / "spilled", config, calib, batch_size=BATCH, spill_bytes=1024)
+        spilled = quantize_blocks(models["qwen2"], tmp_path / "spilled", replace(config, spill_bytes=1024), calib)
     assert "spill to" in caplog.text
     assert_same_checkpoint(memory, spilled)
 
 
 def test_bf16_compute_runs_and_stays_close(models, calib, tmp_path) -> None:
-    config = QuantizeConfig(QuantSpec.parse("w4g32"), "gptq")
-    a = tensors(quantize_calibrated(models["llama"], tmp_path / "f32", config, calib, batch_size=BATCH))
-    b = tensors(quantize_calibrated(models["llama"], tmp_path / "bf16", config, calib, batch_size=BATCH, compute_dtype=torch.bfloat16))
+    config = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", batch_size=BATCH)
+    a = tensors(quantize_blocks(models["llama"], tmp_path / "f32", config, calib))
+    b = tensors(quantize_blocks(models["llama"], tmp_path / "bf16", replace(config, compute_dtype="bf16"), calib))
     assert set(a) == set(b)
     name = "model.layers.0.self_attn.q_proj.qweight"  # block 0's first stage sees the embedding in bf16
     assert (a[name] == b[name]).float().mean() > 0.8
@@ -205,24 +207,24 @@ def test_gptq_beats_rtn_on_the_model_output(models, tmp_path) -> None:
     spec = QuantSpec.parse("w3g32")
     kl = {}
     for method in ("rtn", "gptq"):
-        out = quantize_calibrated(models["llama"], tmp_path / method, QuantizeConfig(spec, method), calib, batch_size=8)
+        out = quantize_blocks(models["llama"], tmp_path / method, QuantizePlan(spec, method, batch_size=8), calib)
         kl[method] = _kl_vs_float(models["llama"], out, held_out)
     assert kl["gptq"] < 0.8 * kl["rtn"], kl
 
 
-def test_quantize_model_dispatches_calibrated_methods(models, tmp_path) -> None:
+def test_quantize_dispatches_calibrated_methods(models, tmp_path) -> None:
     from bitsmith.calib import CalibrationConfig
     from bitsmith.io.checkpoint import read_info
 
     text = tmp_path / "calib.txt"
     text.write_text(sample_text(2000))
-    out = quantize_model(models["llama"], tmp_path / "q", QuantizeConfig(QuantSpec.parse("w4g32"), "gptq"),
-                         calib=CalibrationConfig(text=text, samples=4, seq_len=32))
+    out = quantize(models["llama"], tmp_path / "q", QuantizePlan(QuantSpec.parse("w4g32"), "gptq",
+                                                                 calib=CalibrationConfig(text=text, samples=4, seq_len=32)))
     info = read_info(out)
     assert info.method == "gptq" and info.options["calibration"]["samples"] == 4
     assert all("output_error" in layer for layer in info.report["layers"])
     with pytest.raises(ValueError, match="--resume"):
-        quantize_model(models["llama"], tmp_path / "r", QuantizeConfig(QuantSpec.parse("w4g32"), "rtn"), resume=True)
+        quantize(models["llama"], tmp_path / "r", QuantizePlan(QuantSpec.parse("w4g32"), "rtn"), resume=True)
 
 
 def test_cli_gptq_with_calibration_file(models, tmp_path) -> None:
@@ -255,10 +257,10 @@ def test_cli_hqq_and_gptq_with_awq_accept_the_cli_options(tmp_path) -> None:
 def test_output_replay_changes_nothing(models, calib, tmp_path, arch) -> None:
     """Replaying finished sub-modules (q/k/v, attention, gate/up) instead of recomputing them gives
     the same checkpoint as recomputing everything (budget 0) and as a small budget (partial replay)."""
-    config = QuantizeConfig(QuantSpec.parse("w4g32"), "gptq")
-    full = quantize_calibrated(models[arch], tmp_path / "full", config, calib, batch_size=BATCH)
-    none = quantize_calibrated(models[arch], tmp_path / "none", config, calib, batch_size=BATCH, replay_bytes=0)
-    some = quantize_calibrated(models[arch], tmp_path / "some", config, calib, batch_size=BATCH, replay_bytes=20_000)
+    config = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", batch_size=BATCH)
+    full = quantize_blocks(models[arch], tmp_path / "full", config, calib)
+    none = quantize_blocks(models[arch], tmp_path / "none", replace(config, replay_bytes=0), calib)
+    some = quantize_blocks(models[arch], tmp_path / "some", replace(config, replay_bytes=20_000), calib)
     assert_same_tensors(tensors(full), tensors(none))
     assert_same_tensors(tensors(full), tensors(some))
 
@@ -295,8 +297,7 @@ def test_gptq_with_grids_writes_a_loadable_checkpoint(models, calib, tmp_path, s
     and the checkpoint must still be written (safetensors refuses shared storage) and load back."""
     from bitsmith.runtime.load import load_model
 
-    out = quantize_calibrated(models["llama"], tmp_path / "q", QuantizeConfig(QuantSpec.parse(spec), "gptq"), calib,
-                              batch_size=8)
+    out = quantize_blocks(models["llama"], tmp_path / "q", QuantizePlan(QuantSpec.parse(spec), "gptq", batch_size=8), calib)
     model = load_model(out).model
     q, k = model.model.layers[0].self_attn.q_proj.quantized(), model.model.layers[0].self_attn.k_proj.quantized()
     assert q.grid is not None and torch.equal(q.grid, k.grid) if spec.endswith("nf") else q.grid is not None
@@ -358,8 +359,8 @@ def test_gptq_with_quantized_head_reloads_the_released_embedding(models, calib, 
     the quantized head is written and the checkpoint runs."""
     from bitsmith.runtime.load import load_model
 
-    config = QuantizeConfig(QuantSpec.parse("w4g32"), "gptq", quantize_head=True)
-    out = quantize_calibrated(models["llama"], tmp_path / "q", config, calib, batch_size=BATCH)
+    config = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", quantize_head=True, batch_size=BATCH)
+    out = quantize_blocks(models["llama"], tmp_path / "q", config, calib)
     model = load_model(out).model
     assert model.lm_head.quantized() is not None
     with torch.no_grad():
@@ -371,9 +372,9 @@ def test_awq_quantizes_with_min_max_ranges_unless_asked(models, calib, tmp_path)
     recorded in the checkpoint); an explicit clip_search=True is kept."""
     from bitsmith.io.checkpoint import read_info
 
-    plain = quantize_calibrated(models["llama"], tmp_path / "a", QuantizeConfig(QuantSpec.parse("w4g32"), "awq"), calib,
-                                batch_size=BATCH)
-    asked = quantize_calibrated(models["llama"], tmp_path / "b",
-                                QuantizeConfig(QuantSpec.parse("w4g32"), "awq", {"clip_search": True}), calib, batch_size=BATCH)
+    plain = quantize_blocks(models["llama"], tmp_path / "a", QuantizePlan(QuantSpec.parse("w4g32"), "awq", batch_size=BATCH),
+                            calib)
+    asked = quantize_blocks(models["llama"], tmp_path / "b",
+                            QuantizePlan(QuantSpec.parse("w4g32"), "awq", {"clip_search": True}, batch_size=BATCH), calib)
     assert read_info(plain).options["clip_search"] is False
     assert read_info(asked).options["clip_search"] is True

@@ -120,7 +120,7 @@ def _spearman(a: list[float], b: list[float]) -> float:
 
 
 def _uniform_kl(net, layers, spec: QuantSpec, tokens: torch.Tensor) -> float:
-    from bitsmith.plan.sensitivity import _mean_kl, layer_weight, make_quantizer
+    from bitsmith.plan.sensitivity import layer_weight, make_quantizer, summed_kl
 
     _, quantize = make_quantizer("rtn")
     originals = {n: layer_weight(net, n).data for n in layers}
@@ -129,7 +129,7 @@ def _uniform_kl(net, layers, spec: QuantSpec, tokens: torch.Tensor) -> float:
         try:
             for n in layers:
                 layer_weight(net, n).data = quantize(originals[n], spec)
-            kl = sum(float(_mean_kl(r, net(input_ids=w[None]).logits[0, :-1])) for r, w in zip(refs, tokens))
+            kl = sum(float(summed_kl(r, net(input_ids=w[None]).logits[0, :-1])) for r, w in zip(refs, tokens))
         finally:
             for n in layers:
                 layer_weight(net, n).data = originals[n]
@@ -181,17 +181,18 @@ def test_plan_and_quantize_under_a_size_budget(tiny: Path, calib: torch.Tensor, 
     """End to end: a byte budget between uniform w2g64 and w8 -> mixed specs, the checkpoint's
     shards fit the budget, the metadata and report carry the per-layer specs."""
     from bitsmith.io.checkpoint import read_info, shard_files
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
     from bitsmith.plan.sensitivity import plan_allocation, record_allocation
 
     uniform = {}
     for spec in ("w2g64", "w8"):
-        path = quantize_model(tiny, tmp_path / spec, QuantizeConfig(QuantSpec.parse(spec)))
+        path = quantize(tiny, tmp_path / spec, QuantizePlan(QuantSpec.parse(spec)))
         uniform[spec] = sum(p.stat().st_size for p in shard_files(path))
     budget = Budget(total_bytes=(uniform["w2g64"] + uniform["w8"]) // 2)
-    config, alloc = plan_allocation(tiny, QuantizeConfig(QuantSpec.parse("w4g64")), budget, TINY_CANDIDATES, calib[:3])
+    config, alloc = plan_allocation(tiny, QuantizePlan(QuantSpec.parse("w4g64")), budget, TINY_CANDIDATES, calib[:3])
     assert len(set(alloc.specs.values())) > 1
-    out = quantize_model(tiny, tmp_path / "mixed", config)
+    out = quantize(tiny, tmp_path / "mixed", config)
     record_allocation(out, alloc)
     size = sum(p.stat().st_size for p in shard_files(out))
     assert size <= budget.total_bytes

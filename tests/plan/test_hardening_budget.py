@@ -129,7 +129,7 @@ def test_second_concurrent_resume_is_refused_before_the_work_folder(tiny, tmp_pa
     """While a calibrated run writes --out, a second one (with --resume) to the same --out is refused
     at once, without opening the shared ``<out>.partial`` work folder; the first run then finishes."""
     import bitsmith.pipeline.layerwise as layerwise
-    from bitsmith.pipeline.layerwise import quantize_calibrated
+    from bitsmith.pipeline.layerwise import quantize_blocks
     from bitsmith.pipeline.plan import QuantizePlan
 
     opened = []
@@ -137,15 +137,15 @@ def test_second_concurrent_resume_is_refused_before_the_work_folder(tiny, tmp_pa
     monkeypatch.setattr(layerwise.WorkState, "open",
                         staticmethod(lambda *a, **k: opened.append(a[0]) or real_open(*a, **k)))
     calib = calibration_batches(tiny_tokenizer(), sample_text(600), samples=4, seq_len=32)
-    plan = QuantizePlan(QuantSpec.parse("w4g32"), "gptq")
+    plan = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", batch_size=4)
     out, refusals = tmp_path / "q", []
 
     def second_run(name: str, done: int, total: int) -> None:
         if done == 1:
             with pytest.raises(CheckpointError, match="another bitsmith run") as err:
-                quantize_calibrated(tiny, out, plan, calib, batch_size=4, resume=True)
+                quantize_blocks(tiny, out, plan, calib, resume=True)
             refusals.append(err.value)
 
-    path = quantize_calibrated(tiny, out, plan, calib, batch_size=4, progress=second_run)
+    path = quantize_blocks(tiny, out, plan, calib, progress=second_run)
     assert refusals and len(opened) == 1  # only the first run opened the work folder
     assert path == out and (out / "model.safetensors").exists()

@@ -25,13 +25,14 @@ def test_plan_keeps_a_prefix_and_room_for_one_streamed_block() -> None:
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def checkpoint(request, tmp_path_factory) -> Path:
-    from bitsmith.pipeline.quantize import QuantizeConfig, quantize_model
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
     from bitsmith.spec import QuantSpec
 
     root = tmp_path_factory.mktemp(f"offload-{request.param}")
     src = make_tiny_model(root / "src", arch=request.param, num_hidden_layers=4)
     specs = {"model.layers.1.mlp.down_proj": QuantSpec.parse("w4g32nf"), "model.layers.2.self_attn.q_proj": QuantSpec.parse("w8")}
-    return quantize_model(src, root / "ckpt", QuantizeConfig(QuantSpec.parse("w4g32"), layer_specs=specs))
+    return quantize(src, root / "ckpt", QuantizePlan(QuantSpec.parse("w4g32"), layer_specs=specs))
 
 
 def _block_bytes(plan) -> int:

@@ -125,7 +125,7 @@ def lower_inverse_(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
     return lower
 
 
-def _flip_both_(m: torch.Tensor) -> torch.Tensor:
+def flip_both_(m: torch.Tensor) -> torch.Tensor:
     """``m.flip(0, 1)`` in place, a pair of rows at a time (no second n x n matrix)."""
     n = m.shape[0]
     for i in range(n // 2):
@@ -159,7 +159,7 @@ def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, perm: torch.Ten
         diag.add_(damp * diag.mean().item())
         _, info = torch.linalg.cholesky_ex(h, out=(h, torch.empty((), dtype=torch.int32)))  # in place
         if int(info) == 0:
-            upper = _flip_both_(lower_inverse_(h))  # [in, in]
+            upper = flip_both_(lower_inverse_(h))  # [in, in]
             if math.isfinite(abs_max(upper)):  # no n x n bool temporary
                 return upper
         if attempt < DAMP_RETRIES:

@@ -24,7 +24,7 @@ import ctypes
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,10 +38,10 @@ from bitsmith.io.destination import Destination, Staging
 from bitsmith.methods import Method, get_method
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
 from bitsmith.pipeline.common import (
-    STORAGE_DTYPES, check_layers, dtype_name, finish_folder, fits_fp16, kept_report, quantizable_layers, storage,
+    STORAGE_DTYPES, check_layers, finish_folder, fits_fp16, kept_report, quantizable_layers, storage,
     summary,
 )
-from bitsmith.pipeline.plan import DEFAULT_BATCH_SIZE, DEFAULT_REPLAY_BYTES, DEFAULT_SPILL_BYTES, HEAD_WEIGHT, QuantizePlan
+from bitsmith.pipeline.plan import HEAD_WEIGHT, QuantizePlan
 from bitsmith.pipeline.replay import OutputReplay
 from bitsmith.pipeline.stages import find_stages, quantize_linear, quantize_stage, stage_stats
 from bitsmith.pipeline.workstate import WorkState, work_dir_for
@@ -121,28 +121,6 @@ def _run_blocks(model: str | Path, out_dir: Path, plan: QuantizePlan, calib: tor
         path = writer.finish(report)
     run.state.remove()
     return path
-
-
-def quantize_calibrated(
-    model: str | Path,
-    out_dir: Path,
-    config: QuantizePlan,
-    calib: torch.Tensor,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: Callable[[str, int, int], None] | None = None,
-    spill_bytes: int = DEFAULT_SPILL_BYTES,
-    compute_dtype: torch.dtype = torch.float32,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    replay_bytes: int = DEFAULT_REPLAY_BYTES,
-    hessian_dtype: str = "fp32",
-) -> Path:
-    """The pre-plan signature of :func:`quantize_blocks`, kept for its callers: the keyword settings
-    go into the plan."""
-    plan = replace(config, spill_bytes=spill_bytes, compute_dtype=dtype_name(compute_dtype), batch_size=batch_size,
-                   replay_bytes=replay_bytes, hessian_dtype=hessian_dtype)
-    return quantize_blocks(model, out_dir, plan, calib, progress=progress, resume=resume, overwrite=overwrite)
 
 
 def _open_run(model: str | Path, out_dir: Path, plan: QuantizePlan, calib: torch.Tensor, resume: bool) -> _Run:

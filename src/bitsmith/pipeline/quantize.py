@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,15 +28,13 @@ from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.io.destination import Destination
 from bitsmith.methods import METHODS, Needs, get_method
 from bitsmith.pipeline.common import (
-    check_layers, dtype_name, finish_folder, fits_fp16, kept_report, layer_report, quantizable_layers, storage,
+    check_layers, finish_folder, fits_fp16, kept_report, layer_report, quantizable_layers, storage,
     summary,
 )
 from bitsmith.pipeline.plan import HEAD, QuantizePlan
 from bitsmith.transforms import TRANSFORMS
 
 log = logging.getLogger(__name__)
-
-QuantizeConfig = QuantizePlan  # the name callers knew before the plan: the same class
 
 Progress = Callable[[str, int, int], None]  # (what was just done, done, total)
 
@@ -111,22 +108,3 @@ def _write_layer(writer: CheckpointWriter, module: str, weight: torch.Tensor, me
     writer.add_quantized(module, qt)
     return layer_report(module, weight, qt, time.perf_counter() - t0)
 
-
-def quantize_model(
-    model: str | Path,
-    out_dir: Path,
-    config: QuantizePlan,
-    *,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-    calib: CalibrationConfig | None = None,
-    resume: bool = False,
-    compute_dtype: torch.dtype | None = None,
-    hessian_dtype: str | None = None,
-) -> Path:
-    """The pre-plan signature of :func:`quantize`, kept for its callers: the keyword settings go
-    into the plan (None keeps the plan's own)."""
-    plan = replace(config, calib=config.calib if calib is None else calib,
-                   compute_dtype=config.compute_dtype if compute_dtype is None else dtype_name(compute_dtype),
-                   hessian_dtype=hessian_dtype or config.hessian_dtype)
-    return quantize(model, out_dir, plan, progress=progress, resume=resume, overwrite=overwrite)

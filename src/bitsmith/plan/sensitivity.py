@@ -146,8 +146,9 @@ def fisher_costs(
     return costs
 
 
-def _mean_kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Summed KL(ref || q) over positions: ref_logp and logits [T, V]."""
+def summed_kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Summed KL(ref || q) over positions: ref_logp and logits [T, V] (callers divide by the
+    number of positions for the mean)."""
     logq = torch.log_softmax(logits.float(), dim=-1)
     return (ref_logp.exp() * (ref_logp - logq)).sum()
 
@@ -168,7 +169,7 @@ def measured_costs(
             try:
                 for spec in specs:
                     param.data = quantize(original.float(), spec).to(original.dtype)
-                    kl = sum(float(_mean_kl(r, model(input_ids=w[None], use_cache=False).logits[0, :-1])) for r, w in zip(refs, tokens))
+                    kl = sum(float(summed_kl(r, model(input_ids=w[None], use_cache=False).logits[0, :-1])) for r, w in zip(refs, tokens))
                     costs[name][spec] = kl / positions
             finally:
                 param.data = original
