@@ -41,6 +41,7 @@ def main() -> None:
     from bitsmith.cli.common import dir_size_mb
     from bitsmith.eval.suite import evaluate_variants, text_windows
     from bitsmith.pipeline.quantize import calibrated_methods
+    from bitsmith.runtime.options import RuntimeOptions
 
     specs = [s for s in args.specs.split(",") if s]
     options = {}
@@ -60,12 +61,13 @@ def main() -> None:
                           compute_dtype=args.compute_dtype, overwrite=True)
         rows[spec] = {"path": str(out), "quantize_s": time.perf_counter() - t0, "file_mb": dir_size_mb(out)}
         print(f"quantized {spec} in {rows[spec]['quantize_s']:.1f} s", flush=True)
-    reference = bitsmith.load(args.model)
+    exact = RuntimeOptions.for_measurement()  # docs/PROTOCOL.md: the checkpoint's own arithmetic
+    reference = bitsmith.load(args.model, options=exact)
     text = Path(args.text).read_text(encoding="utf-8", errors="replace")[: args.chars]
     wins = text_windows(reference.tokenizer, text, args.ctx, args.max_windows)
     variants = {}
     for spec in specs:
-        loaded = bitsmith.load(rows[spec]["path"])
+        loaded = bitsmith.load(rows[spec]["path"], options=exact)
         variants[spec] = loaded.model
         rows[spec]["bits_per_weight"] = loaded.info.report["bits_per_weight"]
     t0 = time.perf_counter()

@@ -82,7 +82,10 @@ def evaluate(
     (docs/PROTOCOL.md). Returns ``{"model": ..., "reference": ...}`` results."""
     from bitsmith.eval.suite import evaluate_variants, read_text, text_windows
 
-    variant = load(model)
-    ref = load(reference).model if reference is not None else None
+    from bitsmith.runtime.options import RuntimeOptions
+
+    exact = RuntimeOptions.for_measurement()  # quality numbers of the checkpoint's own arithmetic
+    variant = load(model, options=exact)
+    ref = load(reference, options=exact).model if reference is not None else None
     windows = text_windows(variant.tokenizer, read_text(text), ctx, max_windows)  # [n, ctx]
     return evaluate_variants(ref, {"model": variant.model}, windows)

@@ -35,3 +35,11 @@ def test_bad_values_name_the_variable(env: dict, match: str) -> None:
 def test_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         RuntimeOptions().kernel = "torch"  # type: ignore[misc]
+
+
+def test_measurement_options_keep_the_exact_batched_matmul() -> None:
+    """eval/compare/demo load with the exact prefill unless the user asked otherwise."""
+    assert RuntimeOptions.for_measurement({}).prefill == "exact"
+    assert RuntimeOptions.for_measurement({"BITSMITH_PREFILL": "bf16"}).prefill == "bf16"
+    assert RuntimeOptions.for_measurement({"BITSMITH_KV_CACHE": "fp32"}).kv_cache == "fp32"
+    assert RuntimeOptions.from_env({}).prefill == "auto"

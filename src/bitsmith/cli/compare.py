@@ -49,11 +49,12 @@ def _pick_reference(args: argparse.Namespace, a: Any, b: Any) -> tuple[Any | Non
     """(loaded reference or None when it is A itself, its path)."""
     from bitsmith.cli.scoring import check_ctx_fits, check_same_tokenizer, checkpoint_source
     from bitsmith.runtime.load import load_model
+    from bitsmith.runtime.options import RuntimeOptions
 
     path = args.reference or checkpoint_source(a) or checkpoint_source(b)
     if path is None or Path(path).resolve() == Path(a.name).resolve():  # A itself: no second copy
         return None, a.name
-    reference = load_model(path)
+    reference = load_model(path, options=RuntimeOptions.for_measurement())
     check_same_tokenizer(reference, a)
     check_ctx_fits(args.ctx, reference)
     return reference, reference.name
@@ -92,9 +93,10 @@ def run(args: argparse.Namespace) -> int:
     from bitsmith.eval.domains import resolve_domains, verdict
     from bitsmith.eval.report import Run, write_report
     from bitsmith.runtime.load import load_model
+    from bitsmith.runtime.options import RuntimeOptions
 
     domains = resolve_domains(args.text, args.max_chars)
-    a, b = load_model(args.a), load_model(args.b)
+    a, b = load_model(args.a, options=RuntimeOptions.for_measurement()), load_model(args.b, options=RuntimeOptions.for_measurement())
     check_same_tokenizer(a, b)
     check_ctx_fits(args.ctx, a, b)
     kl = "exact"
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         def load_reference() -> Any:
             if is_a:
                 return a.model
-            ref = load_model(ref_path)
+            ref = load_model(ref_path, options=RuntimeOptions.for_measurement())
             check_same_tokenizer(ref, a)
             check_ctx_fits(args.ctx, ref)
             return ref.model

@@ -41,16 +41,17 @@ def run(args: argparse.Namespace) -> int:
     )
     from bitsmith.eval.domains import domain_metrics
     from bitsmith.runtime.load import load_model
+    from bitsmith.runtime.options import RuntimeOptions
 
     domains = _domains(args)
-    model = load_model(args.model)
+    model = load_model(args.model, options=RuntimeOptions.for_measurement())
     check_ctx_fits(args.ctx, model)
     reference, kl, ref_name = None, "exact", args.reference
     if args.reference_cache:
         def load_reference() -> Any:
             if Path(source_path(args.reference)).resolve() == Path(model.name).resolve():
                 return model.model  # the model is its own reference: one copy in memory
-            ref = load_model(args.reference)
+            ref = load_model(args.reference, options=RuntimeOptions.for_measurement())
             check_same_tokenizer(model, ref)
             check_ctx_fits(args.ctx, ref)
             return ref.model
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         ref_name = args.reference or info.get("model_path")
         kl = f"top-{info['k']} reference cache (a lower bound)"
     else:
-        reference = load_model(args.reference) if args.reference else None
+        reference = load_model(args.reference, options=RuntimeOptions.for_measurement()) if args.reference else None
         if reference is not None:
             check_same_tokenizer(model, reference)
             check_ctx_fits(args.ctx, reference)
