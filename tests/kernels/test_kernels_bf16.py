@@ -19,6 +19,7 @@ from bitsmith.kernels.build import native_library
 from bitsmith.kernels.cpu import GEMV_MAX_ROWS, NativeKernel, fusable, fuse_native, resolve_prefill
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.spec import QuantSpec
+from tests.kernels.test_kernels import one_thread, random_qt  # noqa: F401  (one_thread: autouse fixture)
 from bitsmith.tensor import QuantizedTensor
 
 native = native_library()
@@ -27,22 +28,6 @@ needs_native = pytest.mark.skipif(native is None, reason="native kernels could n
 SPECS = [QuantSpec(b, g, s) for b in range(2, 9) for g in (None, 32, 128) for s in (False, True)]
 SHAPES = [(7, 200), (33, 576), (16, 1001), (64, 256), (5, 8), (3, 1)]  # ragged groups, odd rows
 BF16 = RuntimeOptions(int8_decode=False, prefill="bf16")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_qt(out: int, inp: int, spec: QuantSpec, gen: torch.Generator) -> QuantizedTensor:
-    groups = spec.groups_per_row(inp)
-    codes = torch.randint(0, spec.qmax + 1, (out, inp), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(out, groups, generator=gen) * 0.02 + 1e-3).half()
-    zero = None if spec.symmetric else (torch.rand(out, groups, generator=gen) * spec.qmax).half()
-    return QuantizedTensor(codes, scale, zero, spec)
 
 
 def assert_bf16_oracle(y: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor) -> None:
