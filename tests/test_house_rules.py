@@ -189,3 +189,13 @@ def test_no_machine_paths_in_the_project():
                 if MACHINE_PATH.search(line):
                     hits.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
     assert not hits, "absolute or machine-specific paths:\n" + "\n".join(hits)
+
+
+def test_tests_import_no_private_names() -> None:
+    """Tests hold the public surface: a private name they need is a name to make public."""
+    private = []
+    for path in (ROOT / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bitsmith"):
+                private += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not private, "\n".join(private)

@@ -144,18 +144,18 @@ def test_build_prompt(p0: Problem) -> None:
 def test_chat_reply_stops_at_the_end_of_its_first_code_block(p0: Problem) -> None:
     """The closing fence ends a chat reply, the opening fence (even after a newline) does not,
     and what is kept still extracts to a passing solution."""
-    from bitsmith.eval.tasks import _cut
+    from bitsmith.eval.tasks import cut_at_stop
 
     stops = stop_sequences(chat=True)
     head = "Here it is:\n```python\n" + p0.prompt + p0.canonical_solution
     reply = head + "\n```\n\nThis function checks every pair of numbers."
     for partial in ("Here it is:\n```", "Here it is:\n```python\n", head):  # streamed so far: no stop yet
-        assert _cut(partial, stops) == (partial, False)
-    cut, hit = _cut(reply, stops)
+        assert cut_at_stop(partial, stops) == (partial, False)
+    cut, hit = cut_at_stop(reply, stops)
     assert hit and cut == head
     assert run_solution(p0, extract_completion(p0, cut)).passed
-    assert _cut("prose first\n```", stops) == ("prose first\n```", False)  # only an opening fence
-    assert _cut("x\n```py\ncode\n```", stops) == ("x\n```py\ncode", True)
+    assert cut_at_stop("prose first\n```", stops) == ("prose first\n```", False)  # only an opening fence
+    assert cut_at_stop("x\n```py\ncode\n```", stops) == ("x\n```py\ncode", True)
 
 
 def test_extract_plain_body_stops_at_next_top_level_statement(p0: Problem) -> None:

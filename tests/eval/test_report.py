@@ -45,16 +45,16 @@ def test_report_files_and_accumulation(tmp_path: Path) -> None:
 def test_domain_bars_cover_every_variant_of_the_folder(tmp_path: Path) -> None:
     """Runs of `eval` add one variant each: the per-domain bars show all of them (latest result per
     variant, same reference as the latest run), highest bits first, labelled by spec."""
-    from bitsmith.eval.report import _domain_rows
+    from bitsmith.eval.report import domain_rows
 
     runs = [_run("/ckpt/w4", "w4g128", 4.25, 0.05), _run("/ckpt/w8", "w8", 8.0, 0.002), _run("/ckpt/w4", "w4g128", 4.25, 0.07)]
     other = _run("/ckpt/w3", "w3g128", 3.25, 0.3)
     other = Run(**{**other.__dict__, "reference": "/models/another"})
-    domains, rows = _domain_rows([runs[0], other, *runs[1:]])
+    domains, rows = domain_rows([runs[0], other, *runs[1:]])
     assert domains == ["prose", "code"] and list(rows) == ["w8", "w4g128"]  # other reference left out
     assert rows["w4g128"]["code"]["kld_mean"] == pytest.approx(0.14) and rows["w8"]["prose"]["top1"] == 0.9
     same_spec = [_run("/a/w4", "w4g128", 4.25, 0.05), _run("/b/w4", "w4g128", 4.25, 0.06)]
-    assert list(_domain_rows(same_spec)[1]) == ["/a/w4", "/b/w4"]  # one spec twice: told apart by path
+    assert list(domain_rows(same_spec)[1]) == ["/a/w4", "/b/w4"]  # one spec twice: told apart by path
 
 
 def test_unreadable_report_json_is_refused(tmp_path: Path) -> None:

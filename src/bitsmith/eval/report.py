@@ -226,7 +226,7 @@ def _plot_pareto(folder: Path, runs: list[Run]) -> Path | None:
     return path
 
 
-def _domain_rows(runs: list[Run]) -> tuple[list[str], dict[str, dict[str, dict[str, Any]]]]:
+def domain_rows(runs: list[Run]) -> tuple[list[str], dict[str, dict[str, dict[str, Any]]]]:
     """Domains and {label: {domain: metrics}} of every variant scored against the latest run's
     reference, latest run winning, ordered by bits per weight (high first); labels are specs, or
     paths where specs repeat."""
@@ -250,7 +250,7 @@ def _domain_rows(runs: list[Run]) -> tuple[list[str], dict[str, dict[str, dict[s
 
 
 def _plot_domains(folder: Path, runs: list[Run]) -> Path | None:
-    domains, rows = _domain_rows(runs)
+    domains, rows = domain_rows(runs)
     names = list(rows)
     if not domains or not names:
         return None

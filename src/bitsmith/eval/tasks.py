@@ -40,7 +40,7 @@ def _find_stop(text: str, stop: str) -> int:
     return -1 if opening == -1 else text.find(stop, opening + 3)
 
 
-def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """``text`` up to its first stop string, and whether one was found."""
     hits = [i for i in (_find_stop(text, s) for s in stop if s) if i != -1]
     return (text[: min(hits)], True) if hits else (text, False)
@@ -59,7 +59,7 @@ def make_complete(model: Any, tokenizer: Any, chat: bool = False) -> Complete:
 
         def on_token(piece: str) -> None:
             pieces.append(piece)
-            if stop and _cut("".join(pieces), stop)[1]:
+            if stop and cut_at_stop("".join(pieces), stop)[1]:
                 raise _StopReached
 
         try:
@@ -67,7 +67,7 @@ def make_complete(model: Any, tokenizer: Any, chat: bool = False) -> Complete:
                             on_token=on_token if stop else None).text
         except _StopReached:
             text = "".join(pieces)
-        return _cut(text, stop)[0]
+        return cut_at_stop(text, stop)[0]
 
     return complete
 
