@@ -47,14 +47,12 @@ def print_tables(rows: dict[str, dict[str, dict[str, Any]]]) -> None:
 
 def _pick_reference(args: argparse.Namespace, a: Any, b: Any) -> tuple[Any | None, str]:
     """(loaded reference or None when it is A itself, its path)."""
-    from bitsmith.cli.scoring import check_ctx_fits, check_same_tokenizer, checkpoint_source
-    from bitsmith.runtime.load import load_model
-    from bitsmith.runtime.options import RuntimeOptions
+    from bitsmith.cli.scoring import check_ctx_fits, check_same_tokenizer, checkpoint_source, load_measured
 
     path = args.reference or checkpoint_source(a) or checkpoint_source(b)
     if path is None or Path(path).resolve() == Path(a.name).resolve():  # A itself: no second copy
         return None, a.name
-    reference = load_model(path, options=RuntimeOptions.for_measurement())
+    reference = load_measured(path)
     check_same_tokenizer(reference, a)
     check_ctx_fits(args.ctx, reference)
     return reference, reference.name
@@ -87,16 +85,14 @@ def _rows(results: dict[str, dict[str, Any]], names: dict[str, str], is_a: bool)
 def run(args: argparse.Namespace) -> int:
     from bitsmith.cli.common import out, write_json
     from bitsmith.cli.scoring import (
-        check_ctx_fits, check_same_tokenizer, checkpoint_source, evaluate_cli, evaluate_cli_cached, report_notes,
-        source_path, variant_info,
+        check_ctx_fits, check_same_tokenizer, checkpoint_source, evaluate_cli, evaluate_cli_cached, load_measured,
+        report_notes, source_path, variant_info,
     )
     from bitsmith.eval.domains import resolve_domains, verdict
     from bitsmith.eval.report import Run, write_report
-    from bitsmith.runtime.load import load_model
-    from bitsmith.runtime.options import RuntimeOptions
 
     domains = resolve_domains(args.text, args.max_chars)
-    a, b = load_model(args.a, options=RuntimeOptions.for_measurement()), load_model(args.b, options=RuntimeOptions.for_measurement())
+    a, b = load_measured(args.a), load_measured(args.b)
     check_same_tokenizer(a, b)
     check_ctx_fits(args.ctx, a, b)
     kl = "exact"
@@ -108,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         def load_reference() -> Any:
             if is_a:
                 return a.model
-            ref = load_model(ref_path, options=RuntimeOptions.for_measurement())
+            ref = load_measured(ref_path)
             check_same_tokenizer(ref, a)
             check_ctx_fits(args.ctx, ref)
             return ref.model

@@ -44,16 +44,15 @@ def run(args: argparse.Namespace) -> int:
 
     from bitsmith.cli.common import console, dir_size_mb, fmt, out, progress_bar
     from bitsmith.cli.common import timed_progress
+    from bitsmith.cli.scoring import load_measured
     from bitsmith.eval.suite import evaluate_variants, shipped_text, text_windows
     from bitsmith.infer.generate import generate
-    from bitsmith.runtime.load import load_model
-    from bitsmith.runtime.options import RuntimeOptions
 
     specs = [s.strip() for s in args.specs.split(",") if s.strip()]
     with progress_bar(transient=False) as bar:
         paths = _quantize_all(args, specs, bar)
-    reference = load_model(args.model, options=RuntimeOptions.for_measurement())
-    variants = {spec: load_model(path, options=RuntimeOptions.for_measurement()) for spec, path in paths.items()}
+    reference = load_measured(args.model)
+    variants = {spec: load_measured(path) for spec, path in paths.items()}
     wins = text_windows(reference.tokenizer, shipped_text(), 512, args.windows)
     with progress_bar(transient=False) as bar:
         task = bar.add_task(f"evaluate {len(specs)} variants + reference", total=wins.numel(), rate="")

@@ -36,22 +36,20 @@ def _domains(args: argparse.Namespace) -> list:
 def run(args: argparse.Namespace) -> int:
     from bitsmith.cli.common import fmt, out, write_json
     from bitsmith.cli.scoring import (
-        check_ctx_fits, check_same_tokenizer, evaluate_cli, evaluate_cli_cached, refuse_non_finite, report_notes,
-        source_path, variant_info,
+        check_ctx_fits, check_same_tokenizer, evaluate_cli, evaluate_cli_cached, load_measured, refuse_non_finite,
+        report_notes, source_path, variant_info,
     )
     from bitsmith.eval.domains import domain_metrics
-    from bitsmith.runtime.load import load_model
-    from bitsmith.runtime.options import RuntimeOptions
 
     domains = _domains(args)
-    model = load_model(args.model, options=RuntimeOptions.for_measurement())
+    model = load_measured(args.model)
     check_ctx_fits(args.ctx, model)
     reference, kl, ref_name = None, "exact", args.reference
     if args.reference_cache:
         def load_reference() -> Any:
             if Path(source_path(args.reference)).resolve() == Path(model.name).resolve():
                 return model.model  # the model is its own reference: one copy in memory
-            ref = load_model(args.reference, options=RuntimeOptions.for_measurement())
+            ref = load_measured(args.reference)
             check_same_tokenizer(model, ref)
             check_ctx_fits(args.ctx, ref)
             return ref.model
@@ -63,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         ref_name = args.reference or info.get("model_path")
         kl = f"top-{info['k']} reference cache (a lower bound)"
     else:
-        reference = load_model(args.reference, options=RuntimeOptions.for_measurement()) if args.reference else None
+        reference = load_measured(args.reference) if args.reference else None
         if reference is not None:
             check_same_tokenizer(model, reference)
             check_ctx_fits(args.ctx, reference)

@@ -11,6 +11,15 @@ from pathlib import Path
 from typing import Any
 
 
+def load_measured(model: str | Path) -> Any:
+    """Load ``model`` for scoring: the exact arithmetic quality numbers need
+    (:meth:`~bitsmith.runtime.options.RuntimeOptions.for_measurement`), not the generation shortcuts."""
+    from bitsmith.runtime.load import load_model
+    from bitsmith.runtime.options import RuntimeOptions
+
+    return load_model(model, options=RuntimeOptions.for_measurement())
+
+
 def source_path(model: str) -> str:
     """The path a model argument (file, folder or alias) names, without loading its weights."""
     from bitsmith.models import open_source
