@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import work_dir
+
 PROMPT = "The history of the printing press begins"
 
 
@@ -30,7 +32,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per run (greedy, no stop at EOS)")
     ap.add_argument("--fraction", type=float, default=0.5, help="max_memory as a fraction of the block bytes")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-offload"))
+    ap.add_argument("--workdir", type=Path, default=None, help="checkpoint folder (default: work_dir('offload'), ~/.cache/bitsmith/bench)")
     ap.add_argument("--child", nargs=2, metavar=("CHECKPOINT", "MAX_MEMORY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -38,7 +40,7 @@ def main() -> None:
         return
     rows = []
     for model in args.models.split(","):
-        ckpt = _checkpoint(model, args.spec, args.workdir)
+        ckpt = _checkpoint(model, args.spec, args.workdir or work_dir("offload"))
         blocks = _block_bytes(ckpt)
         file_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
         for label, budget in (("resident", 0), (f"offload {args.fraction:g}x", int(blocks * args.fraction))):
