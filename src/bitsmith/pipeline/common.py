@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from bitsmith.io.checkpoint import CheckpointWriter
-from bitsmith.pipeline.plan import HEAD, QuantizePlan
+from bitsmith.models.family import HEAD_MODULE
+from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.primitives import abs_max, sqnr_db
 from bitsmith.spec import SpecError
 
@@ -50,7 +51,7 @@ def quantizable_layers(config, quantize_head: bool = False, quantize_embeddings:
     emb_name, head_name = embedding_and_head_names(model)
     if quantize_head:
         weight = model.get_parameter(emb_name if head_name is None else head_name)
-        layers[HEAD] = tuple(weight.shape)
+        layers[HEAD_MODULE] = tuple(weight.shape)
     if quantize_embeddings:
         layers[emb_name.removesuffix(".weight")] = tuple(model.get_parameter(emb_name).shape)
     return layers

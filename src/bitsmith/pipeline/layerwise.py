@@ -36,12 +36,13 @@ from bitsmith.calib.stats import StatsAccumulator
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.io.destination import Destination, Staging
 from bitsmith.methods import Method, get_method
+from bitsmith.models.family import HEAD_WEIGHT
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
 from bitsmith.pipeline.common import (
     STORAGE_DTYPES, check_layers, finish_folder, fits_fp16, kept_report, quantizable_layers, storage,
     summary,
 )
-from bitsmith.pipeline.plan import HEAD_WEIGHT, QuantizePlan
+from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.pipeline.replay import OutputReplay
 from bitsmith.pipeline.stages import find_stages, quantize_linear, quantize_stage, stage_stats
 from bitsmith.pipeline.workstate import WorkState, work_dir_for

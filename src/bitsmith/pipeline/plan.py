@@ -13,13 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bitsmith.models.family import HEAD_MODULE, HEAD_WEIGHT
+from bitsmith.models.family import HEAD_WEIGHT
 from bitsmith.spec import QuantSpec
 
 if TYPE_CHECKING:
     from bitsmith.calib.data import CalibrationConfig
 
-HEAD = HEAD_MODULE  # the output head's module name in checkpoints (a tied head has no tensor of its own)
 QUANTIZER_OPTION = "quantizer"  # the plan's own option: the method behind a transform-only spelling
 DEFAULT_BATCH_SIZE = 8  # sequences per block forward
 DEFAULT_SPILL_BYTES = 2 * 1024**3  # calibration activations above this go to a memory-mapped file

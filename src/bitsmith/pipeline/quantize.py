@@ -31,7 +31,8 @@ from bitsmith.pipeline.common import (
     check_layers, finish_folder, fits_fp16, kept_report, layer_report, quantizable_layers, storage,
     summary,
 )
-from bitsmith.pipeline.plan import HEAD, QuantizePlan
+from bitsmith.models.family import HEAD_MODULE
+from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.transforms import TRANSFORMS
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def _stream(model: str | Path, out_dir: Path, plan: QuantizePlan, progress: Prog
                 writer.add_tensor(name, storage(tensor, plan.unquantized_dtype))
             if untie and name.endswith("embed_tokens.weight"):
                 # the embedding stays at full precision (written above); the head gets a quantized copy
-                report_layers.append(_write_layer(writer, HEAD, tensor, method, plan.spec_for(HEAD), options))
+                report_layers.append(_write_layer(writer, HEAD_MODULE, tensor, method, plan.spec_for(HEAD_MODULE), options))
             if progress:
                 progress(name, i + 1, len(names))
         finish_folder(writer, source, untie)
