@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bitsmith.io.safetensors import mb  # file sizes in messages: one spelling for every reader
+
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
@@ -62,10 +64,6 @@ class GGUFHeader:
     value_types: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
-def megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
 class _Cursor:
     """Little-endian reads from a memory map, with a clear error past the end."""
 
@@ -78,7 +76,7 @@ class _Cursor:
         the file is used (to skip, slice or allocate), so a corrupt length of 2**64 costs nothing."""
         if self.pos + size > len(self.buf):
             raise GGUFError(
-                f"{self.path.name} is truncated (its header is cut short at {megabytes(len(self.buf))}); "
+                f"{self.path.name} is truncated (its header is cut short at {mb(len(self.buf))}); "
                 "download it again"
             )
 
@@ -190,8 +188,8 @@ def read_header(path: str | Path, arrays: bool = False) -> GGUFHeader:
     size = path.stat().st_size
     if data_end > size:
         raise GGUFError(
-            f"{path.name} is truncated (header says {megabytes(data_end - data_start)} of tensor data, "
-            f"file has {megabytes(max(size - data_start, 0))}); download it again"
+            f"{path.name} is truncated (header says {mb(data_end - data_start)} of tensor data, "
+            f"file has {mb(max(size - data_start, 0))}); download it again"
         )
     return GGUFHeader(version, metadata, tensors, data_end, value_types)
 
