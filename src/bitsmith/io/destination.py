@@ -31,6 +31,7 @@ import atexit
 import ctypes
 import errno
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -287,7 +288,7 @@ def remove_stale_temps(path: Path) -> list[Path]:
     else removed). Called under the destination's lock, so no live bitsmith run owns them."""
     removed = []
     for marker in (".partial-", ".replaced-"):
-        for item in sorted(path.parent.glob(f".{glob_escape(path.name)}{marker}*")):
+        for item in sorted(path.parent.glob(f".{glob.escape(path.name)}{marker}*")):
             pid = _owner_pid(item.name, marker)
             if pid is not None and pid_alive(pid):
                 continue
@@ -301,10 +302,6 @@ def remove_stale_temps(path: Path) -> list[Path]:
             _remove(item)
             removed.append(item)
     return removed
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 
 
 # -- publishing ----------------------------------------------------------------------------------
