@@ -10,7 +10,10 @@ import logging
 import os
 import sys
 
-COMMANDS = ["demo", "quantize", "generate", "eval", "compare", "tasks", "inspect", "fit", "export"]
+COMMANDS = [
+    "demo", "quantize", "generate", "eval", "compare", "tasks", "inspect", "fit", "export",
+    "serve", "probe", "sweep", "distill",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
