@@ -26,7 +26,11 @@ def test_front_door_quantize_load_evaluate(tiny: Path, tmp_path: Path) -> None:
     text = tmp_path / "text.txt"
     text.write_text(sample_text() * 4)
     path = bitsmith.quantize(tiny, tmp_path / "q", "w4g32")  # hqq: the calibration-free default
-    same = quantize(tiny, tmp_path / "q2", QuantizePlan(bitsmith.QuantSpec.parse("w4g32"), "hqq"))
+    # the front door's default plan: hqq, and the embedding and the (untied) head at w8
+    w8 = bitsmith.QuantSpec.parse("w8")
+    plan = QuantizePlan(bitsmith.QuantSpec.parse("w4g32"), "hqq", quantize_embeddings=True, quantize_head=True,
+                        layer_specs={"model.embed_tokens": w8, "lm_head": w8})
+    same = quantize(tiny, tmp_path / "q2", plan)
     ids = torch.arange(3, 40).unsqueeze(0)
     with torch.no_grad():
         a = bitsmith.load(path).model(input_ids=ids).logits
@@ -38,6 +42,17 @@ def test_front_door_quantize_load_evaluate(tiny: Path, tmp_path: Path) -> None:
     assert scores["reference"].kld_mean is None and scores["model"].kld_mean > 0  # the reference is not scored against itself
     assert 0 < scores["model"].top1 <= 1
     assert scores["model"].ppl > 1
+
+
+def test_front_door_output_spec(tiny: Path, tmp_path: Path) -> None:
+    import bitsmith
+    from bitsmith.io.checkpoint import read_info
+
+    default = read_info(bitsmith.quantize(tiny, tmp_path / "d", "w4g32"))
+    kept = read_info(bitsmith.quantize(tiny, tmp_path / "k", "w4g32", output_spec=None))
+    assert str(default.specs["model.embed_tokens"]) == str(default.specs["lm_head"]) == "w8"
+    assert "model.embed_tokens" not in kept.specs and "lm_head" not in kept.specs
+    assert str(kept.specs["model.layers.0.mlp.down_proj"]) == str(default.specs["model.layers.0.mlp.down_proj"]) == "w4g32"
 
 
 def test_front_door_calibrated_default_is_gptq(tiny: Path, tmp_path: Path) -> None:

@@ -16,9 +16,30 @@ def tiny(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("cli") / "tiny")
 
 
+def test_quantize_default_output_spec(tiny: Path, tmp_path: Path, capsys) -> None:
+    """Without flags the embedding and head are w8 (the fast decode path); keep and a spec are honoured;
+    --output-spec with --budget is refused before any work."""
+    from bitsmith.io.checkpoint import read_info
+
+    specs = {}
+    for name, flags in {"default": [], "keep": ["--output-spec", "keep"], "w6": ["--output-spec", "w6g64"]}.items():
+        assert main(["quantize", str(tiny), "--spec", "w4g32", "--method", "rtn", "--out", str(tmp_path / name), *flags]) == 0
+        specs[name] = {k: str(v) for k, v in read_info(tmp_path / name).specs.items()}
+    assert specs["default"]["model.embed_tokens"] == specs["default"]["lm_head"] == "w8"
+    assert specs["w6"]["model.embed_tokens"] == specs["w6"]["lm_head"] == "w6g64"
+    assert "model.embed_tokens" not in specs["keep"] and "lm_head" not in specs["keep"]
+    assert specs["default"]["model.layers.0.self_attn.q_proj"] == "w4g32"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["quantize", str(tiny), "--budget", "4.5bpw", "--output-spec", "w8", "--out", str(tmp_path / "b")])
+    assert exit_.value.code == 1
+    assert "--output-spec cannot be combined with --budget" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_quantize_inspect_eval_generate(tiny: Path, tmp_path: Path, capsys) -> None:
     ckpt = tmp_path / "q"
-    assert main(["quantize", str(tiny), "--spec", "w4g32", "--out", str(ckpt)]) == 0
+    assert main(["quantize", str(tiny), "--spec", "w4g32", "--output-spec", "keep", "--out", str(ckpt)]) == 0
     assert (ckpt / "bitsmith.json").exists()
 
     capsys.readouterr()

@@ -16,8 +16,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out once the new checkpoint is complete")
     p.add_argument("--no-clip-search", action="store_true", help="RTN: plain min/max ranges, no clipping search")
-    p.add_argument("--quantize-head", action="store_true", help="also quantize lm_head (default: keep it and the embeddings unquantized)")
-    p.add_argument("--quantize-embeddings", action="store_true", help="also quantize the input embedding table")
+    p.add_argument("--output-spec", default=None,
+                   help="spec of the embedding table and the output head: w8 (default: decode reads 8-bit instead of "
+                        "fp16 head bytes, as llama.cpp keeps its output at 6-8 bits), any spec, or keep (unquantized); "
+                        "with --budget the default is keep")
+    p.add_argument("--quantize-head", action="store_true", help="quantize lm_head at --spec (overrides --output-spec)")
+    p.add_argument("--quantize-embeddings", action="store_true", help="quantize the input embedding table at --spec (overrides --output-spec)")
     p.add_argument("--unquantized-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage for tensors left unquantized")
     b = p.add_argument_group("mixed precision (one spec per layer, chosen to minimise the predicted KL under a budget)")
     b.add_argument("--budget", default=None, help="size budget: bits per quantized weight (3.5bpw) or checkpoint tensor bytes (900MB); replaces --spec")
@@ -80,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         quantize_head=args.quantize_head, quantize_embeddings=args.quantize_embeddings, unquantized_dtype=args.unquantized_dtype,
         compute_dtype=dtype_name(compute_dtype(args.compute_dtype)), hessian_dtype=args.hessian_dtype,
     )
+    plan = _outputs(args, plan)
     calib = None
     if args.calib is not None or plan.needs_calibration:
         calib = CalibrationConfig(text=args.calib, samples=args.calib_samples, seq_len=args.calib_len,
@@ -104,6 +109,19 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"warning: {layer['name']} is not quantized: {layer[KEPT]}", markup=False)
     out.print(f"{path}  ({dir_size_mb(path):.1f} MB)")
     return 0
+
+
+def _outputs(args: argparse.Namespace, plan):
+    """The embedding/head policy: --output-spec (default w8 without --budget, keep with it)."""
+    from bitsmith.pipeline.outputs import DEFAULT_OUTPUT_SPEC, KEEP, parse_output_spec, with_output_spec
+
+    chosen = args.output_spec or (KEEP if args.budget is not None else DEFAULT_OUTPUT_SPEC)
+    spec = parse_output_spec(chosen)
+    if spec is not None and args.budget is not None:
+        raise ValueError("--output-spec cannot be combined with --budget yet (the allocator's bits/weight would not "
+                         "count the embedding and head); drop --output-spec, or use --quantize-head/--quantize-embeddings "
+                         "to let the allocator choose their specs")
+    return with_output_spec(plan, args.model, spec)
 
 
 def _allocate(args: argparse.Namespace, plan, calib):

@@ -130,7 +130,7 @@ def _open_run(model: str | Path, out_dir: Path, plan: QuantizePlan, calib: torch
     from bitsmith.models.meta import meta_model
 
     source = open_source(model)
-    check_layers(quantizable_layers(source.config, plan.quantize_head), plan)
+    check_layers(quantizable_layers(source.config, plan.quantize_head, plan.quantize_embeddings), plan)
     method = get_method(plan.quantizer)
     prefix, _ = find_blocks(meta_model(source.config))
     _, head_name = embedding_and_head_names(meta_model(source.config))
