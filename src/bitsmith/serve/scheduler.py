@@ -85,6 +85,14 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def send(self, event: Any) -> None:
+        """Deliver an event; a failing receiver cancels its own job, never the scheduler thread."""
+        try:
+            self.emit(event)
+        except Exception:
+            log.exception("a request's event receiver failed; cancelling the request")
+            self.cancel()
+
 
 @dataclass
 class _Sequence:
@@ -116,6 +124,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.steps = 0  # batched decode steps run
         self.stepped_tokens = 0  # tokens those steps produced (steps * mean batch)
+        self.cancelled = 0  # requests dropped because their client went away (or at shutdown)
 
     # ------------------------------------------------------------------ control (any thread)
 
@@ -126,11 +135,7 @@ class Scheduler:
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel everything still waiting or running and join the thread."""
         with self._cond:
-            self._stopping = True
-            for job in self._waiting:
-                job.cancel()
-            for seq in self._active:
-                seq.job.cancel()
+            self._stopping = True  # the thread cancels what is active or waiting on its way out
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -150,7 +155,7 @@ class Scheduler:
             active, waiting = len(self._active), len(self._waiting)
         mean = self.stepped_tokens / self.steps if self.steps else 0.0
         return {"active": active, "waiting": waiting, "max_batch": self.max_batch, "max_queue": self.max_queue,
-                "decode_steps": self.steps, "mean_batch": round(mean, 3)}
+                "decode_steps": self.steps, "mean_batch": round(mean, 3), "cancelled": self.cancelled}
 
     # ------------------------------------------------------------------ the thread
 
@@ -170,7 +175,7 @@ class Scheduler:
             self._finish(seq, "cancelled")
         self._active.clear()
         for job in self._waiting:
-            job.emit(Finished("cancelled", len(job.prompt_ids), 0, error="the server shut down"))
+            job.send(Finished("cancelled", len(job.prompt_ids), 0, error="the server shut down"))
 
     def _admit(self) -> None:
         while len(self._active) < self.max_batch:
@@ -179,13 +184,14 @@ class Scheduler:
                     return
                 job = self._waiting.popleft()
             if job.cancelled.is_set():
-                job.emit(Finished("cancelled", len(job.prompt_ids), 0))
+                self.cancelled += 1
+                job.send(Finished("cancelled", len(job.prompt_ids), 0))
                 continue
             try:
                 self._prefill(job)
             except Exception as exc:  # a bug or out of memory: this request fails, the server goes on
                 log.exception("prefill failed")
-                job.emit(Finished("error", len(job.prompt_ids), 0, error=f"{type(exc).__name__}: {exc}"))
+                job.send(Finished("error", len(job.prompt_ids), 0, error=f"{type(exc).__name__}: {exc}"))
 
     def _prefill(self, job: Job) -> None:
         params = job.params
@@ -198,7 +204,7 @@ class Scheduler:
                 targets = ids[lo + 1 : lo + PREFILL_CHUNK + 1]
                 entries += logprobs_of(logits[: len(targets)], targets, params.logprobs or 0)
             last = logits[-1]
-            job.emit(Prompt(entries))
+            job.send(Prompt(entries))
         else:
             last = runner(ids)
         seq = _Sequence(job, runner, new_generator(params.seed), TextTail(self.tokenizer, params.stop))
@@ -217,7 +223,7 @@ class Scheduler:
             return False
         lp = None if params.logprobs is None else logprobs_of(logits[None], torch.tensor([token]), params.logprobs)[0]
         seq.produced += 1
-        seq.job.emit(Token(token, seq.tail.push(token), lp))
+        seq.job.send(Token(token, seq.tail.push(token), lp))
         if seq.tail.stopped:
             self._finish(seq, "stop")
             return False
@@ -229,7 +235,8 @@ class Scheduler:
 
     def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
         tail = seq.tail.finish() if reason in ("stop", "length") else ""
-        seq.job.emit(Finished(reason, len(seq.job.prompt_ids), seq.produced, tail, error))
+        self.cancelled += reason == "cancelled"
+        seq.job.send(Finished(reason, len(seq.job.prompt_ids), seq.produced, tail, error))
 
     def _retire_cancelled(self) -> None:
         keep = []
