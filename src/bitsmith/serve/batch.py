@@ -20,12 +20,14 @@ Models the batched step does not reproduce (attention logit softcapping) decode 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from bitsmith.infer.lean import LeanRunner
+from bitsmith.kernels.cpu import GEMV_MAX_ROWS
 
 __all__ = ["batchable", "decode_step", "rotate"]
 
@@ -41,6 +43,19 @@ def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
 def batchable(runner: LeanRunner) -> bool:
     """Whether the batched step reproduces this runner's model (no attention logit softcapping)."""
     return all(layer.softcap is None for layer in runner.plan.layers)
+
+
+def _rows(fn: Callable[[Tensor], Any], x: Tensor) -> Any:
+    """``fn`` (a linear, or a joined one returning a tuple) over x [B, in] in slices of at most
+    GEMV_MAX_ROWS rows: the native gemv multiplies that many rows in one pass over the packed codes,
+    while more rows switch it to dequantize-then-BLAS, which measured slower per token at 16 rows
+    than two gemv passes (bench/results/serve/README.md)."""
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        return fn(x)
+    parts = [fn(x[i : i + GEMV_MAX_ROWS]) for i in range(0, x.shape[0], GEMV_MAX_ROWS)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
 
 
 def _attend_one(runner: LeanRunner, i: int, q: Tensor, pos: int) -> Tensor:
@@ -81,7 +96,7 @@ def _batched(runners: Sequence[LeanRunner], ids: Sequence[int]) -> Tensor:
     h = plan.embed(torch.tensor([list(ids)], dtype=torch.long, device=plan.device))[0].to(plan.dtype)  # [B, hidden]
     for i, layer in enumerate(plan.layers):
         x = layer.in_norm(h)
-        q, k, v = layer.qkv(x)
+        q, k, v = _rows(layer.qkv, x)
         q = q.view(b, layer.heads, layer.head_dim)
         k = k.view(b, layer.kv_heads, layer.head_dim)
         v = v.view(b, layer.kv_heads, layer.head_dim)
@@ -97,19 +112,19 @@ def _batched(runners: Sequence[LeanRunner], ids: Sequence[int]) -> Tensor:
             r.keys[i][:, p] = k[j]
             r.values[i][:, p] = v[j]
             outs.append(_attend_one(r, i, q[j], p))
-        a = layer.o(torch.stack(outs))  # [B, hidden]
+        a = _rows(layer.o, torch.stack(outs))  # [B, hidden]
         if layer.post_attn_norm is not None:
             a = layer.post_attn_norm(a)
         h = h + a
         x = layer.pre_mlp_norm(h)
-        gate, up = layer.gate_up(x)
-        m = layer.down(layer.act(gate) * up)
+        gate, up = _rows(layer.gate_up, x)
+        m = _rows(layer.down, layer.act(gate) * up)
         if layer.post_mlp_norm is not None:
             m = layer.post_mlp_norm(m)
         h = h + m
     for r in runners:
         r.pos += 1
-    logits = plan.head(plan.final_norm(h))  # [B, V]
+    logits = plan.head(plan.final_norm(h))  # [B, V]; one call: the (often float) head is read once
     if plan.final_softcap:
         logits = torch.tanh(logits / plan.final_softcap) * plan.final_softcap
     return logits
