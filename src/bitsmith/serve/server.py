@@ -68,10 +68,22 @@ def _config(engine: Engine, host: str, port: int, log_level: str) -> Any:
 
 
 def run_foreground(engine: Engine, host: str, port: int, log_level: str = "info") -> None:
-    """Serve until interrupted (uvicorn handles SIGINT/SIGTERM gracefully)."""
+    """Serve until SIGINT/SIGTERM, then shut down gracefully and return.
+
+    uvicorn catches the signal, drains open requests, and re-raises it to the handler that was installed
+    before it started; a no-op handler there makes a requested stop a normal return (exit code 0)
+    instead of a death by signal or a KeyboardInterrupt after a clean shutdown."""
+    import signal
+
     import uvicorn
 
-    uvicorn.Server(_config(engine, host, port, log_level)).run()
+    stops = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda *_: None) for s in stops}
+    try:
+        uvicorn.Server(_config(engine, host, port, log_level)).run()
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 class BackgroundServer:
