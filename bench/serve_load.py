@@ -209,6 +209,42 @@ def malformed(url: str, n: int, context: int) -> dict:
             "good_request_after": good}
 
 
+def step_timing(ckpt: Path, sizes: list[int], threads: int, reps: int = 3) -> list[dict]:
+    """The batching choice, measured in-process: one decode step for B sequences (prompts of different
+    lengths) as serve/batch.py's batched step (linears once for all rows, attention per sequence) and as
+    B separate runner steps (the fused native single-sequence decode), interleaved, best of 3 rounds."""
+    import torch
+
+    from bitsmith.infer.lean import lean_runner
+    from bitsmith.runtime.load import load_model
+    from bitsmith.runtime.options import RuntimeOptions
+    from bitsmith.serve.batch import decode_step
+
+    torch.set_num_threads(threads)
+    model = load_model(ckpt).model.eval()
+    rows = []
+    for b in sizes:
+        runners = [lean_runner(model, 512, RuntimeOptions()) for _ in range(b)]
+        best = {"per-sequence": float("inf"), "batched": float("inf")}
+        with torch.inference_mode():
+            for i, r in enumerate(runners):
+                r(torch.arange(60 + 7 * i) % 1000 + 100)
+            runs = {"per-sequence": lambda: [r.forward([5]) for r in runners],
+                    "batched": lambda: decode_step(runners, [5] * b)}
+            for _ in range(3):
+                for name, run in runs.items():
+                    start = time.perf_counter()
+                    for _ in range(reps):
+                        run()
+                    best[name] = min(best[name], (time.perf_counter() - start) / reps)
+        row = {"batch": b, **{f"{k}_ms": v * 1e3 for k, v in best.items()},
+               **{f"{k}_tok_s": b / v for k, v in best.items()}}
+        print(f"B={b:2d}  per-sequence {row['per-sequence_ms']:7.1f} ms/step ({row['per-sequence_tok_s']:5.1f} tok/s)  "
+              f"batched {row['batched_ms']:7.1f} ms/step ({row['batched_tok_s']:5.1f} tok/s)", flush=True)
+        rows.append(row)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| server | clients | requests | failed | tokens | agg tok/s | TTFT p50 (s) | TTFT p99 (s) | "
              "per-token p50 (ms) | per-token p99 (ms) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -238,12 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="llama-server threads (bitsmith uses torch's count)")
     p.add_argument("--servers", default="bitsmith,llama-server")
     p.add_argument("--malformed", type=int, default=200)
+    p.add_argument("--step-timing", default="", help="batch sizes for the in-process decode-step timing "
+                   "(batched vs per-sequence), e.g. 1,4,8,16; empty: skip")
     p.add_argument("--out", default=None, help="folder for serve_load.json and serve_load.md")
     args = p.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
     texts = prompts(max(args.clients) * args.requests)
     batch = max(args.clients)
     rows, extra = [], {}
+    if args.step_timing:
+        extra["step_timing"] = step_timing(checkpoint("w4g128"), [int(b) for b in args.step_timing.split(",")],
+                                           args.threads)
     if "bitsmith" in args.servers:
         server = bitsmith_server(checkpoint("w4g128"), batch, 4 * batch)
         try:
