@@ -39,6 +39,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.max_batch < 1 or args.max_queue < 0 or args.max_tokens_default < 1:
         raise ValueError("--max-batch and --max-tokens-default must be >= 1, --max-queue >= 0")
+    try:  # before loading the model: a missing extra is the first thing to fix
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"bitsmith serve needs FastAPI and uvicorn ({exc.name} is not installed): "
+                         "pip install 'bitsmith[serve]'") from None
     api_key = args.api_key if args.api_key is not None else os.environ.get("BITSMITH_API_KEY") or None
     if args.host not in LOCAL_HOSTS and not api_key:
         console.print(f"[yellow]warning: serving on {args.host} without --api-key: anyone who can reach this "
