@@ -26,8 +26,12 @@ def loaded(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(loaded):
-    engine = build_engine(loaded.model, loaded.tokenizer, ServeSettings("tiny", max_batch=4, max_queue=8))
+def engine(loaded):
+    return build_engine(loaded.model, loaded.tokenizer, ServeSettings("tiny", max_batch=4, max_queue=8))
+
+
+@pytest.fixture(scope="module")
+def server(engine):
     with BackgroundServer(engine) as srv:
         yield srv
 
@@ -180,7 +184,8 @@ def test_malformed_requests_get_json_errors_and_the_server_stays_up(server) -> N
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
 
 
-def test_client_disconnect_cancels_the_request(server) -> None:
+def test_client_disconnect_cancels_the_request(server, engine, monkeypatch) -> None:
+    monkeypatch.setattr(engine.scheduler, "eos_ids", frozenset())  # no early EOS: only the disconnect ends it
     before = httpx.get(server.url + "/health").json()["cancelled"]
     with httpx.Client(base_url=server.url, timeout=30) as http:
         body = {"model": "tiny", "prompt": "the", "max_tokens": 250, "stream": True, "temperature": 1.0,
