@@ -62,11 +62,11 @@ def prompts(n: int, chars: int = 320) -> list[str]:
 class Server:
     """A server subprocess on a free port, ready once /health answers 200."""
 
-    def __init__(self, name: str, argv: list[str], port: int) -> None:
+    def __init__(self, name: str, argv: list[str], port: int, env: dict | None = None) -> None:
         self.name, self.port = name, port
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(work_dir("serve") / f"{name}.log", "w")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -91,11 +91,12 @@ class Server:
             self.log.close()
 
 
-def bitsmith_server(ckpt: Path, batch: int, queue: int) -> Server:
+def bitsmith_server(ckpt: Path, batch: int, queue: int, threads: int) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "bitsmith.cli", "serve", str(ckpt), "--port", str(port), "--name", MODEL,
             "--max-batch", str(batch), "--max-queue", str(queue), "--log-level", "warning"]
-    return Server(f"bitsmith-b{batch}-q{queue}", argv, port)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BITSMITH_THREADS": str(threads)}  # torch ops and kernels
+    return Server(f"bitsmith-b{batch}-q{queue}", argv, port, env)
 
 
 def llama_server(gguf: Path, slots: int, ctx_per_slot: int, threads: int) -> Server:
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--requests", type=int, default=2, help="requests per client per phase")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2, help="llama-server threads (bitsmith uses torch's count)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of each server (llama-server -t; bitsmith's torch and kernel threads)")
     p.add_argument("--servers", default="bitsmith,llama-server")
     p.add_argument("--malformed", type=int, default=200)
     p.add_argument("--step-timing", default="", help="batch sizes for the in-process decode-step timing "
@@ -286,14 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         extra["step_timing"] = step_timing(checkpoint("w4g128"), [int(b) for b in args.step_timing.split(",")],
                                            args.threads)
     if "bitsmith" in args.servers:
-        server = bitsmith_server(checkpoint("w4g128"), batch, 4 * batch)
+        server = bitsmith_server(checkpoint("w4g128"), batch, 4 * batch, args.threads)
         try:
             rows += load_rows(server, "bitsmith w4g128", args, texts)
             extra["malformed"] = malformed(server.url, args.malformed, httpx.get(server.url + "/v1/models").json()["data"][0]["context_length"])
             print(json.dumps(extra["malformed"], indent=1), flush=True)
         finally:
             extra["exit_code_on_sigterm"] = server.stop()
-        server = bitsmith_server(checkpoint("w4g128"), 2, 2)
+        server = bitsmith_server(checkpoint("w4g128"), 2, 2, args.threads)
         try:
             server.wait()
             extra["overload"] = {"max_batch": 2, "max_queue": 2, "clients": 12,

@@ -3,7 +3,8 @@
 Requests arrive as :class:`Job` objects from the HTTP handlers (any thread). The scheduler thread
 loops over step boundaries:
 
-1. admit: while fewer than ``max_batch`` sequences are active, take the oldest waiting job, prefill its
+1. admit: while fewer than ``max_batch`` sequences are active (one job per boundary while others
+   decode, so a burst of arrivals does not stall them), take the oldest waiting job, prefill its
    prompt into a fresh lean runner (its own KV cache, sized for prompt + ``max_tokens``), report prompt
    log-probabilities when asked, and sample its first token;
 2. step: one :func:`bitsmith.serve.batch.decode_step` over all active sequences (each weight read once for
@@ -178,7 +179,11 @@ class Scheduler:
             job.send(Finished("cancelled", len(job.prompt_ids), 0, error="the server shut down"))
 
     def _admit(self) -> None:
-        while len(self._active) < self.max_batch:
+        # While sequences are decoding, one new prefill per step boundary: a prefill stalls every active
+        # stream, and admitting a burst of N at once stalled them N prefills long (p99 per-token latency
+        # 3.7 s at 4 clients and 14 s at 16 in bench/results/serve); when nothing decodes, take all.
+        budget = 1 if self._active else self.max_batch
+        while budget > 0 and len(self._active) < self.max_batch:
             with self._cond:
                 if not self._waiting or self._stopping:
                     return
@@ -187,6 +192,7 @@ class Scheduler:
                 self.cancelled += 1
                 job.send(Finished("cancelled", len(job.prompt_ids), 0))
                 continue
+            budget -= 1
             try:
                 self._prefill(job)
             except Exception as exc:  # a bug or out of memory: this request fails, the server goes on
