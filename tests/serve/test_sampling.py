@@ -63,8 +63,8 @@ def test_chat_without_template_is_a_clear_400(tok) -> None:
 
 
 def test_scheduler_batches_queued_jobs_and_matches_generate(tmp_path) -> None:
-    """Jobs queued before the thread starts are admitted together: every decode step is batched, and
-    each greedy continuation equals ``generate`` alone."""
+    """Jobs queued before the thread starts join one per step boundary and then decode together; each
+    greedy continuation equals ``generate`` alone."""
     from bitsmith.infer.generate import generate
     from bitsmith.runtime.load import load_model
     from bitsmith.serve.scheduler import Finished, Job, Scheduler, Token
@@ -93,7 +93,9 @@ def test_scheduler_batches_queued_jobs_and_matches_generate(tmp_path) -> None:
     assert all_done.wait(timeout=120)
     scheduler.stop()
     assert finished == ["length"] * 4
-    assert scheduler.steps == 9 and scheduler.stepped_tokens == 36  # 4 sequences, every step batched
+    # one admission per boundary: steps of 1, 2, 3, then 4 sequences until A (9 steps) ... D (12) finish;
+    # every token after each first one comes from a batched step
+    assert scheduler.steps == 12 and scheduler.stepped_tokens == 36
     for i, p in enumerate(prompts):
         want = generate(loaded.model, loaded.tokenizer, p, max_new_tokens=10, stop_at_eos=False).token_ids
         assert tuple(tokens[i]) == want

@@ -3,8 +3,8 @@
 Requests arrive as :class:`Job` objects from the HTTP handlers (any thread). The scheduler thread
 loops over step boundaries:
 
-1. admit: while fewer than ``max_batch`` sequences are active (one job per boundary while others
-   decode, so a burst of arrivals does not stall them), take the oldest waiting job, prefill its
+1. admit: while fewer than ``max_batch`` sequences are active, take the oldest waiting job (one per
+   boundary, so a burst of arrivals does not stall the streams already decoding), prefill its
    prompt into a fresh lean runner (its own KV cache, sized for prompt + ``max_tokens``), report prompt
    log-probabilities when asked, and sample its first token;
 2. step: one :func:`bitsmith.serve.batch.decode_step` over all active sequences (each weight read once for
@@ -179,10 +179,10 @@ class Scheduler:
             job.send(Finished("cancelled", len(job.prompt_ids), 0, error="the server shut down"))
 
     def _admit(self) -> None:
-        # While sequences are decoding, one new prefill per step boundary: a prefill stalls every active
-        # stream, and admitting a burst of N at once stalled them N prefills long (p99 per-token latency
-        # 3.7 s at 4 clients and 14 s at 16 in bench/results/serve); when nothing decodes, take all.
-        budget = 1 if self._active else self.max_batch
+        # One new prefill per step boundary: a prefill stalls every active stream, and admitting a burst of
+        # N at once stalled them N prefills long (p99 per-token latency 3.7 s at 4 clients and 15 s at 16
+        # in bench/results/serve); the first of a burst decodes while the next one prefills.
+        budget = 1
         while budget > 0 and len(self._active) < self.max_batch:
             with self._cond:
                 if not self._waiting or self._stopping:
