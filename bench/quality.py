@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="bf16", help="block forwards of calibrated methods")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="method option, repeatable (e.g. awq=true with gptq: AWQ scaling then GPTQ; quantizer=gptq with awq)")
+    ap.add_argument("--output-spec", default="w8", help="embedding and head spec, or keep (unquantized); default w8 as bitsmith quantize")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -50,7 +51,7 @@ def main() -> None:
         low = value.strip().lower()
         options[key] = True if low in ("true", "yes", "on") else False if low in ("false", "no", "off") else (
             int(value) if value.lstrip("-").isdigit() else value)
-    label = args.method + "".join(f"+{k}={v}" for k, v in options.items())
+    label = args.method + "".join(f"+{k}={v}" for k, v in options.items()) + f"+out={args.output_spec}"
     calibrated = args.method in calibrated_methods() or bool(options.get("awq"))
     rows = {}
     for spec in specs:
@@ -58,7 +59,7 @@ def main() -> None:
         t0 = time.perf_counter()
         calib = CalibrationConfig(samples=args.calib_samples) if calibrated else None
         bitsmith.quantize(args.model, out, spec, args.method, calibration=calib, options=options,
-                          compute_dtype=args.compute_dtype, overwrite=True)
+                          compute_dtype=args.compute_dtype, output_spec=args.output_spec, overwrite=True)
         rows[spec] = {"path": str(out), "quantize_s": time.perf_counter() - t0, "file_mb": dir_size_mb(out)}
         print(f"quantized {spec} in {rows[spec]['quantize_s']:.1f} s", flush=True)
     exact = RuntimeOptions.for_measurement()  # docs/PROTOCOL.md: the checkpoint's own arithmetic
