@@ -9,7 +9,7 @@ Layout under the tools folder (default ``~/.cache/bitsmith/tools``, or ``$BITSMI
 
     llama.cpp/              llama.cpp's source tree, vendored by the llama-cpp-python sdist
     llama.cpp/build/bin/    llama-quantize, llama-imatrix, llama-perplexity, llama-bench, llama-simple,
-                            llama-completion
+                            llama-completion, llama-server
     peers/<name>/           one virtual environment per peer library (bin/python)
 
 Per-tool overrides, for a tool built or installed elsewhere: ``BITSMITH_LLAMA_CPP`` (the source
@@ -39,10 +39,12 @@ INSTALL_HINT = "run `make bench-tools` from the repository root (or set {env} to
 # The llama.cpp the recorded results were measured with: the tree vendored by this sdist.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # llama-simple: the smallest generator, which bench/export_llamacpp.py uses to check an exported file;
-# llama-completion: the interactive/one-shot generator. (llama-cli and llama-server are left out: in
-# this llama.cpp they come only with the server build, web UI included, which costs far more.)
+# llama-completion: the interactive/one-shot generator; llama-server: the OpenAI-compatible server that
+# bench/serve_load.py and bench/probe_ladder.py measure against (its build, web UI included, adds about
+# 40 minutes on 2 shared cores). llama-cli is left out.
 LLAMA_TOOLS = (
     "llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-simple", "llama-completion",
+    "llama-server",
 )
 
 
