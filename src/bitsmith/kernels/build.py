@@ -112,9 +112,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.bs_to_bf16.restype = None
     lib.bs_permute4.argtypes = [_PTR, _PTR, _I64, _I64]
     lib.bs_permute4.restype = None
-    lib.bs_decode_scratch.argtypes = [_PTR, _I64]
+    lib.bs_decode_scratch.argtypes = [_PTR, _I64, _PTR]
     lib.bs_decode_scratch.restype = _I64
-    lib.bs_decode_step.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64]
+    lib.bs_decode_step.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR]
     lib.bs_decode_step.restype = None
     lib.bs_half_roundtrip.argtypes = [_PTR, _PTR, _I64]
     lib.bs_half_roundtrip.restype = None
