@@ -30,6 +30,14 @@
 #define BS_VBMI 0
 #endif
 
+// Software prefetch distance, in passes of R rows: the hardware streamers stop at every 4 KB boundary
+// and a pass reads R short streams, so the loop asks for the bytes it will read BS_AHEAD passes
+// later. Measured on this machine (1 thread, 17920x1536 gemv, CPU time): 4-bit 2.55 -> 1.47 ms,
+// 2-bit 1.79 -> 1.12, 8-bit 2.51 -> 1.98 with BS_AHEAD 2 (1 to 4 are within a few percent).
+#ifndef BS_AHEAD
+#define BS_AHEAD 2
+#endif
+
 namespace {
 
 #if BS_VBMI
@@ -104,6 +112,7 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
   const int bits = (int)m.bits;
   const int64_t groups = bs::gemv_groups(m), row_bytes = m.in / 8 * bits, chunk_bytes = 8 * bits;
   const float mid = (float)((1 << bits) / 2);
+  const int64_t ahead = BS_AHEAD * R * row_bytes;
   const uint8_t* row[R];
   __m512 total[R];
   float offset[R];
@@ -120,7 +129,9 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
       const __m512i q = _mm512_loadu_si512(xq + k);
       const __m512 v = _mm512_loadu_ps(xv + k / 4);
       for (int r = 0; r < R; ++r) {
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.codes(row[r] + k / 64 * chunk_bytes, bits), q);
+        const uint8_t* p = row[r] + k / 64 * chunk_bytes;
+        _mm_prefetch((const char*)(p + ahead), _MM_HINT_T0);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.codes(p, bits), q);
         f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), v, f[r]);
       }
     }
