@@ -20,11 +20,11 @@
 
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "gemv.h"
 
-#if defined(__AVX512VBMI__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__F16C__)
+#if defined(__AVX512VBMI__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__F16C__)
 #include <immintrin.h>
 #define BS_VBMI 1
 #else
@@ -40,6 +40,8 @@
 #endif
 
 namespace {
+
+constexpr int64_t kMaxGroups = 512;  // groups per row this path takes (in = 32768 at group 64)
 
 #if BS_VBMI
 // The byte gather and bit offsets that turn 8*bits packed bytes into 64 codes (see the top).
@@ -130,16 +132,15 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
   const int64_t groups = bs::gemv_groups(m), row_bytes = m.in / 8 * bits, chunk_bytes = 8 * bits;
   const float mid = (float)((1 << bits) / 2);
   const int64_t ahead = BS_AHEAD * R * row_bytes;
-  static thread_local std::vector<float> scales;  // [R, groups] of this pass, as floats
-  if ((int64_t)scales.size() < R * groups) scales.resize(R * groups);
+  float scales[R * kMaxGroups];  // [R, groups] of this pass, as floats (vbmi_takes bounds groups)
   const uint8_t* row[R];
   const float* sc[R];
   __m512 total[R];
   float offset[R];
   for (int r = 0; r < R; ++r) {
     row[r] = m.packed + (o0 + r) * row_bytes;
-    sc[r] = scales.data() + r * groups;
-    offset[r] = row_scales(m, o0 + r, groups, mid, xsum, scales.data() + r * groups);
+    sc[r] = scales + r * groups;
+    offset[r] = row_scales(m, o0 + r, groups, mid, xsum, scales + r * groups);
     total[r] = _mm512_setzero_ps();
   }
   for (int64_t g = 0; g < groups; ++g) {
@@ -167,7 +168,8 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
 namespace bs {
 
 bool vbmi_takes(const Matrix& m) {
-  return BS_VBMI && m.int8 && m.bits >= 2 && m.bits <= 8 && m.in % 64 == 0 && m.group % 64 == 0;
+  return BS_VBMI && m.int8 && m.bits >= 2 && m.bits <= 8 && m.in % 64 == 0 && m.group % 64 == 0 &&
+         gemv_groups(m) <= kMaxGroups;
 }
 
 void vbmi_rows(const Matrix& m, const float* xv, const int8_t* xq, const float* xsum, int64_t T, float* y) {
