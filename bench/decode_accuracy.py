@@ -2,7 +2,8 @@
 
 ``eval`` scores whole windows through prefill (dequantize + BLAS, exact float arithmetic), so it never
 sees the decode kernels. This script decodes real text one token at a time (teacher-forced) through the
-lean runner and its fused native step, once with the default 4-bit int8-activation path and once with
+lean runner and its fused native step, once with the default int8-activation path (4/8-bit codes with
+VNNI; every width 2-8, and the w8 head inside the step, on AVX-512 VBMI CPUs) and once with
 the exact float path (``BITSMITH_INT8_DECODE=0``), and scores both against the unquantized model's
 logits on the same positions (docs/PROTOCOL.md metrics), plus the two decode paths against each other.
 

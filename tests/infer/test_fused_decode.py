@@ -177,3 +177,58 @@ def test_int8_decode_stays_close_to_exact(checkpoints, monkeypatch) -> None:
     got, want = torch.stack(got), torch.stack(want)
     err = float((got - want).norm() / want.norm())
     assert 0 < err < 0.05, err
+
+
+@pytest.fixture(scope="module")
+def head_checkpoints(tmp_path_factory) -> dict:
+    """arch -> a w4g32 checkpoint whose head (and embedding) are quantized at w8, so the fused step
+    runs the final norm and head too."""
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
+    from bitsmith.spec import QuantSpec
+
+    root = tmp_path_factory.mktemp("fused-head")
+    out = {}
+    for arch in ARCHS:
+        src = make_tiny_model(root / arch, arch, seed=5, **ARCHS[arch])
+        plan = QuantizePlan(QuantSpec.parse("w4g32"), quantize_head=True, quantize_embeddings=True,
+                            layer_specs={"lm_head": QuantSpec.parse("w8"), "model.embed_tokens": QuantSpec.parse("w8")})
+        out[arch] = quantize(src, root / f"{arch}-head", plan)
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_fused_head_equals_torch_head(arch: str, threads: int, head_checkpoints) -> None:
+    """A quantized head runs inside the fused step (final norm, head, then Gemma's softcap in torch):
+    the same logits as the torch lean path, step after step, and the returned logits are each step's
+    own tensor (a caller keeping them must not see them overwritten)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model, _ = load(head_checkpoints[arch])
+        ref, fused = runners(model, 40)
+        assert fused._fused.head is not None, "the head did not fuse"
+        ids = torch.randint(0, 100, (36,), generator=torch.Generator().manual_seed(17))
+        got, want = [], []
+        with torch.no_grad():
+            ref(ids[:8])
+            fused(ids[:8])
+            for pos in range(8, 36):
+                want.append(ref(ids[pos : pos + 1]))
+                got.append(fused(ids[pos : pos + 1]))
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=ATOL, rtol=0)
+        assert not torch.equal(got[0], got[-1])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_float_head_stays_in_torch(checkpoints) -> None:
+    """A float head (the pipeline's default plan keeps it) is left to torch after the step; the
+    layers still fuse."""
+    model, _ = load(checkpoints["llama", "w4g32"])
+    _, fused = runners(model, 16)
+    from bitsmith.nn.qlinear import QuantLinear
+
+    assert not isinstance(lean_plan(model).head, QuantLinear)
+    assert fused._fused.head is None

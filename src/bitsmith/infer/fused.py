@@ -6,7 +6,9 @@ matrix products. When every layer of the lean plan is native-kernel quantized (q
 into one kernel each), float32 and on the CPU, :func:`fused_decoder` describes the layers once as C
 structs (packed weights, biases, norm weights, the runner's KV cache and rotary tables) and decoding a
 token becomes: embedding (torch), ``bs_decode_step`` (all layers, K/V written into the same cache
-tensors the torch prefill fills), final norm and head (torch).
+tensors the torch prefill fills, and the final norm and head when the head is a native-kernel
+quantized linear too, as the w8 head quantize gives by default: one parallel region per token), then
+the head in torch only when it is not (a float head) and Gemma's logit softcap.
 
 Anything outside that (torch or other kernels, bf16, another device, attention logit softcapping, an
 activation other than SiLU/GELU) keeps the torch path; the reason is logged once per plan.
@@ -50,6 +52,10 @@ class _LayerS(ctypes.Structure):
                [(n, _P) for n in ("keys", "values", "cos", "sin")] + \
                [(n, _I) for n in ("heads", "kv_heads", "head_dim", "window", "act", "max_len", "kv_half")] + \
                [("scaling", _D)]
+
+
+class _HeadS(ctypes.Structure):
+    _fields_ = [("norm", _NormS), ("head", _Mat), ("logits", _P)]
 
 
 class _Unfusable(Exception):
@@ -151,9 +157,33 @@ def _layer_spec(layer: Layer, i: int, hidden: int, keep: list) -> dict[str, Any]
     return spec
 
 
-def _plan_specs(plan: Plan) -> tuple[list[dict[str, Any]], list, Any, bool, int | None] | str:
+def _head_spec(plan: Plan, lib: Any, options: tuple[bool, int | None]) -> dict[str, Any] | None:
+    """The final norm and head as C descriptions when the head is a native-kernel quantized linear of
+    the layers' library and options (w8 heads, as quantize and llama.cpp keep them); else None and
+    torch runs the head after the step (a float head, another kernel: the head's own reason)."""
+    from bitsmith.nn.qlinear import QuantLinear
+
+    keep: list = []
+    try:
+        if not isinstance(plan.head, QuantLinear):
+            raise _Unfusable(f"the head is a {type(plan.head).__name__}, not a quantized linear")
+        head = _matrix(plan.head.forward, "head", keep)
+        kernel = keep[0]
+        if kernel._lib is not lib or (kernel.int8_decode, kernel.threads) != options:
+            raise _Unfusable("the head's kernel was prepared with other options than the layers'")
+        if head.in_ != plan.hidden:
+            raise _Unfusable(f"the head takes {head.in_} features, the model has {plan.hidden}")
+        norm = _norm(plan.final_norm, plan.hidden, "final norm", keep)
+    except _Unfusable as err:
+        log.info("the fused decode step leaves the head to torch: %s", err)
+        return None
+    return {"norm": norm, "head": head, "vocab": head.out, "keep": keep}
+
+
+def _plan_specs(plan: Plan) -> tuple[list[dict[str, Any]], list, Any, bool, int | None, dict | None] | str:
     """The per-layer C descriptions of a plan (with the library, int8 switch and thread count its
-    kernels share), or why it cannot be fused; computed once per plan."""
+    kernels share, and the head's description when it runs in the step too), or why it cannot be
+    fused; computed once per plan."""
     if plan.fused is not None:
         return plan.fused
     try:
@@ -170,7 +200,8 @@ def _plan_specs(plan: Plan) -> tuple[list[dict[str, Any]], list, Any, bool, int 
         options = {(k.int8_decode, k.threads) for k in kernels}
         if len(options) != 1:
             raise _Unfusable("the layers' kernels were prepared with different options")
-        result: Any = (specs, keep, kernels[0]._lib, *options.pop())
+        shared = options.pop()
+        result: Any = (specs, keep, kernels[0]._lib, *shared, _head_spec(plan, kernels[0]._lib, shared))
     except _Unfusable as err:
         result = str(err)
         log.info("fused decode step not used: %s; decoding with the torch lean path", err)
@@ -188,7 +219,7 @@ class FusedDecoder:
     """Decode one token of a runner with one native call; the C structs are built once here."""
 
     def __init__(self, runner: DecodeState, specs: list[dict[str, Any]], keep: list, lib: Any, int8_decode: bool,
-                 threads: int | None) -> None:
+                 threads: int | None, head: dict[str, Any] | None = None) -> None:
         plan = runner.plan
         self.plan, self.lib = plan, lib
         self.int8_decode, self.threads = int8_decode, threads
@@ -207,18 +238,31 @@ class FusedDecoder:
                 raise _Unfusable(f"layer {i}: a {keys.dtype} KV cache (the fused step reads float32 or float16)")
             s.kv_half = int(keys.dtype == torch.float16)
             self._keep += [keys, values, cos, sin]
-        self.scratch = torch.empty(int(lib.bs_decode_scratch(self.layers, len(specs))), dtype=torch.float32)
+        self.head = None
+        if head is not None:  # final norm + head in the step; logits land in a fresh tensor each call
+            self.head = _HeadS(head["norm"], head["head"], None)
+            self.vocab = head["vocab"]
+            self._keep += head["keep"]
+        head_ptr = None if self.head is None else ctypes.byref(self.head)
+        self.scratch = torch.empty(int(lib.bs_decode_scratch(self.layers, len(specs), head_ptr)), dtype=torch.float32)
         self.h = torch.empty(1, plan.hidden, dtype=torch.float32)
         self._args = (self.layers, len(specs), self.h.data_ptr())
+        self._head_ptr = head_ptr
 
     def __call__(self, ids: Tensor, pos: int) -> Tensor:
         """ids [1] at position ``pos`` -> logits [V]; the cache gets position ``pos`` of every layer."""
         plan = self.plan
         with torch.no_grad():
             self.h.copy_(plan.embed(ids[None])[0])
-            self.lib.bs_decode_step(*self._args, pos, self.scratch.data_ptr(), self.threads or torch.get_num_threads(),
-                                    int(self.int8_decode))
-            logits = plan.head(plan.final_norm(self.h))
+            threads = self.threads or torch.get_num_threads()
+            if self.head is not None:
+                logits = torch.empty(1, self.vocab, dtype=torch.float32)  # callers keep each step's logits
+                self.head.logits = logits.data_ptr()
+                self.lib.bs_decode_step(*self._args, pos, self.scratch.data_ptr(), threads, int(self.int8_decode),
+                                        self._head_ptr)
+            else:
+                self.lib.bs_decode_step(*self._args, pos, self.scratch.data_ptr(), threads, int(self.int8_decode), None)
+                logits = plan.head(plan.final_norm(self.h))
         if plan.final_softcap:
             logits = torch.tanh(logits / plan.final_softcap) * plan.final_softcap
         return logits[0]

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "qmatmul.cpp"
-SOURCES = (SOURCE, CSRC / "decode.cpp")  # compiled together into one library
+SOURCES = (SOURCE, CSRC / "decode.cpp", CSRC / "vbmi.cpp")  # compiled together into one library
 HEADERS = (CSRC / "gemv.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
 
@@ -112,9 +112,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.bs_to_bf16.restype = None
     lib.bs_permute4.argtypes = [_PTR, _PTR, _I64, _I64]
     lib.bs_permute4.restype = None
-    lib.bs_decode_scratch.argtypes = [_PTR, _I64]
+    lib.bs_decode_scratch.argtypes = [_PTR, _I64, _PTR]
     lib.bs_decode_scratch.restype = _I64
-    lib.bs_decode_step.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64]
+    lib.bs_decode_step.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR]
     lib.bs_decode_step.restype = None
     lib.bs_half_roundtrip.argtypes = [_PTR, _PTR, _I64]
     lib.bs_half_roundtrip.restype = None
@@ -128,9 +128,10 @@ def load(path: Path) -> ctypes.CDLL:
 def int8_widths(lib: ctypes.CDLL) -> frozenset[int]:
     """The bit widths whose decode products this build can run with int8 activations (llama.cpp's
     trade: a few 1e-3 relative error on each product, up to twice the speed) when a call asks for it
-    (``RuntimeOptions.int8_decode``): {4, 8} with VNNI, {4} on other AVX2 builds, empty without AVX2."""
+    (``RuntimeOptions.int8_decode``): every width 2-8 with AVX-512 VBMI + VNNI (csrc/vbmi.cpp), {4, 8}
+    with VNNI alone, {4} on other AVX2 builds, empty without AVX2."""
     mask = lib.bs_int8_widths()
-    return frozenset(b for b in (4, 8) if mask & (1 << b))
+    return frozenset(b for b in range(2, 9) if mask & (1 << b))
 
 
 @lru_cache(maxsize=None)

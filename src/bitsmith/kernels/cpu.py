@@ -99,7 +99,7 @@ class NativeKernel:
         zero: torch.Tensor | None,  # fp16 [out, G]; None when symmetric
         spec: QuantSpec,
         in_features: int,
-        int8_decode: bool = True,  # decode products of 4/8-bit codes with int8 activations (csrc/qmatmul.cpp)
+        int8_decode: bool = True,  # decode products with int8 activations (csrc/qmatmul.cpp, csrc/vbmi.cpp)
         threads: int | None = None,  # None: torch's thread count at each call
         prefill: str = "exact",  # batched matmul: "exact" float32, "bf16" (or "auto": resolve_prefill)
     ) -> None:

@@ -51,6 +51,15 @@ struct BsLayer {
   double scaling;
 };
 
+// The model's end, when its head is a native-kernel matrix too: final norm, then logits = head(x), in
+// the same parallel region as the layers (one region per token instead of two, and no torch ops
+// between them). A model whose head is not (a float head, another kernel) leaves it to torch.
+struct BsHead {
+  BsNorm norm;
+  BsMat head;      // [vocab, hidden]
+  float* logits;   // [vocab], written
+};
+
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
 
 inline bs::Matrix matrix(const BsMat& m, bool int8) {
@@ -64,9 +73,13 @@ inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 struct Scratch {
   int64_t qkv, attn, mo, gu, scores, total;  // shared: gemv outputs, attention output and scores
   int64_t nh, nx, nq, nsum, nxp, nact, own;  // per thread
-  Scratch(const BsLayer* layers, int64_t n) {
+  Scratch(const BsLayer* layers, int64_t n, const BsHead* head) {
     int64_t nqkv = 0, nattn = 0, nmo = 0, ngu = 0, nsc = 0;
     nh = nx = nsum = nxp = nact = 0;
+    if (head) {
+      nsum = bs::gemv_groups(matrix(head->head, false));
+      nxp = nx = head->head.in;
+    }
     for (int64_t l = 0; l < n; ++l) {
       const BsLayer& L = layers[l];
       const BsMat* mats[4] = {&L.qkv, &L.o, &L.gate_up, &L.down};
@@ -347,11 +360,12 @@ void bs_half_roundtrip(const float* x, float* y, int64_t n) {
 }
 
 // Floats of scratch bs_decode_step needs for these layers.
-int64_t bs_decode_scratch(const BsLayer* layers, int64_t n) { return Scratch(layers, n).total; }
+int64_t bs_decode_scratch(const BsLayer* layers, int64_t n, const BsHead* head) { return Scratch(layers, n, head).total; }
 
 // h [hidden] (the embedded token at position `pos`) -> the last layer's output, in place; every
 // layer's K/V cache gets position `pos` written. scratch: bs_decode_scratch(layers, n) floats.
 // int8 != 0: the matrix products use int8 activations where bs_gemv would (see qmatmul.cpp).
+// head (may be null): the final norm and head run in the same region; h is then left normed.
 //
 // Synchronisation: only the matrix products and the attention heads are shared out (5 barriers a
 // layer). Everything between them (norms, bias, RoPE, residual, activation, the gemv input
@@ -359,8 +373,8 @@ int64_t bs_decode_scratch(const BsLayer* layers, int64_t n) { return Scratch(lay
 // inputs, so no thread waits for another to finish it. Thread 0 alone writes the new K/V row; the
 // attention reads the cache for the earlier positions and each thread's own copy for this one.
 void bs_decode_step(const BsLayer* layers, int64_t n, float* h, int64_t pos, float* scratch, int64_t threads,
-                    int64_t int8) {
-  const Scratch s(layers, n);
+                    int64_t int8, const BsHead* head) {
+  const Scratch s(layers, n, head);
   float* qkv = scratch + s.qkv;    // shared: gemv outputs and attention output
   float* attn = scratch + s.attn;
   float* mo = scratch + s.mo;
@@ -417,7 +431,17 @@ void bs_decode_step(const BsLayer* layers, int64_t n, float* h, int64_t pos, flo
       }
       project_add(mdown, L.down.bias, L.post_mlp_norm, act, xsum, xp, mo, x, hh_);  // barrier
     }
-    if (first) std::memcpy(h, hh_, hidden * sizeof(float));
+    if (head) {  // every thread norms its own copy of the stream, then the head's rows are shared out
+      const bs::Matrix mh = matrix(head->head, int8);
+      const int64_t width = head->head.in;
+      rms_norm(hh_, head->norm, width, x);
+      bs::gemv_prepare(mh, x, 1, xsum, xp);
+      bs::gemv_rows(mh, x, xp, xsum, 1, head->logits);  // barrier
+      add_bias(head->logits, first ? head->head.bias : nullptr, head->head.out);
+      if (first) std::memcpy(h, x, width * sizeof(float));
+    } else if (first) {
+      std::memcpy(h, hh_, hidden * sizeof(float));
+    }
     std::free(own);
   }
 }

@@ -80,4 +80,10 @@ void gemv_prepare(const Matrix& m, const float* x, int64_t T, float* xsum, float
 // a parallel region it runs on the calling thread alone.
 void gemv_rows(const Matrix& m, const float* x, const float* xp, const float* xsum, int64_t T, float* y);
 
+// The int8-activation decode of every width on AVX-512 VBMI + VNNI (vbmi.cpp): whether m takes it
+// (in and group multiples of 64, m.int8 set, this build has the instructions), and its rows from
+// prepared inputs (xv, xq, xsum as gemv_prepare writes them; an orphaned `omp for` as gemv_rows).
+bool vbmi_takes(const Matrix& m);
+void vbmi_rows(const Matrix& m, const float* xv, const int8_t* xq, const float* xsum, int64_t T, float* y);
+
 }  // namespace bs

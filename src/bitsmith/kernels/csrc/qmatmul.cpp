@@ -392,6 +392,13 @@ void row_tile_int8(const Weights& w, int64_t o, int64_t t0, const float* xv, con
                    const float* sc, const float* zr, float* y) {
   const uint8_t* row = w.packed + o * w.row_bytes;
   const int64_t group = w.group, groups = w.groups, in = w.in;
+#ifndef BS_ROWS_AHEAD
+#define BS_ROWS_AHEAD 2
+#endif
+  // software prefetch of the row BS_ROWS_AHEAD rows on (see vbmi.cpp's BS_AHEAD: the streamers stop at
+  // 4 KB boundaries); one request per cache line, a few per row
+  for (int64_t b = 0; BS_ROWS_AHEAD > 0 && b < w.row_bytes; b += 64)
+    _mm_prefetch((const char*)(row + BS_ROWS_AHEAD * w.row_bytes + b), _MM_HINT_T0);
   const int8_t* q[TT];
   const float* v[TT];
   __m256 total[TT];
@@ -462,6 +469,7 @@ void row_tile_int8(const Weights& w, int64_t o, int64_t t0, const float* xv, con
 
 inline bool int8_ok(const bs::Matrix& m) {
   if (!BS_INT8 || !m.int8) return false;
+  if (bs::vbmi_takes(m)) return true;  // any width, vbmi.cpp
   if (m.bits == 4) return m.in % 64 == 0 && (m.group == 32 || m.group % 64 == 0);
   return m.bits == 8 && BS_VNNI && m.in % 32 == 0 && m.group % 32 == 0;
 }
@@ -511,6 +519,7 @@ inline int32_t quantize_block(const float* x, int64_t bits, int64_t b, int8_t* q
 #if BS_INT8
 void prepare_int8(const bs::Matrix& m, const float* x, int64_t T, float* xsum, float* xv, int8_t* xq) {
   const int64_t groups = bs::gemv_groups(m), blocks = m.in / 32;
+  const bool nibbles = m.bits == 4 && !bs::vbmi_takes(m);  // vbmi.cpp reads codes in natural order
   for (int64_t t = 0; t < T; ++t) {
     const float* xr = x + t * m.in;
     int8_t* qr = xq + t * m.in;
@@ -519,8 +528,8 @@ void prepare_int8(const bs::Matrix& m, const float* x, int64_t T, float* xsum, f
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t start = b * 32;
       float scale;
-      const int32_t sum = quantize_block(xr + start, m.bits, b, qr, &scale);
-      if (m.bits == 4) {  // chunk b / 2, lanes 0-3 (even b) or 4-7 (odd b)
+      const int32_t sum = quantize_block(xr + start, nibbles ? 4 : 8, b, qr, &scale);
+      if (nibbles) {  // chunk b / 2, lanes 0-3 (even b) or 4-7 (odd b)
         for (int l = 0; l < 4; ++l) vr[(b / 2) * 8 + (b & 1) * 4 + l] = scale;
       } else {
         for (int l = 0; l < 8; ++l) vr[b * 8 + l] = scale;
@@ -565,6 +574,7 @@ void gemv_rows(const Matrix& m, const float* x, const float* xp, const float* xs
 #if BS_INT8
   if (int8_ok(m)) {
     const int8_t* xq = (const int8_t*)(xp + T * (m.in / 4));
+    if (vbmi_takes(m)) return vbmi_rows(m, xp, xq, xs, T, y);
 #pragma omp for schedule(static)
     for (int64_t o = 0; o < m.out; ++o) {
       w.row_params(o, sc, zr);
@@ -672,7 +682,7 @@ void bs_gemv(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero,
              int64_t bits, int64_t group, const float* x, int64_t T, float* y, int64_t threads, int64_t int8) {
   const bs::Matrix m{packed, scale, zero, out, in, bits, group, int8 != 0};
   std::vector<float> xsum(T * bs::gemv_groups(m), 0.f);
-  std::vector<float> xp(bits == 4 || bits == 8 ? T * in : 0);  // 4-bit permuted x, or int8 x (both widths)
+  std::vector<float> xp(T * in);  // 4-bit permuted x, or int8 x and its scales (T * in / 2 floats)
   bs::gemv_prepare(m, x, T, xsum.data(), xp.data());
 #pragma omp parallel num_threads((int)threads)
   bs::gemv_rows(m, x, xp.data(), xsum.data(), T, y);
@@ -743,6 +753,15 @@ int bs_simd_width() { return BS_SIMD; }
 
 // The bit widths this build runs on the int8-activation path (see row_tile_int8) when a call asks for
 // it, as a mask (1 << bits).
-int bs_int8_widths() { return (BS_INT8 ? 1 << 4 : 0) | (BS_VNNI ? 1 << 8 : 0); }
+int bs_int8_widths() {
+  int mask = (BS_INT8 ? 1 << 4 : 0) | (BS_VNNI ? 1 << 8 : 0);
+  const bs::Matrix probe{nullptr, nullptr, nullptr, 1, 64, 2, 64, true};
+  for (int bits = 2; bits <= 8; ++bits) {
+    bs::Matrix m = probe;
+    m.bits = bits;
+    if (bs::vbmi_takes(m)) mask |= 1 << bits;  // vbmi.cpp: every width on AVX-512 VBMI + VNNI
+  }
+  return mask;
+}
 
 }  // extern "C"
