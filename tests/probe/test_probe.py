@@ -16,6 +16,7 @@ from tests.tiny import make_tiny_model, sample_text
 
 from bitsmith.probe.divergence import MISSING, bootstrap_means, topk_kl, topk_of
 from bitsmith.probe.endpoint import EndpointError, parse_logprobs
+from bitsmith.probe.ladder import RTN_OPTIONS
 from bitsmith.probe.run import ProbeConfig, probe
 from bitsmith.probe.verdict import place
 
@@ -113,12 +114,13 @@ def world(tmp_path_factory):
         if spec is not None:
             for name in quantizable_layers(source.config):
                 w = net.get_submodule(name).weight
-                w.data = get_method("rtn")(w.data.float(), QuantSpec.parse(spec), None, {}).dequantize()
+                w.data = get_method("rtn")(w.data.float(), QuantSpec.parse(spec), None, RTN_OPTIONS).dequantize()
         return net.eval()
 
-    other = make_tiny_model(root / "other", "llama", seed=99)
-    return {"ref": ref, "texts": tuple(texts), "tokenizer": source.tokenizer(), "quantized": quantized,
-            "other": build_model(open_source(other), torch.float32).eval()}
+    other = build_model(open_source(make_tiny_model(root / "other", "llama", seed=99)), torch.float32).eval()
+    with torch.no_grad():  # confident where the reference is nearly flat: far beyond any rung of it
+        other.lm_head.weight *= 8
+    return {"ref": ref, "texts": tuple(texts), "tokenizer": source.tokenizer(), "quantized": quantized, "other": other}
 
 
 @pytest.fixture(autouse=True)
