@@ -5,7 +5,8 @@ anyone's real server. Two dialects:
 - ``openai``: ``/v1/completions`` honours ``echo`` with prompt log-probabilities in the legacy shape
   (``tokens`` / ``top_logprobs`` as ``{token: logprob}`` maps, no ids); no ``/props``;
 - ``llama``: like llama.cpp's ``llama-server``: ``echo`` answered with a 400 error, ``/props`` present,
-  log-probabilities of the generated token in the ``content`` shape with token ids.
+  log-probabilities of the generated token in the ``content`` shape with token ids;
+- ``text``: as ``openai`` but refusing token-id prompts with a 422 (a server typed ``prompt: str``).
 
 ``rename`` rewrites every token string (a different tokenizer behind the endpoint); ``api_key`` makes
 it answer 401 without ``Authorization: Bearer KEY``.
@@ -45,6 +46,10 @@ class _State:
 
     def complete(self, body: dict) -> tuple[int, dict]:
         prompt, k = body.get("prompt"), int(body.get("logprobs") or 0)
+        if self.dialect == "text":
+            if not isinstance(prompt, str):
+                return 422, {"detail": [{"loc": ["body", "prompt"], "msg": "Input should be a valid string"}]}
+            prompt = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt) or not prompt:
             return 400, {"error": {"message": "this fake takes token-id prompts only"}}
         logp = self.logp(prompt)

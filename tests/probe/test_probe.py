@@ -149,7 +149,7 @@ def test_each_rung_served_lands_on_itself(world, rung: str) -> None:
     """llama.cpp dialect (no echo: one request per position, ids in the answer)."""
     with serve(world["quantized"](rung), world["tokenizer"], "llama") as (url, state):
         report = _probe(world, url)
-    assert report["mode"] == "stepwise" and state.requests == 2 * 40 + 1  # + the refused echo
+    assert report["mode"] == "stepwise" and state.requests == 2 * 40 + 2  # + the refused echo and its retry as text
     overall = report["overall"]
     assert overall["nearest"] == rung
     assert overall["kl"] == pytest.approx(overall["ladder"][rung]["kl"], rel=1e-3)  # float32 prefix vs window
@@ -166,6 +166,16 @@ def test_ladder_ranks_rungs_and_is_cached(world) -> None:
     ladder = report["overall"]["ladder"]
     assert ladder["w8"]["kl"] < ladder["w4g128"]["kl"] < ladder["w3g128"]["kl"] < ladder["w2g64"]["kl"]
     assert report["timing_s"]["ladder_cached"] == 1.0  # computed by an earlier test with the same positions and k
+
+
+def test_a_server_that_refuses_token_ids_gets_text(world) -> None:
+    with serve(world["quantized"]("w3g128"), world["tokenizer"], "text") as (url, _):
+        report = _probe(world, url)
+    # the window starts with BOS, which a text prompt cannot carry: the echo cannot be aligned, so the
+    # probe goes position by position, each prefix re-encoded by the server (approximate: no BOS)
+    assert report["mode"] == "stepwise (text prompts: the server refused token ids)"
+    assert report["overall"]["nearest"] == "w3g128"
+    assert "behaves like" in report["verdict"]
 
 
 def test_another_model_is_called_out(world) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["Endpoint", "EndpointError", "TopK", "parse_logprobs"]
@@ -81,7 +82,8 @@ def parse_logprobs(choice: dict[str, Any]) -> list[TopK | None]:
 class Endpoint:
     """One OpenAI-compatible server at ``url`` (``http://host:port`` or ``.../v1``)."""
 
-    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = 120.0) -> None:
+    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = 120.0,
+                 detokenize: Callable[[list[int]], str] | None = None) -> None:
         import httpx
 
         base = url.rstrip("/")
@@ -95,6 +97,9 @@ class Endpoint:
         self.model = model
         self.llama_cpp = False
         self.requests = 0
+        self.detokenize = detokenize  # for servers that refuse token-id prompts
+        self.text_prompts = False  # set once such a server refused ids and took the decoded text
+        self.ids_ok = False  # an id prompt has been answered: refusals after that are not about ids
 
     def close(self) -> None:
         self.client.close()
@@ -131,13 +136,26 @@ class Endpoint:
         return self.model
 
     def _complete(self, prompt: list[int], k: int, echo: bool) -> tuple[int, Any]:
-        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "logprobs": k, "temperature": 0.0,
-                                "max_tokens": 0 if echo else 1}
+        """One completions request with ``prompt`` as token ids, or as its decoded text for a server that
+        refused ids (422/400 on the first request; its own tokenizer then re-encodes the text, the same ids
+        when it is the reference's tokenizer, except where a text boundary re-merges)."""
+        body: dict[str, Any] = {"model": self.model, "logprobs": k, "temperature": 0.0, "max_tokens": 0 if echo else 1}
         if echo:
             body["echo"] = True
         if self.llama_cpp:
             body["cache_prompt"] = True  # reuse the KV cache of the shared prefix (llama.cpp only)
-        return self._call("POST", "/v1/completions", body)
+        if not self.text_prompts:
+            status, data = self._call("POST", "/v1/completions", {**body, "prompt": prompt})
+            self.ids_ok = self.ids_ok or status == 200
+            if status not in (400, 422) or self.ids_ok or self.detokenize is None:
+                return status, data
+            retry = self._call("POST", "/v1/completions", {**body, "prompt": self.detokenize(prompt)})
+            if retry[0] != 200:
+                return status, data
+            log.info("the server refused token-id prompts (%s); sending text", status)
+            self.text_prompts = True
+            return retry
+        return self._call("POST", "/v1/completions", {**body, "prompt": self.detokenize(prompt)})
 
     def echo_positions(self, ids: list[int], k: int) -> list[TopK | None] | None:
         """Top k at every position of ``ids`` from one echo request, or None when the server does not echo
@@ -147,6 +165,9 @@ class Endpoint:
             log.info("echo refused (%s): %s", status, str(data)[:200])
             return None
         rows = parse_logprobs(data["choices"][0]) if data["choices"][0].get("logprobs") else []
+        if self.text_prompts and len(rows) != len(ids):
+            log.info("the server tokenized the text into %d tokens, not %d: positions cannot be aligned", len(rows), len(ids))
+            return None
         if len(rows) < len(ids) or all(r is None for r in rows[1 : len(ids)]):
             log.info("echo answered without prompt log-probabilities (%d rows for %d tokens)", len(rows), len(ids))
             return None

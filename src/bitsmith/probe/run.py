@@ -248,11 +248,12 @@ def probe(config: ProbeConfig, progress: Callable[[str, int, int], None] | None 
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {config.mode!r}")
     if not 1 <= config.k <= 100 or config.positions < 8:
         raise ValueError("--topk must be 1 to 100 and --positions at least 8")
-    endpoint = Endpoint(config.url, config.api_key, config.model)
+    endpoint = Endpoint(config.url, config.api_key, config.model,
+                        detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))  # the server adds its BOS
     try:
         model = endpoint.connect()  # before loading anything: a wrong URL fails in a second
         t0 = time.perf_counter()
-        net, tokenizer, source = _load_reference(config.reference)
+        net, tokenizer, source = _load_reference(config.reference)  # (the detokenizer above runs only later)
         windows = _windows(tokenizer, config.texts, config.positions)
         with torch.inference_mode():
             ref_logp = {d: torch.log_softmax(net(input_ids=w.long()[None], use_cache=False).logits[0, :-1].float(), -1)
@@ -276,4 +277,5 @@ def probe(config: ProbeConfig, progress: Callable[[str, int, int], None] | None 
                                (lambda r: progress(f"ladder {r}", 1, 1)) if progress else None))
     timing = {"endpoint_s": endpoint_s, "reference_s": reference_s, "ladder_s": time.perf_counter() - t0,
               "ladder_cached": float(cached), "requests": float(endpoint.requests)}
+    mode += " (text prompts: the server refused token ids)" if endpoint.text_prompts else ""
     return ProbeReport(config, model, mode, k, summarize(measured, ladder, check, config.resamples), check, timing)
