@@ -10,6 +10,8 @@ token ids are identical, the draft's acceptance rate, and the decode speed of bo
 prompts, same tokens).
 
     python bench/speculative.py --model smollm2-135m --target w4g128 --draft w2g64 --prompts 20
+
+``--target`` / ``--draft`` may also be checkpoint folders of the same model (loaded as they are).
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ def main() -> None:
     import torch
 
     from bitsmith.eval.humaneval import load_problems
-    from bitsmith.infer.draft import quantized_copy
     from bitsmith.infer.generate import generate
     from bitsmith.infer.speculative import speculative_generate
     from bitsmith.models import open_source
@@ -49,9 +50,9 @@ def main() -> None:
     options = RuntimeOptions.from_env()
     source = open_source(args.model)
     t0 = time.perf_counter()
-    target = quantized_copy(str(source.path), QuantSpec.parse(args.target), options)
-    draft = quantized_copy(str(source.path), QuantSpec.parse(args.draft), options,
-                           QuantSpec.parse(args.draft_head) if args.draft_head != "none" else None)
+    head = QuantSpec.parse(args.draft_head) if args.draft_head != "none" else None
+    target = _model(args.target, source, options, None)
+    draft = _model(args.draft, source, options, head)
     print(f"built target {args.target} and draft {args.draft} (head {args.draft_head}) in {time.perf_counter() - t0:.0f} s",
           flush=True)
     tok = source.tokenizer()
@@ -76,6 +77,17 @@ def main() -> None:
     _summary(args, rows)
 
 
+def _model(spec_or_path: str, source, options, head):  # type: ignore[no-untyped-def]
+    """A checkpoint path loaded as is, or a spec built in memory from the alias (head at ``head``)."""
+    from bitsmith.infer.draft import quantized_copy
+    from bitsmith.runtime.load import load_model
+    from bitsmith.spec import QuantSpec
+
+    if Path(spec_or_path).expanduser().exists():
+        return load_model(spec_or_path, options=options).model.eval()
+    return quantized_copy(str(source.path), QuantSpec.parse(spec_or_path), options, head)
+
+
 def _summary(args: argparse.Namespace, rows: list[dict]) -> None:
     steps = sum(r["tokens"] - 1 for r in rows)  # decode steps: the first token comes from the prefill
     plain_s, spec_s = sum(r["plain_decode_s"] for r in rows), sum(r["spec_decode_s"] for r in rows)
@@ -98,7 +110,7 @@ def _summary(args: argparse.Namespace, rows: list[dict]) -> None:
     print("\n" + text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = f"speculative_{args.model}_{args.target}_{args.draft}"
+        stem = f"speculative_{args.model}_{Path(args.target).name}_{Path(args.draft).name}"  # a spec or a folder's name
         (args.out / f"{stem}.md").write_text(text + "\n")
         (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
 
