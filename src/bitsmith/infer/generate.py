@@ -26,7 +26,8 @@ from torch import Tensor
 from bitsmith.models.context import check_generation_fits
 from bitsmith.runtime.options import RuntimeOptions
 
-__all__ = ["GenerationResult", "generate", "sample_next"]
+__all__ = ["GenerationResult", "TextStream", "check_sampling", "eos_ids", "eval_mode", "generate", "generation_result",
+           "prompt_token_ids", "sample_next", "sampling_probs", "seeded_generator"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class GenerationResult:
         }
 
 
-def _check_sampling(temperature: float, top_p: float) -> None:
+def check_sampling(temperature: float, top_p: float) -> None:
     if not temperature >= 0:  # also rejects nan
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
@@ -77,9 +78,16 @@ def sample_next(
     """
     if logits.dim() != 1:
         raise ValueError(f"logits must be one row [vocab], got shape {tuple(logits.shape)}")
-    _check_sampling(temperature, top_p)
+    check_sampling(temperature, top_p)
     if temperature == 0:
         return int(logits.argmax())
+    return int(torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator))
+
+
+def sampling_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """The distribution :func:`sample_next` draws from at ``temperature > 0``: ``softmax(logits / T)``
+    restricted to the top-``top_p`` nucleus (not renormalised: ``torch.multinomial`` takes weights), as
+    float32 [V] on the CPU. Speculative decoding compares the target's and the draft's through it."""
     # Sampling runs on the CPU in float32 so a CPU generator drives it on any device.
     probs = torch.softmax(logits.detach().float().cpu() / temperature, dim=-1)  # [V]
     if top_p < 1.0:
@@ -89,10 +97,10 @@ def sample_next(
         keep = before < top_p  # [V] bool
         keep[0] = True
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])  # [V]
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return probs
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     """Every end-of-sequence id the generation config, model config or tokenizer names."""
     ids: set[int] = set()
     sources = (
@@ -108,7 +116,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+def prompt_token_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
     """Prompt token ids: the chat template applied, or the tokenizer's default encoding."""
     if not chat:
         # Default special tokens follow the model's convention (a BOS for Llama, none for Qwen).
@@ -129,7 +137,7 @@ def _prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
     return [int(i) for i in ids]
 
 
-class _TextStream:
+class TextStream:
     """Incremental detokenizer: decode all new tokens, emit the not-yet-emitted suffix.
 
     A piece is held back while the text ends in U+FFFD (a multi-byte character split across
@@ -174,7 +182,7 @@ class _TextStream:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
+def eval_mode(model: Any) -> Iterator[None]:
     """No dropout while generating; the model's training flag is restored afterwards."""
     was_training = bool(getattr(model, "training", False))
     model.eval()
@@ -224,7 +232,7 @@ class _CallStyle:
         return out.logits[0, -1], new_cache
 
 
-def _generator(seed: int | None) -> torch.Generator:
+def seeded_generator(seed: int | None) -> torch.Generator:
     """A local CPU generator: seeded for reproducible runs, fresh entropy otherwise."""
     generator = torch.Generator()
     if seed is None:
@@ -282,17 +290,17 @@ def generate(
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    _check_sampling(temperature, top_p)
-    prompt_ids = _prompt_ids(tokenizer, prompt, chat)
+    check_sampling(temperature, top_p)
+    prompt_ids = prompt_token_ids(tokenizer, prompt, chat)
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens (and the tokenizer adds no BOS); "
                          "give a non-empty prompt")
     check_generation_fits(getattr(model, "config", None), len(prompt_ids), max_new_tokens)  # before any work
-    eos = _eos_ids(model, tokenizer) if stop_at_eos else frozenset()
-    generator = _generator(seed)
-    stream = _TextStream(tokenizer, on_token)
+    eos = eos_ids(model, tokenizer) if stop_at_eos else frozenset()
+    generator = seeded_generator(seed)
+    stream = TextStream(tokenizer, on_token)
     device = _device(model)
-    with torch.inference_mode(), _eval_mode(model):
+    with torch.inference_mode(), eval_mode(model):
         runner = None
         if lean:
             from bitsmith.infer.lean import lean_runner
@@ -312,10 +320,10 @@ def generate(
             step_ids = torch.tensor([[next_id]], dtype=torch.long, device=device)  # [1, 1]
             next_id = sample_next(step(step_ids), temperature, top_p, generator)
         decode_s = max(time.perf_counter() - start - stream.callback_s, 0.0)
-    return _result(stream, len(prompt_ids), prefill_s, decode_s)
+    return generation_result(stream, len(prompt_ids), prefill_s, decode_s)
 
 
-def _result(stream: _TextStream, prompt_tokens: int, prefill_s: float, decode_s: float) -> GenerationResult:
+def generation_result(stream: TextStream, prompt_tokens: int, prefill_s: float, decode_s: float) -> GenerationResult:
     text = stream.finish()
     new = len(stream.ids)
     log.info("generated %d tokens after a %d-token prompt", new, prompt_tokens)
