@@ -68,6 +68,7 @@ class SweepConfig:
     calib_samples: int = 128  # calibrated methods only
     calib_len: int = 512
     keep_checkpoints: bool = False
+    method_options: tuple[tuple[str, object], ...] = ()  # e.g. (("clip_search", False),): every variant
     # how it runs (never changes a result)
     workers: int = 2
     threads_per_task: int = 1
@@ -79,7 +80,7 @@ class SweepConfig:
         domain's text, the windows and calibration settings (the variant is the file name)."""
         return {"model": model_id, "texts": dict(sorted(text_ids.items())), "ctx": self.ctx,
                 "max_windows": self.max_windows, "cache_topk": self.cache_topk,
-                "calib": [self.calib_samples, self.calib_len], "version": 1}
+                "calib": [self.calib_samples, self.calib_len], "options": dict(self.method_options), "version": 1}
 
 
 MIN_TASK_MEMORY = 1_000_000_000  # the interpreter, torch and transformers alone take ~0.6 GB

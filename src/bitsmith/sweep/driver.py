@@ -143,7 +143,8 @@ def run_sweep(config: SweepConfig, out: Path, executor: Executor, max_kld: float
     total = len(names)
     emit("start", "", len(stored), total, [v.name for v in todo])
     jobs = [VariantJob(config.model, v, prep.caches, str(prep.store.checkpoint_path(v.name)), config.keep_checkpoints,
-                       config.calib_samples, config.calib_len, max(1, int(config.threads_per_task))) for v in todo]
+                       config.calib_samples, config.calib_len, max(1, int(config.threads_per_task)),
+                       config.method_options) for v in todo]
     results, failures, ran = dict(stored), {}, []
     for job, result, error in executor.run(run_variant, jobs, prep.resources):
         name = job.variant.name

@@ -36,6 +36,7 @@ class VariantJob:
     calib_samples: int = 128
     calib_len: int = 512
     threads: int = 1
+    options: tuple[tuple[str, object], ...] = ()  # the method's options, as the CLI's --no-clip-search
 
 
 def checkpoint_size(path: Path) -> int:
@@ -61,7 +62,7 @@ def _quantize(job: VariantJob, path: Path) -> bool:
 
     if path.is_dir() and read_info(path) is not None:  # published atomically: present means complete
         return True
-    plan = QuantizePlan(QuantSpec.parse(job.variant.spec), job.variant.method,
+    plan = QuantizePlan(QuantSpec.parse(job.variant.spec), job.variant.method, dict(job.options),
                         compute_dtype=resolve_compute_dtype("auto"))
     if plan.needs_calibration:
         from dataclasses import replace
