@@ -50,6 +50,12 @@ def test_recommend_picks_the_smallest_variant_under_the_limit_on_every_domain():
     assert rec.reason.count(".") >= 1 and "\n" not in rec.reason
 
 
+def test_the_next_smaller_named_is_the_best_method_at_that_size():
+    results = RESULTS + [_result("w3g128-rtn", 350, {"prose": 0.9, "code": 0.9}, 3.25)]
+    rec = recommend(results, max_kld=0.1)
+    assert rec.name == "w4g128-gptq" and "w3g128-gptq" in rec.reason and "w3g128-rtn" not in rec.reason
+
+
 def test_recommend_respects_memory_fit():
     fits = {"w8-rtn": {"fits": True, "need_gb": 1.0}, "w4g128-gptq": {"fits": False, "need_gb": 30.0},
             "w4g128-hqq": {"fits": False, "need_gb": 30.0}, "w3g128-gptq": {"fits": True, "need_gb": 0.5}}

@@ -88,7 +88,8 @@ class RayExecutor:
         self.started = address is None
         try:
             if self.started:
-                ray.init(num_cpus=workers, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False,
+                # "local": always a new Ray of our own, never a cluster another user started on this machine
+                ray.init(address="local", num_cpus=workers, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False,
                          object_store_memory=256 * 1024**2)
             else:
                 ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)

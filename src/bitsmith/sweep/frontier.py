@@ -83,8 +83,8 @@ def recommend(results: list[dict[str, Any]], max_kld: float, fits: dict[str, dic
     reason = (f"{best['name']} is the smallest variant ({_mb(best['size_bytes'])}, {best['bits_per_weight']:.2f} "
               f"bits/weight) whose mean KLD stays under {max_kld:g} on every domain ({_klds(best)}){where}")
     smaller = [r for r in by_size if size_of(r) < size_of(best)]
-    if smaller:
-        nxt = smaller[-1]
+    if smaller:  # the best of the next size down (two methods at one spec share a size)
+        nxt = min((r for r in smaller if size_of(r) == size_of(smaller[-1])), key=lambda r: worst_domain(r)[1])
         d, k = worst_domain(nxt)
         why = f"exceeds it on {d} ({k:.3g})" if k > max_kld else f"does not fit {memory}"
         reason += f"; the next smaller, {nxt['name']}, {why}"
