@@ -31,6 +31,10 @@ from common import work_dir  # noqa: E402
 SHAPES = {
     "13b": dict(hidden_size=5120, num_hidden_layers=40, intermediate_size=13824, num_attention_heads=40,
                 num_key_value_heads=40, vocab_size=32000),
+    # the 13B's tensors (same widths, vocabulary, shard layout) with 2 of its 40 blocks: what each
+    # quantized tensor costs in memory and time, end to end (inspect, generate) in minutes
+    "13b-2layer": dict(hidden_size=5120, num_hidden_layers=2, intermediate_size=13824, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000),
     # a small shape with the same layout, to try the script in seconds
     "tiny": dict(hidden_size=256, num_hidden_layers=2, intermediate_size=512, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=32000),
