@@ -88,6 +88,9 @@ class RayExecutor:
         self.started = address is None
         try:
             if self.started:
+                # Ray starts workers 15 nice levels below the driver; a sweep's tasks are the work itself,
+                # so they run at the driver's priority, as the serial executor's do (unless the user says)
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 # "local": always a new Ray of our own, never a cluster another user started on this machine
                 ray.init(address="local", num_cpus=workers, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False,
                          object_store_memory=256 * 1024**2)
