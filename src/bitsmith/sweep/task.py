@@ -10,6 +10,7 @@ run continues from its last finished block (the pipeline's ``<out>.partial`` sta
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import socket
@@ -101,7 +102,7 @@ def run_variant(job: VariantJob) -> dict[str, Any]:
     domains = {}
     for name, cache in job.caches.items():
         metrics = domain_metrics(evaluate_against_cache(loaded.model, cache))
-        bad = [k for k, v in metrics.items() if isinstance(v, float) and v != v or v in (float("inf"), float("-inf"))]
+        bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise ValueError(f"{job.variant.name} gave NaN/inf {', '.join(bad)} on {name}; run bitsmith inspect {path}")
         domains[name] = metrics
