@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F4": 4,
@@ -269,3 +270,37 @@ def read_small(t: StTensor) -> "np.ndarray":
         f.seek(t.begin)
         raw = f.read(t.nbytes)
     return np.frombuffer(raw, dtype=np.dtype(_NUMPY[t.dtype])).reshape(t.shape)
+
+
+# ----------------------------------------------------------------------------- whole tensors, no mmap
+
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def can_read_tensor(t: StTensor) -> bool:
+    """Whether :func:`read_tensor` reads this dtype (others go through the safetensors library)."""
+    return t.dtype in _TORCH_DTYPES
+
+
+def read_tensor(t: StTensor) -> "torch.Tensor":
+    """The tensor ``t`` read from its byte range into a fresh torch tensor with plain reads.
+
+    No memory map: the safetensors library maps the shard, and every page a read touches then counts
+    in the process's resident memory (RssFile) for as long as the map lives, so streaming a 26 GB
+    checkpoint through it grew the resident set towards the whole file. Here nothing stays mapped once
+    the call returns: resident memory is the tensor itself. (Little-endian hosts, as safetensors.)"""
+    import torch
+
+    out = torch.empty(t.shape, dtype=getattr(torch, _TORCH_DTYPES[t.dtype]))
+    if t.nbytes:
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        with open(t.path, "rb", buffering=0) as f:
+            f.seek(t.begin)
+            done = 0
+            while done < t.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise SafetensorsError(f"{t.path.name} ended inside tensor {t.name}; download it again")
+                done += n
+    return out

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bitsmith.io.safetensors import INDEX_FILE, SafetensorsError, StTensor, confined_path, read_header, shard_files
+from bitsmith.io.safetensors import (
+    INDEX_FILE, SafetensorsError, StTensor, can_read_tensor, confined_path, read_header, read_tensor, shard_files,
+)
 from bitsmith.models.errors import ModelSourceError
 from bitsmith.models.hf import causal_lm_class, refuse_remote_code, set_offline
 
@@ -274,7 +276,12 @@ class SafetensorsStore:
     def load(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        self._get_info(name)
+        info = self._get_info(name)
+        if can_read_tensor(info):  # plain reads: a streamed model never stays mapped (read_tensor)
+            try:
+                return read_tensor(info)
+            except SafetensorsError as err:
+                raise ModelSourceError(str(err)) from err
         shard = self._where[name]
         handle = self._handles.get(shard)
         if handle is None:
