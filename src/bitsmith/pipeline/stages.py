@@ -22,6 +22,9 @@ from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.pipeline.replay import OutputReplay
 
 
+RTN_CHUNK_WEIGHTS = 1 << 16  # weights per chunk of the report's RTN comparison
+
+
 class _StopForward(Exception):
     """Raised from a hook once a stage's input is seen: the rest of the block is not needed."""
 
@@ -118,12 +121,27 @@ def quantize_linear(name: str, weight: torch.Tensor, stats: LayerStats, method: 
 
 
 def _linear_report(name: str, weight: torch.Tensor, qt, stats: LayerStats, method: Method, seconds: float) -> dict:
-    from bitsmith.methods.gptq import layer_error
+    from bitsmith.methods.gptq import layer_errors
     from bitsmith.methods.rtn import rtn
 
     report = layer_report(name, weight, qt, seconds)
-    report["output_error"] = layer_error(weight, qt.dequantize(), stats.hessian)
+    dequants = [qt.dequantize()] + ([] if method is rtn else [rtn_dequantized(weight, qt.spec)])
+    errors = layer_errors(weight, dequants, stats.hessian)  # one pass over H for both
+    report["output_error"] = errors[0]
     if method is not rtn:
-        report["rtn_output_error"] = layer_error(weight, rtn(weight, qt.spec, None, {}).dequantize(), stats.hessian)
+        report["rtn_output_error"] = errors[1]
     report["tokens"] = stats.tokens
     return report
+
+
+def rtn_dequantized(weight: torch.Tensor, spec) -> torch.Tensor:
+    """``rtn(weight, spec).dequantize()`` (the report's comparison), computed on cache-sized chunks
+    of rows spread over the cores (:mod:`bitsmith.methods.parallel`). Rows are independent in RTN's
+    range search, so the result is the same; a fitted grid (``fit``) is per tensor and goes whole."""
+    from bitsmith.methods.parallel import map_chunks, row_chunks
+    from bitsmith.methods.rtn import rtn
+
+    if spec.grid == "fit":
+        return rtn(weight, spec, None, {}).dequantize()
+    chunks = row_chunks(weight.shape[0], weight.shape[1], RTN_CHUNK_WEIGHTS)
+    return torch.cat(map_chunks(lambda rows: rtn(weight[rows], spec, None, {}).dequantize(), chunks))
