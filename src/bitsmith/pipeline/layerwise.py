@@ -44,7 +44,9 @@ from bitsmith.pipeline.common import (
 )
 from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.pipeline.replay import OutputReplay
-from bitsmith.pipeline.stages import find_stages, quantize_linear, quantize_stage, stage_stats
+from bitsmith.pipeline.stages import (
+    find_stages, quantize_linear, quantize_stage, report_hessian_tokens, stage_stats,
+)
 from bitsmith.pipeline.workstate import WorkState, work_dir_for
 from bitsmith.transforms import get_transform
 
@@ -293,11 +295,12 @@ def _process_block(
                    for rel, t in block.state_dict().items() if rel.removesuffix(".weight") not in linears}
         block.to(compute_dtype)
         stages = find_stages(block, linears, store.tensor[slices[0]], calls[0])
+        hessian_cap = report_hessian_tokens(plan.quantizer)
         replay = OutputReplay(block, linears, len(slices), plan.replay_bytes)
         specs, reports = {}, []
         for stage in stages:
             stats = stage_stats(block, linears[stage[0]], store, slices, calls, replay,
-                                stage[0] if len(stage) == 1 else None, plan.hessian_dtype)
+                                stage[0] if len(stage) == 1 else None, plan.hessian_dtype, hessian_cap)
             names = [f"{block_prefix}.{rel}" for rel in stage]
             weights = [masters.pop(rel) for rel in stage]
             results = quantize_stage(names, weights, stats, method, plan)

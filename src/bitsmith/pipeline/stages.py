@@ -23,6 +23,16 @@ from bitsmith.pipeline.replay import OutputReplay
 
 
 RTN_CHUNK_WEIGHTS = 1 << 16  # weights per chunk of the report's RTN comparison
+# Tokens in the Hessian of a quantizer that needs none (RTN, HQQ, after AWQ or with --calib): it only
+# feeds the report's relative output error, which 8 sequences of 512 estimate well
+REPORT_HESSIAN_TOKENS = 4096
+
+
+def report_hessian_tokens(method_name: str) -> int | None:
+    """The Hessian token cap for quantizer ``method_name``: None (every token) when it needs a Hessian."""
+    from bitsmith.methods import Needs, method_info
+
+    return None if method_info(method_name).needs is Needs.HESSIAN else REPORT_HESSIAN_TOKENS
 
 
 class _StopForward(Exception):
@@ -61,12 +71,14 @@ def find_stages(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.T
 def stage_stats(
     block: nn.Module, first: nn.Linear, store: ActivationStore, slices: list[slice], calls: list[BlockCall],
     replay: "OutputReplay | None" = None, tail_of: str | None = None, hessian_dtype: str = "fp32",
+    hessian_tokens: int | None = None,
 ) -> LayerStats:
     """Input statistics of a stage over all calibration batches: the block runs only up to the
     stage's first linear (the hook stops it there), replaying final sub-modules. ``tail_of``, the
     name of a stage's only linear, also hands its input per batch to ``replay`` as a tail (see
-    :class:`OutputReplay`), as far as the replay budget allows."""
-    acc = StatsAccumulator(first.in_features, hessian_dtype)
+    :class:`OutputReplay`), as far as the replay budget allows. ``hessian_tokens`` caps the tokens
+    in the Hessian (:class:`StatsAccumulator`; the importance covers all)."""
+    acc = StatsAccumulator(first.in_features, hessian_dtype, hessian_tokens)
     keep = [replay.tail_recorder(tail_of) if replay is not None and tail_of else None]
     tail_of = tail_of if keep[0] is not None else None
 
