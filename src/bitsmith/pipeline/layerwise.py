@@ -37,6 +37,7 @@ from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.io.destination import Destination, Staging
 from bitsmith.methods import Method, get_method
 from bitsmith.models.family import HEAD_WEIGHT
+from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
 from bitsmith.pipeline.common import (
     STORAGE_DTYPES, check_layers, finish_folder, fits_fp16, kept_report, quantizable_layers, storage,
@@ -321,11 +322,14 @@ def _process_block(
             replay.mark_done(stage)
         index = int(block_prefix.rsplit(".", 1)[1])
         out = ActivationStore.create(tuple(store.tensor.shape), compute_dtype, state.inputs_file(index + 1), plan.spill_bytes)
+        def forward(b: int) -> None:  # batches in parallel threads (pipeline.batches), disjoint rows of out
+            replay.batch = b
+            result = block(store.tensor[slices[b]], *calls[b][0], **calls[b][1])
+            out.tensor[slices[b]] = result[0] if isinstance(result, tuple) else result
+
         with replay.active(record=False):
-            for b, (sl, (args, kwargs)) in enumerate(zip(slices, calls)):
-                replay.batch = b
-                result = block(store.tensor[sl], *args, **kwargs)
-                out.tensor[sl] = result[0] if isinstance(result, tuple) else result
+            for _ in run_batches(forward, len(slices)):
+                pass
         replay.clear()
     out.save(state.inputs_file(index + 1))
     store.close()

@@ -8,6 +8,7 @@ already quantized (GPTQ's "true sequential" order).
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import nullcontext
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from bitsmith.calib.stats import StatsAccumulator
 from bitsmith.methods import LayerStats, Method
+from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall
 from bitsmith.pipeline.common import layer_report
 from bitsmith.pipeline.plan import QuantizePlan
@@ -79,33 +81,41 @@ def stage_stats(
     :class:`OutputReplay`), as far as the replay budget allows. ``hessian_tokens`` caps the tokens
     in the Hessian (:class:`StatsAccumulator`; the importance covers all)."""
     acc = StatsAccumulator(first.in_features, hessian_dtype, hessian_tokens)
-    keep = [replay.tail_recorder(tail_of) if replay is not None and tail_of else None]
-    tail_of = tail_of if keep[0] is not None else None
+    keep = replay.tail_recorder(tail_of) if replay is not None and tail_of else None
+    tail_of = tail_of if keep is not None else None
+    caught = threading.local()  # each thread's stage input (batches run in parallel threads)
 
     def catch(module: nn.Module, args: tuple) -> None:
-        acc.add(args[0])
-        if keep[0] is not None:
-            x = args[0]
-            if replay.used() + x.numel() * x.element_size() * len(slices) > replay.budget:
-                keep[0] = None  # would not fit: the parent is recomputed instead
-            else:
-                keep[0].append(x)
+        caught.x = args[0]
         raise _StopForward
+
+    def run(b: int) -> torch.Tensor | None:
+        if replay is not None:
+            replay.batch = b
+        caught.x = None
+        args, kwargs = calls[b]
+        try:
+            block(store.tensor[slices[b]], *args, **kwargs)
+        except _StopForward:
+            pass
+        return caught.x
 
     hook = first.register_forward_pre_hook(catch)
     try:
         with replay.active(tail_of=tail_of) if replay is not None else nullcontext():
-            for b, (sl, (args, kwargs)) in enumerate(zip(slices, calls)):
-                if replay is not None:
-                    replay.batch = b
-                try:
-                    block(store.tensor[sl], *args, **kwargs)
-                except _StopForward:
-                    pass
+            for _, x in run_batches(run, len(slices)):  # in batch order: the sums do not depend on threads
+                if x is None:
+                    continue
+                acc.add(x)
+                if keep is not None:
+                    if replay.used() + x.numel() * x.element_size() * len(slices) > replay.budget:
+                        keep = None  # would not fit: the parent is recomputed instead
+                    else:
+                        keep.append(x)
     finally:
         hook.remove()
-    if keep[0] is not None:
-        replay.keep_tail(tail_of, keep[0])
+    if keep is not None:
+        replay.keep_tail(tail_of, keep)
     return acc.stats()
 
 
