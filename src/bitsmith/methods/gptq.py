@@ -267,6 +267,16 @@ def gptq_walk(
     return codes_t
 
 
+def _checked_hessian(stats: LayerStats | None, in_features: int) -> torch.Tensor:
+    """``stats.hessian`` as float32 [in, in], or a clear error when it is missing or the wrong shape."""
+    if stats is None or stats.hessian is None:
+        raise ValueError("gptq needs calibration data; pass --calib or use rtn/hqq")
+    if tuple(stats.hessian.shape) != (in_features, in_features):
+        shape = tuple(stats.hessian.shape)
+        raise ValueError(f"gptq: Hessian shape {shape} does not match the layer's {in_features} inputs")
+    return stats.hessian.float()
+
+
 @register("gptq", needs=Needs.HESSIAN, options=GPTQOptions)
 def gptq(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, options: dict | None = None) -> QuantizedTensor:
     """GPTQ (Algorithm 1) with act-order and static groups. Needs ``stats.hessian`` [in, in]: any
@@ -274,15 +284,10 @@ def gptq(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None,
 
     options: ``act_order`` (True), ``damp_percent`` (0.01), ``block_size`` (128), ``static_groups``
     (default: same as act_order), ``clip_search`` (True), ``clip_grid`` (20)."""
-    if stats is None or stats.hessian is None:
-        raise ValueError("gptq needs calibration data; pass --calib or use rtn/hqq")
     opts = GPTQOptions.from_dict(options)
     weight = weight.float()
     out_features, in_features = weight.shape
-    if tuple(stats.hessian.shape) != (in_features, in_features):
-        shape = tuple(stats.hessian.shape)
-        raise ValueError(f"gptq: Hessian shape {shape} does not match the layer's {in_features} inputs")
-    hessian = stats.hessian.float()
+    hessian = _checked_hessian(stats, in_features)
     importance = hessian.diagonal().clamp_min(0)  # ∝ mean squared input; 0 for dead channels
     steps = opts.clip_grid if opts.clip_search else 0
     grid = grid_for(weight, spec, LayerStats(importance=importance))  # fit grids see the original weights
