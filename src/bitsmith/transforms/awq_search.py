@@ -218,7 +218,15 @@ def _search_scale(
     x_mean = cal.abs_sum[group.linears[0]] / max(cal.count, 1)  # [in]
     w_mean = _weight_mean(linears, spec) if opts.duo else None
     originals = [m.weight.detach().clone() for m in linears]
-    reference = [_first(measure(*a, **k)) for a, k in cal.calls[group.measure]]
+    calls = cal.calls[group.measure]
+
+    def outputs(index: int) -> torch.Tensor:
+        with torch.no_grad():  # grad mode is per thread
+            return _first(measure(*calls[index][0], **calls[index][1]))
+
+    # the search batches run in parallel threads, one intra-op thread each (methods.parallel); the
+    # squared errors are summed in batch order on this thread, so the choice does not depend on threads
+    reference = map_chunks(outputs, range(len(calls)))
     best = (torch.ones_like(x_mean), 0.0, math.inf)
     loss_plain = math.inf
     try:
@@ -230,8 +238,8 @@ def _search_scale(
             s, _ = tie_heads(s / (s.max() * s.min()).sqrt(), group)
             for module, weight in zip(linears, originals):
                 module.weight.copy_(_qdq(weight * s, spec, method, options) / s)
-            err = sum(float((_first(measure(*a, **k)) - ref).float().pow(2).sum())
-                      for (a, k), ref in zip(cal.calls[group.measure], reference))
+            errs = map_chunks(lambda i: float((outputs(i) - reference[i]).float().pow(2).sum()), range(len(calls)))
+            err = sum(errs)
             loss = err / sum(ref.numel() for ref in reference)
             loss_plain = loss if i == 0 else loss_plain
             if loss < best[2]:
@@ -283,7 +291,8 @@ def _batches(n: int, tokens_per_seq: int, opts: AwqOptions, batch_size: int) -> 
     kept = torch.linspace(0, n - 1, n_kept).round().long().unique()
     taken = set(kept.tolist())
     rest = torch.tensor([i for i in range(n) if i not in taken], dtype=torch.long)
-    split = max(1, batch_size)
+    # at least as many search batches as cores, so that the search forwards run in parallel threads
+    split = max(1, min(batch_size, math.ceil(kept.numel() / max(1, torch.get_num_threads()))))
     return list(kept.split(split)), list(rest.split(split)) if rest.numel() else []
 
 
