@@ -91,3 +91,21 @@ def test_bf16_products_stay_close_to_fp32(n) -> None:
     assert (hb - h).abs().max() < 2e-2 * h.diagonal().mean()
     with pytest.raises(ValueError, match="products"):
         StatsAccumulator(n, "fp16")
+
+
+@pytest.mark.parametrize("n", [24, 600])  # one block, and the upper-triangle panels
+def test_capped_hessian_takes_the_first_tokens_and_importance_all(n) -> None:
+    """hessian_tokens: the Hessian is the sum over the first N tokens only (cut inside a batch),
+    the importance the mean x^2 over every token, and tokens counts every token."""
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(2, 30, n, generator=g) * torch.rand(n, generator=g) for _ in range(4)]
+    acc = StatsAccumulator(n, hessian_tokens=75)  # two batches and 15 tokens of the third
+    for x in xs:
+        acc.add(x)
+    flat = torch.cat([x.reshape(-1, n) for x in xs])  # [240, n]
+    stats = acc.stats()
+    assert stats.tokens == 240
+    torch.testing.assert_close(stats.hessian, flat[:75].T @ flat[:75], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats.importance, flat.pow(2).mean(0), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="hessian_tokens"):
+        StatsAccumulator(n, hessian_tokens=0)

@@ -204,3 +204,25 @@ def test_clip_search_lowers_output_error():
     assert ratio.shape == (16, 2) and (ratio <= 1).all() and (ratio >= 0.5).all()
     assert after < before
     assert clipped.abs().amax() <= weight.abs().amax()
+
+
+def test_threaded_search_equals_sequential(monkeypatch):
+    """The oracle: the same transform with the search batches and the simulated RTN's row chunks
+    run one after another on this thread (plain loops instead of methods.parallel.map_chunks)."""
+    from bitsmith.transforms import awq_search
+
+    spec = QuantSpec.parse("w4g32")
+    block, hidden, kwargs = _block("qwen2", n=8, length=24)
+    hidden[..., :3] *= 10.0
+    sequential = copy.deepcopy(block)
+    monkeypatch.setattr(awq_search, "QDQ_CHUNK_WEIGHTS", 1024)  # several row chunks per linear
+    torch.set_num_threads(2)  # two workers (this module otherwise runs on one thread)
+    try:
+        fast = awq_transform(block, hidden, kwargs, spec, rtn, {"awq_grid": 8}, batch_size=8)
+    finally:
+        torch.set_num_threads(1)
+    monkeypatch.setattr(awq_search, "map_chunks", lambda fn, items, workers=None: [fn(i) for i in items])
+    slow = awq_transform(sequential, hidden, kwargs, spec, rtn, {"awq_grid": 8}, batch_size=8)
+    assert [r.alpha for r in fast.scales] == [r.alpha for r in slow.scales] and fast.scales
+    for (name, a), b in zip(block.state_dict().items(), sequential.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -56,6 +56,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from bitsmith.methods.base import LayerStats, register
+from bitsmith.methods.parallel import map_chunks
 from bitsmith.methods.rtn import (
     DEFAULT_CLIP_GRID,
     channel_weights,
@@ -273,18 +274,19 @@ def hqq(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, 
     keep = opts.keep_extremes if opts.keep_extremes is not None else not (affine and spec.bits >= 4)
     opts = replace(opts, clip_init=clip_init, keep_extremes=keep)
     steps = DEFAULT_CLIP_GRID if clip_init else 0
-    scales, zeros = [], []
-    for rows in row_slices(groups, ROW_CHUNK_WEIGHTS):  # groups are independent: chunks stay in cache
+
+    def fit(rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
         chunk = groups[rows]  # [rows, G, gs]
         if grid is not None:
             scale, zero = fit_grid_scales(chunk, grid, mask, weights, steps), None
         else:
             scale, zero = fit_group_ranges(chunk, spec, mask, weights, steps)
         if spec.has_zero and not opts.optimize_scale:
-            scale, zero = _refine_zero(chunk, scale, zero, spec.qmax, err_weight, opts)
-        else:
-            scale, zero = _refine_scale(chunk, scale, zero, spec, grid, err_weight, opts)
-        scales.append(scale)
-        zeros.append(zero)
-    zero = None if zeros[0] is None else torch.cat(zeros)
-    return quantize_with_params(weight, torch.cat(scales), zero, spec, grid)
+            return _refine_zero(chunk, scale, zero, spec.qmax, err_weight, opts)
+        return _refine_scale(chunk, scale, zero, spec, grid, err_weight, opts)
+
+    # groups are independent: cache-sized chunks of rows, spread over the cores one thread each
+    # (methods.parallel: no intra-op barrier per operation); the result does not depend on the split
+    parts = map_chunks(fit, row_slices(groups, ROW_CHUNK_WEIGHTS))
+    zero = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+    return quantize_with_params(weight, torch.cat([p[0] for p in parts]), zero, spec, grid)

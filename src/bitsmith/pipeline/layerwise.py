@@ -37,6 +37,7 @@ from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.io.destination import Destination, Staging
 from bitsmith.methods import Method, get_method
 from bitsmith.models.family import HEAD_WEIGHT
+from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
 from bitsmith.pipeline.common import (
     STORAGE_DTYPES, check_layers, finish_folder, fits_fp16, kept_report, quantizable_layers, storage,
@@ -44,7 +45,9 @@ from bitsmith.pipeline.common import (
 )
 from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.pipeline.replay import OutputReplay
-from bitsmith.pipeline.stages import find_stages, quantize_linear, quantize_stage, stage_stats
+from bitsmith.pipeline.stages import (
+    find_stages, quantize_linear, quantize_stage, report_hessian_tokens, stage_stats,
+)
 from bitsmith.pipeline.workstate import WorkState, work_dir_for
 from bitsmith.transforms import get_transform
 
@@ -293,11 +296,12 @@ def _process_block(
                    for rel, t in block.state_dict().items() if rel.removesuffix(".weight") not in linears}
         block.to(compute_dtype)
         stages = find_stages(block, linears, store.tensor[slices[0]], calls[0])
+        hessian_cap = report_hessian_tokens(plan.quantizer)
         replay = OutputReplay(block, linears, len(slices), plan.replay_bytes)
         specs, reports = {}, []
         for stage in stages:
             stats = stage_stats(block, linears[stage[0]], store, slices, calls, replay,
-                                stage[0] if len(stage) == 1 else None, plan.hessian_dtype)
+                                stage[0] if len(stage) == 1 else None, plan.hessian_dtype, hessian_cap)
             names = [f"{block_prefix}.{rel}" for rel in stage]
             weights = [masters.pop(rel) for rel in stage]
             results = quantize_stage(names, weights, stats, method, plan)
@@ -318,11 +322,14 @@ def _process_block(
             replay.mark_done(stage)
         index = int(block_prefix.rsplit(".", 1)[1])
         out = ActivationStore.create(tuple(store.tensor.shape), compute_dtype, state.inputs_file(index + 1), plan.spill_bytes)
+        def forward(b: int) -> None:  # batches in parallel threads (pipeline.batches), disjoint rows of out
+            replay.batch = b
+            result = block(store.tensor[slices[b]], *calls[b][0], **calls[b][1])
+            out.tensor[slices[b]] = result[0] if isinstance(result, tuple) else result
+
         with replay.active(record=False):
-            for b, (sl, (args, kwargs)) in enumerate(zip(slices, calls)):
-                replay.batch = b
-                result = block(store.tensor[sl], *args, **kwargs)
-                out.tensor[sl] = result[0] if isinstance(result, tuple) else result
+            for _ in run_batches(forward, len(slices)):
+                pass
         replay.clear()
     out.save(state.inputs_file(index + 1))
     store.close()

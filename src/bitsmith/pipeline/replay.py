@@ -25,6 +25,7 @@ recomputed, which changes the time, never the result.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -36,13 +37,24 @@ from torch import nn
 class OutputReplay:
     def __init__(self, block: nn.Module, linears: dict[str, nn.Module], batches: int, budget: int) -> None:
         self.block, self.linears, self.batches, self.budget = block, linears, batches, budget
-        self.batch = 0
+        self._local = threading.local()  # the batch each thread is running (pipeline.batches)
+        self._lock = threading.Lock()  # the recording hooks' shared bookkeeping
         self._modules = {n: m for n, m in block.named_modules() if n}
         self._done: set[str] = set()
         self._cache: dict[str, list] = {}  # module name -> output per batch
         self._tails: dict[str, list] = {}  # linear name -> its input per batch
         self._tail_kind: dict[str, int | None] = {}  # parent name -> -1 (not a tail), 0 (returns y), n (returns (y, None...))
         self._skip: set[str] = set()  # too big, or called twice per forward
+
+    @property
+    def batch(self) -> int:
+        """The batch the calling thread is running (set before each forward; batches may run in
+        parallel threads, :mod:`bitsmith.pipeline.batches`)."""
+        return getattr(self._local, "batch", 0)
+
+    @batch.setter
+    def batch(self, value: int) -> None:
+        self._local.batch = value
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def mark_done(self, rels: list[str]) -> None:
@@ -137,6 +149,10 @@ class OutputReplay:
         """The forward hook that records ``name``'s output per batch, within the budget."""
 
         def hook(_m: nn.Module, _args: Any, output: Any) -> None:
+            with self._lock:  # batches may run in parallel threads
+                record(output)
+
+        def record(output: Any) -> None:
             outs = state.recording.get(name)
             if outs is None:
                 return

@@ -8,6 +8,7 @@ already quantized (GPTQ's "true sequential" order).
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import nullcontext
 
@@ -16,10 +17,24 @@ from torch import nn
 
 from bitsmith.calib.stats import StatsAccumulator
 from bitsmith.methods import LayerStats, Method
+from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall
 from bitsmith.pipeline.common import layer_report
 from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.pipeline.replay import OutputReplay
+
+
+RTN_CHUNK_WEIGHTS = 1 << 16  # weights per chunk of the report's RTN comparison
+# Tokens in the Hessian of a quantizer that needs none (RTN, HQQ, after AWQ or with --calib): it only
+# feeds the report's relative output error, which 8 sequences of 512 estimate well
+REPORT_HESSIAN_TOKENS = 4096
+
+
+def report_hessian_tokens(method_name: str) -> int | None:
+    """The Hessian token cap for quantizer ``method_name``: None (every token) when it needs a Hessian."""
+    from bitsmith.methods import Needs, method_info
+
+    return None if method_info(method_name).needs is Needs.HESSIAN else REPORT_HESSIAN_TOKENS
 
 
 class _StopForward(Exception):
@@ -58,39 +73,49 @@ def find_stages(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.T
 def stage_stats(
     block: nn.Module, first: nn.Linear, store: ActivationStore, slices: list[slice], calls: list[BlockCall],
     replay: "OutputReplay | None" = None, tail_of: str | None = None, hessian_dtype: str = "fp32",
+    hessian_tokens: int | None = None,
 ) -> LayerStats:
     """Input statistics of a stage over all calibration batches: the block runs only up to the
     stage's first linear (the hook stops it there), replaying final sub-modules. ``tail_of``, the
     name of a stage's only linear, also hands its input per batch to ``replay`` as a tail (see
-    :class:`OutputReplay`), as far as the replay budget allows."""
-    acc = StatsAccumulator(first.in_features, hessian_dtype)
-    keep = [replay.tail_recorder(tail_of) if replay is not None and tail_of else None]
-    tail_of = tail_of if keep[0] is not None else None
+    :class:`OutputReplay`), as far as the replay budget allows. ``hessian_tokens`` caps the tokens
+    in the Hessian (:class:`StatsAccumulator`; the importance covers all)."""
+    acc = StatsAccumulator(first.in_features, hessian_dtype, hessian_tokens)
+    keep = replay.tail_recorder(tail_of) if replay is not None and tail_of else None
+    tail_of = tail_of if keep is not None else None
+    caught = threading.local()  # each thread's stage input (batches run in parallel threads)
 
     def catch(module: nn.Module, args: tuple) -> None:
-        acc.add(args[0])
-        if keep[0] is not None:
-            x = args[0]
-            if replay.used() + x.numel() * x.element_size() * len(slices) > replay.budget:
-                keep[0] = None  # would not fit: the parent is recomputed instead
-            else:
-                keep[0].append(x)
+        caught.x = args[0]
         raise _StopForward
+
+    def run(b: int) -> torch.Tensor | None:
+        if replay is not None:
+            replay.batch = b
+        caught.x = None
+        args, kwargs = calls[b]
+        try:
+            block(store.tensor[slices[b]], *args, **kwargs)
+        except _StopForward:
+            pass
+        return caught.x
 
     hook = first.register_forward_pre_hook(catch)
     try:
         with replay.active(tail_of=tail_of) if replay is not None else nullcontext():
-            for b, (sl, (args, kwargs)) in enumerate(zip(slices, calls)):
-                if replay is not None:
-                    replay.batch = b
-                try:
-                    block(store.tensor[sl], *args, **kwargs)
-                except _StopForward:
-                    pass
+            for _, x in run_batches(run, len(slices)):  # in batch order: the sums do not depend on threads
+                if x is None:
+                    continue
+                acc.add(x)
+                if keep is not None:
+                    if replay.used() + x.numel() * x.element_size() * len(slices) > replay.budget:
+                        keep = None  # would not fit: the parent is recomputed instead
+                    else:
+                        keep.append(x)
     finally:
         hook.remove()
-    if keep[0] is not None:
-        replay.keep_tail(tail_of, keep[0])
+    if keep is not None:
+        replay.keep_tail(tail_of, keep)
     return acc.stats()
 
 
@@ -118,12 +143,27 @@ def quantize_linear(name: str, weight: torch.Tensor, stats: LayerStats, method: 
 
 
 def _linear_report(name: str, weight: torch.Tensor, qt, stats: LayerStats, method: Method, seconds: float) -> dict:
-    from bitsmith.methods.gptq import layer_error
+    from bitsmith.methods.gptq import layer_errors
     from bitsmith.methods.rtn import rtn
 
     report = layer_report(name, weight, qt, seconds)
-    report["output_error"] = layer_error(weight, qt.dequantize(), stats.hessian)
+    dequants = [qt.dequantize()] + ([] if method is rtn else [rtn_dequantized(weight, qt.spec)])
+    errors = layer_errors(weight, dequants, stats.hessian)  # one pass over H for both
+    report["output_error"] = errors[0]
     if method is not rtn:
-        report["rtn_output_error"] = layer_error(weight, rtn(weight, qt.spec, None, {}).dequantize(), stats.hessian)
+        report["rtn_output_error"] = errors[1]
     report["tokens"] = stats.tokens
     return report
+
+
+def rtn_dequantized(weight: torch.Tensor, spec) -> torch.Tensor:
+    """``rtn(weight, spec).dequantize()`` (the report's comparison), computed on cache-sized chunks
+    of rows spread over the cores (:mod:`bitsmith.methods.parallel`). Rows are independent in RTN's
+    range search, so the result is the same; a fitted grid (``fit``) is per tensor and goes whole."""
+    from bitsmith.methods.parallel import map_chunks, row_chunks
+    from bitsmith.methods.rtn import rtn
+
+    if spec.grid == "fit":
+        return rtn(weight, spec, None, {}).dequantize()
+    chunks = row_chunks(weight.shape[0], weight.shape[1], RTN_CHUNK_WEIGHTS)
+    return torch.cat(map_chunks(lambda rows: rtn(weight[rows], spec, None, {}).dequantize(), chunks))

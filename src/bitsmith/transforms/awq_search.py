@@ -1,7 +1,8 @@
 """AWQ's searches and the registered ``awq`` transform (Lin et al. 2023; the method is described
 in :mod:`bitsmith.transforms.awq`, which also finds the scale groups and folds the scales).
 
-One float pass over the calibration data records what the searches need (``_calibrate``); then
+One float pass over the search tokens (``tokens``, evenly spaced whole sequences) records what the
+searches need, the mean |x| per channel included (``_calibrate``); then
 per scale group the scale of eq. 4-5 is searched and folded (checked on the block output), and per
 linear the clipping ratio is searched (:func:`clip_search`). The quantizer simulated inside the
 searches is a parameter (plain min/max RTN in the pipeline).
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from bitsmith.methods.base import Method, Needs
+from bitsmith.methods.parallel import map_chunks, row_chunks
 from bitsmith.primitives import from_groups, to_groups
 from bitsmith.spec import QuantSpec
 from bitsmith.transforms.awq import (
@@ -27,11 +29,13 @@ from bitsmith.transforms.base import register_transform
 
 log = logging.getLogger(__name__)
 
+QDQ_CHUNK_WEIGHTS = 1 << 16  # weights per row chunk of the simulated quantizer
+
 
 @dataclass(frozen=True)
 class AwqOptions:
     grid: int = 20  # alpha candidates i / grid, i < grid
-    tokens: int = 4096  # calibration tokens (whole sequences) the searches run on
+    tokens: int = 4096  # calibration tokens (whole sequences) the searches and the mean |x| use
     clip: bool = True
     clip_grid: int = 20  # shrink candidates from 1.0 to clip_min
     clip_min: float = 0.5
@@ -184,7 +188,16 @@ def _feeds_only(group: ScaleGroup, cal: _Calibration) -> bool:
 
 
 def _qdq(weight: torch.Tensor, spec: QuantSpec, method: Method, options: dict) -> torch.Tensor:
-    return method(weight.float(), spec, None, options).dequantize().to(weight)
+    """Quantize-dequantize with the simulated quantizer. RTN (the pipeline's) treats rows
+    independently, so it runs on cache-sized row chunks spread over the cores, one intra-op thread
+    each (:mod:`bitsmith.methods.parallel`): the same values, no barrier per small operation."""
+    from bitsmith.methods.rtn import rtn
+
+    if method is not rtn or spec.grid == "fit":  # a fitted grid is per tensor
+        return method(weight.float(), spec, None, options).dequantize().to(weight)
+    chunks = row_chunks(weight.shape[0], weight.shape[1], QDQ_CHUNK_WEIGHTS)
+    parts = map_chunks(lambda rows: method(weight[rows].float(), spec, None, options).dequantize(), chunks)
+    return torch.cat(parts).to(weight)
 
 
 def _weight_mean(linears: list[nn.Linear], spec: QuantSpec) -> torch.Tensor:
@@ -205,7 +218,15 @@ def _search_scale(
     x_mean = cal.abs_sum[group.linears[0]] / max(cal.count, 1)  # [in]
     w_mean = _weight_mean(linears, spec) if opts.duo else None
     originals = [m.weight.detach().clone() for m in linears]
-    reference = [_first(measure(*a, **k)) for a, k in cal.calls[group.measure]]
+    calls = cal.calls[group.measure]
+
+    def outputs(index: int) -> torch.Tensor:
+        with torch.no_grad():  # grad mode is per thread
+            return _first(measure(*calls[index][0], **calls[index][1]))
+
+    # the search batches run in parallel threads, one intra-op thread each (methods.parallel); the
+    # squared errors are summed in batch order on this thread, so the choice does not depend on threads
+    reference = map_chunks(outputs, range(len(calls)))
     best = (torch.ones_like(x_mean), 0.0, math.inf)
     loss_plain = math.inf
     try:
@@ -217,8 +238,8 @@ def _search_scale(
             s, _ = tie_heads(s / (s.max() * s.min()).sqrt(), group)
             for module, weight in zip(linears, originals):
                 module.weight.copy_(_qdq(weight * s, spec, method, options) / s)
-            err = sum(float((_first(measure(*a, **k)) - ref).float().pow(2).sum())
-                      for (a, k), ref in zip(cal.calls[group.measure], reference))
+            errs = map_chunks(lambda i: float((outputs(i) - reference[i]).float().pow(2).sum()), range(len(calls)))
+            err = sum(errs)
             loss = err / sum(ref.numel() for ref in reference)
             loss_plain = loss if i == 0 else loss_plain
             if loss < best[2]:
@@ -270,7 +291,8 @@ def _batches(n: int, tokens_per_seq: int, opts: AwqOptions, batch_size: int) -> 
     kept = torch.linspace(0, n - 1, n_kept).round().long().unique()
     taken = set(kept.tolist())
     rest = torch.tensor([i for i in range(n) if i not in taken], dtype=torch.long)
-    split = max(1, batch_size)
+    # at least as many search batches as cores, so that the search forwards run in parallel threads
+    split = max(1, min(batch_size, math.ceil(kept.numel() / max(1, torch.get_num_threads()))))
     return list(kept.split(split)), list(rest.split(split)) if rest.numel() else []
 
 
@@ -306,9 +328,12 @@ def _transform(
     clip_names = [n for n, m in modules.items()
                   if isinstance(m, nn.Linear) and not CLIP_SKIP.fullmatch(n.rsplit(".", 1)[-1])]
     n, length = hidden.shape[0], hidden.shape[1]
-    kept, rest = _batches(n, length, opts, batch_size)
+    kept, _ = _batches(n, length, opts, batch_size)
     kept_tokens = sum(len(k) for k in kept) * length
-    cal = _calibrate(block, hidden, kwargs, groups, clip_names if opts.clip else [], kept, rest,
+    # the mean |x| per channel comes from the search tokens too: a float32 pass over the other
+    # sequences only for that mean was the largest part of the transform (15 of 16 block forwards
+    # at 128 x 512 calibration), and a mean over 4096 tokens is already within a few percent
+    cal = _calibrate(block, hidden, kwargs, groups, clip_names if opts.clip else [], kept, [],
                      max(1, kept_tokens // opts.clip_tokens))
     scales = []
     for group in groups:
