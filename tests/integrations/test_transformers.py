@@ -117,13 +117,24 @@ def test_bfloat16_is_honoured_like_bitsmith_load(checkpoints) -> None:
         assert torch.equal(model(_ids()).logits, ref(_ids()).logits)
 
 
-@pytest.mark.parametrize("device_map", ["cuda", "auto", {"": "cuda:0"}, {"model": "cpu", "lm_head": "disk"}])
-def test_device_maps_off_the_cpu_are_refused(checkpoints, device_map) -> None:
+@pytest.mark.parametrize("device_map", ["cuda", "auto", {"": "cuda:0"}, {"model": "cpu", "lm_head": "disk"},
+                                        torch.device("cuda", 0), {"model": 0}])
+def test_device_maps_off_the_cpu_are_refused(device_map) -> None:
+    from bitsmith.integrations.transformers import check_device_map
+
     with pytest.raises(ValueError, match="CPU only.*model.to"):
-        _hf(checkpoints["w8-untied"], device_map=device_map)
+        check_device_map(device_map)
+
+
+@pytest.mark.parametrize("device_map", [None, "cpu", {"": "cpu"}, {"model": "cpu", "lm_head": torch.device("cpu")}])
+def test_cpu_device_maps_are_accepted(device_map) -> None:
+    from bitsmith.integrations.transformers import check_device_map
+
+    check_device_map(device_map)
 
 
 def test_cpu_device_map_loads(checkpoints) -> None:
+    pytest.importorskip("accelerate", reason="transformers needs accelerate for any device_map")
     model = _hf(checkpoints["w8-untied"], device_map="cpu")
     with torch.no_grad():
         assert torch.equal(model(_ids()).logits, load_model(checkpoints["w8-untied"]).model(_ids()).logits)

@@ -20,16 +20,18 @@ import sys
 from types import ModuleType
 
 TARGET = "transformers.quantizers.auto"
+INTEGRATION = "bitsmith.integrations.transformers"  # registers itself when imported
 
 log = logging.getLogger(__name__)
 
 
 def register_now() -> bool:
     """Register bitsmith's quantizer with the (already importable) transformers; False on failure."""
+    if INTEGRATION in sys.modules:  # imported or being imported (it imports transformers): it registers itself
+        return True
     try:
-        from bitsmith.integrations.transformers import register
+        import bitsmith.integrations.transformers  # noqa: F401 - registers on import
 
-        register()
         return True
     except Exception as exc:  # noqa: BLE001 - an integration must never break the host library's import
         log.warning("bitsmith could not register its transformers quantizer (%s: %s); load bitsmith "

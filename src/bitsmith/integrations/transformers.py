@@ -59,7 +59,15 @@ class BitsmithConfig(QuantizationConfigMixin):
 
 
 def _device_of(entry: object) -> str:
-    return torch.device(entry).type if isinstance(entry, (str, torch.device)) else f"device {entry}"
+    """The device type a device_map entry names ("disk" included; an int is an accelerator index)."""
+    if isinstance(entry, torch.device):
+        return entry.type
+    if isinstance(entry, str):
+        try:
+            return torch.device(entry).type
+        except RuntimeError:
+            return entry
+    return f"accelerator {entry}"
 
 
 def check_device_map(device_map: object) -> None:
@@ -236,3 +244,6 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(BitsmithConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(BitsmithHfQuantizer)
+
+
+register()  # importing this module is registering it (the import hook relies on it)
