@@ -192,3 +192,19 @@ def test_registration_works_in_either_import_order(checkpoints, first: str) -> N
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "['Linear', 'QuantLinear']"  # lm_head stays a float Linear
+
+
+def test_without_bitsmith_transformers_raises_naming_bitsmith_load(checkpoints) -> None:
+    """The obvious mistake (no `import bitsmith`) is an error that says what to do, not random weights."""
+    code = LOAD.format(path=str(checkpoints["w4g32-tied-quantized-embedding"]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0
+    assert "ValueError" in out.stderr and "bitsmith.load(path)" in out.stderr and "import bitsmith" in out.stderr
+
+
+def test_exported_gptq_folder_drops_bitsmith_fields(checkpoints, tmp_path: Path) -> None:
+    from bitsmith.io.export_gptq import export_gptq
+
+    export_gptq(checkpoints["w8-untied"], tmp_path / "gptq")
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gptq" and "transformers_weights" not in config

@@ -31,7 +31,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from bitsmith.formats.packing import packed_row_bytes
-from bitsmith.io.quant_config import CONFIG_VERSION, LOAD_HINT, QUANT_METHOD, QuantConfigError, expand
+from bitsmith.io.quant_config import (CONFIG_VERSION, LOAD_HINT, QUANT_METHOD, TRIPWIRE, TRIPWIRE_KEY, QuantConfigError,
+                                      expand)
 from bitsmith.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,13 @@ class BitsmithHfQuantizer(HfQuantizer):
     def validate_environment(self, *args, device_map: object = None, **kwargs) -> None:
         check_device_map(device_map)
 
+    def update_attn_implementation(self, config):  # type: ignore[no-untyped-def]
+        """Clear the tripwire that stops transformers without bitsmith (io/quant_config.py): called
+        before transformers looks for the weights file."""
+        if getattr(config, TRIPWIRE_KEY, None) == TRIPWIRE:
+            setattr(config, TRIPWIRE_KEY, None)
+        return config
+
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype} is not one bitsmith computes in; use torch.float32 (bitsmith.load's default), "
@@ -220,6 +228,7 @@ class BitsmithHfQuantizer(HfQuantizer):
             parts = module.to_state(name) if hasattr(module, "to_state") else module.qt.to_state(name)
             state.update({k: v.detach().cpu().contiguous().clone() for k, v in parts.items()})
             tensors[name] = {"spec": str(spec), "shape": list(_shape_of_quantized(module))}
+        setattr(model.config, TRIPWIRE_KEY, TRIPWIRE)  # the saved config.json stops transformers without bitsmith too
         metadata = {"quantization": json.dumps({"method": self.quantization_config.method, "options": {},
                                                 "tensors": tensors})}
         return state, metadata

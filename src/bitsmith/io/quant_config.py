@@ -11,6 +11,15 @@ Hugging Face tools decide how to build a quantized model from ``config.json``'s
         "load_with": "import bitsmith ..."                  for a reader who meets the field unprepared
     }
 
+Without ``import bitsmith`` transformers would not know ``quant_method: "bitsmith"``: it warns, skips
+the quantization and initialises every quantized layer at random (a model that scores a perplexity of
+~1e17 with no error). So the writer also sets ``transformers_weights`` (the config key transformers
+reads for a weights file of another name) to a text that is no file name: transformers then raises
+``ValueError: The transformers file in the config seems to be incorrect ...: <that text>``, which
+says to ``import bitsmith`` or use ``bitsmith.load``. bitsmith's quantizer clears it before transformers
+looks (:mod:`bitsmith.integrations.transformers`). A tool that copies this config.json into another
+format's folder must drop both fields (:func:`strip`).
+
 A ``*`` pattern is written only when the layer is quantized in every block (``0 .. num_hidden_layers
 - 1``), so expanding it against the model's own module names gives back exactly the written set;
 anything else is listed by name. The shard headers stay the checkpoint's ground truth (per-tensor
@@ -35,6 +44,9 @@ QUANT_METHOD = "bitsmith"
 CONFIG_VERSION = "1"
 LOAD_HINT = ("a bitsmith checkpoint: run `import bitsmith` before transformers' from_pretrained "
              "(bitsmith registers this quant_method), or load it with bitsmith.load(path)")
+TRIPWIRE_KEY = "transformers_weights"
+TRIPWIRE = ("not a weights file - this is a bitsmith checkpoint: run `import bitsmith` before "
+            "from_pretrained (it registers quant_method 'bitsmith'), or load it with bitsmith.load(path)")
 _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -111,7 +123,19 @@ def write_into(folder: Path, specs: Mapping[str, QuantSpec | str], method: str) 
         return False
     config = json.loads(path.read_text())
     config["quantization_config"] = build(specs, method, num_blocks(config))
+    config[TRIPWIRE_KEY] = TRIPWIRE
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return True
+
+
+def strip(config: dict) -> dict:
+    """``config`` (a config.json dict) without bitsmith's quantization_config and transformers tripwire,
+    for a folder of another format made from a bitsmith checkpoint."""
+    out = dict(config)
+    if isinstance(out.get("quantization_config"), Mapping) and out["quantization_config"].get("quant_method") == QUANT_METHOD:
+        del out["quantization_config"]
+    if out.get(TRIPWIRE_KEY) == TRIPWIRE:
+        del out[TRIPWIRE_KEY]
+    return out
