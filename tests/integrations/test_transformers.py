@@ -174,7 +174,22 @@ def test_checkpoint_without_the_field_still_loads_through_bitsmith(checkpoints, 
     del config["quantization_config"]
     (folder / "config.json").write_text(json.dumps(config))
     with torch.no_grad():
-        assert torch.equal(load_model(folder).model(_ids()).logits, load_model(checkpoints["w8-untied"]).model(_ids()).logits)
+        want = load_model(checkpoints["w8-untied"]).model(_ids()).logits
+        assert torch.equal(load_model(folder).model(_ids()).logits, want)
+    from bitsmith.integrations.transformers import upgrade
+
+    upgrade(folder)  # the field, from the shard headers: transformers loads it again
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["spec"] == "w8"
+    with torch.no_grad():
+        assert torch.equal(_hf(folder)(_ids()).logits, want)
+
+
+def test_upgrade_refuses_a_folder_that_is_no_checkpoint(tmp_path: Path) -> None:
+    from bitsmith.integrations.transformers import upgrade
+    from bitsmith.io.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a bitsmith checkpoint"):
+        upgrade(make_tiny_model(tmp_path / "float"))
 
 
 LOAD = ("import torch, transformers; from transformers import AutoModelForCausalLM; "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -245,6 +246,21 @@ def _shape_of_quantized(module: nn.Module) -> tuple[int, int]:
     if hasattr(module, "out_features"):
         return module.out_features, module.in_features
     return module.num_embeddings, module.embedding_dim
+
+
+def upgrade(folder: str | Path) -> Path:
+    """Give a bitsmith checkpoint written before config.json carried a ``quantization_config`` that field
+    (and the tripwire), from its shard headers, so that transformers loads it; returns the folder."""
+    from bitsmith.io.checkpoint import CheckpointError, read_info
+    from bitsmith.io.quant_config import write_into
+
+    folder = Path(folder)
+    info = read_info(folder) if folder.is_dir() else None
+    if info is None:
+        raise CheckpointError(f"{folder} is not a bitsmith checkpoint (no shard says format bitsmith); nothing to upgrade")
+    if not write_into(folder, info.specs, info.method):
+        raise CheckpointError(f"{folder} has no config.json; copy it from the model the checkpoint was quantized from")
+    return folder
 
 
 def register() -> None:
