@@ -1,11 +1,11 @@
 """transformers' AutoModelForCausalLM.from_pretrained on bitsmith checkpoints, against bitsmith's own
 load_model (a benchmark, not a test; run on demand):
 
-    .venv/bin/python bench/transformers_load.py [--windows 1] [--new-tokens 24] [--out FILE] LABEL=CKPT ...
+    .venv/bin/python bench/transformers_load.py [--windows 1] [--tokens 512] [--new-tokens 24] [--out FILE] LABEL=CKPT ...
 
 For each checkpoint (made with `bitsmith quantize`, so its config.json carries the bitsmith
 quantization_config): transformers loads it in a fresh process after `import bitsmith` (dtype
-float32), scores --windows windows of 512 tokens of the shipped prose slice and greedy-generates
+float32), scores --windows windows of --tokens tokens (512 by default) of the shipped prose slice and greedy-generates
 --new-tokens tokens from a fixed prompt; bitsmith's load_model does the same in another process.
 The table gives each side's load seconds, the max |logit difference| over every scored position,
 top-1 agreement, whether the generated tokens are identical, and transformers' generated text.
@@ -29,8 +29,8 @@ SIDE = r'''
 import json, sys, time, torch
 from safetensors.torch import save_file
 import bitsmith
-side, ckpt, text, windows, new_tokens, prompt, out = sys.argv[1:8]
-windows, new_tokens = int(windows), int(new_tokens)
+side, ckpt, text, windows, length, new_tokens, prompt, out = sys.argv[1:9]
+windows, length, new_tokens = int(windows), int(length), int(new_tokens)
 torch.set_num_threads(2)
 t0 = time.perf_counter()
 if side == "transformers":
@@ -41,7 +41,7 @@ else:
     loaded = load_model(ckpt)
     model, tok = loaded.model, loaded.tokenizer
 load_s = time.perf_counter() - t0
-ids = tok(open(text).read(), return_tensors="pt").input_ids[0][: windows * 512].view(windows, 512)
+ids = tok(open(text).read(), return_tensors="pt").input_ids[0][: windows * length].view(windows, length)
 with torch.no_grad():
     logits = torch.stack([model(w.unsqueeze(0), use_cache=False).logits[0].float() for w in ids])
     p = tok(prompt, return_tensors="pt").input_ids
@@ -54,8 +54,8 @@ json.dump({"load_s": round(load_s, 1), "text": tok.decode(gen, skip_special_toke
 
 
 def run_side(side: str, ckpt: Path, args: argparse.Namespace, out: Path) -> dict:
-    cmd = [sys.executable, "-c", SIDE, side, str(ckpt), str(text_path()), str(args.windows), str(args.new_tokens),
-           PROMPT, str(out)]
+    cmd = [sys.executable, "-c", SIDE, side, str(ckpt), str(text_path()), str(args.windows), str(args.tokens),
+           str(args.new_tokens), PROMPT, str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{side} failed on {ckpt}:\n{done.stderr[-3000:]}")
@@ -95,7 +95,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+", help="LABEL=CHECKPOINT_DIR")
-    ap.add_argument("--windows", type=int, default=1, help="512-token windows of the prose slice (default 1)")
+    ap.add_argument("--windows", type=int, default=1, help="windows of the prose slice scored (default 1)")
+    ap.add_argument("--tokens", type=int, default=512, help="tokens per window (default 512, docs/PROTOCOL.md's)")
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = ap.parse_args()
