@@ -109,6 +109,26 @@ def test_save_pretrained_round_trips(checkpoints, case: str, tmp_path: Path) -> 
         assert torch.equal(again(_ids()).logits, model(_ids()).logits)
 
 
+@pytest.mark.parametrize("config_dtype", [None, "bfloat16"])
+def test_default_dtype_is_float32_like_bitsmith_load(checkpoints, tmp_path: Path, config_dtype) -> None:
+    """transformers' dtype="auto" takes config.json's dtype, or without one the first stored float
+    tensor's (here the fp16 embedding); bitsmith checkpoints run in float32 like bitsmith.load."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    path = shutil.copytree(checkpoints["w3g64-tied"], tmp_path / "ck")
+    config = json.loads((path / "config.json").read_text())
+    config.pop("dtype", None)
+    if config_dtype:
+        config["dtype"] = config_dtype
+    (path / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(model(_ids()).logits, load_model(path).model(_ids()).logits)
+
+
 def test_bfloat16_is_honoured_like_bitsmith_load(checkpoints) -> None:
     path = checkpoints["w8-untied"]
     model, ref = _hf(path, dtype=torch.bfloat16), load_model(path, dtype=torch.bfloat16).model

@@ -172,10 +172,13 @@ class BitsmithHfQuantizer(HfQuantizer):
         check_device_map(device_map)
 
     def update_attn_implementation(self, config):  # type: ignore[no-untyped-def]
-        """Clear the tripwire that stops transformers without bitsmith (io/quant_config.py): called
-        before transformers looks for the weights file."""
+        """Clear the tripwire that stops transformers without bitsmith (io/quant_config.py), and make
+        ``dtype="auto"`` (transformers' default) float32 as in ``bitsmith.load``: a checkpoint's config
+        often names no dtype, and transformers would then take its first stored float tensor's, the
+        fp16 of an unquantized embedding. Both run before transformers reads either field."""
         if getattr(config, TRIPWIRE_KEY, None) == TRIPWIRE:
             setattr(config, TRIPWIRE_KEY, None)
+        config.dtype = torch.float32
         return config
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
