@@ -107,6 +107,11 @@ def test_save_pretrained_round_trips(checkpoints, case: str, tmp_path: Path) -> 
     assert saved["quant_method"] == "bitsmith" and saved["modules"]
     with torch.no_grad():
         assert torch.equal(again(_ids()).logits, model(_ids()).logits)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(checkpoints[case]).save_pretrained(tmp_path / "saved")
+    with torch.no_grad():  # the saved folder is a bitsmith checkpoint for bitsmith too
+        assert torch.equal(load_model(tmp_path / "saved").model(_ids()).logits, model(_ids()).logits)
 
 
 @pytest.mark.parametrize("config_dtype", [None, "bfloat16"])

@@ -32,8 +32,9 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from bitsmith.formats.packing import packed_row_bytes
-from bitsmith.io.quant_config import (CONFIG_VERSION, LOAD_HINT, QUANT_METHOD, TRIPWIRE, TRIPWIRE_KEY, QuantConfigError,
-                                      expand)
+from bitsmith.io.checkpoint import FORMAT_VERSION
+from bitsmith.io.quant_config import (CONFIG_VERSION, LOAD_HINT, QUANT_METHOD, SHARD_MARK, TRIPWIRE, TRIPWIRE_KEY,
+                                      QuantConfigError, expand)
 from bitsmith.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -233,8 +234,9 @@ class BitsmithHfQuantizer(HfQuantizer):
             state.update({k: v.detach().cpu().contiguous().clone() for k, v in parts.items()})
             tensors[name] = {"spec": str(spec), "shape": list(_shape_of_quantized(module))}
         setattr(model.config, TRIPWIRE_KEY, TRIPWIRE)  # the saved config.json stops transformers without bitsmith too
-        metadata = {"quantization": json.dumps({"method": self.quantization_config.method, "options": {},
-                                                "tensors": tensors})}
+        # the shard header of a bitsmith checkpoint (io/checkpoint.py), so bitsmith.load reads the folder too
+        quantization = {"method": self.quantization_config.method, "options": {}, "tensors": tensors}
+        metadata = {SHARD_MARK: QUANT_METHOD, "format_version": FORMAT_VERSION, "quantization": json.dumps(quantization)}
         return state, metadata
 
     def is_serializable(self, *args, **kwargs) -> bool:

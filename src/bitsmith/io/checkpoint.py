@@ -309,7 +309,7 @@ def read_info(folder: Path) -> CheckpointInfo | None:
     method, options, version = "", {}, ""
     for path in shard_files(Path(folder)):
         meta = read_header(path).metadata
-        if meta.get("format") != FORMAT:
+        if not quant_config.is_bitsmith_shard(meta):
             return None
         version = meta.get("format_version", "")
         if version != FORMAT_VERSION:

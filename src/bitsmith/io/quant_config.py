@@ -139,3 +139,12 @@ def strip(config: dict) -> dict:
     if out.get(TRIPWIRE_KEY) == TRIPWIRE:
         del out[TRIPWIRE_KEY]
     return out
+
+
+SHARD_MARK = "bitsmith_format"  # save_pretrained forces a shard's "format" to "pt": bitsmith's mark goes here
+
+
+def is_bitsmith_shard(metadata: Mapping[str, str]) -> bool:
+    """Whether a safetensors shard's ``__metadata__`` says bitsmith: written by bitsmith
+    (``format: bitsmith``) or by transformers' save_pretrained of a bitsmith-loaded model."""
+    return metadata.get("format") == QUANT_METHOD or metadata.get(SHARD_MARK) == QUANT_METHOD
