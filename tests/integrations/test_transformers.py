@@ -248,3 +248,21 @@ def test_exported_gptq_folder_drops_bitsmith_fields(checkpoints, tmp_path: Path)
     export_gptq(checkpoints["w8-untied"], tmp_path / "gptq")
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "gptq" and "transformers_weights" not in config
+
+
+def test_a_checkpoint_missing_a_packed_tensor_is_refused(checkpoints, tmp_path: Path) -> None:
+    """Not the uninitialised memory transformers would allocate for it."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from bitsmith.io.quant_config import QuantConfigError
+
+    folder = shutil.copytree(checkpoints["w3g64-tied"], tmp_path / "cut")
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del tensors["model.layers.1.mlp.up_proj.scale"]
+    save_file(tensors, folder / "model.safetensors", metadata=meta)
+    with pytest.raises(QuantConfigError, match=r"no model\.layers\.1\.mlp\.up_proj\.scale"):
+        _hf(folder)

@@ -213,8 +213,10 @@ class BitsmithHfQuantizer(HfQuantizer):
         layers = {}
         for name, spec in self.specs.items():
             module = model.get_submodule(name)
-            parts = {p: module._parameters.pop(p).detach() for p in PARTS if p in module._parameters}
-            missing = [p for p in part_shapes(spec, *_shape(module, name)) if p not in parts or parts[p].is_meta]
+            parts = {p: module._parameters.pop(p) for p in PARTS if p in module._parameters}
+            # transformers flags what it loaded; a part the shards lack was only allocated (uninitialised)
+            missing = [p for p in parts if parts[p].is_meta or not getattr(parts[p], "_is_hf_initialized", False)]
+            parts = {p: t.detach() for p, t in parts.items()}
             if missing:
                 raise QuantConfigError(f"the checkpoint has no {name}.{missing[0]}; the folder is incomplete: "
                                        "quantize again or copy the missing shard")
