@@ -8,6 +8,8 @@ Layout (format version 1)::
         quantization = JSON {"method", "options",
                              "tensors": {module name: {"spec": "w4g128", "shape": [out, in]}}}
     model.safetensors.index.json          weight map (when there is more than one shard)
+    config.json's quantization_config     quant_method "bitsmith" and the per-layer specs, so transformers
+                                          finds bitsmith's quantizer (:mod:`bitsmith.io.quant_config`)
     bitsmith.json                         the same metadata for the whole model plus the quantization
                                           report (per-layer error, bits/weight, timings)
 
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from bitsmith.io import quant_config
 from bitsmith.io.destination import Destination, Staging
 from bitsmith.io.safetensors import read_header, shard_files
 from bitsmith.primitives import abs_max
@@ -241,6 +244,9 @@ class CheckpointWriter:
         info = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": self.method,
                 "options": self.options, "tensors": self.specs, "report": report or {}}
         self.write_file(REPORT_FILE, json.dumps(info, indent=1))
+        # config.json (written by the caller) declares the quantization to transformers; last, so a
+        # config saved over it earlier (an untied head) still gets it
+        quant_config.write_into(self.tmp_dir, {n: e["spec"] for n, e in self.specs.items()}, self.method)
         return self.staging.publish()  # never clobbers; --overwrite swaps the old checkpoint out only now
 
 
@@ -303,7 +309,7 @@ def read_info(folder: Path) -> CheckpointInfo | None:
     method, options, version = "", {}, ""
     for path in shard_files(Path(folder)):
         meta = read_header(path).metadata
-        if meta.get("format") != FORMAT:
+        if not quant_config.is_bitsmith_shard(meta):
             return None
         version = meta.get("format_version", "")
         if version != FORMAT_VERSION:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from bitsmith.formats.gptq_layout import GPTQError, GPTQFormat, from_gptq, to_gptq
+from bitsmith.io.quant_config import strip
 from bitsmith.io.safetensors import shard_files
 from bitsmith.primitives import sqnr_db
 
@@ -72,7 +73,7 @@ def export_gptq(checkpoint: str | Path, out: str | Path, fmt: GPTQFormat = GPTQF
         for item in folder.iterdir():
             if item.is_file() and item.suffix != ".safetensors" and item.name not in ("bitsmith.json", "model.safetensors.index.json"):
                 shutil.copyfile(item, tmp / item.name)
-        config = json.loads((folder / "config.json").read_text())
+        config = strip(json.loads((folder / "config.json").read_text()))  # bitsmith's own fields would stop transformers
         config["quantization_config"] = {
             "quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size or -1, "desc_act": False,
             "sym": spec.symmetric, "checkpoint_format": fmt.value, "lm_head": "lm_head" in quantized,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from bitsmith.io.quant_config import is_bitsmith_shard
 from bitsmith.io.safetensors import (
     INDEX_FILE, SafetensorsError, StTensor, can_read_tensor, confined_path, read_header, read_tensor, shard_files,
 )
@@ -146,7 +147,7 @@ def open_hf_folder(folder: Path) -> ModelSource:
             "copy the tokenizer files from the original model repo into the folder"
         )
     store = SafetensorsStore(folder)
-    kind = "bitsmith" if store.metadata.get("format") == "bitsmith" else "hf"
+    kind = "bitsmith" if is_bitsmith_shard(store.metadata) else "hf"
     return ModelSource(path=folder, config=config, kind=kind, store=store)
 
 
