@@ -286,7 +286,9 @@ def imported_layers(source: Any, model: str | Path) -> dict[str, QuantizedTensor
         from bitsmith.io.import_gptq import load_gptq_folder, read_gptq_config
 
         if read_gptq_config(source.path) is None:
-            return {}
+            from bitsmith.io.import_ct import load_ct_folder, read_ct_config
+
+            return load_ct_folder(source.path)[1] if read_ct_config(source.path) is not None else {}
         _, layers, _ = load_gptq_folder(source.path)
         if any(perm is not None for _, perm in layers.values()):
             raise ExportError(f"{source.path} uses GPTQ act-order (a permuted g_idx), whose groups are not contiguous "
