@@ -123,3 +123,23 @@ def test_cli_export_and_overwrite(tiny: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):  # a folder bitsmith did not write is never replaced
         main(["export", str(ck), "--to", "compressed-tensors", "--out", str(tiny), "--overwrite"])
     assert (tiny / "config.json").is_file()
+
+
+def test_ct_folder_re_exports_to_gguf_exactly(tmp_path: Path) -> None:
+    """A compressed-tensors folder is a MODEL for export --to gguf as a GPTQ folder is: the same blocks."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from bitsmith.io.gguf.export import export_gguf
+
+    src = make_tiny_model(tmp_path / "tiny", "llama")
+    ck = quantize(src, tmp_path / "ck", QuantizePlan(QuantSpec.parse("w4g32s")))
+    export_ct(ck, tmp_path / "ct")
+    export_gguf(ck, tmp_path / "ck.gguf")
+    from_ct = export_gguf(tmp_path / "ct", tmp_path / "ct.gguf")
+    assert {t.route for t in from_ct.tensors if t.qtype == "Q4_0"} == {"exact"}
+    a = {t.name: t for t in GGUFReader(str(tmp_path / "ck.gguf")).tensors}
+    b = {t.name: t for t in GGUFReader(str(tmp_path / "ct.gguf")).tensors}
+    assert set(a) == set(b)
+    for name, t in a.items():
+        assert t.tensor_type == b[name].tensor_type and np.array_equal(np.asarray(t.data), np.asarray(b[name].data)), name

@@ -43,7 +43,7 @@ from bitsmith.tensor import QuantizedTensor
 log = logging.getLogger(__name__)
 
 # parts of a quantized module other than its codes: written as part of the module's one GGUF tensor
-CODE_PARTS = ("scale", "zero", "grid", "qzeros", "scales", "g_idx")
+CODE_PARTS = ("scale", "zero", "grid", "qzeros", "scales", "g_idx", "weight_scale", "weight_zero_point", "weight_shape")
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ def export_tensor(job: ExportJob, name: str, tied: bool, n_layers: int, n_gqa: i
     module, _, part = name.rpartition(".")
     if module in job.quantized and part in CODE_PARTS:
         return None
-    is_quantized = module in job.quantized and part in ("qweight", "weight")
+    is_quantized = module in job.quantized and part in ("qweight", "weight", "weight_packed")
     if is_quantized:
         name = f"{module}.weight"
     gname = job.naming.gguf_name(name)
