@@ -117,10 +117,10 @@ def main() -> None:
     p.add_argument("--skip-export", action="store_true")
     p.add_argument("--skip-lm-eval", action="store_true")
     args = p.parse_args()
-    from bitsmith.runtime.load import load_model
+    from bitsmith.models import open_source
 
     work = work_dir(f"export-ct-{args.model}")
-    tok = load_model(args.model).tokenizer
+    tok = open_source(args.model).tokenizer()
     ids = torch.tensor([tok.encode(text_path().read_text(encoding="utf-8")[:20000])[: args.tokens]])
     if not args.skip_export:
         for spec in args.specs.split(","):

@@ -37,12 +37,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.to == "compressed-tensors":
         from bitsmith.io.export_ct import export_ct
+        from bitsmith.spec import QuantSpec
 
         report = export_ct(args.model, Path(args.out), args.scale_dtype, overwrite=args.overwrite)
         for name, entry in report.items():
             if entry["max_zero_rounding"]:
                 console.print(f"{name}: zeros rounded (max {entry['max_zero_rounding']:.3f}), SQNR {fmt(entry['sqnr_db'])} dB")
-        regrouped = sorted({(e["spec"], e["group_size"]) for e in report.values() if e["group_size"] and f"g{e['group_size']}" not in e["spec"]})
+        regrouped = sorted({(e["spec"], e["group_size"]) for e in report.values()
+                            if e["group_size"] != QuantSpec.parse(e["spec"]).group_size})
         for spec, group in regrouped:
             console.print(f"{spec}: rows that are not whole groups written exactly as group size {group} (scales repeated)")
         out.print(f"{args.out}  ({dir_size_mb(args.out):.1f} MB, {len(report)} compressed-tensors layers)")
