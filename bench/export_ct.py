@@ -92,19 +92,21 @@ def check(model: str, spec: str, work: Path, ids: torch.Tensor) -> None:
     print(f"{spec}: compressed-tensors decompress vs bitsmith dequantize: max |diff| {decompression_diff(ck, folder)}")
     print(f"{spec}: transformers from_pretrained vs bitsmith logits ({ids.shape[1]} tokens): max |diff| "
           f"{float((ours - theirs).abs().max()):.3g}, top-1 agreement {top1:.4f}")
-    print(f"{spec}: bitsmith import of the folder vs the checkpoint: max |logit diff| {float((ours - back).abs().max())}")
+    print(f"{spec}: bitsmith import of the folder vs the checkpoint: max |logit diff| {float((ours - back).abs().max())}", flush=True)
 
 
-def lm_eval_tables(model: str, specs: list[str], work: Path, limit: int | None) -> None:
+def lm_eval_tables(model: str, specs: list[str], work: Path, limit: int | None, given: dict[str, str]) -> None:
+    """The harness's table for the unquantized model and each spec (its checkpoint from ``given``
+    when named there, else quantized with RTN into ``work``)."""
     from bitsmith.eval.harness import LOCAL_TASKS, harness_table, parse_tasks, run_harness
     from bitsmith.runtime.load import load_model
 
     tasks, manager = parse_tasks(",".join(LOCAL_TASKS))
-    for name, path in [("fp32", model)] + [(s, checkpoint(model, s, work)) for s in specs]:
+    for name, path in [("fp32", model)] + [(s, given.get(s) or checkpoint(model, s, work)) for s in specs]:
         t = time.perf_counter()
         results = run_harness(load_model(path), tasks, manager, limit=limit)
-        print(f"\n### {name} ({path if name == 'fp32' else 'RTN ' + name}), {time.perf_counter() - t:.0f} s\n")
-        print(harness_table(results))
+        print(f"\n### {name}: {path}, {time.perf_counter() - t:.0f} s\n", flush=True)
+        print(harness_table(results), flush=True)
 
 
 def main() -> None:
@@ -114,6 +116,7 @@ def main() -> None:
     p.add_argument("--lm-eval-specs", default="w4g128,w3g128")
     p.add_argument("--tokens", type=int, default=512, help="prose tokens for the logit comparison")
     p.add_argument("--limit", type=int, default=None, help="harness documents per task (default all)")
+    p.add_argument("--lm-eval-checkpoints", default="", help="SPEC=DIR[,SPEC=DIR]: existing checkpoints for --lm-eval-specs")
     p.add_argument("--skip-export", action="store_true")
     p.add_argument("--skip-lm-eval", action="store_true")
     args = p.parse_args()
@@ -126,7 +129,8 @@ def main() -> None:
         for spec in args.specs.split(","):
             check(args.model, spec, work, ids)
     if not args.skip_lm_eval:
-        lm_eval_tables(args.model, args.lm_eval_specs.split(","), work, args.limit)
+        given = dict(item.split("=", 1) for item in args.lm_eval_checkpoints.split(",") if item)
+        lm_eval_tables(args.model, args.lm_eval_specs.split(","), work, args.limit, given)
 
 
 if __name__ == "__main__":

@@ -93,3 +93,17 @@ def test_refusals() -> None:
         from_ct(layer.parts(), {**weight_args(*layer.scheme_key), "type": "float"})
     with pytest.raises(CTError, match="corrupt"):
         from_ct({**layer.parts(), "weight_packed": layer.weight_packed[:, :-1]}, weight_args(*layer.scheme_key))
+
+
+def test_shared_group_writes_every_row_with_one_size_exactly() -> None:
+    from bitsmith.formats.ct_layout import shared_group
+
+    spec = QuantSpec.parse("w4g128")
+    assert shared_group(spec, [576, 1536]) == 64 and shared_group(QuantSpec.parse("w8"), [576]) is None
+    qt = _random_qt("w4g128", 8, 1536, seed=4)  # whole groups of 128, written as pairs of 64
+    layer = to_ct(qt, torch.float32, 64)
+    assert layer.group_size == 64 and torch.equal(_ct_decompress(layer), qt.dequantize())
+    back = from_ct(layer.parts(), weight_args(*layer.scheme_key))
+    assert back.spec == qt.spec and torch.equal(back.scale, qt.scale)
+    with pytest.raises(CTError, match="evenly"):
+        to_ct(qt, torch.float32, 96)

@@ -101,15 +101,29 @@ def ct_group(spec: QuantSpec, in_features: int) -> int | None:
     return math.gcd(spec.group_size, in_features)
 
 
-def to_ct(qt: QuantizedTensor, scale_dtype: torch.dtype = torch.float16) -> CTTensors:
-    """One layer in the pack-quantized layout; CTError for what it cannot hold."""
+def shared_group(spec: QuantSpec, row_widths: list[int]) -> int | None:
+    """One compressed-tensors group size for every layer of ``spec``: the largest that divides the
+    spec's group and every row width (w4g128 on SmolLM2's 576- and 1536-wide rows: 64). Loaders that
+    apply a single scheme to every layer (transformers' dequantizing path) need one size."""
+    if spec.group_size is None:
+        return None
+    return math.gcd(spec.group_size, *row_widths)
+
+
+def to_ct(qt: QuantizedTensor, scale_dtype: torch.dtype = torch.float16, group: int | None = None) -> CTTensors:
+    """One layer in the pack-quantized layout; CTError for what it cannot hold. ``group``: write
+    with this smaller group size (it must divide the spec's and the row), e.g. one size shared by
+    every layer of the spec (see :func:`shared_group`); default :func:`ct_group`."""
     spec, (out_features, in_features) = qt.spec, qt.shape
     if spec.grid != "uniform":
         raise CTError(f"{spec} is a non-uniform grid; compressed-tensors stores uniform integer codes only: "
                       "quantize with a uniform spec (e.g. w4g128) or export to GGUF")
     if scale_dtype not in SCALE_DTYPES.values():
         raise CTError(f"scales in {scale_dtype} would round bitsmith's fp16 scales; use float16 or float32")
-    group = ct_group(spec, in_features)
+    if group is None or spec.group_size is None:
+        group = ct_group(spec, in_features)
+    elif spec.group_size % group or in_features % group:
+        raise CTError(f"group size {group} does not split {spec}'s groups on rows of {in_features} evenly")
     scale, zero = qt.scale, qt.zero
     if group is not None and group != spec.group_size:  # repeat each scale over its sub-groups
         index = torch.arange(in_features // group) * group // spec.group_size

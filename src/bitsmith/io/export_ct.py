@@ -4,7 +4,10 @@ transformers loads. The layout itself (packing, the zero convention, what it can
 :mod:`bitsmith.formats.ct_layout`.
 
 Layers that share (bits, group, symmetry) form one config group whose ``targets`` name them exactly,
-so mixed-precision checkpoints map too; everything left unquantized is copied and named in
+so mixed-precision checkpoints map too (but transformers' dequantizing loader applies one scheme to
+every layer, so only single-spec folders load there); every layer of a spec is written with one
+group size that divides all its rows (:func:`~bitsmith.formats.ct_layout.shared_group`), so a
+single-spec checkpoint is a single config group; everything left unquantized is copied and named in
 ``ignore`` when it is a linear layer (lm_head). Everything that cannot map is refused before a byte
 is written: non-uniform grids and a quantized input embedding (bitsmith's tied embedding/head codes;
 vLLM quantizes neither). The folder is written under a temporary name and renamed when complete
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bitsmith.formats.ct_layout import SCALE_DTYPES, CTError, CTTensors, to_ct, weight_args
+from bitsmith.formats.ct_layout import SCALE_DTYPES, CTError, CTTensors, shared_group, to_ct, weight_args
 from bitsmith.io.safetensors import shard_files
 from bitsmith.primitives import sqnr_db
 
@@ -96,8 +99,10 @@ def export_ct(checkpoint: str | Path, out: str | Path, scale_dtype: str = "float
     layers: dict[str, CTTensors] = {}
     report: dict[str, dict] = {}
     state: dict[str, torch.Tensor] = {}
+    groups = {spec: shared_group(spec, [info.shapes[m][1] for m, s in info.specs.items() if s == spec])
+              for spec in set(info.specs.values())}
     for module, qt in quantized_tensors(folder, info).items():
-        layer = layers[module] = to_ct(qt, SCALE_DTYPES[scale_dtype])
+        layer = layers[module] = to_ct(qt, SCALE_DTYPES[scale_dtype], groups[qt.spec])
         state.update(layer.state(module))
         entry = {"spec": str(qt.spec), "group_size": layer.group_size, "max_zero_rounding": layer.max_zero_rounding}
         if layer.max_zero_rounding:
