@@ -1,4 +1,4 @@
-"""bitsmith tasks MODEL [--humaneval [--limit N]] [--reasoning [--n-per-family K]] [--json OUT]"""
+"""bitsmith tasks MODEL [--humaneval [--limit N]] [--reasoning [--n-per-family K]] [--lm-eval TASK[,TASK]] [--json OUT]"""
 
 from __future__ import annotations
 
@@ -16,8 +16,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="wrap prompts in the chat template (default: when the tokenizer has one)")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="send prompts as plain text")
+    p.add_argument("--lm-eval", metavar="TASK[,TASK]", help="run lm-evaluation-harness tasks; offline: bitsmith's local "
+                   "bitsmith_cloze_mc (multiple choice) and bitsmith_cloze_gen (generation); any harness task with hub access")
+    p.add_argument("--lm-eval-limit", type=int, default=None, help="only the first N documents of each harness task")
+    p.add_argument("--report", metavar="DIR", help="add the harness table to DIR/report.md (beside bitsmith eval's metrics) and DIR/lm_eval.json")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT ('-' for stdout)")
     p.set_defaults(run=run)
+
+
+def run_lm_eval(args: argparse.Namespace) -> dict:
+    """The --lm-eval part: tasks checked before the model loads, the harness's table printed and
+    (with --report) recorded; returns task -> metric -> value."""
+    from bitsmith.cli.common import console, out
+    from bitsmith.eval.harness import harness_table, parse_tasks, run_harness, summary
+    from bitsmith.runtime.load import load_model
+
+    if args.lm_eval_limit is not None and args.lm_eval_limit <= 0:
+        raise ValueError(f"--lm-eval-limit must be a positive number, got {args.lm_eval_limit}")
+    tasks, manager = parse_tasks(args.lm_eval)
+    loaded = load_model(args.model)
+    with console.status(f"lm-eval: {', '.join(tasks)}"):
+        results = run_harness(loaded, tasks, manager, limit=args.lm_eval_limit)
+    table = harness_table(results)
+    out.print(f"{loaded.name}: lm-evaluation-harness")
+    out.print(table, markup=False, highlight=False)
+    if args.report:
+        from bitsmith.eval.report import write_harness_results
+
+        write_harness_results(args.report, loaded.name, table, summary(results))
+    return summary(results)
 
 
 def print_reasoning(probe) -> None:
@@ -45,6 +72,12 @@ def run(args: argparse.Namespace) -> int:
     from bitsmith.eval.tasks import has_chat_template, make_complete, run_tasks
     from bitsmith.runtime.load import load_model
 
+    if args.lm_eval:
+        data = {"lm_eval": run_lm_eval(args)}
+        if not args.humaneval and not args.reasoning:
+            if args.json:
+                write_json(args.json, data)
+            return 0
     if not args.humaneval and not args.reasoning:
         args.humaneval = args.reasoning = True
     for flag, value in (("--limit", args.limit), ("--n-per-family", args.n_per_family)):
@@ -63,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_tasks(complete, loaded.name, chat, args.limit if args.humaneval else None,
                            args.n_per_family if args.reasoning else None, args.max_new_tokens, progress)
-    data = result.as_dict()
+    data = {**result.as_dict(), **(data if args.lm_eval else {})}
     out.print(f"{loaded.name} ({'chat template' if chat else 'plain prompts'})")
     if "humaneval" in data:
         h = data["humaneval"]

@@ -103,7 +103,7 @@ def write_report(folder: str | Path, run: Run) -> ReportFiles:
     json_path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     plots = [p for p in (_plot_pareto(folder, runs), _plot_domains(folder, runs), _plot_layers(folder, run)) if p]
     md_path = folder / "report.md"
-    md_path.write_text(_markdown(run, runs, plots), encoding="utf-8")
+    md_path.write_text(_markdown(run, runs, plots) + harness_section(folder), encoding="utf-8")
     log.info("report written to %s (%d runs)", folder, len(runs))
     return ReportFiles(md_path, json_path, tuple(plots))
 
@@ -306,3 +306,37 @@ def _plot_layers(folder: Path, run: Run) -> Path | None:
     path = folder / "layers.png"
     fig.savefig(path, dpi=110)
     return path
+
+
+# ----------------------------------------------------------------------------- lm-evaluation-harness
+
+HARNESS_FILE = "lm_eval.json"  # beside report.json: {"version", "runs": [{"model", "time", "table", "results"}]}
+
+
+def write_harness_results(folder: str | Path, model: str, table: str, results: dict[str, dict[str, float]]) -> Path:
+    """Append one harness run (``bitsmith tasks --lm-eval --report DIR``) to ``DIR/lm_eval.json`` and
+    add its tables to report.md, after bitsmith's own metrics when the folder has them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / HARNESS_FILE
+    runs = json.loads(path.read_text(encoding="utf-8"))["runs"] if path.is_file() else []
+    runs.append({"model": model, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "table": table, "results": results})
+    path.write_text(json.dumps({"version": REPORT_VERSION, "runs": runs}, indent=1) + "\n", encoding="utf-8")
+    md = folder / "report.md"
+    text = md.read_text(encoding="utf-8") if md.is_file() else "# bitsmith report\n"
+    md.write_text(text.split(HARNESS_HEADING)[0].rstrip("\n") + "\n" + harness_section(folder), encoding="utf-8")
+    return path
+
+
+HARNESS_HEADING = "\n## lm-evaluation-harness\n"
+
+
+def harness_section(folder: Path) -> str:
+    """report.md's harness section: every recorded run's own table (empty without runs)."""
+    path = Path(folder) / HARNESS_FILE
+    if not path.is_file():
+        return ""
+    lines = [HARNESS_HEADING]
+    for run in json.loads(path.read_text(encoding="utf-8"))["runs"]:
+        lines += [f"### `{run['model']}` ({run['time']})", "", run["table"].rstrip(), ""]
+    return "\n".join(lines)

@@ -104,6 +104,7 @@ KINDS: dict[str, OutputKind] = {
     "checkpoint": OutputKind("checkpoint", "a bitsmith checkpoint", False, is_bitsmith_checkpoint, False),
     "gptq-export": OutputKind("gptq-export", "a GPTQ export written by bitsmith", False, is_marked_output("gptq-export"), True),
     "gguf": OutputKind("gguf", "a GGUF file", True, is_gguf_file, False),
+    "ct-export": OutputKind("ct-export", "a compressed-tensors export written by bitsmith", False, is_marked_output("ct-export"), True),
 }
 
 

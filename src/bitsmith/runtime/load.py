@@ -42,7 +42,7 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, max_memory
     resident and stream the others from the checkpoint per forward (:mod:`bitsmith.runtime.offload`).
 
     Quantized inputs stay quantized: a bitsmith checkpoint, a GPTQ-layout folder
-    (:mod:`bitsmith.io.import_gptq`) and a GGUF *file* given by path (:mod:`bitsmith.io.gguf.quantized`:
+    (:mod:`bitsmith.io.import_gptq`), a compressed-tensors folder (:mod:`bitsmith.io.import_ct`) and a GGUF *file* given by path (:mod:`bitsmith.io.gguf.quantized`:
     the matrices whose GGUF type maps onto bitsmith group codes) load as QuantLinear /
     QuantEmbedding layers. ``dequantize=True`` loads a GGUF file's exact float decoding instead.
     Aliases (the shipped unquantized references, stored as GGUF) always load as floats.
@@ -64,6 +64,10 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, max_memory
 
         if read_gptq_config(source.path) is not None:
             return _load_gptq(source, dtype, options)
+        from bitsmith.io.import_ct import read_ct_config
+
+        if read_ct_config(source.path) is not None:
+            return _load_ct(source, dtype, options)
     if source.kind == "gguf" and not dequantize and _is_file_path(model):
         return _load_gguf(source, dtype, options)
     return LoadedModel(build_model(source, dtype), source.tokenizer(), source, None, options=options)
@@ -116,6 +120,20 @@ def _load_gptq(source, dtype: torch.dtype, options: RuntimeOptions) -> LoadedMod
     install_quantized(net, layers, False, options)
     log.info("%s: %d GPTQ layers loaded quantized", source.path, len(layers))
     return LoadedModel(net, source.tokenizer(), source, _import_info(layers, str(source.path), "gptq"), options=options)
+
+
+def _load_ct(source, dtype: torch.dtype, options: RuntimeOptions) -> LoadedModel:
+    """A compressed-tensors folder (pack-quantized): its quantized layers as QuantLinear, everything
+    else as stored."""
+    from bitsmith.io.import_ct import load_ct_folder
+    from bitsmith.models.arch import build_model
+
+    _, found, _ = load_ct_folder(source.path)
+    layers = {name: QuantizedLayer.of(qt) for name, qt in found.items()}
+    net = build_model(source, dtype, skip=lambda name: name.rpartition(".")[0] in layers and not name.endswith(".bias"))
+    install_quantized(net, layers, False, options)
+    log.info("%s: %d compressed-tensors layers loaded quantized", source.path, len(layers))
+    return LoadedModel(net, source.tokenizer(), source, _import_info(layers, str(source.path), "compressed-tensors"), options=options)
 
 
 def _load_gguf(source, dtype: torch.dtype, options: RuntimeOptions) -> LoadedModel:

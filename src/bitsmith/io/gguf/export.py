@@ -43,7 +43,7 @@ from bitsmith.tensor import QuantizedTensor
 log = logging.getLogger(__name__)
 
 # parts of a quantized module other than its codes: written as part of the module's one GGUF tensor
-CODE_PARTS = ("scale", "zero", "grid", "qzeros", "scales", "g_idx")
+CODE_PARTS = ("scale", "zero", "grid", "qzeros", "scales", "g_idx", "weight_scale", "weight_zero_point", "weight_shape")
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ def export_tensor(job: ExportJob, name: str, tied: bool, n_layers: int, n_gqa: i
     module, _, part = name.rpartition(".")
     if module in job.quantized and part in CODE_PARTS:
         return None
-    is_quantized = module in job.quantized and part in ("qweight", "weight")
+    is_quantized = module in job.quantized and part in ("qweight", "weight", "weight_packed")
     if is_quantized:
         name = f"{module}.weight"
     gname = job.naming.gguf_name(name)
@@ -286,7 +286,9 @@ def imported_layers(source: Any, model: str | Path) -> dict[str, QuantizedTensor
         from bitsmith.io.import_gptq import load_gptq_folder, read_gptq_config
 
         if read_gptq_config(source.path) is None:
-            return {}
+            from bitsmith.io.import_ct import load_ct_folder, read_ct_config
+
+            return load_ct_folder(source.path)[1] if read_ct_config(source.path) is not None else {}
         _, layers, _ = load_gptq_folder(source.path)
         if any(perm is not None for _, perm in layers.values()):
             raise ExportError(f"{source.path} uses GPTQ act-order (a permuted g_idx), whose groups are not contiguous "

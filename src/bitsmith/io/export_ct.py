@@ -1,0 +1,130 @@
+"""Export a bitsmith checkpoint as a compressed-tensors folder (``quant_method:
+"compressed-tensors"``, ``format: "pack-quantized"``): what llm-compressor writes, vLLM serves and
+transformers loads. The layout itself (packing, the zero convention, what it cannot hold) is
+:mod:`bitsmith.formats.ct_layout`.
+
+Layers that share (bits, group, symmetry) form one config group whose ``targets`` name them exactly,
+so mixed-precision checkpoints map too (but transformers' dequantizing loader applies one scheme to
+every layer, so only single-spec folders load there); every layer of a spec is written with one
+group size that divides all its rows (:func:`~bitsmith.formats.ct_layout.shared_group`), so a
+single-spec checkpoint is a single config group; everything left unquantized is copied and named in
+``ignore`` when it is a linear layer (lm_head). Everything that cannot map is refused before a byte
+is written: non-uniform grids and a quantized input embedding (bitsmith's tied embedding/head codes;
+vLLM quantizes neither). The folder is written under a temporary name and renamed when complete
+(:mod:`bitsmith.io.destination`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from bitsmith.formats.ct_layout import SCALE_DTYPES, CTError, CTTensors, shared_group, to_ct, weight_args
+from bitsmith.io.safetensors import shard_files
+from bitsmith.primitives import sqnr_db
+
+log = logging.getLogger(__name__)
+
+CT_VERSION = "0.20.1"  # the compressed-tensors release whose layout this writes (checked in the tests)
+
+
+def _refusals(folder: Path, info) -> None:
+    """CTError, before any work, for a checkpoint that does not map onto compressed-tensors."""
+    from bitsmith.models import embedding_and_head_names, meta_model, open_source
+
+    grids = sorted({str(s) for s in info.specs.values() if s.grid != "uniform"})
+    if grids:
+        raise CTError(f"the checkpoint uses non-uniform grids ({', '.join(grids)}), which compressed-tensors cannot "
+                      "hold (it stores uniform integer codes); re-quantize with a uniform spec (e.g. w4g128), or "
+                      "export to GGUF instead")
+    embed, _ = embedding_and_head_names(meta_model(open_source(folder).config))
+    if embed.removesuffix(".weight") in info.specs:
+        raise CTError(f"the checkpoint quantizes the input embedding ({embed}); compressed-tensors loaders (vLLM) "
+                      "expect it unquantized: re-quantize without --quantize-embeddings")
+
+
+def _config_groups(layers: dict[str, CTTensors]) -> dict[str, dict]:
+    """One config group per (bits, group, symmetric), targeting its layers by exact name."""
+    by_scheme: dict[tuple, list[str]] = {}
+    for name, layer in layers.items():
+        by_scheme.setdefault(layer.scheme_key, []).append(name)
+    return {f"group_{i}": {"targets": sorted(names), "weights": weight_args(*key), "input_activations": None,
+                           "output_activations": None, "format": "pack-quantized"}
+            for i, (key, names) in enumerate(sorted(by_scheme.items(), key=lambda kv: str(kv[0])))}
+
+
+def quantization_config(layers: dict[str, CTTensors], ignore: list[str]) -> dict:
+    """config.json's ``quantization_config`` for these layers (compressed-tensors' QuantizationConfig)."""
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": _config_groups(layers), "ignore": sorted(ignore), "kv_cache_scheme": None,
+            "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {}, "version": CT_VERSION}
+
+
+def _other_tensors(folder: Path, quantized: set[str]) -> dict[str, torch.Tensor]:
+    """Every tensor the checkpoint stores outside its packed layers (embeddings, norms, biases, head)."""
+    from safetensors import safe_open
+
+    state = {}
+    for path in shard_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                module, _, part = key.rpartition(".")
+                if not (module in quantized and part in ("qweight", "scale", "zero", "grid")):
+                    state[key] = f.get_tensor(key)
+    return state
+
+
+def export_ct(checkpoint: str | Path, out: str | Path, scale_dtype: str = "float32", *, overwrite: bool = False) -> dict:
+    """Write a bitsmith checkpoint as a compressed-tensors folder at ``out``; returns the per-layer
+    report (zero rounding, the group size written, and the extra error where zeros were rounded)."""
+    from safetensors.torch import save_file
+
+    from bitsmith.io.checkpoint import read_info
+    from bitsmith.io.destination import Destination
+    from bitsmith.io.packed import quantized_tensors
+
+    folder, out = Path(checkpoint), Path(out)
+    info = read_info(folder) if folder.is_dir() else None
+    if info is None:
+        raise CTError(f"{checkpoint} is not a bitsmith checkpoint; quantize it first (bitsmith quantize MODEL --spec w4g128 --out DIR)")
+    if scale_dtype not in SCALE_DTYPES:
+        raise CTError(f"scale dtype {scale_dtype!r} is not one of {', '.join(SCALE_DTYPES)} (both hold bitsmith's fp16 scales exactly)")
+    destination = Destination(out, "ct-export", overwrite, CTError)
+    destination.check()  # refuse a taken --out before reading any weights
+    _refusals(folder, info)
+    layers: dict[str, CTTensors] = {}
+    report: dict[str, dict] = {}
+    state: dict[str, torch.Tensor] = {}
+    groups = {spec: shared_group(spec, [info.shapes[m][1] for m, s in info.specs.items() if s == spec])
+              for spec in set(info.specs.values())}
+    for module, qt in quantized_tensors(folder, info).items():
+        layer = layers[module] = to_ct(qt, SCALE_DTYPES[scale_dtype], groups[qt.spec])
+        state.update(layer.state(module))
+        entry = {"spec": str(qt.spec), "group_size": layer.group_size, "max_zero_rounding": layer.max_zero_rounding}
+        if layer.max_zero_rounding:
+            from bitsmith.formats.ct_layout import from_ct
+
+            back = from_ct(layer.parts(), weight_args(*layer.scheme_key))
+            entry["sqnr_db"] = sqnr_db(qt.dequantize(), back.dequantize())
+            log.warning("%s: fractional zeros rounded (max %.3f code); extra error %.1f dB", module, layer.max_zero_rounding, entry["sqnr_db"])
+        report[module] = entry
+    state.update(_other_tensors(folder, set(layers)))
+    ignore = [] if "lm_head" in layers else ["lm_head"]  # as llm-compressor writes it, tied or not
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = quantization_config(layers, ignore)
+    staging = destination.stage()  # locked; refuses foreign folders
+    try:
+        save_file(state, str(staging.tmp / "model.safetensors"), metadata={"format": "pt"})
+        for item in folder.iterdir():
+            if item.is_file() and item.suffix != ".safetensors" and item.name not in ("bitsmith.json", "model.safetensors.index.json", "config.json"):
+                shutil.copyfile(item, staging.tmp / item.name)
+        (staging.tmp / "config.json").write_text(json.dumps(config, indent=2))
+        staging.publish()  # never clobbers; --overwrite swaps an earlier export out only now
+    except BaseException:
+        staging.discard()
+        raise
+    return report
