@@ -9,8 +9,9 @@ every layer, so only single-spec folders load there); every layer of a spec is w
 group size that divides all its rows (:func:`~bitsmith.formats.ct_layout.shared_group`), so a
 single-spec checkpoint is a single config group; everything left unquantized is copied and named in
 ``ignore`` when it is a linear layer (lm_head). Everything that cannot map is refused before a byte
-is written: non-uniform grids and a quantized input embedding (bitsmith's tied embedding/head codes;
-vLLM quantizes neither). The folder is written under a temporary name and renamed when complete
+is written: non-uniform grids. A quantized input embedding (bitsmith's default stores it at w8) is
+written dequantized in fp16, since compressed-tensors loaders (vLLM) expect a float embedding; a
+head tied to it computes from the same values, as in bitsmith. The folder is written under a temporary name and renamed when complete
 (:mod:`bitsmith.io.destination`).
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bitsmith.formats.ct_layout import SCALE_DTYPES, CTError, CTTensors, shared_group, to_ct, weight_args
+from bitsmith.io.quant_config import strip
 from bitsmith.io.safetensors import shard_files
 from bitsmith.primitives import sqnr_db
 
@@ -34,17 +36,20 @@ CT_VERSION = "0.20.1"  # the compressed-tensors release whose layout this writes
 
 def _refusals(folder: Path, info) -> None:
     """CTError, before any work, for a checkpoint that does not map onto compressed-tensors."""
-    from bitsmith.models import embedding_and_head_names, meta_model, open_source
-
     grids = sorted({str(s) for s in info.specs.values() if s.grid != "uniform"})
     if grids:
         raise CTError(f"the checkpoint uses non-uniform grids ({', '.join(grids)}), which compressed-tensors cannot "
                       "hold (it stores uniform integer codes); re-quantize with a uniform spec (e.g. w4g128), or "
                       "export to GGUF instead")
+
+
+def _embedding_module(folder: Path, info) -> str | None:
+    """The input embedding's module name when the checkpoint quantizes it, else None."""
+    from bitsmith.models import embedding_and_head_names, meta_model, open_source
+
     embed, _ = embedding_and_head_names(meta_model(open_source(folder).config))
-    if embed.removesuffix(".weight") in info.specs:
-        raise CTError(f"the checkpoint quantizes the input embedding ({embed}); compressed-tensors loaders (vLLM) "
-                      "expect it unquantized: re-quantize without --quantize-embeddings")
+    module = embed.removesuffix(".weight")
+    return module if module in info.specs else None
 
 
 def _config_groups(layers: dict[str, CTTensors]) -> dict[str, dict]:
@@ -99,9 +104,15 @@ def export_ct(checkpoint: str | Path, out: str | Path, scale_dtype: str = "float
     layers: dict[str, CTTensors] = {}
     report: dict[str, dict] = {}
     state: dict[str, torch.Tensor] = {}
-    groups = {spec: shared_group(spec, [info.shapes[m][1] for m, s in info.specs.items() if s == spec])
-              for spec in set(info.specs.values())}
+    embedding = _embedding_module(folder, info)
+    packed = {m: s for m, s in info.specs.items() if m != embedding}
+    groups = {spec: shared_group(spec, [info.shapes[m][1] for m, s in packed.items() if s == spec])
+              for spec in set(packed.values())}
     for module, qt in quantized_tensors(folder, info).items():
+        if module == embedding:  # a float table in the export: the w8 values, rounded to fp16
+            state[f"{module}.weight"] = qt.dequantize().to(torch.float16)
+            report[module] = {"spec": str(qt.spec), "written": "dequantized fp16 (compressed-tensors keeps embeddings float)"}
+            continue
         layer = layers[module] = to_ct(qt, SCALE_DTYPES[scale_dtype], groups[qt.spec])
         state.update(layer.state(module))
         entry = {"spec": str(qt.spec), "group_size": layer.group_size, "max_zero_rounding": layer.max_zero_rounding}
@@ -112,9 +123,9 @@ def export_ct(checkpoint: str | Path, out: str | Path, scale_dtype: str = "float
             entry["sqnr_db"] = sqnr_db(qt.dequantize(), back.dequantize())
             log.warning("%s: fractional zeros rounded (max %.3f code); extra error %.1f dB", module, layer.max_zero_rounding, entry["sqnr_db"])
         report[module] = entry
-    state.update(_other_tensors(folder, set(layers)))
+    state.update(_other_tensors(folder, set(layers) | ({embedding} if embedding else set())))
     ignore = [] if "lm_head" in layers else ["lm_head"]  # as llm-compressor writes it, tied or not
-    config = json.loads((folder / "config.json").read_text())
+    config = strip(json.loads((folder / "config.json").read_text()))  # bitsmith's own fields would stop transformers
     config["quantization_config"] = quantization_config(layers, ignore)
     staging = destination.stage()  # locked; refuses foreign folders
     try:
