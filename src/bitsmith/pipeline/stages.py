@@ -122,7 +122,7 @@ def _linear_report(name: str, weight: torch.Tensor, qt, stats: LayerStats, metho
     from bitsmith.methods.rtn import rtn
 
     report = layer_report(name, weight, qt, seconds)
-    report["output_error"] = layer_error(weight, qt.dequantize(), stats.hessian)
+    report["output_error"] = layer_error(weight, qt.weight(), stats.hessian)
     if method is not rtn:
         report["rtn_output_error"] = layer_error(weight, rtn(weight, qt.spec, None, {}).dequantize(), stats.hessian)
     report["tokens"] = stats.tokens
