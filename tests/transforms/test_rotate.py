@@ -11,7 +11,7 @@ import torch
 from tests.tiny import make_tiny_model, sample_text
 
 from bitsmith.hadamard import (
-    Rotation, fwht, hadamard_block, hadamard_matrix, pack_signs, random_signs, unpack_signs,
+    Rotation, fwht, fwht_butterfly, hadamard_block, hadamard_matrix, pack_signs, random_signs, unpack_signs,
 )
 from bitsmith.methods import LayerStats, get_method
 from bitsmith.methods.gptq import layer_error
@@ -37,6 +37,9 @@ def test_fwht_equals_dense_hadamard(width: int) -> None:
     rot = Rotation(random_signs(width, 7), hadamard_block(width))
     expected = x @ dense(rot).T
     assert torch.allclose(rot.apply(x), expected, atol=1e-4)
+    for block in (2, 4, 8):  # every factorisation of the fast transform against the butterfly and the matrix
+        assert torch.allclose(fwht(x, block), fwht_butterfly(x, block), atol=1e-5)
+        assert torch.allclose(fwht(x, block), (x.reshape(3, 5, -1, block) @ hadamard_matrix(block)).reshape(x.shape), atol=1e-5)
     h = hadamard_matrix(8)
     assert torch.allclose(h @ h.T, torch.eye(8), atol=1e-6)  # the oracle itself is orthonormal
 
