@@ -42,7 +42,7 @@ def quantize_variant(args: argparse.Namespace, variant: str, work: Path) -> dict
     if args.reuse and (out / "bitsmith.json").exists():
         row["quantize_s"] = json.loads((out / "bitsmith.json").read_text())["report"].get("seconds")
         return row
-    calib = CalibrationConfig(samples=args.calib_samples) if method in calibrated_methods() else None
+    calib = CalibrationConfig(samples=args.calib_samples, seq_len=args.calib_len) if method in calibrated_methods() else None
     t0 = time.perf_counter()
     bitsmith.quantize(args.model, out, spec, method, calibration=calib, options={"rotate": True} if rotate else {},
                       compute_dtype=args.compute_dtype, overwrite=True)
@@ -56,12 +56,15 @@ def distill_variant(args: argparse.Namespace, row: dict) -> dict:
 
     out = Path(row["path"] + "-distill")
     config = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, samples=args.distill_samples,
-                           seq_len=args.distill_len)
+                           seq_len=args.distill_len, batch=args.distill_batch, check_every=args.distill_check_every)
     t0 = time.perf_counter()
     result = distill(row["path"], args.model, out, config, overwrite=True)
     seconds = time.perf_counter() - t0
     print(f"distilled {row['variant']} in {seconds:.1f} s: calibration KLD {result.initial_loss:.4f} -> "
           f"{result.best_loss:.4f}", flush=True)
+    for point in result.curve:
+        print(f"  step {point['step']:>4}  calibration KLD {point['kld']:.4f}  {'accepted' if point['accepted'] else 'rejected'}",
+              flush=True)
     return {**row, "variant": row["variant"] + "+distill", "path": str(out), "distill_s": seconds,
             "calib_kld_before": result.initial_loss, "calib_kld_after": result.best_loss}
 
@@ -74,13 +77,16 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=40)
     ap.add_argument("--distill-lr", type=float, default=1e-3)
     ap.add_argument("--distill-samples", type=int, default=16)
-    ap.add_argument("--distill-len", type=int, default=256)
+    ap.add_argument("--distill-len", type=int, default=128)
+    ap.add_argument("--distill-batch", type=int, default=4)
+    ap.add_argument("--distill-check-every", type=int, default=None)
     ap.add_argument("--text", default=str(text_path()), help="evaluation text (default: docs/PROTOCOL.md's prose slice)")
     ap.add_argument("--chars", type=int, default=60_000)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--work", default=None, help="checkpoint folder (default: work_dir('lowbit'))")
-    ap.add_argument("--calib-samples", type=int, default=128, help="calibration sequences of 512 tokens (gptq)")
+    ap.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (gptq)")
+    ap.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (gptq)")
     ap.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--reuse", action="store_true", help="keep checkpoints already in the work folder")
     ap.add_argument("--json", default=None)
@@ -106,7 +112,7 @@ def main() -> None:
     t0 = time.perf_counter()
     results = evaluate_variants(reference.model, variants, wins)
     print(f"\n{args.model}, {wins.numel():,} tokens ({wins.shape[0]} x {args.ctx}) of {Path(args.text).name}[:{args.chars}], "
-          f"reference ppl {results['reference'].ppl:.3f}, gptq calibration {args.calib_samples} x 512; "
+          f"reference ppl {results['reference'].ppl:.3f}, gptq calibration {args.calib_samples} x {args.calib_len}; "
           f"evaluation took {time.perf_counter() - t0:.0f} s\n")
     print("| variant | bits/weight | ppl | KLD mean | KLD p99 | top-1 | quantize s | distill s |")
     print("|---|---|---|---|---|---|---|---|")
