@@ -240,3 +240,17 @@ def test_plan_rules() -> None:
         QuantizePlan(spec, "gptq", {"rotate": True, "awq": True})
     with pytest.raises(ValueError, match="rotate_seed"):
         QuantizePlan(spec, "rtn", {"rotate": True, "rotate_seed": -1}).quantizer_fn()
+
+
+def test_budget_pricing_uses_the_rotated_basis() -> None:
+    """--budget with --rotate prices each spec as it will be stored (rotated RTN), in the original basis."""
+    from bitsmith.plan.sensitivity import make_quantizer
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(32, 128, generator=g)
+    spec = QuantSpec.parse("w3g64")
+    _, price = make_quantizer("rtn", {"rotate": True, "rotate_seed": 1})
+    expected = quantize_rotated(get_method("rtn"), w, spec, None, {"rotate": True, "rotate_seed": 1}, seed=1).weight()
+    assert torch.equal(price(w, spec), expected)
+    _, plain = make_quantizer("rtn", {})
+    assert torch.equal(plain(w, spec), get_method("rtn")(w, spec, None, {}).dequantize())
