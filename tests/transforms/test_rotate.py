@@ -235,7 +235,8 @@ def test_plan_rules() -> None:
     assert plain.transforms == ("rotate",) and not plain.needs_calibration  # a rotation needs no data
     assert "clip_search" not in plain.run_options  # only block transforms (AWQ) turn the range search off
     assert plain.method_options() == {}  # rotate's options are not the quantizer's
-    assert QuantizePlan(spec, "rotate").quantizer == "rtn"
+    with pytest.raises(ValueError, match="choose one of awq, gptq, hqq, rtn"):
+        QuantizePlan(spec, "rotate")  # a switch (--rotate), not a method
     with pytest.raises(ValueError, match="awq"):
         QuantizePlan(spec, "gptq", {"rotate": True, "awq": True})
     with pytest.raises(ValueError, match="rotate_seed"):

@@ -59,10 +59,12 @@ def parse_method(method: str, options: dict[str, Any]) -> tuple[str, tuple[str, 
     """
     from bitsmith.transforms import TRANSFORMS
 
-    transforms = tuple(name for name in TRANSFORMS if method == name or options.get(name))
+    # only a block transform (awq) is also a method spelling; a basis transform (rotate) is an option
+    spelled = {name for name, t in TRANSFORMS.items() if t.changes_block}
+    transforms = tuple(name for name in TRANSFORMS if (method == name and name in spelled) or options.get(name))
     if any(TRANSFORMS[t].changes_block for t in transforms):  # a basis transform (rotate) does not clip
         options = {"clip_search": False, **options}  # first key, as the checkpoints have always had it
-    quantizer = str(options.get(QUANTIZER_OPTION, "rtn")) if method in TRANSFORMS else method
+    quantizer = str(options.get(QUANTIZER_OPTION, "rtn")) if method in spelled else method
     return quantizer, transforms, options
 
 
@@ -94,7 +96,7 @@ class QuantizePlan:
 
         quantizer, transforms, run_options = parse_method(self.method, self.options)
         if quantizer not in METHODS:  # the user's spellings: quantizers and the transforms that imply one
-            choices = sorted({*METHODS, *TRANSFORMS})
+            choices = sorted({*METHODS, *(n for n, t in TRANSFORMS.items() if t.changes_block)})
             raise ValueError(f"unknown method {quantizer!r}; choose one of {', '.join(choices)}")
         from bitsmith.transforms.rotate import check_combination
 

@@ -66,7 +66,8 @@ def quantize(model: str | Path, out_dir: Path, plan: QuantizePlan, *, progress: 
 def calibrated_methods() -> list[str]:
     """The method spellings that always calibrate (for messages): registered transforms and the
     methods that need calibration data."""
-    return sorted([*TRANSFORMS, *(name for name, info in METHODS.items() if info.needs is not Needs.NOTHING)])
+    return sorted([*(n for n, t in TRANSFORMS.items() if t.needs is not Needs.NOTHING),
+                   *(name for name, info in METHODS.items() if info.needs is not Needs.NOTHING)])
 
 
 def _stream(model: str | Path, out_dir: Path, plan: QuantizePlan, progress: Progress | None, overwrite: bool,

@@ -1,7 +1,7 @@
 """Incoherence processing as a basis transform: every quantized linear is quantized in a randomized
 Hadamard basis (:mod:`bitsmith.hadamard`), with any method.
 
-``rotate=true`` (``bitsmith quantize --rotate``, or ``--method rotate`` for rtn) wraps the quantizer:
+``rotate=true`` (``bitsmith quantize --rotate``) wraps the quantizer:
 for a weight ``W`` [out, in] it quantizes ``W' = W R^T`` (``R = H diag(s)``, ``s`` the seeded signs
 of the layer's input width, ``H`` block-diagonal normalized Hadamard) with the layer's statistics
 rotated alike (GPTQ's Hessian ``R H R^T``; HQQ/RTN importance by block means when no Hessian is
