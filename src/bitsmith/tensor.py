@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from bitsmith.formats.packing import pack, unpack
+from bitsmith.hadamard import Rotation
 from bitsmith.primitives import dequantize_codes, expand_groups, nf_grid
 from bitsmith.spec import QuantSpec
 
@@ -18,6 +19,7 @@ class QuantizedTensor:
     zero: torch.Tensor | None  # fp16 [out, G] (code units, may be fractional); None unless spec.has_zero
     spec: QuantSpec
     grid: torch.Tensor | None = None  # fp16 [2**bits] sorted levels of a non-uniform spec
+    rotation: Rotation | None = None  # the codes are of W R^T: the layer reads R x (bitsmith.hadamard)
 
     def __post_init__(self) -> None:
         out_features, in_features = self.codes.shape
@@ -28,6 +30,8 @@ class QuantizedTensor:
             raise ValueError(f"{self.spec} {'needs a' if self.spec.has_zero else 'has no'} stored zero")
         if (self.grid is not None) != (self.spec.grid != "uniform"):
             raise ValueError(f"{self.spec} {'has no' if self.spec.grid == 'uniform' else 'needs a'} grid")
+        if self.rotation is not None and self.rotation.width != in_features:
+            raise ValueError(f"rotation of width {self.rotation.width} on a weight with {in_features} inputs")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -48,15 +52,29 @@ class QuantizedTensor:
         zero = expand_groups(self.zero_or_mid(), self.spec, in_features)
         return dequantize_codes(self.codes.float(), scale, zero)
 
+    def weight(self) -> torch.Tensor:
+        """The reconstruction in the layer's own input basis, float32 [out, in]: :meth:`dequantize`
+        (the codes' basis) with a rotation undone. What replaces the float weight (``x W^T``)."""
+        w = self.dequantize()
+        return w if self.rotation is None else self.rotation.unrotate_weight(w)
+
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         """The same tensor with its codes, scales, zeros and grid on ``device`` (dtypes kept)."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return QuantizedTensor(move(self.codes), move(self.scale), move(self.zero), self.spec, move(self.grid))
+        return QuantizedTensor(move(self.codes), move(self.scale), move(self.zero), self.spec, move(self.grid), self.rotation)
 
     def rows(self, index: slice | torch.Tensor) -> "QuantizedTensor":
         """The same quantization restricted to some output rows (a slice or an index tensor)."""
         zero = None if self.zero is None else self.zero[index]
-        return QuantizedTensor(self.codes[index], self.scale[index], zero, self.spec, self.grid)
+        return QuantizedTensor(self.codes[index], self.scale[index], zero, self.spec, self.grid, self.rotation)
+
+    def entry(self) -> dict:
+        """This layer's entry in a checkpoint's metadata: spec, [out, in] shape and, when rotated,
+        ``{"rotate": {"block": b}}`` (the signs are the stored tensor ``<layer>.rot_signs``)."""
+        entry: dict = {"spec": str(self.spec), "shape": list(self.shape)}
+        if self.rotation is not None:
+            entry["rotate"] = {"block": self.rotation.block}
+        return entry
 
     def stored_bits(self) -> int:
         return self.spec.stored_bits(*self.shape)
@@ -68,14 +86,16 @@ class QuantizedTensor:
             state[f"{prefix}.zero"] = self.zero
         if self.grid is not None:
             state[f"{prefix}.grid"] = self.grid.half()
+        if self.rotation is not None:
+            state.update(self.rotation.to_state(prefix))
         return state
 
     @classmethod
     def from_state(
         cls, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec, in_features: int,
-        grid: torch.Tensor | None = None,
+        grid: torch.Tensor | None = None, rotation: Rotation | None = None,
     ) -> "QuantizedTensor":
-        return cls(unpack(qweight, spec.bits, in_features), scale, zero, spec, grid)
+        return cls(unpack(qweight, spec.bits, in_features), scale, zero, spec, grid, rotation)
 
 
 def default_grid(spec: QuantSpec) -> torch.Tensor | None:

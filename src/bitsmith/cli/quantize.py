@@ -35,6 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--calib-random", action="store_true", help="draw sequences at random offsets (default: consecutive from the start)")
     c.add_argument("--seed", type=int, default=0, help="seed for --calib-random (default 0)")
     c.add_argument("--awq", action="store_true", help="apply the AWQ transform to each block before quantizing (e.g. with --method gptq)")
+    p.add_argument("--rotate", action="store_true",
+                   help="quantize every linear in a randomized Hadamard basis (incoherence processing, any method "
+                        "but awq; the runtime rotates the inputs online); helps most at 2-3 bits")
+    p.add_argument("--rotate-seed", type=int, default=None, metavar="N", help="seed of --rotate's random signs (default 0)")
     c.add_argument("--compute-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="dtype of the block forwards; auto (default): bf16 where the CPU multiplies bf16 natively "
                         "(AVX-512 BF16 or AMX: ~1.8x faster, KLD no worse measured), else fp32. Hessians stay fp32")
@@ -78,7 +82,11 @@ def run(args: argparse.Namespace) -> int:
     # --overwrite, or with it anything but an earlier checkpoint, is refused now
     Destination(Path(args.out), "checkpoint", args.overwrite, CheckpointError).check()
     args.method = default_method(args)
-    options = {**({"clip_search": False} if args.no_clip_search else {}), **({"awq": True} if args.awq else {})}
+    options = {**({"clip_search": False} if args.no_clip_search else {}), **({"awq": True} if args.awq else {}),
+               **({"rotate": True} if args.rotate else {}),
+               **({"rotate_seed": args.rotate_seed} if args.rotate_seed is not None else {})}
+    if args.rotate_seed is not None and not args.rotate:
+        raise ValueError("--rotate-seed needs --rotate")
     plan = QuantizePlan(
         spec=QuantSpec.parse(args.spec), method=args.method, options=options,
         quantize_head=args.quantize_head, quantize_embeddings=args.quantize_embeddings, unquantized_dtype=args.unquantized_dtype,

@@ -64,6 +64,7 @@ class CheckpointInfo:
     shapes: dict[str, tuple[int, int]]  # module name -> (out, in) of the unpacked weight
     format_version: str
     report: dict = field(default_factory=dict)
+    rotations: dict[str, int] = field(default_factory=dict)  # rotated module -> Hadamard block (quantize --rotate)
 
 
 @contextmanager
@@ -187,7 +188,7 @@ class CheckpointWriter:
         self._add({name: tensor})
 
     def add_quantized(self, module_name: str, qt: QuantizedTensor) -> None:
-        self._add(qt.to_state(module_name), {module_name: {"spec": str(qt.spec), "shape": list(qt.shape)}})
+        self._add(qt.to_state(module_name), {module_name: qt.entry()})
 
     def _add(self, tensors: dict[str, torch.Tensor], specs: dict[str, dict] | None = None) -> None:
         """Write ``tensors`` to the current shard at once (the writer keeps no tensor); a shard is
@@ -268,6 +269,17 @@ def _layer(path: Path, name: str, entry: object) -> tuple[QuantSpec, tuple[int, 
         raise _corrupt(path, f"layer {name[:120]!r}: {exc}") from exc
 
 
+def _rotation_block(path: Path, name: str, entry: dict, in_features: int) -> int | None:
+    """A layer entry's Hadamard block (``{"rotate": {"block": b}}``), None when it is not rotated."""
+    rotate = entry.get("rotate")
+    if rotate is None:
+        return None
+    block = rotate.get("block") if isinstance(rotate, dict) else None
+    if type(block) is not int or block < 2 or block & (block - 1) or in_features % block:
+        raise _corrupt(path, f"layer {name[:120]!r} has a rotation block that is not a power of two dividing its width")
+    return block
+
+
 def _quantization(path: Path, meta: dict[str, str]) -> tuple[str, dict, dict[str, object]]:
     """(method, options, layer entries) from a shard's ``quantization`` metadata, each checked for type."""
     try:
@@ -306,6 +318,7 @@ def read_info(folder: Path) -> CheckpointInfo | None:
     Corrupt metadata raises CheckpointError naming the file (a corrupt shard, SafetensorsError)."""
     specs: dict[str, QuantSpec] = {}
     shapes: dict[str, tuple[int, int]] = {}
+    rotations: dict[str, int] = {}
     method, options, version = "", {}, ""
     for path in shard_files(Path(folder)):
         meta = read_header(path).metadata
@@ -317,6 +330,9 @@ def read_info(folder: Path) -> CheckpointInfo | None:
         method, options, tensors = _quantization(path, meta)
         for name, entry in tensors.items():
             specs[name], shapes[name] = _layer(path, name, entry)
+            block = _rotation_block(path, name, entry, shapes[name][1])
+            if block is not None:
+                rotations[name] = block
     if not version:
         return None
-    return CheckpointInfo(method, options, specs, shapes, version, _report(folder))
+    return CheckpointInfo(method, options, specs, shapes, version, _report(folder), rotations)

@@ -172,6 +172,7 @@ def _inspect_bitsmith(headers: list[StHeader], root: Path, size: int) -> Inspect
 
     specs: dict[str, QuantSpec] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    notes: dict[str, tuple[str, ...]] = {}  # rotated layers: ("hadamard <block>",)
     method = ""
     for h in headers:
         version = h.metadata.get("format_version", "")
@@ -183,21 +184,25 @@ def _inspect_bitsmith(headers: list[StHeader], root: Path, size: int) -> Inspect
             method = q.get("method", method)
             for module, entry in q["tensors"].items():
                 specs[module], shapes[module] = QuantSpec.parse(entry["spec"]), tuple(entry["shape"])
+                if entry.get("rotate"):
+                    notes[module] = (f"hadamard {entry['rotate']['block']}",)
         except (KeyError, ValueError, TypeError) as exc:
             raise InspectError(f"{h.path.name} has damaged bitsmith metadata ({exc!r}); quantize the model again") from exc
     entries: dict[str, StTensor] = {}
     for h in headers:
         entries.update(h.tensors)
-    consumed = {f"{m}.{part}" for m in specs for part in ("qweight", "scale", "zero", "grid")}
+    stored_parts = ("qweight", "scale", "zero", "grid", "rot_signs")
+    consumed = {f"{m}.{part}" for m in specs for part in stored_parts}
     tensors = []
     for module, spec in specs.items():
-        parts = [entries[n] for n in (f"{module}.{p}" for p in ("qweight", "scale", "zero", "grid")) if n in entries]
+        parts = [entries[n] for n in (f"{module}.{p}" for p in stored_parts) if n in entries]
         out, in_features = shapes[module]
         stored = sum(t.nbytes * 8 for t in parts) or spec.stored_bits(out, in_features)
         tensors.append(TensorInfo(module + ".weight", str(spec), (out, in_features), stored / (out * in_features),
-                                  spec.bits, spec.group_size))
+                                  spec.bits, spec.group_size, notes.get(module, ())))
     tensors = sorted(tensors + _plain_rows(entries, consumed), key=lambda t: _natural(t.name))
     counts = Counter(str(s) for s in specs.values())
     summary = " + ".join(f"{s} x{n}" if len(counts) > 1 else s for s, n in counts.most_common())
-    details = {"method": method, "format_version": headers[0].metadata.get("format_version", "")}
+    details = {"method": method, "format_version": headers[0].metadata.get("format_version", ""),
+               **({"rotated_layers": f"{len(notes)} (randomized Hadamard, online at run time)"} if notes else {})}
     return InspectReport(str(root), "bitsmith", f"{summary} ({method})", tensors, quality_warnings(tensors), size, details)

@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from bitsmith.formats.packing import packed_row_bytes
+from bitsmith.hadamard import ROTATION_PART, Rotation
 from bitsmith.io.checkpoint import CheckpointError, CheckpointInfo, shard_files
 from bitsmith.primitives import abs_max
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
-PACKED_PARTS = ("qweight", "scale", "zero", "grid")
+PACKED_PARTS = ("qweight", "scale", "zero", "grid", ROTATION_PART)
 
 
 def _stored_parts(folder: Path, info: CheckpointInfo, exclude: frozenset[str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -63,6 +64,22 @@ def _check_layer(folder: Path, module: str, parts: dict[str, torch.Tensor], spec
                                   "(this bitsmith keeps layers whose scales overflow fp16 at fp32)")
 
 
+def _check_rotation(folder: Path, module: str, parts: dict[str, torch.Tensor], info: CheckpointInfo) -> None:
+    """A rotated layer's packed signs: present, uint8 [ceil(in / 8)]."""
+    if module not in info.rotations:
+        parts.pop(ROTATION_PART, None)  # not listed as rotated: the tensor means nothing to this layer
+        return
+    signs, width = parts.get(ROTATION_PART), info.shapes[module][1]
+    if signs is None or signs.dtype != torch.uint8 or tuple(signs.shape) != (math.ceil(width / 8),):
+        raise CheckpointError(f"{module} in {folder} is listed as rotated but its {ROTATION_PART} tensor is missing or "
+                              f"not uint8 [{math.ceil(width / 8)}]; the checkpoint is corrupt, quantize again")
+
+
+def layer_rotation(parts: dict[str, torch.Tensor], width: int, block: int | None) -> Rotation | None:
+    """The rotation of a layer from its stored parts and its metadata block (None: not rotated)."""
+    return None if block is None else Rotation.from_state(parts[ROTATION_PART], width, block)
+
+
 def quantized_state(folder: Path, info: CheckpointInfo, exclude: frozenset[str] = frozenset()) -> dict[str, dict[str, torch.Tensor]]:
     """Each quantized layer's stored tensors (``qweight``, ``scale`` and, where present, ``zero``,
     ``grid``), memory-mapped and checked against the layer's spec and shape; not those in ``exclude``.
@@ -74,13 +91,23 @@ def quantized_state(folder: Path, info: CheckpointInfo, exclude: frozenset[str] 
             continue
         parts = found.get(module, {})
         _check_layer(folder, module, parts, spec, info.shapes[module])
+        _check_rotation(folder, module, parts, info)
         result[module] = parts
     return result
 
 
-def quantized_tensors(folder: Path, info: CheckpointInfo, exclude: frozenset[str] = frozenset()) -> dict[str, QuantizedTensor]:
+def quantized_tensors(folder: Path, info: CheckpointInfo, exclude: frozenset[str] = frozenset(),
+                      rotated: bool = False) -> dict[str, QuantizedTensor]:
     """Each quantized layer as an unpacked QuantizedTensor (for exporters and inspection; the loader
-    itself builds QuantLinear straight from the packed state)."""
+    itself builds QuantLinear straight from the packed state). Rotated layers (``quantize --rotate``)
+    are refused unless ``rotated``: other formats (GGUF, GPTQ) have no way to say that a layer reads
+    rotated inputs, so exporting their codes would silently change the model."""
+    if info.rotations and not rotated:
+        first = sorted(info.rotations)[0]
+        raise CheckpointError(f"{folder} was quantized with --rotate ({len(info.rotations)} layers, e.g. {first}, read "
+                              "Hadamard-rotated inputs); that is a bitsmith-only format which GGUF and GPTQ cannot "
+                              "express: quantize again without --rotate to export")
     return {module: QuantizedTensor.from_state(p["qweight"], p["scale"], p.get("zero"), info.specs[module],
-                                               info.shapes[module][1], p.get("grid"))
+                                               info.shapes[module][1], p.get("grid"),
+                                               layer_rotation(p, info.shapes[module][1], info.rotations.get(module)))
             for module, p in quantized_state(folder, info, exclude).items()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bitsmith.hadamard import Rotation, fwht
 from bitsmith.kernels import DEFAULT_OPTIONS, Kernel, kernel_device, move, prepare, prepare_packed
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.spec import QuantSpec
@@ -87,6 +88,31 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}, "
             f"kernel={self._kernel.name}"
         )
+
+
+class InputRotated(nn.Module):
+    """``inner(R x)``: a layer quantized in a randomized Hadamard basis (``quantize --rotate``). ``R``
+    is applied online with the fast Walsh-Hadamard transform in float32 (:mod:`bitsmith.hadamard`),
+    then cast back to the input's dtype for ``inner`` (a QuantLinear over the rotated weight's codes).
+    Not a QuantLinear, so the fused decode step (which reads QuantLinear kernels directly) leaves
+    these layers on the per-layer path."""
+
+    def __init__(self, inner: nn.Module, rotation: Rotation) -> None:
+        super().__init__()
+        self.inner = inner
+        self.block = rotation.block
+        self.register_buffer("signs", rotation.signs.float().clone(), persistent=False)
+        self.in_features, self.out_features = rotation.width, getattr(inner, "out_features", None)
+
+    @property
+    def rotation(self) -> Rotation:
+        return Rotation(self.signs.cpu(), self.block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(fwht(x.float() * self.signs, self.block).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"hadamard_block={self.block}"
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -112,8 +112,14 @@ def kept_report(name: str, weight: torch.Tensor) -> dict:
 def layer_report(name: str, weight: torch.Tensor, qt, seconds: float) -> dict:
     out_features, in_features = weight.shape
     return {"name": name, "shape": [out_features, in_features], "spec": str(qt.spec),
-            "bits_per_weight": qt.spec.bits_per_weight(out_features, in_features),
-            "sqnr_db": sqnr_db(weight, qt.dequantize()), "seconds": round(seconds, 4)}
+            "bits_per_weight": qt.spec.bits_per_weight(out_features, in_features) + rotation_bits(qt, out_features),
+            "sqnr_db": sqnr_db(weight, qt.weight()), "seconds": round(seconds, 4),
+            **({"rotation_block": qt.rotation.block} if getattr(qt, "rotation", None) is not None else {})}
+
+
+def rotation_bits(qt, out_features: int) -> float:
+    """Bits/weight of a rotated layer's stored sign vector: one bit per input channel (0 unrotated)."""
+    return 0.0 if getattr(qt, "rotation", None) is None else 1.0 / out_features
 
 
 def finish_folder(writer: CheckpointWriter, source: Any, head_is_tied: bool) -> None:

@@ -134,7 +134,7 @@ def _open_run(model: str | Path, out_dir: Path, plan: QuantizePlan, calib: torch
 
     source = open_source(model)
     check_layers(quantizable_layers(source.config, plan.quantize_head, plan.quantize_embeddings), plan)
-    method = get_method(plan.quantizer)
+    method = plan.quantizer_fn()  # the method, wrapped by a basis transform (rotate) if any
     prefix, _ = find_blocks(meta_model(source.config))
     _, head_name = embedding_and_head_names(meta_model(source.config))
     if plan.hessian_dtype not in ("fp32", "bf16"):
@@ -310,9 +310,9 @@ def _process_block(
             for j, (rel, name, (qt, report)) in enumerate(zip(stage, names, results)):
                 weight, weights[j] = weights[j], None  # dropped once done: the peak stays in quantize_stage
                 if fits_fp16(qt):
-                    linears[rel].weight = nn.Parameter(qt.dequantize().to(compute_dtype), requires_grad=False)
+                    linears[rel].weight = nn.Parameter(qt.weight().to(compute_dtype), requires_grad=False)
                     tensors.update(qt.to_state(name))
-                    specs[name] = {"spec": str(qt.spec), "shape": list(qt.shape)}
+                    specs[name] = qt.entry()
                     reports.append(report)
                 else:  # the overflow rule (pipeline.common): the layer stays fp32
                     linears[rel].weight = nn.Parameter(weight.to(compute_dtype), requires_grad=False)
@@ -338,10 +338,12 @@ def _process_block(
 
 def _apply_transforms(block: nn.Module, store: ActivationStore, calls: list[BlockCall], plan: QuantizePlan) -> None:
     """The plan's transforms, in order, on the float32 block and its inputs, before any quantization."""
-    if not plan.transforms:
+    if not any(get_transform(name).changes_block for name in plan.transforms):
         return
     hidden = store.tensor if store.tensor.dtype == torch.float32 else store.tensor.float()  # the block is fp32 here
     for name in plan.transforms:
+        if not get_transform(name).changes_block:
+            continue  # a basis transform (rotate) acts in the quantizer, not on the block
         report = get_transform(name).apply(block, hidden, calls[0][1], plan.spec, plan.run_options, plan.batch_size)
         log.info("%s: %s", name.upper(), report)
 

@@ -18,6 +18,7 @@ from bitsmith.spec import QuantSpec
 
 if TYPE_CHECKING:
     from bitsmith.calib.data import CalibrationConfig
+    from bitsmith.methods.base import Method
 
 QUANTIZER_OPTION = "quantizer"  # the plan's own option: the method behind a transform-only spelling
 DEFAULT_BATCH_SIZE = 8  # sequences per block forward
@@ -58,10 +59,12 @@ def parse_method(method: str, options: dict[str, Any]) -> tuple[str, tuple[str, 
     """
     from bitsmith.transforms import TRANSFORMS
 
-    transforms = tuple(name for name in TRANSFORMS if method == name or options.get(name))
-    if transforms:
+    # only a block transform (awq) is also a method spelling; a basis transform (rotate) is an option
+    spelled = {name for name, t in TRANSFORMS.items() if t.changes_block}
+    transforms = tuple(name for name in TRANSFORMS if (method == name and name in spelled) or options.get(name))
+    if any(TRANSFORMS[t].changes_block for t in transforms):  # a basis transform (rotate) does not clip
         options = {"clip_search": False, **options}  # first key, as the checkpoints have always had it
-    quantizer = str(options.get(QUANTIZER_OPTION, "rtn")) if method in TRANSFORMS else method
+    quantizer = str(options.get(QUANTIZER_OPTION, "rtn")) if method in spelled else method
     return quantizer, transforms, options
 
 
@@ -93,11 +96,21 @@ class QuantizePlan:
 
         quantizer, transforms, run_options = parse_method(self.method, self.options)
         if quantizer not in METHODS:  # the user's spellings: quantizers and the transforms that imply one
-            choices = sorted({*METHODS, *TRANSFORMS})
+            choices = sorted({*METHODS, *(n for n, t in TRANSFORMS.items() if t.changes_block)})
             raise ValueError(f"unknown method {quantizer!r}; choose one of {', '.join(choices)}")
+        from bitsmith.transforms.rotate import check_combination
+
+        check_combination(transforms)
         object.__setattr__(self, "quantizer", quantizer)
         object.__setattr__(self, "transforms", transforms)
         object.__setattr__(self, "run_options", run_options)
+
+    def quantizer_fn(self) -> "Method":
+        """The quantizer as the pipelines call it: the method wrapped by any basis transform (rotate)."""
+        from bitsmith.methods import get_method
+        from bitsmith.transforms import wrapped_quantizer
+
+        return wrapped_quantizer(get_method(self.quantizer), self.transforms, self.run_options)
 
     def spec_for(self, module: str) -> QuantSpec:
         return self.layer_specs.get(module, self.spec)
@@ -111,9 +124,11 @@ class QuantizePlan:
     @property
     def needs_calibration(self) -> bool:
         """Calibration data is used when given, or when the quantizer or a transform needs it."""
-        from bitsmith.methods import needs_calibration
+        from bitsmith.methods import Needs, needs_calibration
+        from bitsmith.transforms import get_transform
 
-        return self.calib is not None or bool(self.transforms) or needs_calibration(self.quantizer)
+        calibrated_transform = any(get_transform(t).needs is not Needs.NOTHING for t in self.transforms)
+        return self.calib is not None or calibrated_transform or needs_calibration(self.quantizer)
 
     def recorded_options(self) -> dict[str, Any]:
         """The options as the checkpoint records them (the calibrated run adds its calibration)."""

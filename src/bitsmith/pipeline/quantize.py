@@ -66,7 +66,8 @@ def quantize(model: str | Path, out_dir: Path, plan: QuantizePlan, *, progress: 
 def calibrated_methods() -> list[str]:
     """The method spellings that always calibrate (for messages): registered transforms and the
     methods that need calibration data."""
-    return sorted([*TRANSFORMS, *(name for name, info in METHODS.items() if info.needs is not Needs.NOTHING)])
+    return sorted([*(n for n, t in TRANSFORMS.items() if t.needs is not Needs.NOTHING),
+                   *(name for name, info in METHODS.items() if info.needs is not Needs.NOTHING)])
 
 
 def _stream(model: str | Path, out_dir: Path, plan: QuantizePlan, progress: Progress | None, overwrite: bool,
@@ -77,7 +78,9 @@ def _stream(model: str | Path, out_dir: Path, plan: QuantizePlan, progress: Prog
     source = open_source(model)
     layers = quantizable_layers(source.config, plan.quantize_head, plan.quantize_embeddings)
     check_layers(layers, plan)
-    method, options = get_method(plan.quantizer), plan.method_options()
+    method, options = plan.quantizer_fn(), plan.method_options()
+    plain = get_method(plan.quantizer)  # an embedding is a lookup table: never rotated
+    embedding = _embedding_module(source.config)
     names = source.tensor_names()
     untie = plan.unties_head(names)
     report_layers = []
@@ -86,7 +89,8 @@ def _stream(model: str | Path, out_dir: Path, plan: QuantizePlan, progress: Prog
             module = name.removesuffix(".weight")
             tensor = source.load_tensor(name)
             if module in layers:
-                report_layers.append(_write_layer(writer, module, tensor, method, plan.spec_for(module), options))
+                fn = plain if module == embedding else method
+                report_layers.append(_write_layer(writer, module, tensor, fn, plan.spec_for(module), options))
             else:
                 writer.add_tensor(name, storage(tensor, plan.unquantized_dtype))
             if untie and name.endswith("embed_tokens.weight"):
@@ -96,6 +100,13 @@ def _stream(model: str | Path, out_dir: Path, plan: QuantizePlan, progress: Prog
                 progress(name, i + 1, len(names))
         finish_folder(writer, source, untie)
         return writer.finish(summary(source, plan, report_layers, start))
+
+
+def _embedding_module(config) -> str:
+    from bitsmith.models import embedding_and_head_names
+    from bitsmith.models.meta import meta_model
+
+    return embedding_and_head_names(meta_model(config))[0].removesuffix(".weight")
 
 
 def _write_layer(writer: CheckpointWriter, module: str, weight: torch.Tensor, method, spec, options: dict) -> dict:

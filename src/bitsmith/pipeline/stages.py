@@ -147,7 +147,8 @@ def _linear_report(name: str, weight: torch.Tensor, qt, stats: LayerStats, metho
     from bitsmith.methods.rtn import rtn
 
     report = layer_report(name, weight, qt, seconds)
-    dequants = [qt.dequantize()] + ([] if method is rtn else [rtn_dequantized(weight, qt.spec)])
+    # qt.weight(): the dequantized weight in the layer's own basis (a rotated layer un-rotates it)
+    dequants = [qt.weight()] + ([] if method is rtn else [rtn_dequantized(weight, qt.spec)])
     errors = layer_errors(weight, dequants, stats.hessian)  # one pass over H for both
     report["output_error"] = errors[0]
     if method is not rtn:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from bitsmith.hadamard import ROTATION_PART, Rotation
 from bitsmith.io.checkpoint import CheckpointError
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
@@ -103,9 +104,11 @@ class WorkState:
         quantized = {}
         for module, info in specs.items():
             spec = QuantSpec.parse(info["spec"])
-            parts = {p: tensors.pop(f"{module}.{p}", None) for p in ("qweight", "scale", "zero", "grid")}
+            parts = {p: tensors.pop(f"{module}.{p}", None) for p in ("qweight", "scale", "zero", "grid", ROTATION_PART)}
+            rotation = None if "rotate" not in info else Rotation.from_state(
+                parts[ROTATION_PART], info["shape"][1], info["rotate"]["block"])
             quantized[module] = QuantizedTensor.from_state(
-                parts["qweight"], parts["scale"], parts["zero"], spec, info["shape"][1], parts["grid"]
+                parts["qweight"], parts["scale"], parts["zero"], spec, info["shape"][1], parts["grid"], rotation
             )
         return tensors, quantized
 

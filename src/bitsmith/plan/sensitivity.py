@@ -81,7 +81,11 @@ def make_quantizer(method: str, options: dict | None = None) -> tuple[str, Quant
         log.info("pricing specs for %s with rtn errors (a calibrated method's error needs its statistics)", method)
     opts = dict(options or {}) if name == "rtn" else {}
     fn = get_method(name)
-    return name, lambda weight, spec: fn(weight, spec, None, opts).dequantize()
+    if (options or {}).get("rotate"):  # priced as it will be stored: in the rotated basis
+        from bitsmith.transforms.rotate import rotated, seed_of
+
+        fn = rotated(fn, seed_of(options))
+    return name, lambda weight, spec: fn(weight, spec, None, opts).weight()
 
 
 def layer_weight(model: nn.Module, layer: str) -> nn.Parameter:

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from bitsmith.nn.qembedding import QuantEmbedding
-from bitsmith.nn.qlinear import QuantLinear, set_submodule
+from bitsmith.hadamard import Rotation
+from bitsmith.io.packed import layer_rotation
+from bitsmith.nn.qlinear import InputRotated, QuantLinear, set_submodule
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
@@ -33,16 +35,23 @@ class QuantizedLayer:
     parts: Mapping[str, torch.Tensor] | None = None
     tensor: QuantizedTensor | None = None
     perm: torch.Tensor | None = None
+    rotation_block: int | None = None  # packed parts of a rotated layer (``rot_signs``): its Hadamard block
 
     @classmethod
     def of(cls, qt: QuantizedTensor, perm: torch.Tensor | None = None) -> QuantizedLayer:
         return cls(qt.spec, qt.shape[1], tensor=qt, perm=perm)
 
+    def rotation(self) -> Rotation | None:
+        if self.tensor is not None:
+            return self.tensor.rotation
+        return layer_rotation(dict(self.parts), self.in_features, self.rotation_block)
+
     def unpacked(self) -> QuantizedTensor:
         if self.tensor is not None:
             return self.tensor
         p = self.parts
-        return QuantizedTensor.from_state(p["qweight"], p["scale"], p.get("zero"), self.spec, self.in_features, p.get("grid"))
+        return QuantizedTensor.from_state(p["qweight"], p["scale"], p.get("zero"), self.spec, self.in_features, p.get("grid"),
+                                          self.rotation())
 
     def linear(self, bias: torch.Tensor | None, options: RuntimeOptions) -> nn.Module:
         """The module computing ``x W^T + bias`` from these weights."""
@@ -51,6 +60,9 @@ class QuantizedLayer:
         else:  # straight from the packed codes: no unpack/repack
             p = self.parts
             layer = QuantLinear.from_state(p["qweight"], p["scale"], p.get("zero"), self.spec, self.in_features, bias, options)
+        rotation = self.rotation()
+        if rotation is not None:  # the kernel computes in the rotated basis; the fused decode path skips these
+            layer = InputRotated(layer, rotation)
         if self.perm is None:
             return layer
         from bitsmith.io.import_gptq import InputPermuted

@@ -95,7 +95,7 @@ def _load_checkpoint(source, info: CheckpointInfo, dtype: torch.dtype, max_memor
         from bitsmith.runtime.offload import offload_blocks
 
         plan, streamed = offload_blocks(net, source.path, info, max_memory, options)
-    layers = {name: QuantizedLayer(info.specs[name], info.shapes[name][1], parts=parts)
+    layers = {name: QuantizedLayer(info.specs[name], info.shapes[name][1], parts=parts, rotation_block=info.rotations.get(name))
               for name, parts in quantized_state(source.path, info, frozenset(streamed)).items()}
     install_quantized(net, layers, tied_head, options)
     return LoadedModel(net, source.tokenizer(), source, info, plan, options)

@@ -99,9 +99,10 @@ def tensor_index(folder: Path) -> dict[str, tuple[Path, int]]:
 class _Offloaded(nn.Module):
     """Stands where a streamed block's QuantLinear goes while the block is not running."""
 
-    def __init__(self, name: str, spec: QuantSpec, shape: tuple[int, int], bias: torch.Tensor | None) -> None:
+    def __init__(self, name: str, spec: QuantSpec, shape: tuple[int, int], bias: torch.Tensor | None,
+                 rotation_block: int | None = None) -> None:
         super().__init__()
-        self.name, self.spec = name, spec
+        self.name, self.spec, self.rotation_block = name, spec, rotation_block
         self.out_features, self.in_features = shape
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
 
@@ -149,7 +150,7 @@ def _build(parts: dict[str, torch.Tensor], ph: _Offloaded, options: RuntimeOptio
     """The QuantLinear the resident loader builds from these checkpoint tensors (the same code:
     :class:`~bitsmith.runtime.install.QuantizedLayer`)."""
     bias = None if ph.bias is None else ph.bias.detach()
-    return QuantizedLayer(ph.spec, ph.in_features, parts=parts).linear(bias, options)
+    return QuantizedLayer(ph.spec, ph.in_features, parts=parts, rotation_block=ph.rotation_block).linear(bias, options)
 
 
 def offload_blocks(net: nn.Module, folder: Path, info: CheckpointInfo, max_memory: int,
@@ -175,7 +176,7 @@ def offload_blocks(net: nn.Module, folder: Path, info: CheckpointInfo, max_memor
         for module in members[i]:
             rel = module[len(block_prefix) + 1:]
             bias = loaded_bias(net.get_submodule(module))
-            placeholders[rel] = _Offloaded(module, info.specs[module], info.shapes[module], bias)
+            placeholders[rel] = _Offloaded(module, info.specs[module], info.shapes[module], bias, info.rotations.get(module))
             set_submodule(blocks[i], rel, placeholders[rel])
         streamer = BlockStreamer(blocks[i], block_prefix, placeholders, index, options)
         blocks[i].register_forward_pre_hook(streamer.load)

@@ -4,6 +4,8 @@ and registers itself in :mod:`bitsmith.transforms.base`.
 
 - :mod:`bitsmith.transforms.awq`, :mod:`bitsmith.transforms.awq_search`: activation-aware
   per-channel scaling and weight clipping (Lin et al. 2023).
+- :mod:`bitsmith.transforms.rotate`: randomized Hadamard rotations of each linear's input (QuIP#-style
+  incoherence processing), a basis transform that wraps any quantizer.
 """
 
 from bitsmith.transforms.awq import (
@@ -21,7 +23,11 @@ from bitsmith.transforms.awq_search import (
     awq_transform,
     clip_search,
 )
-from bitsmith.transforms.base import TRANSFORMS, Transform, get_transform, register_transform, transform_option
+from bitsmith.transforms.base import (
+    TRANSFORMS, Transform, get_transform, register_basis_transform, register_transform, transform_option,
+    wrapped_quantizer,
+)
+from bitsmith.transforms.rotate import rotated  # noqa: E402  (registration)
 
 __all__ = [
     "SCALE_PATTERNS",
@@ -38,6 +44,9 @@ __all__ = [
     "find_scale_groups",
     "fold_scale",
     "get_transform",
+    "register_basis_transform",
     "register_transform",
+    "rotated",
     "transform_option",
+    "wrapped_quantizer",
 ]

@@ -5,6 +5,11 @@ quantizing it afterwards (with any method) loses less. It registers itself where
 with what it needs from calibration; the pipeline applies a plan's transforms to each block, in
 order, before its linears are quantized. Options named after a transform (``awq``, ``awq_grid``, ...)
 belong to it, never to the method (:meth:`Transform.owns`).
+
+A *basis* transform (``rotate``) leaves the float block alone and instead changes the basis each
+linear is quantized in: it wraps the quantizer (:func:`register_basis_transform`), so it works with
+every method and in both pipelines (calibrated or not), and the quantized tensor records the change
+for the runtime to undo. It needs no calibration of its own.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from bitsmith.methods.base import Needs
+from bitsmith.methods.base import Method, Needs
 
 if TYPE_CHECKING:
     import torch
@@ -30,11 +35,22 @@ class TransformFn(Protocol):
     # block_kwargs: what the model passes to the block; returns a report (logged)
 
 
+class WrapFn(Protocol):
+    def __call__(self, method: Method, options: dict) -> Method: ...
+    # the quantizer to use instead of ``method`` (a basis transform); options: the run's options
+
+
 @dataclass(frozen=True)
 class Transform:
     name: str
-    apply: TransformFn
+    apply: TransformFn | None  # None: a basis transform (``wrap`` only), the block is left alone
     needs: Needs = Needs.BLOCK_REPLAY
+    wrap: WrapFn | None = None
+
+    @property
+    def changes_block(self) -> bool:
+        """Whether it re-parametrises the float block (AWQ) rather than the quantizer's basis."""
+        return self.apply is not None
 
     def owns(self, option: str) -> bool:
         """Whether ``option`` is this transform's: its own name (the switch) or ``<name>_*``."""
@@ -50,6 +66,24 @@ def register_transform(name: str, needs: Needs = Needs.BLOCK_REPLAY) -> Callable
         return fn
 
     return wrap
+
+
+def register_basis_transform(name: str) -> Callable[[WrapFn], WrapFn]:
+    """Decorator: register a transform that wraps the quantizer (needs no calibration)."""
+    def wrap(fn: WrapFn) -> WrapFn:
+        TRANSFORMS[name] = Transform(name, None, Needs.NOTHING, fn)
+        return fn
+
+    return wrap
+
+
+def wrapped_quantizer(method: Method, transforms: tuple[str, ...], options: dict) -> Method:
+    """``method`` wrapped by each basis transform among ``transforms``, in order."""
+    for name in transforms:
+        wrap = get_transform(name).wrap
+        if wrap is not None:
+            method = wrap(method, options)
+    return method
 
 
 def get_transform(name: str) -> Transform:

@@ -1,0 +1,131 @@
+"""Two and three bits (issue 19): each method with and without randomized Hadamard rotations, and
+what recovery by distillation adds, against the unquantized model (docs/PROTOCOL.md windows).
+
+    python bench/lowbit.py --model smollm2-135m --max-windows 4 \\
+        --variants rtn:w2g64,rtn+rotate:w2g64,gptq:w2g64,gptq+rotate:w2g64 \\
+        [--distill gptq+rotate:w2g64 --distill-steps 40]
+
+A variant is ``METHOD[+rotate]:SPEC``. Each is quantized (timed; ``--reuse`` keeps a checkpoint
+already in the work folder), ``--distill`` variants are then tuned by ``bitsmith distill`` on the
+calibration text (State of the Union, never the evaluation prose) and added as ``...+distill``
+rows, and every variant is scored against the reference in one pass over the evaluation windows.
+Prints a Markdown table; --json writes the same numbers. Nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import text_path, work_dir
+
+
+def parse_variant(text: str) -> tuple[str, bool, str]:
+    """``gptq+rotate:w2g64`` -> ("gptq", True, "w2g64")."""
+    head, _, spec = text.partition(":")
+    method, _, extra = head.partition("+")
+    if not spec or extra not in ("", "rotate"):
+        raise SystemExit(f"variant {text!r}: write METHOD[+rotate]:SPEC, e.g. gptq+rotate:w2g64")
+    return method, extra == "rotate", spec
+
+
+def quantize_variant(args: argparse.Namespace, variant: str, work: Path) -> dict:
+    import bitsmith
+    from bitsmith.calib import CalibrationConfig
+    from bitsmith.pipeline.quantize import calibrated_methods
+
+    method, rotate, spec = parse_variant(variant)
+    out = work / f"{Path(args.model).stem}-{variant.replace(':', '-').replace('+', '_')}"
+    row = {"variant": variant, "method": method, "rotate": rotate, "spec": spec, "path": str(out)}
+    if args.reuse and (out / "bitsmith.json").exists():
+        row["quantize_s"] = json.loads((out / "bitsmith.json").read_text())["report"].get("seconds")
+        return row
+    calib = CalibrationConfig(samples=args.calib_samples, seq_len=args.calib_len) if method in calibrated_methods() else None
+    t0 = time.perf_counter()
+    bitsmith.quantize(args.model, out, spec, method, calibration=calib, options={"rotate": True} if rotate else {},
+                      compute_dtype=args.compute_dtype, overwrite=True)
+    row["quantize_s"] = time.perf_counter() - t0
+    print(f"quantized {variant} in {row['quantize_s']:.1f} s", flush=True)
+    return row
+
+
+def distill_variant(args: argparse.Namespace, row: dict) -> dict:
+    from bitsmith.recover import DistillConfig, distill
+
+    out = Path(row["path"] + "-distill")
+    config = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, samples=args.distill_samples,
+                           seq_len=args.distill_len, batch=args.distill_batch, check_every=args.distill_check_every)
+    t0 = time.perf_counter()
+    result = distill(row["path"], args.model, out, config, overwrite=True)
+    seconds = time.perf_counter() - t0
+    print(f"distilled {row['variant']} in {seconds:.1f} s: calibration KLD {result.initial_loss:.4f} -> "
+          f"{result.best_loss:.4f}", flush=True)
+    for point in result.curve:
+        print(f"  step {point['step']:>4}  calibration KLD {point['kld']:.4f}  {'accepted' if point['accepted'] else 'rejected'}",
+              flush=True)
+    return {**row, "variant": row["variant"] + "+distill", "path": str(out), "distill_s": seconds,
+            "calib_kld_before": result.initial_loss, "calib_kld_after": result.best_loss}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--variants", default="rtn:w2g64,rtn+rotate:w2g64,gptq:w2g64,gptq+rotate:w2g64")
+    ap.add_argument("--distill", default="", help="variants (from --variants) to distill too, comma-separated")
+    ap.add_argument("--distill-steps", type=int, default=40)
+    ap.add_argument("--distill-lr", type=float, default=1e-3)
+    ap.add_argument("--distill-samples", type=int, default=16)
+    ap.add_argument("--distill-len", type=int, default=128)
+    ap.add_argument("--distill-batch", type=int, default=4)
+    ap.add_argument("--distill-check-every", type=int, default=None)
+    ap.add_argument("--text", default=str(text_path()), help="evaluation text (default: docs/PROTOCOL.md's prose slice)")
+    ap.add_argument("--chars", type=int, default=60_000)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--work", default=None, help="checkpoint folder (default: work_dir('lowbit'))")
+    ap.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (gptq)")
+    ap.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (gptq)")
+    ap.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--reuse", action="store_true", help="keep checkpoints already in the work folder")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import bitsmith
+    from bitsmith.eval.suite import evaluate_variants, text_windows
+    from bitsmith.runtime.options import RuntimeOptions
+
+    work = Path(args.work or work_dir("lowbit"))
+    rows = [quantize_variant(args, v, work) for v in args.variants.split(",") if v]
+    wanted = {v for v in args.distill.split(",") if v}
+    rows += [distill_variant(args, r) for r in list(rows) if r["variant"] in wanted]
+    exact = RuntimeOptions.for_measurement()
+    reference = bitsmith.load(args.model, options=exact)
+    text = Path(args.text).read_text(encoding="utf-8", errors="replace")[: args.chars]
+    wins = text_windows(reference.tokenizer, text, args.ctx, args.max_windows)
+    variants = {}
+    for row in rows:
+        loaded = bitsmith.load(row["path"], options=exact)
+        variants[row["variant"]] = loaded.model
+        row["bits_per_weight"] = loaded.info.report["bits_per_weight"]
+    t0 = time.perf_counter()
+    results = evaluate_variants(reference.model, variants, wins)
+    print(f"\n{args.model}, {wins.numel():,} tokens ({wins.shape[0]} x {args.ctx}) of {Path(args.text).name}[:{args.chars}], "
+          f"reference ppl {results['reference'].ppl:.3f}, gptq calibration {args.calib_samples} x {args.calib_len}; "
+          f"evaluation took {time.perf_counter() - t0:.0f} s\n")
+    print("| variant | bits/weight | ppl | KLD mean | KLD p99 | top-1 | quantize s | distill s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        r = results[row["variant"]]
+        row.update(r.as_dict())
+        q = row.get("quantize_s")
+        print(f"| {row['variant']} | {row['bits_per_weight']:.3f} | {r.ppl:.3f} | {r.kld_mean:.4f} | {r.kld_p99:.3f} | "
+              f"{r.top1:.3f} | {'' if q is None else f'{q:.0f}'} | {row.get('distill_s', 0):.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "tokens": wins.numel(),
+                                               "reference_ppl": results["reference"].ppl, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

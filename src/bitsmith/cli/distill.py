@@ -1,0 +1,60 @@
+"""bitsmith distill CKPT --reference MODEL --out DIR [--steps N --lr X --samples N --seq-len N --resume]"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="recover a quantized checkpoint's quality: tune its scales, zeros and norms "
+                                       "towards the unquantized model's logits (codes frozen)")
+    p.add_argument("checkpoint", help="a bitsmith checkpoint (from `bitsmith quantize`)")
+    p.add_argument("--reference", required=True, help="the unquantized model it was quantized from (folder, .gguf or alias)")
+    p.add_argument("--out", required=True, help="output folder for the distilled checkpoint (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out once the new checkpoint is complete")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
+    p.add_argument("--lr", type=float, default=1e-3, help="relative learning rate (default 1e-3: each tensor moves by "
+                                                          "about lr x its mean magnitude per step)")
+    p.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--check-every", type=int, default=None,
+                   help="steps between checks of the whole calibration loss (default: one pass over the samples)")
+    p.add_argument("--calib", type=Path, default=None, help="calibration text (default: the shipped State of the Union text)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last check")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bitsmith.cli.common import console, dir_size_mb, out, progress_bar
+    from bitsmith.recover import DistillConfig, distill
+
+    config = DistillConfig(steps=args.steps, lr=args.lr, samples=args.samples, seq_len=args.seq_len, batch=args.batch,
+                           check_every=args.check_every, calib_text=None if args.calib is None else str(args.calib))
+    config.validate()  # before loading anything
+    printed: list[int] = []  # steps of the checks already printed
+
+    def line(point: dict) -> str:
+        mark = "accepted" if point["accepted"] else "rejected: best restored, lr halved"
+        return f"  step {point['step']:>5}  KLD {point['kld']:.5f}  lr {point['lr']:.2e}  {mark}"
+
+    console.print("calibration KLD per check (KL(reference || quantized), mean over positions):")
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("distill", total=config.steps, rate="")
+
+        def done(step: int, total: int, last: dict) -> None:
+            if last and last["step"] not in printed:
+                printed.append(last["step"])
+                bar.console.print(line(last), markup=False)
+            bar.update(task, completed=step, rate=f"KLD {last.get('kld', float('nan')):.4f}")
+
+        result = distill(args.checkpoint, args.reference, Path(args.out), config, resume=args.resume,
+                         overwrite=args.overwrite, progress=done)
+    for point in result.curve:  # checks no progress call showed (the initial one, a resumed run's earlier ones)
+        if point["step"] not in printed:
+            console.print(line(point), markup=False)
+    console.print(f"calibration KLD {result.initial_loss:.5f} -> {result.best_loss:.5f} "
+                  f"({100 * (1 - result.best_loss / max(result.initial_loss, 1e-12)):.1f}% less) in {result.seconds:.0f} s")
+    out.print(f"{result.path}  ({dir_size_mb(result.path):.1f} MB)")
+    return 0

@@ -1,0 +1,284 @@
+"""Recovery by distillation: tune a quantized checkpoint's continuous parameters (scales, zeros, norm
+weights; the integer codes frozen) so its next-token distribution matches the unquantized model's on
+calibration text, end to end (KL(p_ref || p_quant) over every position, the docs/PROTOCOL.md
+direction).
+
+The loop (EfficientQAT's "end-to-end training of the quantization parameters", on a CPU budget):
+Adam on one minibatch of calibration sequences per step (minibatches in a fixed cycle); every
+``check_every`` steps the tuned scales/zeros are rounded to fp16 (what the checkpoint stores) and the
+KL over the *whole* calibration set is measured. A check that improves on the best so far is
+accepted; one that does not restores the best state and halves the learning rate (a fresh Adam). So
+the reported calibration loss never increases across accepted checks, and the written checkpoint is
+the best state, whose loss is the last accepted figure.
+
+Resumable: after every check the whole state (parameters, best parameters, Adam's moments, step,
+learning rate, the curve) is written atomically to ``<out>.distill-state/state.pt`` (tensors only,
+read back with ``torch.load(weights_only=True)``); ``resume=True`` continues from it and ends where an
+uninterrupted run ends (same minibatches, same arithmetic).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bitsmith.io.checkpoint import CheckpointError
+from bitsmith.recover.output import write_distilled
+from bitsmith.recover.tunable import TunableLinear, make_tunable, round_to_storage, trainable
+
+log = logging.getLogger(__name__)
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How to distill. ``steps`` optimizer steps of ``batch`` sequences; ``samples`` x ``seq_len``
+    calibration tokens (``calib_text``: None is the shipped calibration text); the loss is checked
+    every ``check_every`` steps (None: once per pass over the calibration set)."""
+
+    steps: int = 40
+    lr: float = 1e-3  # relative: each tensor's step size is lr x its mean |value| (see _optimizer)
+    samples: int = 16
+    seq_len: int = 128
+    batch: int = 4
+    check_every: int | None = None
+    calib_text: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "samples", "seq_len", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"distill {name} must be at least 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"distill learning rate must be a positive number, got {self.lr}")
+        if self.check_every is not None and self.check_every < 1:
+            raise ValueError(f"check_every must be at least 1, got {self.check_every}")
+
+
+@dataclass
+class DistillResult:
+    path: Path
+    initial_loss: float  # calibration KL before any step
+    best_loss: float  # calibration KL of the written checkpoint
+    curve: list[dict] = field(default_factory=list)  # {"step", "kld", "accepted", "lr"} per check
+    seconds: float = 0.0
+
+
+Progress = Callable[[int, int, dict], None]  # (steps done, total, the last check or {})
+
+
+def kl_loss(logits: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p_ref || q), from quantized logits [.., V] and reference log-probs."""
+    logq = F.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
+    ref = ref_logp.reshape(-1, ref_logp.shape[-1])
+    return F.kl_div(logq, ref, log_target=True, reduction="sum") / ref.shape[0]
+
+
+def reference_logprobs(reference: torch.nn.Module, tokens: torch.Tensor, batch: int) -> torch.Tensor:
+    """The reference model's log-probabilities [samples, seq_len, V] (float32), computed once."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, tokens.shape[0], batch):
+            logits = reference(input_ids=tokens[start:start + batch], use_cache=False).logits
+            out.append(F.log_softmax(logits.float(), dim=-1))
+    return torch.cat(out)
+
+
+def calibration_loss(net: torch.nn.Module, tokens: torch.Tensor, ref_logp: torch.Tensor, batch: int) -> float:
+    """KL over the whole calibration set (mean over positions), no gradients."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, tokens.shape[0], batch):
+            ids = tokens[start:start + batch]
+            logits = net(input_ids=ids, use_cache=False).logits
+            total += float(kl_loss(logits, ref_logp[start:start + batch])) * ids.numel()
+            count += ids.numel()
+    return total / count
+
+
+def _optimizer(params: dict[str, torch.nn.Parameter], lr: float, scale_of: dict[str, float]) -> torch.optim.Adam:
+    """Adam with one group per tensor, its step size ``lr`` x the tensor's initial mean |value|:
+    scales (~1e-2), zeros (code units) and norm weights (~1) then move by the same relative amount."""
+    groups = [{"params": [p], "lr": lr * scale_of[name], "name": name} for name, p in params.items()]
+    return torch.optim.Adam(groups, lr=lr)
+
+
+@dataclass
+class _State:
+    """Everything a resumed run needs; saved after every check."""
+
+    step: int
+    lr: float
+    best: float
+    curve: list[dict]
+    best_params: dict[str, torch.Tensor]
+
+    def save(self, folder: Path, key: dict, params: dict, optimizer: torch.optim.Optimizer) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        payload = {"key": json.dumps(key, sort_keys=True), "meta": json.dumps({"step": self.step, "lr": self.lr, "best": self.best,
+                                                                               "curve": self.curve}),
+                   "params": {n: p.detach().clone() for n, p in params.items()}, "best_params": self.best_params,
+                   "optimizer": optimizer.state_dict()}
+        tmp = folder / (STATE_FILE + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(folder / STATE_FILE)
+
+
+def _load_state(folder: Path, key: dict) -> dict | None:
+    path = folder / STATE_FILE
+    if not path.exists():
+        return None
+    payload = torch.load(path, weights_only=True)  # tensors, dicts and strings only: never a pickle
+    if payload.get("key") != json.dumps(key, sort_keys=True):
+        raise CheckpointError(f"{path} belongs to a distillation with other inputs or settings; run without --resume "
+                              f"(and delete {folder}) to start again")
+    return payload
+
+
+def state_dir_for(out: Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".distill-state")
+
+
+def distill(checkpoint: str | Path, reference: str | Path, out: str | Path, config: DistillConfig = DistillConfig(), *,
+            resume: bool = False, overwrite: bool = False, progress: Progress | None = None) -> DistillResult:
+    """Distill ``checkpoint`` (a bitsmith checkpoint) towards ``reference`` (its unquantized model)
+    into a new checkpoint at ``out``; see the module docstring."""
+    from bitsmith.io.destination import Destination
+
+    start = time.perf_counter()
+    config.validate()
+    out = Path(out)
+    Destination(out, "checkpoint", overwrite, CheckpointError).check()  # before any work
+    run = _open(checkpoint, reference, config)
+    folder = state_dir_for(out)
+    key = {"checkpoint": str(Path(checkpoint).resolve()), "reference": str(reference), "config": asdict(config),
+           "tokens": int(run.tokens.sum())}
+    params = trainable(run.net)
+    scale_of = {n: float(p.detach().abs().mean().clamp_min(1e-8)) for n, p in params.items()}
+    state, optimizer = _start(run, params, folder, key, resume, config, scale_of)
+    _train(run, params, state, optimizer, folder, key, config, scale_of, progress)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state.best_params[name])
+    path = write_distilled(Path(checkpoint), out, run.net, run.tunable, {
+        "steps": config.steps, "lr": config.lr, "samples": config.samples, "seq_len": config.seq_len,
+        "reference": str(reference), "initial_kld": state.curve[0]["kld"], "kld": state.best, "curve": state.curve,
+        "seconds": round(time.perf_counter() - start, 1)}, overwrite)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return DistillResult(path, state.curve[0]["kld"], state.best, state.curve, time.perf_counter() - start)
+
+
+@dataclass
+class _Run:
+    net: torch.nn.Module
+    tunable: dict[str, TunableLinear]
+    tokens: torch.Tensor  # [samples, seq_len]
+    ref_logp: torch.Tensor  # [samples, seq_len, V]
+
+
+def _open(checkpoint: str | Path, reference: str | Path, config: DistillConfig) -> _Run:
+    """Load both models (exact arithmetic), check they match, cut the calibration tokens and compute
+    the reference's log-probabilities once."""
+    from bitsmith.calib.data import CalibrationConfig
+    from bitsmith.runtime.load import load_model
+    from bitsmith.runtime.options import RuntimeOptions
+
+    exact = RuntimeOptions.for_measurement()
+    loaded = load_model(checkpoint, options=exact)
+    if loaded.info is None or loaded.source.kind != "bitsmith":
+        raise CheckpointError(f"{checkpoint} is not a bitsmith checkpoint; distill tunes one made by `bitsmith quantize`")
+    ref = load_model(reference, options=exact)
+    if ref.info is not None:
+        raise ValueError(f"--reference {reference} is itself quantized; give the unquantized model the checkpoint came from")
+    vq, vr = loaded.model.get_output_embeddings().out_features, ref.model.get_output_embeddings().weight.shape[0]
+    if vq != vr:
+        raise ValueError(f"the checkpoint has a vocabulary of {vq} and --reference {reference} one of {vr}: "
+                         "give the model the checkpoint was quantized from")
+    calib = CalibrationConfig(text=config.calib_text, samples=config.samples, seq_len=config.seq_len, seed=config.seed)
+    tokens = calib.batches(loaded.tokenizer)
+    ref.model.eval()
+    ref_logp = reference_logprobs(ref.model, tokens, config.batch)
+    del ref
+    net = loaded.model.float().eval()
+    tunable = make_tunable(net, sorted(loaded.info.specs))
+    if not tunable:
+        raise ValueError(f"{checkpoint} has no quantized linear layer to tune")
+    return _Run(net, tunable, tokens, ref_logp)
+
+
+def _start(run: _Run, params: dict, folder: Path, key: dict, resume: bool, config: DistillConfig,
+           scale_of: dict[str, float]) -> tuple[_State, torch.optim.Adam]:
+    """A fresh state (the initial loss measured) or the saved one (``resume``)."""
+    saved = _load_state(folder, key) if resume else None
+    if saved is None:
+        round_to_storage(run.tunable)
+        loss = calibration_loss(run.net, run.tokens, run.ref_logp, config.batch)
+        state = _State(0, config.lr, loss, [{"step": 0, "kld": loss, "accepted": True, "lr": config.lr}],
+                       {n: p.detach().clone() for n, p in params.items()})
+        optimizer = _optimizer(params, config.lr, scale_of)
+        state.save(folder, key, params, optimizer)
+        return state, optimizer
+    meta = json.loads(saved["meta"])
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved["params"][name])
+    state = _State(meta["step"], meta["lr"], meta["best"], meta["curve"], saved["best_params"])
+    optimizer = _optimizer(params, state.lr, scale_of)
+    optimizer.load_state_dict(saved["optimizer"])
+    log.info("resuming distillation at step %d of %d from %s", state.step, config.steps, folder)
+    return state, optimizer
+
+
+def _train(run: _Run, params: dict, state: _State, optimizer: torch.optim.Adam, folder: Path, key: dict,
+           config: DistillConfig, scale_of: dict[str, float], progress: Progress | None) -> None:
+    """Steps from ``state.step`` to ``config.steps``, checking (and saving) every ``check_every``."""
+    n = run.tokens.shape[0]
+    starts = list(range(0, n, config.batch))
+    check_every = config.check_every or len(starts)
+    run.net.train(False)  # no dropout; gradients still flow
+    while state.step < config.steps:
+        sl = slice(starts[state.step % len(starts)], starts[state.step % len(starts)] + config.batch)
+        optimizer.zero_grad(set_to_none=True)
+        logits = run.net(input_ids=run.tokens[sl], use_cache=False).logits
+        kl_loss(logits, run.ref_logp[sl]).backward()
+        optimizer.step()
+        state.step += 1
+        if state.step % check_every == 0 or state.step == config.steps:
+            optimizer = _check(run, params, state, optimizer, config, scale_of)
+            state.save(folder, key, params, optimizer)
+        if progress:
+            progress(state.step, config.steps, state.curve[-1])
+
+
+def _check(run: _Run, params: dict, state: _State, optimizer: torch.optim.Adam, config: DistillConfig,
+           scale_of: dict[str, float]) -> torch.optim.Adam:
+    """Measure the whole calibration loss; accept the state or restore the best with half the rate."""
+    round_to_storage(run.tunable)
+    loss = calibration_loss(run.net, run.tokens, run.ref_logp, config.batch)
+    accepted = loss < state.best
+    state.curve.append({"step": state.step, "kld": loss, "accepted": accepted, "lr": state.lr})
+    if accepted:
+        state.best = loss
+        state.best_params = {n: p.detach().clone() for n, p in params.items()}
+        return optimizer
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state.best_params[name])
+    state.lr /= 2
+    return _optimizer(params, state.lr, scale_of)

@@ -1,0 +1,128 @@
+"""Recovery by distillation: the reported calibration loss never increases, the written checkpoint
+has exactly that loss, the codes stay frozen, and resume == uninterrupted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tests.tiny import make_tiny_model, sample_text
+
+import bitsmith
+from bitsmith.calib.data import CalibrationConfig
+from bitsmith.io.checkpoint import CheckpointError
+from bitsmith.recover import DistillConfig, distill
+from bitsmith.recover.distillation import calibration_loss, reference_logprobs, state_dir_for
+from bitsmith.runtime.options import RuntimeOptions
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("distill")
+    model = make_tiny_model(root / "m", "llama", hidden_size=64, num_hidden_layers=2)
+    text = root / "calib.txt"
+    text.write_text(sample_text(1500, seed=3))
+    bitsmith.quantize(model, root / "q", "w2g32", "rtn", options={"rotate": True})
+    bitsmith.quantize(model, root / "q4", "w4g32", "rtn")  # asymmetric with zeros, unrotated
+    return {"model": model, "text": text, "q": root / "q", "q4": root / "q4"}
+
+
+def config(setup, **kw) -> DistillConfig:
+    base = dict(steps=6, lr=1e-2, samples=4, seq_len=16, batch=2, check_every=2, calib_text=str(setup["text"]))
+    return DistillConfig(**{**base, **kw})
+
+
+def measured(setup, folder: Path, cfg: DistillConfig) -> float:
+    exact = RuntimeOptions.for_measurement()
+    loaded = bitsmith.load(folder, options=exact)
+    ref = bitsmith.load(setup["model"], options=exact)
+    tokens = CalibrationConfig(text=cfg.calib_text, samples=cfg.samples, seq_len=cfg.seq_len).batches(loaded.tokenizer)
+    return calibration_loss(loaded.model, tokens, reference_logprobs(ref.model, tokens, cfg.batch), cfg.batch)
+
+
+@pytest.mark.parametrize("which", ["q", "q4"])
+def test_loss_decreases_and_checkpoint_has_the_reported_loss(setup, tmp_path: Path, which: str) -> None:
+    cfg = config(setup)
+    result = distill(setup[which], setup["model"], tmp_path / "d", cfg)
+    accepted = [p["kld"] for p in result.curve if p["accepted"]]
+    assert all(b < a for a, b in zip(accepted, accepted[1:]))  # strictly better at each accepted check
+    assert result.best_loss == accepted[-1] and result.best_loss < result.initial_loss
+    assert abs(measured(setup, result.path, cfg) - result.best_loss) <= 1e-5 * result.initial_loss
+    assert abs(measured(setup, setup[which], cfg) - result.initial_loss) <= 1e-5 * result.initial_loss
+    before, after = load_file(str(setup[which] / "model.safetensors")), load_file(str(result.path / "model.safetensors"))
+    assert before.keys() == after.keys()
+    qweights = [k for k in before if k.endswith(".qweight")]
+    assert qweights and all(torch.equal(before[k], after[k]) for k in qweights)  # codes frozen
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith(".scale"))  # scales tuned
+    info = bitsmith.load(result.path).info
+    assert info.options["distill"]["kld"] == result.best_loss and info.rotations.keys() == bitsmith.load(setup[which]).info.rotations.keys()
+    assert not state_dir_for(tmp_path / "d").exists()  # the work state is removed once the checkpoint is written
+
+
+def test_a_step_that_raises_the_loss_is_rejected(setup, tmp_path: Path) -> None:
+    result = distill(setup["q"], setup["model"], tmp_path / "d", config(setup, lr=3.0, steps=4, check_every=1))
+    rejected = [p for p in result.curve if not p["accepted"]]
+    assert rejected  # a huge rate overshoots ...
+    assert all(p["kld"] >= min(q["kld"] for q in result.curve[: result.curve.index(p)]) for p in rejected)
+    assert result.best_loss == min(p["kld"] for p in result.curve)  # ... and the written state is the best one
+    assert [p["lr"] for p in result.curve][-1] < 3.0
+    assert abs(measured(setup, result.path, config(setup)) - result.best_loss) <= 1e-5 * result.initial_loss
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path: Path) -> None:
+    cfg = config(setup)
+    whole = distill(setup["q"], setup["model"], tmp_path / "whole", cfg)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_4(step: int, total: int, last: dict) -> None:
+        if step == 5:  # one step past the check at 4: that step is lost and redone on resume
+            raise Stop
+
+    with pytest.raises(Stop):
+        distill(setup["q"], setup["model"], tmp_path / "part", cfg, progress=stop_after_4)
+    assert (state_dir_for(tmp_path / "part") / "state.pt").exists() and not (tmp_path / "part").exists()
+    resumed = distill(setup["q"], setup["model"], tmp_path / "part", cfg, resume=True)
+    assert resumed.curve == whole.curve
+    a, b = load_file(str(whole.path / "model.safetensors")), load_file(str(resumed.path / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_settings(setup, tmp_path: Path) -> None:
+    def stop(step: int, total: int, last: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(setup["q"], setup["model"], tmp_path / "d", config(setup), progress=stop)
+    with pytest.raises(CheckpointError, match="other inputs or settings"):
+        distill(setup["q"], setup["model"], tmp_path / "d", config(setup, lr=5e-3), resume=True)
+
+
+def test_bad_requests_fail_before_work(setup, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="steps"):
+        distill(setup["q"], setup["model"], tmp_path / "d", config(setup, steps=0))
+    with pytest.raises(CheckpointError, match="not a bitsmith checkpoint"):
+        distill(setup["model"], setup["model"], tmp_path / "d", config(setup))
+    with pytest.raises(ValueError, match="itself quantized"):
+        distill(setup["q"], setup["q4"], tmp_path / "d", config(setup))
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(CheckpointError):
+        distill(setup["q"], setup["model"], tmp_path / "exists", config(setup))
+
+
+def test_cli_prints_the_curve(setup, tmp_path: Path, capsys) -> None:
+    from bitsmith.cli import main
+
+    rc = main(["distill", str(setup["q"]), "--reference", str(setup["model"]), "--out", str(tmp_path / "d"),
+               "--steps", "2", "--samples", "2", "--seq-len", "16", "--batch", "2", "--lr", "0.01",
+               "--calib", str(setup["text"])])
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err  # the curve goes to the console (stderr), the path to stdout
+    assert rc == 0 and "step     0  KLD" in printed and "step     1  KLD" in printed and "calibration KLD" in printed
+    assert (tmp_path / "d" / "bitsmith.json").exists()
+    with pytest.raises(SystemExit) as exit_info:  # a user mistake: one line, no traceback
+        main(["distill", str(setup["q"]), "--reference", str(setup["model"]), "--out", str(tmp_path / "e"), "--steps", "0"])
+    assert exit_info.value.code == 1 and "steps must be at least 1" in capsys.readouterr().err
