@@ -111,7 +111,7 @@ def export_ct(checkpoint: str | Path, out: str | Path, scale_dtype: str = "float
     for module, qt in quantized_tensors(folder, info).items():
         if module == embedding:  # a float table in the export: the w8 values, rounded to fp16
             state[f"{module}.weight"] = qt.dequantize().to(torch.float16)
-            report[module] = {"spec": str(qt.spec), "written": "dequantized fp16 (compressed-tensors keeps embeddings float)"}
+            report[module] = {"spec": str(qt.spec), "written": "dequantized fp16 (compressed-tensors keeps embeddings float)", "max_zero_rounding": 0.0}
             continue
         layer = layers[module] = to_ct(qt, SCALE_DTYPES[scale_dtype], groups[qt.spec])
         state.update(layer.state(module))

@@ -25,6 +25,22 @@ from bitsmith.primitives import sqnr_db
 log = logging.getLogger(__name__)
 
 
+def float_outputs(folder: Path, info) -> set[str]:
+    """The embedding (GPTQ has no quantized embeddings) and a head whose spec differs from the body's:
+    written dequantized. Everything else must share one spec."""
+    from bitsmith.models import embedding_and_head_names, meta_model, open_source
+    from bitsmith.models.family import HEAD_MODULE
+
+    embed, _ = embedding_and_head_names(meta_model(open_source(folder).config))
+    embedding = embed.removesuffix(".weight")
+    body = {(s.bits, s.group_size, s.symmetric) for m, s in info.specs.items() if m not in (embedding, HEAD_MODULE)}
+    head = info.specs.get(HEAD_MODULE)
+    floats = {embedding} & set(info.specs)
+    if head is not None and body and (head.bits, head.group_size, head.symmetric) not in body:
+        floats.add(HEAD_MODULE)
+    return floats
+
+
 def export_gptq(checkpoint: str | Path, out: str | Path, fmt: GPTQFormat = GPTQFormat.V1, *,
                 overwrite: bool = False) -> dict:
     """Write a bitsmith checkpoint as a GPTQ folder at ``out``; returns the per-layer report."""
@@ -39,14 +55,20 @@ def export_gptq(checkpoint: str | Path, out: str | Path, fmt: GPTQFormat = GPTQF
         raise GPTQError(f"{checkpoint} is not a bitsmith checkpoint; quantize it first (bitsmith quantize MODEL --spec w4g128 --out DIR)")
     if out.exists() and not overwrite:
         raise GPTQError(f"{out} already exists; choose another --out or pass --overwrite")
-    specs = {str(s) for s in info.specs.values()}
-    if len({(s.bits, s.group_size, s.symmetric) for s in info.specs.values()}) > 1:
+    floats = float_outputs(folder, info)
+    body = {m: s for m, s in info.specs.items() if m not in floats}
+    specs = {str(s) for s in body.values()}
+    if len({(s.bits, s.group_size, s.symmetric) for s in body.values()}) > 1:
         raise GPTQError(f"the checkpoint mixes specs ({', '.join(sorted(specs))}); GPTQ's quantization_config holds one")
-    spec = next(iter(info.specs.values()))
+    spec = next(iter(body.values()))
     quantized = quantized_tensors(folder, info)
     state: dict[str, torch.Tensor] = {}
     report: dict[str, dict] = {}
     for module, qt in quantized.items():
+        if module in floats:  # GPTQ folders keep the embedding (and a head at another spec) in fp16
+            state[f"{module}.weight"] = qt.dequantize().to(torch.float16)
+            report[module] = {"written": "dequantized fp16", "max_zero_rounding": 0.0}
+            continue
         g = to_gptq(qt, fmt)
         state.update({f"{module}.qweight": g.qweight, f"{module}.qzeros": g.qzeros,
                       f"{module}.scales": g.scales, f"{module}.g_idx": g.g_idx})
@@ -76,7 +98,7 @@ def export_gptq(checkpoint: str | Path, out: str | Path, fmt: GPTQFormat = GPTQF
         config = strip(json.loads((folder / "config.json").read_text()))  # bitsmith's own fields would stop transformers
         config["quantization_config"] = {
             "quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size or -1, "desc_act": False,
-            "sym": spec.symmetric, "checkpoint_format": fmt.value, "lm_head": "lm_head" in quantized,
+            "sym": spec.symmetric, "checkpoint_format": fmt.value, "lm_head": "lm_head" in quantized and "lm_head" not in floats,
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         staging.publish()  # never clobbers; --overwrite swaps an earlier export out only now

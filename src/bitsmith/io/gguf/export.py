@@ -140,7 +140,8 @@ def prepare_export(model: str | Path, qtype: str | None, importance: bool, calib
         raise ExportError(f"{model} is not quantized (not a bitsmith checkpoint, GPTQ folder or GGUF file), so it "
                           "needs a target type: pass --type (e.g. Q4_K_M or Q8_0)")
     if qtype is None:
-        missing = sorted({str(qt.spec) for qt in quantized.values() if exact_type(qt.spec) is None})
+        missing = sorted({str(qt.spec) for m, qt in quantized.items()
+                          if exact_type(qt.spec) is None and not is_output_layer(naming, m)})
         if missing:
             raise ExportError(f"{', '.join(missing)} has no exact GGUF type (exact: {', '.join(EXACT_TYPES)}); "
                               "pass --type (e.g. Q4_K_M or Q8_0) to re-quantize into a GGUF type")
@@ -223,6 +224,12 @@ def export_tensor(job: ExportJob, name: str, tied: bool, n_layers: int, n_gqa: i
     if gname is None:
         log.warning("%s has no GGUF name in %s; left out", name, job.naming.arch_name)
         return None
+    if is_quantized and job.qtype is None and exact_type(job.quantized[module].spec) is None:
+        # an embedding or head at a spec with no exact GGUF type (bitsmith's default w8: one scale per
+        # row) goes to Q8_0, the 8-bit type llama.cpp itself uses for them; the error it adds is reported
+        values = job.quantized[module].dequantize().numpy()
+        data, res, used = encode_tensor(gname, values, OUTPUT_REQUANT_TYPE, None, job.naming)
+        return gname, data, res, used
     if is_quantized:
         data, res, used = export_quantized(gname, job.quantized[module], job.qtype, job.naming, n_layers, tied, n_gqa)
         return gname, data, res, used
@@ -236,6 +243,15 @@ def export_tensor(job: ExportJob, name: str, tied: bool, n_layers: int, n_gqa: i
     imp = job.importance.get(name) if used not in ("F16", "F32") else None
     data, res, used = encode_tensor(gname, values, used, imp, job.naming, hessian=job.hessians.get(name))
     return gname, data, res, used
+
+
+OUTPUT_REQUANT_TYPE = "Q8_0"
+OUTPUT_GGUF_NAMES = ("token_embd.weight", "output.weight")
+
+
+def is_output_layer(naming: Naming, module: str) -> bool:
+    """Whether ``module`` is the embedding table or the head (GGUF's token_embd / output)."""
+    return naming.gguf_name(f"{module}.weight") in OUTPUT_GGUF_NAMES
 
 
 def stored_type(source: Any, name: str) -> str:
