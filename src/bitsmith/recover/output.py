@@ -26,16 +26,23 @@ def write_distilled(checkpoint: Path, out: Path, net: nn.Module, tunable: dict[s
     tuned = {n: p.detach().float() for n, p in trainable(net).items() if n.rpartition(".")[0] not in tunable}
     short = {k: v for k, v in report.items() if k != "curve"}
     options = {**info.options, "distill": short}
+    from bitsmith.io.packed import quantized_tensors
+
+    # quantized modules that are not tuned (the w8 embedding of the default output policy) keep their
+    # codes and scales, and go through add_quantized so the new checkpoint records their spec
+    untouched = quantized_tensors(checkpoint, info, exclude=frozenset(tunable), rotated=True)
     with CheckpointWriter(out, info.method, options, overwrite=overwrite) as writer:
         for path in shard_files(checkpoint):
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     module = key.rpartition(".")[0]
-                    if module in tunable:
-                        continue  # written once below, from the tuned layer
+                    if module in tunable or module in untouched:
+                        continue  # written once below, from the tuned layer or as the quantized tensor it is
                     writer.add_tensor(key, tuned[key] if key in tuned else f.get_tensor(key))
         for module, layer in tunable.items():
             writer.add_quantized(module, layer.quantized())
+        for module, qt in untouched.items():
+            writer.add_quantized(module, qt)
         for item in Path(checkpoint).iterdir():
             if item.is_file() and item.suffix != ".safetensors" and item.name not in _WEIGHT_FILES:
                 shutil.copy2(item, writer.tmp_dir / item.name)
