@@ -41,6 +41,20 @@ def float_outputs(folder: Path, info) -> set[str]:
     return floats
 
 
+def body_spec(body: dict):
+    """The one spec every packed layer shares (GPTQ's quantization_config holds one)."""
+    if len({(s.bits, s.group_size, s.symmetric) for s in body.values()}) > 1:
+        specs = sorted({str(s) for s in body.values()})
+        raise GPTQError(f"the checkpoint mixes specs ({', '.join(specs)}); GPTQ's quantization_config holds one")
+    return next(iter(body.values()))
+
+
+def float_state(quantized: dict, floats: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """GPTQ folders keep the embedding (and a head at another spec) in fp16: their dequantized weights."""
+    state = {f"{m}.weight": quantized[m].dequantize().to(torch.float16) for m in floats}
+    return state, {m: {"written": "dequantized fp16", "max_zero_rounding": 0.0} for m in floats}
+
+
 def export_gptq(checkpoint: str | Path, out: str | Path, fmt: GPTQFormat = GPTQFormat.V1, *,
                 overwrite: bool = False) -> dict:
     """Write a bitsmith checkpoint as a GPTQ folder at ``out``; returns the per-layer report."""
@@ -56,18 +70,11 @@ def export_gptq(checkpoint: str | Path, out: str | Path, fmt: GPTQFormat = GPTQF
     if out.exists() and not overwrite:
         raise GPTQError(f"{out} already exists; choose another --out or pass --overwrite")
     floats = float_outputs(folder, info)
-    body = {m: s for m, s in info.specs.items() if m not in floats}
-    specs = {str(s) for s in body.values()}
-    if len({(s.bits, s.group_size, s.symmetric) for s in body.values()}) > 1:
-        raise GPTQError(f"the checkpoint mixes specs ({', '.join(sorted(specs))}); GPTQ's quantization_config holds one")
-    spec = next(iter(body.values()))
+    spec = body_spec({m: s for m, s in info.specs.items() if m not in floats})
     quantized = quantized_tensors(folder, info)
-    state: dict[str, torch.Tensor] = {}
-    report: dict[str, dict] = {}
+    state, report = float_state(quantized, floats)
     for module, qt in quantized.items():
-        if module in floats:  # GPTQ folders keep the embedding (and a head at another spec) in fp16
-            state[f"{module}.weight"] = qt.dequantize().to(torch.float16)
-            report[module] = {"written": "dequantized fp16", "max_zero_rounding": 0.0}
+        if module in floats:
             continue
         g = to_gptq(qt, fmt)
         state.update({f"{module}.qweight": g.qweight, f"{module}.qzeros": g.qzeros,
