@@ -35,33 +35,10 @@ RUNGS = ["w8", "w4g128", "w3g128", "w2g64"]
 
 
 def make_ggufs(model: str, types: list[str]) -> dict[str, Path]:
-    """alias GGUF -> F16 -> each type, cached under bench/common.work_dir('speed')/gguf (shared with speed.py)."""
-    from bitsmith.models import open_source
+    """alias GGUF -> F16 -> each type, cached under bench/common.work_dir('speed')/gguf: speed.py's files."""
+    from speed import ggufs
 
-    folder = work_dir("speed") / "gguf"
-    folder.mkdir(parents=True, exist_ok=True)
-    quantize = str(tools.llama_bin("llama-quantize"))
-    f16 = folder / f"{model}-F16.gguf"
-    if not f16.exists():
-        tmp = f16.with_suffix(".tmp")
-        subprocess.run([quantize, "--allow-requantize", str(open_source(model).path), str(tmp), "F16", "2"],
-                       check=True, capture_output=True)
-        tmp.rename(f16)
-    out = {}
-    for t in types:
-        path = folder / f"{model}-{t}.gguf"
-        if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            subprocess.run([quantize, str(f16), str(tmp), t, "2"], check=True, capture_output=True)
-            tmp.rename(path)
-        out[t] = path
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return ggufs(work_dir("speed"), model, types)
 
 
 def start_server(gguf: Path, threads: int, ctx: int) -> tuple[subprocess.Popen, str]:

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from bitsmith.formats.ct_layout import SCALE_DTYPES, CTError, CTTensors, shared_group, to_ct, weight_args
+from bitsmith.io.packed import other_tensors
 from bitsmith.io.quant_config import strip
-from bitsmith.io.safetensors import shard_files
 from bitsmith.primitives import sqnr_db
 
 log = logging.getLogger(__name__)
@@ -69,20 +69,6 @@ def quantization_config(layers: dict[str, CTTensors], ignore: list[str]) -> dict
             "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {}, "version": CT_VERSION}
 
 
-def _other_tensors(folder: Path, quantized: set[str]) -> dict[str, torch.Tensor]:
-    """Every tensor the checkpoint stores outside its packed layers (embeddings, norms, biases, head)."""
-    from safetensors import safe_open
-
-    state = {}
-    for path in shard_files(folder):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                module, _, part = key.rpartition(".")
-                if not (module in quantized and part in ("qweight", "scale", "zero", "grid")):
-                    state[key] = f.get_tensor(key)
-    return state
-
-
 def export_ct(checkpoint: str | Path, out: str | Path, scale_dtype: str = "float32", *, overwrite: bool = False) -> dict:
     """Write a bitsmith checkpoint as a compressed-tensors folder at ``out``; returns the per-layer
     report (zero rounding, the group size written, and the extra error where zeros were rounded)."""
@@ -123,7 +109,7 @@ def export_ct(checkpoint: str | Path, out: str | Path, scale_dtype: str = "float
             entry["sqnr_db"] = sqnr_db(qt.dequantize(), back.dequantize())
             log.warning("%s: fractional zeros rounded (max %.3f code); extra error %.1f dB", module, layer.max_zero_rounding, entry["sqnr_db"])
         report[module] = entry
-    state.update(_other_tensors(folder, set(layers) | ({embedding} if embedding else set())))
+    state.update(other_tensors(folder, set(layers) | ({embedding} if embedding else set())))
     ignore = [] if "lm_head" in layers else ["lm_head"]  # as llm-compressor writes it, tied or not
     config = strip(json.loads((folder / "config.json").read_text()))  # bitsmith's own fields would stop transformers
     config["quantization_config"] = quantization_config(layers, ignore)

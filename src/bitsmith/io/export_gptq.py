@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from bitsmith.formats.gptq_layout import GPTQError, GPTQFormat, from_gptq, to_gptq
+from bitsmith.io.packed import other_tensors
 from bitsmith.io.quant_config import strip
-from bitsmith.io.safetensors import shard_files
 from bitsmith.primitives import sqnr_db
 
 log = logging.getLogger(__name__)
@@ -85,14 +85,7 @@ def export_gptq(checkpoint: str | Path, out: str | Path, fmt: GPTQFormat = GPTQF
             entry["sqnr_db"] = sqnr_db(qt.dequantize(), back.dequantize())
             log.warning("%s: fractional zeros rounded (max %.3f code); extra error %.1f dB", module, g.max_zero_rounding, entry["sqnr_db"])
         report[module] = entry
-    from safetensors import safe_open
-
-    for path in shard_files(folder):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                module, _, part = key.rpartition(".")
-                if not (module in quantized and part in ("qweight", "scale", "zero", "grid")):
-                    state[key] = f.get_tensor(key)
+    state.update(other_tensors(folder, set(quantized)))
     from bitsmith.io.destination import Destination
 
     staging = Destination(out, "gptq-export", overwrite, GPTQError).stage()  # locked; refuses foreign folders

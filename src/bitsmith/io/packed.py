@@ -111,3 +111,17 @@ def quantized_tensors(folder: Path, info: CheckpointInfo, exclude: frozenset[str
                                                info.shapes[module][1], p.get("grid"),
                                                layer_rotation(p, info.shapes[module][1], info.rotations.get(module)))
             for module, p in quantized_state(folder, info, exclude).items()}
+
+
+def other_tensors(folder: Path, quantized: set[str]) -> dict[str, torch.Tensor]:
+    """Every tensor the checkpoint stores outside its packed layers (embeddings, norms, biases, head)."""
+    from safetensors import safe_open
+
+    state = {}
+    for path in shard_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                module, _, part = key.rpartition(".")
+                if not (module in quantized and part in ("qweight", "scale", "zero", "grid")):
+                    state[key] = f.get_tensor(key)
+    return state

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from bitsmith.infer.generate import sample_next
 
-__all__ = ["SamplingParams", "TextTail", "TokenLogprob", "choose", "logprobs_of", "new_generator"]
+__all__ = ["SamplingParams", "TextTail", "TokenLogprob", "choose", "logprobs_of"]
 
 
 @dataclass(frozen=True)
@@ -43,16 +43,6 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...]
-
-
-def new_generator(seed: int | None) -> torch.Generator:
-    """A request's own CPU generator: seeded for reproducible output, fresh entropy otherwise."""
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
 
 
 def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
+from bitsmith.infer.generate import seeded_generator
 from bitsmith.infer.lean import PREFILL_CHUNK, LeanRunner, lean_runner
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.serve.batch import decode_step
-from bitsmith.serve.sampling import SamplingParams, TextTail, TokenLogprob, choose, logprobs_of, new_generator
+from bitsmith.serve.sampling import SamplingParams, TextTail, TokenLogprob, choose, logprobs_of
 
 __all__ = ["Finished", "Job", "Prompt", "QueueFull", "Scheduler", "SchedulerStopped", "Token"]
 
@@ -213,7 +214,7 @@ class Scheduler:
             job.send(Prompt(entries))
         else:
             last = runner(ids)
-        seq = _Sequence(job, runner, new_generator(params.seed), TextTail(self.tokenizer, params.stop))
+        seq = _Sequence(job, runner, seeded_generator(params.seed), TextTail(self.tokenizer, params.stop))
         if params.max_tokens == 0:
             self._finish(seq, "length")
             return
