@@ -69,6 +69,25 @@ def test_adapter_scores_match_the_oracle(checkpoint: Path) -> None:
     assert isinstance(out[0], str) and "\n" not in out[0]
 
 
+def test_harness_hflm_on_a_bitsmith_model_matches_the_oracle(checkpoint: Path) -> None:
+    """The issue's path: lm-eval's own HFLM(pretrained=<model bitsmith loaded>) scores a quantized
+    model (needs accelerate, which the lm-eval extra installs)."""
+    pytest.importorskip("accelerate")
+    from lm_eval.models.huggingface import HFLM
+
+    from bitsmith.eval.harness import harness_lm
+
+    loaded = load_model(checkpoint, options=RuntimeOptions(int8_decode=False, prefill="exact"))
+    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=2)
+    assert isinstance(harness_lm(loaded), HFLM)  # bitsmith hands the harness its own HFLM when it can
+    g = torch.Generator().manual_seed(1)
+    requests = [(("", ""), torch.randint(3, 100, (6,), generator=g).tolist(), torch.randint(3, 100, (n,), generator=g).tolist())
+                for n in (1, 3)]
+    for (score, greedy), (_, ctx, cont) in zip(lm._loglikelihood_tokens(requests), requests):
+        want, want_greedy = _oracle(loaded.model, ctx, cont)
+        assert score == pytest.approx(want, abs=1e-3) and greedy == want_greedy
+
+
 def test_shipped_task_data_is_well_formed() -> None:
     folder = tasks_dir()
     for task in LOCAL_TASKS:
