@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bitsmith.formats.ct_layout import SCALE_DTYPES, CTError, CTTensors, shared_group, to_ct, weight_args
-from bitsmith.io.packed import other_tensors
+from bitsmith.io.packed import other_tensors, quantized_embedding
 from bitsmith.io.quant_config import strip
 from bitsmith.primitives import sqnr_db
 
@@ -41,15 +41,6 @@ def _refusals(folder: Path, info) -> None:
         raise CTError(f"the checkpoint uses non-uniform grids ({', '.join(grids)}), which compressed-tensors cannot "
                       "hold (it stores uniform integer codes); re-quantize with a uniform spec (e.g. w4g128), or "
                       "export to GGUF instead")
-
-
-def _embedding_module(folder: Path, info) -> str | None:
-    """The input embedding's module name when the checkpoint quantizes it, else None."""
-    from bitsmith.models import embedding_and_head_names, meta_model, open_source
-
-    embed, _ = embedding_and_head_names(meta_model(open_source(folder).config))
-    module = embed.removesuffix(".weight")
-    return module if module in info.specs else None
 
 
 def _config_groups(layers: dict[str, CTTensors]) -> dict[str, dict]:
@@ -90,7 +81,7 @@ def export_ct(checkpoint: str | Path, out: str | Path, scale_dtype: str = "float
     layers: dict[str, CTTensors] = {}
     report: dict[str, dict] = {}
     state: dict[str, torch.Tensor] = {}
-    embedding = _embedding_module(folder, info)
+    embedding = quantized_embedding(folder, info)
     packed = {m: s for m, s in info.specs.items() if m != embedding}
     groups = {spec: shared_group(spec, [info.shapes[m][1] for m, s in packed.items() if s == spec])
               for spec in set(packed.values())}

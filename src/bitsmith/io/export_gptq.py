@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bitsmith.formats.gptq_layout import GPTQError, GPTQFormat, from_gptq, to_gptq
-from bitsmith.io.packed import other_tensors
+from bitsmith.io.packed import other_tensors, quantized_embedding
 from bitsmith.io.quant_config import strip
 from bitsmith.primitives import sqnr_db
 
@@ -28,14 +28,12 @@ log = logging.getLogger(__name__)
 def float_outputs(folder: Path, info) -> set[str]:
     """The embedding (GPTQ has no quantized embeddings) and a head whose spec differs from the body's:
     written dequantized. Everything else must share one spec."""
-    from bitsmith.models import embedding_and_head_names, meta_model, open_source
     from bitsmith.models.family import HEAD_MODULE
 
-    embed, _ = embedding_and_head_names(meta_model(open_source(folder).config))
-    embedding = embed.removesuffix(".weight")
+    embedding = quantized_embedding(folder, info)
     body = {(s.bits, s.group_size, s.symmetric) for m, s in info.specs.items() if m not in (embedding, HEAD_MODULE)}
     head = info.specs.get(HEAD_MODULE)
-    floats = {embedding} & set(info.specs)
+    floats = {embedding} - {None}
     if head is not None and body and (head.bits, head.group_size, head.symmetric) not in body:
         floats.add(HEAD_MODULE)
     return floats

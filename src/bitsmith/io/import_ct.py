@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bitsmith.formats.ct_layout import PARTS, CTError, from_ct
-from bitsmith.io.safetensors import read_header, shard_files
+from bitsmith.io.safetensors import split_parts
 from bitsmith.tensor import QuantizedTensor
 
 READ_FORMATS = ("pack-quantized",)
@@ -82,23 +82,7 @@ def scheme_of(module: str, groups: list[tuple[list[str], dict]]) -> dict | None:
 
 def _read_tensors(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """(module -> its packed parts, every other tensor by name)."""
-    from safetensors import SafetensorError, safe_open
-
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    others: dict[str, torch.Tensor] = {}
-    for shard in shard_files(folder):
-        read_header(shard)  # bitsmith's checks and message first; then the library maps the file
-        try:
-            with safe_open(str(shard), framework="pt") as f:
-                for key in f.keys():
-                    module, _, part = key.rpartition(".")
-                    if part in PARTS or part == "weight_g_idx":
-                        parts.setdefault(module, {})[part] = f.get_tensor(key)
-                    else:
-                        others[key] = f.get_tensor(key)
-        except SafetensorError as exc:
-            raise CTError(f"{shard} cannot be read ({exc}); download it again") from exc
-    return parts, others
+    return split_parts(folder, lambda part: part in PARTS or part == "weight_g_idx", CTError)
 
 
 def load_ct_folder(path: str | Path) -> tuple[dict, dict[str, QuantizedTensor], dict[str, torch.Tensor]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from bitsmith.formats.gptq_layout import PARTS, GPTQError, GPTQFormat, gptq_layer
-from bitsmith.io.safetensors import read_header, shard_files
+from bitsmith.io.safetensors import split_parts
 from bitsmith.tensor import QuantizedTensor
 
 
@@ -60,8 +60,6 @@ class InputPermuted(torch.nn.Module):
 def load_gptq_folder(path: str | Path) -> tuple[dict, dict[str, tuple[QuantizedTensor, torch.Tensor | None]], dict[str, torch.Tensor]]:
     """(config.json as a dict, module name -> (QuantizedTensor, act-order permutation or None),
     every other tensor by name)."""
-    from safetensors import SafetensorError, safe_open
-
     folder = Path(path)
     qc = read_gptq_config(folder)
     if qc is None:
@@ -70,21 +68,8 @@ def load_gptq_folder(path: str | Path) -> tuple[dict, dict[str, tuple[QuantizedT
         fmt = GPTQFormat(qc.get("checkpoint_format", "gptq"))
     except ValueError:
         raise GPTQError(f"{folder} has GPTQ checkpoint_format {qc.get('checkpoint_format')!r}; bitsmith reads 'gptq' and 'gptq_v2'") from None
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    others: dict[str, torch.Tensor] = {}
     bits, group_size, sym = gptq_options(folder, qc)
-    for shard in shard_files(folder):
-        read_header(shard)  # bitsmith's checks and message first; then the library maps the file
-        try:
-            with safe_open(str(shard), framework="pt") as f:
-                for key in f.keys():
-                    module, _, part = key.rpartition(".")
-                    if part in PARTS:
-                        parts.setdefault(module, {})[part] = f.get_tensor(key)
-                    else:
-                        others[key] = f.get_tensor(key)
-        except SafetensorError as exc:  # what our reader lets through, e.g. a dtype it does not know
-            raise GPTQError(f"{shard} cannot be read ({exc}); download it again") from exc
+    parts, others = split_parts(folder, lambda part: part in PARTS, GPTQError)
     quantized = {}
     for module, tensors in parts.items():
         missing = [p for p in PARTS[:3] if p not in tensors]

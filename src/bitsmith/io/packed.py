@@ -125,3 +125,13 @@ def other_tensors(folder: Path, quantized: set[str]) -> dict[str, torch.Tensor]:
                 if not (module in quantized and part in ("qweight", "scale", "zero", "grid")):
                     state[key] = f.get_tensor(key)
     return state
+
+
+def quantized_embedding(folder: Path, info: CheckpointInfo) -> str | None:
+    """The input embedding's module name when the checkpoint quantizes it (bitsmith's default w8
+    embedding), else None: formats without quantized embeddings write it dequantized."""
+    from bitsmith.models import embedding_and_head_names, meta_model, open_source
+
+    embed, _ = embedding_and_head_names(meta_model(open_source(folder).config))
+    module = embed.removesuffix(".weight")
+    return module if module in info.specs else None

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
     import torch
 
@@ -290,6 +292,8 @@ def read_tensor(t: StTensor) -> "torch.Tensor":
     in the process's resident memory (RssFile) for as long as the map lives, so streaming a 26 GB
     checkpoint through it grew the resident set towards the whole file. Here nothing stays mapped once
     the call returns: resident memory is the tensor itself. (Little-endian hosts, as safetensors.)"""
+    from collections.abc import Callable
+
     import torch
 
     out = torch.empty(t.shape, dtype=getattr(torch, _TORCH_DTYPES[t.dtype]))
@@ -304,3 +308,28 @@ def read_tensor(t: StTensor) -> "torch.Tensor":
                     raise SafetensorsError(f"{t.path.name} ended inside tensor {t.name}; download it again")
                 done += n
     return out
+
+
+def split_parts(folder: Path, is_part: "Callable[[str], bool]", error: type[Exception],
+                ) -> tuple[dict[str, dict[str, "torch.Tensor"]], dict[str, "torch.Tensor"]]:
+    """Every tensor of a folder's shards, split by name: (module -> {part: tensor}) where
+    ``is_part(part)`` holds for the name's last component, and every other tensor by name. Each
+    shard passes bitsmith's header checks first; what the safetensors library still refuses raises
+    ``error`` naming the shard. (The GPTQ and compressed-tensors importers read folders this way.)"""
+    from safetensors import SafetensorError, safe_open
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    others: dict[str, torch.Tensor] = {}
+    for shard in shard_files(folder):
+        read_header(shard)  # bitsmith's checks and message first; then the library maps the file
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    module, _, part = key.rpartition(".")
+                    if is_part(part):
+                        parts.setdefault(module, {})[part] = f.get_tensor(key)
+                    else:
+                        others[key] = f.get_tensor(key)
+        except SafetensorError as exc:  # what our reader lets through, e.g. a dtype it does not know
+            raise error(f"{shard} cannot be read ({exc}); download it again") from exc
+    return parts, others
