@@ -85,5 +85,9 @@ void gemv_rows(const Matrix& m, const float* x, const float* xp, const float* xs
 // prepared inputs (xv, xq, xsum as gemv_prepare writes them; an orphaned `omp for` as gemv_rows).
 bool vbmi_takes(const Matrix& m);
 void vbmi_rows(const Matrix& m, const float* xv, const int8_t* xq, const float* xsum, int64_t T, float* y);
+// One activation row of 2-, 3- or 4-bit codes runs vbmi.cpp's superblock decode when strided_takes(m):
+// gemv_prepare then permutes its int8 x in place with vbmi_permute (the layout vbmi_rows reads).
+bool strided_takes(const Matrix& m);
+void vbmi_permute(const Matrix& m, int8_t* xq, float* xv);
 
 }  // namespace bs

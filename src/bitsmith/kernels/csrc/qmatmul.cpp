@@ -549,6 +549,7 @@ void gemv_prepare(const Matrix& m, const float* x, int64_t T, float* xsum, float
 #if BS_INT8
   if (int8_ok(m)) {  // xp [T, in] floats hold xv [T, in / 4] floats then xq [T, in] bytes
     prepare_int8(m, x, T, xsum, xp, (int8_t*)(xp + T * (m.in / 4)));
+    if (T == 1 && strided_takes(m)) vbmi_permute(m, (int8_t*)(xp + m.in / 4), xp);
     return;
   }
 #endif

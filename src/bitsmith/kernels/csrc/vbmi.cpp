@@ -38,10 +38,23 @@
 #ifndef BS_AHEAD
 #define BS_AHEAD 2
 #endif
+// ... and at least this many bytes ahead: the distance in passes alone shrinks with the row's bytes,
+// so a 2-bit SmolLM2 row (in 576: 144 bytes, 1.2 KB two passes on) asked for its bytes too late to
+// hide the memory latency (see bench/results/speed, session 10).
+#ifndef BS_AHEAD_BYTES
+#define BS_AHEAD_BYTES 4096
+#endif
 
 namespace {
 
 constexpr int64_t kMaxGroups = 512;  // groups per row this path takes (in = 32768 at group 64)
+
+// The prefetch distance of a pass of R rows: BS_AHEAD passes, or more passes when that is under
+// BS_AHEAD_BYTES (the rows after this pass are contiguous, so this is a distance in the byte stream).
+inline int64_t prefetch_ahead(int64_t R, int64_t row_bytes) {
+  const int64_t pass = R * row_bytes, passes = (BS_AHEAD_BYTES + pass - 1) / pass;
+  return (passes > BS_AHEAD ? passes : BS_AHEAD) * pass;
+}
 
 #if BS_VBMI
 // The byte gather and bit offsets that turn 8*bits packed bytes into 64 codes (see the top).
@@ -131,7 +144,7 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
   const int bits = (int)m.bits;
   const int64_t groups = bs::gemv_groups(m), row_bytes = m.in / 8 * bits, chunk_bytes = 8 * bits;
   const float mid = (float)((1 << bits) / 2);
-  const int64_t ahead = BS_AHEAD * R * row_bytes;
+  const int64_t ahead = prefetch_ahead(R, row_bytes);
   float scales[R * kMaxGroups];  // [R, groups] of this pass, as floats (vbmi_takes bounds groups)
   const uint8_t* row[R];
   const float* sc[R];
@@ -161,6 +174,153 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
   }
   for (int r = 0; r < R; ++r) y[o0 + r] = _mm512_reduce_add_ps(total[r]) - offset[r];
 }
+// ---- Superblock decode of 2-, 3- and 4-bit rows (one activation row) ----------------------------
+// The chunk loop above spends, per 64 codes and row, an unpack (vpermb + vpmultishiftqb + vpand),
+// one vpdpbusd, one conversion and one FMA: about as many instructions for a 2-bit chunk (16 bytes)
+// as for an 8-bit one (64 bytes), so 2- and 3-bit rows decoded compute-bound, not in proportion to
+// their bytes. Here x's int8 codes are permuted once per call (vbmi_permute) to follow the order in
+// which the packed bytes unpack most cheaply, and a superblock of S codes (64 bytes of 2- or 4-bit
+// codes, 96 of 3-bit) is gathered into ONE int32 accumulator whose lane l always covers codes of the
+// same 32-block of x (so of one x scale and one weight group): one conversion and one FMA per
+// superblock instead of one per 64 codes, and an unpack of a few shifts and masks:
+//   2 bits (S = 256): byte j of the 64 holds codes 4j..4j+3; (b >> 2s) & 3 is the vector of codes
+//     4j+s, and xq is stored per superblock as [x_{4j} | x_{4j+1} | x_{4j+2} | x_{4j+3}] (j = 0..63);
+//     lane l sums codes 16l..16l+15 (x block l/2).
+//   4 bits (S = 128): b & 15 are the even codes, (b >> 4) & 15 the odd ones; xq as [x_{2j} | x_{2j+1}];
+//     lane l sums codes 8l..8l+7 (x block l/4).
+//   3 bits (S = 256, 32 runs of 8 codes in 3 bytes): vpermi2b gathers run 4j+c into qword j for
+//     c = 0..3, vpmultishiftqb + vpand unpack it; xq per superblock as, for c = 0..3, runs 4j+c in
+//     qword j; lane l sums codes 16l..16l+15 as for 2 bits.
+// The integer products are the same as the chunk path's (exact), only the float summation order
+// differs. A row's last in % S codes (whole 64-code chunks) keep the natural order and the chunk code.
+// Groups: G a multiple of S (one scale per superblock) or S a multiple of G (G = 64, 128: the lanes'
+// weight scales gathered with one vpermps).
+
+constexpr int strided_span(int bits) { return bits == 4 ? 128 : 256; }
+
+// codes of superblock position p (natural index within the superblock) for permuted byte p
+inline int strided_source(int bits, int p) {
+  if (bits == 2) return 4 * (p % 64) + p / 64;
+  if (bits == 4) return 2 * (p % 64) + p / 64;
+  const int c = p / 64, j = (p % 64) / 8, i = p % 8;  // 3 bits: chunk c, qword j = run 4j+c, code i
+  return 8 * (4 * j + c) + i;
+}
+
+struct Strided {
+  __m512i gather3[4];  // 3 bits: vpermi2b indices of chunk c over bytes [0, 64) | [32, 96)
+  __m512i lanes;       // S > G: lane -> group offset within the superblock
+  explicit Strided(const bs::Matrix& m) {
+    const int S = strided_span((int)m.bits);
+    alignas(64) int32_t idx[16];
+    for (int l = 0; l < 16; ++l) idx[l] = m.group < S ? (int32_t)(l * (S / 16) / m.group) : 0;
+    lanes = _mm512_load_si512(idx);
+    if (m.bits != 3) return;
+    alignas(64) uint8_t g[64];
+    for (int c = 0; c < 4; ++c) {
+      for (int j = 0; j < 8; ++j)
+        for (int i = 0; i < 8; ++i) {
+          const int a = 3 * (4 * j + c) + (i < 3 ? i : 2);  // bytes past the run's 3 are masked off
+          g[8 * j + i] = (uint8_t)(a < 64 ? a : 64 + (a - 32));
+        }
+      gather3[c] = _mm512_load_si512(g);
+    }
+  }
+};
+
+// The int32 lanes of one superblock of row bytes p against permuted xq q (see above).
+template <int BITS>
+inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Unpack& u, const Strided& st) {
+  if constexpr (BITS == 2) {
+    const __m512i raw = _mm512_loadu_si512(p), m3 = _mm512_set1_epi8(3);
+    const __m512i c0 = _mm512_and_si512(raw, m3), c1 = _mm512_and_si512(_mm512_srli_epi16(raw, 2), m3);
+    const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m3), c3 = _mm512_and_si512(_mm512_srli_epi16(raw, 6), m3);
+    const __m512i a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, _mm512_loadu_si512(q)), c1,
+                                          _mm512_loadu_si512(q + 64));
+    const __m512i b = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c2, _mm512_loadu_si512(q + 128)),
+                                          c3, _mm512_loadu_si512(q + 192));
+    return _mm512_add_epi32(a, b);
+  } else if constexpr (BITS == 4) {
+    const __m512i raw = _mm512_loadu_si512(p), m15 = _mm512_set1_epi8(15);
+    const __m512i lo = _mm512_and_si512(raw, m15), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15);
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q)), hi,
+                               _mm512_loadu_si512(q + 64));
+  } else {
+    const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 32);
+    __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int c = 0; c < 4; ++c) {
+      const __m512i codes =
+          _mm512_and_si512(_mm512_multishift_epi64_epi8(u.shifts, _mm512_permutex2var_epi8(a, st.gather3[c], b)), u.mask);
+      acc[c & 1] = _mm512_dpbusd_epi32(acc[c & 1], codes, _mm512_loadu_si512(q + 64 * c));
+    }
+    return _mm512_add_epi32(acc[0], acc[1]);
+  }
+}
+
+// y[o0 .. o0+R) for one activation row with permuted inputs (vbmi_permute): R rows per pass as
+// rows_vbmi1, superblock by superblock, then the row's natural-order tail chunk by chunk.
+template <int BITS, int R>
+void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64_t o0, const float* xv,
+                  const int8_t* xq, const float* xsum, float* y) {
+  constexpr int S = strided_span(BITS), SB = S * BITS / 8;
+  const int64_t groups = bs::gemv_groups(m), row_bytes = m.in / 8 * BITS, blocks = m.in / S, G = m.group;
+  const float mid = (float)((1 << BITS) / 2);
+  const int64_t ahead = prefetch_ahead(R, row_bytes);
+  float scales[R * (kMaxGroups + 16)];  // [R, groups (+16 readable past the end)] of this pass, as floats
+  const uint8_t* row[R];
+  const float* sc[R];
+  __m512 total[R], f[R];
+  float offset[R];
+  for (int r = 0; r < R; ++r) {
+    row[r] = m.packed + (o0 + r) * row_bytes;
+    sc[r] = scales + r * (kMaxGroups + 16);
+    offset[r] = row_scales(m, o0 + r, groups, mid, xsum, scales + r * (kMaxGroups + 16));
+    total[r] = f[r] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m512 v = _mm512_loadu_ps(xv + b * (S / 4));
+    const int8_t* q = xq + b * S;
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = row[r] + b * SB;
+      _mm_prefetch((const char*)(p + ahead), _MM_HINT_T0);
+      if (SB > 64) _mm_prefetch((const char*)(p + ahead + 64), _MM_HINT_T0);
+      const __m512 d = _mm512_cvtepi32_ps(strided_dot<BITS>(p, q, u, st));
+      if (G < S) {  // the lanes span several groups: per-lane weight scales
+        const __m512 w = _mm512_permutexvar_ps(st.lanes, _mm512_loadu_ps(sc[r] + b * S / G));
+        total[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(v, w), total[r]);
+      } else {
+        f[r] = _mm512_fmadd_ps(d, v, f[r]);
+      }
+    }
+    if (G >= S && ((b + 1) * S % G == 0 || b + 1 == blocks)) {  // a group ends (or the superblocks do)
+      for (int r = 0; r < R; ++r) {
+        total[r] = _mm512_fmadd_ps(f[r], _mm512_set1_ps(sc[r][b * S / G]), total[r]);
+        f[r] = _mm512_setzero_ps();
+      }
+    }
+  }
+  for (int64_t k = blocks * S; k < m.in; k += 64) {  // the tail: natural order, chunk by chunk
+    const __m512i q = _mm512_loadu_si512(xq + k);
+    const __m512 v = _mm512_loadu_ps(xv + k / 4);
+    for (int r = 0; r < R; ++r) {
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.codes(row[r] + k / 8 * BITS, BITS), q);
+      total[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), v), _mm512_set1_ps(sc[r][k / G]), total[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[o0 + r] = _mm512_reduce_add_ps(total[r]) - offset[r];
+}
+
+template <int BITS>
+void strided_all(const bs::Matrix& m, const Unpack& u, const float* xv, const int8_t* xq, const float* xsum, float* y) {
+  const Strided st(m);
+  constexpr int R = 4;
+  const int64_t quads = m.out / R;
+#pragma omp for schedule(static)
+  for (int64_t b = 0; b <= quads; ++b) {
+    if (b < quads) rows_strided<BITS, R>(m, u, st, b * R, xv, xq, xsum, y);
+    else
+      for (int64_t o = quads * R; o < m.out; ++o) rows_strided<BITS, 1>(m, u, st, o, xv, xq, xsum, y);
+  }
+}
 #endif
 
 }  // namespace
@@ -172,9 +332,45 @@ bool vbmi_takes(const Matrix& m) {
          gemv_groups(m) <= kMaxGroups;
 }
 
+bool strided_takes(const Matrix& m) {
+#if BS_VBMI && !defined(BS_NO_STRIDED)
+  if (!vbmi_takes(m) || (m.bits != 2 && m.bits != 3 && m.bits != 4)) return false;
+  const int64_t S = strided_span((int)m.bits);
+  return m.in >= S && (m.group % S == 0 || S % m.group == 0);
+#else
+  (void)m;
+  return false;
+#endif
+}
+
+void vbmi_permute(const Matrix& m, int8_t* xq, float* xv) {
+#if BS_VBMI
+  const int bits = (int)m.bits, S = strided_span(bits);
+  int8_t src[256];
+  float scales[8];
+  for (int64_t b = 0; b < m.in / S; ++b) {
+    int8_t* q = xq + b * S;
+    float* v = xv + b * (S / 4);
+    std::memcpy(src, q, S);
+    for (int p = 0; p < S; ++p) q[p] = src[strided_source(bits, p)];
+    for (int k = 0; k < S / 32; ++k) scales[k] = v[8 * k];  // natural xv: each 32-block's scale x8
+    for (int l = 0; l < 16; ++l) v[l] = scales[l * (S / 16) / 32];
+  }
+#else
+  (void)m, (void)xq, (void)xv;
+#endif
+}
+
 void vbmi_rows(const Matrix& m, const float* xv, const int8_t* xq, const float* xsum, int64_t T, float* y) {
 #if BS_VBMI
   const Unpack u((int)m.bits);
+  if (T == 1 && strided_takes(m)) {
+    switch (m.bits) {
+      case 2: return strided_all<2>(m, u, xv, xq, xsum, y);
+      case 3: return strided_all<3>(m, u, xv, xq, xsum, y);
+      default: return strided_all<4>(m, u, xv, xq, xsum, y);
+    }
+  }
   if (T == 1) {
     constexpr int R = 4;
     const int64_t quads = m.out / R;

@@ -1,0 +1,94 @@
+"""The superblock decode of 2-, 3- and 4-bit rows (csrc/vbmi.cpp ``rows_strided``): one activation row,
+x's int8 codes permuted per call, several 64-code chunks gathered into one int32 accumulator.
+
+Held to the same oracle as every int8-activation decode (x rounded to int8 per 32-block, then the
+exact dequantize-then-matmul) on random shapes whose rows end in a ragged tail of natural-order chunks
+and whose groups are smaller than, equal to or larger than a superblock; and against the chunk path
+of a build without it (``-DBS_NO_STRIDED``): the integer products are the same, only the float
+summation order differs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitsmith.formats.packing import pack
+from bitsmith.kernels.build import int8_widths, native_library
+from bitsmith.kernels.cpu import NativeKernel
+from bitsmith.kernels.torch_path import reference_linear
+from bitsmith.spec import QuantSpec
+from bitsmith.tensor import QuantizedTensor
+
+native = native_library()
+VBMI = native is not None and int8_widths(native) >= set(range(2, 9))
+needs_vbmi = pytest.mark.skipif(not VBMI, reason="the superblock decode needs AVX-512 VBMI + VNNI")
+
+# in: whole superblocks only, superblocks plus 1-3 tail chunks, fewer codes than one superblock
+WIDTHS = (64, 128, 192, 256, 320, 448, 512, 576, 704, 1536)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _qt(out: int, inp: int, spec: QuantSpec, gen: torch.Generator) -> QuantizedTensor:
+    groups = spec.groups_per_row(inp)
+    codes = torch.randint(0, spec.qmax + 1, (out, inp), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(out, groups, generator=gen) * 0.02 + 1e-3).half()
+    zero = None if spec.symmetric else (torch.rand(out, groups, generator=gen) * spec.qmax).half()
+    return QuantizedTensor(codes, scale, zero, spec)
+
+
+def _int8_oracle(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    xb = x.reshape(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    return reference_linear((torch.round(xb * inv) * (amax / 127.0)).reshape(x.shape), qt)
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@needs_vbmi
+@pytest.mark.parametrize("bits", (2, 3, 4))
+@pytest.mark.parametrize("group", (64, 128, 256, None))
+def test_superblock_decode_matches_the_int8_oracle(bits: int, group: int | None) -> None:
+    chunked = native_library(("-DBS_NO_STRIDED",))
+    gen = torch.Generator().manual_seed(100 * bits + (group or 0))
+    for symmetric in (False, True):
+        spec = QuantSpec(bits, group, symmetric)
+        for inp in WIDTHS:
+            if group and group > inp:
+                continue
+            out = int(torch.randint(1, 40, (1,), generator=gen))  # quads of rows and a remainder
+            qt = _qt(out, inp, spec, gen)
+            x = torch.randn(1, inp, generator=gen) * torch.rand(inp, generator=gen) * 3 + 0.1
+            x[0, : min(32, inp)] = 0.0  # a zero block: no division by zero
+            packed = pack(qt.codes, bits)
+            y = NativeKernel(native, packed, qt.scale, qt.zero, spec, inp)(x)
+            assert _rel(y, _int8_oracle(x, qt)) < 1e-5, (spec, out, inp)
+            if chunked is not None:
+                y_chunks = NativeKernel(chunked, packed, qt.scale, qt.zero, spec, inp)(x)
+                assert _rel(y, y_chunks) < 1e-5, (spec, out, inp)
+
+
+@needs_vbmi
+def test_superblock_decode_inside_the_fused_rows_agrees_with_several_rows() -> None:
+    """A decode row (T = 1, permuted x) and the same row inside a 3-row call (natural order) agree:
+    the permutation is per call and never leaks into the layout another call reads."""
+    gen = torch.Generator().manual_seed(7)
+    for bits in (2, 3, 4):
+        spec = QuantSpec(bits, 128, False)
+        qt = _qt(21, 576, spec, gen)
+        kernel = NativeKernel(native, pack(qt.codes, bits), qt.scale, qt.zero, spec, 576)
+        x = torch.randn(3, 576, generator=gen)
+        many = kernel(x)
+        for t in range(3):
+            assert _rel(kernel(x[t : t + 1]), many[t : t + 1]) < 1e-5
+        assert _rel(many, _int8_oracle(x, qt)) < 1e-5
