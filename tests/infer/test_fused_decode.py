@@ -141,9 +141,18 @@ def test_unquantized_and_bf16_models_keep_the_torch_path(caplog) -> None:
     ("llama", dict(hidden_size=72, num_attention_heads=4, num_key_value_heads=2)),  # 18: no vector path
     ("gemma3_text", dict(ARCHS["gemma3_text"], head_dim=256, num_attention_heads=2, num_key_value_heads=1,
                          query_pre_attn_scalar=256)),  # 256 (Gemma 3 270M), window 8
+    # several heads per KV group, attended together (attention.h): 3 of 64 (SmolLM2's 9 over 3), 4 of 64,
+    # 2 of 128 (Qwen2.5-1.5B: 12 over 2), 6 of 16 (chunks of 4 and 2), 3 of 32
+    ("llama", dict(hidden_size=192, num_attention_heads=3, num_key_value_heads=1)),
+    ("llama", dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2)),
+    ("llama", dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1)),
+    ("llama", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=1)),
+    ("llama", dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=2)),
 ])
-def test_other_head_dims(arch: str, shape: dict, tmp_path, monkeypatch) -> None:
-    """The attention has a register-blocked version for head_dim = 16k and a plain one for the rest."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_other_head_dims(arch: str, shape: dict, threads: int, tmp_path, monkeypatch) -> None:
+    """The attention has a register-blocked version for head_dim = 16k and a plain one for the rest,
+    and attends a KV group's heads together where that balances the threads."""
     from bitsmith.pipeline.plan import QuantizePlan
     from bitsmith.pipeline.quantize import quantize
     from bitsmith.spec import QuantSpec
@@ -152,11 +161,16 @@ def test_other_head_dims(arch: str, shape: dict, tmp_path, monkeypatch) -> None:
     model, _ = load(quantize(src, tmp_path / "q", QuantizePlan(QuantSpec.parse("w4g32"))))
     ref, fused = runners(model, 40)
     ids = torch.randint(0, 100, (40,), generator=torch.Generator().manual_seed(12))
-    with torch.no_grad():
-        ref(ids[:9])
-        fused(ids[:9])
-        for pos in range(9, 40):
-            torch.testing.assert_close(fused(ids[pos : pos + 1]), ref(ids[pos : pos + 1]), atol=ATOL, rtol=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            ref(ids[:9])
+            fused(ids[:9])
+            for pos in range(9, 40):
+                torch.testing.assert_close(fused(ids[pos : pos + 1]), ref(ids[pos : pos + 1]), atol=ATOL, rtol=0)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_int8_decode_stays_close_to_exact(checkpoints, monkeypatch) -> None:

@@ -3,8 +3,9 @@
 // The lean Python path (infer/lean.py) spends a small model's decode step on ~35 torch ops per layer,
 // each far cheaper than its dispatch. Here the whole stack runs in one OpenMP parallel region: the
 // matrix products share out their output rows over the team (bs::gemv_rows, the same code bs_gemv
-// runs), attention shares out its heads, and the small elementwise steps (norms, RoPE, bias, residual,
-// activation) run on one thread between them (`omp single`, whose barrier orders the steps).
+// runs), attention shares out its heads (a KV group's heads together where that balances the threads:
+// attention.h), and the small elementwise steps (norms, RoPE, bias, residual, activation) run on one
+// thread between them (`omp single`, whose barrier orders the steps).
 //
 // Everything a layer needs is described by BsLayer, built once per runner by infer/fused.py from the
 // lean plan: packed matrices (q/k/v fused into one, gate/up into one), RMS norm weights already `w`
@@ -23,6 +24,7 @@
 #include <omp.h>
 
 #include "gemv.h"
+#include "attention.h"
 
 namespace {
 
@@ -109,24 +111,6 @@ struct Scratch {
   }
 };
 
-// exp(x) without a library call, so `omp simd` loops over it vectorise (softmax, SiLU): Cephes-style
-// range reduction x = n ln2 + r and a degree-6 polynomial, within a few ulp of expf; x is clamped to
-// [-87, 88] (exp(-87) ~ 1.6e-38 stands in for smaller results, which softmax and SiLU cannot tell apart).
-inline float exp_fast(float x) {
-  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  return p * __builtin_bit_cast(float, ((int32_t)n + 127) << 23);
-}
-
 // y = rms_norm(x) * w over n values (y may be x).
 void rms_norm(const float* x, const BsNorm& norm, int64_t n, float* y) {
   float ss = 0.f;
@@ -166,136 +150,6 @@ void project_add(const bs::Matrix& m, const float* bias, const BsNorm& post_norm
   for (int64_t i = 0; i < hidden; ++i) h[i] += tmp[i];
 }
 
-// 16 floats as one value (GCC/Clang vector extension): one AVX-512 register, two AVX2 ones, or
-// four SSE ones, whatever -march=native gives; used where D is a multiple of 16.
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-// 16 halves -> 16 floats. With AVX-512 one conversion straight into the vector type: going through
-// memcpy (as the F16C version must, for two halves) cost SmolLM2's decode 20% in the attention loop.
-#if defined(__AVX512F__)
-inline v16 load16(const uint16_t* p) { return (v16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
-#elif defined(__F16C__)
-inline v16 load16(const uint16_t* p) {
-  const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
-  const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 8)));
-  v16 v;
-  std::memcpy(&v, &a, sizeof a);
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof a, &b, sizeof b);
-  return v;
-}
-#else
-inline v16 load16(const uint16_t* p) {
-  v16 v;
-  for (int i = 0; i < 16; ++i) v[i] = bs::half_to_float(p[i]);
-  return v;
-}
-#endif
-inline float load1(const float* p) { return *p; }
-inline float load1(const uint16_t* p) { return bs::half_to_float(*p); }
-inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline float hsum16(v16 v) {
-  v8 a, b;
-  std::memcpy(&a, &v, sizeof a);
-  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
-  a += b;
-  v4 c, d;
-  std::memcpy(&c, &a, sizeof c);
-  std::memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof c, sizeof d);
-  c += d;
-  return (c[0] + c[2]) + (c[1] + c[3]);
-}
-
-// softmax over scores[0, S) in place, normalised; the shift by the maximum as torch's softmax does.
-void softmax(float* scores, int64_t S, float mx) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t s = 0; s < S; ++s) {
-    scores[s] = exp_fast(scores[s] - mx);
-    sum += scores[s];
-  }
-  const float inv = 1.f / sum;
-#pragma omp simd
-  for (int64_t s = 0; s < S; ++s) scores[s] *= inv;
-}
-
-// out [D] = softmax(scaling * q . k_s) @ v_s over the cached positions s in [lo, pos) (K, V: float or
-// half) and this one (k_now, v_now: not read back from the cache, which thread 0 may be writing).
-// D = 16 * C: q and the output stay in registers, one fresh FMA chain per key.
-template <int C, typename KV>
-void attend_head_v(const float* q, const KV* K, const KV* V, const float* k_now, const float* v_now, int64_t lo,
-                   int64_t pos, float scaling, float* scores, float* out) {
-  constexpr int64_t D = 16 * C;
-  const int64_t S = pos + 1 - lo;
-  v16 qv[C], acc[C];
-  for (int c = 0; c < C; ++c) {
-    qv[c] = load16(q + 16 * c);
-    acc[c] = v16{};
-  }
-  float mx = -INFINITY;
-  for (int64_t s = 0; s < S; ++s) {
-    v16 dot;
-    if (lo + s < pos) {
-      const KV* k = K + (lo + s) * D;
-      dot = qv[0] * load16(k);
-      for (int c = 1; c < C; ++c) dot += qv[c] * load16(k + 16 * c);
-    } else {
-      dot = qv[0] * load16(k_now);
-      for (int c = 1; c < C; ++c) dot += qv[c] * load16(k_now + 16 * c);
-    }
-    scores[s] = hsum16(dot) * scaling;
-    mx = scores[s] > mx ? scores[s] : mx;
-  }
-  softmax(scores, S, mx);
-  for (int64_t s = 0; s + lo < pos; ++s) {
-    const KV* v = V + (lo + s) * D;
-    const float p = scores[s];
-    for (int c = 0; c < C; ++c) acc[c] += p * load16(v + 16 * c);
-  }
-  for (int c = 0; c < C; ++c) acc[c] += scores[S - 1] * load16(v_now + 16 * c);
-  for (int c = 0; c < C; ++c) store16(out + 16 * c, acc[c]);
-}
-
-// Any D (the vector version above for multiples of 16 up to 256).
-template <typename KV>
-void attend_head(const float* q, const KV* K, const KV* V, const float* k_now, const float* v_now, int64_t lo,
-                 int64_t pos, int64_t D, float scaling, float* scores, float* out) {
-  switch (D) {
-    case 16: return attend_head_v<1>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
-    case 32: return attend_head_v<2>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
-    case 64: return attend_head_v<4>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
-    case 128: return attend_head_v<8>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
-    case 256: return attend_head_v<16>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
-  }
-  const int64_t S = pos + 1 - lo;
-  float mx = -INFINITY;
-  for (int64_t s = 0; s < S; ++s) {
-    float dot = 0.f;
-    if (lo + s < pos) {
-      const KV* k = K + (lo + s) * D;
-      for (int64_t d = 0; d < D; ++d) dot += q[d] * load1(k + d);
-    } else {
-#pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < D; ++d) dot += q[d] * k_now[d];
-    }
-    scores[s] = dot * scaling;
-    mx = scores[s] > mx ? scores[s] : mx;
-  }
-  softmax(scores, S, mx);
-  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
-  for (int64_t s = 0; s < S; ++s) {
-    const float p = scores[s];
-    if (lo + s < pos) {
-      const KV* v = V + (lo + s) * D;
-      for (int64_t d = 0; d < D; ++d) out[d] += p * load1(v + d);
-    } else {
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) out[d] += p * v_now[d];
-    }
-  }
-}
-
 // This position's k | v [2 * kv_heads * head_dim] (this thread's copy) into cache row `pos`, written by
 // the first thread only (nobody reads that row during the step). An fp16 cache rounds them, and every
 // thread rounds its copy the same way, so this position reads as the torch path reads it back.
@@ -320,18 +174,46 @@ void store_kv(const BsLayer& L, float* kv, int64_t pos, bool first) {
   }
 }
 
-// Head i of the layer: q [heads * D], kv this position's k | v, output into attn [heads * D].
-void attend(const BsLayer& L, int64_t i, const float* q, const float* kv, int64_t lo, int64_t pos, float* scores,
-            float* attn) {
-  const int64_t D = L.head_dim, g = i / (L.heads / L.kv_heads), at = g * L.max_len * D;
+// Heads per unit of attention work: the chunk of a KV group's heads one thread attends together. Fewer
+// heads per unit balance the threads better, more share each K/V row load: the choice minimises the
+// busiest thread's work, counting one K/V pass plus one pass per head for each unit.
+int64_t heads_per_unit(const BsLayer& L, int64_t threads) {
+  const int64_t rep = L.heads / L.kv_heads;
+  int64_t best = 1, best_cost = -1;
+  for (int64_t nh = 1; nh <= std::min(rep, max_grouped(L.head_dim)); ++nh) {
+    const int64_t units = L.kv_heads * ((rep + nh - 1) / nh), cost = (units + threads - 1) / threads * (1 + nh);
+    if (best_cost < 0 || cost <= best_cost) best = nh, best_cost = cost;
+  }
+  return best;
+}
+
+// Unit u of the layer (heads_per_unit heads of one KV group, the last chunk of a group maybe fewer).
+template <typename KV>
+void attend_unit_kv(const BsLayer& L, int64_t h0, int64_t nh, const float* q, const float* kv, int64_t lo,
+                    int64_t pos, float* scores, float* attn) {
+  const int64_t D = L.head_dim, g = h0 / (L.heads / L.kv_heads), at = g * L.max_len * D;
+  const KV* K = static_cast<const KV*>(L.keys) + at;
+  const KV* V = static_cast<const KV*>(L.values) + at;
   const float* k_now = kv + g * D;
   const float* v_now = kv + L.kv_heads * D + g * D;
-  if (L.kv_half)
-    attend_head(q + i * D, static_cast<const uint16_t*>(L.keys) + at, static_cast<const uint16_t*>(L.values) + at,
-                k_now, v_now, lo, pos, D, (float)L.scaling, scores + i * L.max_len, attn + i * D);
-  else
-    attend_head(q + i * D, static_cast<const float*>(L.keys) + at, static_cast<const float*>(L.values) + at, k_now,
-                v_now, lo, pos, D, (float)L.scaling, scores + i * L.max_len, attn + i * D);
+  const float sc = (float)L.scaling;
+  const float* qh = q + h0 * D;
+  float* sh = scores + h0 * L.max_len;
+  float* oh = attn + h0 * D;
+  const int64_t st = L.max_len;
+#define BS_GROUPED(C, N) return attend_heads_v<C, N>(qh, K, V, k_now, v_now, lo, pos, sc, sh, st, oh)
+  if (D == 64) {
+    switch (nh) { case 2: BS_GROUPED(4, 2); case 3: BS_GROUPED(4, 3); case 4: BS_GROUPED(4, 4); }
+  } else if (D == 32) {
+    switch (nh) { case 2: BS_GROUPED(2, 2); case 3: BS_GROUPED(2, 3); case 4: BS_GROUPED(2, 4); }
+  } else if (D == 16) {
+    switch (nh) { case 2: BS_GROUPED(1, 2); case 3: BS_GROUPED(1, 3); case 4: BS_GROUPED(1, 4); }
+  } else if (D == 128 && nh == 2) {
+    BS_GROUPED(8, 2);
+  }
+#undef BS_GROUPED
+  for (int64_t h = 0; h < nh; ++h)  // one head at a time
+    attend_head(qh + h * D, K, V, k_now, v_now, lo, pos, D, sc, sh + h * st, oh + h * D);
 }
 
 // y[i] = act(gate[i]) * up[i]
@@ -416,8 +298,14 @@ void bs_decode_step(const BsLayer* layers, int64_t n, float* h, int64_t pos, flo
         rope(k + g * D, cos, sin, D, x);
       }
       store_kv(L, k, pos, first);
+      const int64_t per = heads_per_unit(L, omp_get_num_threads()), rep = L.heads / L.kv_heads;
+      const int64_t chunks = (rep + per - 1) / per;
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < L.heads; ++i) attend(L, i, q, k, lo, pos, scores, attn);  // barrier
+      for (int64_t u = 0; u < L.kv_heads * chunks; ++u) {  // barrier at the end
+        const int64_t h0 = u / chunks * rep + u % chunks * per, nh = std::min(per, rep - u % chunks * per);
+        if (L.kv_half) attend_unit_kv<uint16_t>(L, h0, nh, q, k, lo, pos, scores, attn);
+        else attend_unit_kv<float>(L, h0, nh, q, k, lo, pos, scores, attn);
+      }
       project_add(mo_, L.o.bias, L.post_attn_norm, attn, xsum, xp, mo, x, hh_);  // barrier
       rms_norm(hh_, L.pre_mlp_norm, hidden, x);
       bs::gemv_prepare(mgu, x, 1, xsum, xp);

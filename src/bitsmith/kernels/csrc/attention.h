@@ -1,0 +1,211 @@
+// bitsmith decode attention for one new token (csrc/decode.cpp): softmax(scaling * q . k_s) @ v_s over
+// a float32 or fp16 KV cache, one head or several heads of one KV group at a time, in float32 vector
+// code; split out of decode.cpp, which includes it once (everything here is internal to that file).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "gemv.h"
+
+namespace {
+
+// exp(x) without a library call, so `omp simd` loops over it vectorise (softmax, SiLU): Cephes-style
+// range reduction x = n ln2 + r and a degree-6 polynomial, within a few ulp of expf; x is clamped to
+// [-87, 88] (exp(-87) ~ 1.6e-38 stands in for smaller results, which softmax and SiLU cannot tell apart).
+inline float exp_fast(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  return p * __builtin_bit_cast(float, ((int32_t)n + 127) << 23);
+}
+
+// 16 floats as one value (GCC/Clang vector extension): one AVX-512 register, two AVX2 ones, or
+// four SSE ones, whatever -march=native gives; used where D is a multiple of 16.
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
+// 16 halves -> 16 floats. With AVX-512 one conversion straight into the vector type: going through
+// memcpy (as the F16C version must, for two halves) cost SmolLM2's decode 20% in the attention loop.
+#if defined(__AVX512F__)
+inline v16 load16(const uint16_t* p) { return (v16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+#elif defined(__F16C__)
+inline v16 load16(const uint16_t* p) {
+  const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+  const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 8)));
+  v16 v;
+  std::memcpy(&v, &a, sizeof a);
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof a, &b, sizeof b);
+  return v;
+}
+#else
+inline v16 load16(const uint16_t* p) {
+  v16 v;
+  for (int i = 0; i < 16; ++i) v[i] = bs::half_to_float(p[i]);
+  return v;
+}
+#endif
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return bs::half_to_float(*p); }
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+inline float hsum16(v16 v) {
+  v8 a, b;
+  std::memcpy(&a, &v, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
+  a += b;
+  v4 c, d;
+  std::memcpy(&c, &a, sizeof c);
+  std::memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof c, sizeof d);
+  c += d;
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+// softmax over scores[0, S) in place, normalised; the shift by the maximum as torch's softmax does.
+void softmax(float* scores, int64_t S, float mx) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t s = 0; s < S; ++s) {
+    scores[s] = exp_fast(scores[s] - mx);
+    sum += scores[s];
+  }
+  const float inv = 1.f / sum;
+#pragma omp simd
+  for (int64_t s = 0; s < S; ++s) scores[s] *= inv;
+}
+
+// out [D] = softmax(scaling * q . k_s) @ v_s over the cached positions s in [lo, pos) (K, V: float or
+// half) and this one (k_now, v_now: not read back from the cache, which thread 0 may be writing).
+// D = 16 * C: q and the output stay in registers, one fresh FMA chain per key.
+template <int C, typename KV>
+void attend_head_v(const float* q, const KV* K, const KV* V, const float* k_now, const float* v_now, int64_t lo,
+                   int64_t pos, float scaling, float* scores, float* out) {
+  constexpr int64_t D = 16 * C;
+  const int64_t S = pos + 1 - lo;
+  v16 qv[C], acc[C];
+  for (int c = 0; c < C; ++c) {
+    qv[c] = load16(q + 16 * c);
+    acc[c] = v16{};
+  }
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    v16 dot;
+    if (lo + s < pos) {
+      const KV* k = K + (lo + s) * D;
+      dot = qv[0] * load16(k);
+      for (int c = 1; c < C; ++c) dot += qv[c] * load16(k + 16 * c);
+    } else {
+      dot = qv[0] * load16(k_now);
+      for (int c = 1; c < C; ++c) dot += qv[c] * load16(k_now + 16 * c);
+    }
+    scores[s] = hsum16(dot) * scaling;
+    mx = scores[s] > mx ? scores[s] : mx;
+  }
+  softmax(scores, S, mx);
+  for (int64_t s = 0; s + lo < pos; ++s) {
+    const KV* v = V + (lo + s) * D;
+    const float p = scores[s];
+    for (int c = 0; c < C; ++c) acc[c] += p * load16(v + 16 * c);
+  }
+  for (int c = 0; c < C; ++c) acc[c] += scores[S - 1] * load16(v_now + 16 * c);
+  for (int c = 0; c < C; ++c) store16(out + 16 * c, acc[c]);
+}
+
+// NH heads of one KV group at once (q, out: [NH, D]; scores: NH rows max_len apart): each cached key
+// and value row is loaded and widened once for the NH heads instead of once per head. Per head the
+// arithmetic is attend_head_v's, in the same order, so the results are the same bits.
+template <int C, int NH, typename KV>
+void attend_heads_v(const float* q, const KV* K, const KV* V, const float* k_now, const float* v_now, int64_t lo,
+                    int64_t pos, float scaling, float* scores, int64_t stride, float* out) {
+  constexpr int64_t D = 16 * C;
+  const int64_t S = pos + 1 - lo;
+  v16 qv[NH][C];
+  float mx[NH];
+  for (int h = 0; h < NH; ++h) {
+    for (int c = 0; c < C; ++c) qv[h][c] = load16(q + h * D + 16 * c);
+    mx[h] = -INFINITY;
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    v16 kv[C];
+    if (lo + s < pos)
+      for (int c = 0; c < C; ++c) kv[c] = load16(K + (lo + s) * D + 16 * c);
+    else
+      for (int c = 0; c < C; ++c) kv[c] = load16(k_now + 16 * c);
+    for (int h = 0; h < NH; ++h) {
+      v16 dot = qv[h][0] * kv[0];
+      for (int c = 1; c < C; ++c) dot += qv[h][c] * kv[c];
+      const float score = hsum16(dot) * scaling;
+      scores[h * stride + s] = score;
+      mx[h] = score > mx[h] ? score : mx[h];
+    }
+  }
+  for (int h = 0; h < NH; ++h) softmax(scores + h * stride, S, mx[h]);
+  v16 acc[NH][C];
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < C; ++c) acc[h][c] = v16{};
+  for (int64_t s = 0; s + lo < pos; ++s) {
+    v16 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load16(V + (lo + s) * D + 16 * c);
+    for (int h = 0; h < NH; ++h) {
+      const float p = scores[h * stride + s];
+      for (int c = 0; c < C; ++c) acc[h][c] += p * vv[c];
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < C; ++c) {
+      acc[h][c] += scores[h * stride + S - 1] * load16(v_now + 16 * c);
+      store16(out + h * D + 16 * c, acc[h][c]);
+    }
+}
+
+// The most heads attend_heads_v takes at once for a head size: q and the accumulators stay in registers.
+inline int64_t max_grouped(int64_t D) { return D <= 64 ? 4 : D == 128 ? 2 : 1; }
+
+// Any D (the vector version above for multiples of 16 up to 256).
+template <typename KV>
+void attend_head(const float* q, const KV* K, const KV* V, const float* k_now, const float* v_now, int64_t lo,
+                 int64_t pos, int64_t D, float scaling, float* scores, float* out) {
+  switch (D) {
+    case 16: return attend_head_v<1>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
+    case 32: return attend_head_v<2>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
+    case 64: return attend_head_v<4>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
+    case 128: return attend_head_v<8>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
+    case 256: return attend_head_v<16>(q, K, V, k_now, v_now, lo, pos, scaling, scores, out);
+  }
+  const int64_t S = pos + 1 - lo;
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    float dot = 0.f;
+    if (lo + s < pos) {
+      const KV* k = K + (lo + s) * D;
+      for (int64_t d = 0; d < D; ++d) dot += q[d] * load1(k + d);
+    } else {
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < D; ++d) dot += q[d] * k_now[d];
+    }
+    scores[s] = dot * scaling;
+    mx = scores[s] > mx ? scores[s] : mx;
+  }
+  softmax(scores, S, mx);
+  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+  for (int64_t s = 0; s < S; ++s) {
+    const float p = scores[s];
+    if (lo + s < pos) {
+      const KV* v = V + (lo + s) * D;
+      for (int64_t d = 0; d < D; ++d) out[d] += p * load1(v + d);
+    } else {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) out[d] += p * v_now[d];
+    }
+  }
+}
+
+}  // namespace
