@@ -38,11 +38,11 @@
 #ifndef BS_AHEAD
 #define BS_AHEAD 2
 #endif
-// ... and at least this many bytes ahead: the distance in passes alone shrinks with the row's bytes,
-// so a 2-bit SmolLM2 row (in 576: 144 bytes, 1.2 KB two passes on) asked for its bytes too late to
-// hide the memory latency (see bench/results/speed, session 10).
+// ... and at least this many bytes ahead (the distance in passes shrinks with the row's bytes: a 2-bit
+// SmolLM2 row of 576 codes is 144 bytes, two passes 1.2 KB). 0, i.e. passes only: a 4 KB minimum was
+// no faster on SmolLM2 w2g64/w4g128 decode (session 10, bench/results/speed/README.md); -D to retry.
 #ifndef BS_AHEAD_BYTES
-#define BS_AHEAD_BYTES 4096
+#define BS_AHEAD_BYTES 0
 #endif
 
 namespace {
