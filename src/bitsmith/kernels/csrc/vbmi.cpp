@@ -121,7 +121,8 @@ void row_vbmi(const bs::Matrix& m, const Unpack& u, int64_t o, int64_t t0, const
 
 // Row o's weight scales as floats into sc [groups], and its zero-point term sum_g s_g * z_g * xsum_g,
 // 16 groups per step (a scalar chain per group cost as much as a 64-code chunk at group 64).
-inline float row_scales(const bs::Matrix& m, int64_t o, int64_t groups, float mid, const float* xsum, float* sc) {
+// Returned as lanes (their sum is the term), so the row's one horizontal sum covers it too.
+inline __m512 row_scales(const bs::Matrix& m, int64_t o, int64_t groups, float mid, const float* xsum, float* sc) {
   const uint16_t* s16 = m.scale + o * groups;
   const uint16_t* z16 = m.zero ? m.zero + o * groups : nullptr;
   __m512 acc = _mm512_setzero_ps();
@@ -132,7 +133,24 @@ inline float row_scales(const bs::Matrix& m, int64_t o, int64_t groups, float mi
     _mm512_mask_storeu_ps(sc + g, k, sv);
     acc = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), _mm512_maskz_loadu_ps(k, xsum + g), acc);
   }
-  return _mm512_reduce_add_ps(acc);
+  return acc;
+}
+
+// y[0..R) = the lane sums of total[0..R): four rows' sums in one transposing reduction (~10
+// instructions instead of ~8 per row), fewer rows one by one.
+template <int R>
+inline void store_sums(const __m512* total, float* y) {
+  if constexpr (R == 4) {
+    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(total[0], total[1]), _mm512_unpackhi_ps(total[0], total[1]));
+    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(total[2], total[3]), _mm512_unpackhi_ps(total[2], total[3]));
+    const __m512 s = _mm512_add_ps(  // per 128-bit lane: partial sums of rows 0, 1, 2, 3
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+    _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  } else {
+    for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(total[r]);
+  }
 }
 
 // Decode (one activation row): y[o0 .. o0+R) = R weight rows at once. Each chunk's activations are
@@ -149,12 +167,10 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
   const uint8_t* row[R];
   const float* sc[R];
   __m512 total[R];
-  float offset[R];
   for (int r = 0; r < R; ++r) {
     row[r] = m.packed + (o0 + r) * row_bytes;
     sc[r] = scales + r * groups;
-    offset[r] = row_scales(m, o0 + r, groups, mid, xsum, scales + r * groups);
-    total[r] = _mm512_setzero_ps();
+    total[r] = -row_scales(m, o0 + r, groups, mid, xsum, scales + r * groups);  // the zero-point term
   }
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t start = g * m.group, end = start + m.group < m.in ? start + m.group : m.in;
@@ -172,7 +188,7 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
     }
     for (int r = 0; r < R; ++r) total[r] = _mm512_fmadd_ps(f[r], _mm512_set1_ps(sc[r][g]), total[r]);
   }
-  for (int r = 0; r < R; ++r) y[o0 + r] = _mm512_reduce_add_ps(total[r]) - offset[r];
+  store_sums<R>(total, y + o0);
 }
 // ---- Superblock decode of 2-, 3- and 4-bit rows (one activation row) ----------------------------
 // The chunk loop above spends, per 64 codes and row, an unpack (vpermb + vpmultishiftqb + vpand),
@@ -269,12 +285,11 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
   const uint8_t* row[R];
   const float* sc[R];
   __m512 total[R], f[R];
-  float offset[R];
   for (int r = 0; r < R; ++r) {
     row[r] = m.packed + (o0 + r) * row_bytes;
     sc[r] = scales + r * (kMaxGroups + 16);
-    offset[r] = row_scales(m, o0 + r, groups, mid, xsum, scales + r * (kMaxGroups + 16));
-    total[r] = f[r] = _mm512_setzero_ps();
+    total[r] = -row_scales(m, o0 + r, groups, mid, xsum, scales + r * (kMaxGroups + 16));  // the zero-point term
+    f[r] = _mm512_setzero_ps();
   }
   for (int64_t b = 0; b < blocks; ++b) {
     const __m512 v = _mm512_loadu_ps(xv + b * (S / 4));
@@ -306,7 +321,7 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
       total[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), v), _mm512_set1_ps(sc[r][k / G]), total[r]);
     }
   }
-  for (int r = 0; r < R; ++r) y[o0 + r] = _mm512_reduce_add_ps(total[r]) - offset[r];
+  store_sums<R>(total, y + o0);
 }
 
 template <int BITS>
