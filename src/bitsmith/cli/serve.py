@@ -24,6 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "more are answered 429 (default 32)")
     p.add_argument("--max-tokens-default", type=int, default=256,
                    help="new tokens for a request that sets no max_tokens (default 256)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens fed per step, shared by the prompts being prefilled, in the same forward as "
+                   "the decoding sequences' next tokens: smaller keeps streams smoother while prompts arrive, larger "
+                   "gives new requests their first token sooner (default 256)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run)
 
@@ -37,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    if args.max_batch < 1 or args.max_queue < 0 or args.max_tokens_default < 1:
-        raise ValueError("--max-batch and --max-tokens-default must be >= 1, --max-queue >= 0")
+    if args.max_batch < 1 or args.max_queue < 0 or args.max_tokens_default < 1 or args.prefill_chunk < 1:
+        raise ValueError("--max-batch, --max-tokens-default and --prefill-chunk must be >= 1, --max-queue >= 0")
     try:  # before loading the model: a missing extra is the first thing to fix
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     options = RuntimeOptions.from_env()
     loaded = load_model(args.model, options=options)
     name = args.name or Path(str(args.model).rstrip("/")).name
-    settings = ServeSettings(name, args.max_batch, args.max_queue, args.max_tokens_default, api_key)
+    settings = ServeSettings(name, args.max_batch, args.max_queue, args.max_tokens_default, api_key, args.prefill_chunk)
     engine = build_engine(loaded.model, loaded.tokenizer, settings, options)
     console.print(f"serving [bold]{name}[/] on http://{args.host}:{args.port}/v1 (context {engine.context:,}, "
                   f"batch {args.max_batch}, queue {args.max_queue}{', API key required' if api_key else ''})")
