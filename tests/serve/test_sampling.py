@@ -147,3 +147,54 @@ def test_chunked_prefill_interleaves_with_decoding_and_matches_generate(tmp_path
         ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     for j in range(1, len(ids)):
         assert abs(echo.logprobs[j].logprob - float(ref[j - 1, ids[j]])) < 1e-3
+
+
+@pytest.mark.parametrize("draft_seed", [6, 9])
+def test_speculative_serving_equals_generate(tmp_path, draft_seed: int) -> None:
+    """With a draft, a lone sequence decodes speculatively; while two are active they decode batched and the
+    draft catches up afterwards. Greedy tokens equal ``generate`` alone either way: with the model as its
+    own draft (every proposal kept, bonus tokens) and with an unrelated draft of the same vocabulary
+    (rejections, cache rollbacks)."""
+    from bitsmith.infer.generate import generate
+    from bitsmith.runtime.load import load_model
+    from bitsmith.serve.scheduler import Finished, Job, Scheduler, Token
+
+    loaded = load_model(make_tiny_model(tmp_path / "m", seed=6))
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    draft = model if draft_seed == 6 else load_model(make_tiny_model(tmp_path / "d", seed=draft_seed)).model.eval()
+    scheduler = Scheduler(model, tok, frozenset(), max_batch=4, max_queue=4, draft=draft, draft_k=3)
+    texts, lengths = ["the cat sat", "a dog"], [30, 5]
+    events: dict[int, list] = {0: [], 1: []}
+    done = threading.Event()
+
+    def emitter(i: int):
+        def emit(event):
+            events[i].append(event)
+            if sum(isinstance(e, Finished) for ev in events.values() for e in ev) == 2:
+                done.set()
+        return emit
+
+    for i, text in enumerate(texts):
+        scheduler.submit(Job(tok(text)["input_ids"], SamplingParams(max_tokens=lengths[i], temperature=0), emitter(i)))
+    scheduler.start()
+    assert done.wait(timeout=120)
+    scheduler.stop()
+    assert scheduler.steps >= 4 and scheduler.spec_rounds > 0  # both kinds of step ran
+    accepted = scheduler.spec_accepted / scheduler.spec_proposed
+    assert accepted == 1.0 if draft_seed == 6 else accepted < 1.0
+    for i, text in enumerate(texts):
+        want = generate(model, tok, text, max_new_tokens=lengths[i], stop_at_eos=False).token_ids
+        assert tuple(e.token for e in events[i] if isinstance(e, Token)) == want
+        assert events[i][-1].reason == "length" and events[i][-1].completion_tokens == lengths[i]
+
+
+def test_a_draft_of_another_vocabulary_is_refused(tmp_path) -> None:
+    from bitsmith.runtime.load import load_model
+    from bitsmith.serve.scheduler import Scheduler
+
+    loaded = load_model(make_tiny_model(tmp_path / "m", seed=6))
+    other = load_model(make_tiny_model(tmp_path / "d", seed=1, vocab_size=77)).model
+    with pytest.raises(ValueError, match="vocabulary"):
+        Scheduler(loaded.model, loaded.tokenizer, frozenset(), draft=other)
+    with pytest.raises(ValueError, match="1 to 7"):
+        Scheduler(loaded.model, loaded.tokenizer, frozenset(), draft=loaded.model, draft_k=9)

@@ -34,6 +34,7 @@ import torch
 
 from bitsmith.infer.generate import seeded_generator
 from bitsmith.infer.lean import PREFILL_CHUNK, LeanRunner, lean_runner
+from bitsmith.infer.speculative import MAX_DRAFT_TOKENS, DraftCursor, speculate
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.serve.batch import ragged_step
 from bitsmith.serve.sampling import SamplingParams, TextTail, TokenLogprob, choose, logprobs_of
@@ -111,6 +112,8 @@ class _Sequence:
     produced: int = 0
     next_id: int = -1
     fed: int = 0  # prompt tokens already in the KV cache
+    generated: list[int] = field(default_factory=list)  # tokens committed after the prompt
+    cursor: DraftCursor | None = None  # the draft's runner, once this sequence has been decoded speculatively
     echo: list[TokenLogprob | None] = field(default_factory=lambda: [None])  # prompt logprobs so far
 
     @property
@@ -123,13 +126,17 @@ class Scheduler:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, eos_ids: frozenset[int], *, max_batch: int = 8,
                  max_queue: int = 32, options: RuntimeOptions = RuntimeOptions(),
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, draft: torch.nn.Module | None = None,
+                 draft_k: int = 4) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1 and max_queue >= 0, got {max_batch}, "
                              f"{prefill_chunk} and {max_queue}")
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.max_batch, self.max_queue, self.options = max_batch, max_queue, options
         self.prefill_chunk = prefill_chunk
+        self.draft, self.draft_k = draft, draft_k
+        if draft is not None:
+            _check_draft(model, draft, draft_k, options)
         if lean_runner(model, 1, options) is None:
             raise ValueError(f"{type(model).__name__} is outside bitsmith's lean inference path (see "
                              "`bitsmith -v generate`), which serving needs for its KV caches; offloaded models "
@@ -143,6 +150,7 @@ class Scheduler:
         self.stepped_tokens = 0  # tokens those steps produced (steps * mean batch)
         self.cancelled = 0  # requests dropped because their client went away (or at shutdown)
         self.prefill_steps = 0  # steps that carried prompt tokens
+        self.spec_rounds = self.spec_proposed = self.spec_accepted = 0  # speculative rounds (lone sequences)
 
     # ------------------------------------------------------------------ control (any thread)
 
@@ -174,7 +182,10 @@ class Scheduler:
         mean = self.stepped_tokens / self.steps if self.steps else 0.0
         return {"active": active, "waiting": waiting, "max_batch": self.max_batch, "max_queue": self.max_queue,
                 "decode_steps": self.steps, "mean_batch": round(mean, 3), "cancelled": self.cancelled,
-                "prefill_steps": self.prefill_steps, "prefill_chunk": self.prefill_chunk}
+                "prefill_steps": self.prefill_steps, "prefill_chunk": self.prefill_chunk,
+                **({"draft_k": self.draft_k, "speculative_rounds": self.spec_rounds,
+                    "draft_acceptance": round(self.spec_accepted / self.spec_proposed, 4) if self.spec_proposed else None}
+                   if self.draft is not None else {})}
 
     # ------------------------------------------------------------------ the thread
 
@@ -211,7 +222,9 @@ class Scheduler:
             try:
                 if not job.prompt_ids:
                     raise ValueError("the prompt has no tokens")
-                runner = lean_runner(self.model, len(job.prompt_ids) + max(job.params.max_tokens, 1), self.options)
+                spare = self.draft_k + 1 if self.draft is not None else 0  # a last round verifies past the end
+                runner = lean_runner(self.model, len(job.prompt_ids) + max(job.params.max_tokens, 1) + spare,
+                                     self.options)
             except Exception as exc:  # out of memory for the cache: this request fails, the server goes on
                 log.exception("admission failed")
                 job.send(Finished("error", len(job.prompt_ids), 0, error=f"{type(exc).__name__}: {exc}"))
@@ -257,19 +270,26 @@ class Scheduler:
         """Sample from ``logits`` [V], report the token; False when the sequence is finished."""
         params = seq.job.params
         token = choose(logits, params, seq.generator)
+        lp = None if params.logprobs is None else logprobs_of(logits[None], torch.tensor([token]), params.logprobs)[0]
+        return self._commit(seq, token, lp)
+
+    def _commit(self, seq: _Sequence, token: int, lp: TokenLogprob | None) -> bool:
+        """Report a chosen token; False when the sequence is finished (EOS, stop string, max_tokens)."""
         if token in self.eos_ids:
             self._finish(seq, "stop")
             return False
-        lp = None if params.logprobs is None else logprobs_of(logits[None], torch.tensor([token]), params.logprobs)[0]
         seq.produced += 1
+        seq.generated.append(token)
         seq.job.send(Token(token, seq.tail.push(token), lp))
         if seq.tail.stopped:
             self._finish(seq, "stop")
             return False
-        if seq.produced >= params.max_tokens:
+        if seq.produced >= seq.job.params.max_tokens:
             self._finish(seq, "length")
             return False
         seq.next_id = token
+        if seq.cursor is not None:  # the target moves on without the draft: the draft catches up later
+            seq.cursor.backlog.append(token)
         return True
 
     def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
@@ -286,7 +306,42 @@ class Scheduler:
                 keep.append(seq)
         self._active = keep
 
+    def _speculative(self) -> _Sequence | None:
+        """The sequence to decode speculatively this step: with a draft, a lone decoding sequence that asks
+        for no log-probabilities, and nobody waiting (a batch already reads each weight once for all its
+        rows, which is where a draft's saving comes from)."""
+        if self.draft is None or len(self._active) != 1 or self._waiting:
+            return None
+        seq = self._active[0]
+        return None if seq.prefilling or seq.job.params.logprobs is not None else seq
+
+    def _step_speculative(self, seq: _Sequence) -> None:
+        if seq.cursor is None:  # the draft reads everything committed so far in its first round
+            runner = lean_runner(self.draft, seq.runner.max_len, self.options)
+            seq.cursor = DraftCursor(runner, [*seq.job.prompt_ids, *seq.generated])
+        params = seq.job.params
+        try:
+            emitted, kept = speculate(seq.runner, seq.cursor, self.draft_k, params.temperature, params.top_p,
+                                      seq.generator)
+        except Exception as exc:
+            log.exception("speculative step failed")
+            self._finish(seq, "error", f"{type(exc).__name__}: {exc}")
+            self._active = []
+            return
+        self.spec_rounds, self.spec_proposed, self.spec_accepted = (
+            self.spec_rounds + 1, self.spec_proposed + self.draft_k, self.spec_accepted + kept)
+        backlog = list(seq.cursor.backlog)
+        for token in emitted:
+            if not self._commit(seq, token, None):
+                self._active = []
+                return
+        seq.cursor.backlog = backlog  # _commit appended what speculate had already put there
+
     def _step(self) -> None:
+        lone = self._speculative()
+        if lone is not None:
+            self._step_speculative(lone)
+            return
         seqs, tokens = self._plan()
         if not seqs:
             return
@@ -315,3 +370,14 @@ class Scheduler:
             if not alive:
                 done.add(id(seq))
         self._active = [s for s in self._active if id(s) not in done]
+
+
+def _check_draft(model: torch.nn.Module, draft: torch.nn.Module, k: int, options: RuntimeOptions) -> None:
+    if not 1 <= k <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"the draft proposes 1 to {MAX_DRAFT_TOKENS} tokens per step (--draft-k), got {k}")
+    vocab = [getattr(getattr(m, "config", None), "vocab_size", None) for m in (model, draft)]
+    if vocab[0] != vocab[1]:
+        raise ValueError(f"the draft's vocabulary ({vocab[1]} tokens) is not the model's ({vocab[0]}); a draft "
+                         "must be a quantized copy of the same model")
+    if lean_runner(draft, 1, options) is None:
+        raise ValueError(f"the draft ({type(draft).__name__}) is outside bitsmith's lean inference path")
