@@ -61,8 +61,8 @@ def main() -> None:
     source = open_source(args.model)
     t0 = time.perf_counter()
     head = QuantSpec.parse(args.draft_head) if args.draft_head != "none" else None
+    draft = _model(args.draft, source, fast, head)  # first: building from the float source is the memory peak
     target = _model(args.target, source, options, None)
-    draft = _model(args.draft, source, fast, head)
     fast_target = _model(args.target, source, fast, None) if args.int8_baseline else None
     print(f"built target {args.target} and draft {args.draft} (head {args.draft_head}) in {time.perf_counter() - t0:.0f} s",
           flush=True)
