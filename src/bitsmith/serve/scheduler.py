@@ -316,11 +316,11 @@ class Scheduler:
         return None if seq.prefilling or seq.job.params.logprobs is not None else seq
 
     def _step_speculative(self, seq: _Sequence) -> None:
-        if seq.cursor is None:  # the draft reads everything committed so far in its first round
-            runner = lean_runner(self.draft, seq.runner.max_len, self.options)
-            seq.cursor = DraftCursor(runner, [*seq.job.prompt_ids, *seq.generated])
         params = seq.job.params
         try:
+            if seq.cursor is None:  # the draft reads everything committed so far in its first round
+                runner = lean_runner(self.draft, seq.runner.max_len, self.options)
+                seq.cursor = DraftCursor(runner, [*seq.job.prompt_ids, *seq.generated])
             emitted, kept = speculate(seq.runner, seq.cursor, self.draft_k, params.temperature, params.top_p,
                                       seq.generator)
         except Exception as exc:
