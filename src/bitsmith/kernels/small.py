@@ -2,9 +2,11 @@
 widened once for all of them, every row bit-identical to the exact single-row gemv.
 
 Speculative decoding's verify forward (k + 1 rows) and serving's batched decode step both multiply a
-few rows by every weight; :class:`~bitsmith.kernels.cpu.NativeKernel` sends such calls here when its
-decode arithmetic is the exact float one (``RuntimeOptions.int8_decode`` off), so a verified row equals
-the plain decode of the same row.
+few rows by every weight; :class:`~bitsmith.kernels.cpu.NativeKernel` sends calls of 2..``GEMV_MAX_ROWS``
+rows here when its decode arithmetic is the exact float one (``RuntimeOptions.int8_decode`` off), so a
+verified row equals the plain decode of the same row. (Above ``GEMV_MAX_ROWS`` rows NativeKernel keeps its
+prefill path, whose bf16 arithmetic other code and tests rely on; the kernel itself takes up to
+``SMALL_MAX_ROWS`` and more.)
 """
 
 from __future__ import annotations
