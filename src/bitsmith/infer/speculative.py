@@ -19,10 +19,10 @@ Both models run through :class:`bitsmith.infer.lean.LeanRunner`; rolling back is
 (positions past it are overwritten before any attention reads them).
 
 Exactness: with exact float decode (``RuntimeOptions(int8_decode=False)``) the verify forward's matrix
-products (2..16 rows, csrc/smallbatch.cpp) compute every row bit for bit as plain decoding's one-row
+products (k + 1 <= 8 rows, csrc/smallbatch.cpp) compute every row bit for bit as plain decoding's one-row
 gemv does; only the small ops around them (norms, rotary, attention: torch here, the fused native step
 there) differ, by float32 rounding (~1e-6 relative), so greedy output equals plain decoding's unless the
-target's top two logits are that close (20/20 prompts on SmolLM2 and Qwen2.5-Coder-1.5B in
+target's top two logits are that close (20/20 prompts on SmolLM2-135M in
 bench/results/speculative). With the default int8-activation decode each path rounds activations to int8
 at slightly different values, the logits differ by up to a few 1e-3, and near-ties flip (11/20 prompts on
 SmolLM2): run the target with ``BITSMITH_INT8_DECODE=0`` for token-exact output (the draft's arithmetic
@@ -49,7 +49,7 @@ from bitsmith.runtime.options import RuntimeOptions
 __all__ = ["DraftCursor", "SpeculativeResult", "SpeculativeStats", "acceptance_probability", "residual_distribution",
            "speculate", "speculative_choice", "speculative_generate", "MAX_DRAFT_TOKENS"]
 
-MAX_DRAFT_TOKENS = 7  # k + 1 verified rows stay within one pass of the int8 gemv (GEMV_MAX_ROWS = 8)
+MAX_DRAFT_TOKENS = 7  # k + 1 verified rows stay within one small-batch pass (GEMV_MAX_ROWS = 8)
 
 
 @dataclass(frozen=True)
