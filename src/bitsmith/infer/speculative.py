@@ -1,9 +1,11 @@
 """Speculative decoding: a cheap draft of the same model proposes ``k`` tokens, the target checks all of
 them in one batched forward, and the target's KV cache is rolled back past the first token it rejects.
 
-Why it can pay on a CPU: a decode step reads every weight once whatever the number of rows (the native
-kernel handles up to ``GEMV_MAX_ROWS`` activation rows per weight pass), so the target verifying ``k + 1``
-positions costs little more than decoding one, while a 2- or 3-bit draft reads a fraction of the bytes.
+When it pays: a decode step reads every weight once whatever the number of rows, so where decode is
+bound by memory bandwidth the target verifying ``k + 1`` positions costs little more than decoding one,
+while a 2- or 3-bit draft reads a fraction of the bytes. On the shared 2-core CPU this was measured on
+(bench/results/speculative), decode is bound by arithmetic instead: 4 exact rows cost 2.3 one-row steps
+and a 3-bit draft of SmolLM2-135M is no cheaper than its 4-bit target, so speculation is slower there.
 
 Correctness (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
 Chen et al. 2023, "Accelerating LLM decoding with speculative sampling"):
