@@ -4,12 +4,14 @@
 // Who needs it: the verify forward of speculative decoding (k + 1 rows of one sequence) and the decode
 // step of continuous batching (one row per active request). bs_gemv (qmatmul.cpp) handles few rows in
 // register tiles of 4: for 4-bit codes it widens each 32-code block once per tile, and inside a tile each
-// row's group is one serial chain of FMAs, so on this machine (see bench/results/speculative) 4 rows cost
+// row's group is one serial chain of FMAs, so on the development machine (scratch timing, 1 thread) 4 rows cost
 // 2.3x one row in float32 and 8 rows 3.9x: compute-bound, not memory-bound. Here, for the common layout
 // (4-bit codes, groups a multiple of 32 that tile the row: w4g32, w4g64, w4g128), a weight row's 32-code
 // block is widened once into two float vectors and multiplied into up to 8 rows' independent chains
 // (16 rows: two tiles of 8 over the same row, still in L1), so the FMA latency of one chain hides behind
-// the others and the widening is paid once per 8 rows.
+// the others and the widening is paid once per 8 rows. Measured (scratch timing, 4096x1536 w4g128, one thread,
+// loaded machine): on par with bs_gemv's float path at 4 rows (0.84 vs 0.82 ms), 8 % faster at 8 rows; the
+// FMAs themselves (one per code per row) remain, so several rows still cost several times one row here.
 //
 // Exactness: each row's arithmetic is the float32 gemv's for one row (qmatmul.cpp row_tile4<1>) in the
 // same order (per group one chain of FMAs over the 32-blocks, even codes then odd; groups alternately
