@@ -66,3 +66,8 @@ def test_bad_flags_are_one_line_errors(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "bitsmith.cli", "serve", str(tmp_path / "missing")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    for flags, first in ((["--draft", "w2g64", "--draft-k", "9"], "error: --draft-k"),
+                         (["--prefill-chunk", "0"], "error: --max-batch, --max-tokens-default and --prefill-chunk")):
+        r = subprocess.run([sys.executable, "-m", "bitsmith.cli", "serve", str(tmp_path / "missing"), *flags],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.startswith(first) and "Traceback" not in r.stderr, r.stderr

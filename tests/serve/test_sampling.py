@@ -63,8 +63,8 @@ def test_chat_without_template_is_a_clear_400(tok) -> None:
 
 
 def test_scheduler_batches_queued_jobs_and_matches_generate(tmp_path) -> None:
-    """Jobs queued before the thread starts join one per step boundary and then decode together; each
-    greedy continuation equals ``generate`` alone."""
+    """Jobs queued before the thread starts are prefilled together in one forward (their prompts fit one
+    prefill chunk) and then decode together; each greedy continuation equals ``generate`` alone."""
     from bitsmith.infer.generate import generate
     from bitsmith.runtime.load import load_model
     from bitsmith.serve.scheduler import Finished, Job, Scheduler, Token
@@ -93,9 +93,108 @@ def test_scheduler_batches_queued_jobs_and_matches_generate(tmp_path) -> None:
     assert all_done.wait(timeout=120)
     scheduler.stop()
     assert finished == ["length"] * 4
-    # one admission per boundary: steps of 1, 2, 3, then 4 sequences until A (9 steps) ... D (12) finish;
-    # every token after each first one comes from a batched step
-    assert scheduler.steps == 12 and scheduler.stepped_tokens == 36
+    # one step prefills all four prompts and samples their first tokens; the other 9 tokens of each come
+    # from 9 decode steps of all four sequences
+    assert scheduler.prefill_steps == 1
+    assert scheduler.steps == 9 and scheduler.stepped_tokens == 36
     for i, p in enumerate(prompts):
         want = generate(loaded.model, loaded.tokenizer, p, max_new_tokens=10, stop_at_eos=False).token_ids
         assert tuple(tokens[i]) == want
+
+
+def test_chunked_prefill_interleaves_with_decoding_and_matches_generate(tmp_path) -> None:
+    """A prompt longer than the prefill chunk is fed over several steps while another sequence keeps
+    decoding in the same forwards; echo logprobs are gathered across the chunks; a cancelled prefill is
+    dropped. Every greedy continuation equals ``generate`` alone and the echo equals the model's."""
+    from bitsmith.infer.generate import generate
+    from bitsmith.runtime.load import load_model
+    from bitsmith.serve.scheduler import Finished, Job, Prompt, Scheduler, Token
+
+    loaded = load_model(make_tiny_model(tmp_path / "m", seed=6))
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    scheduler = Scheduler(model, tok, frozenset(), max_batch=4, max_queue=4, prefill_chunk=5)
+    texts = ["the", "the cat sat on the mat , a dog ran far and the big cat sat", "a dog ran far and small"]
+    events: dict[int, list] = {i: [] for i in range(4)}
+    done = threading.Event()
+
+    def emitter(i: int):
+        def emit(event):
+            events[i].append(event)
+            if sum(isinstance(e, Finished) for ev in events.values() for e in ev) == 4:
+                done.set()
+        return emit
+
+    params = [SamplingParams(max_tokens=12, temperature=0), SamplingParams(max_tokens=6, temperature=0, logprobs=2,
+              echo_logprobs=True), SamplingParams(max_tokens=6, temperature=0)]
+    for i, text in enumerate(texts):
+        scheduler.submit(Job(tok(text)["input_ids"], params[i], emitter(i)))
+    doomed = Job(tok(texts[1])["input_ids"], params[2], emitter(3))
+    doomed.cancel()
+    scheduler.submit(doomed)
+    scheduler.start()
+    assert done.wait(timeout=120)
+    scheduler.stop()
+    assert scheduler.prefill_steps >= 4  # 1 + 15 + 7 prompt tokens at 5 per step
+    assert [e.reason for e in events[3]] == ["cancelled"]
+    for i, text in enumerate(texts):
+        want = generate(model, tok, text, max_new_tokens=params[i].max_tokens, stop_at_eos=False).token_ids
+        assert tuple(e.token for e in events[i] if isinstance(e, Token)) == want
+        assert events[i][-1].reason == "length"
+    ids = tok(texts[1])["input_ids"]
+    (echo,) = [e for e in events[1] if isinstance(e, Prompt)]
+    assert echo.logprobs[0] is None and len(echo.logprobs) == len(ids)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    for j in range(1, len(ids)):
+        assert abs(echo.logprobs[j].logprob - float(ref[j - 1, ids[j]])) < 1e-3
+
+
+@pytest.mark.parametrize("draft_seed", [6, 9])
+def test_speculative_serving_equals_generate(tmp_path, draft_seed: int) -> None:
+    """With a draft, a lone sequence decodes speculatively; while two are active they decode batched and the
+    draft catches up afterwards. Greedy tokens equal ``generate`` alone either way: with the model as its
+    own draft (every proposal kept, bonus tokens) and with an unrelated draft of the same vocabulary
+    (rejections, cache rollbacks)."""
+    from bitsmith.infer.generate import generate
+    from bitsmith.runtime.load import load_model
+    from bitsmith.serve.scheduler import Finished, Job, Scheduler, Token
+
+    loaded = load_model(make_tiny_model(tmp_path / "m", seed=6))
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    draft = model if draft_seed == 6 else load_model(make_tiny_model(tmp_path / "d", seed=draft_seed)).model.eval()
+    scheduler = Scheduler(model, tok, frozenset(), max_batch=4, max_queue=4, draft=draft, draft_k=3)
+    texts, lengths = ["the cat sat", "a dog"], [30, 5]
+    events: dict[int, list] = {0: [], 1: []}
+    done = threading.Event()
+
+    def emitter(i: int):
+        def emit(event):
+            events[i].append(event)
+            if sum(isinstance(e, Finished) for ev in events.values() for e in ev) == 2:
+                done.set()
+        return emit
+
+    for i, text in enumerate(texts):
+        scheduler.submit(Job(tok(text)["input_ids"], SamplingParams(max_tokens=lengths[i], temperature=0), emitter(i)))
+    scheduler.start()
+    assert done.wait(timeout=120)
+    scheduler.stop()
+    assert scheduler.steps >= 4 and scheduler.spec_rounds > 0  # both kinds of step ran
+    accepted = scheduler.spec_accepted / scheduler.spec_proposed
+    assert accepted == 1.0 if draft_seed == 6 else accepted < 1.0
+    for i, text in enumerate(texts):
+        want = generate(model, tok, text, max_new_tokens=lengths[i], stop_at_eos=False).token_ids
+        assert tuple(e.token for e in events[i] if isinstance(e, Token)) == want
+        assert events[i][-1].reason == "length" and events[i][-1].completion_tokens == lengths[i]
+
+
+def test_a_draft_of_another_vocabulary_is_refused(tmp_path) -> None:
+    from bitsmith.runtime.load import load_model
+    from bitsmith.serve.scheduler import Scheduler
+
+    loaded = load_model(make_tiny_model(tmp_path / "m", seed=6))
+    other = load_model(make_tiny_model(tmp_path / "d", seed=1, vocab_size=77)).model
+    with pytest.raises(ValueError, match="vocabulary"):
+        Scheduler(loaded.model, loaded.tokenizer, frozenset(), draft=other)
+    with pytest.raises(ValueError, match="1 to 7"):
+        Scheduler(loaded.model, loaded.tokenizer, frozenset(), draft=loaded.model, draft_k=9)

@@ -1,9 +1,11 @@
 """Speculative decoding: a cheap draft of the same model proposes ``k`` tokens, the target checks all of
 them in one batched forward, and the target's KV cache is rolled back past the first token it rejects.
 
-Why it can pay on a CPU: a decode step reads every weight once whatever the number of rows (the native
-kernel handles up to ``GEMV_MAX_ROWS`` activation rows per weight pass), so the target verifying ``k + 1``
-positions costs little more than decoding one, while a 2- or 3-bit draft reads a fraction of the bytes.
+When it pays: a decode step reads every weight once whatever the number of rows, so where decode is
+bound by memory bandwidth the target verifying ``k + 1`` positions costs little more than decoding one,
+while a 2- or 3-bit draft reads a fraction of the bytes. On the shared 2-core CPU this was measured on
+(bench/results/speculative), decode is bound by arithmetic instead: 4 exact rows cost 2.3 one-row steps
+and a 3-bit draft of SmolLM2-135M is no cheaper than its 4-bit target, so speculation is slower there.
 
 Correctness (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
 Chen et al. 2023, "Accelerating LLM decoding with speculative sampling"):
@@ -18,13 +20,15 @@ Chen et al. 2023, "Accelerating LLM decoding with speculative sampling"):
 Both models run through :class:`bitsmith.infer.lean.LeanRunner`; rolling back is moving its position
 (positions past it are overwritten before any attention reads them).
 
-Exactness caveat: the verify forward (k + 1 rows through the lean torch path) and plain decoding (one
-fused native step per token) compute the same function with different summation orders, so logits
-differ by ~1e-6 relative in float32 (``RuntimeOptions(int8_decode=False)``), and by up to a few 1e-3 with
-the default int8-activation decode, where each path rounds activations at different points. Greedy
-output differs from plain decoding only where the target's top two logits are that close: never in the
-tests (exact float decode), but in 9 of 20 prompts of 24 tokens in bench/speculative.py on SmolLM2 with
-int8 decode (bench/results/speculative). Run with ``BITSMITH_INT8_DECODE=0`` for token-exact output.
+Exactness: with exact float decode (``RuntimeOptions(int8_decode=False)``) the verify forward's matrix
+products (k + 1 <= 8 rows, csrc/smallbatch.cpp) compute every row bit for bit as plain decoding's one-row
+gemv does; only the small ops around them (norms, rotary, attention: torch here, the fused native step
+there) differ, by float32 rounding (~1e-6 relative), so greedy output equals plain decoding's unless the
+target's top two logits are that close (20/20 prompts on SmolLM2-135M in
+bench/results/speculative). With the default int8-activation decode each path rounds activations to int8
+at slightly different values, the logits differ by up to a few 1e-3, and near-ties flip (11/20 prompts on
+SmolLM2): run the target with ``BITSMITH_INT8_DECODE=0`` for token-exact output (the draft's arithmetic
+does not matter for exactness).
 """
 
 from __future__ import annotations
@@ -44,10 +48,10 @@ from bitsmith.infer.generate import (
 from bitsmith.models.context import check_generation_fits
 from bitsmith.runtime.options import RuntimeOptions
 
-__all__ = ["SpeculativeResult", "SpeculativeStats", "acceptance_probability", "residual_distribution",
-           "speculative_choice", "speculative_generate", "MAX_DRAFT_TOKENS"]
+__all__ = ["DraftCursor", "SpeculativeResult", "SpeculativeStats", "acceptance_probability", "residual_distribution",
+           "speculate", "speculative_choice", "speculative_generate", "MAX_DRAFT_TOKENS"]
 
-MAX_DRAFT_TOKENS = 7  # k + 1 verified rows stay within the native kernel's one-pass GEMV (GEMV_MAX_ROWS = 8)
+MAX_DRAFT_TOKENS = 7  # k + 1 verified rows stay within one small-batch pass (GEMV_MAX_ROWS = 8)
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,39 @@ def _round(target: Any, draft: Any, backlog: list[int], k: int, sampler: _Sample
     return emitted, len(emitted) - 1, draft_s
 
 
+@dataclass
+class DraftCursor:
+    """A draft runner beside a target runner. ``backlog``: committed tokens the draft has not seen yet; its
+    last one is the newest committed token, which the target has not seen either (the target's cache holds
+    every committed token but that one). A caller that advances the target without the draft (a plain
+    decode step) appends the token it produced to ``backlog``."""
+
+    runner: Any
+    backlog: list[int]
+
+
+def speculate(t_run: Any, cursor: DraftCursor, k: int, temperature: float, top_p: float,
+              generator: torch.Generator) -> tuple[list[int], int]:
+    """One draft-then-verify round on a target runner and its draft cursor; both caches are rolled back
+    past the first rejected draft. Returns the committed tokens (1 to k + 1; the last is again unseen by
+    the target) and how many drafts were accepted. The target's cache needs k + 1 free positions."""
+    emitted, kept, _ = _advance(t_run, cursor, k, _Sampler(temperature, top_p, generator))
+    return emitted, kept
+
+
+def _advance(t_run: Any, cursor: DraftCursor, k: int, sampler: _Sampler) -> tuple[list[int], int, float]:
+    """:func:`speculate` with the sampler given; also returns the seconds spent drafting."""
+    t_pos, d_pos = t_run.pos, cursor.runner.pos
+    emitted, kept, draft_s = _round(t_run, cursor.runner, cursor.backlog, k, sampler)
+    t_run.pos = t_pos + 1 + kept  # roll back: drop the rejected drafts' cache rows
+    if kept < k:
+        cursor.runner.pos = d_pos + len(cursor.backlog) + kept
+        cursor.backlog = [emitted[-1]]
+    else:  # the draft never saw its own last proposal
+        cursor.backlog = emitted[-2:]
+    return emitted, kept, draft_s
+
+
 def speculative_generate(
     target: Any,
     draft: Any,
@@ -236,20 +273,13 @@ def _decode(t_run: Any, d_run: Any, stream: TextStream, first: int, k: int, max_
     """Rounds until ``max_new`` tokens or an EOS. Invariant at each round's start: the target's cache
     holds every committed token but the last; the draft's all but ``backlog``."""
     stream.push(first)
-    done, backlog = first in eos or max_new == 1, [first]
+    done, cursor = first in eos or max_new == 1, DraftCursor(d_run, [first])
     rounds = proposed = accepted = 0
     draft_s = 0.0
     start = time.perf_counter()
     while not done:
-        t_pos, d_pos = t_run.pos, d_run.pos
-        emitted, kept, spent = _round(t_run, d_run, backlog, k, sampler)
+        emitted, kept, spent = _advance(t_run, cursor, k, sampler)
         rounds, proposed, accepted, draft_s = rounds + 1, proposed + k, accepted + kept, draft_s + spent
-        t_run.pos = t_pos + 1 + kept  # roll back: drop the rejected drafts' cache rows
-        if kept < k:
-            d_run.pos = d_pos + len(backlog) + kept
-            backlog = [emitted[-1]]
-        else:  # the draft never saw its own last proposal
-            backlog = emitted[-2:]
         for token in emitted:
             stream.push(token)
             if token in eos or len(stream.ids) == max_new:

@@ -17,6 +17,7 @@ from functools import lru_cache
 import torch
 
 from bitsmith.formats.packing import packed_row_bytes
+from bitsmith.kernels.small import small_gemm
 from bitsmith.kernels.torch_path import reference_linear
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
@@ -152,7 +153,9 @@ class NativeKernel:
         rows = x2.shape[0]
         y = torch.empty(rows, self.out_features, dtype=torch.float32)  # [T, out]
         if rows and self.out_features:
-            if rows <= GEMV_MAX_ROWS:
+            if 1 < rows <= GEMV_MAX_ROWS and not self.int8_decode:  # exact small batch: each row as alone
+                small_gemm(self._lib, self._args, x2, y, self._threads())
+            elif rows <= GEMV_MAX_ROWS:
                 self._lib.bs_gemv(*self._args, x2.data_ptr(), rows, y.data_ptr(), self._threads(), int(self.int8_decode))
             elif self.prefill == "bf16":
                 self._blocked_bf16(x2, y)

@@ -30,6 +30,8 @@ class ServeSettings:
     max_queue: int = 32
     max_tokens_default: int = 256
     api_key: str | None = None
+    prefill_chunk: int = 256  # prompt tokens per scheduler step (chunked prefill, see serve/scheduler.py)
+    draft_k: int = 4  # tokens a draft proposes per round, when build_engine is given one
 
 
 def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -45,13 +47,16 @@ def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def build_engine(model: Any, tokenizer: Any, settings: ServeSettings, options: RuntimeOptions = RuntimeOptions()) -> Engine:
-    """The engine serving ``model`` (raises ValueError when the model cannot be served)."""
-    if settings.max_batch < 1 or settings.max_queue < 0 or settings.max_tokens_default < 1:
-        raise ValueError("--max-batch and --max-tokens-default must be >= 1 and --max-queue >= 0")
+def build_engine(model: Any, tokenizer: Any, settings: ServeSettings, options: RuntimeOptions = RuntimeOptions(),
+                 draft: Any = None) -> Engine:
+    """The engine serving ``model`` (raises ValueError when the model cannot be served); with ``draft`` (a
+    quantized copy of the same model), a lone request decodes speculatively (serve/scheduler.py)."""
+    if settings.max_batch < 1 or settings.max_queue < 0 or settings.max_tokens_default < 1 or settings.prefill_chunk < 1:
+        raise ValueError("--max-batch, --max-tokens-default and --prefill-chunk must be >= 1 and --max-queue >= 0")
     model.eval()
     scheduler = Scheduler(model, tokenizer, eos_ids(model, tokenizer), max_batch=settings.max_batch,
-                          max_queue=settings.max_queue, options=options)
+                          max_queue=settings.max_queue, options=options, prefill_chunk=settings.prefill_chunk,
+                          draft=None if draft is None else draft.eval(), draft_k=settings.draft_k)
     config = getattr(model, "config", None)
     vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))
     return Engine(scheduler, tokenizer, settings.model_id, context_length(config) or FALLBACK_CONTEXT, vocab,
