@@ -25,6 +25,9 @@ from bitsmith.spec import QuantSpec
 from bitsmith.transforms.awq import (
     CLIP_SKIP, SCALE_PATTERNS, ScaleGroup, ScalePattern, fold_scale, match_all, tie_heads,
 )
+from bitsmith.transforms.awq_fast import (
+    clip_errors, group_gram, output_error, scale_candidates, search_dtype, simulated_quantizer, token_basis,
+)
 from bitsmith.transforms.base import register_transform
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,11 @@ class AwqOptions:
     clip_min: float = 0.5
     clip_tokens: int = 512  # tokens per linear for the clip search
     duo: bool = False  # s = s_x^a / s_w^(1-a) instead of the paper's s_x^a
+    # where a candidate scale's error is measured: "linear" (the linears' outputs, fast: awq_fast) or
+    # "module" (the output of the module that holds them, as the paper: the attention, the MLP)
+    measure: str = "linear"
+    search_tokens: int = 0  # "linear": tokens of the scale search (0: all the search tokens, compressed exactly)
+    search_dtype: str = "auto"  # "linear": dtype of its products: auto (bf16 where native), bf16, fp32
 
     @classmethod
     def from_dict(cls, options: dict) -> "AwqOptions":
@@ -50,11 +58,18 @@ class AwqOptions:
 
         opts = cls(int(options.get("awq_grid", 20)), int(options.get("awq_tokens", 4096)), flag("awq_clip", True),
                    int(options.get("awq_clip_grid", 20)), float(options.get("awq_clip_min", 0.5)),
-                   int(options.get("awq_clip_tokens", 512)), flag("awq_duo", False))
+                   int(options.get("awq_clip_tokens", 512)), flag("awq_duo", False),
+                   str(options.get("awq_measure", "linear")), int(options.get("awq_search_tokens", 0)),
+                   str(options.get("awq_search_dtype", "auto")))
         if opts.grid < 1 or opts.clip_grid < 1 or opts.tokens < 1 or opts.clip_tokens < 1:
             raise ValueError("awq_grid, awq_clip_grid, awq_tokens and awq_clip_tokens must be >= 1")
         if not 0.0 < opts.clip_min <= 1.0:
             raise ValueError(f"awq_clip_min={opts.clip_min} must be in (0, 1], e.g. 0.5")
+        if opts.measure not in ("linear", "module") or opts.search_dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"awq_measure={opts.measure!r} / awq_search_dtype={opts.search_dtype!r}: "
+                             "use awq_measure=linear|module and awq_search_dtype=auto|bf16|fp32")
+        if opts.search_tokens < 0:
+            raise ValueError(f"awq_search_tokens={opts.search_tokens} must be >= 0 (0: all search tokens)")
         return opts
 
 
@@ -125,15 +140,17 @@ class _Calibration:
     first_in: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> input, first batch
     first_out: dict[str, torch.Tensor] = field(default_factory=dict)  # norm -> output, first batch
     clip_in: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # linear -> [tokens, in]
-    block_out: torch.Tensor | None = None  # float block output, first batch
+    group_in: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # a group's first linear -> [tokens, in]
+    block_out: torch.Tensor | None = None  # float block output, first sequence
 
 
 def _calibrate(
     block: nn.Module, hidden: torch.Tensor, kwargs: dict, groups: list[ScaleGroup], clip_names: list[str],
-    kept: list[torch.Tensor], rest: list[torch.Tensor], clip_stride: int,
+    kept: list[torch.Tensor], rest: list[torch.Tensor], clip_stride: int, linear_measure: bool = False,
 ) -> _Calibration:
     modules = dict(block.named_modules())
     cal, state = _Calibration(), {"keep": False, "first": False}
+    group_inputs = {g.linears[0] for g in groups} if linear_measure else set()
     hooks = []
 
     def on_linear(name: str):
@@ -144,11 +161,13 @@ def _calibrate(
                 cal.first_in[name] = args[0]
             if state["keep"] and name in clip_names:
                 cal.clip_in.setdefault(name, []).append(x[::clip_stride])
+            if state["keep"] and name in group_inputs:
+                cal.group_in.setdefault(name, []).append(x.clone())
         return hook
 
     def on_measure(name: str):
         def hook(_m: nn.Module, args: tuple, kw: dict) -> None:
-            if state["keep"]:
+            if state["keep"] and not linear_measure:  # the linear measure needs only the group inputs
                 cal.calls.setdefault(name, []).append((args, dict(kw)))
         return hook
 
@@ -170,7 +189,7 @@ def _calibrate(
             state["keep"], state["first"] = i < len(kept), i == 0
             out = _run(block, hidden, kwargs, index)
             if i == 0:
-                cal.block_out = out
+                cal.block_out = out[:1]  # the fold check runs on the first sequence only
             cal.count += out.shape[0] * out.shape[1]
     finally:
         for handle in hooks:
@@ -213,6 +232,8 @@ def _search_scale(
     opts: AwqOptions,
 ) -> tuple[torch.Tensor, float, float, float]:
     """AWQ eq. 4-5: (best scale [in], alpha, loss at alpha 0, best loss)."""
+    if opts.measure == "linear":
+        return _search_scale_linear(block, group, cal, spec, method, options, opts)
     modules = dict(block.named_modules())
     measure, linears = modules[group.measure], [modules[n] for n in group.linears]
     x_mean = cal.abs_sum[group.linears[0]] / max(cal.count, 1)  # [in]
@@ -250,6 +271,30 @@ def _search_scale(
     return best[0], best[1], loss_plain, best[2]
 
 
+def _search_scale_linear(
+    block: nn.Module, group: ScaleGroup, cal: _Calibration, spec: QuantSpec, method: Method, options: dict,
+    opts: AwqOptions,
+) -> tuple[torch.Tensor, float, float, float]:
+    """AWQ eq. 4-5 with the error measured on the group's linear outputs (:mod:`awq_fast`)."""
+    modules = dict(block.named_modules())
+    linears = [modules[n] for n in group.linears]
+    x_mean = cal.abs_sum[group.linears[0]] / max(cal.count, 1)  # [in]
+    w_mean = _weight_mean(linears, spec) if opts.duo else None
+    basis, tokens = token_basis(torch.cat(cal.group_in.pop(group.linears[0])), opts.search_tokens)
+    basis = basis.to(search_dtype(opts.search_dtype))
+    weights = [m.weight.detach() for m in linears]
+    qdq = simulated_quantizer(spec, method, options)
+    norm = tokens * sum(w.shape[0] for w in weights)  # loss: mean squared error per output element
+    best, loss_plain = (torch.ones_like(x_mean), 0.0, math.inf), math.inf
+    for alpha, s in scale_candidates(x_mean, w_mean, opts.grid):
+        s, _ = tie_heads(s, group)
+        loss = output_error(basis, weights, s, qdq) / norm
+        loss_plain = loss if alpha == 0 else loss_plain
+        if loss < best[2]:
+            best = (s, alpha, loss)
+    return best[0], best[1], loss_plain, best[2]
+
+
 def clip_search(
     weight: torch.Tensor, inputs: torch.Tensor, spec: QuantSpec, method: Method, options: dict,
     grid: int = 20, min_ratio: float = 0.5,
@@ -259,28 +304,29 @@ def clip_search(
     Returns (clipped weight [out, in], ratio per group [out, G], loss before, loss after)."""
     out_features, in_features = weight.shape
     w = to_groups(weight.float(), spec)  # [out, G, gs]
-    n_groups, width = w.shape[1], w.shape[2]
-    x = torch.zeros(inputs.shape[0], n_groups * width, dtype=torch.float32, device=inputs.device)
-    x[:, :in_features] = inputs.float()  # zero inputs on padding: padded weights never count
-    x = x.view(-1, n_groups, width).transpose(0, 1)  # [G, T, gs]
+    n_groups = w.shape[1]
+    gram = group_gram(inputs, spec, in_features)  # [G, gs, gs]; zero on padding: padded weights never count
     absmax = w.abs().amax(dim=-1, keepdim=True)  # [out, G, 1]
-    rows = max(1, (1 << 24) // max(1, n_groups * x.shape[1]))  # bound [rows, G, T] partial outputs
+    qdq = simulated_quantizer(spec, method, options)
+    chunks = row_chunks(out_features, in_features, QDQ_CHUNK_WEIGHTS)
     best_err = torch.full((out_features, n_groups), math.inf, device=w.device)
     best_ratio = torch.ones_like(best_err)
+
+    def errors(ratio: float, rows: slice) -> torch.Tensor:  # per (row, group): mean_t (x_g . delta_g)^2
+        part = w[rows]
+        clipped = torch.maximum(torch.minimum(part, absmax[rows] * ratio), -absmax[rows] * ratio)
+        delta = to_groups(qdq(from_groups(clipped, in_features)), spec) - part
+        return clip_errors(delta, gram, inputs.shape[0])
+
     for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
-        clipped = torch.maximum(torch.minimum(w, absmax * ratio), -absmax * ratio)
-        delta = to_groups(_qdq(from_groups(clipped, in_features), spec, method, options), spec) - w
-        err = torch.cat([  # per (row, group): mean over tokens of the group's output error squared
-            torch.einsum("gtk,ogk->ogt", x, delta[r:r + rows]).pow(2).mean(-1)
-            for r in range(0, out_features, rows)])
+        err = torch.cat(map_chunks(lambda rows: errors(ratio, rows), chunks))
         better = err < best_err
         best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, ratio, best_ratio)
     bound = absmax * best_ratio.unsqueeze(-1)
     result = from_groups(torch.maximum(torch.minimum(w, bound), -bound), in_features).to(weight)
 
     def loss(candidate: torch.Tensor) -> float:
-        return float((inputs.float() @ (_qdq(candidate, spec, method, options).float() - weight.float()).T)
-                     .pow(2).mean())
+        return float((inputs.float() @ (qdq(candidate.float()) - weight.float()).T).pow(2).mean())
 
     return result, best_ratio, loss(weight), loss(result)
 
@@ -334,7 +380,7 @@ def _transform(
     # sequences only for that mean was the largest part of the transform (15 of 16 block forwards
     # at 128 x 512 calibration), and a mean over 4096 tokens is already within a few percent
     cal = _calibrate(block, hidden, kwargs, groups, clip_names if opts.clip else [], kept, [],
-                     max(1, kept_tokens // opts.clip_tokens))
+                     max(1, kept_tokens // opts.clip_tokens), opts.measure == "linear")
     scales = []
     for group in groups:
         if group.norm_offset is not None and not _feeds_only(group, cal):
@@ -342,7 +388,7 @@ def _transform(
             continue
         s, alpha, before, after = _search_scale(block, group, cal, spec, method, options, opts)
         applied = fold_scale(block, group, s)
-        out = _run(block, hidden, kwargs, kept[0])
+        out = _run(block, hidden, kwargs, kept[0][:1])  # one sequence: a wrong fold shows on any token
         tol = 1e-4 * float(cal.block_out.nan_to_num().abs().max())
         if not torch.allclose(out, cal.block_out, rtol=1e-3, atol=tol, equal_nan=True):
             fold_scale(block, group, 1.0 / applied)  # undo: the fold changed the float block
