@@ -165,3 +165,15 @@ def test_polish_centres_group_errors_without_raising_mse(text: str) -> None:
 
     assert bias(polished) < 0.7 * bias(raw), (bias(polished), bias(raw))
     assert sqnr_db(w, polished.dequantize()) >= sqnr_db(w, raw.dequantize()) - 0.01
+
+
+@pytest.mark.parametrize("beta,p", [(10.0, 0.7), (1.0, 0.5), (250.0, 0.9), (3.0, 1.0)])
+def test_kept_residual_equals_residual_minus_shrink(beta: float, p: float) -> None:
+    """The fast form (log/exp instead of pow) against the oracle ``r - shrink_lp(r)`` in float64."""
+    from bitsmith.methods.hqq import kept_residual
+
+    g = torch.Generator().manual_seed(int(beta * 10 + p * 100))
+    r = torch.randn(4096, generator=g) * torch.rand(4096, generator=g) * 2
+    r[:5] = torch.tensor([0.0, -0.0, 1e-30, -3.0, 0.5])
+    slow = (r.double() - shrink_lp(r.double(), beta, p)).float()
+    torch.testing.assert_close(kept_residual(r, beta, p), slow, rtol=2e-6, atol=1e-7)

@@ -129,11 +129,15 @@ def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return torch.sign(x) * torch.relu(mag - mag.clamp_min(1e-12).pow(p - 1) / beta)
 
 
-def _kept(r: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+def kept_residual(r: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     """``r - shrink_lp(r, β, p) = sign(r) · min(|r|, |r|^(p-1) / β)``: the part of the residual the
-    codes must still explain (what the z sub-problem averages), in fewer passes than shrinking then subtracting."""
+    codes must still explain (what the z sub-problem averages), in fewer passes than shrinking then subtracting.
+
+    ``|r|^(p-1)`` as ``exp((p-1) log|r|)``: torch's ``pow`` with a float exponent is scalar code (~10 ns
+    per element here, half of HQQ's time), log and exp are vectorised (~1.7 ns for both); they agree
+    to ~2 float32 ulps (tested against :func:`shrink_lp`)."""
     mag = r.abs()
-    bound = mag.clamp_min(1e-12).pow_(p - 1).mul_(1 / beta)
+    bound = mag.clamp_min(1e-12).log_().mul_(p - 1).exp_().mul_(1 / beta)
     return torch.minimum(mag, bound, out=bound).copysign_(r)
 
 
@@ -197,7 +201,7 @@ def _refine_zero(
         r, err = residual(zero)
         if not best.offer(scale, zero, err) or it == opts.iters:
             break
-        zero = zero - _wmean(_kept(r, beta, opts.lp_norm), w, w_sum)
+        zero = zero - _wmean(kept_residual(r, beta, opts.lp_norm), w, w_sum)
         beta *= opts.kappa
     zero = best.zero
     r = residual(zero)[0] if opts.polish else None
@@ -233,7 +237,7 @@ def _refine_scale(
             err = torch.where(r_ext <= limit, err, torch.full_like(err, float("inf")))
         if not best.offer(scale, zero, err) or it == opts.iters:
             break
-        target = values + _kept(r, beta, opts.lp_norm)  # (W - W_e) / s
+        target = values + kept_residual(r, beta, opts.lp_norm)  # (W - W_e) / s
         if spec.has_zero:  # joint least squares of target·s ≈ s'·codes - s'·z'
             c_mean, t_mean = _wmean(codes, w, w_sum), _wmean(target, w, w_sum)
             c_dev = codes - c_mean
