@@ -139,3 +139,14 @@ def test_bad_awq_options_are_refused():
     for bad in ({"awq_measure": "block"}, {"awq_search_dtype": "fp8"}, {"awq_search_tokens": -1}):
         with pytest.raises(ValueError, match="awq_"):
             awq_transform(block, hidden, kwargs, QuantSpec.parse("w4g32"), rtn, bad)
+
+
+def test_token_basis_of_collinear_channels_falls_back_to_qr():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(200, 8, generator=g)
+    x = torch.cat([x, x[:, :4] * 2.0], dim=1)  # 12 channels of rank 8: a singular Gram matrix
+    delta = torch.randn(5, 12, generator=g)
+    z, used = token_basis(x)
+    assert used == 200 and z.shape == (12, 12) and torch.isfinite(z).all()
+    exact = (x.double() @ delta.double().T).pow(2).sum()
+    assert torch.allclose((z.double() @ delta.double().T).pow(2).sum(), exact, rtol=1e-4)

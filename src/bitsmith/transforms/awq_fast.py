@@ -9,8 +9,8 @@ linears' outputs, ``sum_l ||X (Q(W_l diag(s)) diag(s)^-1 - W_l)^T||^2``, which n
 linears' common input X, never the attention or the nonlinearity:
 
 - **Exact token compression.** The loss depends on X only through ``X^T X``. When there are more
-  tokens T than input channels, X [T, in] is replaced by R [in, in] from its QR factorisation
-  (``R^T R = X^T X``): the same loss over *all* tokens at ``in`` rows instead of T
+  tokens T than input channels, X [T, in] is replaced by R [in, in] with ``R^T R = X^T X`` (the
+  Cholesky factor of the Gram matrix, or X's QR factor when that is only semi-definite): the same loss over *all* tokens at ``in`` rows instead of T
   (:func:`token_basis`; 4,096 -> 1,536 rows for Qwen's q/k/v, o and gate/up inputs).
 - **bf16 products where the CPU has them** (``awq_search_dtype``, auto): the weight error is
   computed in float32, only ``R @ delta^T`` runs in bf16 with float32 accumulation (~10x the float32
@@ -77,14 +77,21 @@ def token_basis(x: torch.Tensor, max_tokens: int = 0) -> tuple[torch.Tensor, int
     """(Z, T): rows Z [r, in] with ``Z^T Z = X^T X`` for the tokens used, and their count T.
 
     ``max_tokens`` > 0 keeps that many evenly spaced tokens first; then, if more tokens than
-    channels remain, Z is the R factor of X's QR factorisation (exact, ``in`` rows)."""
+    channels remain, Z [in, in] is upper triangular (exact up to float rounding, ``in`` rows)."""
     x = x.reshape(-1, x.shape[-1]).float()
     if 0 < max_tokens < x.shape[0]:
         x = x.index_select(0, torch.linspace(0, x.shape[0] - 1, max_tokens).round().long())
     tokens = x.shape[0]
-    if tokens > x.shape[1]:
-        x = torch.linalg.qr(x, mode="r").R  # [in, in], upper triangular
-    return x, tokens
+    if tokens <= x.shape[1]:
+        return x, tokens
+    # R with R^T R = X^T X: the Cholesky factor of the Gram matrix (one float32 GEMM, then a float64
+    # factorisation of [in, in]; ~2x faster than Householder QR of X here). A Gram matrix that is only
+    # semi-definite (collinear channels) gets the QR factor instead, which needs no definiteness.
+    gram = (x.T @ x).double()
+    factor, info = torch.linalg.cholesky_ex(gram, upper=True)
+    if int(info) != 0 or not torch.isfinite(factor).all():
+        return torch.linalg.qr(x, mode="r").R, tokens
+    return factor.float(), tokens
 
 
 def output_error(

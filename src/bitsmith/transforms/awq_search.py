@@ -197,6 +197,33 @@ def _calibrate(
     return cal
 
 
+def _checked_folds(
+    block: nn.Module, hidden: torch.Tensor, kwargs: dict, index: torch.Tensor, cal: _Calibration,
+    folded: list[tuple[ScaleGroup, torch.Tensor, ScaleResult]], skipped: list[str],
+) -> list[tuple[ScaleGroup, torch.Tensor, ScaleResult]]:
+    """The folds (all applied) that keep the float block's output on one sequence (``index``). One
+    forward when all do (the usual case); otherwise each is undone and re-applied with its own check,
+    and a fold that changes the output stays undone (the searches do not depend on other groups' folds)."""
+    tol = 1e-4 * float(cal.block_out.nan_to_num().abs().max())
+
+    def same() -> bool:
+        return torch.allclose(_run(block, hidden, kwargs, index), cal.block_out, rtol=1e-3, atol=tol, equal_nan=True)
+
+    if not folded or same():
+        return folded
+    for group, applied, _ in reversed(folded):
+        fold_scale(block, group, 1.0 / applied)
+    kept = []
+    for group, applied, result in folded:
+        fold_scale(block, group, applied)
+        if same():
+            kept.append((group, applied, result))
+        else:
+            fold_scale(block, group, 1.0 / applied)  # undo: the fold changed the float block
+            skipped.append(f"{group.prev} -> {'/'.join(group.linears)}: folding changed the block output")
+    return kept
+
+
 def _feeds_only(group: ScaleGroup, cal: _Calibration) -> bool:
     """The norm's output is exactly what the group's linears read, and no other linear reads it."""
     out = cal.first_out.get(group.prev)
@@ -381,25 +408,22 @@ def _transform(
     # at 128 x 512 calibration), and a mean over 4096 tokens is already within a few percent
     cal = _calibrate(block, hidden, kwargs, groups, clip_names if opts.clip else [], kept, [],
                      max(1, kept_tokens // opts.clip_tokens), opts.measure == "linear")
-    scales = []
+    searched = []
     for group in groups:
         if group.norm_offset is not None and not _feeds_only(group, cal):
             skipped.append(f"{group.prev} -> {'/'.join(group.linears)}: its output is not (only) their input")
             continue
         s, alpha, before, after = _search_scale(block, group, cal, spec, method, options, opts)
-        applied = fold_scale(block, group, s)
-        out = _run(block, hidden, kwargs, kept[0][:1])  # one sequence: a wrong fold shows on any token
-        tol = 1e-4 * float(cal.block_out.nan_to_num().abs().max())
-        if not torch.allclose(out, cal.block_out, rtol=1e-3, atol=tol, equal_nan=True):
-            fold_scale(block, group, 1.0 / applied)  # undo: the fold changed the float block
-            skipped.append(f"{group.prev} -> {'/'.join(group.linears)}: folding changed the block output")
-            continue
+        searched.append((group, fold_scale(block, group, s), ScaleResult(group.prev, group.linears, alpha, before,
+                                                                          after)))
+    scales = []
+    for group, applied, result in _checked_folds(block, hidden, kwargs, kept[0][:1], cal, searched, skipped):
         for name in group.linears:  # the linears now read x / s
             if name in cal.clip_in:
                 cal.clip_in[name] = [x / applied for x in cal.clip_in[name]]
-        scales.append(ScaleResult(group.prev, group.linears, alpha, before, after))
-        log.info("awq: %s -> %s alpha=%.2f mse %.3g -> %.3g", group.prev, ",".join(group.linears), alpha,
-                 before, after)
+        scales.append(result)
+        log.info("awq: %s -> %s alpha=%.2f mse %.3g -> %.3g", group.prev, ",".join(group.linears), result.alpha,
+                 result.loss_before, result.loss_after)
     clips = []
     for name in [n for n in clip_names if n in cal.clip_in] if opts.clip else []:
         linear = modules[name]
