@@ -40,13 +40,13 @@ def test_simulated_quantizer_is_the_method_elsewhere():
     assert torch.equal(searched, rtn(w, spec, None, {}).dequantize())
 
 
-@pytest.mark.parametrize("tokens,width,cap", [(300, 40, 0), (30, 40, 0), (300, 40, 100), (500, 64, 64)])
+@pytest.mark.parametrize("tokens,width,cap", [(300, 40, 0), (30, 40, 0), (300, 40, 10), (500, 64, 64), (300, 400, 100)])
 def test_token_basis_keeps_the_output_error(tokens, width, cap):
     g = torch.Generator().manual_seed(tokens + width)
     x = torch.randn(tokens, width, generator=g) * torch.rand(width, generator=g) * 3 + 0.5  # uneven, non-zero mean
     delta = torch.randn(17, width, generator=g)
     z, used = token_basis(x, cap)
-    kept = x if not 0 < cap < tokens else x[torch.linspace(0, tokens - 1, cap).round().long()]
+    kept = x if not 0 < cap < min(tokens, width) else x[torch.linspace(0, tokens - 1, cap).round().long()]
     assert used == kept.shape[0] and z.shape[0] == min(used, width)
     exact = (kept.double() @ delta.double().T).pow(2).sum()
     assert torch.allclose((z.double() @ delta.double().T).pow(2).sum(), exact, rtol=1e-4)
@@ -102,16 +102,17 @@ def _slow_clip_ratios(weight, inputs, spec, grid, min_ratio):
     return best_ratio
 
 
-def test_clip_search_equals_token_sum_oracle():
+@pytest.mark.parametrize("dtype,agree", [(torch.float32, 0.98), (torch.bfloat16, 0.9)])
+def test_clip_search_equals_token_sum_oracle(dtype, agree):
     g = torch.Generator().manual_seed(5)
     spec = QuantSpec.parse("w3g32")
     weight = torch.randn(40, 80, generator=g)  # 80 = 2.5 groups: a ragged last group
     weight[:, 5] *= 6.0
     inputs = torch.randn(200, 80, generator=g)
-    _, ratio, before, after = clip_search(weight, inputs, spec, rtn, {"clip_search": False}, grid=12)
+    _, ratio, before, after = clip_search(weight, inputs, spec, rtn, {"clip_search": False}, grid=12, dtype=dtype)
     slow = _slow_clip_ratios(weight, inputs, spec, 12, 0.5)
-    # ties within float rounding may pick a neighbour; nearly every (row, group) must agree
-    assert (ratio == slow).float().mean() > 0.98 and after < before
+    # near-ties within rounding (bf16 products: ~3 digits) may pick a neighbour; nearly every (row, group) agrees
+    assert (ratio == slow).float().mean() > agree and after < before
 
 
 def test_linear_measure_matches_module_measure_where_the_module_is_the_linear():

@@ -47,7 +47,10 @@ class AwqOptions:
     # where a candidate scale's error is measured: "linear" (the linears' outputs, fast: awq_fast) or
     # "module" (the output of the module that holds them, as the paper: the attention, the MLP)
     measure: str = "linear"
-    search_tokens: int = 0  # "linear": tokens of the scale search (0: all the search tokens, compressed exactly)
+    # "linear": at most this many rows per scale search basis; a group with more input channels than this
+    # *and* more search tokens (Qwen-1.5B's down_proj: 8,960 > 4,096) gets this many evenly spaced tokens,
+    # every other group the exact compression of all search tokens (0: no bound)
+    search_tokens: int = 2048
     search_dtype: str = "auto"  # "linear": dtype of its products: auto (bf16 where native), bf16, fp32
 
     @classmethod
@@ -59,7 +62,7 @@ class AwqOptions:
         opts = cls(int(options.get("awq_grid", 20)), int(options.get("awq_tokens", 4096)), flag("awq_clip", True),
                    int(options.get("awq_clip_grid", 20)), float(options.get("awq_clip_min", 0.5)),
                    int(options.get("awq_clip_tokens", 512)), flag("awq_duo", False),
-                   str(options.get("awq_measure", "linear")), int(options.get("awq_search_tokens", 0)),
+                   str(options.get("awq_measure", "linear")), int(options.get("awq_search_tokens", 2048)),
                    str(options.get("awq_search_dtype", "auto")))
         if opts.grid < 1 or opts.clip_grid < 1 or opts.tokens < 1 or opts.clip_tokens < 1:
             raise ValueError("awq_grid, awq_clip_grid, awq_tokens and awq_clip_tokens must be >= 1")
@@ -324,7 +327,7 @@ def _search_scale_linear(
 
 def clip_search(
     weight: torch.Tensor, inputs: torch.Tensor, spec: QuantSpec, method: Method, options: dict,
-    grid: int = 20, min_ratio: float = 0.5,
+    grid: int = 20, min_ratio: float = 0.5, dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """AWQ's weight clipping for one linear: weight [out, in], inputs [T, in].
 
@@ -332,7 +335,7 @@ def clip_search(
     out_features, in_features = weight.shape
     w = to_groups(weight.float(), spec)  # [out, G, gs]
     n_groups = w.shape[1]
-    gram = group_gram(inputs, spec, in_features)  # [G, gs, gs]; zero on padding: padded weights never count
+    gram = group_gram(inputs, spec, in_features).to(dtype)  # [G, gs, gs]; zero on padding: padded weights never count
     absmax = w.abs().amax(dim=-1, keepdim=True)  # [out, G, 1]
     qdq = simulated_quantizer(spec, method, options)
     chunks = row_chunks(out_features, in_features, QDQ_CHUNK_WEIGHTS)
@@ -429,7 +432,7 @@ def _transform(
         linear = modules[name]
         inputs = torch.cat(cal.clip_in[name])[: opts.clip_tokens]  # [T, in]
         clipped, ratio, before, after = clip_search(linear.weight.detach(), inputs, spec, method, options,
-                                                    opts.clip_grid, opts.clip_min)
+                                                    opts.clip_grid, opts.clip_min, search_dtype(opts.search_dtype))
         if after > before:  # per-group choices ignore cross-group terms; never make the linear worse
             ratio, after = torch.ones_like(ratio), before
         else:
