@@ -3,8 +3,9 @@ in :mod:`bitsmith.transforms.awq`, which also finds the scale groups and folds t
 
 One float pass over the search tokens (``tokens``, evenly spaced whole sequences) records what the
 searches need, the mean |x| per channel included (``_calibrate``); then
-per scale group the scale of eq. 4-5 is searched and folded (checked on the block output), and per
-linear the clipping ratio is searched (:func:`clip_search`). The quantizer simulated inside the
+per scale group the scale of eq. 4-5 is searched (by default on the linears' outputs:
+:mod:`bitsmith.transforms.awq_fast`) and folded (all folds checked on the block output at once), and
+per linear the clipping ratio is searched (:func:`clip_search`, on per-group Gram matrices). The quantizer simulated inside the
 searches is a parameter (plain min/max RTN in the pipeline).
 """
 
@@ -382,8 +383,10 @@ def awq_transform(
     inside the searches (called with ``stats=None``; RTN is the usual choice).
 
     options: ``awq_grid`` (20), ``awq_tokens`` (4096), ``awq_clip`` (True), ``awq_clip_grid`` (20),
-    ``awq_clip_min`` (0.5), ``awq_clip_tokens`` (512), ``awq_duo`` (False). Cache kwargs are dropped:
-    every call must see only its own tokens."""
+    ``awq_clip_min`` (0.5), ``awq_clip_tokens`` (512), ``awq_duo`` (False), ``awq_measure`` ("linear":
+    the error on the linears' outputs, :mod:`bitsmith.transforms.awq_fast`; "module": on the output of
+    the module that holds them, the paper's), ``awq_search_tokens`` (2048), ``awq_search_dtype``
+    ("auto"). Cache kwargs are dropped: every call must see only its own tokens."""
     opts = AwqOptions.from_dict(options)
     was_training = block.training
     block.eval()
