@@ -356,8 +356,11 @@ def clip_search(
     bound = absmax * best_ratio.unsqueeze(-1)
     result = from_groups(torch.maximum(torch.minimum(w, bound), -bound), in_features).to(weight)
 
-    def loss(candidate: torch.Tensor) -> float:
-        return float((inputs.float() @ (qdq(candidate.float()) - weight.float()).T).pow(2).mean())
+    x = inputs.to(dtype)
+
+    def loss(candidate: torch.Tensor) -> float:  # the whole linear's output error, cross-group terms included
+        out = x @ (qdq(candidate.float()) - weight.float()).to(dtype).T  # [T, out]
+        return float(torch.linalg.vector_norm(out, dtype=torch.float32)) ** 2 / out.numel()
 
     return result, best_ratio, loss(weight), loss(result)
 
