@@ -279,18 +279,23 @@ def hqq(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, 
     opts = replace(opts, clip_init=clip_init, keep_extremes=keep)
     steps = DEFAULT_CLIP_GRID if clip_init else 0
 
-    def fit(rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fit(rows: slice) -> QuantizedTensor:
         chunk = groups[rows]  # [rows, G, gs]
         if grid is not None:
             scale, zero = fit_grid_scales(chunk, grid, mask, weights, steps), None
         else:
             scale, zero = fit_group_ranges(chunk, spec, mask, weights, steps)
         if spec.has_zero and not opts.optimize_scale:
-            return _refine_zero(chunk, scale, zero, spec.qmax, err_weight, opts)
-        return _refine_scale(chunk, scale, zero, spec, grid, err_weight, opts)
+            scale, zero = _refine_zero(chunk, scale, zero, spec.qmax, err_weight, opts)
+        else:
+            scale, zero = _refine_scale(chunk, scale, zero, spec, grid, err_weight, opts)
+        # the codes of these rows here too: a whole-tensor pass made float32 temporaries of the weight's
+        # size (~2 GB for a 151,936 x 1,536 head) on one core
+        return quantize_with_params(weight[rows], scale, zero, spec, grid)
 
     # groups are independent: cache-sized chunks of rows, spread over the cores one thread each
-    # (methods.parallel: no intra-op barrier per operation); the result does not depend on the split
+    # (methods.parallel: no intra-op barrier per operation); each chunk stops on its own total error, so
+    # the split (fixed by ROW_CHUNK_WEIGHTS, not by the thread count) is part of the result
     parts = map_chunks(fit, row_slices(groups, ROW_CHUNK_WEIGHTS))
-    zero = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
-    return quantize_with_params(weight, torch.cat([p[0] for p in parts]), zero, spec, grid)
+    return replace(parts[0], codes=torch.cat([p.codes for p in parts]), scale=torch.cat([p.scale for p in parts]),
+                   zero=None if parts[0].zero is None else torch.cat([p.zero for p in parts]))
