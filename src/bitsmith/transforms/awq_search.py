@@ -5,8 +5,8 @@ One float pass over the search tokens (``tokens``, evenly spaced whole sequences
 searches need, the mean |x| per channel included (``_calibrate``); then
 per scale group the scale of eq. 4-5 is searched (by default on the linears' outputs:
 :mod:`bitsmith.transforms.awq_fast`) and folded (all folds checked on the block output at once), and
-per linear the clipping ratio is searched (:func:`clip_search`, on per-group Gram matrices). The quantizer simulated inside the
-searches is a parameter (plain min/max RTN in the pipeline).
+per linear the clipping ratio is searched (:func:`clip_search`, on per-group Gram matrices). The
+quantizer simulated inside the searches is a parameter (plain min/max RTN in the pipeline).
 """
 
 from __future__ import annotations
