@@ -10,8 +10,10 @@ linears' common input X, never the attention or the nonlinearity:
 
 - **Exact token compression.** The loss depends on X only through ``X^T X``. When there are more
   tokens T than input channels, X [T, in] is replaced by R [in, in] with ``R^T R = X^T X`` (the
-  Cholesky factor of the Gram matrix, or X's QR factor when that is only semi-definite): the same loss over *all* tokens at ``in`` rows instead of T
-  (:func:`token_basis`; 4,096 -> 1,536 rows for Qwen's q/k/v, o and gate/up inputs).
+  Cholesky factor of the Gram matrix, or X's QR factor when that is only semi-definite): the same
+  loss over *all* tokens at ``in`` rows instead of T (:func:`token_basis`; 4,096 -> 1,536 rows for
+  Qwen's q/k/v, o and gate/up inputs). A group with more channels *and* tokens than
+  ``awq_search_tokens`` (Qwen's 8,960-wide down_proj input) uses that many evenly spaced tokens.
 - **bf16 products where the CPU has them** (``awq_search_dtype``, auto): the weight error is
   computed in float32, only ``R @ delta^T`` runs in bf16 with float32 accumulation (~10x the float32
   rate on AMX). Its rounding perturbs a candidate's loss by ~1e-5 relative (tested against float32).
