@@ -21,6 +21,7 @@ from torch import nn
 
 from bitsmith.methods.base import Method, Needs
 from bitsmith.methods.parallel import map_chunks, row_chunks
+from bitsmith.models.family import ATTENTION_HINT
 from bitsmith.primitives import from_groups, to_groups
 from bitsmith.spec import QuantSpec
 from bitsmith.transforms.awq import (
@@ -45,9 +46,12 @@ class AwqOptions:
     clip_min: float = 0.5
     clip_tokens: int = 512  # tokens per linear for the clip search
     duo: bool = False  # s = s_x^a / s_w^(1-a) instead of the paper's s_x^a
-    # where a candidate scale's error is measured: "linear" (the linears' outputs, fast: awq_fast) or
-    # "module" (the output of the module that holds them, as the paper: the attention, the MLP)
-    measure: str = "linear"
+    # where a candidate scale's error is measured: "linear" (the linears' outputs, fast: awq_fast),
+    # "module" (the output of the module that holds them, as the paper: the attention, the MLP), or
+    # "auto": the attention's output for the groups it holds (q/k/v: their errors reach it through
+    # softmax(q k^T); on their own outputs SmolLM2's KLD measured 0.1838 against 0.1708), the linears'
+    # outputs for the others (gate/up's alphas within 0.05 of the module measure's; o/down: the same)
+    measure: str = "auto"
     # "linear": at most this many rows per scale search basis; a group with more input channels than this
     # *and* more search tokens (Qwen-1.5B's down_proj: 8,960 > 4,096) gets this many evenly spaced tokens,
     # every other group the exact compression of all search tokens (0: no bound)
@@ -63,15 +67,15 @@ class AwqOptions:
         opts = cls(int(options.get("awq_grid", 20)), int(options.get("awq_tokens", 4096)), flag("awq_clip", True),
                    int(options.get("awq_clip_grid", 20)), float(options.get("awq_clip_min", 0.5)),
                    int(options.get("awq_clip_tokens", 512)), flag("awq_duo", False),
-                   str(options.get("awq_measure", "linear")), int(options.get("awq_search_tokens", 2048)),
+                   str(options.get("awq_measure", "auto")), int(options.get("awq_search_tokens", 2048)),
                    str(options.get("awq_search_dtype", "auto")))
         if opts.grid < 1 or opts.clip_grid < 1 or opts.tokens < 1 or opts.clip_tokens < 1:
             raise ValueError("awq_grid, awq_clip_grid, awq_tokens and awq_clip_tokens must be >= 1")
         if not 0.0 < opts.clip_min <= 1.0:
             raise ValueError(f"awq_clip_min={opts.clip_min} must be in (0, 1], e.g. 0.5")
-        if opts.measure not in ("linear", "module") or opts.search_dtype not in ("auto", "bf16", "fp32"):
+        if opts.measure not in ("auto", "linear", "module") or opts.search_dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"awq_measure={opts.measure!r} / awq_search_dtype={opts.search_dtype!r}: "
-                             "use awq_measure=linear|module and awq_search_dtype=auto|bf16|fp32")
+                             "use awq_measure=auto|linear|module and awq_search_dtype=auto|bf16|fp32")
         if opts.search_tokens < 0:
             raise ValueError(f"awq_search_tokens={opts.search_tokens} must be >= 0 (0: all search tokens)")
         return opts
@@ -150,11 +154,12 @@ class _Calibration:
 
 def _calibrate(
     block: nn.Module, hidden: torch.Tensor, kwargs: dict, groups: list[ScaleGroup], clip_names: list[str],
-    kept: list[torch.Tensor], rest: list[torch.Tensor], clip_stride: int, linear_measure: bool = False,
+    kept: list[torch.Tensor], rest: list[torch.Tensor], clip_stride: int, measure: str = "module",
 ) -> _Calibration:
     modules = dict(block.named_modules())
     cal, state = _Calibration(), {"keep": False, "first": False}
-    group_inputs = {g.linears[0] for g in groups} if linear_measure else set()
+    group_inputs = {g.linears[0] for g in groups if _measure_of(g, measure) == "linear"}
+    module_calls = {g.measure for g in groups if _measure_of(g, measure) == "module"}
     hooks = []
 
     def on_linear(name: str):
@@ -171,7 +176,7 @@ def _calibrate(
 
     def on_measure(name: str):
         def hook(_m: nn.Module, args: tuple, kw: dict) -> None:
-            if state["keep"] and not linear_measure:  # the linear measure needs only the group inputs
+            if state["keep"] and name in module_calls:  # the linear measure needs only the group inputs
                 cal.calls.setdefault(name, []).append((args, dict(kw)))
         return hook
 
@@ -199,6 +204,14 @@ def _calibrate(
         for handle in hooks:
             handle.remove()
     return cal
+
+
+def _measure_of(group: ScaleGroup, measure: str) -> str:
+    """Where ``group``'s candidates are measured: "linear" or "module" (``measure`` "auto": the module
+    when it is an attention, i.e. its name says attn/attention, else the linears)."""
+    if measure != "auto":
+        return measure
+    return "module" if ATTENTION_HINT.search(group.measure.rsplit(".", 1)[-1]) else "linear"
 
 
 def _checked_folds(
@@ -263,7 +276,7 @@ def _search_scale(
     opts: AwqOptions,
 ) -> tuple[torch.Tensor, float, float, float]:
     """AWQ eq. 4-5: (best scale [in], alpha, loss at alpha 0, best loss)."""
-    if opts.measure == "linear":
+    if _measure_of(group, opts.measure) == "linear":
         return _search_scale_linear(block, group, cal, spec, method, options, opts)
     modules = dict(block.named_modules())
     measure, linears = modules[group.measure], [modules[n] for n in group.linears]
@@ -416,7 +429,7 @@ def _transform(
     # sequences only for that mean was the largest part of the transform (15 of 16 block forwards
     # at 128 x 512 calibration), and a mean over 4096 tokens is already within a few percent
     cal = _calibrate(block, hidden, kwargs, groups, clip_names if opts.clip else [], kept, [],
-                     max(1, kept_tokens // opts.clip_tokens), opts.measure == "linear")
+                     max(1, kept_tokens // opts.clip_tokens), opts.measure)
     searched = []
     for group in groups:
         if group.norm_offset is not None and not _feeds_only(group, cal):
