@@ -123,7 +123,7 @@ def test_linear_measure_matches_module_measure_where_the_module_is_the_linear():
     hidden[..., :4] *= 20.0
     other = copy.deepcopy(block)
     fast = awq_transform(block, hidden, kwargs, spec, rtn, {"clip_search": False, "awq_grid": 10, "awq_clip": False,
-                                                            "awq_search_dtype": "fp32"})
+                                                            "awq_search_dtype": "fp32", "awq_measure": "linear"})
     slow = awq_transform(other, hidden, kwargs, spec, rtn, {"clip_search": False, "awq_grid": 10, "awq_clip": False,
                                                             "awq_measure": "module"})
     by_prev = {r.prev: r for r in slow.scales}
@@ -151,3 +151,21 @@ def test_token_basis_of_collinear_channels_falls_back_to_qr():
     assert used == 200 and z.shape == (12, 12) and torch.isfinite(z).all()
     exact = (x.double() @ delta.double().T).pow(2).sum()
     assert torch.allclose((z.double() @ delta.double().T).pow(2).sum(), exact, rtol=1e-4)
+
+
+def test_auto_measure_is_the_attention_for_qkv_and_the_linears_elsewhere():
+    """Default (auto): q/k/v get exactly the module measure's alpha (the same code path); o and down the
+    linear measure's, which equals the module's there; gate/up the linear measure's."""
+    spec = QuantSpec.parse("w3g32")
+    block, hidden, kwargs = _block("qwen2", n=8, length=32)
+    hidden[..., :4] *= 20.0
+    base = {"clip_search": False, "awq_grid": 10, "awq_clip": False, "awq_search_dtype": "fp32"}
+    runs = {m: awq_transform(copy.deepcopy(block), hidden, kwargs, spec, rtn, {**base, "awq_measure": m})
+            for m in ("auto", "linear", "module")}
+    auto, linear, module = ({r.prev: r for r in runs[m].scales} for m in ("auto", "linear", "module"))
+    assert set(auto) == set(linear) == set(module) and len(auto) == 4
+    for prev, r in auto.items():
+        if any(n.endswith("q_proj") for n in r.linears):
+            assert (r.alpha, r.loss_before) == (module[prev].alpha, module[prev].loss_before)
+        else:
+            assert (r.alpha, r.loss_before) == (linear[prev].alpha, linear[prev].loss_before)
