@@ -165,3 +165,38 @@ def test_polish_centres_group_errors_without_raising_mse(text: str) -> None:
 
     assert bias(polished) < 0.7 * bias(raw), (bias(polished), bias(raw))
     assert sqnr_db(w, polished.dequantize()) >= sqnr_db(w, raw.dequantize()) - 0.01
+
+
+@pytest.mark.parametrize("beta,p", [(10.0, 0.7), (1.0, 0.5), (250.0, 0.9), (3.0, 1.0)])
+def test_kept_residual_equals_residual_minus_shrink(beta: float, p: float) -> None:
+    """The fast form (log/exp instead of pow) against the oracle ``r - shrink_lp(r)`` in float64."""
+    from bitsmith.methods.hqq import kept_residual
+
+    g = torch.Generator().manual_seed(int(beta * 10 + p * 100))
+    r = torch.randn(4096, generator=g) * torch.rand(4096, generator=g) * 2
+    r[:5] = torch.tensor([0.0, -0.0, 1e-30, -3.0, 0.5])
+    slow = (r.double() - shrink_lp(r.double(), beta, p)).float()
+    torch.testing.assert_close(kept_residual(r, beta, p), slow, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("text", ["w4g64", "w3g128", "w4g32s"])
+def test_codes_per_row_chunk_equal_one_whole_tensor_pass(text: str, monkeypatch) -> None:
+    """The codes made per row chunk (on two worker threads) equal quantize_with_params over the whole
+    tensor with the same (concatenated) scales and zeros, as hqq computed them before."""
+    import bitsmith.methods.hqq as hqq_module
+    from bitsmith.methods.rtn import quantize_with_params
+
+    spec = QuantSpec.parse(text)
+    w = torch.randn(37, 200, generator=torch.Generator().manual_seed(7)) * 0.03  # a ragged last group
+    monkeypatch.setattr(hqq_module, "ROW_CHUNK_WEIGHTS", 5 * 200)  # 8 chunks, the last one short
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        chunked = get_method("hqq")(w, spec, None, {})
+    finally:
+        torch.set_num_threads(threads)
+    scale = chunked.scale.float().unsqueeze(-1)
+    zero = chunked.zero_or_mid().unsqueeze(-1)  # symmetric codes: the fixed midpoint
+    whole = quantize_with_params(w, scale, zero, spec)
+    assert chunked.codes.shape == w.shape and torch.equal(chunked.codes, whole.codes)
+    assert torch.equal(chunked.dequantize(), whole.dequantize())

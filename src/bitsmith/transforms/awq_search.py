@@ -3,9 +3,10 @@ in :mod:`bitsmith.transforms.awq`, which also finds the scale groups and folds t
 
 One float pass over the search tokens (``tokens``, evenly spaced whole sequences) records what the
 searches need, the mean |x| per channel included (``_calibrate``); then
-per scale group the scale of eq. 4-5 is searched and folded (checked on the block output), and per
-linear the clipping ratio is searched (:func:`clip_search`). The quantizer simulated inside the
-searches is a parameter (plain min/max RTN in the pipeline).
+per scale group the scale of eq. 4-5 is searched (by default on the linears' outputs:
+:mod:`bitsmith.transforms.awq_fast`) and folded (all folds checked on the block output at once), and
+per linear the clipping ratio is searched (:func:`clip_search`, on per-group Gram matrices). The
+quantizer simulated inside the searches is a parameter (plain min/max RTN in the pipeline).
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ from torch import nn
 
 from bitsmith.methods.base import Method, Needs
 from bitsmith.methods.parallel import map_chunks, row_chunks
+from bitsmith.models.family import ATTENTION_HINT
 from bitsmith.primitives import from_groups, to_groups
 from bitsmith.spec import QuantSpec
 from bitsmith.transforms.awq import (
     CLIP_SKIP, SCALE_PATTERNS, ScaleGroup, ScalePattern, fold_scale, match_all, tie_heads,
+)
+from bitsmith.transforms.awq_fast import (
+    clip_errors, group_gram, output_error, scale_candidates, search_dtype, simulated_quantizer, token_basis,
 )
 from bitsmith.transforms.base import register_transform
 
@@ -41,6 +46,17 @@ class AwqOptions:
     clip_min: float = 0.5
     clip_tokens: int = 512  # tokens per linear for the clip search
     duo: bool = False  # s = s_x^a / s_w^(1-a) instead of the paper's s_x^a
+    # where a candidate scale's error is measured: "linear" (the linears' outputs, fast: awq_fast),
+    # "module" (the output of the module that holds them, as the paper: the attention, the MLP), or
+    # "auto": the attention's output for the groups it holds (q/k/v: their errors reach it through
+    # softmax(q k^T); on their own outputs SmolLM2's KLD measured 0.1838 against 0.1708), the linears'
+    # outputs for the others (gate/up's alphas within 0.05 of the module measure's; o/down: the same)
+    measure: str = "auto"
+    # "linear": at most this many rows per scale search basis; a group with more input channels than this
+    # *and* more search tokens (Qwen-1.5B's down_proj: 8,960 > 4,096) gets this many evenly spaced tokens,
+    # every other group the exact compression of all search tokens (0: no bound)
+    search_tokens: int = 2048
+    search_dtype: str = "auto"  # "linear": dtype of its products: auto (bf16 where native), bf16, fp32
 
     @classmethod
     def from_dict(cls, options: dict) -> "AwqOptions":
@@ -50,11 +66,18 @@ class AwqOptions:
 
         opts = cls(int(options.get("awq_grid", 20)), int(options.get("awq_tokens", 4096)), flag("awq_clip", True),
                    int(options.get("awq_clip_grid", 20)), float(options.get("awq_clip_min", 0.5)),
-                   int(options.get("awq_clip_tokens", 512)), flag("awq_duo", False))
+                   int(options.get("awq_clip_tokens", 512)), flag("awq_duo", False),
+                   str(options.get("awq_measure", "auto")), int(options.get("awq_search_tokens", 2048)),
+                   str(options.get("awq_search_dtype", "auto")))
         if opts.grid < 1 or opts.clip_grid < 1 or opts.tokens < 1 or opts.clip_tokens < 1:
             raise ValueError("awq_grid, awq_clip_grid, awq_tokens and awq_clip_tokens must be >= 1")
         if not 0.0 < opts.clip_min <= 1.0:
             raise ValueError(f"awq_clip_min={opts.clip_min} must be in (0, 1], e.g. 0.5")
+        if opts.measure not in ("auto", "linear", "module") or opts.search_dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"awq_measure={opts.measure!r} / awq_search_dtype={opts.search_dtype!r}: "
+                             "use awq_measure=auto|linear|module and awq_search_dtype=auto|bf16|fp32")
+        if opts.search_tokens < 0:
+            raise ValueError(f"awq_search_tokens={opts.search_tokens} must be >= 0 (0: all search tokens)")
         return opts
 
 
@@ -125,15 +148,18 @@ class _Calibration:
     first_in: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> input, first batch
     first_out: dict[str, torch.Tensor] = field(default_factory=dict)  # norm -> output, first batch
     clip_in: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # linear -> [tokens, in]
-    block_out: torch.Tensor | None = None  # float block output, first batch
+    group_in: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # a group's first linear -> [tokens, in]
+    block_out: torch.Tensor | None = None  # float block output, first sequence
 
 
 def _calibrate(
     block: nn.Module, hidden: torch.Tensor, kwargs: dict, groups: list[ScaleGroup], clip_names: list[str],
-    kept: list[torch.Tensor], rest: list[torch.Tensor], clip_stride: int,
+    kept: list[torch.Tensor], rest: list[torch.Tensor], clip_stride: int, measure: str = "module",
 ) -> _Calibration:
     modules = dict(block.named_modules())
     cal, state = _Calibration(), {"keep": False, "first": False}
+    group_inputs = {g.linears[0] for g in groups if _measure_of(g, measure) == "linear"}
+    module_calls = {g.measure for g in groups if _measure_of(g, measure) == "module"}
     hooks = []
 
     def on_linear(name: str):
@@ -144,11 +170,13 @@ def _calibrate(
                 cal.first_in[name] = args[0]
             if state["keep"] and name in clip_names:
                 cal.clip_in.setdefault(name, []).append(x[::clip_stride])
+            if state["keep"] and name in group_inputs:
+                cal.group_in.setdefault(name, []).append(x.clone())
         return hook
 
     def on_measure(name: str):
         def hook(_m: nn.Module, args: tuple, kw: dict) -> None:
-            if state["keep"]:
+            if state["keep"] and name in module_calls:  # the linear measure needs only the group inputs
                 cal.calls.setdefault(name, []).append((args, dict(kw)))
         return hook
 
@@ -170,12 +198,47 @@ def _calibrate(
             state["keep"], state["first"] = i < len(kept), i == 0
             out = _run(block, hidden, kwargs, index)
             if i == 0:
-                cal.block_out = out
+                cal.block_out = out[:1]  # the fold check runs on the first sequence only
             cal.count += out.shape[0] * out.shape[1]
     finally:
         for handle in hooks:
             handle.remove()
     return cal
+
+
+def _measure_of(group: ScaleGroup, measure: str) -> str:
+    """Where ``group``'s candidates are measured: "linear" or "module" (``measure`` "auto": the module
+    when it is an attention, i.e. its name says attn/attention, else the linears)."""
+    if measure != "auto":
+        return measure
+    return "module" if ATTENTION_HINT.search(group.measure.rsplit(".", 1)[-1]) else "linear"
+
+
+def _checked_folds(
+    block: nn.Module, hidden: torch.Tensor, kwargs: dict, index: torch.Tensor, cal: _Calibration,
+    folded: list[tuple[ScaleGroup, torch.Tensor, ScaleResult]], skipped: list[str],
+) -> list[tuple[ScaleGroup, torch.Tensor, ScaleResult]]:
+    """The folds (all applied) that keep the float block's output on one sequence (``index``). One
+    forward when all do (the usual case); otherwise each is undone and re-applied with its own check,
+    and a fold that changes the output stays undone (the searches do not depend on other groups' folds)."""
+    tol = 1e-4 * float(cal.block_out.nan_to_num().abs().max())
+
+    def same() -> bool:
+        return torch.allclose(_run(block, hidden, kwargs, index), cal.block_out, rtol=1e-3, atol=tol, equal_nan=True)
+
+    if not folded or same():
+        return folded
+    for group, applied, _ in reversed(folded):
+        fold_scale(block, group, 1.0 / applied)
+    kept = []
+    for group, applied, result in folded:
+        fold_scale(block, group, applied)
+        if same():
+            kept.append((group, applied, result))
+        else:
+            fold_scale(block, group, 1.0 / applied)  # undo: the fold changed the float block
+            skipped.append(f"{group.prev} -> {'/'.join(group.linears)}: folding changed the block output")
+    return kept
 
 
 def _feeds_only(group: ScaleGroup, cal: _Calibration) -> bool:
@@ -213,6 +276,8 @@ def _search_scale(
     opts: AwqOptions,
 ) -> tuple[torch.Tensor, float, float, float]:
     """AWQ eq. 4-5: (best scale [in], alpha, loss at alpha 0, best loss)."""
+    if _measure_of(group, opts.measure) == "linear":
+        return _search_scale_linear(block, group, cal, spec, method, options, opts)
     modules = dict(block.named_modules())
     measure, linears = modules[group.measure], [modules[n] for n in group.linears]
     x_mean = cal.abs_sum[group.linears[0]] / max(cal.count, 1)  # [in]
@@ -250,37 +315,65 @@ def _search_scale(
     return best[0], best[1], loss_plain, best[2]
 
 
+def _search_scale_linear(
+    block: nn.Module, group: ScaleGroup, cal: _Calibration, spec: QuantSpec, method: Method, options: dict,
+    opts: AwqOptions,
+) -> tuple[torch.Tensor, float, float, float]:
+    """AWQ eq. 4-5 with the error measured on the group's linear outputs (:mod:`awq_fast`)."""
+    modules = dict(block.named_modules())
+    linears = [modules[n] for n in group.linears]
+    x_mean = cal.abs_sum[group.linears[0]] / max(cal.count, 1)  # [in]
+    w_mean = _weight_mean(linears, spec) if opts.duo else None
+    basis, tokens = token_basis(torch.cat(cal.group_in.pop(group.linears[0])), opts.search_tokens)
+    basis = basis.to(search_dtype(opts.search_dtype))
+    weights = [m.weight.detach() for m in linears]
+    qdq = simulated_quantizer(spec, method, options)
+    norm = tokens * sum(w.shape[0] for w in weights)  # loss: mean squared error per output element
+    best, loss_plain = (torch.ones_like(x_mean), 0.0, math.inf), math.inf
+    for alpha, s in scale_candidates(x_mean, w_mean, opts.grid):
+        s, _ = tie_heads(s, group)
+        loss = output_error(basis, weights, s, qdq) / norm
+        loss_plain = loss if alpha == 0 else loss_plain
+        if loss < best[2]:
+            best = (s, alpha, loss)
+    return best[0], best[1], loss_plain, best[2]
+
+
 def clip_search(
     weight: torch.Tensor, inputs: torch.Tensor, spec: QuantSpec, method: Method, options: dict,
-    grid: int = 20, min_ratio: float = 0.5,
+    grid: int = 20, min_ratio: float = 0.5, dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """AWQ's weight clipping for one linear: weight [out, in], inputs [T, in].
 
     Returns (clipped weight [out, in], ratio per group [out, G], loss before, loss after)."""
     out_features, in_features = weight.shape
     w = to_groups(weight.float(), spec)  # [out, G, gs]
-    n_groups, width = w.shape[1], w.shape[2]
-    x = torch.zeros(inputs.shape[0], n_groups * width, dtype=torch.float32, device=inputs.device)
-    x[:, :in_features] = inputs.float()  # zero inputs on padding: padded weights never count
-    x = x.view(-1, n_groups, width).transpose(0, 1)  # [G, T, gs]
+    n_groups = w.shape[1]
+    gram = group_gram(inputs, spec, in_features).to(dtype)  # [G, gs, gs]; zero on padding: padded weights never count
     absmax = w.abs().amax(dim=-1, keepdim=True)  # [out, G, 1]
-    rows = max(1, (1 << 24) // max(1, n_groups * x.shape[1]))  # bound [rows, G, T] partial outputs
+    qdq = simulated_quantizer(spec, method, options)
+    chunks = row_chunks(out_features, in_features, QDQ_CHUNK_WEIGHTS)
     best_err = torch.full((out_features, n_groups), math.inf, device=w.device)
     best_ratio = torch.ones_like(best_err)
+
+    def errors(ratio: float, rows: slice) -> torch.Tensor:  # per (row, group): mean_t (x_g . delta_g)^2
+        part = w[rows]
+        clipped = torch.maximum(torch.minimum(part, absmax[rows] * ratio), -absmax[rows] * ratio)
+        delta = to_groups(qdq(from_groups(clipped, in_features)), spec) - part
+        return clip_errors(delta, gram, inputs.shape[0])
+
     for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
-        clipped = torch.maximum(torch.minimum(w, absmax * ratio), -absmax * ratio)
-        delta = to_groups(_qdq(from_groups(clipped, in_features), spec, method, options), spec) - w
-        err = torch.cat([  # per (row, group): mean over tokens of the group's output error squared
-            torch.einsum("gtk,ogk->ogt", x, delta[r:r + rows]).pow(2).mean(-1)
-            for r in range(0, out_features, rows)])
+        err = torch.cat(map_chunks(lambda rows: errors(ratio, rows), chunks))
         better = err < best_err
         best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, ratio, best_ratio)
     bound = absmax * best_ratio.unsqueeze(-1)
     result = from_groups(torch.maximum(torch.minimum(w, bound), -bound), in_features).to(weight)
 
-    def loss(candidate: torch.Tensor) -> float:
-        return float((inputs.float() @ (_qdq(candidate, spec, method, options).float() - weight.float()).T)
-                     .pow(2).mean())
+    x = inputs.to(dtype)
+
+    def loss(candidate: torch.Tensor) -> float:  # the whole linear's output error, cross-group terms included
+        out = x @ (qdq(candidate.float()) - weight.float()).to(dtype).T  # [T, out]
+        return float(torch.linalg.vector_norm(out, dtype=torch.float32)) ** 2 / out.numel()
 
     return result, best_ratio, loss(weight), loss(result)
 
@@ -306,8 +399,10 @@ def awq_transform(
     inside the searches (called with ``stats=None``; RTN is the usual choice).
 
     options: ``awq_grid`` (20), ``awq_tokens`` (4096), ``awq_clip`` (True), ``awq_clip_grid`` (20),
-    ``awq_clip_min`` (0.5), ``awq_clip_tokens`` (512), ``awq_duo`` (False). Cache kwargs are dropped:
-    every call must see only its own tokens."""
+    ``awq_clip_min`` (0.5), ``awq_clip_tokens`` (512), ``awq_duo`` (False), ``awq_measure`` ("linear":
+    the error on the linears' outputs, :mod:`bitsmith.transforms.awq_fast`; "module": on the output of
+    the module that holds them, the paper's), ``awq_search_tokens`` (2048), ``awq_search_dtype``
+    ("auto"). Cache kwargs are dropped: every call must see only its own tokens."""
     opts = AwqOptions.from_dict(options)
     was_training = block.training
     block.eval()
@@ -334,32 +429,29 @@ def _transform(
     # sequences only for that mean was the largest part of the transform (15 of 16 block forwards
     # at 128 x 512 calibration), and a mean over 4096 tokens is already within a few percent
     cal = _calibrate(block, hidden, kwargs, groups, clip_names if opts.clip else [], kept, [],
-                     max(1, kept_tokens // opts.clip_tokens))
-    scales = []
+                     max(1, kept_tokens // opts.clip_tokens), opts.measure)
+    searched = []
     for group in groups:
         if group.norm_offset is not None and not _feeds_only(group, cal):
             skipped.append(f"{group.prev} -> {'/'.join(group.linears)}: its output is not (only) their input")
             continue
         s, alpha, before, after = _search_scale(block, group, cal, spec, method, options, opts)
-        applied = fold_scale(block, group, s)
-        out = _run(block, hidden, kwargs, kept[0])
-        tol = 1e-4 * float(cal.block_out.nan_to_num().abs().max())
-        if not torch.allclose(out, cal.block_out, rtol=1e-3, atol=tol, equal_nan=True):
-            fold_scale(block, group, 1.0 / applied)  # undo: the fold changed the float block
-            skipped.append(f"{group.prev} -> {'/'.join(group.linears)}: folding changed the block output")
-            continue
+        searched.append((group, fold_scale(block, group, s), ScaleResult(group.prev, group.linears, alpha, before,
+                                                                          after)))
+    scales = []
+    for group, applied, result in _checked_folds(block, hidden, kwargs, kept[0][:1], cal, searched, skipped):
         for name in group.linears:  # the linears now read x / s
             if name in cal.clip_in:
                 cal.clip_in[name] = [x / applied for x in cal.clip_in[name]]
-        scales.append(ScaleResult(group.prev, group.linears, alpha, before, after))
-        log.info("awq: %s -> %s alpha=%.2f mse %.3g -> %.3g", group.prev, ",".join(group.linears), alpha,
-                 before, after)
+        scales.append(result)
+        log.info("awq: %s -> %s alpha=%.2f mse %.3g -> %.3g", group.prev, ",".join(group.linears), result.alpha,
+                 result.loss_before, result.loss_after)
     clips = []
     for name in [n for n in clip_names if n in cal.clip_in] if opts.clip else []:
         linear = modules[name]
         inputs = torch.cat(cal.clip_in[name])[: opts.clip_tokens]  # [T, in]
         clipped, ratio, before, after = clip_search(linear.weight.detach(), inputs, spec, method, options,
-                                                    opts.clip_grid, opts.clip_min)
+                                                    opts.clip_grid, opts.clip_min, search_dtype(opts.search_dtype))
         if after > before:  # per-group choices ignore cross-group terms; never make the linear worse
             ratio, after = torch.ones_like(ratio), before
         else:
