@@ -69,7 +69,7 @@ def logits_on_prose(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits.float()[0]
 
 
-def check(model: str, spec: str, work: Path, ids: torch.Tensor) -> None:
+def check(model: str, spec: str, work: Path, ids: torch.Tensor, given: Path | None = None) -> None:
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     from bitsmith.io.export_ct import export_ct
@@ -77,7 +77,7 @@ def check(model: str, spec: str, work: Path, ids: torch.Tensor) -> None:
     from bitsmith.runtime.options import RuntimeOptions
 
     exact = RuntimeOptions(int8_decode=False, prefill="exact")
-    ck = checkpoint(model, spec, work)
+    ck = given or checkpoint(model, spec, work)
     folder = work / f"ct-{spec}"
     t = time.perf_counter()
     export_ct(ck, folder, overwrite=True)
@@ -117,17 +117,23 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=512, help="prose tokens for the logit comparison")
     p.add_argument("--limit", type=int, default=None, help="harness documents per task (default all)")
     p.add_argument("--lm-eval-checkpoints", default="", help="SPEC=DIR[,SPEC=DIR]: existing checkpoints for --lm-eval-specs")
+    p.add_argument("--checkpoints", default="", help="SPEC=DIR[,SPEC=DIR]: existing checkpoints for --specs "
+                   "(e.g. made with `bitsmith quantize`), instead of quantizing with RTN here")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--skip-export", action="store_true")
     p.add_argument("--skip-lm-eval", action="store_true")
     args = p.parse_args()
     from bitsmith.models import open_source
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = work_dir(f"export-ct-{args.model}")
     tok = open_source(args.model).tokenizer()
     ids = torch.tensor([tok.encode(text_path().read_text(encoding="utf-8")[:20000])[: args.tokens]])
     if not args.skip_export:
         for spec in args.specs.split(","):
-            check(args.model, spec, work, ids)
+            made = dict(item.split("=", 1) for item in args.checkpoints.split(",") if item)
+            check(args.model, spec, work, ids, Path(made[spec]).expanduser() if spec in made else None)
     if not args.skip_lm_eval:
         given = dict(item.split("=", 1) for item in args.lm_eval_checkpoints.split(",") if item)
         lm_eval_tables(args.model, args.lm_eval_specs.split(","), work, args.limit, given)
