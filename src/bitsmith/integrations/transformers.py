@@ -304,9 +304,10 @@ def guard_old_checkpoints() -> None:
     ``quantization_config``) is an error naming the fix instead of a randomly initialised model. transformers
     consults quantizers only for configs that name one, so no public hook sees such a folder; the wrapper
     reads one config.json and one shard header for local folders and otherwise calls straight through."""
-    from transformers import PreTrainedModel
-
-    original = PreTrainedModel.__dict__["from_pretrained"].__func__
+    # the class from the executed module itself: `from transformers import PreTrainedModel` goes through
+    # transformers' lazy module, which fails while one of its own imports is still running
+    model_class = sys.modules["transformers.modeling_utils"].PreTrainedModel
+    original = model_class.__dict__["from_pretrained"].__func__
     if getattr(original, "_bitsmith_guard", False):
         return
 
@@ -318,15 +319,19 @@ def guard_old_checkpoints() -> None:
         return original(cls, pretrained_model_name_or_path, *args, **kwargs)
 
     from_pretrained._bitsmith_guard = True  # type: ignore[attr-defined]
-    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+    model_class.from_pretrained = classmethod(from_pretrained)
 
 
 def guard_when_ready() -> None:
     """:func:`guard_old_checkpoints` once transformers' modeling module has executed (it imports the quantizer
     table half-way through, when ``PreTrainedModel`` does not exist yet); the import hook calls it again then."""
     modeling = sys.modules.get("transformers.modeling_utils")
-    if modeling is not None and hasattr(modeling, "PreTrainedModel"):
+    if modeling is None or not hasattr(modeling, "PreTrainedModel"):
+        return
+    try:
         guard_old_checkpoints()
+    except Exception as exc:  # noqa: BLE001 - the guard is a courtesy: it must never cost the registration
+        log.warning("bitsmith could not guard from_pretrained against old checkpoints (%s: %s)", type(exc).__name__, exc)
 
 
 def register() -> None:
