@@ -40,8 +40,10 @@ def checkpoint(model: str, spec: str, work: Path) -> Path:
     return out
 
 
-def decompression_diff(ck: Path, folder: Path) -> float:
-    """compressed-tensors' PackedQuantizationCompressor.decompress of every layer vs bitsmith's dequantize()."""
+def decompression_diff(ck: Path, folder: Path) -> tuple[float, float, int]:
+    """compressed-tensors' PackedQuantizationCompressor.decompress of every layer vs bitsmith's dequantize()
+    (a quantized embedding, which compressed-tensors has no scheme for, is compared as written: dequantized).
+    Returns (max |diff| over the packed layers, max |diff| over the layers written dequantized, their count)."""
     import json
 
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -55,13 +57,18 @@ def decompression_diff(ck: Path, folder: Path) -> float:
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     groups = [(g["targets"], g["weights"]) for g in qc["config_groups"].values()]
     state = load_file(str(folder / "model.safetensors"))
-    worst = 0.0
+    worst, written, n_written = 0.0, 0.0, 0
     for name, qt in quantized_tensors(ck, read_info(ck)).items():
         parts = {k.rpartition(".")[2]: v for k, v in state.items() if k.rpartition(".")[0] == name}
-        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**scheme_of(name, groups)))
+        args = scheme_of(name, groups)
+        if args is None or "weight_packed" not in parts:  # a quantized embedding: written dequantized (no CT scheme)
+            written = max(written, float((parts["weight"].float() - qt.dequantize()).abs().max()))
+            n_written += 1
+            continue
+        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args))
         w = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
         worst = max(worst, float((w.float() - qt.dequantize()).abs().max()))
-    return worst
+    return worst, written, n_written
 
 
 def logits_on_prose(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -69,7 +76,7 @@ def logits_on_prose(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits.float()[0]
 
 
-def check(model: str, spec: str, work: Path, ids: torch.Tensor) -> None:
+def check(model: str, spec: str, work: Path, ids: torch.Tensor, given: Path | None = None) -> None:
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     from bitsmith.io.export_ct import export_ct
@@ -77,7 +84,7 @@ def check(model: str, spec: str, work: Path, ids: torch.Tensor) -> None:
     from bitsmith.runtime.options import RuntimeOptions
 
     exact = RuntimeOptions(int8_decode=False, prefill="exact")
-    ck = checkpoint(model, spec, work)
+    ck = given or checkpoint(model, spec, work)
     folder = work / f"ct-{spec}"
     t = time.perf_counter()
     export_ct(ck, folder, overwrite=True)
@@ -89,7 +96,11 @@ def check(model: str, spec: str, work: Path, ids: torch.Tensor) -> None:
     theirs = logits_on_prose(hf, ids)
     top1 = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
     print(f"{spec}: checkpoint {size_mb(ck):.1f} MB, compressed-tensors {size_mb(folder):.1f} MB (export {export_s:.1f} s)")
-    print(f"{spec}: compressed-tensors decompress vs bitsmith dequantize: max |diff| {decompression_diff(ck, folder)}")
+    packed, written, n_written = decompression_diff(ck, folder)
+    print(f"{spec}: compressed-tensors decompress vs bitsmith dequantize: max |diff| {packed}")
+    if n_written:
+        print(f"{spec}: {n_written} quantized embedding(s) written dequantized (compressed-tensors has no embedding "
+              f"scheme), stored dtype vs bitsmith dequantize: max |diff| {written}")
     print(f"{spec}: transformers from_pretrained vs bitsmith logits ({ids.shape[1]} tokens): max |diff| "
           f"{float((ours - theirs).abs().max()):.3g}, top-1 agreement {top1:.4f}")
     print(f"{spec}: bitsmith import of the folder vs the checkpoint: max |logit diff| {float((ours - back).abs().max())}", flush=True)
@@ -117,17 +128,23 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=512, help="prose tokens for the logit comparison")
     p.add_argument("--limit", type=int, default=None, help="harness documents per task (default all)")
     p.add_argument("--lm-eval-checkpoints", default="", help="SPEC=DIR[,SPEC=DIR]: existing checkpoints for --lm-eval-specs")
+    p.add_argument("--checkpoints", default="", help="SPEC=DIR[,SPEC=DIR]: existing checkpoints for --specs "
+                   "(e.g. made with `bitsmith quantize`), instead of quantizing with RTN here")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--skip-export", action="store_true")
     p.add_argument("--skip-lm-eval", action="store_true")
     args = p.parse_args()
     from bitsmith.models import open_source
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = work_dir(f"export-ct-{args.model}")
     tok = open_source(args.model).tokenizer()
     ids = torch.tensor([tok.encode(text_path().read_text(encoding="utf-8")[:20000])[: args.tokens]])
     if not args.skip_export:
         for spec in args.specs.split(","):
-            check(args.model, spec, work, ids)
+            made = dict(item.split("=", 1) for item in args.checkpoints.split(",") if item)
+            check(args.model, spec, work, ids, Path(made[spec]).expanduser() if spec in made else None)
     if not args.skip_lm_eval:
         given = dict(item.split("=", 1) for item in args.lm_eval_checkpoints.split(",") if item)
         lm_eval_tables(args.model, args.lm_eval_specs.split(","), work, args.limit, given)

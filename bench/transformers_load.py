@@ -29,9 +29,9 @@ SIDE = r'''
 import json, sys, time, torch
 from safetensors.torch import save_file
 import bitsmith
-side, ckpt, text, windows, length, new_tokens, prompt, out = sys.argv[1:9]
+side, ckpt, text, windows, length, new_tokens, prompt, out, threads = sys.argv[1:10]
 windows, length, new_tokens = int(windows), int(length), int(new_tokens)
-torch.set_num_threads(2)
+torch.set_num_threads(int(threads))
 t0 = time.perf_counter()
 if side == "transformers":
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,7 +55,7 @@ json.dump({"load_s": round(load_s, 1), "text": tok.decode(gen, skip_special_toke
 
 def run_side(side: str, ckpt: Path, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, "-c", SIDE, side, str(ckpt), str(text_path()), str(args.windows), str(args.tokens),
-           str(args.new_tokens), PROMPT, str(out)]
+           str(args.new_tokens), PROMPT, str(out), str(args.threads)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{side} failed on {ckpt}:\n{done.stderr[-3000:]}")
@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512, help="tokens per window (default 512, docs/PROTOCOL.md's)")
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each side (1 under a shared CPU slot)")
     args = ap.parse_args()
     work = work_dir("transformers-load")
     rows = []

@@ -242,6 +242,44 @@ def test_without_bitsmith_transformers_raises_naming_bitsmith_load(checkpoints) 
     assert "ValueError" in out.stderr and "bitsmith.load(path)" in out.stderr and "import bitsmith" in out.stderr
 
 
+@pytest.mark.parametrize("first", [
+    "import bitsmith",
+    "import transformers.quantizers.auto; import bitsmith",  # quantizer table loaded, modeling module not yet
+    "import transformers.modeling_utils; import bitsmith",  # both loaded before bitsmith
+])
+def test_old_checkpoint_is_an_error_naming_the_fix_not_random_weights(checkpoints, tmp_path: Path, first: str) -> None:
+    """A checkpoint written before config.json carried the quantization_config: transformers alone would
+    initialise its quantized layers at random; after `import bitsmith` from_pretrained refuses it."""
+    import shutil
+
+    from bitsmith.io.quant_config import TRIPWIRE_KEY
+
+    folder = shutil.copytree(checkpoints["w8-untied"], tmp_path / "old")
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"], config[TRIPWIRE_KEY]
+    (folder / "config.json").write_text(json.dumps(config))
+    out = subprocess.run([sys.executable, "-c", f"{first}; " + LOAD.format(path=str(folder))],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0, out.stdout
+    assert "ValueError" in out.stderr and "written before" in out.stderr
+    assert "bitsmith.load(path)" in out.stderr and "upgrade(" in out.stderr
+    fixed = f"{first}; from bitsmith.integrations.transformers import upgrade; upgrade({str(folder)!r}); "
+    out = subprocess.run([sys.executable, "-c", fixed + LOAD.format(path=str(folder))],
+                         capture_output=True, text=True, cwd=ROOT)  # the fix the message names works
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['Linear', 'QuantLinear']"
+
+
+def test_the_guard_passes_other_folders_through(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from bitsmith.integrations.transformers import old_checkpoint_message
+
+    plain = make_tiny_model(tmp_path / "float")
+    assert old_checkpoint_message(plain, {}) is None and old_checkpoint_message("org/model", {}) is None
+    assert type(AutoModelForCausalLM.from_pretrained(plain)).__name__ == "LlamaForCausalLM"
+
+
 def test_exported_gptq_folder_drops_bitsmith_fields(checkpoints, tmp_path: Path) -> None:
     from bitsmith.io.export_gptq import export_gptq
 

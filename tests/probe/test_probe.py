@@ -16,7 +16,7 @@ from tests.tiny import make_tiny_model, sample_text
 
 from bitsmith.probe.divergence import MISSING, bootstrap_means, topk_kl, topk_of
 from bitsmith.probe.endpoint import EndpointError, parse_logprobs
-from bitsmith.probe.ladder import RTN_OPTIONS
+from bitsmith.probe.ladder import LADDER_METHODS, Ladder, ladder_cache_file, load_or_compute, rung_bits
 from bitsmith.probe.run import ProbeConfig, probe
 from bitsmith.probe.verdict import place
 
@@ -75,6 +75,39 @@ def test_place_on_the_ladder() -> None:
     assert place(1.0, LADDER).far
 
 
+def test_place_interpolates_on_the_rungs_bits_per_weight() -> None:
+    bits = {"w8": 8.06, "w4g128": 4.25, "w3g128": 3.25, "w2g64": 2.5}
+    assert place(0.01, LADDER, bits).bits == pytest.approx(4.25)
+    mid = place(math.sqrt(0.01 * 0.05), LADDER, bits)
+    assert mid.bits == pytest.approx(3.75) and mid.describe() == "between w3g128 and w4g128"
+    quarter = place(math.exp(0.25 * math.log(0.05) + 0.75 * math.log(0.3)), LADDER, bits)  # 3/4 of the way to w2g64
+    assert quarter.bits == pytest.approx(2.5 + 0.25 * 0.75) and quarter.nearest == "w2g64"
+    assert place(1e-5, LADDER, bits).bits == pytest.approx(8.06)
+
+
+def test_rung_bits_count_codes_scales_and_zeros() -> None:
+    # w4g128 over 256-wide rows: 4 code bits + (fp16 scale + fp16 zero) / 128 = 4.25; w8 per channel: 8 + 32 / 256
+    assert rung_bits("w4g128", [(64, 256), (32, 256)]) == pytest.approx(4.25)
+    assert rung_bits("w2g64", [(8, 128)]) == pytest.approx(2.5)
+    assert rung_bits("w8", [(8, 256)]) == pytest.approx(8 + 32 / 256)
+    assert rung_bits("w4g128s", [(8, 256)]) == pytest.approx(4 + 16 / 128)  # symmetric: no zero
+
+
+def test_ladder_cache_is_keyed_by_method_and_rebuilds_an_old_version(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("BITSMITH_CACHE", str(tmp_path))
+    windows = {"prose": torch.arange(9)}
+    files = {m: ladder_cache_file("ref", windows, 10, ("w8",), m) for m in LADDER_METHODS}
+    assert len(set(files.values())) == len(LADDER_METHODS)
+    path = files["hqq"]
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"version": "1", "rungs": ["w8"], "k": 10, "scores": {}}))  # before rung bits existed
+    fresh = Ladder(("w8",), 10, {"w8": {}}, {"w8": 8.1}, "hqq")
+    ladder, cached = load_or_compute(path, lambda: fresh)
+    assert not cached and ladder is fresh
+    again, cached = load_or_compute(path, lambda: pytest.fail("should come from the cache"))
+    assert cached and again.bits == {"w8": 8.1} and again.method == "hqq"
+
+
 def test_parse_both_response_shapes_and_refuse_others() -> None:
     legacy = {"logprobs": {"tokens": ["a", "b"], "top_logprobs": [None, {"x": -0.1, "y": -2.5}]}}
     rows = parse_logprobs(legacy)
@@ -109,12 +142,14 @@ def world(tmp_path_factory):
         texts.append(f"t{i}={path}")
     source = open_source(ref)
 
-    def quantized(spec: str | None):
+    def quantized(spec: str | None, ladder_method: str = "rtn"):
+        """The reference with its decoder linears quantized as ``ladder_method``'s rungs are."""
         net = build_model(source, torch.float32)
+        method, options = LADDER_METHODS[ladder_method]
         if spec is not None:
             for name in quantizable_layers(source.config):
                 w = net.get_submodule(name).weight
-                w.data = get_method("rtn")(w.data.float(), QuantSpec.parse(spec), None, RTN_OPTIONS).dequantize()
+                w.data = get_method(method)(w.data.float(), QuantSpec.parse(spec), None, dict(options)).dequantize()
         return net.eval()
 
     other = build_model(open_source(make_tiny_model(root / "other", "llama", seed=99)), torch.float32).eval()
@@ -129,7 +164,8 @@ def _cache(tmp_path_factory, monkeypatch):
 
 
 def _probe(world, url: str, **kw):
-    cfg = dict(url=url, reference=str(world["ref"]), texts=world["texts"], positions=40, k=10, resamples=200)
+    cfg = dict(url=url, reference=str(world["ref"]), texts=world["texts"], positions=40, k=10, resamples=200,
+               ladder_method="rtn")
     cfg.update(kw)
     return probe(ProbeConfig(**cfg)).as_json()
 
@@ -158,6 +194,20 @@ def test_each_rung_served_lands_on_itself(world, rung: str) -> None:
     assert "behaves like" in report["verdict"]
     for name, domain in report["domains"].items():
         assert domain["kl"] == pytest.approx(domain["ladder"][rung]["kl"], rel=1e-3), name
+
+
+@pytest.mark.parametrize("method", ["hqq", "rtn-clip"])
+def test_a_copy_made_like_another_ladder_lands_on_that_ladder(world, method: str) -> None:
+    """hqq (the default) and rtn-clip rungs: a served copy quantized the same way lands on its own rung,
+    and the rungs' bits are their bits per weight, not their names."""
+    with serve(world["quantized"]("w4g128", method), world["tokenizer"], "openai") as (url, _):
+        report = _probe(world, url, ladder_method=method)
+    overall = report["overall"]
+    assert report["ladder_method"] == method and overall["nearest"] == "w4g128"
+    assert overall["kl"] == pytest.approx(overall["ladder"]["w4g128"]["kl"], rel=1e-3)
+    assert overall["bits"] == pytest.approx(overall["ladder"]["w4g128"]["bits"], abs=0.05)
+    assert overall["ladder"]["w4g128"]["bits"] > 4 and overall["ladder"]["w2g64"]["bits"] >= 2.5
+    assert f"of a {method} ladder" in report["verdict"]
 
 
 def test_ladder_ranks_rungs_and_is_cached(world) -> None:
@@ -206,7 +256,7 @@ def test_api_key_and_unreachable_server(world) -> None:
 def test_cli_text_json_and_errors(world, capsys) -> None:
     from bitsmith.cli import main
 
-    args = ["probe", "--reference", str(world["ref"]), "--positions", "16", "--topk", "10"]
+    args = ["probe", "--reference", str(world["ref"]), "--positions", "16", "--topk", "10", "--ladder-method", "rtn"]
     for t in world["texts"]:
         args += ["--text", t]
     with serve(world["quantized"]("w3g128"), world["tokenizer"], "llama") as (url, _):

@@ -24,6 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("auto", "echo", "stepwise"), default="auto",
                    help="echo: one request per text (prompt logprobs); stepwise: one request per position "
                         "(llama-server); auto: echo when the server supports it")
+    p.add_argument("--ladder-method", choices=("hqq", "rtn", "rtn-clip"), default="hqq",
+                   help="how the reference's rungs are quantized: hqq (default, the best calibration-free method "
+                        "measured; ~1 s per million weights and rung, once per reference: cached), rtn (plain "
+                        "min-max, fastest, weaker rungs), rtn-clip (RTN with its clip search)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(run=run)
 
@@ -38,7 +42,9 @@ def _print_report(data: dict) -> None:
     for name, g in [*data["domains"].items(), ("all", data["overall"])]:
         ladder = " ".join(f"{g['ladder'][r]['kl']:>9.4g}" for r in rungs)
         out.print(f"{name:<10} {g['positions']:>9} {g['kl']:>9.4g} {g['top1']:>7.1%} {g['bits']:>5.1f}  {ladder}")
-    out.print(f"[dim]KL≥: {data['kl_note']}; the rung columns are the reference's own RTN ladder on the same positions[/]")
+    out.print(f"[dim]KL≥: {data['kl_note']}; the rung columns are the reference's own {data['ladder_method']} ladder "
+              "on the same positions, bits: " + ", ".join(f"{r} {data['overall']['ladder'][r]['bits']:.2f}" for r in rungs)
+              + " bits per weight[/]")
     t = data["timing_s"]
     out.print(f"[dim]endpoint {t['endpoint_s']:.1f} s ({int(t['requests'])} requests), reference {t['reference_s']:.1f} s, "
               f"ladder {t['ladder_s']:.1f} s{' (cached)' if t['ladder_cached'] else ''}[/]")
@@ -52,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from bitsmith.probe.run import ProbeConfig, probe
 
     config = ProbeConfig(url=args.url, reference=args.reference, texts=tuple(args.text or ("prose", "code")),
-                         positions=args.positions, k=args.topk, api_key=args.api_key, model=args.model, mode=args.mode)
+                         positions=args.positions, k=args.topk, api_key=args.api_key, model=args.model, mode=args.mode,
+                         ladder_method=args.ladder_method)
     with progress_bar() as bar:
         tasks: dict[str, object] = {}
 

@@ -19,8 +19,10 @@ float32/bfloat16/float16, inference only; ``BITSMITH_*`` variables choose kernel
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from bitsmith.formats.packing import packed_row_bytes
 from bitsmith.io.checkpoint import FORMAT_VERSION
 from bitsmith.io.quant_config import (CONFIG_VERSION, LOAD_HINT, QUANT_METHOD, SHARD_MARK, TRIPWIRE, TRIPWIRE_KEY,
-                                      QuantConfigError, expand)
+                                      QuantConfigError, expand, is_bitsmith_shard)
 from bitsmith.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -270,12 +272,75 @@ def upgrade(folder: str | Path) -> Path:
     return folder
 
 
+def old_checkpoint_message(path: object, kwargs: Mapping[str, object]) -> str | None:
+    """The error for ``from_pretrained(path)`` on a bitsmith checkpoint written before config.json carried
+    a ``quantization_config`` (None for anything else): transformers finds no quantizer to run, skips the
+    packed tensors as unexpected and initialises every quantized layer at random, with only a warning."""
+    from bitsmith.io.safetensors import read_header, shard_files
+
+    given = kwargs.get("config")
+    if kwargs.get("quantization_config") is not None or kwargs.get("gguf_file") or \
+            getattr(given, "quantization_config", None) is not None:
+        return None  # the caller chose how to load it
+    folder = Path(str(path)) if isinstance(path, (str, Path)) else None
+    if folder is None or not (folder / "config.json").is_file():
+        return None  # a hub id or a folder transformers refuses by itself
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        shards = shard_files(folder)
+        bitsmith = bool(shards) and is_bitsmith_shard(read_header(shards[0]).metadata)
+    except Exception:  # noqa: BLE001 - anything unreadable is transformers' to report, as without bitsmith
+        return None
+    if not bitsmith or not isinstance(config, dict) or "quantization_config" in config:
+        return None
+    return (f"{folder} is a bitsmith checkpoint written before bitsmith checkpoints carried a quantization_config, so "
+            "transformers cannot build its quantized layers (it would initialise them at random). Load it with "
+            "bitsmith.load(path), or add the field once with `python -c \"from bitsmith.integrations.transformers "
+            f"import upgrade; upgrade({str(folder)!r})\"` and call from_pretrained again")
+
+
+def guard_old_checkpoints() -> None:
+    """Wrap ``PreTrainedModel.from_pretrained`` once so that an old bitsmith checkpoint (no
+    ``quantization_config``) is an error naming the fix instead of a randomly initialised model. transformers
+    consults quantizers only for configs that name one, so no public hook sees such a folder; the wrapper
+    reads one config.json and one shard header for local folders and otherwise calls straight through."""
+    # the class from the executed module itself: `from transformers import PreTrainedModel` goes through
+    # transformers' lazy module, which fails while one of its own imports is still running
+    model_class = sys.modules["transformers.modeling_utils"].PreTrainedModel
+    original = model_class.__dict__["from_pretrained"].__func__
+    if getattr(original, "_bitsmith_guard", False):
+        return
+
+    @functools.wraps(original)
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+        message = old_checkpoint_message(pretrained_model_name_or_path, kwargs)
+        if message:
+            raise ValueError(message)
+        return original(cls, pretrained_model_name_or_path, *args, **kwargs)
+
+    from_pretrained._bitsmith_guard = True  # type: ignore[attr-defined]
+    model_class.from_pretrained = classmethod(from_pretrained)
+
+
+def guard_when_ready() -> None:
+    """:func:`guard_old_checkpoints` once transformers' modeling module has executed (it imports the quantizer
+    table half-way through, when ``PreTrainedModel`` does not exist yet); the import hook calls it again then."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    if modeling is None or not hasattr(modeling, "PreTrainedModel"):
+        return
+    try:
+        guard_old_checkpoints()
+    except Exception as exc:  # noqa: BLE001 - the guard is a courtesy: it must never cost the registration
+        log.warning("bitsmith could not guard from_pretrained against old checkpoints (%s: %s)", type(exc).__name__, exc)
+
+
 def register() -> None:
-    """Make ``quant_method: "bitsmith"`` known to transformers (idempotent)."""
+    """Make ``quant_method: "bitsmith"`` known to transformers (idempotent), and old checkpoints an error."""
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(BitsmithConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(BitsmithHfQuantizer)
+    guard_when_ready()
 
 
 register()  # importing this module is registering it (the import hook relies on it)

@@ -22,7 +22,15 @@ from torch import Tensor
 
 from bitsmith.probe.divergence import MISSING, bootstrap_means, topk_kl
 from bitsmith.probe.endpoint import Endpoint, TopK
-from bitsmith.probe.ladder import DEFAULT_RUNGS, Ladder, compute_ladder, ladder_cache_file, load_or_compute
+from bitsmith.probe.ladder import (
+    DEFAULT_LADDER_METHOD,
+    DEFAULT_RUNGS,
+    Ladder,
+    check_ladder_method,
+    compute_ladder,
+    ladder_cache_file,
+    load_or_compute,
+)
 from bitsmith.probe.verdict import place
 
 __all__ = ["ProbeConfig", "ProbeReport", "TokenCheck", "align_rows", "probe", "summarize"]
@@ -45,6 +53,7 @@ class ProbeConfig:
     mode: str = "auto"
     rungs: tuple[str, ...] = DEFAULT_RUNGS
     resamples: int = 1000
+    ladder_method: str = DEFAULT_LADDER_METHOD  # how the rungs are made (probe.ladder.LADDER_METHODS)
 
 
 @dataclass
@@ -158,18 +167,21 @@ def _interval(values: Tensor) -> list[float]:
 
 
 def _group(kl: Tensor, top1: Tensor, rung_kl: dict[str, Tensor], rung_top1: dict[str, Tensor],
-           resamples: int) -> dict[str, Any]:
-    """Mean KL, top-1 and ladder placement of one set of positions, with bootstrap intervals."""
+           resamples: int, rung_bits: dict[str, float]) -> dict[str, Any]:
+    """Mean KL, top-1 and ladder placement of one set of positions, with bootstrap intervals. The interval
+    resamples the endpoint's and the rungs' positions together, so the rungs' own noise is in it."""
     rungs = list(rung_kl)
     means = {r: float(rung_kl[r].mean()) for r in rungs}
     mean = float(kl.mean())
-    where = place(mean, means)
+    where = place(mean, means, rung_bits)
     boot = bootstrap_means([kl, *(rung_kl[r] for r in rungs)], resamples)  # [B, 1 + R], paired positions
-    bits = torch.tensor([place(float(b[0]), {r: float(b[1 + i]) for i, r in enumerate(rungs)}).bits for b in boot])
+    bits = torch.tensor([place(float(b[0]), {r: float(b[1 + i]) for i, r in enumerate(rungs)}, rung_bits).bits
+                         for b in boot])
     return {"positions": int(kl.numel()), "kl": mean, "kl_interval": _interval(boot[:, 0]),
             "top1": float(top1.double().mean()), "bits": where.bits, "bits_interval": _interval(bits),
             "placement": where.describe(), "nearest": where.nearest, "far": where.far,
-            "ladder": {r: {"kl": means[r], "top1": float(rung_top1[r].double().mean())} for r in rungs}}
+            "ladder": {r: {"kl": means[r], "top1": float(rung_top1[r].double().mean()), "bits": rung_bits[r]}
+                       for r in rungs}}
 
 
 def summarize(endpoint: dict[str, tuple[Tensor, Tensor]], ladder: Ladder, check: TokenCheck,
@@ -178,11 +190,11 @@ def summarize(endpoint: dict[str, tuple[Tensor, Tensor]], ladder: Ladder, check:
     domains = {}
     for d, (kl, top1) in endpoint.items():
         domains[d] = _group(kl, top1, {r: ladder.scores[r][d].kl for r in ladder.rungs},
-                            {r: ladder.scores[r][d].top1 for r in ladder.rungs}, resamples)
+                            {r: ladder.scores[r][d].top1 for r in ladder.rungs}, resamples, ladder.bits)
     cat = lambda parts: torch.cat(list(parts))  # noqa: E731
     overall = _group(cat(kl for kl, _ in endpoint.values()), cat(t for _, t in endpoint.values()),
                      {r: cat(ladder.scores[r][d].kl for d in endpoint) for r in ladder.rungs},
-                     {r: cat(ladder.scores[r][d].top1 for d in endpoint) for r in ladder.rungs}, resamples)
+                     {r: cat(ladder.scores[r][d].top1 for d in endpoint) for r in ladder.rungs}, resamples, ladder.bits)
     different = overall["far"] or check.differs
     lo, hi = overall["bits_interval"]
     if check.differs:
@@ -192,9 +204,10 @@ def summarize(endpoint: dict[str, tuple[Tensor, Tensor]], ladder: Ladder, check:
         verdict = (f"a different model behind the endpoint: KL {overall['kl']:.3g} is more than 3x the lowest rung's "
                    f"({overall['ladder'][ladder.rungs[-1]]['kl']:.3g}); not this reference quantized")
     else:
-        verdict = (f"behaves like ~{overall['bits']:.1f}-bit ({overall['placement']}; 90% interval "
-                   f"{lo:.1f}-{hi:.1f} bits); nearest rung {overall['nearest']}")
-    return {"domains": domains, "overall": overall, "verdict": verdict, "different_model": different}
+        verdict = (f"behaves like ~{overall['bits']:.1f} bits per weight ({overall['placement']} of a "
+                   f"{ladder.method} ladder; 90% interval {lo:.1f}-{hi:.1f}); nearest rung {overall['nearest']}")
+    return {"domains": domains, "overall": overall, "verdict": verdict, "different_model": different,
+            "ladder_method": ladder.method}
 
 
 def _load_reference(reference: str) -> tuple[Any, Any, Any]:
@@ -248,6 +261,7 @@ def probe(config: ProbeConfig, progress: Callable[[str, int, int], None] | None 
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {config.mode!r}")
     if not 1 <= config.k <= 100 or config.positions < 8:
         raise ValueError("--topk must be 1 to 100 and --positions at least 8")
+    check_ladder_method(config.ladder_method)
     endpoint = Endpoint(config.url, config.api_key, config.model,
                         detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))  # the server adds its BOS
     try:
@@ -271,10 +285,10 @@ def probe(config: ProbeConfig, progress: Callable[[str, int, int], None] | None 
     t0 = time.perf_counter()
     ref_id = f"{model_fingerprint(source.path)}:{tokenizer_fingerprint(tokenizer)}"
     ladder, cached = load_or_compute(
-        ladder_cache_file(ref_id, windows, k, config.rungs),
+        ladder_cache_file(ref_id, windows, k, config.rungs, config.ladder_method),
         lambda: compute_ladder(net, lambda name: source.load_tensor(f"{name}.weight"),
                                list(quantizable_layers(source.config)), ref_logp, windows, k, config.rungs,
-                               (lambda r: progress(f"ladder {r}", 1, 1)) if progress else None))
+                               (lambda r: progress(f"ladder {r}", 1, 1)) if progress else None, config.ladder_method))
     timing = {"endpoint_s": endpoint_s, "reference_s": reference_s, "ladder_s": time.perf_counter() - t0,
               "ladder_cached": float(cached), "requests": float(endpoint.requests)}
     mode += " (text prompts: the server refused token ids)" if endpoint.text_prompts else ""

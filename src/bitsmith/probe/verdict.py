@@ -1,8 +1,9 @@
 """Placing a measured divergence on the reference's ladder, and telling a different model from a
 quantized one. Pure functions of numbers.
 
-The ladder's rungs have nominal bits (w8 -> 8, w4g128 -> 4, ...). A mean KL between two rungs is placed
-by interpolating the bits linearly in log KL (KL falls roughly geometrically per bit removed); above the
+Each rung has a bit width: its effective bits per weight when the ladder gives them (w4g128 -> 4.25 with
+its scales and zeros), else its nominal bits (w8 -> 8, w4g128 -> 4, ...). A mean KL between two rungs is
+placed by interpolating the bits linearly in log KL (KL falls roughly geometrically per bit removed); above the
 best rung it is "at or above" that rung, below the worst "at or below" it. A mean KL more than
 ``FAR_FACTOR`` times the lowest rung's is not a quantization of this reference: it is reported as a
 different model (or a different tokenizer, which the token strings decide separately).
@@ -43,10 +44,12 @@ class Placement:
         return f"between {self.below} and {self.above}"
 
 
-def place(kl: float, rungs: Mapping[str, float]) -> Placement:
-    """Where mean KL ``kl`` falls among ``rungs`` (rung -> its mean KL on the same positions)."""
+def place(kl: float, rungs: Mapping[str, float], bits: Mapping[str, float] | None = None) -> Placement:
+    """Where mean KL ``kl`` falls among ``rungs`` (rung -> its mean KL on the same positions); ``bits``: each
+    rung's bit width to interpolate on (default its nominal bits)."""
     if not rungs:
         raise ValueError("the ladder has no rungs")
+    width = (lambda r: float(bits[r])) if bits is not None else nominal_bits
     order = sorted(rungs, key=lambda r: rungs[r])  # least divergent first
     floor = 1e-12
     logs = {r: math.log(max(rungs[r], floor)) for r in order}
@@ -54,13 +57,13 @@ def place(kl: float, rungs: Mapping[str, float]) -> Placement:
     nearest = min(order, key=lambda r: abs(logs[r] - x))
     best, worst = order[0], order[-1]
     if x <= logs[best]:
-        return Placement(nominal_bits(best), None, best, nearest, False)
+        return Placement(width(best), None, best, nearest, False)
     if x >= logs[worst]:
-        return Placement(nominal_bits(worst), worst, None, nearest, kl > FAR_FACTOR * rungs[worst])
+        return Placement(width(worst), worst, None, nearest, kl > FAR_FACTOR * rungs[worst])
     for hi, lo in zip(order, order[1:]):  # hi: less divergent (more bits)
         if logs[hi] <= x <= logs[lo]:
             span = logs[lo] - logs[hi]
             t = (x - logs[hi]) / span if span > 0 else 0.0
-            bits = nominal_bits(hi) + t * (nominal_bits(lo) - nominal_bits(hi))
+            bits = width(hi) + t * (width(lo) - width(hi))
             return Placement(bits, hi, lo, nearest, False)
     raise AssertionError("unreachable: x lies within the ladder")
