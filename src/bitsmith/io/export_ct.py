@@ -10,8 +10,10 @@ group size that divides all its rows (:func:`~bitsmith.formats.ct_layout.shared_
 single-spec checkpoint is a single config group; everything left unquantized is copied and named in
 ``ignore`` when it is a linear layer (lm_head). Everything that cannot map is refused before a byte
 is written: non-uniform grids. A quantized input embedding (bitsmith's default stores it at w8) is
-written dequantized in fp16, since compressed-tensors loaders (vLLM) expect a float embedding; a
-head tied to it computes from the same values, as in bitsmith. The folder is written under a temporary name and renamed when complete
+written dequantized in float32, since compressed-tensors loaders (vLLM) expect a float embedding:
+float32 holds every fp16-scale x int8-code product exactly (fp16 would round them, and a tied head's
+logits would move by ~1e-2), so transformers' logits equal bitsmith's; a loader running in fp16/bf16
+rounds it as it rounds every other float tensor. The folder is written under a temporary name and renamed when complete
 (:mod:`bitsmith.io.destination`).
 """
 
@@ -86,9 +88,9 @@ def export_ct(checkpoint: str | Path, out: str | Path, scale_dtype: str = "float
     groups = {spec: shared_group(spec, [info.shapes[m][1] for m, s in packed.items() if s == spec])
               for spec in set(packed.values())}
     for module, qt in quantized_tensors(folder, info).items():
-        if module == embedding:  # a float table in the export: the w8 values, rounded to fp16
-            state[f"{module}.weight"] = qt.dequantize().to(torch.float16)
-            report[module] = {"spec": str(qt.spec), "written": "dequantized fp16 (compressed-tensors keeps embeddings float)", "max_zero_rounding": 0.0}
+        if module == embedding:  # a float table in the export: the quantized values, exactly
+            state[f"{module}.weight"] = qt.dequantize().to(torch.float32)
+            report[module] = {"spec": str(qt.spec), "written": "dequantized float32, exact (compressed-tensors keeps embeddings float)", "max_zero_rounding": 0.0}
             continue
         layer = layers[module] = to_ct(qt, SCALE_DTYPES[scale_dtype], groups[qt.spec])
         state.update(layer.state(module))
