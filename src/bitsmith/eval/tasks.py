@@ -76,11 +76,12 @@ def make_complete(model: Any, tokenizer: Any, chat: bool = False) -> Complete:
 
 
 def make_complete_many(model: Any, tokenizer: Any, chat: bool = False, max_batch: int = 8,
-                       options: Any | None = None) -> CompleteMany:
+                       options: Any | None = None, stats: Any | None = None) -> CompleteMany:
     """A greedy ``complete_many`` for ``model``: the prompts decode together with continuous batching
     (:func:`bitsmith.infer.batching.generate_many`), each reply cut at its first stop string as
     :func:`make_complete` cuts it. A model outside the lean inference path generates one prompt at a
-    time through :func:`make_complete` instead (same replies, no batching)."""
+    time through :func:`make_complete` instead (same replies, no batching). ``stats``: a
+    :class:`bitsmith.infer.batching.BatchStats` that every call adds its counts to."""
     from bitsmith.infer.batching import generate_many
     from bitsmith.infer.generate import eos_ids, prompt_token_ids
     from bitsmith.models.context import check_generation_fits
@@ -102,7 +103,7 @@ def make_complete_many(model: Any, tokenizer: Any, chat: bool = False, max_batch
                 on_done(index, cut_at_stop(decode(ids), stop)[0])
 
         out = generate_many(model, encoded, max_new_tokens, eos=eos_ids(model, tokenizer), stopped=stopped,
-                            on_done=done, max_batch=max_batch, options=options) if max_new_tokens > 0 else None
+                            on_done=done, max_batch=max_batch, options=options, stats=stats) if max_new_tokens > 0 else None
         if out is not None:
             return [cut_at_stop(decode(ids), stop)[0] for ids in out]
         one = make_complete(model, tokenizer, chat=chat)
