@@ -38,9 +38,9 @@ def run_once(loaded, problems, chat: bool, batch: int, max_new_tokens: int) -> d
             "status": status, "completions": [o.completion for o in result.outcomes]}
 
 
-def table(model: str, rows: list[dict], threads: int, chat: bool) -> str:
+def table(model: str, rows: list[dict], threads: int, chat: bool, start: int) -> str:
     first = rows[0]["completions"]
-    lines = [f"HumanEval on {model}, first {rows[0]['n']} problems, greedy, {'chat template' if chat else 'plain prompts'}, "
+    lines = [f"HumanEval on {model}, problems {start}-{start + rows[0]['n'] - 1}, greedy, {'chat template' if chat else 'plain prompts'}, "
              f"{threads} thread(s)", "",
              "| batch | problems | pass@1 | wall s | s/problem | generated tok | gen tok/s (wall) | prefill tok | decode steps | mean batch | same completions as batch " + str(rows[0]["batch"]) + " |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -55,7 +55,8 @@ def table(model: str, rows: list[dict], threads: int, chat: bool) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="checkpoint, Hugging Face folder, .gguf file or alias")
-    ap.add_argument("--limit", type=int, default=20, help="first N problems (0: all 164)")
+    ap.add_argument("--limit", type=int, default=20, help="first N problems from --start (0: all to the end)")
+    ap.add_argument("--start", type=int, default=0, help="skip the first S problems (split a long run into parts)")
     ap.add_argument("--batch", default="1,8", help="comma-separated decode batch sizes")
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -73,20 +74,21 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
     chat = has_chat_template(loaded.tokenizer) if args.chat == "auto" else args.chat == "yes"
-    problems = load_problems(args.limit or None)
+    problems = load_problems()[args.start:]
+    problems = problems[: args.limit] if args.limit else problems
     rows = []
     for batch in (int(b) for b in args.batch.split(",")):
         rows.append(run_once(loaded, problems, chat, batch, args.max_new_tokens))
         r = rows[-1]
         print(f"batch {batch}: pass@1 {r['pass_at_1']:.1%}, {r['wall_s']:.1f} s, {r['generated']} tokens, "
               f"{r['gen_tok_s']:.1f} tok/s, mean batch {r['mean_batch']:.2f}", flush=True)
-    text = table(str(args.model), rows, torch.get_num_threads(), chat)
+    text = table(str(args.model), rows, torch.get_num_threads(), chat, args.start)
     print(text)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n\ncommand: `python bench/humaneval_speed.py " + " ".join(sys.argv[1:]) + "`\n")
-        out.with_suffix(".json").write_text(json.dumps({"model": str(args.model), "threads": torch.get_num_threads(),
+        out.with_suffix(".json").write_text(json.dumps({"model": str(args.model), "start": args.start, "threads": torch.get_num_threads(),
                                                         "load": os.getloadavg(), "rows": rows}, indent=1))
     return 0
 
