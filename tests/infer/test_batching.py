@@ -8,8 +8,9 @@ import torch
 
 from tests.tiny import make_tiny_model, tiny_tokenizer
 
-from bitsmith.infer.batching import BatchStats, generate_many
+from bitsmith.infer.batching import BatchStats, common_prefix, generate_many
 from bitsmith.infer.generate import eos_ids, generate
+from bitsmith.kernels.cpu import GEMV_MAX_ROWS
 from bitsmith.runtime.load import load_model
 from bitsmith.runtime.options import RuntimeOptions
 
@@ -61,7 +62,30 @@ def test_batched_tokens_equal_each_prompt_alone(tiny_models, kind: str, seed: in
         assert got[i] == want == done[i], f"prompt {i}"
     assert stats.steps > 0 and 1.0 < stats.mean_batch <= 3.0  # the steps really were batched
     assert stats.generated_tokens == sum(len(t) for t in got)
-    assert stats.prefill_tokens == sum(len(p) for p in prompts)
+    assert stats.prefill_tokens == sum(len(p) for p in prompts) - stats.shared_prefix_tokens * (len(prompts) - 1)
+
+
+@pytest.mark.parametrize("kind", ["float", "w4g32"])
+def test_a_shared_prefix_is_prefilled_once(tiny_models, kind: str) -> None:
+    """Prompts sharing a prefix (one of them is the prefix itself): the prefix runs once, its cache is
+    copied into each row, and every prompt's tokens still equal its batch-1 greedy run."""
+    model, options = tiny_models[kind]
+    tokenizer = tiny_tokenizer()
+    head = sum(random_prompts(3, 7), [])[:20]
+    tails = [t * 2 for t in random_prompts(5, 9)]  # 2 to 26 tokens: shorter and longer than one gemv pass
+    prompts = [head + tail for tail in tails] + [list(head)]
+    stats = BatchStats()
+    got = generate_many(model, prompts, 8, eos=eos_ids(model, tokenizer), max_batch=4, options=options, stats=stats)
+    for i, prompt in enumerate(prompts):
+        assert got[i] == alone(model, tokenizer, prompt, 8, options), f"prompt {i}"
+    assert len(head) == 20 and stats.shared_prefix_tokens == len(head)
+    # the prefix once, then each prompt's tail, but never fewer than GEMV_MAX_ROWS + 1 rows (a prefill)
+    assert stats.prefill_tokens == len(head) + sum(max(len(t), GEMV_MAX_ROWS + 1) for t in tails + [[]])
+
+
+def test_common_prefix() -> None:
+    assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == [1, 2]
+    assert common_prefix([[1, 2], [3]]) == [] and common_prefix([[1, 2]]) == []
 
 
 def test_eos_ends_a_row_and_is_kept(tiny_models) -> None:

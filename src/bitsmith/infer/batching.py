@@ -5,7 +5,9 @@ step reads all the packed weights for a single token; here up to ``max_batch`` s
 together, so each weight is read once per step for all of them (:func:`bitsmith.serve.batch.decode_step`,
 the server's batched step, reused as is). A sequence that finishes (EOS, its stop condition, its token
 budget) leaves the batch at once and the next waiting prompt is prefilled into its place, so the batch
-stays full until the queue runs dry.
+stays full until the queue runs dry. The token prefix all prompts share (HumanEval's chat template
+header and instruction: about 40% of its prompt tokens) is prefilled once and its KV cache copied into
+each new row, so only the rest of each prompt is computed.
 
 Each sequence has its own lean runner (its own KV cache and position), so a sequence's tokens depend
 only on its own prompt: the result equals generating each prompt alone, greedy, up to float rounding.
@@ -13,7 +15,9 @@ The one difference in arithmetic: with two or more active rows the linears run o
 activation (the native multi-row gemv, or torch for float layers) where a lone sequence takes the
 runner's own step (the fused native decode when the model has one); the two sum in different orders,
 so logits differ by float rounding (the serve tests bound it) and greedy tokens can differ only where
-two logits tie to within that rounding. ``tests/infer/test_batching.py`` checks token equality.
+two logits tie to within that rounding. The shared prefix is the same kind of difference: its keys and
+values come from a prefill of the prefix alone rather than of the whole prompt (as a prompt longer than
+the lean runner's prefill slice is prefilled in slices anyway). ``tests/infer/test_batching.py`` checks token equality.
 
 Models outside the lean path (no KV-cache runner) are not handled here: :func:`generate_many` returns
 ``None`` and callers fall back to one-at-a-time :func:`bitsmith.infer.generate.generate`.
@@ -29,10 +33,11 @@ from dataclasses import dataclass, field
 import torch
 
 from bitsmith.infer.lean import LeanRunner, lean_runner
+from bitsmith.kernels.cpu import GEMV_MAX_ROWS
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.serve.batch import decode_step
 
-__all__ = ["BatchStats", "generate_many"]
+__all__ = ["BatchStats", "common_prefix", "generate_many"]
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +50,14 @@ OnDone = Callable[[int, list[int]], None]
 @dataclass
 class BatchStats:
     """What a :func:`generate_many` run did: ``steps`` batched decode steps producing
-    ``stepped_tokens`` tokens (their mean batch is the ratio), ``prefill_tokens`` prompt tokens."""
+    ``stepped_tokens`` tokens (their mean batch is the ratio), ``prefill_tokens`` prompt tokens run
+    through the model, of which ``shared_prefix_tokens`` once for the prefix all prompts share."""
 
     steps: int = 0
     stepped_tokens: int = 0
     prefill_tokens: int = 0
     generated_tokens: int = 0
+    shared_prefix_tokens: int = 0
 
     @property
     def mean_batch(self) -> float:
@@ -64,13 +71,33 @@ class _Row:
     ids: list[int] = field(default_factory=list)
 
 
-def _prefill(model: torch.nn.Module, prompt: Sequence[int], max_new_tokens: int,
-             options: RuntimeOptions) -> tuple[LeanRunner, int]:
-    """A runner with ``prompt`` prefilled (cache sized for prompt + budget) and its greedy first token."""
+def common_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """The longest token prefix every prompt starts with (empty for fewer than two prompts)."""
+    if len(prompts) < 2:
+        return []
+    first, n = prompts[0], min(len(p) for p in prompts)
+    for other in prompts[1:]:
+        n = next((i for i in range(n) if other[i] != first[i]), n)
+    return list(first[:n])
+
+
+def _prefill(model: torch.nn.Module, prompt: Sequence[int], max_new_tokens: int, options: RuntimeOptions,
+             prefix: LeanRunner | None) -> tuple[LeanRunner, int, int]:
+    """A runner with ``prompt`` prefilled (cache sized for prompt + budget), its greedy first token and
+    the number of prompt tokens computed. ``prefix``: a runner holding the KV cache of a prefix all
+    prompts share; its positions are copied, not recomputed (the last GEMV_MAX_ROWS + 1 prompt tokens
+    at least are run)."""
     runner = lean_runner(model, len(prompt) + max(max_new_tokens, 1), options)
     assert runner is not None  # generate_many checked the model once before any work
-    logits = runner(torch.tensor(list(prompt), dtype=torch.long))
-    return runner, int(logits.argmax())  # argmax: the first index on ties, as sample_next
+    # The rest of the prompt must be more rows than the decode gemv takes, as the whole prompt would be:
+    # up to GEMV_MAX_ROWS rows (one row: the fused step) compute with int8 activations, not as a prefill.
+    shared = 0 if prefix is None else min(prefix.pos, len(prompt) - GEMV_MAX_ROWS - 1)
+    if shared > 0:
+        for mine, theirs in zip(runner.keys + runner.values, prefix.keys + prefix.values):
+            mine[:, :shared] = theirs[:, :shared]
+        runner.pos = shared
+    logits = runner(torch.tensor(list(prompt[shared:]), dtype=torch.long))
+    return runner, int(logits.argmax()), len(prompt) - shared  # argmax: the first index on ties, as sample_next
 
 
 @dataclass
@@ -91,6 +118,15 @@ class _Batch:
         self.results: list[list[int] | None] = [None] * len(self.prompts)
         self.waiting = deque(range(len(self.prompts)))
         self.active: list[_Row] = []
+        # HumanEval's prompts share the chat template's header and the instruction: computed once
+        shared = common_prefix(self.prompts)
+        self.prefix: LeanRunner | None = None
+        if len(shared) > GEMV_MAX_ROWS:  # a shorter prefix would take the decode gemv, not the prefill path
+            self.prefix = lean_runner(self.model, len(shared), self.options)
+            assert self.prefix is not None
+            self.prefix(torch.tensor(shared, dtype=torch.long))
+            self.stats.prefill_tokens += len(shared)
+            self.stats.shared_prefix_tokens += len(shared)
 
     def accept(self, row: _Row, token: int) -> bool:
         """Record ``token``; False (and the row reported) when the sequence is finished."""
@@ -108,8 +144,9 @@ class _Batch:
         """Prefill waiting prompts into free rows (all of them at once: throughput, not latency, matters)."""
         while self.waiting and len(self.active) < self.max_batch:
             index = self.waiting.popleft()
-            runner, token = _prefill(self.model, self.prompts[index], self.max_new_tokens, self.options)
-            self.stats.prefill_tokens += len(self.prompts[index])
+            runner, token, computed = _prefill(self.model, self.prompts[index], self.max_new_tokens, self.options,
+                                               self.prefix)
+            self.stats.prefill_tokens += computed
             row = _Row(index, runner)
             if self.accept(row, token):
                 self.active.append(row)
