@@ -6,6 +6,8 @@ its tokenizer with :func:`bitsmith.infer.generate.generate` (greedy, KV cache): 
 as is, or for instruct models (``chat=True``) as one user message in the tokenizer's chat template.
 Stop strings are checked on the decoded text after every new token, and the reply is cut at the
 first one, so a base model stops at the next top-level ``def`` instead of running to the budget.
+:func:`make_complete_many` answers many prompts at once (HumanEval's 164): they decode together through
+:func:`bitsmith.infer.batching.generate_many`, with the same replies as one at a time.
 """
 from __future__ import annotations
 
