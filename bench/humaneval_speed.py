@@ -29,7 +29,12 @@ def run_once(loaded, problems, chat: bool, batch: int, max_new_tokens: int) -> d
     stats = BatchStats()
     many = make_complete_many(loaded.model, loaded.tokenizer, chat=chat, max_batch=batch, stats=stats)
     start = time.perf_counter()
-    result = pass_at_1(None, problems, chat=chat, max_new_tokens=max_new_tokens, complete_many=many)
+
+    def progress(done: int, total: int) -> None:  # a line per tested problem: a cut-short run still says how far it got
+        print(f"  batch {batch}: {done}/{total} problems tested at {time.perf_counter() - start:.1f} s, "
+              f"{stats.generated_tokens} tokens generated", flush=True)
+
+    result = pass_at_1(None, problems, chat=chat, max_new_tokens=max_new_tokens, complete_many=many, progress=progress)
     wall = time.perf_counter() - start
     status = {s: sum(o.outcome.status == s for o in result.outcomes) for s in ("passed", "failed", "error", "timeout")}
     return {"batch": batch, "n": result.n, "passed": result.passed, "pass_at_1": result.pass_at_1, "wall_s": wall,
