@@ -198,3 +198,33 @@ def test_windows_with_bos_start_every_window_with_it() -> None:
     w = windows(list(range(10, 30)), ctx=5, bos=1)
     assert w.tolist() == [[1, 10, 11, 12, 13], [1, 14, 15, 16, 17], [1, 18, 19, 20, 21], [1, 22, 23, 24, 25], [1, 26, 27, 28, 29]]
     assert windows(list(range(10, 30)), ctx=5).shape == (4, 5)
+
+
+def _kl_oracle(ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row the slow way: float64 log-softmax, 0 log 0 = 0."""
+    logp = torch.log_softmax(ref.double(), -1)
+    logq = torch.log_softmax(logits.double(), -1)
+    return torch.where(torch.isneginf(logp), 0.0, logp.exp() * (logp - logq)).sum(-1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_kl_and_top1_against_a_float64_oracle(seed: int) -> None:
+    """Random logits over a large vocabulary, small and large divergences, masked reference tokens in some
+    rows and exact ties (top-1 takes the first index, as argmax): the float32 fast path within 1e-6
+    (absolute, plus 1e-5 relative) of the float64 oracle, per position."""
+    g = torch.Generator().manual_seed(seed)
+    t, v = 37, 5003
+    ref = torch.randn(t, v, generator=g) * 4
+    scale = torch.logspace(-4, 0, t)[:, None]  # KL from ~1e-8 to ~1
+    logits = ref + scale * torch.randn(t, v, generator=g)
+    ref[3, torch.randint(0, v, (50,), generator=g)] = float("-inf")  # tokens the reference masks
+    ref[5, 10], ref[5, 20] = 100.0, 100.0  # a tie in the reference's top token
+    logits[5, 20], logits[5, 10] = 100.0, 100.0
+    targets = torch.randint(0, v, (t,), generator=g)
+    s = token_stats(ref, logits, targets, chunk=16)
+    want = _kl_oracle(ref, logits)
+    assert torch.isfinite(s.kld).all()
+    torch.testing.assert_close(s.kld, want, atol=1e-6, rtol=1e-5)
+    assert torch.equal(s.top1, ref.argmax(-1) == logits.argmax(-1)) and bool(s.top1[5])
+    want_nll = -torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None])[:, 0]
+    torch.testing.assert_close(s.nll, want_nll, atol=1e-5, rtol=1e-6)

@@ -249,3 +249,59 @@ def test_pass_at_1_chat_mode(problems: list[Problem]) -> None:
 def test_pass_at_1_refuses_no_problems() -> None:
     with pytest.raises(ValueError, match="load_problems"):
         pass_at_1(lambda prompt, n, stop: "", [])
+
+
+# --- many prompts at once: replies out of order, tests two at a time ---------------------------
+
+
+def test_pass_at_1_with_complete_many_out_of_order(problems: list[Problem]) -> None:
+    """Replies reported in reverse order (as a batch finishes them), one never reported through on_done:
+    every problem is tested once, outcomes stay in problem order, progress counts up to n."""
+    asked: list[int] = []
+
+    def many(prompts, max_new_tokens, stop, on_done):
+        asked.append(len(prompts))
+        assert stop == list(stop_sequences(chat=False))
+        replies = [p.canonical_solution if i != 1 else "    return None\n" for i, p in enumerate(problems)]
+        for i in reversed(range(1, len(prompts))):
+            on_done(i, replies[i])
+        return replies  # problem 0 only comes back in the list
+
+    seen: list[tuple[int, int]] = []
+    result = pass_at_1(None, problems, complete_many=many, progress=lambda d, t: seen.append((d, t)))
+    assert asked == [len(problems)]
+    assert [o.task_id for o in result.outcomes] == [p.task_id for p in problems]
+    assert [o.outcome.status for o in result.outcomes] == ["passed", "failed"] + ["passed"] * (len(problems) - 2)
+    assert seen == [(i + 1, len(problems)) for i in range(len(problems))]
+
+
+def test_pass_at_1_runs_two_tests_at_once(problems: list[Problem], monkeypatch) -> None:
+    """Two workers: a barrier that two concurrent runs pass together (one at a time would break it)."""
+    import threading
+
+    import bitsmith.eval.humaneval as he
+
+    barrier = threading.Barrier(2, timeout=20)
+    real = he.run_solution
+
+    def together(problem, completion, timeout_s=10.0):
+        barrier.wait()
+        return real(problem, completion, timeout_s)
+
+    monkeypatch.setattr(he, "run_solution", together)
+    result = pass_at_1(lambda prompt, n, stop: next(p for p in problems if p.prompt == prompt).canonical_solution,
+                       problems[:2], workers=2)
+    assert result.passed == 2
+    with pytest.raises(ValueError, match="workers"):
+        pass_at_1(lambda prompt, n, stop: "", problems[:1], workers=0)
+    with pytest.raises(ValueError, match="exactly one"):
+        pass_at_1(None, problems[:1])
+
+
+def test_timeouts_are_enforced_in_parallel_runs(problems: list[Problem]) -> None:
+    """A busy loop and a sleep, tested side by side: both end as timeouts, the others still pass."""
+    replies = {0: "    while True:\n        pass\n", 1: "    import time\n    time.sleep(60)\n"}
+    result = pass_at_1(lambda prompt, n, stop: replies.get(next(i for i, p in enumerate(problems) if p.prompt == prompt),
+                                                           next(p for p in problems if p.prompt == prompt).canonical_solution),
+                       problems, timeout_s=1.0, workers=2)
+    assert [o.outcome.status for o in result.outcomes] == ["timeout", "timeout"] + ["passed"] * (len(problems) - 2)

@@ -13,6 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reasoning", action="store_true", help="run the generated reasoning probe (5 families x 3 levels)")
     p.add_argument("--n-per-family", type=int, default=4, help="reasoning tasks per family and level (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="HumanEval generation budget per problem (default 512)")
+    p.add_argument("--batch", type=int, default=8, help="HumanEval problems decoded together, greedy, with continuous "
+                   "batching (default 8; 1: one at a time)")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="wrap prompts in the chat template (default: when the tokenizer has one)")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="send prompts as plain text")
@@ -69,7 +71,7 @@ def print_reasoning(probe) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bitsmith.cli.common import out, progress_bar, write_json
-    from bitsmith.eval.tasks import has_chat_template, make_complete, run_tasks
+    from bitsmith.eval.tasks import has_chat_template, make_complete, make_complete_many, run_tasks
     from bitsmith.runtime.load import load_model
 
     if args.lm_eval:
@@ -80,12 +82,13 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if not args.humaneval and not args.reasoning:
         args.humaneval = args.reasoning = True
-    for flag, value in (("--limit", args.limit), ("--n-per-family", args.n_per_family)):
-        if value < 0 or (flag == "--n-per-family" and value == 0):
+    for flag, value in (("--limit", args.limit), ("--n-per-family", args.n_per_family), ("--batch", args.batch)):
+        if value < 0 or (flag in ("--n-per-family", "--batch") and value == 0):
             raise ValueError(f"{flag} must be a positive number, got {value}")
     loaded = load_model(args.model)
     chat = has_chat_template(loaded.tokenizer) if args.chat is None else args.chat
     complete = make_complete(loaded.model, loaded.tokenizer, chat=chat)
+    many = make_complete_many(loaded.model, loaded.tokenizer, chat=chat, max_batch=args.batch) if args.batch > 1 else None
     with progress_bar() as bar:
         tasks: dict[str, object] = {}
 
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             bar.update(tasks[suite], completed=done, total=total)
 
         result = run_tasks(complete, loaded.name, chat, args.limit if args.humaneval else None,
-                           args.n_per_family if args.reasoning else None, args.max_new_tokens, progress)
+                           args.n_per_family if args.reasoning else None, args.max_new_tokens, progress, many)
     data = {**result.as_dict(), **(data if args.lm_eval else {})}
     out.print(f"{loaded.name} ({'chat template' if chat else 'plain prompts'})")
     if "humaneval" in data:

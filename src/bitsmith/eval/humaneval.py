@@ -26,6 +26,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -33,6 +35,8 @@ from typing import Callable, Literal, Sequence
 log = logging.getLogger(__name__)
 
 Complete = Callable[[str, int, list[str]], str]
+# complete_many(prompts, max_new_tokens, stop, on_done) -> replies in prompt order (see pass_at_1)
+CompleteMany = Callable[[list[str], int, list[str], "Callable[[int, str], None] | None"], list[str]]
 Status = Literal["passed", "failed", "error", "timeout"]
 
 # Where a base model's continuation of the function body ends: the next top-level statement.
@@ -235,26 +239,26 @@ def extract_completion(problem: Problem, generated: str) -> str:
     return separator + "\n" + _keep_definitions(code[start.start():])
 
 
-def _program(problem: Problem, completion: str) -> str:
+def _program(problem: Problem, completion: str, timeout_s: float = 10.0) -> str:
     return (
-        f"{_GUARD}\n{problem.prompt}{completion}\n\n"
+        f"{_limits_prelude(timeout_s)}{_GUARD}\n{problem.prompt}{completion}\n\n"
         f"{problem.test}\n\ncheck({problem.entry_point})\n"
     )
 
 
-def _limit_child(timeout_s: float) -> Callable[[], None]:
-    """A preexec_fn that caps the child's resources before it starts Python."""
-    import resource
+def _limits_prelude(timeout_s: float) -> str:
+    """Code that caps the child's resources, run first in the child itself.
 
+    Not a ``preexec_fn``: solutions run from worker threads (:func:`pass_at_1` tests two at a time),
+    and Python documents ``preexec_fn`` as unsafe in a process with threads (the child can deadlock
+    between fork and exec). The caps apply before the guard and the program start.
+    """
     cpu_s = int(timeout_s) + 1
-
-    def apply_limits() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (_MEMORY_LIMIT_BYTES, _MEMORY_LIMIT_BYTES))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (_FILE_SIZE_LIMIT_BYTES, _FILE_SIZE_LIMIT_BYTES))
-
-    return apply_limits
+    limits = (("RLIMIT_AS", _MEMORY_LIMIT_BYTES, _MEMORY_LIMIT_BYTES), ("RLIMIT_CPU", cpu_s, cpu_s + 1),
+              ("RLIMIT_CORE", 0, 0), ("RLIMIT_FSIZE", _FILE_SIZE_LIMIT_BYTES, _FILE_SIZE_LIMIT_BYTES))
+    lines = ["import resource as _resource"]
+    lines += [f"_resource.setrlimit(_resource.{name}, ({soft}, {hard}))" for name, soft, hard in limits]
+    return "\n".join(lines + ["del _resource", ""])
 
 
 def _kill_group(pid: int) -> None:
@@ -302,7 +306,7 @@ def run_solution(problem: Problem, completion: str, timeout_s: float = 10.0) -> 
     with tempfile.TemporaryDirectory(prefix="bitsmith-humaneval-") as tmp:
         workdir = Path(tmp)
         script = workdir / "solution.py"
-        script.write_text(_program(problem, completion), encoding="utf-8")
+        script.write_text(_program(problem, completion, timeout_s), encoding="utf-8")
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp}
         out_path, err_path = workdir / "stdout.txt", workdir / "stderr.txt"
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
@@ -314,7 +318,6 @@ def run_solution(problem: Problem, completion: str, timeout_s: float = 10.0) -> 
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
-                preexec_fn=_limit_child(timeout_s),
             )
             try:
                 returncode = proc.wait(timeout=timeout_s)
@@ -328,30 +331,84 @@ def run_solution(problem: Problem, completion: str, timeout_s: float = 10.0) -> 
         return _classify(returncode, _tail(err_path))
 
 
+def one_at_a_time(complete: Complete) -> CompleteMany:
+    """A ``complete_many`` over a one-prompt ``complete`` callable: the prompts in order, one by one."""
+
+    def complete_many(prompts: list[str], max_new_tokens: int, stop: list[str],
+                      on_done: Callable[[int, str], None] | None = None) -> list[str]:
+        replies = []
+        for index, prompt in enumerate(prompts):
+            replies.append(complete(prompt, max_new_tokens, list(stop)))
+            if on_done is not None:
+                on_done(index, replies[-1])
+        return replies
+
+    return complete_many
+
+
+def _check_run(problems: Sequence[Problem], complete: Complete | None, complete_many: CompleteMany | None,
+               workers: int) -> None:
+    if not problems:
+        raise ValueError("pass_at_1 needs at least one problem; load them with load_problems()")
+    if (complete is None) == (complete_many is None):
+        raise ValueError("pass_at_1 needs exactly one of complete and complete_many")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1 test process at a time, got {workers}")
+
+
 def pass_at_1(
-    complete: Complete,
+    complete: Complete | None,
     problems: Sequence[Problem],
     chat: bool = False,
     timeout_s: float = 10.0,
     progress: Callable[[int, int], None] | None = None,
     max_new_tokens: int = 512,
+    *,
+    complete_many: CompleteMany | None = None,
+    workers: int = 2,
 ) -> HumanEvalResult:
     """Greedy pass@1: one completion per problem, run against its tests.
 
-    ``progress(done, total)`` is called after each problem (the CLI draws a bar with it).
+    The model is ``complete`` (one prompt at a time) or ``complete_many`` (all prompts in one call,
+    e.g. decoded together by :func:`bitsmith.eval.tasks.make_complete_many`); the latter reports each
+    reply through its ``on_done`` as soon as it is ready, and that reply's tests start at once on one
+    of ``workers`` threads (each runs its solution in its own subprocess), so testing overlaps
+    generation. ``progress(done, total)`` is called after each problem's tests (the CLI draws a bar).
     """
-    if not problems:
-        raise ValueError("pass_at_1 needs at least one problem; load them with load_problems()")
-    stops = stop_sequences(chat)
-    outcomes: list[TaskOutcome] = []
-    for index, problem in enumerate(problems):
-        generated = complete(build_prompt(problem, chat), max_new_tokens, list(stops))
-        completion = extract_completion(problem, generated)
-        outcome = run_solution(problem, completion, timeout_s=timeout_s)
-        log.debug("%s: %s", problem.task_id, outcome.status)
-        outcomes.append(TaskOutcome(problem.task_id, completion, outcome))
-        if progress is not None:
-            progress(index + 1, len(problems))
+    _check_run(problems, complete, complete_many, workers)
+    many = complete_many if complete_many is not None else one_at_a_time(complete)  # type: ignore[arg-type]
+    problems = list(problems)
+    lock = threading.Lock()
+    tested: dict[int, tuple[str, Future[Outcome]]] = {}
+    finished = [0]
+
+    def count(_future: Future[Outcome]) -> None:
+        with lock:  # progress in order: one caller at a time
+            finished[0] += 1
+            if progress is not None:
+                progress(finished[0], len(problems))
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="humaneval-test") as pool:
+
+        def on_done(index: int, generated: str) -> None:
+            if index in tested:
+                return
+            completion = extract_completion(problems[index], generated)
+            future = pool.submit(run_solution, problems[index], completion, timeout_s)
+            tested[index] = (completion, future)
+            future.add_done_callback(count)
+
+        replies = many([build_prompt(p, chat) for p in problems], max_new_tokens, stop_sequences(chat), on_done)
+        if len(replies) != len(problems):
+            raise ValueError(f"complete_many returned {len(replies)} replies for {len(problems)} prompts")
+        for index, reply in enumerate(replies):  # replies its on_done did not report
+            on_done(index, reply)
+        outcomes = []
+        for index, problem in enumerate(problems):
+            completion, future = tested[index]
+            outcome = future.result()
+            log.debug("%s: %s", problem.task_id, outcome.status)
+            outcomes.append(TaskOutcome(problem.task_id, completion, outcome))
     passed = sum(o.outcome.passed for o in outcomes)
     log.info("HumanEval pass@1 = %d/%d", passed, len(outcomes))
     return HumanEvalResult(len(outcomes), passed, passed / len(outcomes), tuple(outcomes))

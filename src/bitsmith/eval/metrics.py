@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TokenStats", "EvalResult", "token_stats", "summarize"]
+__all__ = ["TokenStats", "EvalResult", "kl_rows", "token_stats", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,33 @@ def _check_shapes(ref_logits: Tensor | None, logits: Tensor, targets: Tensor) ->
         )
 
 
+def kl_rows(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p || q) per row [c] (float64) from log-probabilities [c, V], with 0 * log 0 = 0.
+
+    ``sum p * (log p - log q)`` in four passes over the rows (exp, subtract, multiply in place, sum):
+    the float32 sum is torch's cascade summation (error ~1e-7 of the sum of |terms|), where summing
+    float64 copies cost as much as everything else (PROTOCOL's KL over a 152k vocabulary is a
+    third of a window's scoring time otherwise). A row where the reference gives a token no mass
+    (log p = -inf, so 0 * -inf = nan) is summed again with those terms set to zero explicitly.
+    """
+    p = logp.exp()  # [c, V]
+    kl = (logp - logq).mul_(p).sum(-1)  # [c] float32
+    bad = torch.isnan(kl)
+    if bool(bad.any()):
+        lp, lq = logp[bad], logq[bad]  # [b, V]: the rows with masked tokens only
+        terms = (lp - lq).mul_(lp.exp()).masked_fill_(torch.isneginf(lp), 0.0)
+        kl = kl.double()
+        kl[bad] = terms.sum(-1, dtype=torch.float64)
+    return kl.double()
+
+
 def token_stats(
     ref_logits: Tensor | None, logits: Tensor, targets: Tensor, chunk: int = 128
 ) -> TokenStats:
     """Score ``logits`` [T, V] against ``targets`` [T] (and ``ref_logits`` [T, V] if given).
 
-    Rows are processed ``chunk`` at a time, with log-softmax in float32 and sums
-    accumulated in float64.
+    Rows are processed ``chunk`` at a time, with log-softmax in float32; the per-position KL is
+    summed over the vocabulary as :func:`kl_rows` says, and everything is returned in float64.
     """
     _check_shapes(ref_logits, logits, targets)
     if chunk < 1:
@@ -111,12 +131,9 @@ def token_stats(
         if ref_logits is None:
             continue
         logp = torch.log_softmax(ref_logits[rows].to(logq.device).float(), dim=-1)  # [c, V]
-        # p * (log p - log q), with 0 * log 0 = 0: where logp = -inf (a masked token) the
-        # product would be 0 * -inf = nan, so those terms are set to zero explicitly.
-        terms = (logp - logq).mul_(logp.exp())  # [c, V]
-        terms = terms.masked_fill_(torch.isneginf(logp), 0.0)
-        kld.append(terms.sum(-1, dtype=torch.float64))
-        top1.append(logp.argmax(-1) == logq.argmax(-1))
+        kld.append(kl_rows(logp, logq))
+        # max(dim) rather than argmax: the same first index on ties, measured faster on the CPU
+        top1.append(logp.max(-1).indices == logq.max(-1).indices)
         ref_nll.append(-logp.gather(-1, tgt).squeeze(-1).double())
     if not nll:  # zero positions: keep shapes well-defined
         empty = torch.zeros(0, dtype=torch.float64)

@@ -236,13 +236,17 @@ def load_cache(path: Path, expect: dict[str, str] | None = None) -> RefCache:
     return RefCache(meta=meta, **arrays)
 
 
-def cached_kl(logits: Tensor, topk_logp: Tensor, topk_ids: Tensor, rest_logp: Tensor) -> Tensor:
+def cached_kl(logits: Tensor, topk_logp: Tensor, topk_ids: Tensor, rest_logp: Tensor,
+              logq: Tensor | None = None) -> Tensor:
     """KL~(reference || model) per position [T] (float64) from model ``logits`` [T, V].
 
     The reference's stored top-k and rest mass are renormalised to sum to one (undoing the fp16
     rounding to first order), then compared with the model's mass on the same k ids and the rest.
+    ``logq``: the model's log-softmax of ``logits`` when the caller has it already (it is the costly
+    part over a large vocabulary).
     """
-    logq = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
+    if logq is None:
+        logq = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
     logq_top = logq.gather(-1, topk_ids.long().to(logq.device)).double()  # [T, k]
     logp_all = torch.cat([topk_logp.double(), rest_logp.double().unsqueeze(-1)], dim=-1)  # [T, k+1]
     logp_all = logp_all.to(logq.device) - torch.logsumexp(logp_all, dim=-1, keepdim=True)
@@ -272,8 +276,8 @@ def evaluate_against_cache(
                 raise RefCacheError(f"the model has {logq.shape[-1]} logits per position but the cache was built with a vocabulary of {cache.meta['vocab']}; use a cache of this model's reference")
             stats.append(TokenStats(
                 nll=-logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu(),
-                kld=cached_kl(logits, cache.topk_logp[rows], cache.topk_ids[rows], cache.rest_logp[rows]).cpu(),
-                top1=(logq.argmax(-1).cpu() == cache.argmax[rows].long()),
+                kld=cached_kl(logits, cache.topk_logp[rows], cache.topk_ids[rows], cache.rest_logp[rows], logq).cpu(),
+                top1=(logq.max(-1).indices.cpu() == cache.argmax[rows].long()),  # max: argmax's index, faster
                 ref_nll=-cache.target_logp[rows].double(),
             ))
             del logits, logq

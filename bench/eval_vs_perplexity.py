@@ -1,0 +1,149 @@
+"""Token-scoring throughput: `bitsmith eval` next to `llama-perplexity` on the same windows.
+
+    python bench/eval_vs_perplexity.py --pair smollm2-135m=CKPT,GGUF --windows 8 --threads 2
+
+For each pair (a bitsmith checkpoint and a GGUF of the same model at the same bits, e.g. w4g128 and
+Q4_0) it scores the first ``--windows`` windows of 512 tokens of the evaluation prose and prints
+tokens per second for:
+
+- ``llama-perplexity -c 512 --chunks N``: the time from its "calculating perplexity" line to its
+  final estimate (tokenization and model load excluded), over N x 512 tokens. It runs the whole
+  window through the model but computes logits only for the second half (the half it scores);
+- bitsmith, loaded as `bitsmith eval` loads it (``prefill`` ``exact`` unless ``--prefill`` says
+  otherwise), with load and tokenization excluded, split into parts:
+  ``forward`` (the model's logits for every position of each window), ``eval`` (what `bitsmith eval
+  MODEL` runs: forward plus perplexity), ``eval --reference-cache`` (forward plus KL against a
+  top-256 reference cache) and ``metrics with a reference`` (the exact KL, top-1 and both
+  perplexities over the full vocabulary for one window's logits, without the reference's own forward,
+  which a live ``--reference`` adds; the stand-in reference logits are the model's own, shifted by
+  one position, since the cost does not depend on the values).
+
+The reference cache is built from the model itself (only its cost is measured here; a real one comes
+from the unquantized model). Nothing is asserted; times depend on the load, which the caller states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import text_path  # noqa: E402
+from tools import llama_bin  # noqa: E402
+
+CTX = 512
+
+
+def llama_perplexity(gguf: str, windows: int, threads: int) -> dict:
+    """Run llama-perplexity; scoring seconds from its own timestamps (min.sec.ms.us at line start)."""
+    cmd = [str(llama_bin("llama-perplexity")), "-m", gguf, "-f", str(text_path()), "-c", str(CTX),
+           "--chunks", str(windows), "-t", str(threads), "-tb", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+
+    def stamp(pattern: str) -> float:
+        m = re.search(r"^(\d+)\.(\d+)\.(\d+)\.(\d+) .*" + pattern, text, re.M)
+        if m is None:
+            raise RuntimeError(f"llama-perplexity printed no {pattern!r} line:\n{text[-2000:]}")
+        minutes, seconds, ms, us = (int(g) for g in m.groups())
+        return minutes * 60 + seconds + ms / 1e3 + us / 1e6
+
+    seconds = stamp("Final estimate") - stamp("calculating perplexity over")
+    ppl = float(re.search(r"Final estimate: PPL = ([\d.]+)", text).group(1))
+    return {"seconds": seconds, "tokens": windows * CTX, "ppl_second_halves": ppl}
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def bitsmith_rows(ckpt: str, windows: int, prefill: str) -> dict:
+    import os
+
+    import torch
+
+    from bitsmith.eval.metrics import token_stats
+    from bitsmith.eval.perplexity import evaluate
+    from bitsmith.eval.refcache import build_cache, evaluate_against_cache
+    from bitsmith.eval.suite import text_windows
+    from bitsmith.runtime.load import load_model
+    from bitsmith.runtime.options import RuntimeOptions
+
+    options = RuntimeOptions.for_measurement({**os.environ, "BITSMITH_PREFILL": prefill})
+    loaded = load_model(ckpt, options=options)
+    model = loaded.model.eval()
+    wins = text_windows(loaded.tokenizer, text_path().read_text(encoding="utf-8"), CTX, windows)  # [n, ctx]
+    tokens = wins.numel()
+    with torch.inference_mode():
+        model(input_ids=wins[:1, :32], use_cache=False)  # warm-up: kernels and allocator, not counted
+
+        def forward_all() -> list:
+            return [model(input_ids=w[None], use_cache=False).logits[0, :-1] for w in wins[:2]] + [
+                model(input_ids=w[None], use_cache=False).logits[0, :1] for w in wins[2:]]
+
+        fwd_s, logits = timed(forward_all)
+        metric_s, _ = timed(lambda: token_stats(logits[1][:-1], logits[0][1:], wins[0, 2:]))
+        eval_s, result = timed(lambda: evaluate(model, wins))
+        cache = build_cache(model, wins, {}, k=256)
+        cached_s, cached = timed(lambda: evaluate_against_cache(model, cache))
+    return {"tokens": tokens, "forward_s": fwd_s, "eval_s": eval_s, "cached_s": cached_s,
+            "metrics_ref_s_per_window": metric_s, "ppl": result.ppl, "vocab": logits[0].shape[-1]}
+
+
+def table(rows: list[dict], threads: int, windows: int) -> str:
+    lines = [f"Scoring {windows} windows x {CTX} tokens of the evaluation prose, {threads} thread(s); tok/s over the "
+             "scoring only (load and tokenization excluded)", "",
+             "| model | llama-perplexity (GGUF) | bitsmith forward | bitsmith eval | eval --reference-cache | "
+             "ratio eval / llama | exact-KL metrics per window (s) | bitsmith prefill |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, l = r["bitsmith"], r["llama"]
+        llama_rate = l["tokens"] / l["seconds"]
+        rate = b["tokens"] / b["eval_s"]
+        lines.append(f"| {r['name']} | {llama_rate:.1f} ({Path(r['gguf']).name}) | {b['tokens'] / b['forward_s']:.1f} | "
+                     f"{rate:.1f} | {b['tokens'] / b['cached_s']:.1f} | {rate / llama_rate:.2f}x | "
+                     f"{b['metrics_ref_s_per_window']:.2f} (V={b['vocab']}) | {r['prefill']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pair", action="append", required=True, metavar="NAME=CKPT,GGUF",
+                    help="a bitsmith checkpoint and a GGUF of the same model at the same bits (repeatable)")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill", default="exact", help="bitsmith's prefill option(s), comma-separated: exact "
+                    "(what `bitsmith eval` uses), auto, bf16")
+    ap.add_argument("--out", help="write the table (markdown) here")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for item in args.pair:
+        name, _, paths = item.partition("=")
+        ckpt, gguf = paths.split(",")
+        llama = llama_perplexity(gguf, args.windows, args.threads)
+        print(f"{name}: llama-perplexity {llama['tokens'] / llama['seconds']:.1f} tok/s", flush=True)
+        for prefill in args.prefill.split(","):
+            b = bitsmith_rows(ckpt, args.windows, prefill)
+            print(f"{name} ({prefill}): bitsmith eval {b['tokens'] / b['eval_s']:.1f} tok/s, forward "
+                  f"{b['tokens'] / b['forward_s']:.1f}", flush=True)
+            rows.append({"name": name, "gguf": gguf, "llama": llama, "bitsmith": b, "prefill": prefill})
+    text = table(rows, args.threads, args.windows)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n\ncommand: `python bench/eval_vs_perplexity.py " + " ".join(sys.argv[1:]) + "`\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
