@@ -64,14 +64,15 @@ class VQOptions:
         return opts
 
 
-def check_method(quantizer: str, specs: list[QuantSpec]) -> None:
-    """Refuse, before any work, a vq spec with another method or the vq method with a scalar spec."""
-    vq = [s for s in specs if s.grid == "vq"]
-    if vq and quantizer != "vq":
-        raise VQError(f"{vq[0]} is a vector-codebook spec; quantize it with --method vq (not {quantizer})")
-    if quantizer == "vq" and len(vq) != len(specs):
-        scalar = next(s for s in specs if s.grid != "vq")
-        raise VQError(f"--method vq writes vector codes; use a vq spec such as w2g64vq or w3g128vq, not {scalar}")
+def check_method(quantizer: str, spec: QuantSpec, layer_specs: list[QuantSpec]) -> None:
+    """Refuse, before any work, a vq spec with another method, or the vq method with a scalar main
+    spec. Scalar per-layer specs under ``--method vq`` (the w8 embedding and head, a mixed budget)
+    are fine: the vq method hands them to GPTQ."""
+    vq_spec = next((s for s in (spec, *layer_specs) if s.grid == "vq"), None)
+    if vq_spec is not None and quantizer != "vq":
+        raise VQError(f"{vq_spec} is a vector-codebook spec; quantize it with --method vq (not {quantizer})")
+    if quantizer == "vq" and spec.grid != "vq":
+        raise VQError(f"--method vq writes vector codes; use a vq spec such as w2g64vq or w3g128vq, not {spec}")
 
 
 def check_shape(weight: torch.Tensor, spec: QuantSpec) -> None:
@@ -104,10 +105,25 @@ def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
     return out
 
 
+def seed_centroids(x: torch.Tensor, w: torch.Tensor, entries: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each next centroid drawn with probability
+    ∝ weight x squared distance to the nearest one chosen so far (Lloyd from random seeds left
+    clusters merged or split on separable data)."""
+    first = int(torch.multinomial(w, 1, generator=gen))
+    centroids = [x[first]]
+    nearest = (x - x[first]).pow(2).sum(-1)
+    for _ in range(entries - 1):
+        p = nearest * w
+        pick = int(torch.multinomial(p, 1, generator=gen)) if float(p.sum()) > 0 else int(torch.randint(x.shape[0], (1,), generator=gen))
+        centroids.append(x[pick])
+        nearest = torch.minimum(nearest, (x - x[pick]).pow(2).sum(-1))
+    return torch.stack(centroids)
+
+
 def fit_codebook(vectors: torch.Tensor, entries: int, weights: torch.Tensor | None = None, iters: int = KMEANS_ITERS,
                  seed: int = 0) -> torch.Tensor:
     """Weighted k-means (Lloyd) of vectors [N, d] into ``entries`` centroids, float32 [entries, d],
-    rounded to fp16 (what is stored). Seeded from distinct random vectors; an empty cluster is
+    rounded to fp16 (what is stored). Seeded by k-means++; an empty cluster is
     re-seeded at the vector currently worst served. More than ``KMEANS_SAMPLE`` vectors: fitted on a
     seeded random subset of that many (the assignment afterwards uses every vector)."""
     n, d = vectors.shape
@@ -119,7 +135,7 @@ def fit_codebook(vectors: torch.Tensor, entries: int, weights: torch.Tensor | No
         x, w, n = x[keep], w[keep], KMEANS_SAMPLE
     if n <= entries:  # fewer vectors than entries: every vector is its own entry
         return torch.cat([x, x[:1].expand(entries - n, d)]).half().float() if n else torch.zeros(entries, d)
-    centroids = x[torch.randperm(n, generator=gen)[:entries]].clone()
+    centroids = seed_centroids(x, w, entries, gen)
     for _ in range(iters):
         codes = nearest_codes(x, centroids)
         mass = torch.zeros(entries).index_add_(0, codes, w)
@@ -210,10 +226,14 @@ def nearest_tensor(weight: torch.Tensor, spec: QuantSpec, importance: torch.Tens
 
 @register("vq", needs=Needs.HESSIAN, options=VQOptions)
 def vq(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, options: dict | None = None) -> QuantizedTensor:
-    """Vector codes with GPTQ's error feedback (module docstring). Needs ``stats.hessian`` [in, in]
-    unless ``feedback`` is off. options: ``damp_percent`` (0.01), ``block_size`` (128),
+    """Vector codes with GPTQ's error feedback (module docstring); a scalar spec goes to GPTQ. Needs
+    ``stats.hessian`` [in, in] unless ``feedback`` is off. options: ``damp_percent`` (0.01), ``block_size`` (128),
     ``kmeans_iters`` (16), ``feedback`` (True), ``seed`` (0)."""
     opts = VQOptions.from_dict(options)
+    if spec.grid != "vq":  # a scalar layer of a vq run (mixed precision): GPTQ with the same Hessian
+        from bitsmith.methods.gptq import gptq
+
+        return gptq(weight, spec, stats, {"damp_percent": opts.damp_percent, "block_size": opts.block_size})
     weight = weight.float()
     check_shape(weight, spec)
     hessian = None if stats is None else stats.hessian

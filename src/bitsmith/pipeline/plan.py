@@ -103,7 +103,7 @@ class QuantizePlan:
         check_combination(transforms)
         from bitsmith.methods.vq import check_method
 
-        check_method(quantizer, [self.spec, *self.layer_specs.values()])
+        check_method(quantizer, self.spec, list(self.layer_specs.values()))
         object.__setattr__(self, "quantizer", quantizer)
         object.__setattr__(self, "transforms", transforms)
         object.__setattr__(self, "run_options", run_options)
