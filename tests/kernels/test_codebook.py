@@ -59,3 +59,14 @@ def test_torch_choice_uses_the_oracle_arithmetic() -> None:
     kernel = prepare(qt, RuntimeOptions(kernel="torch"))
     x = torch.randn(4, 256)
     assert kernel.name == "torch-chunked" and torch.allclose(kernel(x), reference_linear(x, qt), atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("text", ["w2g64vq", "w3g128vq", "w2vq"])
+def test_threaded_kernel_equals_oracle(text: str) -> None:
+    """Large enough for the parallel paths (several table slabs shared by two threads)."""
+    qt = random_vq(text, 260, 1024, seed=9)
+    kernel = prepare(qt, RuntimeOptions(threads=2))
+    for rows in (1, 4, 20):
+        x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(rows))
+        assert torch.allclose(kernel(x), reference_linear(x, qt), atol=1e-3, rtol=1e-5)

@@ -48,7 +48,10 @@ class CodebookKernel:
             raise ValueError(f"packed indices {tuple(qweight.shape)} do not hold {in_features} inputs of {spec}")
         self._lib = declare(lib)
         self.spec, self.in_features, self.out_features, self.threads = spec, in_features, out_features, threads
-        self.qweight = qweight.to(torch.uint8).contiguous()
+        # the kernels read each run of indices as one 64-bit word: 8 bytes of padding after the last row
+        padded = torch.zeros(qweight.numel() + 8, dtype=torch.uint8)
+        self.qweight = padded[: qweight.numel()].view(qweight.shape)
+        self.qweight.copy_(qweight)
         self.scale = scale.to(torch.float16).contiguous()
         self.grid = grid.to(torch.float16).contiguous()  # as stored
         self.codebook = self.grid.float().contiguous()  # what the kernel gathers from
