@@ -140,3 +140,14 @@ def test_feedback_lowers_output_error(text: str) -> None:
     fed = vq(weight, spec, stats, {})
     assert torch.equal(plain.grid, fed.grid) and torch.equal(plain.scale, fed.scale)  # same codebook and scales
     assert layer_error(weight, fed.dequantize(), hessian) < 0.85 * layer_error(weight, plain.dequantize(), hessian)
+
+
+def test_distillation_sees_the_same_weight() -> None:
+    """``bitsmith distill`` rebuilds a vq layer from its codes, codebook and (tuned) scales."""
+    from bitsmith.recover.tunable import TunableLinear
+
+    qt = nearest_tensor(torch.randn(16, 128, generator=torch.Generator().manual_seed(10)), QuantSpec.parse("w2g32vq"))
+    tunable = TunableLinear(qt, None)
+    assert torch.equal(tunable.weight().detach(), qt.dequantize())
+    back = tunable.quantized()
+    assert torch.equal(back.codes, qt.codes) and torch.equal(back.dequantize(), qt.dequantize())
