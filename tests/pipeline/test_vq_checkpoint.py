@@ -55,6 +55,7 @@ def test_quantize_load_logits_round_trip(tiny: Path, calib_text: Path, tmp_path:
     # inspect: the format, and bits/weight counting the codebook (exactly what the spec says is stored)
     report = inspect_path(out)
     row = next(t for t in report.tensors if t.name == "model.layers.0.mlp.up_proj.weight")
+    assert "codebooks" in report.details and f"{parsed.levels} x {parsed.vq_dim}" in report.details["codebooks"]
     assert row.kind == spec and row.bits_per_weight == pytest.approx(parsed.bits_per_weight(160, 96) + (1 / 160 if rotate else 0))
     # the loaded model runs the native kernel and equals the dequantize-then-matmul oracle
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
