@@ -90,3 +90,24 @@ def test_cli_quantize_and_inspect(tiny: Path, calib_text: Path, tmp_path: Path, 
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "w2g32vq" in text
+
+
+def test_greedy_generation_follows_full_forwards(tiny: Path, calib_text: Path, tmp_path: Path) -> None:
+    """The lean decode path (one-row gemv, KV cache) picks the argmax of full forwards at every step."""
+    import bitsmith
+    from bitsmith.calib import CalibrationConfig
+    from bitsmith.infer.generate import generate
+    from bitsmith.runtime.load import load_model
+    from bitsmith.runtime.options import RuntimeOptions
+
+    out = tmp_path / "g"
+    bitsmith.quantize(tiny, out, "w2g32vq", "vq", calibration=CalibrationConfig(text=str(calib_text), samples=4, seq_len=32))
+    loaded = load_model(out, options=RuntimeOptions(int8_decode=False))
+    tok = loaded.tokenizer
+    ids = tok("the cat sat on")["input_ids"]
+    result = generate(loaded.model, tok, "the cat sat on", max_new_tokens=10, stop_at_eos=False)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(10):
+            x = torch.cat([x, loaded.model(x).logits[0, -1].argmax().view(1, 1)], 1)
+    assert result.text.strip() == tok.decode(x[0, len(ids):]).strip()
