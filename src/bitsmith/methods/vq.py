@@ -114,7 +114,10 @@ def seed_centroids(x: torch.Tensor, w: torch.Tensor, entries: int, gen: torch.Ge
     nearest = (x - x[first]).pow(2).sum(-1)
     for _ in range(entries - 1):
         p = nearest * w
-        pick = int(torch.multinomial(p, 1, generator=gen)) if float(p.sum()) > 0 else int(torch.randint(x.shape[0], (1,), generator=gen))
+        if float(p.sum()) > 0:
+            pick = int(torch.multinomial(p, 1, generator=gen))
+        else:  # every vector already sits on a centroid: any one will do
+            pick = int(torch.randint(x.shape[0], (1,), generator=gen))
         centroids.append(x[pick])
         nearest = torch.minimum(nearest, (x - x[pick]).pow(2).sum(-1))
     return torch.stack(centroids)
