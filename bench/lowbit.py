@@ -5,7 +5,7 @@ what recovery by distillation adds, against the unquantized model (docs/PROTOCOL
         --variants rtn:w2g64,rtn+rotate:w2g64,gptq:w2g64,gptq+rotate:w2g64 \\
         [--distill gptq+rotate:w2g64 --distill-steps 40]
 
-A variant is ``METHOD[+rotate]:SPEC``. Each is quantized (timed; ``--reuse`` keeps a checkpoint
+A variant is ``METHOD[+rotate]:SPEC`` (``vq+rotate:w2g64vq`` for the vector codebook). Each is quantized (timed; ``--reuse`` keeps a checkpoint
 already in the work folder), ``--distill`` variants are then tuned by ``bitsmith distill`` on the
 calibration text (State of the Union, never the evaluation prose) and added as ``...+distill``
 rows, and every variant is scored against the reference in one pass over the evaluation windows.
@@ -69,6 +69,27 @@ def distill_variant(args: argparse.Namespace, row: dict) -> dict:
             "calib_kld_before": result.initial_loss, "calib_kld_after": result.best_loss}
 
 
+def decode_speeds(args: argparse.Namespace, rows: list[dict], text: str) -> dict[str, float]:
+    """Greedy decode tok/s of every variant (the runtime's default options: native kernels, lean
+    path), best of ``--decode-rounds`` rounds that take the variants in turn (paired on a shared
+    machine); one warm-up generation each first."""
+    from bitsmith.infer.generate import generate
+    from bitsmith.runtime.load import load_model
+
+    loaded = {r["variant"]: load_model(r["path"]) for r in rows}
+    prompt = text[:400]
+    for one in loaded.values():
+        generate(one.model, one.tokenizer, prompt, max_new_tokens=4, stop_at_eos=False)
+    speeds: dict[str, list[float]] = {name: [] for name in loaded}
+    for _ in range(args.decode_rounds):
+        for name, one in loaded.items():
+            result = generate(one.model, one.tokenizer, prompt, max_new_tokens=args.decode, stop_at_eos=False)
+            speeds[name].append(result.decode_tok_s)
+    for name, values in speeds.items():
+        print(f"decode {name}: best {max(values):.1f} tok/s of {', '.join(f'{v:.1f}' for v in values)}", flush=True)
+    return {name: max(values) for name, values in speeds.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -90,6 +111,9 @@ def main() -> None:
     ap.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--reuse", action="store_true", help="keep checkpoints already in the work folder")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--decode", type=int, default=0, help="also time greedy decode of this many tokens per variant")
+    ap.add_argument("--decode-rounds", type=int, default=3)
+    ap.add_argument("--no-eval", action="store_true", help="skip the quality pass (with --decode: speed only)")
     args = ap.parse_args()
 
     import bitsmith
@@ -98,11 +122,18 @@ def main() -> None:
 
     work = Path(args.work or work_dir("lowbit"))
     rows = [quantize_variant(args, v, work) for v in args.variants.split(",") if v]
+    if args.no_eval and not args.decode:
+        return
     wanted = {v for v in args.distill.split(",") if v}
     rows += [distill_variant(args, r) for r in list(rows) if r["variant"] in wanted]
+    text = Path(args.text).read_text(encoding="utf-8", errors="replace")[: args.chars]
+    if args.decode:
+        for name, speed in decode_speeds(args, rows, text).items():
+            next(r for r in rows if r["variant"] == name)["decode_tok_s"] = speed
+    if args.no_eval:
+        return
     exact = RuntimeOptions.for_measurement()
     reference = bitsmith.load(args.model, options=exact)
-    text = Path(args.text).read_text(encoding="utf-8", errors="replace")[: args.chars]
     wins = text_windows(reference.tokenizer, text, args.ctx, args.max_windows)
     variants = {}
     for row in rows:
@@ -114,14 +145,15 @@ def main() -> None:
     print(f"\n{args.model}, {wins.numel():,} tokens ({wins.shape[0]} x {args.ctx}) of {Path(args.text).name}[:{args.chars}], "
           f"reference ppl {results['reference'].ppl:.3f}, gptq calibration {args.calib_samples} x {args.calib_len}; "
           f"evaluation took {time.perf_counter() - t0:.0f} s\n")
-    print("| variant | bits/weight | ppl | KLD mean | KLD p99 | top-1 | quantize s | distill s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | bits/weight | ppl | KLD mean | KLD p99 | top-1 | quantize s | distill s | decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         r = results[row["variant"]]
         row.update(r.as_dict())
         q = row.get("quantize_s")
         print(f"| {row['variant']} | {row['bits_per_weight']:.3f} | {r.ppl:.3f} | {r.kld_mean:.4f} | {r.kld_p99:.3f} | "
-              f"{r.top1:.3f} | {'' if q is None else f'{q:.0f}'} | {row.get('distill_s', 0):.0f} |")
+              f"{r.top1:.3f} | {'' if q is None else f'{q:.0f}'} | {row.get('distill_s', 0):.0f} | "
+              f"{row.get('decode_tok_s', 0):.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "tokens": wins.numel(),
                                                "reference_ppl": results["reference"].ppl, "rows": rows}, indent=1))

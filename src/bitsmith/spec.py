@@ -10,6 +10,10 @@ Grammar (case-insensitive): ``w<bits>[g<group>][s|nf|fit]``
 - ``nf``: a fixed non-uniform grid of 2**bits levels at normal quantiles (NF4-like; Dettmers et al.
   2023, QLoRA, sec. 3), scale only: ``w = scale * grid[code]``.
 - ``fit``: a non-uniform grid fitted to each tensor's weights (weighted 1-D k-means), stored with it.
+- ``vq``: vector codes (issue 19, :mod:`bitsmith.methods.vq`): each run of ``vq_dim`` consecutive
+  weights of a row is one index into a per-tensor codebook of ``2**(bits * vq_dim)`` vectors, times the
+  group's fp16 scale. ``w2g64vq``: 4-dim vectors, 256 entries (8-bit indices = 2 bits/weight);
+  ``w3g128vq`` and ``w4..vq``: 2-dim vectors, 64 / 256 entries.
 
 Examples: ``w8`` (8-bit per channel, asymmetric), ``w4g128``, ``w3g64s``, ``w4g32nf``, ``w3g64fit``.
 """
@@ -24,9 +28,10 @@ BITS_RANGE = range(2, 9)
 GROUP_SIZES = (32, 64, 128, 256)
 SCALE_BITS = 16  # scales and zeros are stored as fp16
 
-GRIDS = ("uniform", "nf", "fit")
-GRID_BITS = range(2, 5)  # non-uniform grids: 4, 8 or 16 levels
-_PATTERN = re.compile(r"^w(?P<bits>\d+)(?:g(?P<group>\d+))?(?P<suffix>s|nf|fit)?$")
+GRIDS = ("uniform", "nf", "fit", "vq")
+GRID_BITS = range(2, 5)  # non-uniform grids: 4, 8 or 16 levels; vector codes: 2 to 4 bits per weight
+VQ_DIMS = {2: 4, 3: 2, 4: 2}  # bits/weight -> vector length; every index fits a byte (8, 6, 8 bits)
+_PATTERN = re.compile(r"^w(?P<bits>\d+)(?:g(?P<group>\d+))?(?P<suffix>s|nf|fit|vq)?$")
 
 
 class SpecError(ValueError):
@@ -59,7 +64,7 @@ class QuantSpec:
         if match is None:
             raise SpecError(f"cannot read quantization spec {text!r}; write it like w4g128, w3g64s or w8")
         group, suffix = match["group"], match["suffix"]
-        grid = suffix if suffix in ("nf", "fit") else "uniform"
+        grid = suffix if suffix in ("nf", "fit", "vq") else "uniform"
         try:
             bits, group_size = int(match["bits"]), int(group) if group else None
         except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
@@ -78,7 +83,18 @@ class QuantSpec:
 
     @property
     def levels(self) -> int:
-        return 1 << self.bits
+        """Levels of a scalar grid; entries of a ``vq`` codebook (``2**index_bits``)."""
+        return 1 << self.index_bits
+
+    @property
+    def vq_dim(self) -> int:
+        """Weights per code: the vector length of a ``vq`` spec, 1 otherwise."""
+        return VQ_DIMS[self.bits] if self.grid == "vq" else 1
+
+    @property
+    def index_bits(self) -> int:
+        """Bits of one stored code (a ``vq`` index covers ``vq_dim`` weights)."""
+        return self.bits * self.vq_dim
 
     @property
     def qmax(self) -> int:
@@ -97,10 +113,11 @@ class QuantSpec:
 
     def stored_bits(self, out_features: int, in_features: int) -> int:
         """Every bit a weight matrix costs on disk: packed codes (rows padded to 8 codes), fp16
-        scale (and zero when asymmetric) per group, and the fp16 grid of a non-uniform spec."""
-        codes = out_features * math.ceil(in_features / 8) * 8 * self.bits
+        scale (and zero when asymmetric) per group, and the fp16 grid of a non-uniform spec (a
+        ``vq`` codebook: ``levels x vq_dim`` fp16 values)."""
+        codes = out_features * math.ceil(in_features // self.vq_dim / 8) * 8 * self.index_bits
         per_group = SCALE_BITS * (2 if self.has_zero else 1)
-        grid = 0 if self.grid == "uniform" else SCALE_BITS * self.levels
+        grid = 0 if self.grid == "uniform" else SCALE_BITS * self.levels * self.vq_dim
         return codes + out_features * self.groups_per_row(in_features) * per_group + grid
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:

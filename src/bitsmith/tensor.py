@@ -1,4 +1,8 @@
-"""QuantizedTensor: a weight matrix as integer codes plus per-group scale and zero."""
+"""QuantizedTensor: a weight matrix as integer codes plus per-group scale and zero.
+
+A ``vq`` spec (vector codes, :mod:`bitsmith.methods.vq`) stores one code per ``spec.vq_dim`` weights:
+``codes`` is uint8 [out, in / vq_dim] of indices into ``grid``, the codebook fp16 [entries, vq_dim];
+``shape`` is still the weight's [out, in]."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from bitsmith.spec import QuantSpec
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    codes: torch.Tensor  # uint8 [out, in], values 0..qmax
+    codes: torch.Tensor  # uint8 [out, in], values 0..qmax ([out, in / vq_dim] codebook indices for vq)
     scale: torch.Tensor  # fp16 [out, G]
     zero: torch.Tensor | None  # fp16 [out, G] (code units, may be fractional); None unless spec.has_zero
     spec: QuantSpec
@@ -22,7 +26,10 @@ class QuantizedTensor:
     rotation: Rotation | None = None  # the codes are of W R^T: the layer reads R x (bitsmith.hadamard)
 
     def __post_init__(self) -> None:
-        out_features, in_features = self.codes.shape
+        out_features, in_features = self.shape
+        if self.spec.grid == "vq" and (self.grid is None or tuple(self.grid.shape) != (self.spec.levels, self.spec.vq_dim)):
+            got = None if self.grid is None else tuple(self.grid.shape)
+            raise ValueError(f"{self.spec} needs a codebook of shape {(self.spec.levels, self.spec.vq_dim)}, got {got}")
         groups = self.spec.groups_per_row(in_features)
         if tuple(self.scale.shape) != (out_features, groups):
             raise ValueError(f"scale shape {tuple(self.scale.shape)} != {(out_features, groups)} for {self.spec}")
@@ -35,7 +42,9 @@ class QuantizedTensor:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)  # type: ignore[return-value]
+        """[out, in] of the weight (a vq tensor's codes are ``vq_dim`` times narrower)."""
+        rows, cols = self.codes.shape
+        return rows, cols * self.spec.vq_dim
 
     def zero_or_mid(self) -> torch.Tensor:  # uniform specs only
         """Zero in code units, [out, G]; the fixed midpoint for symmetric codes."""
@@ -45,8 +54,10 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         """The reference reconstruction, float32 [out, in]."""
-        in_features = self.codes.shape[1]
+        in_features = self.shape[1]
         scale = expand_groups(self.scale.float(), self.spec, in_features)
+        if self.spec.grid == "vq":  # gather whole vectors: [out, in/d, d] -> [out, in]
+            return self.grid.float()[self.codes.long()].reshape(self.codes.shape[0], in_features) * scale
         if self.grid is not None:
             return self.grid.float()[self.codes.long()] * scale
         zero = expand_groups(self.zero_or_mid(), self.spec, in_features)
@@ -81,7 +92,7 @@ class QuantizedTensor:
 
     def to_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """Packed tensors as stored in a checkpoint."""
-        state = {f"{prefix}.qweight": pack(self.codes, self.spec.bits), f"{prefix}.scale": self.scale}
+        state = {f"{prefix}.qweight": pack(self.codes, self.spec.index_bits), f"{prefix}.scale": self.scale}
         if self.zero is not None:
             state[f"{prefix}.zero"] = self.zero
         if self.grid is not None:
@@ -95,7 +106,7 @@ class QuantizedTensor:
         cls, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec, in_features: int,
         grid: torch.Tensor | None = None, rotation: Rotation | None = None,
     ) -> "QuantizedTensor":
-        return cls(unpack(qweight, spec.bits, in_features), scale, zero, spec, grid, rotation)
+        return cls(unpack(qweight, spec.index_bits, in_features // spec.vq_dim), scale, zero, spec, grid, rotation)
 
 
 def default_grid(spec: QuantSpec) -> torch.Tensor | None:

@@ -12,7 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spec", default="w4g128", help="quantization spec: w8, w4g128, w3g64s, ... (default w4g128)")
     p.add_argument("--method", default=None,
                    help="quantization method: rtn, hqq (no calibration), gptq, awq (calibrated) "
-                        "(default: gptq with --calib, else hqq)")
+                        "(default: gptq with --calib, else hqq); vq (calibrated) for vector-codebook specs "
+                        "such as w2g64vq / w3g128vq")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out once the new checkpoint is complete")
     p.add_argument("--no-clip-search", action="store_true", help="RTN: plain min/max ranges, no clipping search")

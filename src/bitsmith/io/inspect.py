@@ -204,5 +204,15 @@ def _inspect_bitsmith(headers: list[StHeader], root: Path, size: int) -> Inspect
     counts = Counter(str(s) for s in specs.values())
     summary = " + ".join(f"{s} x{n}" if len(counts) > 1 else s for s, n in counts.most_common())
     details = {"method": method, "format_version": headers[0].metadata.get("format_version", ""),
-               **({"rotated_layers": f"{len(notes)} (randomized Hadamard, online at run time)"} if notes else {})}
+               **({"rotated_layers": f"{len(notes)} (randomized Hadamard, online at run time)"} if notes else {}),
+               **_codebook_details(specs.values())}
     return InspectReport(str(root), "bitsmith", f"{summary} ({method})", tensors, quality_warnings(tensors), size, details)
+
+
+def _codebook_details(specs) -> dict[str, str]:
+    """Vector-codebook layers (vq specs): each layer's codebook shape; its bits are in bits/weight."""
+    vq = sorted({s for s in specs if s.grid == "vq"}, key=str)
+    if not vq:
+        return {}
+    return {"codebooks": "; ".join(f"{s}: {s.levels} x {s.vq_dim} fp16 per layer, {s.index_bits}-bit index per "
+                                   f"{s.vq_dim} weights (counted in bits/weight)" for s in vq)}

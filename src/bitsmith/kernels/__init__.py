@@ -70,6 +70,12 @@ def prepare(qt: QuantizedTensor, options: RuntimeOptions = DEFAULT_OPTIONS) -> K
     choice = options.kernel
     if choice == "reference":
         return ReferenceKernel(qt)
+    if qt.spec.grid == "vq" and choice in ("auto", "native"):  # vector codes: csrc/codebook.cpp
+        from bitsmith.kernels.codebook import prepare_codebook
+
+        kernel = prepare_codebook(qt, options.threads)
+        if kernel is not None:
+            return kernel
     if choice == "torch" or qt.grid is not None:  # the native kernels know uniform codes only
         return ChunkedKernel(qt)
     if qt.spec.bits == 8 and qt.shape[1] % 8 == 0 and qt.codes.dtype == torch.uint8 and qt.codes.is_contiguous():

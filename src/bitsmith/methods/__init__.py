@@ -1,10 +1,10 @@
 """Quantization methods: pure functions of a weight tensor, each registered with what it needs.
 
 The registry (:mod:`bitsmith.methods.base`) is re-exported here; importing this package imports the
-built-in methods (rtn, hqq, gptq) so that they register themselves.
+built-in methods (rtn, hqq, gptq, vq) so that they register themselves.
 """
 
-from bitsmith.methods import gptq, hqq, rtn  # noqa: F401  (registration)
+from bitsmith.methods import gptq, hqq, rtn, vq  # noqa: F401  (registration)
 from bitsmith.methods.base import (
     METHODS,
     LayerStats,

@@ -101,6 +101,9 @@ class QuantizePlan:
         from bitsmith.transforms.rotate import check_combination
 
         check_combination(transforms)
+        from bitsmith.methods.vq import check_method
+
+        check_method(quantizer, self.spec, list(self.layer_specs.values()))
         object.__setattr__(self, "quantizer", quantizer)
         object.__setattr__(self, "transforms", transforms)
         object.__setattr__(self, "run_options", run_options)

@@ -166,5 +166,9 @@ def rtn_dequantized(weight: torch.Tensor, spec) -> torch.Tensor:
 
     if spec.grid == "fit":
         return rtn(weight, spec, None, {}).dequantize()
+    if spec.grid == "vq":  # vector codes: the same codebook fit, nearest vectors, no feedback
+        from bitsmith.methods.vq import nearest_tensor
+
+        return nearest_tensor(weight, spec).dequantize()
     chunks = row_chunks(weight.shape[0], weight.shape[1], RTN_CHUNK_WEIGHTS)
     return torch.cat(map_chunks(lambda rows: rtn(weight[rows], spec, None, {}).dequantize(), chunks))

@@ -37,6 +37,8 @@ class TunableLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dequantized weight in the codes' basis, float32 [out, in], differentiable in scale/zero."""
         scale = expand_groups(self.scale, self.spec, self.in_features)
+        if self.spec.grid == "vq":  # vector codes: whole codebook rows (the codebook stays as stored)
+            return self.grid[self.codes.long()].reshape(self.out_features, self.in_features) * scale
         if self.grid is not None:
             return self.grid[self.codes.long()] * scale
         zero = self.zero if self.zero is not None else torch.full_like(self.scale, (self.spec.qmax + 1) / 2)

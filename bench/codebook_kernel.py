@@ -1,0 +1,78 @@
+"""Decode matmul (one activation row) of the vector-codebook kernel (csrc/codebook.cpp) next to the
+scalar native kernel of the same bits/weight, on the linear shapes of SmolLM2-135M and
+Qwen2.5-Coder-1.5B (issue 19). Random codes: a gemv's time does not depend on their values.
+
+    python bench/codebook_kernel.py [--threads 1] [--rounds 5]
+
+Per shape: best-of microseconds per call of each kernel, taken in alternating rounds (paired on a
+shared machine), and the packed bytes each reads. Both kernels are first checked against the
+dequantize-then-matmul oracle on the same input. Nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bitsmith.kernels import prepare, reference_linear
+from bitsmith.runtime.options import RuntimeOptions
+from bitsmith.spec import QuantSpec
+from bitsmith.tensor import QuantizedTensor
+
+SHAPES = {"smollm2 q/o": (576, 576), "smollm2 k/v": (192, 576), "smollm2 gate/up": (1536, 576),
+          "smollm2 down": (576, 1536), "qwen q/o": (1536, 1536), "qwen gate/up": (8960, 1536), "qwen down": (1536, 8960)}
+PAIRS = [("w2g64vq", "w2g64"), ("w3g128vq", "w3g128")]
+
+
+def random_qt(out: int, inp: int, spec: QuantSpec) -> QuantizedTensor:
+    g = torch.Generator().manual_seed(0)
+    scale = (torch.rand(out, spec.groups_per_row(inp), generator=g) * 0.02 + 1e-3).half()
+    if spec.grid == "vq":
+        codes = torch.randint(0, spec.levels, (out, inp // spec.vq_dim), generator=g, dtype=torch.uint8)
+        return QuantizedTensor(codes, scale, None, spec, torch.randn(spec.levels, spec.vq_dim, generator=g).half())
+    codes = torch.randint(0, spec.qmax + 1, (out, inp), generator=g, dtype=torch.uint8)
+    return QuantizedTensor(codes, scale, (torch.rand(out, spec.groups_per_row(inp), generator=g) * spec.qmax).half(), spec)
+
+
+def best_us(fn, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=200)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    options = RuntimeOptions(threads=args.threads, int8_decode=False)
+    print(f"{args.threads} thread(s), best of {args.rounds} x {args.reps} calls, one activation row (fp32)\n")
+    print("| shape | spec | kernel | packed KB | us/call | GB/s | vq / scalar time |")
+    print("|---|---|---|---|---|---|---|")
+    for label, (out, inp) in SHAPES.items():
+        x = torch.randn(1, inp)
+        for vq_text, scalar_text in PAIRS:
+            qts = [random_qt(out, inp, QuantSpec.parse(t)) for t in (vq_text, scalar_text)]
+            kernels = [prepare(qt, options) for qt in qts]
+            for qt, k in zip(qts, kernels):  # checked before timed
+                assert torch.allclose(k(x), reference_linear(x, qt), atol=1e-3 * inp ** 0.5), (label, qt.spec)
+            times = [float("inf")] * 2
+            for _ in range(args.rounds):
+                for i, k in enumerate(kernels):
+                    times[i] = min(times[i], best_us(lambda: k(x), args.reps))
+            for i, (qt, k) in enumerate(zip(qts, kernels)):
+                nbytes = qt.stored_bits() / 8
+                ratio = f"{times[0] / times[1]:.2f}" if i == 0 else ""
+                print(f"| {label} {out}x{inp} | {qt.spec} | {k.name} | {nbytes / 1024:.0f} | {times[i]:.1f} | "
+                      f"{nbytes / times[i] / 1e3:.2f} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Weight-space error of scalar and vector codes on SmolLM2-135M layers, in the rotated basis
+(issue 19): ``||Q(W R^T) R - W|| / ||W||`` for RTN (clip search) and the vq codebook without error
+feedback (no calibration), so the formats are compared before GPTQ's feedback is added to either.
+
+    python bench/vq_weight_error.py [--model smollm2-135m] [--output-error]
+
+Each cell: relative error (bits/weight of that layer, codebook and scales counted). Nothing asserted.
+``--output-error`` instead compares GPTQ and vq *with* error feedback on block 0's q/k projections:
+``tr(dW H dW^T) / tr(W H W^T)`` with H from 32 x 512 calibration tokens (State of the Union) through
+the embedding and block 0's input RMSNorm (the only layers whose inputs need no forward pass), both
+in the same randomized Hadamard basis.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bitsmith.hadamard import Rotation
+from bitsmith.methods.rtn import rtn
+from bitsmith.methods.vq import nearest_tensor
+from bitsmith.models import open_source
+from bitsmith.spec import QuantSpec
+
+LAYERS = ["model.layers.0.self_attn.q_proj.weight", "model.layers.15.mlp.down_proj.weight",
+          "model.layers.29.mlp.gate_proj.weight"]
+SPECS = ["w2g64", "w2g64vq", "w2vq", "w3g128", "w3g128vq"]
+
+
+def output_errors(src) -> None:
+    from bitsmith.calib.data import read_calibration_text
+    from bitsmith.methods.base import LayerStats
+    from bitsmith.methods.gptq import gptq, layer_error
+    from bitsmith.methods.vq import vq
+    from bitsmith.transforms.rotate import quantize_rotated
+
+    ids = torch.tensor(src.tokenizer()(read_calibration_text()[:200_000])["input_ids"][: 32 * 512])
+    emb = src.load_tensor("model.embed_tokens.weight").float()[ids]
+    gain = src.load_tensor("model.layers.0.input_layernorm.weight").float()
+    x = emb * torch.rsqrt(emb.pow(2).mean(-1, keepdim=True) + 1e-5) * gain
+    stats = LayerStats(hessian=x.T @ x, tokens=len(ids))
+    pairs = [(gptq, "w2g64"), (vq, "w2g64vq"), (gptq, "w3g128"), (vq, "w3g128vq")]
+    print("| layer | " + " | ".join(f"{m.__name__} {s}" for m, s in pairs) + " |")
+    print("|---" * (len(pairs) + 1) + "|")
+    for name in ("self_attn.q_proj", "self_attn.k_proj"):
+        w = src.load_tensor(f"model.layers.0.{name}.weight").float()
+        cells = []
+        for method, text in pairs:
+            spec = QuantSpec.parse(text)
+            qt = quantize_rotated(method, w, spec, stats, {}, 0)
+            cells.append(f"{layer_error(w, qt.weight(), stats.hessian):.3e} ({spec.bits_per_weight(*w.shape):.2f})")
+        print(f"| layers.0.{name} {tuple(w.shape)} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--output-error", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    src = open_source(args.model)
+    if args.output_error:
+        return output_errors(src)
+    print("| layer | " + " | ".join(f"{s} ({'rtn' if 'vq' not in s else 'vq, no feedback'})" for s in SPECS) + " |")
+    print("|---" * (len(SPECS) + 1) + "|")
+    for name in LAYERS:
+        w = src.load_tensor(name).float()
+        rot = Rotation.seeded(w.shape[1], 0)
+        wr = rot.rotate_weight(w)
+        cells = []
+        for text in SPECS:
+            spec = QuantSpec.parse(text)
+            qt = nearest_tensor(wr, spec) if spec.grid == "vq" else rtn(wr, spec, None, {})
+            err = (rot.unrotate_weight(qt.dequantize()) - w).norm() / w.norm()
+            cells.append(f"{err:.4f} ({spec.bits_per_weight(*w.shape):.2f})")
+        short = name.removeprefix("model.").removesuffix(".weight")
+        print(f"| {short} {tuple(w.shape)} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

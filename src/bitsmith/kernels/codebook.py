@@ -1,0 +1,114 @@
+"""The native kernel of vector-codebook layers (``vq`` specs, csrc/codebook.cpp).
+
+Keeps what the checkpoint stores (packed indices, fp16 group scales) plus the codebook as float32
+(at most 256 x 4 floats, 4 KB: it stays in L1 while a row is gathered). Decode and small batches (up
+to ``GEMV_MAX_ROWS`` activation rows) run ``bs_vq_gemv`` straight from the indices; larger batches
+dequantize a few MB of rows at a time (``bs_vq_dequant``) and hand them to torch's float32 ``mm``.
+Other devices and autograd fall back to the dequantize-then-matmul oracle.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from bitsmith.formats.packing import pack, packed_row_bytes
+from bitsmith.kernels.torch_path import reference_linear
+from bitsmith.spec import QuantSpec
+from bitsmith.tensor import QuantizedTensor
+
+GEMV_MAX_ROWS = 8  # the C gemv is specialised for 1..8 activation rows
+CHUNK_BYTES = 2 << 20  # fp32 weight rows dequantized at a time on the batched path
+PARALLEL_MIN_WEIGHTS = 1 << 16  # smaller matrices run on one thread
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the C signatures of csrc/codebook.cpp's functions on the loaded library."""
+    lib.bs_vq_gemv.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64]
+    lib.bs_vq_gemv.restype = None
+    lib.bs_vq_dequant.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _I64]
+    lib.bs_vq_dequant.restype = None
+    return lib
+
+
+class CodebookKernel:
+    """x [..., in] -> x W^T for a vq QuantizedTensor, from its packed indices."""
+
+    name = "native-vq"
+
+    def __init__(self, lib: ctypes.CDLL, qweight: torch.Tensor, scale: torch.Tensor, grid: torch.Tensor,
+                 spec: QuantSpec, in_features: int, threads: int | None = None) -> None:
+        if spec.grid != "vq":
+            raise ValueError(f"CodebookKernel runs vq specs, not {spec}")
+        out_features = qweight.shape[0]
+        if tuple(qweight.shape) != (out_features, packed_row_bytes(in_features // spec.vq_dim, spec.index_bits)):
+            raise ValueError(f"packed indices {tuple(qweight.shape)} do not hold {in_features} inputs of {spec}")
+        self._lib = declare(lib)
+        self.spec, self.in_features, self.out_features, self.threads = spec, in_features, out_features, threads
+        # the kernels read each run of indices as one 64-bit word: 8 bytes of padding after the last row
+        padded = torch.zeros(qweight.numel() + 8, dtype=torch.uint8)
+        self.qweight = padded[: qweight.numel()].view(qweight.shape)
+        self.qweight.copy_(qweight)
+        self.scale = scale.to(torch.float16).contiguous()
+        self.grid = grid.to(torch.float16).contiguous()  # as stored
+        self.codebook = self.grid.float().contiguous()  # what the kernel gathers from
+        self._group = spec.group_size or max(in_features, 1)
+        self._small = out_features * in_features < PARALLEL_MIN_WEIGHTS
+
+    @classmethod
+    def of(cls, lib: ctypes.CDLL, qt: QuantizedTensor, threads: int | None = None) -> "CodebookKernel":
+        return cls(lib, pack(qt.codes, qt.spec.index_bits), qt.scale, qt.grid, qt.spec, qt.shape[1], threads)
+
+    def _threads(self) -> int:
+        return 1 if self._small else self.threads or torch.get_num_threads()
+
+    def _shape_args(self) -> tuple[int, int, int, int]:
+        return self.in_features, self.spec.vq_dim, self.spec.index_bits, self._group
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+            return reference_linear(x, self.quantized())
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"input has {tuple(x.shape)[-1:]} features; this layer takes {self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # [T, in]
+        rows = x2.shape[0]
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)
+        if rows and self.out_features:
+            if rows <= GEMV_MAX_ROWS:
+                self._lib.bs_vq_gemv(x2.data_ptr(), rows, self.qweight.data_ptr(), self.scale.data_ptr(),
+                                     self.codebook.data_ptr(), self.out_features, self.in_features, self.spec.vq_dim,
+                                     self.spec.index_bits, self._group, y.data_ptr(), self._threads())
+            else:
+                self._blocked(x2, y)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of W, float32 [stop - start, in], computed by the native kernel."""
+        buf = torch.empty(stop - start, self.in_features, dtype=torch.float32)
+        self._lib.bs_vq_dequant(self.qweight.data_ptr(), self.scale.data_ptr(), self.codebook.data_ptr(),
+                                *self._shape_args(), start, stop - start, buf.data_ptr(), self._threads())
+        return buf
+
+    def _blocked(self, x2: torch.Tensor, y: torch.Tensor) -> None:
+        rows = max(1, CHUNK_BYTES // (4 * max(self.in_features, 1)))
+        for start in range(0, self.out_features, rows):
+            stop = min(start + rows, self.out_features)
+            y[:, start:stop] = x2 @ self.dequantize_rows(start, stop).T
+
+    def quantized(self) -> QuantizedTensor:
+        return QuantizedTensor.from_state(self.qweight, self.scale, None, self.spec, self.in_features, self.grid)
+
+    def to_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.qweight": self.qweight, f"{prefix}.scale": self.scale, f"{prefix}.grid": self.grid}
+
+
+def prepare_codebook(qt: QuantizedTensor, threads: int | None = None) -> CodebookKernel | None:
+    """The native kernel for a vq tensor, or None when the native library cannot be built."""
+    from bitsmith.kernels.build import native_library
+
+    lib = native_library()
+    return None if lib is None else CodebookKernel.of(lib, qt, threads)
