@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "qmatmul.cpp"
 SOURCES = (SOURCE, CSRC / "decode.cpp", CSRC / "vbmi.cpp")  # compiled together into one library
+SOURCES += (CSRC / "gptq.cpp",)  # GPTQ's block walk and the range search (methods.native declares them)
 HEADERS = (CSRC / "gemv.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
 
