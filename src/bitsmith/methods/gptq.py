@@ -57,6 +57,7 @@ DEFAULT_DAMP = 0.01  # λ as a fraction of mean(diag(H)) (paper sec. 3, "Cholesk
 DEFAULT_BLOCK = 128  # B, columns per lazy batch update
 DAMP_RETRIES = 4  # on a failed Cholesky, retry with λ x10 this many times
 SINGLE_THREAD_WIDTH = 2048  # layers with at most this many inputs factorize and walk on one thread
+ERROR_PANELS, ERROR_PANELS_FROM = 4, 512  # layer_errors: column panels of H's upper triangle, from this width
 SEARCH_CHUNK_WEIGHTS = 1 << 16  # weights per chunk of the group-parameter searches (L2-sized temporaries)
 
 
@@ -105,18 +106,24 @@ def layer_errors(weight: torch.Tensor, dequants: list[torch.Tensor], hessian: to
     is computed once and the Hessian is streamed once (a pipeline report compares the method with
     RTN on every layer; on a 1536 x 8960 layer each product is 0.04 TFLOP)."""
     h = hessian.float()
-    errs, energy = [0.0] * len(dequants), 0.0
+    n = h.shape[0]
+    # H is symmetric: e H e^T from its upper block triangle (diagonal blocks once, the blocks right of
+    # them twice), (c + 1) / 2c of the full product's multiply-adds with c column panels
+    cuts = [round(n * i / ERROR_PANELS) for i in range(ERROR_PANELS + 1)] if n >= ERROR_PANELS_FROM else [0, n]
+    totals = torch.zeros(len(dequants) + relative, dtype=torch.float64)
     for start in range(0, weight.shape[0], rows):
         w = weight[start : start + rows].float()
         parts = ([w] if relative else []) + [w - d[start : start + rows].float() for d in dequants]  # [rows, in] each
-        products = (torch.cat(parts) @ h).view(len(parts), w.shape[0], -1)
-        for k, part in enumerate(parts):
+        stacked = torch.cat(parts)  # [parts * rows, in]
+        view = stacked.view(len(parts), w.shape[0], n)
+        for a, b in zip(cuts, cuts[1:]):
+            product = (stacked[:, a:b] @ h[a:b, a:]).view(len(parts), w.shape[0], n - a)
             # float32 elementwise products summed in float64: no float64 copies of either operand
-            value = (products[k] * part).sum(dtype=torch.float64).item()
-            if relative and k == 0:
-                energy += value
-            else:
-                errs[k - relative] += value
+            totals += (product[:, :, : b - a] * view[:, :, a:b]).sum(dim=(1, 2), dtype=torch.float64)
+            if b < n:
+                totals += 2 * (product[:, :, b - a :] * view[:, :, b:]).sum(dim=(1, 2), dtype=torch.float64)
+    values = totals.tolist()
+    energy, errs = (values[0], values[1:]) if relative else (0.0, values)
     if not relative:
         return errs
     return [e / energy if energy > 0 else (0.0 if e == 0 else float("inf")) for e in errs]
