@@ -59,7 +59,7 @@ def test_stats_accumulator_is_the_sum_of_outer_products() -> None:
     torch.testing.assert_close(stats.importance, flat.pow(2).mean(0))
 
 
-@pytest.mark.parametrize("width", [512, 700])
+@pytest.mark.parametrize("width", [512, 700, 1100])  # 2 panels, and 4 from 1024
 def test_wide_stats_accumulate_the_upper_triangle_exactly(width: int) -> None:
     """Wide inputs accumulate only H's upper block triangle and mirror it: the same H as the full
     product (to float32 rounding), exactly symmetric."""
