@@ -264,8 +264,8 @@ def gptq_walk(
         if lib is not None:  # the same column loop in one native call (methods.native)
             errs = native.gptq_block(lib, block, upper[i1:i2, i1:i2], scale_g, zero_g, groups[i1:i2], spec.qmax,
                                      codes_t[i1:i2])
-            if i2 < n:
-                w_t[i2:].sub_(upper[i1:i2, i2:].T @ errs)
+            if i2 < n:  # in place: no [n - i2, out] temporary and no separate subtraction pass
+                w_t[i2:].addmm_(upper[i1:i2, i2:].T, errs, alpha=-1.0)
             continue
         errs = torch.empty_like(block)  # [B, out]
         u_block = upper[i1:i2, i1:i2]  # [B, B]
