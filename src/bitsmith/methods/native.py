@@ -7,14 +7,11 @@ that runs whole chunks of independent output rows per OpenMP thread. The torch v
 the oracles: the tests hold these to them on random inputs. Both functions return None when the
 native library is unavailable (no compiler) or the case is not covered (fitted/non-uniform grids,
 GPTQ's dynamic groups), and the caller takes the torch path.
-
-``BITSMITH_GPTQ_NATIVE=0`` turns both off (for A/B timing and as an escape hatch).
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
@@ -28,8 +25,6 @@ MIN_PARALLEL_WEIGHTS = 1 << 16  # smaller calls run on one thread: waking anothe
 
 def library() -> ctypes.CDLL | None:
     """The kernel library with this module's functions declared, or None (torch paths then)."""
-    if os.environ.get("BITSMITH_GPTQ_NATIVE", "1") == "0":
-        return None
     from bitsmith.kernels.build import native_library
 
     lib = native_library()
