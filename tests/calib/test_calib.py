@@ -59,7 +59,7 @@ def test_stats_accumulator_is_the_sum_of_outer_products() -> None:
     torch.testing.assert_close(stats.importance, flat.pow(2).mean(0))
 
 
-@pytest.mark.parametrize("width", [512, 700])
+@pytest.mark.parametrize("width", [512, 700, 1100])  # 2 panels, and 4 from 1024
 def test_wide_stats_accumulate_the_upper_triangle_exactly(width: int) -> None:
     """Wide inputs accumulate only H's upper block triangle and mirror it: the same H as the full
     product (to float32 rounding), exactly symmetric."""
@@ -109,3 +109,31 @@ def test_capped_hessian_takes_the_first_tokens_and_importance_all(n) -> None:
     torch.testing.assert_close(stats.importance, flat.pow(2).mean(0), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="hessian_tokens"):
         StatsAccumulator(n, hessian_tokens=0)
+
+
+@pytest.mark.parametrize("n", [40, 600])  # one block, and the upper-triangle panels
+def test_bf16_inputs_give_an_fp32_accurate_hessian(n) -> None:
+    """bf16 inputs in the default fp32 mode take the bf16-fpmath GEMMs (exact products, fp32 sums
+    and output): held to a float64 oracle as tightly as a plain float32 GEMM is, i.e. far inside
+    the bf16-rounded products' error, which the same test shows is measurable."""
+    from bitsmith.calib.stats import bf16_fpmath
+
+    g = torch.Generator().manual_seed(5)
+    xs = [(torch.randn(4, 256, n, generator=g) * torch.rand(n, generator=g) * 3).bfloat16() for _ in range(3)]
+    fast, rounded = StatsAccumulator(n), StatsAccumulator(n, "bf16")
+    for x in xs:
+        fast.add(x)
+        rounded.add(x)
+    flat = torch.cat([x.double().reshape(-1, n) for x in xs])
+    oracle = flat.T @ flat
+    scale = oracle.diagonal().mean()
+    err = (fast.stats().hessian.double() - oracle).abs().max() / scale
+    assert err < 2e-6, err
+    assert (rounded.stats().hessian.double() - oracle).abs().max() / scale > 10 * err
+    torch.testing.assert_close(fast.stats().importance.double(), flat.pow(2).mean(0), rtol=1e-5, atol=1e-7)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with bf16_fpmath() as on:  # the process-wide setting is restored, and off when not asked for
+        assert not on or torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    with bf16_fpmath(False) as on:
+        assert not on
+    assert torch.backends.mkldnn.matmul.fp32_precision == before

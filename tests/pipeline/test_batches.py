@@ -31,6 +31,10 @@ def test_run_batches_order_first_alone_and_no_grad() -> None:
     assert log[0][0] == 0 and all(not grad for _, grad, _ in log)
     assert all(n == 1 for b, _, n in log if b > 0) and torch.get_num_threads() == before
     assert list(run_batches(fn, 0)) == []
+    log.clear()  # 4 batches in waves of 2: 0 | 1, 2 | 3, and a wave of one keeps every thread, as batch 0
+    assert list(run_batches(fn, 4, workers=2)) == [(b, 10 * b) for b in range(4)]
+    threads = {b: n for b, _, n in log}
+    assert threads[1] == threads[2] == 1 and threads[0] == threads[3] == before
 
 
 def _sequential(fn, count, workers=None):

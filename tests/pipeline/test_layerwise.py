@@ -291,6 +291,36 @@ def test_output_replay_skips_recomputation(models, calib) -> None:
         h.remove()
 
 
+@pytest.mark.parametrize("budget,replayed", [(1 << 30, True), (4 * 2 * 5 * 64 * 4 - 1, False)])
+def test_output_replay_replays_norms_within_their_share(models, budget, replayed) -> None:
+    """A norm (no linears) that completes in a pass is replayed afterwards, bit for bit, when its
+    outputs fit in FREE_SHARE of the budget; past that share it is recomputed."""
+    from bitsmith.pipeline.layerwise import OutputReplay
+    from bitsmith.pipeline.replay import FREE_SHARE
+
+    net = build_model(open_source(models["llama"]))
+    block = find_blocks(net)[1][0]
+    linears = block_linears(block)
+    outs = []  # the norm's output per call: the recorded tensor itself when replayed
+    block.input_layernorm.register_forward_hook(lambda m, a, out: outs.append(out))
+    hidden = torch.randn(2, 5, net.config.hidden_size)
+    pos = torch.arange(5)[None].expand(2, 5)
+    kwargs = {"position_embeddings": net.model.rotary_emb(hidden, pos), "attention_mask": None}
+    assert 2 * 5 * net.config.hidden_size * 4 <= budget * FREE_SHARE or not replayed
+    replay = OutputReplay(block, linears, batches=1, budget=budget)
+    with torch.no_grad():
+        want = block(hidden, **kwargs)
+        want = want[0] if isinstance(want, tuple) else want
+        for _ in range(3):
+            outs.clear()
+            with replay.active():
+                got = block(hidden, **kwargs)
+            assert torch.equal(got[0] if isinstance(got, tuple) else got, want)
+    recorded = replay._cache.get("input_layernorm")
+    assert (recorded is not None) == replayed
+    assert len(outs) == 1 and (recorded is not None and outs[0] is recorded[0]) == replayed
+
+
 @pytest.mark.parametrize("spec", ["w4g32nf", "w3g32fit"])
 def test_gptq_with_grids_writes_a_loadable_checkpoint(models, calib, tmp_path, spec) -> None:
     """q/k/v (and gate/up) quantized as one stacked GPTQ problem share one grid tensor; the block file

@@ -7,17 +7,28 @@ diagonal over the token count, so it costs nothing extra.
 H is symmetric, so wide inputs (``in >= SYMMETRIC_FROM``) accumulate only its upper block triangle:
 with the columns cut into c panels, row panel i is multiplied by the columns from panel i on,
 (c + 1) / 2c of the full product's multiply-adds (62 % at c = 4), and the lower triangle is
-mirrored once when the statistics are read. The blocks are plain float32 GEMMs, as accurate as the
-full product.
+mirrored once when the statistics are read (c = 2 below 1024 inputs: measured here, 4 panels of
+144 columns ran slower than 2 of 288 on SmolLM2's 576). The blocks are plain float32 GEMMs, as
+accurate as the full product.
 
 ``products="bf16"`` (opt-in: ``bitsmith quantize --hessian-dtype bf16``) multiplies bfloat16 inputs in
 bfloat16 GEMMs, ~2.2x the float32 rate here (AVX-512 BF16): each batch's partial sum is accumulated
 in float32 inside the GEMM and rounded to bfloat16 once (relative error 2^-9 per entry and batch),
 then added to the float32 total. On SmolLM2's GPTQ w4g128 it saved 19% of the time and raised the
 held-out KLD 2.1% (0.1413 -> 0.1443, bench/results/calibrated-methods/gptq_speed.md), hence not the default.
+
+The default ``products="fp32"`` with **bfloat16 inputs** (bitsmith's bf16 block forwards) is exact and
+fast at once: the inputs go to float32 GEMMs run in oneDNN's bf16 "fpmath" mode (AMX or AVX-512 BF16,
+float32 accumulation *and* float32 output). Rounding the operands to bf16 changes nothing, since they
+are bf16 values already, so the result is a float32 GEMM's up to summation order (held to a float64
+oracle in the tests), at ~2x the MKL float32 rate here. What ``products="bf16"`` loses is the
+output's rounding to bf16, which this mode does not do. Float32 inputs keep the plain float32 GEMM.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -48,7 +59,8 @@ class StatsAccumulator:
         self._in_hessian = 0  # tokens summed into the Hessian so far
         self._squares = None if hessian_tokens is None else torch.zeros(in_features, dtype=torch.float64)
         n = in_features
-        self._cuts = ([round(n * i / PANELS) for i in range(PANELS + 1)] if n >= SYMMETRIC_FROM else None)
+        panels = PANELS if n >= 2 * SYMMETRIC_FROM else 2  # narrower panels lose more to the GEMM's edges
+        self._cuts = ([round(n * i / panels) for i in range(panels + 1)] if n >= SYMMETRIC_FROM else None)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])  # [tokens, in]
@@ -59,15 +71,17 @@ class StatsAccumulator:
             if x.shape[0] == 0:
                 return
         self._in_hessian += x.shape[0]
+        exact_bf16 = self.products == "fp32" and x.dtype == torch.bfloat16
         x = x.to(torch.bfloat16) if self.products == "bf16" else x.float()
         # upper block triangle: rows a:b, columns a: (one block, the whole matrix, below SYMMETRIC_FROM)
         cuts = self._cuts or [0, x.shape[1]]
-        for a, b in zip(cuts, cuts[1:]):
-            out = self.hessian[a:b, a:]
-            if self.products == "bf16":
-                out += (x[:, a:b].T @ x[:, a:]).float()
-            else:  # addmm into the fp32 sum: no [in, in] temporary per batch
-                out.addmm_(x[:, a:b].T, x[:, a:])
+        with bf16_fpmath(exact_bf16):
+            for a, b in zip(cuts, cuts[1:]):
+                out = self.hessian[a:b, a:]
+                if self.products == "bf16":
+                    out += (x[:, a:b].T @ x[:, a:]).float()
+                else:  # addmm into the fp32 sum: no [in, in] temporary per batch
+                    out.addmm_(x[:, a:b].T, x[:, a:])
 
     def stats(self) -> LayerStats:
         if self._cuts is not None:  # mirror the upper block triangle into the lower one
@@ -79,3 +93,22 @@ class StatsAccumulator:
         else:
             importance = self.hessian.diagonal() / max(self.tokens, 1)  # [in], mean x^2
         return LayerStats(hessian=self.hessian, importance=importance.clone(), tokens=self.tokens)
+
+
+@contextmanager
+def bf16_fpmath(enabled: bool = True) -> Iterator[bool]:
+    """Run float32 matmuls in the block through oneDNN's bf16 fpmath mode (operands rounded to bf16,
+    float32 accumulation and output); yields whether the mode was set. Exact for operands that are
+    bf16 values. The setting is process-wide: callers use it only where no other thread multiplies
+    (the statistics are summed on the pipeline's own thread between waves of batch forwards).
+    A torch without the setting, or without oneDNN, keeps plain float32 GEMMs (same values)."""
+    backend = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if not enabled or backend is None or not hasattr(backend, "fp32_precision") or not torch.backends.mkldnn.is_available():
+        yield False
+        return
+    before = backend.fp32_precision
+    backend.fp32_precision = "bf16"
+    try:
+        yield True
+    finally:
+        backend.fp32_precision = before

@@ -31,6 +31,7 @@ SOURCE = CSRC / "qmatmul.cpp"
 SOURCES = (SOURCE, CSRC / "decode.cpp", CSRC / "vbmi.cpp")  # compiled together into one library
 SOURCES += (CSRC / "smallbatch.cpp",)  # 2..16-row exact packed matmul (kernels.small)
 SOURCES += (CSRC / "codebook.cpp",)  # vector-codebook (vq) decode (kernels.codebook)
+SOURCES += (CSRC / "gptq.cpp",)  # GPTQ's block walk and the range search (methods.native declares them)
 HEADERS = (CSRC / "gemv.h", CSRC / "attention.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
 

@@ -37,6 +37,7 @@ from typing import Callable
 
 import torch
 
+from bitsmith.methods import native
 from bitsmith.methods.base import LayerStats, Needs, register
 from bitsmith.methods.parallel import intra_op_threads, map_chunks, row_chunks
 from bitsmith.methods.rtn import (
@@ -56,6 +57,7 @@ DEFAULT_DAMP = 0.01  # λ as a fraction of mean(diag(H)) (paper sec. 3, "Cholesk
 DEFAULT_BLOCK = 128  # B, columns per lazy batch update
 DAMP_RETRIES = 4  # on a failed Cholesky, retry with λ x10 this many times
 SINGLE_THREAD_WIDTH = 2048  # layers with at most this many inputs factorize and walk on one thread
+ERROR_PANELS, ERROR_PANELS_FROM = 4, 512  # layer_errors: column panels of H's upper triangle, from this width
 SEARCH_CHUNK_WEIGHTS = 1 << 16  # weights per chunk of the group-parameter searches (L2-sized temporaries)
 
 
@@ -92,7 +94,7 @@ def layer_error(weight: torch.Tensor, dequant: torch.Tensor, hessian: torch.Tens
                 rows: int = 256) -> float:
     """Output reconstruction error ``tr((W - Ŵ) H (W - Ŵ)^T)`` = ``||W X - Ŵ X||^2`` when H = X X^T;
     divided by ``tr(W H W^T)`` (the output energy) when ``relative``, giving a scale-free figure.
-    Computed ``rows`` output rows at a time (float64 products and sums), so the temporaries stay
+    Computed ``rows`` output rows at a time (float32 products, float64 sums), so the temporaries stay
     small next to an 8960 x 8960 Hessian."""
     return layer_errors(weight, [dequant], hessian, relative, rows)[0]
 
@@ -104,17 +106,24 @@ def layer_errors(weight: torch.Tensor, dequants: list[torch.Tensor], hessian: to
     is computed once and the Hessian is streamed once (a pipeline report compares the method with
     RTN on every layer; on a 1536 x 8960 layer each product is 0.04 TFLOP)."""
     h = hessian.float()
-    errs, energy = [0.0] * len(dequants), 0.0
+    n = h.shape[0]
+    # H is symmetric: e H e^T from its upper block triangle (diagonal blocks once, the blocks right of
+    # them twice), (c + 1) / 2c of the full product's multiply-adds with c column panels
+    cuts = [round(n * i / ERROR_PANELS) for i in range(ERROR_PANELS + 1)] if n >= ERROR_PANELS_FROM else [0, n]
+    totals = torch.zeros(len(dequants) + relative, dtype=torch.float64)
     for start in range(0, weight.shape[0], rows):
         w = weight[start : start + rows].float()
         parts = ([w] if relative else []) + [w - d[start : start + rows].float() for d in dequants]  # [rows, in] each
-        products = (torch.cat(parts) @ h).double().view(len(parts), w.shape[0], -1)
-        for k, part in enumerate(parts):
-            value = (products[k] * part.double()).sum().item()
-            if relative and k == 0:
-                energy += value
-            else:
-                errs[k - relative] += value
+        stacked = torch.cat(parts)  # [parts * rows, in]
+        view = stacked.view(len(parts), w.shape[0], n)
+        for a, b in zip(cuts, cuts[1:]):
+            product = (stacked[:, a:b] @ h[a:b, a:]).view(len(parts), w.shape[0], n - a)
+            # float32 elementwise products summed in float64: no float64 copies of either operand
+            totals += (product[:, :, : b - a] * view[:, :, a:b]).sum(dim=(1, 2), dtype=torch.float64)
+            if b < n:
+                totals += 2 * (product[:, :, b - a :] * view[:, :, b:]).sum(dim=(1, 2), dtype=torch.float64)
+    values = totals.tolist()
+    energy, errs = (values[0], values[1:]) if relative else (0.0, values)
     if not relative:
         return errs
     return [e / energy if energy > 0 else (0.0 if e == 0 else float("inf")) for e in errs]
@@ -198,8 +207,12 @@ def _group_params(
     if grid is not None:
         parts = map_chunks(lambda rows: fit_grid_scales(groups[rows], grid, mask, weights, steps), _chunks(groups))
         return torch.cat(parts).half().float(), None
-    parts = map_chunks(lambda rows: fit_group_ranges(groups[rows], spec, mask, weights, steps), _chunks(groups))
-    scale, zero = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    fast = native.range_search(groups, spec, mask, weights, steps, weight.shape[1])  # one call, or None
+    if fast is not None:
+        scale, zero = fast
+    else:
+        parts = map_chunks(lambda rows: fit_group_ranges(groups[rows], spec, mask, weights, steps), _chunks(groups))
+        scale, zero = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return scale.half().float(), zero.half().float() if spec.has_zero else zero
 
 
@@ -243,9 +256,17 @@ def gptq_walk(
     w_t = weight_t
     n = w_t.shape[0]
     codes_t = torch.empty(w_t.shape, dtype=torch.uint8)
+    lib = native.library() if refit is None and grid is None and zero_g is not None else None
+    groups = torch.tensor(group_of, dtype=torch.int64) if lib is not None else None
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         block = w_t[i1:i2]  # [B, out], a view: refit sees the in-block updates written back below
+        if lib is not None:  # the same column loop in one native call (methods.native)
+            errs = native.gptq_block(lib, block, upper[i1:i2, i1:i2], scale_g, zero_g, groups[i1:i2], spec.qmax,
+                                     codes_t[i1:i2])
+            if i2 < n:  # in place: no [n - i2, out] temporary and no separate subtraction pass
+                w_t[i2:].addmm_(upper[i1:i2, i2:].T, errs, alpha=-1.0)
+            continue
         errs = torch.empty_like(block)  # [B, out]
         u_block = upper[i1:i2, i1:i2]  # [B, B]
         # the column loop is ~10 small operations per column: one intra-op thread (methods.parallel:

@@ -27,7 +27,8 @@ R = TypeVar("R")
 def run_batches(fn: Callable[[int], R], count: int, workers: int | None = None) -> Iterator[tuple[int, R]]:
     """Yield ``(b, fn(b))`` for b in 0..count-1, in order: batch 0 alone, then waves of ``workers``
     batches (default: torch's intra-op thread count) in threads, each under ``torch.no_grad()``
-    with one intra-op thread. At most ``workers`` results are held at once."""
+    with one intra-op thread (a wave of one runs on the caller's thread with all of them, so no
+    core idles). At most ``workers`` results are held at once."""
     workers = max(1, workers or torch.get_num_threads())
 
     def call(b: int) -> R:
@@ -38,4 +39,7 @@ def run_batches(fn: Callable[[int], R], count: int, workers: int | None = None) 
         yield 0, call(0)
     for start in range(1, count, workers):
         wave = list(range(start, min(start + workers, count)))
-        yield from zip(wave, map_chunks(call, wave, workers))
+        if len(wave) == 1:  # a last batch alone (an odd count) gets every intra-op thread, as batch 0
+            yield wave[0], call(wave[0])
+        else:
+            yield from zip(wave, map_chunks(call, wave, workers))

@@ -8,8 +8,8 @@ Two facts make most of that recomputation avoidable, bit for bit:
   linear that ran before that point belongs to an earlier, already quantized stage (stages are
   ordered by first call). So any sub-module whose forward *returns* during a pass -- the q/k/v
   projections, the whole attention, gate/up -- returns what it will return on every later pass.
-  Outputs of modules that contain linears are recorded per batch and replayed (norms and
-  activations are cheap to recompute and not worth their memory); only the topmost are kept.
+  Outputs are recorded per batch and replayed; only the topmost are kept. Modules without linears
+  (norms) get at most ``FREE_SHARE`` of the budget, so the tails below keep the rest.
 - **A cut-short module is often just its last linear.** The pass that stops at ``o_proj`` has
   computed the attention core; the module that contains ``o_proj`` returns ``o_proj(that input)``.
   Once ``o_proj`` is quantized, the next pass computes ``o_proj(recorded input)`` instead of the
@@ -32,6 +32,13 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+
+# Of the budget, at most this much for outputs of modules without linears. 0.15 of the default 1 GiB
+# holds both norms of a SmolLM2 block (2 x 75 MB over 128 x 512 tokens, bf16) but not one of
+# Qwen2.5-1.5B's (201 MB each), whose run is sized against the 40%-of-fp32 memory bound and where
+# norms are a small part of a block's time next to its 6 TFLOP of linears.
+FREE_SHARE = 0.15
 
 
 class OutputReplay:
@@ -63,6 +70,10 @@ class OutputReplay:
 
     def used(self) -> int:
         return sum(_nbytes(v) for outs in (*self._cache.values(), *self._tails.values()) for v in outs)
+
+    def free_used(self) -> int:
+        """Bytes of recorded outputs of modules without linears (norms)."""
+        return sum(_nbytes(v) for n, outs in self._cache.items() if not self._has_linears(n) for v in outs)
 
     def tail_recorder(self, rel: str) -> "list | None":
         """A list for the input of linear ``rel`` per batch (filled by the stage's statistics pass),
@@ -106,7 +117,7 @@ class OutputReplay:
         parent will be computed from that input, so its other children's outputs would go unused."""
         tail_parent = tail_of.rpartition(".")[0] if tail_of else None
         patched = self._patch_forwards()
-        state = _Pass(used=self.used())
+        state = _Pass(used=self.used(), free_used=self.free_used())
         hooks = self._recording_hooks(state, tail_parent) if record else []
         try:
             yield
@@ -135,11 +146,14 @@ class OutputReplay:
     def _recording_hooks(self, state: "_Pass", tail_parent: str | None) -> list:
         hooks = []
         for name, module in self._modules.items():
-            if (self._covered(name) or name in self._skip or not self._has_linears(name)
+            if (self._covered(name) or name in self._skip
                     or not self._linears_done(name) or (tail_parent and name.startswith(tail_parent + "."))
                     or any(self._linears_done(a) for a in self._ancestors(name))):
-                # norms and activations are cheap to recompute; a finished ancestor is recorded
-                # instead of its children; the linears_done test guards other callers
+                # a finished ancestor is recorded instead of its children; the linears_done test
+                # guards other callers. Modules without linears (norms) are recorded too, within
+                # their own share of the budget (FREE_SHARE): the pipeline calls the block's first
+                # norm in all five passes and its second in three, and each is ~8 elementwise
+                # passes over the hidden states (a third of a bf16 SmolLM2 block forward)
                 continue
             state.recording[name] = [None] * self.batches
             hooks.append(module.register_forward_hook(self._recorder(name, state)))
@@ -159,18 +173,22 @@ class OutputReplay:
             key = f"{name}@{self.batch}"
             state.calls[key] = state.calls.get(key, 0) + 1
             if state.calls[key] > 1 or not _replayable(output):  # called twice per forward, or a container
-                state.used -= state.reserved.pop(name, 0)
+                freed = state.reserved.pop(name, 0)
+                state.used -= freed
+                state.free_used -= freed if not self._has_linears(name) else 0
                 state.recording.pop(name)
                 self._skip.add(name)
                 return
             if name not in state.reserved:
                 need = _nbytes(output) * self.batches
-                if need + state.used > self.budget:
+                free = not self._has_linears(name)
+                if need + state.used > self.budget or (free and need + state.free_used > self.budget * FREE_SHARE):
                     state.recording.pop(name)
                     self._skip.add(name)
                     return
                 state.reserved[name] = need
                 state.used += need
+                state.free_used += need if free else 0
             outs[self.batch] = output
 
         return hook
@@ -221,6 +239,7 @@ class _Pass:
     """One pass's recording state: outputs per module and batch, calls seen, bytes reserved."""
 
     used: int  # bytes of the replay already in use, plus this pass's reservations
+    free_used: int  # the part of ``used`` held by modules without linears
     recording: dict[str, list] = field(default_factory=dict)  # module name -> output per batch
     calls: dict[str, int] = field(default_factory=dict)  # "name@batch" -> calls in this batch
     reserved: dict[str, int] = field(default_factory=dict)  # module name -> bytes reserved

@@ -161,8 +161,10 @@ def rtn_dequantized(weight: torch.Tensor, spec) -> torch.Tensor:
     """``rtn(weight, spec).dequantize()`` (the report's comparison), computed on cache-sized chunks
     of rows spread over the cores (:mod:`bitsmith.methods.parallel`). Rows are independent in RTN's
     range search, so the result is the same; a fitted grid (``fit``) is per tensor and goes whole."""
+    from bitsmith.methods import native
     from bitsmith.methods.parallel import map_chunks, row_chunks
-    from bitsmith.methods.rtn import rtn
+    from bitsmith.methods.rtn import DEFAULT_CLIP_GRID, quantize_with_params, rtn
+    from bitsmith.primitives import group_mask, to_groups
 
     if spec.grid == "fit":
         return rtn(weight, spec, None, {}).dequantize()
@@ -170,5 +172,10 @@ def rtn_dequantized(weight: torch.Tensor, spec) -> torch.Tensor:
         from bitsmith.methods.vq import nearest_tensor
 
         return nearest_tensor(weight, spec).dequantize()
+    # uniform specs: rtn's default clip search in one native call (methods.native), then its codes
+    fast = native.range_search(to_groups(weight.float(), spec), spec, group_mask(spec, weight.shape[1]), None,
+                               DEFAULT_CLIP_GRID, weight.shape[1])
+    if fast is not None:
+        return quantize_with_params(weight.float(), fast[0], fast[1], spec).dequantize()
     chunks = row_chunks(weight.shape[0], weight.shape[1], RTN_CHUNK_WEIGHTS)
     return torch.cat(map_chunks(lambda rows: rtn(weight[rows], spec, None, {}).dequantize(), chunks))
