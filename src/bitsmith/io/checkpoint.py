@@ -32,6 +32,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
@@ -125,6 +126,30 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         _write_safetensors_header(f, header, metadata)
         for t in tensors.values():
             _write_tensor_bytes(f, t)
+
+
+def write_safetensors_stream(path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                             pieces: "Callable[[str], Iterable[torch.Tensor]]", metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose tensors are produced piece by piece: ``layout`` gives each
+    tensor's dtype and shape (in file order), ``pieces(name)`` yields its data as consecutive flat
+    chunks. Only one piece is in memory at a time, so a 4 GB shard costs a chunk, not 4 GB; a tensor
+    whose pieces do not add up to its shape is refused (the file would lie about its contents)."""
+    header, offset = {}, 0
+    for name, (dtype, shape) in layout.items():
+        header[name] = _safetensors_entry(name, torch.empty(shape, dtype=dtype, device="meta"), offset)
+        offset = header[name]["data_offsets"][1]
+    with open(path, "wb") as f:
+        _write_safetensors_header(f, header, metadata)
+        for name, (dtype, _) in layout.items():
+            begin, end = header[name]["data_offsets"]
+            written = 0
+            for piece in pieces(name):
+                if piece.dtype != dtype:
+                    raise CheckpointError(f"a piece of tensor {name} is {piece.dtype}, the layout says {dtype}")
+                _write_tensor_bytes(f, piece)
+                written += piece.numel() * piece.element_size()
+            if written != end - begin:
+                raise CheckpointError(f"tensor {name} got {written} bytes, its shape needs {end - begin}")
 
 
 class _ShardStream:
