@@ -83,4 +83,5 @@ def test_kill_before_any_shard_leaves_nothing_to_refuse(models, tmp_path, monkey
     plan = QuantizePlan(QuantSpec.parse("w4g32"), "rtn")
     with pytest.raises(KeyboardInterrupt):
         quantize(models["untied"], tmp_path / "q", plan, progress=crash_after(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no work folder, no lock
     assert quantize(models["untied"], tmp_path / "q", plan).exists()

@@ -290,13 +290,15 @@ class CheckpointWriter:
             self._stream = _ShardStream(self.tmp_dir / f"shard-{len(self._shards):05d}.safetensors")
         return self._stream
 
-    def _flush(self) -> None:
+    def _flush(self, commit: bool = True) -> None:
+        """Close the current shard; ``commit``: also to the ledger (not the last shard: ``finish``
+        publishes it at once, so a crash then loses nothing a resume could use)."""
         stream, self._stream = self._open_stream(), None
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "quantization": json.dumps({"method": self.method, "options": self.options, "tensors": self._pending_specs})}
         with _disk_full_as_error(stream.path):
             stream.close(meta)
-            path = stream.path if self.ledger is None else self.ledger.commit(
+            path = stream.path if self.ledger is None or not commit else self.ledger.commit(
                 stream.path, list(stream.header), self._pending_specs, self._pending_reports)
         self._shards.append((path, list(stream.header)))
         self.specs.update(self._pending_specs)
@@ -308,7 +310,7 @@ class CheckpointWriter:
     def finish(self, report: dict | None = None) -> Path:
         """Flush, name the shards, write the index and report, then rename into place."""
         if self._stream is not None or not self._shards:
-            self._flush()
+            self._flush(commit=False)
         total = len(self._shards)
         weight_map = {}
         for i, (path, names) in enumerate(self._shards):

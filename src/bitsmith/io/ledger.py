@@ -67,13 +67,10 @@ class ShardLedger:
                 ledger._check_files()
                 log.info("resuming after %d committed shard(s) in %s", len(ledger.shards), path)
                 return ledger
+            ledger_file.unlink()  # a ledger that committed nothing: nothing to keep
         elif resume:
             log.info("nothing to resume in %s; starting from the first tensor", path)
-        shutil.rmtree(path, ignore_errors=True)  # debris of a run that committed nothing
-        path.mkdir(parents=True)
-        ledger = cls(path, key)
-        ledger._write()
-        return ledger
+        return cls(path, key)  # the folder is made by the first commit: a run that commits nothing leaves nothing
 
     @staticmethod
     def _read(ledger_file: Path) -> dict:
@@ -99,6 +96,7 @@ class ShardLedger:
         """Make the closed shard file durable, move it into the work folder and record it; returns
         its new path. The shard counts as finished only once the ledger naming it is on disk."""
         _fsync(shard)
+        self.path.mkdir(exist_ok=True)
         name = f"shard-{len(self.shards):05d}.safetensors"
         os.replace(shard, self.path / name)
         self.shards.append({"file": name, "tensors": tensors, "specs": specs, "reports": reports})
