@@ -139,18 +139,22 @@ def write_safetensors_stream(path: Path, layout: dict[str, tuple[torch.dtype, tu
     for name, (dtype, shape) in layout.items():
         header[name] = _safetensors_entry(name, torch.empty(shape, dtype=dtype, device="meta"), offset)
         offset = header[name]["data_offsets"][1]
-    with open(path, "wb") as f:
-        _write_safetensors_header(f, header, metadata)
-        for name, (dtype, _) in layout.items():
-            begin, end = header[name]["data_offsets"]
-            written = 0
-            for piece in pieces(name):
-                if piece.dtype != dtype:
-                    raise CheckpointError(f"a piece of tensor {name} is {piece.dtype}, the layout says {dtype}")
-                _write_tensor_bytes(f, piece)
-                written += piece.numel() * piece.element_size()
-            if written != end - begin:
-                raise CheckpointError(f"tensor {name} got {written} bytes, its shape needs {end - begin}")
+    try:
+        with open(path, "wb") as f:
+            _write_safetensors_header(f, header, metadata)
+            for name, (dtype, _) in layout.items():
+                begin, end = header[name]["data_offsets"]
+                written = 0
+                for piece in pieces(name):
+                    if piece.dtype != dtype:
+                        raise CheckpointError(f"a piece of tensor {name} is {piece.dtype}, the layout says {dtype}")
+                    _write_tensor_bytes(f, piece)
+                    written += piece.numel() * piece.element_size()
+                if written != end - begin:
+                    raise CheckpointError(f"tensor {name} got {written} bytes, its shape needs {end - begin}")
+    except BaseException:
+        Path(path).unlink(missing_ok=True)  # never a file whose header promises data it lacks
+        raise
 
 
 class _ShardStream:
