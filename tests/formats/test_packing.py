@@ -47,3 +47,15 @@ def test_pack_matches_bitstream_oracle(bits: int) -> None:
         codes_copy = codes.clone()
         pack(codes, bits)
         assert torch.equal(codes, codes_copy)  # the input is never modified in place
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_pack_of_a_transposed_matrix_is_row_major(bits: int) -> None:
+    """Codes in any memory layout pack as their values say, into a contiguous result (the exporters
+    view packed rows as int32)."""
+    codes = torch.randint(0, 1 << bits, (16, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    packed = pack(codes.t(), bits)
+    assert packed.is_contiguous()
+    one_row = pack(codes.t()[:1], bits)
+    assert one_row.stride() == (one_row.shape[1], 1)  # canonical strides even for a single row
+    assert torch.equal(packed, pack(codes.t().contiguous(), bits))

@@ -28,9 +28,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.numel() and int(codes.max()) >= (1 << bits):
         raise ValueError(f"a code is {int(codes.max())}, too large for {bits} bits")
     runs = math.ceil(cols / 8)
-    padded = codes if runs * 8 == cols else torch.nn.functional.pad(codes, (0, runs * 8 - cols))
-    if bits == 8:
-        return padded.clone() if padded is codes else padded
+    # row-major bytes: the views below need them (a transposed code matrix is copied once here)
+    padded = codes.contiguous() if runs * 8 == cols else torch.nn.functional.pad(codes, (0, runs * 8 - cols))
+    if bits == 8:  # a fresh row-major copy (canonical strides, even for one row: callers view it as int32)
+        return torch.empty((rows, runs * 8), dtype=torch.uint8, device=codes.device).copy_(padded)
     if 8 % bits == 0:  # 2 and 4 bits: whole codes per byte, code k of a byte at bits [k*bits, (k+1)*bits)
         per_byte = padded.view(rows, runs * bits, 8 // bits)
         out = per_byte[..., 0].clone()
