@@ -28,3 +28,34 @@ def test_pack_rejects_bad_input() -> None:
         pack(torch.tensor([[8]], dtype=torch.uint8), 3)
     with pytest.raises(ValueError, match="need"):
         unpack(torch.zeros(2, 5, dtype=torch.uint8), 4, 16)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_pack_matches_bitstream_oracle(bits: int) -> None:
+    """Every width against an independent oracle: each code's bits, little-endian, laid end to end per
+    row (rows padded to whole runs of 8 codes) and cut into bytes by numpy's packbits."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(bits)
+    for cols in (1, 7, 8, 13, 64, 129):
+        codes = torch.randint(0, 1 << bits, (6, cols), dtype=torch.uint8, generator=gen)
+        padded = np.zeros((6, -(-cols // 8) * 8), np.uint8)
+        padded[:, :cols] = codes.numpy()
+        stream = ((padded[..., None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(6, -1)
+        expected = torch.from_numpy(np.packbits(stream, axis=1, bitorder="little"))
+        assert torch.equal(pack(codes, bits), expected)
+        codes_copy = codes.clone()
+        pack(codes, bits)
+        assert torch.equal(codes, codes_copy)  # the input is never modified in place
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_pack_of_a_transposed_matrix_is_row_major(bits: int) -> None:
+    """Codes in any memory layout pack as their values say, into a contiguous result (the exporters
+    view packed rows as int32)."""
+    codes = torch.randint(0, 1 << bits, (16, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    packed = pack(codes.t(), bits)
+    assert packed.is_contiguous()
+    one_row = pack(codes.t()[:1], bits)
+    assert one_row.stride() == (one_row.shape[1], 1)  # canonical strides even for a single row
+    assert torch.equal(packed, pack(codes.t().contiguous(), bits))

@@ -45,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(AVX-512 BF16 or AMX: ~1.8x faster, KLD no worse measured), else fp32. Hessians stay fp32")
     c.add_argument("--hessian-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="GEMM dtype of the Hessian products, summed in fp32 (bf16: ~20%% faster GPTQ, ~2%% higher KLD measured)")
-    c.add_argument("--resume", action="store_true", help="continue an interrupted calibrated run from its last finished block")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run: a calibrated one from its last finished block, "
+                   "a calibration-free one (rtn, hqq) from its last finished output shard")
     p.set_defaults(run=run)
 
 

@@ -28,14 +28,35 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.numel() and int(codes.max()) >= (1 << bits):
         raise ValueError(f"a code is {int(codes.max())}, too large for {bits} bits")
     runs = math.ceil(cols / 8)
-    padded = torch.nn.functional.pad(codes, (0, runs * 8 - cols)).view(rows, runs, 8)
-    if bits == 8:
-        return padded.reshape(rows, runs * 8).clone()
-    shifts = torch.arange(8, dtype=torch.int64, device=codes.device) * bits
-    word = (padded.to(torch.int64) << shifts).sum(-1)  # [rows, runs], < 2**56
-    byte_shifts = torch.arange(bits, dtype=torch.int64, device=codes.device) * 8
-    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF  # [rows, runs, bits]
-    return out.to(torch.uint8).reshape(rows, runs * bits)
+    # row-major bytes: the views below need them (a transposed code matrix is copied once here)
+    padded = codes.contiguous() if runs * 8 == cols else torch.nn.functional.pad(codes, (0, runs * 8 - cols))
+    if bits == 8:  # a fresh row-major copy (canonical strides, even for one row: callers view it as int32)
+        return torch.empty((rows, runs * 8), dtype=torch.uint8, device=codes.device).copy_(padded)
+    if 8 % bits == 0:  # 2 and 4 bits: whole codes per byte, code k of a byte at bits [k*bits, (k+1)*bits)
+        per_byte = padded.view(rows, runs * bits, 8 // bits)
+        out = per_byte[..., 0].clone()
+        for k in range(1, 8 // bits):
+            out |= per_byte[..., k] << (k * bits)
+        return out
+    return _pack_bytewise(padded.view(rows, runs, 8), bits).reshape(rows, runs * bits)
+
+
+def _pack_bytewise(runs: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [rows, runs, 8] codes -> uint8 [rows, runs, bits]: byte j of a run is the OR of the codes
+    whose bits [i*bits, (i+1)*bits) overlap [8j, 8j+8), each shifted into place in uint8 arithmetic
+    (a left shift drops the bits that belong to the next byte, a right shift those of the previous).
+    At most 3 codes touch a byte, so this is a few ops on 1/8-sized slices, and no int64 words."""
+    out = torch.empty(*runs.shape[:-1], bits, dtype=torch.uint8, device=runs.device)
+    for j in range(bits):
+        acc = None
+        for i in range(8):
+            shift = i * bits - 8 * j  # where code i's lowest bit lands in byte j
+            if shift >= 8 or shift + bits <= 0:
+                continue
+            part = runs[..., i] << shift if shift >= 0 else runs[..., i] >> -shift
+            acc = part if acc is None else acc.bitwise_or_(part)
+        out[..., j] = acc
+    return out
 
 
 def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:

@@ -32,11 +32,13 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
 from bitsmith.io import quant_config
 from bitsmith.io.destination import Destination, Staging
+from bitsmith.io.ledger import ShardLedger
 from bitsmith.io.safetensors import read_header, shard_files
 from bitsmith.primitives import abs_max
 from bitsmith.spec import QuantSpec, SpecError
@@ -127,6 +129,34 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
             _write_tensor_bytes(f, t)
 
 
+def write_safetensors_stream(path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                             pieces: "Callable[[str], Iterable[torch.Tensor]]", metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose tensors are produced piece by piece: ``layout`` gives each
+    tensor's dtype and shape (in file order), ``pieces(name)`` yields its data as consecutive flat
+    chunks. Only one piece is in memory at a time, so a 4 GB shard costs a chunk, not 4 GB; a tensor
+    whose pieces do not add up to its shape is refused (the file would lie about its contents)."""
+    header, offset = {}, 0
+    for name, (dtype, shape) in layout.items():
+        header[name] = _safetensors_entry(name, torch.empty(shape, dtype=dtype, device="meta"), offset)
+        offset = header[name]["data_offsets"][1]
+    try:
+        with open(path, "wb") as f:
+            _write_safetensors_header(f, header, metadata)
+            for name, (dtype, _) in layout.items():
+                begin, end = header[name]["data_offsets"]
+                written = 0
+                for piece in pieces(name):
+                    if piece.dtype != dtype:
+                        raise CheckpointError(f"a piece of tensor {name} is {piece.dtype}, the layout says {dtype}")
+                    _write_tensor_bytes(f, piece)
+                    written += piece.numel() * piece.element_size()
+                if written != end - begin:
+                    raise CheckpointError(f"tensor {name} got {written} bytes, its shape needs {end - begin}")
+    except BaseException:
+        Path(path).unlink(missing_ok=True)  # never a file whose header promises data it lacks
+        raise
+
+
 class _ShardStream:
     """One shard being written: tensor bytes go to ``<shard>.data`` as they arrive (nothing is held
     in memory); :meth:`close` writes the header, then copies the data behind it."""
@@ -147,17 +177,40 @@ class _ShardStream:
         self.file.close()
         with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
             _write_safetensors_header(out, self.header, metadata)
-            shutil.copyfileobj(data, out, 16 * 1024**2)
+            out.flush()
+            _append_file(data, out, self.size)
         self.data_path.unlink()
+
+
+def _append_file(src, dst, size: int) -> None:
+    """Copy ``size`` bytes of ``src`` after what ``dst`` holds: in the kernel (copy_file_range) where
+    it can, else through a 16 MB buffer. A closed 2 GB shard used to pass through Python twice."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), size - done)
+            if n == 0:
+                break
+            done += n
+    except (OSError, AttributeError):  # another filesystem, an old kernel, no os.copy_file_range
+        pass
+    if done < size:
+        src.seek(done)
+        dst.seek(0, os.SEEK_END)
+        shutil.copyfileobj(src, dst, 16 * 1024**2)
 
 
 class CheckpointWriter:
     """Writes a checkpoint tensor by tensor, shard by shard, into a temporary folder that
     :meth:`finish` renames to ``out_dir``. Use as a context manager: an exception removes the
-    temporary folder."""
+    temporary folder.
+
+    With ``resume_key`` every closed shard is also committed to a :class:`ShardLedger` in
+    ``<out>.partial/`` (which survives a crash), and with ``resume`` the writer starts from an earlier
+    run's committed shards: :meth:`has` says which tensors it need not be given again."""
 
     def __init__(self, out_dir: Path, method: str, options: dict, *, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 staging: Staging | None = None) -> None:
+                 staging: Staging | None = None, resume_key: dict | None = None, resume: bool = False) -> None:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise CheckpointError(f"{self.out_dir} already exists; choose another --out or pass --overwrite")
@@ -170,7 +223,28 @@ class CheckpointWriter:
         self._stream: _ShardStream | None = None  # the shard being written
         self._pending_specs: dict[str, dict] = {}
         self._names: set[str] = set()  # every tensor written so far, all shards
-        self._shards: list[tuple[str, list[str]]] = []  # temp file name, tensor names
+        self._shards: list[tuple[Path, list[str]]] = []  # closed shard file, tensor names
+        self._pending_reports: list[dict] = []
+        self.resumed_reports: list[dict] = []  # the report lines of the shards an earlier run committed
+        self.ledger = None
+        if resume_key is not None:
+            try:
+                self._resume(ShardLedger.open(self.out_dir, resume_key, resume))
+            except BaseException:
+                self.staging.discard()  # the lock too: nothing was written
+                raise
+
+    def _resume(self, ledger: ShardLedger) -> None:
+        self.ledger = ledger
+        for shard in ledger.shards:
+            self._shards.append((ledger.path / shard["file"], shard["tensors"]))
+            self._names.update(shard["tensors"])
+            self.specs.update(shard["specs"])
+            self.resumed_reports.extend(shard["reports"])
+
+    def has(self, name: str) -> bool:
+        """Whether tensor ``name`` is written already (by this run, or committed by the run resumed)."""
+        return name in self._names
 
     def __enter__(self) -> "CheckpointWriter":
         return self
@@ -184,13 +258,15 @@ class CheckpointWriter:
             self._stream.file.close()
         self.staging.discard()
 
-    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        self._add({name: tensor})
+    def add_tensor(self, name: str, tensor: torch.Tensor, report: dict | None = None) -> None:
+        """Write a tensor as it is; ``report``: its line in the quantization report (a layer kept at
+        fp32), committed with its shard so a resumed run reports it too."""
+        self._add({name: tensor}, None, report)
 
-    def add_quantized(self, module_name: str, qt: QuantizedTensor) -> None:
-        self._add(qt.to_state(module_name), {module_name: qt.entry()})
+    def add_quantized(self, module_name: str, qt: QuantizedTensor, report: dict | None = None) -> None:
+        self._add(qt.to_state(module_name), {module_name: qt.entry()}, report)
 
-    def _add(self, tensors: dict[str, torch.Tensor], specs: dict[str, dict] | None = None) -> None:
+    def _add(self, tensors: dict[str, torch.Tensor], specs: dict[str, dict] | None = None, report: dict | None = None) -> None:
         """Write ``tensors`` to the current shard at once (the writer keeps no tensor); a shard is
         closed when the next tensors would take it past ``shard_bytes``, or when it is full."""
         twice = self._names.intersection(tensors)
@@ -209,6 +285,7 @@ class CheckpointWriter:
                 stream.add(name, t)
         self._names.update(tensors)
         self._pending_specs.update(specs or {})
+        self._pending_reports += [report] if report is not None else []
         if stream.size >= self.shard_bytes:  # full: close it now, not when the next tensor comes
             self._flush()
 
@@ -217,15 +294,19 @@ class CheckpointWriter:
             self._stream = _ShardStream(self.tmp_dir / f"shard-{len(self._shards):05d}.safetensors")
         return self._stream
 
-    def _flush(self) -> None:
+    def _flush(self, commit: bool = True) -> None:
+        """Close the current shard; ``commit``: also to the ledger (not the last shard: ``finish``
+        publishes it at once, so a crash then loses nothing a resume could use)."""
         stream, self._stream = self._open_stream(), None
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "quantization": json.dumps({"method": self.method, "options": self.options, "tensors": self._pending_specs})}
         with _disk_full_as_error(stream.path):
             stream.close(meta)
-        self._shards.append((stream.path.name, list(stream.header)))
+            path = stream.path if self.ledger is None or not commit else self.ledger.commit(
+                stream.path, list(stream.header), self._pending_specs, self._pending_reports)
+        self._shards.append((path, list(stream.header)))
         self.specs.update(self._pending_specs)
-        self._pending_specs = {}
+        self._pending_specs, self._pending_reports = {}, []
 
     def write_file(self, name: str, text: str) -> None:
         (self.tmp_dir / name).write_text(text)
@@ -233,12 +314,12 @@ class CheckpointWriter:
     def finish(self, report: dict | None = None) -> Path:
         """Flush, name the shards, write the index and report, then rename into place."""
         if self._stream is not None or not self._shards:
-            self._flush()
+            self._flush(commit=False)
         total = len(self._shards)
         weight_map = {}
-        for i, (tmp_name, names) in enumerate(self._shards):
+        for i, (path, names) in enumerate(self._shards):
             final = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-            os.replace(self.tmp_dir / tmp_name, self.tmp_dir / final)
+            os.replace(path, self.tmp_dir / final)  # committed shards come from the ledger's folder
             weight_map.update({n: final for n in names})
         if total > 1:
             self.write_file("model.safetensors.index.json", json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
@@ -248,7 +329,10 @@ class CheckpointWriter:
         # config.json (written by the caller) declares the quantization to transformers; last, so a
         # config saved over it earlier (an untied head) still gets it
         quant_config.write_into(self.tmp_dir, {n: e["spec"] for n, e in self.specs.items()}, self.method)
-        return self.staging.publish()  # never clobbers; --overwrite swaps the old checkpoint out only now
+        path = self.staging.publish()  # never clobbers; --overwrite swaps the old checkpoint out only now
+        if self.ledger is not None:
+            self.ledger.remove()
+        return path
 
 
 def _corrupt(path: Path, what: str) -> CheckpointError:

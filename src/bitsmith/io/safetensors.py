@@ -276,6 +276,8 @@ def read_small(t: StTensor) -> "np.ndarray":
 
 # ----------------------------------------------------------------------------- whole tensors, no mmap
 
+READ_CHUNK = 64 * 1024**2  # bytes per read call of read_tensor
+
 _TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                  "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
@@ -303,7 +305,7 @@ def read_tensor(t: StTensor) -> "torch.Tensor":
             f.seek(t.begin)
             done = 0
             while done < t.nbytes:
-                n = f.readinto(view[done:])
+                n = f.readinto(view[done : done + READ_CHUNK])  # bounded reads: no multi-GB syscall buffers
                 if not n:
                     raise SafetensorsError(f"{t.path.name} ended inside tensor {t.name}; download it again")
                 done += n

@@ -27,10 +27,12 @@ from bitsmith.tensor import QuantizedTensor, default_grid
 DEFAULT_CLIP_GRID = 20  # candidate shrink factors between 1.0 and MIN_SHRINK
 MIN_SHRINK = 0.6
 SEARCH_CHUNK = 1 << 22  # weights per slice of rows in the searches: bounds their temporaries (16 MB each)
+CODE_CHUNK = 1 << 18  # weights per slice of rows when computing plain ranges and codes (1 MB of float32)
 
 
 def row_slices(groups: torch.Tensor, weights_per_slice: int = SEARCH_CHUNK) -> list[slice]:
-    """Slices of the output rows of groups [out, G, gs], about ``weights_per_slice`` weights each.
+    """Slices of the output rows of groups [out, G, gs] (or a weight [out, in]), about
+    ``weights_per_slice`` weights each.
     Rows are independent in every search, so slicing changes no result; it keeps a 17920 x 1536
     search from making ~110 MB temporaries."""
     rows = max(1, weights_per_slice // max(1, groups[0].numel()))
@@ -107,24 +109,50 @@ def quantize_with_params(
     """Codes for weight [out, in] given per-group scale/zero [out, G, 1], stored as fp16.
 
     The codes are computed against the fp16-rounded scale and zero, the values a loader will see,
-    so storage rounding cannot add error on top of the grid."""
-    in_features = weight.shape[1]
+    so storage rounding cannot add error on top of the grid. Rows go in cache-sized slices with the
+    elementwise steps in place (the same operations in the same order per weight, so the same codes):
+    no whole-tensor float32 temporaries, and a bf16 weight is widened one slice at a time."""
+    out_features, in_features = weight.shape
     scale16 = scale.half()
     zero16 = zero.half() if spec.has_zero else None
-    groups = to_groups(weight, spec)
-    if grid is not None:
-        codes = nearest_grid_codes(groups / scale16.float(), grid)
-    else:
-        zero_used = zero if zero16 is None else zero16.float()
-        codes = quantize_codes(groups, scale16.float(), zero_used, spec.qmax)
-    codes = from_groups(codes, in_features).to(torch.uint8)
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=weight.device)
+    for rows in row_slices(weight, CODE_CHUNK):
+        codes[rows] = _codes(weight[rows], scale16[rows].float(), None if zero16 is None else zero16[rows].float(),
+                             zero[rows] if zero16 is None and grid is None else None, spec, grid)
     return QuantizedTensor(
-        codes=codes.contiguous(),
+        codes=codes,
         scale=scale16.squeeze(-1).contiguous(),
         zero=None if zero16 is None else zero16.squeeze(-1).contiguous(),
         spec=spec,
         grid=None if grid is None else grid.half(),
     )
+
+
+def _codes(weight: torch.Tensor, scale: torch.Tensor, zero16: torch.Tensor | None, zero: torch.Tensor | None,
+           spec: QuantSpec, grid: torch.Tensor | None) -> torch.Tensor:
+    """uint8 codes of some rows [rows, in]: nearest grid level, or clamp(round(w / s + z), 0, qmax)
+    computed in place (:func:`bitsmith.primitives.quantize_codes`'s steps, in its order)."""
+    groups = to_groups(weight.float(), spec)
+    if grid is not None:
+        q = nearest_grid_codes(groups / scale, grid)
+    else:
+        q = groups / scale
+        q.add_(zero16 if zero16 is not None else zero).round_().clamp_(0, spec.qmax)
+    return from_groups(q, weight.shape[1]).to(torch.uint8)
+
+
+def minmax_params(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero) [out, G, 1] from each group's [min, max]: ``fit_group_ranges`` with no
+    search, computed by slices of rows from the weight as stored (a bf16 weight is never widened
+    whole). The padding of a short last group repeats a real weight, so it changes no min or max."""
+    out_features, in_features = weight.shape
+    groups = spec.groups_per_row(in_features)
+    scale = torch.empty(out_features, groups, 1, dtype=torch.float32, device=weight.device)
+    zero = torch.empty_like(scale)
+    for rows in row_slices(weight, CODE_CHUNK):
+        lo, hi = torch.aminmax(to_groups(weight[rows].float(), spec), dim=-1, keepdim=True)
+        scale[rows], zero[rows] = affine_params(lo, hi, spec)
+    return scale, zero
 
 
 def grid_for(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None) -> torch.Tensor | None:
@@ -141,9 +169,11 @@ def grid_for(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None) ->
 def rtn(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, options: dict | None = None) -> QuantizedTensor:
     """options: ``clip_search`` (bool, default True) and ``clip_grid`` (int steps)."""
     options = options or {}
-    weight = weight.float()
     in_features = weight.shape[1]
     steps = int(options.get("clip_grid", DEFAULT_CLIP_GRID)) if options.get("clip_search", True) else 0
+    if steps <= 0 and spec.grid == "uniform":  # plain min/max: a streaming pass, the weight kept as stored
+        return quantize_with_params(weight, *minmax_params(weight, spec), spec)
+    weight = weight.float()
     groups = to_groups(weight, spec)  # [out, G, gs]
     mask, weights = group_mask(spec, in_features), channel_weights(stats, spec, in_features)
     levels = grid_for(weight, spec, stats)

@@ -109,11 +109,13 @@ def kept_report(name: str, weight: torch.Tensor) -> dict:
             "max_abs_weight": largest, KEPT: reason}
 
 
-def layer_report(name: str, weight: torch.Tensor, qt, seconds: float) -> dict:
+def layer_report(name: str, weight: torch.Tensor, qt, seconds: float, sqnr: float | None = None) -> dict:
+    """A quantized layer's report entry; ``sqnr`` when the caller measured it already (the streaming
+    path does, by slices of rows, without a whole-tensor reconstruction)."""
     out_features, in_features = weight.shape
     return {"name": name, "shape": [out_features, in_features], "spec": str(qt.spec),
             "bits_per_weight": qt.spec.bits_per_weight(out_features, in_features) + rotation_bits(qt, out_features),
-            "sqnr_db": sqnr_db(weight, qt.weight()), "seconds": round(seconds, 4),
+            "sqnr_db": sqnr_db(weight, qt.weight()) if sqnr is None else sqnr, "seconds": round(seconds, 4),
             **({"rotation_block": qt.rotation.block} if getattr(qt, "rotation", None) is not None else {})}
 
 

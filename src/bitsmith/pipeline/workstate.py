@@ -20,6 +20,7 @@ import torch
 
 from bitsmith.hadamard import ROTATION_PART, Rotation
 from bitsmith.io.checkpoint import CheckpointError
+from bitsmith.io.ledger import first_difference
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
@@ -61,7 +62,7 @@ class WorkState:
             return cls.open(path, key, resume=False)
         data = json.loads(manifest.read_text())
         if data.get("version") != STATE_VERSION or data.get("key") != key:
-            diff = _first_difference(data.get("key", {}), key)
+            diff = first_difference(data.get("key", {}), key)
             raise CheckpointError(
                 f"cannot resume from {path}: it was started with different settings ({diff}); "
                 "rerun with the same model, spec, method, options and calibration data, or delete "
@@ -125,9 +126,3 @@ class WorkState:
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
-
-def _first_difference(old: dict, new: dict) -> str:
-    for k in sorted(set(old) | set(new)):
-        if old.get(k) != new.get(k):
-            return f"{k}: {old.get(k)!r} then, {new.get(k)!r} now"
-    return "format version"
