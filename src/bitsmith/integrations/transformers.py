@@ -34,7 +34,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from bitsmith.formats.packing import packed_row_bytes
-from bitsmith.io.checkpoint import FORMAT_VERSION
+from bitsmith.io.checkpoint import shard_version
 from bitsmith.io.quant_config import (CONFIG_VERSION, LOAD_HINT, QUANT_METHOD, SHARD_MARK, TRIPWIRE, TRIPWIRE_KEY,
                                       QuantConfigError, expand, is_bitsmith_shard)
 from bitsmith.spec import QuantSpec
@@ -240,7 +240,7 @@ class BitsmithHfQuantizer(HfQuantizer):
         setattr(model.config, TRIPWIRE_KEY, TRIPWIRE)  # the saved config.json stops transformers without bitsmith too
         # the shard header of a bitsmith checkpoint (io/checkpoint.py), so bitsmith.load reads the folder too
         quantization = {"method": self.quantization_config.method, "options": {}, "tensors": tensors}
-        metadata = {SHARD_MARK: QUANT_METHOD, "format_version": FORMAT_VERSION, "quantization": json.dumps(quantization)}
+        metadata = {SHARD_MARK: QUANT_METHOD, "format_version": shard_version(tensors), "quantization": json.dumps(quantization)}
         return state, metadata
 
     def is_serializable(self, *args, **kwargs) -> bool:

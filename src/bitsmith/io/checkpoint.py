@@ -1,6 +1,6 @@
 """bitsmith checkpoints: a self-contained Hugging Face-style folder.
 
-Layout (format version 1)::
+Layout (format version 1; 2 where a layer is rotated or vector-coded)::
 
     config.json, tokenizer files          copied from the source, so the folder stands alone
     model-00001-of-0000N.safetensors      tensors; every shard's header carries __metadata__:
@@ -45,7 +45,11 @@ from bitsmith.spec import QuantSpec, SpecError
 from bitsmith.tensor import QuantizedTensor
 
 FORMAT = "bitsmith"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # the newest this bitsmith writes
+READABLE_VERSIONS = ("1", "2")
+# Version 2 marks shards whose layers a version-1 reader would load silently wrong: rotated codes
+# ("rotate" entries; a v1 reader would skip the inverse rotation) and vector-codebook (vq) specs.
+# A shard without them stays version 1, so older bitsmith keeps reading plain checkpoints.
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 REPORT_FILE = "bitsmith.json"
 
@@ -298,7 +302,7 @@ class CheckpointWriter:
         """Close the current shard; ``commit``: also to the ledger (not the last shard: ``finish``
         publishes it at once, so a crash then loses nothing a resume could use)."""
         stream, self._stream = self._open_stream(), None
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
+        meta = {"format": FORMAT, "format_version": shard_version(self._pending_specs),
                 "quantization": json.dumps({"method": self.method, "options": self.options, "tensors": self._pending_specs})}
         with _disk_full_as_error(stream.path):
             stream.close(meta)
@@ -323,7 +327,7 @@ class CheckpointWriter:
             weight_map.update({n: final for n in names})
         if total > 1:
             self.write_file("model.safetensors.index.json", json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-        info = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": self.method,
+        info = {"format": FORMAT, "format_version": shard_version(self.specs), "method": self.method,
                 "options": self.options, "tensors": self.specs, "report": report or {}}
         self.write_file(REPORT_FILE, json.dumps(info, indent=1))
         # config.json (written by the caller) declares the quantization to transformers; last, so a
@@ -333,6 +337,15 @@ class CheckpointWriter:
         if self.ledger is not None:
             self.ledger.remove()
         return path
+
+
+def shard_version(entries: dict[str, dict]) -> str:
+    """The format version a shard holding these layer entries is written as: "2" when a version-1
+    reader would misread one of them (see READABLE_VERSIONS), else "1"."""
+    for entry in entries.values():
+        if "rotate" in entry or str(entry.get("spec", "")).endswith("vq"):
+            return FORMAT_VERSION
+    return "1"
 
 
 def _corrupt(path: Path, what: str) -> CheckpointError:
@@ -408,9 +421,11 @@ def read_info(folder: Path) -> CheckpointInfo | None:
         meta = read_header(path).metadata
         if not quant_config.is_bitsmith_shard(meta):
             return None
-        version = meta.get("format_version", "")
-        if version != FORMAT_VERSION:
-            raise CheckpointError(f"{path} is bitsmith format {version[:40]}; this bitsmith reads format {FORMAT_VERSION}; upgrade bitsmith")
+        shard = meta.get("format_version", "")
+        if shard not in READABLE_VERSIONS:
+            raise CheckpointError(f"{path} is bitsmith format {shard[:40]}; this bitsmith reads formats "
+                                  f"{', '.join(READABLE_VERSIONS)}; upgrade bitsmith")
+        version = max(version, shard)
         method, options, tensors = _quantization(path, meta)
         for name, entry in tensors.items():
             specs[name], shapes[name] = _layer(path, name, entry)

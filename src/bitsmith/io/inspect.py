@@ -21,7 +21,7 @@ __all__ = ["InspectError", "InspectReport", "TensorInfo", "inspect_path"]
 
 _GGUF_MAGIC = b"GGUF"
 _OLD_GGML = {b"lmgg", b"fmgg", b"tjgg"}  # GGML, GGMF, GGJT: llama.cpp's formats before GGUF
-_BITSMITH_VERSIONS = ("1",)  # checkpoint format versions this reader understands (io/checkpoint.py)
+_BITSMITH_VERSIONS = ("1", "2")  # io.checkpoint.READABLE_VERSIONS (not imported: this reader stays torch-free)
 _KNOWN_METHODS = {"gptq": "gptq/awq", "awq": "gptq/awq", "compressed-tensors": "compressed-tensors",
                   "bitsandbytes": "bitsandbytes"}
 
