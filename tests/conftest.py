@@ -16,6 +16,18 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, the previous count restored after it (files whose tests also set
+    other counts use it through ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
         return

@@ -29,12 +29,7 @@ ARCHS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread per test
 
 
 def random_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:

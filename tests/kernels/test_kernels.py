@@ -27,14 +27,9 @@ native = native_library()
 needs_native = pytest.mark.skipif(native is None, reason="native kernels could not be built (no C++ compiler?)")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """Small shapes run single-threaded: on a busy machine every parallel region can wait a whole
-    scheduler slice for its second thread. The real-size test below uses several threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small shapes run single-threaded (tests/conftest.py one_thread): on a busy machine every parallel
+# region can wait a whole scheduler slice for its second thread. The real-size test below sets its own count.
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread per test
 
 
 def random_qt(out: int, inp: int, spec: QuantSpec, gen: torch.Generator) -> QuantizedTensor:

@@ -19,11 +19,12 @@ from bitsmith.kernels.build import native_library
 from bitsmith.kernels.cpu import GEMV_MAX_ROWS, NativeKernel, fusable, fuse_native, resolve_prefill
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.spec import QuantSpec
-from tests.kernels.test_kernels import one_thread, random_qt  # noqa: F401  (one_thread: autouse fixture)
+from tests.kernels.test_kernels import random_qt
 from bitsmith.tensor import QuantizedTensor
 
 native = native_library()
 needs_native = pytest.mark.skipif(native is None, reason="native kernels could not be built (no C++ compiler?)")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread per test
 
 SPECS = [QuantSpec(b, g, s) for b in range(2, 9) for g in (None, 32, 128) for s in (False, True)]
 SHAPES = [(7, 200), (33, 576), (16, 1001), (64, 256), (5, 8), (3, 1)]  # ragged groups, odd rows

@@ -14,21 +14,14 @@ from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
 native = native_library()
-pytestmark = pytest.mark.skipif(native is None, reason="native kernels could not be built (no C++ compiler?)")
+pytestmark = [pytest.mark.skipif(native is None, reason="native kernels could not be built (no C++ compiler?)"),
+              pytest.mark.usefixtures("one_thread")]  # tests/conftest.py: one torch thread per test
 
 # (spec, out, in): the tiled layout (4-bit, whole groups of 32k) and everything the general gemv takes:
 # other widths, a ragged last group (in not a multiple of the group), in not a multiple of 8, per-channel
 SHAPES = [("w4g128", 72, 512), ("w4g32", 33, 96), ("w4g64", 17, 640), ("w4g128", 40, 200), ("w4g32", 9, 100),
           ("w2g64", 31, 192), ("w3g128", 24, 300), ("w5g32", 12, 77), ("w8g128", 20, 256), ("w4", 16, 64),
           ("w6g64", 8, 130), ("w7g32", 5, 64)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_kernel(spec_text: str, out: int, inp: int, seed: int, symmetric: bool) -> tuple[NativeKernel, torch.Tensor]:

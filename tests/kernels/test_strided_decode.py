@@ -28,12 +28,7 @@ needs_vbmi = pytest.mark.skipif(not VBMI, reason="the superblock decode needs AV
 WIDTHS = (64, 128, 192, 256, 320, 448, 512, 576, 704, 1536)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread per test
 
 
 def _qt(out: int, inp: int, spec: QuantSpec, gen: torch.Generator) -> QuantizedTensor:
