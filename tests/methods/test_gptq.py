@@ -203,3 +203,26 @@ def test_gptq_matches_slow_oracle(text: str, act_order: bool) -> None:
         fast = qt.dequantize().double()
         assert (fast == slow.float().double()).float().mean() > 0.99  # float ties aside, the same values
         assert layer_error(w, fast.float(), stats.hessian) == pytest.approx(layer_error(w, slow.float(), stats.hessian), rel=0.02)
+
+
+@pytest.mark.parametrize("text", ["w8", "w4g32", "w3g64s", "w4g32nf"])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_walk_in_row_slices_equals_the_whole_walk(text: str, act_order: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer larger than WALK_WEIGHTS walks a slice of rows at a time (the head of a 152k vocabulary:
+    no second whole copy of the weight). Oracle: the same layer walked whole."""
+    from bitsmith.methods import gptq as gptq_module
+
+    _, x = _calib(64, 256, 1024, seed=8)
+    stats = _stats(x)
+    w = torch.randn(1500, 256, generator=torch.Generator().manual_seed(9)) * 0.02  # ragged last slice
+    spec, options = QuantSpec.parse(text), {"act_order": act_order}
+    whole = gptq(w, spec, stats, options)
+    monkeypatch.setattr(gptq_module, "WALK_WEIGHTS", 512 * 256)  # slices of 512 rows
+    walked: list[int] = []
+    real_walk = gptq_module.gptq_walk
+    monkeypatch.setattr(gptq_module, "gptq_walk", lambda w_t, *a: walked.append(w_t.shape[1]) or real_walk(w_t, *a))
+    sliced = gptq(w, spec, stats, options)
+    sliced_walk = act_order or spec.group_size is None  # dynamic groups (no act-order) walk whole
+    assert walked == ([512, 512, 476] if sliced_walk else [1500])
+    assert torch.equal(sliced.codes, whole.codes) and torch.equal(sliced.scale, whole.scale)
+    assert (sliced.zero is None) == (whole.zero is None) and (sliced.zero is None or torch.equal(sliced.zero, whole.zero))
