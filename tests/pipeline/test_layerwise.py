@@ -407,3 +407,43 @@ def test_awq_quantizes_with_min_max_ranges_unless_asked(models, calib, tmp_path)
                             QuantizePlan(QuantSpec.parse("w4g32"), "awq", {"clip_search": True}, batch_size=BATCH), calib)
     assert read_info(plain).options["clip_search"] is False
     assert read_info(asked).options["clip_search"] is True
+
+
+def test_spilled_tail_returns_the_same_bits(tmp_path) -> None:
+    """A tail kept in a file: every batch back as the same bits and dtype, from concurrent readers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bitsmith.pipeline.replay import SpilledTail
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3, 7, 40, generator=g).to(dtype) for dtype in (torch.bfloat16, torch.float32, torch.float16)]
+    batches.append(torch.randn(2, 9, generator=g).bfloat16()[:, ::2])  # not contiguous
+    tail = SpilledTail(tmp_path / "tail.bin")
+    for x in batches:
+        tail.append(x)
+    assert len(tail) == len(batches)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: tail[i], [3, 2, 1, 0, 0, 1, 2, 3]))
+    for i, y in zip([3, 2, 1, 0, 0, 1, 2, 3], got):
+        assert y.dtype == batches[i].dtype and torch.equal(y, batches[i])
+    tail.close()
+    assert not (tmp_path / "tail.bin").exists()
+
+
+def test_tails_beyond_the_budget_are_spilled_and_change_nothing(models, calib, tmp_path, monkeypatch) -> None:
+    """With a budget too small for any tail, the tails go to a file and are read back in the later
+    passes instead of recomputing their parents: the same checkpoint as recomputing everything."""
+    from bitsmith.pipeline import replay as replay_module
+
+    reads = []
+    real_get = replay_module.SpilledTail.__getitem__
+    monkeypatch.setattr(replay_module.SpilledTail, "__getitem__", lambda self, i: reads.append(i) or real_get(self, i))
+    config = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", batch_size=BATCH)
+    none = quantize_blocks(models["llama"], tmp_path / "none", replace(config, replay_bytes=0), calib)
+    assert reads  # budget 0: every tail was spilled, and read back
+    reads.clear()
+    monkeypatch.setattr(replay_module.SpilledTail, "__getitem__", lambda self, i: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr("bitsmith.pipeline.stages._spilled", lambda kept, path: (_ for _ in ()).throw(AssertionError))
+    big = quantize_blocks(models["llama"], tmp_path / "big", config, calib)  # everything fits: no file
+    assert_same_tensors(tensors(none), tensors(big))
+    assert not list((tmp_path).glob("*.partial"))  # the work folder (and the tail file) removed

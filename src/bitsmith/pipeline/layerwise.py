@@ -53,6 +53,10 @@ from bitsmith.transforms import get_transform
 
 log = logging.getLogger(__name__)
 
+# a replay tail beyond the replay budget (Qwen2.5-1.5B's down_proj input, 1.17 GB per block at 128 x 512)
+# is kept in this file of the work folder: the final pass reads it back instead of recomputing gate/up
+TAIL_FILE = "tail-{}.bin"  # one per linear (a tail is read while the next is written)
+
 
 @dataclass
 class _Run:
@@ -301,7 +305,8 @@ def _process_block(
         specs, reports = {}, []
         for stage in stages:
             stats = stage_stats(block, linears[stage[0]], store, slices, calls, replay,
-                                stage[0] if len(stage) == 1 else None, plan.hessian_dtype, hessian_cap)
+                                stage[0] if len(stage) == 1 else None, plan.hessian_dtype, hessian_cap,
+                                spill=state.path / TAIL_FILE.format(stage[0]))
             names = [f"{block_prefix}.{rel}" for rel in stage]
             weights = [masters.pop(rel) for rel in stage]
             results = quantize_stage(names, weights, stats, method, plan)

@@ -25,9 +25,11 @@ recomputed, which changes the time, never the result.
 
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -69,7 +71,7 @@ class OutputReplay:
         self._done.update(rels)
 
     def used(self) -> int:
-        return sum(_nbytes(v) for outs in (*self._cache.values(), *self._tails.values()) for v in outs)
+        return sum(_held(outs) for outs in (*self._cache.values(), *self._tails.values()))
 
     def free_used(self) -> int:
         """Bytes of recorded outputs of modules without linears (norms)."""
@@ -86,11 +88,16 @@ class OutputReplay:
 
     def keep_tail(self, rel: str, inputs: list) -> None:
         """Inputs of ``rel`` for every batch, recorded by the pass that stopped at it."""
-        if len(inputs) == self.batches and self.used() + sum(_nbytes(x) for x in inputs) <= self.budget:
+        if len(inputs) == self.batches and self.used() + _held(inputs) <= self.budget:
             self._tails[rel] = inputs
+        elif isinstance(inputs, SpilledTail):
+            inputs.close()
 
     def clear(self) -> None:
         self._cache.clear()
+        for inputs in self._tails.values():
+            if isinstance(inputs, SpilledTail):
+                inputs.close()
         self._tails.clear()
 
     def _ancestors(self, name: str) -> Iterator[str]:
@@ -204,6 +211,8 @@ class OutputReplay:
                 del self._cache[name]
         for rel in list(self._tails):  # a tail whose parent is now replayed is not needed
             if self._covered(rel.rpartition(".")[0]) or self._tail_kind.get(rel.rpartition(".")[0]) == -1:
+                if isinstance(self._tails[rel], SpilledTail):
+                    self._tails[rel].close()
                 del self._tails[rel]
 
     def _tail_forward(self, name: str, parent: nn.Module, linear: nn.Module, inputs: list):
@@ -234,6 +243,51 @@ class OutputReplay:
         return forward
 
 
+class SpilledTail:
+    """A tail's inputs per batch in a file instead of memory: what :meth:`OutputReplay.keep_tail`
+    holds when they exceed the replay budget. Qwen2.5-1.5B's down_proj input is 1.17 GB per block
+    over 128 x 512 tokens (bf16): beyond the budget, so the final pass recomputed gate/up (3.6 TFLOP
+    per block) to make it again. Written once by the stage's statistics pass, read back per batch
+    (``os.pread``: the final pass's batch threads read concurrently) as the same bits. Counts 0 bytes
+    against the budget; plain writes and reads, not a memory map, so the file's pages are not the
+    process's resident set."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._items: list[tuple[int, tuple, torch.dtype]] = []  # offset, shape, dtype per batch
+        self._end = 0
+
+    def append(self, x: torch.Tensor) -> None:
+        raw = memoryview(x.detach().contiguous().view(-1).view(torch.uint8).numpy())  # its bytes, any dtype
+        done = 0
+        while done < raw.nbytes:  # unbuffered: a later pread sees every byte
+            done += os.pwrite(self._fd, raw[done:], self._end + done)
+        self._items.append((self._end, tuple(x.shape), x.dtype))
+        self._end += raw.nbytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        offset, shape, dtype = self._items[index]
+        out = torch.empty(shape, dtype=dtype)
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < buffer.nbytes:
+            got = os.preadv(self._fd, [buffer[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"{self.path} is shorter than the activations written to it")
+            done += got
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.path.unlink(missing_ok=True)
+
+
 @dataclass
 class _Pass:
     """One pass's recording state: outputs per module and batch, calls seen, bytes reserved."""
@@ -250,6 +304,11 @@ def _replayable(value: Any) -> bool:
     if isinstance(value, tuple):
         return all(v is None or isinstance(v, torch.Tensor) for v in value)
     return isinstance(value, torch.Tensor)
+
+
+def _held(outs: "list | SpilledTail") -> int:
+    """Bytes of memory a list of per-batch values holds (a spilled tail: none)."""
+    return 0 if isinstance(outs, SpilledTail) else sum(_nbytes(v) for v in outs)
 
 
 def _nbytes(value: Any) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall
 from bitsmith.pipeline.common import layer_report, sqnr_db_by_rows
 from bitsmith.pipeline.plan import QuantizePlan
-from bitsmith.pipeline.replay import OutputReplay
+from bitsmith.pipeline.replay import OutputReplay, SpilledTail
 from bitsmith.primitives import sqnr_db
 
 
@@ -77,13 +78,14 @@ def find_stages(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.T
 def stage_stats(
     block: nn.Module, first: nn.Linear, store: ActivationStore, slices: list[slice], calls: list[BlockCall],
     replay: "OutputReplay | None" = None, tail_of: str | None = None, hessian_dtype: str = "fp32",
-    hessian_tokens: int | None = None,
+    hessian_tokens: int | None = None, spill: Path | None = None,
 ) -> LayerStats:
     """Input statistics of a stage over all calibration batches: the block runs only up to the
     stage's first linear (the hook stops it there), replaying final sub-modules. ``tail_of``, the
     name of a stage's only linear, also hands its input per batch to ``replay`` as a tail (see
     :class:`OutputReplay`), as far as the replay budget allows. ``hessian_tokens`` caps the tokens
-    in the Hessian (:class:`StatsAccumulator`; the importance covers all)."""
+    in the Hessian (:class:`StatsAccumulator`; the importance covers all). A tail beyond the replay
+    budget goes to the file ``spill`` (:class:`SpilledTail`) when given, else is not kept."""
     acc = StatsAccumulator(first.in_features, hessian_dtype, hessian_tokens)
     keep = replay.tail_recorder(tail_of) if replay is not None and tail_of else None
     tail_of = tail_of if keep is not None else None
@@ -112,15 +114,29 @@ def stage_stats(
                     continue
                 acc.add(x)
                 if keep is not None:
-                    if replay.used() + x.numel() * x.element_size() * len(slices) > replay.budget:
-                        keep = None  # would not fit: the parent is recomputed instead
-                    else:
+                    if not isinstance(keep, SpilledTail) and (
+                            replay.used() + x.numel() * x.element_size() * len(slices) > replay.budget):
+                        # would not fit: to a file, or the parent is recomputed instead
+                        keep = None if spill is None else _spilled(keep, spill)
+                    if keep is not None:
                         keep.append(x)
+    except BaseException:
+        if isinstance(keep, SpilledTail):
+            keep.close()
+        raise
     finally:
         hook.remove()
     if keep is not None:
         replay.keep_tail(tail_of, keep)
     return acc.stats()
+
+
+def _spilled(kept: list, path: Path) -> SpilledTail:
+    """A :class:`SpilledTail` at ``path`` holding the batches ``kept`` so far."""
+    tail = SpilledTail(path)
+    for x in kept:
+        tail.append(x)
+    return tail
 
 
 def quantize_stage(names: list[str], weights: list[torch.Tensor], stats: LayerStats, method: Method,
