@@ -116,6 +116,7 @@ def _run_blocks(model: str | Path, out_dir: Path, plan: QuantizePlan, calib: tor
                "calibration": {"samples": shape[0], "seq_len": shape[1], "hash": run.state.key["calib"]}}
     with CheckpointWriter(out_dir, plan.method, options, overwrite=overwrite, staging=staging) as writer:  # streams: holds no tensor
         embed_module = _release_embedding(run.net)  # needed again only to quantize the head
+        _trim_heap()  # the capture's freed temporaries, before the 0.93 GB tensors of _write_other_tensors
         head_is_tied, kept = _write_other_tensors(writer, run.source, run.net, run.prefix, plan)
         _walk_blocks(run, writer, progress)
         head_reports = []
