@@ -64,20 +64,26 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, value
 
 
-def bitsmith_rows(ckpt: str, windows: int, prefill: str) -> dict:
+def load_scored(ckpt: str, prefill: str):
+    """A checkpoint loaded as `bitsmith eval` loads it, with ``prefill`` as BITSMITH_PREFILL."""
     import os
 
-    import torch
-
-    from bitsmith.eval.metrics import token_stats
-    from bitsmith.eval.perplexity import evaluate
-    from bitsmith.eval.refcache import build_cache, evaluate_against_cache
-    from bitsmith.eval.suite import text_windows
     from bitsmith.runtime.load import load_model
     from bitsmith.runtime.options import RuntimeOptions
 
     options = RuntimeOptions.for_measurement({**os.environ, "BITSMITH_PREFILL": prefill})
-    loaded = load_model(ckpt, options=options)
+    return load_model(ckpt, options=options)
+
+
+def bitsmith_rows(ckpt: str, windows: int, prefill: str, reference=None) -> dict:
+    import torch
+
+    from bitsmith.eval.metrics import token_stats
+    from bitsmith.eval.perplexity import eval_mode, evaluate
+    from bitsmith.eval.refcache import build_cache, evaluate_against_cache
+    from bitsmith.eval.suite import text_windows
+
+    loaded = load_scored(ckpt, prefill)
     model = loaded.model.eval()
     wins = text_windows(loaded.tokenizer, text_path().read_text(encoding="utf-8"), CTX, windows)  # [n, ctx]
     tokens = wins.numel()
@@ -85,30 +91,50 @@ def bitsmith_rows(ckpt: str, windows: int, prefill: str) -> dict:
         model(input_ids=wins[:1, :32], use_cache=False)  # warm-up: kernels and allocator, not counted
 
         def forward_all() -> list:
-            return [model(input_ids=w[None], use_cache=False).logits[0, :-1] for w in wins[:2]] + [
-                model(input_ids=w[None], use_cache=False).logits[0, :1] for w in wins[2:]]
+            with eval_mode(model):  # the scoring loops' allocator setting (kernels.alloc.heap_reuse)
+                return [model(input_ids=w[None], use_cache=False).logits[0, :-1] for w in wins[:2]] + [
+                    model(input_ids=w[None], use_cache=False).logits[0, :1] for w in wins[2:]]
 
         fwd_s, logits = timed(forward_all)
         metric_s, _ = timed(lambda: token_stats(logits[1][:-1], logits[0][1:], wins[0, 2:]))
+        del logits
         eval_s, result = timed(lambda: evaluate(model, wins))
+        ref_s, ref_result = (timed(lambda: evaluate(model, wins, reference=reference)) if reference is not None
+                             else (float("nan"), None))
         cache = build_cache(model, wins, {}, k=256)
         cached_s, cached = timed(lambda: evaluate_against_cache(model, cache))
-    return {"tokens": tokens, "forward_s": fwd_s, "eval_s": eval_s, "cached_s": cached_s,
-            "metrics_ref_s_per_window": metric_s, "ppl": result.ppl, "vocab": logits[0].shape[-1]}
+    return {"tokens": tokens, "forward_s": fwd_s, "eval_s": eval_s, "cached_s": cached_s, "ref_s": ref_s,
+            "kld_vs_reference": None if ref_result is None else ref_result.kld_mean,
+            "metrics_ref_s_per_window": metric_s, "ppl": result.ppl, "vocab": model.config.vocab_size}
+
+
+def bias_vs_exact(ckpt: str, windows: int, prefill: str) -> dict:
+    """KL(exact || ``prefill``) of the same checkpoint, teacher-forced on the same windows: what the fast
+    path's arithmetic alone moves the distribution (eval's own metrics, the exact path as reference)."""
+    from bitsmith.eval.perplexity import evaluate
+    from bitsmith.eval.suite import text_windows
+
+    exact = load_scored(ckpt, "exact")
+    fast = load_scored(ckpt, prefill)
+    wins = text_windows(exact.tokenizer, text_path().read_text(encoding="utf-8"), CTX, windows)
+    return evaluate(fast.model, wins, reference=exact.model).as_dict()
 
 
 def table(rows: list[dict], threads: int, windows: int) -> str:
     lines = [f"Scoring {windows} windows x {CTX} tokens of the evaluation prose, {threads} thread(s); tok/s over the "
              "scoring only (load and tokenization excluded)", "",
-             "| model | llama-perplexity (GGUF) | bitsmith forward | bitsmith eval | eval --reference-cache | "
-             "ratio eval / llama | exact-KL metrics per window (s) | bitsmith prefill |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | llama-perplexity (GGUF) | bitsmith forward | bitsmith eval | eval --reference (live) | "
+             "eval --reference-cache | ratio eval / llama | ratio eval --reference / llama | KLD vs reference | "
+             "exact-KL metrics per window (s) | bitsmith prefill |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, l = r["bitsmith"], r["llama"]
         llama_rate = l["tokens"] / l["seconds"]
-        rate = b["tokens"] / b["eval_s"]
+        rate, ref_rate = b["tokens"] / b["eval_s"], b["tokens"] / b["ref_s"]
+        kld = "" if b["kld_vs_reference"] is None else f"{b['kld_vs_reference']:.5f}"
         lines.append(f"| {r['name']} | {llama_rate:.1f} ({Path(r['gguf']).name}) | {b['tokens'] / b['forward_s']:.1f} | "
-                     f"{rate:.1f} | {b['tokens'] / b['cached_s']:.1f} | {rate / llama_rate:.2f}x | "
+                     f"{rate:.1f} | {ref_rate:.1f} | {b['tokens'] / b['cached_s']:.1f} | {rate / llama_rate:.2f}x | "
+                     f"{ref_rate / llama_rate:.2f}x | {kld} | "
                      f"{b['metrics_ref_s_per_window']:.2f} (V={b['vocab']}) | {r['prefill']} |")
     return "\n".join(lines)
 
@@ -121,24 +147,37 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", default="exact", help="bitsmith's prefill option(s), comma-separated: exact "
                     "(what `bitsmith eval` uses), auto, bf16")
+    ap.add_argument("--reference", help="the unquantized model (alias or folder): also time `bitsmith eval "
+                    "--reference` with it live (float32, as eval loads it)")
+    ap.add_argument("--bias", action="store_true", help="also print KL(exact || each other --prefill mode) of "
+                    "the checkpoint on the same windows: the fast path's own accuracy cost")
     ap.add_argument("--out", help="write the table (markdown) here")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
-    rows = []
+    reference = None
+    if args.reference:
+        reference = load_scored(args.reference, "exact").model.eval()
+    rows, notes = [], []
     for item in args.pair:
         name, _, paths = item.partition("=")
         ckpt, gguf = paths.split(",")
         llama = llama_perplexity(gguf, args.windows, args.threads)
         print(f"{name}: llama-perplexity {llama['tokens'] / llama['seconds']:.1f} tok/s", flush=True)
         for prefill in args.prefill.split(","):
-            b = bitsmith_rows(ckpt, args.windows, prefill)
-            print(f"{name} ({prefill}): bitsmith eval {b['tokens'] / b['eval_s']:.1f} tok/s, forward "
+            b = bitsmith_rows(ckpt, args.windows, prefill, reference)
+            print(f"{name} ({prefill}): bitsmith eval {b['tokens'] / b['eval_s']:.1f} tok/s, with the live reference "
+                  f"{b['tokens'] / b['ref_s']:.1f} (KLD {b['kld_vs_reference']}), forward "
                   f"{b['tokens'] / b['forward_s']:.1f}", flush=True)
             rows.append({"name": name, "gguf": gguf, "llama": llama, "bitsmith": b, "prefill": prefill})
-    text = table(rows, args.threads, args.windows)
+            if args.bias and prefill != "exact":
+                bias = bias_vs_exact(ckpt, args.windows, prefill)
+                notes.append(f"{name}: {prefill} against exact, same checkpoint and windows: kld_mean "
+                             f"{bias['kld_mean']:.6f}, kld_p99 {bias['kld_p99']:.6f}, top1 {bias['top1']:.4f}")
+                print(notes[-1], flush=True)
+    text = "\n".join([table(rows, args.threads, args.windows), "", *notes])
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n\ncommand: `python bench/eval_vs_perplexity.py " + " ".join(sys.argv[1:]) + "`\n")

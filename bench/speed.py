@@ -311,8 +311,12 @@ def _spread(results: list[dict], key: str) -> str:
     return f"{min(values):.1f}-{max(values):.1f}" if values else ""
 
 
+SAME_WIDTH = {"w8": "Q8_0", "w4": "Q4_0"}  # variant prefix -> the llama.cpp type its prefill is paired with
+
+
 def _prefill_summary(runs: dict, models: list[str], variants: list[str], modes: list[str], ours: str) -> None:
-    """Paired prefill ratios: each --prefill mode against the first, and against llama.cpp Q4_0 (pp)."""
+    """Paired prefill ratios: each --prefill mode against the first, and against llama.cpp at the same bit
+    width (w8 against Q8_0, w4* against Q4_0) when that type ran."""
     def paired(a: list[dict], b: list[dict]) -> str:
         ratios = sorted(x["prefill_tok_s"] / y["prefill_tok_s"] for x, y in zip(a, b))
         return f"{statistics.median(ratios):.2f}x (median of {len(ratios)} paired rounds, range {ratios[0]:.2f}-{ratios[-1]:.2f})"
@@ -327,8 +331,9 @@ def _prefill_summary(runs: dict, models: list[str], variants: list[str], modes: 
                 line = f"{m}: {label} prefill median {statistics.median(r['prefill_tok_s'] for r in rs):.1f} tok/s"
                 if label != labels[0]:
                     line += f"; / {labels[0]} = {paired(rs, runs[m, ours, labels[0]])}"
-                if (m, "llama.cpp", "Q4_0") in runs and v.startswith("w4"):
-                    line += f"; / llama.cpp Q4_0 = {paired(rs, runs[m, 'llama.cpp', 'Q4_0'])}"
+                same = SAME_WIDTH.get(v[:2])  # llama.cpp's type at the same bit width (issue 18: prefill >= 1.5x)
+                if same and (m, "llama.cpp", same) in runs:
+                    line += f"; / llama.cpp {same} = {paired(rs, runs[m, 'llama.cpp', same])}"
                 print(line)
 
 

@@ -228,3 +228,41 @@ def test_fast_kl_and_top1_against_a_float64_oracle(seed: int) -> None:
     assert torch.equal(s.top1, ref.argmax(-1) == logits.argmax(-1)) and bool(s.top1[5])
     want_nll = -torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None])[:, 0]
     torch.testing.assert_close(s.nll, want_nll, atol=1e-5, rtol=1e-6)
+
+
+def test_evaluate_reuses_heap_pages_once_for_the_whole_loop(monkeypatch) -> None:
+    """Scoring loops run inside eval_mode, which serves them from reused heap pages (kernels.alloc):
+    one raise before the first window, one restore and trim after the last."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bitsmith.eval.perplexity import evaluate
+    from bitsmith.kernels import alloc
+
+    calls: list[tuple] = []
+
+    class Libc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad: int) -> int:
+            calls.append(("trim", pad))
+            return 1
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(11, 11)
+
+        def forward(self, input_ids, use_cache=False):
+            calls.append(("forward",))
+            return SimpleNamespace(logits=self.emb(input_ids))
+
+    monkeypatch.setattr(alloc, "_glibc", lambda: Libc())
+    wins = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
+    result = evaluate(Toy(), wins)
+    assert result.tokens == 3 * 5
+    assert [c[0] for c in calls] == ["mallopt", "mallopt", "forward", "forward", "forward", "mallopt", "mallopt", "trim"]
+    assert calls[0][2] == alloc.REUSE_THRESHOLD and calls[-2][2] == alloc.LEAN_THRESHOLD

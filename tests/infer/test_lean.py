@@ -224,3 +224,37 @@ def test_cached_plan_follows_the_model_to_another_dtype() -> None:
     assert runner.plan.dtype == torch.bfloat16
     with torch.no_grad():
         assert runner(torch.arange(4)).dtype == torch.bfloat16  # computed by the moved weights
+
+
+def test_batched_forwards_reuse_heap_pages_and_decode_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A multi-token forward (a long prompt in slices included) sets glibc's thresholds once and trims
+    after; a one-token decode step leaves the allocator alone (kernels.alloc.heap_reuse)."""
+    from bitsmith.infer import lean
+    from bitsmith.kernels import alloc
+
+    calls: list[tuple] = []
+
+    class Libc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad: int) -> int:
+            calls.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(alloc, "_glibc", lambda: Libc())
+    monkeypatch.setattr(lean, "PREFILL_CHUNK", 4)
+    model = random_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (11,), generator=torch.Generator().manual_seed(3))
+    runner = lean_runner(model, 16, RuntimeOptions(int8_decode=False, kv_cache="fp32", fused_decode=False))
+    with torch.inference_mode():
+        logits = runner.forward(ids[:10])  # three slices of at most 4 tokens
+        assert calls[:2] == [("mallopt", alloc.M_MMAP_THRESHOLD, alloc.REUSE_THRESHOLD),
+                             ("mallopt", alloc.M_TRIM_THRESHOLD, alloc.REUSE_THRESHOLD)]
+        assert calls[2:] == [("mallopt", alloc.M_MMAP_THRESHOLD, alloc.LEAN_THRESHOLD),
+                             ("mallopt", alloc.M_TRIM_THRESHOLD, alloc.LEAN_THRESHOLD), ("trim", 0)]
+        calls.clear()
+        runner.forward(ids[10:])
+        assert calls == []
+        torch.testing.assert_close(logits, reference_logits(model, ids[:10])[-1], rtol=0, atol=ATOL)

@@ -159,3 +159,23 @@ def test_prefill_option(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_prefill("auto") == "exact"
     monkeypatch.setattr(cpu, "native_bf16", lambda: True)
     assert resolve_prefill("auto") == "bf16"
+
+
+@needs_native
+@pytest.mark.parametrize("name, lib", builds(), ids=[n for n, _ in builds()])
+@pytest.mark.parametrize("rows, cols", [(1, 1), (3, 15), (9, 16), (17, 37), (40, 682)])
+def test_widen_bf16_is_exact_into_strided_columns(name: str, lib: object, rows: int, cols: int) -> None:
+    """The bf16 prefill's block widening: every value (specials included) equals torch's .float(), written
+    only into its columns of a wider float32 output."""
+    from bitsmith.kernels.cpu import widen_bf16
+
+    gen = torch.Generator().manual_seed(rows * 1000 + cols)
+    src = (torch.randn(rows, cols, generator=gen) * 10 ** torch.randint(-40, 39, (rows, cols), generator=gen)).bfloat16()
+    src.view(-1)[:: 7] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e-40, -3e38])[
+        torch.arange(src.view(-1)[::7].numel()) % 7].bfloat16()
+    out = torch.full((rows, cols + 11), 7.0)
+    widen_bf16(lib, src, out[:, 5 : 5 + cols])
+    assert torch.equal(out[:, 5 : 5 + cols].view(torch.int32), src.float().view(torch.int32))
+    assert bool((out[:, :5] == 7.0).all()) and bool((out[:, 5 + cols :] == 7.0).all())
+    with pytest.raises(ValueError, match="bf16 src"):
+        widen_bf16(lib, src.float(), out[:, :cols])

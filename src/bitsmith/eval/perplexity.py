@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from bitsmith.eval.metrics import EvalResult, TokenStats, summarize, token_stats
+from bitsmith.kernels.alloc import heap_reuse
 
 __all__ = ["windows", "evaluate", "tokenize_text"]
 
@@ -61,12 +62,17 @@ def _device(model: Any) -> torch.device:
 
 @contextlib.contextmanager
 def eval_mode(*models: Any) -> Iterator[None]:
-    """Put models in eval mode (no dropout) for the duration; restore their modes after."""
+    """Put models in eval mode (no dropout) for the duration; restore their modes after.
+
+    Every scoring loop (here, ``refcache``, ``suite``) runs inside it, so it also serves the loop's
+    activations and logits from reused heap pages (:func:`bitsmith.kernels.alloc.heap_reuse`) rather
+    than a fresh, page-faulted mapping per tensor; the pages go back to the OS when the loop ends."""
     modes = [(m, m.training) for m in models if m is not None]
     try:
         for model, _ in modes:
             model.eval()
-        yield
+        with heap_reuse():
+            yield
     finally:
         for model, was_training in modes:
             model.train(was_training)

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from bitsmith.infer.fused import fused_decoder
 from bitsmith.infer.plan import SUPPORTED_MODEL_TYPES, Layer, LeanUnsupported, Plan, lean_plan
+from bitsmith.kernels.alloc import heap_reuse
 from bitsmith.runtime.options import RuntimeOptions
 
 __all__ = ["LeanRunner", "LeanUnsupported", "lean_plan", "lean_runner", "SUPPORTED_MODEL_TYPES"]
@@ -216,12 +217,24 @@ class LeanRunner:
             logits = self._fused(ids, start)
             self.pos = stop
             return logits[None] if all_logits else logits
-        if t > PREFILL_CHUNK and not all_logits:
-            # A long prompt in slices: the activations, attention scores and dequantized weight blocks of
-            # one slice at a time (peak memory), at the cost of dequantizing the weights once per slice.
-            for lo in range(0, t - PREFILL_CHUNK, PREFILL_CHUNK):
-                self.forward(ids[lo : lo + PREFILL_CHUNK])
-            return self.forward(ids[(t - 1) // PREFILL_CHUNK * PREFILL_CHUNK :])
+        if t == 1:
+            return self._layers(ids, start, stop, all_logits)
+        # A batched forward: activations from reused heap pages, not a fresh mmap per op (kernels.alloc)
+        with heap_reuse():
+            if t > PREFILL_CHUNK and not all_logits:
+                # A long prompt in slices: the activations, attention scores and dequantized weight blocks of
+                # one slice at a time (peak memory), at the cost of dequantizing the weights once per slice.
+                for lo in range(0, t - PREFILL_CHUNK, PREFILL_CHUNK):
+                    self.forward(ids[lo : lo + PREFILL_CHUNK])
+                return self.forward(ids[(t - 1) // PREFILL_CHUNK * PREFILL_CHUNK :])
+            return self._layers(ids, start, stop, all_logits)
+
+    __call__ = forward
+
+    def _layers(self, ids: Tensor, start: int, stop: int, all_logits: bool) -> Tensor:
+        """The decoder over ``ids`` [T] at positions [start, stop): K/V into the cache, logits out."""
+        plan = self.plan
+        t = stop - start
         h = plan.embed(ids[None])[0].to(plan.dtype)  # [T, hidden]
         for i, layer in enumerate(plan.layers):
             x = layer.in_norm(h)
@@ -255,5 +268,3 @@ class LeanRunner:
         if plan.final_softcap:
             logits = torch.tanh(logits / plan.final_softcap) * plan.final_softcap
         return logits if all_logits else logits[0]
-
-    __call__ = forward

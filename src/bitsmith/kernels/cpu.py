@@ -78,6 +78,26 @@ def native_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and any(f in flags for f in BF16_FLAGS)
 
 
+def _widen_bf16(lib: ctypes.CDLL):
+    """csrc/qmatmul.cpp ``bs_widen_bf16`` with its C signature declared (once per library)."""
+    fn = lib.bs_widen_bf16
+    if fn.argtypes is None:
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = None
+    return fn
+
+
+def widen_bf16(lib: ctypes.CDLL, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst [T, n] (float32, rows may be strided, columns contiguous) = src [T, n] (contiguous bfloat16)
+    widened exactly, by the native kernel the bf16 prefill uses for its block outputs."""
+    if src.dtype != torch.bfloat16 or dst.dtype != torch.float32 or src.dim() != 2 or src.shape != dst.shape:
+        raise ValueError(f"widen_bf16 takes bf16 src and float32 dst of one 2-D shape, got {src.dtype} "
+                         f"{tuple(src.shape)} and {dst.dtype} {tuple(dst.shape)}")
+    if not src.is_contiguous() or dst.stride(1) != 1:
+        raise ValueError("widen_bf16 needs a contiguous src and dst rows with contiguous columns")
+    _widen_bf16(lib)(src.data_ptr(), src.shape[0], src.shape[1], dst.data_ptr(), dst.stride(0))
+
+
 def resolve_prefill(choice: str) -> str:
     """``RuntimeOptions.prefill`` as the kernel runs it: ``bf16`` or ``exact`` (``auto`` asks the CPU)."""
     if choice == "auto":
@@ -192,10 +212,12 @@ class NativeKernel:
         permuted = self.spec.bits == 4  # as in _blocked: x follows the nibble order of the rows
         xb = torch.empty(x2.shape, dtype=torch.bfloat16)  # [T, in]
         self._lib.bs_to_bf16(x2.data_ptr(), xb.data_ptr(), x2.shape[0], self.in_features, int(permuted))
+        widen = _widen_bf16(self._lib)
         for start in range(0, self.out_features, block):
             n = min(block, self.out_features - start)
             self._lib.bs_dequant_bf16(*self._weight_args(), start, n, buf.data_ptr(), int(permuted), threads)
-            y[:, start : start + n] = torch.mm(xb, buf[:n].t())
+            yb = torch.mm(xb, buf[:n].t())  # [T, n] bf16, contiguous
+            widen(yb.data_ptr(), yb.shape[0], n, y.data_ptr() + 4 * start, self.out_features)  # y[:, start:start+n]
 
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[stop - start, in]: the reference reconstruction of those rows in float32, or (``dtype``

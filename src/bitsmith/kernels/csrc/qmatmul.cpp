@@ -750,6 +750,27 @@ void bs_to_bf16(const float* x, uint16_t* xb, int64_t T, int64_t in, int64_t per
   }
 }
 
+// dst[t * dst_stride + j] = src[t * cols + j] widened from bfloat16 to float32 (exact: the bits shifted
+// up), for t < rows, j < cols: the bf16 prefill's block product [T, n] into its columns of the float32
+// output. torch's strided copy of the same ran at ~4 ns per element (17% of Qwen2.5-1.5B's prefill).
+void bs_widen_bf16(const uint16_t* src, int64_t rows, int64_t cols, float* dst, int64_t dst_stride) {
+  for (int64_t t = 0; t < rows; ++t) {
+    const uint16_t* s = src + t * cols;
+    float* d = dst + t * dst_stride;
+    int64_t j = 0;
+#if BS_SIMD == 512
+    for (; j + 16 <= cols; j += 16) {
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + j)));
+      _mm512_storeu_ps(d + j, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+#endif
+    for (; j < cols; ++j) {
+      const uint32_t u = (uint32_t)s[j] << 16;
+      std::memcpy(d + j, &u, 4);
+    }
+  }
+}
+
 int bs_simd_width() { return BS_SIMD; }
 
 // The bit widths this build runs on the int8-activation path (see row_tile_int8) when a call asks for

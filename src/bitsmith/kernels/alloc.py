@@ -1,0 +1,71 @@
+"""glibc allocator settings for the batched forwards (prefill, evaluation): reuse heap pages instead of
+mapping fresh ones for every activation tensor.
+
+The lean runner fixes glibc's mmap threshold at 128 KiB (``infer.lean``): between decode steps, freed
+activation buffers then go straight back to the OS and RSS shows only what is live. A batched forward
+pays for that. Every tensor above 128 KiB (at 256 tokens: each linear's output, SiLU, the products,
+norms, rotary halves, attention outputs; at 512 tokens the logits) is a fresh ``mmap`` whose pages
+are faulted in and zeroed by the kernel on first touch, then unmapped on free; the next op does it
+again. On this VM a page fault costs microseconds, so elementwise ops ran at ~5 ns per element and
+~70% of SmolLM2-135M's prefill was outside the matmuls. Measured (1 thread, the same process,
+alternating, loaded machine): SmolLM2-135M w8 prefill of 512 tokens 234 -> 419 tok/s (1.80x).
+
+:func:`heap_reuse` raises the mmap and trim thresholds for the duration of one batched forward, so
+freed blocks are reused from the heap (faulted in once per forward, not once per op), then restores
+the 128 KiB thresholds and ``malloc_trim``s the heap so RSS after the forward is what it was. Peak RSS
+is the forward's live set plus heap fragmentation. Anything other than glibc: a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+from collections.abc import Iterator
+
+__all__ = ["LEAN_THRESHOLD", "REUSE_THRESHOLD", "heap_reuse"]
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h> mallopt parameters
+LEAN_THRESHOLD = 128 * 1024  # what the lean runner keeps between forwards (infer.lean)
+REUSE_THRESHOLD = 1 << 30  # during a batched forward: every activation (logits included) from the heap
+
+_state = threading.local()
+_libc: ctypes.CDLL | None | bool = None
+
+
+def _glibc() -> ctypes.CDLL | None:
+    global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL("libc.so.6")
+            _libc = lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _libc = False
+    return _libc or None
+
+
+@contextlib.contextmanager
+def heap_reuse(threshold: int = REUSE_THRESHOLD) -> Iterator[None]:
+    """Serve allocations up to ``threshold`` bytes from the heap while the block runs; on exit restore
+    the lean 128 KiB thresholds and return the freed heap pages (``malloc_trim``). Nested uses (a long
+    prompt prefilled in slices) act once, at the outermost level. The settings are process-wide, so
+    use it around a whole forward on the one thread that runs the model."""
+    libc = _glibc()
+    depth = getattr(_state, "depth", 0)
+    if libc is None or depth:
+        _state.depth = depth + 1
+        try:
+            yield
+        finally:
+            _state.depth = depth
+        return
+    _state.depth = 1
+    libc.mallopt(M_MMAP_THRESHOLD, int(threshold))
+    libc.mallopt(M_TRIM_THRESHOLD, int(threshold))
+    try:
+        yield
+    finally:
+        _state.depth = 0
+        libc.mallopt(M_MMAP_THRESHOLD, LEAN_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, LEAN_THRESHOLD)
+        libc.malloc_trim(0)
