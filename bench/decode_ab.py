@@ -53,13 +53,15 @@ def main() -> None:
 
     variants = [parse_variant(v, args.threads) for v in args.variants]
     loaded = {name: load_model(path, options=options) for name, path, options in variants}
+    opts = {name: options for name, _, options in variants}  # generate() takes them too (the lean runner)
     prompt = text_path().read_text()[: args.chars]
-    for one in loaded.values():  # warm-up: kernels built, caches allocated
-        generate(one.model, one.tokenizer, prompt, max_new_tokens=4, stop_at_eos=False)
+    for name, one in loaded.items():  # warm-up: kernels built, caches allocated
+        generate(one.model, one.tokenizer, prompt, max_new_tokens=4, stop_at_eos=False, options=opts[name])
     speeds: dict[str, list[float]] = {name: [] for name in loaded}
     for r in range(args.rounds):
         for name, one in loaded.items():
-            result = generate(one.model, one.tokenizer, prompt, max_new_tokens=args.new, stop_at_eos=False)
+            result = generate(one.model, one.tokenizer, prompt, max_new_tokens=args.new, stop_at_eos=False,
+                              options=opts[name])
             speeds[name].append(result.decode_tok_s)
         print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in speeds.items()), flush=True)
     first = statistics.median(next(iter(speeds.values())))
