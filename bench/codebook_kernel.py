@@ -2,11 +2,13 @@
 scalar native kernel of the same bits/weight, on the linear shapes of SmolLM2-135M and
 Qwen2.5-Coder-1.5B (issue 19). Random codes: a gemv's time does not depend on their values.
 
-    python bench/codebook_kernel.py [--threads 1] [--rounds 5]
+    python bench/codebook_kernel.py [--threads 1] [--rounds 5] [--exact]
 
 Per shape: best-of microseconds per call of each kernel, taken in alternating rounds (paired on a
 shared machine), and the packed bytes each reads. Both kernels are first checked against the
-dequantize-then-matmul oracle on the same input. Nothing here is asserted.
+dequantize-then-matmul oracle on the same input. Nothing here is asserted. By default both run as
+decode does (``RuntimeOptions.int8_decode``: int8 activations; vq with its int8 codebook,
+csrc/codebook_int8.cpp), checked against their int8 oracles; ``--exact`` times the float kernels.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 import torch
 
 from bitsmith.kernels import prepare, reference_linear
+from bitsmith.kernels.codebook import int8_activations, int8_oracle
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
@@ -36,6 +39,15 @@ def random_qt(out: int, inp: int, spec: QuantSpec) -> QuantizedTensor:
     return QuantizedTensor(codes, scale, (torch.rand(out, spec.groups_per_row(inp), generator=g) * spec.qmax).half(), spec)
 
 
+def oracle(x: torch.Tensor, qt: QuantizedTensor, kernel, exact: bool) -> torch.Tensor:
+    """What the kernel must compute: the float oracle, or the int8 one its int8 path is held to."""
+    if exact:
+        return reference_linear(x, qt)
+    if getattr(kernel, "int8", False):
+        return int8_oracle(x, qt)
+    return reference_linear(int8_activations(x), qt)
+
+
 def best_us(fn, reps: int) -> float:
     best = float("inf")
     for _ in range(reps):
@@ -50,10 +62,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--exact", action="store_true", help="float activations (int8_decode off)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    options = RuntimeOptions(threads=args.threads, int8_decode=False)
-    print(f"{args.threads} thread(s), best of {args.rounds} x {args.reps} calls, one activation row (fp32)\n")
+    options = RuntimeOptions(threads=args.threads, int8_decode=not args.exact)
+    mode = "float activations" if args.exact else "int8 activations"
+    print(f"{args.threads} thread(s), best of {args.rounds} x {args.reps} calls, one activation row ({mode})\n")
     print("| shape | spec | kernel | packed KB | us/call | GB/s | vq / scalar time |")
     print("|---|---|---|---|---|---|---|")
     for label, (out, inp) in SHAPES.items():
@@ -62,7 +76,7 @@ def main() -> None:
             qts = [random_qt(out, inp, QuantSpec.parse(t)) for t in (vq_text, scalar_text)]
             kernels = [prepare(qt, options) for qt in qts]
             for qt, k in zip(qts, kernels):  # checked before timed
-                assert torch.allclose(k(x), reference_linear(x, qt), atol=1e-3 * inp ** 0.5), (label, qt.spec)
+                assert torch.allclose(k(x), oracle(x, qt, k, args.exact), atol=1e-3 * inp ** 0.5), (label, qt.spec)
             times = [float("inf")] * 2
             for _ in range(args.rounds):
                 for i, k in enumerate(kernels):

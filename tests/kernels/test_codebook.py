@@ -7,11 +7,15 @@ import torch
 
 from bitsmith.kernels import prepare, reference_linear
 from bitsmith.kernels.build import native_library
+from bitsmith.kernels.codebook import int8_activations, int8_codebook, int8_oracle
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
 needs_native = pytest.mark.skipif(native_library() is None, reason="no C++ compiler: the native kernels are not built")
+needs_vq8 = pytest.mark.skipif(native_library() is None or not native_library().bs_vq8_available(),
+                               reason="no AVX-512 VBMI + VNNI build: the int8 vq decode is not compiled in")
+EXACT = RuntimeOptions(int8_decode=False)  # float activations and codebook: the exact oracle
 
 
 def random_vq(text: str, out: int, inn: int, seed: int) -> QuantizedTensor:
@@ -33,7 +37,7 @@ SHAPES = [("w2g64vq", 96, 576), ("w2g128vq", 33, 576), ("w2vq", 17, 200), ("w3g1
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 13])
 def test_kernel_equals_oracle(text: str, out: int, inn: int, rows: int) -> None:
     qt = random_vq(text, out, inn, seed=out + inn + rows)
-    kernel = prepare(qt, RuntimeOptions())
+    kernel = prepare(qt, EXACT)
     assert kernel.name == "native-vq"
     x = torch.randn(rows, inn, generator=torch.Generator().manual_seed(rows))
     want = reference_linear(x, qt)
@@ -45,7 +49,7 @@ def test_kernel_equals_oracle(text: str, out: int, inn: int, rows: int) -> None:
 @needs_native
 def test_kernel_keeps_the_stored_tensors_and_batch_shape() -> None:
     qt = random_vq("w2g64vq", 64, 256, seed=1)
-    kernel = prepare(qt, RuntimeOptions())
+    kernel = prepare(qt, EXACT)
     assert torch.equal(kernel.quantized().codes, qt.codes)
     state, want = kernel.to_state("w"), qt.to_state("w")
     assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
@@ -66,7 +70,64 @@ def test_torch_choice_uses_the_oracle_arithmetic() -> None:
 def test_threaded_kernel_equals_oracle(text: str) -> None:
     """Large enough for the parallel paths (several table slabs shared by two threads)."""
     qt = random_vq(text, 260, 1024, seed=9)
-    kernel = prepare(qt, RuntimeOptions(threads=2))
+    kernel = prepare(qt, RuntimeOptions(threads=2, int8_decode=False))
     for rows in (1, 4, 20):
         x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(rows))
         assert torch.allclose(kernel(x), reference_linear(x, qt), atol=1e-3, rtol=1e-5)
+
+
+# the int8 decode (csrc/codebook_int8.cpp): whole chunks of 64 indices, a short last chunk (576 / 4 =
+# 144 = 2.25 chunks), short last groups, per-channel rows with 45 indices (no whole lane group), rows
+# whose indices do not fill a run of 8, 6-bit runs cut by the row's end, 256-entry 2-dim codes
+INT8_SHAPES = SHAPES + [("w2g64vq", 70, 1536), ("w3g128vq", 33, 8960 // 5), ("w4g128vq", 9, 384), ("w2g32vq", 5, 200)]
+
+
+@needs_vq8
+@pytest.mark.parametrize("text, out, inn", INT8_SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_decode_equals_its_oracle(text: str, out: int, inn: int, threads: int) -> None:
+    qt = random_vq(text, out, inn, seed=out * 7 + inn)
+    kernel = prepare(qt, RuntimeOptions(threads=threads))
+    assert kernel.int8
+    x = torch.randn(1, inn, generator=torch.Generator().manual_seed(inn)) * 3
+    want = int8_oracle(x, qt)
+    got = kernel(x)
+    assert torch.allclose(got, want, atol=2e-5 * inn ** 0.5, rtol=1e-5)
+    # and it is the int8 arithmetic, not the float one: the two differ by more than float rounding
+    assert not torch.allclose(got, reference_linear(x, qt), atol=2e-5 * inn ** 0.5, rtol=1e-5)
+
+
+@needs_vq8
+def test_int8_decode_stays_close_to_the_exact_product() -> None:
+    """The accuracy cost of the int8 codebook and activations, bounded on a realistic layer."""
+    qt = random_vq("w2g64vq", 256, 1536, seed=5)
+    x = torch.randn(1, 1536, generator=torch.Generator().manual_seed(5))
+    exact = reference_linear(x, qt)
+    got = prepare(qt, RuntimeOptions())(x)
+    assert (got - exact).norm() / exact.norm() < 0.02
+
+
+def test_int8_codebook_and_activations_round_as_documented() -> None:
+    grid = torch.tensor([[0.5, -1.0], [0.25, 0.0]]).half()
+    q, scale = int8_codebook(grid)
+    assert scale == pytest.approx(1.0 / 127) and q.tolist() == [[64, -127], [32, 0]]
+    x = torch.cat([torch.zeros(32), torch.full((31,), 2.0), torch.tensor([-254.0]), torch.tensor([1.0, 0.0])])
+    got = int8_activations(x)
+    assert torch.equal(got[:32], torch.zeros(32))  # an all-zero block stays zero (no division by 0)
+    assert torch.equal(got[32:64], x[32:64])  # 2 = 1 step of 2: exact; -254 = -127 steps
+    assert torch.equal(got[64:], torch.tensor([1.0, 0.0]))  # the short last block has its own scale
+
+
+@needs_vq8
+def test_int8_decode_declines_lanes_across_groups() -> None:
+    """Groups of fewer than 4 indices (no spec has them today): the C entry computes nothing and says
+    so, and the caller runs the exact kernel."""
+    from bitsmith.kernels.codebook import declare
+
+    lib = declare(native_library())
+    x, y = torch.randn(64), torch.full((3,), 7.0)
+    packed, scale = torch.zeros(3 * 16 + 64, dtype=torch.uint8), torch.ones(3, 8).half()
+    tables = torch.zeros(4, 256, dtype=torch.uint8)
+    took = lib.bs_vq_gemv_int8(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), tables.data_ptr(), 1.0, 3, 64, 4, 8,
+                               8, y.data_ptr(), 1)
+    assert took == 0 and torch.equal(y, torch.full((3,), 7.0))

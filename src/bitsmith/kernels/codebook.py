@@ -5,6 +5,11 @@ Keeps what the checkpoint stores (packed indices, fp16 group scales) plus the co
 to ``GEMV_MAX_ROWS`` activation rows) run ``bs_vq_gemv`` straight from the indices; larger batches
 dequantize a few MB of rows at a time (``bs_vq_dequant``) and hand them to torch's float32 ``mm``.
 Other devices and autograd fall back to the dequantize-then-matmul oracle.
+
+With ``int8=True`` (``RuntimeOptions.int8_decode``, the default) and an AVX-512 VBMI + VNNI build,
+one activation row instead runs ``bs_vq_gemv_int8`` (csrc/codebook_int8.cpp): the codebook rounded
+once to int8 with one per-codebook scale (``int8_codebook``) and looked up with byte shuffles, the
+activations rounded to int8 per 32-weight block; it equals ``int8_oracle`` exactly (to float rounding).
 """
 
 from __future__ import annotations
@@ -31,7 +36,39 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bs_vq_gemv.restype = None
     lib.bs_vq_dequant.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _I64]
     lib.bs_vq_dequant.restype = None
+    lib.bs_vq8_available.argtypes = []
+    lib.bs_vq8_available.restype = ctypes.c_int
+    lib.bs_vq_gemv_int8.argtypes = [_PTR, _PTR, _PTR, _PTR, ctypes.c_float, _I64, _I64, _I64, _I64, _I64, _PTR, _I64]
+    lib.bs_vq_gemv_int8.restype = ctypes.c_int
     return lib
+
+
+def int8_codebook(grid: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The codebook [entries, d] as int8 entries and one scale: ``grid ~= q * scale``, |q| <= 127."""
+    cb = grid.float()
+    amax = float(cb.abs().max()) if cb.numel() else 0.0
+    scale = amax / 127.0 if amax > 0 else 1.0
+    return torch.round(cb / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] rounded to int8 per 32-weight block (scale amax / 127; a short last block), as floats:
+    what the int8 decode kernels multiply."""
+    inn = x.shape[-1]
+    pad = (-inn) % 32
+    xb = torch.nn.functional.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], -1, 32)
+    scale = xb.abs().amax(dim=-1, keepdim=True) / 127.0
+    q = torch.where(scale > 0, torch.round(xb / torch.where(scale > 0, scale, 1.0)), 0.0)
+    return (q * scale).reshape(*x.shape[:-1], -1)[..., :inn]
+
+
+def int8_oracle(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """What the int8 vq decode computes: the weights dequantized with the int8 codebook, times the
+    int8-rounded activations (float64 products, so the kernel is held to its own rounding only)."""
+    q, scale = int8_codebook(qt.grid)
+    rounded = QuantizedTensor(qt.codes, qt.scale, None, qt.spec, (q.double() * scale))
+    w = rounded.dequantize().double()
+    return (int8_activations(x).double() @ w.T).float()
 
 
 class CodebookKernel:
@@ -40,7 +77,7 @@ class CodebookKernel:
     name = "native-vq"
 
     def __init__(self, lib: ctypes.CDLL, qweight: torch.Tensor, scale: torch.Tensor, grid: torch.Tensor,
-                 spec: QuantSpec, in_features: int, threads: int | None = None) -> None:
+                 spec: QuantSpec, in_features: int, threads: int | None = None, int8: bool = False) -> None:
         if spec.grid != "vq":
             raise ValueError(f"CodebookKernel runs vq specs, not {spec}")
         out_features = qweight.shape[0]
@@ -57,10 +94,15 @@ class CodebookKernel:
         self.codebook = self.grid.float().contiguous()  # what the kernel gathers from
         self._group = spec.group_size or max(in_features, 1)
         self._small = out_features * in_features < PARALLEL_MIN_WEIGHTS
+        self.int8 = bool(int8) and bool(lib.bs_vq8_available())
+        if self.int8:  # planes [d][entries] of the int8 codebook + 128 (what the byte shuffles index)
+            q, self._cb_scale = int8_codebook(self.grid)
+            self._tables = (q.to(torch.int16).T + 128).to(torch.uint8).contiguous()
 
     @classmethod
-    def of(cls, lib: ctypes.CDLL, qt: QuantizedTensor, threads: int | None = None) -> "CodebookKernel":
-        return cls(lib, pack(qt.codes, qt.spec.index_bits), qt.scale, qt.grid, qt.spec, qt.shape[1], threads)
+    def of(cls, lib: ctypes.CDLL, qt: QuantizedTensor, threads: int | None = None,
+           int8: bool = False) -> "CodebookKernel":
+        return cls(lib, pack(qt.codes, qt.spec.index_bits), qt.scale, qt.grid, qt.spec, qt.shape[1], threads, int8)
 
     def _threads(self) -> int:
         return 1 if self._small else self.threads or torch.get_num_threads()
@@ -78,13 +120,22 @@ class CodebookKernel:
         rows = x2.shape[0]
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
         if rows and self.out_features:
-            if rows <= GEMV_MAX_ROWS:
+            if rows == 1 and self.int8 and self._gemv_int8(x2, y):
+                pass
+            elif rows <= GEMV_MAX_ROWS:
                 self._lib.bs_vq_gemv(x2.data_ptr(), rows, self.qweight.data_ptr(), self.scale.data_ptr(),
                                      self.codebook.data_ptr(), self.out_features, self.in_features, self.spec.vq_dim,
                                      self.spec.index_bits, self._group, y.data_ptr(), self._threads())
             else:
                 self._blocked(x2, y)
         return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _gemv_int8(self, x2: torch.Tensor, y: torch.Tensor) -> bool:
+        """One row through csrc/codebook_int8.cpp; False where that path does not take the shape."""
+        return bool(self._lib.bs_vq_gemv_int8(
+            x2.data_ptr(), self.qweight.data_ptr(), self.scale.data_ptr(), self._tables.data_ptr(), self._cb_scale,
+            self.out_features, self.in_features, self.spec.vq_dim, self.spec.index_bits, self._group, y.data_ptr(),
+            self._threads()))
 
     def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of W, float32 [stop - start, in], computed by the native kernel."""
@@ -106,9 +157,10 @@ class CodebookKernel:
         return {f"{prefix}.qweight": self.qweight, f"{prefix}.scale": self.scale, f"{prefix}.grid": self.grid}
 
 
-def prepare_codebook(qt: QuantizedTensor, threads: int | None = None) -> CodebookKernel | None:
-    """The native kernel for a vq tensor, or None when the native library cannot be built."""
+def prepare_codebook(qt: QuantizedTensor, threads: int | None = None, int8: bool = False) -> CodebookKernel | None:
+    """The native kernel for a vq tensor, or None when the native library cannot be built. ``int8``:
+    one activation row with the int8 codebook and activations where the CPU has the instructions."""
     from bitsmith.kernels.build import native_library
 
     lib = native_library()
-    return None if lib is None else CodebookKernel.of(lib, qt, threads)
+    return None if lib is None else CodebookKernel.of(lib, qt, threads, int8)

@@ -1,0 +1,255 @@
+// Decode (one activation row) of vector-codebook (vq) layers with int8 activations and an int8
+// codebook, on AVX-512 VBMI + VNNI (issue 19's "fast CPU decode kernel").
+//
+// Why not codebook.cpp's lookup table: a 256-entry table of codebook . x per vector costs 256 x d
+// multiply-adds per vector of x on every call, and then one scalar load per weight vector of every
+// row; at batch 1 that made w2g64vq decode half as fast as the scalar 2-bit kernel while reading fewer
+// bytes. Here the codebook itself is the table, held in registers: the codebook is rounded once, at
+// load time, to int8 with one per-codebook scale (kernels/codebook.py), stored as d planes of
+// `entries` bytes (plane t = component t of every entry, offset by +128 so it is unsigned). A chunk of
+// 64 indices then becomes d registers of 64 weights each with byte shuffles:
+//   64 entries (6-bit indices)   one vpermb per plane;
+//   256 entries (8-bit indices)  four vpermb (64 entries each) merged on bits 6 and 7.
+// 6-bit indices are first unpacked to bytes (vpermb spreads each 6-byte run to a 64-bit lane,
+// vpmultishiftqb picks its 8 codes; the lookup ignores the top 2 bits, so no mask is needed).
+// The activations are prepared once per call in the matching planar order: x rounded to int8 per
+// 32-weight block (scale amax / 127, the same rounding as the other int8 decode paths), plane t of
+// chunk c holding component t of its 64 vectors, so vpdpbusd (u8 weights x s8 activations, 4 adjacent
+// bytes into one int32 lane) sums, per lane, 4 vectors x d components = 4d consecutive weights (one
+// activation block, one weight group: the shapes this path takes). The +128 offset of the weights
+// is taken out by starting each lane at -128 x (its sum of int8 activations).
+//
+// Exact against its oracle: the dequantized weights with the int8 codebook times the int8-rounded x
+// (kernels/codebook.py int8_oracle; tests/kernels/test_codebook.py), on ragged rows and groups.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "gemv.h"
+
+#if defined(__AVX512VBMI__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__F16C__)
+#include <immintrin.h>
+#define BS_VQ8 1
+#else
+#define BS_VQ8 0
+#endif
+
+// Software prefetch distance in bytes of the index stream (the rows are contiguous).
+#ifndef BS_VQ8_AHEAD
+#define BS_VQ8_AHEAD 1024
+#endif
+
+namespace {
+
+constexpr int64_t kChunk = 64;  // indices per chunk: one register of bytes
+
+// The per-call activation layout (see the top), chunk by chunk.
+struct Prep {
+  int64_t chunks = 0;
+  std::vector<int8_t> xp;    // [chunks][d][64] int8 x, planar per chunk, zero past the row
+  std::vector<float> xs;     // [chunks][16] each lane's activation scale
+  std::vector<int32_t> off;  // [chunks][16] -128 x each lane's sum of int8 x
+  std::vector<int32_t> gl;   // [chunks][16] each lane's weight group, less the chunk's first group
+  std::vector<int64_t> g0;   // [chunks] the chunk's first group
+  std::vector<int8_t> xq;    // scratch: x rounded, natural order
+  std::vector<float> bs;     // scratch: the 32-blocks' scales
+};
+
+#if BS_VQ8
+// x [in] float -> xq int8 in natural order, per 32-weight block (scale amax / 127, x / scale rounded
+// half to even as torch.round; a short last block has its own scale), bs the blocks' scales.
+void quantize_blocks(const float* x, int64_t in, int8_t* xq, float* bs) {
+  for (int64_t lo = 0; lo < in; lo += 32) {
+    const int64_t n = in - lo < 32 ? in - lo : 32;
+    const __mmask16 m0 = n >= 16 ? 0xFFFFu : (__mmask16)((1u << n) - 1);
+    const __mmask16 m1 = n >= 32 ? 0xFFFFu : n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
+    const __m512 a = _mm512_maskz_loadu_ps(m0, x + lo), b = _mm512_maskz_loadu_ps(m1, x + lo + 16);
+    const float scale = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b))) / 127.f;
+    bs[lo / 32] = scale;
+    if (!(scale > 0.f)) continue;  // xq is zero-filled
+    const __m512 s = _mm512_set1_ps(scale);
+    _mm512_mask_cvtepi32_storeu_epi8(xq + lo, m0, _mm512_cvtps_epi32(_mm512_div_ps(a, s)));
+    _mm512_mask_cvtepi32_storeu_epi8(xq + lo + 16, m1, _mm512_cvtps_epi32(_mm512_div_ps(b, s)));
+  }
+}
+
+// Chunk c's D planes from its 64 * D natural-order bytes: register i (64 / D vectors) is byte-permuted
+// so that its segment t holds component t of those vectors, and segment t goes to plane t.
+template <int D>
+void planes(const int8_t* xq, int8_t* xp) {
+  constexpr int V = 64 / D;  // vectors per register
+  alignas(64) static const auto perm = [] {
+    struct P { uint8_t b[64]; } p{};
+    for (int k = 0; k < 64; ++k) p.b[k] = (uint8_t)(D * (k % V) + k / V);
+    return p;
+  }();
+  for (int i = 0; i < D; ++i) {
+    alignas(64) int8_t seg[64];
+    _mm512_store_si512(seg, _mm512_permutexvar_epi8(_mm512_load_si512(perm.b), _mm512_loadu_si512(xq + i * 64)));
+    for (int t = 0; t < D; ++t) std::memcpy(xp + t * kChunk + i * V, seg + t * V, V);
+  }
+}
+
+// The per-call layout of x (see Prep) for vectors of d weights and groups of group_codes vectors.
+void prepare(const float* x, int64_t in, int64_t d, int64_t group_codes, int64_t groups, Prep& p) {
+  const int64_t codes = in / d;
+  p.chunks = (codes + kChunk - 1) / kChunk;
+  p.xq.assign((size_t)(p.chunks * kChunk * d), 0);
+  p.bs.assign((size_t)((in + 31) / 32), 0.f);
+  quantize_blocks(x, in, p.xq.data(), p.bs.data());
+  p.xp.resize((size_t)(p.chunks * d * kChunk));
+  p.xs.assign((size_t)(p.chunks * 16), 0.f);
+  p.off.assign((size_t)(p.chunks * 16), 0);
+  p.gl.assign((size_t)(p.chunks * 16), 0);
+  p.g0.assign((size_t)p.chunks, 0);
+  for (int64_t c = 0; c < p.chunks; ++c) {
+    const int8_t* xc = p.xq.data() + c * kChunk * d;
+    if (d == 4) planes<4>(xc, p.xp.data() + c * d * kChunk);
+    else planes<2>(xc, p.xp.data() + c * d * kChunk);
+    const int64_t first = groups == 1 ? 0 : c * kChunk / group_codes;
+    p.g0[c] = first;
+    alignas(64) uint64_t sad[32];  // sums of 8 bytes (each + 128) of the chunk, in order
+    for (int64_t i = 0; i < d; ++i) {
+      const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(xc + i * 64), _mm512_set1_epi8((char)0x80));
+      _mm512_store_si512(sad + 8 * i, _mm512_sad_epu8(u, _mm512_setzero_si512()));
+    }
+    for (int64_t j = 0; j < 16; ++j) {
+      const int64_t v = c * kChunk + 4 * j;  // the lane's first vector; its 4d bytes are d / 2 sums of 8
+      if (v >= codes) continue;
+      int64_t sum = 0;
+      for (int64_t k = 0; k < d / 2; ++k) sum += (int64_t)sad[j * d / 2 + k] - 8 * 128;
+      p.off[c * 16 + j] = (int32_t)(-128 * sum);
+      p.xs[c * 16 + j] = p.bs[v * d / 32];
+      p.gl[c * 16 + j] = (int32_t)((groups == 1 ? 0 : v / group_codes) - first);
+    }
+  }
+}
+
+// 64 indices, one per byte (the low 6 bits meaningful for 6-bit indices), from a row's chunk of
+// `avail` readable bytes (masked loads past the row's end: nothing past it is touched).
+template <int IB>
+inline __m512i load_indices(const uint8_t* p, int64_t avail) {
+  constexpr int64_t full = kChunk * IB / 8;
+  const int64_t n = avail < full ? avail : full;
+  const __m512i raw = _mm512_maskz_loadu_epi8(n >= 64 ? ~0ull : ((1ull << n) - 1), p);
+  if (IB == 8) return raw;
+  // IB == 6: run q (6 bytes at 6q) into 64-bit lane q, then code k of the run = bits 6k.. of the lane
+  alignas(64) static const uint8_t spread[64] = {
+      0,  1,  2,  3,  4,  5,  0, 0, 6,  7,  8,  9,  10, 11, 0, 0, 12, 13, 14, 15, 16, 17, 0, 0,
+      18, 19, 20, 21, 22, 23, 0, 0, 24, 25, 26, 27, 28, 29, 0, 0, 30, 31, 32, 33, 34, 35, 0, 0,
+      36, 37, 38, 39, 40, 41, 0, 0, 42, 43, 44, 45, 46, 47, 0, 0};
+  const __m512i runs = _mm512_permutexvar_epi8(_mm512_load_si512(spread), raw);
+  return _mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x2A241E18120C0600ll), runs);
+}
+
+// Component t of the 64 vectors' codebook entries (unsigned bytes), from the planes in registers.
+template <int IB>
+inline __m512i lookup(__m512i idx, const __m512i* plane) {
+  if (IB == 6) return _mm512_permutexvar_epi8(idx, plane[0]);
+  // four 64-entry vpermb (bit 6 picks within a pair, bit 7 between pairs): 7% faster here than two
+  // vpermi2b and a blend, which cost more than twice a vpermb on this Xeon (measured)
+  const __mmask64 high = _mm512_movepi8_mask(idx);
+  const __mmask64 b6 = _mm512_movepi8_mask(_mm512_add_epi8(idx, idx));  // not vptestmb: port 5
+  const __m512i lo = _mm512_mask_permutexvar_epi8(_mm512_permutexvar_epi8(idx, plane[0]), b6, idx, plane[1]);
+  const __m512i hi = _mm512_mask_permutexvar_epi8(_mm512_permutexvar_epi8(idx, plane[2]), b6, idx, plane[3]);
+  return _mm512_mask_blend_epi8(high, lo, hi);
+}
+
+// One chunk of one row: its 16 lanes' int32 sums of int8 weight x int8 activation products.
+template <int D, int IB>
+inline __m512i chunk_dot(__m512i idx, const __m512i (*plane)[IB == 8 ? 4 : 1], const int8_t* xc, __m512i off) {
+  __m512i acc0 = off, acc1 = _mm512_setzero_si512();  // two chains: vpdpbusd's latency
+  for (int t = 0; t < D; t += 2) {
+    acc0 = _mm512_dpbusd_epi32(acc0, lookup<IB>(idx, plane[t]), _mm512_loadu_si512(xc + t * kChunk));
+    acc1 = _mm512_dpbusd_epi32(acc1, lookup<IB>(idx, plane[t + 1]), _mm512_loadu_si512(xc + (t + 1) * kChunk));
+  }
+  return _mm512_add_epi32(acc0, acc1);
+}
+
+// Rows [r0, r1): R rows at a time share the activation loads and the lane bookkeeping.
+template <int D, int IB, int R>
+void rows_block(const Prep& p, const uint8_t* packed, int64_t row_bytes, const uint16_t* scale, int64_t groups,
+                const __m512i (*plane)[IB == 8 ? 4 : 1], float cb_scale, int64_t r, float* y) {
+  constexpr int64_t chunk_bytes = kChunk * IB / 8;
+  __m512 total[R];
+  for (int i = 0; i < R; ++i) total[i] = _mm512_setzero_ps();
+  const int8_t* xp = p.xp.data();
+  const float* xs = p.xs.data();
+  const int32_t* off = p.off.data();
+  const int32_t* gl = p.gl.data();
+  for (int64_t c = 0; c < p.chunks; ++c) {
+    const int64_t avail = row_bytes - c * chunk_bytes, left = groups - p.g0[c];
+    const __mmask16 smask = left >= 16 ? 0xFFFFu : (__mmask16)((1u << left) - 1);
+    const __m512i lanes = _mm512_loadu_si512(gl + c * 16), o = _mm512_loadu_si512(off + c * 16);
+    const __m512 xsc = _mm512_loadu_ps(xs + c * 16);
+    for (int i = 0; i < R; ++i) {
+      const uint8_t* src = packed + (r + i) * row_bytes + c * chunk_bytes;
+      _mm_prefetch((const char*)(src + BS_VQ8_AHEAD), _MM_HINT_T0);
+      const __m512i acc = chunk_dot<D, IB>(load_indices<IB>(src, avail), plane, xp + c * D * kChunk, o);
+      const __m256i h = _mm256_maskz_loadu_epi16(smask, scale + (r + i) * groups + p.g0[c]);
+      const __m512 ws = _mm512_mul_ps(xsc, _mm512_permutexvar_ps(lanes, _mm512_cvtph_ps(h)));
+      total[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), ws, total[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) y[r + i] = _mm512_reduce_add_ps(total[i]) * cb_scale;
+}
+
+template <int D, int IB>
+void rows_int8(const Prep& p, const uint8_t* packed, int64_t row_bytes, const uint16_t* scale, int64_t groups,
+               const uint8_t* tables, float cb_scale, int64_t out, float* y, int64_t threads) {
+  constexpr int REGS = IB == 8 ? 4 : 1;  // registers per plane
+  constexpr int R = 4;  // rows per pass: 4 were 3-10% faster than 2 here, and 1 much slower for 6-bit codes
+#pragma omp parallel num_threads((int)threads) if (threads > 1)
+  {
+    __m512i plane[D][REGS];  // per thread: the codebook stays in registers
+    for (int t = 0; t < D; ++t)
+      for (int k = 0; k < REGS; ++k) plane[t][k] = _mm512_loadu_si512(tables + (t * REGS + k) * 64);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < out / R; ++b)
+      rows_block<D, IB, R>(p, packed, row_bytes, scale, groups, plane, cb_scale, b * R, y);
+#pragma omp single
+    for (int64_t r = out / R * R; r < out; ++r)
+      rows_block<D, IB, 1>(p, packed, row_bytes, scale, groups, plane, cb_scale, r, y);
+  }
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// Whether this build has the int8 codebook decode (AVX-512 VBMI + VNNI).
+int bs_vq8_available() { return BS_VQ8; }
+
+// y [out] = x [in] @ W^T for a vq matrix: packed indices [out, row_bytes] (formats/packing.py layout),
+// fp16 scales [out, groups], tables uint8 [d][entries] (int8 codebook + 128), cb_scale the codebook's
+// scale. Returns 0, computing nothing, where the shape or the CPU is not one this path takes
+// (the caller then runs codebook.cpp's float kernel).
+int bs_vq_gemv_int8(const float* x, const uint8_t* packed, const uint16_t* scale, const uint8_t* tables,
+                    float cb_scale, int64_t out, int64_t in, int64_t d, int64_t bits, int64_t group, float* y,
+                    int64_t threads) {
+#if BS_VQ8
+  if (d <= 0 || in % d != 0 || group <= 0 || group % d != 0) return 0;
+  const int64_t codes = in / d, groups = (in + group - 1) / group, group_codes = group / d;
+  const int64_t row_bytes = (codes + 7) / 8 * bits;
+  // a lane (4 vectors) must lie in one weight group and one 32-weight activation block
+  if (!(groups == 1 || group_codes % 4 == 0) || 32 % (4 * d) != 0) return 0;
+  const bool six = bits == 6 && d == 2, eight4 = bits == 8 && d == 4, eight2 = bits == 8 && d == 2;
+  if (!(six || eight4 || eight2)) return 0;
+  static thread_local Prep p;  // reused: no allocation per call once the widest layer has run
+  prepare(x, in, d, group_codes, groups, p);
+  if (six) rows_int8<2, 6>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+  if (eight4) rows_int8<4, 8>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+  if (eight2) rows_int8<2, 8>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+  return 1;
+#else
+  (void)x, (void)packed, (void)scale, (void)tables, (void)cb_scale, (void)out, (void)in, (void)d, (void)bits;
+  (void)group, (void)y, (void)threads;
+  return 0;
+#endif
+}
+
+}  // extern "C"
