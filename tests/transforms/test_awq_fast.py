@@ -169,3 +169,22 @@ def test_auto_measure_is_the_attention_for_qkv_and_the_linears_elsewhere():
             assert (r.alpha, r.loss_before) == (module[prev].alpha, module[prev].loss_before)
         else:
             assert (r.alpha, r.loss_before) == (linear[prev].alpha, linear[prev].loss_before)
+
+
+def test_module_measure_in_bf16_picks_the_fp32_alphas():
+    """The module measure's forwards under bf16 autocast (awq_search_dtype=bf16): every group's alpha is the
+    float32 forwards' or a near-tie of it (its float32 loss within 2% of the float32 optimum)."""
+    spec = QuantSpec.parse("w3g32")
+    block, hidden, kwargs = _block("qwen2", n=8, length=32)
+    hidden[..., :4] *= 20.0
+    base = {"clip_search": False, "awq_grid": 10, "awq_clip": False, "awq_measure": "module"}
+    runs = {d: awq_transform(copy.deepcopy(block), hidden, kwargs, spec, rtn, {**base, "awq_search_dtype": d})
+            for d in ("bf16", "fp32")}
+    fp32 = {r.prev: r for r in runs["fp32"].scales}
+    assert len(runs["bf16"].scales) == len(fp32) == 4
+    assert any(r.loss_before != fp32[r.prev].loss_before for r in runs["bf16"].scales)  # bf16 did run
+    for r in runs["bf16"].scales:
+        ref = fp32[r.prev]
+        assert r.loss_before == pytest.approx(ref.loss_before, rel=0.05)  # the same measure, bf16 products
+        if r.alpha != ref.alpha:
+            assert abs(r.alpha - ref.alpha) <= 0.1 and r.loss_after == pytest.approx(ref.loss_after, rel=0.02)
