@@ -137,7 +137,9 @@ def test_linear_measure_matches_module_measure_where_the_module_is_the_linear():
 
 def test_bad_awq_options_are_refused():
     block, hidden, kwargs = _block("llama")
-    for bad in ({"awq_measure": "block"}, {"awq_search_dtype": "fp8"}, {"awq_clip_dtype": "f16"}, {"awq_search_tokens": -1}):
+    bad_options = ({"awq_measure": "block"}, {"awq_search_dtype": "fp8"}, {"awq_clip_dtype": "f16"},
+                   {"awq_search_tokens": -1})
+    for bad in bad_options:
         with pytest.raises(ValueError, match="awq_"):
             awq_transform(block, hidden, kwargs, QuantSpec.parse("w4g32"), rtn, bad)
 
