@@ -125,7 +125,7 @@ def test_linear_measure_matches_module_measure_where_the_module_is_the_linear():
     fast = awq_transform(block, hidden, kwargs, spec, rtn, {"clip_search": False, "awq_grid": 10, "awq_clip": False,
                                                             "awq_search_dtype": "fp32", "awq_measure": "linear"})
     slow = awq_transform(other, hidden, kwargs, spec, rtn, {"clip_search": False, "awq_grid": 10, "awq_clip": False,
-                                                            "awq_measure": "module"})
+                                                            "awq_search_dtype": "fp32", "awq_measure": "module"})
     by_prev = {r.prev: r for r in slow.scales}
     assert len(fast.scales) == len(slow.scales) == 4
     for r in fast.scales:
