@@ -125,7 +125,7 @@ def test_linear_measure_matches_module_measure_where_the_module_is_the_linear():
     fast = awq_transform(block, hidden, kwargs, spec, rtn, {"clip_search": False, "awq_grid": 10, "awq_clip": False,
                                                             "awq_search_dtype": "fp32", "awq_measure": "linear"})
     slow = awq_transform(other, hidden, kwargs, spec, rtn, {"clip_search": False, "awq_grid": 10, "awq_clip": False,
-                                                            "awq_measure": "module"})
+                                                            "awq_search_dtype": "fp32", "awq_measure": "module"})
     by_prev = {r.prev: r for r in slow.scales}
     assert len(fast.scales) == len(slow.scales) == 4
     for r in fast.scales:
@@ -137,7 +137,9 @@ def test_linear_measure_matches_module_measure_where_the_module_is_the_linear():
 
 def test_bad_awq_options_are_refused():
     block, hidden, kwargs = _block("llama")
-    for bad in ({"awq_measure": "block"}, {"awq_search_dtype": "fp8"}, {"awq_search_tokens": -1}):
+    bad_options = ({"awq_measure": "block"}, {"awq_search_dtype": "fp8"}, {"awq_clip_dtype": "f16"},
+                   {"awq_search_tokens": -1})
+    for bad in bad_options:
         with pytest.raises(ValueError, match="awq_"):
             awq_transform(block, hidden, kwargs, QuantSpec.parse("w4g32"), rtn, bad)
 
@@ -169,3 +171,47 @@ def test_auto_measure_is_the_attention_for_qkv_and_the_linears_elsewhere():
             assert (r.alpha, r.loss_before) == (module[prev].alpha, module[prev].loss_before)
         else:
             assert (r.alpha, r.loss_before) == (linear[prev].alpha, linear[prev].loss_before)
+
+
+def test_module_measure_in_bf16_picks_the_fp32_alphas():
+    """The module measure's forwards under bf16 autocast (awq_search_dtype=bf16): every group's alpha is the
+    float32 forwards' or a near-tie of it (its float32 loss within 2% of the float32 optimum)."""
+    spec = QuantSpec.parse("w3g32")
+    block, hidden, kwargs = _block("qwen2", n=8, length=32)
+    hidden[..., :4] *= 20.0
+    base = {"clip_search": False, "awq_grid": 10, "awq_clip": False, "awq_measure": "module"}
+    runs = {d: awq_transform(copy.deepcopy(block), hidden, kwargs, spec, rtn, {**base, "awq_search_dtype": d})
+            for d in ("bf16", "fp32")}
+    fp32 = {r.prev: r for r in runs["fp32"].scales}
+    assert len(runs["bf16"].scales) == len(fp32) == 4
+    assert any(r.loss_before != fp32[r.prev].loss_before for r in runs["bf16"].scales)  # bf16 did run
+    for r in runs["bf16"].scales:
+        ref = fp32[r.prev]
+        assert r.loss_before == pytest.approx(ref.loss_before, rel=0.05)  # the same measure, bf16 products
+        if r.alpha != ref.alpha:
+            assert abs(r.alpha - ref.alpha) <= 0.1 and r.loss_after == pytest.approx(ref.loss_after, rel=0.02)
+
+
+def test_clip_products_in_fp32_keep_the_oracle_choice_where_inputs_share_a_large_offset():
+    """Inputs with a large common component make ``delta H_g delta^T`` cancel: bf16 rounding of H_g then
+    picks other ratios (and a higher loss), float32 keeps the token-sum oracle's; the default is float32."""
+    g = torch.Generator().manual_seed(7)
+    spec = QuantSpec.parse("w4g32")
+    weight, inputs = torch.randn(40, 64, generator=g), torch.randn(256, 64, generator=g) + 20.0
+    slow = _slow_clip_ratios(weight, inputs, spec, 12, 0.5)
+    runs = {dt: clip_search(weight, inputs, spec, rtn, {"clip_search": False}, grid=12, dtype=dt)
+            for dt in (torch.float32, torch.bfloat16)}
+    assert torch.equal(runs[torch.float32][1], slow)
+    assert not torch.equal(runs[torch.bfloat16][1], slow) and runs[torch.bfloat16][3] > runs[torch.float32][3]
+
+
+def test_default_clip_search_runs_in_fp32():
+    block, hidden, kwargs = _block("llama", n=4, length=32)
+    hidden += 8.0  # a common offset: bf16 and fp32 clip products choose differently
+    spec, base = QuantSpec.parse("w3g32"), {"clip_search": False, "awq_grid": 1}  # alpha 0 only: clipping alone
+    weights = {}
+    for key, extra in (("default", {}), ("fp32", {"awq_clip_dtype": "fp32"}), ("bf16", {"awq_clip_dtype": "bf16"})):
+        other = copy.deepcopy(block)
+        awq_transform(other, hidden, kwargs, spec, rtn, {**base, **extra})
+        weights[key] = torch.cat([m.weight.flatten() for m in other.modules() if isinstance(m, torch.nn.Linear)])
+    assert torch.equal(weights["default"], weights["fp32"]) and not torch.equal(weights["default"], weights["bf16"])

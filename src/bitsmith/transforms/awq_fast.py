@@ -25,7 +25,7 @@ never the attention or the nonlinearity:
 The clip search's per-(row, group) error ``mean_t (x_{t,g} . delta_{o,g})^2`` equals
 ``delta_{o,g} H_g delta_{o,g}^T / T`` with the group's Gram matrix ``H_g = X_g^T X_g`` [gs, gs]:
 ``out x in x gs`` multiply-adds per candidate instead of ``out x in x T`` (:func:`group_gram`,
-:func:`clip_errors`).
+:func:`clip_errors`), in float32 (with bf16 Gram products SmolLM2 w4g128's KLD was 0.1809, with float32 0.1765).
 
 The simulated quantizer of the pipeline (min/max RTN) runs as :func:`minmax_qdq`: the values of
 ``rtn(w, spec, None, {"clip_search": False}).dequantize()`` (fp16-rounded scale and zero included)
@@ -141,6 +141,7 @@ def group_gram(inputs: torch.Tensor, spec: QuantSpec, in_features: int) -> torch
 def clip_errors(delta: torch.Tensor, gram: torch.Tensor, tokens: int) -> torch.Tensor:
     """Per (row, group) mean over tokens of the group's output error squared, [out, G]:
     ``delta_{o,g} H_g delta_{o,g}^T / T`` for delta [out, G, gs] and gram [G, gs, gs]; the product
-    in gram's dtype (bf16: ~3.5x the float32 rate of these small batched products), sums in float32."""
+    in gram's dtype, sums in float32. The transform passes float32 (``awq_clip_dtype``): where the inputs
+    share a large component the quadratic form cancels and bf16's rounding of H_g picks other ratios."""
     d = delta.transpose(0, 1)  # [G, out, gs], float32
     return (torch.bmm(d.to(gram.dtype), gram).float() * d).sum(-1).transpose(0, 1) / max(tokens, 1)

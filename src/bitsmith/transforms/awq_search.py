@@ -56,7 +56,12 @@ class AwqOptions:
     # *and* more search tokens (Qwen-1.5B's down_proj: 8,960 > 4,096) gets this many evenly spaced tokens,
     # every other group the exact compression of all search tokens (0: no bound)
     search_tokens: int = 2048
-    search_dtype: str = "auto"  # "linear": dtype of its products: auto (bf16 where native), bf16, fp32
+    search_dtype: str = "auto"  # dtype of the scale search's products: auto (bf16 where native), bf16, fp32
+    # dtype of the clip search's Gram products. fp32: bf16 rounding of a group's Gram matrix H_g misjudges
+    # delta H_g delta^T where x has a large common component (the quadratic form cancels): SmolLM2 w4g128
+    # KLD 0.1809 (bf16) -> 0.1765 (fp32; 0.1717 with awq_search_dtype=fp32 too). The batched [gs, gs]
+    # products gain little from bf16 anyway (5.1 vs 6.7 ns per weight measured)
+    clip_dtype: str = "fp32"
 
     @classmethod
     def from_dict(cls, options: dict) -> "AwqOptions":
@@ -68,14 +73,16 @@ class AwqOptions:
                    int(options.get("awq_clip_grid", 20)), float(options.get("awq_clip_min", 0.5)),
                    int(options.get("awq_clip_tokens", 512)), flag("awq_duo", False),
                    str(options.get("awq_measure", "auto")), int(options.get("awq_search_tokens", 2048)),
-                   str(options.get("awq_search_dtype", "auto")))
+                   str(options.get("awq_search_dtype", "auto")), str(options.get("awq_clip_dtype", "fp32")))
         if opts.grid < 1 or opts.clip_grid < 1 or opts.tokens < 1 or opts.clip_tokens < 1:
             raise ValueError("awq_grid, awq_clip_grid, awq_tokens and awq_clip_tokens must be >= 1")
         if not 0.0 < opts.clip_min <= 1.0:
             raise ValueError(f"awq_clip_min={opts.clip_min} must be in (0, 1], e.g. 0.5")
-        if opts.measure not in ("auto", "linear", "module") or opts.search_dtype not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"awq_measure={opts.measure!r} / awq_search_dtype={opts.search_dtype!r}: "
-                             "use awq_measure=auto|linear|module and awq_search_dtype=auto|bf16|fp32")
+        dtypes = ("auto", "bf16", "fp32")
+        if opts.measure not in ("auto", "linear", "module") or {opts.search_dtype, opts.clip_dtype} - set(dtypes):
+            raise ValueError(f"awq_measure={opts.measure!r} / awq_search_dtype={opts.search_dtype!r} / awq_clip_dtype="
+                             f"{opts.clip_dtype!r}: use awq_measure=auto|linear|module and awq_search_dtype, "
+                             "awq_clip_dtype=auto|bf16|fp32")
         if opts.search_tokens < 0:
             raise ValueError(f"awq_search_tokens={opts.search_tokens} must be >= 0 (0: all search tokens)")
         return opts
@@ -285,9 +292,14 @@ def _search_scale(
     originals = [m.weight.detach().clone() for m in linears]
     calls = cal.calls[group.measure]
 
+    dtype = search_dtype(opts.search_dtype)
+
     def outputs(index: int) -> torch.Tensor:
-        with torch.no_grad():  # grad mode is per thread
-            return _first(measure(*calls[index][0], **calls[index][1]))
+        # grad mode and autocast are per thread. bf16 products (fp32 weights cast per call, fp32 sums) where
+        # the CPU has them: ~5x the float32 rate; their rounding is the same for every candidate and the
+        # reference, ~1/100 of a 4-bit grid's squared error (tested: the alphas of the fp32 forwards)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            return _first(measure(*calls[index][0], **calls[index][1])).float()
 
     # the search batches run in parallel threads, one intra-op thread each (methods.parallel); the
     # squared errors are summed in batch order on this thread, so the choice does not depend on threads
@@ -402,7 +414,7 @@ def awq_transform(
     ``awq_clip_min`` (0.5), ``awq_clip_tokens`` (512), ``awq_duo`` (False), ``awq_measure`` ("linear":
     the error on the linears' outputs, :mod:`bitsmith.transforms.awq_fast`; "module": on the output of
     the module that holds them, the paper's), ``awq_search_tokens`` (2048), ``awq_search_dtype``
-    ("auto"). Cache kwargs are dropped: every call must see only its own tokens."""
+    ("auto"), ``awq_clip_dtype`` ("fp32"). Cache kwargs are dropped: every call must see only its own tokens."""
     opts = AwqOptions.from_dict(options)
     was_training = block.training
     block.eval()
@@ -451,7 +463,7 @@ def _transform(
         linear = modules[name]
         inputs = torch.cat(cal.clip_in[name])[: opts.clip_tokens]  # [T, in]
         clipped, ratio, before, after = clip_search(linear.weight.detach(), inputs, spec, method, options,
-                                                    opts.clip_grid, opts.clip_min, search_dtype(opts.search_dtype))
+                                                    opts.clip_grid, opts.clip_min, search_dtype(opts.clip_dtype))
         if after > before:  # per-group choices ignore cross-group terms; never make the linear worse
             ratio, after = torch.ones_like(ratio), before
         else:
