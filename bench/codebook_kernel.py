@@ -14,7 +14,6 @@ csrc/codebook_int8.cpp), checked against their int8 oracles; ``--exact`` times t
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -23,6 +22,7 @@ from bitsmith.kernels.codebook import int8_activations, int8_oracle
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
+from common import best_us
 
 SHAPES = {"smollm2 q/o": (576, 576), "smollm2 k/v": (192, 576), "smollm2 gate/up": (1536, 576),
           "smollm2 down": (576, 1536), "qwen q/o": (1536, 1536), "qwen gate/up": (8960, 1536), "qwen down": (1536, 8960)}
@@ -46,15 +46,6 @@ def oracle(x: torch.Tensor, qt: QuantizedTensor, kernel, exact: bool) -> torch.T
     if getattr(kernel, "int8", False):
         return int8_oracle(x, qt)
     return reference_linear(int8_activations(x), qt)
-
-
-def best_us(fn, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e6
 
 
 def main() -> None:

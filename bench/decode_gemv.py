@@ -20,7 +20,6 @@ here is asserted.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -28,33 +27,14 @@ from bitsmith.kernels import prepare, reference_linear
 from bitsmith.kernels.codebook import int8_activations
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.spec import QuantSpec
-from bitsmith.tensor import QuantizedTensor
+from bench_kernels import random_qt
+from common import best_us
 
 LAYERS = 28
 # one Qwen2.5-Coder-1.5B decoder layer: q/k/v joined (1536 + 2 x 256 rows), o, gate/up joined, down
 LAYER = {"qkv 2048x1536": (2048, 1536), "o 1536x1536": (1536, 1536), "gate/up 17920x1536": (17920, 1536),
          "down 1536x8960": (1536, 8960)}
 HEAD = ("head 151936x1536", (151936, 1536))
-
-
-def random_qt(out: int, inp: int, spec: QuantSpec) -> QuantizedTensor:
-    g = torch.Generator().manual_seed(0)
-    groups = spec.groups_per_row(inp)
-    codes = torch.randint(0, spec.qmax + 1, (out, inp), generator=g, dtype=torch.uint8)
-    scale = (torch.rand(out, groups, generator=g) * 0.02 + 1e-3).half()
-    zero = None if spec.symmetric else (torch.rand(out, groups, generator=g) * spec.qmax).half()
-    return QuantizedTensor(codes, scale, zero, spec)
-
-
-def best_us(fn, reps: int, flush: torch.Tensor | None) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        if flush is not None:  # evict the weights: decode reads each matrix once per token, from DRAM
-            flush.sum()
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e6
 
 
 def main() -> None:

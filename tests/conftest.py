@@ -47,3 +47,24 @@ def exact_decode():
     from bitsmith.runtime.options import RuntimeOptions
 
     return RuntimeOptions(int8_decode=False, kv_cache="fp32")
+
+
+@pytest.fixture
+def glibc_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """A fake glibc behind ``kernels.alloc``: every ``mallopt``/``malloc_trim`` call is recorded in the
+    returned list (in order) instead of changing this process's allocator."""
+    from bitsmith.kernels import alloc
+
+    calls: list[tuple] = []
+
+    class Libc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad: int) -> int:
+            calls.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(alloc, "_glibc", lambda: Libc())
+    return calls

@@ -230,7 +230,7 @@ def test_fast_kl_and_top1_against_a_float64_oracle(seed: int) -> None:
     torch.testing.assert_close(s.nll, want_nll, atol=1e-5, rtol=1e-6)
 
 
-def test_evaluate_reuses_heap_pages_once_for_the_whole_loop(monkeypatch) -> None:
+def test_evaluate_reuses_heap_pages_once_for_the_whole_loop(glibc_calls: list) -> None:
     """Scoring loops run inside eval_mode, which serves them from reused heap pages (kernels.alloc):
     one raise before the first window, one restore and trim after the last."""
     from types import SimpleNamespace
@@ -240,16 +240,7 @@ def test_evaluate_reuses_heap_pages_once_for_the_whole_loop(monkeypatch) -> None
     from bitsmith.eval.perplexity import evaluate
     from bitsmith.kernels import alloc
 
-    calls: list[tuple] = []
-
-    class Libc:
-        def mallopt(self, param: int, value: int) -> int:
-            calls.append(("mallopt", param, value))
-            return 1
-
-        def malloc_trim(self, pad: int) -> int:
-            calls.append(("trim", pad))
-            return 1
+    calls = glibc_calls
 
     class Toy(torch.nn.Module):
         def __init__(self) -> None:
@@ -260,7 +251,6 @@ def test_evaluate_reuses_heap_pages_once_for_the_whole_loop(monkeypatch) -> None
             calls.append(("forward",))
             return SimpleNamespace(logits=self.emb(input_ids))
 
-    monkeypatch.setattr(alloc, "_glibc", lambda: Libc())
     wins = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
     result = evaluate(Toy(), wins)
     assert result.tokens == 3 * 5

@@ -226,24 +226,13 @@ def test_cached_plan_follows_the_model_to_another_dtype() -> None:
         assert runner(torch.arange(4)).dtype == torch.bfloat16  # computed by the moved weights
 
 
-def test_batched_forwards_reuse_heap_pages_and_decode_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batched_forwards_reuse_heap_pages_and_decode_does_not(monkeypatch: pytest.MonkeyPatch, glibc_calls: list) -> None:
     """A multi-token forward (a long prompt in slices included) sets glibc's thresholds once and trims
     after; a one-token decode step leaves the allocator alone (kernels.alloc.heap_reuse)."""
     from bitsmith.infer import lean
     from bitsmith.kernels import alloc
 
-    calls: list[tuple] = []
-
-    class Libc:
-        def mallopt(self, param: int, value: int) -> int:
-            calls.append(("mallopt", param, value))
-            return 1
-
-        def malloc_trim(self, pad: int) -> int:
-            calls.append(("trim", pad))
-            return 1
-
-    monkeypatch.setattr(alloc, "_glibc", lambda: Libc())
+    calls = glibc_calls
     monkeypatch.setattr(lean, "PREFILL_CHUNK", 4)
     model = random_model("llama")
     ids = torch.randint(0, model.config.vocab_size, (11,), generator=torch.Generator().manual_seed(3))
