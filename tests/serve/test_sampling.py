@@ -19,6 +19,24 @@ def tok():
     return tiny_tokenizer()
 
 
+def event_sink(jobs: int):
+    """Per-job event lists, an Event set once all ``jobs`` have finished, and ``emitter(i)``: the callback
+    that files job i's scheduler events."""
+    from bitsmith.serve.scheduler import Finished
+
+    events: dict[int, list] = {i: [] for i in range(jobs)}
+    done = threading.Event()
+
+    def emitter(i: int):
+        def emit(event):
+            events[i].append(event)
+            if sum(isinstance(e, Finished) for ev in events.values() for e in ev) == jobs:
+                done.set()
+        return emit
+
+    return events, done, emitter
+
+
 def test_text_pieces_concatenate_and_stop_strings_cut(tok) -> None:
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
@@ -108,21 +126,13 @@ def test_chunked_prefill_interleaves_with_decoding_and_matches_generate(tmp_path
     dropped. Every greedy continuation equals ``generate`` alone and the echo equals the model's."""
     from bitsmith.infer.generate import generate
     from bitsmith.runtime.load import load_model
-    from bitsmith.serve.scheduler import Finished, Job, Prompt, Scheduler, Token
+    from bitsmith.serve.scheduler import Job, Prompt, Scheduler, Token
 
     loaded = load_model(make_tiny_model(tmp_path / "m", seed=6))
     model, tok = loaded.model.eval(), loaded.tokenizer
     scheduler = Scheduler(model, tok, frozenset(), max_batch=4, max_queue=4, prefill_chunk=5)
     texts = ["the", "the cat sat on the mat , a dog ran far and the big cat sat", "a dog ran far and small"]
-    events: dict[int, list] = {i: [] for i in range(4)}
-    done = threading.Event()
-
-    def emitter(i: int):
-        def emit(event):
-            events[i].append(event)
-            if sum(isinstance(e, Finished) for ev in events.values() for e in ev) == 4:
-                done.set()
-        return emit
+    events, done, emitter = event_sink(4)
 
     params = [SamplingParams(max_tokens=12, temperature=0), SamplingParams(max_tokens=6, temperature=0, logprobs=2,
               echo_logprobs=True), SamplingParams(max_tokens=6, temperature=0)]
@@ -157,22 +167,14 @@ def test_speculative_serving_equals_generate(tmp_path, draft_seed: int) -> None:
     (rejections, cache rollbacks)."""
     from bitsmith.infer.generate import generate
     from bitsmith.runtime.load import load_model
-    from bitsmith.serve.scheduler import Finished, Job, Scheduler, Token
+    from bitsmith.serve.scheduler import Job, Scheduler, Token
 
     loaded = load_model(make_tiny_model(tmp_path / "m", seed=6))
     model, tok = loaded.model.eval(), loaded.tokenizer
     draft = model if draft_seed == 6 else load_model(make_tiny_model(tmp_path / "d", seed=draft_seed)).model.eval()
     scheduler = Scheduler(model, tok, frozenset(), max_batch=4, max_queue=4, draft=draft, draft_k=3)
     texts, lengths = ["the cat sat", "a dog"], [30, 5]
-    events: dict[int, list] = {0: [], 1: []}
-    done = threading.Event()
-
-    def emitter(i: int):
-        def emit(event):
-            events[i].append(event)
-            if sum(isinstance(e, Finished) for ev in events.values() for e in ev) == 2:
-                done.set()
-        return emit
+    events, done, emitter = event_sink(2)
 
     for i, text in enumerate(texts):
         scheduler.submit(Job(tok(text)["input_ids"], SamplingParams(max_tokens=lengths[i], temperature=0), emitter(i)))

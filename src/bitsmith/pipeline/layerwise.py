@@ -35,6 +35,7 @@ from bitsmith.calib.data import tokens_digest
 from bitsmith.calib.stats import StatsAccumulator
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.io.destination import Destination, Staging
+from bitsmith.io.ledger import ledger_dir
 from bitsmith.methods import Method, get_method
 from bitsmith.models.family import HEAD_WEIGHT
 from bitsmith.pipeline.batches import run_batches
@@ -48,7 +49,7 @@ from bitsmith.pipeline.replay import OutputReplay
 from bitsmith.pipeline.stages import (
     find_stages, quantize_linear, quantize_stage, report_hessian_tokens, stage_stats,
 )
-from bitsmith.pipeline.workstate import WorkState, work_dir_for
+from bitsmith.pipeline.workstate import WorkState
 from bitsmith.transforms import get_transform
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def _open_run(model: str | Path, out_dir: Path, plan: QuantizePlan, calib: torch
         raise ValueError(f"hessian_dtype must be 'fp32' or 'bf16', got {plan.hessian_dtype!r}")
     compute_dtype = STORAGE_DTYPES[plan.compute_dtype]
     key = {**_state_key(source, plan, calib, compute_dtype), "hessian_dtype": plan.hessian_dtype}
-    state = WorkState.open(work_dir_for(out_dir), key, resume)
+    state = WorkState.open(ledger_dir(out_dir), key, resume)
     net = build_model(source, compute_dtype, skip=lambda n: n.startswith(prefix + ".") or n == head_name)
     _, blocks = find_blocks(net)
     calls, store = _block_inputs(net, blocks, source, calib, state, compute_dtype, plan)

@@ -20,19 +20,14 @@ import torch
 
 from bitsmith.hadamard import ROTATION_PART, Rotation
 from bitsmith.io.checkpoint import CheckpointError
-from bitsmith.io.ledger import first_difference
+from bitsmith.io.ledger import CALIBRATED_MANIFEST, first_difference
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+MANIFEST = CALIBRATED_MANIFEST  # io.ledger refuses a streaming run over this file, so one name for both
 STATE_VERSION = 1
-
-
-def work_dir_for(out_dir: Path) -> Path:
-    out_dir = Path(out_dir)
-    return out_dir.with_name(out_dir.name + ".partial")
 
 
 @dataclass
