@@ -36,7 +36,7 @@ from bitsmith.calib.stats import StatsAccumulator
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.io.destination import Destination, Staging
 from bitsmith.io.ledger import ledger_dir
-from bitsmith.methods import Method, get_method
+from bitsmith.methods import Method
 from bitsmith.models.family import HEAD_WEIGHT
 from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
