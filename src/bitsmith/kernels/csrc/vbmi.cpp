@@ -204,9 +204,14 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
 //     lane l sums codes 16l..16l+15 (x block l/2).
 //   4 bits (S = 128): b & 15 are the even codes, (b >> 4) & 15 the odd ones; xq as [x_{2j} | x_{2j+1}];
 //     lane l sums codes 8l..8l+7 (x block l/4).
-//   3 bits (S = 256, 32 runs of 8 codes in 3 bytes): vpermi2b gathers run 4j+c into qword j for
-//     c = 0..3, vpmultishiftqb + vpand unpack it; xq per superblock as, for c = 0..3, runs 4j+c in
-//     qword j; lane l sums codes 16l..16l+15 as for 2 bits.
+//     The three shifts are vpmultishiftqb (port 5), not vpsrlw: on this CPU vpsrlw shares port 0 with
+//     every vpdpbusd, and the 2-bit superblock was port-0 bound (session 12).
+//   3 bits (S = 256, 32 runs of 8 codes in 3 bytes): vpermi2b gathers the run pair (4j+c, 4j+2+c) into
+//     qword j (bytes 0-2 | 3-5) for c = 0, 1, and two vpmultishiftqb + vpand unpack codes 0-3 and 4-7
+//     of both runs from that one gather (2 gathers per superblock, not 4: the gathers and the shifts
+//     share port 5, which bounded the 3-bit superblock); xq per superblock as dot k = 2c + h reads
+//     codes 4h..4h+3 of run 4j+c in bytes 0-3 of qword j and of run 4j+2+c in bytes 4-7; lane l
+//     sums codes 16l..16l+15 as for 2 bits.
 // The integer products are the same as the chunk path's (exact), only the float summation order
 // differs. A row's last in % S codes (whole 64-code chunks) keep the natural order and the chunk code.
 // Groups: G a multiple of S (one scale per superblock) or S a multiple of G (G = 64, 128: the lanes'
@@ -218,25 +223,35 @@ constexpr int strided_span(int bits) { return bits == 4 ? 128 : 256; }
 inline int strided_source(int bits, int p) {
   if (bits == 2) return 4 * (p % 64) + p / 64;
   if (bits == 4) return 2 * (p % 64) + p / 64;
-  const int c = p / 64, j = (p % 64) / 8, i = p % 8;  // 3 bits: chunk c, qword j = run 4j+c, code i
-  return 8 * (4 * j + c) + i;
+  // 3 bits: dot k = p / 64 reads gather k / 2, codes 0-3 (k even) or 4-7 of its runs; byte e of qword j
+  const int k = p / 64, j = (p % 64) / 8, e = p % 8, run = 4 * j + (e < 4 ? 0 : 2) + k / 2;
+  return 8 * run + e % 4 + 4 * (k % 2);
 }
 
 struct Strided {
-  __m512i gather3[4];  // 3 bits: vpermi2b indices of chunk c over bytes [0, 64) | [32, 96)
+  __m512i gather3[2];  // 3 bits: vpermi2b indices of run pair g over bytes [0, 64) | [32, 96)
+  __m512i half3[2];    // 3 bits: vpmultishiftqb offsets of codes 0-3 (h = 0) or 4-7 (h = 1) of both runs
+  __m512i shift2[3];   // 2 bits: vpmultishiftqb offsets of codes 4j+s, s = 1..3
   __m512i lanes;       // S > G: lane -> group offset within the superblock
   explicit Strided(const bs::Matrix& m) {
     const int S = strided_span((int)m.bits);
     alignas(64) int32_t idx[16];
     for (int l = 0; l < 16; ++l) idx[l] = m.group < S ? (int32_t)(l * (S / 16) / m.group) : 0;
     lanes = _mm512_load_si512(idx);
-    if (m.bits != 3) return;
     alignas(64) uint8_t g[64];
-    for (int c = 0; c < 4; ++c) {
+    for (int s = 1; s < 4; ++s) {
+      for (int i = 0; i < 64; ++i) g[i] = (uint8_t)(8 * (i % 8) + 2 * s);  // byte i's bits from 2s on
+      shift2[s - 1] = _mm512_load_si512(g);
+    }
+    for (int h = 0; h < 2; ++h) {
+      for (int i = 0; i < 64; ++i) g[i] = (uint8_t)((i % 8 < 4 ? 0 : 24) + 3 * (i % 4 + 4 * h));
+      half3[h] = _mm512_load_si512(g);
+    }
+    for (int c = 0; c < 2; ++c) {  // qword j = run 4j+c (bytes 0-2) | run 4j+2+c (bytes 3-5)
       for (int j = 0; j < 8; ++j)
-        for (int i = 0; i < 8; ++i) {
-          const int a = 3 * (4 * j + c) + (i < 3 ? i : 2);  // bytes past the run's 3 are masked off
-          g[8 * j + i] = (uint8_t)(a < 64 ? a : 64 + (a - 32));
+        for (int e = 0; e < 8; ++e) {
+          const int run = e < 3 ? 4 * j + c : 4 * j + 2 + c, a = 3 * run + (e < 3 ? e : e < 6 ? e - 3 : 2);
+          g[8 * j + e] = (uint8_t)(a < 64 ? a : 64 + (a - 32));  // bytes 6-7 are never read
         }
       gather3[c] = _mm512_load_si512(g);
     }
@@ -247,9 +262,17 @@ struct Strided {
 template <int BITS>
 inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Unpack& u, const Strided& st) {
   if constexpr (BITS == 2) {
+    // vpmultishiftqb (port 5) rather than vpsrlw (port 0, which every vpdpbusd needs too)
     const __m512i raw = _mm512_loadu_si512(p), m3 = _mm512_set1_epi8(3);
-    const __m512i c0 = _mm512_and_si512(raw, m3), c1 = _mm512_and_si512(_mm512_srli_epi16(raw, 2), m3);
+#ifdef BS_SHIFT_UNPACK
+    const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(raw, 2), m3);
     const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m3), c3 = _mm512_and_si512(_mm512_srli_epi16(raw, 6), m3);
+#else
+    const __m512i c1 = _mm512_and_si512(_mm512_multishift_epi64_epi8(st.shift2[0], raw), m3);
+    const __m512i c2 = _mm512_and_si512(_mm512_multishift_epi64_epi8(st.shift2[1], raw), m3);
+    const __m512i c3 = _mm512_and_si512(_mm512_multishift_epi64_epi8(st.shift2[2], raw), m3);
+#endif
+    const __m512i c0 = _mm512_and_si512(raw, m3);
     const __m512i a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, _mm512_loadu_si512(q)), c1,
                                           _mm512_loadu_si512(q + 64));
     const __m512i b = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c2, _mm512_loadu_si512(q + 128)),
@@ -261,13 +284,17 @@ inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Unpack& u, c
     return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q)), hi,
                                _mm512_loadu_si512(q + 64));
   } else {
-    const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 32);
+    // two runs per qword: one byte gather feeds two unpacks (codes 0-3 and 4-7 of both runs)
+    const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 32), m7 = _mm512_set1_epi8(7);
     __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-    for (int c = 0; c < 4; ++c) {
-      const __m512i codes =
-          _mm512_and_si512(_mm512_multishift_epi64_epi8(u.shifts, _mm512_permutex2var_epi8(a, st.gather3[c], b)), u.mask);
-      acc[c & 1] = _mm512_dpbusd_epi32(acc[c & 1], codes, _mm512_loadu_si512(q + 64 * c));
+    for (int c = 0; c < 2; ++c) {
+      const __m512i runs = _mm512_permutex2var_epi8(a, st.gather3[c], b);
+      for (int h = 0; h < 2; ++h) {
+        const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(st.half3[h], runs), m7);
+        acc[h] = _mm512_dpbusd_epi32(acc[h], codes, _mm512_loadu_si512(q + 64 * (2 * c + h)));
+      }
     }
+    (void)u;
     return _mm512_add_epi32(acc[0], acc[1]);
   }
 }
