@@ -217,11 +217,14 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
 // Groups: G a multiple of S (one scale per superblock) or S a multiple of G (G = 64, 128: the lanes'
 // weight scales gathered with one vpermps).
 
-constexpr int strided_span(int bits) { return bits == 4 ? 128 : 256; }
+constexpr int strided_span(int bits) { return bits == 4 ? 128 : bits == 2 ? 512 : 256; }
 
 // codes of superblock position p (natural index within the superblock) for permuted byte p
 inline int strided_source(int bits, int p) {
-  if (bits == 2) return 4 * (p % 64) + p / 64;
+  if (bits == 2) {  // dot k = 4v + s reads codes 4e+s of natural dword 2l+v in byte e of lane l
+    const int k = p / 64, l = (p % 64) / 4, e = p % 4;
+    return 32 * l + 16 * (k / 4) + 4 * e + k % 4;
+  }
   if (bits == 4) return 2 * (p % 64) + p / 64;
   // 3 bits: dot k = p / 64 reads gather k / 2, codes 0-3 (k even) or 4-7 of its runs; byte e of qword j
   const int k = p / 64, j = (p % 64) / 8, e = p % 8, run = 4 * j + (e < 4 ? 0 : 2) + k / 2;
@@ -231,7 +234,8 @@ inline int strided_source(int bits, int p) {
 struct Strided {
   __m512i gather3[2];  // 3 bits: vpermi2b indices of run pair g over bytes [0, 64) | [32, 96)
   __m512i half3[2];    // 3 bits: vpmultishiftqb offsets of codes 0-3 (h = 0) or 4-7 (h = 1) of both runs
-  __m512i shift2[3];   // 2 bits: vpmultishiftqb offsets of codes 4j+s, s = 1..3
+  __m512i dwords2[2];  // 2 bits: vpermt2d indices of dwords 0, 2, .., 30 | 1, 3, .., 31 of the 128 bytes
+  __m512i lut2[3];     // 2 bits: vpermb tables, 6-bit index i -> code i & 3, (i >> 2) & 3, i >> 4
   __m512i lanes;       // S > G: lane -> group offset within the superblock
   explicit Strided(const bs::Matrix& m) {
     const int S = strided_span((int)m.bits);
@@ -239,9 +243,13 @@ struct Strided {
     for (int l = 0; l < 16; ++l) idx[l] = m.group < S ? (int32_t)(l * (S / 16) / m.group) : 0;
     lanes = _mm512_load_si512(idx);
     alignas(64) uint8_t g[64];
-    for (int s = 1; s < 4; ++s) {
-      for (int i = 0; i < 64; ++i) g[i] = (uint8_t)(8 * (i % 8) + 2 * s);  // byte i's bits from 2s on
-      shift2[s - 1] = _mm512_load_si512(g);
+    for (int v = 0; v < 2; ++v) {
+      for (int l = 0; l < 16; ++l) idx[l] = 2 * l + v;
+      dwords2[v] = _mm512_load_si512(idx);
+    }
+    for (int s = 0; s < 3; ++s) {
+      for (int i = 0; i < 64; ++i) g[i] = (uint8_t)((i >> (2 * s)) & 3);
+      lut2[s] = _mm512_load_si512(g);
     }
     for (int h = 0; h < 2; ++h) {
       for (int i = 0; i < 64; ++i) g[i] = (uint8_t)((i % 8 < 4 ? 0 : 24) + 3 * (i % 4 + 4 * h));
@@ -262,22 +270,21 @@ struct Strided {
 template <int BITS>
 inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Unpack& u, const Strided& st) {
   if constexpr (BITS == 2) {
-    // vpmultishiftqb (port 5) rather than vpsrlw (port 0, which every vpdpbusd needs too)
-    const __m512i raw = _mm512_loadu_si512(p), m3 = _mm512_set1_epi8(3);
-#ifdef BS_SHIFT_UNPACK
-    const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(raw, 2), m3);
-    const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m3), c3 = _mm512_and_si512(_mm512_srli_epi16(raw, 6), m3);
-#else
-    const __m512i c1 = _mm512_and_si512(_mm512_multishift_epi64_epi8(st.shift2[0], raw), m3);
-    const __m512i c2 = _mm512_and_si512(_mm512_multishift_epi64_epi8(st.shift2[1], raw), m3);
-    const __m512i c3 = _mm512_and_si512(_mm512_multishift_epi64_epi8(st.shift2[2], raw), m3);
-#endif
-    const __m512i c0 = _mm512_and_si512(raw, m3);
-    const __m512i a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, _mm512_loadu_si512(q)), c1,
-                                          _mm512_loadu_si512(q + 64));
-    const __m512i b = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c2, _mm512_loadu_si512(q + 128)),
-                                          c3, _mm512_loadu_si512(q + 192));
-    return _mm512_add_epi32(a, b);
+    // 512 codes in 128 bytes; vpermt2d sorts the 32 dwords (16 codes each) so that lane l of both halves
+    // is natural dword 2l or 2l+1, both of x block l: one int32 accumulator, one conversion per 512 codes
+    const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 64), m3 = _mm512_set1_epi8(3);
+    __m512i acc[2];
+    for (int v = 0; v < 2; ++v) {
+      const __m512i raw = _mm512_permutex2var_epi32(a, st.dwords2[v], b);
+      const __m512i r2 = _mm512_srli_epi16(raw, 2);  // byte i's bits 2-7 in its low 6 bits: vpermb's index
+      const int8_t* qv = q + 256 * v;
+      acc[v] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, m3), _mm512_loadu_si512(qv));
+      acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_permutexvar_epi8(r2, st.lut2[0]), _mm512_loadu_si512(qv + 64));
+      acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_permutexvar_epi8(r2, st.lut2[1]), _mm512_loadu_si512(qv + 128));
+      acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_permutexvar_epi8(r2, st.lut2[2]), _mm512_loadu_si512(qv + 192));
+    }
+    (void)u;
+    return _mm512_add_epi32(acc[0], acc[1]);
   } else if constexpr (BITS == 4) {
     const __m512i raw = _mm512_loadu_si512(p), m15 = _mm512_set1_epi8(15);
     const __m512i lo = _mm512_and_si512(raw, m15), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15);
@@ -286,16 +293,16 @@ inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Unpack& u, c
   } else {
     // two runs per qword: one byte gather feeds two unpacks (codes 0-3 and 4-7 of both runs)
     const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 32), m7 = _mm512_set1_epi8(7);
-    __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    __m512i acc = _mm512_setzero_si512();
     for (int c = 0; c < 2; ++c) {
       const __m512i runs = _mm512_permutex2var_epi8(a, st.gather3[c], b);
       for (int h = 0; h < 2; ++h) {
         const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(st.half3[h], runs), m7);
-        acc[h] = _mm512_dpbusd_epi32(acc[h], codes, _mm512_loadu_si512(q + 64 * (2 * c + h)));
+        acc = _mm512_dpbusd_epi32(acc, codes, _mm512_loadu_si512(q + 64 * (2 * c + h)));
       }
     }
     (void)u;
-    return _mm512_add_epi32(acc[0], acc[1]);
+    return acc;
   }
 }
 
@@ -325,6 +332,10 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
       const uint8_t* p = row[r] + b * SB;
       _mm_prefetch((const char*)(p + ahead), _MM_HINT_T0);
       if (SB > 64) _mm_prefetch((const char*)(p + ahead + 64), _MM_HINT_T0);
+#ifdef BS_DIAG_NOFLOAT
+      f[r] = _mm512_add_ps(_mm512_castsi512_ps(strided_dot<BITS>(p, q, u, st)), f[r]);
+      continue;
+#endif
       const __m512 d = _mm512_cvtepi32_ps(strided_dot<BITS>(p, q, u, st));
       if (G < S) {  // the lanes span several groups: per-lane weight scales
         const __m512 w = _mm512_permutexvar_ps(st.lanes, _mm512_loadu_ps(sc[r] + b * S / G));
@@ -388,8 +399,8 @@ bool strided_takes(const Matrix& m) {
 void vbmi_permute(const Matrix& m, int8_t* xq, float* xv) {
 #if BS_VBMI
   const int bits = (int)m.bits, S = strided_span(bits);
-  int8_t src[256];
-  float scales[8];
+  int8_t src[512];
+  float scales[16];
   for (int64_t b = 0; b < m.in / S; ++b) {
     int8_t* q = xq + b * S;
     float* v = xv + b * (S / 4);
