@@ -19,7 +19,6 @@
 // paths in qmatmul.cpp (AVX2 and portable scalar code).
 
 #include <cstdint>
-#include <cstring>
 
 #include "gemv.h"
 
@@ -332,10 +331,6 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
       const uint8_t* p = row[r] + b * SB;
       _mm_prefetch((const char*)(p + ahead), _MM_HINT_T0);
       if (SB > 64) _mm_prefetch((const char*)(p + ahead + 64), _MM_HINT_T0);
-#ifdef BS_DIAG_NOFLOAT
-      f[r] = _mm512_add_ps(_mm512_castsi512_ps(strided_dot<BITS>(p, q, u, st)), f[r]);
-      continue;
-#endif
       const __m512 d = _mm512_cvtepi32_ps(strided_dot<BITS>(p, q, u, st));
       if (G < S) {  // the lanes span several groups: per-lane weight scales
         const __m512 w = _mm512_permutexvar_ps(st.lanes, _mm512_loadu_ps(sc[r] + b * S / G));
@@ -374,6 +369,46 @@ void strided_all(const bs::Matrix& m, const Unpack& u, const float* xv, const in
       for (int64_t o = quads * R; o < m.out; ++o) rows_strided<BITS, 1>(m, u, st, o, xv, xq, xsum, y);
   }
 }
+
+// x's int8 codes into the superblock order, 64 output bytes at a time: output byte p of the superblock
+// is source byte strided_source(p), fetched by one vpermt2b per 128-byte source window, masked to the
+// bytes of that window (a scalar byte loop here cost ~1 ns a code per call: ~0.4 ms per Qwen token).
+struct PermTable {
+  __m512i idx[8][4];
+  __mmask64 take[8][4];
+  explicit PermTable(int bits) {
+    const int S = strided_span(bits);
+    for (int c = 0; c < S / 64; ++c)
+      for (int w = 0; w < S / 128; ++w) {
+        alignas(64) uint8_t g[64];
+        take[c][w] = 0;
+        for (int i = 0; i < 64; ++i) {
+          const int t = strided_source(bits, 64 * c + i);
+          g[i] = (uint8_t)(t % 128);
+          if (t / 128 == w) take[c][w] |= (__mmask64)1 << i;
+        }
+        idx[c][w] = _mm512_load_si512(g);
+      }
+  }
+};
+
+template <int BITS>
+void permute_codes(int8_t* xq, int64_t blocks) {
+  static const PermTable table(BITS);  // thread-safe one-time initialisation
+  constexpr int S = strided_span(BITS);
+  for (int64_t b = 0; b < blocks; ++b) {
+    int8_t* q = xq + b * S;
+    __m512i src[S / 64];
+    for (int j = 0; j < S / 64; ++j) src[j] = _mm512_loadu_si512(q + 64 * j);
+    for (int c = 0; c < S / 64; ++c) {
+      __m512i out = _mm512_setzero_si512();
+      for (int w = 0; w < S / 128; ++w)
+        out = _mm512_mask_mov_epi8(out, table.take[c][w],
+                                   _mm512_permutex2var_epi8(src[2 * w], table.idx[c][w], src[2 * w + 1]));
+      _mm512_storeu_si512(q + 64 * c, out);
+    }
+  }
+}
 #endif
 
 }  // namespace
@@ -399,13 +434,14 @@ bool strided_takes(const Matrix& m) {
 void vbmi_permute(const Matrix& m, int8_t* xq, float* xv) {
 #if BS_VBMI
   const int bits = (int)m.bits, S = strided_span(bits);
-  int8_t src[512];
   float scales[16];
+  switch (bits) {
+    case 2: permute_codes<2>(xq, m.in / S); break;
+    case 3: permute_codes<3>(xq, m.in / S); break;
+    default: permute_codes<4>(xq, m.in / S); break;
+  }
   for (int64_t b = 0; b < m.in / S; ++b) {
-    int8_t* q = xq + b * S;
     float* v = xv + b * (S / 4);
-    std::memcpy(src, q, S);
-    for (int p = 0; p < S; ++p) q[p] = src[strided_source(bits, p)];
     for (int k = 0; k < S / 32; ++k) scales[k] = v[8 * k];  // natural xv: each 32-block's scale x8
     for (int l = 0; l < 16; ++l) v[l] = scales[l * (S / 16) / 32];
   }
