@@ -194,23 +194,23 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
 // one vpdpbusd, one conversion and one FMA: about as many instructions for a 2-bit chunk (16 bytes)
 // as for an 8-bit one (64 bytes), so 2- and 3-bit rows decoded compute-bound, not in proportion to
 // their bytes. Here x's int8 codes are permuted once per call (vbmi_permute) to follow the order in
-// which the packed bytes unpack most cheaply, and a superblock of S codes (64 bytes of 2- or 4-bit
-// codes, 96 of 3-bit) is gathered into ONE int32 accumulator whose lane l always covers codes of the
+// which the packed bytes unpack most cheaply, and a superblock of S codes (128 bytes of 2-bit codes,
+// 64 of 4-bit, 96 of 3-bit) is gathered into ONE int32 accumulator whose lane l always covers codes of the
 // same 32-block of x (so of one x scale and one weight group): one conversion and one FMA per
 // superblock instead of one per 64 codes, and an unpack of a few shifts and masks:
-//   2 bits (S = 256): byte j of the 64 holds codes 4j..4j+3; (b >> 2s) & 3 is the vector of codes
-//     4j+s, and xq is stored per superblock as [x_{4j} | x_{4j+1} | x_{4j+2} | x_{4j+3}] (j = 0..63);
-//     lane l sums codes 16l..16l+15 (x block l/2).
+//   2 bits (S = 512): natural dword d (bytes 4d..4d+3, codes 16d..16d+15) lies in x block d/2; two
+//     vpermt2d put dwords 2l (half v = 0) and 2l+1 (v = 1) in lane l, so lane l sums the 32 codes of x
+//     block l. In each half, byte b's code s is b & 3 (s = 0) or a vpermb lookup of b >> 2 (vpermb reads
+//     the low 6 bits: no mask); xq per superblock as dot 4v+s reads code s of natural dword 2l+v's
+//     byte e in byte 4l+e. One conversion and scale step per 512 codes: with 256 it was ~30% of the
+//     2-bit time (session 12).
 //   4 bits (S = 128): b & 15 are the even codes, (b >> 4) & 15 the odd ones; xq as [x_{2j} | x_{2j+1}];
 //     lane l sums codes 8l..8l+7 (x block l/4).
-//     The three shifts are vpmultishiftqb (port 5), not vpsrlw: on this CPU vpsrlw shares port 0 with
-//     every vpdpbusd, and the 2-bit superblock was port-0 bound (session 12).
 //   3 bits (S = 256, 32 runs of 8 codes in 3 bytes): vpermi2b gathers the run pair (4j+c, 4j+2+c) into
 //     qword j (bytes 0-2 | 3-5) for c = 0, 1, and two vpmultishiftqb + vpand unpack codes 0-3 and 4-7
-//     of both runs from that one gather (2 gathers per superblock, not 4: the gathers and the shifts
-//     share port 5, which bounded the 3-bit superblock); xq per superblock as dot k = 2c + h reads
-//     codes 4h..4h+3 of run 4j+c in bytes 0-3 of qword j and of run 4j+2+c in bytes 4-7; lane l
-//     sums codes 16l..16l+15 as for 2 bits.
+//     of both runs from that one gather (2 gathers per superblock, not 4); xq per superblock as dot
+//     k = 2c + h reads codes 4h..4h+3 of run 4j+c in bytes 0-3 of qword j and of run 4j+2+c in bytes
+//     4-7; lane l sums codes 16l..16l+15 (x block l/2).
 // The integer products are the same as the chunk path's (exact), only the float summation order
 // differs. A row's last in % S codes (whole 64-code chunks) keep the natural order and the chunk code.
 // Groups: G a multiple of S (one scale per superblock) or S a multiple of G (G = 64, 128: the lanes'
@@ -267,7 +267,7 @@ struct Strided {
 
 // The int32 lanes of one superblock of row bytes p against permuted xq q (see above).
 template <int BITS>
-inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Unpack& u, const Strided& st) {
+inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Strided& st) {
   if constexpr (BITS == 2) {
     // 512 codes in 128 bytes; vpermt2d sorts the 32 dwords (16 codes each) so that lane l of both halves
     // is natural dword 2l or 2l+1, both of x block l: one int32 accumulator, one conversion per 512 codes
@@ -282,7 +282,6 @@ inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Unpack& u, c
       acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_permutexvar_epi8(r2, st.lut2[1]), _mm512_loadu_si512(qv + 128));
       acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_permutexvar_epi8(r2, st.lut2[2]), _mm512_loadu_si512(qv + 192));
     }
-    (void)u;
     return _mm512_add_epi32(acc[0], acc[1]);
   } else if constexpr (BITS == 4) {
     const __m512i raw = _mm512_loadu_si512(p), m15 = _mm512_set1_epi8(15);
@@ -300,7 +299,6 @@ inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Unpack& u, c
         acc = _mm512_dpbusd_epi32(acc, codes, _mm512_loadu_si512(q + 64 * (2 * c + h)));
       }
     }
-    (void)u;
     return acc;
   }
 }
@@ -331,7 +329,7 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
       const uint8_t* p = row[r] + b * SB;
       _mm_prefetch((const char*)(p + ahead), _MM_HINT_T0);
       if (SB > 64) _mm_prefetch((const char*)(p + ahead + 64), _MM_HINT_T0);
-      const __m512 d = _mm512_cvtepi32_ps(strided_dot<BITS>(p, q, u, st));
+      const __m512 d = _mm512_cvtepi32_ps(strided_dot<BITS>(p, q, st));
       if (G < S) {  // the lanes span several groups: per-lane weight scales
         const __m512 w = _mm512_permutexvar_ps(st.lanes, _mm512_loadu_ps(sc[r] + b * S / G));
         total[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(v, w), total[r]);
