@@ -87,3 +87,19 @@ def test_superblock_decode_inside_the_fused_rows_agrees_with_several_rows() -> N
         for t in range(3):
             assert _rel(kernel(x[t : t + 1]), many[t : t + 1]) < 1e-5
         assert _rel(many, _int8_oracle(x, qt)) < 1e-5
+
+
+@needs_vbmi
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_superblock_decode_on_two_threads_matches_the_oracle(bits: int) -> None:
+    """Two threads share out the rows (quads and the remainder) of superblock rows whose lanes span several
+    groups (g64: the 2-bit superblock is 512 codes, 8 groups) and rows with a ragged natural-order tail."""
+    gen = torch.Generator().manual_seed(31 + bits)
+    for group, inp in ((64, 1536), (128, 1088), (256, 2304), (64, 576)):
+        spec = QuantSpec(bits, group, False)
+        qt = _qt(int(torch.randint(9, 70, (1,), generator=gen)), inp, spec, gen)
+        x = torch.randn(1, inp, generator=gen) * 2
+        kernel = NativeKernel(native, pack(qt.codes, bits), qt.scale, qt.zero, spec, inp, threads=2)
+        y = kernel(x)
+        assert _rel(y, _int8_oracle(x, qt)) < 1e-5, (spec, inp)
+        assert torch.equal(y, kernel(x)), "the same call twice must give the same bits"

@@ -19,7 +19,6 @@
 // paths in qmatmul.cpp (AVX2 and portable scalar code).
 
 #include <cstdint>
-#include <cstring>
 
 #include "gemv.h"
 
@@ -195,48 +194,71 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
 // one vpdpbusd, one conversion and one FMA: about as many instructions for a 2-bit chunk (16 bytes)
 // as for an 8-bit one (64 bytes), so 2- and 3-bit rows decoded compute-bound, not in proportion to
 // their bytes. Here x's int8 codes are permuted once per call (vbmi_permute) to follow the order in
-// which the packed bytes unpack most cheaply, and a superblock of S codes (64 bytes of 2- or 4-bit
-// codes, 96 of 3-bit) is gathered into ONE int32 accumulator whose lane l always covers codes of the
+// which the packed bytes unpack most cheaply, and a superblock of S codes (128 bytes of 2-bit codes,
+// 64 of 4-bit, 96 of 3-bit) is gathered into ONE int32 accumulator whose lane l always covers codes of the
 // same 32-block of x (so of one x scale and one weight group): one conversion and one FMA per
 // superblock instead of one per 64 codes, and an unpack of a few shifts and masks:
-//   2 bits (S = 256): byte j of the 64 holds codes 4j..4j+3; (b >> 2s) & 3 is the vector of codes
-//     4j+s, and xq is stored per superblock as [x_{4j} | x_{4j+1} | x_{4j+2} | x_{4j+3}] (j = 0..63);
-//     lane l sums codes 16l..16l+15 (x block l/2).
+//   2 bits (S = 512): natural dword d (bytes 4d..4d+3, codes 16d..16d+15) lies in x block d/2; two
+//     vpermt2d put dwords 2l (half v = 0) and 2l+1 (v = 1) in lane l, so lane l sums the 32 codes of x
+//     block l. In each half, byte b's code s is b & 3 (s = 0) or a vpermb lookup of b >> 2 (vpermb reads
+//     the low 6 bits: no mask); xq per superblock as dot 4v+s reads code s of natural dword 2l+v's
+//     byte e in byte 4l+e. One conversion and scale step per 512 codes: with 256 it was ~30% of the
+//     2-bit time (session 12).
 //   4 bits (S = 128): b & 15 are the even codes, (b >> 4) & 15 the odd ones; xq as [x_{2j} | x_{2j+1}];
 //     lane l sums codes 8l..8l+7 (x block l/4).
-//   3 bits (S = 256, 32 runs of 8 codes in 3 bytes): vpermi2b gathers run 4j+c into qword j for
-//     c = 0..3, vpmultishiftqb + vpand unpack it; xq per superblock as, for c = 0..3, runs 4j+c in
-//     qword j; lane l sums codes 16l..16l+15 as for 2 bits.
+//   3 bits (S = 256, 32 runs of 8 codes in 3 bytes): vpermi2b gathers the run pair (4j+c, 4j+2+c) into
+//     qword j (bytes 0-2 | 3-5) for c = 0, 1, and two vpmultishiftqb + vpand unpack codes 0-3 and 4-7
+//     of both runs from that one gather (2 gathers per superblock, not 4); xq per superblock as dot
+//     k = 2c + h reads codes 4h..4h+3 of run 4j+c in bytes 0-3 of qword j and of run 4j+2+c in bytes
+//     4-7; lane l sums codes 16l..16l+15 (x block l/2).
 // The integer products are the same as the chunk path's (exact), only the float summation order
 // differs. A row's last in % S codes (whole 64-code chunks) keep the natural order and the chunk code.
 // Groups: G a multiple of S (one scale per superblock) or S a multiple of G (G = 64, 128: the lanes'
 // weight scales gathered with one vpermps).
 
-constexpr int strided_span(int bits) { return bits == 4 ? 128 : 256; }
+constexpr int strided_span(int bits) { return bits == 4 ? 128 : bits == 2 ? 512 : 256; }
 
 // codes of superblock position p (natural index within the superblock) for permuted byte p
 inline int strided_source(int bits, int p) {
-  if (bits == 2) return 4 * (p % 64) + p / 64;
+  if (bits == 2) {  // dot k = 4v + s reads codes 4e+s of natural dword 2l+v in byte e of lane l
+    const int k = p / 64, l = (p % 64) / 4, e = p % 4;
+    return 32 * l + 16 * (k / 4) + 4 * e + k % 4;
+  }
   if (bits == 4) return 2 * (p % 64) + p / 64;
-  const int c = p / 64, j = (p % 64) / 8, i = p % 8;  // 3 bits: chunk c, qword j = run 4j+c, code i
-  return 8 * (4 * j + c) + i;
+  // 3 bits: dot k = p / 64 reads gather k / 2, codes 0-3 (k even) or 4-7 of its runs; byte e of qword j
+  const int k = p / 64, j = (p % 64) / 8, e = p % 8, run = 4 * j + (e < 4 ? 0 : 2) + k / 2;
+  return 8 * run + e % 4 + 4 * (k % 2);
 }
 
 struct Strided {
-  __m512i gather3[4];  // 3 bits: vpermi2b indices of chunk c over bytes [0, 64) | [32, 96)
+  __m512i gather3[2];  // 3 bits: vpermi2b indices of run pair g over bytes [0, 64) | [32, 96)
+  __m512i half3[2];    // 3 bits: vpmultishiftqb offsets of codes 0-3 (h = 0) or 4-7 (h = 1) of both runs
+  __m512i dwords2[2];  // 2 bits: vpermt2d indices of dwords 0, 2, .., 30 | 1, 3, .., 31 of the 128 bytes
+  __m512i lut2[3];     // 2 bits: vpermb tables, 6-bit index i -> code i & 3, (i >> 2) & 3, i >> 4
   __m512i lanes;       // S > G: lane -> group offset within the superblock
   explicit Strided(const bs::Matrix& m) {
     const int S = strided_span((int)m.bits);
     alignas(64) int32_t idx[16];
     for (int l = 0; l < 16; ++l) idx[l] = m.group < S ? (int32_t)(l * (S / 16) / m.group) : 0;
     lanes = _mm512_load_si512(idx);
-    if (m.bits != 3) return;
     alignas(64) uint8_t g[64];
-    for (int c = 0; c < 4; ++c) {
+    for (int v = 0; v < 2; ++v) {
+      for (int l = 0; l < 16; ++l) idx[l] = 2 * l + v;
+      dwords2[v] = _mm512_load_si512(idx);
+    }
+    for (int s = 0; s < 3; ++s) {
+      for (int i = 0; i < 64; ++i) g[i] = (uint8_t)((i >> (2 * s)) & 3);
+      lut2[s] = _mm512_load_si512(g);
+    }
+    for (int h = 0; h < 2; ++h) {
+      for (int i = 0; i < 64; ++i) g[i] = (uint8_t)((i % 8 < 4 ? 0 : 24) + 3 * (i % 4 + 4 * h));
+      half3[h] = _mm512_load_si512(g);
+    }
+    for (int c = 0; c < 2; ++c) {  // qword j = run 4j+c (bytes 0-2) | run 4j+2+c (bytes 3-5)
       for (int j = 0; j < 8; ++j)
-        for (int i = 0; i < 8; ++i) {
-          const int a = 3 * (4 * j + c) + (i < 3 ? i : 2);  // bytes past the run's 3 are masked off
-          g[8 * j + i] = (uint8_t)(a < 64 ? a : 64 + (a - 32));
+        for (int e = 0; e < 8; ++e) {
+          const int run = e < 3 ? 4 * j + c : 4 * j + 2 + c, a = 3 * run + (e < 3 ? e : e < 6 ? e - 3 : 2);
+          g[8 * j + e] = (uint8_t)(a < 64 ? a : 64 + (a - 32));  // bytes 6-7 are never read
         }
       gather3[c] = _mm512_load_si512(g);
     }
@@ -245,30 +267,39 @@ struct Strided {
 
 // The int32 lanes of one superblock of row bytes p against permuted xq q (see above).
 template <int BITS>
-inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Unpack& u, const Strided& st) {
+inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Strided& st) {
   if constexpr (BITS == 2) {
-    const __m512i raw = _mm512_loadu_si512(p), m3 = _mm512_set1_epi8(3);
-    const __m512i c0 = _mm512_and_si512(raw, m3), c1 = _mm512_and_si512(_mm512_srli_epi16(raw, 2), m3);
-    const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m3), c3 = _mm512_and_si512(_mm512_srli_epi16(raw, 6), m3);
-    const __m512i a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, _mm512_loadu_si512(q)), c1,
-                                          _mm512_loadu_si512(q + 64));
-    const __m512i b = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c2, _mm512_loadu_si512(q + 128)),
-                                          c3, _mm512_loadu_si512(q + 192));
-    return _mm512_add_epi32(a, b);
+    // 512 codes in 128 bytes; vpermt2d sorts the 32 dwords (16 codes each) so that lane l of both halves
+    // is natural dword 2l or 2l+1, both of x block l: one int32 accumulator, one conversion per 512 codes
+    const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 64), m3 = _mm512_set1_epi8(3);
+    __m512i acc[2];
+    for (int v = 0; v < 2; ++v) {
+      const __m512i raw = _mm512_permutex2var_epi32(a, st.dwords2[v], b);
+      const __m512i r2 = _mm512_srli_epi16(raw, 2);  // byte i's bits 2-7 in its low 6 bits: vpermb's index
+      const int8_t* qv = q + 256 * v;
+      acc[v] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, m3), _mm512_loadu_si512(qv));
+      acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_permutexvar_epi8(r2, st.lut2[0]), _mm512_loadu_si512(qv + 64));
+      acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_permutexvar_epi8(r2, st.lut2[1]), _mm512_loadu_si512(qv + 128));
+      acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_permutexvar_epi8(r2, st.lut2[2]), _mm512_loadu_si512(qv + 192));
+    }
+    return _mm512_add_epi32(acc[0], acc[1]);
   } else if constexpr (BITS == 4) {
     const __m512i raw = _mm512_loadu_si512(p), m15 = _mm512_set1_epi8(15);
     const __m512i lo = _mm512_and_si512(raw, m15), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15);
     return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q)), hi,
                                _mm512_loadu_si512(q + 64));
   } else {
-    const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 32);
-    __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-    for (int c = 0; c < 4; ++c) {
-      const __m512i codes =
-          _mm512_and_si512(_mm512_multishift_epi64_epi8(u.shifts, _mm512_permutex2var_epi8(a, st.gather3[c], b)), u.mask);
-      acc[c & 1] = _mm512_dpbusd_epi32(acc[c & 1], codes, _mm512_loadu_si512(q + 64 * c));
+    // two runs per qword: one byte gather feeds two unpacks (codes 0-3 and 4-7 of both runs)
+    const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 32), m7 = _mm512_set1_epi8(7);
+    __m512i acc = _mm512_setzero_si512();
+    for (int c = 0; c < 2; ++c) {
+      const __m512i runs = _mm512_permutex2var_epi8(a, st.gather3[c], b);
+      for (int h = 0; h < 2; ++h) {
+        const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(st.half3[h], runs), m7);
+        acc = _mm512_dpbusd_epi32(acc, codes, _mm512_loadu_si512(q + 64 * (2 * c + h)));
+      }
     }
-    return _mm512_add_epi32(acc[0], acc[1]);
+    return acc;
   }
 }
 
@@ -298,7 +329,7 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
       const uint8_t* p = row[r] + b * SB;
       _mm_prefetch((const char*)(p + ahead), _MM_HINT_T0);
       if (SB > 64) _mm_prefetch((const char*)(p + ahead + 64), _MM_HINT_T0);
-      const __m512 d = _mm512_cvtepi32_ps(strided_dot<BITS>(p, q, u, st));
+      const __m512 d = _mm512_cvtepi32_ps(strided_dot<BITS>(p, q, st));
       if (G < S) {  // the lanes span several groups: per-lane weight scales
         const __m512 w = _mm512_permutexvar_ps(st.lanes, _mm512_loadu_ps(sc[r] + b * S / G));
         total[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(v, w), total[r]);
@@ -336,6 +367,46 @@ void strided_all(const bs::Matrix& m, const Unpack& u, const float* xv, const in
       for (int64_t o = quads * R; o < m.out; ++o) rows_strided<BITS, 1>(m, u, st, o, xv, xq, xsum, y);
   }
 }
+
+// x's int8 codes into the superblock order, 64 output bytes at a time: output byte p of the superblock
+// is source byte strided_source(p), fetched by one vpermt2b per 128-byte source window, masked to the
+// bytes of that window (a scalar byte loop here cost ~1 ns a code per call: ~0.4 ms per Qwen token).
+struct PermTable {
+  __m512i idx[8][4];
+  __mmask64 take[8][4];
+  explicit PermTable(int bits) {
+    const int S = strided_span(bits);
+    for (int c = 0; c < S / 64; ++c)
+      for (int w = 0; w < S / 128; ++w) {
+        alignas(64) uint8_t g[64];
+        take[c][w] = 0;
+        for (int i = 0; i < 64; ++i) {
+          const int t = strided_source(bits, 64 * c + i);
+          g[i] = (uint8_t)(t % 128);
+          if (t / 128 == w) take[c][w] |= (__mmask64)1 << i;
+        }
+        idx[c][w] = _mm512_load_si512(g);
+      }
+  }
+};
+
+template <int BITS>
+void permute_codes(int8_t* xq, int64_t blocks) {
+  static const PermTable table(BITS);  // thread-safe one-time initialisation
+  constexpr int S = strided_span(BITS);
+  for (int64_t b = 0; b < blocks; ++b) {
+    int8_t* q = xq + b * S;
+    __m512i src[S / 64];
+    for (int j = 0; j < S / 64; ++j) src[j] = _mm512_loadu_si512(q + 64 * j);
+    for (int c = 0; c < S / 64; ++c) {
+      __m512i out = _mm512_setzero_si512();
+      for (int w = 0; w < S / 128; ++w)
+        out = _mm512_mask_mov_epi8(out, table.take[c][w],
+                                   _mm512_permutex2var_epi8(src[2 * w], table.idx[c][w], src[2 * w + 1]));
+      _mm512_storeu_si512(q + 64 * c, out);
+    }
+  }
+}
 #endif
 
 }  // namespace
@@ -361,13 +432,14 @@ bool strided_takes(const Matrix& m) {
 void vbmi_permute(const Matrix& m, int8_t* xq, float* xv) {
 #if BS_VBMI
   const int bits = (int)m.bits, S = strided_span(bits);
-  int8_t src[256];
-  float scales[8];
+  float scales[16];
+  switch (bits) {
+    case 2: permute_codes<2>(xq, m.in / S); break;
+    case 3: permute_codes<3>(xq, m.in / S); break;
+    default: permute_codes<4>(xq, m.in / S); break;
+  }
   for (int64_t b = 0; b < m.in / S; ++b) {
-    int8_t* q = xq + b * S;
     float* v = xv + b * (S / 4);
-    std::memcpy(src, q, S);
-    for (int p = 0; p < S; ++p) q[p] = src[strided_source(bits, p)];
     for (int k = 0; k < S / 32; ++k) scales[k] = v[8 * k];  // natural xv: each 32-block's scale x8
     for (int l = 0; l < 16; ++l) v[l] = scales[l * (S / 16) / 32];
   }
