@@ -165,6 +165,16 @@ def test_block_stage_that_does_not_help_end_to_end_is_undone(setup, tmp_path: Pa
     assert abs(measured(setup, result.path, cfg) - result.best_loss) <= 1e-5 * result.initial_loss
 
 
+def test_block_stage_alone(setup, tmp_path: Path) -> None:
+    cfg = config(setup, block_steps=6, steps=0)
+    result = distill(setup["q"], setup["model"], tmp_path / "d", cfg)
+    assert [p.get("stage") for p in result.curve] == [None, "blocks"]  # the start, then the stage's check
+    assert result.best_loss == min(p["kld"] for p in result.curve)
+    assert abs(measured(setup, result.path, cfg) - result.best_loss) <= 1e-5 * result.initial_loss
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        distill(setup["q"], setup["model"], tmp_path / "e", config(setup, steps=0))
+
+
 def test_resume_inside_the_block_stage_equals_uninterrupted(setup, tmp_path: Path) -> None:
     cfg = config(setup, block_steps=4, steps=4)
     whole = distill(setup["vq"], setup["model"], tmp_path / "whole", cfg)

@@ -13,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", required=True, help="the unquantized model it was quantized from (folder, .gguf or alias)")
     p.add_argument("--out", required=True, help="output folder for the distilled checkpoint (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out once the new checkpoint is complete")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
+    p.add_argument("--steps", type=int, default=40,
+                   help="end-to-end optimizer steps (default 40; 0 with --block-steps: the block stage alone)")
     p.add_argument("--lr", type=float, default=1e-3, help="relative learning rate (default 1e-3: each tensor moves by "
                                                           "about lr x its mean magnitude per step)")
     p.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")

@@ -45,7 +45,8 @@ STATE_FILE = "state.pt"
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """How to distill. ``steps`` optimizer steps of ``batch`` sequences; ``samples`` x ``seq_len``
+    """How to distill. ``steps`` end-to-end optimizer steps of ``batch`` sequences (0 with ``block_steps``:
+    the block stage alone); ``samples`` x ``seq_len``
     calibration tokens (``calib_text``: None is the shipped calibration text); the loss is checked
     every ``check_every`` steps (None: once per pass over the calibration set)."""
 
@@ -61,9 +62,11 @@ class DistillConfig:
     block_lr: float | None = None  # the block stage's relative rate (None: lr)
 
     def validate(self) -> None:
-        for name in ("steps", "samples", "seq_len", "batch"):
+        for name in ("samples", "seq_len", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"distill {name} must be at least 1, got {getattr(self, name)}")
+        if self.steps < (0 if self.block_steps else 1):  # 0 end-to-end steps: the block stage alone
+            raise ValueError(f"distill steps must be at least 1 (or 0 with block steps), got {self.steps}")
         if self.block_steps < 0:
             raise ValueError(f"distill block_steps must be 0 (no block stage) or more, got {self.block_steps}")
         if self.block_lr is not None and not (self.block_lr > 0 and math.isfinite(self.block_lr)):
