@@ -2,7 +2,8 @@
 frozen): each decoder block in turn has its tunable parameters (scales, zeros, vq codebooks and the
 block's own norm weights) fitted so that, fed the *quantized* model's hidden states (earlier blocks
 already tuned), its output matches the reference block's output on the same tokens. The loss is the
-relative squared error ``||block(x_q) - y_ref||^2 / ||y_ref||^2``.
+relative squared error with each hidden channel weighted by its inverse mean square over the
+calibration tokens (:func:`channel_weights`).
 
 Why before the end-to-end KL stage: one step here costs one block's forward and backward (no 49k-wide
 vocabulary head), every block gets its own well-scaled objective, and errors that earlier blocks leave
@@ -91,13 +92,24 @@ def _run(block: nn.Module, x: torch.Tensor, call: BlockCall) -> torch.Tensor:
     return _hidden(block(x, *args, **kwargs)).float()
 
 
-def block_error(block: nn.Module, xs: list[torch.Tensor], calls: list[BlockCall], targets: list[torch.Tensor]) -> float:
-    """Relative squared error of the block's output over every batch, no gradients."""
+def channel_weights(targets: list[torch.Tensor]) -> torch.Tensor:
+    """1 / the mean square of each hidden channel of the reference block's output [H]. Why: from the
+    middle of SmolLM2 on, a few "massive activation" channels carry most of the residual stream's
+    energy (a plain relative error there is ~0.001 and its gradient ignores every other channel),
+    while the next block's norm divides them out; weighting each channel by its inverse energy makes
+    the loss the mean over channels of each channel's relative error."""
+    energy = sum(y.pow(2).sum(dim=(0, 1)) for y in targets) / sum(y.shape[0] * y.shape[1] for y in targets)
+    return 1.0 / energy.clamp_min(energy.mean() * 1e-6)
+
+
+def block_error(block: nn.Module, xs: list[torch.Tensor], calls: list[BlockCall], targets: list[torch.Tensor],
+                weights: torch.Tensor) -> float:
+    """Channel-weighted relative squared error of the block's output over every batch, no gradients."""
     num = den = 0.0
     with torch.no_grad():
         for x, call, y in zip(xs, calls, targets):
-            num += float((_run(block, x, call) - y).pow(2).sum())
-            den += float(y.pow(2).sum())
+            num += float(((_run(block, x, call) - y).pow(2) * weights).sum())
+            den += float((y.pow(2) * weights).sum())
     return num / max(den, 1e-30)
 
 
@@ -117,17 +129,18 @@ def tune_block(block: nn.Module, params: dict[str, nn.Parameter], tunable: dict[
     states before and after (both measured with the parameters rounded to storage). Returns the
     block's record: its relative error before and as kept, and whether the steps were kept."""
     round_to_storage(tunable)
-    before = block_error(block, xs, calls, targets)
+    weights = channel_weights(targets)
+    before = block_error(block, xs, calls, targets, weights)
     saved = {n: p.detach().clone() for n, p in params.items()}
     optimizer = make_optimizer(params)
-    den = [max(float(y.pow(2).sum()), 1e-30) for y in targets]
+    den = [max(float((y.pow(2) * weights).sum()), 1e-30) for y in targets]
     for step in range(steps):
         b = step % len(xs)
         optimizer.zero_grad(set_to_none=True)
-        ((_run(block, xs[b], calls[b]) - targets[b]).pow(2).sum() / den[b]).backward()
+        (((_run(block, xs[b], calls[b]) - targets[b]).pow(2) * weights).sum() / den[b]).backward()
         optimizer.step()
     round_to_storage(tunable)
-    after = block_error(block, xs, calls, targets)
+    after = block_error(block, xs, calls, targets, weights)
     accepted = after < before
     if not accepted:
         with torch.no_grad():
