@@ -52,7 +52,8 @@ def _record(blocks: nn.ModuleList, net: nn.Module, tokens: torch.Tensor, batch: 
     for i, block in enumerate(blocks):
         if what == "calls":
             def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
-                found[i].append((args[0].detach(), tuple(args[1:]), dict(kwargs)))
+                # only block 0's input is kept: later inputs come from the tuned blocks themselves
+                found[i].append((args[0].detach() if i == 0 else None, tuple(args[1:]), dict(kwargs)))
             hooks.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         else:
             def post(_m: nn.Module, _args: tuple, output: Any, i: int = i) -> None:
