@@ -193,7 +193,8 @@ def distill(checkpoint: str | Path, reference: str | Path, out: str | Path, conf
             p.copy_(state.best_params[name])
     path = write_distilled(Path(checkpoint), out, run.net, run.tunable, {
         "steps": config.steps, "lr": config.lr, "samples": config.samples, "seq_len": config.seq_len,
-        "block_steps": config.block_steps, "reference": str(reference), "blocks": state.blocks, "initial_kld": state.curve[0]["kld"], "kld": state.best, "curve": state.curve,
+        "block_steps": config.block_steps, "reference": str(reference), "blocks": state.blocks,
+        "initial_kld": state.curve[0]["kld"], "kld": state.best, "curve": state.curve,
         "seconds": round(time.perf_counter() - start, 1)}, overwrite)
     if folder.exists():
         import shutil
