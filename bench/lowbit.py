@@ -54,19 +54,31 @@ def quantize_variant(args: argparse.Namespace, variant: str, work: Path) -> dict
 def distill_variant(args: argparse.Namespace, row: dict) -> dict:
     from bitsmith.recover import DistillConfig, distill
 
-    out = Path(row["path"] + "-distill")
+    out = Path(row["path"] + "-" + args.distill_tag)
     config = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, samples=args.distill_samples,
-                           seq_len=args.distill_len, batch=args.distill_batch, check_every=args.distill_check_every)
+                           seq_len=args.distill_len, batch=args.distill_batch, check_every=args.distill_check_every,
+                           block_steps=args.distill_block_steps, block_lr=args.distill_block_lr)
     t0 = time.perf_counter()
-    result = distill(row["path"], args.model, out, config, overwrite=True)
+    cpu0 = time.process_time()
+
+    shown: list[dict] = []
+
+    def progress(step: int, total: int, last: dict) -> None:  # live, so a long run can be watched
+        if last and (not shown or last is not shown[-1]):
+            shown.append(last)
+            print(f"  [{time.perf_counter() - t0:7.1f} s wall, {time.process_time() - cpu0:7.1f} s cpu] step {step}/{total} "
+                  f"{json.dumps(last)}", flush=True)
+
+    result = distill(row["path"], args.model, out, config, overwrite=True, progress=progress)
     seconds = time.perf_counter() - t0
-    print(f"distilled {row['variant']} in {seconds:.1f} s: calibration KLD {result.initial_loss:.4f} -> "
+    print(f"distilled {row['variant']} in {seconds:.1f} s ({time.process_time() - cpu0:.1f} s cpu): calibration KLD {result.initial_loss:.4f} -> "
           f"{result.best_loss:.4f}", flush=True)
     for point in result.curve:
         print(f"  step {point['step']:>4}  calibration KLD {point['kld']:.4f}  {'accepted' if point['accepted'] else 'rejected'}",
               flush=True)
-    return {**row, "variant": row["variant"] + "+distill", "path": str(out), "distill_s": seconds,
-            "calib_kld_before": result.initial_loss, "calib_kld_after": result.best_loss}
+    return {**row, "variant": row["variant"] + "+" + args.distill_tag, "path": str(out), "distill_s": seconds,
+            "distill_cpu_s": time.process_time() - cpu0, "calib_kld_before": result.initial_loss,
+            "calib_kld_after": result.best_loss, "distill_curve": result.curve}
 
 
 def decode_speeds(args: argparse.Namespace, rows: list[dict], text: str) -> dict[str, float]:
@@ -101,6 +113,9 @@ def main() -> None:
     ap.add_argument("--distill-len", type=int, default=128)
     ap.add_argument("--distill-batch", type=int, default=4)
     ap.add_argument("--distill-check-every", type=int, default=None)
+    ap.add_argument("--distill-block-steps", type=int, default=0, help="block-wise stage: Adam steps per decoder block")
+    ap.add_argument("--distill-block-lr", type=float, default=None)
+    ap.add_argument("--distill-tag", default="distill", help="name of the distilled variant (and its folder's suffix)")
     ap.add_argument("--text", default=str(text_path()), help="evaluation text (default: docs/PROTOCOL.md's prose slice)")
     ap.add_argument("--chars", type=int, default=60_000)
     ap.add_argument("--ctx", type=int, default=512)

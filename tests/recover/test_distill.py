@@ -26,7 +26,9 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     text.write_text(sample_text(1500, seed=3))
     bitsmith.quantize(model, root / "q", "w2g32", "rtn", options={"rotate": True})
     bitsmith.quantize(model, root / "q4", "w4g32", "rtn")  # asymmetric with zeros, unrotated
-    return {"model": model, "text": text, "q": root / "q", "q4": root / "q4"}
+    bitsmith.quantize(model, root / "vq", "w2g32vq", "vq", options={"rotate": True},
+                      calibration=CalibrationConfig(text=str(text), samples=4, seq_len=16))
+    return {"model": model, "text": text, "q": root / "q", "q4": root / "q4", "vq": root / "vq"}
 
 
 def config(setup, **kw) -> DistillConfig:
@@ -126,3 +128,67 @@ def test_cli_prints_the_curve(setup, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:  # a user mistake: one line, no traceback
         main(["distill", str(setup["q"]), "--reference", str(setup["model"]), "--out", str(tmp_path / "e"), "--steps", "0"])
     assert exit_info.value.code == 1 and "steps must be at least 1" in capsys.readouterr().err
+
+
+def test_block_stage_then_end_to_end_on_a_vq_checkpoint(setup, tmp_path: Path) -> None:
+    cfg = config(setup, block_steps=6, steps=4)
+    result = distill(setup["vq"], setup["model"], tmp_path / "d", cfg)
+    blocks = result_blocks(result.path)
+    assert [b["block"] for b in blocks] == [0, 1]
+    assert all(b["error_after"] <= b["error_before"] for b in blocks)  # no block's error rises ...
+    assert any(b["accepted"] and b["error_after"] < b["error_before"] for b in blocks)  # ... and some fall
+    stage = [p for p in result.curve if p.get("stage") == "blocks"]
+    assert len(stage) == 1 and result.curve.index(stage[0]) == 1  # measured end to end after the block stage
+    accepted = [p["kld"] for p in result.curve if p["accepted"]]
+    assert all(b < a for a, b in zip(accepted, accepted[1:])) and result.best_loss == accepted[-1]
+    assert result.best_loss < result.initial_loss
+    assert abs(measured(setup, result.path, cfg) - result.best_loss) <= 1e-5 * result.initial_loss
+    before, after = load_file(str(setup["vq"] / "model.safetensors")), load_file(str(result.path / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith(".qweight"))  # indices frozen
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith(".grid"))  # codebooks tuned
+
+
+def result_blocks(path: Path) -> list[dict]:
+    import json
+
+    return json.loads((path / "bitsmith.json").read_text())["options"]["distill"]["blocks"]
+
+
+def test_block_stage_that_does_not_help_end_to_end_is_undone(setup, tmp_path: Path) -> None:
+    """A huge block rate wrecks the blocks' outputs; whatever the block records say, the end-to-end
+    check after the stage decides, and a rejected stage leaves the starting parameters in place."""
+    cfg = config(setup, block_steps=3, block_lr=50.0, steps=1, lr=1e-6, check_every=1)
+    result = distill(setup["q"], setup["model"], tmp_path / "d", cfg)
+    stage = next(p for p in result.curve if p.get("stage") == "blocks")
+    assert stage["accepted"] == (stage["kld"] < result.initial_loss)
+    assert result.best_loss <= result.initial_loss
+    assert abs(measured(setup, result.path, cfg) - result.best_loss) <= 1e-5 * result.initial_loss
+
+
+def test_block_stage_alone(setup, tmp_path: Path) -> None:
+    cfg = config(setup, block_steps=6, steps=0)
+    result = distill(setup["q"], setup["model"], tmp_path / "d", cfg)
+    assert [p.get("stage") for p in result.curve] == [None, "blocks"]  # the start, then the stage's check
+    assert result.best_loss == min(p["kld"] for p in result.curve)
+    assert abs(measured(setup, result.path, cfg) - result.best_loss) <= 1e-5 * result.initial_loss
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        distill(setup["q"], setup["model"], tmp_path / "e", config(setup, steps=0))
+
+
+def test_resume_inside_the_block_stage_equals_uninterrupted(setup, tmp_path: Path) -> None:
+    cfg = config(setup, block_steps=4, steps=4)
+    whole = distill(setup["vq"], setup["model"], tmp_path / "whole", cfg)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_block_0(step: int, total: int, last: dict) -> None:
+        if last.get("stage") == "block" and last["block"] == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        distill(setup["vq"], setup["model"], tmp_path / "part", cfg, progress=stop_after_block_0)
+    resumed = distill(setup["vq"], setup["model"], tmp_path / "part", cfg, resume=True)
+    assert resumed.curve == whole.curve and result_blocks(resumed.path) == result_blocks(whole.path)
+    a, b = load_file(str(whole.path / "model.safetensors")), load_file(str(resumed.path / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

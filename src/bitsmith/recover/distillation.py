@@ -3,7 +3,11 @@ weights; the integer codes frozen) so its next-token distribution matches the un
 calibration text, end to end (KL(p_ref || p_quant) over every position, the docs/PROTOCOL.md
 direction).
 
-The loop (EfficientQAT's "end-to-end training of the quantization parameters", on a CPU budget):
+With ``block_steps`` > 0 a block-wise stage comes first (:mod:`bitsmith.recover.blockwise`: each decoder
+block's parameters fitted to the reference block's output, EfficientQAT's Block-AP with the codes
+frozen); its result is kept only if it lowers the end-to-end calibration KL.
+
+The end-to-end loop (EfficientQAT's "end-to-end training of the quantization parameters", on a CPU budget):
 Adam on one minibatch of calibration sequences per step (minibatches in a fixed cycle); every
 ``check_every`` steps the tuned scales/zeros are rounded to fp16 (what the checkpoint stores) and the
 KL over the *whole* calibration set is measured. A check that improves on the best so far is
@@ -41,7 +45,8 @@ STATE_FILE = "state.pt"
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """How to distill. ``steps`` optimizer steps of ``batch`` sequences; ``samples`` x ``seq_len``
+    """How to distill. ``steps`` end-to-end optimizer steps of ``batch`` sequences (0 with ``block_steps``:
+    the block stage alone); ``samples`` x ``seq_len``
     calibration tokens (``calib_text``: None is the shipped calibration text); the loss is checked
     every ``check_every`` steps (None: once per pass over the calibration set)."""
 
@@ -53,11 +58,19 @@ class DistillConfig:
     check_every: int | None = None
     calib_text: str | None = None
     seed: int = 0
+    block_steps: int = 0  # Adam steps per decoder block in the block-wise stage first (0: end-to-end only)
+    block_lr: float | None = None  # the block stage's relative rate (None: lr)
 
     def validate(self) -> None:
-        for name in ("steps", "samples", "seq_len", "batch"):
+        for name in ("samples", "seq_len", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"distill {name} must be at least 1, got {getattr(self, name)}")
+        if self.steps < (0 if self.block_steps else 1):  # 0 end-to-end steps: the block stage alone
+            raise ValueError(f"distill steps must be at least 1 (or 0 with block steps), got {self.steps}")
+        if self.block_steps < 0:
+            raise ValueError(f"distill block_steps must be 0 (no block stage) or more, got {self.block_steps}")
+        if self.block_lr is not None and not (self.block_lr > 0 and math.isfinite(self.block_lr)):
+            raise ValueError(f"distill block learning rate must be a positive number, got {self.block_lr}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"distill learning rate must be a positive number, got {self.lr}")
         if self.check_every is not None and self.check_every < 1:
@@ -121,11 +134,14 @@ class _State:
     best: float
     curve: list[dict]
     best_params: dict[str, torch.Tensor]
+    blocks: list[dict] = field(default_factory=list)  # the block stage's record of each block tuned so far
+    blocks_done: bool = False  # the block stage finished (and its end-to-end check was made)
 
     def save(self, folder: Path, key: dict, params: dict, optimizer: torch.optim.Optimizer) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        payload = {"key": json.dumps(key, sort_keys=True), "meta": json.dumps({"step": self.step, "lr": self.lr, "best": self.best,
-                                                                               "curve": self.curve}),
+        meta = {"step": self.step, "lr": self.lr, "best": self.best, "curve": self.curve, "blocks": self.blocks,
+                "blocks_done": self.blocks_done}
+        payload = {"key": json.dumps(key, sort_keys=True), "meta": json.dumps(meta),
                    "params": {n: p.detach().clone() for n, p in params.items()}, "best_params": self.best_params,
                    "optimizer": optimizer.state_dict()}
         tmp = folder / (STATE_FILE + ".tmp")
@@ -169,13 +185,16 @@ def distill(checkpoint: str | Path, reference: str | Path, out: str | Path, conf
     params = trainable(run.net)
     scale_of = {n: float(p.detach().abs().mean().clamp_min(1e-8)) for n, p in params.items()}
     state, optimizer = _start(run, params, folder, key, resume, config, scale_of)
+    if config.block_steps and not state.blocks_done:
+        _block_stage(run, params, state, optimizer, folder, key, config, scale_of, progress)
     _train(run, params, state, optimizer, folder, key, config, scale_of, progress)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state.best_params[name])
     path = write_distilled(Path(checkpoint), out, run.net, run.tunable, {
         "steps": config.steps, "lr": config.lr, "samples": config.samples, "seq_len": config.seq_len,
-        "reference": str(reference), "initial_kld": state.curve[0]["kld"], "kld": state.best, "curve": state.curve,
+        "block_steps": config.block_steps, "reference": str(reference), "blocks": state.blocks,
+        "initial_kld": state.curve[0]["kld"], "kld": state.best, "curve": state.curve,
         "seconds": round(time.perf_counter() - start, 1)}, overwrite)
     if folder.exists():
         import shutil
@@ -190,6 +209,7 @@ class _Run:
     tunable: dict[str, TunableLinear]
     tokens: torch.Tensor  # [samples, seq_len]
     ref_logp: torch.Tensor  # [samples, seq_len, V]
+    targets: list | None = None  # [block][batch]: the reference blocks' outputs (the block stage's targets)
 
 
 def _open(checkpoint: str | Path, reference: str | Path, config: DistillConfig) -> _Run:
@@ -214,12 +234,17 @@ def _open(checkpoint: str | Path, reference: str | Path, config: DistillConfig) 
     tokens = calib.batches(loaded.tokenizer)
     ref.model.eval()
     ref_logp = reference_logprobs(ref.model, tokens, config.batch)
+    targets = None
+    if config.block_steps:
+        from bitsmith.recover.blockwise import reference_block_outputs
+
+        targets = reference_block_outputs(ref.model.float(), tokens, config.batch)
     del ref
     net = loaded.model.float().eval()
     tunable = make_tunable(net, sorted(loaded.info.specs))
     if not tunable:
         raise ValueError(f"{checkpoint} has no quantized linear layer to tune")
-    return _Run(net, tunable, tokens, ref_logp)
+    return _Run(net, tunable, tokens, ref_logp, targets)
 
 
 def _start(run: _Run, params: dict, folder: Path, key: dict, resume: bool, config: DistillConfig,
@@ -238,7 +263,8 @@ def _start(run: _Run, params: dict, folder: Path, key: dict, resume: bool, confi
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved["params"][name])
-    state = _State(meta["step"], meta["lr"], meta["best"], meta["curve"], saved["best_params"])
+    state = _State(meta["step"], meta["lr"], meta["best"], meta["curve"], saved["best_params"], meta["blocks"],
+                   meta["blocks_done"])
     optimizer = _optimizer(params, state.lr, scale_of)
     optimizer.load_state_dict(saved["optimizer"])
     log.info("resuming distillation at step %d of %d from %s", state.step, config.steps, folder)
@@ -282,3 +308,41 @@ def _check(run: _Run, params: dict, state: _State, optimizer: torch.optim.Adam, 
             p.copy_(state.best_params[name])
     state.lr /= 2
     return _optimizer(params, state.lr, scale_of)
+
+
+def _block_stage(run: _Run, params: dict, state: _State, optimizer: torch.optim.Adam, folder: Path, key: dict,
+                 config: DistillConfig, scale_of: dict[str, float], progress: Progress | None) -> None:
+    """Tune each decoder block towards the reference block's output (:mod:`bitsmith.recover.blockwise`),
+    saving after every block, then measure the end-to-end calibration KL: kept when it improves on the
+    best so far, else every parameter goes back to the best state (so the reported loss never rises)."""
+    from bitsmith.models.arch import find_blocks
+    from bitsmith.recover.blockwise import block_data, next_inputs, tune_block
+
+    prefix, blocks = find_blocks(run.net)
+    data = block_data(run.net, run.tokens, config.batch, run.targets)
+    xs, lr = data.inputs, config.block_lr or config.lr
+    for i, block in enumerate(blocks):
+        if i >= len(state.blocks):  # blocks before are already tuned (a resumed run): only their outputs are needed
+            mine = {n: p for n, p in params.items() if n.startswith(f"{prefix}.{i}.")}
+            layers = {n: t for n, t in run.tunable.items() if n.startswith(f"{prefix}.{i}.")}
+            record = tune_block(block, mine, layers, xs, data.calls[i], data.targets[i], config.block_steps,
+                                lambda ps: _optimizer(ps, lr, scale_of))
+            state.blocks.append({"block": i, **record})
+            state.save(folder, key, params, optimizer)
+            if progress:
+                progress(state.step, config.steps, {"stage": "block", **state.blocks[-1]})
+        xs = next_inputs(block, xs, data.calls[i])
+    round_to_storage(run.tunable)
+    loss = calibration_loss(run.net, run.tokens, run.ref_logp, config.batch)
+    accepted = loss < state.best
+    state.curve.append({"step": state.step, "stage": "blocks", "kld": loss, "accepted": accepted, "lr": lr})
+    if accepted:
+        state.best, state.best_params = loss, {n: p.detach().clone() for n, p in params.items()}
+    else:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state.best_params[name])
+    state.blocks_done = True
+    state.save(folder, key, params, optimizer)
+    if progress:
+        progress(state.step, config.steps, state.curve[-1])

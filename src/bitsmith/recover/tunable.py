@@ -3,7 +3,7 @@
 :func:`make_tunable` swaps every quantized linear of a loaded model (a QuantLinear, or an
 InputRotated around one) for a :class:`TunableLinear` that computes ``x W^T + b`` with
 ``W = (codes - zero) * scale`` (or ``grid[codes] * scale``) rebuilt from float parameters on every
-forward, so gradients reach the scales and zeros; codes stay uint8 buffers. Norm weights (1-D
+forward, so gradients reach the scales and zeros (and a vq layer's codebook); codes stay uint8 buffers. Norm weights (1-D
 parameters of modules whose class name says "Norm") are trained as they are. Everything else is
 frozen. :func:`tuned_tensors` gives the tuned layers back as QuantizedTensors for the writer.
 """
@@ -30,14 +30,17 @@ class TunableLinear(nn.Module):
         self.register_buffer("codes", qt.codes.clone(), persistent=False)
         self.scale = nn.Parameter(qt.scale.float().clone())
         self.zero = None if qt.zero is None else nn.Parameter(qt.zero.float().clone())
-        self.register_buffer("grid", None if qt.grid is None else qt.grid.float().clone(), persistent=False)
+        if qt.spec.grid == "vq":  # a per-layer learned codebook: tuned like the scales (it is stored in fp16)
+            self.grid = nn.Parameter(qt.grid.float().clone())
+        else:  # a fixed shared grid (nf4 and the like) stays as it is
+            self.register_buffer("grid", None if qt.grid is None else qt.grid.float().clone(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
         self.rotation = qt.rotation
 
     def weight(self) -> torch.Tensor:
         """The dequantized weight in the codes' basis, float32 [out, in], differentiable in scale/zero."""
         scale = expand_groups(self.scale, self.spec, self.in_features)
-        if self.spec.grid == "vq":  # vector codes: whole codebook rows (the codebook stays as stored)
+        if self.spec.grid == "vq":  # vector codes: whole codebook rows
             return self.grid[self.codes.long()].reshape(self.out_features, self.in_features) * scale
         if self.grid is not None:
             return self.grid[self.codes.long()] * scale
@@ -52,7 +55,7 @@ class TunableLinear(nn.Module):
     def quantized(self) -> QuantizedTensor:
         """The layer as stored: scale and zero rounded to fp16, as the checkpoint keeps them."""
         zero = None if self.zero is None else self.zero.detach().half()
-        grid = None if self.grid is None else self.grid.half()
+        grid = None if self.grid is None else self.grid.detach().half()
         return QuantizedTensor(self.codes, self.scale.detach().half(), zero, self.spec, grid, self.rotation)
 
 
@@ -106,11 +109,11 @@ def trainable(net: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def round_to_storage(tunable: dict[str, TunableLinear]) -> None:
-    """Round the tuned scales and zeros to fp16, the dtype the checkpoint stores them in, so that the
-    loss measured on the parameters is the loss of the checkpoint that will be written (norm weights
-    are stored in fp32 and need no rounding)."""
+    """Round the tuned scales, zeros and vq codebooks to fp16, the dtype the checkpoint stores them in,
+    so that the loss measured on the parameters is the loss of the checkpoint that will be written
+    (norm weights are stored in fp32 and need no rounding)."""
     with torch.no_grad():
         for layer in tunable.values():
-            for p in (layer.scale, layer.zero):
-                if p is not None:
+            for p in (layer.scale, layer.zero, layer.grid):
+                if isinstance(p, nn.Parameter):
                     p.copy_(p.half().float())
