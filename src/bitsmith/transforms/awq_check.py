@@ -83,7 +83,8 @@ class BlockCheck:
         changed = [n for n in changed if n in self.linears]
         saved = [t.detach().clone() for t in tensors]
         old = {n: self._quantized.pop(n, None) for n in changed}
-        apply()
+        with torch.no_grad():
+            apply()
         errors = self._measure()
         if self.units(errors) <= self.error:  # a tie (e.g. an exact method: 0 = 0) keeps the change
             self.current, self.error = errors, self.units(errors)
