@@ -168,3 +168,11 @@ def test_harmful_folds_and_clips_are_kept_out(monkeypatch):
         if check:
             assert len(report.skipped) >= 3 and not report.clips[0].clipped_fraction
     assert units[False] > 4.0 and units[True] <= 2.0 + 1e-4, units
+
+
+def test_defaults_check_the_block_and_damp_the_clip():
+    from bitsmith.transforms.awq_options import AwqOptions
+
+    opts = AwqOptions.from_dict({})
+    assert opts.check and opts.check_tokens == 1024 and opts.clip_damp == 1.0
+    assert not AwqOptions.from_dict({"awq_check": "false"}).check

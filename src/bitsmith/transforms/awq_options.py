@@ -37,7 +37,7 @@ class AwqOptions:
     check_tokens: int = 1024
     # the clip search's Gram matrices get clip_damp * mean(diag H_g) on the diagonal: a share of plain weight
     # error, so that per-(row, group) ratios fitted to the calibration text's inputs carry to other texts
-    clip_damp: float = 0.0
+    clip_damp: float = 1.0
 
     @classmethod
     def from_dict(cls, options: dict) -> "AwqOptions":
@@ -51,7 +51,7 @@ class AwqOptions:
                    str(options.get("awq_measure", "auto")), int(options.get("awq_search_tokens", 2048)),
                    str(options.get("awq_search_dtype", "auto")), str(options.get("awq_clip_dtype", "fp32")),
                    flag("awq_check", True), int(options.get("awq_check_tokens", 1024)),
-                   float(options.get("awq_clip_damp", 0.0)))
+                   float(options.get("awq_clip_damp", 1.0)))
         if min(opts.grid, opts.clip_grid, opts.tokens, opts.clip_tokens, opts.check_tokens) < 1:
             raise ValueError("awq_grid, awq_clip_grid, awq_tokens, awq_clip_tokens and awq_check_tokens must be >= 1")
         if not opts.clip_damp >= 0.0:

@@ -5,8 +5,10 @@ One float pass over the search tokens (``tokens``, evenly spaced whole sequences
 searches need, the mean |x| per channel included (``_calibrate``); then
 per scale group the scale of eq. 4-5 is searched (by default on the linears' outputs:
 :mod:`bitsmith.transforms.awq_fast`) and folded (all folds checked on the block output at once), and
-per linear the clipping ratio is searched (:func:`clip_search`, on per-group Gram matrices). The
-quantizer simulated inside the searches is a parameter (plain min/max RTN in the pipeline).
+per linear the clipping ratio is searched (:func:`clip_search`, on per-group Gram matrices, damped).
+Each fold and each clip is kept only when the quantized block's output error on a few search sequences
+does not rise (:mod:`bitsmith.transforms.awq_check`). The quantizer simulated inside the searches is a
+parameter (plain min/max RTN in the pipeline).
 """
 
 from __future__ import annotations
@@ -340,7 +342,9 @@ def awq_transform(
     ``awq_clip_min`` (0.5), ``awq_clip_tokens`` (512), ``awq_duo`` (False), ``awq_measure`` ("linear":
     the error on the linears' outputs, :mod:`bitsmith.transforms.awq_fast`; "module": on the output of
     the module that holds them, the paper's), ``awq_search_tokens`` (2048), ``awq_search_dtype``
-    ("auto"), ``awq_clip_dtype`` ("fp32"). Cache kwargs are dropped: every call must see only its own tokens."""
+    ("auto"), ``awq_clip_dtype`` ("fp32"), ``awq_check`` (True: a fold or clip is kept only if it lowers the
+    quantized block's output error, :mod:`bitsmith.transforms.awq_check`), ``awq_check_tokens`` (1024),
+    ``awq_clip_damp`` (1.0). Cache kwargs are dropped: every call must see only its own tokens."""
     opts = AwqOptions.from_dict(options)
     was_training = block.training
     block.eval()
