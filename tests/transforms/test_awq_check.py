@@ -132,7 +132,8 @@ def test_clip_damp_moves_the_choice_to_the_weight_error():
 
 def test_bad_check_and_damp_options_are_refused():
     block, hidden, kwargs = _block("llama")
-    for bad in ({"awq_check_tokens": 0}, {"awq_clip_damp": -1.0}, {"awq_clip_damp": float("nan")}):
+    for bad in ({"awq_check_tokens": 0}, {"awq_clip_damp": -1.0}, {"awq_clip_damp": float("nan")},
+                {"awq_check_dtype": "fp16"}):
         with pytest.raises(ValueError, match="awq_"):
             awq_transform(block, hidden, kwargs, QuantSpec.parse("w4g32"), rtn, bad)
 
@@ -174,5 +175,5 @@ def test_defaults_check_the_block_and_damp_the_clip():
     from bitsmith.transforms.awq_options import AwqOptions
 
     opts = AwqOptions.from_dict({})
-    assert opts.check and opts.check_tokens == 1024 and opts.clip_damp == 1.0
+    assert opts.check and opts.check_tokens == 1024 and opts.clip_damp == 1.0 and opts.check_dtype == "auto"
     assert not AwqOptions.from_dict({"awq_check": "false"}).check

@@ -35,6 +35,9 @@ class AwqOptions:
     # tokens (transforms.awq_check): on Qwen2.5-Coder-1.5B the local searches raised it, and the KLD above RTN's
     check: bool = True
     check_tokens: int = 1024
+    # dtype of the check's block forwards: auto = bf16 where the CPU has it natively (as the search's). On Qwen
+    # block 1 (w3g128) float32 forwards made the same decisions as bf16's
+    check_dtype: str = "auto"
     # the clip search's Gram matrices get clip_damp * mean(diag H_g) on the diagonal: a share of plain weight
     # error, so that per-(row, group) ratios fitted to the calibration text's inputs carry to other texts
     clip_damp: float = 1.0
@@ -51,7 +54,7 @@ class AwqOptions:
                    str(options.get("awq_measure", "auto")), int(options.get("awq_search_tokens", 2048)),
                    str(options.get("awq_search_dtype", "auto")), str(options.get("awq_clip_dtype", "fp32")),
                    flag("awq_check", True), int(options.get("awq_check_tokens", 1024)),
-                   float(options.get("awq_clip_damp", 1.0)))
+                   str(options.get("awq_check_dtype", "auto")), float(options.get("awq_clip_damp", 1.0)))
         if min(opts.grid, opts.clip_grid, opts.tokens, opts.clip_tokens, opts.check_tokens) < 1:
             raise ValueError("awq_grid, awq_clip_grid, awq_tokens, awq_clip_tokens and awq_check_tokens must be >= 1")
         if not opts.clip_damp >= 0.0:
@@ -59,10 +62,11 @@ class AwqOptions:
         if not 0.0 < opts.clip_min <= 1.0:
             raise ValueError(f"awq_clip_min={opts.clip_min} must be in (0, 1], e.g. 0.5")
         dtypes = ("auto", "bf16", "fp32")
-        if opts.measure not in ("auto", "linear", "module") or {opts.search_dtype, opts.clip_dtype} - set(dtypes):
+        if opts.measure not in ("auto", "linear", "module") or {opts.search_dtype, opts.clip_dtype,
+                                                                 opts.check_dtype} - set(dtypes):
             raise ValueError(f"awq_measure={opts.measure!r} / awq_search_dtype={opts.search_dtype!r} / awq_clip_dtype="
-                             f"{opts.clip_dtype!r}: use awq_measure=auto|linear|module and awq_search_dtype, "
-                             "awq_clip_dtype=auto|bf16|fp32")
+                             f"{opts.clip_dtype!r} / awq_check_dtype={opts.check_dtype!r}: use "
+                             "awq_measure=auto|linear|module and awq_search_dtype, awq_clip_dtype, awq_check_dtype=auto|bf16|fp32")
         if opts.search_tokens < 0:
             raise ValueError(f"awq_search_tokens={opts.search_tokens} must be >= 0 (0: all search tokens)")
         return opts

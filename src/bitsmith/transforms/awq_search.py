@@ -406,10 +406,10 @@ def _block_check(
     options: dict, opts: AwqOptions,
 ) -> BlockCheck:
     """The quantized block's output error on ~``opts.check_tokens`` evenly spaced search sequences
-    (:mod:`bitsmith.transforms.awq_check`), the forwards in the scale search's product dtype."""
+    (:mod:`bitsmith.transforms.awq_check`), the forwards in ``awq_check_dtype`` (bf16 where native by default)."""
     count = min(search.numel(), max(1, math.ceil(opts.check_tokens / hidden.shape[1])))
     index = search[torch.linspace(0, search.numel() - 1, count).round().long().unique()]
-    bf16 = search_dtype(opts.search_dtype) == torch.bfloat16
+    bf16 = search_dtype(opts.check_dtype) == torch.bfloat16
 
     def forward() -> torch.Tensor:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
