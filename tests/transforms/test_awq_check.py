@@ -50,7 +50,8 @@ def test_checked_transform_is_never_worse_than_plain_rtn_on_the_block(arch, seed
     reference = _out(block, hidden, kwargs)
     plain = _quantized_errors(block, hidden, kwargs, spec, reference)
     report = awq_transform(block, hidden, kwargs, spec, rtn,
-                           {"clip_search": False, "awq_grid": 10, "awq_search_dtype": "fp32"}, batch_size=8)
+                           {"clip_search": False, "awq_grid": 10, "awq_search_dtype": "fp32", "awq_check_dtype": "fp32"},
+                           batch_size=8)
     after = _quantized_errors(block, hidden, kwargs, spec, reference)
     units = sum(a / p for a, p in zip(after, plain))
     assert units <= 2.0 + 1e-4, (after, plain)
@@ -163,6 +164,7 @@ def test_harmful_folds_and_clips_are_kept_out(monkeypatch):
         reference = _out(block, hidden, kwargs)
         plain = _quantized_errors(block, hidden, kwargs, spec, reference)
         report = awq_transform(block, hidden, kwargs, spec, rtn, {"clip_search": False, "awq_search_dtype": "fp32",
+                                                                  "awq_check_dtype": "fp32",
                                                                   "awq_check": check}, batch_size=8)
         after = _quantized_errors(block, hidden, kwargs, spec, reference)
         units[check] = sum(a / p for a, p in zip(after, plain))

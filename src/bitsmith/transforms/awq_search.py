@@ -423,10 +423,8 @@ def _fold(block: nn.Module, group: ScaleGroup, scale: torch.Tensor, check: Block
           alpha: float) -> torch.Tensor | None:
     """Fold ``scale`` into ``group`` (the scale applied), or, when the check says the quantized block
     got worse, leave the block as it was (None). alpha 0 (scale 1) is the plain method: not tried."""
-    if check is None:
+    if check is None or alpha == 0.0:  # alpha 0: the identity, nothing to decide
         return fold_scale(block, group, scale)
-    if alpha == 0.0:
-        return fold_scale(block, group, scale)  # the identity: nothing to decide
     modules = dict(block.named_modules())
     prev = modules[group.prev]
     tensors = [modules[n].weight for n in group.linears] + [t for t in (prev.weight, getattr(prev, "bias", None))
