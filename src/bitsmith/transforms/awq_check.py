@@ -1,23 +1,24 @@
-"""AWQ's block-level acceptance: a scale fold or a clip is kept only when it lowers the quantized
-block's output error, so the transform is never worse than the plain method on the block's output.
+"""AWQ's block-level acceptance: a scale fold or a clip is kept only when it does not raise the
+quantized block's output error, so on the check tokens the transform is never worse than the plain
+method on the block's output.
 
 Why. Every AWQ search optimises a local proxy: a group's scale the error of its linears' outputs (or
 of the attention's), a clip each linear's own output error. On Qwen2.5-Coder-1.5B the proxies and the
-block disagree: in block 1 (whose MLP makes the residual stream's "massive activation" at the first
-token) the searched scales and clips each left the quantized block's output error ~2x *above* plain
-RTN's on the very tokens they were searched on, and the model's KLD ended above RTN's
-(bench/results/calibrated-methods, session 12). The block's own output is the objective the proxies
-stand for; measuring it takes one quantized block forward per decision, ~10 per block.
+block disagree: in block 1 the searched scales alone, and the clips alone, each left the quantized
+block's output error ~2x *above* plain RTN's on the very tokens they were searched on, and the
+model's KLD ended above RTN's (bench/results/calibrated-methods, session 12). The block's own output
+is the objective the proxies stand for; measuring it takes one quantized block forward per
+decision, ~10 per block.
 
 How. The float block's output on a few search sequences (the check tokens) is the reference. The
 error of a state is that of the block with every linear replaced by its simulated quantization
 (cached per linear; a decision re-quantizes only the linears it changed), as the sum of two ratios
 to the plain method's: the mean over tokens of ``||y_q - y||^2 / ||y||^2`` (per token relative: the
-next block reads the residual stream through a norm) and the plain mean squared error (dominated by
-the massive-activation token, whose norm is ~100x the others'). Measured on Qwen block 1, the clip
-search lowered the first by 19% and raised the second 7x, and the model's KLD rose on both texts; a
-change must lower the sum. Decisions are greedy in the transform's order (folds, then clips): a change
-is kept if the error falls, else its tensors are restored bit for bit.
+next block reads the residual stream through a norm) and the plain mean squared error (on Qwen's
+early blocks presumably dominated by the few massive-activation tokens). In Qwen block 1, session
+11's AWQ lowered the first by 19% and raised the second 7x, and the model's KLD rose on both texts;
+a change must not raise the sum. Decisions are greedy in the transform's order (folds, then clips):
+a change is kept if the error does not rise, else its tensors are restored bit for bit.
 """
 
 from __future__ import annotations
