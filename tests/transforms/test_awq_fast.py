@@ -123,9 +123,11 @@ def test_linear_measure_matches_module_measure_where_the_module_is_the_linear():
     hidden[..., :4] *= 20.0
     other = copy.deepcopy(block)
     fast = awq_transform(block, hidden, kwargs, spec, rtn, {"clip_search": False, "awq_grid": 10, "awq_clip": False,
-                                                            "awq_search_dtype": "fp32", "awq_measure": "linear"})
+                                                            "awq_search_dtype": "fp32", "awq_measure": "linear",
+                                                            "awq_check": False})
     slow = awq_transform(other, hidden, kwargs, spec, rtn, {"clip_search": False, "awq_grid": 10, "awq_clip": False,
-                                                            "awq_search_dtype": "fp32", "awq_measure": "module"})
+                                                            "awq_search_dtype": "fp32", "awq_measure": "module",
+                                                            "awq_check": False})
     by_prev = {r.prev: r for r in slow.scales}
     assert len(fast.scales) == len(slow.scales) == 4
     for r in fast.scales:
@@ -161,7 +163,7 @@ def test_auto_measure_is_the_attention_for_qkv_and_the_linears_elsewhere():
     spec = QuantSpec.parse("w3g32")
     block, hidden, kwargs = _block("qwen2", n=8, length=32)
     hidden[..., :4] *= 20.0
-    base = {"clip_search": False, "awq_grid": 10, "awq_clip": False, "awq_search_dtype": "fp32"}
+    base = {"clip_search": False, "awq_grid": 10, "awq_clip": False, "awq_search_dtype": "fp32", "awq_check": False}
     runs = {m: awq_transform(copy.deepcopy(block), hidden, kwargs, spec, rtn, {**base, "awq_measure": m})
             for m in ("auto", "linear", "module")}
     auto, linear, module = ({r.prev: r for r in runs[m].scales} for m in ("auto", "linear", "module"))
@@ -179,7 +181,7 @@ def test_module_measure_in_bf16_picks_the_fp32_alphas():
     spec = QuantSpec.parse("w3g32")
     block, hidden, kwargs = _block("qwen2", n=8, length=32)
     hidden[..., :4] *= 20.0
-    base = {"clip_search": False, "awq_grid": 10, "awq_clip": False, "awq_measure": "module"}
+    base = {"clip_search": False, "awq_grid": 10, "awq_clip": False, "awq_measure": "module", "awq_check": False}
     runs = {d: awq_transform(copy.deepcopy(block), hidden, kwargs, spec, rtn, {**base, "awq_search_dtype": d})
             for d in ("bf16", "fp32")}
     fp32 = {r.prev: r for r in runs["fp32"].scales}

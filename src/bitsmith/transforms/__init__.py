@@ -15,14 +15,8 @@ from bitsmith.transforms.awq import (
     find_scale_groups,
     fold_scale,
 )
-from bitsmith.transforms.awq_search import (
-    AwqOptions,
-    AwqReport,
-    ClipResult,
-    ScaleResult,
-    awq_transform,
-    clip_search,
-)
+from bitsmith.transforms.awq_options import AwqOptions, AwqReport, ClipResult, ScaleResult
+from bitsmith.transforms.awq_search import awq_transform, clip_search
 from bitsmith.transforms.base import (
     TRANSFORMS, Transform, get_transform, register_basis_transform, register_transform, transform_option,
     wrapped_quantizer,

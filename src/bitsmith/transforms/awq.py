@@ -31,6 +31,10 @@ to ``[-r max|w|, r max|w|]`` for ``r`` from 1.0 down to ``awq_clip_min`` and kee
 ``|| X_g (Q(clip(W_g)) - W_g)^T ||`` on a token subsample, the group's share of the output error.
 q and k are not clipped: their error reaches the output through softmax(q k^T), which this
 per-linear measure misjudges (the reference implementation skips them too).
+Unlike the reference implementation, the group's Gram matrix is damped (``awq_clip_damp``: its mean
+diagonal added to the diagonal, i.e. a share of plain weight error), because per-(row, group) ratios
+fitted to the calibration text's inputs did not carry to code on Qwen2.5-Coder-1.5B; and every fold
+and clip must pass a check on the quantized block's output (:mod:`bitsmith.transforms.awq_check`).
 
 This module holds the block's structure side: which ops feed which linears (the scale groups) and
 how a scale is folded in. The searches (the calibration pass, eq. 4-5, clipping) and the registered

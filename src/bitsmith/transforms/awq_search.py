@@ -5,15 +5,17 @@ One float pass over the search tokens (``tokens``, evenly spaced whole sequences
 searches need, the mean |x| per channel included (``_calibrate``); then
 per scale group the scale of eq. 4-5 is searched (by default on the linears' outputs:
 :mod:`bitsmith.transforms.awq_fast`) and folded (all folds checked on the block output at once), and
-per linear the clipping ratio is searched (:func:`clip_search`, on per-group Gram matrices). The
-quantizer simulated inside the searches is a parameter (plain min/max RTN in the pipeline).
+per linear the clipping ratio is searched (:func:`clip_search`, on per-group Gram matrices, damped).
+Each fold and each clip is kept only when the quantized block's output error on a few search sequences
+does not rise (:mod:`bitsmith.transforms.awq_check`). The quantizer simulated inside the searches is a
+parameter (plain min/max RTN in the pipeline).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +29,8 @@ from bitsmith.spec import QuantSpec
 from bitsmith.transforms.awq import (
     CLIP_SKIP, SCALE_PATTERNS, ScaleGroup, ScalePattern, fold_scale, match_all, tie_heads,
 )
+from bitsmith.transforms.awq_check import BlockCheck
+from bitsmith.transforms.awq_options import AwqOptions, AwqReport, ClipResult, ScaleResult
 from bitsmith.transforms.awq_fast import (
     clip_errors, group_gram, output_error, scale_candidates, search_dtype, simulated_quantizer, token_basis,
 )
@@ -35,87 +39,6 @@ from bitsmith.transforms.base import register_transform
 log = logging.getLogger(__name__)
 
 QDQ_CHUNK_WEIGHTS = 1 << 16  # weights per row chunk of the simulated quantizer
-
-
-@dataclass(frozen=True)
-class AwqOptions:
-    grid: int = 20  # alpha candidates i / grid, i < grid
-    tokens: int = 4096  # calibration tokens (whole sequences) the searches and the mean |x| use
-    clip: bool = True
-    clip_grid: int = 20  # shrink candidates from 1.0 to clip_min
-    clip_min: float = 0.5
-    clip_tokens: int = 512  # tokens per linear for the clip search
-    duo: bool = False  # s = s_x^a / s_w^(1-a) instead of the paper's s_x^a
-    # where a candidate scale's error is measured: "linear" (the linears' outputs, fast: awq_fast),
-    # "module" (the output of the module that holds them, as the paper: the attention, the MLP), or
-    # "auto": the attention's output for the groups it holds (q/k/v: their errors reach it through
-    # softmax(q k^T); on their own outputs SmolLM2's KLD measured 0.1838 against 0.1708), the linears'
-    # outputs for the others (gate/up's alphas within 0.05 of the module measure's; o/down: the same)
-    measure: str = "auto"
-    # "linear": at most this many rows per scale search basis; a group with more input channels than this
-    # *and* more search tokens (Qwen-1.5B's down_proj: 8,960 > 4,096) gets this many evenly spaced tokens,
-    # every other group the exact compression of all search tokens (0: no bound)
-    search_tokens: int = 2048
-    search_dtype: str = "auto"  # dtype of the scale search's products: auto (bf16 where native), bf16, fp32
-    # dtype of the clip search's Gram products. fp32: bf16 rounding of a group's Gram matrix H_g misjudges
-    # delta H_g delta^T where x has a large common component (the quadratic form cancels): SmolLM2 w4g128
-    # KLD 0.1809 (bf16) -> 0.1765 (fp32; 0.1717 with awq_search_dtype=fp32 too). The batched [gs, gs]
-    # products gain little from bf16 anyway (5.1 vs 6.7 ns per weight measured)
-    clip_dtype: str = "fp32"
-
-    @classmethod
-    def from_dict(cls, options: dict) -> "AwqOptions":
-        def flag(key: str, default: bool) -> bool:  # "false" from a command line means False
-            value = options.get(key, default)
-            return value.strip().lower() not in ("0", "false", "no", "off") if isinstance(value, str) else bool(value)
-
-        opts = cls(int(options.get("awq_grid", 20)), int(options.get("awq_tokens", 4096)), flag("awq_clip", True),
-                   int(options.get("awq_clip_grid", 20)), float(options.get("awq_clip_min", 0.5)),
-                   int(options.get("awq_clip_tokens", 512)), flag("awq_duo", False),
-                   str(options.get("awq_measure", "auto")), int(options.get("awq_search_tokens", 2048)),
-                   str(options.get("awq_search_dtype", "auto")), str(options.get("awq_clip_dtype", "fp32")))
-        if opts.grid < 1 or opts.clip_grid < 1 or opts.tokens < 1 or opts.clip_tokens < 1:
-            raise ValueError("awq_grid, awq_clip_grid, awq_tokens and awq_clip_tokens must be >= 1")
-        if not 0.0 < opts.clip_min <= 1.0:
-            raise ValueError(f"awq_clip_min={opts.clip_min} must be in (0, 1], e.g. 0.5")
-        dtypes = ("auto", "bf16", "fp32")
-        if opts.measure not in ("auto", "linear", "module") or {opts.search_dtype, opts.clip_dtype} - set(dtypes):
-            raise ValueError(f"awq_measure={opts.measure!r} / awq_search_dtype={opts.search_dtype!r} / awq_clip_dtype="
-                             f"{opts.clip_dtype!r}: use awq_measure=auto|linear|module and awq_search_dtype, "
-                             "awq_clip_dtype=auto|bf16|fp32")
-        if opts.search_tokens < 0:
-            raise ValueError(f"awq_search_tokens={opts.search_tokens} must be >= 0 (0: all search tokens)")
-        return opts
-
-
-@dataclass(frozen=True)
-class ScaleResult:
-    prev: str
-    linears: tuple[str, ...]
-    alpha: float
-    loss_before: float  # MSE of the measured output, plain method (alpha = 0)
-    loss_after: float  # at the chosen alpha
-
-
-@dataclass(frozen=True)
-class ClipResult:
-    linear: str
-    mean_ratio: float
-    min_ratio: float
-    clipped_fraction: float  # groups whose range was shrunk
-    loss_before: float  # MSE of X W^T vs X Q(W)^T on the clip tokens
-    loss_after: float  # same with the clipped weight
-
-
-@dataclass(frozen=True)
-class AwqReport:
-    scales: tuple[ScaleResult, ...] = ()
-    clips: tuple[ClipResult, ...] = ()
-    skipped: tuple[str, ...] = ()  # why a pattern or fold was not applied
-    tokens: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # plain types, for the checkpoint's JSON report
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -353,15 +276,20 @@ def _search_scale_linear(
 
 def clip_search(
     weight: torch.Tensor, inputs: torch.Tensor, spec: QuantSpec, method: Method, options: dict,
-    grid: int = 20, min_ratio: float = 0.5, dtype: torch.dtype = torch.float32,
+    grid: int = 20, min_ratio: float = 0.5, dtype: torch.dtype = torch.float32, damp: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """AWQ's weight clipping for one linear: weight [out, in], inputs [T, in].
+    """AWQ's weight clipping for one linear: weight [out, in], inputs [T, in]. ``damp`` adds
+    ``damp * mean(diag H_g)`` to each group's Gram diagonal (a share of plain weight error).
 
     Returns (clipped weight [out, in], ratio per group [out, G], loss before, loss after)."""
     out_features, in_features = weight.shape
     w = to_groups(weight.float(), spec)  # [out, G, gs]
     n_groups = w.shape[1]
-    gram = group_gram(inputs, spec, in_features).to(dtype)  # [G, gs, gs]; zero on padding: padded weights never count
+    gram = group_gram(inputs, spec, in_features)  # [G, gs, gs]; zero on padding: padded weights never count
+    if damp > 0:
+        diag = gram.diagonal(dim1=1, dim2=2)  # a view: the padding's zero diagonal stays zero below
+        diag.add_(damp * diag.mean(-1, keepdim=True) * (diag > 0))
+    gram = gram.to(dtype)
     absmax = w.abs().amax(dim=-1, keepdim=True)  # [out, G, 1]
     qdq = simulated_quantizer(spec, method, options)
     chunks = row_chunks(out_features, in_features, QDQ_CHUNK_WEIGHTS)
@@ -414,7 +342,9 @@ def awq_transform(
     ``awq_clip_min`` (0.5), ``awq_clip_tokens`` (512), ``awq_duo`` (False), ``awq_measure`` ("linear":
     the error on the linears' outputs, :mod:`bitsmith.transforms.awq_fast`; "module": on the output of
     the module that holds them, the paper's), ``awq_search_tokens`` (2048), ``awq_search_dtype``
-    ("auto"), ``awq_clip_dtype`` ("fp32"). Cache kwargs are dropped: every call must see only its own tokens."""
+    ("auto"), ``awq_clip_dtype`` ("fp32"), ``awq_check`` (True: a fold or clip is kept only if it lowers the
+    quantized block's output error, :mod:`bitsmith.transforms.awq_check`), ``awq_check_tokens`` (1024),
+    ``awq_clip_damp`` (1.0). Cache kwargs are dropped: every call must see only its own tokens."""
     opts = AwqOptions.from_dict(options)
     was_training = block.training
     block.eval()
@@ -442,14 +372,20 @@ def _transform(
     # at 128 x 512 calibration), and a mean over 4096 tokens is already within a few percent
     cal = _calibrate(block, hidden, kwargs, groups, clip_names if opts.clip else [], kept, [],
                      max(1, kept_tokens // opts.clip_tokens), opts.measure)
+    check = _block_check(block, hidden, kwargs, torch.cat(kept), spec, method, options, opts) if opts.check else None
     searched = []
     for group in groups:
         if group.norm_offset is not None and not _feeds_only(group, cal):
             skipped.append(f"{group.prev} -> {'/'.join(group.linears)}: its output is not (only) their input")
             continue
         s, alpha, before, after = _search_scale(block, group, cal, spec, method, options, opts)
-        searched.append((group, fold_scale(block, group, s), ScaleResult(group.prev, group.linears, alpha, before,
-                                                                          after)))
+        result = ScaleResult(group.prev, group.linears, alpha, before, after)
+        applied = _fold(block, group, s, check, alpha)
+        if applied is None:
+            skipped.append(f"{group.prev} -> {'/'.join(group.linears)}: alpha={alpha:.2f} kept out, it raised the "
+                           "quantized block's output error")
+        else:
+            searched.append((group, applied, result))
     scales = []
     for group, applied, result in _checked_folds(block, hidden, kwargs, kept[0][:1], cal, searched, skipped):
         for name in group.linears:  # the linears now read x / s
@@ -458,19 +394,62 @@ def _transform(
         scales.append(result)
         log.info("awq: %s -> %s alpha=%.2f mse %.3g -> %.3g", group.prev, ",".join(group.linears), result.alpha,
                  result.loss_before, result.loss_after)
-    clips = []
-    for name in [n for n in clip_names if n in cal.clip_in] if opts.clip else []:
-        linear = modules[name]
-        inputs = torch.cat(cal.clip_in[name])[: opts.clip_tokens]  # [T, in]
-        clipped, ratio, before, after = clip_search(linear.weight.detach(), inputs, spec, method, options,
-                                                    opts.clip_grid, opts.clip_min, search_dtype(opts.clip_dtype))
-        if after > before:  # per-group choices ignore cross-group terms; never make the linear worse
-            ratio, after = torch.ones_like(ratio), before
-        else:
-            linear.weight.copy_(clipped)
-        clips.append(ClipResult(name, float(ratio.mean()), float(ratio.min()), float((ratio < 1).float().mean()),
-                                before, after))
-    return AwqReport(tuple(scales), tuple(clips), tuple(skipped), kept_tokens)
+    clips = [_clip_linear(modules[name], name, torch.cat(cal.clip_in[name])[: opts.clip_tokens], spec, method,
+                          options, opts, check, skipped)
+             for name in ([n for n in clip_names if n in cal.clip_in] if opts.clip else [])]
+    errors = (check.plain, check.current) if check is not None else ((), ())
+    return AwqReport(tuple(scales), tuple(clips), tuple(skipped), kept_tokens, *errors)
+
+
+def _block_check(
+    block: nn.Module, hidden: torch.Tensor, kwargs: dict, search: torch.Tensor, spec: QuantSpec, method: Method,
+    options: dict, opts: AwqOptions,
+) -> BlockCheck:
+    """The quantized block's output error on ~``opts.check_tokens`` evenly spaced search sequences
+    (:mod:`bitsmith.transforms.awq_check`), the forwards in ``awq_check_dtype`` (bf16 where native by default)."""
+    count = min(search.numel(), max(1, math.ceil(opts.check_tokens / hidden.shape[1])))
+    index = search[torch.linspace(0, search.numel() - 1, count).round().long().unique()]
+    bf16 = search_dtype(opts.check_dtype) == torch.bfloat16
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return _run(block, hidden, kwargs, index).float()
+
+    linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    return BlockCheck(linears, lambda w: _qdq(w, spec, method, options), forward, forward())
+
+
+def _fold(block: nn.Module, group: ScaleGroup, scale: torch.Tensor, check: BlockCheck | None,
+          alpha: float) -> torch.Tensor | None:
+    """Fold ``scale`` into ``group`` (the scale applied), or, when the check says the quantized block
+    got worse, leave the block as it was (None). alpha 0 (scale 1) is the plain method: not tried."""
+    if check is None or alpha == 0.0:  # alpha 0: the identity, nothing to decide
+        return fold_scale(block, group, scale)
+    modules = dict(block.named_modules())
+    prev = modules[group.prev]
+    tensors = [modules[n].weight for n in group.linears] + [t for t in (prev.weight, getattr(prev, "bias", None))
+                                                          if isinstance(t, torch.Tensor)]
+    applied = []
+    kept = check.try_change(tensors, [*group.linears, group.prev], lambda: applied.append(fold_scale(block, group, scale)))
+    return applied[0] if kept else None
+
+
+def _clip_linear(
+    linear: nn.Linear, name: str, inputs: torch.Tensor, spec: QuantSpec, method: Method, options: dict,
+    opts: AwqOptions, check: BlockCheck | None, skipped: list[str],
+) -> ClipResult:
+    """Clip search for one linear (inputs [T, in]); the clip is applied if it lowers the linear's
+    output error on those tokens and (with the check) the quantized block's."""
+    clipped, ratio, before, after = clip_search(linear.weight.detach(), inputs, spec, method, options, opts.clip_grid,
+                                                opts.clip_min, search_dtype(opts.clip_dtype), opts.clip_damp)
+    if after > before:  # per-group choices ignore cross-group terms; never make the linear worse
+        ratio, after = torch.ones_like(ratio), before
+    elif check is not None and not check.try_change([linear.weight], [name], lambda: linear.weight.copy_(clipped)):
+        skipped.append(f"{name}: clip kept out, it raised the quantized block's output error")
+        ratio, after = torch.ones_like(ratio), before
+    elif check is None:
+        linear.weight.copy_(clipped)
+    return ClipResult(name, float(ratio.mean()), float(ratio.min()), float((ratio < 1).float().mean()), before, after)
 
 
 @register_transform("awq", needs=Needs.BLOCK_REPLAY)
