@@ -161,10 +161,12 @@ def _check_pair(target: Any, draft: Any) -> None:
                          "a quantized copy of the same model")
 
 
-def _round(target: Any, draft: Any, backlog: list[int], k: int, sampler: _Sampler) -> tuple[list[int], int, float]:
+def _round(target: Any, draft: Any, backlog: list[int], k: int, sampler: _Sampler,
+           verify: Callable[[Any, list[int]], Tensor] | None = None) -> tuple[list[int], int, float]:
     """One draft-then-verify round. ``backlog``: committed tokens the draft has not yet seen (the last of
-    them is also unseen by the target). Returns the tokens emitted (accepted drafts + one from the target),
-    how many drafts were accepted, and the seconds spent drafting."""
+    them is also unseen by the target). ``verify``: the fused verify step (:mod:`bitsmith.infer.verify`),
+    or None for the target's batched forward. Returns the tokens emitted (accepted drafts + one from the
+    target), how many drafts were accepted, and the seconds spent drafting."""
     start = time.perf_counter()
     proposals: list[int] = []
     draft_probs: list[Tensor | None] = []
@@ -176,7 +178,8 @@ def _round(target: Any, draft: Any, backlog: list[int], k: int, sampler: _Sample
         if i + 1 < k:
             logits = draft([proposals[-1]])
     draft_s = time.perf_counter() - start
-    rows = target([backlog[-1], *proposals], all_logits=True)  # [k + 1, V]: one batched verify
+    checked = [backlog[-1], *proposals]
+    rows = target(checked, all_logits=True) if verify is None else verify(target, checked)  # [k + 1, V]
     emitted: list[int] = []
     for i, token in enumerate(proposals):
         ok, chosen = sampler.check(rows[i], draft_probs[i], token)
@@ -197,6 +200,7 @@ class DraftCursor:
 
     runner: Any
     backlog: list[int]
+    verifier: Any = None  # the target's fused verify step, looked up in the first round (False: none)
 
 
 def speculate(t_run: Any, cursor: DraftCursor, k: int, temperature: float, top_p: float,
@@ -211,7 +215,11 @@ def speculate(t_run: Any, cursor: DraftCursor, k: int, temperature: float, top_p
 def _advance(t_run: Any, cursor: DraftCursor, k: int, sampler: _Sampler) -> tuple[list[int], int, float]:
     """:func:`speculate` with the sampler given; also returns the seconds spent drafting."""
     t_pos, d_pos = t_run.pos, cursor.runner.pos
-    emitted, kept, draft_s = _round(t_run, cursor.runner, cursor.backlog, k, sampler)
+    if cursor.verifier is None:
+        from bitsmith.infer.verify import fused_verifier
+
+        cursor.verifier = fused_verifier(t_run) or False
+    emitted, kept, draft_s = _round(t_run, cursor.runner, cursor.backlog, k, sampler, cursor.verifier or None)
     t_run.pos = t_pos + 1 + kept  # roll back: drop the rejected drafts' cache rows
     if kept < k:
         cursor.runner.pos = d_pos + len(cursor.backlog) + kept
