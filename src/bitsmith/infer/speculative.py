@@ -45,6 +45,7 @@ from bitsmith.infer.generate import (
     GenerationResult, TextStream, check_sampling, eos_ids, eval_mode, generation_result, prompt_token_ids,
     sampling_probs, seeded_generator,
 )
+from bitsmith.infer.verify import fused_verifier
 from bitsmith.models.context import check_generation_fits
 from bitsmith.runtime.options import RuntimeOptions
 
@@ -162,15 +163,19 @@ def _check_pair(target: Any, draft: Any) -> None:
 
 
 def _round(target: Any, draft: Any, backlog: list[int], k: int, sampler: _Sampler,
-           verify: Callable[[Any, list[int]], Tensor] | None = None) -> tuple[list[int], int, float]:
+           verify: Any = None, catch_up: Any = None) -> tuple[list[int], int, float]:
     """One draft-then-verify round. ``backlog``: committed tokens the draft has not yet seen (the last of
-    them is also unseen by the target). ``verify``: the fused verify step (:mod:`bitsmith.infer.verify`),
-    or None for the target's batched forward. Returns the tokens emitted (accepted drafts + one from the
-    target), how many drafts were accepted, and the seconds spent drafting."""
+    them is also unseen by the target). ``verify`` / ``catch_up``: the fused verify step
+    (:mod:`bitsmith.infer.verify`) of the target / the draft, or None for the runner's batched forward.
+    Returns the tokens emitted (accepted drafts + one from the target), how many drafts were accepted,
+    and the seconds spent drafting."""
     start = time.perf_counter()
     proposals: list[int] = []
     draft_probs: list[Tensor | None] = []
-    logits = draft(backlog)
+    if catch_up is not None and 1 < len(backlog) <= catch_up.max_rows:  # after a round with every draft kept
+        logits = catch_up(draft, backlog)[-1]
+    else:
+        logits = draft(backlog)
     for i in range(k):
         probs = sampler.probs(logits)
         proposals.append(sampler.draw(logits, probs))
@@ -201,6 +206,7 @@ class DraftCursor:
     runner: Any
     backlog: list[int]
     verifier: Any = None  # the target's fused verify step, looked up in the first round (False: none)
+    catch_up: Any = None  # the draft's, for its backlog of 2 tokens after a round with every draft kept
 
 
 def speculate(t_run: Any, cursor: DraftCursor, k: int, temperature: float, top_p: float,
@@ -216,10 +222,10 @@ def _advance(t_run: Any, cursor: DraftCursor, k: int, sampler: _Sampler) -> tupl
     """:func:`speculate` with the sampler given; also returns the seconds spent drafting."""
     t_pos, d_pos = t_run.pos, cursor.runner.pos
     if cursor.verifier is None:
-        from bitsmith.infer.verify import fused_verifier
-
         cursor.verifier = fused_verifier(t_run) or False
-    emitted, kept, draft_s = _round(t_run, cursor.runner, cursor.backlog, k, sampler, cursor.verifier or None)
+        cursor.catch_up = fused_verifier(cursor.runner) or False
+    emitted, kept, draft_s = _round(t_run, cursor.runner, cursor.backlog, k, sampler, cursor.verifier or None,
+                                    cursor.catch_up or None)
     t_run.pos = t_pos + 1 + kept  # roll back: drop the rejected drafts' cache rows
     if kept < k:
         cursor.runner.pos = d_pos + len(cursor.backlog) + kept
