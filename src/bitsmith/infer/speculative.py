@@ -4,8 +4,9 @@ them in one batched forward, and the target's KV cache is rolled back past the f
 When it pays: a decode step reads every weight once whatever the number of rows, so where decode is
 bound by memory bandwidth the target verifying ``k + 1`` positions costs little more than decoding one,
 while a 2- or 3-bit draft reads a fraction of the bytes. On the shared 2-core CPU this was measured on
-(bench/results/speculative), decode is bound by arithmetic instead: 4 exact rows cost 2.3 one-row steps
-and a 3-bit draft of SmolLM2-135M is no cheaper than its 4-bit target, so speculation is slower there.
+(bench/results/speculative), decode is bound by arithmetic instead: a 4-row verify costs ~1.5 one-row
+steps even at int8, and a 2- or 3-bit draft of the same model is hardly cheaper per token than its
+4-bit target, so speculation is slower there.
 
 Correctness (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
 Chen et al. 2023, "Accelerating LLM decoding with speculative sampling"):
@@ -20,15 +21,19 @@ Chen et al. 2023, "Accelerating LLM decoding with speculative sampling"):
 Both models run through :class:`bitsmith.infer.lean.LeanRunner`; rolling back is moving its position
 (positions past it are overwritten before any attention reads them).
 
-Exactness: with exact float decode (``RuntimeOptions(int8_decode=False)``) the verify forward's matrix
-products (k + 1 <= 8 rows, csrc/smallbatch.cpp) compute every row bit for bit as plain decoding's one-row
-gemv does; only the small ops around them (norms, rotary, attention: torch here, the fused native step
-there) differ, by float32 rounding (~1e-6 relative), so greedy output equals plain decoding's unless the
-target's top two logits are that close (20/20 prompts on SmolLM2-135M in
-bench/results/speculative). With the default int8-activation decode each path rounds activations to int8
-at slightly different values, the logits differ by up to a few 1e-3, and near-ties flip (11/20 prompts on
-SmolLM2): run the target with ``BITSMITH_INT8_DECODE=0`` for token-exact output (the draft's arithmetic
-does not matter for exactness).
+Exactness (greedy output equal to plain decoding's, token for token):
+
+- with the default int8-activation decode, when the target decodes with the fused native step and its head
+  runs in it (bitsmith's w8 head), the verify is the fused verify step (:mod:`bitsmith.infer.verify`,
+  csrc/verify.cpp): every one of its ``k + 1`` rows' logits is bit for bit what plain decoding's one-token
+  step computes (tests/infer/test_verify.py), so greedy output is plain decoding's exactly;
+- with exact float decode (``RuntimeOptions(int8_decode=False)``) the verify is the runner's batched
+  forward, whose matrix products (csrc/smallbatch.cpp) compute every row bit for bit as the one-row gemv;
+  only the small ops around them (norms, rotary, attention: torch there, the fused step in plain decoding)
+  differ by float32 rounding (~1e-6 relative), so only a near-exact tie of the top two logits could flip;
+- otherwise (torch decode, a float head at int8) the verify is the batched forward with int8 activations
+  rounded at slightly different values than plain decoding's, and near-ties can flip (11/20 prompts
+  identical on SmolLM2 in bench/results/speculative, session 9).
 """
 
 from __future__ import annotations
