@@ -38,9 +38,10 @@ def start(model: str, threads: int, extra: list[str]) -> tuple[subprocess.Popen,
 def complete(url: str, prompt: str, max_tokens: int) -> tuple[str, int, float]:
     import httpx
 
+    model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
     t0 = time.perf_counter()
     r = httpx.post(url + "/v1/completions", timeout=600,
-                   json={"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+                   json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
     r.raise_for_status()
     body = r.json()
     return body["choices"][0]["text"], body["usage"]["completion_tokens"], time.perf_counter() - t0
