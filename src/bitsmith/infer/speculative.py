@@ -4,8 +4,9 @@ them in one batched forward, and the target's KV cache is rolled back past the f
 When it pays: a decode step reads every weight once whatever the number of rows, so where decode is
 bound by memory bandwidth the target verifying ``k + 1`` positions costs little more than decoding one,
 while a 2- or 3-bit draft reads a fraction of the bytes. On the shared 2-core CPU this was measured on
-(bench/results/speculative), decode is bound by arithmetic instead: 4 exact rows cost 2.3 one-row steps
-and a 3-bit draft of SmolLM2-135M is no cheaper than its 4-bit target, so speculation is slower there.
+(bench/results/speculative), decode is bound by arithmetic instead: a 4-row verify costs ~1.5 one-row
+steps even at int8, and a 2- or 3-bit draft of the same model is hardly cheaper per token than its
+4-bit target, so speculation is slower there.
 
 Correctness (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
 Chen et al. 2023, "Accelerating LLM decoding with speculative sampling"):
@@ -20,15 +21,19 @@ Chen et al. 2023, "Accelerating LLM decoding with speculative sampling"):
 Both models run through :class:`bitsmith.infer.lean.LeanRunner`; rolling back is moving its position
 (positions past it are overwritten before any attention reads them).
 
-Exactness: with exact float decode (``RuntimeOptions(int8_decode=False)``) the verify forward's matrix
-products (k + 1 <= 8 rows, csrc/smallbatch.cpp) compute every row bit for bit as plain decoding's one-row
-gemv does; only the small ops around them (norms, rotary, attention: torch here, the fused native step
-there) differ, by float32 rounding (~1e-6 relative), so greedy output equals plain decoding's unless the
-target's top two logits are that close (20/20 prompts on SmolLM2-135M in
-bench/results/speculative). With the default int8-activation decode each path rounds activations to int8
-at slightly different values, the logits differ by up to a few 1e-3, and near-ties flip (11/20 prompts on
-SmolLM2): run the target with ``BITSMITH_INT8_DECODE=0`` for token-exact output (the draft's arithmetic
-does not matter for exactness).
+Exactness (greedy output equal to plain decoding's, token for token):
+
+- with the default int8-activation decode, when the target decodes with the fused native step and its head
+  runs in it (bitsmith's w8 head), the verify is the fused verify step (:mod:`bitsmith.infer.verify`,
+  csrc/verify.cpp): every one of its ``k + 1`` rows' logits is bit for bit what plain decoding's one-token
+  step computes (tests/infer/test_verify.py), so greedy output is plain decoding's exactly;
+- with exact float decode (``RuntimeOptions(int8_decode=False)``) the verify is the runner's batched
+  forward, whose matrix products (csrc/smallbatch.cpp) compute every row bit for bit as the one-row gemv;
+  only the small ops around them (norms, rotary, attention: torch there, the fused step in plain decoding)
+  differ by float32 rounding (~1e-6 relative), so only a near-exact tie of the top two logits could flip;
+- otherwise (torch decode, a float head at int8) the verify is the batched forward with int8 activations
+  rounded at slightly different values than plain decoding's, and near-ties can flip (11/20 prompts
+  identical on SmolLM2 in bench/results/speculative, session 9).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from bitsmith.infer.generate import (
     GenerationResult, TextStream, check_sampling, eos_ids, eval_mode, generation_result, prompt_token_ids,
     sampling_probs, seeded_generator,
 )
+from bitsmith.infer.verify import fused_verifier
 from bitsmith.models.context import check_generation_fits
 from bitsmith.runtime.options import RuntimeOptions
 
@@ -161,14 +167,20 @@ def _check_pair(target: Any, draft: Any) -> None:
                          "a quantized copy of the same model")
 
 
-def _round(target: Any, draft: Any, backlog: list[int], k: int, sampler: _Sampler) -> tuple[list[int], int, float]:
+def _round(target: Any, draft: Any, backlog: list[int], k: int, sampler: _Sampler,
+           verify: Any = None, catch_up: Any = None) -> tuple[list[int], int, float]:
     """One draft-then-verify round. ``backlog``: committed tokens the draft has not yet seen (the last of
-    them is also unseen by the target). Returns the tokens emitted (accepted drafts + one from the target),
-    how many drafts were accepted, and the seconds spent drafting."""
+    them is also unseen by the target). ``verify`` / ``catch_up``: the fused verify step
+    (:mod:`bitsmith.infer.verify`) of the target / the draft, or None for the runner's batched forward.
+    Returns the tokens emitted (accepted drafts + one from the target), how many drafts were accepted,
+    and the seconds spent drafting."""
     start = time.perf_counter()
     proposals: list[int] = []
     draft_probs: list[Tensor | None] = []
-    logits = draft(backlog)
+    if catch_up is not None and 1 < len(backlog) <= catch_up.max_rows:  # after a round with every draft kept
+        logits = catch_up(draft, backlog)[-1]
+    else:
+        logits = draft(backlog)
     for i in range(k):
         probs = sampler.probs(logits)
         proposals.append(sampler.draw(logits, probs))
@@ -176,7 +188,8 @@ def _round(target: Any, draft: Any, backlog: list[int], k: int, sampler: _Sample
         if i + 1 < k:
             logits = draft([proposals[-1]])
     draft_s = time.perf_counter() - start
-    rows = target([backlog[-1], *proposals], all_logits=True)  # [k + 1, V]: one batched verify
+    checked = [backlog[-1], *proposals]
+    rows = target(checked, all_logits=True) if verify is None else verify(target, checked)  # [k + 1, V]
     emitted: list[int] = []
     for i, token in enumerate(proposals):
         ok, chosen = sampler.check(rows[i], draft_probs[i], token)
@@ -197,6 +210,8 @@ class DraftCursor:
 
     runner: Any
     backlog: list[int]
+    verifier: Any = None  # the target's fused verify step, looked up in the first round (False: none)
+    catch_up: Any = None  # the draft's, for its backlog of 2 tokens after a round with every draft kept
 
 
 def speculate(t_run: Any, cursor: DraftCursor, k: int, temperature: float, top_p: float,
@@ -211,7 +226,11 @@ def speculate(t_run: Any, cursor: DraftCursor, k: int, temperature: float, top_p
 def _advance(t_run: Any, cursor: DraftCursor, k: int, sampler: _Sampler) -> tuple[list[int], int, float]:
     """:func:`speculate` with the sampler given; also returns the seconds spent drafting."""
     t_pos, d_pos = t_run.pos, cursor.runner.pos
-    emitted, kept, draft_s = _round(t_run, cursor.runner, cursor.backlog, k, sampler)
+    if cursor.verifier is None:
+        cursor.verifier = fused_verifier(t_run) or False
+        cursor.catch_up = fused_verifier(cursor.runner) or False
+    emitted, kept, draft_s = _round(t_run, cursor.runner, cursor.backlog, k, sampler, cursor.verifier or None,
+                                    cursor.catch_up or None)
     t_run.pos = t_pos + 1 + kept  # roll back: drop the rejected drafts' cache rows
     if kept < k:
         cursor.runner.pos = d_pos + len(cursor.backlog) + kept
