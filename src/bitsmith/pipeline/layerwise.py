@@ -36,7 +36,6 @@ from bitsmith.calib.stats import StatsAccumulator
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.io.destination import Destination, Staging
 from bitsmith.io.ledger import ledger_dir
-from bitsmith.kernels.alloc import heap_reuse
 from bitsmith.methods import Method, get_method
 from bitsmith.models.family import HEAD_WEIGHT
 from bitsmith.pipeline.batches import run_batches
@@ -335,7 +334,7 @@ def _process_block(
             result = block(store.tensor[slices[b]], *calls[b][0], **calls[b][1])
             out.tensor[slices[b]] = result[0] if isinstance(result, tuple) else result
 
-        with replay.active(record=False), heap_reuse():
+        with replay.active(record=False):
             for _ in run_batches(forward, len(slices)):
                 pass
         replay.clear()

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from bitsmith.calib.stats import StatsAccumulator
-from bitsmith.kernels.alloc import heap_reuse
 from bitsmith.methods import LayerStats, Method
 from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall
@@ -109,8 +108,7 @@ def stage_stats(
 
     hook = first.register_forward_pre_hook(catch)
     try:
-        # heap_reuse: the forwards' activations from reused heap pages, not a fresh mapping per op
-        with replay.active(tail_of=tail_of) if replay is not None else nullcontext(), heap_reuse():
+        with replay.active(tail_of=tail_of) if replay is not None else nullcontext():
             for _, x in run_batches(run, len(slices)):  # in batch order: the sums do not depend on threads
                 if x is None:
                     continue
