@@ -10,11 +10,11 @@
 // 32 x 32 blocks on or above the diagonal are computed (about half of the multiply-adds); the caller
 // mirrors the upper triangle.
 //
-// Layout: per chunk of KC tokens, X is packed twice: XT [np][kp] (feature-major, tokens contiguous:
-// the A tiles, 16 features x 32 tokens) and XV [kp/2][np][2] (token pairs interleaved: the B tiles in
-// the VNNI layout TDPBF16PS reads). np, kp are n and the chunk rounded up to 32, padded with zeros.
-// The micro-kernel keeps a 32 x 32 block of H in four accumulator tiles (two A and two B tiles beside
-// them: all eight tiles). Row blocks are taken GROUP at a time per task, so each B panel read from
+// Layout: per chunk of KC tokens, X is packed twice, zero-padded to whole 32 x 32 tiles, each
+// 32-feature panel contiguous: as A tiles (16 features x 32 tokens) and as B tiles in the VNNI layout
+// TDPBF16PS reads (16 token pairs x 16 features x 2), so a tile load reads 16 rows from within 2 KB,
+// not 16 rows a matrix row apart (pages). The micro-kernel keeps a 32 x 32 block of H in four
+// accumulator tiles (two A and two B tiles beside them: all eight tiles). Row blocks are taken GROUP at a time per task, so each B panel read from
 // memory serves up to GROUP row blocks from the L2 cache. Every block of H is summed by one thread in
 // token order, so the result does not depend on the thread count.
 
@@ -32,8 +32,8 @@
 namespace {
 
 constexpr int64_t BLK = 32;     // a block of H: 2 x 2 tiles of 16 x 16 floats
-constexpr int64_t KC = 256;     // tokens per packed chunk: 8 row blocks of A tiles (128 KB) stay in L2
-constexpr int64_t GROUP = 8;    // row blocks per task: each B panel read from memory serves up to 8
+constexpr int64_t KC = 1024;    // tokens per packed chunk (64 KB per 32-feature panel and layout)
+constexpr int64_t GROUP = 8;    // row blocks per task: 8 A panels (512 KB) stay in L2 while B panels stream
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -61,32 +61,33 @@ void configure_tiles() {  // per thread: eight tiles of 16 rows x 64 bytes
     _tile_loadconfig(&cfg);
 }
 
-// Pack tokens [k0, k0 + kc) of x into xt [np][kp] and xv [kp/2][np][2], zero-padded.
+// Pack tokens [k0, k0 + kc) of x, zero-padded, panel by panel (each 32-feature panel contiguous, so a
+// tile's 16 rows are 1 KB of consecutive bytes rather than 16 rows a whole matrix row apart):
+//   xa: A tiles, [np/32][kp/32][32 features][32 tokens]
+//   xb: B tiles (VNNI), [np/32][kp/2][32 features][2 tokens]
 void pack(const uint16_t* x, int64_t ldx, int64_t n, int64_t k0, int64_t kc, int64_t np, int64_t kp,
-          uint16_t* xt, uint16_t* xv, int threads) {
+          uint16_t* xa, uint16_t* xb, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i0 = 0; i0 < np; i0 += BLK) {  // transpose one 32-feature stripe
+    for (int64_t i0 = 0; i0 < np; i0 += BLK) {
+        uint16_t* pa = xa + i0 * kp;  // this panel's A tiles
+        uint16_t* pb = xb + i0 * kp;  // and its B tiles
+        const int64_t width = n - i0 < BLK ? n - i0 : BLK;
         for (int64_t k = 0; k < kp; ++k) {
-            const uint16_t* row = x + (k0 + k) * ldx;
-            for (int64_t i = i0; i < i0 + BLK; ++i)
-                xt[i * kp + k] = (k < kc && i < n) ? row[i] : 0;
-        }
-    }
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < kp / 2; ++p) {  // interleave token pairs
-        uint16_t* out = xv + p * np * 2;
-        const uint16_t* r0 = x + (k0 + 2 * p) * ldx;
-        const uint16_t* r1 = r0 + ldx;
-        const bool has0 = 2 * p < kc, has1 = 2 * p + 1 < kc;
-        for (int64_t j = 0; j < np; ++j) {
-            out[2 * j] = (has0 && j < n) ? r0[j] : 0;
-            out[2 * j + 1] = (has1 && j < n) ? r1[j] : 0;
+            uint16_t row[BLK] = {0};
+            if (k < kc)
+                for (int64_t i = 0; i < width; ++i) row[i] = x[(k0 + k) * ldx + i0 + i];
+            uint16_t* a = pa + (k / BLK) * BLK * BLK + (k % BLK);
+            uint16_t* b = pb + (k / 2) * BLK * 2 + (k % 2);
+            for (int64_t i = 0; i < BLK; ++i) {
+                a[i * BLK] = row[i];
+                b[i * 2] = row[i];
+            }
         }
     }
 }
 
-// H[i0:i0+32, j0:j0+32] += XT[i0:i0+32, :] . XV[:, j0:j0+32] over the chunk's kp tokens.
-void block_update(const uint16_t* xt, const uint16_t* xv, int64_t np, int64_t kp, int64_t i0, int64_t j0,
+// H[i0:i0+32, j0:j0+32] += A(i0) . B(j0) over the chunk's kp tokens.
+void block_update(const uint16_t* xa, const uint16_t* xb, int64_t kp, int64_t i0, int64_t j0,
                   float* h, int64_t ldh, int64_t n) {
     alignas(64) float local[BLK * BLK];
     const bool inside = i0 + BLK <= n && j0 + BLK <= n;
@@ -101,15 +102,13 @@ void block_update(const uint16_t* xt, const uint16_t* xv, int64_t np, int64_t kp
     _tile_loadd(1, c + 16, ldc);
     _tile_loadd(2, (char*)c + 16 * ldc, ldc);
     _tile_loadd(3, (char*)c + 16 * ldc + 64, ldc);
-    const int64_t lda = kp * 2, ldb = np * 4;
-    const uint16_t* a0 = xt + i0 * kp;
-    const uint16_t* a1 = a0 + 16 * kp;
-    for (int64_t k = 0; k < kp; k += BLK) {
-        const uint16_t* b = xv + (k / 2) * np * 2 + j0 * 2;
-        _tile_loadd(4, a0 + k, lda);
-        _tile_loadd(5, a1 + k, lda);
-        _tile_loadd(6, b, ldb);
-        _tile_loadd(7, b + 32, ldb);
+    const uint16_t* a = xa + i0 * kp;  // 32 x 32 tiles of 2 KB, one per 32 tokens
+    const uint16_t* b = xb + j0 * kp;  // 16 token pairs x 32 features x 2 per 32 tokens: 2 KB
+    for (int64_t k = 0; k < kp; k += BLK, a += BLK * BLK, b += BLK * BLK) {
+        _tile_loadd(4, a, 64);
+        _tile_loadd(5, a + 16 * BLK, 64);
+        _tile_loadd(6, b, 128);
+        _tile_loadd(7, b + 32, 128);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
@@ -124,7 +123,7 @@ void block_update(const uint16_t* xt, const uint16_t* xv, int64_t np, int64_t kp
             for (int64_t j = j0; j < n && j < j0 + BLK; ++j) h[i * ldh + j] = local[(i - i0) * BLK + (j - j0)];
 }
 
-void chunk_update(const uint16_t* xt, const uint16_t* xv, int64_t np, int64_t kp, float* h, int64_t ldh,
+void chunk_update(const uint16_t* xa, const uint16_t* xb, int64_t np, int64_t kp, float* h, int64_t ldh,
                   int64_t n, int threads) {
     const int64_t nb = np / BLK, groups = (nb + GROUP - 1) / GROUP;
 #pragma omp parallel num_threads(threads)
@@ -135,7 +134,7 @@ void chunk_update(const uint16_t* xt, const uint16_t* xv, int64_t np, int64_t kp
             const int64_t ib0 = g * GROUP, ib1 = ib0 + GROUP < nb ? ib0 + GROUP : nb;
             for (int64_t jb = ib0; jb < nb; ++jb)
                 for (int64_t ib = ib0; ib < ib1 && ib <= jb; ++ib)
-                    block_update(xt, xv, np, kp, ib * BLK, jb * BLK, h, ldh, n);
+                    block_update(xa, xb, kp, ib * BLK, jb * BLK, h, ldh, n);
         }
         _tile_release();
     }
@@ -165,11 +164,11 @@ int bs_hessian_bf16(const uint16_t* x, int64_t tokens, int64_t n, int64_t ldx, f
     const int nt = threads < 1 ? 1 : (int)threads;
     const int64_t np = round_up(n, BLK);
     const int64_t kcap = round_up(tokens < KC ? tokens : KC, BLK);
-    std::vector<uint16_t> xt(np * kcap), xv(np * kcap);
+    std::vector<uint16_t> xa(np * kcap), xb(np * kcap);
     for (int64_t k0 = 0; k0 < tokens; k0 += KC) {
         const int64_t kc = tokens - k0 < KC ? tokens - k0 : KC, kp = round_up(kc, BLK);
-        pack(x, ldx, n, k0, kc, np, kp, xt.data(), xv.data(), nt);
-        chunk_update(xt.data(), xv.data(), np, kp, h, ldh, n, nt);
+        pack(x, ldx, n, k0, kc, np, kp, xa.data(), xb.data(), nt);
+        chunk_update(xa.data(), xb.data(), np, kp, h, ldh, n, nt);
     }
     return 0;
 #else
