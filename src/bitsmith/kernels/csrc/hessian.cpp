@@ -14,9 +14,10 @@
 // 32-feature panel contiguous: as A tiles (16 features x 32 tokens) and as B tiles in the VNNI layout
 // TDPBF16PS reads (16 token pairs x 16 features x 2), so a tile load reads 16 rows from within 2 KB,
 // not 16 rows a matrix row apart (pages). The micro-kernel keeps a 32 x 32 block of H in four
-// accumulator tiles (two A and two B tiles beside them: all eight tiles). Row blocks are taken GROUP at a time per task, so each B panel read from
-// memory serves up to GROUP row blocks from the L2 cache. Every block of H is summed by one thread in
-// token order, so the result does not depend on the thread count.
+// accumulator tiles (two A and two B tiles beside them: all eight tiles). Row blocks are taken GROUP
+// at a time per task, so each B panel read from memory serves up to GROUP row blocks from the L2
+// cache. Every block of H is summed by one thread in token order, so the result does not depend on
+// the thread count.
 
 #include <cstdint>
 #include <cstring>
