@@ -90,3 +90,30 @@ def range_search(groups: torch.Tensor, spec: QuantSpec, mask: torch.Tensor | Non
     lib.bs_range_search(_ptr(g), rows, n_groups, gs, last, 0 if wt is None else _ptr(wt), _ptr(shrink), steps + 1,
                         spec.qmax, int(spec.symmetric), _ptr(scale), _ptr(zero), _threads(g.numel()))
     return scale, zero
+
+
+def hessian_library() -> ctypes.CDLL | None:
+    """The kernel library when its AMX Hessian update (kernels/csrc/hessian.cpp) runs on this CPU, else None."""
+    from bitsmith.kernels.build import native_library
+
+    lib = native_library()
+    if lib is None or not hasattr(lib, "bs_hessian_bf16"):
+        return None
+    if lib.bs_hessian_bf16.argtypes is None:
+        lib.bs_hessian_bf16_available.argtypes = []
+        lib.bs_hessian_bf16_available.restype = ctypes.c_int
+        lib.bs_hessian_bf16.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64]
+        lib.bs_hessian_bf16.restype = ctypes.c_int
+    return lib if lib.bs_hessian_bf16_available() else None
+
+
+def hessian_update(lib: ctypes.CDLL, x: torch.Tensor, hessian: torch.Tensor) -> bool:
+    """``hessian`` [n, n] float32 += x^T x for bfloat16 ``x`` [tokens, n], summed in float32 (exact
+    products), on the 32 x 32 blocks on and above the diagonal only: every entry with column >= row
+    is updated, entries below the diagonal blocks are not touched (the caller mirrors). False when the
+    kernel declined (nothing changed)."""
+    assert x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1
+    assert hessian.dtype == torch.float32 and hessian.stride(1) == 1 and hessian.shape == (x.shape[1], x.shape[1])
+    done = lib.bs_hessian_bf16(_ptr(x), x.shape[0], x.shape[1], x.stride(0), _ptr(hessian), hessian.stride(0),
+                               max(1, torch.get_num_threads()))
+    return done == 0

@@ -1,0 +1,181 @@
+// bitsmith calibration statistics: the GPTQ Hessian's rank-k update H += X^T X for bfloat16 inputs X
+// [T, n], summed in float32, on AMX tiles (calib.stats declares and calls it).
+//
+// Why a kernel of our own: torch 2.13 has no CPU bf16 x bf16 -> fp32 matmul (mm(out_dtype=) is not
+// implemented), so the exact path was a float32 GEMM in oneDNN's bf16 "fpmath" mode: the bf16 batch was
+// first widened to a float32 copy (2x the bytes, freshly page-faulted every batch) and oneDNN rounded
+// it back to bf16 inside. Here the bf16 values go to TDPBF16PS directly: products of two bf16 are exact
+// in float32 and are accumulated in float32, so the result equals the float32 product of the widened
+// inputs up to summation order (the tests hold it to a float64 oracle). H is symmetric: only the
+// 32 x 32 blocks on or above the diagonal are computed (about half of the multiply-adds); the caller
+// mirrors the upper triangle.
+//
+// Layout: per chunk of KC tokens, X is packed twice, zero-padded to whole 32 x 32 tiles, each
+// 32-feature panel contiguous: as A tiles (16 features x 32 tokens) and as B tiles in the VNNI layout
+// TDPBF16PS reads (16 token pairs x 16 features x 2), so a tile load reads 16 rows from within 2 KB,
+// not 16 rows a matrix row apart (pages). The micro-kernel keeps a 32 x 32 block of H in four
+// accumulator tiles (two A and two B tiles beside them: all eight tiles). Row blocks are taken GROUP
+// at a time per task, so each B panel read from memory serves up to GROUP row blocks from the L2
+// cache. Every block of H is summed by one thread in token order, so the result does not depend on
+// the thread count.
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define BS_HAVE_AMX 1
+#endif
+
+namespace {
+
+constexpr int64_t BLK = 32;     // a block of H: 2 x 2 tiles of 16 x 16 floats
+constexpr int64_t KC = 1024;    // tokens per packed chunk (64 KB per 32-feature panel and layout)
+constexpr int64_t GROUP = 8;    // row blocks per task: 8 A panels (512 KB) stay in L2 while B panels stream
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+#ifdef BS_HAVE_AMX
+struct TileConfig {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+bool amx_permitted() {
+    // the kernel must grant this process the AMX tile state once (ARCH_REQ_XCOMP_PERM, XTILEDATA)
+    static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return ok;
+}
+
+void configure_tiles() {  // per thread: eight tiles of 16 rows x 64 bytes
+    TileConfig cfg;
+    std::memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+// Pack tokens [k0, k0 + kc) of x, zero-padded, panel by panel (each 32-feature panel contiguous, so a
+// tile's 16 rows are 1 KB of consecutive bytes rather than 16 rows a whole matrix row apart):
+//   xa: A tiles, [np/32][kp/32][32 features][32 tokens]
+//   xb: B tiles (VNNI), [np/32][kp/2][32 features][2 tokens]
+void pack(const uint16_t* x, int64_t ldx, int64_t n, int64_t k0, int64_t kc, int64_t np, int64_t kp,
+          uint16_t* xa, uint16_t* xb, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i0 = 0; i0 < np; i0 += BLK) {
+        uint16_t* pa = xa + i0 * kp;  // this panel's A tiles
+        uint16_t* pb = xb + i0 * kp;  // and its B tiles
+        const int64_t width = n - i0 < BLK ? n - i0 : BLK;
+        for (int64_t k = 0; k < kp; ++k) {
+            uint16_t row[BLK] = {0};
+            if (k < kc)
+                for (int64_t i = 0; i < width; ++i) row[i] = x[(k0 + k) * ldx + i0 + i];
+            uint16_t* a = pa + (k / BLK) * BLK * BLK + (k % BLK);
+            uint16_t* b = pb + (k / 2) * BLK * 2 + (k % 2);
+            for (int64_t i = 0; i < BLK; ++i) {
+                a[i * BLK] = row[i];
+                b[i * 2] = row[i];
+            }
+        }
+    }
+}
+
+// H[i0:i0+32, j0:j0+32] += A(i0) . B(j0) over the chunk's kp tokens.
+void block_update(const uint16_t* xa, const uint16_t* xb, int64_t kp, int64_t i0, int64_t j0,
+                  float* h, int64_t ldh, int64_t n) {
+    alignas(64) float local[BLK * BLK];
+    const bool inside = i0 + BLK <= n && j0 + BLK <= n;
+    float* c = inside ? h + i0 * ldh + j0 : local;
+    const int64_t ldc = (inside ? ldh : BLK) * (int64_t)sizeof(float);
+    if (!inside) {  // an edge block: through a zero-padded copy
+        std::memset(local, 0, sizeof local);
+        for (int64_t i = i0; i < n && i < i0 + BLK; ++i)
+            for (int64_t j = j0; j < n && j < j0 + BLK; ++j) local[(i - i0) * BLK + (j - j0)] = h[i * ldh + j];
+    }
+    _tile_loadd(0, c, ldc);
+    _tile_loadd(1, c + 16, ldc);
+    _tile_loadd(2, (char*)c + 16 * ldc, ldc);
+    _tile_loadd(3, (char*)c + 16 * ldc + 64, ldc);
+    const uint16_t* a = xa + i0 * kp;  // 32 x 32 tiles of 2 KB, one per 32 tokens
+    const uint16_t* b = xb + j0 * kp;  // 16 token pairs x 32 features x 2 per 32 tokens: 2 KB
+    for (int64_t k = 0; k < kp; k += BLK, a += BLK * BLK, b += BLK * BLK) {
+        _tile_loadd(4, a, 64);
+        _tile_loadd(5, a + 16 * BLK, 64);
+        _tile_loadd(6, b, 128);
+        _tile_loadd(7, b + 32, 128);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c, ldc);
+    _tile_stored(1, c + 16, ldc);
+    _tile_stored(2, (char*)c + 16 * ldc, ldc);
+    _tile_stored(3, (char*)c + 16 * ldc + 64, ldc);
+    if (!inside)
+        for (int64_t i = i0; i < n && i < i0 + BLK; ++i)
+            for (int64_t j = j0; j < n && j < j0 + BLK; ++j) h[i * ldh + j] = local[(i - i0) * BLK + (j - j0)];
+}
+
+void chunk_update(const uint16_t* xa, const uint16_t* xb, int64_t np, int64_t kp, float* h, int64_t ldh,
+                  int64_t n, int threads) {
+    const int64_t nb = np / BLK, groups = (nb + GROUP - 1) / GROUP;
+#pragma omp parallel num_threads(threads)
+    {
+        configure_tiles();
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t g = 0; g < groups; ++g) {  // earlier groups have more blocks: dynamic balances them
+            const int64_t ib0 = g * GROUP, ib1 = ib0 + GROUP < nb ? ib0 + GROUP : nb;
+            for (int64_t jb = ib0; jb < nb; ++jb)
+                for (int64_t ib = ib0; ib < ib1 && ib <= jb; ++ib)
+                    block_update(xa, xb, kp, ib * BLK, jb * BLK, h, ldh, n);
+        }
+        _tile_release();
+    }
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// Whether bs_hessian_bf16 can run here (AMX built in and granted by the kernel): 1 or 0.
+int bs_hessian_bf16_available() {
+#ifdef BS_HAVE_AMX
+    return amx_permitted() ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+// h [n, ldh] float += x^T x for x [T, ldx] bfloat16 (raw bits), on the 32 x 32 blocks with block column
+// >= block row (the upper triangle and the whole diagonal blocks; the rest of h is not touched).
+// Returns 0, or -1 where AMX is unavailable (nothing done: the caller takes its GEMM path).
+int bs_hessian_bf16(const uint16_t* x, int64_t tokens, int64_t n, int64_t ldx, float* h, int64_t ldh,
+                    int64_t threads) {
+#ifdef BS_HAVE_AMX
+    if (!amx_permitted()) return -1;
+    const int nt = threads < 1 ? 1 : (int)threads;
+    const int64_t np = round_up(n, BLK);
+    const int64_t kcap = round_up(tokens < KC ? tokens : KC, BLK);
+    std::vector<uint16_t> xa(np * kcap), xb(np * kcap);
+    for (int64_t k0 = 0; k0 < tokens; k0 += KC) {
+        const int64_t kc = tokens - k0 < KC ? tokens - k0 : KC, kp = round_up(kc, BLK);
+        pack(x, ldx, n, k0, kc, np, kp, xa.data(), xb.data(), nt);
+        chunk_update(xa.data(), xb.data(), np, kp, h, ldh, n, nt);
+    }
+    return 0;
+#else
+    (void)x; (void)tokens; (void)n; (void)ldx; (void)h; (void)ldh; (void)threads;
+    return -1;
+#endif
+}
+
+}  // extern "C"
