@@ -1,6 +1,6 @@
 // bitsmith decode attention for one new token (csrc/decode.cpp): softmax(scaling * q . k_s) @ v_s over
 // a float32 or fp16 KV cache, one head or several heads of one KV group at a time, in float32 vector
-// code; split out of decode.cpp, which includes it once (everything here is internal to that file).
+// code; split out of decode.cpp and included by step.h (decode.cpp, verify.cpp: internal to each).
 #pragma once
 #include <cmath>
 #include <cstdint>

@@ -26,49 +26,9 @@
 #include "gemv.h"
 #include "attention.h"
 
+#include "step.h"
+
 namespace {
-
-struct BsMat {
-  const uint8_t* packed;
-  const uint16_t* scale;
-  const uint16_t* zero;  // null: symmetric
-  const float* bias;     // null: none
-  int64_t out, in, bits, group;
-};
-
-struct BsNorm {
-  const float* weight;  // null: this norm is absent
-  double eps;
-};
-
-struct BsLayer {
-  BsNorm in_norm, post_attn_norm, pre_mlp_norm, post_mlp_norm, q_norm, k_norm;
-  BsMat qkv, o, gate_up, down;
-  void* keys;    // [kv_heads, max_len, head_dim], float32, or fp16 (IEEE half) when kv_half
-  void* values;  // [kv_heads, max_len, head_dim], same type
-  const float* cos;  // [positions, head_dim]
-  const float* sin;  // [positions, head_dim], first half negated (rotate_half's sign)
-  int64_t heads, kv_heads, head_dim, window, act, max_len;  // window 0: attend to every position
-  int64_t kv_half;
-  double scaling;
-};
-
-// The model's end, when its head is a native-kernel matrix too: final norm, then logits = head(x), in
-// the same parallel region as the layers (one region per token instead of two, and no torch ops
-// between them). A model whose head is not (a float head, another kernel) leaves it to torch.
-struct BsHead {
-  BsNorm norm;
-  BsMat head;      // [vocab, hidden]
-  float* logits;   // [vocab], written
-};
-
-enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
-
-inline bs::Matrix matrix(const BsMat& m, bool int8) {
-  return bs::Matrix{m.packed, m.scale, m.zero, m.out, m.in, m.bits, m.group, int8};
-}
-
-inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // The vectors of a step, sized for the largest layer: shared ones are carved out of the caller's
 // scratch buffer (offsets), each thread's own are allocated per call (sizes); all multiples of 16.
@@ -111,31 +71,6 @@ struct Scratch {
   }
 };
 
-// y = rms_norm(x) * w over n values (y may be x).
-void rms_norm(const float* x, const BsNorm& norm, int64_t n, float* y) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
-  const float r = 1.f / std::sqrt(ss / (float)n + (float)norm.eps);
-  const float* w = norm.weight;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
-}
-
-// x [D] <- x * cos + swap_halves(x) * signed_sin
-void rope(float* x, const float* cos, const float* sin, int64_t D, float* tmp) {
-  const int64_t half = D / 2;
-  std::memcpy(tmp, x, D * sizeof(float));
-  for (int64_t d = 0; d < half; ++d) x[d] = tmp[d] * cos[d] + tmp[d + half] * sin[d];
-  for (int64_t d = half; d < D; ++d) x[d] = tmp[d] * cos[d] + tmp[d - half] * sin[d];
-}
-
-void add_bias(float* y, const float* bias, int64_t n) {
-  if (!bias) return;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += bias[i];
-}
-
 // The end of the attention and of the MLP: y = m x (shared gemv rows; the gemv's barrier included),
 // plus bias, optional post-norm, added to this thread's residual stream h. ``out`` is the shared gemv
 // output, ``tmp`` this thread's scratch; both m.out (= hidden) long.
@@ -148,88 +83,6 @@ void project_add(const bs::Matrix& m, const float* bias, const BsNorm& post_norm
   add_bias(tmp, bias, hidden);
   if (post_norm.weight) rms_norm(tmp, post_norm, hidden, tmp);
   for (int64_t i = 0; i < hidden; ++i) h[i] += tmp[i];
-}
-
-// This position's k | v [2 * kv_heads * head_dim] (this thread's copy) into cache row `pos`, written by
-// the first thread only (nobody reads that row during the step). An fp16 cache rounds them, and every
-// thread rounds its copy the same way, so this position reads as the torch path reads it back.
-void store_kv(const BsLayer& L, float* kv, int64_t pos, bool first) {
-  const int64_t D = L.head_dim, kn = L.kv_heads * D;
-  if (L.kv_half)
-    for (int64_t i = 0; i < 2 * kn; ++i) kv[i] = bs::half_to_float(bs::float_to_half(kv[i]));
-  if (!first) return;
-  for (int64_t g = 0; g < L.kv_heads; ++g) {
-    const int64_t row = (g * L.max_len + pos) * D;
-    if (L.kv_half) {
-      uint16_t* kc = static_cast<uint16_t*>(L.keys) + row;
-      uint16_t* vc = static_cast<uint16_t*>(L.values) + row;
-      for (int64_t d = 0; d < D; ++d) {
-        kc[d] = bs::float_to_half(kv[g * D + d]);
-        vc[d] = bs::float_to_half(kv[kn + g * D + d]);
-      }
-    } else {
-      std::memcpy(static_cast<float*>(L.keys) + row, kv + g * D, D * sizeof(float));
-      std::memcpy(static_cast<float*>(L.values) + row, kv + kn + g * D, D * sizeof(float));
-    }
-  }
-}
-
-// Heads per unit of attention work: the chunk of a KV group's heads one thread attends together. Fewer
-// heads per unit balance the threads better, more share each K/V row load: the choice minimises the
-// busiest thread's work, counting one K/V pass plus one pass per head for each unit.
-int64_t heads_per_unit(const BsLayer& L, int64_t threads) {
-  const int64_t rep = L.heads / L.kv_heads;
-  int64_t best = 1, best_cost = -1;
-  for (int64_t nh = 1; nh <= std::min(rep, max_grouped(L.head_dim)); ++nh) {
-    const int64_t units = L.kv_heads * ((rep + nh - 1) / nh), cost = (units + threads - 1) / threads * (1 + nh);
-    if (best_cost < 0 || cost <= best_cost) best = nh, best_cost = cost;
-  }
-  return best;
-}
-
-// Unit u of the layer (heads_per_unit heads of one KV group, the last chunk of a group maybe fewer).
-template <typename KV>
-void attend_unit_kv(const BsLayer& L, int64_t h0, int64_t nh, const float* q, const float* kv, int64_t lo,
-                    int64_t pos, float* scores, float* attn) {
-  const int64_t D = L.head_dim, g = h0 / (L.heads / L.kv_heads), at = g * L.max_len * D;
-  const KV* K = static_cast<const KV*>(L.keys) + at;
-  const KV* V = static_cast<const KV*>(L.values) + at;
-  const float* k_now = kv + g * D;
-  const float* v_now = kv + L.kv_heads * D + g * D;
-  const float sc = (float)L.scaling;
-  const float* qh = q + h0 * D;
-  float* sh = scores + h0 * L.max_len;
-  float* oh = attn + h0 * D;
-  const int64_t st = L.max_len;
-#define BS_GROUPED(C, N) return attend_heads_v<C, N>(qh, K, V, k_now, v_now, lo, pos, sc, sh, st, oh)
-  if (D == 64) {
-    switch (nh) { case 2: BS_GROUPED(4, 2); case 3: BS_GROUPED(4, 3); case 4: BS_GROUPED(4, 4); }
-  } else if (D == 32) {
-    switch (nh) { case 2: BS_GROUPED(2, 2); case 3: BS_GROUPED(2, 3); case 4: BS_GROUPED(2, 4); }
-  } else if (D == 16) {
-    switch (nh) { case 2: BS_GROUPED(1, 2); case 3: BS_GROUPED(1, 3); case 4: BS_GROUPED(1, 4); }
-  } else if (D == 128 && nh == 2) {
-    BS_GROUPED(8, 2);
-  }
-#undef BS_GROUPED
-  for (int64_t h = 0; h < nh; ++h)  // one head at a time
-    attend_head(qh + h * D, K, V, k_now, v_now, lo, pos, D, sc, sh + h * st, oh + h * D);
-}
-
-// y[i] = act(gate[i]) * up[i]
-void gated(const float* gate, const float* up, int64_t n, int64_t act, float* y) {
-  if (act == ACT_SILU) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) y[i] = gate[i] / (1.f + exp_fast(-gate[i])) * up[i];
-  } else if (act == ACT_GELU_TANH) {  // 0.5 g (1 + tanh(u)) = g - g / (exp(2u) + 1)
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float g = gate[i], u = 0.7978845608028654f * (g + 0.044715f * g * g * g);
-      y[i] = (g - g / (exp_fast(2.f * u) + 1.f)) * up[i];
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) y[i] = 0.5f * gate[i] * (1.f + std::erf(gate[i] * 0.7071067811865476f)) * up[i];
-  }
 }
 
 }  // namespace

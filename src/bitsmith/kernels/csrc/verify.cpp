@@ -7,9 +7,8 @@
 // (a norm summed in another order moves an activation across a rounding boundary: ~1e-3 on the
 // output). So the verify must repeat the one-token step's float arithmetic exactly around its matrix
 // products, not only in them: the same norms, RoPE, attention (attention.h), activation and residual
-// code, on buffers of the same alignment. The helpers below are copies of decode.cpp's (its internals are
-// file-local); tests/kernels/test_verify.py holds this file to bs_decode_step bit for bit, so a change
-// there that is not made here fails the tests instead of silently breaking greedy equality.
+// code, on buffers of the same alignment: both files take that code from step.h (one source), and
+// tests/infer/test_verify.py holds this step to bs_decode_step bit for bit.
 //
 // The matrix products (verify_rows): each activation row is prepared alone (bs::gemv_prepare with one
 // row: int8 quantization per 32-block, and vbmi.cpp's permutation where its superblock decode takes
@@ -21,7 +20,7 @@
 //     in the one-row order;
 //   * everything else (2- and 3-bit codes, exact float decode, builds without VBMI) calls the one-row
 //     gemv once per row: exact by construction, without the saving.
-// Plain C ABI (ctypes, infer/verify.py); the structs are decode.cpp's, field for field.
+// Plain C ABI (ctypes, infer/verify.py); the structs are step.h's, shared with decode.cpp.
 
 #include <algorithm>
 #include <cmath>
@@ -35,142 +34,7 @@
 #include "attention.h"
 
 
-namespace {
-
-struct BsMat {
-  const uint8_t* packed;
-  const uint16_t* scale;
-  const uint16_t* zero;
-  const float* bias;
-  int64_t out, in, bits, group;
-};
-struct BsNorm {
-  const float* weight;
-  double eps;
-};
-struct BsLayer {
-  BsNorm in_norm, post_attn_norm, pre_mlp_norm, post_mlp_norm, q_norm, k_norm;
-  BsMat qkv, o, gate_up, down;
-  void* keys;
-  void* values;
-  const float* cos;
-  const float* sin;
-  int64_t heads, kv_heads, head_dim, window, act, max_len;
-  int64_t kv_half;
-  double scaling;
-};
-struct BsHead {
-  BsNorm norm;
-  BsMat head;
-  float* logits;  // unused here: the verify writes [T, vocab] to its own argument
-};
-
-enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
-
-inline bs::Matrix matrix(const BsMat& m, bool int8) {
-  return bs::Matrix{m.packed, m.scale, m.zero, m.out, m.in, m.bits, m.group, int8};
-}
-inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
-
-// ---- the one-token step's elementwise code (decode.cpp, same source) -------------------------------
-void rms_norm(const float* x, const BsNorm& norm, int64_t n, float* y) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
-  const float r = 1.f / std::sqrt(ss / (float)n + (float)norm.eps);
-  const float* w = norm.weight;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
-}
-
-void rope(float* x, const float* cos, const float* sin, int64_t D, float* tmp) {
-  const int64_t half = D / 2;
-  std::memcpy(tmp, x, D * sizeof(float));
-  for (int64_t d = 0; d < half; ++d) x[d] = tmp[d] * cos[d] + tmp[d + half] * sin[d];
-  for (int64_t d = half; d < D; ++d) x[d] = tmp[d] * cos[d] + tmp[d - half] * sin[d];
-}
-
-void add_bias(float* y, const float* bias, int64_t n) {
-  if (!bias) return;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += bias[i];
-}
-
-void store_kv(const BsLayer& L, float* kv, int64_t pos, bool first) {
-  const int64_t D = L.head_dim, kn = L.kv_heads * D;
-  if (L.kv_half)
-    for (int64_t i = 0; i < 2 * kn; ++i) kv[i] = bs::half_to_float(bs::float_to_half(kv[i]));
-  if (!first) return;
-  for (int64_t g = 0; g < L.kv_heads; ++g) {
-    const int64_t row = (g * L.max_len + pos) * D;
-    if (L.kv_half) {
-      uint16_t* kc = static_cast<uint16_t*>(L.keys) + row;
-      uint16_t* vc = static_cast<uint16_t*>(L.values) + row;
-      for (int64_t d = 0; d < D; ++d) {
-        kc[d] = bs::float_to_half(kv[g * D + d]);
-        vc[d] = bs::float_to_half(kv[kn + g * D + d]);
-      }
-    } else {
-      std::memcpy(static_cast<float*>(L.keys) + row, kv + g * D, D * sizeof(float));
-      std::memcpy(static_cast<float*>(L.values) + row, kv + kn + g * D, D * sizeof(float));
-    }
-  }
-}
-
-int64_t heads_per_unit(const BsLayer& L, int64_t threads) {
-  const int64_t rep = L.heads / L.kv_heads;
-  int64_t best = 1, best_cost = -1;
-  for (int64_t nh = 1; nh <= std::min(rep, max_grouped(L.head_dim)); ++nh) {
-    const int64_t units = L.kv_heads * ((rep + nh - 1) / nh), cost = (units + threads - 1) / threads * (1 + nh);
-    if (best_cost < 0 || cost <= best_cost) best = nh, best_cost = cost;
-  }
-  return best;
-}
-
-template <typename KV>
-void attend_unit_kv(const BsLayer& L, int64_t h0, int64_t nh, const float* q, const float* kv, int64_t lo,
-                    int64_t pos, float* scores, float* attn) {
-  const int64_t D = L.head_dim, g = h0 / (L.heads / L.kv_heads), at = g * L.max_len * D;
-  const KV* K = static_cast<const KV*>(L.keys) + at;
-  const KV* V = static_cast<const KV*>(L.values) + at;
-  const float* k_now = kv + g * D;
-  const float* v_now = kv + L.kv_heads * D + g * D;
-  const float sc = (float)L.scaling;
-  const float* qh = q + h0 * D;
-  float* sh = scores + h0 * L.max_len;
-  float* oh = attn + h0 * D;
-  const int64_t st = L.max_len;
-#define BS_GROUPED(C, N) return attend_heads_v<C, N>(qh, K, V, k_now, v_now, lo, pos, sc, sh, st, oh)
-  if (D == 64) {
-    switch (nh) { case 2: BS_GROUPED(4, 2); case 3: BS_GROUPED(4, 3); case 4: BS_GROUPED(4, 4); }
-  } else if (D == 32) {
-    switch (nh) { case 2: BS_GROUPED(2, 2); case 3: BS_GROUPED(2, 3); case 4: BS_GROUPED(2, 4); }
-  } else if (D == 16) {
-    switch (nh) { case 2: BS_GROUPED(1, 2); case 3: BS_GROUPED(1, 3); case 4: BS_GROUPED(1, 4); }
-  } else if (D == 128 && nh == 2) {
-    BS_GROUPED(8, 2);
-  }
-#undef BS_GROUPED
-  for (int64_t h = 0; h < nh; ++h)
-    attend_head(qh + h * D, K, V, k_now, v_now, lo, pos, D, sc, sh + h * st, oh + h * D);
-}
-
-void gated(const float* gate, const float* up, int64_t n, int64_t act, float* y) {
-  if (act == ACT_SILU) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) y[i] = gate[i] / (1.f + exp_fast(-gate[i])) * up[i];
-  } else if (act == ACT_GELU_TANH) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float g = gate[i], u = 0.7978845608028654f * (g + 0.044715f * g * g * g);
-      y[i] = (g - g / (exp_fast(2.f * u) + 1.f)) * up[i];
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) y[i] = 0.5f * gate[i] * (1.f + std::erf(gate[i] * 0.7071067811865476f)) * up[i];
-  }
-}
-
-}  // namespace
+#include "step.h"
 
 namespace bsv {  // verify_rows.cpp
 constexpr int64_t kMaxRows = 8;
