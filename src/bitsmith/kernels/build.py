@@ -35,7 +35,7 @@ SOURCES += (CSRC / "gptq.cpp",)  # GPTQ's block walk and the range search (metho
 SOURCES += (CSRC / "codebook_int8.cpp",)  # vq decode with int8 codebook and activations (kernels.codebook)
 SOURCES += (CSRC / "verify.cpp", CSRC / "verify_rows.cpp")  # speculative verify step (infer.verify)
 SOURCES += (CSRC / "hessian.cpp",)  # AMX bf16 Hessian update X^T X (calib.stats via methods.native)
-HEADERS = (CSRC / "gemv.h", CSRC / "attention.h", CSRC / "step.h")
+HEADERS = (CSRC / "gemv.h", CSRC / "attention.h", CSRC / "step.h", CSRC / "unpack.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
 
 _I64 = ctypes.c_int64

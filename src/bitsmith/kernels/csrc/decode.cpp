@@ -36,37 +36,16 @@ struct Scratch {
   int64_t qkv, attn, mo, gu, scores, total;  // shared: gemv outputs, attention output and scores
   int64_t nh, nx, nq, nsum, nxp, nact, own;  // per thread
   Scratch(const BsLayer* layers, int64_t n, const BsHead* head) {
-    int64_t nqkv = 0, nattn = 0, nmo = 0, ngu = 0, nsc = 0;
-    nh = nx = nsum = nxp = nact = 0;
-    if (head) {
-      nsum = bs::gemv_groups(matrix(head->head, false));
-      nxp = nx = head->head.in;
-    }
-    for (int64_t l = 0; l < n; ++l) {
-      const BsLayer& L = layers[l];
-      const BsMat* mats[4] = {&L.qkv, &L.o, &L.gate_up, &L.down};
-      for (const BsMat* m : mats) {
-        nsum = std::max(nsum, bs::gemv_groups(matrix(*m, false)));
-        nxp = std::max(nxp, m->in);
-        nx = std::max(nx, std::max(m->in, m->out));
-      }
-      nh = std::max(nh, L.o.out);
-      nqkv = std::max(nqkv, L.qkv.out);
-      nattn = std::max(nattn, L.heads * L.head_dim);
-      nmo = std::max(nmo, std::max(L.o.out, L.down.out));
-      ngu = std::max(ngu, L.gate_up.out);
-      nact = std::max(nact, L.down.in);
-      nsc = std::max(nsc, L.heads * L.max_len);
-    }
+    const StepMax m(layers, n, head);
     int64_t at = 0;
-    qkv = at; at += round16(nqkv);
-    attn = at; at += round16(nattn);
-    mo = at; at += round16(nmo);
-    gu = at; at += round16(ngu);
-    scores = at; at += round16(nsc);
+    qkv = at; at += round16(m.qkv);
+    attn = at; at += round16(m.attn);
+    mo = at; at += round16(m.mo);
+    gu = at; at += round16(m.gu);
+    scores = at; at += round16(m.scores);
     total = at;
-    nh = round16(nh); nx = round16(nx); nq = round16(nqkv); nsum = round16(nsum); nxp = round16(nxp);
-    nact = round16(nact);
+    nh = round16(m.nh); nx = round16(m.nx); nq = round16(m.qkv); nsum = round16(m.nsum); nxp = round16(m.nxp);
+    nact = round16(m.nact);
     own = nh + nx + nq + nsum + nxp + nact;
   }
 };

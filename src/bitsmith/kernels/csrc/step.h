@@ -57,6 +57,35 @@ inline bs::Matrix matrix(const BsMat& m, bool int8) {
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
+// The largest vector each part of a step needs over all layers (and the head), unrounded: the one-token
+// step's Scratch (decode.cpp) and the verify's Sizes (verify.cpp) size their buffers from it.
+struct StepMax {
+  int64_t nh = 0, nx = 0, nsum = 0, nxp = 0, nact = 0;  // per thread: hidden, gemv input/output, sums, x
+  int64_t qkv = 0, attn = 0, mo = 0, gu = 0, scores = 0;  // shared: gemv outputs, attention, scores
+  StepMax(const BsLayer* layers, int64_t n, const BsHead* head) {
+    if (head) {
+      nsum = bs::gemv_groups(matrix(head->head, false));
+      nxp = nx = head->head.in;
+    }
+    for (int64_t l = 0; l < n; ++l) {
+      const BsLayer& L = layers[l];
+      const BsMat* mats[4] = {&L.qkv, &L.o, &L.gate_up, &L.down};
+      for (const BsMat* m : mats) {
+        nsum = std::max(nsum, bs::gemv_groups(matrix(*m, false)));
+        nxp = std::max(nxp, m->in);
+        nx = std::max(nx, std::max(m->in, m->out));
+      }
+      nh = std::max(nh, L.o.out);
+      qkv = std::max(qkv, L.qkv.out);
+      attn = std::max(attn, L.heads * L.head_dim);
+      mo = std::max(mo, std::max(L.o.out, L.down.out));
+      gu = std::max(gu, L.gate_up.out);
+      nact = std::max(nact, L.down.in);
+      scores = std::max(scores, L.heads * L.max_len);
+    }
+  }
+};
+
 // y = rms_norm(x) * w over n values (y may be x).
 void rms_norm(const float* x, const BsNorm& norm, int64_t n, float* y) {
   float ss = 0.f;

@@ -51,29 +51,10 @@ struct Sizes {
   int64_t nh = 0, nx = 0, nq = 0, nsum = 0, nxp = 0, nact = 0;   // per thread, per row
   int64_t qkv = 0, attn = 0, mo = 0, gu = 0, scores = 0;          // shared, per row
   Sizes(const BsLayer* layers, int64_t n, const BsHead* head) {
-    if (head) {
-      nsum = bs::gemv_groups(matrix(head->head, false));
-      nxp = nx = head->head.in;
-    }
-    for (int64_t l = 0; l < n; ++l) {
-      const BsLayer& L = layers[l];
-      const BsMat* mats[4] = {&L.qkv, &L.o, &L.gate_up, &L.down};
-      for (const BsMat* m : mats) {
-        nsum = std::max(nsum, bs::gemv_groups(matrix(*m, false)));
-        nxp = std::max(nxp, m->in);
-        nx = std::max(nx, std::max(m->in, m->out));
-      }
-      nh = std::max(nh, L.o.out);
-      qkv = std::max(qkv, L.qkv.out);
-      attn = std::max(attn, L.heads * L.head_dim);
-      mo = std::max(mo, std::max(L.o.out, L.down.out));
-      gu = std::max(gu, L.gate_up.out);
-      nact = std::max(nact, L.down.in);
-      scores = std::max(scores, L.heads * L.max_len);
-    }
-    nh = round16(nh), nx = round16(nx), nsum = round16(nsum), nxp = round16(nxp), nact = round16(nact);
-    nq = round16(qkv), qkv = round16(qkv), attn = round16(attn), mo = round16(mo), gu = round16(gu);
-    scores = round16(scores);
+    const StepMax m(layers, n, head);
+    nh = round16(m.nh), nx = round16(m.nx), nsum = round16(m.nsum), nxp = round16(m.nxp), nact = round16(m.nact);
+    nq = qkv = round16(m.qkv), attn = round16(m.attn), mo = round16(m.mo), gu = round16(m.gu);
+    scores = round16(m.scores);
   }
   int64_t own() const { return nh + nx + nq + nsum + nxp + nact; }
   int64_t shared() const { return qkv + attn + mo + gu + scores; }

@@ -38,30 +38,7 @@ namespace {
 constexpr int64_t kMaxGroups = 512;  // vbmi_takes bounds a row's groups to this
 constexpr int kAheadRows = 8;        // prefetch distance in weight rows: vbmi.cpp's two passes of four
 
-// 64 codes of b bits in natural order from 8*b packed bytes (vbmi.cpp's Unpack; integers, so any exact
-// unpacking gives the same dot products).
-struct Unpack {
-  __m512i gather, shifts, mask;
-  __mmask64 load;
-  explicit Unpack(int bits) {
-    alignas(64) uint8_t g[64], s[64];
-    for (int j = 0; j < 8; ++j)
-      for (int i = 0; i < 8; ++i) {
-        const int src = j * bits + i;
-        g[8 * j + i] = (uint8_t)(src < 64 ? src : 63);
-        s[8 * j + i] = (uint8_t)(i * bits);
-      }
-    gather = _mm512_load_si512(g);
-    shifts = _mm512_load_si512(s);
-    mask = _mm512_set1_epi8((char)((1 << bits) - 1));
-    load = bits == 8 ? ~(__mmask64)0 : (((__mmask64)1 << (8 * bits)) - 1);
-  }
-  __m512i codes(const uint8_t* p, int bits) const {
-    const __m512i raw = _mm512_maskz_loadu_epi8(load, p);
-    if (bits == 8) return raw;
-    return _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(gather, raw)), mask);
-  }
-};
+#include "unpack.h"  // vbmi.cpp's Unpack: the same codes
 
 // Row o's weight scales into sc and the zero-point lanes for one activation row's group sums (vbmi.cpp
 // row_scales, the same steps: the lanes are part of the row's float sum).
