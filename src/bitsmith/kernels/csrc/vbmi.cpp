@@ -95,23 +95,6 @@ void row_vbmi(const bs::Matrix& m, const Unpack& u, int64_t o, int64_t t0, const
   for (int t = 0; t < TT; ++t) y[(t0 + t) * m.out + o] = _mm512_reduce_add_ps(total[t]) - offset[t];
 }
 
-// Row o's weight scales as floats into sc [groups], and its zero-point term sum_g s_g * z_g * xsum_g,
-// 16 groups per step (a scalar chain per group cost as much as a 64-code chunk at group 64).
-// Returned as lanes (their sum is the term), so the row's one horizontal sum covers it too.
-inline __m512 row_scales(const bs::Matrix& m, int64_t o, int64_t groups, float mid, const float* xsum, float* sc) {
-  const uint16_t* s16 = m.scale + o * groups;
-  const uint16_t* z16 = m.zero ? m.zero + o * groups : nullptr;
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; g += 16) {
-    const __mmask16 k = groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (groups - g)) - 1u);
-    const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, s16 + g));  // 0 past the row's groups
-    const __m512 zv = z16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, z16 + g)) : _mm512_set1_ps(mid);
-    _mm512_mask_storeu_ps(sc + g, k, sv);
-    acc = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), _mm512_maskz_loadu_ps(k, xsum + g), acc);
-  }
-  return acc;
-}
-
 // y[0..R) = the lane sums of total[0..R): four rows' sums in one transposing reduction (~10
 // instructions instead of ~8 per row), fewer rows one by one.
 template <int R>

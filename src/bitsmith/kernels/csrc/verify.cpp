@@ -89,6 +89,14 @@ void project_add(const bs::Matrix& m, const float* bias, const BsNorm& post_norm
   }
 }
 
+// x[t] = rms_norm(row t's residual h) into its own x buffer, for the T rows before a matmul.
+void norm_rows(Own* own, const BsNorm& norm, int64_t hidden, int64_t T, const float** x) {
+  for (int64_t t = 0; t < T; ++t) {
+    rms_norm(own[t].h, norm, hidden, own[t].x);
+    x[t] = own[t].x;
+  }
+}
+
 struct Step {
   const BsLayer* layers;
   int64_t n, pos, T;
@@ -104,10 +112,7 @@ struct Step {
 void attention(const Step& st, const BsLayer& L, Own* own, bool first) {
   const int64_t T = st.T, D = L.head_dim, qn = L.heads * D, hidden = L.o.out;
   const float* x[kVerifyMaxRows];
-  for (int64_t t = 0; t < T; ++t) {
-    rms_norm(own[t].h, L.in_norm, hidden, own[t].x);
-    x[t] = own[t].x;
-  }
+  norm_rows(own, L.in_norm, hidden, T, x);
   matmul(matrix(L.qkv, st.int8), own, x, T, st.qkv, st.s.qkv);
   for (int64_t t = 0; t < T; ++t) {
     float* q = own[t].q;
@@ -149,10 +154,7 @@ void attention(const Step& st, const BsLayer& L, Own* own, bool first) {
 void mlp(const Step& st, const BsLayer& L, Own* own) {
   const int64_t T = st.T, hidden = L.o.out, inter = L.down.in;
   const float* x[kVerifyMaxRows];
-  for (int64_t t = 0; t < T; ++t) {
-    rms_norm(own[t].h, L.pre_mlp_norm, hidden, own[t].x);
-    x[t] = own[t].x;
-  }
+  norm_rows(own, L.pre_mlp_norm, hidden, T, x);
   matmul(matrix(L.gate_up, st.int8), own, x, T, st.gu, st.s.gu);
   for (int64_t t = 0; t < T; ++t) {
     const float* gu = st.gu + t * st.s.gu;
@@ -173,10 +175,7 @@ void final_head(const Step& st, Own* own, bool first) {
   const BsHead* head = st.head;
   const int64_t width = head->head.in, vocab = head->head.out;
   const float* x[kVerifyMaxRows];
-  for (int64_t t = 0; t < st.T; ++t) {
-    rms_norm(own[t].h, head->norm, width, own[t].x);
-    x[t] = own[t].x;
-  }
+  norm_rows(own, head->norm, width, st.T, x);
   matmul(matrix(head->head, st.int8), own, x, st.T, st.logits, vocab);
   for (int64_t t = 0; t < st.T; ++t) add_bias(st.logits + t * vocab, first ? head->head.bias : nullptr, vocab);
 }

@@ -38,23 +38,7 @@ namespace {
 constexpr int64_t kMaxGroups = 512;  // vbmi_takes bounds a row's groups to this
 constexpr int kAheadRows = 8;        // prefetch distance in weight rows: vbmi.cpp's two passes of four
 
-#include "unpack.h"  // vbmi.cpp's Unpack: the same codes
-
-// Row o's weight scales into sc and the zero-point lanes for one activation row's group sums (vbmi.cpp
-// row_scales, the same steps: the lanes are part of the row's float sum).
-inline __m512 row_scales(const bs::Matrix& m, int64_t o, int64_t groups, float mid, const float* xsum, float* sc) {
-  const uint16_t* s16 = m.scale + o * groups;
-  const uint16_t* z16 = m.zero ? m.zero + o * groups : nullptr;
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; g += 16) {
-    const __mmask16 k = groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (groups - g)) - 1u);
-    const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, s16 + g));
-    const __m512 zv = z16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, z16 + g)) : _mm512_set1_ps(mid);
-    _mm512_mask_storeu_ps(sc + g, k, sv);
-    acc = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), _mm512_maskz_loadu_ps(k, xsum + g), acc);
-  }
-  return acc;
-}
+#include "unpack.h"  // vbmi.cpp's Unpack and row_scales: the same codes and the same float steps
 
 // vbmi.cpp store_sums: four rows' lane sums by one transposing reduction, fewer rows one by one.
 inline void sums4(const __m512* total, float* y0, float* y1, float* y2, float* y3) {
