@@ -75,6 +75,30 @@ def test_cached_kl_matches_exact_per_position_on_random_logits() -> None:
     assert bool((lower <= exact + 2e-3).all())
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 32, 500])
+def test_score_window_equals_scoring_from_log_softmax(chunk: int) -> None:
+    """The chunked scorer (no materialised log-softmax) against the plain one on fresh random logits:
+    ragged chunks, ties in the argmax, a cache whose k is below and at the vocabulary."""
+    g = torch.Generator().manual_seed(chunk)
+    t, v = 45, 300
+    ref_logits, logits = torch.randn(t, v, generator=g) * 4, torch.randn(t, v, generator=g) * 4
+    logits[3, 10] = logits[3, 20] = logits[3].max() + 1.0  # a tie: both take the first index
+    targets = torch.randint(0, v, (t,), generator=g)
+    for k in (17, v):
+        stats = refcache._window_stats(ref_logits, targets, k=k)
+        cache = refcache.RefCache(windows=torch.zeros(1, t + 1, dtype=torch.int32), meta={"vocab": str(v)},
+                                  **stats)
+        got = refcache.score_window(logits, targets, cache, slice(0, t), chunk=chunk)
+        logq = torch.log_softmax(logits, dim=-1)
+        want_kl = refcache.cached_kl(logits, stats["topk_logp"], stats["topk_ids"], stats["rest_logp"], logq)
+        assert torch.allclose(got.nll, -logq.gather(-1, targets[:, None]).squeeze(-1).double(), atol=2e-5)
+        assert torch.allclose(got.kld, want_kl, rtol=1e-4, atol=1e-6)
+        assert torch.equal(got.top1, logq.max(-1).indices == stats["argmax"].long())
+        assert torch.equal(got.ref_nll, -stats["target_logp"].double())
+    with pytest.raises(ValueError, match="chunk"):
+        refcache.score_window(logits, targets, cache, slice(0, t), chunk=0)
+
+
 def test_other_tokenizer_or_text_is_refused(models, tmp_path: Path) -> None:
     ref, _, text, wins = models
     path = refcache.save_cache(refcache.build_cache(ref.model, wins, _meta(ref, text), k=4), tmp_path / "c.safetensors")

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bitsmith.kernels.score import row_lse_argmax
+
 __all__ = ["TokenStats", "EvalResult", "kl_rows", "token_stats", "summarize"]
 
 
@@ -122,6 +124,10 @@ def token_stats(
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
     targets = targets.to(device=logits.device, dtype=torch.long)
+    if ref_logits is None and logits.shape[0]:
+        native = row_lse_argmax(logits)  # the log-normaliser alone: no [T, V] log-softmax written
+        if native is not None:
+            return TokenStats(nll=(native[0] - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()).cpu())
     nll, kld, top1, ref_nll = [], [], [], []
     for start in range(0, logits.shape[0], chunk):
         rows = slice(start, start + chunk)

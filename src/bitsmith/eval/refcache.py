@@ -59,6 +59,7 @@ from torch import Tensor
 
 from bitsmith.eval.metrics import EvalResult, TokenStats, summarize
 from bitsmith.eval.perplexity import eval_mode
+from bitsmith.kernels.score import row_lse_argmax
 
 __all__ = [
     "RefCache", "RefCacheError", "build_cache", "save_cache", "load_cache", "cached_kl",
@@ -248,8 +249,13 @@ def cached_kl(logits: Tensor, topk_logp: Tensor, topk_ids: Tensor, rest_logp: Te
     if logq is None:
         logq = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
     logq_top = logq.gather(-1, topk_ids.long().to(logq.device)).double()  # [T, k]
+    return kl_from_top(logq_top, topk_logp, rest_logp)
+
+
+def kl_from_top(logq_top: Tensor, topk_logp: Tensor, rest_logp: Tensor) -> Tensor:
+    """:func:`cached_kl` from the model's log-probabilities on the cache's k ids [T, k] (float64)."""
     logp_all = torch.cat([topk_logp.double(), rest_logp.double().unsqueeze(-1)], dim=-1)  # [T, k+1]
-    logp_all = logp_all.to(logq.device) - torch.logsumexp(logp_all, dim=-1, keepdim=True)
+    logp_all = logp_all.to(logq_top.device) - torch.logsumexp(logp_all, dim=-1, keepdim=True)
     covered_q = torch.logsumexp(logq_top, dim=-1)  # [T] log sum_k q_i
     # log(1 - sum_k q_i), floored: q's float32 mass on k = V ids can round to just above one.
     rest_q = torch.log((-torch.expm1(covered_q.clamp(max=0.0))).clamp(min=1e-30))  # [T]
@@ -257,6 +263,46 @@ def cached_kl(logits: Tensor, topk_logp: Tensor, topk_ids: Tensor, rest_logp: Te
     terms = logp_all.exp() * (logp_all - logq_all)  # [T, k+1]
     terms = terms.masked_fill(torch.isneginf(logp_all), 0.0)  # 0 log 0 = 0 (empty rest bucket)
     return terms.sum(-1)
+
+
+# Rows scored at once: a chunk's logits and temporaries stay in the CPU's caches (32 x 49,152 floats
+# is 6 MB) instead of a window's full log-softmax (100 MB written and read back twice).
+SCORE_CHUNK = 32
+
+
+def score_window(logits: Tensor, targets: Tensor, cache: RefCache, rows: slice,
+                 chunk: int = SCORE_CHUNK) -> TokenStats:
+    """One window's :class:`TokenStats` against the cache's ``rows`` from the model's ``logits`` [T, V].
+
+    The log-softmax is never materialised: ``lse = logsumexp(logits)`` per row (the native kernel of
+    :mod:`bitsmith.kernels.score` where it applies, else torch on ``chunk`` rows at a time) and the
+    model's log-probabilities are ``logits - lse`` at the gathered ids only (targets and the cache's
+    top-k); top-1 is ``logits``' own argmax (log-softmax does not move it). Equal, to float rounding,
+    to scoring from ``log_softmax(logits)`` (tested)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
+    dev = logits.device
+    top_logp, top_ids = cache.topk_logp[rows].to(dev), cache.topk_ids[rows].to(dev).long()
+    rest, argmax = cache.rest_logp[rows].to(dev), cache.argmax[rows].to(dev).long()
+    targets = targets.to(dev).long()
+    ref_nll = -cache.target_logp[rows].double()
+    native = row_lse_argmax(logits)
+    if native is not None:  # one native call: no [T, V] temporaries at all
+        lse, best = native
+        nll = lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
+        logq_top = logits.gather(-1, top_ids).double() - lse.unsqueeze(-1)  # [T, k]
+        return TokenStats(nll=nll, kld=kl_from_top(logq_top, top_logp, rest), top1=best == argmax, ref_nll=ref_nll)
+    nll, kld, top1 = [], [], []
+    for start in range(0, logits.shape[0], chunk):
+        part = slice(start, start + chunk)
+        x = logits[part].float()  # [c, V]
+        best = x.max(-1).indices  # [c]: the first index on ties, as log_softmax's max
+        lse = torch.logsumexp(x, dim=-1)  # [c]
+        nll.append((lse - x.gather(-1, targets[part].unsqueeze(-1)).squeeze(-1)).double())
+        logq_top = (x.gather(-1, top_ids[part]) - lse.unsqueeze(-1)).double()  # [c, k]
+        kld.append(kl_from_top(logq_top, top_logp[part], rest[part]))
+        top1.append(best == argmax[part])
+    return TokenStats(nll=torch.cat(nll).cpu(), kld=torch.cat(kld).cpu(), top1=torch.cat(top1).cpu(), ref_nll=ref_nll)
 
 
 def evaluate_against_cache(
@@ -270,17 +316,10 @@ def evaluate_against_cache(
         for i, window in enumerate(cache.windows):
             rows = slice(i * (ctx - 1), (i + 1) * (ctx - 1))
             logits = model(input_ids=window.long().unsqueeze(0), use_cache=False).logits[0, :-1]
-            targets = window[1:].long().to(logits.device)
-            logq = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
-            if logq.shape[-1] != int(cache.meta.get("vocab", logq.shape[-1])):
-                raise RefCacheError(f"the model has {logq.shape[-1]} logits per position but the cache was built with a vocabulary of {cache.meta['vocab']}; use a cache of this model's reference")
-            stats.append(TokenStats(
-                nll=-logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu(),
-                kld=cached_kl(logits, cache.topk_logp[rows], cache.topk_ids[rows], cache.rest_logp[rows], logq).cpu(),
-                top1=(logq.max(-1).indices.cpu() == cache.argmax[rows].long()),  # max: argmax's index, faster
-                ref_nll=-cache.target_logp[rows].double(),
-            ))
-            del logits, logq
+            if logits.shape[-1] != int(cache.meta.get("vocab", logits.shape[-1])):
+                raise RefCacheError(f"the model has {logits.shape[-1]} logits per position but the cache was built with a vocabulary of {cache.meta['vocab']}; use a cache of this model's reference")
+            stats.append(score_window(logits, window[1:], cache, rows))
+            del logits
             if progress:
                 progress((i + 1) * ctx, n * ctx)
     return summarize(stats)
