@@ -18,6 +18,11 @@ tokens per second for:
   which a live ``--reference`` adds; the stand-in reference logits are the model's own, shifted by
   one position, since the cost does not depend on the values).
 
+With ``--kl-base REF.gguf`` it also times ``llama-perplexity --kl-divergence`` against base logits
+written once (untimed) from the unquantized model: llama.cpp's own scoring with a stored reference,
+the like-for-like anchor of ``eval --reference-cache`` (it reads the full vocabulary's log-probs per
+scored position, where bitsmith's cache keeps the top 256).
+
 The reference cache is built from the model itself (only its cost is measured here; a real one comes
 from the unquantized model). Nothing is asserted; times depend on the load, which the caller states.
 """
@@ -28,6 +33,7 @@ import argparse
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,23 +45,48 @@ from tools import llama_bin  # noqa: E402
 CTX = 512
 
 
+def _stamp(text: str, pattern: str) -> float:
+    """Seconds since llama.cpp's log start of the first line matching ``pattern`` (min.sec.ms.us prefix)."""
+    m = re.search(r"^(\d+)\.(\d+)\.(\d+)\.(\d+) .*" + pattern, text, re.M)
+    if m is None:
+        raise RuntimeError(f"llama-perplexity printed no {pattern!r} line:\n{text[-2000:]}")
+    minutes, seconds, ms, us = (int(g) for g in m.groups())
+    return minutes * 60 + seconds + ms / 1e3 + us / 1e6
+
+
+def _run(cmd: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return time.perf_counter() - start, out.stdout + out.stderr
+
+
 def llama_perplexity(gguf: str, windows: int, threads: int) -> dict:
     """Run llama-perplexity; scoring seconds from its own timestamps (min.sec.ms.us at line start)."""
     cmd = [str(llama_bin("llama-perplexity")), "-m", gguf, "-f", str(text_path()), "-c", str(CTX),
            "--chunks", str(windows), "-t", str(threads), "-tb", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    text = out.stdout + out.stderr
-
-    def stamp(pattern: str) -> float:
-        m = re.search(r"^(\d+)\.(\d+)\.(\d+)\.(\d+) .*" + pattern, text, re.M)
-        if m is None:
-            raise RuntimeError(f"llama-perplexity printed no {pattern!r} line:\n{text[-2000:]}")
-        minutes, seconds, ms, us = (int(g) for g in m.groups())
-        return minutes * 60 + seconds + ms / 1e3 + us / 1e6
-
-    seconds = stamp("Final estimate") - stamp("calculating perplexity over")
+    wall, text = _run(cmd)
+    seconds = _stamp(text, "Final estimate") - _stamp(text, "calculating perplexity over")
     ppl = float(re.search(r"Final estimate: PPL = ([\d.]+)", text).group(1))
-    return {"seconds": seconds, "tokens": windows * CTX, "ppl_second_halves": ppl}
+    # after its last timestamped line: printing, freeing the model, exiting (subtracted from the KL run)
+    teardown = max(0.0, wall - _stamp(text, "Final estimate"))
+    return {"seconds": seconds, "tokens": windows * CTX, "ppl_second_halves": ppl, "teardown_s": teardown}
+
+
+def llama_kl(gguf: str, base_gguf: str, windows: int, threads: int, work: Path, teardown_s: float) -> dict:
+    """``llama-perplexity --kl-divergence`` against a base-logits file written once from ``base_gguf``
+    (untimed): llama.cpp's own way of scoring with a stored reference. Its KL statistics are printed
+    without timestamps, so the scoring time is the process's wall time after its "computing over"
+    line, less ``teardown_s`` (the plain run's time after its last timestamped line)."""
+    exe = str(llama_bin("llama-perplexity"))
+    base = work / f"{Path(base_gguf).stem}-{windows}x{CTX}.kld"
+    if not base.exists():
+        _run([exe, "-m", base_gguf, "-f", str(text_path()), "-c", str(CTX), "--chunks", str(windows),
+              "-t", str(threads), "-tb", str(threads), "--kl-divergence-base", str(base)])
+    wall, text = _run([exe, "-m", gguf, "-c", str(CTX), "--chunks", str(windows), "-t", str(threads),
+                       "-tb", str(threads), "--kl-divergence-base", str(base), "--kl-divergence"])
+    kld = re.search(r"Mean\s+KLD:\s+([\d.]+)", text)
+    return {"seconds": wall - _stamp(text, "computing over") - teardown_s, "tokens": windows * CTX,
+            "kld_second_halves": float(kld.group(1)) if kld else None}
 
 
 def timed(fn) -> tuple[float, object]:
@@ -125,17 +156,22 @@ def table(rows: list[dict], threads: int, windows: int) -> str:
              "scoring only (load and tokenization excluded)", "",
              "| model | llama-perplexity (GGUF) | bitsmith forward | bitsmith eval | eval --reference (live) | "
              "eval --reference-cache | ratio eval / llama | ratio eval --reference / llama | KLD vs reference | "
-             "exact-KL metrics per window (s) | bitsmith prefill |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "exact-KL metrics per window (s) | bitsmith prefill | llama-perplexity --kl-divergence | "
+             "ratio eval --reference-cache / llama (plain, --kl-divergence) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, l = r["bitsmith"], r["llama"]
         llama_rate = l["tokens"] / l["seconds"]
         rate, ref_rate = b["tokens"] / b["eval_s"], b["tokens"] / b["ref_s"]
         kld = "" if b["kld_vs_reference"] is None else f"{b['kld_vs_reference']:.5f}"
+        cached_rate = b["tokens"] / b["cached_s"]
+        kl_rate = l["kl"]["tokens"] / l["kl"]["seconds"] if "kl" in l else None
         lines.append(f"| {r['name']} | {llama_rate:.1f} ({Path(r['gguf']).name}) | {b['tokens'] / b['forward_s']:.1f} | "
                      f"{rate:.1f} | {ref_rate:.1f} | {b['tokens'] / b['cached_s']:.1f} | {rate / llama_rate:.2f}x | "
                      f"{ref_rate / llama_rate:.2f}x | {kld} | "
-                     f"{b['metrics_ref_s_per_window']:.2f} (V={b['vocab']}) | {r['prefill']} |")
+                     f"{b['metrics_ref_s_per_window']:.2f} (V={b['vocab']}) | {r['prefill']} | "
+                     f"{kl_rate if kl_rate is None else f'{kl_rate:.1f}'} | {cached_rate / llama_rate:.2f}x, "
+                     f"{'-' if kl_rate is None else f'{cached_rate / kl_rate:.2f}x'} |")
     return "\n".join(lines)
 
 
@@ -151,6 +187,10 @@ def main() -> int:
                     "--reference` with it live (float32, as eval loads it)")
     ap.add_argument("--bias", action="store_true", help="also print KL(exact || each other --prefill mode) of "
                     "the checkpoint on the same windows: the fast path's own accuracy cost")
+    ap.add_argument("--kl-base", help="a GGUF of the unquantized model (e.g. speed.py's F16 one): also time "
+                    "`llama-perplexity --kl-divergence` against its stored logits, the like-for-like anchor of "
+                    "`bitsmith eval --reference-cache`")
+    ap.add_argument("--work", help="folder for llama.cpp's base-logits file (default: a temporary one)")
     ap.add_argument("--out", help="write the table (markdown) here")
     args = ap.parse_args()
 
@@ -166,6 +206,12 @@ def main() -> int:
         ckpt, gguf = paths.split(",")
         llama = llama_perplexity(gguf, args.windows, args.threads)
         print(f"{name}: llama-perplexity {llama['tokens'] / llama['seconds']:.1f} tok/s", flush=True)
+        if args.kl_base:
+            work = Path(args.work or tempfile.mkdtemp(prefix="bitsmith-kl-"))
+            work.mkdir(parents=True, exist_ok=True)
+            llama["kl"] = llama_kl(gguf, args.kl_base, args.windows, args.threads, work, llama["teardown_s"])
+            print(f"{name}: llama-perplexity --kl-divergence {llama['kl']['tokens'] / llama['kl']['seconds']:.1f} tok/s "
+                  f"(KLD {llama['kl']['kld_second_halves']})", flush=True)
         for prefill in args.prefill.split(","):
             b = bitsmith_rows(ckpt, args.windows, prefill, reference)
             print(f"{name} ({prefill}): bitsmith eval {b['tokens'] / b['eval_s']:.1f} tok/s, with the live reference "
