@@ -43,6 +43,19 @@
 #ifndef BS_AHEAD_BYTES
 #define BS_AHEAD_BYTES 0
 #endif
+// A second, far prefetch of the superblock rows (rows_strided), BS_PF_FAR passes ahead, with hint
+// BS_PF_FAR_HINT (_MM_HINT_T1 or _MM_HINT_T2: into L2). 0 (the default) leaves it out. A T0 prefetch
+// holds one of the core's ~16 L1 fill buffers until its line arrives, which caps one core near 16 lines
+// per memory latency (~10-11 GB/s here, the 1-thread read rate); an L2 prefetch far ahead lets the near
+// T0 prefetch find its line in L2. Session 13, 1 thread, loaded, rotation of ~350 MB of matrices
+// (bench/gemv_stream.py): w4g128 17920x1536 0.91x the time with 4 or 8 passes; w2g64, w3g128 and the
+// 1536x8960 shape within +-3% (not above the noise). Off until a quiet 2-thread run says otherwise.
+#ifndef BS_PF_FAR
+#define BS_PF_FAR 0
+#endif
+#ifndef BS_PF_FAR_HINT
+#define BS_PF_FAR_HINT _MM_HINT_T2
+#endif
 
 namespace {
 
@@ -271,7 +284,7 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
   constexpr int S = strided_span(BITS), SB = S * BITS / 8;
   const int64_t groups = bs::gemv_groups(m), row_bytes = m.in / 8 * BITS, blocks = m.in / S, G = m.group;
   const float mid = (float)((1 << BITS) / 2);
-  const int64_t ahead = prefetch_ahead(R, row_bytes);
+  const int64_t ahead = prefetch_ahead(R, row_bytes), far = (int64_t)BS_PF_FAR * R * row_bytes;
   float scales[R * (kMaxGroups + 16)];  // [R, groups (+16 readable past the end)] of this pass, as floats
   const uint8_t* row[R];
   const float* sc[R];
@@ -289,6 +302,10 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
       const uint8_t* p = row[r] + b * SB;
       _mm_prefetch((const char*)(p + ahead), _MM_HINT_T0);
       if (SB > 64) _mm_prefetch((const char*)(p + ahead + 64), _MM_HINT_T0);
+      if (far) {
+        _mm_prefetch((const char*)(p + far), BS_PF_FAR_HINT);
+        if (SB > 64) _mm_prefetch((const char*)(p + far + 64), BS_PF_FAR_HINT);
+      }
       const __m512 d = _mm512_cvtepi32_ps(strided_dot<BITS>(p, q, st));
       if (G < S) {  // the lanes span several groups: per-lane weight scales
         const __m512 w = _mm512_permutexvar_ps(st.lanes, _mm512_loadu_ps(sc[r] + b * S / G));

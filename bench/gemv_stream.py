@@ -1,0 +1,190 @@
+"""How fast the one-row decode gemv streams its packed bytes from memory, per code width and shape, for
+two or more kernel libraries side by side (issue 18: 2/3-bit decode in proportion to its bytes).
+
+    python bench/gemv_stream.py [--threads 1] [--rounds 7] [--pool-mb 400] \
+        [--lib new=] [--lib old=rev:main] [--lib far4=-DBS_PF_FAR=4] [--specs w4g128,w3g128,w2g64]
+
+Each ``--lib NAME=WHAT`` is a kernel library: empty WHAT is this checkout's (``kernels.build``), ``rev:REV``
+the C++ sources of git revision REV built with the same flags (under ``--work``), anything else extra
+compiler flags for this checkout's sources (``-DBS_AHEAD=4,-DFOO``). Default: this checkout against
+``rev:main``.
+
+Per spec and shape, every library gets its own pool of distinct random matrices (NativeKernel, as a
+checkpoint loads them) whose packed bytes (codes + fp16 scales and zeros) add up to ``--pool-mb``, far
+above the last-level cache (this machine's L3 is 300 MB: keep the pool above ~350 MB), and a round
+calls the gemv once on every matrix of every pool, matrix i of each library in turn (the order flips
+every matrix and round), so the bytes come from memory as in decode, where each matrix is read once
+per token, and paired calls meet the same load. GB/s = pool bytes / a round's summed call time (median
+over rounds); ``time ratio`` = the median over all calls of a library's time / the first library's on
+the same matrix index: the figure to trust on a shared machine (an A/A pair of identical libraries
+gave 0.997-1.006 at load ~7). ``of read`` divides by the rate at which torch sums a float32 buffer of
+the pool's size with the same threads. At 1 thread the clock is the calling thread's CPU time (a
+shared machine's preemption does not count; memory stalls do), at more threads wall time (run those
+on a quiet machine). Every library is first checked against the int8 oracle on one matrix (a line
+starting ``!!`` says it is off). ``--pool-mb`` MB per library are resident at once, plus one read
+buffer of the same size. Nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bitsmith.kernels import build as kbuild
+from bitsmith.kernels.codebook import int8_activations
+from bitsmith.kernels.cpu import NativeKernel, advise_huge_pages
+from bitsmith.kernels.torch_path import reference_linear
+from bitsmith.spec import QuantSpec
+from bitsmith.tensor import QuantizedTensor
+from bitsmith.formats.packing import pack
+from common import work_dir
+
+# Qwen2.5-Coder-1.5B's decode shapes: gate/up joined, down, q/k/v joined
+SHAPES = {"gate/up": (17920, 1536), "down": (1536, 8960), "qkv": (2048, 1536)}
+
+
+def build_rev(rev: str, work: Path) -> Path:
+    """The kernel library of git revision ``rev``'s csrc, built with this checkout's flags into ``work``."""
+    root = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                               check=True, cwd=kbuild.CSRC).stdout.strip())
+    rel = kbuild.CSRC.relative_to(root).as_posix()
+    sha = subprocess.run(["git", "rev-parse", rev], capture_output=True, text=True, check=True, cwd=root).stdout.strip()
+    target = work / f"qmatmul-{sha[:12]}.so"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        tar = subprocess.run(["git", "archive", sha, rel], capture_output=True, check=True, cwd=root).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=tar, check=True)
+        sources = sorted(str(p) for p in (Path(tmp) / rel).glob("*.cpp"))
+        part = target.with_suffix(".part")
+        cmd = [os.environ.get("CXX", "g++"), *kbuild.FLAGS, *sources, "-o", str(part)]
+        subprocess.run(cmd, check=True)
+        part.rename(target)
+    return target
+
+
+def library(what: str, work: Path):
+    """A loaded kernel library for one ``--lib`` value (see the module docstring)."""
+    if what.startswith("rev:"):
+        return kbuild.load(build_rev(what[4:], work))
+    flags = tuple(f for f in what.split(",") if f)
+    return kbuild.load(kbuild.build(flags))
+
+
+def random_packed(out: int, inp: int, spec: QuantSpec, gen: torch.Generator) -> QuantizedTensor:
+    codes = torch.randint(0, spec.qmax + 1, (out, inp), generator=gen, dtype=torch.uint8)
+    groups = spec.groups_per_row(inp)
+    scale = (torch.rand(out, groups, generator=gen) * 0.02 + 1e-3).half()
+    zero = None if spec.symmetric else (torch.rand(out, groups, generator=gen) * spec.qmax).half()
+    return QuantizedTensor(codes, scale, zero, spec)
+
+
+def pool(lib, qt: QuantizedTensor, count: int, threads: int) -> list[NativeKernel]:
+    """``count`` kernels on copies of one random matrix (timing does not depend on the codes' values)."""
+    packed = pack(qt.codes, qt.spec.bits)
+    return [NativeKernel(lib, packed, qt.scale.clone(), None if qt.zero is None else qt.zero.clone(), qt.spec,
+                         qt.shape[1], True, threads) for _ in range(count)]
+
+
+def sweep_s(pools: dict[str, list[NativeKernel]], x: torch.Tensor, clock, flip: bool) -> dict[str, list[float]]:
+    """One pass over the pools, matrix i of every library in turn (the order flips with ``flip`` and
+    every matrix), so paired calls meet the same load; the seconds of each call per library."""
+    names = list(pools)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(len(pools[names[0]])):
+        for name in names if (i % 2 == 0) != flip else names[::-1]:
+            t0 = clock()
+            pools[name][i](x)
+            times[name].append(clock() - t0)
+    return times
+
+
+def read_s(buf: torch.Tensor, clock) -> float:
+    t0 = clock()
+    buf.sum()
+    return clock() - t0
+
+
+def measure(libs: dict, spec: QuantSpec, shape: tuple[int, int], args, clock) -> None:
+    out, inp = shape
+    gen = torch.Generator().manual_seed(0)
+    qt = random_packed(out, inp, spec, gen)
+    nbytes = qt.stored_bits() / 8
+    count = max(2, int(args.pool_mb * 1e6 // nbytes))
+    x = torch.randn(1, inp, generator=gen)
+    want = reference_linear(int8_activations(x), qt)
+    pools = {}
+    for name, lib in libs.items():
+        pools[name] = pool(lib, qt, count, args.threads)
+        got = pools[name][0](x)
+        err = float((got - want).abs().max() / want.abs().max())
+        if err > 1e-4:
+            print(f"!! {name} {spec} {shape}: relative error {err:.2e} against the int8 oracle")
+    names = list(libs)
+    secs: dict[str, list[float]] = {n: [] for n in names}  # per round
+    ratios: dict[str, list[float]] = {n: [] for n in names}  # per call, against the first library's
+    reads: list[float] = []
+    buf = torch.ones(int(count * nbytes) // 4)  # float32 of the pool's size, read by torch for scale
+    advise_huge_pages(buf)
+    sweep_s(pools, x, clock, False)  # warm-up: first touch, thread pool
+    for r in range(args.rounds):
+        times = sweep_s(pools, x, clock, r % 2 == 1)
+        for name in names:
+            secs[name].append(sum(times[name]))
+            ratios[name] += [a / b for a, b in zip(times[name], times[names[0]])]
+        reads.append(read_s(buf, clock))
+    total = count * nbytes
+    read = total / statistics.median(reads) / 1e9
+    for name in names:
+        gbs = total / statistics.median(secs[name]) / 1e9
+        ratio = statistics.median(ratios[name])
+        print(f"| {spec} | {shape[0]}x{shape[1]} | {count} | {total / 1e6:.0f} | {name} | {gbs:.2f} | "
+              f"{gbs / read:.0%} | {ratio:.3f} |", flush=True)
+    del pools
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--pool-mb", type=float, default=400.0, help="packed MB of distinct matrices per library")
+    ap.add_argument("--specs", default="w4g128,w3g128,w2g64")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
+    ap.add_argument("--lib", action="append", default=[], help="NAME=WHAT (repeatable; see above)")
+    ap.add_argument("--work", type=Path, default=None, help="where rev: libraries are built (default: bench work dir)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    # one thread: the calling thread's CPU time (a shared machine's preemption does not count);
+    # more threads: wall time, for a quiet machine
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    work = args.work or work_dir("gemv_stream")
+    work.mkdir(parents=True, exist_ok=True)
+    libs = {}
+    for item in args.lib or ["new=", "old=rev:main"]:
+        name, sep, what = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--lib {item!r}: expected NAME=WHAT (WHAT empty, rev:REV or compiler flags)")
+        libs[name] = library(what, work)
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+    kind = "thread CPU time" if args.threads == 1 else "wall time"
+    print(f"{args.threads} thread(s), {kind}, {args.rounds} alternating rounds, pools of ~{args.pool_mb:.0f} MB per library, "
+          f"medians; ratio = median of per-call time / {next(iter(libs))}'s\n")
+    print("| spec | shape | matrices | pool MB | library | GB/s | of read | time ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for spec in (QuantSpec.parse(s) for s in args.specs.split(",")):
+        for shape in shapes:
+            measure(libs, spec, SHAPES[shape], args, clock)
+
+
+if __name__ == "__main__":
+    main()
