@@ -107,3 +107,19 @@ def test_float_tables_are_released_before_their_codes_are_written(tmp_path, monk
     plan = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", quantize_head=True, quantize_embeddings=True, batch_size=2)
     layerwise.quantize_blocks(folder, tmp_path / "q", plan, calib)
     assert sorted(checked) == ["lm_head", "model.embed_tokens"]
+
+
+def test_wide_stages_are_solved_on_a_trimmed_heap(monkeypatch) -> None:
+    """A stage at least SOLVE_TRIM_WIDTH inputs wide (the 1.5B's down_proj) is solved after a heap trim,
+    narrower ones (and Hessian-free statistics) without one; the statistics pass through unchanged."""
+    from bitsmith.methods import LayerStats
+
+    trims = []
+    monkeypatch.setattr(layerwise, "_trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr(layerwise, "SOLVE_TRIM_WIDTH", 64)
+    for width, expected in ((63, 0), (64, 1), (100, 2)):
+        stats = LayerStats(hessian=torch.eye(width), importance=torch.ones(width), tokens=1)
+        assert layerwise._before_solve(stats) is stats
+        assert len(trims) == expected
+    layerwise._before_solve(LayerStats(importance=torch.ones(8)))
+    assert len(trims) == 2

@@ -36,7 +36,7 @@ from bitsmith.calib.stats import StatsAccumulator
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.io.destination import Destination, Staging
 from bitsmith.io.ledger import ledger_dir
-from bitsmith.methods import Method
+from bitsmith.methods import LayerStats, Method
 from bitsmith.models.family import HEAD_WEIGHT
 from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
@@ -62,6 +62,7 @@ TAIL_FILE = "tail-{}.bin"  # one per linear (a tail is read while the next is wr
 # RTN search slices (4M weights each, methods.rtn.SEARCH_CHUNK) per heap trim in rtn_by_rows: 64 MB of
 # a 1536-wide float32 table, 14 trims for the 1.5B's embedding (each costs a few ms and refaults a slice)
 RTN_SLICES = 4
+SOLVE_TRIM_WIDTH = 4096  # stages with at least this many inputs are solved on a trimmed heap (_before_solve)
 
 
 @dataclass
@@ -279,6 +280,17 @@ def rtn_by_rows(weight: torch.Tensor, spec: QuantSpec, options: dict) -> Quantiz
     return whole
 
 
+def _before_solve(stats: LayerStats) -> LayerStats:
+    """Trim the heap before a wide stage is solved; returns ``stats``. Why: the statistics pass leaves
+    its freed activations in glibc's heap, and the solve's n x n matrices (Qwen2.5-1.5B's down_proj:
+    8,960 x 8,960 float32, 321 MB each, the Hessian and GPTQ's working copy) are fresh mappings that
+    cannot reuse it, so without a trim both are resident at once: that is a block's peak. Narrow
+    stages' solves are small, and each trim costs page faults when the next pass touches the heap."""
+    if stats.hessian is not None and stats.hessian.shape[0] >= SOLVE_TRIM_WIDTH:
+        _trim_heap()
+    return stats
+
+
 def _unload_block(block: nn.Module) -> None:
     block.to("meta")  # releases the weights; the module keeps its structure
 
@@ -352,7 +364,7 @@ def _process_block(
                                 spill=state.path / TAIL_FILE.format(stage[0]))
             names = [f"{block_prefix}.{rel}" for rel in stage]
             weights = [masters.pop(rel) for rel in stage]
-            results = quantize_stage(names, weights, stats, method, plan)
+            results = quantize_stage(names, weights, _before_solve(stats), method, plan)
             del stats
             _trim_heap()
             for j, (rel, name, (qt, report)) in enumerate(zip(stage, names, results)):
