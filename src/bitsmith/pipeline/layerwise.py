@@ -258,7 +258,7 @@ def rtn_by_rows(weight: torch.Tensor, spec: QuantSpec, options: dict) -> Quantiz
     from bitsmith.methods.rtn import row_slices, rtn
     from bitsmith.primitives import to_groups
 
-    step = row_slices(to_groups(weight, spec))[0].stop * RTN_SLICES  # rows
+    step = row_slices(to_groups(weight[:1], spec))[0].stop * RTN_SLICES  # rows (one row grouped: no padded copy)
     out_features = weight.shape[0]
     if spec.grid in ("fit", "vq") or out_features <= step:
         return rtn(weight, spec, None, options)
