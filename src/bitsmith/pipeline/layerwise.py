@@ -36,7 +36,7 @@ from bitsmith.calib.stats import StatsAccumulator
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.io.destination import Destination, Staging
 from bitsmith.io.ledger import ledger_dir
-from bitsmith.methods import Method
+from bitsmith.methods import LayerStats, Method
 from bitsmith.models.family import HEAD_WEIGHT
 from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
@@ -50,6 +50,8 @@ from bitsmith.pipeline.stages import (
     find_stages, quantize_linear, quantize_stage, report_hessian_tokens, stage_stats,
 )
 from bitsmith.pipeline.workstate import WorkState
+from bitsmith.spec import QuantSpec
+from bitsmith.tensor import QuantizedTensor
 from bitsmith.transforms import get_transform
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,10 @@ log = logging.getLogger(__name__)
 # a replay tail beyond the replay budget (Qwen2.5-1.5B's down_proj input, 1.17 GB per block at 128 x 512)
 # is kept in this file of the work folder: the final pass reads it back instead of recomputing gate/up
 TAIL_FILE = "tail-{}.bin"  # one per linear (a tail is read while the next is written)
+# RTN search slices (4M weights each, methods.rtn.SEARCH_CHUNK) per heap trim in rtn_by_rows: 64 MB of
+# a 1536-wide float32 table, 14 trims for the 1.5B's embedding (each costs a few ms and refaults a slice)
+RTN_SLICES = 4
+SOLVE_TRIM_WIDTH = 4096  # stages with at least this many inputs are solved on a trimmed heap (_before_solve)
 
 
 @dataclass
@@ -238,6 +244,53 @@ def _trim_heap() -> None:
         pass
 
 
+def rtn_by_rows(weight: torch.Tensor, spec: QuantSpec, options: dict) -> QuantizedTensor:
+    """``rtn(weight, spec, None, options)``, the same codes, scales and zeros, computed a slice of
+    ``RTN_SLICES`` of RTN's own search slices at a time with the heap trimmed after each.
+
+    Why: on Qwen2.5-1.5B the w8 embedding table (151,936 x 1,536) is the run's largest RTN, and its
+    range search's freed temporaries (16 MB each, below glibc's dynamic mmap threshold, so served
+    from the heap) piled up as ~0.8 GB of freed but resident heap on top of the 0.93 GB fp32 table:
+    that was the whole run's peak (2.85-2.91 GB at one thread, over the issue's 2.84 GB bound).
+    Rows are independent in RTN and each slice is a whole number of its search slices (the same
+    tensors go through the same operations), so the result is bit-identical. Per-tensor grids
+    (``fit``, ``vq``) go whole."""
+    from bitsmith.methods.rtn import row_slices, rtn
+    from bitsmith.primitives import to_groups
+
+    step = row_slices(to_groups(weight[:1], spec))[0].stop * RTN_SLICES  # rows (one row grouped: no padded copy)
+    out_features = weight.shape[0]
+    if spec.grid in ("fit", "vq") or out_features <= step:
+        return rtn(weight, spec, None, options)
+    whole = None
+    for start in range(0, out_features, step):
+        rows = slice(start, min(start + step, out_features))
+        part = rtn(weight[rows], spec, None, options)
+        if whole is None:
+            whole = QuantizedTensor(torch.empty(out_features, part.codes.shape[1], dtype=part.codes.dtype),
+                                    torch.empty(out_features, *part.scale.shape[1:], dtype=part.scale.dtype),
+                                    None if part.zero is None else torch.empty(out_features, *part.zero.shape[1:],
+                                                                               dtype=part.zero.dtype),
+                                    spec, part.grid)
+        whole.codes[rows], whole.scale[rows] = part.codes, part.scale
+        if part.zero is not None:
+            whole.zero[rows] = part.zero
+        del part
+        _trim_heap()
+    return whole
+
+
+def _before_solve(stats: LayerStats) -> LayerStats:
+    """Trim the heap before a wide stage is solved; returns ``stats``. Why: the statistics pass leaves
+    its freed activations in glibc's heap, and the solve's n x n matrices (Qwen2.5-1.5B's down_proj:
+    8,960 x 8,960 float32, 321 MB each, the Hessian and GPTQ's working copy) are fresh mappings that
+    cannot reuse it, so without a trim both are resident at once: that is a block's peak. Narrow
+    stages' solves are small, and each trim costs page faults when the next pass touches the heap."""
+    if stats.hessian is not None and stats.hessian.shape[0] >= SOLVE_TRIM_WIDTH:
+        _trim_heap()
+    return stats
+
+
 def _unload_block(block: nn.Module) -> None:
     block.to("meta")  # releases the weights; the module keeps its structure
 
@@ -248,7 +301,6 @@ def _write_other_tensors(writer: CheckpointWriter, source: Any, net: nn.Module, 
     to quantize is a lookup table, not a linear: it gets RTN). Returns whether a tied lm_head is to
     be quantized, and so written last, untied from the embedding, and the report entry of an
     embedding kept at fp32 by the overflow rule (if any)."""
-    from bitsmith.methods.rtn import rtn
     from bitsmith.models import embedding_and_head_names
 
     names = source.tensor_names()
@@ -260,8 +312,9 @@ def _write_other_tensors(writer: CheckpointWriter, source: Any, net: nn.Module, 
         tensor = source.load_tensor(name)
         if plan.quantize_embeddings and name == embed_name:
             module = name.removesuffix(".weight")
-            qt = rtn(tensor, plan.spec_for(module), None, plan.method_options())
+            qt = rtn_by_rows(tensor, plan.spec_for(module), plan.method_options())
             if fits_fp16(qt):
+                tensor = None  # not needed to pack the codes: the fp32 table goes first (0.93 GB at 152k x 1536)
                 writer.add_quantized(module, qt)
             else:  # the overflow rule (pipeline.common)
                 kept.append(kept_report(module, tensor))
@@ -311,7 +364,7 @@ def _process_block(
                                 spill=state.path / TAIL_FILE.format(stage[0]))
             names = [f"{block_prefix}.{rel}" for rel in stage]
             weights = [masters.pop(rel) for rel in stage]
-            results = quantize_stage(names, weights, stats, method, plan)
+            results = quantize_stage(names, weights, _before_solve(stats), method, plan)
             del stats
             _trim_heap()
             for j, (rel, name, (qt, report)) in enumerate(zip(stage, names, results)):
@@ -372,6 +425,8 @@ def _quantize_head(run: _Run, tied: bool, writer: CheckpointWriter, embed_module
     if not fits_fp16(qt):  # the overflow rule (pipeline.common)
         writer.add_tensor(f"{head_name}.weight", weight.float())
         return [kept_report(head_name, weight)]
+    del weight  # before the codes' packed copy is made (0.93 GB of float32 on Qwen2.5-1.5B)
+    _trim_heap()
     writer.add_quantized(head_name, qt)
     return [report]
 

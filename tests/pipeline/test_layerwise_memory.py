@@ -1,0 +1,125 @@
+"""Memory of the calibrated pipeline outside the blocks (issue 18: GPTQ on Qwen2.5-1.5B within 40% of
+its fp32 size). The w8 embedding's RTN is made a slice of rows at a time with the heap trimmed between
+slices (``rtn_by_rows``), held bit for bit to the whole-tensor ``rtn``; and the 0.93 GB float32 tables
+(embedding, head) are released before their codes are packed and written."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+from bitsmith.methods import rtn as rtn_module
+from bitsmith.pipeline import layerwise
+from bitsmith.primitives import to_groups
+from bitsmith.spec import QuantSpec
+
+
+def _small_row_slices(groups, weights_per_slice=None):
+    """rtn's search slices at 1,000 weights instead of 4M, so small tensors take the sliced paths."""
+    rows = max(1, 1000 // max(1, groups[0].numel()))
+    return [slice(i, i + rows) for i in range(0, groups.shape[0], rows)]
+
+
+@pytest.mark.parametrize("text,rows,cols", [("w8", 203, 200), ("w4g128", 150, 200), ("w3g64s", 97, 96),
+                                             ("w4g32nf", 130, 64), ("w2g32", 61, 72)])
+@pytest.mark.parametrize("clip_search", [True, False])
+def test_rtn_by_rows_equals_rtn(monkeypatch, text: str, rows: int, cols: int, clip_search: bool) -> None:
+    """Same codes, scales, zeros and grid as one rtn call on the whole weight (fresh random weights,
+    ragged rows and a short last group), in slices of at most RTN_SLICES search slices, with a heap
+    trim after each slice."""
+    g = torch.Generator().manual_seed(rows * cols + clip_search)
+    weight = torch.randn(rows, cols, generator=g) * torch.exp(torch.randn(cols, generator=g))
+    weight[5] = 0.0  # an all-zero row
+    spec, options = QuantSpec.parse(text), {"clip_search": clip_search}
+    whole = rtn_module.rtn(weight, spec, None, options)  # the oracle: rtn's own whole-tensor slicing
+
+    monkeypatch.setattr(rtn_module, "row_slices", _small_row_slices)
+    seen, trims = [], []
+    real_rtn = rtn_module.rtn
+    monkeypatch.setattr(rtn_module, "rtn", lambda w, *a: seen.append(w.shape[0]) or real_rtn(w, *a))
+    monkeypatch.setattr(layerwise, "_trim_heap", lambda: trims.append(1))
+    sliced = layerwise.rtn_by_rows(weight, spec, options)
+
+    step = _small_row_slices(to_groups(weight, spec))[0].stop * layerwise.RTN_SLICES
+    assert len(seen) == -(-rows // step) > 1 and max(seen) <= step  # sliced, never more rows than a slice
+    assert len(trims) == len(seen)
+    assert torch.equal(sliced.codes, whole.codes) and torch.equal(sliced.scale, whole.scale)
+    assert (sliced.zero is None) == (whole.zero is None)
+    assert sliced.zero is None or torch.equal(sliced.zero, whole.zero)
+    assert (sliced.grid is None) == (whole.grid is None)
+    assert sliced.grid is None or torch.equal(sliced.grid, whole.grid)
+
+
+def test_rtn_by_rows_keeps_per_tensor_grids_whole(monkeypatch) -> None:
+    """A fitted grid is fitted on the whole tensor: no slices (one rtn call, the same result)."""
+    weight = torch.randn(90, 64, generator=torch.Generator().manual_seed(3))
+    spec = QuantSpec.parse("w3g32fit")
+    monkeypatch.setattr(rtn_module, "row_slices", _small_row_slices)
+    calls = []
+    real_rtn = rtn_module.rtn
+    monkeypatch.setattr(rtn_module, "rtn", lambda w, *a: calls.append(w.shape[0]) or real_rtn(w, *a))
+    sliced = layerwise.rtn_by_rows(weight, spec, {})
+    assert calls == [90]
+    assert torch.equal(sliced.codes, real_rtn(weight, spec, None, {}).codes)
+
+
+def test_float_tables_are_released_before_their_codes_are_written(tmp_path, monkeypatch) -> None:
+    """The embedding (quantized outside the blocks) and the untied head (quantized last) are no longer
+    referenced when the writer packs their codes: on Qwen2.5-1.5B each is 0.93 GB of float32, and the
+    embedding's was the whole run's peak."""
+    import bitsmith.models as models
+    from bitsmith.calib import calibration_batches
+    from bitsmith.io.checkpoint import CheckpointWriter
+    from bitsmith.pipeline.plan import QuantizePlan
+    from tests.tiny import make_tiny_model, sample_text, tiny_tokenizer
+
+    folder = make_tiny_model(tmp_path / "src", tie_word_embeddings=False, num_hidden_layers=2)
+    calib = calibration_batches(tiny_tokenizer(), sample_text(1000), samples=4, seq_len=32)
+    last_load: dict[str, weakref.ref] = {}
+    real_open = models.open_source
+
+    def open_source(model):
+        source = real_open(model)
+        real_load = source.load_tensor
+
+        def load_tensor(name):
+            tensor = real_load(name)
+            last_load[name] = weakref.ref(tensor)
+            return tensor
+
+        source.load_tensor = load_tensor
+        return source
+
+    checked = []
+    real_add = CheckpointWriter.add_quantized
+
+    def add_quantized(self, module_name, qt, report=None):
+        ref = last_load.get(f"{module_name}.weight")
+        if module_name in ("model.embed_tokens", "lm_head"):
+            assert ref is not None and ref() is None, f"{module_name}'s float weight is still referenced"
+            checked.append(module_name)
+        return real_add(self, module_name, qt, report)
+
+    monkeypatch.setattr(models, "open_source", open_source)
+    monkeypatch.setattr(CheckpointWriter, "add_quantized", add_quantized)
+    plan = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", quantize_head=True, quantize_embeddings=True, batch_size=2)
+    layerwise.quantize_blocks(folder, tmp_path / "q", plan, calib)
+    assert sorted(checked) == ["lm_head", "model.embed_tokens"]
+
+
+def test_wide_stages_are_solved_on_a_trimmed_heap(monkeypatch) -> None:
+    """A stage at least SOLVE_TRIM_WIDTH inputs wide (the 1.5B's down_proj) is solved after a heap trim,
+    narrower ones (and Hessian-free statistics) without one; the statistics pass through unchanged."""
+    from bitsmith.methods import LayerStats
+
+    trims = []
+    monkeypatch.setattr(layerwise, "_trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr(layerwise, "SOLVE_TRIM_WIDTH", 64)
+    for width, expected in ((63, 0), (64, 1), (100, 2)):
+        stats = LayerStats(hessian=torch.eye(width), importance=torch.ones(width), tokens=1)
+        assert layerwise._before_solve(stats) is stats
+        assert len(trims) == expected
+    layerwise._before_solve(LayerStats(importance=torch.ones(8)))
+    assert len(trims) == 2
