@@ -40,7 +40,7 @@ def main() -> None:
 
 
 def token_sets(source, length: int = 512) -> dict[str, torch.Tensor]:
-    from bitsmith.calib.data import read_calibration_text
+    from bitsmith.calib.data import PROSE_CODE, read_calibration_text
     from bitsmith.eval.domains import builtin_domain
     from bitsmith.eval.perplexity import tokenize_text
 
@@ -50,8 +50,8 @@ def token_sets(source, length: int = 512) -> dict[str, torch.Tensor]:
         t = torch.tensor(tokenize_text(tokenizer, text), dtype=torch.long)
         return t[skip * length:(skip + n) * length].reshape(n, length)
 
-    calib = read_calibration_text()
-    return {"calib": ids(calib, 8), "heldout": ids(calib, 4, skip=20),
+    calib, mixed = read_calibration_text(), read_calibration_text(PROSE_CODE)
+    return {"calib": ids(calib, 8), "mixed": ids(mixed, 8), "heldout": ids(calib, 4, skip=20),
             "prose": ids(builtin_domain("prose").text, 4), "code": ids(builtin_domain("code").text, 4)}
 
 
@@ -128,7 +128,8 @@ def run(model: str, wanted: list[int], specs: list[str], variants: dict[str, dic
             print(f"block {i} {spec} rtn: " + " ".join(f"{n} mse={e[0]:.3g} rel={e[1]:.3g}" for n, e in plain.items()))
             for vname, options in variants.items():
                 b, t0 = copy.deepcopy(block), time.perf_counter()
-                report = awq_transform(b, hidden["calib"], kwargs["calib"], spec, rtn, {"clip_search": False, **options})
+                search = options.get("calib", "calib")  # the token set AWQ searches on: calib (prose) or mixed
+                report = awq_transform(b, hidden[search], kwargs[search], spec, rtn, {"clip_search": False, **options})
                 seconds = time.perf_counter() - t0
                 got = errors(quantize_linears(b, spec), hidden, kwargs, reference)
                 ratios = " ".join(f"{n} {got[n][0] / plain[n][0]:.3f}/{got[n][1] / plain[n][1]:.3f}" for n in got)
