@@ -1,16 +1,18 @@
 """Per-block output error of AWQ variants against plain min/max RTN, on calibration and held-out text.
 
     python bench/awq_blocks.py --model qwen2.5-coder-1.5b --blocks 1,3 --specs w4g128 \
-        --variant new={} --variant old='{"awq_check": false, "awq_clip_damp": 0}'
+        --variant new={} --variant old='{"awq_check": false, "awq_clip_damp": 0}' --variant mixed='{"calib": "mixed"}'
 
-The float model runs block by block (one block's weights in memory at a time) over four token sets:
-8 x 512 tokens of the calibration text from its start (what AWQ searches on, as the pipeline's search
-sequences), 4 further sequences of it from token 10,240 on (held out), and the first 4 windows of the
-evaluation texts (prose, code). At each chosen block, every variant transforms a copy of the float
-block on the calibration set, then every linear is quantized with min/max RTN, and the block's output
-on each set is compared with the float block's on the same (float) inputs. Printed per set, as ratios to
-plain RTN's: the mean squared error and the mean per-token relative error ``||dy_t||^2 / ||y_t||^2``.
-Each block sees float inputs (not the quantized earlier blocks' outputs, as the pipeline's blocks do).
+The float model runs block by block (one block's weights in memory at a time) over five token sets:
+8 x 512 tokens of the State of the Union calibration text from its start (``calib``: what AWQ searched
+on until session 13, as the pipeline's search sequences), 8 x 512 of the built-in prose + code text
+(``mixed``: AWQ's default since session 13), 4 further sequences of the State of the Union text from
+token 10,240 on (held out), and the first 4 windows of the evaluation texts (prose, code). At each
+chosen block, every variant transforms a copy of the float block on its search set (the variant's
+``"calib"`` key: ``calib``, the default, or ``mixed``), then every linear is quantized with min/max RTN,
+and the block's output on each set is compared with the float block's on the same (float) inputs.
+Printed per set, as ratios to plain RTN's: the mean squared error and the mean per-token relative
+error ``||dy_t||^2 / ||y_t||^2``. Each block sees float inputs (not the quantized earlier blocks' outputs, as the pipeline's blocks do).
 """
 
 from __future__ import annotations
