@@ -88,3 +88,23 @@ def test_awq_runs_default_to_the_mixed_text_and_others_to_the_prose() -> None:
     assert calibration(QuantizePlan(spec, "awq", calib=given)) == given  # a named text always wins
     kept = calibration(QuantizePlan(spec, "awq", calib=CalibrationConfig(samples=16, seq_len=256)))
     assert (kept.text, kept.samples, kept.seq_len) == (PROSE_CODE, 16, 256)
+
+
+@pytest.mark.parametrize("method, options, text", [("awq", {}, PROSE_CODE), ("gptq", {}, None),
+                                                    ("rtn", {"awq": True}, PROSE_CODE)])
+def test_quantize_hands_the_calibrated_run_its_default_text(tmp_path, monkeypatch, method, options, text) -> None:
+    """quantize() tokenizes the plan's default text (the model's own tokenizer) for the block loop."""
+    import torch
+    from tests.tiny import make_tiny_model
+
+    from bitsmith.calib.data import calibration_batches
+    from bitsmith.models import open_source
+    from bitsmith.pipeline import layerwise, quantize as pipeline
+
+    model = make_tiny_model(tmp_path / "m", num_hidden_layers=1)
+    seen = {}
+    monkeypatch.setattr(layerwise, "quantize_blocks", lambda model, out, plan, tokens, **kw: seen.setdefault("t", tokens))
+    plan = QuantizePlan(QuantSpec.parse("w4g32"), method, options, calib=CalibrationConfig(samples=3, seq_len=40))
+    pipeline.quantize(model, tmp_path / "out", plan)
+    expected = calibration_batches(open_source(model).tokenizer(), read_calibration_text(text), 3, 40)
+    assert torch.equal(seen["t"], expected)

@@ -59,7 +59,10 @@ def quantize(model: str | Path, out_dir: Path, plan: QuantizePlan, *, progress: 
     if plan.needs_calibration:
         from bitsmith.pipeline.layerwise import quantize_blocks
 
-        tokens = calibration(plan).batches(open_source(model).tokenizer())  # [samples, seq_len]
+        calib = calibration(plan)
+        log.info("calibration text: %s, %d x %d tokens", calib.text or "the State of the Union text", calib.samples,
+                 calib.seq_len)
+        tokens = calib.batches(open_source(model).tokenizer())  # [samples, seq_len]
         return quantize_blocks(model, Path(out_dir), plan, tokens, progress=progress, resume=resume, overwrite=overwrite)
     return _stream(model, Path(out_dir), plan, progress, overwrite, resume, start)
 
