@@ -7,7 +7,7 @@ import pytest
 
 from bitsmith.calib import data
 from bitsmith.calib.data import (
-    CALIB_STDLIB_FILES, DEFAULT_CALIB_TEXT, PROSE_CODE, CalibrationConfig, interleave, mixed_calibration_text,
+    CALIB_STDLIB_FILES, DEFAULT_CALIB_TEXT, PROSE, PROSE_CODE, CalibrationConfig, interleave, mixed_calibration_text,
     read_calibration_text, text_chunks,
 )
 from bitsmith.eval.domains import STDLIB_FILES, builtin_domain
@@ -66,10 +66,15 @@ def test_calibration_and_evaluation_texts_never_overlap() -> None:
         assert not shared, f"{name}: {shared[:3]}"
 
 
-def test_a_file_named_prose_code_is_read_as_a_file(tmp_path, monkeypatch) -> None:
+def test_prose_names_the_state_of_the_union_text() -> None:
+    assert read_calibration_text(PROSE) == read_calibration_text(None) == shipped_text(DEFAULT_CALIB_TEXT)
+
+
+@pytest.mark.parametrize("name", [PROSE_CODE, PROSE])
+def test_a_file_named_like_a_builtin_text_is_read_as_a_file(tmp_path, monkeypatch, name) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / PROSE_CODE).write_text("my own text", encoding="utf-8")
-    assert read_calibration_text(PROSE_CODE) == "my own text"
+    (tmp_path / name).write_text("my own text", encoding="utf-8")
+    assert read_calibration_text(name) == "my own text"
 
 
 def test_missing_stdlib_sources_give_a_clear_error(monkeypatch) -> None:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CALIB_TEXT = "sotu_calibration.txt"  # shipped in bitsmith/data
 # the built-in mixed calibration text (a --calib value): the shipped prose and Python source in turns
 PROSE_CODE = "prose+code"
+PROSE = "prose"  # the State of the Union text by name (what None means for every method but AWQ)
 # the code half: installed Python standard library modules, none of them in the evaluation's code domain
 # (eval.domains.STDLIB_FILES; tests/calib holds the two texts apart)
 CALIB_STDLIB_FILES = ("argparse.py", "difflib.py", "dataclasses.py", "enum.py", "configparser.py", "ipaddress.py")
@@ -30,9 +31,10 @@ MIX_CHUNK_CHARS = 1200  # ~300 tokens: every 512-token calibration window holds 
 
 
 def read_calibration_text(path: str | Path | None = None) -> str:
-    """The text of ``path``; the shipped State of the Union calibration text when None; the built-in
-    prose + code mix (:func:`mixed_calibration_text`) for ``"prose+code"`` unless a file has that name."""
-    if path is None:
+    """The text of ``path``; the shipped State of the Union calibration text when None or ``"prose"``;
+    the built-in prose + code mix (:func:`mixed_calibration_text`) for ``"prose+code"``. A file of
+    either name in the current directory is read as a file instead."""
+    if path is None or (str(path) == PROSE and not Path(path).exists()):
         from bitsmith.eval.suite import shipped_text
 
         return shipped_text(DEFAULT_CALIB_TEXT)
