@@ -67,7 +67,8 @@ def interleave(first: list[str], second: list[str]) -> str:
 
 def mixed_calibration_text(chunk_chars: int = MIX_CHUNK_CHARS) -> str:
     """The shipped State of the Union text and Python source (:data:`CALIB_STDLIB_FILES` of the
-    installed standard library) in alternating pieces of ~``chunk_chars`` characters (cut at spaces and line ends).
+    installed standard library) in alternating pieces of ~``chunk_chars`` characters (cut at spaces
+    and line ends).
 
     A code model serves code as well as prose; on Qwen2.5-Coder-1.5B AWQ calibrated on prose alone left
     the code KLD above RTN's (bench/results/calibrated-methods, sessions 12 and 13)."""
