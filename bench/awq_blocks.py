@@ -1,16 +1,18 @@
 """Per-block output error of AWQ variants against plain min/max RTN, on calibration and held-out text.
 
     python bench/awq_blocks.py --model qwen2.5-coder-1.5b --blocks 1,3 --specs w4g128 \
-        --variant new={} --variant old='{"awq_check": false, "awq_clip_damp": 0}'
+        --variant new={} --variant old='{"awq_check": false, "awq_clip_damp": 0}' --variant mixed='{"calib": "mixed"}'
 
-The float model runs block by block (one block's weights in memory at a time) over four token sets:
-8 x 512 tokens of the calibration text from its start (what AWQ searches on, as the pipeline's search
-sequences), 4 further sequences of it from token 10,240 on (held out), and the first 4 windows of the
-evaluation texts (prose, code). At each chosen block, every variant transforms a copy of the float
-block on the calibration set, then every linear is quantized with min/max RTN, and the block's output
-on each set is compared with the float block's on the same (float) inputs. Printed per set, as ratios to
-plain RTN's: the mean squared error and the mean per-token relative error ``||dy_t||^2 / ||y_t||^2``.
-Each block sees float inputs (not the quantized earlier blocks' outputs, as the pipeline's blocks do).
+The float model runs block by block (one block's weights in memory at a time) over five token sets:
+8 x 512 tokens of the State of the Union calibration text from its start (``calib``: what AWQ searched
+on until session 13, as the pipeline's search sequences), 8 x 512 of the built-in prose + code text
+(``mixed``: AWQ's default since session 13), 4 further sequences of the State of the Union text from
+token 10,240 on (held out), and the first 4 windows of the evaluation texts (prose, code). At each
+chosen block, every variant transforms a copy of the float block on its search set (the variant's
+``"calib"`` key: ``calib``, the default, or ``mixed``), then every linear is quantized with min/max RTN,
+and the block's output on each set is compared with the float block's on the same (float) inputs.
+Printed per set, as ratios to plain RTN's: the mean squared error and the mean per-token relative
+error ``||dy_t||^2 / ||y_t||^2``. Each block sees float inputs (not the quantized earlier blocks' outputs, as the pipeline's blocks do).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def main() -> None:
 
 
 def token_sets(source, length: int = 512) -> dict[str, torch.Tensor]:
-    from bitsmith.calib.data import read_calibration_text
+    from bitsmith.calib.data import PROSE_CODE, read_calibration_text
     from bitsmith.eval.domains import builtin_domain
     from bitsmith.eval.perplexity import tokenize_text
 
@@ -50,8 +52,8 @@ def token_sets(source, length: int = 512) -> dict[str, torch.Tensor]:
         t = torch.tensor(tokenize_text(tokenizer, text), dtype=torch.long)
         return t[skip * length:(skip + n) * length].reshape(n, length)
 
-    calib = read_calibration_text()
-    return {"calib": ids(calib, 8), "heldout": ids(calib, 4, skip=20),
+    calib, mixed = read_calibration_text(), read_calibration_text(PROSE_CODE)
+    return {"calib": ids(calib, 8), "mixed": ids(mixed, 8), "heldout": ids(calib, 4, skip=20),
             "prose": ids(builtin_domain("prose").text, 4), "code": ids(builtin_domain("code").text, 4)}
 
 
@@ -128,7 +130,8 @@ def run(model: str, wanted: list[int], specs: list[str], variants: dict[str, dic
             print(f"block {i} {spec} rtn: " + " ".join(f"{n} mse={e[0]:.3g} rel={e[1]:.3g}" for n, e in plain.items()))
             for vname, options in variants.items():
                 b, t0 = copy.deepcopy(block), time.perf_counter()
-                report = awq_transform(b, hidden["calib"], kwargs["calib"], spec, rtn, {"clip_search": False, **options})
+                search = options.get("calib", "calib")  # the token set AWQ searches on: calib (prose) or mixed
+                report = awq_transform(b, hidden[search], kwargs[search], spec, rtn, {"clip_search": False, **options})
                 seconds = time.perf_counter() - t0
                 got = errors(quantize_linears(b, spec), hidden, kwargs, reference)
                 ratios = " ".join(f"{n} {got[n][0] / plain[n][0]:.3f}/{got[n][1] / plain[n][1]:.3f}" for n in got)

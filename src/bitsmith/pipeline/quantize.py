@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -58,9 +59,20 @@ def quantize(model: str | Path, out_dir: Path, plan: QuantizePlan, *, progress: 
     if plan.needs_calibration:
         from bitsmith.pipeline.layerwise import quantize_blocks
 
-        tokens = (plan.calib or CalibrationConfig()).batches(open_source(model).tokenizer())  # [samples, seq_len]
+        calib = calibration(plan)
+        log.info("calibration text: %s, %d x %d tokens", calib.text or "the State of the Union text", calib.samples,
+                 calib.seq_len)
+        tokens = calib.batches(open_source(model).tokenizer())  # [samples, seq_len]
         return quantize_blocks(model, Path(out_dir), plan, tokens, progress=progress, resume=resume, overwrite=overwrite)
     return _stream(model, Path(out_dir), plan, progress, overwrite, resume, start)
+
+
+def calibration(plan: QuantizePlan) -> CalibrationConfig:
+    """The plan's calibration; without a text named, the first of its transforms' own default texts
+    (AWQ: prose + code), else the library's default text."""
+    calib = plan.calib or CalibrationConfig()
+    defaults = [TRANSFORMS[t].calib_text for t in plan.transforms if TRANSFORMS[t].calib_text]
+    return replace(calib, text=defaults[0]) if calib.text is None and defaults else calib
 
 
 def calibrated_methods() -> list[str]:

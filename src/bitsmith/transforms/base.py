@@ -46,6 +46,9 @@ class Transform:
     apply: TransformFn | None  # None: a basis transform (``wrap`` only), the block is left alone
     needs: Needs = Needs.BLOCK_REPLAY
     wrap: WrapFn | None = None
+    # the calibration text (a --calib value: a built-in name of calib.data or a path) a run uses when the
+    # user names none; None: the library's default (calib.data.DEFAULT_CALIB_TEXT)
+    calib_text: str | None = None
 
     @property
     def changes_block(self) -> bool:
@@ -60,9 +63,10 @@ class Transform:
 TRANSFORMS: dict[str, Transform] = {}
 
 
-def register_transform(name: str, needs: Needs = Needs.BLOCK_REPLAY) -> Callable[[TransformFn], TransformFn]:
+def register_transform(name: str, needs: Needs = Needs.BLOCK_REPLAY,
+                       calib_text: str | None = None) -> Callable[[TransformFn], TransformFn]:
     def wrap(fn: TransformFn) -> TransformFn:
-        TRANSFORMS[name] = Transform(name, fn, needs)
+        TRANSFORMS[name] = Transform(name, fn, needs, calib_text=calib_text)
         return fn
 
     return wrap
