@@ -90,20 +90,48 @@ Progress = Callable[[int, int, dict], None]  # (steps done, total, the last chec
 
 
 def kl_loss(logits: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(p_ref || q), from quantized logits [.., V] and reference log-probs."""
+    """Mean over positions of KL(p_ref || q), from quantized logits [.., V] and reference log-probs
+    (any float dtype; the sum is in float32)."""
     logq = F.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
-    ref = ref_logp.reshape(-1, ref_logp.shape[-1])
+    ref = ref_logp.reshape(-1, ref_logp.shape[-1]).float()
     return F.kl_div(logq, ref, log_target=True, reduction="sum") / ref.shape[0]
 
 
+REF_LOGP_DTYPE = torch.float16
+
+
 def reference_logprobs(reference: torch.nn.Module, tokens: torch.Tensor, batch: int) -> torch.Tensor:
-    """The reference model's log-probabilities [samples, seq_len, V] (float32), computed once."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, tokens.shape[0], batch):
-            logits = reference(input_ids=tokens[start:start + batch], use_cache=False).logits
-            out.append(F.log_softmax(logits.float(), dim=-1))
-    return torch.cat(out)
+    """The reference model's log-probabilities [samples, seq_len, V], computed once and stored in
+    float16 (``REF_LOGP_DTYPE``), filled in place. Why: over a 49k vocabulary float32 costs 200 KB a
+    token (6.4 GB for 64 x 512 calibration tokens), the most memory distillation holds; float16 halves
+    it, and its rounding (a relative 2^-11 of each log-probability, so below 0.01 wherever p > 1e-8)
+    moves the KL by a few parts in 10^4 (tests/recover/test_distill.py holds it to 1e-3)."""
+    return reference_pass(reference, tokens, batch, blocks=False)[0]
+
+
+def reference_pass(reference: torch.nn.Module, tokens: torch.Tensor, batch: int,
+                   blocks: bool) -> tuple[torch.Tensor, list | None]:
+    """:func:`reference_logprobs` and, with ``blocks``, every reference block's output (the block
+    stage's targets, :func:`bitsmith.recover.blockwise.reference_block_outputs`) from the same
+    forward of each batch: one reference pass over the calibration tokens instead of two."""
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(start: int, output) -> None:
+        logits = output.logits
+        if "logp" not in store:
+            store["logp"] = torch.empty(*tokens.shape, logits.shape[-1], dtype=REF_LOGP_DTYPE)
+        store["logp"][start:start + batch] = F.log_softmax(logits.float(), dim=-1)
+
+    targets = None
+    if blocks:
+        from bitsmith.recover.blockwise import reference_block_outputs
+
+        targets = reference_block_outputs(reference, tokens, batch, on_output=keep)
+    else:
+        with torch.no_grad():
+            for start in range(0, tokens.shape[0], batch):
+                keep(start, reference(input_ids=tokens[start:start + batch], use_cache=False))
+    return store["logp"], targets
 
 
 def calibration_loss(net: torch.nn.Module, tokens: torch.Tensor, ref_logp: torch.Tensor, batch: int) -> float:
@@ -232,13 +260,8 @@ def _open(checkpoint: str | Path, reference: str | Path, config: DistillConfig) 
                          "give the model the checkpoint was quantized from")
     calib = CalibrationConfig(text=config.calib_text, samples=config.samples, seq_len=config.seq_len, seed=config.seed)
     tokens = calib.batches(loaded.tokenizer)
-    ref.model.eval()
-    ref_logp = reference_logprobs(ref.model, tokens, config.batch)
-    targets = None
-    if config.block_steps:
-        from bitsmith.recover.blockwise import reference_block_outputs
-
-        targets = reference_block_outputs(ref.model.float(), tokens, config.batch)
+    ref.model.float().eval()  # loaded in float32 already; the block targets are float32
+    ref_logp, targets = reference_pass(ref.model, tokens, config.batch, blocks=bool(config.block_steps))
     del ref
     net = loaded.model.float().eval()
     tunable = make_tunable(net, sorted(loaded.info.specs))
@@ -322,16 +345,19 @@ def _block_stage(run: _Run, params: dict, state: _State, optimizer: torch.optim.
     data = block_data(run.net, run.tokens, config.batch, run.targets)
     xs, lr = data.inputs, config.block_lr or config.lr
     for i, block in enumerate(blocks):
-        if i >= len(state.blocks):  # blocks before are already tuned (a resumed run): only their outputs are needed
-            mine = {n: p for n, p in params.items() if n.startswith(f"{prefix}.{i}.")}
-            layers = {n: t for n, t in run.tunable.items() if n.startswith(f"{prefix}.{i}.")}
-            record = tune_block(block, mine, layers, xs, data.calls[i], data.targets[i], config.block_steps,
+        if i < len(state.blocks):  # already tuned (a resumed run): only its outputs are needed
+            xs = next_inputs(block, xs, data.calls[i])
+            continue
+        mine = {n: p for n, p in params.items() if n.startswith(f"{prefix}.{i}.")}
+        layers = {n: t for n, t in run.tunable.items() if n.startswith(f"{prefix}.{i}.")}
+        record, xs = tune_block(block, mine, layers, xs, data.calls[i], data.targets[i], config.block_steps,
                                 lambda ps: _optimizer(ps, lr, scale_of))
-            state.blocks.append({"block": i, **record})
-            state.save(folder, key, params, optimizer)
-            if progress:
-                progress(state.step, config.steps, {"stage": "block", **state.blocks[-1]})
-        xs = next_inputs(block, xs, data.calls[i])
+        data.targets[i] = []  # block i's targets are spent: free them as the stage goes
+        state.blocks.append({"block": i, **record})
+        state.save(folder, key, params, optimizer)
+        if progress:
+            progress(state.step, config.steps, {"stage": "block", **state.blocks[-1]})
+    run.targets = data = None  # the end-to-end stage does not need them
     round_to_storage(run.tunable)
     loss = calibration_loss(run.net, run.tokens, run.ref_logp, config.batch)
     accepted = loss < state.best
