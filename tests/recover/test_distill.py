@@ -170,6 +170,8 @@ def test_block_stage_alone(setup, tmp_path: Path) -> None:
     cfg = config(setup, block_steps=6, steps=0)
     result = distill(setup["q"], setup["model"], tmp_path / "d", cfg)
     assert [p.get("stage") for p in result.curve] == [None, "blocks"]  # the start, then the stage's check
+    # the start is measured in the forward that also captures the blocks' inputs: the same loss
+    assert abs(measured(setup, setup["q"], cfg) - result.initial_loss) <= 1e-5 * result.initial_loss
     assert result.best_loss == min(p["kld"] for p in result.curve)
     assert abs(measured(setup, result.path, cfg) - result.best_loss) <= 1e-5 * result.initial_loss
     with pytest.raises(ValueError, match="steps must be at least 1"):

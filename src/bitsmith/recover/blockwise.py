@@ -85,11 +85,13 @@ def reference_block_outputs(reference: nn.Module, tokens: torch.Tensor, batch: i
     return _record(find_blocks(reference)[1], reference, tokens, batch, "outputs", on_output)
 
 
-def block_data(net: nn.Module, tokens: torch.Tensor, batch: int, targets: list[list[torch.Tensor]]) -> BlockData:
-    """Capture the quantized model's block-0 inputs and every block's call arguments."""
+def block_data(net: nn.Module, tokens: torch.Tensor, batch: int, targets: list[list[torch.Tensor]],
+               on_output: OnOutput | None = None) -> BlockData:
+    """Capture the quantized model's block-0 inputs and every block's call arguments (``on_output``:
+    see :func:`_record`)."""
     from bitsmith.models.arch import find_blocks
 
-    recorded = _record(find_blocks(net)[1], net, tokens, batch, "calls")
+    recorded = _record(find_blocks(net)[1], net, tokens, batch, "calls", on_output)
     inputs = [x.float() for x, _, _ in recorded[0]]
     calls = [[(args, kwargs) for _, args, kwargs in per_block] for per_block in recorded]
     if len(targets) != len(calls):

@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -134,16 +134,30 @@ def reference_pass(reference: torch.nn.Module, tokens: torch.Tensor, batch: int,
     return store["logp"], targets
 
 
+class KLTotal:
+    """The calibration KL summed batch by batch from the model's outputs (``add`` fits the block
+    stage's ``on_output``, so a forward made for another purpose can measure it too)."""
+
+    def __init__(self, ref_logp: torch.Tensor, batch: int) -> None:
+        self.ref_logp, self.batch, self.total, self.count = ref_logp, batch, 0.0, 0
+
+    def add(self, start: int, output) -> None:
+        logits = output.logits
+        positions = logits.shape[0] * logits.shape[1]
+        self.total += float(kl_loss(logits, self.ref_logp[start:start + self.batch])) * positions
+        self.count += positions
+
+    def mean(self) -> float:
+        return self.total / self.count
+
+
 def calibration_loss(net: torch.nn.Module, tokens: torch.Tensor, ref_logp: torch.Tensor, batch: int) -> float:
     """KL over the whole calibration set (mean over positions), no gradients."""
-    total, count = 0.0, 0
+    total = KLTotal(ref_logp, batch)
     with torch.no_grad():
         for start in range(0, tokens.shape[0], batch):
-            ids = tokens[start:start + batch]
-            logits = net(input_ids=ids, use_cache=False).logits
-            total += float(kl_loss(logits, ref_logp[start:start + batch])) * ids.numel()
-            count += ids.numel()
-    return total / count
+            total.add(start, net(input_ids=tokens[start:start + batch], use_cache=False))
+    return total.mean()
 
 
 def _optimizer(params: dict[str, torch.nn.Parameter], lr: float, scale_of: dict[str, float]) -> torch.optim.Adam:
@@ -238,6 +252,7 @@ class _Run:
     tokens: torch.Tensor  # [samples, seq_len]
     ref_logp: torch.Tensor  # [samples, seq_len, V]
     targets: list | None = None  # [block][batch]: the reference blocks' outputs (the block stage's targets)
+    data: Any = None  # the block stage's BlockData, when the first loss measurement captured it
 
 
 def _open(checkpoint: str | Path, reference: str | Path, config: DistillConfig) -> _Run:
@@ -276,7 +291,7 @@ def _start(run: _Run, params: dict, folder: Path, key: dict, resume: bool, confi
     saved = _load_state(folder, key) if resume else None
     if saved is None:
         round_to_storage(run.tunable)
-        loss = calibration_loss(run.net, run.tokens, run.ref_logp, config.batch)
+        loss = _first_loss(run, config)
         state = _State(0, config.lr, loss, [{"step": 0, "kld": loss, "accepted": True, "lr": config.lr}],
                        {n: p.detach().clone() for n, p in params.items()})
         optimizer = _optimizer(params, config.lr, scale_of)
@@ -292,6 +307,19 @@ def _start(run: _Run, params: dict, folder: Path, key: dict, resume: bool, confi
     optimizer.load_state_dict(saved["optimizer"])
     log.info("resuming distillation at step %d of %d from %s", state.step, config.steps, folder)
     return state, optimizer
+
+
+def _first_loss(run: _Run, config: DistillConfig) -> float:
+    """The calibration KL before any step. With a block stage to run, the same forward also captures
+    every block's call arguments and the block-0 inputs (``run.data``), which the stage would
+    otherwise take with a forward of its own."""
+    if not config.block_steps:
+        return calibration_loss(run.net, run.tokens, run.ref_logp, config.batch)
+    from bitsmith.recover.blockwise import block_data
+
+    total = KLTotal(run.ref_logp, config.batch)
+    run.data = block_data(run.net, run.tokens, config.batch, run.targets, on_output=total.add)
+    return total.mean()
 
 
 def _train(run: _Run, params: dict, state: _State, optimizer: torch.optim.Adam, folder: Path, key: dict,
@@ -342,7 +370,7 @@ def _block_stage(run: _Run, params: dict, state: _State, optimizer: torch.optim.
     from bitsmith.recover.blockwise import block_data, next_inputs, tune_block
 
     prefix, blocks = find_blocks(run.net)
-    data = block_data(run.net, run.tokens, config.batch, run.targets)
+    data = run.data if run.data is not None else block_data(run.net, run.tokens, config.batch, run.targets)
     xs, lr = data.inputs, config.block_lr or config.lr
     for i, block in enumerate(blocks):
         if i < len(state.blocks):  # already tuned (a resumed run): only its outputs are needed
@@ -357,7 +385,7 @@ def _block_stage(run: _Run, params: dict, state: _State, optimizer: torch.optim.
         state.save(folder, key, params, optimizer)
         if progress:
             progress(state.step, config.steps, {"stage": "block", **state.blocks[-1]})
-    run.targets = data = None  # the end-to-end stage does not need them
+    run.targets = run.data = data = None  # the end-to-end stage does not need them
     round_to_storage(run.tunable)
     loss = calibration_loss(run.net, run.tokens, run.ref_logp, config.batch)
     accepted = loss < state.best
