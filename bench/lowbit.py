@@ -37,14 +37,16 @@ def quantize_variant(args: argparse.Namespace, variant: str, work: Path) -> dict
     from bitsmith.pipeline.quantize import calibrated_methods
 
     method, rotate, spec = parse_variant(variant)
-    out = work / f"{Path(args.model).stem}-{variant.replace(':', '-').replace('+', '_')}"
+    shared = method == "vq" and args.vq_share_codebook
+    out = work / f"{Path(args.model).stem}-{variant.replace(':', '-').replace('+', '_')}{'-sharedcb' if shared else ''}"
     row = {"variant": variant, "method": method, "rotate": rotate, "spec": spec, "path": str(out)}
     if args.reuse and (out / "bitsmith.json").exists():
         row["quantize_s"] = json.loads((out / "bitsmith.json").read_text())["report"].get("seconds")
         return row
     calib = CalibrationConfig(samples=args.calib_samples, seq_len=args.calib_len) if method in calibrated_methods() else None
     t0 = time.perf_counter()
-    bitsmith.quantize(args.model, out, spec, method, calibration=calib, options={"rotate": True} if rotate else {},
+    options = {**({"rotate": True} if rotate else {}), **({"share_codebook": True} if shared else {})}
+    bitsmith.quantize(args.model, out, spec, method, calibration=calib, options=options,
                       compute_dtype=args.compute_dtype, overwrite=True)
     row["quantize_s"] = time.perf_counter() - t0
     print(f"quantized {variant} in {row['quantize_s']:.1f} s", flush=True)
@@ -140,6 +142,8 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="checkpoint folder (default: work_dir('lowbit'))")
     ap.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (gptq)")
     ap.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (gptq)")
+    ap.add_argument("--vq-share-codebook", action="store_true",
+                    help="vq: one codebook per stage of layers reading one input (q/k/v, gate/up); folder suffix -sharedcb")
     ap.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--reuse", action="store_true", help="keep checkpoints already in the work folder")
     ap.add_argument("--json", default=None)
