@@ -37,14 +37,16 @@ def quantize_variant(args: argparse.Namespace, variant: str, work: Path) -> dict
     from bitsmith.pipeline.quantize import calibrated_methods
 
     method, rotate, spec = parse_variant(variant)
-    out = work / f"{Path(args.model).stem}-{variant.replace(':', '-').replace('+', '_')}"
+    shared = method == "vq" and args.vq_share_codebook
+    out = work / f"{Path(args.model).stem}-{variant.replace(':', '-').replace('+', '_')}{'-sharedcb' if shared else ''}"
     row = {"variant": variant, "method": method, "rotate": rotate, "spec": spec, "path": str(out)}
     if args.reuse and (out / "bitsmith.json").exists():
         row["quantize_s"] = json.loads((out / "bitsmith.json").read_text())["report"].get("seconds")
         return row
     calib = CalibrationConfig(samples=args.calib_samples, seq_len=args.calib_len) if method in calibrated_methods() else None
     t0 = time.perf_counter()
-    bitsmith.quantize(args.model, out, spec, method, calibration=calib, options={"rotate": True} if rotate else {},
+    options = {**({"rotate": True} if rotate else {}), **({"share_codebook": True} if shared else {})}
+    bitsmith.quantize(args.model, out, spec, method, calibration=calib, options=options,
                       compute_dtype=args.compute_dtype, overwrite=True)
     row["quantize_s"] = time.perf_counter() - t0
     print(f"quantized {variant} in {row['quantize_s']:.1f} s", flush=True)
@@ -55,6 +57,7 @@ def distill_variant(args: argparse.Namespace, row: dict) -> dict:
     from bitsmith.recover import DistillConfig, distill
 
     out = Path(row["path"] + "-" + args.distill_tag)
+    start = row["path"] + ("-" + args.distill_from if args.distill_from else "")
     config = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, samples=args.distill_samples,
                            seq_len=args.distill_len, batch=args.distill_batch, check_every=args.distill_check_every,
                            block_steps=args.distill_block_steps, block_lr=args.distill_block_lr)
@@ -69,7 +72,7 @@ def distill_variant(args: argparse.Namespace, row: dict) -> dict:
             print(f"  [{time.perf_counter() - t0:7.1f} s wall, {time.process_time() - cpu0:7.1f} s cpu] step {step}/{total} "
                   f"{json.dumps(last)}", flush=True)
 
-    result = distill(row["path"], args.model, out, config, overwrite=True, progress=progress)
+    result = distill(start, args.model, out, config, overwrite=True, progress=progress)
     seconds = time.perf_counter() - t0
     print(f"distilled {row['variant']} in {seconds:.1f} s ({time.process_time() - cpu0:.1f} s cpu): calibration KLD {result.initial_loss:.4f} -> "
           f"{result.best_loss:.4f}", flush=True)
@@ -79,6 +82,20 @@ def distill_variant(args: argparse.Namespace, row: dict) -> dict:
     return {**row, "variant": row["variant"] + "+" + args.distill_tag, "path": str(out), "distill_s": seconds,
             "distill_cpu_s": time.process_time() - cpu0, "calib_kld_before": result.initial_loss,
             "calib_kld_after": result.best_loss, "distill_curve": result.curve}
+
+
+def earlier_distilled(args: argparse.Namespace, starts: list[dict]) -> list[dict]:
+    """With ``--distill-from TAG`` (a second stage), the checkpoints distilled earlier with that tag,
+    as rows scored beside the new ones; refused before any work when one is missing."""
+    if not args.distill_from:
+        return []
+    rows = [{**r, "variant": f"{r['variant']}+{args.distill_from}", "path": f"{r['path']}-{args.distill_from}"}
+            for r in starts]
+    missing = [r["path"] for r in rows if not (Path(r["path"]) / "bitsmith.json").exists()]
+    if missing:
+        raise SystemExit(f"--distill-from {args.distill_from}: no checkpoint at {', '.join(missing)}; distill with "
+                         f"--distill-tag {args.distill_from} first")
+    return rows
 
 
 def decode_speeds(args: argparse.Namespace, rows: list[dict], text: str) -> dict[str, float]:
@@ -116,6 +133,8 @@ def main() -> None:
     ap.add_argument("--distill-block-steps", type=int, default=0, help="block-wise stage: Adam steps per decoder block")
     ap.add_argument("--distill-block-lr", type=float, default=None)
     ap.add_argument("--distill-tag", default="distill", help="name of the distilled variant (and its folder's suffix)")
+    ap.add_argument("--distill-from", default="", help="start from the variant distilled earlier with this tag "
+                                                       "(its folder in --work; it is scored too) instead of the quantized one")
     ap.add_argument("--text", default=str(text_path()), help="evaluation text (default: docs/PROTOCOL.md's prose slice)")
     ap.add_argument("--chars", type=int, default=60_000)
     ap.add_argument("--ctx", type=int, default=512)
@@ -123,6 +142,8 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="checkpoint folder (default: work_dir('lowbit'))")
     ap.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (gptq)")
     ap.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (gptq)")
+    ap.add_argument("--vq-share-codebook", action="store_true",
+                    help="vq: one codebook per stage of layers reading one input (q/k/v, gate/up); folder suffix -sharedcb")
     ap.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--reuse", action="store_true", help="keep checkpoints already in the work folder")
     ap.add_argument("--json", default=None)
@@ -140,7 +161,8 @@ def main() -> None:
     if args.no_eval and not args.decode:
         return
     wanted = {v for v in args.distill.split(",") if v}
-    rows += [distill_variant(args, r) for r in list(rows) if r["variant"] in wanted]
+    starts = [r for r in rows if r["variant"] in wanted]
+    rows += earlier_distilled(args, starts) + [distill_variant(args, r) for r in starts]
     text = Path(args.text).read_text(encoding="utf-8", errors="replace")[: args.chars]
     if args.decode:
         for name, speed in decode_speeds(args, rows, text).items():

@@ -8,7 +8,10 @@ Each cell: relative error (bits/weight of that layer, codebook and scales counte
 ``--output-error`` instead compares GPTQ and vq *with* error feedback on block 0's q/k projections:
 ``tr(dW H dW^T) / tr(W H W^T)`` with H from 32 x 512 calibration tokens (State of the Union) through
 the embedding and block 0's input RMSNorm (the only layers whose inputs need no forward pass), both
-in the same randomized Hadamard basis.
+in the same randomized Hadamard basis. ``--share`` quantizes block 0's q/k/v (one input, that same
+H) with vq w2g64vq + rotation twice, one codebook per layer and one shared codebook (``vq_many``
+with ``share_codebook``), and prints each layer's output error and the CPU seconds of each way
+(``time.process_time``, best of 2 alternating rounds, 1 thread).
 """
 
 from __future__ import annotations
@@ -28,18 +31,52 @@ LAYERS = ["model.layers.0.self_attn.q_proj.weight", "model.layers.15.mlp.down_pr
 SPECS = ["w2g64", "w2g64vq", "w2vq", "w3g128", "w3g128vq"]
 
 
-def output_errors(src) -> None:
+def block0_stats(src):
+    """H of block 0's attention input from 32 x 512 calibration tokens (embedding, input RMSNorm)."""
     from bitsmith.calib.data import read_calibration_text
     from bitsmith.methods.base import LayerStats
-    from bitsmith.methods.gptq import gptq, layer_error
-    from bitsmith.methods.vq import vq
-    from bitsmith.transforms.rotate import quantize_rotated
 
     ids = torch.tensor(src.tokenizer()(read_calibration_text()[:200_000])["input_ids"][: 32 * 512])
     emb = src.load_tensor("model.embed_tokens.weight").float()[ids]
     gain = src.load_tensor("model.layers.0.input_layernorm.weight").float()
     x = emb * torch.rsqrt(emb.pow(2).mean(-1, keepdim=True) + 1e-5) * gain
-    stats = LayerStats(hessian=x.T @ x, tokens=len(ids))
+    return LayerStats(hessian=x.T @ x, tokens=len(ids))
+
+
+def shared_codebook(src) -> None:
+    import time
+
+    from bitsmith.methods.gptq import layer_error
+    from bitsmith.methods.vq import vq
+    from bitsmith.transforms.rotate import rotated
+
+    stats, spec = block0_stats(src), QuantSpec.parse("w2g64vq")
+    names = [f"model.layers.0.self_attn.{n}_proj.weight" for n in "qkv"]
+    weights = [src.load_tensor(n).float() for n in names]
+    method = rotated(vq, 0)
+    ways = {"separate": lambda: [method(w, spec, stats, {}) for w in weights],
+            "shared": lambda: method.many(weights, spec, stats, {"share_codebook": True})}
+    seconds: dict[str, list[float]] = {way: [] for way in ways}
+    errors: dict[str, list[float]] = {}
+    for _ in range(2):
+        for way, run in ways.items():
+            t0 = time.process_time()
+            qts = run()
+            seconds[way].append(time.process_time() - t0)
+            errors[way] = [layer_error(w, qt.weight(), stats.hessian) for w, qt in zip(weights, qts)]
+    print("| codebooks | q_proj | k_proj | v_proj | sum | CPU s (best of 2) |")
+    print("|---|---|---|---|---|---|")
+    for way in ways:
+        cells = " | ".join(f"{e:.3e}" for e in errors[way])
+        print(f"| {way} | {cells} | {sum(errors[way]):.3e} | {min(seconds[way]):.2f} |", flush=True)
+
+
+def output_errors(src) -> None:
+    from bitsmith.methods.gptq import gptq, layer_error
+    from bitsmith.methods.vq import vq
+    from bitsmith.transforms.rotate import quantize_rotated
+
+    stats = block0_stats(src)
     pairs = [(gptq, "w2g64"), (vq, "w2g64vq"), (gptq, "w3g128"), (vq, "w3g128vq")]
     print("| layer | " + " | ".join(f"{m.__name__} {s}" for m, s in pairs) + " |")
     print("|---" * (len(pairs) + 1) + "|")
@@ -57,9 +94,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--output-error", action="store_true")
+    ap.add_argument("--share", action="store_true", help="block 0's q/k/v: one codebook per layer vs one shared")
     args = ap.parse_args()
     torch.set_num_threads(1)
     src = open_source(args.model)
+    if args.share:
+        return shared_codebook(src)
     if args.output_error:
         return output_errors(src)
     print("| layer | " + " | ".join(f"{s} ({'rtn' if 'vq' not in s else 'vq, no feedback'})" for s in SPECS) + " |")

@@ -50,6 +50,7 @@ class VQOptions:
     kmeans_iters: int = KMEANS_ITERS
     feedback: bool = True  # GPTQ error feedback (False: nearest vector only, the oracle of the walk)
     seed: int = 0  # k-means initialisation
+    share_codebook: bool = False  # layers reading one input (q/k/v, gate/up): one codebook fit, one walk (vq_many)
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "VQOptions":
@@ -252,3 +253,29 @@ def vq(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, o
     upper = upper_inverse_factor(hessian, opts.damp_percent)
     codes = vq_walk(weight.T.contiguous(), upper, start.scale.float(), start.grid.float(), spec, opts.block_size)
     return QuantizedTensor(codes, start.scale, None, spec, start.grid)
+
+
+def vq_many(weights: list[torch.Tensor], spec: QuantSpec, stats: LayerStats | None = None,
+            options: dict | None = None) -> list[QuantizedTensor]:
+    """vq for layers that read the same input (q/k/v, gate/up; the pipeline's stage). With the
+    ``share_codebook`` option: one codebook fitted on all their vectors, one Cholesky factor and one
+    walk over their stacked rows, then each layer stores its copy of that codebook (same format, same
+    bits). Group scales, nearest entries and the walk are row by row (each row's update uses only U
+    and its own errors), so each layer's codes are those of walking it alone with the shared
+    codebook. Why: the per-layer k-means (seeding 256 entries, 16 Lloyd passes) is most of a vq
+    quantize; a stage of 3 layers fits once. Without the option (the default) each layer is ``vq``
+    alone, as before."""
+    opts = VQOptions.from_dict(options)
+    if not opts.share_codebook or len(weights) < 2 or spec.grid != "vq" or len({w.shape[1] for w in weights}) != 1:
+        return [vq(w, spec, stats, options) for w in weights]
+    stacked = vq(torch.cat([w.float() for w in weights]), spec, stats, options)
+    out, start = [], 0
+    for w in weights:
+        rows = slice(start, start + w.shape[0])
+        out.append(QuantizedTensor(stacked.codes[rows].contiguous(), stacked.scale[rows].contiguous(), None, spec,
+                                   stacked.grid))
+        start = rows.stop
+    return out
+
+
+vq.many = vq_many  # the pipeline quantizes a stage's layers in one call when a method offers this

@@ -44,9 +44,14 @@ def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _record(blocks: nn.ModuleList, net: nn.Module, tokens: torch.Tensor, batch: int, what: str) -> list:
+OnOutput = Callable[[int, Any], None]  # (the batch's first sample, the model's output)
+
+
+def _record(blocks: nn.ModuleList, net: nn.Module, tokens: torch.Tensor, batch: int, what: str,
+            on_output: OnOutput | None = None) -> list:
     """One no-grad forward of ``net`` per batch, recording every block's (input, args, kwargs) when
-    ``what == "calls"`` or its output when ``what == "outputs"``; [block][batch]."""
+    ``what == "calls"`` or its output when ``what == "outputs"``; [block][batch]. ``on_output`` is
+    given each batch's model output (so the same forward serves the caller too)."""
     found: list[list] = [[] for _ in blocks]
     hooks = []
     for i, block in enumerate(blocks):
@@ -62,25 +67,31 @@ def _record(blocks: nn.ModuleList, net: nn.Module, tokens: torch.Tensor, batch: 
     try:
         with torch.no_grad():
             for start in range(0, tokens.shape[0], batch):
-                net(input_ids=tokens[start:start + batch], use_cache=False)
+                output = net(input_ids=tokens[start:start + batch], use_cache=False)
+                if on_output is not None:
+                    on_output(start, output)
     finally:
         for hook in hooks:
             hook.remove()
     return found
 
 
-def reference_block_outputs(reference: nn.Module, tokens: torch.Tensor, batch: int) -> list[list[torch.Tensor]]:
-    """Every reference decoder block's output, [block][batch] of float32 [b, T, H]."""
+def reference_block_outputs(reference: nn.Module, tokens: torch.Tensor, batch: int,
+                            on_output: OnOutput | None = None) -> list[list[torch.Tensor]]:
+    """Every reference decoder block's output, [block][batch] of float32 [b, T, H] (``on_output``:
+    see :func:`_record`)."""
     from bitsmith.models.arch import find_blocks
 
-    return _record(find_blocks(reference)[1], reference, tokens, batch, "outputs")
+    return _record(find_blocks(reference)[1], reference, tokens, batch, "outputs", on_output)
 
 
-def block_data(net: nn.Module, tokens: torch.Tensor, batch: int, targets: list[list[torch.Tensor]]) -> BlockData:
-    """Capture the quantized model's block-0 inputs and every block's call arguments."""
+def block_data(net: nn.Module, tokens: torch.Tensor, batch: int, targets: list[list[torch.Tensor]],
+               on_output: OnOutput | None = None) -> BlockData:
+    """Capture the quantized model's block-0 inputs and every block's call arguments (``on_output``:
+    see :func:`_record`)."""
     from bitsmith.models.arch import find_blocks
 
-    recorded = _record(find_blocks(net)[1], net, tokens, batch, "calls")
+    recorded = _record(find_blocks(net)[1], net, tokens, batch, "calls", on_output)
     inputs = [x.float() for x, _, _ in recorded[0]]
     calls = [[(args, kwargs) for _, args, kwargs in per_block] for per_block in recorded]
     if len(targets) != len(calls):
@@ -104,14 +115,18 @@ def channel_weights(targets: list[torch.Tensor]) -> torch.Tensor:
 
 
 def block_error(block: nn.Module, xs: list[torch.Tensor], calls: list[BlockCall], targets: list[torch.Tensor],
-                weights: torch.Tensor) -> float:
-    """Channel-weighted relative squared error of the block's output over every batch, no gradients."""
+                weights: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+    """Channel-weighted relative squared error of the block's output over every batch, no gradients,
+    and those outputs (what :func:`next_inputs` would compute: the caller keeps them as the next
+    block's inputs instead of running the block over every batch once more)."""
     num = den = 0.0
+    outputs = []
     with torch.no_grad():
         for x, call, y in zip(xs, calls, targets):
-            num += float(((_run(block, x, call) - y).pow(2) * weights).sum())
+            outputs.append(_run(block, x, call))
+            num += float(((outputs[-1] - y).pow(2) * weights).sum())
             den += float((y.pow(2) * weights).sum())
-    return num / max(den, 1e-30)
+    return num / max(den, 1e-30), outputs
 
 
 def next_inputs(block: nn.Module, xs: list[torch.Tensor], calls: list[BlockCall]) -> list[torch.Tensor]:
@@ -125,13 +140,14 @@ OptimizerFactory = Callable[[dict[str, nn.Parameter]], torch.optim.Optimizer]
 
 def tune_block(block: nn.Module, params: dict[str, nn.Parameter], tunable: dict[str, TunableLinear],
                xs: list[torch.Tensor], calls: list[BlockCall], targets: list[torch.Tensor], steps: int,
-               make_optimizer: OptimizerFactory) -> dict:
+               make_optimizer: OptimizerFactory) -> tuple[dict, list[torch.Tensor]]:
     """``steps`` Adam steps on one block's ``params`` (batches in turn), then keep the better of the
     states before and after (both measured with the parameters rounded to storage). Returns the
-    block's record: its relative error before and as kept, and whether the steps were kept."""
+    block's record (its relative error before and as kept, and whether the steps were kept) and the
+    kept state's outputs on every batch, equal to :func:`next_inputs` of the block as kept."""
     round_to_storage(tunable)
     weights = channel_weights(targets)
-    before = block_error(block, xs, calls, targets, weights)
+    before, outputs_before = block_error(block, xs, calls, targets, weights)
     saved = {n: p.detach().clone() for n, p in params.items()}
     optimizer = make_optimizer(params)
     den = [max(float((y.pow(2) * weights).sum()), 1e-30) for y in targets]
@@ -141,10 +157,11 @@ def tune_block(block: nn.Module, params: dict[str, nn.Parameter], tunable: dict[
         (((_run(block, xs[b], calls[b]) - targets[b]).pow(2) * weights).sum() / den[b]).backward()
         optimizer.step()
     round_to_storage(tunable)
-    after = block_error(block, xs, calls, targets, weights)
+    after, outputs_after = block_error(block, xs, calls, targets, weights)
     accepted = after < before
     if not accepted:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(saved[name])
-    return {"error_before": before, "error_after": after if accepted else before, "accepted": accepted}
+    record = {"error_before": before, "error_after": after if accepted else before, "accepted": accepted}
+    return record, outputs_after if accepted else outputs_before

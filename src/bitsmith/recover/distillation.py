@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,32 +90,74 @@ Progress = Callable[[int, int, dict], None]  # (steps done, total, the last chec
 
 
 def kl_loss(logits: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(p_ref || q), from quantized logits [.., V] and reference log-probs."""
+    """Mean over positions of KL(p_ref || q), from quantized logits [.., V] and reference log-probs
+    (any float dtype; the sum is in float32)."""
     logq = F.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
-    ref = ref_logp.reshape(-1, ref_logp.shape[-1])
+    ref = ref_logp.reshape(-1, ref_logp.shape[-1]).float()
     return F.kl_div(logq, ref, log_target=True, reduction="sum") / ref.shape[0]
 
 
+REF_LOGP_DTYPE = torch.float16
+
+
 def reference_logprobs(reference: torch.nn.Module, tokens: torch.Tensor, batch: int) -> torch.Tensor:
-    """The reference model's log-probabilities [samples, seq_len, V] (float32), computed once."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, tokens.shape[0], batch):
-            logits = reference(input_ids=tokens[start:start + batch], use_cache=False).logits
-            out.append(F.log_softmax(logits.float(), dim=-1))
-    return torch.cat(out)
+    """The reference model's log-probabilities [samples, seq_len, V], computed once and stored in
+    float16 (``REF_LOGP_DTYPE``), filled in place. Why: over a 49k vocabulary float32 costs 200 KB a
+    token (6.4 GB for 64 x 512 calibration tokens), the most memory distillation holds; float16 halves
+    it, and its rounding (a relative 2^-11 of each log-probability, so below 0.01 wherever p > 1e-8)
+    moves the KL by a few parts in 10^4 (tests/recover/test_distill.py holds it to 1e-3)."""
+    return reference_pass(reference, tokens, batch, blocks=False)[0]
+
+
+def reference_pass(reference: torch.nn.Module, tokens: torch.Tensor, batch: int,
+                   blocks: bool) -> tuple[torch.Tensor, list | None]:
+    """:func:`reference_logprobs` and, with ``blocks``, every reference block's output (the block
+    stage's targets, :func:`bitsmith.recover.blockwise.reference_block_outputs`) from the same
+    forward of each batch: one reference pass over the calibration tokens instead of two."""
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(start: int, output) -> None:
+        logits = output.logits
+        if "logp" not in store:
+            store["logp"] = torch.empty(*tokens.shape, logits.shape[-1], dtype=REF_LOGP_DTYPE)
+        store["logp"][start:start + batch] = F.log_softmax(logits.float(), dim=-1)
+
+    targets = None
+    if blocks:
+        from bitsmith.recover.blockwise import reference_block_outputs
+
+        targets = reference_block_outputs(reference, tokens, batch, on_output=keep)
+    else:
+        with torch.no_grad():
+            for start in range(0, tokens.shape[0], batch):
+                keep(start, reference(input_ids=tokens[start:start + batch], use_cache=False))
+    return store["logp"], targets
+
+
+class KLTotal:
+    """The calibration KL summed batch by batch from the model's outputs (``add`` fits the block
+    stage's ``on_output``, so a forward made for another purpose can measure it too)."""
+
+    def __init__(self, ref_logp: torch.Tensor, batch: int) -> None:
+        self.ref_logp, self.batch, self.total, self.count = ref_logp, batch, 0.0, 0
+
+    def add(self, start: int, output) -> None:
+        logits = output.logits
+        positions = logits.shape[0] * logits.shape[1]
+        self.total += float(kl_loss(logits, self.ref_logp[start:start + self.batch])) * positions
+        self.count += positions
+
+    def mean(self) -> float:
+        return self.total / self.count
 
 
 def calibration_loss(net: torch.nn.Module, tokens: torch.Tensor, ref_logp: torch.Tensor, batch: int) -> float:
     """KL over the whole calibration set (mean over positions), no gradients."""
-    total, count = 0.0, 0
+    total = KLTotal(ref_logp, batch)
     with torch.no_grad():
         for start in range(0, tokens.shape[0], batch):
-            ids = tokens[start:start + batch]
-            logits = net(input_ids=ids, use_cache=False).logits
-            total += float(kl_loss(logits, ref_logp[start:start + batch])) * ids.numel()
-            count += ids.numel()
-    return total / count
+            total.add(start, net(input_ids=tokens[start:start + batch], use_cache=False))
+    return total.mean()
 
 
 def _optimizer(params: dict[str, torch.nn.Parameter], lr: float, scale_of: dict[str, float]) -> torch.optim.Adam:
@@ -210,6 +252,7 @@ class _Run:
     tokens: torch.Tensor  # [samples, seq_len]
     ref_logp: torch.Tensor  # [samples, seq_len, V]
     targets: list | None = None  # [block][batch]: the reference blocks' outputs (the block stage's targets)
+    data: Any = None  # the block stage's BlockData, when the first loss measurement captured it
 
 
 def _open(checkpoint: str | Path, reference: str | Path, config: DistillConfig) -> _Run:
@@ -232,13 +275,8 @@ def _open(checkpoint: str | Path, reference: str | Path, config: DistillConfig) 
                          "give the model the checkpoint was quantized from")
     calib = CalibrationConfig(text=config.calib_text, samples=config.samples, seq_len=config.seq_len, seed=config.seed)
     tokens = calib.batches(loaded.tokenizer)
-    ref.model.eval()
-    ref_logp = reference_logprobs(ref.model, tokens, config.batch)
-    targets = None
-    if config.block_steps:
-        from bitsmith.recover.blockwise import reference_block_outputs
-
-        targets = reference_block_outputs(ref.model.float(), tokens, config.batch)
+    ref.model.float().eval()  # loaded in float32 already; the block targets are float32
+    ref_logp, targets = reference_pass(ref.model, tokens, config.batch, blocks=bool(config.block_steps))
     del ref
     net = loaded.model.float().eval()
     tunable = make_tunable(net, sorted(loaded.info.specs))
@@ -253,7 +291,7 @@ def _start(run: _Run, params: dict, folder: Path, key: dict, resume: bool, confi
     saved = _load_state(folder, key) if resume else None
     if saved is None:
         round_to_storage(run.tunable)
-        loss = calibration_loss(run.net, run.tokens, run.ref_logp, config.batch)
+        loss = _first_loss(run, config)
         state = _State(0, config.lr, loss, [{"step": 0, "kld": loss, "accepted": True, "lr": config.lr}],
                        {n: p.detach().clone() for n, p in params.items()})
         optimizer = _optimizer(params, config.lr, scale_of)
@@ -269,6 +307,19 @@ def _start(run: _Run, params: dict, folder: Path, key: dict, resume: bool, confi
     optimizer.load_state_dict(saved["optimizer"])
     log.info("resuming distillation at step %d of %d from %s", state.step, config.steps, folder)
     return state, optimizer
+
+
+def _first_loss(run: _Run, config: DistillConfig) -> float:
+    """The calibration KL before any step. With a block stage to run, the same forward also captures
+    every block's call arguments and the block-0 inputs (``run.data``), which the stage would
+    otherwise take with a forward of its own."""
+    if not config.block_steps:
+        return calibration_loss(run.net, run.tokens, run.ref_logp, config.batch)
+    from bitsmith.recover.blockwise import block_data
+
+    total = KLTotal(run.ref_logp, config.batch)
+    run.data = block_data(run.net, run.tokens, config.batch, run.targets, on_output=total.add)
+    return total.mean()
 
 
 def _train(run: _Run, params: dict, state: _State, optimizer: torch.optim.Adam, folder: Path, key: dict,
@@ -319,19 +370,22 @@ def _block_stage(run: _Run, params: dict, state: _State, optimizer: torch.optim.
     from bitsmith.recover.blockwise import block_data, next_inputs, tune_block
 
     prefix, blocks = find_blocks(run.net)
-    data = block_data(run.net, run.tokens, config.batch, run.targets)
+    data = run.data if run.data is not None else block_data(run.net, run.tokens, config.batch, run.targets)
     xs, lr = data.inputs, config.block_lr or config.lr
     for i, block in enumerate(blocks):
-        if i >= len(state.blocks):  # blocks before are already tuned (a resumed run): only their outputs are needed
-            mine = {n: p for n, p in params.items() if n.startswith(f"{prefix}.{i}.")}
-            layers = {n: t for n, t in run.tunable.items() if n.startswith(f"{prefix}.{i}.")}
-            record = tune_block(block, mine, layers, xs, data.calls[i], data.targets[i], config.block_steps,
+        if i < len(state.blocks):  # already tuned (a resumed run): only its outputs are needed
+            xs = next_inputs(block, xs, data.calls[i])
+            continue
+        mine = {n: p for n, p in params.items() if n.startswith(f"{prefix}.{i}.")}
+        layers = {n: t for n, t in run.tunable.items() if n.startswith(f"{prefix}.{i}.")}
+        record, xs = tune_block(block, mine, layers, xs, data.calls[i], data.targets[i], config.block_steps,
                                 lambda ps: _optimizer(ps, lr, scale_of))
-            state.blocks.append({"block": i, **record})
-            state.save(folder, key, params, optimizer)
-            if progress:
-                progress(state.step, config.steps, {"stage": "block", **state.blocks[-1]})
-        xs = next_inputs(block, xs, data.calls[i])
+        data.targets[i] = []  # block i's targets are spent: free them as the stage goes
+        state.blocks.append({"block": i, **record})
+        state.save(folder, key, params, optimizer)
+        if progress:
+            progress(state.step, config.steps, {"stage": "block", **state.blocks[-1]})
+    run.targets = run.data = data = None  # the end-to-end stage does not need them
     round_to_storage(run.tunable)
     loss = calibration_loss(run.net, run.tokens, run.ref_logp, config.batch)
     accepted = loss < state.best
