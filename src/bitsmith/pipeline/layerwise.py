@@ -20,11 +20,10 @@ Every finished block is committed to ``<out>.partial/`` so ``resume=True`` conti
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +35,7 @@ from bitsmith.calib.stats import StatsAccumulator
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.io.destination import Destination, Staging
 from bitsmith.io.ledger import ledger_dir
+from bitsmith.kernels.alloc import heap_reuse, trim_heap
 from bitsmith.methods import Method
 from bitsmith.models.family import HEAD_WEIGHT
 from bitsmith.pipeline.batches import run_batches
@@ -47,7 +47,7 @@ from bitsmith.pipeline.common import (
 from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.pipeline.replay import OutputReplay
 from bitsmith.pipeline.stages import (
-    find_stages, quantize_linear, quantize_stage, report_hessian_tokens, stage_stats,
+    block_stages, find_stages, quantize_linear, quantize_stage, report_hessian_tokens, stage_stats,
 )
 from bitsmith.pipeline.workstate import WorkState
 from bitsmith.transforms import get_transform
@@ -57,6 +57,16 @@ log = logging.getLogger(__name__)
 # a replay tail beyond the replay budget (Qwen2.5-1.5B's down_proj input, 1.17 GB per block at 128 x 512)
 # is kept in this file of the work folder: the final pass reads it back instead of recomputing gate/up
 TAIL_FILE = "tail-{}.bin"  # one per linear (a tail is read while the next is written)
+# The allocator for the whole run (kernels.alloc): allocations up to this size come from the heap and
+# stay there when freed, so the ~100 forwards of every block reuse the same pages instead of mapping
+# and page-faulting fresh ones (SmolLM2's GPTQ: 9.1 M minor faults, ~21 of ~170 CPU s in the kernel);
+# larger ones (a 1.5B's Hessians and activation stores) are mapped and returned to the OS at free
+RUN_HEAP_THRESHOLD = 64 << 20
+# Between the stages and blocks, freed heap pages go back to the OS only when more than the replay
+# budget plus this many bytes are free: the next block reuses them (its replayed outputs, the largest
+# reusable part, are of the same sizes), and a trim after every stage and block made the next pass fault
+# its working set in again (SmolLM2 at 128 x 512: still 6.5 M faults with a fixed 512 MiB slack)
+HEAP_SLACK = 256 << 20
 
 
 @dataclass
@@ -73,6 +83,7 @@ class _Run:
     calib: torch.Tensor  # [samples, seq_len] token ids
     calls: list[list[BlockCall]]  # per block, per batch
     store: ActivationStore  # the inputs of the next block to quantize
+    stages: dict = field(default_factory=dict)  # block_stages' findings, per kind of block
 
 
 def quantize_blocks(
@@ -104,7 +115,7 @@ def quantize_blocks(
         raise ValueError(f"calibration tokens must be [samples, seq_len], got shape {tuple(calib.shape)}")
     # the destination's lock before the work folder is opened: two --resume runs to one --out would
     # otherwise both continue from <out>.partial and overwrite each other's blocks
-    with destination.stage() as staging:
+    with destination.stage() as staging, heap_reuse(RUN_HEAP_THRESHOLD):
         return _run_blocks(model, out_dir, plan, calib, staging, progress, resume, overwrite, start)
 
 
@@ -164,9 +175,9 @@ def _walk_blocks(run: _Run, writer: CheckpointWriter, progress: Callable[[str, i
         block_prefix = f"{run.prefix}.{i}"
         _load_block(run.net, run.source, block_prefix)
         tensors, specs, reports, run.store = _process_block(
-            run.blocks[i], block_prefix, run.store, run.calls[i], run.method, run.plan, run.state)
+            run.blocks[i], block_prefix, run.store, run.calls[i], run.method, run.plan, run.state, run.stages)
         _unload_block(run.blocks[i])
-        _trim_heap()
+        _trim_heap(run.plan.replay_bytes + HEAP_SLACK)
         run.state.commit_block(i, tensors, specs, reports)
         _emit_block(writer, run.state, i)
         log.info("block %d/%d quantized in %.1f s", i + 1, n_blocks, time.perf_counter() - t0)
@@ -228,14 +239,11 @@ def _release_embedding(net: nn.Module) -> str:
     return name
 
 
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS. glibc keeps freed chunks below its mmap threshold,
-    and that threshold grows (to 32 MB) as big tensors come and go, so a long run's resident set
-    creeps up by the fragments; ``malloc_trim`` releases them. A no-op without glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def _trim_heap(keep_free: int = 0) -> None:
+    """Hand freed heap memory back to the OS when more than ``keep_free`` bytes of it are free. glibc
+    keeps freed chunks below its mmap threshold (``RUN_HEAP_THRESHOLD`` here), so a long run's resident
+    set creeps up by the fragments; ``malloc_trim`` releases them. A no-op without glibc."""
+    trim_heap(keep_free)
 
 
 def _unload_block(block: nn.Module) -> None:
@@ -283,7 +291,7 @@ def _emit_block(writer: CheckpointWriter, state: WorkState, index: int) -> None:
 
 def _process_block(
     block: nn.Module, block_prefix: str, store: ActivationStore, calls: list[BlockCall], method: Method,
-    plan: QuantizePlan, state: WorkState,
+    plan: QuantizePlan, state: WorkState, known_stages: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[dict], ActivationStore]:
     """Quantize one loaded block; returns its plain tensors, its quantized tensors' specs, its layer
     reports (all keyed by full name) and the store holding the next block's inputs."""
@@ -301,7 +309,7 @@ def _process_block(
         tensors = {f"{block_prefix}.{rel}": storage(t.detach(), plan.unquantized_dtype)
                    for rel, t in block.state_dict().items() if rel.removesuffix(".weight") not in linears}
         block.to(compute_dtype)
-        stages = find_stages(block, linears, store.tensor[slices[0]], calls[0])
+        stages = block_stages(block, linears, store.tensor[slices[0]], calls[0], {} if known_stages is None else known_stages)
         hessian_cap = report_hessian_tokens(plan.quantizer)
         replay = OutputReplay(block, linears, len(slices), plan.replay_bytes)
         specs, reports = {}, []
@@ -313,7 +321,7 @@ def _process_block(
             weights = [masters.pop(rel) for rel in stage]
             results = quantize_stage(names, weights, stats, method, plan)
             del stats
-            _trim_heap()
+            _trim_heap(plan.replay_bytes + HEAP_SLACK)
             for j, (rel, name, (qt, report)) in enumerate(zip(stage, names, results)):
                 weight, weights[j] = weights[j], None  # dropped once done: the peak stays in quantize_stage
                 if fits_fp16(qt):
