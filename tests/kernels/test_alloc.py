@@ -35,6 +35,13 @@ def test_raises_then_restores_and_trims(fake):
                               ("mallopt", alloc.M_TRIM_THRESHOLD, alloc.LEAN_THRESHOLD), ("trim", 0)]
 
 
+def test_trim_threshold_can_differ_from_the_mmap_threshold(fake):
+    with alloc.heap_reuse(1 << 20, 1 << 30):
+        assert fake.calls == [("mallopt", alloc.M_MMAP_THRESHOLD, 1 << 20), ("mallopt", alloc.M_TRIM_THRESHOLD, 1 << 30)]
+    assert fake.calls[2:] == [("mallopt", alloc.M_MMAP_THRESHOLD, alloc.LEAN_THRESHOLD),
+                              ("mallopt", alloc.M_TRIM_THRESHOLD, alloc.LEAN_THRESHOLD), ("trim", 0)]
+
+
 def test_nested_uses_act_once_and_restore_on_error(fake):
     with pytest.raises(RuntimeError):
         with alloc.heap_reuse():

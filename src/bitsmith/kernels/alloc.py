@@ -54,11 +54,12 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 @contextlib.contextmanager
-def heap_reuse(threshold: int = REUSE_THRESHOLD) -> Iterator[None]:
-    """Serve allocations up to ``threshold`` bytes from the heap while the block runs; on exit restore
-    the lean 128 KiB thresholds and return the freed heap pages (``malloc_trim``). Nested uses (a long
-    prompt prefilled in slices) act once, at the outermost level. The settings are process-wide, so
-    use it around a whole forward on the one thread that runs the model."""
+def heap_reuse(threshold: int = REUSE_THRESHOLD, trim_threshold: int | None = None) -> Iterator[None]:
+    """Serve allocations up to ``threshold`` bytes from the heap while the block runs, and keep up to
+    ``trim_threshold`` (default ``threshold``) free bytes at the heap's top instead of returning them
+    at every free; on exit restore the lean 128 KiB thresholds and return the freed heap pages
+    (``malloc_trim``). Nested uses (a long prompt prefilled in slices) act once, at the outermost level.
+    The settings are process-wide, so use it around a whole forward on the one thread that runs the model."""
     libc = _glibc()
     depth = getattr(_state, "depth", 0)
     if libc is None or depth:
@@ -70,7 +71,7 @@ def heap_reuse(threshold: int = REUSE_THRESHOLD) -> Iterator[None]:
         return
     _state.depth = 1
     libc.mallopt(M_MMAP_THRESHOLD, int(threshold))
-    libc.mallopt(M_TRIM_THRESHOLD, int(threshold))
+    libc.mallopt(M_TRIM_THRESHOLD, int(threshold if trim_threshold is None else trim_threshold))
     try:
         yield
     finally:

@@ -62,10 +62,12 @@ TAIL_FILE = "tail-{}.bin"  # one per linear (a tail is read while the next is wr
 # and page-faulting fresh ones (SmolLM2's GPTQ: 9.1 M minor faults, ~21 of ~170 CPU s in the kernel);
 # larger ones (a 1.5B's Hessians and activation stores) are mapped and returned to the OS at free
 RUN_HEAP_THRESHOLD = 64 << 20
-# Between the stages and blocks, freed heap pages go back to the OS only when more than the replay
-# budget plus this many bytes are free: the next block reuses them (its replayed outputs, the largest
-# reusable part, are of the same sizes), and a trim after every stage and block made the next pass fault
-# its working set in again (SmolLM2 at 128 x 512: still 6.5 M faults with a fixed 512 MiB slack)
+# Freed heap pages go back to the OS (at the heap's top when freed, anywhere at the stages' and blocks'
+# trims) only when more than the replay budget plus this many bytes are free: the next block reuses
+# them (its replayed outputs, the largest reusable part, are of the same sizes). A trim after every
+# stage and block made the next pass fault its working set in again, and so did glibc's own trim of
+# the heap's top at 64 MiB (SmolLM2 at 128 x 512: 6.5 M faults with a fixed 512 MiB slack, 3.3 M with
+# a 64 MiB top, against 9.1 M before)
 HEAP_SLACK = 256 << 20
 
 
@@ -115,7 +117,7 @@ def quantize_blocks(
         raise ValueError(f"calibration tokens must be [samples, seq_len], got shape {tuple(calib.shape)}")
     # the destination's lock before the work folder is opened: two --resume runs to one --out would
     # otherwise both continue from <out>.partial and overwrite each other's blocks
-    with destination.stage() as staging, heap_reuse(RUN_HEAP_THRESHOLD):
+    with destination.stage() as staging, heap_reuse(RUN_HEAP_THRESHOLD, plan.replay_bytes + HEAP_SLACK):
         return _run_blocks(model, out_dir, plan, calib, staging, progress, resume, overwrite, start)
 
 
