@@ -35,6 +35,13 @@ def test_raises_then_restores_and_trims(fake):
                               ("mallopt", alloc.M_TRIM_THRESHOLD, alloc.LEAN_THRESHOLD), ("trim", 0)]
 
 
+def test_trim_threshold_can_differ_from_the_mmap_threshold(fake):
+    with alloc.heap_reuse(1 << 20, 1 << 30):
+        assert fake.calls == [("mallopt", alloc.M_MMAP_THRESHOLD, 1 << 20), ("mallopt", alloc.M_TRIM_THRESHOLD, 1 << 30)]
+    assert fake.calls[2:] == [("mallopt", alloc.M_MMAP_THRESHOLD, alloc.LEAN_THRESHOLD),
+                              ("mallopt", alloc.M_TRIM_THRESHOLD, alloc.LEAN_THRESHOLD), ("trim", 0)]
+
+
 def test_nested_uses_act_once_and_restore_on_error(fake):
     with pytest.raises(RuntimeError):
         with alloc.heap_reuse():
@@ -56,3 +63,40 @@ def test_real_allocator_computes_the_same():
     with alloc.heap_reuse():
         got = torch.nn.functional.silu(x) * x
     assert torch.equal(got, expect)
+
+
+class FreeLibc(FakeLibc):
+    """A fake glibc whose heap holds ``free`` bytes of free chunks (mallinfo2)."""
+
+    def __init__(self, free: int) -> None:
+        super().__init__()
+        self.free = free
+
+    def mallinfo2(self):
+        return type("MallInfo2", (), {"fordblks": self.free})()
+
+
+@pytest.mark.parametrize("free, keep, trims", [(100, 0, True), (100, 99, True), (100, 100, False), (5, 1 << 30, False)])
+def test_trim_heap_trims_only_beyond_the_slack(monkeypatch, free, keep, trims):
+    lib = FreeLibc(free)
+    monkeypatch.setattr(alloc, "_glibc", lambda: lib)
+    assert alloc.heap_free_bytes() == free
+    assert alloc.trim_heap(keep) is trims
+    assert lib.calls == ([("trim", 0)] if trims else [])
+
+
+def test_trim_heap_trims_when_the_free_bytes_are_unknown(fake):
+    """A glibc without mallinfo2 (before 2.33): nothing to compare against, so it trims as before."""
+    assert alloc.heap_free_bytes() is None
+    assert alloc.trim_heap(1 << 30) is True
+    assert fake.calls == [("trim", 0)]
+
+
+def test_without_glibc_nothing_happens(monkeypatch):
+    monkeypatch.setattr(alloc, "_glibc", lambda: None)
+    assert alloc.heap_free_bytes() is None and alloc.trim_heap() is False
+
+
+def test_real_heap_free_bytes_is_a_count_where_glibc_has_it():
+    free = alloc.heap_free_bytes()
+    assert free is None or (isinstance(free, int) and free >= 0)

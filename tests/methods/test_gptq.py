@@ -155,6 +155,22 @@ def test_inverse_cholesky_in_visit_order_and_in_place_helpers() -> None:
         assert torch.equal(inv, lower_inverse(lower, leaf=16))
 
 
+@pytest.mark.parametrize("width", [0, 1 << 20])  # the row-by-row forms of wide layers, the whole-matrix ones
+def test_flip_and_permutation_forms_are_the_same_bits(monkeypatch, width) -> None:
+    """flip_both_ and the visit-order copy take whole-matrix forms up to SINGLE_THREAD_WIDTH rows and
+    memory-saving ones beyond: both give the same factor, bit for bit, odd sizes included."""
+    from bitsmith.methods import gptq as gptq_module
+
+    g = torch.Generator().manual_seed(11)
+    for n in (97, 96):
+        x = torch.randn(3 * n, n, generator=g)
+        h, perm, m = x.T @ x, torch.randperm(n, generator=g), torch.randn(n, n, generator=g)
+        monkeypatch.setattr(gptq_module, "SINGLE_THREAD_WIDTH", width)
+        assert torch.equal(gptq_module.flip_both_(m.clone()), m.flip(0, 1))
+        assert torch.equal(gptq_module._permuted(h, perm), h[perm][:, perm])
+        assert torch.equal(inverse_cholesky(h, 0.01, perm), inverse_cholesky(h[perm][:, perm], 0.01))
+
+
 def _gptq_oracle(w: torch.Tensor, hessian: torch.Tensor, qt, perm: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """Slow GPTQ straight from the OBS equations (paper eq. 2-3), float64: an explicit inverse
     Hessian, one column at a time in the visit order ``perm``, the inverse shrunk by Gaussian

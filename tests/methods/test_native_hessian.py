@@ -100,3 +100,16 @@ def test_accumulator_with_and_without_the_kernel(n: int, monkeypatch: pytest.Mon
         assert torch.equal(stats.hessian, stats.hessian.T) and stats.tokens == 1000
         assert ((stats.hessian.double() - oracle).abs().max() / oracle.diagonal().mean()) < 2e-6
         torch.testing.assert_close(stats.importance.double(), flat.pow(2).mean(0), rtol=1e-5, atol=1e-7)
+
+
+@needs_amx
+@pytest.mark.parametrize("tokens,n", [(1, 5), (31, 33), (33, 64), (257, 95), (1030, 300), (700, 576)])
+def test_vector_packing_equals_the_scalar_reference_bit_for_bit(tokens: int, n: int) -> None:
+    """The 512-bit tile packing writes the bytes the element-by-element packing writes (ragged token
+    counts and widths: partial 32-token groups and 32-feature panels, strided rows), so H is identical."""
+    g = torch.Generator().manual_seed(tokens + 7 * n)
+    x = _bf16(g, tokens, n + 9)[:, 4 : 4 + n]  # a row stride wider than the row
+    start = torch.randn(n, n, generator=g)
+    fast, slow = start.clone(), start.clone()
+    assert native.hessian_update(LIB, x, fast) and native.hessian_update(LIB, x, slow, scalar_pack=True)
+    assert torch.equal(fast, slow)

@@ -23,7 +23,7 @@ import ctypes
 import threading
 from collections.abc import Iterator
 
-__all__ = ["LEAN_THRESHOLD", "REUSE_THRESHOLD", "heap_reuse"]
+__all__ = ["LEAN_THRESHOLD", "REUSE_THRESHOLD", "heap_free_bytes", "heap_reuse", "trim_heap"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h> mallopt parameters
 LEAN_THRESHOLD = 128 * 1024  # what the lean runner keeps between forwards (infer.lean)
@@ -31,6 +31,13 @@ REUSE_THRESHOLD = 1 << 30  # during a batched forward: every activation (logits 
 
 _state = threading.local()
 _libc: ctypes.CDLL | None | bool = None
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc 2.33 on): every field a size_t."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -41,15 +48,18 @@ def _glibc() -> ctypes.CDLL | None:
             _libc = lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else False
         except OSError:
             _libc = False
+        if _libc and hasattr(_libc, "mallinfo2"):
+            _libc.mallinfo2.restype, _libc.mallinfo2.argtypes = _MallInfo2, []
     return _libc or None
 
 
 @contextlib.contextmanager
-def heap_reuse(threshold: int = REUSE_THRESHOLD) -> Iterator[None]:
-    """Serve allocations up to ``threshold`` bytes from the heap while the block runs; on exit restore
-    the lean 128 KiB thresholds and return the freed heap pages (``malloc_trim``). Nested uses (a long
-    prompt prefilled in slices) act once, at the outermost level. The settings are process-wide, so
-    use it around a whole forward on the one thread that runs the model."""
+def heap_reuse(threshold: int = REUSE_THRESHOLD, trim_threshold: int | None = None) -> Iterator[None]:
+    """Serve allocations up to ``threshold`` bytes from the heap while the block runs, and keep up to
+    ``trim_threshold`` (default ``threshold``) free bytes at the heap's top instead of returning them
+    at every free; on exit restore the lean 128 KiB thresholds and return the freed heap pages
+    (``malloc_trim``). Nested uses (a long prompt prefilled in slices) act once, at the outermost level.
+    The settings are process-wide, so use it around a whole forward on the one thread that runs the model."""
     libc = _glibc()
     depth = getattr(_state, "depth", 0)
     if libc is None or depth:
@@ -61,7 +71,7 @@ def heap_reuse(threshold: int = REUSE_THRESHOLD) -> Iterator[None]:
         return
     _state.depth = 1
     libc.mallopt(M_MMAP_THRESHOLD, int(threshold))
-    libc.mallopt(M_TRIM_THRESHOLD, int(threshold))
+    libc.mallopt(M_TRIM_THRESHOLD, int(threshold if trim_threshold is None else trim_threshold))
     try:
         yield
     finally:
@@ -69,3 +79,27 @@ def heap_reuse(threshold: int = REUSE_THRESHOLD) -> Iterator[None]:
         libc.mallopt(M_MMAP_THRESHOLD, LEAN_THRESHOLD)
         libc.mallopt(M_TRIM_THRESHOLD, LEAN_THRESHOLD)
         libc.malloc_trim(0)
+
+
+def heap_free_bytes() -> int | None:
+    """Bytes of free chunks the heap holds (all arenas: glibc's ``mallinfo2().fordblks``), or None where
+    that cannot be read (not glibc, or a glibc older than 2.33)."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    return int(libc.mallinfo2().fordblks)
+
+
+def trim_heap(keep_free: int = 0) -> bool:
+    """Return freed heap pages to the OS (``malloc_trim``) when the heap holds more than ``keep_free``
+    free bytes, or when that cannot be read; returns whether it trimmed. A trim makes the next
+    allocations of those pages fault them in again (a page fault per 4 KiB, zeroed by the kernel), so
+    a loop that allocates the same temporaries over and over trims only when enough is free to matter."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    free = heap_free_bytes() if keep_free > 0 else None
+    if free is not None and free <= keep_free:
+        return False
+    libc.malloc_trim(0)
+    return True

@@ -104,16 +104,19 @@ def hessian_library() -> ctypes.CDLL | None:
         lib.bs_hessian_bf16_available.restype = ctypes.c_int
         lib.bs_hessian_bf16.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64]
         lib.bs_hessian_bf16.restype = ctypes.c_int
+        lib.bs_hessian_bf16_packed.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64]
+        lib.bs_hessian_bf16_packed.restype = ctypes.c_int
     return lib if lib.bs_hessian_bf16_available() else None
 
 
-def hessian_update(lib: ctypes.CDLL, x: torch.Tensor, hessian: torch.Tensor) -> bool:
+def hessian_update(lib: ctypes.CDLL, x: torch.Tensor, hessian: torch.Tensor, scalar_pack: bool = False) -> bool:
     """``hessian`` [n, n] float32 += x^T x for bfloat16 ``x`` [tokens, n], summed in float32 (exact
     products), on the 32 x 32 blocks on and above the diagonal only: every entry with column >= row
     is updated, entries below the diagonal blocks are not touched (the caller mirrors). False when the
-    kernel declined (nothing changed)."""
+    kernel declined (nothing changed). ``scalar_pack`` packs the tiles element by element (the reference
+    for the vector packing: the same bytes, so the same result)."""
     assert x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1
     assert hessian.dtype == torch.float32 and hessian.stride(1) == 1 and hessian.shape == (x.shape[1], x.shape[1])
-    done = lib.bs_hessian_bf16(_ptr(x), x.shape[0], x.shape[1], x.stride(0), _ptr(hessian), hessian.stride(0),
-                               max(1, torch.get_num_threads()))
+    done = lib.bs_hessian_bf16_packed(_ptr(x), x.shape[0], x.shape[1], x.stride(0), _ptr(hessian), hessian.stride(0),
+                                      max(1, torch.get_num_threads()), int(scalar_pack))
     return done == 0

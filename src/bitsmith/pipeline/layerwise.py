@@ -20,11 +20,12 @@ Every finished block is committed to ``<out>.partial/`` so ``resume=True`` conti
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import json
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +37,7 @@ from bitsmith.calib.stats import StatsAccumulator
 from bitsmith.io.checkpoint import CheckpointError, CheckpointWriter
 from bitsmith.io.destination import Destination, Staging
 from bitsmith.io.ledger import ledger_dir
+from bitsmith.kernels.alloc import heap_reuse, trim_heap
 from bitsmith.methods import LayerStats, Method
 from bitsmith.models.family import HEAD_WEIGHT
 from bitsmith.pipeline.batches import run_batches
@@ -47,7 +49,7 @@ from bitsmith.pipeline.common import (
 from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.pipeline.replay import OutputReplay
 from bitsmith.pipeline.stages import (
-    find_stages, quantize_linear, quantize_stage, report_hessian_tokens, stage_stats,
+    block_stages, find_stages, quantize_linear, quantize_stage, report_hessian_tokens, stage_stats,
 )
 from bitsmith.pipeline.workstate import WorkState
 from bitsmith.spec import QuantSpec
@@ -63,6 +65,24 @@ TAIL_FILE = "tail-{}.bin"  # one per linear (a tail is read while the next is wr
 # a 1536-wide float32 table, 14 trims for the 1.5B's embedding (each costs a few ms and refaults a slice)
 RTN_SLICES = 4
 SOLVE_TRIM_WIDTH = 4096  # stages with at least this many inputs are solved on a trimmed heap (_before_solve)
+# The allocator for the whole run (kernels.alloc): allocations up to this size come from the heap and
+# stay there when freed, so the ~100 forwards of every block reuse the same pages instead of mapping
+# and page-faulting fresh ones (SmolLM2's GPTQ: 9.1 M minor faults, ~21 of ~170 CPU s in the kernel);
+# larger ones (a 1.5B's Hessians and activation stores) are mapped and returned to the OS at free
+RUN_HEAP_THRESHOLD = 64 << 20
+# Freed heap pages go back to the OS (at the heap's top when freed, anywhere at the stages' and blocks'
+# trims) only when more than the replay budget plus this many bytes are free: the next block reuses
+# them (its replayed outputs, the largest reusable part, are of the same sizes). A trim after every
+# stage and block made the next pass fault its working set in again, and so did glibc's own trim of
+# the heap's top at 64 MiB (SmolLM2 at 128 x 512: 6.5 M faults with a fixed 512 MiB slack, 3.3 M with
+# a 64 MiB top, against 9.1 M before)
+HEAP_SLACK = 256 << 20
+# ... but only for models below this size (fp32 bytes of all tensors). There the activations, not the
+# weights, set the run's memory, and re-faulting them was ~12% of SmolLM2's GPTQ CPU time. On larger
+# models the heap is trimmed at every stage and block and glibc keeps its own thresholds, as before:
+# the kept heap raised a 2-block model at the 1.5B's widths from 2.41 to 3.00 GB peak (session 13),
+# and the 1.5B's GPTQ must stay within 40% of its fp32 size (2.84 GB)
+HEAP_KEEP_MAX_MODEL_BYTES = 1 << 30
 
 
 @dataclass
@@ -79,6 +99,8 @@ class _Run:
     calib: torch.Tensor  # [samples, seq_len] token ids
     calls: list[list[BlockCall]]  # per block, per batch
     store: ActivationStore  # the inputs of the next block to quantize
+    stages: dict = field(default_factory=dict)  # block_stages' findings, per kind of block
+    heap_keep: int = 0  # free heap bytes kept between stages and blocks (heap_keep_bytes)
 
 
 def quantize_blocks(
@@ -110,14 +132,27 @@ def quantize_blocks(
         raise ValueError(f"calibration tokens must be [samples, seq_len], got shape {tuple(calib.shape)}")
     # the destination's lock before the work folder is opened: two --resume runs to one --out would
     # otherwise both continue from <out>.partial and overwrite each other's blocks
-    with destination.stage() as staging:
-        return _run_blocks(model, out_dir, plan, calib, staging, progress, resume, overwrite, start)
+    keep = heap_keep_bytes(model, plan)
+    with destination.stage() as staging, (heap_reuse(RUN_HEAP_THRESHOLD, keep) if keep else contextlib.nullcontext()):
+        return _run_blocks(model, out_dir, plan, calib, staging, progress, resume, overwrite, start, keep)
+
+
+def heap_keep_bytes(model: str | Path, plan: QuantizePlan) -> int:
+    """Free heap bytes a calibrated run keeps for reuse instead of trimming (0: trim at every stage and
+    block): ``plan.replay_bytes + HEAP_SLACK`` for models under ``HEAP_KEEP_MAX_MODEL_BYTES`` in fp32."""
+    from bitsmith.models import open_source
+
+    source = open_source(model)
+    fp32_bytes = 4 * sum(math.prod(source.tensor_shape(n)) for n in source.tensor_names())
+    return plan.replay_bytes + HEAP_SLACK if fp32_bytes < HEAP_KEEP_MAX_MODEL_BYTES else 0
 
 
 def _run_blocks(model: str | Path, out_dir: Path, plan: QuantizePlan, calib: torch.Tensor, staging: Staging,
-                progress: Callable[[str, int, int], None] | None, resume: bool, overwrite: bool, start: float) -> Path:
+                progress: Callable[[str, int, int], None] | None, resume: bool, overwrite: bool, start: float,
+                heap_keep: int = 0) -> Path:
     """:func:`quantize_blocks` once the destination is locked and staged."""
     run = _open_run(model, out_dir, plan, calib, resume)
+    run.heap_keep = heap_keep
     shape = tuple(run.store.tensor.shape)
     options = {**plan.recorded_options(),
                "calibration": {"samples": shape[0], "seq_len": shape[1], "hash": run.state.key["calib"]}}
@@ -170,9 +205,10 @@ def _walk_blocks(run: _Run, writer: CheckpointWriter, progress: Callable[[str, i
         block_prefix = f"{run.prefix}.{i}"
         _load_block(run.net, run.source, block_prefix)
         tensors, specs, reports, run.store = _process_block(
-            run.blocks[i], block_prefix, run.store, run.calls[i], run.method, run.plan, run.state)
+            run.blocks[i], block_prefix, run.store, run.calls[i], run.method, run.plan, run.state, run.stages,
+            run.heap_keep)
         _unload_block(run.blocks[i])
-        _trim_heap()
+        _trim_heap(run.heap_keep)
         run.state.commit_block(i, tensors, specs, reports)
         _emit_block(writer, run.state, i)
         log.info("block %d/%d quantized in %.1f s", i + 1, n_blocks, time.perf_counter() - t0)
@@ -234,14 +270,11 @@ def _release_embedding(net: nn.Module) -> str:
     return name
 
 
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS. glibc keeps freed chunks below its mmap threshold,
-    and that threshold grows (to 32 MB) as big tensors come and go, so a long run's resident set
-    creeps up by the fragments; ``malloc_trim`` releases them. A no-op without glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def _trim_heap(keep_free: int = 0) -> None:
+    """Hand freed heap memory back to the OS when more than ``keep_free`` bytes of it are free. glibc
+    keeps freed chunks below its mmap threshold (``RUN_HEAP_THRESHOLD`` here), so a long run's resident
+    set creeps up by the fragments; ``malloc_trim`` releases them. A no-op without glibc."""
+    trim_heap(keep_free)
 
 
 def rtn_by_rows(weight: torch.Tensor, spec: QuantSpec, options: dict) -> QuantizedTensor:
@@ -336,7 +369,7 @@ def _emit_block(writer: CheckpointWriter, state: WorkState, index: int) -> None:
 
 def _process_block(
     block: nn.Module, block_prefix: str, store: ActivationStore, calls: list[BlockCall], method: Method,
-    plan: QuantizePlan, state: WorkState,
+    plan: QuantizePlan, state: WorkState, known_stages: dict | None = None, heap_keep: int = 0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[dict], ActivationStore]:
     """Quantize one loaded block; returns its plain tensors, its quantized tensors' specs, its layer
     reports (all keyed by full name) and the store holding the next block's inputs."""
@@ -354,7 +387,7 @@ def _process_block(
         tensors = {f"{block_prefix}.{rel}": storage(t.detach(), plan.unquantized_dtype)
                    for rel, t in block.state_dict().items() if rel.removesuffix(".weight") not in linears}
         block.to(compute_dtype)
-        stages = find_stages(block, linears, store.tensor[slices[0]], calls[0])
+        stages = block_stages(block, linears, store.tensor[slices[0]], calls[0], {} if known_stages is None else known_stages)
         hessian_cap = report_hessian_tokens(plan.quantizer)
         replay = OutputReplay(block, linears, len(slices), plan.replay_bytes)
         specs, reports = {}, []
@@ -366,7 +399,7 @@ def _process_block(
             weights = [masters.pop(rel) for rel in stage]
             results = quantize_stage(names, weights, _before_solve(stats), method, plan)
             del stats
-            _trim_heap()
+            _trim_heap(heap_keep)
             for j, (rel, name, (qt, report)) in enumerate(zip(stage, names, results)):
                 weight, weights[j] = weights[j], None  # dropped once done: the peak stays in quantize_stage
                 if fits_fp16(qt):

@@ -66,23 +66,59 @@ void configure_tiles() {  // per thread: eight tiles of 16 rows x 64 bytes
 // tile's 16 rows are 1 KB of consecutive bytes rather than 16 rows a whole matrix row apart):
 //   xa: A tiles, [np/32][kp/32][32 features][32 tokens]
 //   xb: B tiles (VNNI), [np/32][kp/2][32 features][2 tokens]
+// One panel's 32 tokens at a time (pack_group); the element-by-element form below is the reference.
+void pack_group_scalar(const uint16_t* x, int64_t ldx, int64_t width, int64_t rows, uint16_t* a, uint16_t* b) {
+    for (int64_t t = 0; t < BLK; ++t)
+        for (int64_t i = 0; i < BLK; ++i) {
+            const uint16_t v = t < rows && i < width ? x[t * ldx + i] : 0;
+            a[i * BLK + t] = v;                  // A: feature-major, the 32 tokens of feature i in a row
+            b[(t / 2) * BLK * 2 + i * 2 + t % 2] = v;  // B: token pairs, each feature's pair side by side
+        }
+}
+
+#if defined(__AVX512BW__) && defined(__AVX512F__)
+// The same bytes with 512-bit moves: each B row (a token pair over the 32 features) interleaves two
+// token rows; seen as 32-bit lanes (one token pair of one feature each), A is the transpose of B, so
+// each A row is gathered from B's 16 pair rows in L1. Before this the scalar form (its 64-byte row
+// copies a memmove call each) took longer than the tile products on 576-wide inputs.
+void pack_group(const uint16_t* x, int64_t ldx, int64_t width, int64_t rows, uint16_t* a, uint16_t* b) {
+    const __mmask32 cols = width >= BLK ? ~__mmask32(0) : (__mmask32)((1u << width) - 1);
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int64_t t = 0; t < BLK; t += 2) {
+        const __m512i r0 = t < rows ? _mm512_maskz_loadu_epi16(cols, x + t * ldx) : _mm512_setzero_si512();
+        const __m512i r1 = t + 1 < rows ? _mm512_maskz_loadu_epi16(cols, x + (t + 1) * ldx) : _mm512_setzero_si512();
+        _mm512_storeu_si512(b + t * BLK, _mm512_permutex2var_epi16(r0, lo, r1));           // features 0-15
+        _mm512_storeu_si512(b + t * BLK + BLK, _mm512_permutex2var_epi16(r0, hi, r1));     // features 16-31
+    }
+    const __m512i pairs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(BLK));  // pair q's row starts at 32-bit lane q * 32
+    for (int64_t i = 0; i < BLK; ++i) {
+        const __m512i idx = _mm512_add_epi32(pairs, _mm512_set1_epi32((int)i));
+        _mm512_storeu_si512(a + i * BLK, _mm512_i32gather_epi32(idx, (const int*)b, 4));
+    }
+}
+#else
+void pack_group(const uint16_t* x, int64_t ldx, int64_t width, int64_t rows, uint16_t* a, uint16_t* b) {
+    pack_group_scalar(x, ldx, width, rows, a, b);
+}
+#endif
+
 void pack(const uint16_t* x, int64_t ldx, int64_t n, int64_t k0, int64_t kc, int64_t np, int64_t kp,
-          uint16_t* xa, uint16_t* xb, int threads) {
+          uint16_t* xa, uint16_t* xb, int threads, bool scalar) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i0 = 0; i0 < np; i0 += BLK) {
-        uint16_t* pa = xa + i0 * kp;  // this panel's A tiles
-        uint16_t* pb = xb + i0 * kp;  // and its B tiles
         const int64_t width = n - i0 < BLK ? n - i0 : BLK;
-        for (int64_t k = 0; k < kp; ++k) {
-            uint16_t row[BLK] = {0};
-            if (k < kc)
-                for (int64_t i = 0; i < width; ++i) row[i] = x[(k0 + k) * ldx + i0 + i];
-            uint16_t* a = pa + (k / BLK) * BLK * BLK + (k % BLK);
-            uint16_t* b = pb + (k / 2) * BLK * 2 + (k % 2);
-            for (int64_t i = 0; i < BLK; ++i) {
-                a[i * BLK] = row[i];
-                b[i * 2] = row[i];
-            }
+        for (int64_t t0 = 0; t0 < kp; t0 += BLK) {
+            const uint16_t* src = x + (k0 + t0) * ldx + i0;
+            const int64_t rows = kc - t0 < BLK ? kc - t0 : BLK;  // tokens left in the chunk (>= 1)
+            uint16_t* a = xa + i0 * kp + t0 * BLK;  // this panel's A tile for tokens t0..t0+31
+            uint16_t* b = xb + i0 * kp + t0 * BLK;  // and its 16 B rows of token pairs
+            if (scalar)
+                pack_group_scalar(src, ldx, width, rows, a, b);
+            else
+                pack_group(src, ldx, width, rows, a, b);
         }
     }
 }
@@ -155,11 +191,10 @@ int bs_hessian_bf16_available() {
 #endif
 }
 
-// h [n, ldh] float += x^T x for x [T, ldx] bfloat16 (raw bits), on the 32 x 32 blocks with block column
-// >= block row (the upper triangle and the whole diagonal blocks; the rest of h is not touched).
-// Returns 0, or -1 where AMX is unavailable (nothing done: the caller takes its GEMM path).
-int bs_hessian_bf16(const uint16_t* x, int64_t tokens, int64_t n, int64_t ldx, float* h, int64_t ldh,
-                    int64_t threads) {
+// bs_hessian_bf16 with the packing chosen: scalar_pack != 0 packs element by element (pack_group_scalar,
+// the reference the tests hold the vector packing to, bit for bit).
+int bs_hessian_bf16_packed(const uint16_t* x, int64_t tokens, int64_t n, int64_t ldx, float* h, int64_t ldh,
+                           int64_t threads, int64_t scalar_pack) {
 #ifdef BS_HAVE_AMX
     if (!amx_permitted()) return -1;
     const int nt = threads < 1 ? 1 : (int)threads;
@@ -168,14 +203,22 @@ int bs_hessian_bf16(const uint16_t* x, int64_t tokens, int64_t n, int64_t ldx, f
     std::vector<uint16_t> xa(np * kcap), xb(np * kcap);
     for (int64_t k0 = 0; k0 < tokens; k0 += KC) {
         const int64_t kc = tokens - k0 < KC ? tokens - k0 : KC, kp = round_up(kc, BLK);
-        pack(x, ldx, n, k0, kc, np, kp, xa.data(), xb.data(), nt);
+        pack(x, ldx, n, k0, kc, np, kp, xa.data(), xb.data(), nt, scalar_pack != 0);
         chunk_update(xa.data(), xb.data(), np, kp, h, ldh, n, nt);
     }
     return 0;
 #else
-    (void)x; (void)tokens; (void)n; (void)ldx; (void)h; (void)ldh; (void)threads;
+    (void)x; (void)tokens; (void)n; (void)ldx; (void)h; (void)ldh; (void)threads; (void)scalar_pack;
     return -1;
 #endif
+}
+
+// h [n, ldh] float += x^T x for x [T, ldx] bfloat16 (raw bits), on the 32 x 32 blocks with block column
+// >= block row (the upper triangle and the whole diagonal blocks; the rest of h is not touched).
+// Returns 0, or -1 where AMX is unavailable (nothing done: the caller takes its GEMM path).
+int bs_hessian_bf16(const uint16_t* x, int64_t tokens, int64_t n, int64_t ldx, float* h, int64_t ldh,
+                    int64_t threads) {
+    return bs_hessian_bf16_packed(x, tokens, n, ldx, h, ldh, threads, 0);
 }
 
 }  // extern "C"
