@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tests.kernels.test_alloc import FakeLibc
 from tests.tiny import make_tiny_model, sample_text, tiny_tokenizer
 
 from bitsmith.calib import calibration_batches
@@ -16,19 +17,12 @@ from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.spec import QuantSpec
 
 
-class RecordingLibc:
+class RecordingLibc(FakeLibc):
     """Stands in for glibc: records mallopt / malloc_trim, reports ``free`` bytes of free heap."""
 
     def __init__(self, free: int) -> None:
-        self.free, self.calls = free, []
-
-    def mallopt(self, param: int, value: int) -> int:
-        self.calls.append(("mallopt", param, value))
-        return 1
-
-    def malloc_trim(self, pad: int) -> int:
-        self.calls.append(("trim", pad))
-        return 1
+        super().__init__()
+        self.free = free
 
     def mallinfo2(self):
         return type("MallInfo2", (), {"fordblks": self.free})()
