@@ -75,10 +75,15 @@ def test_cached_kl_matches_exact_per_position_on_random_logits() -> None:
     assert bool((lower <= exact + 2e-3).all())
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("chunk", [1, 7, 32, 500])
-def test_score_window_equals_scoring_from_log_softmax(chunk: int) -> None:
-    """The chunked scorer (no materialised log-softmax) against the plain one on fresh random logits:
-    ragged chunks, ties in the argmax, a cache whose k is below and at the vocabulary."""
+def test_score_window_equals_scoring_from_log_softmax(chunk: int, native: bool, monkeypatch) -> None:
+    """The scorer (no materialised log-softmax; native kernel, or torch on ragged chunks) against the
+    plain one on fresh random logits: ties in the argmax, a cache whose k is below and at the vocabulary."""
+    if not native:
+        from bitsmith.kernels import score
+
+        monkeypatch.setattr(score, "row_lse_argmax", lambda x, threads=None: None)
     g = torch.Generator().manual_seed(chunk)
     t, v = 45, 300
     ref_logits, logits = torch.randn(t, v, generator=g) * 4, torch.randn(t, v, generator=g) * 4

@@ -59,7 +59,7 @@ from torch import Tensor
 
 from bitsmith.eval.metrics import EvalResult, TokenStats, summarize
 from bitsmith.eval.perplexity import eval_mode
-from bitsmith.kernels.score import row_lse_argmax
+from bitsmith.kernels.score import lse_argmax
 
 __all__ = [
     "RefCache", "RefCacheError", "build_cache", "save_cache", "load_cache", "cached_kl",
@@ -265,8 +265,8 @@ def kl_from_top(logq_top: Tensor, topk_logp: Tensor, rest_logp: Tensor) -> Tenso
     return terms.sum(-1)
 
 
-# Rows scored at once: a chunk's logits and temporaries stay in the CPU's caches (32 x 49,152 floats
-# is 6 MB) instead of a window's full log-softmax (100 MB written and read back twice).
+# Rows scored at once where the native kernel does not apply: a chunk's float64 copy stays in the CPU's
+# caches (32 x 49,152 doubles is 12 MB) instead of a window's full log-softmax (100 MB written and read back)
 SCORE_CHUNK = 32
 
 
@@ -274,35 +274,20 @@ def score_window(logits: Tensor, targets: Tensor, cache: RefCache, rows: slice,
                  chunk: int = SCORE_CHUNK) -> TokenStats:
     """One window's :class:`TokenStats` against the cache's ``rows`` from the model's ``logits`` [T, V].
 
-    The log-softmax is never materialised: ``lse = logsumexp(logits)`` per row (the native kernel of
-    :mod:`bitsmith.kernels.score` where it applies, else torch on ``chunk`` rows at a time) and the
-    model's log-probabilities are ``logits - lse`` at the gathered ids only (targets and the cache's
-    top-k); top-1 is ``logits``' own argmax (log-softmax does not move it). Equal, to float rounding,
-    to scoring from ``log_softmax(logits)`` (tested)."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
+    The log-softmax is never materialised: ``lse = logsumexp(logits)`` and the argmax per row
+    (:func:`bitsmith.kernels.score.lse_argmax`: the native kernel where it applies, else torch on
+    ``chunk`` rows at a time) and the model's log-probabilities are ``logits - lse`` at the gathered
+    ids only (targets and the cache's top-k); top-1 is ``logits``' own argmax (log-softmax does not
+    move it). Equal, to float rounding, to scoring from ``log_softmax(logits)`` (tested)."""
     dev = logits.device
     top_logp, top_ids = cache.topk_logp[rows].to(dev), cache.topk_ids[rows].to(dev).long()
     rest, argmax = cache.rest_logp[rows].to(dev), cache.argmax[rows].to(dev).long()
     targets = targets.to(dev).long()
-    ref_nll = -cache.target_logp[rows].double()
-    native = row_lse_argmax(logits)
-    if native is not None:  # one native call: no [T, V] temporaries at all
-        lse, best = native
-        nll = lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
-        logq_top = logits.gather(-1, top_ids).double() - lse.unsqueeze(-1)  # [T, k]
-        return TokenStats(nll=nll, kld=kl_from_top(logq_top, top_logp, rest), top1=best == argmax, ref_nll=ref_nll)
-    nll, kld, top1 = [], [], []
-    for start in range(0, logits.shape[0], chunk):
-        part = slice(start, start + chunk)
-        x = logits[part].float()  # [c, V]
-        best = x.max(-1).indices  # [c]: the first index on ties, as log_softmax's max
-        lse = torch.logsumexp(x, dim=-1)  # [c]
-        nll.append((lse - x.gather(-1, targets[part].unsqueeze(-1)).squeeze(-1)).double())
-        logq_top = (x.gather(-1, top_ids[part]) - lse.unsqueeze(-1)).double()  # [c, k]
-        kld.append(kl_from_top(logq_top, top_logp[part], rest[part]))
-        top1.append(best == argmax[part])
-    return TokenStats(nll=torch.cat(nll).cpu(), kld=torch.cat(kld).cpu(), top1=torch.cat(top1).cpu(), ref_nll=ref_nll)
+    lse, best = lse_argmax(logits, chunk)
+    nll = lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
+    logq_top = logits.gather(-1, top_ids).double() - lse.unsqueeze(-1)  # [T, k]
+    return TokenStats(nll=nll.cpu(), kld=kl_from_top(logq_top, top_logp, rest).cpu(), top1=(best == argmax).cpu(),
+                      ref_nll=-cache.target_logp[rows].double())
 
 
 def evaluate_against_cache(

@@ -54,7 +54,13 @@ def row_lse_argmax(x: torch.Tensor, threads: int | None = None) -> tuple[torch.T
     return (lse, argmax) if done == 0 else None
 
 
-def lse_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`row_lse_argmax` where it applies, else :func:`torch_lse_argmax` (same values to float rounding)."""
+def lse_argmax(x: torch.Tensor, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`row_lse_argmax` where it applies, else :func:`torch_lse_argmax` on ``chunk`` rows at a time
+    (its float64 copy stays cache-sized); the same values to float rounding, on ``x``'s device."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
     got = row_lse_argmax(x)
-    return got if got is not None else torch_lse_argmax(x)
+    if got is not None:
+        return got
+    parts = [torch_lse_argmax(x[start:start + chunk]) for start in range(0, x.shape[0], chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
