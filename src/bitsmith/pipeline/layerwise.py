@@ -130,28 +130,29 @@ def quantize_blocks(
     destination.check()  # before any work: an existing --out, or a foreign folder even with --overwrite
     if calib.dim() != 2 or calib.shape[0] < 1:
         raise ValueError(f"calibration tokens must be [samples, seq_len], got shape {tuple(calib.shape)}")
-    # the destination's lock before the work folder is opened: two --resume runs to one --out would
-    # otherwise both continue from <out>.partial and overwrite each other's blocks
-    keep = heap_keep_bytes(model, plan)
-    with destination.stage() as staging, (heap_reuse(RUN_HEAP_THRESHOLD, keep) if keep else contextlib.nullcontext()):
-        return _run_blocks(model, out_dir, plan, calib, staging, progress, resume, overwrite, start, keep)
-
-
-def heap_keep_bytes(model: str | Path, plan: QuantizePlan) -> int:
-    """Free heap bytes a calibrated run keeps for reuse instead of trimming (0: trim at every stage and
-    block): ``plan.replay_bytes + HEAP_SLACK`` for models under ``HEAP_KEEP_MAX_MODEL_BYTES`` in fp32."""
     from bitsmith.models import open_source
 
-    source = open_source(model)
+    source = open_source(model)  # once: the allocator decision and the run both read it
+    keep = heap_keep_bytes(source, plan)
+    # the destination's lock before the work folder is opened: two --resume runs to one --out would
+    # otherwise both continue from <out>.partial and overwrite each other's blocks
+    with destination.stage() as staging, (heap_reuse(RUN_HEAP_THRESHOLD, keep) if keep else contextlib.nullcontext()):
+        return _run_blocks(source, out_dir, plan, calib, staging, progress, resume, overwrite, start, keep)
+
+
+def heap_keep_bytes(source: Any, plan: QuantizePlan) -> int:
+    """Free heap bytes a calibrated run of the opened ``source`` keeps for reuse instead of trimming (0:
+    trim at every stage and block): ``plan.replay_bytes + HEAP_SLACK`` for models under
+    ``HEAP_KEEP_MAX_MODEL_BYTES`` in fp32."""
     fp32_bytes = 4 * sum(math.prod(source.tensor_shape(n)) for n in source.tensor_names())
     return plan.replay_bytes + HEAP_SLACK if fp32_bytes < HEAP_KEEP_MAX_MODEL_BYTES else 0
 
 
-def _run_blocks(model: str | Path, out_dir: Path, plan: QuantizePlan, calib: torch.Tensor, staging: Staging,
+def _run_blocks(source: Any, out_dir: Path, plan: QuantizePlan, calib: torch.Tensor, staging: Staging,
                 progress: Callable[[str, int, int], None] | None, resume: bool, overwrite: bool, start: float,
                 heap_keep: int = 0) -> Path:
     """:func:`quantize_blocks` once the destination is locked and staged."""
-    run = _open_run(model, out_dir, plan, calib, resume)
+    run = _open_run(source, out_dir, plan, calib, resume)
     run.heap_keep = heap_keep
     shape = tuple(run.store.tensor.shape)
     options = {**plan.recorded_options(),
@@ -174,12 +175,11 @@ def _run_blocks(model: str | Path, out_dir: Path, plan: QuantizePlan, calib: tor
     return path
 
 
-def _open_run(model: str | Path, out_dir: Path, plan: QuantizePlan, calib: torch.Tensor, resume: bool) -> _Run:
-    """Open the source and the work state, build the model without its blocks, capture the inputs."""
-    from bitsmith.models import build_model, embedding_and_head_names, find_blocks, open_source
+def _open_run(source: Any, out_dir: Path, plan: QuantizePlan, calib: torch.Tensor, resume: bool) -> _Run:
+    """Open the work state of the opened ``source``, build the model without its blocks, capture the inputs."""
+    from bitsmith.models import build_model, embedding_and_head_names, find_blocks
     from bitsmith.models.meta import meta_model
 
-    source = open_source(model)
     check_layers(quantizable_layers(source.config, plan.quantize_head, plan.quantize_embeddings), plan)
     method = plan.quantizer_fn()  # the method, wrapped by a basis transform (rotate) if any
     prefix, _ = find_blocks(meta_model(source.config))
