@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tests.kernels.test_alloc import FakeLibc
+from tests.kernels.test_alloc import FreeLibc
 from tests.tiny import make_tiny_model, sample_text, tiny_tokenizer
 
 from bitsmith.calib import calibration_batches
@@ -15,17 +15,6 @@ from bitsmith.pipeline import layerwise
 from bitsmith.pipeline.layerwise import quantize_blocks
 from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.spec import QuantSpec
-
-
-class RecordingLibc(FakeLibc):
-    """Stands in for glibc: records mallopt / malloc_trim, reports ``free`` bytes of free heap."""
-
-    def __init__(self, free: int) -> None:
-        super().__init__()
-        self.free = free
-
-    def mallinfo2(self):
-        return type("MallInfo2", (), {"fordblks": self.free})()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +38,7 @@ def test_run_keeps_the_heap_and_trims_only_beyond_the_slack(model, calib, tmp_pa
     """The thresholds are raised for the run and restored after; the trims at phase changes (after the
     capture, after the tensors outside the blocks) always happen, the per-stage and per-block ones only
     with more than the replay budget (1 GiB here) plus HEAP_SLACK free."""
-    lib = RecordingLibc(free)
+    lib = FreeLibc(free)
     monkeypatch.setattr(alloc, "_glibc", lambda: lib)
     plan = replace(QuantizePlan(QuantSpec.parse("w4g32"), "gptq", batch_size=3), replay_bytes=1 << 30)
     quantize_blocks(model, tmp_path / "q", plan, calib)
