@@ -76,6 +76,25 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return (codes - zero) * scale
 
 
+def dequantize_by_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, width: int) -> torch.Tensor:
+    """``dequantize_codes(codes.float(), expand_groups(scale), expand_groups(zero))`` for codes [out, in]
+    and float32 ``scale``, ``zero`` [out, G] with groups of ``width`` inputs (the last may be short):
+    the same subtraction and product per weight, so the same values, on [out, G, width] views that
+    broadcast the group's parameters instead of two ``repeat_interleave``'d [out, in] copies
+    (a 1536 x 576 layer with its short last group: 12 -> 1 ms)."""
+    out_features, in_features = codes.shape
+    result = torch.empty(out_features, in_features, dtype=torch.float32, device=codes.device)
+    full = in_features // width * width
+    for a, b, w in ((0, full, width), (full, in_features, in_features - full)):
+        if b <= a:
+            continue
+        g0, n = a // width, (b - a) // w
+        dst = result[:, a:b].view(out_features, n, w)
+        torch.sub(codes[:, a:b].reshape(out_features, n, w), zero[:, g0 : g0 + n, None], out=dst)
+        dst.mul_(scale[:, g0 : g0 + n, None])
+    return result
+
+
 def abs_max(t: torch.Tensor) -> float:
     """max |x| without a |x|-sized temporary (from min and max); NaN when some element is NaN,
     inf when some is +-inf. For the 152k-vocabulary matrices of 1.5B models the copy is ~1 GB."""

@@ -12,7 +12,7 @@ import torch
 
 from bitsmith.formats.packing import pack, unpack
 from bitsmith.hadamard import Rotation
-from bitsmith.primitives import dequantize_codes, expand_groups, nf_grid
+from bitsmith.primitives import dequantize_by_groups, expand_groups, nf_grid
 from bitsmith.spec import QuantSpec
 
 
@@ -55,13 +55,12 @@ class QuantizedTensor:
     def dequantize(self) -> torch.Tensor:
         """The reference reconstruction, float32 [out, in]."""
         in_features = self.shape[1]
+        if self.grid is None and self.spec.grid != "vq":  # affine codes: per group, no expanded copies
+            return dequantize_by_groups(self.codes, self.scale.float(), self.zero_or_mid(), self.spec.group_width(in_features))
         scale = expand_groups(self.scale.float(), self.spec, in_features)
         if self.spec.grid == "vq":  # gather whole vectors: [out, in/d, d] -> [out, in]
             return self.grid.float()[self.codes.long()].reshape(self.codes.shape[0], in_features) * scale
-        if self.grid is not None:
-            return self.grid.float()[self.codes.long()] * scale
-        zero = expand_groups(self.zero_or_mid(), self.spec, in_features)
-        return dequantize_codes(self.codes.float(), scale, zero)
+        return self.grid.float()[self.codes.long()] * scale
 
     def weight(self) -> torch.Tensor:
         """The reconstruction in the layer's own input basis, float32 [out, in]: :meth:`dequantize`

@@ -1,12 +1,14 @@
-"""The clip search's in-place candidate loop (methods.rtn.fit_group_ranges) against the plain
-out-of-place formula it replaced: the same scales and zeros, bit for bit."""
+"""Session 14's exact fast paths against the plain formulas they replaced, bit for bit: the clip
+search's in-place candidate loop (methods.rtn.fit_group_ranges) and the grouped dequantization
+(primitives.dequantize_by_groups, behind QuantizedTensor.dequantize)."""
 
 import pytest
 import torch
 
 from bitsmith.methods import rtn as rtn_module
-from bitsmith.methods.rtn import MIN_SHRINK, fit_group_ranges
-from bitsmith.primitives import affine_params, dequantize_codes, group_mask, quantize_codes, to_groups
+from bitsmith.methods.rtn import MIN_SHRINK, fit_group_ranges, rtn
+from bitsmith.primitives import (affine_params, dequantize_by_groups, dequantize_codes, expand_groups, group_mask,
+                                 quantize_codes, to_groups)
 from bitsmith.spec import QuantSpec
 
 
@@ -51,3 +53,20 @@ def test_clip_search_matches_the_out_of_place_formula(text, shape, importance, m
         scale, zero = fit_group_ranges(groups, spec, mask, weights, grid)
         want_scale, want_zero = _oracle(groups, spec, mask, weights, grid)
         assert torch.equal(scale, want_scale) and torch.equal(zero, want_zero), (text, grid)
+
+
+@pytest.mark.parametrize("text,shape", [("w4g128", (37, 576)), ("w4g128", (5, 1536)), ("w8", (19, 200)),
+                                        ("w3g64s", (23, 300)), ("w2g32", (3, 96)), ("w6g256", (11, 100))])
+def test_grouped_dequantize_matches_the_expanded_formula(text, shape) -> None:
+    gen = torch.Generator().manual_seed(len(text) * 1000 + shape[0] * shape[1])
+    spec = QuantSpec.parse(text)
+    w = torch.randn(*shape, generator=gen) * torch.rand(shape[0], 1, generator=gen)
+    qt = rtn(w, spec, None, {})
+    zero = qt.zero_or_mid()
+    want = dequantize_codes(qt.codes.float(), expand_groups(qt.scale.float(), spec, shape[1]),
+                            expand_groups(zero, spec, shape[1]))
+    assert torch.equal(qt.dequantize(), want)
+    got = dequantize_by_groups(qt.codes, qt.scale.float(), zero, spec.group_width(shape[1]))
+    assert torch.equal(got, want) and got.is_contiguous()
+    rows = torch.tensor([shape[0] - 1, 0])  # a row subset (QuantizedTensor.rows with an index)
+    assert torch.equal(qt.rows(rows).dequantize(), want[rows])
