@@ -53,15 +53,16 @@ def test_kernel_reads_strided_rows_and_writes_into_a_wider_matrix() -> None:
 
 
 @needs_amx
-def test_kernel_result_does_not_depend_on_the_thread_count() -> None:
+@pytest.mark.parametrize("n", [300, 600, 1100])  # row blocks per task at 1/2/3 threads: 8/1/1, 8/2/1, 8/4/2
+def test_kernel_result_does_not_depend_on_the_thread_count(n: int) -> None:
     g = torch.Generator().manual_seed(8)
-    x = _bf16(g, 700, 300)
+    x = _bf16(g, 700, n)
     before = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            h = torch.zeros(300, 300)
+            h = torch.zeros(n, n)
             native.hessian_update(LIB, x, h)
             results.append(h)
     finally:
