@@ -141,29 +141,16 @@ void block_update(const uint16_t* xa, const uint16_t* xb, int64_t kp, int64_t i0
     _tile_loadd(3, (char*)c + 16 * ldc + 64, ldc);
     const uint16_t* a = xa + i0 * kp;  // 32 x 32 tiles of 2 KB, one per 32 tokens
     const uint16_t* b = xb + j0 * kp;  // 16 token pairs x 32 features x 2 per 32 tokens: 2 KB
-    // Software-pipelined: the next 32 tokens' A rows 0-15 load while the products of A rows 16-31 run
-    // (a tile cannot be reloaded before the products reading it are issued). Each accumulator gets
-    // the same products in the same token order as a plain load-then-multiply loop: the same sums.
-    _tile_loadd(4, a, 64);
-    _tile_loadd(6, b, 128);
-    _tile_loadd(7, b + 32, 128);
-    _tile_loadd(5, a + 16 * BLK, 64);
-    for (int64_t k = BLK; k < kp; k += BLK) {
-        a += BLK * BLK;
-        b += BLK * BLK;
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
+    for (int64_t k = 0; k < kp; k += BLK, a += BLK * BLK, b += BLK * BLK) {
         _tile_loadd(4, a, 64);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(5, a + 16 * BLK, 64);
         _tile_loadd(6, b, 128);
         _tile_loadd(7, b + 32, 128);
-        _tile_loadd(5, a + 16 * BLK, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
     _tile_stored(0, c, ldc);
     _tile_stored(1, c + 16, ldc);
     _tile_stored(2, (char*)c + 16 * ldc, ldc);
