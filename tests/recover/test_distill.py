@@ -15,7 +15,8 @@ from bitsmith.calib.data import CalibrationConfig
 from bitsmith.io.checkpoint import CheckpointError
 from bitsmith.recover import DistillConfig, distill
 from bitsmith.recover.blockwise import reference_block_outputs
-from bitsmith.recover.distillation import calibration_loss, kl_loss, reference_logprobs, reference_pass, state_dir_for
+from bitsmith.recover.distillation import calibration_loss, reference_logprobs, reference_pass, state_dir_for
+from bitsmith.recover.reference import kl_loss
 from bitsmith.runtime.options import RuntimeOptions
 
 
@@ -227,7 +228,7 @@ def test_one_reference_pass_gives_both_the_logprobs_and_the_block_targets(setup)
     ref = bitsmith.load(setup["model"], options=RuntimeOptions.for_measurement())
     tokens = CalibrationConfig(text=str(setup["text"]), samples=5, seq_len=12).batches(ref.tokenizer)
     logp, targets = reference_pass(ref.model, tokens, 2, blocks=True)
-    assert torch.equal(logp, reference_logprobs(ref.model, tokens, 2))
+    assert logp.ids is None and torch.equal(logp.logp, reference_logprobs(ref.model, tokens, 2))
     separate = reference_block_outputs(ref.model, tokens, 2)
     assert len(targets) == len(separate) == 2 and all(len(t) == 3 for t in targets)
     assert all(torch.equal(a, b) for ta, tb in zip(targets, separate) for a, b in zip(ta, tb))

@@ -26,6 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="first tune each decoder block towards the reference block's output for this many steps "
                         "(block-wise stage; default 0: end-to-end only)")
     p.add_argument("--block-lr", type=float, default=None, help="relative learning rate of the block stage (default: --lr)")
+    p.add_argument("--ref-topk", type=int, default=256,
+                   help="over a vocabulary wider than --ref-topk-above, keep only the reference's K most likely tokens "
+                        "per position and their rest mass (a lower bound of the KL; default 256)")
+    p.add_argument("--ref-topk-above", type=int, default=65_536,
+                   help="vocabulary size above which --ref-topk applies (default 65536: SmolLM2's 49k in full, "
+                        "Gemma-3's 262k as top-k; 0: always top-k)")
     p.add_argument("--calib", type=Path, default=None, help="calibration text (default: the shipped State of the Union text)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last check")
     p.set_defaults(run=run)
@@ -37,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = DistillConfig(steps=args.steps, lr=args.lr, samples=args.samples, seq_len=args.seq_len, batch=args.batch,
                            check_every=args.check_every, calib_text=None if args.calib is None else str(args.calib),
-                           block_steps=args.block_steps, block_lr=args.block_lr)
+                           block_steps=args.block_steps, block_lr=args.block_lr,
+                           ref_topk=args.ref_topk, ref_topk_above=args.ref_topk_above)
     config.validate()  # before loading anything
     printed: list[tuple] = []  # the checks (and tuned blocks) already printed
 

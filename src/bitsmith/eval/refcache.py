@@ -146,18 +146,26 @@ def cache_path(model_id: str, text_hash: str, ctx: int, k: int, folder: Path | N
     return (folder or default_cache_dir()) / f"ref-{key}.safetensors"
 
 
+def topk_and_rest(logp: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` largest of each row of log-probabilities ``logp`` [..., V] (fp16), their ids (int32)
+    and the log of the mass outside them, ``log(1 - sum_k p_i)`` [...] (fp32; ``-inf`` when k >= V):
+    what KL~ (module docstring, :func:`kl_from_top`) needs of the reference."""
+    vocab = logp.shape[-1]
+    values, ids = logp.topk(min(k, vocab), dim=-1)  # [..., k], [..., k]
+    if k >= vocab:
+        rest = torch.full(logp.shape[:-1], -math.inf)  # no mass outside the top k
+    else:
+        covered = torch.logsumexp(values.double(), dim=-1)  # log sum_k p_i <= 0
+        rest = torch.log(-torch.expm1(covered.clamp(max=0.0))).float()  # log(1 - sum_k p_i)
+    return values.half(), ids.int(), rest
+
+
 def _window_stats(logits: Tensor, targets: Tensor, k: int) -> dict[str, Tensor]:
     """Top-k, rest mass, target log-prob and argmax of one window's logits [T, V]."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
-    vocab = logp.shape[-1]
-    values, ids = logp.topk(min(k, vocab), dim=-1)  # [T, k], [T, k]
-    if k >= vocab:
-        rest = torch.full((logp.shape[0],), -math.inf)  # [T]: no mass outside the top k
-    else:
-        covered = torch.logsumexp(values.double(), dim=-1)  # [T] log sum_k p_i <= 0
-        rest = torch.log(-torch.expm1(covered.clamp(max=0.0))).float()  # log(1 - sum_k p_i)
+    values, ids, rest = topk_and_rest(logp, k)
     return {
-        "topk_logp": values.half(), "topk_ids": ids.int(), "rest_logp": rest,
+        "topk_logp": values, "topk_ids": ids, "rest_logp": rest,
         "target_logp": logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1),
         "argmax": logp.argmax(-1).int(),
     }

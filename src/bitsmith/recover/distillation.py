@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from bitsmith.io.checkpoint import CheckpointError
 from bitsmith.recover.output import write_distilled
+from bitsmith.recover.reference import ReferenceTargets, TargetStore
 from bitsmith.recover.tunable import TunableLinear, make_tunable, round_to_storage, trainable
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,11 @@ class DistillConfig:
     seed: int = 0
     block_steps: int = 0  # Adam steps per decoder block in the block-wise stage first (0: end-to-end only)
     block_lr: float | None = None  # the block stage's relative rate (None: lr)
+    # over a vocabulary wider than ref_topk_above keep only the reference's ref_topk largest log-probs
+    # and its rest mass (a lower bound of the KL, recover/reference.py): Gemma-3's 262k tokens in full
+    # would be 8.6 GB for 32 x 512 calibration tokens
+    ref_topk: int = 256
+    ref_topk_above: int = 65_536
 
     def validate(self) -> None:
         for name in ("samples", "seq_len", "batch"):
@@ -75,6 +80,13 @@ class DistillConfig:
             raise ValueError(f"distill learning rate must be a positive number, got {self.lr}")
         if self.check_every is not None and self.check_every < 1:
             raise ValueError(f"check_every must be at least 1, got {self.check_every}")
+        if self.ref_topk < 1 or self.ref_topk_above < 0:
+            raise ValueError(f"distill ref_topk must be at least 1 and ref_topk_above at least 0, got "
+                             f"{self.ref_topk} and {self.ref_topk_above}")
+
+    def topk_for(self, vocab: int) -> int | None:
+        """How many reference log-probabilities a token keeps over ``vocab`` (None: all of them)."""
+        return self.ref_topk if vocab > self.ref_topk_above else None
 
 
 @dataclass
@@ -89,38 +101,25 @@ class DistillResult:
 Progress = Callable[[int, int, dict], None]  # (steps done, total, the last check or {})
 
 
-def kl_loss(logits: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(p_ref || q), from quantized logits [.., V] and reference log-probs
-    (any float dtype; the sum is in float32)."""
-    logq = F.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
-    ref = ref_logp.reshape(-1, ref_logp.shape[-1]).float()
-    return F.kl_div(logq, ref, log_target=True, reduction="sum") / ref.shape[0]
-
-
-REF_LOGP_DTYPE = torch.float16
-
-
 def reference_logprobs(reference: torch.nn.Module, tokens: torch.Tensor, batch: int) -> torch.Tensor:
     """The reference model's log-probabilities [samples, seq_len, V], computed once and stored in
-    float16 (``REF_LOGP_DTYPE``), filled in place. Why: over a 49k vocabulary float32 costs 200 KB a
+    float16 (``recover.reference.REF_LOGP_DTYPE``), filled in place. Why: over a 49k vocabulary float32 costs 200 KB a
     token (6.4 GB for 64 x 512 calibration tokens), the most memory distillation holds; float16 halves
     it, and its rounding (a relative 2^-11 of each log-probability, so below 0.01 wherever p > 1e-8)
     moves the KL by a few parts in 10^4 (tests/recover/test_distill.py holds it to 1e-3)."""
-    return reference_pass(reference, tokens, batch, blocks=False)[0]
+    return reference_pass(reference, tokens, batch, blocks=False)[0].logp
 
 
-def reference_pass(reference: torch.nn.Module, tokens: torch.Tensor, batch: int,
-                   blocks: bool) -> tuple[torch.Tensor, list | None]:
-    """:func:`reference_logprobs` and, with ``blocks``, every reference block's output (the block
-    stage's targets, :func:`bitsmith.recover.blockwise.reference_block_outputs`) from the same
-    forward of each batch: one reference pass over the calibration tokens instead of two."""
-    store: dict[str, torch.Tensor] = {}
+def reference_pass(reference: torch.nn.Module, tokens: torch.Tensor, batch: int, blocks: bool,
+                   topk: int | None = None) -> tuple[ReferenceTargets, list | None]:
+    """The reference's log-probabilities (all, or its ``topk`` largest: :mod:`bitsmith.recover.reference`)
+    and, with ``blocks``, every reference block's output (the block stage's targets,
+    :func:`bitsmith.recover.blockwise.reference_block_outputs`) from the same forward of each batch:
+    one reference pass over the calibration tokens instead of two."""
+    store = TargetStore(tuple(tokens.shape), topk)
 
     def keep(start: int, output) -> None:
-        logits = output.logits
-        if "logp" not in store:
-            store["logp"] = torch.empty(*tokens.shape, logits.shape[-1], dtype=REF_LOGP_DTYPE)
-        store["logp"][start:start + batch] = F.log_softmax(logits.float(), dim=-1)
+        store.add(start, output.logits)
 
     targets = None
     if blocks:
@@ -131,29 +130,31 @@ def reference_pass(reference: torch.nn.Module, tokens: torch.Tensor, batch: int,
         with torch.no_grad():
             for start in range(0, tokens.shape[0], batch):
                 keep(start, reference(input_ids=tokens[start:start + batch], use_cache=False))
-    return store["logp"], targets
+    return store.targets, targets
 
 
 class KLTotal:
     """The calibration KL summed batch by batch from the model's outputs (``add`` fits the block
     stage's ``on_output``, so a forward made for another purpose can measure it too)."""
 
-    def __init__(self, ref_logp: torch.Tensor, batch: int) -> None:
-        self.ref_logp, self.batch, self.total, self.count = ref_logp, batch, 0.0, 0
+    def __init__(self, ref: ReferenceTargets, batch: int) -> None:
+        self.ref, self.batch, self.total, self.count = ref, batch, 0.0, 0
 
     def add(self, start: int, output) -> None:
         logits = output.logits
         positions = logits.shape[0] * logits.shape[1]
-        self.total += float(kl_loss(logits, self.ref_logp[start:start + self.batch])) * positions
+        self.total += float(self.ref[start:start + self.batch].kl(logits)) * positions
         self.count += positions
 
     def mean(self) -> float:
         return self.total / self.count
 
 
-def calibration_loss(net: torch.nn.Module, tokens: torch.Tensor, ref_logp: torch.Tensor, batch: int) -> float:
-    """KL over the whole calibration set (mean over positions), no gradients."""
-    total = KLTotal(ref_logp, batch)
+def calibration_loss(net: torch.nn.Module, tokens: torch.Tensor, ref: ReferenceTargets | torch.Tensor,
+                     batch: int) -> float:
+    """KL over the whole calibration set (mean over positions), no gradients; ``ref`` the targets or
+    the full log-probabilities [S, T, V]."""
+    total = KLTotal(ref if isinstance(ref, ReferenceTargets) else ReferenceTargets(ref), batch)
     with torch.no_grad():
         for start in range(0, tokens.shape[0], batch):
             total.add(start, net(input_ids=tokens[start:start + batch], use_cache=False))
@@ -250,7 +251,7 @@ class _Run:
     net: torch.nn.Module
     tunable: dict[str, TunableLinear]
     tokens: torch.Tensor  # [samples, seq_len]
-    ref_logp: torch.Tensor  # [samples, seq_len, V]
+    ref_logp: ReferenceTargets  # [samples, seq_len, V or top k]
     targets: list | None = None  # [block][batch]: the reference blocks' outputs (the block stage's targets)
     data: Any = None  # the block stage's BlockData, when the first loss measurement captured it
 
@@ -276,7 +277,7 @@ def _open(checkpoint: str | Path, reference: str | Path, config: DistillConfig) 
     calib = CalibrationConfig(text=config.calib_text, samples=config.samples, seq_len=config.seq_len, seed=config.seed)
     tokens = calib.batches(loaded.tokenizer)
     ref.model.float().eval()  # loaded in float32 already; the block targets are float32
-    ref_logp, targets = reference_pass(ref.model, tokens, config.batch, blocks=bool(config.block_steps))
+    ref_logp, targets = reference_pass(ref.model, tokens, config.batch, bool(config.block_steps), config.topk_for(vr))
     del ref
     net = loaded.model.float().eval()
     tunable = make_tunable(net, sorted(loaded.info.specs))
@@ -333,7 +334,7 @@ def _train(run: _Run, params: dict, state: _State, optimizer: torch.optim.Adam, 
         sl = slice(starts[state.step % len(starts)], starts[state.step % len(starts)] + config.batch)
         optimizer.zero_grad(set_to_none=True)
         logits = run.net(input_ids=run.tokens[sl], use_cache=False).logits
-        kl_loss(logits, run.ref_logp[sl]).backward()
+        run.ref_logp[sl].kl(logits).backward()
         optimizer.step()
         state.step += 1
         if state.step % check_every == 0 or state.step == config.steps:
