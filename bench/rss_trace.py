@@ -94,6 +94,33 @@ class Tracer:
             print(f"| {phase} | {peak} | {hwm} |")
 
 
+def stage_peaks(lines: list[str]) -> list[tuple[int, str, int]]:
+    """(block, phase, peak VmRSS MiB) per block from a trace's lines: each stage's statistics pass
+    ("pass k") and solve ("solve k", from the solve's start to the next pass), then the final pass."""
+    peaks: dict[tuple[int, str], int] = {}
+    block, stage, phase = 0, 0, None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[0] not in ("S", "E"):
+            continue
+        message = " ".join(fields[6:]) if fields[0] == "E" else ""
+        if message == "> _process_block":
+            block, stage = block + 1, 0
+        elif message == "> stage_stats":
+            stage += 1
+            phase = f"pass {stage}"
+        elif message == "> quantize_stage":
+            phase = f"solve {stage}"
+        elif message == "> _emit_block" or message == "< _process_block":
+            phase = None
+        if block and phase:
+            rss = int(fields[2].split("=")[1])
+            peaks[(block, phase)] = max(peaks.get((block, phase), 0), rss)
+        if message == "< quantize_stage" and phase == f"solve {stage}":
+            phase = f"after solve {stage}"  # the dequantized weights swapped in, the next pass or the final pass
+    return [(b, name, peak) for (b, name), peak in peaks.items()]
+
+
 def first_blocks(walk, count: int):
     """``_walk_blocks`` over the first ``count`` blocks only."""
     def walk_first(run, writer, progress):
@@ -139,6 +166,13 @@ def main() -> int:
     rc = cli_main(args)
     tracer.mark(f"END rc={rc}")
     tracer.summary()
+    tracer.out.flush()
+    with open(opts.trace) as f:
+        rows = stage_peaks(f.read().splitlines())
+    if rows:
+        print("\n| block | phase (stages in run order) | peak VmRSS sampled (MiB) |\n|---|---|---|")
+        for block, name, peak in rows:
+            print(f"| {block} | {name} | {peak} |")
     return rc
 
 

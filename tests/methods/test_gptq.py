@@ -1,4 +1,5 @@
 import logging
+import weakref
 
 import pytest
 import torch
@@ -98,6 +99,33 @@ def test_indefinite_hessian_retries_with_more_damping(caplog: pytest.LogCaptureF
     h[0, 1] = h[1, 0] = 1e4  # beyond every retry (damping up to 100x the mean diagonal)
     with pytest.raises(ValueError, match="not positive definite"):
         inverse_cholesky(h, 0.01)
+
+
+def test_a_failed_attempt_frees_its_working_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # each retry makes a new n x n working copy; the failed one must be gone by then (else three n x n
+    # matrices at once: the Hessian and two copies, 321 MB each on an 8960-wide layer)
+    from bitsmith.methods import gptq as gptq_module
+
+    copies, real = [], gptq_module._permuted
+
+    def tracked(h: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        assert all(ref() is None for ref in copies), "a failed attempt's working copy is still referenced"
+        out = real(h, order)
+        copies.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(gptq_module, "_permuted", tracked)
+    for n in (64, 2100):  # both forms of _permuted (up to SINGLE_THREAD_WIDTH rows, and wider)
+        copies.clear()
+        h = torch.eye(n)
+        h[0, 1] = h[1, 0] = 2.0  # indefinite: the first attempts fail
+        upper = inverse_cholesky(h, 0.01)
+        assert len(copies) >= 2 and torch.isfinite(upper).all()
+        h[0, 1] = h[1, 0] = 1e4  # every attempt fails
+        copies.clear()
+        with pytest.raises(ValueError, match="not positive definite"):
+            inverse_cholesky(h, 0.01)
+        assert len(copies) == gptq_module.DAMP_RETRIES + 1
 
 
 def test_inverse_cholesky_factor() -> None:

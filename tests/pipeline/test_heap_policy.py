@@ -36,8 +36,8 @@ def _tensors(folder):
 @pytest.mark.parametrize("free, in_loop", [(0, False), (1 << 30, False), ((1 << 30) + layerwise.HEAP_SLACK + 1, True)])
 def test_run_keeps_the_heap_and_trims_only_beyond_the_slack(model, calib, tmp_path, monkeypatch, free, in_loop):
     """The thresholds are raised for the run and restored after; the trims at phase changes (after the
-    capture, after the tensors outside the blocks) always happen, the per-stage and per-block ones only
-    with more than the replay budget (1 GiB here) plus HEAP_SLACK free."""
+    capture, after the tensors outside the blocks) always happen, the per-stage (before and after each
+    solve) and per-block ones only with more than the replay budget (1 GiB here) plus HEAP_SLACK free."""
     lib = FreeLibc(free)
     monkeypatch.setattr(alloc, "_glibc", lambda: lib)
     plan = replace(QuantizePlan(QuantSpec.parse("w4g32"), "gptq", batch_size=3), replay_bytes=1 << 30)
@@ -49,7 +49,7 @@ def test_run_keeps_the_heap_and_trims_only_beyond_the_slack(model, calib, tmp_pa
     assert lib.calls[:2] == raised and lib.calls[-3:] == restored
     inside = lib.calls[2:-3]
     assert all(c == ("trim", 0) for c in inside)
-    stages_and_blocks = 2 * (4 + 1)  # 2 blocks of 4 stages, and each block's end
+    stages_and_blocks = 2 * (4 + 4 + 1)  # 2 blocks of 4 stages, before and after each solve, and each block's end
     assert len(inside) == 2 + (stages_and_blocks if in_loop else 0)
 
 

@@ -109,17 +109,39 @@ def test_float_tables_are_released_before_their_codes_are_written(tmp_path, monk
     assert sorted(checked) == ["lm_head", "model.embed_tokens"]
 
 
-def test_wide_stages_are_solved_on_a_trimmed_heap(monkeypatch) -> None:
-    """A stage at least SOLVE_TRIM_WIDTH inputs wide (the 1.5B's down_proj) is solved after a heap trim,
-    narrower ones (and Hessian-free statistics) without one; the statistics pass through unchanged."""
+def test_stages_are_solved_on_a_trimmed_heap(monkeypatch) -> None:
+    """Every stage is solved after a trim of the heap beyond the run's kept bound (0 on the 1.5B: always;
+    the gate/up solve on the heap its statistics pass left was that model's block peak), a stage at
+    least SOLVE_TRIM_WIDTH inputs wide (the 1.5B's down_proj) after an unconditional one, also where
+    the run keeps a heap; Hessian-free statistics alike; the statistics pass through unchanged."""
     from bitsmith.methods import LayerStats
 
     trims = []
-    monkeypatch.setattr(layerwise, "_trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr(layerwise, "_trim_heap", lambda keep_free=0: trims.append(keep_free))
     monkeypatch.setattr(layerwise, "SOLVE_TRIM_WIDTH", 64)
-    for width, expected in ((63, 0), (64, 1), (100, 2)):
+    for width, keep, expected in ((63, 0, 0), (63, 5, 5), (64, 5, 0), (100, 5, 0), (100, 0, 0)):
         stats = LayerStats(hessian=torch.eye(width), importance=torch.ones(width), tokens=1)
-        assert layerwise._before_solve(stats) is stats
-        assert len(trims) == expected
-    layerwise._before_solve(LayerStats(importance=torch.ones(8)))
-    assert len(trims) == 2
+        trims.clear()
+        assert layerwise._before_solve(stats, keep) is stats
+        assert trims == [expected]
+    trims.clear()
+    layerwise._before_solve(LayerStats(importance=torch.ones(8)), 7)
+    assert trims == [7]
+
+
+@pytest.mark.parametrize("keep", [0, 12345])
+def test_the_run_trims_before_every_solve(tmp_path, monkeypatch, keep: int) -> None:
+    """The run hands its kept-heap bound (heap_keep_bytes) to _before_solve, once per stage (4 per block)."""
+    from bitsmith.calib import calibration_batches
+    from bitsmith.pipeline.plan import QuantizePlan
+    from tests.tiny import make_tiny_model, sample_text, tiny_tokenizer
+
+    folder = make_tiny_model(tmp_path / "src", num_hidden_layers=2)
+    calib = calibration_batches(tiny_tokenizer(), sample_text(1000), samples=4, seq_len=32)
+    seen = []
+    real = layerwise._before_solve
+    monkeypatch.setattr(layerwise, "_before_solve", lambda stats, keep=0: (seen.append(keep), real(stats, keep))[1])
+    monkeypatch.setattr(layerwise, "heap_keep_bytes", lambda source, plan: keep)
+    plan = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", batch_size=2)
+    layerwise.quantize_blocks(folder, tmp_path / "q", plan, calib)
+    assert seen == [keep] * (4 * 2)

@@ -196,6 +196,23 @@ def _permuted(h: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return h[order[:, None], order[None, :]]
 
 
+def _damped_inverse_factor(hessian: torch.Tensor, rev: torch.Tensor, damp: float) -> torch.Tensor | None:
+    """One attempt of :func:`inverse_cholesky` at damping ``damp``: J L^-1 J from the working copy J H_p J
+    (``rev`` = the reversed visit order), or None where the factorization fails or is not finite. A
+    function of its own so that a failed attempt's working copy is freed before the next one is made:
+    in the loop, the copy (and views of it) stayed referenced while the retry built its own, a third
+    n x n matrix at once (321 MB on an 8960-wide layer)."""
+    h = _permuted(hessian.float(), rev)  # [in, in]: J H_p J, the one working copy
+    diag = h.diagonal()
+    diag[diag <= 0] = 1.0
+    diag.add_(damp * diag.mean().item())
+    _, info = torch.linalg.cholesky_ex(h, out=(h, torch.empty((), dtype=torch.int32)))  # in place
+    if int(info) != 0:
+        return None
+    upper = flip_both_(lower_inverse_(h))  # [in, in]
+    return upper if math.isfinite(abs_max(upper)) else None  # no n x n bool temporary
+
+
 def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, perm: torch.Tensor | None = None) -> torch.Tensor:
     """Upper Cholesky factor U of (H_p + λI)^-1 (so (H_p + λI)^-1 = U^T U), where H_p is ``hessian``
     with rows and columns in the order ``perm`` (default: as is) and λ = damp_percent x mean(diag H).
@@ -211,15 +228,9 @@ def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, perm: torch.Ten
     rev = (torch.arange(n) if perm is None else perm).flip(0)
     damp = max(damp_percent, 1e-6)
     for attempt in range(DAMP_RETRIES + 1):
-        h = _permuted(hessian.float(), rev)  # [in, in]: J H_p J, the one working copy
-        diag = h.diagonal()
-        diag[diag <= 0] = 1.0
-        diag.add_(damp * diag.mean().item())
-        _, info = torch.linalg.cholesky_ex(h, out=(h, torch.empty((), dtype=torch.int32)))  # in place
-        if int(info) == 0:
-            upper = flip_both_(lower_inverse_(h))  # [in, in]
-            if math.isfinite(abs_max(upper)):  # no n x n bool temporary
-                return upper
+        upper = _damped_inverse_factor(hessian, rev, damp)
+        if upper is not None:
+            return upper
         if attempt < DAMP_RETRIES:
             log.warning("gptq: Hessian not positive definite at damping %.3g; retrying with %.3g", damp, damp * 10)
             damp *= 10

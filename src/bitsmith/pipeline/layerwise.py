@@ -64,7 +64,7 @@ TAIL_FILE = "tail-{}.bin"  # one per linear (a tail is read while the next is wr
 # RTN search slices (4M weights each, methods.rtn.SEARCH_CHUNK) per heap trim in rtn_by_rows: 64 MB of
 # a 1536-wide float32 table, 14 trims for the 1.5B's embedding (each costs a few ms and refaults a slice)
 RTN_SLICES = 4
-SOLVE_TRIM_WIDTH = 4096  # stages with at least this many inputs are solved on a trimmed heap (_before_solve)
+SOLVE_TRIM_WIDTH = 4096  # stages with at least this many inputs are solved on a trimmed heap, always (_before_solve)
 # The allocator for the whole run (kernels.alloc): allocations up to this size come from the heap and
 # stay there when freed, so the ~100 forwards of every block reuse the same pages instead of mapping
 # and page-faulting fresh ones (SmolLM2's GPTQ: 9.1 M minor faults, ~21 of ~170 CPU s in the kernel);
@@ -313,14 +313,19 @@ def rtn_by_rows(weight: torch.Tensor, spec: QuantSpec, options: dict) -> Quantiz
     return whole
 
 
-def _before_solve(stats: LayerStats) -> LayerStats:
-    """Trim the heap before a wide stage is solved; returns ``stats``. Why: the statistics pass leaves
-    its freed activations in glibc's heap, and the solve's n x n matrices (Qwen2.5-1.5B's down_proj:
-    8,960 x 8,960 float32, 321 MB each, the Hessian and GPTQ's working copy) are fresh mappings that
-    cannot reuse it, so without a trim both are resident at once: that is a block's peak. Narrow
-    stages' solves are small, and each trim costs page faults when the next pass touches the heap."""
-    if stats.hessian is not None and stats.hessian.shape[0] >= SOLVE_TRIM_WIDTH:
-        _trim_heap()
+def _before_solve(stats: LayerStats, keep_free: int = 0) -> LayerStats:
+    """Trim the heap before a stage is solved; returns ``stats``. Why: the statistics pass leaves its
+    freed activations in glibc's heap, and the solve's largest allocations (Qwen2.5-1.5B's down_proj:
+    8,960 x 8,960 float32, 321 MB each, the Hessian and GPTQ's working copy; gate/up: their stacked
+    17,920 x 1,536 weights, reports' slices) are fresh mappings that cannot reuse it, so without a trim
+    both are resident at once. A stage at least ``SOLVE_TRIM_WIDTH`` inputs wide is always solved on a
+    trimmed heap; narrower ones when more than ``keep_free`` bytes are free (the run's kept-heap bound,
+    ``heap_keep_bytes``: 0 on models of 1 GiB and more). On the 1.5B at one thread the gate/up pass
+    left 0.7-1.0 GB of heap resident (it records the attention's outputs for replay, 16 batches of
+    12.6 MB among its temporaries), and the gate/up solve on top of it was the peak of three of four
+    blocks (2.02-2.27 GiB; the down_proj stage, trimmed, 1.98)."""
+    wide = stats.hessian is not None and stats.hessian.shape[0] >= SOLVE_TRIM_WIDTH
+    _trim_heap(0 if wide else keep_free)
     return stats
 
 
@@ -397,7 +402,7 @@ def _process_block(
                                 spill=state.path / TAIL_FILE.format(stage[0]))
             names = [f"{block_prefix}.{rel}" for rel in stage]
             weights = [masters.pop(rel) for rel in stage]
-            results = quantize_stage(names, weights, _before_solve(stats), method, plan)
+            results = quantize_stage(names, weights, _before_solve(stats, heap_keep), method, plan)
             del stats
             _trim_heap(heap_keep)
             for j, (rel, name, (qt, report)) in enumerate(zip(stage, names, results)):
