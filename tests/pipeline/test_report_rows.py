@@ -136,3 +136,39 @@ def test_stream_releases_each_tensor_before_reading_the_next(tmp_path, monkeypat
     plan = QuantizePlan(spec=QuantSpec.parse("w4g32"), method="hqq", quantize_head=True, quantize_embeddings=True)
     quantize(folder, tmp_path / "out", plan)
     assert len(alive) > 5
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_calibrated_report_counts_the_embedding(tmp_path, tied: bool) -> None:
+    """The calibrated path quantizes the embedding with RTN, as the calibration-free path does; its
+    report lists it too (it did not, so the printed totals left out the 152k-row table of a 1.5B) with
+    the same figures, and the totals count every quantized tensor of the checkpoint."""
+    import json
+
+    from bitsmith.calib import calibration_batches
+    from bitsmith.pipeline import layerwise
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
+    from bitsmith.spec import QuantSpec as Spec
+    from tests.tiny import make_tiny_model, sample_text, tiny_tokenizer
+
+    folder = make_tiny_model(tmp_path / "src", tie_word_embeddings=tied, num_hidden_layers=2)
+    calib = calibration_batches(tiny_tokenizer(), sample_text(1000), samples=4, seq_len=32)
+    reports = {}
+    for method in ("gptq", "rtn"):
+        plan = QuantizePlan(Spec.parse("w4g32"), method, quantize_head=True, quantize_embeddings=True, batch_size=2)
+        out = tmp_path / method
+        if method == "gptq":
+            layerwise.quantize_blocks(folder, out, plan, calib)
+        else:
+            quantize(folder, out, plan)
+        info = json.loads((out / "bitsmith.json").read_text())
+        reports[method] = info["report"]
+        by_name = {l["name"]: l for l in info["report"]["layers"]}
+        assert sorted(by_name) == sorted(info["tensors"])  # every quantized tensor has its entry
+        assert info["report"]["quantized_weights"] == sum(l["shape"][0] * l["shape"][1] for l in by_name.values())
+    calibrated = {l["name"]: l for l in reports["gptq"]["layers"]}["model.embed_tokens"]
+    free = {l["name"]: l for l in reports["rtn"]["layers"]}["model.embed_tokens"]
+    for key in ("shape", "spec", "bits_per_weight", "sqnr_db"):
+        assert calibrated[key] == free[key], key
+    assert reports["gptq"]["quantized_weights"] == reports["rtn"]["quantized_weights"]

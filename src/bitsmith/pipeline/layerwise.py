@@ -43,8 +43,8 @@ from bitsmith.models.family import HEAD_WEIGHT
 from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
 from bitsmith.pipeline.common import (
-    STORAGE_DTYPES, check_layers, finish_folder, fits_fp16, kept_report, quantizable_layers, storage,
-    summary,
+    STORAGE_DTYPES, check_layers, finish_folder, fits_fp16, kept_report, layer_report, quantizable_layers,
+    sqnr_db_by_rows, storage, summary,
 )
 from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.pipeline.replay import OutputReplay
@@ -160,7 +160,7 @@ def _run_blocks(source: Any, out_dir: Path, plan: QuantizePlan, calib: torch.Ten
     with CheckpointWriter(out_dir, plan.method, options, overwrite=overwrite, staging=staging) as writer:  # streams: holds no tensor
         embed_module = _release_embedding(run.net)  # needed again only to quantize the head
         _trim_heap()  # the capture's freed temporaries, before the 0.93 GB tensors of _write_other_tensors
-        head_is_tied, kept = _write_other_tensors(writer, run.source, run.net, run.prefix, plan)
+        head_is_tied, outside = _write_other_tensors(writer, run.source, run.net, run.prefix, plan)
         _walk_blocks(run, writer, progress)
         head_reports = []
         if plan.quantizes_own_head(run.source.tensor_names()):
@@ -169,7 +169,7 @@ def _run_blocks(source: Any, out_dir: Path, plan: QuantizePlan, calib: torch.Ten
             head_reports = _quantize_head(run, head_is_tied, writer, embed_module)
         run.store.close()
         finish_folder(writer, run.source, head_is_tied)
-        report = summary(run.source, plan, kept + [r for b in run.state.reports for r in b] + head_reports, start)
+        report = summary(run.source, plan, outside + [r for b in run.state.reports for r in b] + head_reports, start)
         path = writer.finish(report)
     run.state.remove()
     return path
@@ -337,31 +337,33 @@ def _write_other_tensors(writer: CheckpointWriter, source: Any, net: nn.Module, 
                          plan: QuantizePlan) -> tuple[bool, list[dict]]:
     """Every tensor outside the blocks, stored as the calibration-free path stores it (an embedding
     to quantize is a lookup table, not a linear: it gets RTN). Returns whether a tied lm_head is to
-    be quantized, and so written last, untied from the embedding, and the report entry of an
-    embedding kept at fp32 by the overflow rule (if any)."""
+    be quantized, and so written last, untied from the embedding, and the report entry of the
+    embedding (quantized, or kept at fp32 by the overflow rule), as the calibration-free path gives it."""
     from bitsmith.models import embedding_and_head_names
 
     names = source.tensor_names()
     embed_name, _ = embedding_and_head_names(net)
-    kept = []
+    reports = []
     for name in names:
         if name.startswith(prefix + ".") or (plan.quantize_head and name == HEAD_WEIGHT):
             continue  # blocks go one by one; the head is quantized after them, with its real inputs
         tensor = source.load_tensor(name)
         if plan.quantize_embeddings and name == embed_name:
-            module = name.removesuffix(".weight")
+            module, t0 = name.removesuffix(".weight"), time.perf_counter()
             qt = rtn_by_rows(tensor, plan.spec_for(module), plan.method_options())
-            if fits_fp16(qt):
+            if fits_fp16(qt):  # its report entry (the summary's totals count it) before the fp32 table goes
+                sqnr = sqnr_db_by_rows(tensor, lambda rows: qt.rows(rows).weight())
+                reports.append(layer_report(module, tensor, qt, time.perf_counter() - t0, sqnr))
                 tensor = None  # not needed to pack the codes: the fp32 table goes first (0.93 GB at 152k x 1536)
                 writer.add_quantized(module, qt)
             else:  # the overflow rule (pipeline.common)
-                kept.append(kept_report(module, tensor))
+                reports.append(kept_report(module, tensor))
                 writer.add_tensor(name, tensor.float())
         else:
             writer.add_tensor(name, storage(tensor, plan.unquantized_dtype))
         del tensor  # before the next load: two 152k-vocabulary matrices in fp32 are ~1.9 GB
     _trim_heap()
-    return plan.unties_head(names), kept
+    return plan.unties_head(names), reports
 
 
 def _emit_block(writer: CheckpointWriter, state: WorkState, index: int) -> None:
