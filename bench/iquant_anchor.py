@@ -187,6 +187,7 @@ def main() -> int:
     import bitsmith
     import bitsmith.models  # noqa: F401  before io.gguf.export, which otherwise meets a circular import
     from bitsmith.io.gguf.export import export_gguf
+    from bitsmith.models import open_source
 
     torch.set_num_threads(args.threads)
     work = (args.work or work_dir("iquant-anchor")) / args.model
@@ -194,24 +195,24 @@ def main() -> int:
     ref_gguf = work / "ref-F32.gguf"
     if not ref_gguf.exists():
         export_gguf(args.model, ref_gguf, "F32")
-    rows: list[tuple[str, Path]] = []
-    if args.types:
-        imatrix = make_imatrix(imatrix_bin, ref_gguf, work, args.chunks, args.threads)
-        rows += [(f"{t} +imatrix", make_quant(quantize, ref_gguf, t, imatrix, work, args.threads)) for t in args.types]
-    rows = [(t, make_quant(quantize, ref_gguf, t, None, work, args.threads)) for t in args.check] + rows + extras
-    print(f"files ready: {[p.name for _, p in rows]}", flush=True)
+    # each llama.cpp file is made just before it is scored, so a long run prints its rows as it goes
+    imatrix = make_imatrix(imatrix_bin, ref_gguf, work, args.chunks, args.threads) if args.types else None
+    rows = ([(t, lambda t=t: make_quant(quantize, ref_gguf, t, None, work, args.threads)) for t in args.check]
+            + [(f"{t} +imatrix", lambda t=t: make_quant(quantize, ref_gguf, t, imatrix, work, args.threads)) for t in args.types]
+            + [(label, lambda path=path: path) for label, path in extras])
 
-    reference = bitsmith.load(args.model)
-    wins = windows_by_domain(reference.tokenizer, args.texts, args.max_windows)
+    wins = windows_by_domain(open_source(args.model).tokenizer(), args.texts, args.max_windows)
     logits_dir = work / "ref-logits"
     logits_dir.mkdir(exist_ok=True)
     t0 = time.time()
-    save_reference_logits(lambda: reference.model, wins, logits_dir)
+    save_reference_logits(lambda: bitsmith.load(args.model).model, wins, logits_dir)  # loaded only if a window lacks them
     print(f"reference logits: {time.time() - t0:.0f} s", flush=True)
-    del reference
 
     table = []
-    for label, path in rows:
+    for label, make in rows:
+        t0 = time.time()
+        path = make()
+        print(f"{label}: {path.name} ready in {time.time() - t0:.0f} s", flush=True)
         t0 = time.time()
         model = load_row(path)
         res = score(model, wins, logits_dir)
