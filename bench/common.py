@@ -7,6 +7,7 @@ the repository. docs/PROTOCOL.md says which slice is used for what.
 
 from __future__ import annotations
 
+import math
 from importlib.resources import files
 from pathlib import Path
 
@@ -23,6 +24,19 @@ def text_path(name: str = PROSE) -> Path:
         shipped = sorted(p.name for p in path.parent.glob("*.txt"))
         raise FileNotFoundError(f"no shipped text {name!r} in {path.parent}; shipped: {', '.join(shipped)}")
     return path
+
+
+def block_bpw(path: Path) -> float:
+    """Bits per weight of a GGUF file's decoder-block matrices (PROTOCOL section 4): every stored byte
+    of the ``blk.*`` tensors with two or more dimensions over the weights they hold. Norms, biases,
+    the embedding and the head are left out. Reads only the header."""
+    from bitsmith.io.gguf.header import read_header
+
+    infos = [t for t in read_header(path).tensors if t.name.startswith("blk.") and len(t.shape) > 1]
+    if not infos:
+        raise ValueError(f"{path} holds no decoder-block matrices (blk.*), so it has no block bpw")
+    weights = sum(math.prod(t.shape) for t in infos)
+    return 8 * sum(t.n_bytes for t in infos) / weights
 
 
 WORK_ENV = "BITSMITH_BENCH_WORK"

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import tools
-from common import text_path, work_dir
+from common import block_bpw, text_path, work_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = text_path()  # first 60,000 chars of Pride and Prejudice, shipped in bitsmith/data
@@ -34,17 +34,6 @@ def run(cmd: list[str]) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-
-
-def block_bpw(path: Path) -> float:
-    from gguf import GGUFReader
-
-    bits = n = 0
-    for t in GGUFReader(str(path)).tensors:
-        if t.name.startswith("blk.") and len(t.shape) > 1:
-            bits += 8 * int(t.n_bytes)
-            n += int(t.n_elements)
-    return bits / n
 
 
 def main() -> int:

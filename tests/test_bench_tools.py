@@ -70,3 +70,38 @@ def test_shipped_texts_are_found_and_unknown_ones_listed() -> None:
     assert common.text_path(common.CALIBRATION).is_file()
     with pytest.raises(FileNotFoundError, match="pride_and_prejudice_60k.txt"):
         common.text_path("missing.txt")
+
+
+def _gguf_with(path: Path, tensors: dict) -> Path:
+    """A GGUF file holding ``tensors`` {name: (float array, ggml type name)}, quantized by gguf itself."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import quantize
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, (values, qtype) in tensors.items():
+        t = gguf.GGMLQuantizationType[qtype]
+        data = quantize(values, t) if t not in (gguf.GGMLQuantizationType.F32,) else values
+        w.add_tensor(name, data, raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_block_bpw_counts_only_the_decoder_blocks_matrices(tmp_path: Path) -> None:
+    import numpy as np
+
+    common = load("common")
+    rng = np.random.default_rng(0)
+    rows = lambda r, c: rng.standard_normal((r, c)).astype(np.float32)  # noqa: E731
+    path = _gguf_with(tmp_path / "m.gguf", {
+        "token_embd.weight": (rows(8, 64), "F32"),  # outside the blocks: not counted
+        "blk.0.attn_q.weight": (rows(4, 64), "Q8_0"),  # 34 bytes per 32 weights: 8.5 bpw
+        "blk.0.attn_norm.weight": (rows(1, 64)[0], "F32"),  # a vector: not counted
+        "blk.1.ffn_up.weight": (rows(2, 64), "F16"),  # 16 bpw, half as many weights
+    })
+    assert common.block_bpw(path) == pytest.approx((256 * 8.5 + 128 * 16) / 384)
+    empty = _gguf_with(tmp_path / "e.gguf", {"token_embd.weight": (rows(8, 64), "F32")})
+    with pytest.raises(ValueError, match="no decoder-block matrices"):
+        common.block_bpw(empty)
