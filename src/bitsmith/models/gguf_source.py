@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bitsmith.io.gguf.header import GGUFError, GGUFHeader, GGUFTensorInfo, read_header
-from bitsmith.io.gguf.names import unpermute_qk
 from bitsmith.models.aliases import cache_dir
 from bitsmith.models.errors import ModelSourceError
 from bitsmith.models.family import GGUF_ARCHES, HEAD_WEIGHT, GGUFArch
@@ -156,6 +155,8 @@ class GGUFStore:
 
     def load(self, name: str) -> torch.Tensor:
         import torch
+
+        from bitsmith.io.gguf.names import unpermute_qk  # here, not at the top: io.gguf.names imports bitsmith.models
 
         values = self.raw(name)
         stem = self._info(name).name.rsplit(".", 1)[0]
