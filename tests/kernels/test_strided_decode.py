@@ -108,11 +108,12 @@ def test_superblock_decode_on_two_threads_matches_the_oracle(bits: int) -> None:
 @needs_vbmi
 @pytest.mark.parametrize("threads", (1, 2))
 def test_far_prefetch_build_gives_the_same_bits(threads: int) -> None:
-    """The far L2 prefetch (``-DBS_PF_FAR``, a tuning knob of rows_strided, off by default) only adds
-    prefetch instructions: every width, group and ragged shape decodes to the same bits as the default
-    build, rows near the matrix's end included (the prefetch runs past it)."""
-    far = native_library(("-DBS_PF_FAR=4",))
-    assert far is not None, "the far-prefetch build must compile"
+    """The far L2 prefetch (``-DBS_PF_FAR``, a tuning knob of rows_strided, 4 passes by default) only adds
+    prefetch instructions: every width, group and ragged shape decodes to the same bits with it (the
+    default build) as without it (``-DBS_PF_FAR=0``) and with a farther one, rows near the matrix's end
+    included (the prefetch runs past it)."""
+    near, far8 = native_library(("-DBS_PF_FAR=0",)), native_library(("-DBS_PF_FAR=8",))
+    assert near is not None and far8 is not None, "the builds with and without the far prefetch must compile"
     gen = torch.Generator().manual_seed(90 + threads)
     for bits in (2, 3, 4):
         for group, inp in ((64, 1536), (128, 1088), (None, 576), (256, 8960 - 128)):
@@ -122,5 +123,6 @@ def test_far_prefetch_build_gives_the_same_bits(threads: int) -> None:
             packed = pack(qt.codes, bits)
             y = NativeKernel(native, packed, qt.scale, qt.zero, spec, inp, threads=threads)(x)
             assert _rel(y, _int8_oracle(x, qt)) < 1e-5, (spec, inp)
-            y_far = NativeKernel(far, packed, qt.scale, qt.zero, spec, inp, threads=threads)(x)
-            assert torch.equal(y, y_far), (spec, inp)
+            for other in (near, far8):
+                y_other = NativeKernel(other, packed, qt.scale, qt.zero, spec, inp, threads=threads)(x)
+                assert torch.equal(y, y_other), (spec, inp)

@@ -44,14 +44,15 @@
 #define BS_AHEAD_BYTES 0
 #endif
 // A second, far prefetch of the superblock rows (rows_strided), BS_PF_FAR passes ahead, with hint
-// BS_PF_FAR_HINT (_MM_HINT_T1 or _MM_HINT_T2: into L2). 0 (the default) leaves it out. A T0 prefetch
+// BS_PF_FAR_HINT (_MM_HINT_T1 or _MM_HINT_T2: into L2); -DBS_PF_FAR=0 leaves it out. A T0 prefetch
 // holds one of the core's ~16 L1 fill buffers until its line arrives, which caps one core near 16 lines
 // per memory latency (~10-11 GB/s here, the 1-thread read rate); an L2 prefetch far ahead lets the near
-// T0 prefetch find its line in L2. Session 13, 1 thread, loaded, rotation of ~350 MB of matrices
-// (bench/gemv_stream.py): w4g128 17920x1536 0.91x the time with 4 or 8 passes; w2g64, w3g128 and the
-// 1536x8960 shape within +-3% (not above the noise). Off until a quiet 2-thread run says otherwise.
+// T0 prefetch find its line in L2. Quiet, 2 threads, 7 alternating rounds (bench/gemv_stream.py, session
+// 14), time against the build without it: w4g128 17920x1536 0.907, 2048x1536 0.901, 1536x8960 1.002;
+// w3g128 0.973 / 0.981 / 1.005; w2g64 1.006 / 0.971 / 0.979 (T1 hint, 8 passes: no better). On by default
+// since; the 1-thread figures of session 13 agreed for w4 (0.91x) and saw the rest within +-3%.
 #ifndef BS_PF_FAR
-#define BS_PF_FAR 0
+#define BS_PF_FAR 4
 #endif
 #ifndef BS_PF_FAR_HINT
 #define BS_PF_FAR_HINT _MM_HINT_T2
