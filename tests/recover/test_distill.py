@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.recover.resume import resumed_and_whole
 from tests.tiny import make_tiny_model, sample_text
 
 import bitsmith
@@ -181,21 +182,8 @@ def test_block_stage_alone(setup, tmp_path: Path) -> None:
 
 def test_resume_inside_the_block_stage_equals_uninterrupted(setup, tmp_path: Path) -> None:
     cfg = config(setup, block_steps=4, steps=4)
-    whole = distill(setup["vq"], setup["model"], tmp_path / "whole", cfg)
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_block_0(step: int, total: int, last: dict) -> None:
-        if last.get("stage") == "block" and last["block"] == 0:
-            raise Stop
-
-    with pytest.raises(Stop):
-        distill(setup["vq"], setup["model"], tmp_path / "part", cfg, progress=stop_after_block_0)
-    resumed = distill(setup["vq"], setup["model"], tmp_path / "part", cfg, resume=True)
+    resumed, whole = resumed_and_whole(setup["vq"], setup["model"], tmp_path, cfg)
     assert resumed.curve == whole.curve and result_blocks(resumed.path) == result_blocks(whole.path)
-    a, b = load_file(str(whole.path / "model.safetensors")), load_file(str(resumed.path / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_reference_logprobs_are_the_float32_ones_rounded_to_float16(setup) -> None:

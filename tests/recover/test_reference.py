@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from tests.recover.resume import resumed_and_whole
 from tests.tiny import make_tiny_model, sample_text
 
 import bitsmith
@@ -126,19 +126,5 @@ def test_distill_on_the_top_k_keeps_the_house_rules(models, tmp_path: Path, arch
 
 def test_resume_on_the_top_k_equals_uninterrupted(models, tmp_path: Path) -> None:
     model, start = models["gemma3_text"]
-    cfg = config(models)
-    whole = distill(start, model, tmp_path / "whole", cfg)
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_block_0(step: int, total: int, last: dict) -> None:
-        if last.get("stage") == "block" and last["block"] == 0:
-            raise Stop
-
-    with pytest.raises(Stop):
-        distill(start, model, tmp_path / "part", cfg, progress=stop_after_block_0)
-    resumed = distill(start, model, tmp_path / "part", cfg, resume=True)
+    resumed, whole = resumed_and_whole(start, model, tmp_path, config(models))
     assert resumed.curve == whole.curve
-    a, b = load_file(str(whole.path / "model.safetensors")), load_file(str(resumed.path / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
