@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +150,16 @@ def native_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     except (NativeBuildError, OSError) as err:
         log.warning("bitsmith native CPU kernels unavailable, using the slower torch path: %s", err)
         return None
+
+
+def declared_library(signatures: dict[str, tuple[list, Any]]) -> ctypes.CDLL | None:
+    """The kernel library with the C signatures ``name -> (argtypes, restype)`` declared (once per
+    library), or None when it cannot be built or lacks one of the functions (the torch paths then)."""
+    lib = native_library()
+    if lib is None or not all(hasattr(lib, name) for name in signatures):
+        return None
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        if fn.argtypes is None:
+            fn.argtypes, fn.restype = argtypes, restype
+    return lib

@@ -19,15 +19,9 @@ MIN_PARALLEL_ELEMENTS = 1 << 20  # smaller calls run on one thread: waking anoth
 
 
 def _library() -> ctypes.CDLL | None:
-    from bitsmith.kernels.build import native_library
+    from bitsmith.kernels.build import declared_library
 
-    lib = native_library()
-    if lib is None or not hasattr(lib, "bs_row_lse_argmax"):
-        return None
-    if lib.bs_row_lse_argmax.argtypes is None:
-        lib.bs_row_lse_argmax.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int]
-        lib.bs_row_lse_argmax.restype = ctypes.c_int
-    return lib
+    return declared_library({"bs_row_lse_argmax": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int], ctypes.c_int)})
 
 
 def torch_lse_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

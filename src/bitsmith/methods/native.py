@@ -25,18 +25,12 @@ MIN_PARALLEL_WEIGHTS = 1 << 16  # smaller calls run on one thread: waking anothe
 
 def library() -> ctypes.CDLL | None:
     """The kernel library with this module's functions declared, or None (torch paths then)."""
-    from bitsmith.kernels.build import native_library
+    from bitsmith.kernels.build import declared_library
 
-    lib = native_library()
-    if lib is None or not hasattr(lib, "bs_gptq_block"):
-        return None
-    if lib.bs_gptq_block.argtypes is None:
-        lib.bs_gptq_block.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR,
-                                      _I64, _I64]
-        lib.bs_gptq_block.restype = None
-        lib.bs_range_search.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64]
-        lib.bs_range_search.restype = None
-    return lib
+    return declared_library({
+        "bs_gptq_block": ([_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64], None),
+        "bs_range_search": ([_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64], None),
+    })
 
 
 def _threads(weights: int) -> int:
@@ -94,19 +88,14 @@ def range_search(groups: torch.Tensor, spec: QuantSpec, mask: torch.Tensor | Non
 
 def hessian_library() -> ctypes.CDLL | None:
     """The kernel library when its AMX Hessian update (kernels/csrc/hessian.cpp) runs on this CPU, else None."""
-    from bitsmith.kernels.build import native_library
+    from bitsmith.kernels.build import declared_library
 
-    lib = native_library()
-    if lib is None or not hasattr(lib, "bs_hessian_bf16"):
-        return None
-    if lib.bs_hessian_bf16.argtypes is None:
-        lib.bs_hessian_bf16_available.argtypes = []
-        lib.bs_hessian_bf16_available.restype = ctypes.c_int
-        lib.bs_hessian_bf16.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64]
-        lib.bs_hessian_bf16.restype = ctypes.c_int
-        lib.bs_hessian_bf16_packed.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64]
-        lib.bs_hessian_bf16_packed.restype = ctypes.c_int
-    return lib if lib.bs_hessian_bf16_available() else None
+    lib = declared_library({
+        "bs_hessian_bf16_available": ([], ctypes.c_int),
+        "bs_hessian_bf16": ([_PTR, _I64, _I64, _I64, _PTR, _I64, _I64], ctypes.c_int),
+        "bs_hessian_bf16_packed": ([_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64], ctypes.c_int),
+    })
+    return lib if lib is not None and lib.bs_hessian_bf16_available() else None
 
 
 def hessian_update(lib: ctypes.CDLL, x: torch.Tensor, hessian: torch.Tensor, scalar_pack: bool = False) -> bool:
