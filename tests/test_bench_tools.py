@@ -105,3 +105,32 @@ def test_block_bpw_counts_only_the_decoder_blocks_matrices(tmp_path: Path) -> No
     empty = _gguf_with(tmp_path / "e.gguf", {"token_embd.weight": (rows(8, 64), "F32")})
     with pytest.raises(ValueError, match="no decoder-block matrices"):
         common.block_bpw(empty)
+
+
+def test_speed_comparisons_pair_rounds_and_use_each_runs_own_bandwidth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/speed.py's issue-18 lines: w4 against each round's faster llama.cpp 4-bit type, narrower
+    widths as speed ratio over byte ratio, and the bound fraction against the bandwidth of its own run."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    speed = load("speed")
+
+    def run(tok_s: float, mb: float, gbs: float, gguf: str = "") -> dict:
+        return {"decode_tok_s": tok_s, "weight_bytes": mb * 1e6, "bandwidth_gbs": gbs,
+                **({"gguf_type": gguf} if gguf else {})}
+
+    runs = {  # two rounds; round 2's host is twice as fast
+        ("m", "bitsmith", "w4g128"): [run(20.0, 1000, 25.0), run(40.0, 1000, 50.0)],
+        ("m", "bitsmith", "w2g64"): [run(30.0, 500, 25.0), run(72.0, 500, 50.0)],
+        ("m", "llama.cpp", "Q4_0"): [run(10.0, 1000, 25.0, "Q4_0"), run(50.0, 1000, 50.0, "Q4_0")],
+        ("m", "llama.cpp", "Q4_K_M"): [run(16.0, 1000, 25.0, "Q4_K_M"), run(20.0, 1000, 50.0, "Q4_K_M")],
+    }
+    lines = speed.decode_comparisons(runs, "m", "bitsmith")
+    fastest = next(line for line in lines if "fastest 4-bit" in line)
+    # round 1 against Q4_K_M (16): 1.25; round 2 against Q4_0 (50): 0.80
+    assert "(Q4_0/Q4_K_M)" in fastest and "1.02x" in fastest and "range 0.80-1.25" in fastest
+    w2 = next(line for line in lines if line.startswith("m: w2g64"))
+    # speed 1.5x and 1.8x for half the bytes: 0.75 and 0.90 of proportional
+    assert "bytes w4g128 / w2g64 = 2.00x" in w2 and "range 0.75-0.90" in w2 and "range 1.50-1.80" in w2
+    bound = next(line for line in lines if "of the bound" in line)
+    assert "median 80.0%, best 80.0%" in bound  # 20 tok/s x 1 GB at 25 GB/s, 40 x 1 GB at 50 GB/s
+    assert not any("Q8_0" in line for line in lines)  # no w8 row: no w8 line
+    assert speed.describe([1.5]) == "1.50x"
