@@ -447,3 +447,13 @@ def test_tails_beyond_the_budget_are_spilled_and_change_nothing(models, calib, t
     big = quantize_blocks(models["llama"], tmp_path / "big", config, calib)  # everything fits: no file
     assert_same_tensors(tensors(none), tensors(big))
     assert not list((tmp_path).glob("*.partial"))  # the work folder (and the tail file) removed
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_calibrated_head_on_an_untied_model(models, calib, tmp_path, arch) -> None:
+    """The head's statistics come from a real forward with the embedding reloaded: Gemma-3's embedding
+    scales by a buffer that is not in the state dict (embed_scale), which releasing the table to the
+    meta device used to take with it ("Tensor on device meta" at the head)."""
+    config = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", batch_size=BATCH, quantize_head=True)
+    got = tensors(quantize_blocks(models[arch], tmp_path / "q", config, calib))
+    assert "lm_head.qweight" in got and "lm_head.weight" not in got

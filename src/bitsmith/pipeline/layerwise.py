@@ -266,7 +266,13 @@ def _release_embedding(net: nn.Module) -> str:
     from bitsmith.models import embedding_and_head_names
 
     name = embedding_and_head_names(net)[0].removesuffix(".weight")
-    net.get_submodule(name).to("meta")
+    module = net.get_submodule(name)
+    # buffers that are not in the state dict cannot be reloaded from the source (Gemma-3's embed_scale,
+    # sqrt(hidden) computed at build time): they stay, only the table goes
+    kept = {n: b for n, b in module.named_buffers(recurse=False) if n in module._non_persistent_buffers_set}
+    module.to("meta")
+    for n, b in kept.items():
+        module.register_buffer(n, b, persistent=False)
     return name
 
 
