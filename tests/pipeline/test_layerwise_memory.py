@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bitsmith.methods import rtn as rtn_module
-from bitsmith.pipeline import layerwise
+from bitsmith.pipeline import embedding, layerwise
 from bitsmith.primitives import to_groups
 from bitsmith.spec import QuantSpec
 
@@ -39,10 +39,10 @@ def test_rtn_by_rows_equals_rtn(monkeypatch, text: str, rows: int, cols: int, cl
     seen, trims = [], []
     real_rtn = rtn_module.rtn
     monkeypatch.setattr(rtn_module, "rtn", lambda w, *a: seen.append(w.shape[0]) or real_rtn(w, *a))
-    monkeypatch.setattr(layerwise, "_trim_heap", lambda: trims.append(1))
-    sliced = layerwise.rtn_by_rows(weight, spec, options)
+    monkeypatch.setattr(embedding, "trim_heap", lambda: trims.append(1))
+    sliced = embedding.rtn_by_rows(weight, spec, options)
 
-    step = _small_row_slices(to_groups(weight, spec))[0].stop * layerwise.RTN_SLICES
+    step = _small_row_slices(to_groups(weight, spec))[0].stop * embedding.RTN_SLICES
     assert len(seen) == -(-rows // step) > 1 and max(seen) <= step  # sliced, never more rows than a slice
     assert len(trims) == len(seen)
     assert torch.equal(sliced.codes, whole.codes) and torch.equal(sliced.scale, whole.scale)
@@ -60,7 +60,7 @@ def test_rtn_by_rows_keeps_per_tensor_grids_whole(monkeypatch) -> None:
     calls = []
     real_rtn = rtn_module.rtn
     monkeypatch.setattr(rtn_module, "rtn", lambda w, *a: calls.append(w.shape[0]) or real_rtn(w, *a))
-    sliced = layerwise.rtn_by_rows(weight, spec, {})
+    sliced = embedding.rtn_by_rows(weight, spec, {})
     assert calls == [90]
     assert torch.equal(sliced.codes, real_rtn(weight, spec, None, {}).codes)
 

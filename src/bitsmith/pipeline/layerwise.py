@@ -42,6 +42,7 @@ from bitsmith.methods import LayerStats, Method
 from bitsmith.models.family import HEAD_WEIGHT
 from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
+from bitsmith.pipeline.embedding import release_embedding, rtn_by_rows
 from bitsmith.pipeline.common import (
     STORAGE_DTYPES, check_layers, finish_folder, fits_fp16, kept_report, layer_report, quantizable_layers,
     sqnr_db_by_rows, storage, summary,
@@ -52,8 +53,6 @@ from bitsmith.pipeline.stages import (
     block_stages, find_stages, quantize_linear, quantize_stage, report_hessian_tokens, stage_stats,
 )
 from bitsmith.pipeline.workstate import WorkState
-from bitsmith.spec import QuantSpec
-from bitsmith.tensor import QuantizedTensor
 from bitsmith.transforms import get_transform
 
 log = logging.getLogger(__name__)
@@ -61,9 +60,6 @@ log = logging.getLogger(__name__)
 # a replay tail beyond the replay budget (Qwen2.5-1.5B's down_proj input, 1.17 GB per block at 128 x 512)
 # is kept in this file of the work folder: the final pass reads it back instead of recomputing gate/up
 TAIL_FILE = "tail-{}.bin"  # one per linear (a tail is read while the next is written)
-# RTN search slices (4M weights each, methods.rtn.SEARCH_CHUNK) per heap trim in rtn_by_rows: 64 MB of
-# a 1536-wide float32 table, 14 trims for the 1.5B's embedding (each costs a few ms and refaults a slice)
-RTN_SLICES = 4
 SOLVE_TRIM_WIDTH = 4096  # stages with at least this many inputs are solved on a trimmed heap, always (_before_solve)
 # The allocator for the whole run (kernels.alloc): allocations up to this size come from the heap and
 # stay there when freed, so the ~100 forwards of every block reuse the same pages instead of mapping
@@ -158,7 +154,7 @@ def _run_blocks(source: Any, out_dir: Path, plan: QuantizePlan, calib: torch.Ten
     options = {**plan.recorded_options(),
                "calibration": {"samples": shape[0], "seq_len": shape[1], "hash": run.state.key["calib"]}}
     with CheckpointWriter(out_dir, plan.method, options, overwrite=overwrite, staging=staging) as writer:  # streams: holds no tensor
-        embed_module = _release_embedding(run.net)  # needed again only to quantize the head
+        embed_module = release_embedding(run.net)  # needed again only to quantize the head
         _trim_heap()  # the capture's freed temporaries, before the 0.93 GB tensors of _write_other_tensors
         head_is_tied, outside = _write_other_tensors(writer, run.source, run.net, run.prefix, plan)
         _walk_blocks(run, writer, progress)
@@ -260,63 +256,11 @@ def _load_block(net: nn.Module, source: Any, block_prefix: str) -> None:
         set_tensor(net, name, load_checked(source, name, tensor.shape, torch.float32))
 
 
-def _release_embedding(net: nn.Module) -> str:
-    """Put the input embedding on the meta device (block 0's inputs are captured; on a 1.5B model
-    with a 152k vocabulary that frees ~0.5 GB for the whole run). Returns its module name."""
-    from bitsmith.models import embedding_and_head_names
-
-    name = embedding_and_head_names(net)[0].removesuffix(".weight")
-    module = net.get_submodule(name)
-    # buffers that are not in the state dict cannot be reloaded from the source (Gemma-3's embed_scale,
-    # sqrt(hidden) computed at build time): they stay, only the table goes
-    kept = {n: b for n, b in module.named_buffers(recurse=False) if n in module._non_persistent_buffers_set}
-    module.to("meta")
-    for n, b in kept.items():
-        module.register_buffer(n, b, persistent=False)
-    return name
-
-
 def _trim_heap(keep_free: int = 0) -> None:
     """Hand freed heap memory back to the OS when more than ``keep_free`` bytes of it are free. glibc
     keeps freed chunks below its mmap threshold (``RUN_HEAP_THRESHOLD`` here), so a long run's resident
     set creeps up by the fragments; ``malloc_trim`` releases them. A no-op without glibc."""
     trim_heap(keep_free)
-
-
-def rtn_by_rows(weight: torch.Tensor, spec: QuantSpec, options: dict) -> QuantizedTensor:
-    """``rtn(weight, spec, None, options)``, the same codes, scales and zeros, computed a slice of
-    ``RTN_SLICES`` of RTN's own search slices at a time with the heap trimmed after each.
-
-    Why: on Qwen2.5-1.5B the w8 embedding table (151,936 x 1,536) is the run's largest RTN, and its
-    range search's freed temporaries (16 MB each, below glibc's dynamic mmap threshold, so served
-    from the heap) piled up as ~0.8 GB of freed but resident heap on top of the 0.93 GB fp32 table:
-    that was the whole run's peak (2.85-2.91 GB at one thread, over the issue's 2.84 GB bound).
-    Rows are independent in RTN and each slice is a whole number of its search slices (the same
-    tensors go through the same operations), so the result is bit-identical. Per-tensor grids
-    (``fit``, ``vq``) go whole."""
-    from bitsmith.methods.rtn import row_slices, rtn
-    from bitsmith.primitives import to_groups
-
-    step = row_slices(to_groups(weight[:1], spec))[0].stop * RTN_SLICES  # rows (one row grouped: no padded copy)
-    out_features = weight.shape[0]
-    if spec.grid in ("fit", "vq") or out_features <= step:
-        return rtn(weight, spec, None, options)
-    whole = None
-    for start in range(0, out_features, step):
-        rows = slice(start, min(start + step, out_features))
-        part = rtn(weight[rows], spec, None, options)
-        if whole is None:
-            whole = QuantizedTensor(torch.empty(out_features, part.codes.shape[1], dtype=part.codes.dtype),
-                                    torch.empty(out_features, *part.scale.shape[1:], dtype=part.scale.dtype),
-                                    None if part.zero is None else torch.empty(out_features, *part.zero.shape[1:],
-                                                                               dtype=part.zero.dtype),
-                                    spec, part.grid)
-        whole.codes[rows], whole.scale[rows] = part.codes, part.scale
-        if part.zero is not None:
-            whole.zero[rows] = part.zero
-        del part
-        _trim_heap()
-    return whole
 
 
 def _before_solve(stats: LayerStats, keep_free: int = 0) -> LayerStats:
