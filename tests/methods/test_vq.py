@@ -10,8 +10,8 @@ import torch
 
 from bitsmith.methods.base import LayerStats
 from bitsmith.methods.gptq import gptq_walk, layer_error
-from bitsmith.methods.vq import (VQError, check_method, fit_codebook, group_scales, nearest_codes, nearest_tensor,
-                                 upper_inverse_factor, vq, vq_many, vq_walk)
+from bitsmith.methods.vq import (NEAREST_CHUNK, VQError, check_method, fit_codebook, group_scales, nearest_codes,
+                                 nearest_tensor, upper_inverse_factor, vq, vq_many, vq_walk)
 from bitsmith.spec import QuantSpec, SpecError
 from bitsmith.tensor import QuantizedTensor
 
@@ -64,9 +64,10 @@ def test_bad_vq_specs_and_methods_are_refused() -> None:
         vq(torch.randn(4, 64), QuantSpec.parse("w2vq"), None, {"act_order": True})
 
 
-def test_nearest_codes_equal_brute_force() -> None:
+@pytest.mark.parametrize("n", [3000, 2 * NEAREST_CHUNK + 17])  # one chunk; several and a ragged tail
+def test_nearest_codes_equal_brute_force(n: int) -> None:
     g = torch.Generator().manual_seed(2)
-    x, cb = torch.randn(3000, 4, generator=g), torch.randn(256, 4, generator=g)
+    x, cb = torch.randn(n, 4, generator=g), torch.randn(256, 4, generator=g)
     got = nearest_codes(x, cb)
     want = torch.cdist(x.double(), cb.double()).argmin(-1)
     dist = ((x[:, None] - cb[None]) ** 2).sum(-1)
@@ -201,3 +202,19 @@ def test_shared_codebook_output_error_stays_close_to_separate_fits(seed: int) ->
         return sum(layer_error(w, qt.dequantize(), hessian) for w, qt in zip(weights, qts))
 
     assert total(shared) <= 1.06 * total(separate)
+
+
+def test_upper_inverse_factor_is_the_damped_inverse() -> None:
+    """U^T U = (H + λI)^-1 with λ = 1% of the mean diagonal, a dead input set to 1 first (float64
+    oracle); a Hessian no damping makes positive definite is refused with VQError."""
+    h = correlated_hessian(40, 3).double()
+    h[7, :] = 0.0
+    h[:, 7] = 0.0  # a dead input
+    upper = upper_inverse_factor(h.float(), 0.01).double()
+    fixed = h.clone()
+    fixed[7, 7] = 1.0
+    want = torch.linalg.inv(fixed + 0.01 * fixed.diagonal().mean() * torch.eye(40, dtype=torch.float64))
+    assert torch.allclose(upper.T @ upper, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert torch.equal(upper, upper.triu())
+    with pytest.raises(VQError, match="not positive definite"):
+        upper_inverse_factor(torch.tensor([[1.0, 1e6], [1e6, 1.0]]), 0.01)  # needs λ ~ 1e6
