@@ -64,15 +64,37 @@ def test_bad_vq_specs_and_methods_are_refused() -> None:
         vq(torch.randn(4, 64), QuantSpec.parse("w2vq"), None, {"act_order": True})
 
 
-@pytest.mark.parametrize("n", [3000, 2 * NEAREST_CHUNK + 17])  # one chunk; several and a ragged tail
-def test_nearest_codes_equal_brute_force(n: int) -> None:
-    g = torch.Generator().manual_seed(2)
-    x, cb = torch.randn(n, 4, generator=g), torch.randn(256, 4, generator=g)
-    got = nearest_codes(x, cb)
+@pytest.mark.parametrize("n, d, entries", [(3000, 4, 256), (2 * NEAREST_CHUNK + 17, 4, 256), (5001, 2, 64),
+                                           (999, 3, 40)])  # one chunk; several and a ragged tail; d = 2; no 16s
+@pytest.mark.parametrize("native, threads", [(False, 1), (True, 1), (True, 2)])
+def test_nearest_codes_equal_brute_force(n: int, d: int, entries: int, native: bool, threads: int) -> None:
+    """Both paths (the native search, and torch's, its oracle) reach the brute-force distance."""
+    g = torch.Generator().manual_seed(n + d)
+    x, cb = torch.randn(n, d, generator=g), torch.randn(entries, d, generator=g).half().float()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = nearest_codes(x, cb, native=native)
+    finally:
+        torch.set_num_threads(before)
     want = torch.cdist(x.double(), cb.double()).argmin(-1)
     dist = ((x[:, None] - cb[None]) ** 2).sum(-1)
     # ties within float rounding may pick either: compare the distances reached
     assert torch.allclose(dist.gather(1, got[:, None]), dist.gather(1, want[:, None]), atol=1e-5)
+    if native:  # and the torch path's codes, but for near-ties (none expected on random data)
+        assert (got != nearest_codes(x, cb, native=False)).float().mean() < 1e-3
+
+
+def test_nearest_codes_rules_on_ties_and_nan() -> None:
+    """Equal scores: the first entry, as torch.argmax; a NaN vector: torch's answer too."""
+    cb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]] * 16)  # 48 entries, repeats: ties everywhere
+    x = torch.tensor([[2.0, 0.0], [0.0, 3.0], [float("nan"), 1.0], [1.0, 1.0]])
+    got = nearest_codes(x, cb)
+    assert torch.equal(got, nearest_codes(x, cb, native=False))
+    assert got[0] == 0 and got[1] == 2
+    from bitsmith.methods import native
+
+    assert native.library() is not None  # so the native search is what ran above (the kernels build here)
 
 
 def test_codebook_recovers_separated_clusters() -> None:

@@ -37,6 +37,7 @@ SOURCES += (CSRC / "codebook_int8.cpp",)  # vq decode with int8 codebook and act
 SOURCES += (CSRC / "verify.cpp", CSRC / "verify_rows.cpp")  # speculative verify step (infer.verify)
 SOURCES += (CSRC / "hessian.cpp",)  # AMX bf16 Hessian update X^T X (calib.stats via methods.native)
 SOURCES += (CSRC / "score.cpp",)  # log-sum-exp and argmax per row of logits (kernels.score, for eval)
+SOURCES += (CSRC / "vq_search.cpp",)  # nearest codebook entry per vector (methods.vq via methods.native)
 HEADERS = (CSRC / "gemv.h", CSRC / "attention.h", CSRC / "step.h", CSRC / "unpack.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
 

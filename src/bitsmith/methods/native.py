@@ -30,6 +30,7 @@ def library() -> ctypes.CDLL | None:
     return declared_library({
         "bs_gptq_block": ([_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64], None),
         "bs_range_search": ([_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64], None),
+        "bs_vq_nearest": ([_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64], None),
     })
 
 
@@ -39,6 +40,21 @@ def _threads(weights: int) -> int:
 
 def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
+
+
+def vq_nearest(vectors: torch.Tensor, codebook: torch.Tensor, half_norms: torch.Tensor) -> torch.Tensor | None:
+    """Index of the entry maximising ``x . c - half_norms`` for each of vectors [N, d] (the nearest
+    codebook row, first on a tie) -> int64 [N]; None without the native library (the torch path then)."""
+    lib = library()
+    if lib is None:
+        return None
+    x = vectors.float().contiguous()
+    cbt = codebook.float().T.contiguous()
+    half = half_norms.float().contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    lib.bs_vq_nearest(_ptr(x), x.shape[0], x.shape[1], _ptr(cbt), _ptr(half), cbt.shape[1], _ptr(out),
+                      _threads(x.numel() * cbt.shape[1] // 16))
+    return out
 
 
 def gptq_block(lib: ctypes.CDLL, block: torch.Tensor, u_block: torch.Tensor, scale_g: torch.Tensor,

@@ -95,10 +95,18 @@ def group_scales(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return rms.clamp_min(1e-8).half().float().clamp_min(6e-8)  # fp16's smallest subnormal: no zero scale
 
 
-def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest codebook row (Euclidean) for each of vectors [N, d] -> int64 [N]."""
+def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor, native: bool = True) -> torch.Tensor:
+    """Index of the nearest codebook row (Euclidean) for each of vectors [N, d] -> int64 [N]. The native
+    search (methods.native.vq_nearest) where the library builds; ``native=False`` is the torch path,
+    its oracle."""
     cb = codebook.float()
     half_norms = 0.5 * cb.pow(2).sum(-1)  # argmin |x - c|^2 = argmax x.c - |c|^2 / 2
+    if native:
+        from bitsmith.methods import native as native_lib
+
+        fast = native_lib.vq_nearest(vectors, cb, half_norms)
+        if fast is not None:
+            return fast
     out = torch.empty(vectors.shape[0], dtype=torch.long)
     for start in range(0, vectors.shape[0], NEAREST_CHUNK):
         x = vectors[start : start + NEAREST_CHUNK].float()
