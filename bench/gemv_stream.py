@@ -23,6 +23,16 @@ shared machine's preemption does not count; memory stalls do), at more threads w
 on a quiet machine). Every library is first checked against the int8 oracle on one matrix (a line
 starting ``!!`` says it is off). ``--pool-mb`` MB per library are resident at once, plus one read
 buffer of the same size. Nothing here is asserted.
+
+``--in-cache KB`` measures the kernels' compute instead: per spec and shape, one matrix of the shape's
+row length and about KB packed kilobytes (fewer rows; they stay in the core's L2) and one of half its
+rows, each called ``bs_gemv`` directly many times back to back after an untimed call. The cost per
+packed byte is the slope between the two sizes and the per-call cost (x's preparation, the threads'
+start) its intercept, so Python's call overhead and anything else per call drops out of the slope.
+Per library: ps per packed byte (= ns per KB), the compute rate it implies (GB/s of packed bytes; a
+gemv can stream from memory at R GB/s per core only if this is well above R), the per-call us, and
+the per-round ratio of its cost per byte to the first library's (median over rounds). Use it at 1
+thread (thread CPU time), where it is meaningful on a loaded machine.
 """
 
 from __future__ import annotations
@@ -150,6 +160,69 @@ def measure(libs: dict, spec: QuantSpec, shape: tuple[int, int], args, clock) ->
     del pools
 
 
+class GemvCall:
+    """One int8 decode gemv of kernel ``k``'s weights straight through the library's C entry (no Python
+    work per call beyond ctypes); it holds ``k``, ``x`` and ``y``, whose memory the C call reads and writes."""
+
+    def __init__(self, lib, k: NativeKernel, x: torch.Tensor, y: torch.Tensor, threads: int) -> None:
+        self.tensors = (k, x, y)
+        zero = None if k.zero is None else k.zero.data_ptr()
+        self.fn = lib.bs_gemv
+        self.args = (k.qweight.data_ptr(), k.scale.data_ptr(), zero, k.out_features, k.in_features, k.spec.bits,
+                     k.spec.group_size or k.in_features, x.data_ptr(), 1, y.data_ptr(), threads, 1)
+
+    def __call__(self) -> None:
+        self.fn(*self.args)
+
+
+def per_call_s(call, reps: int, clock) -> float:
+    call()  # untimed: brings the matrix into the cache
+    t0 = clock()
+    for _ in range(reps):
+        call()
+    return (clock() - t0) / reps
+
+
+def measure_in_cache(libs: dict, spec: QuantSpec, shape: tuple[int, int], args, clock) -> None:
+    """Compute cost per packed byte and per call of each library on cache-resident rows of ``shape``'s
+    length (see the module docstring), paired per round in alternating order."""
+    out, inp = shape
+    gen = torch.Generator().manual_seed(0)
+    row_bytes = spec.stored_bits(1, inp) / 8
+    big = min(out, max(8, int(args.in_cache * 1e3 / row_bytes) // 8 * 8))
+    sizes = (big, big // 2)
+    qt = random_packed(big, inp, spec, gen)
+    x = torch.randn(1, inp, generator=gen)
+    calls: dict[str, list] = {}
+    for name, lib in libs.items():
+        kernels = [pool(lib, QuantizedTensor(qt.codes[:n], qt.scale[:n], None if qt.zero is None else qt.zero[:n],
+                                             spec), 1, args.threads)[0] for n in sizes]
+        ys = [torch.empty(1, n) for n in sizes]
+        calls[name] = [GemvCall(lib, k, x, y, args.threads) for k, y in zip(kernels, ys)]
+        want = reference_linear(int8_activations(x), qt)
+        calls[name][0]()
+        err = float((ys[0] - want).abs().max() / want.abs().max())
+        if err > 1e-4:
+            print(f"!! {name} {spec} {shape}: relative error {err:.2e} against the int8 oracle")
+    nbytes = [row_bytes * n for n in sizes]
+    reps = max(8, int(2e7 / nbytes[0]))  # ~20 MB of packed bytes per timing
+    names = list(libs)
+    slope: dict[str, list[float]] = {n: [] for n in names}
+    fixed: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t_big, t_small = (per_call_s(c, reps, clock) for c in calls[name])
+            per_byte = (t_big - t_small) / (nbytes[0] - nbytes[1])
+            slope[name].append(per_byte)
+            fixed[name].append(t_small - per_byte * nbytes[1])
+    first = slope[names[0]]
+    for name in names:
+        ps = statistics.median(slope[name]) * 1e12
+        ratio = statistics.median(a / b for a, b in zip(slope[name], first))
+        print(f"| {spec} | {big}x{inp} | {nbytes[0] / 1e3:.0f} | {name} | {ps:.1f} | {1e3 / ps:.1f} | "
+              f"{statistics.median(fixed[name]) * 1e6:.1f} | {ratio:.3f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -158,6 +231,8 @@ def main() -> None:
     ap.add_argument("--specs", default="w4g128,w3g128,w2g64")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--lib", action="append", default=[], help="NAME=WHAT (repeatable; see above)")
+    ap.add_argument("--in-cache", type=float, default=0.0, metavar="KB",
+                    help="measure compute on cache-resident matrices of ~KB packed kilobytes instead (see above)")
     ap.add_argument("--work", type=Path, default=None, help="where rev: libraries are built (default: bench work dir)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -177,13 +252,18 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
     kind = "thread CPU time" if args.threads == 1 else "wall time"
-    print(f"{args.threads} thread(s), {kind}, {args.rounds} alternating rounds, pools of ~{args.pool_mb:.0f} MB per library, "
-          f"medians; ratio = median of per-call time / {next(iter(libs))}'s\n")
-    print("| spec | shape | matrices | pool MB | library | GB/s | of read | time ratio |")
+    if args.in_cache > 0:
+        print(f"{args.threads} thread(s), {kind}, {args.rounds} alternating rounds, in cache: ~{args.in_cache:.0f} KB "
+              f"and half its rows, medians; ratio = per-byte cost / {next(iter(libs))}'s, per round\n")
+        print("| spec | rows x in | KB | library | ps per byte | compute GB/s | us per call | cost ratio |")
+    else:
+        print(f"{args.threads} thread(s), {kind}, {args.rounds} alternating rounds, pools of ~{args.pool_mb:.0f} MB per "
+              f"library, medians; ratio = median of per-call time / {next(iter(libs))}'s\n")
+        print("| spec | shape | matrices | pool MB | library | GB/s | of read | time ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for spec in (QuantSpec.parse(s) for s in args.specs.split(",")):
         for shape in shapes:
-            measure(libs, spec, SHAPES[shape], args, clock)
+            (measure_in_cache if args.in_cache > 0 else measure)(libs, spec, SHAPES[shape], args, clock)
 
 
 if __name__ == "__main__":

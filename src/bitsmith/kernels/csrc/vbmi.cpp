@@ -278,12 +278,18 @@ inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Strided& st)
 }
 
 // y[o0 .. o0+R) for one activation row with permuted inputs (vbmi_permute): R rows per pass as
-// rows_vbmi1, superblock by superblock, then the row's natural-order tail chunk by chunk.
-template <int BITS, int R>
+// rows_vbmi1, superblock by superblock, then the row's natural-order tail chunk by chunk. LANES: the
+// group is smaller than the superblock (S / G groups per superblock, per-lane weight scales); otherwise
+// G / S superblocks share one scale, applied when the group ends. Both are template arguments and the
+// scale index a counter or a product, not a run-time division: with `b * S / G` per row and superblock
+// the loop ran a 64-bit idiv per row and superblock (~9 in the 4-row loop, ~10-15% of a 3-bit pass) and
+// the compiler spilled x's codes to the stack around the branch.
+template <int BITS, int R, bool LANES>
 void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64_t o0, const float* xv,
                   const int8_t* xq, const float* xsum, float* y) {
   constexpr int S = strided_span(BITS), SB = S * BITS / 8;
   const int64_t groups = bs::gemv_groups(m), row_bytes = m.in / 8 * BITS, blocks = m.in / S, G = m.group;
+  const int64_t step = LANES ? S / G : G / S;  // groups per superblock, or superblocks per group
   const float mid = (float)((1 << BITS) / 2);
   const int64_t ahead = prefetch_ahead(R, row_bytes), far = (int64_t)BS_PF_FAR * R * row_bytes;
   float scales[R * (kMaxGroups + 16)];  // [R, groups (+16 readable past the end)] of this pass, as floats
@@ -296,6 +302,7 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
     total[r] = -row_scales(m, o0 + r, groups, mid, xsum, scales + r * (kMaxGroups + 16));  // the zero-point term
     f[r] = _mm512_setzero_ps();
   }
+  int64_t g = 0, left = step;  // !LANES: the current group, and how many of its superblocks are to come
   for (int64_t b = 0; b < blocks; ++b) {
     const __m512 v = _mm512_loadu_ps(xv + b * (S / 4));
     const int8_t* q = xq + b * S;
@@ -308,42 +315,54 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
         if (SB > 64) _mm_prefetch((const char*)(p + far + 64), BS_PF_FAR_HINT);
       }
       const __m512 d = _mm512_cvtepi32_ps(strided_dot<BITS>(p, q, st));
-      if (G < S) {  // the lanes span several groups: per-lane weight scales
-        const __m512 w = _mm512_permutexvar_ps(st.lanes, _mm512_loadu_ps(sc[r] + b * S / G));
+      if constexpr (LANES) {  // the lanes span several groups: per-lane weight scales
+        const __m512 w = _mm512_permutexvar_ps(st.lanes, _mm512_loadu_ps(sc[r] + b * step));
         total[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(v, w), total[r]);
       } else {
         f[r] = _mm512_fmadd_ps(d, v, f[r]);
       }
     }
-    if (G >= S && ((b + 1) * S % G == 0 || b + 1 == blocks)) {  // a group ends (or the superblocks do)
-      for (int r = 0; r < R; ++r) {
-        total[r] = _mm512_fmadd_ps(f[r], _mm512_set1_ps(sc[r][b * S / G]), total[r]);
-        f[r] = _mm512_setzero_ps();
+    if constexpr (!LANES) {
+      if (--left == 0 || b + 1 == blocks) {  // a group ends (or the superblocks do)
+        for (int r = 0; r < R; ++r) {
+          total[r] = _mm512_fmadd_ps(f[r], _mm512_set1_ps(sc[r][g]), total[r]);
+          f[r] = _mm512_setzero_ps();
+        }
+        ++g;
+        left = step;
       }
     }
   }
   for (int64_t k = blocks * S; k < m.in; k += 64) {  // the tail: natural order, chunk by chunk
     const __m512i q = _mm512_loadu_si512(xq + k);
     const __m512 v = _mm512_loadu_ps(xv + k / 4);
+    const int64_t gk = k / G;
     for (int r = 0; r < R; ++r) {
       const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.codes(row[r] + k / 8 * BITS, BITS), q);
-      total[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), v), _mm512_set1_ps(sc[r][k / G]), total[r]);
+      total[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), v), _mm512_set1_ps(sc[r][gk]), total[r]);
     }
   }
   store_sums<R>(total, y + o0);
 }
 
-template <int BITS>
-void strided_all(const bs::Matrix& m, const Unpack& u, const float* xv, const int8_t* xq, const float* xsum, float* y) {
-  const Strided st(m);
+template <int BITS, bool LANES>
+void strided_rows_all(const bs::Matrix& m, const Unpack& u, const Strided& st, const float* xv, const int8_t* xq,
+                      const float* xsum, float* y) {
   constexpr int R = 4;
   const int64_t quads = m.out / R;
 #pragma omp for schedule(static)
   for (int64_t b = 0; b <= quads; ++b) {
-    if (b < quads) rows_strided<BITS, R>(m, u, st, b * R, xv, xq, xsum, y);
+    if (b < quads) rows_strided<BITS, R, LANES>(m, u, st, b * R, xv, xq, xsum, y);
     else
-      for (int64_t o = quads * R; o < m.out; ++o) rows_strided<BITS, 1>(m, u, st, o, xv, xq, xsum, y);
+      for (int64_t o = quads * R; o < m.out; ++o) rows_strided<BITS, 1, LANES>(m, u, st, o, xv, xq, xsum, y);
   }
+}
+
+template <int BITS>
+void strided_all(const bs::Matrix& m, const Unpack& u, const float* xv, const int8_t* xq, const float* xsum, float* y) {
+  const Strided st(m);
+  if (m.group < strided_span(BITS)) return strided_rows_all<BITS, true>(m, u, st, xv, xq, xsum, y);
+  strided_rows_all<BITS, false>(m, u, st, xv, xq, xsum, y);
 }
 
 // x's int8 codes into the superblock order, 64 output bytes at a time: output byte p of the superblock
