@@ -25,14 +25,17 @@ starting ``!!`` says it is off). ``--pool-mb`` MB per library are resident at on
 buffer of the same size. Nothing here is asserted.
 
 ``--in-cache KB`` measures the kernels' compute instead: per spec and shape, one matrix of the shape's
-row length and about KB packed kilobytes (fewer rows; they stay in the core's L2) and one of half its
-rows, each called ``bs_gemv`` directly many times back to back after an untimed call. The cost per
+row length and about KB packed kilobytes (fewer rows) and one of half its rows per library, each called
+through ``bs_gemv`` directly, one call of every library and size in turn (the order reversing every
+turn), so paired calls meet the same clock speed; keep 3 x KB x libraries under the core's L2 (2 MB
+here: ``--in-cache 320`` for two libraries) so that all of them stay resident. The cost per
 packed byte is the slope between the two sizes and the per-call cost (x's preparation, the threads'
 start) its intercept, so Python's call overhead and anything else per call drops out of the slope.
 Per library: ps per packed byte (= ns per KB), the compute rate it implies (GB/s of packed bytes; a
 gemv can stream from memory at R GB/s per core only if this is well above R), the per-call us, and
 the per-round ratio of its cost per byte to the first library's (median over rounds). Use it at 1
-thread (thread CPU time), where it is meaningful on a loaded machine.
+thread (thread CPU time), where it is meaningful on a loaded machine, with many short rounds
+(``--rounds 41``: a round is a few ms).
 """
 
 from __future__ import annotations
@@ -175,17 +178,29 @@ class GemvCall:
         self.fn(*self.args)
 
 
-def per_call_s(call, reps: int, clock) -> float:
-    call()  # untimed: brings the matrix into the cache
-    t0 = clock()
-    for _ in range(reps):
-        call()
-    return (clock() - t0) / reps
+def interleaved_s(calls: dict[str, list], reps: int, clock) -> dict[str, list[list[float]]]:
+    """Per library and size, the seconds of each of ``reps`` calls: every turn calls every library's every
+    size once (the order reversing every turn), so that paired calls meet the same clock speed; the
+    matrices of all libraries stay in the cache together."""
+    order = [(name, i) for name in calls for i in range(len(calls[name]))]
+    times = {name: [[] for _ in calls[name]] for name in calls}
+    for turn in range(reps):
+        for name, i in order if turn % 2 == 0 else order[::-1]:
+            t0 = clock()
+            calls[name][i]()
+            times[name][i].append(clock() - t0)
+    return times
+
+
+def low_decile(values: list[float]) -> float:
+    """The 10th percentile: a call's cost without the time-slices of other processes (which evict the
+    core's L2 between calls on a shared machine) or a slow spell of the clock."""
+    return statistics.quantiles(values, n=10)[0]
 
 
 def measure_in_cache(libs: dict, spec: QuantSpec, shape: tuple[int, int], args, clock) -> None:
     """Compute cost per packed byte and per call of each library on cache-resident rows of ``shape``'s
-    length (see the module docstring), paired per round in alternating order."""
+    length (see the module docstring), paired call by call in alternating order."""
     out, inp = shape
     gen = torch.Generator().manual_seed(0)
     row_bytes = spec.stored_bits(1, inp) / 8
@@ -205,22 +220,17 @@ def measure_in_cache(libs: dict, spec: QuantSpec, shape: tuple[int, int], args, 
         if err > 1e-4:
             print(f"!! {name} {spec} {shape}: relative error {err:.2e} against the int8 oracle")
     nbytes = [row_bytes * n for n in sizes]
-    reps = max(8, int(2e7 / nbytes[0]))  # ~20 MB of packed bytes per timing
+    times = interleaved_s(calls, args.rounds * 10, clock)
     names = list(libs)
-    slope: dict[str, list[float]] = {n: [] for n in names}
-    fixed: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            t_big, t_small = (per_call_s(c, reps, clock) for c in calls[name])
-            per_byte = (t_big - t_small) / (nbytes[0] - nbytes[1])
-            slope[name].append(per_byte)
-            fixed[name].append(t_small - per_byte * nbytes[1])
-    first = slope[names[0]]
+    cost = {}  # per library: seconds per packed byte, seconds per call
     for name in names:
-        ps = statistics.median(slope[name]) * 1e12
-        ratio = statistics.median(a / b for a, b in zip(slope[name], first))
+        t_big, t_small = (low_decile(t) for t in times[name])
+        per_byte = (t_big - t_small) / (nbytes[0] - nbytes[1])
+        cost[name] = (per_byte, t_small - per_byte * nbytes[1])
+    for name in names:
+        ps = cost[name][0] * 1e12
         print(f"| {spec} | {big}x{inp} | {nbytes[0] / 1e3:.0f} | {name} | {ps:.1f} | {1e3 / ps:.1f} | "
-              f"{statistics.median(fixed[name]) * 1e6:.1f} | {ratio:.3f} |", flush=True)
+              f"{cost[name][1] * 1e6:.1f} | {cost[name][0] / cost[names[0]][0]:.3f} |", flush=True)
 
 
 def main() -> None:
@@ -254,7 +264,8 @@ def main() -> None:
     kind = "thread CPU time" if args.threads == 1 else "wall time"
     if args.in_cache > 0:
         print(f"{args.threads} thread(s), {kind}, {args.rounds} alternating rounds, in cache: ~{args.in_cache:.0f} KB "
-              f"and half its rows, medians; ratio = per-byte cost / {next(iter(libs))}'s, per round\n")
+              f"and half its rows, 10th percentiles of {args.rounds * 10} calls each; ratio = per-byte cost / "
+              f"{next(iter(libs))}'s\n")
         print("| spec | rows x in | KB | library | ps per byte | compute GB/s | us per call | cost ratio |")
     else:
         print(f"{args.threads} thread(s), {kind}, {args.rounds} alternating rounds, pools of ~{args.pool_mb:.0f} MB per "

@@ -65,6 +65,7 @@ constexpr int64_t kMaxGroups = 512;  // groups per row this path takes (in = 327
 // The prefetch distance of a pass of R rows: BS_AHEAD passes, or more passes when that is under
 // BS_AHEAD_BYTES (the rows after this pass are contiguous, so this is a distance in the byte stream).
 inline int64_t prefetch_ahead(int64_t R, int64_t row_bytes) {
+  if (BS_AHEAD_BYTES <= 0) return BS_AHEAD * R * row_bytes;  // no run-time division per pass
   const int64_t pass = R * row_bytes, passes = (BS_AHEAD_BYTES + pass - 1) / pass;
   return (passes > BS_AHEAD ? passes : BS_AHEAD) * pass;
 }
@@ -210,8 +211,11 @@ struct Strided {
   __m512i dwords2[2];  // 2 bits: vpermt2d indices of dwords 0, 2, .., 30 | 1, 3, .., 31 of the 128 bytes
   __m512i lut2[3];     // 2 bits: vpermb tables, 6-bit index i -> code i & 3, (i >> 2) & 3, i >> 4
   __m512i lanes;       // S > G: lane -> group offset within the superblock
+  int64_t groups, step;  // a row's groups; S / G groups per superblock (G < S) or G / S superblocks per group
   explicit Strided(const bs::Matrix& m) {
     const int S = strided_span((int)m.bits);
+    groups = bs::gemv_groups(m);  // once per call, not per pass (each is a 64-bit division)
+    step = m.group < S ? S / m.group : m.group / S;
     alignas(64) int32_t idx[16];
     for (int l = 0; l < 16; ++l) idx[l] = m.group < S ? (int32_t)(l * (S / 16) / m.group) : 0;
     lanes = _mm512_load_si512(idx);
@@ -288,8 +292,7 @@ template <int BITS, int R, bool LANES>
 void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64_t o0, const float* xv,
                   const int8_t* xq, const float* xsum, float* y) {
   constexpr int S = strided_span(BITS), SB = S * BITS / 8;
-  const int64_t groups = bs::gemv_groups(m), row_bytes = m.in / 8 * BITS, blocks = m.in / S, G = m.group;
-  const int64_t step = LANES ? S / G : G / S;  // groups per superblock, or superblocks per group
+  const int64_t groups = st.groups, row_bytes = m.in / 8 * BITS, blocks = m.in / S, G = m.group, step = st.step;
   const float mid = (float)((1 << BITS) / 2);
   const int64_t ahead = prefetch_ahead(R, row_bytes), far = (int64_t)BS_PF_FAR * R * row_bytes;
   float scales[R * (kMaxGroups + 16)];  // [R, groups (+16 readable past the end)] of this pass, as floats
@@ -338,7 +341,14 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
     const __m512 v = _mm512_loadu_ps(xv + k / 4);
     const int64_t gk = k / G;
     for (int r = 0; r < R; ++r) {
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.codes(row[r] + k / 8 * BITS, BITS), q);
+      const uint8_t* p = row[r] + k / 8 * BITS;
+      if (k == blocks * S) {  // the superblocks' prefetch stops short of the tail (< SB bytes): its lines too
+        for (int64_t line = 0; line < row_bytes - blocks * SB; line += 64) {
+          _mm_prefetch((const char*)(p + ahead + line), _MM_HINT_T0);
+          if (far) _mm_prefetch((const char*)(p + far + line), BS_PF_FAR_HINT);
+        }
+      }
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.codes(p, BITS), q);
       total[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), v), _mm512_set1_ps(sc[r][gk]), total[r]);
     }
   }
