@@ -21,7 +21,12 @@ gave 0.997-1.006 at load ~7). ``of read`` divides by the rate at which torch sum
 the pool's size with the same threads. At 1 thread the clock is the calling thread's CPU time (a
 shared machine's preemption does not count; memory stalls do), at more threads wall time (run those
 on a quiet machine). Every library is first checked against the int8 oracle on one matrix (a line
-starting ``!!`` says it is off). ``--pool-mb`` MB per library are resident at once, plus one read
+starting ``!!`` says it is off). ``--direct`` calls the C entry
+(``bs_gemv``) instead of ``NativeKernel``: without NativeKernel's Python work, ~7-13 us a call here,
+which on a 2048x1536 matrix is a large share of the call (the fused decode step pays none of it).
+``--one-buffer`` puts a pool's matrices into one buffer (with
+``kernels.cpu.fuse_native``), which gets transparent huge pages; alone, a matrix under 4 MB (every
+2048x1536 one) gets none. ``--pool-mb`` MB per library are resident at once, plus one read
 buffer of the same size. Nothing here is asserted.
 
 ``--in-cache KB`` measures the kernels' compute instead: per spec and shape, one matrix of the shape's
@@ -41,6 +46,7 @@ thread (thread CPU time), where it is meaningful on a loaded machine, with many 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import os
 import statistics
 import subprocess
@@ -52,7 +58,7 @@ import torch
 
 from bitsmith.kernels import build as kbuild
 from bitsmith.kernels.codebook import int8_activations
-from bitsmith.kernels.cpu import NativeKernel, advise_huge_pages
+from bitsmith.kernels.cpu import NativeKernel, advise_huge_pages, fuse_native
 from bitsmith.kernels.torch_path import reference_linear
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
@@ -106,15 +112,30 @@ def pool(lib, qt: QuantizedTensor, count: int, threads: int) -> list[NativeKerne
                          qt.shape[1], True, threads) for _ in range(count)]
 
 
-def sweep_s(pools: dict[str, list[NativeKernel]], x: torch.Tensor, clock, flip: bool) -> dict[str, list[float]]:
-    """One pass over the pools, matrix i of every library in turn (the order flips with ``flip`` and
+class GemvCall:
+    """One int8 decode gemv of kernel ``k``'s weights straight through the library's C entry (no Python
+    work per call beyond ctypes); it holds ``k``, ``x`` and ``y``, whose memory the C call reads and writes."""
+
+    def __init__(self, lib, k: NativeKernel, x: torch.Tensor, y: torch.Tensor, threads: int) -> None:
+        self.tensors = (k, x, y)
+        zero = None if k.zero is None else k.zero.data_ptr()
+        self.fn = lib.bs_gemv
+        self.args = (k.qweight.data_ptr(), k.scale.data_ptr(), zero, k.out_features, k.in_features, k.spec.bits,
+                     k.spec.group_size or k.in_features, x.data_ptr(), 1, y.data_ptr(), threads, 1)
+
+    def __call__(self) -> None:
+        self.fn(*self.args)
+
+
+def sweep_s(calls: dict[str, list], clock, flip: bool) -> dict[str, list[float]]:
+    """One pass over the pools' calls, matrix i of every library in turn (the order flips with ``flip`` and
     every matrix), so paired calls meet the same load; the seconds of each call per library."""
-    names = list(pools)
+    names = list(calls)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(len(pools[names[0]])):
+    for i in range(len(calls[names[0]])):
         for name in names if (i % 2 == 0) != flip else names[::-1]:
             t0 = clock()
-            pools[name][i](x)
+            calls[name][i]()
             times[name].append(clock() - t0)
     return times
 
@@ -136,19 +157,24 @@ def measure(libs: dict, spec: QuantSpec, shape: tuple[int, int], args, clock) ->
     pools = {}
     for name, lib in libs.items():
         pools[name] = pool(lib, qt, count, args.threads)
+        if args.one_buffer:  # every matrix a row view of one buffer (huge pages), as fuse_native makes them
+            fuse_native(pools[name])
         got = pools[name][0](x)
         err = float((got - want).abs().max() / want.abs().max())
         if err > 1e-4:
             print(f"!! {name} {spec} {shape}: relative error {err:.2e} against the int8 oracle")
+    y = torch.empty(1, out)
+    calls = {name: [GemvCall(libs[name], k, x, y, args.threads) if args.direct else partial(k, x) for k in ks]
+             for name, ks in pools.items()}
     names = list(libs)
     secs: dict[str, list[float]] = {n: [] for n in names}  # per round
     ratios: dict[str, list[float]] = {n: [] for n in names}  # per call, against the first library's
     reads: list[float] = []
     buf = torch.ones(int(count * nbytes) // 4)  # float32 of the pool's size, read by torch for scale
     advise_huge_pages(buf)
-    sweep_s(pools, x, clock, False)  # warm-up: first touch, thread pool
+    sweep_s(calls, clock, False)  # warm-up: first touch, thread pool
     for r in range(args.rounds):
-        times = sweep_s(pools, x, clock, r % 2 == 1)
+        times = sweep_s(calls, clock, r % 2 == 1)
         for name in names:
             secs[name].append(sum(times[name]))
             ratios[name] += [a / b for a, b in zip(times[name], times[names[0]])]
@@ -160,22 +186,7 @@ def measure(libs: dict, spec: QuantSpec, shape: tuple[int, int], args, clock) ->
         ratio = statistics.median(ratios[name])
         print(f"| {spec} | {shape[0]}x{shape[1]} | {count} | {total / 1e6:.0f} | {name} | {gbs:.2f} | "
               f"{gbs / read:.0%} | {ratio:.3f} |", flush=True)
-    del pools
-
-
-class GemvCall:
-    """One int8 decode gemv of kernel ``k``'s weights straight through the library's C entry (no Python
-    work per call beyond ctypes); it holds ``k``, ``x`` and ``y``, whose memory the C call reads and writes."""
-
-    def __init__(self, lib, k: NativeKernel, x: torch.Tensor, y: torch.Tensor, threads: int) -> None:
-        self.tensors = (k, x, y)
-        zero = None if k.zero is None else k.zero.data_ptr()
-        self.fn = lib.bs_gemv
-        self.args = (k.qweight.data_ptr(), k.scale.data_ptr(), zero, k.out_features, k.in_features, k.spec.bits,
-                     k.spec.group_size or k.in_features, x.data_ptr(), 1, y.data_ptr(), threads, 1)
-
-    def __call__(self) -> None:
-        self.fn(*self.args)
+    del pools, calls
 
 
 def interleaved_s(calls: dict[str, list], reps: int, clock) -> dict[str, list[list[float]]]:
@@ -241,6 +252,11 @@ def main() -> None:
     ap.add_argument("--specs", default="w4g128,w3g128,w2g64")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--lib", action="append", default=[], help="NAME=WHAT (repeatable; see above)")
+    ap.add_argument("--direct", action="store_true",
+                    help="call the library's C entry directly instead of NativeKernel (no Python work per call)")
+    ap.add_argument("--one-buffer", action="store_true",
+                    help="each pool's matrices as views of one huge-page buffer instead of one buffer each (a "
+                         "matrix under 4 MB gets no huge pages of its own)")
     ap.add_argument("--in-cache", type=float, default=0.0, metavar="KB",
                     help="measure compute on cache-resident matrices of ~KB packed kilobytes instead (see above)")
     ap.add_argument("--work", type=Path, default=None, help="where rev: libraries are built (default: bench work dir)")
