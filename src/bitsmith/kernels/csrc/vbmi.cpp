@@ -176,9 +176,9 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
 // superblock instead of one per 64 codes, and an unpack of a few shifts and masks:
 //   2 bits (S = 512): natural dword d (bytes 4d..4d+3, codes 16d..16d+15) lies in x block d/2; two
 //     vpermt2d put dwords 2l (half v = 0) and 2l+1 (v = 1) in lane l, so lane l sums the 32 codes of x
-//     block l. In each half, byte b's code s is b & 3 (s = 0) or one vgf2p8affineqb moving bits 2s, 2s+1
-//     to bits 0, 1 (session 15: ~3% less compute than a shift and three vpermb lookups); xq per superblock as dot 4v+s reads code s of natural dword 2l+v's
-//     byte e in byte 4l+e. One conversion and scale step per 512 codes: with 256 it was ~30% of the
+//     block l. In each half, byte b's code s is b & 3 (s = 0) or one vgf2p8affineqb moving bits 2s,
+//     2s+1 to bits 0, 1 (session 15: ~3% less compute than a shift and three vpermb lookups); xq per
+//     superblock as dot 4v+s reads code s of natural dword 2l+v's byte e in byte 4l+e. One conversion and scale step per 512 codes: with 256 it was ~30% of the
 //     2-bit time (session 12).
 //   4 bits (S = 128): b & 15 are the even codes, (b >> 4) & 15 the odd ones; xq as [x_{2j} | x_{2j+1}];
 //     lane l sums codes 8l..8l+7 (x block l/4).
