@@ -21,37 +21,38 @@ gave 0.997-1.006 at load ~7). ``of read`` divides by the rate at which torch sum
 the pool's size with the same threads. At 1 thread the clock is the calling thread's CPU time (a
 shared machine's preemption does not count; memory stalls do), at more threads wall time (run those
 on a quiet machine). Every library is first checked against the int8 oracle on one matrix (a line
-starting ``!!`` says it is off). ``--direct`` calls the C entry
-(``bs_gemv``) instead of ``NativeKernel``: without NativeKernel's Python work, ~7-13 us a call here,
-which on a 2048x1536 matrix is a large share of the call (the fused decode step pays none of it).
-``--one-buffer`` puts a pool's matrices into one buffer (with
-``kernels.cpu.fuse_native``), which gets transparent huge pages; alone, a matrix under 4 MB (every
-2048x1536 one) gets none. ``--pool-mb`` MB per library are resident at once, plus one read
+starting ``!!`` says it is off). ``--pool-mb`` MB per library are resident at once, plus one read
 buffer of the same size. Nothing here is asserted.
+
+``--direct`` calls the C entry (``bs_gemv``) instead of ``NativeKernel``: without NativeKernel's Python
+work, ~7-13 us a call here, a large share of a 2048x1536 call (the fused decode step pays none of it).
+``--one-buffer`` puts a pool's matrices into one buffer (``kernels.cpu.fuse_native``), which gets
+transparent huge pages; alone, a matrix under 4 MB (every 2048x1536 one) gets none.
 
 ``--in-cache KB`` measures the kernels' compute instead: per spec and shape, one matrix of the shape's
 row length and about KB packed kilobytes (fewer rows) and one of half its rows per library, each called
-through ``bs_gemv`` directly, one call of every library and size in turn (the order reversing every
-turn), so paired calls meet the same clock speed; keep 3 x KB x libraries under the core's L2 (2 MB
-here: ``--in-cache 320`` for two libraries) so that all of them stay resident. The cost per
-packed byte is the slope between the two sizes and the per-call cost (x's preparation, the threads'
-start) its intercept, so Python's call overhead and anything else per call drops out of the slope.
-Per library: ps per packed byte (= ns per KB), the compute rate it implies (GB/s of packed bytes; a
-gemv can stream from memory at R GB/s per core only if this is well above R), the per-call us, and
-the per-round ratio of its cost per byte to the first library's (median over rounds). Use it at 1
-thread (thread CPU time), where it is meaningful on a loaded machine, with many short rounds
-(``--rounds 41``: a round is a few ms).
+through ``bs_gemv`` directly, ``--rounds`` x 10 turns of one call of every library and size (the order
+reversing every turn), so paired calls meet the same clock speed; keep 3 x KB x libraries under the
+core's L2 (2 MB here: ``--in-cache 320`` for two libraries) so that all of them stay resident. From
+the 10th percentile of each one's call times (a call not slowed by another process's time slice, which
+evicts the L2 on a shared machine), the cost per packed byte is the slope between the two sizes and the
+per-call cost (x's preparation, the threads' start, the ctypes call) its intercept, so anything paid
+once per call drops out of the slope. Per library: ps per packed byte (= ns per KB), the compute rate
+it implies (GB/s of packed bytes; a gemv can stream from memory at R GB/s per core only if this is well
+above R), the per-call us, and its cost per byte over the first library's (an A/A pair: 0.985-1.018 at
+load 5, ``--rounds 41``). Use it at 1 thread (thread CPU time), where it is meaningful on a loaded
+machine; at 2 threads (wall time) only on a quiet one.
 """
 
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import os
 import statistics
 import subprocess
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
