@@ -23,6 +23,25 @@ shared machine's preemption does not count; memory stalls do), at more threads w
 on a quiet machine). Every library is first checked against the int8 oracle on one matrix (a line
 starting ``!!`` says it is off). ``--pool-mb`` MB per library are resident at once, plus one read
 buffer of the same size. Nothing here is asserted.
+
+``--direct`` calls the C entry (``bs_gemv``) instead of ``NativeKernel``: without NativeKernel's Python
+work, ~7-13 us a call here, a large share of a 2048x1536 call (the fused decode step pays none of it).
+``--one-buffer`` puts a pool's matrices into one buffer (``kernels.cpu.fuse_native``), which gets
+transparent huge pages; alone, a matrix under 4 MB (every 2048x1536 one) gets none.
+
+``--in-cache KB`` measures the kernels' compute instead: per spec and shape, one matrix of the shape's
+row length and about KB packed kilobytes (fewer rows) and one of half its rows per library, each called
+through ``bs_gemv`` directly, ``--rounds`` x 10 turns of one call of every library and size (the order
+reversing every turn), so paired calls meet the same clock speed; keep 3 x KB x libraries under the
+core's L2 (2 MB here: ``--in-cache 320`` for two libraries) so that all of them stay resident. From
+the 10th percentile of each one's call times (a call not slowed by another process's time slice, which
+evicts the L2 on a shared machine), the cost per packed byte is the slope between the two sizes and the
+per-call cost (x's preparation, the threads' start, the ctypes call) its intercept, so anything paid
+once per call drops out of the slope. Per library: ps per packed byte (= ns per KB), the compute rate
+it implies (GB/s of packed bytes; a gemv can stream from memory at R GB/s per core only if this is well
+above R), the per-call us, and its cost per byte over the first library's (an A/A pair: 0.985-1.018 at
+load 5, ``--rounds 41``). Use it at 1 thread (thread CPU time), where it is meaningful on a loaded
+machine; at 2 threads (wall time) only on a quiet one.
 """
 
 from __future__ import annotations
@@ -33,13 +52,14 @@ import statistics
 import subprocess
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from bitsmith.kernels import build as kbuild
 from bitsmith.kernels.codebook import int8_activations
-from bitsmith.kernels.cpu import NativeKernel, advise_huge_pages
+from bitsmith.kernels.cpu import NativeKernel, advise_huge_pages, fuse_native
 from bitsmith.kernels.torch_path import reference_linear
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
@@ -93,15 +113,30 @@ def pool(lib, qt: QuantizedTensor, count: int, threads: int) -> list[NativeKerne
                          qt.shape[1], True, threads) for _ in range(count)]
 
 
-def sweep_s(pools: dict[str, list[NativeKernel]], x: torch.Tensor, clock, flip: bool) -> dict[str, list[float]]:
-    """One pass over the pools, matrix i of every library in turn (the order flips with ``flip`` and
+class GemvCall:
+    """One int8 decode gemv of kernel ``k``'s weights straight through the library's C entry (no Python
+    work per call beyond ctypes); it holds ``k``, ``x`` and ``y``, whose memory the C call reads and writes."""
+
+    def __init__(self, lib, k: NativeKernel, x: torch.Tensor, y: torch.Tensor, threads: int) -> None:
+        self.tensors = (k, x, y)
+        zero = None if k.zero is None else k.zero.data_ptr()
+        self.fn = lib.bs_gemv
+        self.args = (k.qweight.data_ptr(), k.scale.data_ptr(), zero, k.out_features, k.in_features, k.spec.bits,
+                     k.spec.group_size or k.in_features, x.data_ptr(), 1, y.data_ptr(), threads, 1)
+
+    def __call__(self) -> None:
+        self.fn(*self.args)
+
+
+def sweep_s(calls: dict[str, list], clock, flip: bool) -> dict[str, list[float]]:
+    """One pass over the pools' calls, matrix i of every library in turn (the order flips with ``flip`` and
     every matrix), so paired calls meet the same load; the seconds of each call per library."""
-    names = list(pools)
+    names = list(calls)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(len(pools[names[0]])):
+    for i in range(len(calls[names[0]])):
         for name in names if (i % 2 == 0) != flip else names[::-1]:
             t0 = clock()
-            pools[name][i](x)
+            calls[name][i]()
             times[name].append(clock() - t0)
     return times
 
@@ -123,19 +158,24 @@ def measure(libs: dict, spec: QuantSpec, shape: tuple[int, int], args, clock) ->
     pools = {}
     for name, lib in libs.items():
         pools[name] = pool(lib, qt, count, args.threads)
+        if args.one_buffer:  # every matrix a row view of one buffer (huge pages), as fuse_native makes them
+            fuse_native(pools[name])
         got = pools[name][0](x)
         err = float((got - want).abs().max() / want.abs().max())
         if err > 1e-4:
             print(f"!! {name} {spec} {shape}: relative error {err:.2e} against the int8 oracle")
+    y = torch.empty(1, out)
+    calls = {name: [GemvCall(libs[name], k, x, y, args.threads) if args.direct else partial(k, x) for k in ks]
+             for name, ks in pools.items()}
     names = list(libs)
     secs: dict[str, list[float]] = {n: [] for n in names}  # per round
     ratios: dict[str, list[float]] = {n: [] for n in names}  # per call, against the first library's
     reads: list[float] = []
     buf = torch.ones(int(count * nbytes) // 4)  # float32 of the pool's size, read by torch for scale
     advise_huge_pages(buf)
-    sweep_s(pools, x, clock, False)  # warm-up: first touch, thread pool
+    sweep_s(calls, clock, False)  # warm-up: first touch, thread pool
     for r in range(args.rounds):
-        times = sweep_s(pools, x, clock, r % 2 == 1)
+        times = sweep_s(calls, clock, r % 2 == 1)
         for name in names:
             secs[name].append(sum(times[name]))
             ratios[name] += [a / b for a, b in zip(times[name], times[names[0]])]
@@ -147,7 +187,62 @@ def measure(libs: dict, spec: QuantSpec, shape: tuple[int, int], args, clock) ->
         ratio = statistics.median(ratios[name])
         print(f"| {spec} | {shape[0]}x{shape[1]} | {count} | {total / 1e6:.0f} | {name} | {gbs:.2f} | "
               f"{gbs / read:.0%} | {ratio:.3f} |", flush=True)
-    del pools
+    del pools, calls
+
+
+def interleaved_s(calls: dict[str, list], reps: int, clock) -> dict[str, list[list[float]]]:
+    """Per library and size, the seconds of each of ``reps`` calls: every turn calls every library's every
+    size once (the order reversing every turn), so that paired calls meet the same clock speed; the
+    matrices of all libraries stay in the cache together."""
+    order = [(name, i) for name in calls for i in range(len(calls[name]))]
+    times = {name: [[] for _ in calls[name]] for name in calls}
+    for turn in range(reps):
+        for name, i in order if turn % 2 == 0 else order[::-1]:
+            t0 = clock()
+            calls[name][i]()
+            times[name][i].append(clock() - t0)
+    return times
+
+
+def low_decile(values: list[float]) -> float:
+    """The 10th percentile: a call's cost without the time-slices of other processes (which evict the
+    core's L2 between calls on a shared machine) or a slow spell of the clock."""
+    return statistics.quantiles(values, n=10)[0]
+
+
+def measure_in_cache(libs: dict, spec: QuantSpec, shape: tuple[int, int], args, clock) -> None:
+    """Compute cost per packed byte and per call of each library on cache-resident rows of ``shape``'s
+    length (see the module docstring), paired call by call in alternating order."""
+    out, inp = shape
+    gen = torch.Generator().manual_seed(0)
+    row_bytes = spec.stored_bits(1, inp) / 8
+    big = min(out, max(8, int(args.in_cache * 1e3 / row_bytes) // 8 * 8))
+    sizes = (big, big // 2)
+    qt = random_packed(big, inp, spec, gen)
+    x = torch.randn(1, inp, generator=gen)
+    calls: dict[str, list] = {}
+    for name, lib in libs.items():
+        kernels = [pool(lib, QuantizedTensor(qt.codes[:n], qt.scale[:n], None if qt.zero is None else qt.zero[:n],
+                                             spec), 1, args.threads)[0] for n in sizes]
+        ys = [torch.empty(1, n) for n in sizes]
+        calls[name] = [GemvCall(lib, k, x, y, args.threads) for k, y in zip(kernels, ys)]
+        want = reference_linear(int8_activations(x), qt)
+        calls[name][0]()
+        err = float((ys[0] - want).abs().max() / want.abs().max())
+        if err > 1e-4:
+            print(f"!! {name} {spec} {shape}: relative error {err:.2e} against the int8 oracle")
+    nbytes = [row_bytes * n for n in sizes]
+    times = interleaved_s(calls, args.rounds * 10, clock)
+    names = list(libs)
+    cost = {}  # per library: seconds per packed byte, seconds per call
+    for name in names:
+        t_big, t_small = (low_decile(t) for t in times[name])
+        per_byte = (t_big - t_small) / (nbytes[0] - nbytes[1])
+        cost[name] = (per_byte, t_small - per_byte * nbytes[1])
+    for name in names:
+        ps = cost[name][0] * 1e12
+        print(f"| {spec} | {big}x{inp} | {nbytes[0] / 1e3:.0f} | {name} | {ps:.1f} | {1e3 / ps:.1f} | "
+              f"{cost[name][1] * 1e6:.1f} | {cost[name][0] / cost[names[0]][0]:.3f} |", flush=True)
 
 
 def main() -> None:
@@ -158,6 +253,13 @@ def main() -> None:
     ap.add_argument("--specs", default="w4g128,w3g128,w2g64")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--lib", action="append", default=[], help="NAME=WHAT (repeatable; see above)")
+    ap.add_argument("--direct", action="store_true",
+                    help="call the library's C entry directly instead of NativeKernel (no Python work per call)")
+    ap.add_argument("--one-buffer", action="store_true",
+                    help="each pool's matrices as views of one huge-page buffer instead of one buffer each (a "
+                         "matrix under 4 MB gets no huge pages of its own)")
+    ap.add_argument("--in-cache", type=float, default=0.0, metavar="KB",
+                    help="measure compute on cache-resident matrices of ~KB packed kilobytes instead (see above)")
     ap.add_argument("--work", type=Path, default=None, help="where rev: libraries are built (default: bench work dir)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -177,13 +279,19 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
     kind = "thread CPU time" if args.threads == 1 else "wall time"
-    print(f"{args.threads} thread(s), {kind}, {args.rounds} alternating rounds, pools of ~{args.pool_mb:.0f} MB per library, "
-          f"medians; ratio = median of per-call time / {next(iter(libs))}'s\n")
-    print("| spec | shape | matrices | pool MB | library | GB/s | of read | time ratio |")
+    if args.in_cache > 0:
+        print(f"{args.threads} thread(s), {kind}, {args.rounds} alternating rounds, in cache: ~{args.in_cache:.0f} KB "
+              f"and half its rows, 10th percentiles of {args.rounds * 10} calls each; ratio = per-byte cost / "
+              f"{next(iter(libs))}'s\n")
+        print("| spec | rows x in | KB | library | ps per byte | compute GB/s | us per call | cost ratio |")
+    else:
+        print(f"{args.threads} thread(s), {kind}, {args.rounds} alternating rounds, pools of ~{args.pool_mb:.0f} MB per "
+              f"library, medians; ratio = median of per-call time / {next(iter(libs))}'s\n")
+        print("| spec | shape | matrices | pool MB | library | GB/s | of read | time ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for spec in (QuantSpec.parse(s) for s in args.specs.split(",")):
         for shape in shapes:
-            measure(libs, spec, SHAPES[shape], args, clock)
+            (measure_in_cache if args.in_cache > 0 else measure)(libs, spec, SHAPES[shape], args, clock)
 
 
 if __name__ == "__main__":

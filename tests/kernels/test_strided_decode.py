@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bitsmith.formats.packing import pack
-from bitsmith.kernels.build import int8_widths, native_library
+from bitsmith.kernels.build import cpu_flags, int8_widths, native_library
 from bitsmith.kernels.cpu import NativeKernel
 from bitsmith.kernels.torch_path import reference_linear
 from bitsmith.spec import QuantSpec
@@ -48,6 +48,20 @@ def _int8_oracle(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+# what csrc/vbmi.cpp is compiled with (/proc/cpuinfo spellings)
+VBMI_FLAGS = {"avx512vbmi", "avx512_vnni", "avx512bw", "avx512vl", "f16c", "gfni"}
+
+
+def test_the_superblock_decode_is_built_where_the_cpu_has_it() -> None:
+    """On a CPU with every instruction vbmi.cpp needs, the library builds and takes every width with int8
+    activations: a build that fails, or a guard that leaves the path out, would otherwise only skip the
+    tests below."""
+    if not VBMI_FLAGS <= set(cpu_flags().split()):
+        pytest.skip("this CPU lacks one of " + ", ".join(sorted(VBMI_FLAGS)))
+    assert native is not None, "the kernel library did not build"
+    assert int8_widths(native) >= set(range(2, 9)), "the VBMI int8 decode is not compiled in"
 
 
 @needs_vbmi

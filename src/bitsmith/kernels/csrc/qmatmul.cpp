@@ -569,13 +569,16 @@ void gemv_rows(const Matrix& m, const float* x, const float* xp, const float* xs
                   (m.in + 7) / 8 * m.bits, (float)((1 << m.bits) / 2)};
   if (m.bits != 4 && !int8_ok(m)) xp = x;
   const bool whole4 = m.bits == 4 && m.group % 32 == 0 && m.in % m.group == 0;
+#if BS_INT8
+  if (int8_ok(m) && vbmi_takes(m))  // before the scratch below: vbmi.cpp needs none (one malloc per thread per call)
+    return vbmi_rows(m, xp, (const int8_t*)(xp + T * (m.in / 4)), xs, T, y);
+#endif
   std::vector<float> params(2 * w.groups);  // this thread's row scales and zeros as floats
   float* sc = params.data();
   float* zr = sc + w.groups;
 #if BS_INT8
   if (int8_ok(m)) {
     const int8_t* xq = (const int8_t*)(xp + T * (m.in / 4));
-    if (vbmi_takes(m)) return vbmi_rows(m, xp, xq, xs, T, y);
 #pragma omp for schedule(static)
     for (int64_t o = 0; o < m.out; ++o) {
       w.row_params(o, sc, zr);

@@ -15,15 +15,16 @@
 // to the same oracle: the exact product of the dequantized weights with the int8-rounded x.
 //
 // Shapes: in and group multiples of 64 (a group never splits a chunk; the last group may be short,
-// as SmolLM2's 576 = 4.5 groups of 128). Anything else, or a CPU without VBMI/VNNI, takes the other
+// as SmolLM2's 576 = 4.5 groups of 128). Anything else, or a CPU without VBMI/VNNI/GFNI, takes the other
 // paths in qmatmul.cpp (AVX2 and portable scalar code).
 
 #include <cstdint>
 
 #include "gemv.h"
 
+// GFNI: the 2-bit superblock's bit-field step (every CPU with VBMI but one, Cannon Lake, has it).
 #if defined(__AVX512VBMI__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    defined(__F16C__)
+    defined(__F16C__) && defined(__GFNI__)
 #include <immintrin.h>
 #define BS_VBMI 1
 #else
@@ -65,6 +66,7 @@ constexpr int64_t kMaxGroups = 512;  // groups per row this path takes (in = 327
 // The prefetch distance of a pass of R rows: BS_AHEAD passes, or more passes when that is under
 // BS_AHEAD_BYTES (the rows after this pass are contiguous, so this is a distance in the byte stream).
 inline int64_t prefetch_ahead(int64_t R, int64_t row_bytes) {
+  if (BS_AHEAD_BYTES <= 0) return BS_AHEAD * R * row_bytes;  // no run-time division per pass
   const int64_t pass = R * row_bytes, passes = (BS_AHEAD_BYTES + pass - 1) / pass;
   return (passes > BS_AHEAD ? passes : BS_AHEAD) * pass;
 }
@@ -174,9 +176,9 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
 // superblock instead of one per 64 codes, and an unpack of a few shifts and masks:
 //   2 bits (S = 512): natural dword d (bytes 4d..4d+3, codes 16d..16d+15) lies in x block d/2; two
 //     vpermt2d put dwords 2l (half v = 0) and 2l+1 (v = 1) in lane l, so lane l sums the 32 codes of x
-//     block l. In each half, byte b's code s is b & 3 (s = 0) or a vpermb lookup of b >> 2 (vpermb reads
-//     the low 6 bits: no mask); xq per superblock as dot 4v+s reads code s of natural dword 2l+v's
-//     byte e in byte 4l+e. One conversion and scale step per 512 codes: with 256 it was ~30% of the
+//     block l. In each half, byte b's code s is b & 3 (s = 0) or one vgf2p8affineqb moving bits 2s,
+//     2s+1 to bits 0, 1 (session 15: ~3% less compute than a shift and three vpermb lookups); xq per
+//     superblock as dot 4v+s reads code s of natural dword 2l+v's byte e in byte 4l+e. One conversion and scale step per 512 codes: with 256 it was ~30% of the
 //     2-bit time (session 12).
 //   4 bits (S = 128): b & 15 are the even codes, (b >> 4) & 15 the odd ones; xq as [x_{2j} | x_{2j+1}];
 //     lane l sums codes 8l..8l+7 (x block l/4).
@@ -208,10 +210,13 @@ struct Strided {
   __m512i gather3[2];  // 3 bits: vpermi2b indices of run pair g over bytes [0, 64) | [32, 96)
   __m512i half3[2];    // 3 bits: vpmultishiftqb offsets of codes 0-3 (h = 0) or 4-7 (h = 1) of both runs
   __m512i dwords2[2];  // 2 bits: vpermt2d indices of dwords 0, 2, .., 30 | 1, 3, .., 31 of the 128 bytes
-  __m512i lut2[3];     // 2 bits: vpermb tables, 6-bit index i -> code i & 3, (i >> 2) & 3, i >> 4
+  __m512i plane2[3];   // 2 bits: gf2p8affineqb matrices taking bits 2s, 2s+1 of a byte to bits 0, 1 (s = 1..3)
   __m512i lanes;       // S > G: lane -> group offset within the superblock
+  int64_t groups, step;  // a row's groups; S / G groups per superblock (G < S) or G / S superblocks per group
   explicit Strided(const bs::Matrix& m) {
     const int S = strided_span((int)m.bits);
+    groups = bs::gemv_groups(m);  // once per call, not per pass (each is a 64-bit division)
+    step = m.group < S ? S / m.group : m.group / S;
     alignas(64) int32_t idx[16];
     for (int l = 0; l < 16; ++l) idx[l] = m.group < S ? (int32_t)(l * (S / 16) / m.group) : 0;
     lanes = _mm512_load_si512(idx);
@@ -220,10 +225,8 @@ struct Strided {
       for (int l = 0; l < 16; ++l) idx[l] = 2 * l + v;
       dwords2[v] = _mm512_load_si512(idx);
     }
-    for (int s = 0; s < 3; ++s) {
-      for (int i = 0; i < 64; ++i) g[i] = (uint8_t)((i >> (2 * s)) & 3);
-      lut2[s] = _mm512_load_si512(g);
-    }
+    for (int s = 1; s < 4; ++s)  // result bit j is the parity of matrix byte 7 - j AND the source byte
+      plane2[s - 1] = _mm512_set1_epi64((int64_t)((uint64_t)(1u << (2 * s)) << 56 | (uint64_t)(2u << (2 * s)) << 48));
     for (int h = 0; h < 2; ++h) {
       for (int i = 0; i < 64; ++i) g[i] = (uint8_t)((i % 8 < 4 ? 0 : 24) + 3 * (i % 4 + 4 * h));
       half3[h] = _mm512_load_si512(g);
@@ -249,12 +252,11 @@ inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Strided& st)
     __m512i acc[2];
     for (int v = 0; v < 2; ++v) {
       const __m512i raw = _mm512_permutex2var_epi32(a, st.dwords2[v], b);
-      const __m512i r2 = _mm512_srli_epi16(raw, 2);  // byte i's bits 2-7 in its low 6 bits: vpermb's index
       const int8_t* qv = q + 256 * v;
       acc[v] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, m3), _mm512_loadu_si512(qv));
-      acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_permutexvar_epi8(r2, st.lut2[0]), _mm512_loadu_si512(qv + 64));
-      acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_permutexvar_epi8(r2, st.lut2[1]), _mm512_loadu_si512(qv + 128));
-      acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_permutexvar_epi8(r2, st.lut2[2]), _mm512_loadu_si512(qv + 192));
+      for (int s = 1; s < 4; ++s)  // code s of each byte (bits 2s, 2s+1) into bits 0, 1: one GF(2) affine step
+        acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_gf2p8affine_epi64_epi8(raw, st.plane2[s - 1], 0),
+                                     _mm512_loadu_si512(qv + 64 * s));
     }
     return _mm512_add_epi32(acc[0], acc[1]);
   } else if constexpr (BITS == 4) {
@@ -278,14 +280,23 @@ inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Strided& st)
 }
 
 // y[o0 .. o0+R) for one activation row with permuted inputs (vbmi_permute): R rows per pass as
-// rows_vbmi1, superblock by superblock, then the row's natural-order tail chunk by chunk.
-template <int BITS, int R>
+// rows_vbmi1, superblock by superblock, then the row's natural-order tail chunk by chunk. LANES: the
+// group is smaller than the superblock (S / G groups per superblock, per-lane weight scales); otherwise
+// G / S superblocks share one scale, applied when the group ends. Both are template arguments and the
+// scale index a counter or a product, not a run-time division: with `b * S / G` per row and superblock
+// the loop ran a 64-bit idiv per row and superblock (~9 in the 4-row loop, ~10-15% of a 3-bit pass) and
+// the compiler spilled x's codes to the stack around the branch.
+template <int BITS, int R, bool LANES>
 void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64_t o0, const float* xv,
                   const int8_t* xq, const float* xsum, float* y) {
   constexpr int S = strided_span(BITS), SB = S * BITS / 8;
-  const int64_t groups = bs::gemv_groups(m), row_bytes = m.in / 8 * BITS, blocks = m.in / S, G = m.group;
+  const int64_t groups = st.groups, row_bytes = m.in / 8 * BITS, blocks = m.in / S, G = m.group, step = st.step;
   const float mid = (float)((1 << BITS) / 2);
-  const int64_t ahead = prefetch_ahead(R, row_bytes), far = (int64_t)BS_PF_FAR * R * row_bytes;
+  // No prefetch of a pass past the matrix's end: those lines belong to other allocations or none (a
+  // 2048x1536 call at 1 thread: 0.96-0.98x the time, session 15); 0 re-touches this pass's own lines.
+  const int64_t after = (m.out - o0 - R) * row_bytes;  // bytes of the matrix after this pass
+  const int64_t near_pf = prefetch_ahead(R, row_bytes), far_pf = (int64_t)BS_PF_FAR * R * row_bytes;
+  const int64_t ahead = near_pf <= after ? near_pf : 0, far = far_pf <= after ? far_pf : 0;
   float scales[R * (kMaxGroups + 16)];  // [R, groups (+16 readable past the end)] of this pass, as floats
   const uint8_t* row[R];
   const float* sc[R];
@@ -296,6 +307,7 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
     total[r] = -row_scales(m, o0 + r, groups, mid, xsum, scales + r * (kMaxGroups + 16));  // the zero-point term
     f[r] = _mm512_setzero_ps();
   }
+  int64_t g = 0, left = step;  // !LANES: the current group, and how many of its superblocks are to come
   for (int64_t b = 0; b < blocks; ++b) {
     const __m512 v = _mm512_loadu_ps(xv + b * (S / 4));
     const int8_t* q = xq + b * S;
@@ -308,42 +320,61 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
         if (SB > 64) _mm_prefetch((const char*)(p + far + 64), BS_PF_FAR_HINT);
       }
       const __m512 d = _mm512_cvtepi32_ps(strided_dot<BITS>(p, q, st));
-      if (G < S) {  // the lanes span several groups: per-lane weight scales
-        const __m512 w = _mm512_permutexvar_ps(st.lanes, _mm512_loadu_ps(sc[r] + b * S / G));
+      if constexpr (LANES) {  // the lanes span several groups: per-lane weight scales
+        const __m512 w = _mm512_permutexvar_ps(st.lanes, _mm512_loadu_ps(sc[r] + b * step));
         total[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(v, w), total[r]);
       } else {
         f[r] = _mm512_fmadd_ps(d, v, f[r]);
       }
     }
-    if (G >= S && ((b + 1) * S % G == 0 || b + 1 == blocks)) {  // a group ends (or the superblocks do)
-      for (int r = 0; r < R; ++r) {
-        total[r] = _mm512_fmadd_ps(f[r], _mm512_set1_ps(sc[r][b * S / G]), total[r]);
-        f[r] = _mm512_setzero_ps();
+    if constexpr (!LANES) {
+      if (--left == 0 || b + 1 == blocks) {  // a group ends (or the superblocks do)
+        for (int r = 0; r < R; ++r) {
+          total[r] = _mm512_fmadd_ps(f[r], _mm512_set1_ps(sc[r][g]), total[r]);
+          f[r] = _mm512_setzero_ps();
+        }
+        ++g;
+        left = step;
       }
     }
   }
   for (int64_t k = blocks * S; k < m.in; k += 64) {  // the tail: natural order, chunk by chunk
     const __m512i q = _mm512_loadu_si512(xq + k);
     const __m512 v = _mm512_loadu_ps(xv + k / 4);
+    const int64_t gk = k / G;
     for (int r = 0; r < R; ++r) {
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.codes(row[r] + k / 8 * BITS, BITS), q);
-      total[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), v), _mm512_set1_ps(sc[r][k / G]), total[r]);
+      const uint8_t* p = row[r] + k / 8 * BITS;
+      if (k == blocks * S) {  // the superblocks' prefetch stops short of the tail (< SB bytes): its lines too
+        for (int64_t line = 0; line < row_bytes - blocks * SB; line += 64) {
+          _mm_prefetch((const char*)(p + ahead + line), _MM_HINT_T0);
+          if (far) _mm_prefetch((const char*)(p + far + line), BS_PF_FAR_HINT);
+        }
+      }
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.codes(p, BITS), q);
+      total[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), v), _mm512_set1_ps(sc[r][gk]), total[r]);
     }
   }
   store_sums<R>(total, y + o0);
 }
 
-template <int BITS>
-void strided_all(const bs::Matrix& m, const Unpack& u, const float* xv, const int8_t* xq, const float* xsum, float* y) {
-  const Strided st(m);
+template <int BITS, bool LANES>
+void strided_rows_all(const bs::Matrix& m, const Unpack& u, const Strided& st, const float* xv, const int8_t* xq,
+                      const float* xsum, float* y) {
   constexpr int R = 4;
   const int64_t quads = m.out / R;
 #pragma omp for schedule(static)
   for (int64_t b = 0; b <= quads; ++b) {
-    if (b < quads) rows_strided<BITS, R>(m, u, st, b * R, xv, xq, xsum, y);
+    if (b < quads) rows_strided<BITS, R, LANES>(m, u, st, b * R, xv, xq, xsum, y);
     else
-      for (int64_t o = quads * R; o < m.out; ++o) rows_strided<BITS, 1>(m, u, st, o, xv, xq, xsum, y);
+      for (int64_t o = quads * R; o < m.out; ++o) rows_strided<BITS, 1, LANES>(m, u, st, o, xv, xq, xsum, y);
   }
+}
+
+template <int BITS>
+void strided_all(const bs::Matrix& m, const Unpack& u, const float* xv, const int8_t* xq, const float* xsum, float* y) {
+  const Strided st(m);
+  if (m.group < strided_span(BITS)) return strided_rows_all<BITS, true>(m, u, st, xv, xq, xsum, y);
+  strided_rows_all<BITS, false>(m, u, st, xv, xq, xsum, y);
 }
 
 // x's int8 codes into the superblock order, 64 output bytes at a time: output byte p of the superblock
