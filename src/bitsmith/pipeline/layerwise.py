@@ -356,7 +356,6 @@ def _process_block(
             weights = [masters.pop(rel) for rel in stage]
             results = quantize_stage(names, weights, _before_solve(stats, heap_keep), method, plan)
             del stats
-            _trim_heap(heap_keep)
             for j, (rel, name, (qt, report)) in enumerate(zip(stage, names, results)):
                 weight, weights[j] = weights[j], None  # dropped once done: the peak stays in quantize_stage
                 if fits_fp16(qt):
@@ -370,6 +369,7 @@ def _process_block(
                     reports.append(kept_report(name, weight))
                 del weight
             replay.mark_done(stage)
+            _trim_heap(heap_keep)  # the solve's and the swap's freed heap, before the next pass starts
         index = int(block_prefix.rsplit(".", 1)[1])
         out = ActivationStore.create(tuple(store.tensor.shape), compute_dtype, state.inputs_file(index + 1), plan.spill_bytes)
         def forward(b: int) -> None:  # batches in parallel threads (pipeline.batches), disjoint rows of out

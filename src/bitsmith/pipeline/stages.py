@@ -116,7 +116,8 @@ def stage_stats(
             block(store.tensor[slices[b]], *args, **kwargs)
         except _StopForward:
             pass
-        return caught.x
+        x, caught.x = caught.x, None  # the thread-local must not keep it: see the loop below
+        return x
 
     hook = first.register_forward_pre_hook(catch)
     try:
@@ -132,6 +133,7 @@ def stage_stats(
                         keep = None if spill is None else _spilled(keep, spill)
                     if keep is not None:
                         keep.append(x)
+                del x  # summed (and spilled): not held while the next wave of batches runs
     except BaseException:
         if isinstance(keep, SpilledTail):
             keep.close()
