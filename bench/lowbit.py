@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from common import text_path, work_dir
+from common import report_block_bpw, text_path, work_dir
 
 
 def parse_variant(text: str) -> tuple[str, bool, str]:
@@ -204,6 +204,8 @@ def main() -> None:
 
     import bitsmith
     from bitsmith.eval.suite import evaluate_variants, text_windows
+    from bitsmith.models import open_source
+    from bitsmith.pipeline.common import quantizable_layers
     from bitsmith.runtime.options import RuntimeOptions
 
     work = Path(args.work or work_dir("lowbit"))
@@ -222,11 +224,12 @@ def main() -> None:
     exact = RuntimeOptions.for_measurement()
     reference = bitsmith.load(args.model, options=exact)
     wins = text_windows(reference.tokenizer, text, args.ctx, args.max_windows)
+    blocks = quantizable_layers(open_source(args.model).config)  # the blocks' matrices: what bits/weight counts
     t0 = time.perf_counter()
     results = {}
     for row in rows:  # one quantized model in memory at a time (three at once peaked at 11 GB on Gemma)
         loaded = bitsmith.load(row["path"], options=exact)
-        row["bits_per_weight"] = loaded.info.report["bits_per_weight"]
+        row["bits_per_weight"] = report_block_bpw(loaded.info.report, blocks)
         results.update(evaluate_variants(reference.model, {row["variant"]: loaded.model}, wins))
         del loaded
     print(f"\n{args.model}, {wins.numel():,} tokens ({wins.shape[0]} x {args.ctx}) of {Path(args.text).name}[:{args.chars}], "

@@ -105,3 +105,16 @@ def test_block_bpw_counts_only_the_decoder_blocks_matrices(tmp_path: Path) -> No
     empty = _gguf_with(tmp_path / "e.gguf", {"token_embd.weight": (rows(8, 64), "F32")})
     with pytest.raises(ValueError, match="no decoder-block matrices"):
         common.block_bpw(empty)
+
+
+def test_report_block_bpw_leaves_the_embedding_out() -> None:
+    common = load("common")
+    report = {"layers": [
+        {"name": "model.embed_tokens", "shape": [100, 8], "bits_per_weight": 8.05},  # not a block matrix
+        {"name": "model.layers.0.mlp.up_proj", "shape": [4, 64], "bits_per_weight": 2.25},
+        {"name": "model.layers.0.self_attn.v_proj", "shape": [2, 64], "bits_per_weight": 4.25},
+    ]}
+    blocks = {"model.layers.0.mlp.up_proj": (4, 64), "model.layers.0.self_attn.v_proj": (2, 64)}
+    assert common.report_block_bpw(report, blocks) == pytest.approx((256 * 2.25 + 128 * 4.25) / 384)
+    with pytest.raises(ValueError, match="no decoder-block matrices"):
+        common.report_block_bpw({"layers": report["layers"][:1]}, blocks)
