@@ -39,6 +39,18 @@ def block_bpw(path: Path) -> float:
     return 8 * sum(t.n_bytes for t in infos) / weights
 
 
+def report_block_bpw(report: dict, block_layers) -> float:
+    """Bits per weight of a bitsmith checkpoint's decoder-block matrices (PROTOCOL section 4) from its
+    report: the layers named in ``block_layers`` (``pipeline.common.quantizable_layers`` of the config),
+    weighted by their weights. The w8 embedding and head, which the report's own total counts since
+    session 15's calibrated path reports the embedding, are left out."""
+    rows = [layer for layer in report.get("layers", []) if layer["name"] in block_layers]
+    if not rows:
+        raise ValueError("the checkpoint's report lists no decoder-block matrices, so it has no block bpw")
+    weights = [math.prod(layer["shape"]) for layer in rows]
+    return sum(w * layer["bits_per_weight"] for w, layer in zip(weights, rows)) / sum(weights)
+
+
 WORK_ENV = "BITSMITH_BENCH_WORK"
 
 

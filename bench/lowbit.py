@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from common import text_path, work_dir
+from common import report_block_bpw, text_path, work_dir
 
 
 def parse_variant(text: str) -> tuple[str, bool, str]:
@@ -31,23 +31,66 @@ def parse_variant(text: str) -> tuple[str, bool, str]:
     return method, extra == "rotate", spec
 
 
+def variant_folder(args: argparse.Namespace, variant: str, shared: bool) -> str:
+    """The checkpoint folder's name: the model, the variant, then what else changes the weights
+    (a shared codebook, a mixed-precision budget, a calibration text other than the default)."""
+    name = f"{Path(args.model).stem}-{variant.replace(':', '-').replace('+', '_')}{'-sharedcb' if shared else ''}"
+    if args.budget:
+        name += f"-b{args.budget}"
+    if args.calib_text:
+        name += "-" + args.calib_text.replace("+", "_")
+    return name
+
+
+def budget_plan(args: argparse.Namespace, plan, calib):
+    """``plan`` with one spec per layer from ``--candidates`` under ``--budget`` (bits per weight
+    over the blocks' matrices; Fisher costs on the first ``--sensitivity-windows`` calibration
+    sequences), then the embedding/head at w8 as without a budget. Returns (plan, allocation)."""
+    from dataclasses import replace
+
+    from bitsmith.models import open_source
+    from bitsmith.pipeline.outputs import with_output_spec
+    from bitsmith.plan.allocate import Budget
+    from bitsmith.plan.sensitivity import plan_allocation
+    from bitsmith.spec import QuantSpec
+
+    candidates = [QuantSpec.parse(s) for s in args.candidates.split(",") if s.strip()]
+    tokens = replace(calib, samples=min(calib.samples, args.sensitivity_windows)).batches(open_source(args.model).tokenizer())
+    t0 = time.process_time()
+    plan, allocation = plan_allocation(args.model, plan, Budget.parse(args.budget), candidates, tokens)
+    print(f"allocated {allocation.bits_per_weight:.3f} bits/weight in {time.process_time() - t0:.0f} cpu s: "
+          f"{allocation.counts()}", flush=True)
+    return with_output_spec(plan, args.model, QuantSpec.parse("w8")), allocation
+
+
 def quantize_variant(args: argparse.Namespace, variant: str, work: Path) -> dict:
-    import bitsmith
     from bitsmith.calib import CalibrationConfig
-    from bitsmith.pipeline.quantize import calibrated_methods
+    from bitsmith.pipeline.outputs import with_output_spec
+    from bitsmith.pipeline.plan import QuantizePlan, resolve_compute_dtype
+    from bitsmith.pipeline.quantize import calibrated_methods, quantize
+    from bitsmith.plan.sensitivity import record_allocation
+    from bitsmith.spec import QuantSpec
 
     method, rotate, spec = parse_variant(variant)
     shared = method == "vq" and args.vq_share_codebook
-    out = work / f"{Path(args.model).stem}-{variant.replace(':', '-').replace('+', '_')}{'-sharedcb' if shared else ''}"
+    out = work / variant_folder(args, variant, shared)
     row = {"variant": variant, "method": method, "rotate": rotate, "spec": spec, "path": str(out)}
     if args.reuse and (out / "bitsmith.json").exists():
         row["quantize_s"] = json.loads((out / "bitsmith.json").read_text())["report"].get("seconds")
         return row
-    calib = CalibrationConfig(samples=args.calib_samples, seq_len=args.calib_len) if method in calibrated_methods() else None
+    calib = CalibrationConfig(text=args.calib_text, samples=args.calib_samples, seq_len=args.calib_len)
     t0 = time.perf_counter()
     options = {**({"rotate": True} if rotate else {}), **({"share_codebook": True} if shared else {})}
-    bitsmith.quantize(args.model, out, spec, method, calibration=calib, options=options,
-                      compute_dtype=args.compute_dtype, overwrite=True)
+    plan = QuantizePlan(QuantSpec.parse(spec), method, options, compute_dtype=resolve_compute_dtype(args.compute_dtype),
+                        calib=calib if method in calibrated_methods() else None)
+    allocation = None
+    if args.budget:
+        plan, allocation = budget_plan(args, plan, calib)
+    else:
+        plan = with_output_spec(plan, args.model, QuantSpec.parse("w8"))
+    quantize(args.model, out, plan, overwrite=True)
+    if allocation is not None:
+        record_allocation(out, allocation)
     row["quantize_s"] = time.perf_counter() - t0
     print(f"quantized {variant} in {row['quantize_s']:.1f} s", flush=True)
     return row
@@ -60,7 +103,8 @@ def distill_variant(args: argparse.Namespace, row: dict) -> dict:
     start = row["path"] + ("-" + args.distill_from if args.distill_from else "")
     config = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, samples=args.distill_samples,
                            seq_len=args.distill_len, batch=args.distill_batch, check_every=args.distill_check_every,
-                           block_steps=args.distill_block_steps, block_lr=args.distill_block_lr)
+                           block_steps=args.distill_block_steps, block_lr=args.distill_block_lr,
+                           calib_text=args.calib_text)
     t0 = time.perf_counter()
     cpu0 = time.process_time()
 
@@ -142,6 +186,12 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="checkpoint folder (default: work_dir('lowbit'))")
     ap.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (gptq)")
     ap.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (gptq)")
+    ap.add_argument("--calib-text", default=None, help="calibration text of the quantize, --budget and --distill: "
+                    "prose+code, prose or a file (default: the shipped State of the Union text); folder suffix")
+    ap.add_argument("--budget", default=None, help="mixed precision: bits per weight over the blocks (2.5bpw); the "
+                    "variant's SPEC is then the plan's default and --candidates the choices; folder suffix -bBUDGET")
+    ap.add_argument("--candidates", default="w2g64vq,w3g128vq,w4g128", help="specs a layer may get under --budget")
+    ap.add_argument("--sensitivity-windows", type=int, default=16, help="calibration sequences of --budget's Fisher pass")
     ap.add_argument("--vq-share-codebook", action="store_true",
                     help="vq: one codebook per stage of layers reading one input (q/k/v, gate/up); folder suffix -sharedcb")
     ap.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="bf16")
@@ -154,6 +204,8 @@ def main() -> None:
 
     import bitsmith
     from bitsmith.eval.suite import evaluate_variants, text_windows
+    from bitsmith.models import open_source
+    from bitsmith.pipeline.common import quantizable_layers
     from bitsmith.runtime.options import RuntimeOptions
 
     work = Path(args.work or work_dir("lowbit"))
@@ -172,23 +224,24 @@ def main() -> None:
     exact = RuntimeOptions.for_measurement()
     reference = bitsmith.load(args.model, options=exact)
     wins = text_windows(reference.tokenizer, text, args.ctx, args.max_windows)
-    variants = {}
-    for row in rows:
-        loaded = bitsmith.load(row["path"], options=exact)
-        variants[row["variant"]] = loaded.model
-        row["bits_per_weight"] = loaded.info.report["bits_per_weight"]
+    blocks = quantizable_layers(open_source(args.model).config)  # the blocks' matrices: what bits/weight counts
     t0 = time.perf_counter()
-    results = evaluate_variants(reference.model, variants, wins)
+    results = {}
+    for row in rows:  # one quantized model in memory at a time (three at once peaked at 11 GB on Gemma)
+        loaded = bitsmith.load(row["path"], options=exact)
+        row["bits_per_weight"] = report_block_bpw(loaded.info.report, blocks)
+        results.update(evaluate_variants(reference.model, {row["variant"]: loaded.model}, wins))
+        del loaded
     print(f"\n{args.model}, {wins.numel():,} tokens ({wins.shape[0]} x {args.ctx}) of {Path(args.text).name}[:{args.chars}], "
           f"reference ppl {results['reference'].ppl:.3f}, gptq calibration {args.calib_samples} x {args.calib_len}; "
           f"evaluation took {time.perf_counter() - t0:.0f} s\n")
-    print("| variant | bits/weight | ppl | KLD mean | KLD p99 | top-1 | quantize s | distill s | decode tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| variant | bits/weight | ppl | KLD mean | KLD median | KLD p99 | top-1 | quantize s | distill s | decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         r = results[row["variant"]]
         row.update(r.as_dict())
         q = row.get("quantize_s")
-        print(f"| {row['variant']} | {row['bits_per_weight']:.3f} | {r.ppl:.3f} | {r.kld_mean:.4f} | {r.kld_p99:.3f} | "
+        print(f"| {row['variant']} | {row['bits_per_weight']:.3f} | {r.ppl:.3f} | {r.kld_mean:.4f} | {r.kld_median:.3f} | {r.kld_p99:.3f} | "
               f"{r.top1:.3f} | {'' if q is None else f'{q:.0f}'} | {row.get('distill_s', 0):.0f} | "
               f"{row.get('decode_tok_s', 0):.1f} |")
     if args.json:

@@ -134,3 +134,14 @@ def test_speed_comparisons_pair_rounds_and_use_each_runs_own_bandwidth(monkeypat
     assert "median 80.0%, best 80.0%" in bound  # 20 tok/s x 1 GB at 25 GB/s, 40 x 1 GB at 50 GB/s
     assert not any("Q8_0" in line for line in lines)  # no w8 row: no w8 line
     assert speed.describe([1.5]) == "1.50x"
+def test_report_block_bpw_leaves_the_embedding_out() -> None:
+    common = load("common")
+    report = {"layers": [
+        {"name": "model.embed_tokens", "shape": [100, 8], "bits_per_weight": 8.05},  # not a block matrix
+        {"name": "model.layers.0.mlp.up_proj", "shape": [4, 64], "bits_per_weight": 2.25},
+        {"name": "model.layers.0.self_attn.v_proj", "shape": [2, 64], "bits_per_weight": 4.25},
+    ]}
+    blocks = {"model.layers.0.mlp.up_proj": (4, 64), "model.layers.0.self_attn.v_proj": (2, 64)}
+    assert common.report_block_bpw(report, blocks) == pytest.approx((256 * 2.25 + 128 * 4.25) / 384)
+    with pytest.raises(ValueError, match="no decoder-block matrices"):
+        common.report_block_bpw({"layers": report["layers"][:1]}, blocks)

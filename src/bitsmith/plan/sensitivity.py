@@ -70,17 +70,28 @@ class Sensitivity:
         return sum(c[spec] for c in self.costs.values() if spec in c)
 
 
+def vq_pricing(weight: torch.Tensor, spec: QuantSpec, stats=None, options: dict | None = None):
+    """How a ``--method vq`` run's specs are priced without its Hessians: a vq spec by its codebook and
+    nearest entries (vq without the error feedback), a scalar spec (which vq hands to GPTQ) by RTN."""
+    from bitsmith.methods import get_method
+    from bitsmith.methods.vq import nearest_tensor
+
+    if spec.grid == "vq":
+        return nearest_tensor(weight.float(), spec)
+    return get_method("rtn")(weight, spec, None, {})
+
+
 def make_quantizer(method: str, options: dict | None = None) -> tuple[str, Quantizer]:
     """The quantizer used to price each spec. Calibrated methods (gptq, awq) need per-layer input
     statistics that this pass does not collect, so their costs are priced with RTN (a pessimistic
-    but consistently ranked stand-in)."""
+    but consistently ranked stand-in); vq with :func:`vq_pricing` (RTN cannot write vector codes)."""
     from bitsmith.methods import METHODS, get_method, needs_calibration
 
-    name = method if method in METHODS and not needs_calibration(method) else "rtn"
+    name = method if method in METHODS and not needs_calibration(method) else "vq-nearest" if method == "vq" else "rtn"
     if name != method:
-        log.info("pricing specs for %s with rtn errors (a calibrated method's error needs its statistics)", method)
+        log.info("pricing specs for %s with %s errors (a calibrated method's error needs its statistics)", method, name)
     opts = dict(options or {}) if name == "rtn" else {}
-    fn = get_method(name)
+    fn = vq_pricing if name == "vq-nearest" else get_method(name)
     if (options or {}).get("rotate"):  # priced as it will be stored: in the rotated basis
         from bitsmith.transforms.rotate import rotated, seed_of
 
@@ -273,12 +284,24 @@ def check_plan_budget(model, config, budget: Budget, candidates: Sequence[QuantS
     """Refuse a budget no allocation of ``candidates`` can meet, from the model's config and tensor
     headers only: in well under a second, before any sensitivity pass (which takes minutes). The
     message names the reachable range (:func:`bitsmith.plan.allocate.check_budget`)."""
+    from bitsmith.methods.vq import check_method
     from bitsmith.models import open_source
     from bitsmith.pipeline.common import quantizable_layers
 
+    check_method(config.quantizer, config.spec, list(candidates))  # vq candidates need the vq method
     source = open_source(model)
     layers = quantizable_layers(source.config, config.quantize_head, config.quantize_embeddings)
     check_budget(budget, layers, candidates, fixed_bits(source, layers, config.unquantized_dtype))
+
+
+def rotation_sign_bits(layers: dict[str, tuple[int, int]], options: dict | None) -> int:
+    """Bits of the rotation signs a ``rotate`` plan stores beside the codes: one per input channel of
+    every layer that gets a rotation, whatever its spec (the checkpoint report counts them)."""
+    if not (options or {}).get("rotate"):
+        return 0
+    from bitsmith.transforms.rotate import rotation_for, seed_of
+
+    return sum(i for _, i in layers.values() if rotation_for(i, seed_of(options)) is not None)
 
 
 def plan_allocation(
@@ -302,12 +325,17 @@ def plan_allocation(
     weights = sum(o * i for o, i in layers.values())
     fixed = 0 if budget.bits_per_weight is not None else fixed_bits(source, layers, config.unquantized_dtype)
     del net
-    alloc = allocate(sens.costs, layers, budget.layer_bits(weights, fixed))
+    signs = rotation_sign_bits(layers, config.options)  # stored whatever the specs: off the top of the budget
+    alloc = allocate(sens.costs, layers, budget.layer_bits(weights, fixed) - signs)
     extra = {"budget": str(budget), "estimator": estimator, "cost_quantizer": sens.quantizer, "windows": sens.windows,
              "candidates": [str(s) for s in candidates],
-             "uniform_predicted_kl": {str(s): sens.total(s) for s in candidates}}
-    alloc = dataclasses.replace(alloc, fixed_bits=fixed, extra=extra)
-    common = Counter(alloc.specs.values()).most_common(1)[0][0]
+             "uniform_predicted_kl": {str(s): sens.total(s) for s in candidates}, "rotation_sign_bits": signs}
+    alloc = dataclasses.replace(alloc, total_bits=alloc.total_bits + signs, budget_bits=alloc.budget_bits + signs,
+                                fixed_bits=fixed, extra=extra)
+    # the plan's main spec: the commonest allocated one of the requested spec's grid, else the requested
+    # one (every layer has its own spec then; a vq plan needs a vq main spec, its scalar layers go to GPTQ)
+    counts = Counter(alloc.specs.values()).most_common()
+    common = next((s for s, _ in counts if s.grid == config.spec.grid), config.spec)
     log.info("allocated %s: %.3f bits/weight, predicted KL %.4g, %s", budget, alloc.bits_per_weight,
              alloc.predicted_cost, alloc.counts())
     return dataclasses.replace(config, spec=common, layer_specs=dict(alloc.specs)), alloc

@@ -1,0 +1,112 @@
+"""Mixed precision with vector-codebook candidates (issue 19): ``--budget`` under ``--method vq`` prices
+vq specs by their codebook and nearest entries and scalar specs by RTN, allocates both kinds, and the
+vq pipeline writes exactly the allocated specs into a checkpoint that loads and runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tests.tiny import make_tiny_model, sample_text, tiny_tokenizer
+
+from bitsmith.spec import QuantSpec
+
+CANDIDATES = [QuantSpec.parse(s) for s in ("w2g32vq", "w3g32vq", "w4g32")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("budgetvq") / "m", "llama", hidden_size=128, intermediate_size=256)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("budgetvqtext") / "calib.txt"
+    path.write_text(sample_text(3000, seed=1))
+    return path
+
+
+@pytest.mark.parametrize("rows, cols", [(40, 64), (33, 96)])
+def test_vq_pricing_is_nearest_vq_or_rtn(rows: int, cols: int) -> None:
+    from bitsmith.methods import get_method
+    from bitsmith.methods.vq import nearest_tensor
+    from bitsmith.plan.sensitivity import make_quantizer
+
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
+    name, price = make_quantizer("vq")
+    assert name == "vq-nearest"
+    vq_spec, scalar = QuantSpec.parse("w2g32vq"), QuantSpec.parse("w3g32")
+    assert torch.equal(price(weight, vq_spec), nearest_tensor(weight, vq_spec).weight())
+    assert torch.equal(price(weight, scalar), get_method("rtn")(weight, scalar, None, {}).weight())
+    # rotated: priced in the rotated basis, returned in the layer's own basis (an error, not a basis change)
+    _, rotated = make_quantizer("vq", {"rotate": True})
+    for spec in (vq_spec, scalar):
+        q = rotated(weight, spec)
+        assert not torch.equal(q, price(weight, spec))
+        assert (q - weight).norm() < 0.8 * weight.norm()
+
+
+def test_budget_allocates_vq_and_scalar_and_the_checkpoint_carries_them(tiny: Path, calib_file: Path,
+                                                                        tmp_path: Path) -> None:
+    from bitsmith.calib import CalibrationConfig
+    from bitsmith.io.checkpoint import read_info
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.pipeline.quantize import quantize
+    from bitsmith.plan.allocate import Budget
+    from bitsmith.plan.sensitivity import plan_allocation, record_allocation
+    from bitsmith.runtime.options import RuntimeOptions
+    import bitsmith
+
+    calib = CalibrationConfig(text=str(calib_file), samples=4, seq_len=64)
+    start = QuantizePlan(QuantSpec.parse("w2g32vq"), "vq", {"rotate": True}, calib=calib)
+    budget = Budget.parse("3.6bpw")
+    plan, alloc = plan_allocation(tiny, start, budget, CANDIDATES, calib.batches(tiny_tokenizer()))
+    grids = {s.grid for s in alloc.specs.values()}
+    assert grids == {"vq", "uniform"}, alloc.counts()  # both kinds chosen at this budget
+    assert plan.spec.grid == "vq" and plan.layer_specs == alloc.specs
+    out = quantize(tiny, tmp_path / "mixed", plan)
+    record_allocation(out, alloc)
+    info = read_info(out)
+    assert info.specs == alloc.specs
+    assert info.report["bits_per_weight"] == pytest.approx(alloc.bits_per_weight)
+    assert 0.9 * budget.bits_per_weight <= alloc.bits_per_weight <= budget.bits_per_weight
+    # the mixed checkpoint runs on the native kernels as on the dequantize-then-matmul oracle
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for kernel in ("auto", "reference"):
+        loaded = bitsmith.load(out, options=RuntimeOptions(kernel=kernel, prefill="exact", int8_decode=False))
+        with torch.no_grad():
+            outs[kernel] = loaded.model(ids).logits
+    assert torch.allclose(outs["auto"], outs["reference"], atol=2e-4)
+
+
+def test_cli_budget_with_vq_candidates(tiny: Path, calib_file: Path, tmp_path: Path) -> None:
+    from bitsmith.cli import main
+    from bitsmith.io.checkpoint import read_info
+
+    out = tmp_path / "cli"
+    rc = main(["quantize", str(tiny), "--method", "vq", "--spec", "w2g32vq", "--rotate", "--budget", "4.2bpw",
+               "--candidates", "w2g32vq,w3g32vq,w4g32", "--out", str(out), "--calib", str(calib_file),
+               "--calib-samples", "3", "--calib-len", "64"])
+    assert rc == 0
+    info = read_info(out)
+    assert info.report["allocation"]["bits_per_weight"] <= 4.2
+    assert {str(s) for s in info.specs.values()} <= {"w2g32vq", "w3g32vq", "w4g32"}
+
+
+def test_vq_candidates_without_the_vq_method_are_refused_before_sensitivity(tiny: Path, calib_file: Path,
+                                                                            tmp_path: Path, monkeypatch, capsys) -> None:
+    import bitsmith.plan.sensitivity as sensitivity
+    from bitsmith.cli import main
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the sensitivity pass ran")
+
+    monkeypatch.setattr(sensitivity, "estimate_sensitivity", no_pass)
+    with pytest.raises(SystemExit) as exit_:
+        main(["quantize", str(tiny), "--method", "rtn", "--budget", "3.6bpw", "--candidates", "w2g32vq,w4g32",
+              "--out", str(tmp_path / "no"), "--calib", str(calib_file)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "--method vq" in err and "Traceback" not in err
+    assert not (tmp_path / "no").exists()
