@@ -19,8 +19,8 @@ llama.cpp's tensor layout, so any q/k permutation is undone by the same code as 
 The KLD is exact (not the top-k cache of ``bitsmith eval --reference-cache``): the reference's float32
 logits are computed once per window and kept on disk under the work folder, so only one model is in
 memory at a time. bitsmith's own checkpoints (or any file load_model reads) are scored on the same
-windows with --extra LABEL=PATH. bpw = stored bits / weights of the decoder blocks' matrices (GGUF
-files only); MB = the whole file.
+windows with --extra LABEL=PATH. bpw = stored bits / weights of the decoder blocks' matrices (a GGUF's
+header, a bitsmith checkpoint's report); MB = the whole file or folder.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import tools
-from common import block_bpw, text_path, work_dir
+from common import block_bpw, report_block_bpw, text_path, work_dir
 
 
 def use_tree_gguf() -> Path:
@@ -156,6 +156,19 @@ def load_row(path: Path):
     return load_model(path, dequantize=path.suffix == ".gguf").model
 
 
+def checkpoint_block_bpw(path: Path, model: str) -> float | None:
+    """Block bits/weight of a bitsmith checkpoint folder from its report (None for anything else)."""
+    import json
+
+    from bitsmith.models import open_source
+    from bitsmith.pipeline.common import quantizable_layers
+
+    meta = path / "bitsmith.json"
+    if not meta.is_file():
+        return None
+    return report_block_bpw(json.loads(meta.read_text())["report"], quantizable_layers(open_source(model).config))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
@@ -217,7 +230,7 @@ def main() -> int:
         model = load_row(path)
         res = score(model, wins, logits_dir)
         del model
-        bpw = block_bpw(path) if path.suffix == ".gguf" else None
+        bpw = block_bpw(path) if path.suffix == ".gguf" else checkpoint_block_bpw(path, args.model)
         table.append((label, path, bpw, res))
         check = f"blk.0 q/k relative error {layout_error(ref_gguf, path):.3f}; " if path.suffix == ".gguf" else ""
         print(f"{label}: {time.time() - t0:.0f} s; {check}" + "; ".join(f"{d} {r.as_dict()}" for d, r in res.items()), flush=True)
@@ -237,7 +250,7 @@ def print_table(args, wins: dict, table: list) -> None:
     print("|---" * (3 + 3 * len(domains)) + "|")
     for label, path, bpw, res in table:
         cells = " | ".join(f"{res[d].kld_mean:.4f} | {res[d].top1:.3f} | {res[d].ppl:.3f}" for d in domains)
-        size = path.stat().st_size / 1e6 if path.is_file() else float("nan")
+        size = (path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())) / 1e6
         print(f"| {label} | {'-' if bpw is None else f'{bpw:.3f}'} | {size:.0f} | {cells} |")
 
 
