@@ -57,3 +57,10 @@ def sample_text(n_words: int = 600, seed: int = 0) -> str:
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(WORDS), (n_words,), generator=g)
     return " ".join(WORDS[i] for i in idx)
+
+
+def sample_text_file(folder: Path, n_words: int = 600, seed: int = 0) -> Path:
+    """``sample_text`` written to ``folder/calib.txt`` (a calibration or evaluation text file)."""
+    path = Path(folder) / "calib.txt"
+    path.write_text(sample_text(n_words, seed))
+    return path

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.tiny import make_tiny_model, sample_text
+from tests.tiny import make_tiny_model, sample_text_file
 
 from bitsmith.spec import QuantSpec
 
@@ -21,9 +21,7 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def calib_text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("vqtext") / "calib.txt"
-    path.write_text(sample_text(2000))
-    return path
+    return sample_text_file(tmp_path_factory.mktemp("vqtext"), 2000)
 
 
 def logits(ckpt: Path, ids: torch.Tensor, kernel: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.tiny import make_tiny_model, sample_text, tiny_tokenizer
+from tests.tiny import make_tiny_model, sample_text_file, tiny_tokenizer
 
 from bitsmith.spec import QuantSpec
 
@@ -22,9 +22,7 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("budgetvqtext") / "calib.txt"
-    path.write_text(sample_text(3000, seed=1))
-    return path
+    return sample_text_file(tmp_path_factory.mktemp("budgetvqtext"), 3000, seed=1)
 
 
 @pytest.mark.parametrize("rows, cols", [(40, 64), (33, 96)])
