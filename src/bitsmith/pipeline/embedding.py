@@ -51,7 +51,6 @@ def rtn_by_rows(weight: torch.Tensor, spec: QuantSpec, options: dict) -> Quantiz
     return whole
 
 
-
 def release_embedding(net: nn.Module) -> str:
     """Put the input embedding on the meta device (block 0's inputs are captured; on a 1.5B model
     with a 152k vocabulary that frees ~0.5 GB for the whole run). Returns its module name."""

@@ -87,11 +87,15 @@ def make_quantizer(method: str, options: dict | None = None) -> tuple[str, Quant
     but consistently ranked stand-in); vq with :func:`vq_pricing` (RTN cannot write vector codes)."""
     from bitsmith.methods import METHODS, get_method, needs_calibration
 
-    name = method if method in METHODS and not needs_calibration(method) else "vq-nearest" if method == "vq" else "rtn"
+    if method in METHODS and not needs_calibration(method):
+        name, fn = method, get_method(method)
+    elif method == "vq":
+        name, fn = "vq-nearest", vq_pricing
+    else:
+        name, fn = "rtn", get_method("rtn")
     if name != method:
         log.info("pricing specs for %s with %s errors (a calibrated method's error needs its statistics)", method, name)
     opts = dict(options or {}) if name == "rtn" else {}
-    fn = vq_pricing if name == "vq-nearest" else get_method(name)
     if (options or {}).get("rotate"):  # priced as it will be stored: in the rotated basis
         from bitsmith.transforms.rotate import rotated, seed_of
 
