@@ -47,7 +47,7 @@ def quantize(
     ``method`` defaults to hqq, or gptq when ``calibration`` (a text file, or a
     :class:`~bitsmith.calib.data.CalibrationConfig` for samples and lengths) is given, as on the
     command line; calibrated methods without ``calibration`` use the shipped State of the Union
-    text (``"prose"``), AWQ the built-in prose + code text (``"prose+code"``). ``options`` are the
+    text (``"prose"``), AWQ and vq the built-in prose + code text (``"prose+code"``). ``options`` are the
     method's own (e.g. ``{"clip_search": False}``); ``compute_dtype`` (auto, bf16, fp32) is that of
     calibrated block forwards. ``output_spec`` quantizes the embedding
     table and the head (default ``w8``, as on the command line; ``None`` or ``"keep"`` leaves them

@@ -95,9 +95,19 @@ def test_awq_runs_default_to_the_mixed_text_and_others_to_the_prose() -> None:
     assert (kept.text, kept.samples, kept.seq_len) == (PROSE_CODE, 16, 256)
 
 
-@pytest.mark.parametrize("method, options, text", [("awq", {}, PROSE_CODE), ("gptq", {}, None),
-                                                    ("rtn", {"awq": True}, PROSE_CODE)])
-def test_quantize_hands_the_calibrated_run_its_default_text(tmp_path, monkeypatch, method, options, text) -> None:
+def test_vq_defaults_to_the_mixed_text_and_a_named_text_wins() -> None:
+    spec = QuantSpec.parse("w2g64vq")
+    assert calibration(QuantizePlan(spec, "vq")).text == PROSE_CODE
+    assert calibration(QuantizePlan(spec, "vq", {"rotate": True})).text == PROSE_CODE
+    given = CalibrationConfig(text="mine.txt", samples=4)
+    assert calibration(QuantizePlan(spec, "vq", calib=given)) == given
+    assert calibration(QuantizePlan(QuantSpec.parse("w2g64"), "gptq", {"rotate": True})).text is None
+
+
+@pytest.mark.parametrize("method, options, text, spec", [("awq", {}, PROSE_CODE, "w4g32"), ("gptq", {}, None, "w4g32"),
+                                                          ("rtn", {"awq": True}, PROSE_CODE, "w4g32"),
+                                                          ("vq", {}, PROSE_CODE, "w2g32vq")])
+def test_quantize_hands_the_calibrated_run_its_default_text(tmp_path, monkeypatch, method, options, text, spec) -> None:
     """quantize() tokenizes the plan's default text (the model's own tokenizer) for the block loop."""
     import torch
     from tests.tiny import make_tiny_model
@@ -109,7 +119,7 @@ def test_quantize_hands_the_calibrated_run_its_default_text(tmp_path, monkeypatc
     model = make_tiny_model(tmp_path / "m", num_hidden_layers=1)
     seen = {}
     monkeypatch.setattr(layerwise, "quantize_blocks", lambda model, out, plan, tokens, **kw: seen.setdefault("t", tokens))
-    plan = QuantizePlan(QuantSpec.parse("w4g32"), method, options, calib=CalibrationConfig(samples=3, seq_len=40))
+    plan = QuantizePlan(QuantSpec.parse(spec), method, options, calib=CalibrationConfig(samples=3, seq_len=40))
     pipeline.quantize(model, tmp_path / "out", plan)
     expected = calibration_batches(open_source(model).tokenizer(), read_calibration_text(text), 3, 40)
     assert torch.equal(seen["t"], expected)

@@ -108,3 +108,28 @@ def test_vq_candidates_without_the_vq_method_are_refused_before_sensitivity(tiny
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "--method vq" in err and "Traceback" not in err
     assert not (tmp_path / "no").exists()
+
+
+def test_budget_sensitivity_reads_the_text_the_vq_quantize_reads(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+    """Without --calib, vq calibrates on the built-in prose + code text; the budget's sensitivity pass
+    must score the layers on that text too, not on the prose default."""
+    import bitsmith.plan.sensitivity as sensitivity
+    from bitsmith.calib.data import PROSE_CODE, calibration_batches, read_calibration_text
+    from bitsmith.cli import main
+    from bitsmith.models import open_source
+
+    seen = {}
+
+    def stop(model, plan, budget, candidates, tokens, **kwargs):
+        seen["tokens"] = tokens
+        raise KeyboardInterrupt  # the cli turns it into exit code 130 before any quantizing
+
+    monkeypatch.setattr(sensitivity, "plan_allocation", stop)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        main(["quantize", str(tiny), "--method", "vq", "--spec", "w2g32vq", "--budget", "4.2bpw",
+              "--candidates", "w2g32vq,w4g32", "--out", str(tmp_path / "o"), "--calib-samples", "8",
+              "--calib-len", "512", "--sensitivity-windows", "8"])
+    tokenizer = open_source(tiny).tokenizer()
+    expected = calibration_batches(tokenizer, read_calibration_text(PROSE_CODE), 8, 512)
+    assert not torch.equal(expected, calibration_batches(tokenizer, read_calibration_text(None), 8, 512))  # reaches code
+    assert torch.equal(seen["tokens"], expected)

@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--sensitivity-windows", type=int, default=16, help="calibration sequences for the sensitivity pass (default 16, at most --calib-samples)")
     c = p.add_argument_group("calibration (gptq, awq; rtn/hqq use it only when --calib is given)")
     c.add_argument("--calib", type=Path, default=None, help="calibration text file, or a built-in text: prose (the shipped State of the Union text) or "
-                   "prose+code (it and Python standard library sources in turns) (default: prose+code for awq, else prose)")
+                   "prose+code (it and Python standard library sources in turns) (default: prose+code for awq and vq, else prose)")
     c.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
     c.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     c.add_argument("--calib-random", action="store_true", help="draw sequences at random offsets (default: consecutive from the start)")
@@ -148,7 +148,11 @@ def _allocate(args: argparse.Namespace, plan, calib):
     budget = Budget.parse(args.budget)
     candidates = [QuantSpec.parse(s) for s in args.candidates.split(",") if s.strip()]
     check_plan_budget(args.model, plan, budget, candidates)  # an unreachable budget, before minutes of work
-    sens_calib = CalibrationConfig(text=args.calib, samples=min(args.calib_samples, args.sensitivity_windows),
+    from bitsmith.pipeline.quantize import calibration
+
+    # the sensitivity pass reads the text the quantize step will (vq and awq: prose + code by default)
+    sens_text = args.calib if args.calib is not None else calibration(plan).text
+    sens_calib = CalibrationConfig(text=sens_text, samples=min(args.calib_samples, args.sensitivity_windows),
                                    seq_len=args.calib_len, seed=args.seed, random_offsets=args.calib_random)
     tokens = sens_calib.batches(open_source(args.model).tokenizer())  # [samples, seq_len]
     with progress_bar() as bar:

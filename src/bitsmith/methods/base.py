@@ -48,23 +48,26 @@ class Method(Protocol):
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """A registered method: the function, what it needs, and its typed options (a frozen dataclass
-    with ``from_dict``), or None when it reads its few options itself."""
+    """A registered method: the function, what it needs, its typed options (a frozen dataclass
+    with ``from_dict``, or None when it reads its few options itself), and the built-in calibration
+    text it uses when the user names none (None: the library's default)."""
 
     name: str
     fn: Method
     needs: Needs = Needs.NOTHING
     options: type | None = None
+    calib_text: str | None = None
 
 
 METHODS: dict[str, MethodInfo] = {}
 
 
-def register(name: str, needs: Needs = Needs.NOTHING, options: type | None = None) -> Callable[[Method], Method]:
+def register(name: str, needs: Needs = Needs.NOTHING, options: type | None = None,
+             calib_text: str | None = None) -> Callable[[Method], Method]:
     """Decorator: register ``fn`` under ``name``; it stays a plain function."""
 
     def wrap(fn: Method) -> Method:
-        METHODS[name] = MethodInfo(name, fn, needs, options)
+        METHODS[name] = MethodInfo(name, fn, needs, options, calib_text)
         return fn
 
     return wrap
