@@ -3,6 +3,7 @@ walk against slow oracles on fresh random inputs."""
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -226,7 +227,7 @@ def test_shared_codebook_output_error_stays_close_to_separate_fits(seed: int) ->
     assert total(shared) <= 1.06 * total(separate)
 
 
-def test_upper_inverse_factor_is_the_damped_inverse() -> None:
+def test_upper_inverse_factor_is_the_damped_inverse(caplog) -> None:
     """U^T U = (H + λI)^-1 with λ = 1% of the mean diagonal, a dead input set to 1 first (float64
     oracle); a Hessian no damping makes positive definite is refused with VQError."""
     h = correlated_hessian(40, 3).double()
@@ -238,5 +239,7 @@ def test_upper_inverse_factor_is_the_damped_inverse() -> None:
     want = torch.linalg.inv(fixed + 0.01 * fixed.diagonal().mean() * torch.eye(40, dtype=torch.float64))
     assert torch.allclose(upper.T @ upper, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     assert torch.equal(upper, upper.triu())
-    with pytest.raises(VQError, match="not positive definite"):
+    with caplog.at_level(logging.WARNING), pytest.raises(VQError, match="not positive definite"):
         upper_inverse_factor(torch.tensor([[1.0, 1e6], [1e6, 1.0]]), 0.01)  # needs λ ~ 1e6
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert retries and all(m.startswith("vq:") for m in retries)  # the warnings name vq, not gptq

@@ -213,14 +213,16 @@ def _damped_inverse_factor(hessian: torch.Tensor, rev: torch.Tensor, damp: float
     return upper if math.isfinite(abs_max(upper)) else None  # no n x n bool temporary
 
 
-def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, perm: torch.Tensor | None = None) -> torch.Tensor:
+def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, perm: torch.Tensor | None = None,
+                     method: str = "gptq") -> torch.Tensor:
     """Upper Cholesky factor U of (H_p + λI)^-1 (so (H_p + λI)^-1 = U^T U), where H_p is ``hessian``
     with rows and columns in the order ``perm`` (default: as is) and λ = damp_percent x mean(diag H).
 
     Dead inputs (H_ii = 0: the channel was always zero in calibration) get H_ii = 1, which decouples
     them: their weights are rounded and their error feeds nothing. On a failed factorization λ grows
     x10, up to DAMP_RETRIES times. Memory: one n x n matrix besides ``hessian`` (factorized, inverted
-    and flipped in place; on an 8960-wide layer each copy is 321 MB)."""
+    and flipped in place; on an 8960-wide layer each copy is 321 MB). ``method`` names the caller in
+    the retry warning and the error."""
     n = hessian.shape[0]
     # With J the reversal, J H J = L L^T gives H = R R^T, R = J L J upper, so H^-1 = U^T U with
     # U = R^-1 = J L^-1 J: one factorization and one triangular inverse, no explicit inverse
@@ -232,10 +234,10 @@ def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, perm: torch.Ten
         if upper is not None:
             return upper
         if attempt < DAMP_RETRIES:
-            log.warning("gptq: Hessian not positive definite at damping %.3g; retrying with %.3g", damp, damp * 10)
+            log.warning("%s: Hessian not positive definite at damping %.3g; retrying with %.3g", method, damp, damp * 10)
             damp *= 10
     raise ValueError(
-        f"gptq: the calibration Hessian is not positive definite even with damping {damp:g} x mean diagonal; "
+        f"{method}: the calibration Hessian is not positive definite even with damping {damp:g} x mean diagonal; "
         "use more calibration tokens or raise damp_percent"
     )
 

@@ -183,7 +183,7 @@ def upper_inverse_factor(hessian: torch.Tensor, damp_percent: float) -> torch.Te
     from bitsmith.methods.gptq import inverse_cholesky
 
     try:
-        return inverse_cholesky(hessian, damp_percent)
+        return inverse_cholesky(hessian, damp_percent, method="vq")
     except ValueError as e:
         raise VQError("vq: the calibration Hessian is not positive definite even with heavy damping; "
                       "use more calibration tokens or raise damp_percent") from e
