@@ -71,6 +71,12 @@ def test_reachable_range_is_exact() -> None:
     check_budget(Budget(total_bytes=(low + fixed) // 8), shapes, cands, fixed)
     with pytest.raises(AllocationError, match=r"of which 1\.0 kB stay unquantized"):
         check_budget(Budget(total_bytes=(low + fixed) // 8 - 1), shapes, cands, fixed)
+    signs = 128 + 64  # a rotation's sign per input channel of each layer: stored whatever the specs
+    check_budget(Budget(bits_per_weight=(low + signs) / weights), shapes, cands, reserved_bits=signs)
+    with pytest.raises(AllocationError, match=r"2\.519 to 8\.\d+ bits/weight, with 0\.019 bits/weight of rotation signs"):
+        check_budget(Budget(bits_per_weight=low / weights), shapes, cands, reserved_bits=signs)
+    with pytest.raises(AllocationError, match="rotation signs"):
+        check_budget(Budget(total_bytes=(low + fixed) // 8), shapes, cands, fixed, reserved_bits=signs)
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -149,3 +155,23 @@ def test_second_concurrent_resume_is_refused_before_the_work_folder(tiny, tmp_pa
     path = quantize_blocks(tiny, out, plan, calib, progress=second_run)
     assert refusals and len(opened) == 1  # only the first run opened the work folder
     assert path == out and (out / "model.safetensors").exists()
+
+
+def test_a_rotating_plan_counts_its_sign_bits_before_sensitivity(tiny, no_sensitivity) -> None:
+    """A budget at exactly the candidates' floor is reachable without --rotate and refused with it (the
+    signs are stored whatever the specs), before any sensitivity work."""
+    from bitsmith.models import open_source
+    from bitsmith.pipeline.common import quantizable_layers
+    from bitsmith.pipeline.plan import QuantizePlan
+    from bitsmith.plan.allocate import reachable_bits
+    from bitsmith.plan.sensitivity import check_plan_budget, rotation_sign_bits
+
+    cands = [QuantSpec.parse(s) for s in CANDIDATES.split(",")]
+    layers = quantizable_layers(open_source(tiny).config, False, False)
+    floor = Budget(bits_per_weight=reachable_bits(layers, cands)[0] / sum(o * i for o, i in layers.values()))
+    spec = QuantSpec.parse("w2g64")
+    check_plan_budget(tiny, QuantizePlan(spec, "gptq"), floor, cands)
+    rotating = QuantizePlan(spec, "gptq", {"rotate": True})
+    assert rotation_sign_bits(layers, rotating.options) > 0
+    with pytest.raises(AllocationError, match="rotation signs"):
+        check_plan_budget(tiny, rotating, floor, cands)

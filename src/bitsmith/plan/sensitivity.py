@@ -295,7 +295,8 @@ def check_plan_budget(model, config, budget: Budget, candidates: Sequence[QuantS
     check_method(config.quantizer, config.spec, list(candidates))  # vq candidates need the vq method
     source = open_source(model)
     layers = quantizable_layers(source.config, config.quantize_head, config.quantize_embeddings)
-    check_budget(budget, layers, candidates, fixed_bits(source, layers, config.unquantized_dtype))
+    check_budget(budget, layers, candidates, fixed_bits(source, layers, config.unquantized_dtype),
+                 rotation_sign_bits(layers, config.options))
 
 
 def rotation_sign_bits(layers: dict[str, tuple[int, int]], options: dict | None) -> int:
