@@ -221,3 +221,45 @@ def test_one_reference_pass_gives_both_the_logprobs_and_the_block_targets(setup)
     assert len(targets) == len(separate) == 2 and all(len(t) == 3 for t in targets)
     assert all(torch.equal(a, b) for ta, tb in zip(targets, separate) for a, b in zip(ta, tb))
     assert reference_pass(ref.model, tokens, 2, blocks=False)[1] is None
+
+
+@pytest.mark.parametrize("random_offsets, seed", [(False, 0), (True, 0), (True, 5)])
+def test_distill_reads_the_calibration_windows_it_is_given(setup, tmp_path: Path, monkeypatch, random_offsets: bool,
+                                                           seed: int) -> None:
+    """--calib-random: windows drawn across the whole text with the seed, as quantize's --calib-random
+    draws them (the default stays consecutive from the start)."""
+    import bitsmith.recover.distillation as distillation
+
+    seen = {}
+
+    def capture(model, tokens, *args, **kwargs):
+        seen["tokens"] = tokens
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distillation, "reference_pass", capture)
+    cfg = config(setup, random_offsets=random_offsets, seed=seed)
+    with pytest.raises(KeyboardInterrupt):
+        distill(setup["q"], setup["model"], tmp_path / "d", cfg)
+    want = CalibrationConfig(text=cfg.calib_text, samples=cfg.samples, seq_len=cfg.seq_len, seed=seed,
+                             random_offsets=random_offsets).batches(bitsmith.load(setup["q"]).tokenizer)
+    assert torch.equal(seen["tokens"], want)
+    if random_offsets:
+        assert not torch.equal(want, CalibrationConfig(text=cfg.calib_text, samples=cfg.samples,
+                                                       seq_len=cfg.seq_len).batches(bitsmith.load(setup["q"]).tokenizer))
+
+
+def test_cli_calib_random_reaches_the_config(setup, tmp_path: Path, monkeypatch) -> None:
+    import bitsmith.recover as recover
+    from bitsmith.cli import main
+
+    seen = {}
+
+    def capture(checkpoint, reference, out, config, **kwargs):
+        seen["config"] = config
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recover, "distill", capture)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        main(["distill", str(setup["q"]), "--reference", str(setup["model"]), "--out", str(tmp_path / "d"),
+              "--calib-random", "--seed", "3"])
+    assert seen["config"].random_offsets and seen["config"].seed == 3

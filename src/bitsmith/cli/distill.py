@@ -33,6 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="vocabulary size above which --ref-topk applies (default 65536: SmolLM2's 49k in full, "
                         "Gemma-3's 262k as top-k; 0: always top-k)")
     p.add_argument("--calib", type=Path, default=None, help="calibration text (default: the shipped State of the Union text)")
+    p.add_argument("--calib-random", action="store_true",
+                   help="draw the calibration sequences at random offsets across the whole text (default: consecutive "
+                        "from its start)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --calib-random (default 0)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last check")
     p.set_defaults(run=run)
 
@@ -43,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = DistillConfig(steps=args.steps, lr=args.lr, samples=args.samples, seq_len=args.seq_len, batch=args.batch,
                            check_every=args.check_every, calib_text=None if args.calib is None else str(args.calib),
-                           block_steps=args.block_steps, block_lr=args.block_lr,
+                           random_offsets=args.calib_random, seed=args.seed, block_steps=args.block_steps,
+                           block_lr=args.block_lr,
                            ref_topk=args.ref_topk, ref_topk_above=args.ref_topk_above)
     config.validate()  # before loading anything
     printed: list[tuple] = []  # the checks (and tuned blocks) already printed

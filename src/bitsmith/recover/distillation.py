@@ -47,7 +47,8 @@ STATE_FILE = "state.pt"
 class DistillConfig:
     """How to distill. ``steps`` end-to-end optimizer steps of ``batch`` sequences (0 with ``block_steps``:
     the block stage alone); ``samples`` x ``seq_len``
-    calibration tokens (``calib_text``: None is the shipped calibration text); the loss is checked
+    calibration tokens (``calib_text``: None is the shipped calibration text; ``random_offsets``: windows
+    drawn across the whole text with ``seed`` instead of consecutive from its start); the loss is checked
     every ``check_every`` steps (None: once per pass over the calibration set)."""
 
     steps: int = 40
@@ -58,6 +59,7 @@ class DistillConfig:
     check_every: int | None = None
     calib_text: str | None = None
     seed: int = 0
+    random_offsets: bool = False
     block_steps: int = 0  # Adam steps per decoder block in the block-wise stage first (0: end-to-end only)
     block_lr: float | None = None  # the block stage's relative rate (None: lr)
     # over a vocabulary wider than ref_topk_above keep only the reference's ref_topk largest log-probs
@@ -274,7 +276,8 @@ def _open(checkpoint: str | Path, reference: str | Path, config: DistillConfig) 
     if vq != vr:
         raise ValueError(f"the checkpoint has a vocabulary of {vq} and --reference {reference} one of {vr}: "
                          "give the model the checkpoint was quantized from")
-    calib = CalibrationConfig(text=config.calib_text, samples=config.samples, seq_len=config.seq_len, seed=config.seed)
+    calib = CalibrationConfig(text=config.calib_text, samples=config.samples, seq_len=config.seq_len, seed=config.seed,
+                              random_offsets=config.random_offsets)
     tokens = calib.batches(loaded.tokenizer)
     ref.model.float().eval()  # loaded in float32 already; the block targets are float32
     ref_logp, targets = reference_pass(ref.model, tokens, config.batch, bool(config.block_steps), config.topk_for(vr))
