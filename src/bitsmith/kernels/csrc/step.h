@@ -172,6 +172,13 @@ void attend_unit_kv(const BsLayer& L, int64_t h0, int64_t nh, const float* q, co
   } else if (D == 128 && nh == 2) {
     BS_GROUPED(8, 2);
   }
+#if defined(__AVX512F__)
+#define BS_GROUP(N) return attend_group_v<8, N>(qh, K, V, k_now, v_now, lo, pos, sc, sh, st, oh)
+  if (D == 128) {
+    switch (nh) { case 3: BS_GROUP(3); case 4: BS_GROUP(4); case 5: BS_GROUP(5); case 6: BS_GROUP(6); }
+  }
+#undef BS_GROUP
+#endif
 #undef BS_GROUPED
   for (int64_t h = 0; h < nh; ++h)  // one head at a time
     attend_head(qh + h * D, K, V, k_now, v_now, lo, pos, D, sc, sh + h * st, oh + h * D);
