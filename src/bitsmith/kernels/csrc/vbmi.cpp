@@ -56,7 +56,7 @@
 #define BS_PF_FAR 4
 #endif
 #ifndef BS_PF_FAR1
-#define BS_PF_FAR1 0
+#define BS_PF_FAR1 BS_PF_FAR
 #endif
 #ifndef BS_PF_FAR_HINT
 #define BS_PF_FAR_HINT _MM_HINT_T2
