@@ -209,7 +209,7 @@ void attend_heads_v(const float* q, const KV* K, const KV* V, const float* k_now
 // attend_group_v's prefetch, in cached rows ahead of the 4-position score block: the key rows (into L1)
 // and the value rows (into L2, read right after the scores). The cache comes from memory every token (the
 // weights' stream evicts it from L3): in a scratch A/B of 28 layers' groups of 6 heads over 544 positions
-// with the cache evicted, 16 / 16 took ~0.75x the time of no prefetch (8-32 rows: within noise of it).
+// with the cache evicted, 16 / 16 took ~0.7x the time of no prefetch (8-32 rows: within noise of it).
 #ifndef BS_ATT_PF
 #define BS_ATT_PF 16
 #endif
@@ -217,23 +217,15 @@ void attend_heads_v(const float* q, const KV* K, const KV* V, const float* k_now
 #define BS_ATT_PFV 16
 #endif
 #if defined(__AVX512F__)
-// NH (3-6) heads of one KV group of D = 16 * C, more than attend_heads_v keeps in registers (Qwen2.5
-// 1.5B: 6 heads of 128 per group, which it took 2 at a time, widening each cached row 3 times and
-// summing every score horizontally). Scores: 4 cached positions at a time, each key row widened once
-// for the NH heads (q read from L1), the 4 x NH dot products reduced by one bs::sum4 per head. Values:
-// CB column blocks of 16 at a time over all positions (NH x CB accumulators), each value row widened
-// once. The sums run in another order than attend_head_v's (not the same bits; torch's order is
-// neither's).
+// attend_group_v's scores: scores[h * stride + s] = scaling * q_h . k_s over [lo, pos] (k_now last), and
+// each head's maximum into mx. The value rows of each block are prefetched into L2 for group_values.
 template <int C, int NH, typename KV>
-void attend_group_v(const float* q, const KV* K, const KV* V, const float* k_now, const float* v_now, int64_t lo,
-                    int64_t pos, float scaling, float* scores, int64_t stride, float* out) {
+void group_scores(const float* q, const KV* K, const KV* V, const float* k_now, int64_t lo, int64_t pos, float scaling,
+                  float* scores, int64_t stride, float* mx) {
   constexpr int64_t D = 16 * C;
-  constexpr int CB = NH <= 4 ? 4 : 2;  // accumulators NH * CB <= 16
-  static_assert(C % CB == 0, "column blocks");
   const int64_t S = pos + 1 - lo, cached = pos - lo;
   const __m128 scale4 = _mm_set1_ps(scaling);
   __m128 mx4[NH];
-  float mx[NH];
   for (int h = 0; h < NH; ++h) mx4[h] = _mm_set1_ps(-INFINITY);
   int64_t s = 0;
   for (; s + 4 <= cached; s += 4) {
@@ -275,7 +267,16 @@ void attend_group_v(const float* q, const KV* K, const KV* V, const float* k_now
       mx[h] = score > mx[h] ? score : mx[h];
     }
   }
-  for (int h = 0; h < NH; ++h) softmax(scores + h * stride, S, mx[h]);
+}
+
+// attend_group_v's output: out[h] = sum_s p[h][s] v_s over [lo, pos] (v_now last), CB column blocks of 16
+// at a time over all positions.
+template <int C, int NH, typename KV>
+void group_values(const float* p, const KV* V, const float* v_now, int64_t lo, int64_t pos, int64_t stride, float* out) {
+  constexpr int64_t D = 16 * C;
+  constexpr int CB = NH <= 4 ? 4 : 2;  // accumulators NH * CB <= 16
+  static_assert(C % CB == 0, "column blocks");
+  const int64_t cached = pos - lo;
   for (int c0 = 0; c0 < C; c0 += CB) {
     __m512 acc[NH][CB];
     for (int h = 0; h < NH; ++h)
@@ -284,16 +285,32 @@ void attend_group_v(const float* q, const KV* K, const KV* V, const float* k_now
       __m512 vv[CB];
       for (int b = 0; b < CB; ++b) vv[b] = (__m512)load16(V + (lo + t) * D + 16 * (c0 + b));
       for (int h = 0; h < NH; ++h) {
-        const __m512 p = _mm512_set1_ps(scores[h * stride + t]);
-        for (int b = 0; b < CB; ++b) acc[h][b] = _mm512_fmadd_ps(p, vv[b], acc[h][b]);
+        const __m512 w = _mm512_set1_ps(p[h * stride + t]);
+        for (int b = 0; b < CB; ++b) acc[h][b] = _mm512_fmadd_ps(w, vv[b], acc[h][b]);
       }
     }
     for (int h = 0; h < NH; ++h) {
-      const __m512 p = _mm512_set1_ps(scores[h * stride + S - 1]);
+      const __m512 w = _mm512_set1_ps(p[h * stride + cached]);
       for (int b = 0; b < CB; ++b)
-        _mm512_storeu_ps(out + h * D + 16 * (c0 + b), _mm512_fmadd_ps(p, _mm512_loadu_ps(v_now + 16 * (c0 + b)), acc[h][b]));
+        _mm512_storeu_ps(out + h * D + 16 * (c0 + b), _mm512_fmadd_ps(w, _mm512_loadu_ps(v_now + 16 * (c0 + b)), acc[h][b]));
     }
   }
+}
+
+// NH (3-6) heads of one KV group of D = 16 * C, more than attend_heads_v keeps in registers (Qwen2.5
+// 1.5B: 6 heads of 128 per group, which it took 2 at a time, widening each cached row 3 times and
+// summing every score horizontally). Scores: 4 cached positions at a time, each key row widened once
+// for the NH heads (q read from L1), the 4 x NH dot products reduced by one bs::sum4 per head. Values:
+// CB column blocks of 16 at a time over all positions (NH x CB accumulators), each value row widened
+// once. The sums run in another order than attend_head_v's (not the same bits; torch's order is
+// neither's).
+template <int C, int NH, typename KV>
+void attend_group_v(const float* q, const KV* K, const KV* V, const float* k_now, const float* v_now, int64_t lo,
+                    int64_t pos, float scaling, float* scores, int64_t stride, float* out) {
+  float mx[NH];
+  group_scores<C, NH>(q, K, V, k_now, lo, pos, scaling, scores, stride, mx);
+  for (int h = 0; h < NH; ++h) softmax(scores + h * stride, pos + 1 - lo, mx[h]);
+  group_values<C, NH>(scores, V, v_now, lo, pos, stride, out);
 }
 #endif
 
