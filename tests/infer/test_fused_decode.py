@@ -142,12 +142,16 @@ def test_unquantized_and_bf16_models_keep_the_torch_path(caplog) -> None:
     ("gemma3_text", dict(ARCHS["gemma3_text"], head_dim=256, num_attention_heads=2, num_key_value_heads=1,
                          query_pre_attn_scalar=256)),  # 256 (Gemma 3 270M), window 8
     # several heads per KV group, attended together (attention.h): 3 of 64 (SmolLM2's 9 over 3), 4 of 64,
-    # 2 of 128 (Qwen2.5-1.5B: 12 over 2), 6 of 16 (chunks of 4 and 2), 3 of 32
+    # 2 of 128, 6 of 16 (chunks of 4 and 2), 3 of 32, then attend_group_v's: 6 of 128 (Qwen2.5-1.5B: 12
+    # over 2), 5 of 128 (at 2 threads a chunk of 3 and one of 2), 3 of 128 in each of 2 groups
     ("llama", dict(hidden_size=192, num_attention_heads=3, num_key_value_heads=1)),
     ("llama", dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2)),
     ("llama", dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1)),
     ("llama", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=1)),
     ("llama", dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=2)),
+    ("llama", dict(hidden_size=768, num_attention_heads=6, num_key_value_heads=1)),
+    ("llama", dict(hidden_size=640, num_attention_heads=5, num_key_value_heads=1)),
+    ("llama", dict(hidden_size=768, num_attention_heads=6, num_key_value_heads=2)),
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_other_head_dims(arch: str, shape: dict, threads: int, tmp_path, monkeypatch) -> None:

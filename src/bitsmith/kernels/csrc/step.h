@@ -172,6 +172,13 @@ void attend_unit_kv(const BsLayer& L, int64_t h0, int64_t nh, const float* q, co
   } else if (D == 128 && nh == 2) {
     BS_GROUPED(8, 2);
   }
+#if defined(__AVX512F__)
+#define BS_GROUP(N) return attend_group_v<8, N>(qh, K, V, k_now, v_now, lo, pos, sc, sh, st, oh)
+  if (D == 128) {
+    switch (nh) { case 3: BS_GROUP(3); case 4: BS_GROUP(4); case 5: BS_GROUP(5); case 6: BS_GROUP(6); }
+  }
+#undef BS_GROUP
+#endif
 #undef BS_GROUPED
   for (int64_t h = 0; h < nh; ++h)  // one head at a time
     attend_head(qh + h * D, K, V, k_now, v_now, lo, pos, D, sc, sh + h * st, oh + h * D);
@@ -179,6 +186,25 @@ void attend_unit_kv(const BsLayer& L, int64_t h0, int64_t nh, const float* q, co
 
 // y[i] = act(gate[i]) * up[i]
 void gated(const float* gate, const float* up, int64_t n, int64_t act, float* y) {
+#if defined(__AVX512F__)
+  if (act == ACT_SILU || act == ACT_GELU_TANH) {  // the scalar loops' arithmetic, 16 lanes at a time
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 k = tail16(i, n);
+      const __m512 g = _mm512_maskz_loadu_ps(k, gate + i);
+      __m512 a;
+      if (act == ACT_SILU) {
+        a = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      } else {
+        const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                       _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), g), g), g, g));
+        a = _mm512_sub_ps(g, _mm512_div_ps(g, _mm512_add_ps(exp16(_mm512_add_ps(u, u)), one)));
+      }
+      _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(a, _mm512_maskz_loadu_ps(k, up + i)));
+    }
+    return;
+  }
+#endif
   if (act == ACT_SILU) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) y[i] = gate[i] / (1.f + exp_fast(-gate[i])) * up[i];

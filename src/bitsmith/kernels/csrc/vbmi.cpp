@@ -55,6 +55,9 @@
 #ifndef BS_PF_FAR
 #define BS_PF_FAR 4
 #endif
+#ifndef BS_PF_FAR1
+#define BS_PF_FAR1 BS_PF_FAR
+#endif
 #ifndef BS_PF_FAR_HINT
 #define BS_PF_FAR_HINT _MM_HINT_T2
 #endif
@@ -111,18 +114,12 @@ void row_vbmi(const bs::Matrix& m, const Unpack& u, int64_t o, int64_t t0, const
   for (int t = 0; t < TT; ++t) y[(t0 + t) * m.out + o] = _mm512_reduce_add_ps(total[t]) - offset[t];
 }
 
-// y[0..R) = the lane sums of total[0..R): four rows' sums in one transposing reduction (~10
-// instructions instead of ~8 per row), fewer rows one by one.
+// y[0..R) = the lane sums of total[0..R): four rows' sums in one transposing reduction (bs::sum4),
+// fewer rows one by one.
 template <int R>
 inline void store_sums(const __m512* total, float* y) {
   if constexpr (R == 4) {
-    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(total[0], total[1]), _mm512_unpackhi_ps(total[0], total[1]));
-    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(total[2], total[3]), _mm512_unpackhi_ps(total[2], total[3]));
-    const __m512 s = _mm512_add_ps(  // per 128-bit lane: partial sums of rows 0, 1, 2, 3
-        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
-        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
-    _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    _mm_storeu_ps(y, bs::sum4(total));
   } else {
     for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(total[r]);
   }
@@ -137,7 +134,10 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
   const int bits = (int)m.bits;
   const int64_t groups = bs::gemv_groups(m), row_bytes = m.in / 8 * bits, chunk_bytes = 8 * bits;
   const float mid = (float)((1 << bits) / 2);
-  const int64_t ahead = prefetch_ahead(R, row_bytes);
+  // as rows_strided: the near prefetch, and the far one into L2 (BS_PF_FAR1), neither past the matrix's end
+  const int64_t after = (m.out - o0 - R) * row_bytes, near_pf = prefetch_ahead(R, row_bytes);
+  const int64_t far_pf = (int64_t)BS_PF_FAR1 * R * row_bytes;
+  const int64_t ahead = near_pf <= after ? near_pf : 0, far = far_pf <= after ? far_pf : 0;
   float scales[R * kMaxGroups];  // [R, groups] of this pass, as floats (vbmi_takes bounds groups)
   const uint8_t* row[R];
   const float* sc[R];
@@ -157,6 +157,7 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
       for (int r = 0; r < R; ++r) {
         const uint8_t* p = row[r] + k / 64 * chunk_bytes;
         _mm_prefetch((const char*)(p + ahead), _MM_HINT_T0);
+        if (far) _mm_prefetch((const char*)(p + far), BS_PF_FAR_HINT);
         const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.codes(p, bits), q);
         f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), v, f[r]);
       }
