@@ -165,13 +165,13 @@ def test_hessians_summed_in_the_workers_equal_the_serial_and_wave_paths(tmp_path
         for workers in (1, 2):
             SUMMED_ON.clear()
             got = _quantize(tmp_path, f"w{workers}", model, calib, workers, None, monkeypatch)
-            assert SUMMED_ON == ({True} if workers == 1 else {True, False})  # 2: batch 0 here, the others in workers
+            assert (False in SUMMED_ON) == (workers == 2)  # 2: the sums in the workers (the head's stay here)
             assert set(got) == set(serial) and all(torch.equal(got[k], serial[k]) for k in got), workers
         torch.set_num_threads(2)
         waves = _quantize(tmp_path, "waves", model, calib, 2, False, monkeypatch)
         SUMMED_ON.clear()
         pooled = _quantize(tmp_path, "pooled", model, calib, 2, None, monkeypatch)
-        assert SUMMED_ON == {True, False}
+        assert False in SUMMED_ON
         assert set(waves) == set(pooled) and all(torch.equal(waves[k], pooled[k]) for k in waves)
     finally:
         torch.set_num_threads(before)

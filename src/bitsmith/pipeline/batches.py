@@ -57,34 +57,40 @@ def for_each_batch(fn: Callable[[int], R], count: int, consume: Callable[[int, R
     intra-op thread (batch 0, and a last batch left alone by its waves) run there here too, so each
     forward sees the same thread count as there; the others go to ``workers`` threads (default:
     torch's intra-op thread count) at one intra-op thread each, which take the next batch as soon as
-    they have consumed their last one. At most ``workers`` results are held at once."""
+    they have consumed their last one; batch 0's result is consumed by the first of them while the next
+    runs batch 1. At most ``workers`` results are held at once."""
     workers = max(1, workers or torch.get_num_threads())
     call, consume = _no_grad(fn), _no_grad(consume or (lambda b, result: None))
     if not count:
         return
-    consume(0, call(0))
+    first = call(0)
     last_alone = workers > 1 and (count - 1) % workers == 1  # run_batches' wave of one
     pooled = range(1, count - 1 if last_alone else count)
     if workers == 1 or len(pooled) < 2:
+        consume(0, first)
+        del first
         for b in pooled:
             consume(b, call(b))
-    else:
-        _ordered_pool(call, consume, pooled, workers)
+    else:  # batch 0 is consumed by the first worker while the second runs batch 1's forward
+        ready = {0: first}
+        del first  # the pool's only reference: dropped once consumed
+        _ordered_pool(call, consume, [0, *pooled], workers, ready)
     if last_alone:
         consume(count - 1, call(count - 1))
 
 
 def _ordered_pool(call: Callable[[int], R], consume: Callable[[int, R], None], batches: Sequence[int],
-                  workers: int) -> None:
+                  workers: int, ready: dict[int, R]) -> None:
     """Run ``call`` over ``batches`` on ``workers`` threads at one intra-op thread, each result consumed
-    by its own worker once every earlier batch is consumed. The first error stops every worker (the
-    others finish the batch they are on) and is raised here."""
+    by its own worker once every earlier batch is consumed; the results in ``ready`` (taken out of it)
+    are only consumed. The first error stops every worker (the others finish the batch they are on)
+    and is raised here."""
     turn = _Turns(batches)
 
     def work() -> None:
         while (b := turn.take()) is not None:
             try:
-                result = call(b)
+                result = ready.pop(b) if b in ready else call(b)
                 if not turn.wait_for(b):
                     return
                 consume(b, result)
