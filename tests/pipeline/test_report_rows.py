@@ -81,9 +81,9 @@ def test_report_reconstructs_one_slice_at_a_time(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(QuantizedTensor, "weight", weight)
     monkeypatch.setattr(stages, "rtn_dequantized", rtn_rows)
     report = stages._linear_report("lm_head", w, qt, stats, fn, 0.0)  # noqa: SLF001
-    # the error pass: slices of 512 rows; sqnr: its flat slices of 1 M weights (8,193 rows at most)
-    assert rtn_seen and max(rtn_seen) <= slice_rows and sum(rtn_seen) == 10000
-    assert max(seen) <= (1 << 20) // 128 + 1 and seen.count(slice_rows) >= 10000 // slice_rows
+    # the error pass: its slices of 256 rows (in chunks of 512); sqnr: its flat slices of 1 M weights (8,193 rows at most)
+    assert rtn_seen and max(rtn_seen) <= 256 and sum(rtn_seen) == 10000
+    assert max(seen) <= (1 << 20) // 128 + 1 and seen.count(256) >= 10000 // 256
     assert report["sqnr_db"] == sqnr and report["output_error"] == errors[0] and report["rtn_output_error"] == errors[1]
 
 
