@@ -5,7 +5,8 @@ feedback (no calibration), so the formats are compared before GPTQ's feedback is
     python bench/vq_weight_error.py [--model smollm2-135m] [--output-error]
         [--specs w3g256s,w3g256vq] [--layers NAME,...] [--pairs gptq:w3g256s,vq:w3g256vq] [--calib prose+code]
 
-Each cell: relative error (bits/weight of that layer, codebook and scales counted). Nothing asserted.
+Each cell: relative error (bits/weight of that layer, codebook and scales counted; CPU seconds of the
+quantization, ``time.process_time``). Nothing asserted.
 ``--output-error`` instead compares GPTQ and vq *with* error feedback on block 0's q/k projections:
 ``tr(dW H dW^T) / tr(W H W^T)`` with H from 32 x 512 calibration tokens (State of the Union) through
 the embedding and block 0's input RMSNorm (the only layers whose inputs need no forward pass), both
@@ -97,6 +98,29 @@ def output_errors(src, pairs: list[str], calib: str) -> None:
         print(f"| layers.0.{name} {tuple(w.shape)} | " + " | ".join(cells) + " |", flush=True)
 
 
+def weight_errors(src, specs: list[str], layers: list[str]) -> None:
+    """The weight-error table; each cell also gives the CPU seconds of that quantization (the vq cells'
+    nearest-entry fit is what ``--budget --method vq`` prices each layer with, RTN the scalar ones)."""
+    import time
+
+    print("| layer | " + " | ".join(f"{s} ({'rtn' if 'vq' not in s else 'vq, no feedback'})" for s in specs) + " |")
+    print("|---" * (len(specs) + 1) + "|")
+    for name in layers:
+        w = src.load_tensor(name).float()
+        rot = Rotation.seeded(w.shape[1], 0)
+        wr = rot.rotate_weight(w)
+        cells = []
+        for text in specs:
+            spec = QuantSpec.parse(text)
+            t0 = time.process_time()
+            qt = nearest_tensor(wr, spec) if spec.grid == "vq" else rtn(wr, spec, None, {})
+            seconds = time.process_time() - t0
+            err = (rot.unrotate_weight(qt.dequantize()) - w).norm() / w.norm()
+            cells.append(f"{err:.4f} ({spec.bits_per_weight(*w.shape):.2f}; {seconds:.1f} CPU s)")
+        short = name.removeprefix("model.").removesuffix(".weight")
+        print(f"| {short} {tuple(w.shape)} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -113,22 +137,7 @@ def main() -> None:
         return shared_codebook(src)
     if args.output_error:
         return output_errors(src, args.pairs.split(","), args.calib)
-    specs = args.specs.split(",")
-    print("| layer | " + " | ".join(f"{s} ({'rtn' if 'vq' not in s else 'vq, no feedback'})" for s in specs) + " |")
-    print("|---" * (len(specs) + 1) + "|")
-    for name in args.layers.split(","):
-        w = src.load_tensor(name).float()
-        rot = Rotation.seeded(w.shape[1], 0)
-        wr = rot.rotate_weight(w)
-        cells = []
-        for text in specs:
-            spec = QuantSpec.parse(text)
-            qt = nearest_tensor(wr, spec) if spec.grid == "vq" else rtn(wr, spec, None, {})
-            err = (rot.unrotate_weight(qt.dequantize()) - w).norm() / w.norm()
-            cells.append(f"{err:.4f} ({spec.bits_per_weight(*w.shape):.2f})")
-        short = name.removeprefix("model.").removesuffix(".weight")
-        print(f"| {short} {tuple(w.shape)} | " + " | ".join(cells) + " |", flush=True)
-
+    weight_errors(src, args.specs.split(","), args.layers.split(","))
 
 if __name__ == "__main__":
     main()
