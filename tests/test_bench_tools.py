@@ -145,3 +145,22 @@ def test_report_block_bpw_leaves_the_embedding_out() -> None:
     assert common.report_block_bpw(report, blocks) == pytest.approx((256 * 2.25 + 128 * 4.25) / 384)
     with pytest.raises(ValueError, match="no decoder-block matrices"):
         common.report_block_bpw({"layers": report["layers"][:1]}, blocks)
+
+
+def test_layer_errors_compare_by_kind_over_the_blocks_both_have() -> None:
+    layer_errors = load("layer_errors")
+
+    def report(errors: dict[str, float]) -> dict:
+        layers = [{"name": "model.embed_tokens", "output_error": 9.0}]  # not a block matrix: ignored
+        layers += [{"name": name, "output_error": e} for name, e in errors.items()]
+        layers.append({"name": "model.layers.0.mlp.gate_proj"})  # no output_error (uncalibrated): skipped
+        return {"report": {"layers": layers}}
+
+    q, down = "model.layers.{}.self_attn.q_proj", "model.layers.{}.mlp.down_proj"
+    a = layer_errors.block_errors(report({q.format(0): 1e-3, q.format(1): 4e-3, q.format(2): 5.0, down.format(0): 2e-2}))
+    b = layer_errors.block_errors(report({q.format(0): 2e-3, q.format(1): 2e-3, down.format(0): 1e-2}))
+    assert a["q_proj"] == {0: 1e-3, 1: 4e-3, 2: 5.0} and "gate_proj" not in a
+    rows = layer_errors.compare({"a": a, "b": b})
+    # q_proj over blocks 0-1 only (b lacks 2): geomeans 2e-3 both, ratio 1; b lower in block 1 only
+    assert "| q_proj | 2 | 2.000e-03 | 2.000e-03 | 1.000 | 1/2 |" in rows
+    assert "| down_proj | 1 | 2.000e-02 | 1.000e-02 | 0.500 | 1/1 |" in rows
