@@ -149,38 +149,30 @@ def test_the_run_trims_before_every_solve(tmp_path, monkeypatch, keep: int) -> N
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # the sums between waves; in the workers (AMX kernel)
-def test_no_summed_stage_input_outlives_its_batch(tmp_path, monkeypatch, workers: int, dtype: str) -> None:
+def test_no_summed_stage_input_outlives_its_batch(tmp_path, monkeypatch, workers: int) -> None:
     """Once a batch's stage input is summed into the statistics (and spilled), nothing keeps it: not the
     catching thread's local (batch 0 runs on the caller's thread, so that held it for the whole pass), not
     the summing loop's variable while the next wave runs. On Qwen2.5-1.5B each is 70 MiB (down_proj's
     8,960-wide input of 4,096 tokens), and both sat under the next wave's MLP temporaries at the
-    statistics pass's peak. Checked at the start of every later block forward, 1 and 2 batch workers: with two,
-    the other worker may be summing its own batch while a forward starts (for_each_batch), never more; and
-    when a batch is summed, no earlier batch's input is alive, on either path (waves or workers)."""
+    statistics pass's peak. Checked at the start of every later block forward, waves of 1 and 2 batches."""
     from bitsmith.calib import calibration_batches
     from bitsmith.calib.stats import StatsAccumulator
-    from bitsmith.methods import native
     from bitsmith.pipeline import batches, stages
     from bitsmith.pipeline.plan import QuantizePlan
     from tests.tiny import make_tiny_model, sample_text, tiny_tokenizer
 
-    in_workers = dtype == "bf16"
-    if in_workers and native.hessian_library() is None:
-        pytest.skip("no AMX: bf16 inputs are summed between waves too")
     folder = make_tiny_model(tmp_path / "src", "qwen2", num_hidden_layers=2)
     calib = calibration_batches(tiny_tokenizer(), sample_text(2000), samples=9, seq_len=32)  # 5 batches of 2, 1
-    summed, alive, forwards, earlier = [], [], [], []
+    summed, alive, forwards = [], [], []
     real_add = StatsAccumulator.add
 
     def add(self, x):
-        earlier.append(sum(ref() is not None for ref in summed))
         summed.append(weakref.ref(x))
         return real_add(self, x)
 
     def forward_starts(module, args):
         forwards.append(1)
-        alive.append(sum(ref() is not None for ref in summed))
+        alive.extend(ref() is not None for ref in summed)
 
     real_stats = stages.stage_stats
 
@@ -195,21 +187,12 @@ def test_no_summed_stage_input_outlives_its_batch(tmp_path, monkeypatch, workers
     def run_batches(fn, count, workers_=None):
         return batches.run_batches(fn, count, workers)
 
-    def for_each_batch(fn, count, consume=None, workers_=None):
-        return batches.for_each_batch(fn, count, consume, workers)
-
     monkeypatch.setattr(StatsAccumulator, "add", add)
     monkeypatch.setattr(layerwise, "stage_stats", stage_stats)
     monkeypatch.setattr(stages, "run_batches", run_batches)
-    monkeypatch.setattr(stages, "for_each_batch", for_each_batch)
-    plan = replace(QuantizePlan(QuantSpec.parse("w4g32"), "gptq", batch_size=2), replay_bytes=0,  # no replay keeps one
-                   compute_dtype=dtype)
+    plan = replace(QuantizePlan(QuantSpec.parse("w4g32"), "gptq", batch_size=2), replay_bytes=0)  # no replay keeps one
     layerwise.quantize_blocks(folder, tmp_path / "q", plan, calib)
-    assert len(forwards) == 2 * 4 * 5 and alive and earlier
-    if in_workers:  # another worker may be summing its batch while a forward starts, no more
-        assert max(alive) <= workers - 1 and not any(earlier)
-    else:  # a wave's inputs are summed on the caller's thread, all dropped before the next wave
-        assert not any(alive)
+    assert len(forwards) == 2 * 4 * 5 and alive and not any(alive)
 
 
 def test_the_heap_is_trimmed_after_the_swap_before_each_pass(tmp_path, monkeypatch) -> None:

@@ -81,9 +81,9 @@ def test_report_reconstructs_one_slice_at_a_time(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(QuantizedTensor, "weight", weight)
     monkeypatch.setattr(stages, "rtn_dequantized", rtn_rows)
     report = stages._linear_report("lm_head", w, qt, stats, fn, 0.0)  # noqa: SLF001
-    # the error pass: its slices of 256 rows (in chunks of 512); sqnr: its flat slices of 1 M weights (8,193 rows at most)
-    assert rtn_seen and max(rtn_seen) <= 256 and sum(rtn_seen) == 10000
-    assert max(seen) <= (1 << 20) // 128 + 1 and seen.count(256) >= 10000 // 256
+    # the error pass: slices of 512 rows; sqnr: its flat slices of 1 M weights (8,193 rows at most)
+    assert rtn_seen and max(rtn_seen) <= slice_rows and sum(rtn_seen) == 10000
+    assert max(seen) <= (1 << 20) // 128 + 1 and seen.count(slice_rows) >= 10000 // slice_rows
     assert report["sqnr_db"] == sqnr and report["output_error"] == errors[0] and report["rtn_output_error"] == errors[1]
 
 
@@ -105,42 +105,6 @@ def test_layer_errors_by_rows_equal_whole() -> None:
     whole = layer_errors(w, approx, h, rows=64)
     for chunk in (64, 100, 1000, 5000):  # 100: rounded down to whole inner chunks
         assert layer_errors_by_rows(w, lambda rows: [a[rows] for a in approx], 2, h, rows=64, chunk_rows=chunk) == whole
-
-
-def _serial_errors(w: torch.Tensor, approx: list[torch.Tensor], h: torch.Tensor, rows: int) -> list[float]:
-    """The one-thread loop layer_errors_by_rows had before its row slices went to several threads: per
-    slice and column panel, the float64 sums added to the totals straight away (the oracle, bit for bit)."""
-    n = h.shape[0]
-    cuts = [round(n * i / 4) for i in range(5)] if n >= 512 else [0, n]
-    totals = torch.zeros(len(approx) + 1, dtype=torch.float64)
-    for start in range(0, w.shape[0], rows):
-        part = w[start: start + rows]
-        stacked = torch.cat([part] + [part - a[start: start + rows] for a in approx])
-        view = stacked.view(len(approx) + 1, part.shape[0], n)
-        for a, b in zip(cuts, cuts[1:]):
-            product = (stacked[:, a:b] @ h[a:b, a:]).view(len(approx) + 1, part.shape[0], n - a)
-            totals += (product[:, :, : b - a] * view[:, :, a:b]).sum(dim=(1, 2), dtype=torch.float64)
-            if b < n:
-                totals += 2 * (product[:, :, b - a:] * view[:, :, b:]).sum(dim=(1, 2), dtype=torch.float64)
-    values = totals.tolist()
-    return [e / values[0] for e in values[1:]]
-
-
-@pytest.mark.parametrize("out,inp", [(1000, 96), (300, 600), (77, 530)])  # 1 and 4 column panels, ragged slices
-def test_layer_errors_by_rows_on_threads_equal_one_thread_serial(out: int, inp: int) -> None:
-    """The row slices summed on two threads (map_chunks) give one thread's serial figures, bit for bit."""
-    w, h = _layer(out, inp, seed=out)
-    approx = [w.round(), w * 0.99]
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        oracle = _serial_errors(w, approx, h, rows=64)
-        torch.set_num_threads(2)  # map_chunks: two workers at one intra-op thread each
-        for chunk in (64, 200, 5000):
-            got = layer_errors_by_rows(w, lambda rows: [a[rows] for a in approx], 2, h, rows=64, chunk_rows=chunk)
-            assert got == oracle, chunk
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_stream_releases_each_tensor_before_reading_the_next(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -94,16 +94,6 @@ class StatsAccumulator:
                 else:  # addmm into the fp32 sum: no [in, in] temporary per batch
                     out.addmm_(x[:, a:b].T, x[:, a:])
 
-    def thread_invariant(self, dtype: torch.dtype) -> bool:
-        """Whether :meth:`add` of ``dtype`` inputs gives the same bits at any intra-op thread count and
-        touches no process-wide setting, so batches may be summed on worker threads at one thread each
-        (:func:`bitsmith.pipeline.batches.for_each_batch`): true of the AMX kernel's path (every block
-        of H summed by one thread in token order), not of the GEMM paths (a GEMM may split its sums by
-        thread, and the fpmath mode is process-wide) nor of a capped Hessian (its importance is a
-        torch reduction)."""
-        return (self.products == "fp32" and dtype == torch.bfloat16 and self.hessian_tokens is None
-                and native.hessian_library() is not None)
-
     def _native_add(self, x: torch.Tensor) -> bool:
         """The AMX kernel's update of the upper triangle, if it runs here (bf16 ``x`` [tokens, in])."""
         lib = native.hessian_library()

@@ -116,15 +116,11 @@ def layer_errors(weight: torch.Tensor, dequants: list[torch.Tensor], hessian: to
 def layer_errors_by_rows(weight: torch.Tensor, dequant_rows: Callable[[slice], list[torch.Tensor]], count: int,
                          hessian: torch.Tensor, relative: bool = True, rows: int = 256,
                          chunk_rows: int = 4096) -> list[float]:
-    """:func:`layer_errors` with the ``count`` approximations made a slice of ``rows`` rows at a time by
-    ``dequant_rows(rows) -> [approx[rows], ...]``, so no approximation of the whole weight exists at once:
-    on a 151,936 x 1,536 head each is 0.93 GB of float32. The products and sums are the same, in the same
-    order, as with whole approximations, so the figures are identical.
-
-    The slices, their approximations included, are spread over the cores (:func:`map_chunks`: one
-    intra-op thread each, no barrier per small product), ``chunk_rows`` rows (rounded to whole slices)
-    per call, and their sums added to the totals in slice order, the same additions as one thread makes,
-    so the figures equal a one-thread run's. ``dequant_rows`` is called from those threads."""
+    """:func:`layer_errors` with the ``count`` approximations made a slice of rows at a time by
+    ``dequant_rows(rows) -> [approx[rows], ...]``, ``chunk_rows`` rows per call (rounded to a multiple
+    of ``rows``), so no approximation of the whole weight exists at once: on a 151,936 x 1,536 head each
+    is 0.93 GB of float32. The products and sums are the same, in the same order, as with whole
+    approximations, so the figures are identical."""
     h = hessian.float()
     n = h.shape[0]
     # H is symmetric: e H e^T from its upper block triangle (diagonal blocks once, the blocks right of
@@ -132,42 +128,27 @@ def layer_errors_by_rows(weight: torch.Tensor, dequant_rows: Callable[[slice], l
     cuts = [round(n * i / ERROR_PANELS) for i in range(ERROR_PANELS + 1)] if n >= ERROR_PANELS_FROM else [0, n]
     totals = torch.zeros(count + relative, dtype=torch.float64)
     out_features = weight.shape[0]
-
-    def slice_sums(start: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        part = slice(start, min(start + rows, out_features))
-        w = weight[part].float()
-        parts = ([w] if relative else []) + [w - d.float() for d in dequant_rows(part)]  # [rows, in] each
-        return _error_sums(torch.cat(parts), len(parts), h, cuts)
-
-    step = max(rows, chunk_rows // rows * rows)
+    step = max(rows, chunk_rows // rows * rows)  # whole inner chunks per call: the inner loop is unchanged
     for outer in range(0, out_features, step):
-        for sums in map_chunks(slice_sums, range(outer, min(outer + step, out_features), rows)):
-            for diagonal, right in sums:
-                totals += diagonal
-                if right is not None:  # the blocks right of the diagonal count twice
-                    totals += 2 * right
+        approx = dequant_rows(slice(outer, min(outer + step, out_features)))
+        for start in range(outer, min(outer + step, out_features), rows):
+            w = weight[start : start + rows].float()
+            local = slice(start - outer, start - outer + rows)
+            parts = ([w] if relative else []) + [w - d[local].float() for d in approx]  # [rows, in] each
+            stacked = torch.cat(parts)  # [parts * rows, in]
+            view = stacked.view(len(parts), w.shape[0], n)
+            for a, b in zip(cuts, cuts[1:]):
+                product = (stacked[:, a:b] @ h[a:b, a:]).view(len(parts), w.shape[0], n - a)
+                # float32 elementwise products summed in float64: no float64 copies of either operand
+                totals += (product[:, :, : b - a] * view[:, :, a:b]).sum(dim=(1, 2), dtype=torch.float64)
+                if b < n:
+                    totals += 2 * (product[:, :, b - a :] * view[:, :, b:]).sum(dim=(1, 2), dtype=torch.float64)
+        del approx
     values = totals.tolist()
     energy, errs = (values[0], values[1:]) if relative else (0.0, values)
     if not relative:
         return errs
     return [e / energy if energy > 0 else (0.0 if e == 0 else float("inf")) for e in errs]
-
-
-def _error_sums(stacked: torch.Tensor, count: int, h: torch.Tensor,
-                cuts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Per column panel [a, b) of H's upper block triangle, the float64 sums over each of ``stacked``'s
-    ``count`` parts ([count * rows, in]) of e H e^T on the diagonal block and on the blocks right of it
-    (None for the last panel)."""
-    n = h.shape[0]
-    view = stacked.view(count, -1, n)
-    sums = []
-    for a, b in zip(cuts, cuts[1:]):
-        product = (stacked[:, a:b] @ h[a:b, a:]).view(count, -1, n - a)
-        # float32 elementwise products summed in float64: no float64 copies of either operand
-        diagonal = (product[:, :, : b - a] * view[:, :, a:b]).sum(dim=(1, 2), dtype=torch.float64)
-        right = (product[:, :, b - a :] * view[:, :, b:]).sum(dim=(1, 2), dtype=torch.float64) if b < n else None
-        sums.append((diagonal, right))
-    return sums
 
 
 def lower_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:

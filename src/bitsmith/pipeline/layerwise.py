@@ -40,7 +40,7 @@ from bitsmith.io.ledger import ledger_dir
 from bitsmith.kernels.alloc import heap_reuse, trim_heap
 from bitsmith.methods import LayerStats, Method
 from bitsmith.models.family import HEAD_WEIGHT
-from bitsmith.pipeline.batches import for_each_batch
+from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
 from bitsmith.pipeline.embedding import release_embedding, rtn_by_rows
 from bitsmith.pipeline.common import (
@@ -378,7 +378,8 @@ def _process_block(
             out.tensor[slices[b]] = result[0] if isinstance(result, tuple) else result
 
         with replay.active(record=False):
-            for_each_batch(forward, len(slices))
+            for _ in run_batches(forward, len(slices)):
+                pass
         replay.clear()
     out.save(state.inputs_file(index + 1))
     store.close()

@@ -18,7 +18,7 @@ from torch import nn
 
 from bitsmith.calib.stats import StatsAccumulator
 from bitsmith.methods import LayerStats, Method
-from bitsmith.pipeline.batches import for_each_batch, run_batches
+from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall
 from bitsmith.pipeline.common import layer_report, sqnr_db_by_rows
 from bitsmith.pipeline.plan import QuantizePlan
@@ -119,23 +119,21 @@ def stage_stats(
         x, caught.x = caught.x, None  # the thread-local must not keep it: see the loop below
         return x
 
-    def add(b: int, x: torch.Tensor | None) -> None:  # in batch order: the sums do not depend on threads
-        nonlocal keep
-        if x is None:
-            return
-        acc.add(x)
-        if keep is not None:
-            if not isinstance(keep, SpilledTail) and (
-                    replay.used() + x.numel() * x.element_size() * len(slices) > replay.budget):
-                # would not fit: to a file, or the parent is recomputed instead
-                keep = None if spill is None else _spilled(keep, spill)
-            if keep is not None:
-                keep.append(x)
-
     hook = first.register_forward_pre_hook(catch)
     try:
         with replay.active(tail_of=tail_of) if replay is not None else nullcontext():
-            _each_batch(run, len(slices), add, acc.thread_invariant(store.tensor.dtype))
+            for _, x in run_batches(run, len(slices)):  # in batch order: the sums do not depend on threads
+                if x is None:
+                    continue
+                acc.add(x)
+                if keep is not None:
+                    if not isinstance(keep, SpilledTail) and (
+                            replay.used() + x.numel() * x.element_size() * len(slices) > replay.budget):
+                        # would not fit: to a file, or the parent is recomputed instead
+                        keep = None if spill is None else _spilled(keep, spill)
+                    if keep is not None:
+                        keep.append(x)
+                del x  # summed (and spilled): not held while the next wave of batches runs
     except BaseException:
         if isinstance(keep, SpilledTail):
             keep.close()
@@ -145,18 +143,6 @@ def stage_stats(
     if keep is not None:
         replay.keep_tail(tail_of, keep)
     return acc.stats()
-
-
-def _each_batch(run, count: int, add, in_workers: bool) -> None:
-    """``add(b, run(b))`` for every batch, in batch order: in the batch workers, each right after its own
-    forward (``in_workers``: sums that do not depend on the thread count), else on this thread with all
-    intra-op threads, between waves of forwards (:mod:`bitsmith.pipeline.batches`)."""
-    if in_workers:
-        for_each_batch(run, count, add)
-        return
-    for b, x in run_batches(run, count):
-        add(b, x)
-        del x  # summed (and spilled): not held while the next wave of batches runs
 
 
 def _spilled(kept: list, path: Path) -> SpilledTail:
