@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bitsmith.calib.data import mixed_calibration_text
+from bitsmith.calib.data import calibration_batches, mixed_calibration_text
 from bitsmith.models import open_source
 from bitsmith.pipeline.common import quantizable_layers
 from bitsmith.plan.sensitivity import FISHER_BYTES, fisher_chunks, fisher_diagonal, float_model
@@ -37,7 +37,7 @@ def main() -> None:
     print(f"float32 model built: {time.process_time() - t0:.1f} CPU s", flush=True)
     chunks = fisher_chunks(layers, FISHER_BYTES)
     print(f"{len(layers)} layers in {len(chunks)} chunks of {[len(c) for c in chunks]}", flush=True)
-    ids = torch.tensor(src.tokenizer()(mixed_calibration_text()[:20_000])["input_ids"][: args.tokens])[None]
+    ids = calibration_batches(src.tokenizer(), mixed_calibration_text(), 1, args.tokens)  # [1, tokens]
     for label, chunk in (("first chunk (top layers)", chunks[0]), ("last chunk (bottom layers)", chunks[-1])):
         t0 = time.process_time()
         fisher_diagonal(net, chunk, ids, 0)

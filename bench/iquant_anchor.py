@@ -240,6 +240,8 @@ def main() -> int:
 
 def print_table(args, wins: dict, table: list) -> None:
     """The markdown table of every row, after the reference's own ppl per domain."""
+    from bitsmith.cli.common import dir_size_mb
+
     domains = list(wins)
     print()
     print(f"{args.model}; reference float32, ppl " + ", ".join(f"{d} {table[0][3][d].ref_ppl:.3f}" for d in domains)
@@ -250,7 +252,7 @@ def print_table(args, wins: dict, table: list) -> None:
     print("|---" * (3 + 3 * len(domains)) + "|")
     for label, path, bpw, res in table:
         cells = " | ".join(f"{res[d].kld_mean:.4f} | {res[d].top1:.3f} | {res[d].ppl:.3f}" for d in domains)
-        size = (path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())) / 1e6
+        size = dir_size_mb(path)  # a file, or a checkpoint folder's files
         print(f"| {label} | {'-' if bpw is None else f'{bpw:.3f}'} | {size:.0f} | {cells} |")
 
 

@@ -72,11 +72,11 @@ def test_reachable_range_is_exact() -> None:
     with pytest.raises(AllocationError, match=r"of which 1\.0 kB stay unquantized"):
         check_budget(Budget(total_bytes=(low + fixed) // 8 - 1), shapes, cands, fixed)
     signs = 128 + 64  # a rotation's sign per input channel of each layer: stored whatever the specs
-    check_budget(Budget(bits_per_weight=(low + signs) / weights), shapes, cands, reserved_bits=signs)
+    check_budget(Budget(bits_per_weight=(low + signs) / weights), shapes, cands, sign_bits=signs)
     with pytest.raises(AllocationError, match=r"2\.519 to 8\.\d+ bits/weight, with 0\.019 bits/weight of rotation signs"):
-        check_budget(Budget(bits_per_weight=low / weights), shapes, cands, reserved_bits=signs)
+        check_budget(Budget(bits_per_weight=low / weights), shapes, cands, sign_bits=signs)
     with pytest.raises(AllocationError, match="rotation signs"):
-        check_budget(Budget(total_bytes=(low + fixed) // 8), shapes, cands, fixed, reserved_bits=signs)
+        check_budget(Budget(total_bytes=(low + fixed) // 8), shapes, cands, fixed, sign_bits=signs)
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

@@ -141,6 +141,7 @@ def _allocate(args: argparse.Namespace, plan, calib):
     from bitsmith.calib import CalibrationConfig
     from bitsmith.cli.common import console, progress_bar
     from bitsmith.models import open_source
+    from bitsmith.pipeline.quantize import calibration
     from bitsmith.plan.allocate import Budget
     from bitsmith.plan.sensitivity import check_plan_budget, plan_allocation
     from bitsmith.spec import QuantSpec
@@ -148,8 +149,6 @@ def _allocate(args: argparse.Namespace, plan, calib):
     budget = Budget.parse(args.budget)
     candidates = [QuantSpec.parse(s) for s in args.candidates.split(",") if s.strip()]
     check_plan_budget(args.model, plan, budget, candidates)  # an unreachable budget, before minutes of work
-    from bitsmith.pipeline.quantize import calibration
-
     # the sensitivity pass reads the text the quantize step will (vq and awq: prose + code by default)
     sens_text = args.calib if args.calib is not None else calibration(plan).text
     sens_calib = CalibrationConfig(text=sens_text, samples=min(args.calib_samples, args.sensitivity_windows),

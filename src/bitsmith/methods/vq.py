@@ -185,8 +185,7 @@ def upper_inverse_factor(hessian: torch.Tensor, damp_percent: float) -> torch.Te
     try:
         return inverse_cholesky(hessian, damp_percent, method="vq")
     except ValueError as e:
-        raise VQError("vq: the calibration Hessian is not positive definite even with heavy damping; "
-                      "use more calibration tokens or raise damp_percent") from e
+        raise VQError(str(e)) from e  # inverse_cholesky's message, naming vq
 
 
 def quantize_vectors(cols_t: torch.Tensor, scale_t: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

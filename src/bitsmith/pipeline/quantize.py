@@ -71,10 +71,9 @@ def calibration(plan: QuantizePlan) -> CalibrationConfig:
     """The plan's calibration; without a text named, the first of its transforms' own default texts
     (AWQ: prose + code), else its quantizer's (vq: prose + code), else the library's default text."""
     calib = plan.calib or CalibrationConfig()
-    defaults = [TRANSFORMS[t].calib_text for t in plan.transforms if TRANSFORMS[t].calib_text]
-    defaults.append(METHODS[plan.quantizer].calib_text)
-    defaults = [d for d in defaults if d]
-    return replace(calib, text=defaults[0]) if calib.text is None and defaults else calib
+    texts = [*(TRANSFORMS[t].calib_text for t in plan.transforms), METHODS[plan.quantizer].calib_text]
+    default = next((text for text in texts if text), None)
+    return replace(calib, text=default) if calib.text is None and default else calib
 
 
 def calibrated_methods() -> list[str]:

@@ -130,21 +130,21 @@ def reachable_bits(shapes: Mapping[str, tuple[int, int]], candidates: Sequence[Q
 
 
 def check_budget(budget: Budget, shapes: Mapping[str, tuple[int, int]], candidates: Sequence[QuantSpec],
-                 fixed_bits: int = 0, reserved_bits: int = 0) -> None:
+                 fixed_bits: int = 0, sign_bits: int = 0) -> None:
     """Refuse, before any sensitivity pass, a budget that no allocation can meet: the message gives
     the reachable range in bits per weight and in bytes (``fixed_bits``: what stays unquantized;
-    ``reserved_bits``: what the plan stores beside the codes whatever their specs, e.g. rotation signs,
-    taken off the top of the budget as the allocation takes them). A budget above the range is fine
+    ``sign_bits``: a rotating plan's sign bits, stored whatever the specs and taken off the top of the
+    budget as the allocation takes them). A budget above the range is fine
     (every layer then gets its best candidate)."""
     if not shapes:
         raise ValueError("no layers to allocate; the model has no quantizable layers")
     weights = sum(o * i for o, i in shapes.values())
     low, high = reachable_bits(shapes, candidates)
-    low, high = low + reserved_bits, high + reserved_bits
+    low, high = low + sign_bits, high + sign_bits
     if budget.layer_bits(weights, fixed_bits) >= low:
         return
     to_bytes = lambda bits: math.ceil((bits + fixed_bits) / 8)  # noqa: E731
-    signs = f", with {reserved_bits / weights:.3f} bits/weight of rotation signs" if reserved_bits else ""
+    signs = f", with {sign_bits / weights:.3f} bits/weight of rotation signs" if sign_bits else ""
     raise AllocationError(
         f"the budget {budget} cannot be met: with candidates {','.join(map(str, candidates))} the "
         f"{len(shapes)} quantized layers take {low / weights:.3f} to {high / weights:.3f} bits/weight{signs}, a "
