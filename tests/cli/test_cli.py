@@ -17,8 +17,8 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_quantize_default_output_spec(tiny: Path, tmp_path: Path, capsys) -> None:
-    """Without flags the embedding and head are w8 (the fast decode path); keep and a spec are honoured;
-    --output-spec with --budget is refused before any work."""
+    """Without flags the embedding and head are w8 (the fast decode path); keep and a spec are honoured
+    (with --budget too: tests/plan/test_budget_pinned.py)."""
     from bitsmith.io.checkpoint import read_info
 
     specs = {}
@@ -29,12 +29,6 @@ def test_quantize_default_output_spec(tiny: Path, tmp_path: Path, capsys) -> Non
     assert specs["w6"]["model.embed_tokens"] == specs["w6"]["lm_head"] == "w6g64"
     assert "model.embed_tokens" not in specs["keep"] and "lm_head" not in specs["keep"]
     assert specs["default"]["model.layers.0.self_attn.q_proj"] == "w4g32"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main(["quantize", str(tiny), "--budget", "4.5bpw", "--output-spec", "w8", "--out", str(tmp_path / "b")])
-    assert exit_.value.code == 1
-    assert "--output-spec cannot be combined with --budget" in capsys.readouterr().err
-    assert not (tmp_path / "b").exists()
 
 
 def test_quantize_inspect_eval_generate(tiny: Path, tmp_path: Path, capsys) -> None:

@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-spec", default=None,
                    help="spec of the embedding table and the output head: w8 (default: decode reads 8-bit instead of "
                         "fp16 head bytes, as llama.cpp keeps its output at 6-8 bits), any spec, or keep (unquantized); "
-                        "with --budget the default is keep")
+                        "with --budget the default is keep, and a spec given stays fixed for those two tensors, outside a "
+                        "bits/weight budget (a size budget counts their bytes)")
     p.add_argument("--quantize-head", action="store_true", help="quantize lm_head at --spec (overrides --output-spec)")
     p.add_argument("--quantize-embeddings", action="store_true", help="quantize the input embedding table at --spec (overrides --output-spec)")
     p.add_argument("--unquantized-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage for tensors left unquantized")
@@ -123,15 +124,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _outputs(args: argparse.Namespace, plan):
-    """The embedding/head policy: --output-spec (default w8 without --budget, keep with it)."""
+    """The embedding/head policy: --output-spec (default w8 without --budget, keep with it; an explicit
+    spec with --budget is pinned, outside the allocation)."""
     from bitsmith.pipeline.outputs import DEFAULT_OUTPUT_SPEC, KEEP, parse_output_spec, with_output_spec
 
     chosen = args.output_spec or (KEEP if args.budget is not None else DEFAULT_OUTPUT_SPEC)
+    # with --budget an explicit spec pins the embedding and head: the allocator leaves them at it and a
+    # bits/weight budget counts the other layers only (a size budget counts their bytes too)
     spec = parse_output_spec(chosen)
-    if spec is not None and args.budget is not None:
-        raise ValueError("--output-spec cannot be combined with --budget yet (the allocator's bits/weight would not "
-                         "count the embedding and head); drop --output-spec, or use --quantize-head/--quantize-embeddings "
-                         "to let the allocator choose their specs")
     return with_output_spec(plan, args.model, spec)
 
 

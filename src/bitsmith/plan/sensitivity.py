@@ -284,19 +284,32 @@ def fixed_bits(source, layers: dict[str, tuple[int, int]], unquantized_dtype: st
     return total + 8 * HEADER_BYTES_PER_TENSOR * count
 
 
+def budget_layers(source, config) -> tuple[dict[str, tuple[int, int]], dict[str, QuantSpec], int]:
+    """Split the plan's quantizable layers for a budget: (layers the allocator chooses specs for ->
+    (out, in); layers whose spec the plan already pins -> that spec; fixed bits). Pinned layers (the
+    embedding and head that ``--output-spec`` sets) are quantized at their own spec and stay outside a
+    bits-per-weight budget, which counts the allocated weights only, as bits/weight of the decoder
+    blocks is counted everywhere else; a size budget counts their stored bits among the fixed bits,
+    beside everything that stays unquantized (:func:`fixed_bits`)."""
+    from bitsmith.pipeline.common import quantizable_layers
+
+    layers = quantizable_layers(source.config, config.quantize_head, config.quantize_embeddings)
+    pinned = {n: s for n, s in config.layer_specs.items() if n in layers}
+    free = {n: shape for n, shape in layers.items() if n not in pinned}
+    fixed = fixed_bits(source, layers, config.unquantized_dtype) + sum(s.stored_bits(*layers[n]) for n, s in pinned.items())
+    return free, pinned, fixed
+
+
 def check_plan_budget(model, config, budget: Budget, candidates: Sequence[QuantSpec]) -> None:
     """Refuse a budget no allocation of ``candidates`` can meet, from the model's config and tensor
     headers only: in well under a second, before any sensitivity pass (which takes minutes). The
     message names the reachable range (:func:`bitsmith.plan.allocate.check_budget`)."""
     from bitsmith.methods.vq import check_method
     from bitsmith.models import open_source
-    from bitsmith.pipeline.common import quantizable_layers
 
     check_method(config.quantizer, config.spec, list(candidates))  # vq candidates need the vq method
-    source = open_source(model)
-    layers = quantizable_layers(source.config, config.quantize_head, config.quantize_embeddings)
-    check_budget(budget, layers, candidates, fixed_bits(source, layers, config.unquantized_dtype),
-                 rotation_sign_bits(layers, config.options))
+    free, _, fixed = budget_layers(open_source(model), config)
+    check_budget(budget, free, candidates, fixed, rotation_sign_bits(free, config.options))
 
 
 def rotation_sign_bits(layers: dict[str, tuple[int, int]], options: dict | None) -> int:
@@ -319,22 +332,22 @@ def plan_allocation(
     :class:`Allocation` to record in the checkpoint's report. An unreachable budget is refused
     before the model is built (:func:`check_plan_budget`); ``progress`` follows the sensitivity pass."""
     from bitsmith.models import open_source
-    from bitsmith.pipeline.common import quantizable_layers
 
     check_plan_budget(model, config, budget, candidates)
     source = open_source(model)
-    layers = quantizable_layers(source.config, config.quantize_head, config.quantize_embeddings)
+    layers, pinned, fixed = budget_layers(source, config)
     net = float_model(source, layers)
     sens = estimate_sensitivity(net, layers, candidates, tokens, estimator=estimator, method=config.method,
                                 options=config.options, seed=seed, fisher_bytes=fisher_bytes, progress=progress)
     weights = sum(o * i for o, i in layers.values())
-    fixed = 0 if budget.bits_per_weight is not None else fixed_bits(source, layers, config.unquantized_dtype)
+    fixed = 0 if budget.bits_per_weight is not None else fixed
     del net
     signs = rotation_sign_bits(layers, config.options)  # stored whatever the specs: off the top of the budget
     alloc = allocate(sens.costs, layers, budget.layer_bits(weights, fixed) - signs)
     extra = {"budget": str(budget), "estimator": estimator, "cost_quantizer": sens.quantizer, "windows": sens.windows,
              "candidates": [str(s) for s in candidates],
-             "uniform_predicted_kl": {str(s): sens.total(s) for s in candidates}, "rotation_sign_bits": signs}
+             "uniform_predicted_kl": {str(s): sens.total(s) for s in candidates}, "rotation_sign_bits": signs,
+             **({"pinned": {n: str(s) for n, s in pinned.items()}} if pinned else {})}
     alloc = dataclasses.replace(alloc, total_bits=alloc.total_bits + signs, budget_bits=alloc.budget_bits + signs,
                                 fixed_bits=fixed, extra=extra)
     # the plan's main spec: the commonest allocated one of the requested spec's grid, else the requested
@@ -343,7 +356,7 @@ def plan_allocation(
     common = next((s for s, _ in counts if s.grid == config.spec.grid), config.spec)
     log.info("allocated %s: %.3f bits/weight, predicted KL %.4g, %s", budget, alloc.bits_per_weight,
              alloc.predicted_cost, alloc.counts())
-    return dataclasses.replace(config, spec=common, layer_specs=dict(alloc.specs)), alloc
+    return dataclasses.replace(config, spec=common, layer_specs={**pinned, **alloc.specs}), alloc
 
 
 def record_allocation(checkpoint, allocation: Allocation) -> None:
