@@ -1,12 +1,14 @@
 """llama.cpp's i-quants with an importance matrix, scored on bitsmith's own windows (issue 19's anchors):
 
     python bench/iquant_anchor.py --model qwen2.5-coder-1.5b --types IQ2_XS IQ3_XXS IQ4_NL \\
-        [--check Q8_0] [--chunks 16] [--max-windows 4] [--extra LABEL=PATH ...] [--threads 1] [--work DIR]
+        [--check Q8_0] [--chunks 16] [--calib-text prose+code] [--max-windows 4] [--extra LABEL=PATH ...]
+        [--threads 1] [--work DIR]
 
 One reference for every row: bitsmith exports the model's unquantized weights as an F32 GGUF;
-llama-imatrix computes an importance matrix on the first --chunks x 512 tokens of the shipped State of
-the Union text (PROTOCOL's calibration set); llama-quantize --imatrix makes each --types file from the
-F32 GGUF (--check types are made without the imatrix: Q8_0 checks the whole read path, its KLD must be
+llama-imatrix computes an importance matrix on the first --chunks x 512 tokens of --calib-text (default
+the shipped State of the Union text, PROTOCOL's calibration set; ``prose+code`` is the mix that vq and awq
+calibrate on by default, so their rows are compared like for like); llama-quantize --imatrix makes each
+--types file from the F32 GGUF (--check types are made without the imatrix: Q8_0 checks the whole read path, its KLD must be
 near 0). Every file is then scored by bitsmith's evaluator against the float32 reference on the same
 windows of each --texts domain (default prose and code, --max-windows each): KLD, top-1, ppl.
 
@@ -34,7 +36,9 @@ import time
 from pathlib import Path
 
 import tools
-from common import block_bpw, report_block_bpw, text_path, work_dir
+from common import block_bpw, report_block_bpw, work_dir
+
+from bitsmith.calib.data import PROSE, read_calibration_text  # imports no gguf (use_tree_gguf must come first)
 
 
 def use_tree_gguf() -> Path:
@@ -59,20 +63,34 @@ def run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {r.returncode}):\n{log.read_text()[-3000:]}")
 
 
-def make_imatrix(binary: Path, ref: Path, work: Path, chunks: int, threads: int) -> Path:
-    """llama-imatrix on the first ``chunks`` x 512 tokens of the shipped calibration text (cached)."""
-    out = work / f"imatrix-{chunks}.gguf"
+def text_tag(calib: str) -> str:
+    """A file-name tag for the imatrix's calibration text: empty for the default prose (the names of
+    earlier runs' files), else a short hash of the text itself."""
+    if calib == PROSE:
+        return ""
+    return "-" + hashlib.sha1(read_calibration_text(calib).encode("utf-8")).hexdigest()[:8]
+
+
+def make_imatrix(binary: Path, ref: Path, work: Path, chunks: int, threads: int, calib: str = PROSE) -> Path:
+    """llama-imatrix on the first ``chunks`` x 512 tokens of ``calib`` (a --calib value of bitsmith's:
+    ``prose``, the shipped State of the Union text; ``prose+code``, the mix vq and awq calibrate on by
+    default; or a file), cached by chunks and text."""
+    out = work / f"imatrix-{chunks}{text_tag(calib)}.gguf"
     if not out.exists():
-        calib = work / "calib.txt"
-        calib.write_text(text_path("sotu_calibration.txt").read_text(encoding="utf-8"), encoding="utf-8")
-        run([str(binary), "-m", str(ref), "-f", str(calib), "-c", "512", "--chunks", str(chunks),
-             "-t", str(threads), "-o", str(out)], work / "imatrix.log")
+        text = work / f"calib{text_tag(calib)}.txt"
+        text.write_text(read_calibration_text(calib), encoding="utf-8")
+        partial = out.with_name(out.stem + ".partial.gguf")  # llama-imatrix picks its format by the extension
+        run([str(binary), "-m", str(ref), "-f", str(text), "-c", "512", "--chunks", str(chunks),
+             "-t", str(threads), "-o", str(partial)], work / f"{out.stem}.log")
+        partial.rename(out)
     return out
 
 
 def make_quant(binary: Path, ref: Path, qtype: str, imatrix: Path | None, work: Path, threads: int) -> Path:
-    """llama-quantize ``ref`` to ``qtype`` (with the importance matrix when given); cached by name."""
-    out = work / f"{qtype}{'-imatrix' if imatrix else ''}.gguf"
+    """llama-quantize ``ref`` to ``qtype`` (with the importance matrix when given); cached by name
+    (the imatrix's text tag is part of it)."""
+    tag = imatrix.stem.partition("-")[2].partition("-")[2] if imatrix else ""
+    out = work / (f"{qtype}-imatrix{'-' + tag if tag else ''}.gguf" if imatrix else f"{qtype}.gguf")
     if not out.exists():
         partial = out.with_suffix(".partial")
         cmd = [str(binary)] + (["--imatrix", str(imatrix)] if imatrix else []) + [str(ref), str(partial), qtype, str(threads)]
@@ -176,6 +194,8 @@ def main() -> int:
     ap.add_argument("--check", nargs="*", default=[], help="types made without the imatrix (e.g. Q8_0: KLD ~0 checks the read path)")
     ap.add_argument("--extra", nargs="*", default=[], metavar="LABEL=PATH", help="other files to score on the same windows")
     ap.add_argument("--chunks", type=int, default=16, help="calibration chunks of 512 tokens (default 16)")
+    ap.add_argument("--calib-text", default=PROSE, help="the imatrix's text, as bitsmith's --calib: prose (default), "
+                    "prose+code (what vq and awq calibrate on by default: the like-for-like anchor for them), or a file")
     ap.add_argument("--texts", nargs="+", default=["prose", "code"], help="evaluation domains (default prose code)")
     ap.add_argument("--max-windows", type=int, default=4, help="windows per domain (default 4)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BITSMITH_THREADS") or 1))
@@ -209,7 +229,7 @@ def main() -> int:
     if not ref_gguf.exists():
         export_gguf(args.model, ref_gguf, "F32")
     # each llama.cpp file is made just before it is scored, so a long run prints its rows as it goes
-    imatrix = make_imatrix(imatrix_bin, ref_gguf, work, args.chunks, args.threads) if args.types else None
+    imatrix = make_imatrix(imatrix_bin, ref_gguf, work, args.chunks, args.threads, args.calib_text) if args.types else None
     rows = ([(t, lambda t=t: make_quant(quantize, ref_gguf, t, None, work, args.threads)) for t in args.check]
             + [(f"{t} +imatrix", lambda t=t: make_quant(quantize, ref_gguf, t, imatrix, work, args.threads)) for t in args.types]
             + [(label, lambda path=path: path) for label, path in extras])
