@@ -104,7 +104,7 @@ def distill_variant(args: argparse.Namespace, row: dict) -> dict:
     config = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, samples=args.distill_samples,
                            seq_len=args.distill_len, batch=args.distill_batch, check_every=args.distill_check_every,
                            block_steps=args.distill_block_steps, block_lr=args.distill_block_lr,
-                           calib_text=args.calib_text, random_offsets=args.distill_calib_random)
+                           calib_text=args.distill_calib or args.calib_text, random_offsets=args.distill_calib_random)
     t0 = time.perf_counter()
     cpu0 = time.process_time()
 
@@ -178,6 +178,8 @@ def main() -> None:
     ap.add_argument("--distill-block-lr", type=float, default=None)
     ap.add_argument("--distill-calib-random", action="store_true",
                     help="distill on calibration sequences at random offsets across the whole text")
+    ap.add_argument("--distill-calib", default=None, help="the distillation's calibration when not --calib-text's: a "
+                    "text, prose+code, or generated (sequences the reference samples itself)")
     ap.add_argument("--distill-tag", default="distill", help="name of the distilled variant (and its folder's suffix)")
     ap.add_argument("--distill-from", default="", help="start from the variant distilled earlier with this tag "
                                                        "(its folder in --work; it is scored too) instead of the quantized one")

@@ -32,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref-topk-above", type=int, default=65_536,
                    help="vocabulary size above which --ref-topk applies (default 65536: SmolLM2's 49k in full, "
                         "Gemma-3's 262k as top-k; 0: always top-k)")
-    p.add_argument("--calib", type=Path, default=None, help="calibration text (default: the shipped State of the Union text)")
+    p.add_argument("--calib", type=Path, default=None, help="calibration text file (default: the shipped State of the Union "
+                   "text), prose+code (the built-in mix), or generated: sequences the reference model samples itself "
+                   "(temperature 1, seeded by --seed), so the tuning follows the model's distribution, not one text's")
     p.add_argument("--calib-random", action="store_true",
                    help="draw the calibration sequences at random offsets across the whole text (default: consecutive "
                         "from its start)")

@@ -37,6 +37,7 @@ import torch
 from bitsmith.io.checkpoint import CheckpointError
 from bitsmith.recover.output import write_distilled
 from bitsmith.recover.reference import ReferenceTargets, TargetStore
+from bitsmith.recover.selfgen import GENERATED, sample_windows
 from bitsmith.recover.tunable import TunableLinear, make_tunable, round_to_storage, trainable
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,9 @@ STATE_FILE = "state.pt"
 class DistillConfig:
     """How to distill. ``steps`` end-to-end optimizer steps of ``batch`` sequences (0 with ``block_steps``:
     the block stage alone); ``samples`` x ``seq_len``
-    calibration tokens (``calib_text``: None is the shipped calibration text; ``random_offsets``: windows
-    drawn across the whole text with ``seed`` instead of consecutive from its start); the loss is checked
+    calibration tokens (``calib_text``: None is the shipped calibration text, ``"generated"`` sequences the
+    reference samples itself with ``seed``; ``random_offsets``: windows drawn across the whole text with
+    ``seed`` instead of consecutive from its start); the loss is checked
     every ``check_every`` steps (None: once per pass over the calibration set)."""
 
     steps: int = 40
@@ -80,6 +82,9 @@ class DistillConfig:
             raise ValueError(f"distill block learning rate must be a positive number, got {self.block_lr}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"distill learning rate must be a positive number, got {self.lr}")
+        if self.calib_text == GENERATED and self.random_offsets and not Path(GENERATED).exists():
+            raise ValueError("random offsets draw windows across a text; generated calibration has no text to draw "
+                             "from (each window is a fresh sample): drop one of the two")
         if self.check_every is not None and self.check_every < 1:
             raise ValueError(f"check_every must be at least 1, got {self.check_every}")
         if self.ref_topk < 1 or self.ref_topk_above < 0:
@@ -261,7 +266,6 @@ class _Run:
 def _open(checkpoint: str | Path, reference: str | Path, config: DistillConfig) -> _Run:
     """Load both models (exact arithmetic), check they match, cut the calibration tokens and compute
     the reference's log-probabilities once."""
-    from bitsmith.calib.data import CalibrationConfig
     from bitsmith.runtime.load import load_model
     from bitsmith.runtime.options import RuntimeOptions
 
@@ -276,10 +280,8 @@ def _open(checkpoint: str | Path, reference: str | Path, config: DistillConfig) 
     if vq != vr:
         raise ValueError(f"the checkpoint has a vocabulary of {vq} and --reference {reference} one of {vr}: "
                          "give the model the checkpoint was quantized from")
-    calib = CalibrationConfig(text=config.calib_text, samples=config.samples, seq_len=config.seq_len, seed=config.seed,
-                              random_offsets=config.random_offsets)
-    tokens = calib.batches(loaded.tokenizer)
     ref.model.float().eval()  # loaded in float32 already; the block targets are float32
+    tokens = _calibration_tokens(ref.model, loaded.tokenizer, config)
     ref_logp, targets = reference_pass(ref.model, tokens, config.batch, bool(config.block_steps), config.topk_for(vr))
     del ref
     net = loaded.model.float().eval()
@@ -287,6 +289,21 @@ def _open(checkpoint: str | Path, reference: str | Path, config: DistillConfig) 
     if not tunable:
         raise ValueError(f"{checkpoint} has no quantized linear layer to tune")
     return _Run(net, tunable, tokens, ref_logp, targets)
+
+
+def _calibration_tokens(reference: torch.nn.Module, tokenizer: Any, config: DistillConfig) -> torch.Tensor:
+    """[samples, seq_len] calibration token ids: windows of ``config.calib_text``, or, for
+    ``"generated"``, sequences the reference samples itself (:mod:`bitsmith.recover.selfgen`)."""
+    from bitsmith.calib.data import CalibrationConfig
+
+    if config.calib_text == GENERATED and not Path(GENERATED).exists():  # a file of that name is read
+        from bitsmith.infer.generate import eos_ids
+
+        return sample_windows(reference, tokenizer, config.samples, config.seq_len, config.seed, batch=config.batch,
+                              banned=eos_ids(reference, tokenizer))
+    calib = CalibrationConfig(text=config.calib_text, samples=config.samples, seq_len=config.seq_len, seed=config.seed,
+                              random_offsets=config.random_offsets)
+    return calib.batches(tokenizer)
 
 
 def _start(run: _Run, params: dict, folder: Path, key: dict, resume: bool, config: DistillConfig,
