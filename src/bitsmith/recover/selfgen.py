@@ -16,9 +16,12 @@ and thread count (one ``torch.Generator`` drives every draw, in a fixed order).
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 GENERATED = "generated"  # the --calib value that selects this source
 
@@ -51,6 +54,8 @@ def sample_windows(model: torch.nn.Module, tokenizer: Any, samples: int, seq_len
     key = cache_keyword(model)
     out = torch.empty(samples, seq_len, dtype=torch.long)
     for lo in range(0, samples, batch):
+        log.info("sampling calibration windows %d-%d of %d (%d tokens each) from the reference", lo + 1,
+                 min(lo + batch, samples), samples, seq_len)
         rows = min(batch, samples - lo)
         ids = torch.full((rows, 1), first, dtype=torch.long)
         out[lo : lo + rows, 0] = first
