@@ -154,6 +154,11 @@ class NativeKernel:
         self._lay_out()
 
     @property
+    def mixed3(self) -> bool:
+        """Whether the codes are held in the 3-bit mixed layout (``natural_qweight`` gives the file's bytes)."""
+        return self._mixed3
+
+    @property
     def int8_decode(self) -> bool:
         return self._int8_decode
 
