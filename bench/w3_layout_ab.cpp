@@ -9,6 +9,7 @@
 //          two of A's split codes at bits 0 and 1), B broadcast to both halves of a register: dot 0 is
 //          A & 7, dots 1 and 2 one vgf2p8affineqb each, dot 3 one vpternlogd (A's bits 6-7 with B's 0-1)
 //          and one vgf2p8affineqb. Five unpack instructions per 256 codes where today's body has ten.
+//   libmix rows_strided<3, 4, true, true>: the mixed layout as the library runs it (csrc/strided.h).
 // All three keep x's superblock order (vbmi_permute), its lane scales and the 96 bytes per 256 codes,
 // so a repack is a byte permutation inside each superblock. Same float steps and order: outputs must be
 // bit-identical to lib's; each is also compared with a double-precision oracle on the natural codes.
@@ -16,8 +17,11 @@
 // with fp16 scales and zeros; thread CPU time of one call over all rows, the layouts in turn (the order
 // reversing every turn), medians and 10th percentiles. Prints what it measured, asserts nothing.
 //
-//   g++ -O3 -march=native -fopenmp -std=c++17 -Isrc/bitsmith/kernels/csrc bench/w3_layout_ab.cpp -o w3_layout_ab
+//   g++ -O3 -march=native -fopenmp -std=c++17 -Isrc/bitsmith/kernels/csrc bench/w3_layout_ab.cpp \
+//       src/bitsmith/kernels/csrc/mixed3.cpp -o w3_layout_ab
 //   OMP_NUM_THREADS=1 ./w3_layout_ab 1536 320 400     # in, KB per layout, turns
+// Switches: -DMIX_MS=1 (2) unpacks the copy's mixed dots 1 (and 2) by vpmultishiftqb + vpand instead of
+// vgf2p8affineqb; -DNO_PF leaves the copies' prefetches out (both tried in session 17: neither faster).
 #include <time.h>
 
 #include <algorithm>
@@ -142,7 +146,8 @@ template <int L>
 void call(const bs::Matrix& m, const Unpack& u, const Strided& st, const Consts& c, const float* xv, const int8_t* xq,
           const float* xsum, float* y) {
   for (int64_t o = 0; o + 4 <= m.out; o += 4) {
-    if constexpr (L < 0) rows_strided<3, 4, true>(m, u, st, o, xv, xq, xsum, y);
+    if constexpr (L == -1) rows_strided<3, 4, true>(m, u, st, o, xv, xq, xsum, y);
+    else if constexpr (L == -2) rows_strided<3, 4, true, true>(m, u, st, o, xv, xq, xsum, y);
     else rows_w3<L, 4>(m, st, c, o, xv, xq, xsum, y);
   }
 }
@@ -207,20 +212,22 @@ int main(int argc, char** argv) {
   const Unpack u(3);
   const Strided st(base);
   const Consts c;
-  const char* names[4] = {"lib", "base", "plane", "mixed"};
-  std::vector<std::vector<float>> y(4, std::vector<float>(out));
-  std::vector<std::vector<double>> t(4);
+  const char* names[5] = {"lib", "base", "plane", "mixed", "libmix"};
+  const int layout_of[5] = {kBase, kBase, kPlane, kMixed, kMixed};
+  std::vector<std::vector<float>> y(5, std::vector<float>(out));
+  std::vector<std::vector<double>> t(5);
   for (int turn = 0; turn < turns; ++turn)
-    for (int i = 0; i < 4; ++i) {
-      const int v = turn % 2 ? 3 - i : i;
+    for (int i = 0; i < 5; ++i) {
+      const int v = turn % 2 ? 4 - i : i;
       bs::Matrix m = base;
-      m.packed = packed[v == 0 ? kBase : v - 1].data();
+      m.packed = packed[layout_of[v]].data();
       const double t0 = thread_seconds();
       switch (v) {
         case 0: call<-1>(m, u, st, c, xv.data(), xq.data(), xsum.data(), y[v].data()); break;
         case 1: call<kBase>(m, u, st, c, xv.data(), xq.data(), xsum.data(), y[v].data()); break;
         case 2: call<kPlane>(m, u, st, c, xv.data(), xq.data(), xsum.data(), y[v].data()); break;
-        default: call<kMixed>(m, u, st, c, xv.data(), xq.data(), xsum.data(), y[v].data()); break;
+        case 3: call<kMixed>(m, u, st, c, xv.data(), xq.data(), xsum.data(), y[v].data()); break;
+        default: call<-2>(m, u, st, c, xv.data(), xq.data(), xsum.data(), y[v].data()); break;
       }
       t[v].push_back(thread_seconds() - t0);
     }
@@ -228,7 +235,7 @@ int main(int argc, char** argv) {
   printf("w3g128, %ld x %ld (%.0f KB packed per layout), %d turns, 1 thread, thread CPU time\n", (long)out, (long)in,
          bytes / 1e3, turns);
   double med0 = 0;
-  for (int v = 0; v < 4; ++v) {
+  for (int v = 0; v < 5; ++v) {
     std::sort(t[v].begin(), t[v].end());
     const double med = t[v][t[v].size() / 2], p10 = t[v][t[v].size() / 10];
     if (v == 0) med0 = med;
@@ -239,7 +246,7 @@ int main(int argc, char** argv) {
       rel = std::max(rel, std::abs(y[v][o] - oracle[o]));
       norm = std::max(norm, std::abs(oracle[o]));
     }
-    printf("%-5s median %7.2f us (%5.1f ps/B, %5.1f GB/s)  p10 %7.2f us (%5.1f GB/s)  time/lib %.3f  "
+    printf("%-6s median %7.2f us (%5.1f ps/B, %5.1f GB/s)  p10 %7.2f us (%5.1f GB/s)  time/lib %.3f  "
            "max |y - lib| %.1e  max |y - oracle| / max |oracle| %.1e\n",
            names[v], 1e6 * med, 1e12 * med / bytes, bytes / med / 1e9, 1e6 * p10, bytes / p10 / 1e9, med / med0, same,
            rel / norm);

@@ -132,10 +132,11 @@ def load(path: Path) -> ctypes.CDLL:
     lib.bs_simd_width.restype = ctypes.c_int
     lib.bs_int8_widths.argtypes = []
     lib.bs_int8_widths.restype = ctypes.c_int
-    lib.bs_mixed3_takes.argtypes = [_I64, _I64]
-    lib.bs_mixed3_takes.restype = _I64
-    lib.bs_mixed3_repack.argtypes = [_PTR, _I64, _I64, _I64, _I64]
-    lib.bs_mixed3_repack.restype = _I64
+    if hasattr(lib, "bs_mixed3_takes"):  # libraries of older sources (bench/gemv_stream.py rev:) have none
+        lib.bs_mixed3_takes.argtypes = [_I64, _I64]
+        lib.bs_mixed3_takes.restype = _I64
+        lib.bs_mixed3_repack.argtypes = [_PTR, _I64, _I64, _I64, _I64]
+        lib.bs_mixed3_repack.restype = _I64
     return lib
 
 

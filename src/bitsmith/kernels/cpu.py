@@ -172,7 +172,8 @@ class NativeKernel:
         self._lay_out()
 
     def _wants_mixed3(self, int8_decode: bool) -> bool:
-        return int8_decode and self.spec.bits == 3 and bool(self._lib.bs_mixed3_takes(self.in_features, self._group))
+        return (int8_decode and self.spec.bits == 3 and hasattr(self._lib, "bs_mixed3_takes")  # older libraries: none
+                and bool(self._lib.bs_mixed3_takes(self.in_features, self._group)))
 
     def _lay_out(self) -> None:
         """Hold 3-bit codes in the mixed layout exactly when the int8 decode runs on it, then bind."""
