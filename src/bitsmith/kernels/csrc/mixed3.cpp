@@ -26,13 +26,6 @@ constexpr int64_t kMaxGroups = 512;  // as vbmi.cpp (vbmi_takes bounds the group
 
 constexpr int kSpan = 256, kBytes = 96;
 
-// code n (0..255) of a superblock's natural 96 bytes
-inline int natural_code(const uint8_t* sb, int n) {
-  const int bit = 3 * n, byte = bit / 8;
-  const unsigned two = sb[byte] | (byte + 1 < kBytes ? (unsigned)sb[byte + 1] << 8 : 0u);
-  return (int)(two >> (bit % 8)) & 7;
-}
-
 // c(k, p) of strided.h's layout notes: the natural index of dot k's byte p
 struct Sources {
   uint8_t n[4][64];
@@ -42,13 +35,23 @@ struct Sources {
   }
 };
 
-void superblock_to_mixed(uint8_t* sb, const Sources& src) {
-  uint8_t c[kSpan];
-  for (int i = 0; i < kSpan; ++i) c[i] = (uint8_t)natural_code(sb, i);
-  auto at = [&](int k, int p) { return (unsigned)c[src.n[k][p]]; };
-  for (int p = 0; p < 64; ++p) sb[p] = (uint8_t)(at(0, p) | at(1, p) << 3 | (at(3, p) & 3) << 6);
-  for (int j = 0; j < 32; ++j)
-    sb[64 + j] = (uint8_t)(at(3, j) >> 2 | (at(3, j + 32) >> 2) << 1 | at(2, j) << 2 | at(2, j + 32) << 5);
+// natural 96 bytes -> mixed, in place: the natural codes (4 x 64, Unpack), into the dots' order (x's own
+// permutation table: byte 64k + p becomes c(k, p)), then A and B with byte-safe 16-bit shifts (codes <= 7)
+void superblock_to_mixed(uint8_t* sb, const Unpack& u, const PermTable& order) {
+  alignas(64) uint8_t c[kSpan];
+  for (int j = 0; j < 4; ++j) _mm512_store_si512(c + 64 * j, u.codes(sb + 24 * j, 3));
+  order.apply(c, c);
+  const __m512i c0 = _mm512_load_si512(c), c1 = _mm512_load_si512(c + 64), c2 = _mm512_load_si512(c + 128),
+                c3 = _mm512_load_si512(c + 192);
+  const __m512i a = _mm512_or_si512(_mm512_or_si512(c0, _mm512_slli_epi16(c1, 3)),
+                                    _mm512_slli_epi16(_mm512_and_si512(c3, _mm512_set1_epi8(3)), 6));
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c3, 2), _mm512_set1_epi8(1));  // the high bits, 0 or 1
+  const __m256i b = _mm256_or_si256(
+      _mm256_or_si256(_mm512_castsi512_si256(hi), _mm256_slli_epi16(_mm512_extracti64x4_epi64(hi, 1), 1)),
+      _mm256_or_si256(_mm256_slli_epi16(_mm512_castsi512_si256(c2), 2),
+                      _mm256_slli_epi16(_mm512_extracti64x4_epi64(c2, 1), 5)));
+  _mm512_storeu_si512(sb, a);
+  _mm256_storeu_si256((__m256i*)(sb + 64), b);
 }
 
 void superblock_to_natural(uint8_t* sb, const Sources& src) {
@@ -181,13 +184,15 @@ int64_t bs_mixed3_takes(int64_t in, int64_t group) {
 int64_t bs_mixed3_repack(uint8_t* packed, int64_t rows, int64_t in, int64_t to_mixed, int64_t threads) {
 #if BS_MIX
   static const Sources src;
+  static const PermTable order(kSpan, [](int p) { return strided_source(3, p); });
+  const Unpack u(3);
   const int64_t row_bytes = in / 8 * 3, blocks = in / kSpan;
   if (in % 64 || blocks == 0) return -1;
 #pragma omp parallel for schedule(static) num_threads((int)threads)
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = 0; b < blocks; ++b) {
       uint8_t* sb = packed + r * row_bytes + b * kBytes;
-      to_mixed ? superblock_to_mixed(sb, src) : superblock_to_natural(sb, src);
+      to_mixed ? superblock_to_mixed(sb, u, order) : superblock_to_natural(sb, src);
     }
   return 0;
 #else
