@@ -176,80 +176,108 @@ void repack(const uint8_t* codes, int layout, uint8_t* out) {
   }
 }
 
+
+constexpr int kVariants = 5, G = 128;
+const char* const kNames[kVariants] = {"lib", "base", "plane", "mixed", "libmix"};
+const int kLayoutOf[kVariants] = {kBase, kBase, kPlane, kMixed, kMixed};
+
+// One random w3g128 matrix in every layout, x as prepare_int8 then vbmi_permute leave it, and the oracle.
+struct Case {
+  int64_t in, out, groups, row_bytes;
+  std::vector<uint8_t> codes;
+  std::vector<uint16_t> scale, zero;
+  std::vector<std::vector<uint8_t>> packed;
+  std::vector<int8_t> xq;
+  std::vector<float> xv, xs, xsum;
+  std::vector<double> oracle;
+  Case(int64_t in_, int64_t kb) : in(in_), groups(in_ / G), row_bytes(in_ / 8 * 3) {
+    out = std::max<int64_t>(4, kb * 1000 / row_bytes / 4 * 4);
+    srand(17);
+    codes.resize(out * in);
+    for (auto& c : codes) c = (uint8_t)(rand() % 8);
+    scale.resize(out * groups), zero.resize(out * groups);
+    for (size_t i = 0; i < scale.size(); ++i) {
+      scale[i] = bs::float_to_half(0.01f + 0.02f * rand() / (float)RAND_MAX);
+      zero[i] = bs::float_to_half((float)(rand() % 8));
+    }
+    packed.assign(3, std::vector<uint8_t>(out * row_bytes + 64));
+    for (int l = 0; l < 3; ++l)
+      for (int64_t o = 0; o < out; ++o)
+        for (int64_t b = 0; b < in / 256; ++b) repack(&codes[o * in + b * 256], l, &packed[l][o * row_bytes + b * 96]);
+    make_x();
+  }
+  bs::Matrix matrix(int layout) const {
+    return bs::Matrix{packed[layout].data(), scale.data(), zero.data(), out, in, 3, G, true};
+  }
+  // natural xq, each 32-block's scale x8 in xv, xsum per group; the oracle; then x's superblock order
+  void make_x() {
+    xq.resize(in), xv.resize(in / 4), xs.resize(in / 32), xsum.assign(groups, 0.f);
+    for (auto& q : xq) q = (int8_t)(rand() % 255 - 127);
+    for (int64_t k = 0; k < in / 32; ++k) xs[k] = 0.001f + 0.01f * rand() / (float)RAND_MAX;
+    for (int64_t k = 0; k < in / 4; ++k) xv[k] = xs[k / 8];
+    for (int64_t k = 0; k < in; ++k) xsum[k / G] += xs[k / 32] * xq[k];
+    oracle.assign(out, 0.0);
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t k = 0; k < in; ++k)
+        oracle[o] += ((double)codes[o * in + k] - bs::half_to_float(zero[o * groups + k / G])) *
+                     bs::half_to_float(scale[o * groups + k / G]) * xq[k] * xs[k / 32];
+    bs::vbmi_permute(matrix(kBase), xq.data(), xv.data());
+  }
+};
+
+// Every variant once per turn, the order reversing every turn: thread CPU seconds per call, per variant.
+std::vector<std::vector<double>> time_variants(const Case& w, int turns, std::vector<std::vector<float>>& y) {
+  const Unpack u(3);
+  const Strided st(w.matrix(kBase));
+  const Consts c;
+  std::vector<std::vector<double>> t(kVariants);
+  for (int turn = 0; turn < turns; ++turn)
+    for (int i = 0; i < kVariants; ++i) {
+      const int v = turn % 2 ? kVariants - 1 - i : i;
+      const bs::Matrix m = w.matrix(kLayoutOf[v]);
+      const float *xv = w.xv.data(), *xs = w.xsum.data();
+      const int8_t* xq = w.xq.data();
+      const double t0 = thread_seconds();
+      switch (v) {
+        case 0: call<-1>(m, u, st, c, xv, xq, xs, y[v].data()); break;
+        case 1: call<kBase>(m, u, st, c, xv, xq, xs, y[v].data()); break;
+        case 2: call<kPlane>(m, u, st, c, xv, xq, xs, y[v].data()); break;
+        case 3: call<kMixed>(m, u, st, c, xv, xq, xs, y[v].data()); break;
+        default: call<-2>(m, u, st, c, xv, xq, xs, y[v].data()); break;
+      }
+      t[v].push_back(thread_seconds() - t0);
+    }
+  return t;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const int64_t in = argc > 1 ? atol(argv[1]) : 1536, kb = argc > 2 ? atol(argv[2]) : 320;
-  const int turns = argc > 3 ? atoi(argv[3]) : 400, G = 128;
-  const int64_t row_bytes = in / 8 * 3, out = std::max<int64_t>(4, kb * 1000 / row_bytes / 4 * 4), groups = in / G;
+  const int turns = argc > 3 ? atoi(argv[3]) : 400;
   if (in % 256) return printf("in must be a multiple of 256\n"), 1;
-  srand(17);
-  std::vector<uint8_t> codes(out * in);
-  for (auto& c : codes) c = (uint8_t)(rand() % 8);
-  std::vector<uint16_t> scale(out * groups), zero(out * groups);
-  for (size_t i = 0; i < scale.size(); ++i) {
-    scale[i] = bs::float_to_half(0.01f + 0.02f * rand() / (float)RAND_MAX);
-    zero[i] = bs::float_to_half((float)(rand() % 8));
-  }
-  std::vector<std::vector<uint8_t>> packed(3, std::vector<uint8_t>(out * row_bytes + 64));
-  for (int l = 0; l < 3; ++l)
-    for (int64_t o = 0; o < out; ++o)
-      for (int64_t b = 0; b < in / 256; ++b) repack(&codes[o * in + b * 256], l, &packed[l][o * row_bytes + b * 96]);
-  // x as prepare_int8 leaves it (natural xq, each 32-block's scale x8 in xv, xsum per group), then permuted
-  std::vector<int8_t> xq(in);
-  std::vector<float> xv(in / 4), xs(in / 32), xsum(groups, 0.f);
-  for (auto& q : xq) q = (int8_t)(rand() % 255 - 127);
-  for (int64_t k = 0; k < in / 32; ++k) xs[k] = 0.001f + 0.01f * rand() / (float)RAND_MAX;
-  for (int64_t k = 0; k < in / 4; ++k) xv[k] = xs[k / 8];
-  for (int64_t k = 0; k < in; ++k) xsum[k / G] += xs[k / 32] * xq[k];
-  std::vector<double> oracle(out, 0.0);
-  for (int64_t o = 0; o < out; ++o)
-    for (int64_t k = 0; k < in; ++k)
-      oracle[o] += ((double)codes[o * in + k] - bs::half_to_float(zero[o * groups + k / G])) *
-                   bs::half_to_float(scale[o * groups + k / G]) * xq[k] * xs[k / 32];
-  const bs::Matrix base{packed[kBase].data(), scale.data(), zero.data(), out, in, 3, G, true};
-  bs::vbmi_permute(base, xq.data(), xv.data());
-  const Unpack u(3);
-  const Strided st(base);
-  const Consts c;
-  const char* names[5] = {"lib", "base", "plane", "mixed", "libmix"};
-  const int layout_of[5] = {kBase, kBase, kPlane, kMixed, kMixed};
-  std::vector<std::vector<float>> y(5, std::vector<float>(out));
-  std::vector<std::vector<double>> t(5);
-  for (int turn = 0; turn < turns; ++turn)
-    for (int i = 0; i < 5; ++i) {
-      const int v = turn % 2 ? 4 - i : i;
-      bs::Matrix m = base;
-      m.packed = packed[layout_of[v]].data();
-      const double t0 = thread_seconds();
-      switch (v) {
-        case 0: call<-1>(m, u, st, c, xv.data(), xq.data(), xsum.data(), y[v].data()); break;
-        case 1: call<kBase>(m, u, st, c, xv.data(), xq.data(), xsum.data(), y[v].data()); break;
-        case 2: call<kPlane>(m, u, st, c, xv.data(), xq.data(), xsum.data(), y[v].data()); break;
-        case 3: call<kMixed>(m, u, st, c, xv.data(), xq.data(), xsum.data(), y[v].data()); break;
-        default: call<-2>(m, u, st, c, xv.data(), xq.data(), xsum.data(), y[v].data()); break;
-      }
-      t[v].push_back(thread_seconds() - t0);
-    }
-  const double bytes = (double)out * row_bytes;
-  printf("w3g128, %ld x %ld (%.0f KB packed per layout), %d turns, 1 thread, thread CPU time\n", (long)out, (long)in,
-         bytes / 1e3, turns);
+  const Case w(in, kb);
+  std::vector<std::vector<float>> y(kVariants, std::vector<float>(w.out));
+  auto t = time_variants(w, turns, y);
+  const double bytes = (double)w.out * w.row_bytes;
+  printf("w3g128, %ld x %ld (%.0f KB packed per layout), %d turns, 1 thread, thread CPU time\n", (long)w.out,
+         (long)in, bytes / 1e3, turns);
   double med0 = 0;
-  for (int v = 0; v < 5; ++v) {
+  for (int v = 0; v < kVariants; ++v) {
     std::sort(t[v].begin(), t[v].end());
     const double med = t[v][t[v].size() / 2], p10 = t[v][t[v].size() / 10];
     if (v == 0) med0 = med;
     float same = 0.f;
-    double rel = 0.0, norm = 0.0;
-    for (int64_t o = 0; o < out; ++o) {
+    double err = 0.0, norm = 0.0;
+    for (int64_t o = 0; o < w.out; ++o) {
       same = std::max(same, std::abs(y[v][o] - y[0][o]));
-      rel = std::max(rel, std::abs(y[v][o] - oracle[o]));
-      norm = std::max(norm, std::abs(oracle[o]));
+      err = std::max(err, std::abs(y[v][o] - w.oracle[o]));
+      norm = std::max(norm, std::abs(w.oracle[o]));
     }
     printf("%-6s median %7.2f us (%5.1f ps/B, %5.1f GB/s)  p10 %7.2f us (%5.1f GB/s)  time/lib %.3f  "
            "max |y - lib| %.1e  max |y - oracle| / max |oracle| %.1e\n",
-           names[v], 1e6 * med, 1e12 * med / bytes, bytes / med / 1e9, 1e6 * p10, bytes / p10 / 1e9, med / med0, same,
-           rel / norm);
+           kNames[v], 1e6 * med, 1e12 * med / bytes, bytes / med / 1e9, 1e6 * p10, bytes / p10 / 1e9, med / med0,
+           same, err / norm);
   }
   return 0;
 }
