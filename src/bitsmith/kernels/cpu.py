@@ -1,7 +1,8 @@
 """The native CPU kernel: matmul straight from the packed on-disk codes (csrc/qmatmul.cpp).
 
 It keeps exactly what a checkpoint stores (packed codes, fp16 scale, fp16 zero), so resident memory
-is the packed size. Decode and small batches (up to ``GEMV_MAX_ROWS`` activation rows) run the
+is the packed size; 3-bit codes for the int8 decode are held with each 256-code superblock's bytes
+reordered (the mixed layout, csrc/strided.h: same size, half the unpack work). Decode and small batches (up to ``GEMV_MAX_ROWS`` activation rows) run the
 fused gemv: codes are widened to float in registers and multiplied into x, group by group, with the
 zero point folded into a per-group sum of x. Larger batches (prefill, evaluation) dequantize a few MB
 of weight rows at a time into a reused buffer and hand each block to torch's ``mm``: float32 (MKL
