@@ -41,8 +41,8 @@
 // high bit of c(3, j) at bit 0 and of c(3, j + 32) at bit 1, c(2, j) at bits 2-4, c(2, j + 32) at
 // bits 5-7. With B loaded into both halves of a register: dot 0 = A & 7; dot 1 = one vgf2p8affineqb
 // of A; dot 2 = one of B (another bit matrix in qwords 4-7); dot 3 = one vpternlogd (A's bits 6-7,
-// B's others) and one vgf2p8affineqb. In cache, 1 thread: 0.76-0.80x the natural body's time per
-// byte (bench/w3_layout_ab.cpp).
+// B's others) and one vgf2p8affineqb. In cache, 1 thread: 0.68-0.79x the natural body's cost per
+// byte (bench/w3_layout_ab.cpp, bench/gemv_stream.py --in-cache; session 17).
 
 constexpr int strided_span(int bits) { return bits == 4 ? 128 : bits == 2 ? 512 : 256; }
 
