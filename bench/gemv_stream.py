@@ -119,10 +119,8 @@ class GemvCall:
 
     def __init__(self, lib, k: NativeKernel, x: torch.Tensor, y: torch.Tensor, threads: int) -> None:
         self.tensors = (k, x, y)
-        zero = None if k.zero is None else k.zero.data_ptr()
-        self.fn = lib.bs_gemv
-        self.args = (k.qweight.data_ptr(), k.scale.data_ptr(), zero, k.out_features, k.in_features, k.spec.bits,
-                     k.spec.group_size or k.in_features, x.data_ptr(), 1, y.data_ptr(), threads, 1)
+        self.fn = lib.bs_gemv  # the kernel's own weight arguments: its bits carry its layout (3-bit mixed)
+        self.args = (*k._weight_args(), x.data_ptr(), 1, y.data_ptr(), threads, 1)
 
     def __call__(self) -> None:
         self.fn(*self.args)

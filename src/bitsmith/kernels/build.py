@@ -38,7 +38,8 @@ SOURCES += (CSRC / "verify.cpp", CSRC / "verify_rows.cpp")  # speculative verify
 SOURCES += (CSRC / "hessian.cpp",)  # AMX bf16 Hessian update X^T X (calib.stats via methods.native)
 SOURCES += (CSRC / "score.cpp",)  # log-sum-exp and argmax per row of logits (kernels.score, for eval)
 SOURCES += (CSRC / "vq_search.cpp",)  # nearest codebook entry per vector (methods.vq via methods.native)
-HEADERS = (CSRC / "gemv.h", CSRC / "attention.h", CSRC / "step.h", CSRC / "unpack.h")
+SOURCES += (CSRC / "mixed3.cpp",)  # the 3-bit mixed layout: repack, batched rows, dequant (kernels.cpu)
+HEADERS = (CSRC / "gemv.h", CSRC / "attention.h", CSRC / "step.h", CSRC / "unpack.h", CSRC / "strided.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
 
 _I64 = ctypes.c_int64
@@ -131,6 +132,11 @@ def load(path: Path) -> ctypes.CDLL:
     lib.bs_simd_width.restype = ctypes.c_int
     lib.bs_int8_widths.argtypes = []
     lib.bs_int8_widths.restype = ctypes.c_int
+    if hasattr(lib, "bs_mixed3_takes"):  # libraries of older sources (bench/gemv_stream.py rev:) have none
+        lib.bs_mixed3_takes.argtypes = [_I64, _I64]
+        lib.bs_mixed3_takes.restype = _I64
+        lib.bs_mixed3_repack.argtypes = [_PTR, _I64, _I64, _I64, _I64]
+        lib.bs_mixed3_repack.restype = _I64
     return lib
 
 

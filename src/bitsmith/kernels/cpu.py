@@ -1,7 +1,8 @@
 """The native CPU kernel: matmul straight from the packed on-disk codes (csrc/qmatmul.cpp).
 
 It keeps exactly what a checkpoint stores (packed codes, fp16 scale, fp16 zero), so resident memory
-is the packed size. Decode and small batches (up to ``GEMV_MAX_ROWS`` activation rows) run the
+is the packed size; 3-bit codes for the int8 decode are held with each 256-code superblock's bytes
+reordered (the mixed layout, csrc/strided.h: same size, half the unpack work). Decode and small batches (up to ``GEMV_MAX_ROWS`` activation rows) run the
 fused gemv: codes are widened to float in registers and multiplied into x, group by group, with the
 zero point folded into a per-group sum of x. Larger batches (prefill, evaluation) dequantize a few MB
 of weight rows at a time into a reused buffer and hand each block to torch's ``mm``: float32 (MKL
@@ -27,6 +28,8 @@ CHUNK_BYTES = 2 << 20  # fp32 weight rows per block on the prefill path
 BF16_CHUNK_BYTES = 2 << 20  # bf16 weight rows per block on the bf16 prefill path
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that multiply bf16 natively
 PARALLEL_MIN_WEIGHTS = 1 << 16  # smaller matrices run on one thread: waking others costs more
+LAYOUT_SHIFT = 8  # csrc/gemv.h kLayoutShift: the C entries' bits argument carries the packed layout above it
+MIXED3 = 1  # csrc/gemv.h kMixed3: 3-bit superblocks repacked at load for the int8 decode (csrc/strided.h)
 
 
 HUGE_PAGE = 2 << 20
@@ -123,13 +126,14 @@ class NativeKernel:
         int8_decode: bool = True,  # decode products with int8 activations (csrc/qmatmul.cpp, csrc/vbmi.cpp)
         threads: int | None = None,  # None: torch's thread count at each call
         prefill: str = "exact",  # batched matmul: "exact" float32, "bf16" (or "auto": resolve_prefill)
+        mixed3: bool = False,  # qweight's whole 3-bit superblocks are already in the mixed layout (fuse_native)
     ) -> None:
         out_features = qweight.shape[0]
         if tuple(qweight.shape) != (out_features, packed_row_bytes(in_features, spec.bits)):
             raise ValueError(f"packed codes {tuple(qweight.shape)} do not hold {in_features} {spec.bits}-bit codes per row")
         self._lib = lib
         self.spec = spec
-        self.int8_decode, self.threads = bool(int8_decode), threads
+        self._int8_decode, self.threads = bool(int8_decode), threads
         self.prefill = resolve_prefill(prefill)
         self.in_features, self.out_features = in_features, out_features
         if spec.bits == 8 and in_features % 8 == 0 and qweight.dtype == torch.uint8 and qweight.is_contiguous():
@@ -147,13 +151,45 @@ class NativeKernel:
         self._group = spec.group_size or max(in_features, 1)
         self._small = out_features * in_features < PARALLEL_MIN_WEIGHTS
         self._shared = False  # tensors are views into a fused buffer (see fuse_native)
+        self._mixed3 = bool(mixed3)
+        self._lay_out()
+
+    @property
+    def mixed3(self) -> bool:
+        """Whether the codes are held in the 3-bit mixed layout (``natural_qweight`` gives the file's bytes)."""
+        return self._mixed3
+
+    @property
+    def int8_decode(self) -> bool:
+        return self._int8_decode
+
+    @int8_decode.setter
+    def int8_decode(self, on: bool) -> None:
+        """The layout follows: a 3-bit matrix is held in the mixed layout only for the int8 decode."""
+        if bool(on) != self._int8_decode and self._shared and self._wants_mixed3(bool(on)) != self._mixed3:
+            raise ValueError("a fused kernel's int8_decode is fixed (its rows are shared with others); "
+                             "build the layers again with the RuntimeOptions you want")
+        self._int8_decode = bool(on)
+        self._lay_out()
+
+    def _wants_mixed3(self, int8_decode: bool) -> bool:
+        return (int8_decode and self.spec.bits == 3 and hasattr(self._lib, "bs_mixed3_takes")  # older libraries: none
+                and bool(self._lib.bs_mixed3_takes(self.in_features, self._group)))
+
+    def _lay_out(self) -> None:
+        """Hold 3-bit codes in the mixed layout exactly when the int8 decode runs on it, then bind."""
+        want = self._wants_mixed3(self._int8_decode)
+        if want != self._mixed3:
+            repack(self._lib, self.qweight, self.in_features, want, self._threads())
+            self._mixed3 = want
         self._bind()
 
     def _bind(self) -> None:
         """Cache the C arguments that describe the weights (pointers change only when rebound)."""
         zero = None if self.zero is None else self.zero.data_ptr()
+        bits = self.spec.bits | (MIXED3 << LAYOUT_SHIFT if self._mixed3 else 0)
         self._args = (self.qweight.data_ptr(), self.scale.data_ptr(), zero, self.out_features, self.in_features,
-                      self.spec.bits, self._group)
+                      bits, self._group)
 
     def _threads(self) -> int:
         return 1 if self._small else self.threads or torch.get_num_threads()
@@ -230,18 +266,38 @@ class NativeKernel:
             fn(*self._weight_args(), start, stop - start, buf.data_ptr(), 0, self._threads())
         return buf
 
+    def natural_qweight(self) -> torch.Tensor:
+        """The packed codes in formats.packing's layout (a copy where they are held in the mixed layout)."""
+        if not self._mixed3:
+            return self.qweight
+        natural = self.qweight.clone()
+        repack(self._lib, natural, self.in_features, False, self._threads())
+        return natural
+
     def quantized(self) -> QuantizedTensor:
         """The QuantizedTensor again (codes unpacked on demand; nothing else is kept)."""
-        return QuantizedTensor.from_state(self.qweight, self.scale, self.zero, self.spec, self.in_features)
+        return QuantizedTensor.from_state(self.natural_qweight(), self.scale, self.zero, self.spec, self.in_features)
 
     def to_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """The same tensors as ``self.quantized().to_state(prefix)``, without unpacking (copies when
         they are views into a fused buffer, so a checkpoint writer never sees shared storage)."""
         own = (lambda t: t.clone()) if self._shared else (lambda t: t)
-        state = {f"{prefix}.qweight": own(self.qweight), f"{prefix}.scale": own(self.scale)}
+        qweight = self.natural_qweight() if self._mixed3 else own(self.qweight)
+        state = {f"{prefix}.qweight": qweight, f"{prefix}.scale": own(self.scale)}
         if self.zero is not None:
             state[f"{prefix}.zero"] = own(self.zero)
         return state
+
+
+def repack(lib: ctypes.CDLL, qweight: torch.Tensor, in_features: int, to_mixed: bool, threads: int) -> None:
+    """3-bit packed rows [out, row_bytes] in place: every whole 256-code superblock into the mixed layout
+    (csrc/strided.h) or back into formats.packing's; the rows' tails stay as they are."""
+    if qweight.dtype != torch.uint8 or not qweight.is_contiguous() or qweight.dim() != 2:
+        raise ValueError("repack takes contiguous uint8 rows [out, row_bytes]")
+    if qweight.shape[1] != packed_row_bytes(in_features, 3):
+        raise ValueError(f"rows of {qweight.shape[1]} bytes do not hold {in_features} 3-bit codes")
+    if lib.bs_mixed3_repack(qweight.data_ptr(), qweight.shape[0], in_features, int(to_mixed), threads) != 0:
+        raise ValueError(f"this kernel library cannot hold {in_features}-input 3-bit rows in the mixed layout")
 
 
 def fusable(kernels: list[object]) -> bool:
@@ -251,7 +307,8 @@ def fusable(kernels: list[object]) -> bool:
     first = kernels[0]
     return all(k.spec == first.spec and k.in_features == first.in_features and (k.zero is None) == (first.zero is None)
                and k._lib is first._lib
-               and (k.int8_decode, k.threads, k.prefill) == (first.int8_decode, first.threads, first.prefill)
+               and (k.int8_decode, k.threads, k.prefill, k._mixed3) == (first.int8_decode, first.threads, first.prefill,
+                                                                        first._mixed3)
                for k in kernels)
 
 
@@ -268,7 +325,7 @@ def fuse_native(kernels: list[NativeKernel]) -> NativeKernel:
     scale = torch.cat([k.scale for k in kernels])
     zero = None if first.zero is None else torch.cat([k.zero for k in kernels])
     fused = NativeKernel(first._lib, qweight, scale, zero, first.spec, first.in_features, first.int8_decode,
-                         first.threads, first.prefill)
+                         first.threads, first.prefill, mixed3=first._mixed3)
     del qweight
     row = 0
     for k in kernels:

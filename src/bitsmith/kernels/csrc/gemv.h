@@ -60,14 +60,28 @@ inline uint16_t float_to_half(float f) {
 #endif
 }
 
-// One packed weight matrix (formats/packing.py layout, fp16 scale/zero [out, groups]).
+// How a matrix's packed bytes are laid out: formats/packing.py's (kNatural), or 3-bit codes with every
+// whole 256-code superblock repacked at load (kMixed3, strided.h; kernels/cpu.py repacks where
+// bs_mixed3_takes, and only for int8 decode: the exact float paths read natural bytes only).
+enum : int64_t { kNatural = 0, kMixed3 = 1 };
+// The C entries' `bits` argument carries the layout above its low byte (kernels/cpu.py NativeKernel._bind).
+constexpr int64_t kLayoutShift = 8;
+
+// One packed weight matrix (fp16 scale/zero [out, groups]).
 struct Matrix {
   const uint8_t* packed;   // [out, row_bytes], readable 8 bytes past the end
   const uint16_t* scale;   // fp16 [out, groups]
   const uint16_t* zero;    // fp16 [out, groups] or null (symmetric)
   int64_t out, in, bits, group;
   bool int8;               // 4/8-bit decode with int8 activations where the shape allows (per call)
+  int64_t layout = kNatural;
 };
+
+// A Matrix from a C entry's arguments (`bits_arg`: the code width | layout << kLayoutShift).
+inline Matrix abi_matrix(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero, int64_t out, int64_t in,
+                         int64_t bits_arg, int64_t group, bool int8) {
+  return Matrix{packed, scale, zero, out, in, bits_arg & ((1 << kLayoutShift) - 1), group, int8, bits_arg >> kLayoutShift};
+}
 
 #if defined(__AVX512F__)
 // The lane sums of t[0..4) as the four lanes of one vector: one transposing reduction (~10
@@ -104,5 +118,11 @@ void vbmi_rows(const Matrix& m, const float* xv, const int8_t* xq, const float* 
 // gemv_prepare then permutes its int8 x in place with vbmi_permute (the layout vbmi_rows reads).
 bool strided_takes(const Matrix& m);
 void vbmi_permute(const Matrix& m, int8_t* xq, float* xv);
+// The 3-bit mixed layout (mixed3.cpp): whether a 3-bit matrix of this shape may be repacked (this build
+// runs it: in and group as strided_takes needs them), T >= 2 int8 activation rows of one (every row
+// permuted by vbmi_permute; an orphaned `omp for`), and row o dequantized ((code - zero) * scale) into dst [in].
+bool mixed3_takes(const Matrix& m);
+void mixed3_rows(const Matrix& m, const float* xv, const int8_t* xq, const float* xsum, int64_t T, float* y);
+void mixed3_dequant_row(const Matrix& m, int64_t o, float* dst);
 
 }  // namespace bs

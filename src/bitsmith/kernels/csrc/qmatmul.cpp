@@ -155,6 +155,7 @@ struct Weights {
   const uint16_t* zero;    // fp16 [out, groups] or null (symmetric)
   int64_t out, in, bits, group, groups, row_bytes;
   float mid;
+  int64_t layout = bs::kNatural;  // kMixed3: dequant_row hands the row to mixed3.cpp
   float scale_at(int64_t o, int64_t g) const { return bs::half_to_float(scale[o * groups + g]); }
   float zero_at(int64_t o, int64_t g) const { return zero ? bs::half_to_float(zero[o * groups + g]) : mid; }
   // Row o's scales into s[0, groups) and zeros into z[0, groups), as floats.
@@ -549,7 +550,8 @@ void gemv_prepare(const Matrix& m, const float* x, int64_t T, float* xsum, float
 #if BS_INT8
   if (int8_ok(m)) {  // xp [T, in] floats hold xv [T, in / 4] floats then xq [T, in] bytes
     prepare_int8(m, x, T, xsum, xp, (int8_t*)(xp + T * (m.in / 4)));
-    if (T == 1 && strided_takes(m)) vbmi_permute(m, (int8_t*)(xp + m.in / 4), xp);
+    if (strided_takes(m) && (T == 1 || m.layout == kMixed3))  // the mixed layout reads permuted rows at any T
+      for (int64_t t = 0; t < T; ++t) vbmi_permute(m, (int8_t*)(xp + T * (m.in / 4)) + t * m.in, xp + t * (m.in / 4));
     return;
   }
 #endif
@@ -622,6 +624,8 @@ namespace {
 // Row o of the weights, (code - zero) * scale in float32, into dst [in]: the reference arithmetic.
 // permuted (4-bit only): each full 32-block as [16 even | 16 odd] codes (see bs_dequant).
 void dequant_row(const Weights& w, int64_t o, float* dst, bool permuted) {
+  if (w.layout == bs::kMixed3)
+    return bs::mixed3_dequant_row(bs::Matrix{w.packed, w.scale, w.zero, w.out, w.in, w.bits, w.group, true, w.layout}, o, dst);
   const int64_t in = w.in, group = w.group, bits = w.bits;
   const uint8_t* row = w.packed + o * w.row_bytes;
   for (int64_t g = 0; g < w.groups; ++g) {
@@ -684,7 +688,7 @@ extern "C" {
 // int8 != 0: 4- and 8-bit codes take the int8-activation path where this build and shape allow it.
 void bs_gemv(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero, int64_t out, int64_t in,
              int64_t bits, int64_t group, const float* x, int64_t T, float* y, int64_t threads, int64_t int8) {
-  const bs::Matrix m{packed, scale, zero, out, in, bits, group, int8 != 0};
+  const bs::Matrix m = bs::abi_matrix(packed, scale, zero, out, in, bits, group, int8 != 0);
   std::vector<float> xsum(T * bs::gemv_groups(m), 0.f);
   std::vector<float> xp(T * in);  // 4-bit permuted x, or int8 x and its scales (T * in / 2 floats)
   bs::gemv_prepare(m, x, T, xsum.data(), xp.data());
@@ -699,8 +703,10 @@ void bs_gemv(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero,
 void bs_dequant(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero, int64_t out, int64_t in,
                 int64_t bits, int64_t group, int64_t row0, int64_t rows, float* buf, int64_t permuted,
                 int64_t threads) {
+  const int64_t layout = bits >> bs::kLayoutShift;  // the code width | layout << kLayoutShift (gemv.h)
+  bits &= (1 << bs::kLayoutShift) - 1;
   Weights w{packed, scale, zero, out, in, bits, group, (in + group - 1) / group, (in + 7) / 8 * bits,
-            (float)((1 << bits) / 2)};
+            (float)((1 << bits) / 2), layout};
 #pragma omp parallel for schedule(static) num_threads((int)threads)
   for (int64_t r = 0; r < rows; ++r) dequant_row(w, row0 + r, buf + r * in, permuted != 0);
 }
@@ -711,8 +717,10 @@ void bs_dequant(const uint8_t* packed, const uint16_t* scale, const uint16_t* ze
 void bs_dequant_bf16(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero, int64_t out, int64_t in,
                      int64_t bits, int64_t group, int64_t row0, int64_t rows, uint16_t* buf, int64_t permuted,
                      int64_t threads) {
+  const int64_t layout = bits >> bs::kLayoutShift;  // the code width | layout << kLayoutShift (gemv.h)
+  bits &= (1 << bs::kLayoutShift) - 1;
   Weights w{packed, scale, zero, out, in, bits, group, (in + group - 1) / group, (in + 7) / 8 * bits,
-            (float)((1 << bits) / 2)};
+            (float)((1 << bits) / 2), layout};
 #pragma omp parallel num_threads((int)threads)
   {
     std::vector<float> row(in);

@@ -151,7 +151,7 @@ int64_t bs_small_gemm_tiled(int64_t bits, int64_t in, int64_t group) {
 // float gemv computes it. Any T >= 1; meant for 2..16.
 void bs_small_gemm(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero, int64_t out, int64_t in,
                    int64_t bits, int64_t group, const float* x, int64_t T, float* y, int64_t threads) {
-  const bs::Matrix m{packed, scale, zero, out, in, bits, group, false};
+  const bs::Matrix m = bs::abi_matrix(packed, scale, zero, out, in, bits, group, false);
   std::vector<float> xsum(T * bs::gemv_groups(m), 0.f);
   std::vector<float> xp(T * in);
   bs::gemv_prepare(m, x, T, xsum.data(), xp.data());

@@ -52,7 +52,7 @@ struct BsHead {
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
 
 inline bs::Matrix matrix(const BsMat& m, bool int8) {
-  return bs::Matrix{m.packed, m.scale, m.zero, m.out, m.in, m.bits, m.group, int8};
+  return bs::abi_matrix(m.packed, m.scale, m.zero, m.out, m.in, m.bits, m.group, int8);
 }
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }

@@ -166,119 +166,7 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
   }
   store_sums<R>(total, y + o0);
 }
-// ---- Superblock decode of 2-, 3- and 4-bit rows (one activation row) ----------------------------
-// The chunk loop above spends, per 64 codes and row, an unpack (vpermb + vpmultishiftqb + vpand),
-// one vpdpbusd, one conversion and one FMA: about as many instructions for a 2-bit chunk (16 bytes)
-// as for an 8-bit one (64 bytes), so 2- and 3-bit rows decoded compute-bound, not in proportion to
-// their bytes. Here x's int8 codes are permuted once per call (vbmi_permute) to follow the order in
-// which the packed bytes unpack most cheaply, and a superblock of S codes (128 bytes of 2-bit codes,
-// 64 of 4-bit, 96 of 3-bit) is gathered into ONE int32 accumulator whose lane l always covers codes of the
-// same 32-block of x (so of one x scale and one weight group): one conversion and one FMA per
-// superblock instead of one per 64 codes, and an unpack of a few shifts and masks:
-//   2 bits (S = 512): natural dword d (bytes 4d..4d+3, codes 16d..16d+15) lies in x block d/2; two
-//     vpermt2d put dwords 2l (half v = 0) and 2l+1 (v = 1) in lane l, so lane l sums the 32 codes of x
-//     block l. In each half, byte b's code s is b & 3 (s = 0) or one vgf2p8affineqb moving bits 2s,
-//     2s+1 to bits 0, 1 (session 15: ~3% less compute than a shift and three vpermb lookups); xq per
-//     superblock as dot 4v+s reads code s of natural dword 2l+v's byte e in byte 4l+e. One conversion and scale step per 512 codes: with 256 it was ~30% of the
-//     2-bit time (session 12).
-//   4 bits (S = 128): b & 15 are the even codes, (b >> 4) & 15 the odd ones; xq as [x_{2j} | x_{2j+1}];
-//     lane l sums codes 8l..8l+7 (x block l/4).
-//   3 bits (S = 256, 32 runs of 8 codes in 3 bytes): vpermi2b gathers the run pair (4j+c, 4j+2+c) into
-//     qword j (bytes 0-2 | 3-5) for c = 0, 1, and two vpmultishiftqb + vpand unpack codes 0-3 and 4-7
-//     of both runs from that one gather (2 gathers per superblock, not 4); xq per superblock as dot
-//     k = 2c + h reads codes 4h..4h+3 of run 4j+c in bytes 0-3 of qword j and of run 4j+2+c in bytes
-//     4-7; lane l sums codes 16l..16l+15 (x block l/2).
-// The integer products are the same as the chunk path's (exact), only the float summation order
-// differs. A row's last in % S codes (whole 64-code chunks) keep the natural order and the chunk code.
-// Groups: G a multiple of S (one scale per superblock) or S a multiple of G (G = 64, 128: the lanes'
-// weight scales gathered with one vpermps).
-
-constexpr int strided_span(int bits) { return bits == 4 ? 128 : bits == 2 ? 512 : 256; }
-
-// codes of superblock position p (natural index within the superblock) for permuted byte p
-inline int strided_source(int bits, int p) {
-  if (bits == 2) {  // dot k = 4v + s reads codes 4e+s of natural dword 2l+v in byte e of lane l
-    const int k = p / 64, l = (p % 64) / 4, e = p % 4;
-    return 32 * l + 16 * (k / 4) + 4 * e + k % 4;
-  }
-  if (bits == 4) return 2 * (p % 64) + p / 64;
-  // 3 bits: dot k = p / 64 reads gather k / 2, codes 0-3 (k even) or 4-7 of its runs; byte e of qword j
-  const int k = p / 64, j = (p % 64) / 8, e = p % 8, run = 4 * j + (e < 4 ? 0 : 2) + k / 2;
-  return 8 * run + e % 4 + 4 * (k % 2);
-}
-
-struct Strided {
-  __m512i gather3[2];  // 3 bits: vpermi2b indices of run pair g over bytes [0, 64) | [32, 96)
-  __m512i half3[2];    // 3 bits: vpmultishiftqb offsets of codes 0-3 (h = 0) or 4-7 (h = 1) of both runs
-  __m512i dwords2[2];  // 2 bits: vpermt2d indices of dwords 0, 2, .., 30 | 1, 3, .., 31 of the 128 bytes
-  __m512i plane2[3];   // 2 bits: gf2p8affineqb matrices taking bits 2s, 2s+1 of a byte to bits 0, 1 (s = 1..3)
-  __m512i lanes;       // S > G: lane -> group offset within the superblock
-  int64_t groups, step;  // a row's groups; S / G groups per superblock (G < S) or G / S superblocks per group
-  explicit Strided(const bs::Matrix& m) {
-    const int S = strided_span((int)m.bits);
-    groups = bs::gemv_groups(m);  // once per call, not per pass (each is a 64-bit division)
-    step = m.group < S ? S / m.group : m.group / S;
-    alignas(64) int32_t idx[16];
-    for (int l = 0; l < 16; ++l) idx[l] = m.group < S ? (int32_t)(l * (S / 16) / m.group) : 0;
-    lanes = _mm512_load_si512(idx);
-    alignas(64) uint8_t g[64];
-    for (int v = 0; v < 2; ++v) {
-      for (int l = 0; l < 16; ++l) idx[l] = 2 * l + v;
-      dwords2[v] = _mm512_load_si512(idx);
-    }
-    for (int s = 1; s < 4; ++s)  // result bit j is the parity of matrix byte 7 - j AND the source byte
-      plane2[s - 1] = _mm512_set1_epi64((int64_t)((uint64_t)(1u << (2 * s)) << 56 | (uint64_t)(2u << (2 * s)) << 48));
-    for (int h = 0; h < 2; ++h) {
-      for (int i = 0; i < 64; ++i) g[i] = (uint8_t)((i % 8 < 4 ? 0 : 24) + 3 * (i % 4 + 4 * h));
-      half3[h] = _mm512_load_si512(g);
-    }
-    for (int c = 0; c < 2; ++c) {  // qword j = run 4j+c (bytes 0-2) | run 4j+2+c (bytes 3-5)
-      for (int j = 0; j < 8; ++j)
-        for (int e = 0; e < 8; ++e) {
-          const int run = e < 3 ? 4 * j + c : 4 * j + 2 + c, a = 3 * run + (e < 3 ? e : e < 6 ? e - 3 : 2);
-          g[8 * j + e] = (uint8_t)(a < 64 ? a : 64 + (a - 32));  // bytes 6-7 are never read
-        }
-      gather3[c] = _mm512_load_si512(g);
-    }
-  }
-};
-
-// The int32 lanes of one superblock of row bytes p against permuted xq q (see above).
-template <int BITS>
-inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Strided& st) {
-  if constexpr (BITS == 2) {
-    // 512 codes in 128 bytes; vpermt2d sorts the 32 dwords (16 codes each) so that lane l of both halves
-    // is natural dword 2l or 2l+1, both of x block l: one int32 accumulator, one conversion per 512 codes
-    const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 64), m3 = _mm512_set1_epi8(3);
-    __m512i acc[2];
-    for (int v = 0; v < 2; ++v) {
-      const __m512i raw = _mm512_permutex2var_epi32(a, st.dwords2[v], b);
-      const int8_t* qv = q + 256 * v;
-      acc[v] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, m3), _mm512_loadu_si512(qv));
-      for (int s = 1; s < 4; ++s)  // code s of each byte (bits 2s, 2s+1) into bits 0, 1: one GF(2) affine step
-        acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_gf2p8affine_epi64_epi8(raw, st.plane2[s - 1], 0),
-                                     _mm512_loadu_si512(qv + 64 * s));
-    }
-    return _mm512_add_epi32(acc[0], acc[1]);
-  } else if constexpr (BITS == 4) {
-    const __m512i raw = _mm512_loadu_si512(p), m15 = _mm512_set1_epi8(15);
-    const __m512i lo = _mm512_and_si512(raw, m15), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15);
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q)), hi,
-                               _mm512_loadu_si512(q + 64));
-  } else {
-    // two runs per qword: one byte gather feeds two unpacks (codes 0-3 and 4-7 of both runs)
-    const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 32), m7 = _mm512_set1_epi8(7);
-    __m512i acc = _mm512_setzero_si512();
-    for (int c = 0; c < 2; ++c) {
-      const __m512i runs = _mm512_permutex2var_epi8(a, st.gather3[c], b);
-      for (int h = 0; h < 2; ++h) {
-        const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(st.half3[h], runs), m7);
-        acc = _mm512_dpbusd_epi32(acc, codes, _mm512_loadu_si512(q + 64 * (2 * c + h)));
-      }
-    }
-    return acc;
-  }
-}
+#include "strided.h"
 
 // y[o0 .. o0+R) for one activation row with permuted inputs (vbmi_permute): R rows per pass as
 // rows_vbmi1, superblock by superblock, then the row's natural-order tail chunk by chunk. LANES: the
@@ -287,7 +175,7 @@ inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Strided& st)
 // scale index a counter or a product, not a run-time division: with `b * S / G` per row and superblock
 // the loop ran a 64-bit idiv per row and superblock (~9 in the 4-row loop, ~10-15% of a 3-bit pass) and
 // the compiler spilled x's codes to the stack around the branch.
-template <int BITS, int R, bool LANES>
+template <int BITS, int R, bool LANES, bool MIX = false>
 void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64_t o0, const float* xv,
                   const int8_t* xq, const float* xsum, float* y) {
   constexpr int S = strided_span(BITS), SB = S * BITS / 8;
@@ -320,7 +208,7 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
         _mm_prefetch((const char*)(p + far), BS_PF_FAR_HINT);
         if (SB > 64) _mm_prefetch((const char*)(p + far + 64), BS_PF_FAR_HINT);
       }
-      const __m512 d = _mm512_cvtepi32_ps(strided_dot<BITS>(p, q, st));
+      const __m512 d = _mm512_cvtepi32_ps(strided_dot<BITS, MIX>(p, q, st));
       if constexpr (LANES) {  // the lanes span several groups: per-lane weight scales
         const __m512 w = _mm512_permutexvar_ps(st.lanes, _mm512_loadu_ps(sc[r] + b * step));
         total[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(v, w), total[r]);
@@ -358,65 +246,26 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
   store_sums<R>(total, y + o0);
 }
 
-template <int BITS, bool LANES>
+template <int BITS, bool LANES, bool MIX>
 void strided_rows_all(const bs::Matrix& m, const Unpack& u, const Strided& st, const float* xv, const int8_t* xq,
                       const float* xsum, float* y) {
   constexpr int R = 4;
   const int64_t quads = m.out / R;
 #pragma omp for schedule(static)
   for (int64_t b = 0; b <= quads; ++b) {
-    if (b < quads) rows_strided<BITS, R, LANES>(m, u, st, b * R, xv, xq, xsum, y);
+    if (b < quads) rows_strided<BITS, R, LANES, MIX>(m, u, st, b * R, xv, xq, xsum, y);
     else
-      for (int64_t o = quads * R; o < m.out; ++o) rows_strided<BITS, 1, LANES>(m, u, st, o, xv, xq, xsum, y);
+      for (int64_t o = quads * R; o < m.out; ++o) rows_strided<BITS, 1, LANES, MIX>(m, u, st, o, xv, xq, xsum, y);
   }
 }
 
-template <int BITS>
+template <int BITS, bool MIX = false>
 void strided_all(const bs::Matrix& m, const Unpack& u, const float* xv, const int8_t* xq, const float* xsum, float* y) {
   const Strided st(m);
-  if (m.group < strided_span(BITS)) return strided_rows_all<BITS, true>(m, u, st, xv, xq, xsum, y);
-  strided_rows_all<BITS, false>(m, u, st, xv, xq, xsum, y);
+  if (m.group < strided_span(BITS)) return strided_rows_all<BITS, true, MIX>(m, u, st, xv, xq, xsum, y);
+  strided_rows_all<BITS, false, MIX>(m, u, st, xv, xq, xsum, y);
 }
 
-// x's int8 codes into the superblock order, 64 output bytes at a time: output byte p of the superblock
-// is source byte strided_source(p), fetched by one vpermt2b per 128-byte source window, masked to the
-// bytes of that window (a scalar byte loop here cost ~1 ns a code per call: ~0.4 ms per Qwen token).
-struct PermTable {
-  __m512i idx[8][4];
-  __mmask64 take[8][4];
-  explicit PermTable(int bits) {
-    const int S = strided_span(bits);
-    for (int c = 0; c < S / 64; ++c)
-      for (int w = 0; w < S / 128; ++w) {
-        alignas(64) uint8_t g[64];
-        take[c][w] = 0;
-        for (int i = 0; i < 64; ++i) {
-          const int t = strided_source(bits, 64 * c + i);
-          g[i] = (uint8_t)(t % 128);
-          if (t / 128 == w) take[c][w] |= (__mmask64)1 << i;
-        }
-        idx[c][w] = _mm512_load_si512(g);
-      }
-  }
-};
-
-template <int BITS>
-void permute_codes(int8_t* xq, int64_t blocks) {
-  static const PermTable table(BITS);  // thread-safe one-time initialisation
-  constexpr int S = strided_span(BITS);
-  for (int64_t b = 0; b < blocks; ++b) {
-    int8_t* q = xq + b * S;
-    __m512i src[S / 64];
-    for (int j = 0; j < S / 64; ++j) src[j] = _mm512_loadu_si512(q + 64 * j);
-    for (int c = 0; c < S / 64; ++c) {
-      __m512i out = _mm512_setzero_si512();
-      for (int w = 0; w < S / 128; ++w)
-        out = _mm512_mask_mov_epi8(out, table.take[c][w],
-                                   _mm512_permutex2var_epi8(src[2 * w], table.idx[c][w], src[2 * w + 1]));
-      _mm512_storeu_si512(q + 64 * c, out);
-    }
-  }
-}
 #endif
 
 }  // namespace
@@ -464,10 +313,11 @@ void vbmi_rows(const Matrix& m, const float* xv, const int8_t* xq, const float* 
   if (T == 1 && strided_takes(m)) {
     switch (m.bits) {
       case 2: return strided_all<2>(m, u, xv, xq, xsum, y);
-      case 3: return strided_all<3>(m, u, xv, xq, xsum, y);
+      case 3: return m.layout == kMixed3 ? strided_all<3, true>(m, u, xv, xq, xsum, y) : strided_all<3>(m, u, xv, xq, xsum, y);
       default: return strided_all<4>(m, u, xv, xq, xsum, y);
     }
   }
+  if (m.layout == kMixed3) return mixed3_rows(m, xv, xq, xsum, T, y);  // T >= 2 (T == 1 took strided_all)
   if (T == 1) {
     constexpr int R = 4;
     const int64_t quads = m.out / R;

@@ -230,7 +230,7 @@ int64_t bs_verify_step(const BsLayer* layers, int64_t n, const float* h, int64_t
 // gemv). T <= bs_verify_max_rows().
 void bs_verify_gemm(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero, int64_t out, int64_t in,
                     int64_t bits, int64_t group, const float* x, int64_t T, float* y, int64_t threads, int64_t int8) {
-  const bs::Matrix m{packed, scale, zero, out, in, bits, group, int8 != 0};
+  const bs::Matrix m = bs::abi_matrix(packed, scale, zero, out, in, bits, group, int8 != 0);
   const int64_t nsum = round16(bs::gemv_groups(m)), nxp = round16(in);
 #pragma omp parallel num_threads((int)threads)
   {
