@@ -12,7 +12,7 @@ from tests.tiny import make_tiny_model
 
 import bitsmith
 from bitsmith.recover import DistillConfig, distill
-from bitsmith.recover.selfgen import GENERATED, sample_windows, start_token
+from bitsmith.recover.selfgen import GENERATED, sample_windows, sequence_seed, start_token
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +23,16 @@ def tiny(tmp_path_factory) -> Path:
     return root
 
 
-def _oracle(model, first: int, samples: int, seq_len: int, seed: int, batch: int, banned: list[int]) -> torch.Tensor:
-    """The same draws from whole-prefix forwards (no cache), one step at a time."""
-    gen = torch.Generator().manual_seed(seed)
+def _oracle(model, first: int, samples: int, seq_len: int, seed: int, banned: list[int]) -> torch.Tensor:
+    """The same draws from whole-prefix forwards (no cache), one sequence and one step at a time."""
     out = []
-    for lo in range(0, samples, batch):
-        seq = torch.full((min(batch, samples - lo), 1), first, dtype=torch.long)
+    for i in range(samples):
+        gen = torch.Generator().manual_seed(sequence_seed(seed, i))
+        seq = torch.tensor([[first]])
         for _ in range(1, seq_len):
-            logits = model(input_ids=seq).logits[:, -1, :].float()
-            logits[:, banned] = float("-inf")
-            seq = torch.cat([seq, torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)], dim=1)
+            logits = model(input_ids=seq).logits[0, -1, :].float()
+            logits[banned] = float("-inf")
+            seq = torch.cat([seq, torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[None]], dim=1)
         out.append(seq)
     return torch.cat(out)
 
@@ -48,7 +48,9 @@ def test_samples_follow_the_model_step_by_step(tiny, samples: int, batch: int, s
     assert got.shape == (samples, 12) and (got[:, 0] == first).all()
     assert not torch.isin(got[:, 1:], torch.tensor(banned)).any()
     with torch.no_grad():
-        assert torch.equal(got, _oracle(model, first, samples, 12, seed, batch, banned))
+        assert torch.equal(got, _oracle(model, first, samples, 12, seed, banned))
+    # the windows do not depend on how many are sampled together
+    assert torch.equal(got, sample_windows(model, loaded.tokenizer, samples, 12, seed, batch=1, banned=frozenset(banned)))
     again = sample_windows(model, loaded.tokenizer, samples, 12, seed, batch=batch, banned=frozenset(banned))
     other = sample_windows(model, loaded.tokenizer, samples, 12, seed + 1, batch=batch, banned=frozenset(banned))
     assert torch.equal(got, again) and not torch.equal(got, other)
@@ -77,7 +79,7 @@ def test_distill_tunes_on_the_generated_windows(tiny, tmp_path, monkeypatch) -> 
     with pytest.raises(KeyboardInterrupt):
         distill(tiny / "q", tiny / "m", tmp_path / "d", cfg)
     ref = bitsmith.load(tiny / "m", options=RuntimeOptions.for_measurement())
-    want = sample_windows(ref.model.float().eval(), ref.tokenizer, 3, 10, 4, batch=2, banned=eos_ids(ref.model, ref.tokenizer))
+    want = sample_windows(ref.model.float().eval(), ref.tokenizer, 3, 10, 4, banned=eos_ids(ref.model, ref.tokenizer))
     assert torch.equal(seen["tokens"], want)
 
 

@@ -299,7 +299,7 @@ def _calibration_tokens(reference: torch.nn.Module, tokenizer: Any, config: Dist
     if config.calib_text == GENERATED and not Path(GENERATED).exists():  # a file of that name is read
         from bitsmith.infer.generate import eos_ids
 
-        return sample_windows(reference, tokenizer, config.samples, config.seq_len, config.seed, batch=config.batch,
+        return sample_windows(reference, tokenizer, config.samples, config.seq_len, config.seed,
                               banned=eos_ids(reference, tokenizer))
     calib = CalibrationConfig(text=config.calib_text, samples=config.samples, seq_len=config.seq_len, seed=config.seed,
                               random_offsets=config.random_offsets)

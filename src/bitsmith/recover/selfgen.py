@@ -9,8 +9,8 @@ window, limits. The model's own samples follow the distribution the KL is taken 
 Each sequence starts at the tokenizer's BOS token (else its EOS, as a document separator) and every
 later token is drawn from the model's full next-token distribution at temperature 1 (no top-k or
 top-p: a truncated sampler would under-represent the tail the KL also counts), with the
-end-of-sequence ids masked so every window is full length. Seeded and deterministic on one machine
-and thread count (one ``torch.Generator`` drives every draw, in a fixed order).
+end-of-sequence ids masked so every window is full length. Seeded, one generator per sequence, so the
+windows do not depend on how many are sampled together (:func:`sample_windows`).
 """
 
 from __future__ import annotations
@@ -41,24 +41,27 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+SAMPLE_BATCH = 16  # sequences sampled together: the draws do not depend on it (one generator per sequence)
+
+
 @torch.no_grad()
 def sample_windows(model: torch.nn.Module, tokenizer: Any, samples: int, seq_len: int, seed: int = 0,
-                   batch: int = 8, banned: frozenset[int] = frozenset()) -> torch.Tensor:
+                   batch: int = SAMPLE_BATCH, banned: frozenset[int] = frozenset()) -> torch.Tensor:
     """``samples`` x ``seq_len`` token ids sampled from ``model`` (a causal LM returning ``.logits``
-    and taking ``past_key_values``), ``batch`` sequences at a time; ``banned`` ids (the end-of-sequence
-    ones) are never drawn. long [samples, seq_len]."""
+    and taking a KV cache), ``batch`` sequences at a time; ``banned`` ids (the end-of-sequence ones)
+    are never drawn. Sequence ``i`` draws from its own generator seeded with ``(seed, i)``, so the
+    windows do not depend on ``batch`` (only on the model's logits). long [samples, seq_len]."""
     if samples < 1 or seq_len < 2:
         raise ValueError(f"need at least 1 generated window of at least 2 tokens, got {samples} x {seq_len}")
-    gen = torch.Generator().manual_seed(seed)
     first = start_token(tokenizer)
     key = cache_keyword(model)
     out = torch.empty(samples, seq_len, dtype=torch.long)
+    out[:, 0] = first
     for lo in range(0, samples, batch):
         log.info("sampling calibration windows %d-%d of %d (%d tokens each) from the reference", lo + 1,
                  min(lo + batch, samples), samples, seq_len)
-        rows = min(batch, samples - lo)
-        ids = torch.full((rows, 1), first, dtype=torch.long)
-        out[lo : lo + rows, 0] = first
+        gens = [torch.Generator().manual_seed(sequence_seed(seed, i)) for i in range(lo, min(lo + batch, samples))]
+        ids = torch.full((len(gens), 1), first, dtype=torch.long)
         past = None
         for pos in range(1, seq_len):
             result = model(input_ids=ids, use_cache=True, **{key: past})
@@ -66,7 +69,13 @@ def sample_windows(model: torch.nn.Module, tokenizer: Any, samples: int, seq_len
             if banned:
                 logits[:, sorted(banned)] = float("-inf")
             probs = torch.softmax(logits, dim=-1)
-            ids = torch.multinomial(probs, 1, generator=gen)  # [rows, 1]
-            out[lo : lo + rows, pos] = ids[:, 0]
+            ids = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, gens)])[:, None]
+            out[lo : lo + len(gens), pos] = ids[:, 0]
             past = getattr(result, key)
     return out
+
+
+def sequence_seed(seed: int, index: int) -> int:
+    """The seed of generated sequence ``index`` under the run's ``seed`` (distinct pairs give distinct seeds
+    while index < 1,000,003)."""
+    return (seed * 1_000_003 + index) % (2**63)
