@@ -39,7 +39,7 @@ import torch
 
 from bitsmith.methods import native
 from bitsmith.methods.base import LayerStats, Needs, register
-from bitsmith.methods.parallel import intra_op_threads, map_chunks, row_chunks
+from bitsmith.methods.parallel import bf16_fpmath, intra_op_threads, map_chunks, row_chunks
 from bitsmith.methods.rtn import (
     DEFAULT_CLIP_GRID,
     channel_weights,
@@ -58,6 +58,7 @@ DEFAULT_BLOCK = 128  # B, columns per lazy batch update
 DAMP_RETRIES = 4  # on a failed Cholesky, retry with λ x10 this many times
 SINGLE_THREAD_WIDTH = 2048  # layers with at most this many inputs factorize and walk on one thread
 ERROR_PANELS, ERROR_PANELS_FROM = 4, 512  # layer_errors: column panels of H's upper triangle, from this width
+OUTLIER_CHANNELS = 32  # layer_errors' bf16 products: H's rounding corrected on this many rows and columns
 # weights per column walk of a static-group layer (256 MB of float32): a larger layer walks a slice of
 # rows at a time. Every block layer of Qwen2.5-1.5B (at most 27.5 M weights) walks whole; its
 # 151,936 x 1,536 head walks in 4 slices of 43,520 rows
@@ -115,13 +116,56 @@ def layer_errors(weight: torch.Tensor, dequants: list[torch.Tensor], hessian: to
 
 def layer_errors_by_rows(weight: torch.Tensor, dequant_rows: Callable[[slice], list[torch.Tensor]], count: int,
                          hessian: torch.Tensor, relative: bool = True, rows: int = 256,
-                         chunk_rows: int = 4096) -> list[float]:
+                         chunk_rows: int = 4096, products: str = "fp32") -> list[float]:
     """:func:`layer_errors` with the ``count`` approximations made a slice of rows at a time by
     ``dequant_rows(rows) -> [approx[rows], ...]``, ``chunk_rows`` rows per call (rounded to a multiple
     of ``rows``), so no approximation of the whole weight exists at once: on a 151,936 x 1,536 head each
     is 0.93 GB of float32. The products and sums are the same, in the same order, as with whole
-    approximations, so the figures are identical."""
+    approximations, so the figures are identical.
+
+    ``products="bf16"`` runs the ``[w; e...] @ H`` products in oneDNN's bf16 fpmath mode
+    (:func:`~bitsmith.methods.parallel.bf16_fpmath`: operands rounded to bf16, float32 accumulation
+    and output; ~2x the float32 rate on AMX). Not exact. Rounding H is what costs: its entries on the
+    outlier channels' rows and columns are orders of magnitude above the rest, and GPTQ's error
+    cancels against them (a SmolLM2 down_proj's relative error 2e-5 moved by 5%). So the part of
+    ``H - bf16(H)`` on the ``OUTLIER_CHANNELS`` largest diagonal entries' rows and columns is added
+    back with float32 products (:func:`_outlier_correction`); what remains, the other entries'
+    rounding and the rounded errors', moved figures by at most 1.2e-3 relative on real layers
+    (bench/results/calibrated-methods/README.md, session 17), and tests/methods/test_report_products.py
+    holds the path to a float64 oracle. The elementwise products and float64 sums are as in fp32."""
+    if products not in ("fp32", "bf16"):
+        raise ValueError(f"products must be 'fp32' or 'bf16', got {products!r}")
     h = hessian.float()
+    outliers = _outlier_rows(h) if products == "bf16" else None
+    return _layer_errors(weight, dequant_rows, count, h, relative, rows, chunk_rows, outliers)
+
+
+def _outlier_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``OUTLIER_CHANNELS`` largest diagonal entries' indices, and those rows of ``H - bf16(H)``
+    (what oneDNN's bf16 fpmath mode rounds away there) [k, n]."""
+    index = torch.topk(h.diagonal(), min(OUTLIER_CHANNELS, h.shape[0])).indices
+    return index, h[index] - h[index].bfloat16().float()
+
+
+def _outlier_correction(stacked: torch.Tensor, parts: int, outliers: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per part, ``e R e^T`` over the entries of R = H - bf16(H) in an outlier row or column
+    (R symmetric: twice the rows' terms, less the doubly counted outlier-outlier block), float32
+    products (the fpmath mode is off here) summed in float64; ``stacked`` [parts * rows, in]."""
+    index, residual = outliers
+    if len(index) == 0:
+        return torch.zeros(parts, dtype=torch.float64)
+    rows = stacked.shape[0] // parts
+    picked = stacked[:, index]  # [parts * rows, k]
+    product = (picked @ residual).view(parts, rows, residual.shape[1])  # [parts, rows, in]
+    view = stacked.view(parts, rows, stacked.shape[1])
+    both = (product[:, :, index] * picked.view(parts, rows, len(index))).sum(dim=(1, 2), dtype=torch.float64)
+    return 2 * (product * view).sum(dim=(1, 2), dtype=torch.float64) - both
+
+
+def _layer_errors(weight: torch.Tensor, dequant_rows: Callable[[slice], list[torch.Tensor]], count: int,
+                  h: torch.Tensor, relative: bool, rows: int, chunk_rows: int,
+                  outliers: tuple[torch.Tensor, torch.Tensor] | None) -> list[float]:
+    bf16 = outliers is not None
     n = h.shape[0]
     # H is symmetric: e H e^T from its upper block triangle (diagonal blocks once, the blocks right of
     # them twice), (c + 1) / 2c of the full product's multiply-adds with c column panels
@@ -138,11 +182,14 @@ def layer_errors_by_rows(weight: torch.Tensor, dequant_rows: Callable[[slice], l
             stacked = torch.cat(parts)  # [parts * rows, in]
             view = stacked.view(len(parts), w.shape[0], n)
             for a, b in zip(cuts, cuts[1:]):
-                product = (stacked[:, a:b] @ h[a:b, a:]).view(len(parts), w.shape[0], n - a)
+                with bf16_fpmath(bf16):  # only the product: the approximations above are made as always
+                    product = (stacked[:, a:b] @ h[a:b, a:]).view(len(parts), w.shape[0], n - a)
                 # float32 elementwise products summed in float64: no float64 copies of either operand
                 totals += (product[:, :, : b - a] * view[:, :, a:b]).sum(dim=(1, 2), dtype=torch.float64)
                 if b < n:
                     totals += 2 * (product[:, :, b - a :] * view[:, :, b:]).sum(dim=(1, 2), dtype=torch.float64)
+            if bf16:
+                totals += _outlier_correction(stacked, len(parts), outliers)
         del approx
     values = totals.tolist()
     energy, errs = (values[0], values[1:]) if relative else (0.0, values)
