@@ -139,6 +139,21 @@ def test_inverse_cholesky_factor() -> None:
     assert torch.allclose(lower_inverse(lower, leaf=8) @ lower, torch.eye(61, dtype=torch.float64), atol=1e-10)
 
 
+@pytest.mark.parametrize("n, leaf", [(61, 8), (300, 16), (777, 64)])  # ragged halves at every level
+def test_lower_inverse_reads_only_the_lower_triangle(n: int, leaf: int) -> None:
+    """The blocks' products skip the triangles' zero halves: whatever lies above the diagonal is never
+    read, and the inverse matches a float64 triangular solve on ragged sizes."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    lower = torch.linalg.cholesky(x.T @ x / n + torch.eye(n, dtype=torch.float64))
+    dirty = lower + torch.randn(n, n, generator=g, dtype=torch.float64).triu(1) * 1e3
+    oracle = torch.linalg.solve_triangular(lower, torch.eye(n, dtype=torch.float64), upper=False)
+    assert torch.allclose(lower_inverse(dirty, leaf=leaf).tril(), oracle, atol=1e-12, rtol=1e-10)
+    single = lower.float()
+    inverse = lower_inverse(single, leaf=leaf).tril().double()
+    assert ((inverse - oracle).abs().max() / oracle.abs().max()).item() < 1e-5
+
+
 def test_layer_error_is_output_error() -> None:
     w, x = _calib(out=16, inp=64, tokens=128, seed=8)
     approx = w + 0.001 * torch.randn(16, 64)
