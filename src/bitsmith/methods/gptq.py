@@ -59,7 +59,7 @@ DEFAULT_BLOCK = 128  # B, columns per lazy batch update
 DAMP_RETRIES = 4  # on a failed Cholesky, retry with λ x10 this many times
 SINGLE_THREAD_WIDTH = 2048  # layers with at most this many inputs factorize and walk on one thread
 ERROR_PANELS, ERROR_PANELS_FROM = 4, 512  # layer_errors: column panels of H's upper triangle, from this width
-OUTLIER_CHANNELS = 32  # layer_errors' bf16 products: H's rounding corrected on this many rows and columns
+OUTLIER_CHANNELS = 32  # layer_errors' bf16 products: channels (largest H_ii) whose terms stay float32
 # weights per column walk of a static-group layer (256 MB of float32): a larger layer walks a slice of
 # rows at a time. Every block layer of Qwen2.5-1.5B (at most 27.5 M weights) walks whole; its
 # 151,936 x 1,536 head walks in 4 slices of 43,520 rows
@@ -126,14 +126,14 @@ def layer_errors_by_rows(weight: torch.Tensor, dequant_rows: Callable[[slice], l
 
     ``products="bf16"`` runs the ``[w; e...] @ H`` products in oneDNN's bf16 fpmath mode
     (:func:`~bitsmith.methods.parallel.bf16_fpmath`: operands rounded to bf16, float32 accumulation
-    and output; ~2x the float32 rate on AMX). Not exact. Rounding H is what costs: its entries on the
-    outlier channels' rows and columns are orders of magnitude above the rest, and GPTQ's error
-    cancels against them (a SmolLM2 down_proj's relative error 2e-5 moved by 5%). So the part of
-    ``H - bf16(H)`` on the ``OUTLIER_CHANNELS`` largest diagonal entries' rows and columns is added
-    back with float32 products (:func:`_outlier_correction`); what remains, the other entries'
-    rounding and the rounded errors', moved figures by at most 1.2e-3 relative on real layers
-    (bench/results/calibrated-methods/README.md, session 17), and tests/methods/test_report_products.py
-    holds the path to a float64 oracle. The elementwise products and float64 sums are as in fp32."""
+    and output; ~2x the float32 rate on AMX). Not exact, and plain rounding was not good enough: H's
+    entries on the outlier channels' rows and columns are orders of magnitude above the rest, and
+    GPTQ's error cancels against them (a SmolLM2 down_proj's relative error 2e-5 moved by 5%). So the
+    ``OUTLIER_CHANNELS`` channels with the largest diagonal entries are taken out of the bf16 product
+    and their terms added in float32 (:func:`_outlier_terms`); what remains is the rounding among the
+    other channels: figures within 1e-3 relative of a float64 oracle on real layers
+    (bench/results/calibrated-methods/README.md, session 17; tests/methods/test_report_products.py).
+    The elementwise products and float64 sums are as in fp32."""
     if products not in ("fp32", "bf16"):
         raise ValueError(f"products must be 'fp32' or 'bf16', got {products!r}")
     h = hessian.float()
@@ -142,22 +142,20 @@ def layer_errors_by_rows(weight: torch.Tensor, dequant_rows: Callable[[slice], l
 
 
 def _outlier_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``OUTLIER_CHANNELS`` largest diagonal entries' indices, and those rows of ``H - bf16(H)``
-    (what oneDNN's bf16 fpmath mode rounds away there) [k, n]."""
+    """The ``OUTLIER_CHANNELS`` largest diagonal entries' indices, and those rows of H [k, n]."""
     index = torch.topk(h.diagonal(), min(OUTLIER_CHANNELS, h.shape[0])).indices
-    return index, h[index] - h[index].bfloat16().float()
+    return index, h[index]
 
 
-def _outlier_correction(stacked: torch.Tensor, parts: int, outliers: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Per part, ``e R e^T`` over the entries of R = H - bf16(H) in an outlier row or column
-    (R symmetric: twice the rows' terms, less the doubly counted outlier-outlier block), float32
-    products (the fpmath mode is off here) summed in float64; ``stacked`` [parts * rows, in]."""
-    index, residual = outliers
-    if len(index) == 0:
-        return torch.zeros(parts, dtype=torch.float64)
+def _outlier_terms(stacked: torch.Tensor, picked: torch.Tensor, parts: int,
+                   outliers: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per part, the terms of ``e H e^T`` with an outlier channel o in either place, which the bf16
+    product left out (it ran with those columns of e zeroed): with e = e_N + e_O,
+    ``e H e^T = e_N H e_N^T + 2 e_O H e^T - e_O H_OO e_O^T``. Float32 products (the fpmath mode is off
+    here) summed in float64; ``stacked`` [parts * rows, in] whole again, ``picked`` its outlier columns."""
+    index, rows_of_h = outliers
     rows = stacked.shape[0] // parts
-    picked = stacked[:, index]  # [parts * rows, k]
-    product = (picked @ residual).view(parts, rows, residual.shape[1])  # [parts, rows, in]
+    product = (picked @ rows_of_h).view(parts, rows, rows_of_h.shape[1])  # e_O H_O: [parts, rows, in]
     view = stacked.view(parts, rows, stacked.shape[1])
     both = (product[:, :, index] * picked.view(parts, rows, len(index))).sum(dim=(1, 2), dtype=torch.float64)
     return 2 * (product * view).sum(dim=(1, 2), dtype=torch.float64) - both
@@ -181,6 +179,9 @@ def _layer_errors(weight: torch.Tensor, dequant_rows: Callable[[slice], list[tor
             local = slice(start - outer, start - outer + rows)
             parts = ([w] if relative else []) + [w - d[local].float() for d in approx]  # [rows, in] each
             stacked = torch.cat(parts)  # [parts * rows, in]
+            if bf16:  # the outlier channels go through _outlier_terms, in float32
+                picked = stacked[:, outliers[0]]
+                stacked[:, outliers[0]] = 0
             view = stacked.view(len(parts), w.shape[0], n)
             for a, b in zip(cuts, cuts[1:]):
                 with bf16_fpmath(bf16):  # only the product: the approximations above are made as always
@@ -190,7 +191,8 @@ def _layer_errors(weight: torch.Tensor, dequant_rows: Callable[[slice], list[tor
                 if b < n:
                     totals += 2 * (product[:, :, b - a :] * view[:, :, b:]).sum(dim=(1, 2), dtype=torch.float64)
             if bf16:
-                totals += _outlier_correction(stacked, len(parts), outliers)
+                stacked[:, outliers[0]] = picked
+                totals += _outlier_terms(stacked, picked, len(parts), outliers)
         del approx
     values = totals.tolist()
     energy, errs = (values[0], values[1:]) if relative else (0.0, values)
