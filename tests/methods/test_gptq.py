@@ -142,8 +142,9 @@ def test_inverse_cholesky_factor() -> None:
 
 @pytest.mark.parametrize("n, leaf", [(61, 8), (300, 16), (777, 64)])  # ragged halves at every level
 def test_lower_inverse_reads_only_the_lower_triangle(n: int, leaf: int) -> None:
-    """The blocks' products skip the triangles' zero halves: whatever lies above the diagonal is never
-    read, and the inverse matches a float64 triangular solve on ragged sizes."""
+    """The blocks' products skip the triangles' zero halves: whatever lies above the diagonal on input
+    changes nothing (the leaves are solved from the lower triangle alone and the products read no
+    other entry above it), and the inverse matches a float64 triangular solve on ragged sizes."""
     g = torch.Generator().manual_seed(n)
     x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
     lower = torch.linalg.cholesky(x.T @ x / n + torch.eye(n, dtype=torch.float64))

@@ -38,8 +38,9 @@ def lower_inverse_(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
 
 
 def _times_lower(x: torch.Tensor, low: torch.Tensor, out: torch.Tensor, leaf: int) -> None:
-    """``out = x @ low`` for lower-triangular ``low`` (its upper triangle is not read):
-    ``[X1, X2] [[L11, 0], [L21, L22]] = [X1 L11 + X2 L21, X2 L22]``. ``out`` must not overlap ``x``."""
+    """``out = x @ low`` for lower-triangular ``low``: ``[X1, X2] [[L11, 0], [L21, L22]] = [X1 L11 + X2 L21,
+    X2 L22]``, halving as :func:`lower_inverse_` does, so only its leaf blocks are read whole (they hold
+    zeros above their diagonals) and nothing else above the diagonal. ``out`` must not overlap ``x``."""
     k = low.shape[0]
     if k <= leaf:
         out.copy_(x @ low)
@@ -51,8 +52,8 @@ def _times_lower(x: torch.Tensor, low: torch.Tensor, out: torch.Tensor, leaf: in
 
 
 def _lower_times(low: torch.Tensor, y: torch.Tensor, out: torch.Tensor, leaf: int) -> None:
-    """``out = low @ y`` for lower-triangular ``low`` (its upper triangle is not read):
-    ``[[L11, 0], [L21, L22]] [Y1; Y2] = [L11 Y1; L21 Y1 + L22 Y2]``. ``out`` must not overlap ``y``."""
+    """``out = low @ y`` for lower-triangular ``low``: ``[[L11, 0], [L21, L22]] [Y1; Y2] = [L11 Y1;
+    L21 Y1 + L22 Y2]``, read as in :func:`_times_lower`. ``out`` must not overlap ``y``."""
     k = low.shape[0]
     if k <= leaf:
         out.copy_(low @ y)
