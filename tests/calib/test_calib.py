@@ -116,7 +116,7 @@ def test_bf16_inputs_give_an_fp32_accurate_hessian(n) -> None:
     """bf16 inputs in the default fp32 mode take the bf16-fpmath GEMMs (exact products, fp32 sums
     and output): held to a float64 oracle as tightly as a plain float32 GEMM is, i.e. far inside
     the bf16-rounded products' error, which the same test shows is measurable."""
-    from bitsmith.calib.stats import bf16_fpmath
+    from bitsmith.methods.parallel import bf16_fpmath
 
     g = torch.Generator().manual_seed(5)
     xs = [(torch.randn(4, 256, n, generator=g) * torch.rand(n, generator=g) * 3).bfloat16() for _ in range(3)]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from bitsmith.methods import LayerStats, get_method
-from bitsmith.methods.gptq import gptq, inverse_cholesky, layer_error, lower_inverse
+from bitsmith.methods.gptq import gptq, inverse_cholesky, layer_error
+from bitsmith.methods.triangular import lower_inverse
 from bitsmith.spec import QuantSpec
 
 
@@ -139,6 +140,22 @@ def test_inverse_cholesky_factor() -> None:
     assert torch.allclose(lower_inverse(lower, leaf=8) @ lower, torch.eye(61, dtype=torch.float64), atol=1e-10)
 
 
+@pytest.mark.parametrize("n, leaf", [(61, 8), (300, 16), (777, 64)])  # ragged halves at every level
+def test_lower_inverse_reads_only_the_lower_triangle(n: int, leaf: int) -> None:
+    """The blocks' products skip the triangles' zero halves: whatever lies above the diagonal on input
+    changes nothing (the leaves are solved from the lower triangle alone and the products read no
+    other entry above it), and the inverse matches a float64 triangular solve on ragged sizes."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    lower = torch.linalg.cholesky(x.T @ x / n + torch.eye(n, dtype=torch.float64))
+    dirty = lower + torch.randn(n, n, generator=g, dtype=torch.float64).triu(1) * 1e3
+    oracle = torch.linalg.solve_triangular(lower, torch.eye(n, dtype=torch.float64), upper=False)
+    assert torch.allclose(lower_inverse(dirty, leaf=leaf).tril(), oracle, atol=1e-12, rtol=1e-10)
+    single = lower.float()
+    inverse = lower_inverse(single, leaf=leaf).tril().double()
+    assert ((inverse - oracle).abs().max() / oracle.abs().max()).item() < 1e-5
+
+
 def test_layer_error_is_output_error() -> None:
     w, x = _calib(out=16, inp=64, tokens=128, seed=8)
     approx = w + 0.001 * torch.randn(16, 64)
@@ -167,7 +184,7 @@ def test_gptq_many_equals_one_by_one(text: str) -> None:
 def test_inverse_cholesky_in_visit_order_and_in_place_helpers() -> None:
     """Passing the visit order equals permuting the Hessian first (bit for bit); the in-place
     block inverse and flip equal their out-of-place forms, odd sizes included."""
-    from bitsmith.methods.gptq import flip_both_, lower_inverse_
+    from bitsmith.methods.triangular import flip_both_, lower_inverse_
 
     g = torch.Generator().manual_seed(7)
     for n in (301, 300):
@@ -185,16 +202,18 @@ def test_inverse_cholesky_in_visit_order_and_in_place_helpers() -> None:
 
 @pytest.mark.parametrize("width", [0, 1 << 20])  # the row-by-row forms of wide layers, the whole-matrix ones
 def test_flip_and_permutation_forms_are_the_same_bits(monkeypatch, width) -> None:
-    """flip_both_ and the visit-order copy take whole-matrix forms up to SINGLE_THREAD_WIDTH rows and
+    """flip_both_ and the visit-order copy take whole-matrix forms up to FLIP_COPY_ROWS / SINGLE_THREAD_WIDTH rows and
     memory-saving ones beyond: both give the same factor, bit for bit, odd sizes included."""
     from bitsmith.methods import gptq as gptq_module
+    from bitsmith.methods import triangular
 
     g = torch.Generator().manual_seed(11)
     for n in (97, 96):
         x = torch.randn(3 * n, n, generator=g)
         h, perm, m = x.T @ x, torch.randperm(n, generator=g), torch.randn(n, n, generator=g)
         monkeypatch.setattr(gptq_module, "SINGLE_THREAD_WIDTH", width)
-        assert torch.equal(gptq_module.flip_both_(m.clone()), m.flip(0, 1))
+        monkeypatch.setattr(triangular, "FLIP_COPY_ROWS", width)
+        assert torch.equal(triangular.flip_both_(m.clone()), m.flip(0, 1))
         assert torch.equal(gptq_module._permuted(h, perm), h[perm][:, perm])
         assert torch.equal(inverse_cholesky(h, 0.01, perm), inverse_cholesky(h[perm][:, perm], 0.01))
 

@@ -33,13 +33,11 @@ down_proj input, 4096 tokens, one thread: ~0.55 CPU s per batch against ~1.8 for
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 
 from bitsmith.methods import native
 from bitsmith.methods.base import LayerStats
+from bitsmith.methods.parallel import bf16_fpmath
 
 SYMMETRIC_FROM = 512  # inputs at least this wide use the upper-triangle accumulation
 PANELS = 4
@@ -115,25 +113,6 @@ class StatsAccumulator:
         else:
             importance = self.hessian.diagonal() / max(self.tokens, 1)  # [in], mean x^2
         return LayerStats(hessian=self.hessian, importance=importance.clone(), tokens=self.tokens)
-
-
-@contextmanager
-def bf16_fpmath(enabled: bool = True) -> Iterator[bool]:
-    """Run float32 matmuls in the block through oneDNN's bf16 fpmath mode (operands rounded to bf16,
-    float32 accumulation and output); yields whether the mode was set. Exact for operands that are
-    bf16 values. The setting is process-wide: callers use it only where no other thread multiplies
-    (the statistics are summed on the pipeline's own thread between waves of batch forwards).
-    A torch without the setting, or without oneDNN, keeps plain float32 GEMMs (same values)."""
-    backend = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    if not enabled or backend is None or not hasattr(backend, "fp32_precision") or not torch.backends.mkldnn.is_available():
-        yield False
-        return
-    before = backend.fp32_precision
-    backend.fp32_precision = "bf16"
-    try:
-        yield True
-    finally:
-        backend.fp32_precision = before
 
 
 def mirror_upper(h: torch.Tensor) -> None:

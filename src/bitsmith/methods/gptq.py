@@ -39,7 +39,7 @@ import torch
 
 from bitsmith.methods import native
 from bitsmith.methods.base import LayerStats, Needs, register
-from bitsmith.methods.parallel import intra_op_threads, map_chunks, row_chunks
+from bitsmith.methods.parallel import bf16_fpmath, intra_op_threads, map_chunks, row_chunks
 from bitsmith.methods.rtn import (
     DEFAULT_CLIP_GRID,
     channel_weights,
@@ -47,6 +47,7 @@ from bitsmith.methods.rtn import (
     fit_group_ranges,
     grid_for,
 )
+from bitsmith.methods.triangular import flip_both_, lower_inverse_
 from bitsmith.primitives import abs_max, group_mask, nearest_grid_codes, to_groups
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
@@ -58,6 +59,7 @@ DEFAULT_BLOCK = 128  # B, columns per lazy batch update
 DAMP_RETRIES = 4  # on a failed Cholesky, retry with λ x10 this many times
 SINGLE_THREAD_WIDTH = 2048  # layers with at most this many inputs factorize and walk on one thread
 ERROR_PANELS, ERROR_PANELS_FROM = 4, 512  # layer_errors: column panels of H's upper triangle, from this width
+OUTLIER_CHANNELS = 32  # layer_errors' bf16 products: channels (largest H_ii) whose terms stay float32
 # weights per column walk of a static-group layer (256 MB of float32): a larger layer walks a slice of
 # rows at a time. Every block layer of Qwen2.5-1.5B (at most 27.5 M weights) walks whole; its
 # 151,936 x 1,536 head walks in 4 slices of 43,520 rows
@@ -115,13 +117,54 @@ def layer_errors(weight: torch.Tensor, dequants: list[torch.Tensor], hessian: to
 
 def layer_errors_by_rows(weight: torch.Tensor, dequant_rows: Callable[[slice], list[torch.Tensor]], count: int,
                          hessian: torch.Tensor, relative: bool = True, rows: int = 256,
-                         chunk_rows: int = 4096) -> list[float]:
+                         chunk_rows: int = 4096, products: str = "fp32") -> list[float]:
     """:func:`layer_errors` with the ``count`` approximations made a slice of rows at a time by
     ``dequant_rows(rows) -> [approx[rows], ...]``, ``chunk_rows`` rows per call (rounded to a multiple
     of ``rows``), so no approximation of the whole weight exists at once: on a 151,936 x 1,536 head each
     is 0.93 GB of float32. The products and sums are the same, in the same order, as with whole
-    approximations, so the figures are identical."""
+    approximations, so the figures are identical.
+
+    ``products="bf16"`` runs the ``[w; e...] @ H`` products in oneDNN's bf16 fpmath mode
+    (:func:`~bitsmith.methods.parallel.bf16_fpmath`: operands rounded to bf16, float32 accumulation
+    and output; ~2x the float32 rate on AMX). Not exact, and plain rounding was not good enough: H's
+    entries on the outlier channels' rows and columns are orders of magnitude above the rest, and
+    GPTQ's error cancels against them (a SmolLM2 down_proj's relative error 2e-5 moved by 5%). So the
+    ``OUTLIER_CHANNELS`` channels with the largest diagonal entries are taken out of the bf16 product
+    and their terms added in float32 (:func:`_outlier_terms`); what remains is the rounding among the
+    other channels: figures within 1e-3 relative of a float64 oracle on real layers
+    (bench/results/calibrated-methods/README.md, session 17; tests/methods/test_report_products.py).
+    The elementwise products and float64 sums are as in fp32."""
+    if products not in ("fp32", "bf16"):
+        raise ValueError(f"products must be 'fp32' or 'bf16', got {products!r}")
     h = hessian.float()
+    outliers = _outlier_rows(h) if products == "bf16" else None
+    return _layer_errors(weight, dequant_rows, count, h, relative, rows, chunk_rows, outliers)
+
+
+def _outlier_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``OUTLIER_CHANNELS`` largest diagonal entries' indices, and those rows of H [k, n]."""
+    index = torch.topk(h.diagonal(), min(OUTLIER_CHANNELS, h.shape[0])).indices
+    return index, h[index]
+
+
+def _outlier_terms(stacked: torch.Tensor, picked: torch.Tensor, parts: int,
+                   outliers: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per part, the terms of ``e H e^T`` with an outlier channel o in either place, which the bf16
+    product left out (it ran with those columns of e zeroed): with e = e_N + e_O,
+    ``e H e^T = e_N H e_N^T + 2 e_O H e^T - e_O H_OO e_O^T``. Float32 products (the fpmath mode is off
+    here) summed in float64; ``stacked`` [parts * rows, in] whole again, ``picked`` its outlier columns."""
+    index, rows_of_h = outliers
+    rows = stacked.shape[0] // parts
+    product = (picked @ rows_of_h).view(parts, rows, rows_of_h.shape[1])  # e_O H_O: [parts, rows, in]
+    view = stacked.view(parts, rows, stacked.shape[1])
+    both = (product[:, :, index] * picked.view(parts, rows, len(index))).sum(dim=(1, 2), dtype=torch.float64)
+    return 2 * (product * view).sum(dim=(1, 2), dtype=torch.float64) - both
+
+
+def _layer_errors(weight: torch.Tensor, dequant_rows: Callable[[slice], list[torch.Tensor]], count: int,
+                  h: torch.Tensor, relative: bool, rows: int, chunk_rows: int,
+                  outliers: tuple[torch.Tensor, torch.Tensor] | None) -> list[float]:
+    bf16 = outliers is not None
     n = h.shape[0]
     # H is symmetric: e H e^T from its upper block triangle (diagonal blocks once, the blocks right of
     # them twice), (c + 1) / 2c of the full product's multiply-adds with c column panels
@@ -136,56 +179,26 @@ def layer_errors_by_rows(weight: torch.Tensor, dequant_rows: Callable[[slice], l
             local = slice(start - outer, start - outer + rows)
             parts = ([w] if relative else []) + [w - d[local].float() for d in approx]  # [rows, in] each
             stacked = torch.cat(parts)  # [parts * rows, in]
+            if bf16:  # the outlier channels go through _outlier_terms, in float32
+                picked = stacked[:, outliers[0]]
+                stacked[:, outliers[0]] = 0
             view = stacked.view(len(parts), w.shape[0], n)
             for a, b in zip(cuts, cuts[1:]):
-                product = (stacked[:, a:b] @ h[a:b, a:]).view(len(parts), w.shape[0], n - a)
+                with bf16_fpmath(bf16):  # only the product: the approximations above are made as always
+                    product = (stacked[:, a:b] @ h[a:b, a:]).view(len(parts), w.shape[0], n - a)
                 # float32 elementwise products summed in float64: no float64 copies of either operand
                 totals += (product[:, :, : b - a] * view[:, :, a:b]).sum(dim=(1, 2), dtype=torch.float64)
                 if b < n:
                     totals += 2 * (product[:, :, b - a :] * view[:, :, b:]).sum(dim=(1, 2), dtype=torch.float64)
+            if bf16:
+                stacked[:, outliers[0]] = picked
+                totals += _outlier_terms(stacked, picked, len(parts), outliers)
         del approx
     values = totals.tolist()
     energy, errs = (values[0], values[1:]) if relative else (0.0, values)
     if not relative:
         return errs
     return [e / energy if energy > 0 else (0.0 if e == 0 else float("inf")) for e in errs]
-
-
-def lower_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
-    """Inverse of a lower-triangular matrix (a new tensor); see :func:`lower_inverse_`."""
-    return lower_inverse_(lower.clone(), leaf)
-
-
-def lower_inverse_(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
-    """Invert a lower-triangular matrix in place by 2x2 blocks, ``[[A, 0], [C, D]]^-1 =
-    [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``: A and D are inverted in place first, then C is replaced
-    using only the inverses. n^3/3 multiply-adds in GEMMs (a triangular solve against the identity
-    spends n^3/2 and runs 2-3x slower; torch exposes no trtri), and no n x n temporary."""
-    n = lower.shape[0]
-    if n <= leaf:
-        lower.copy_(torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False))
-        return lower
-    half = n // 2
-    lower_inverse_(lower[:half, :half], leaf)
-    lower_inverse_(lower[half:, half:], leaf)
-    lower[half:, :half] = -(lower[half:, half:] @ (lower[half:, :half] @ lower[:half, :half]))
-    return lower
-
-
-def flip_both_(m: torch.Tensor) -> torch.Tensor:
-    """``m.flip(0, 1)`` in place, a pair of rows at a time (no second n x n matrix); up to
-    ``SINGLE_THREAD_WIDTH`` rows through one flipped copy (at most 16 MB; 5x faster on 576 rows)."""
-    n = m.shape[0]
-    if n <= SINGLE_THREAD_WIDTH:
-        return m.copy_(m.flip(0, 1))
-    for i in range(n // 2):
-        j = n - 1 - i
-        top = m[i].flip(0)  # a copy
-        m[i] = m[j].flip(0)
-        m[j] = top
-    if n % 2:
-        m[n // 2] = m[n // 2].flip(0)
-    return m
 
 
 def _permuted(h: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

@@ -57,3 +57,24 @@ def row_chunks(rows: int, row_size: int, weights_per_chunk: int) -> list[slice]:
     (at least one row): cache-sized chunks keep the elementwise chains in L2."""
     step = max(1, weights_per_chunk // max(1, row_size))
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+@contextmanager
+def bf16_fpmath(enabled: bool = True) -> Iterator[bool]:
+    """Run float32 matmuls in the block through oneDNN's bf16 fpmath mode (operands rounded to bf16,
+    float32 accumulation and output); yields whether the mode was set. Exact for operands that are
+    bf16 values; for others it is a deliberate approximation (the per-layer reports' quadratic forms,
+    ``methods.gptq.layer_errors_by_rows``). The setting is process-wide: callers use it only where no
+    other thread multiplies (the statistics are summed, and the reports computed, on the pipeline's
+    own thread while no batch forward runs).
+    A torch without the setting, or without oneDNN, keeps plain float32 GEMMs (same values)."""
+    backend = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if not enabled or backend is None or not hasattr(backend, "fp32_precision") or not torch.backends.mkldnn.is_available():
+        yield False
+        return
+    before = backend.fp32_precision
+    backend.fp32_precision = "bf16"
+    try:
+        yield True
+    finally:
+        backend.fp32_precision = before

@@ -82,6 +82,7 @@ class QuantizePlan:
     layer_specs: dict[str, QuantSpec] = field(default_factory=dict)  # per-module overrides (mixed precision)
     compute_dtype: str = "fp32"  # block forwards and stored activations (calibrated runs)
     hessian_dtype: str = "fp32"  # GEMM dtype of the Hessian products, summed in fp32
+    report_dtype: str = "bf16"  # products of the per-layer reports' output errors (pipeline.stages): bf16 fpmath or fp32
     calib: "CalibrationConfig | None" = None  # None: calibrate only when the method or a transform needs it
     batch_size: int = DEFAULT_BATCH_SIZE
     spill_bytes: int = DEFAULT_SPILL_BYTES
@@ -94,6 +95,8 @@ class QuantizePlan:
         from bitsmith.methods import METHODS
         from bitsmith.transforms import TRANSFORMS
 
+        if self.report_dtype not in ("bf16", "fp32"):
+            raise ValueError(f"report_dtype must be 'bf16' or 'fp32', got {self.report_dtype!r}")
         quantizer, transforms, run_options = parse_method(self.method, self.options)
         if quantizer not in METHODS:  # the user's spellings: quantizers and the transforms that imply one
             choices = sorted({*METHODS, *(n for n, t in TRANSFORMS.items() if t.changes_block)})

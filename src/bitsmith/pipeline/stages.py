@@ -165,7 +165,8 @@ def quantize_stage(names: list[str], weights: list[torch.Tensor], stats: LayerSt
     t0 = time.perf_counter()
     qts = many(weights, specs[0], stats, plan.method_options())
     elapsed = (time.perf_counter() - t0) / len(names)
-    return [(qt, _linear_report(n, w, qt, stats, method, elapsed)) for n, w, qt in zip(names, weights, qts)]
+    return [(qt, _linear_report(n, w, qt, stats, method, elapsed, plan.report_dtype))
+            for n, w, qt in zip(names, weights, qts)]
 
 
 def quantize_linear(name: str, weight: torch.Tensor, stats: LayerStats, method: Method, plan: QuantizePlan):
@@ -173,10 +174,11 @@ def quantize_linear(name: str, weight: torch.Tensor, stats: LayerStats, method: 
     ||X W^T - X Wq^T||^2 / ||X W^T||^2 on the calibration inputs, and plain RTN's for comparison."""
     t0 = time.perf_counter()
     qt = method(weight, plan.spec_for(name), stats, plan.method_options())
-    return qt, _linear_report(name, weight, qt, stats, method, time.perf_counter() - t0)
+    return qt, _linear_report(name, weight, qt, stats, method, time.perf_counter() - t0, plan.report_dtype)
 
 
-def _linear_report(name: str, weight: torch.Tensor, qt, stats: LayerStats, method: Method, seconds: float) -> dict:
+def _linear_report(name: str, weight: torch.Tensor, qt, stats: LayerStats, method: Method, seconds: float,
+                   products: str = "fp32") -> dict:
     from bitsmith.methods.gptq import layer_errors_by_rows
     from bitsmith.methods.rtn import rtn
 
@@ -193,7 +195,7 @@ def _linear_report(name: str, weight: torch.Tensor, qt, stats: LayerStats, metho
         approx = lambda rows: [d[rows] for d in whole]  # noqa: E731
     report = layer_report(name, weight, qt, seconds, sqnr)
     step = max(1, REPORT_ROWS_WEIGHTS // max(1, weight.shape[1]))
-    errors = layer_errors_by_rows(weight, approx, 1 + with_rtn, stats.hessian, chunk_rows=step)  # one pass over H
+    errors = layer_errors_by_rows(weight, approx, 1 + with_rtn, stats.hessian, chunk_rows=step, products=products)
     report["output_error"] = errors[0]
     if with_rtn:
         report["rtn_output_error"] = errors[1]
