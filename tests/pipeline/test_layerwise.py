@@ -160,6 +160,9 @@ def test_resume_after_crash_is_bit_identical(models, calib, tmp_path) -> None:
         quantize_blocks(models["llama"], out, other, calib, resume=True)
     with pytest.raises(CheckpointError, match="different settings.*calib"):
         quantize_blocks(models["llama"], out, config, calib[:6], resume=True)
+    fp32_reports = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", batch_size=BATCH, report_dtype="fp32")
+    with pytest.raises(CheckpointError, match="different settings.*report_dtype"):  # no mix of report figures
+        quantize_blocks(models["llama"], out, fp32_reports, calib, resume=True)
     seen = []
     quantize_blocks(models["llama"], out, config, calib, resume=True,
                     progress=lambda name, done, total: seen.append(done))

@@ -183,7 +183,8 @@ def _open_run(source: Any, out_dir: Path, plan: QuantizePlan, calib: torch.Tenso
     if plan.hessian_dtype not in ("fp32", "bf16"):
         raise ValueError(f"hessian_dtype must be 'fp32' or 'bf16', got {plan.hessian_dtype!r}")
     compute_dtype = STORAGE_DTYPES[plan.compute_dtype]
-    key = {**_state_key(source, plan, calib, compute_dtype), "hessian_dtype": plan.hessian_dtype}
+    key = {**_state_key(source, plan, calib, compute_dtype), "hessian_dtype": plan.hessian_dtype,
+           "report_dtype": plan.report_dtype}  # a resumed run must not mix bf16 and fp32 report figures
     state = WorkState.open(ledger_dir(out_dir), key, resume)
     net = build_model(source, compute_dtype, skip=lambda n: n.startswith(prefix + ".") or n == head_name)
     _, blocks = find_blocks(net)
