@@ -14,7 +14,7 @@ from bitsmith.kernels.torch_path import ChunkedKernel, ReferenceKernel
 from bitsmith.nn.qlinear import QuantLinear
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.spec import QuantSpec
-from bitsmith.tensor import QuantizedTensor
+from tests.kernels.int8_oracle import int8_oracle, random_qt
 
 RTOL = 1e-4  # relative error (Frobenius) against the fp32 reference; all kernels compute in fp32
 
@@ -30,15 +30,6 @@ needs_native = pytest.mark.skipif(native is None, reason="native kernels could n
 # Small shapes run single-threaded (tests/conftest.py one_thread): on a busy machine every parallel
 # region can wait a whole scheduler slice for its second thread. The real-size test below sets its own count.
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread per test
-
-
-def random_qt(out: int, inp: int, spec: QuantSpec, gen: torch.Generator) -> QuantizedTensor:
-    """Random codes, scales and fractional zeros (HQQ-style)."""
-    groups = spec.groups_per_row(inp)
-    codes = torch.randint(0, spec.qmax + 1, (out, inp), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(out, groups, generator=gen) * 0.02 + 1e-3).half()
-    zero = None if spec.symmetric else (torch.rand(out, groups, generator=gen) * spec.qmax).half()
-    return QuantizedTensor(codes, scale, zero, spec)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -266,16 +257,6 @@ def test_eight_bit_codes_are_shared_not_copied() -> None:
         assert (kernel.qweight.data_ptr() == qt.codes.data_ptr()) == shared
         x = torch.randn(2, inp, generator=gen)
         assert rel_err(kernel(x), reference_linear(x, qt)) < RTOL
-
-
-def int8_oracle(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
-    """What the int8-activation decode path computes, the slow way: x rounded to int8 with one scale
-    per block of 32 inputs (max |x| / 127, round half to even), then the reference matmul."""
-    xb = x.reshape(x.shape[0], -1, 32)
-    amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
-    xq = torch.round(xb * inv) * (amax / 127.0)
-    return reference_linear(xq.reshape(x.shape), qt)
 
 
 @needs_native

@@ -19,7 +19,7 @@ from bitsmith.kernels.build import native_library
 from bitsmith.kernels.cpu import GEMV_MAX_ROWS, NativeKernel, fusable, fuse_native, resolve_prefill
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.spec import QuantSpec
-from tests.kernels.test_kernels import random_qt
+from tests.kernels.int8_oracle import random_qt
 from bitsmith.tensor import QuantizedTensor
 
 native = native_library()

@@ -21,6 +21,7 @@ from bitsmith.kernels.cpu import NativeKernel, fuse_native
 from bitsmith.kernels.torch_path import reference_linear
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
+from tests.kernels.int8_oracle import int8_oracle, random_qt, rel
 
 native = native_library()
 VBMI = native is not None and int8_widths(native) >= set(range(2, 9))
@@ -30,23 +31,6 @@ pytestmark = [pytest.mark.skipif(not VBMI, reason="the mixed layout needs AVX-51
 WIDTHS = (256, 320, 448, 576, 1088, 1536)  # whole superblocks, and 1-3 natural tail chunks after them
 
 
-def _qt(out: int, inp: int, spec: QuantSpec, gen: torch.Generator) -> QuantizedTensor:
-    groups = spec.groups_per_row(inp)
-    codes = torch.randint(0, 8, (out, inp), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(out, groups, generator=gen) * 0.02 + 1e-3).half()
-    zero = None if spec.symmetric else (torch.rand(out, groups, generator=gen) * 7).half()
-    return QuantizedTensor(codes, scale, zero, spec)
-
-
-def _int8_oracle(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
-    xb = x.reshape(x.shape[0], -1, 32)
-    amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
-    return reference_linear((torch.round(xb * inv) * (amax / 127.0)).reshape(x.shape), qt)
-
-
-def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _sources() -> torch.Tensor:
@@ -85,7 +69,7 @@ def _natural_gemv(qt: QuantizedTensor, x: torch.Tensor, threads: int) -> torch.T
 def test_the_layout_is_the_documented_one_and_goes_back() -> None:
     gen = torch.Generator().manual_seed(1)
     for inp in WIDTHS:
-        qt = _qt(7, inp, QuantSpec(3, 64, False), gen)
+        qt = random_qt(7, inp, QuantSpec(3, 64, False), gen)
         kernel = NativeKernel(native, pack(qt.codes, 3), qt.scale, qt.zero, qt.spec, inp)
         assert kernel.mixed3
         assert torch.equal(kernel.qweight, _mixed_bytes(qt.codes)), inp
@@ -105,14 +89,14 @@ def test_decode_rows_match_the_int8_oracle(group: int | None, threads: int) -> N
             if group and group > inp:
                 continue
             out = int(torch.randint(1, 40, (1,), generator=gen))  # quads of rows and a remainder
-            qt = _qt(out, inp, spec, gen)
+            qt = random_qt(out, inp, spec, gen)
             kernel = NativeKernel(native, pack(qt.codes, 3), qt.scale, qt.zero, spec, inp, threads=threads)
             whole = group or inp  # per channel: one group of the row; 320 or 576 codes do not tile a superblock
             assert kernel.mixed3 == (whole % 256 == 0 or 256 % whole == 0), (spec, inp)
             for rows in (1, 2, 3, 5, 8):  # one row: vbmi.cpp's superblock loop; more: mixed3.cpp's tiles
                 x = torch.randn(rows, inp, generator=gen) * torch.rand(inp, generator=gen) * 3 + 0.1
                 x[:, : min(32, inp)] = 0.0  # a zero block: no division by zero
-                assert _rel(kernel(x), _int8_oracle(x, qt)) < 1e-5, (spec, out, inp, rows)
+                assert rel(kernel(x), int8_oracle(x, qt)) < 1e-5, (spec, out, inp, rows)
 
 
 @pytest.mark.parametrize("threads", (1, 2))
@@ -120,7 +104,7 @@ def test_one_row_decode_equals_the_natural_layout_bit_for_bit(threads: int) -> N
     gen = torch.Generator().manual_seed(5 + threads)
     for group, inp in ((64, 1536), (128, 1088), (256, 2304), (None, 576), (128, 8960 - 128)):
         spec = QuantSpec(3, group, False)
-        qt = _qt(int(torch.randint(9, 70, (1,), generator=gen)), inp, spec, gen)
+        qt = random_qt(int(torch.randint(9, 70, (1,), generator=gen)), inp, spec, gen)
         x = torch.randn(1, inp, generator=gen) * 2
         y = NativeKernel(native, pack(qt.codes, 3), qt.scale, qt.zero, spec, inp, threads=threads)(x)
         assert torch.equal(y, _natural_gemv(qt, x, threads)), (spec, inp)
@@ -130,7 +114,7 @@ def test_prefill_dequantizes_as_the_natural_layout() -> None:
     gen = torch.Generator().manual_seed(3)
     for group, inp in ((64, 576), (128, 1536), (256, 320)):
         spec = QuantSpec(3, group, False)
-        qt = _qt(45, inp, spec, gen)
+        qt = random_qt(45, inp, spec, gen)
         mixed = NativeKernel(native, pack(qt.codes, 3), qt.scale, qt.zero, spec, inp, prefill="bf16")
         natural = NativeKernel(native, pack(qt.codes, 3), qt.scale, qt.zero, spec, inp, int8_decode=False,
                                prefill="bf16")
@@ -139,35 +123,35 @@ def test_prefill_dequantizes_as_the_natural_layout() -> None:
             assert torch.equal(mixed.dequantize_rows(3, 41, dtype), natural.dequantize_rows(3, 41, dtype))
         x = torch.randn(12, inp, generator=gen)  # above GEMV_MAX_ROWS: the blocked bf16 prefill
         assert torch.equal(mixed(x), natural(x))
-        assert _rel(mixed(x), reference_linear(x, qt)) < 1e-2  # bf16 rounding of weights and x
+        assert rel(mixed(x), reference_linear(x, qt)) < 1e-2  # bf16 rounding of weights and x
 
 
 def test_the_int8_switch_moves_the_layout() -> None:
     gen = torch.Generator().manual_seed(8)
-    qt = _qt(13, 576, QuantSpec(3, 128, False), gen)
+    qt = random_qt(13, 576, QuantSpec(3, 128, False), gen)
     kernel = NativeKernel(native, pack(qt.codes, 3), qt.scale, qt.zero, qt.spec, 576)
     x = torch.randn(1, 576, generator=gen)
     kernel.int8_decode = False  # exact float decode reads natural bytes only
     assert not kernel.mixed3 and torch.equal(kernel.qweight, pack(qt.codes, 3))
-    assert _rel(kernel(x), reference_linear(x, qt)) < 1e-5
+    assert rel(kernel(x), reference_linear(x, qt)) < 1e-5
     kernel.int8_decode = True
     assert kernel.mixed3 and torch.equal(kernel.qweight, _mixed_bytes(qt.codes))
-    assert _rel(kernel(x), _int8_oracle(x, qt)) < 1e-5
+    assert rel(kernel(x), int8_oracle(x, qt)) < 1e-5
 
 
 def test_fused_kernels_keep_the_layout() -> None:
     gen = torch.Generator().manual_seed(9)
     spec = QuantSpec(3, 64, False)
-    qts = [_qt(out, 320, spec, gen) for out in (6, 11)]
+    qts = [random_qt(out, 320, spec, gen) for out in (6, 11)]
     kernels = [NativeKernel(native, pack(qt.codes, 3), qt.scale, qt.zero, spec, 320) for qt in qts]
     fused = fuse_native(kernels)
     assert fused.mixed3
     assert torch.equal(fused.qweight, torch.cat([_mixed_bytes(qt.codes) for qt in qts]))  # not repacked twice
     for rows in (1, 3):
         x = torch.randn(rows, 320, generator=gen)
-        assert _rel(fused(x), torch.cat([k(x) for k in kernels], -1)) < 1e-6  # rows pass in other quads
+        assert rel(fused(x), torch.cat([k(x) for k in kernels], -1)) < 1e-6  # rows pass in other quads
         for k, qt in zip(kernels, qts):
-            assert _rel(k(x), _int8_oracle(x, qt)) < 1e-5
+            assert rel(k(x), int8_oracle(x, qt)) < 1e-5
     with pytest.raises(ValueError, match="fused"):
         kernels[0].int8_decode = False
 
@@ -179,14 +163,14 @@ def test_repack_refuses_rows_it_cannot_hold() -> None:
         repack(native, torch.zeros(2, 100, dtype=torch.uint8), 256, True, 1)
     with pytest.raises(ValueError, match="mixed layout"):
         repack(native, torch.zeros(2, 72, dtype=torch.uint8), 192, True, 1)  # under one superblock
-    qt = _qt(3, 192, QuantSpec(3, 64, False), torch.Generator().manual_seed(2))
+    qt = random_qt(3, 192, QuantSpec(3, 64, False), torch.Generator().manual_seed(2))
     assert not NativeKernel(native, pack(qt.codes, 3), qt.scale, qt.zero, qt.spec, 192).mixed3
 
 
 def test_natural_gemv_helper_takes_the_layout_argument() -> None:
     """_natural_gemv passes layout 0; the same bytes with the mixed flag (bits 3 | 1 << 8) read as the mixed
     layout give other numbers, so the bit-for-bit test above can fail."""
-    qt = _qt(8, 512, QuantSpec(3, 128, False), torch.Generator().manual_seed(4))
+    qt = random_qt(8, 512, QuantSpec(3, 128, False), torch.Generator().manual_seed(4))
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(4))
     packed = torch.zeros(8 * 192 + 8, dtype=torch.uint8)
     packed[:-8] = pack(qt.codes, 3).reshape(-1)

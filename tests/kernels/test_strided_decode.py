@@ -16,9 +16,8 @@ import torch
 from bitsmith.formats.packing import pack
 from bitsmith.kernels.build import cpu_flags, int8_widths, native_library
 from bitsmith.kernels.cpu import NativeKernel
-from bitsmith.kernels.torch_path import reference_linear
 from bitsmith.spec import QuantSpec
-from bitsmith.tensor import QuantizedTensor
+from tests.kernels.int8_oracle import int8_oracle, random_qt, rel
 
 native = native_library()
 VBMI = native is not None and int8_widths(native) >= set(range(2, 9))
@@ -31,23 +30,6 @@ WIDTHS = (64, 128, 192, 256, 320, 448, 512, 576, 704, 1536)
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread per test
 
 
-def _qt(out: int, inp: int, spec: QuantSpec, gen: torch.Generator) -> QuantizedTensor:
-    groups = spec.groups_per_row(inp)
-    codes = torch.randint(0, spec.qmax + 1, (out, inp), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(out, groups, generator=gen) * 0.02 + 1e-3).half()
-    zero = None if spec.symmetric else (torch.rand(out, groups, generator=gen) * spec.qmax).half()
-    return QuantizedTensor(codes, scale, zero, spec)
-
-
-def _int8_oracle(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
-    xb = x.reshape(x.shape[0], -1, 32)
-    amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
-    return reference_linear((torch.round(xb * inv) * (amax / 127.0)).reshape(x.shape), qt)
-
-
-def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 # what csrc/vbmi.cpp is compiled with (/proc/cpuinfo spellings)
@@ -76,15 +58,15 @@ def test_superblock_decode_matches_the_int8_oracle(bits: int, group: int | None)
             if group and group > inp:
                 continue
             out = int(torch.randint(1, 40, (1,), generator=gen))  # quads of rows and a remainder
-            qt = _qt(out, inp, spec, gen)
+            qt = random_qt(out, inp, spec, gen)
             x = torch.randn(1, inp, generator=gen) * torch.rand(inp, generator=gen) * 3 + 0.1
             x[0, : min(32, inp)] = 0.0  # a zero block: no division by zero
             packed = pack(qt.codes, bits)
             y = NativeKernel(native, packed, qt.scale, qt.zero, spec, inp)(x)
-            assert _rel(y, _int8_oracle(x, qt)) < 1e-5, (spec, out, inp)
+            assert rel(y, int8_oracle(x, qt)) < 1e-5, (spec, out, inp)
             if chunked is not None:
                 y_chunks = NativeKernel(chunked, packed, qt.scale, qt.zero, spec, inp)(x)
-                assert _rel(y, y_chunks) < 1e-5, (spec, out, inp)
+                assert rel(y, y_chunks) < 1e-5, (spec, out, inp)
 
 
 @needs_vbmi
@@ -94,13 +76,13 @@ def test_superblock_decode_inside_the_fused_rows_agrees_with_several_rows() -> N
     gen = torch.Generator().manual_seed(7)
     for bits in (2, 3, 4):
         spec = QuantSpec(bits, 128, False)
-        qt = _qt(21, 576, spec, gen)
+        qt = random_qt(21, 576, spec, gen)
         kernel = NativeKernel(native, pack(qt.codes, bits), qt.scale, qt.zero, spec, 576)
         x = torch.randn(3, 576, generator=gen)
         many = kernel(x)
         for t in range(3):
-            assert _rel(kernel(x[t : t + 1]), many[t : t + 1]) < 1e-5
-        assert _rel(many, _int8_oracle(x, qt)) < 1e-5
+            assert rel(kernel(x[t : t + 1]), many[t : t + 1]) < 1e-5
+        assert rel(many, int8_oracle(x, qt)) < 1e-5
 
 
 @needs_vbmi
@@ -111,11 +93,11 @@ def test_superblock_decode_on_two_threads_matches_the_oracle(bits: int) -> None:
     gen = torch.Generator().manual_seed(31 + bits)
     for group, inp in ((64, 1536), (128, 1088), (256, 2304), (64, 576)):
         spec = QuantSpec(bits, group, False)
-        qt = _qt(int(torch.randint(9, 70, (1,), generator=gen)), inp, spec, gen)
+        qt = random_qt(int(torch.randint(9, 70, (1,), generator=gen)), inp, spec, gen)
         x = torch.randn(1, inp, generator=gen) * 2
         kernel = NativeKernel(native, pack(qt.codes, bits), qt.scale, qt.zero, spec, inp, threads=2)
         y = kernel(x)
-        assert _rel(y, _int8_oracle(x, qt)) < 1e-5, (spec, inp)
+        assert rel(y, int8_oracle(x, qt)) < 1e-5, (spec, inp)
         assert torch.equal(y, kernel(x)), "the same call twice must give the same bits"
 
 
@@ -132,11 +114,11 @@ def test_far_prefetch_build_gives_the_same_bits(threads: int) -> None:
     for bits in (2, 3, 4):
         for group, inp in ((64, 1536), (128, 1088), (None, 576), (256, 8960 - 128)):
             spec = QuantSpec(bits, group, False)
-            qt = _qt(int(torch.randint(9, 70, (1,), generator=gen)), inp, spec, gen)
+            qt = random_qt(int(torch.randint(9, 70, (1,), generator=gen)), inp, spec, gen)
             x = torch.randn(1, inp, generator=gen) * 2
             packed = pack(qt.codes, bits)
             y = NativeKernel(native, packed, qt.scale, qt.zero, spec, inp, threads=threads)(x)
-            assert _rel(y, _int8_oracle(x, qt)) < 1e-5, (spec, inp)
+            assert rel(y, int8_oracle(x, qt)) < 1e-5, (spec, inp)
             for other in (near, far8):
                 y_other = NativeKernel(other, packed, qt.scale, qt.zero, spec, inp, threads=threads)(x)
                 assert torch.equal(y, y_other), (spec, inp)

@@ -248,7 +248,9 @@ def test_distill_reads_the_calibration_windows_it_is_given(setup, tmp_path: Path
                                                        seq_len=cfg.seq_len).batches(bitsmith.load(setup["q"]).tokenizer))
 
 
-def test_cli_calib_random_reaches_the_config(setup, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("flags, want", [(["--calib-random", "--seed", "3"], {"random_offsets": True, "seed": 3}),
+                                         (["--calib", "generated", "--seed", "2"], {"calib_text": "generated", "seed": 2})])
+def test_cli_calibration_flags_reach_the_config(setup, tmp_path: Path, monkeypatch, flags: list[str], want: dict) -> None:
     import bitsmith.recover as recover
     from bitsmith.cli import main
 
@@ -260,6 +262,5 @@ def test_cli_calib_random_reaches_the_config(setup, tmp_path: Path, monkeypatch)
 
     monkeypatch.setattr(recover, "distill", capture)
     with pytest.raises((KeyboardInterrupt, SystemExit)):
-        main(["distill", str(setup["q"]), "--reference", str(setup["model"]), "--out", str(tmp_path / "d"),
-              "--calib-random", "--seed", "3"])
-    assert seen["config"].random_offsets and seen["config"].seed == 3
+        main(["distill", str(setup["q"]), "--reference", str(setup["model"]), "--out", str(tmp_path / "d"), *flags])
+    assert {k: getattr(seen["config"], k) for k in want} == want

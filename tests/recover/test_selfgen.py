@@ -88,19 +88,3 @@ def test_generated_with_random_offsets_is_refused_before_work(tiny, tmp_path) ->
         distill(tiny / "q", tiny / "m", tmp_path / "d", DistillConfig(calib_text=GENERATED, random_offsets=True))
     assert not (tmp_path / "d").exists()
 
-
-def test_cli_calib_generated_reaches_the_config(tiny, tmp_path, monkeypatch) -> None:
-    import bitsmith.recover as recover
-    from bitsmith.cli import main
-
-    seen = {}
-
-    def capture(checkpoint, reference, out, config, **kwargs):
-        seen["config"] = config
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(recover, "distill", capture)
-    with pytest.raises((KeyboardInterrupt, SystemExit)):
-        main(["distill", str(tiny / "q"), "--reference", str(tiny / "m"), "--out", str(tmp_path / "d"),
-              "--calib", "generated", "--seed", "2"])
-    assert seen["config"].calib_text == GENERATED and seen["config"].seed == 2
