@@ -40,7 +40,8 @@ def run_once(loaded, problems, chat: bool, batch: int, max_new_tokens: int) -> d
     return {"batch": batch, "n": result.n, "passed": result.passed, "pass_at_1": result.pass_at_1, "wall_s": wall,
             "s_per_problem": wall / result.n, "generated": stats.generated_tokens, "gen_tok_s": stats.generated_tokens / wall,
             "prefill_tokens": stats.prefill_tokens, "steps": stats.steps, "mean_batch": stats.mean_batch,
-            "status": status, "completions": [o.completion for o in result.outcomes]}
+            "status": status, "completions": [o.completion for o in result.outcomes],
+            "outcomes": {o.task_id: o.outcome.status for o in result.outcomes}}
 
 
 def table(model: str, rows: list[dict], threads: int, chat: bool, start: int) -> str:
