@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import tools
+from humaneval_speed import recorder
 from serve_load import Server, free_port
 
 
@@ -55,12 +56,10 @@ def run(args: argparse.Namespace, url: str, tokenizer, chat: bool) -> dict:
     stats = ServerStats()
     many = make_server_complete_many(url, tokenizer, chat, parallel=args.parallel, stats=stats)
     start = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        print(f"  {done}/{total} problems tested at {time.perf_counter() - start:.1f} s, "
-              f"{stats.generated_tokens} tokens generated", flush=True)
-
-    result = pass_at_1(None, problems, chat=chat, max_new_tokens=args.max_new_tokens, complete_many=many, progress=progress)
+    on_outcome, progress = recorder("llama-server", lambda: stats.generated_tokens,
+                                    args.out.with_suffix(".jsonl") if args.out else None)
+    result = pass_at_1(None, problems, chat=chat, max_new_tokens=args.max_new_tokens, complete_many=many, progress=progress,
+                       on_outcome=on_outcome)
     wall = time.perf_counter() - start
     status = {s: sum(o.outcome.status == s for o in result.outcomes) for s in ("passed", "failed", "error", "timeout")}
     return {"n": result.n, "passed": result.passed, "pass_at_1": result.pass_at_1, "wall_s": wall, "status": status,
@@ -83,7 +82,8 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--check", type=int, default=3, help="problems whose prompt tokens are checked against the server's")
     ap.add_argument("--chat", choices=("auto", "yes", "no"), default="auto")
-    ap.add_argument("--out", type=Path, help="write the result (per-problem statuses and completions) here as JSON")
+    ap.add_argument("--out", type=Path, help="write the result (per-problem statuses and completions) here as JSON; "
+                    "each problem's outcome is appended beside it (.jsonl) as soon as it is tested")
     args = ap.parse_args()
 
     from bitsmith.eval.remote import ServerError
