@@ -21,7 +21,29 @@ import time
 from pathlib import Path
 
 
-def run_once(loaded, problems, chat: bool, batch: int, max_new_tokens: int) -> dict:
+def recorder(label: str, tokens, jsonl: Path | None = None):
+    """(on_outcome, progress) for pass_at_1: a line per tested problem with the passes so far (so a cut-short
+    run still says how far it got and how well), and each outcome appended to ``jsonl`` as it comes."""
+    start, passed = time.perf_counter(), [0]
+    if jsonl is not None:
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+        jsonl.write_text("")
+
+    def on_outcome(o) -> None:
+        passed[0] += o.outcome.passed
+        if jsonl is not None:
+            with jsonl.open("a") as f:
+                f.write(json.dumps({"task_id": o.task_id, "status": o.outcome.status, "completion": o.completion,
+                                    "t_s": round(time.perf_counter() - start, 1)}) + "\n")
+
+    def progress(done: int, total: int) -> None:
+        print(f"  {label}: {done}/{total} problems tested, {passed[0]} passed, at {time.perf_counter() - start:.1f} s, "
+              f"{tokens()} tokens generated", flush=True)
+
+    return on_outcome, progress
+
+
+def run_once(loaded, problems, chat: bool, batch: int, max_new_tokens: int, jsonl: Path | None = None) -> dict:
     from bitsmith.eval.humaneval import pass_at_1
     from bitsmith.eval.tasks import make_complete_many
     from bitsmith.infer.batching import BatchStats
@@ -29,18 +51,16 @@ def run_once(loaded, problems, chat: bool, batch: int, max_new_tokens: int) -> d
     stats = BatchStats()
     many = make_complete_many(loaded.model, loaded.tokenizer, chat=chat, max_batch=batch, stats=stats)
     start = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:  # a line per tested problem: a cut-short run still says how far it got
-        print(f"  batch {batch}: {done}/{total} problems tested at {time.perf_counter() - start:.1f} s, "
-              f"{stats.generated_tokens} tokens generated", flush=True)
-
-    result = pass_at_1(None, problems, chat=chat, max_new_tokens=max_new_tokens, complete_many=many, progress=progress)
+    on_outcome, progress = recorder(f"batch {batch}", lambda: stats.generated_tokens, jsonl)
+    result = pass_at_1(None, problems, chat=chat, max_new_tokens=max_new_tokens, complete_many=many, progress=progress,
+                       on_outcome=on_outcome)
     wall = time.perf_counter() - start
     status = {s: sum(o.outcome.status == s for o in result.outcomes) for s in ("passed", "failed", "error", "timeout")}
     return {"batch": batch, "n": result.n, "passed": result.passed, "pass_at_1": result.pass_at_1, "wall_s": wall,
             "s_per_problem": wall / result.n, "generated": stats.generated_tokens, "gen_tok_s": stats.generated_tokens / wall,
             "prefill_tokens": stats.prefill_tokens, "steps": stats.steps, "mean_batch": stats.mean_batch,
-            "status": status, "completions": [o.completion for o in result.outcomes]}
+            "status": status, "completions": [o.completion for o in result.outcomes],
+            "outcomes": {o.task_id: o.outcome.status for o in result.outcomes}}
 
 
 def table(model: str, rows: list[dict], threads: int, chat: bool, start: int) -> str:
@@ -66,7 +86,8 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--chat", choices=("auto", "yes", "no"), default="auto")
-    ap.add_argument("--out", help="write the table (markdown) here and the raw rows beside it as .json")
+    ap.add_argument("--out", help="write the table (markdown) here and the raw rows beside it as .json; each "
+                    "problem's outcome is appended beside it (.b<batch>.jsonl) as soon as it is tested")
     args = ap.parse_args()
 
     import torch
@@ -83,7 +104,8 @@ def main() -> int:
     problems = problems[: args.limit] if args.limit else problems
     rows = []
     for batch in (int(b) for b in args.batch.split(",")):
-        rows.append(run_once(loaded, problems, chat, batch, args.max_new_tokens))
+        jsonl = Path(args.out).with_suffix(f".b{batch}.jsonl") if args.out else None
+        rows.append(run_once(loaded, problems, chat, batch, args.max_new_tokens, jsonl))
         r = rows[-1]
         print(f"batch {batch}: pass@1 {r['pass_at_1']:.1%}, {r['wall_s']:.1f} s, {r['generated']} tokens, "
               f"{r['gen_tok_s']:.1f} tok/s, mean batch {r['mean_batch']:.2f}", flush=True)

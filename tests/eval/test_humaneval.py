@@ -268,7 +268,10 @@ def test_pass_at_1_with_complete_many_out_of_order(problems: list[Problem]) -> N
         return replies  # problem 0 only comes back in the list
 
     seen: list[tuple[int, int]] = []
-    result = pass_at_1(None, problems, complete_many=many, progress=lambda d, t: seen.append((d, t)))
+    reported = []
+    result = pass_at_1(None, problems, complete_many=many, progress=lambda d, t: seen.append((d, t)),
+                       on_outcome=reported.append)
+    assert sorted(reported, key=lambda o: int(o.task_id.split("/")[1])) == list(result.outcomes)  # each once, as tested
     assert asked == [len(problems)]
     assert [o.task_id for o in result.outcomes] == [p.task_id for p in problems]
     assert [o.outcome.status for o in result.outcomes] == ["passed", "failed"] + ["passed"] * (len(problems) - 2)

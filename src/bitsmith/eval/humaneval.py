@@ -366,6 +366,7 @@ def pass_at_1(
     *,
     complete_many: CompleteMany | None = None,
     workers: int = 2,
+    on_outcome: Callable[[TaskOutcome], None] | None = None,
 ) -> HumanEvalResult:
     """Greedy pass@1: one completion per problem, run against its tests.
 
@@ -373,7 +374,8 @@ def pass_at_1(
     e.g. decoded together by :func:`bitsmith.eval.tasks.make_complete_many`); the latter reports each
     reply through its ``on_done`` as soon as it is ready, and that reply's tests start at once on one
     of ``workers`` threads (each runs its solution in its own subprocess), so testing overlaps
-    generation. ``progress(done, total)`` is called after each problem's tests (the CLI draws a bar).
+    generation. ``progress(done, total)`` is called after each problem's tests (the CLI draws a bar), after
+    ``on_outcome(task_outcome)`` with that problem's result (a long run can record them as they come).
     """
     _check_run(problems, complete, complete_many, workers)
     many = complete_many if complete_many is not None else one_at_a_time(complete)  # type: ignore[arg-type]
@@ -382,9 +384,11 @@ def pass_at_1(
     tested: dict[int, tuple[str, Future[Outcome]]] = {}
     finished = [0]
 
-    def count(_future: Future[Outcome]) -> None:
+    def count(index: int, completion: str, future: Future[Outcome]) -> None:
         with lock:  # progress in order: one caller at a time
             finished[0] += 1
+            if on_outcome is not None and future.exception() is None:
+                on_outcome(TaskOutcome(problems[index].task_id, completion, future.result()))
             if progress is not None:
                 progress(finished[0], len(problems))
 
@@ -396,7 +400,7 @@ def pass_at_1(
             completion = extract_completion(problems[index], generated)
             future = pool.submit(run_solution, problems[index], completion, timeout_s)
             tested[index] = (completion, future)
-            future.add_done_callback(count)
+            future.add_done_callback(lambda done, i=index, c=completion: count(i, c, done))
 
         replies = many([build_prompt(p, chat) for p in problems], max_new_tokens, stop_sequences(chat), on_done)
         if len(replies) != len(problems):
