@@ -81,11 +81,16 @@ def _weight_bytes_per_token(model) -> int:
 
     from bitsmith.nn.qlinear import QuantLinear
 
-    seen, total = set(), 0
+    seen, total, alive = set(), 0, []
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            tensors = list(module._kernel.to_state("x").values()) if not getattr(module._kernel, "_shared", False) else [
-                module._kernel.qweight, module._kernel.scale] + ([module._kernel.zero] if module._kernel.zero is not None else [])
+            kernel = module._kernel
+            # what the decode reads: a fused kernel's views, and a 3-bit kernel's codes as held (to_state would
+            # hand back a temporary copy in the file's layout)
+            resident = getattr(kernel, "_shared", False) or getattr(kernel, "mixed3", False)
+            tensors = ([kernel.qweight, kernel.scale] + ([kernel.zero] if kernel.zero is not None else [])
+                       if resident else list(kernel.to_state("x").values()))
+            alive += tensors  # a freed temporary's address may come back: keep each alive while addresses are compared
         elif isinstance(module, torch.nn.Linear):
             tensors = [module.weight]
         else:

@@ -164,3 +164,24 @@ def test_layer_errors_compare_by_kind_over_the_blocks_both_have() -> None:
     # q_proj over blocks 0-1 only (b lacks 2): geomeans 2e-3 both, ratio 1; b lower in block 1 only
     assert "| q_proj | 2 | 2.000e-03 | 2.000e-03 | 1.000 | 1/2 |" in rows
     assert "| down_proj | 1 | 2.000e-02 | 1.000e-02 | 0.500 | 1/1 |" in rows
+
+
+def test_speed_counts_the_bytes_a_3bit_decode_reads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """bench/speed.py's MB/token of a w3 model whose codes are held in the mixed layout: every layer's packed
+    codes, scales and zeros once (session 17's run counted 603 of 766 MB: to_state's temporary copies of the
+    codes were compared by address, and a freed copy's address came back)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    speed = load("speed")
+    import torch
+
+    import bitsmith
+    from bitsmith.nn.qlinear import QuantLinear
+    from tests.tiny import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    folder = bitsmith.quantize(src, tmp_path / "q", "w3g64", "rtn")
+    model = bitsmith.load(folder).model
+    kernels = [m._kernel for m in model.modules() if isinstance(m, QuantLinear)]
+    want = sum(k.qweight.nbytes + k.scale.nbytes + (0 if k.zero is None else k.zero.nbytes) for k in kernels)
+    want += sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert speed._weight_bytes_per_token(model) == want
