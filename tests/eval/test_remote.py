@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.probe.fake_endpoint import send_json
 from tests.tiny import make_tiny_model, sample_text
 
 from bitsmith.eval.humaneval import FENCE_END
@@ -92,12 +93,7 @@ def fake_server(state: FakeLlamaServer) -> Iterator[str]:
             finally:
                 with state.count_lock:
                     state.in_flight -= 1
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, payload)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
