@@ -57,6 +57,7 @@ def sample_windows(model: torch.nn.Module, tokenizer: Any, samples: int, seq_len
     key = cache_keyword(model)
     out = torch.empty(samples, seq_len, dtype=torch.long)
     out[:, 0] = first
+    masked = torch.tensor(sorted(banned), dtype=torch.long)  # once, not per sampled token
     for lo in range(0, samples, batch):
         log.info("sampling calibration windows %d-%d of %d (%d tokens each) from the reference", lo + 1,
                  min(lo + batch, samples), samples, seq_len)
@@ -66,8 +67,8 @@ def sample_windows(model: torch.nn.Module, tokenizer: Any, samples: int, seq_len
         for pos in range(1, seq_len):
             result = model(input_ids=ids, use_cache=True, **{key: past})
             logits = result.logits[:, -1, :].float()
-            if banned:
-                logits[:, sorted(banned)] = float("-inf")
+            if masked.numel():
+                logits[:, masked] = float("-inf")
             probs = torch.softmax(logits, dim=-1)
             ids = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, gens)])[:, None]
             out[lo : lo + len(gens), pos] = ids[:, 0]
