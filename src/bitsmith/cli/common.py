@@ -32,6 +32,11 @@ def friendly_errors() -> Iterator[None]:
 
 
 def progress_bar(transient: bool = True) -> Progress:
+    """rich's live bar on a terminal; elsewhere (a log file, CI) plain lines every ``LINE_INTERVAL_S``."""
+    if not console.is_terminal:
+        from bitsmith.cli.progress import LineProgress
+
+        return LineProgress(console.file, console=console)  # type: ignore[return-value]  # the subset of Progress the commands use
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient,
