@@ -85,16 +85,22 @@ INT8_SHAPES = SHAPES + [("w2g64vq", 70, 1536), ("w3g128vq", 33, 8960 // 5), ("w4
 @needs_vq8
 @pytest.mark.parametrize("text, out, inn", INT8_SHAPES)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_int8_decode_equals_its_oracle(text: str, out: int, inn: int, threads: int) -> None:
+@pytest.mark.parametrize("rows", [1, 3, 8])  # decode; a batched decode or a verify shares each weight row
+def test_int8_decode_equals_its_oracle(text: str, out: int, inn: int, threads: int, rows: int) -> None:
     qt = random_vq(text, out, inn, seed=out * 7 + inn)
     kernel = prepare(qt, RuntimeOptions(threads=threads))
     assert kernel.int8
-    x = torch.randn(1, inn, generator=torch.Generator().manual_seed(inn)) * 3
+    g = torch.Generator().manual_seed(inn + rows)
+    x = torch.randn(rows, inn, generator=g) * torch.rand(rows, 1, generator=g) * 6  # rows of unlike scales
     want = int8_oracle(x, qt)
     got = kernel(x)
     assert torch.allclose(got, want, atol=2e-5 * inn ** 0.5, rtol=1e-5)
     # and it is the int8 arithmetic, not the float one: the two differ by more than float rounding
     assert not torch.allclose(got, reference_linear(x, qt), atol=2e-5 * inn ** 0.5, rtol=1e-5)
+    # a row in a batch gets exactly what it gets alone (same integer sums, same float steps): a batched
+    # greedy decode picks the tokens the one-row decode picks
+    for m in range(1, rows):
+        assert torch.equal(got[m], kernel(x[m:m + 1])[0])
 
 
 @needs_vq8
@@ -128,6 +134,6 @@ def test_int8_decode_declines_lanes_across_groups() -> None:
     x, y = torch.randn(64), torch.full((3,), 7.0)
     packed, scale = torch.zeros(3 * 16 + 64, dtype=torch.uint8), torch.ones(3, 8).half()
     tables = torch.zeros(4, 256, dtype=torch.uint8)
-    took = lib.bs_vq_gemv_int8(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), tables.data_ptr(), 1.0, 3, 64, 4, 8,
-                               8, y.data_ptr(), 1)
+    took = lib.bs_vq_gemm_int8(x.data_ptr(), 1, packed.data_ptr(), scale.data_ptr(), tables.data_ptr(), 1.0, 3, 64,
+                               4, 8, 8, y.data_ptr(), 1)
     assert took == 0 and torch.equal(y, torch.full((3,), 7.0))

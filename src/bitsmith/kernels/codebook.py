@@ -7,7 +7,7 @@ dequantize a few MB of rows at a time (``bs_vq_dequant``) and hand them to torch
 Other devices and autograd fall back to the dequantize-then-matmul oracle.
 
 With ``int8=True`` (``RuntimeOptions.int8_decode``, the default) and an AVX-512 VBMI + VNNI build,
-one activation row instead runs ``bs_vq_gemv_int8`` (csrc/codebook_int8.cpp): the codebook rounded
+1 to 8 activation rows instead run ``bs_vq_gemm_int8`` (csrc/codebook_int8.cpp): the codebook rounded
 once to int8 with one per-codebook scale (``int8_codebook``) and looked up with byte shuffles, the
 activations rounded to int8 per 32-weight block; it equals ``int8_oracle`` exactly (to float rounding).
 """
@@ -38,8 +38,9 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bs_vq_dequant.restype = None
     lib.bs_vq8_available.argtypes = []
     lib.bs_vq8_available.restype = ctypes.c_int
-    lib.bs_vq_gemv_int8.argtypes = [_PTR, _PTR, _PTR, _PTR, ctypes.c_float, _I64, _I64, _I64, _I64, _I64, _PTR, _I64]
-    lib.bs_vq_gemv_int8.restype = ctypes.c_int
+    lib.bs_vq_gemm_int8.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, ctypes.c_float, _I64, _I64, _I64, _I64, _I64, _PTR,
+                                    _I64]
+    lib.bs_vq_gemm_int8.restype = ctypes.c_int
     return lib
 
 
@@ -120,7 +121,7 @@ class CodebookKernel:
         rows = x2.shape[0]
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
         if rows and self.out_features:
-            if rows == 1 and self.int8 and self._gemv_int8(x2, y):
+            if rows <= GEMV_MAX_ROWS and self.int8 and self._gemm_int8(x2, y):
                 pass
             elif rows <= GEMV_MAX_ROWS:
                 self._lib.bs_vq_gemv(x2.data_ptr(), rows, self.qweight.data_ptr(), self.scale.data_ptr(),
@@ -130,10 +131,10 @@ class CodebookKernel:
                 self._blocked(x2, y)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
-    def _gemv_int8(self, x2: torch.Tensor, y: torch.Tensor) -> bool:
-        """One row through csrc/codebook_int8.cpp; False where that path does not take the shape."""
-        return bool(self._lib.bs_vq_gemv_int8(
-            x2.data_ptr(), self.qweight.data_ptr(), self.scale.data_ptr(), self._tables.data_ptr(), self._cb_scale,
+    def _gemm_int8(self, x2: torch.Tensor, y: torch.Tensor) -> bool:
+        """1..8 rows through csrc/codebook_int8.cpp; False where that path does not take the shape."""
+        return bool(self._lib.bs_vq_gemm_int8(
+            x2.data_ptr(), x2.shape[0], self.qweight.data_ptr(), self.scale.data_ptr(), self._tables.data_ptr(), self._cb_scale,
             self.out_features, self.in_features, self.spec.vq_dim, self.spec.index_bits, self._group, y.data_ptr(),
             self._threads()))
 
