@@ -15,9 +15,9 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'bitsmith[gpu]')")
 
-from bitsmith.formats.packing import pack  # noqa: E402
 from bitsmith.kernels.device import DeviceKernel, dequantize_packed  # noqa: E402
-from bitsmith.kernels.triton_gemm import TritonKernel, block_config, interpreter_on, supports  # noqa: E402
+from bitsmith.kernels import triton_gemm  # noqa: E402
+from bitsmith.kernels.triton_gemm import TritonKernel, block_config, interpreter_on, sample_layer, supports  # noqa: E402
 from bitsmith.spec import QuantSpec  # noqa: E402
 from bitsmith.tensor import QuantizedTensor  # noqa: E402
 
@@ -35,25 +35,6 @@ ROWS = (1, 3, 20)
 EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
-def random_packed(spec: QuantSpec, out_features: int, in_features: int, gen: torch.Generator) -> dict:
-    """The tensors a checkpoint stores for one layer: random codes over every level, fp16 scales of both
-    signs, fractional fp16 zeros, a random fp16 grid or codebook where the spec has one."""
-    cols = in_features // spec.vq_dim
-    codes = torch.randint(0, spec.levels, (out_features, cols), generator=gen, dtype=torch.uint8)
-    groups = spec.groups_per_row(in_features)
-    sign = torch.randint(0, 2, (out_features, groups), generator=gen) * 2 - 1
-    state = {"qweight": pack(codes, spec.index_bits),
-             "scale": ((torch.rand(out_features, groups, generator=gen) * 0.09 + 0.01) * sign).half(),
-             "zero": None, "grid": None}
-    if spec.has_zero:
-        state["zero"] = (torch.rand(out_features, groups, generator=gen) * spec.qmax).half()
-    if spec.grid == "vq":
-        state["grid"] = torch.randn(spec.levels, spec.vq_dim, generator=gen).half()
-    elif spec.grid != "uniform":
-        state["grid"] = torch.sort(torch.randn(spec.levels, generator=gen)).values.half()
-    return state
-
-
 def oracle_weight(state: dict, spec: QuantSpec, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """float64 [out, in]: the reference reconstruction in float32, rounded once to ``dtype``."""
     if spec.grid == "vq":  # dequantize_packed knows scalar codes only; the tensor's own reconstruction
@@ -66,7 +47,7 @@ def oracle_weight(state: dict, spec: QuantSpec, in_features: int, dtype: torch.d
 def check_against_oracle(spec_text: str, shape: tuple[int, int], dtype: torch.dtype, seed: int) -> None:
     spec, (out_features, in_features) = QuantSpec.parse(spec_text), shape
     gen = torch.Generator().manual_seed(seed)
-    state = random_packed(spec, out_features, in_features, gen)
+    state = sample_layer(spec, out_features, in_features, gen)
     kernel = TritonKernel(state["qweight"], state["scale"], state["zero"], spec, in_features, DEVICE, state["grid"])
     w = oracle_weight(state, spec, in_features, dtype)
     for rows in ROWS:
@@ -104,7 +85,7 @@ def test_half_inputs_round_the_weights_like_the_device_kernel(spec: str, dtype: 
 
 def make_kernel(spec_text: str, shape: tuple[int, int], seed: int = 0) -> tuple[TritonKernel, dict, QuantSpec]:
     spec = QuantSpec.parse(spec_text)
-    state = random_packed(spec, *shape, torch.Generator().manual_seed(seed))
+    state = sample_layer(spec, *shape, torch.Generator().manual_seed(seed))
     kernel = TritonKernel(state["qweight"], state["scale"], state["zero"], spec, shape[1], DEVICE, state["grid"])
     return kernel, state, spec
 
@@ -159,3 +140,16 @@ def test_k_blocks_never_straddle_a_group(spec: str) -> None:
             block = block_config(rows, qspec, in_features)
             assert block["BLOCK_M"] >= min(rows, 16) and block["USE_DOT"] == (rows > 8)
             assert qspec.groups_per_row(in_features) == 1 or width % block["BLOCK_K"] == 0
+
+
+def test_a_kernel_that_fails_its_self_check_is_not_offered(monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    spec = QuantSpec.parse("w3g32")
+    monkeypatch.setattr(triton_gemm, "_WORKS", {})
+    assert supports(spec, None, 100, DEVICE)
+    monkeypatch.setattr(triton_gemm, "_WORKS", {})
+    monkeypatch.setattr(TritonKernel, "__call__", lambda self, x: DeviceKernel.__call__(self, x) * 1.01)  # 1% off
+    assert not supports(spec, None, 100, DEVICE) and "disagrees with the reference" in caplog.text
+    monkeypatch.setattr(triton_gemm, "_WORKS", {})
+    monkeypatch.setattr(TritonKernel, "__call__", lambda self, x: 1 / 0)  # a compile or launch error
+    assert not supports(spec, None, 100, DEVICE) and "ZeroDivisionError" in caplog.text
