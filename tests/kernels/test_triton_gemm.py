@@ -37,9 +37,6 @@ EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8
 
 def oracle_weight(state: dict, spec: QuantSpec, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """float64 [out, in]: the reference reconstruction in float32, rounded once to ``dtype``."""
-    if spec.grid == "vq":  # dequantize_packed knows scalar codes only; the tensor's own reconstruction
-        qt = QuantizedTensor.from_state(state["qweight"], state["scale"], None, spec, in_features, state["grid"])
-        return qt.dequantize().to(dtype).double()
     return dequantize_packed(state["qweight"], state["scale"], state["zero"], state["grid"], spec, in_features,
                              dtype).double()
 

@@ -32,6 +32,8 @@ CHUNK_ELEMENTS = 1 << 25  # weights dequantized per block (128 MB of float32): f
 def dequantize_packed(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, grid: torch.Tensor | None,
                       spec: QuantSpec, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """[rows, in] in ``dtype``: the reference's float32 ``(q - z) * s`` (or ``grid[q] * s``), rounded once."""
+    if spec.grid == "vq":  # one index per vq_dim weights into the codebook: the tensor's own reconstruction
+        return QuantizedTensor.from_state(qweight, scale, None, spec, in_features, grid).dequantize().to(dtype)
     codes = unpack(qweight, spec.bits, in_features)  # uint8 [R, in]
     rows = codes.shape[0]
     width = spec.group_width(in_features)
