@@ -8,7 +8,11 @@ off the N block), and each case tries the decode tiles (1 and 3 rows) and the tl
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +154,18 @@ def test_a_kernel_that_fails_its_self_check_is_not_offered(monkeypatch: pytest.M
     monkeypatch.setattr(triton_gemm, "_WORKS", {})
     monkeypatch.setattr(TritonKernel, "__call__", lambda self, x: 1 / 0)  # a compile or launch error
     assert not supports(spec, None, 100, DEVICE) and "ZeroDivisionError" in caplog.text
+
+
+# spec:rows:x dtype:compute capability; the bf16 tensor-core dot (which the interpreter cannot run) included
+COMPILE_CASES = ["w3g64:1:fp16:90", "w4g128:512:bf16:90", "w2g64vq:20:fp32:80", "w4g32nf:3:bf16:80"]
+
+
+def test_the_kernel_compiles_for_cuda_targets(tmp_path: Path) -> None:
+    """Triton lowers the kernel to PTX and assembles a cubin without a GPU; in a process without the
+    interpreter (tests/kernels/triton_compile.py), with its cache in a temporary folder."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "tests.kernels.triton_compile", *COMPILE_CASES], env=env,
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert done.stdout.count("cubin") == len(COMPILE_CASES), done.stdout

@@ -83,7 +83,7 @@ def _to_dtype(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _gemm(x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, row_bytes, groups, group_width,
+def gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, row_bytes, groups, group_width,
           CODE_BITS: tl.constexpr, VQ_DIM: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_GRID: tl.constexpr,
           MID: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -244,7 +244,7 @@ class TritonKernel(DeviceKernel):
         spec = self.spec
         launch_grid = (triton.cdiv(rows, block["BLOCK_M"]), triton.cdiv(self.out_features, block["BLOCK_N"]))
         placeholder = self.scale  # never read: the constexpr flags skip the absent zero / grid
-        _gemm[launch_grid](
+        gemm_kernel[launch_grid](
             x2, self.qweight, self.scale, placeholder if self.zero is None else self.zero,
             placeholder if self._grid32 is None else self._grid32, y,
             rows, self.out_features, self.in_features, self.qweight.shape[1], self.scale.shape[1],
