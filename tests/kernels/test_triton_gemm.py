@@ -8,6 +8,7 @@ off the N block), and each case tries the decode tiles (1 and 3 rows) and the tl
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import subprocess
@@ -137,8 +138,8 @@ def test_k_blocks_never_straddle_a_group(spec: str) -> None:
     qspec = QuantSpec.parse(spec)
     for in_features in (13, 100, 4096):
         width = qspec.group_width(in_features)
-        for rows in (1, 5, 8, 9, 512):
-            block = block_config(rows, qspec, in_features)
+        for rows, dtype in itertools.product((1, 5, 8, 9, 512), (torch.float32, torch.float16, torch.bfloat16)):
+            block = block_config(rows, qspec, in_features, dtype)
             assert block["BLOCK_M"] >= min(rows, 16) and block["USE_DOT"] == (rows > 8)
             assert qspec.groups_per_row(in_features) == 1 or width % block["BLOCK_K"] == 0
 

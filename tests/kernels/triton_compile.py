@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -21,21 +22,23 @@ from triton.compiler import ASTSource
 from bitsmith.kernels.triton_gemm import block_config, gemm_kernel
 from bitsmith.spec import QuantSpec
 
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 IN_FEATURES = 4096  # a grouped width: the K block is the group's or the tile's
 
 
 def compile_case(spec_text: str, rows: int, dtype: str, capability: int) -> str:
     """Compile one specialisation of the kernel; returns the stages Triton produced."""
     spec = QuantSpec.parse(spec_text)
+    block = block_config(rows, spec, IN_FEATURES, DTYPES[dtype])
+    warps = block.pop("num_warps")
     constants = dict(CODE_BITS=spec.index_bits, VQ_DIM=spec.vq_dim, HAS_ZERO=spec.has_zero,
-                     HAS_GRID=spec.grid != "uniform", MID=float((spec.qmax + 1) / 2), DOT_FP32=False,
-                     **block_config(rows, spec, IN_FEATURES))
+                     HAS_GRID=spec.grid != "uniform", MID=float((spec.qmax + 1) / 2), DOT_FP32=False, **block)
     signature = {"x_ptr": f"*{dtype}", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "g_ptr": "*fp32",
                  "y_ptr": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32", "groups": "i32",
                  "group_width": "i32"}
     signature.update({name: "constexpr" for name in constants})
     compiled = triton.compile(ASTSource(fn=gemm_kernel, signature=signature, constexprs=constants),
-                              target=GPUTarget("cuda", capability, 32))
+                              target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
     return ",".join(sorted(compiled.asm))
 
 
