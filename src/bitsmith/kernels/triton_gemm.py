@@ -14,8 +14,9 @@ bits, one per ``vq_dim`` weights) the same way.
 On CUDA the kernel is compiled by Triton. On CPU tensors it runs in Triton's interpreter (numpy, far
 slower than the CPU kernels), which Triton switches on only when ``TRITON_INTERPRET=1`` is set before
 it is first imported: that is how CI, which has no GPU, tests this same kernel source against the
-oracle (``tests/conftest.py`` sets it when no GPU is present). :func:`supports` says no to a CPU layer
-unless the interpreter is on, so the selector never picks this kernel on the CPU.
+oracle (``tests/conftest.py`` sets it when no GPU is present), and Triton compiles it for sm_80/sm_90
+without a device (``tests/kernels/triton_compile.py``). :func:`supports` says no to a CPU layer unless
+the interpreter is on, so the selector never picks this kernel on the CPU.
 
 Triton is an optional dependency (the ``gpu`` extra); without it this module does not import and the
 selector keeps the generic :class:`~bitsmith.kernels.device.DeviceKernel`.
