@@ -4,6 +4,20 @@ import os
 import pytest
 
 
+def _interpret_triton_without_a_gpu() -> None:
+    """Triton (the optional ``gpu`` extra) reads TRITON_INTERPRET once, when it is first imported, and
+    any test may import it first (torch.compile does). Without a GPU its interpreter is the only way
+    to run the Triton kernel tests (tests/kernels/test_triton_gemm.py) on CPU tensors, so it is set
+    here, before any test runs; with a GPU those tests run the compiled kernel instead."""
+    import torch
+
+    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_interpret_triton_without_a_gpu()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Tests use small tensors: one thread avoids OpenMP wake-up costs on a busy 2-core machine.

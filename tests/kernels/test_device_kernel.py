@@ -19,6 +19,7 @@ from bitsmith.methods.rtn import rtn as quantize_rtn
 from bitsmith.nn.qembedding import QuantEmbedding
 from bitsmith.nn.qlinear import QuantLinear
 from bitsmith.spec import QuantSpec
+from bitsmith.tensor import QuantizedTensor
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -61,6 +62,18 @@ def test_device_kernel_row_blocks_equal_one_block(monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(blocked(x), whole, atol=1e-6, rtol=1e-5)  # BLAS sums blocks in another order
     torch.testing.assert_close(blocked(x), reference_linear(x, qt), atol=1e-6, rtol=1e-5)
     assert blocked(x).shape == (2, 5, 70)
+
+
+@pytest.mark.parametrize("spec", ["w2g64vq", "w3g128vq", "w4g32vq"])
+def test_device_kernel_takes_vq_codebooks(spec: str) -> None:
+    """vq indices cover vq_dim weights each (they once went through the scalar unpack and failed)."""
+    qspec, gen = QuantSpec.parse(spec), torch.Generator().manual_seed(7)
+    codes = torch.randint(0, qspec.levels, (19, 320 // qspec.vq_dim), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(19, qspec.groups_per_row(320), generator=gen) + 0.5).half()
+    qt = QuantizedTensor(codes, scale, None, qspec, torch.randn(qspec.levels, qspec.vq_dim, generator=gen).half())
+    kernel = as_device_kernel(qt)
+    x = torch.randn(3, 320, generator=gen)
+    torch.testing.assert_close(kernel(x), reference_linear(x, qt), atol=0, rtol=0)
 
 
 def test_device_kernel_rejects_wrong_inputs() -> None:

@@ -32,6 +32,8 @@ CHUNK_ELEMENTS = 1 << 25  # weights dequantized per block (128 MB of float32): f
 def dequantize_packed(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, grid: torch.Tensor | None,
                       spec: QuantSpec, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """[rows, in] in ``dtype``: the reference's float32 ``(q - z) * s`` (or ``grid[q] * s``), rounded once."""
+    if spec.grid == "vq":  # one index per vq_dim weights into the codebook: the tensor's own reconstruction
+        return QuantizedTensor.from_state(qweight, scale, None, spec, in_features, grid).dequantize().to(dtype)
     codes = unpack(qweight, spec.bits, in_features)  # uint8 [R, in]
     rows = codes.shape[0]
     width = spec.group_width(in_features)
@@ -108,12 +110,16 @@ class DeviceKernel:
         return QuantizedTensor.from_state(self.qweight[start:stop], self.scale[start:stop], zero, self.spec,
                                           self.in_features, self.grid)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> None:
+        """A clear error for an input of the wrong width or on another device."""
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"input has {tuple(x.shape)[-1:]} features; this layer takes {self.in_features}")
         if x.device != self.device:
             raise ValueError(f"input is on {x.device} but this layer's weights are on {self.device}; move the model "
                              f"with model.to({str(x.device)!r}) or the input with x.to({str(self.device)!r})")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         if self.out_features <= self._rows:
             return F.linear(x, self._weights(0, self.out_features, x.dtype))
         y = x.new_empty(*x.shape[:-1], self.out_features)  # [..., out]
