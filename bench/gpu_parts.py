@@ -18,6 +18,54 @@ from common import PROSE, text_path
 RESERVE_S = 10  # seconds of a part's cap kept for writing its last row
 
 
+SHAPES_ONLY = "SHAPES_ONLY.txt"  # marks a prepared folder: a model's config and tokenizer, no weights
+RANDOM_WEIGHTS = "RANDOM_WEIGHTS.txt"  # marks a folder whose weights gpu_session.py drew at random
+
+
+def prepare(model: str, folder: Path) -> Path:
+    """On a machine with ``model`` installed: its config and tokenizer (~11 MB for Qwen2.5-Coder-1.5B, no
+    weights) into ``folder``, to carry to the GPU machine, where a 1 GB model file cannot travel."""
+    from bitsmith.models import open_source
+
+    source = open_source(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    source.config.save_pretrained(folder)
+    source.tokenizer().save_pretrained(folder)
+    (folder / SHAPES_ONLY).write_text(f"{model}'s config and tokenizer; bench/gpu_session.py draws random weights\n")
+    return folder
+
+
+def with_weights(model: str, work: Path, device: str) -> str:
+    """The model to measure: ``model`` itself, unless it is a prepared folder (:func:`prepare`): then a
+    folder in ``work`` with random weights of its shapes (HF's initialisation, fp16, drawn on ``device``),
+    made once. Decode and GPTQ times depend on the shapes, not the values; KLD of random weights says
+    nothing about a real model (the rows say ``weights: random``)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(model)
+    if not (folder / SHAPES_ONLY).is_file():
+        return model
+    out = work / f"random-{folder.name}"
+    if (out / RANDOM_WEIGHTS).is_file():
+        return str(out)
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device(device):
+        net = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    net.save_pretrained(out)
+    for item in folder.iterdir():
+        if item.name not in ("config.json", SHAPES_ONLY):
+            shutil.copy(item, out / item.name)
+    (out / RANDOM_WEIGHTS).write_text(f"random weights of {folder.name}'s shapes (bench/gpu_parts.py with_weights)\n")
+    return str(out)
+
+
+def weights_kind(model: str) -> str:
+    return "random" if (Path(model) / RANDOM_WEIGHTS).is_file() else "real"
+
+
 def _dtype(name: str):
     import torch
 
@@ -50,17 +98,33 @@ def kernels_by_kind(model) -> dict[str, list[str]]:
     return {kind: sorted(names) for kind, names in sorted(kinds.items())}
 
 
-def decode_rate(loaded, args: argparse.Namespace) -> tuple[float, list[float]]:
-    """Median decode tok/s of ``--runs`` greedy generations of ``--new-tokens`` (EOS ignored), after one warm-up."""
+def decode_rate(loaded, args: argparse.Namespace) -> dict:
+    """Median decode tok/s of ``--runs`` greedy generations of ``--new-tokens`` (EOS ignored), after one
+    warm-up, on generate's lean runner; where that fails on this device, on the Hugging Face forward
+    (``path`` says which, ``lean_error`` why)."""
     from bitsmith.infer.generate import generate
 
-    def once(tokens: int) -> float:
-        result = generate(loaded.model, loaded.tokenizer, args.prompt, max_new_tokens=tokens, stop_at_eos=False)
-        return result.decode_tok_s
+    def once(tokens: int, lean: bool) -> float:
+        return generate(loaded.model, loaded.tokenizer, args.prompt, max_new_tokens=tokens, stop_at_eos=False,
+                        lean=lean).decode_tok_s
 
-    once(8)
-    rates = [once(args.new_tokens) for _ in range(args.runs)]
-    return statistics.median(rates), rates
+    row: dict = {"path": "lean"}
+    try:
+        once(8, True)
+    except Exception as exc:  # noqa: BLE001 -- a one-shot GPU session reports and goes on
+        row = {"path": "hf", "lean_error": f"{type(exc).__name__}: {exc}"[:300]}
+        once(8, False)
+    rates = [once(args.new_tokens, row["path"] == "lean") for _ in range(args.runs)]
+    return {"tok_s": statistics.median(rates), "runs": rates, **row}
+
+
+def attempt(out: Path, part: str, label: str, fn) -> dict | None:
+    """``fn()``, or None after writing a row with its error: one failing row must not end a one-shot session."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001
+        _row(out, part, {"variant": label, "error": f"{type(exc).__name__}: {exc}"[:500]})
+        return None
 
 
 def prose_windows(tokenizer, count: int):
@@ -93,34 +157,63 @@ def rtn_checkpoint(args: argparse.Namespace, spec: str) -> tuple[Path, float]:
 
 
 def part_decode(args: argparse.Namespace) -> int:
-    import torch
-
     deadline = time.monotonic() + (args.cap or 1e9) - RESERVE_S
     print(f"## decode: {args.model}, batch 1, {args.new_tokens} new tokens x {args.runs} runs (median), "
           f"{args.dtype} activations on {args.device}; KLD vs the unquantized {args.dtype} model, {args.windows} x 512 tokens",
           flush=True)
     reference = load_on(args.model, args)
     wins = prose_windows(reference.tokenizer, args.windows)
-    base, rates = decode_rate(reference, args)
-    _row(args.out, "decode", {"variant": args.dtype, "tok_s": base, "runs": rates, "x_unquantized": 1.0})
+    base = attempt(args.out, "decode", args.dtype, lambda: decode_rate(reference, args))
+    if base is not None:
+        _row(args.out, "decode", {"variant": args.dtype, "weights": weights_kind(args.model), **base, "x_unquantized": 1.0})
     last = 0.0  # seconds the previous variant took: the next is started only if as much is left
     for spec in [s for s in args.variants.split(",") if s]:
         t0 = time.monotonic()
         if t0 + last > deadline:
-            _row(args.out, "decode", {"variant": spec, "skipped": f"{deadline - time.monotonic():.0f} s left of the cap"})
+            _row(args.out, "decode", {"variant": spec, "skipped": f"{deadline - t0:.0f} s left of the cap"})
             continue
-        path, quantize_s = rtn_checkpoint(args, spec)
-        loaded = load_on(path, args)
-        rate, rates = decode_rate(loaded, args)
-        row = {"variant": f"rtn {spec}", "tok_s": rate, "runs": rates, "x_unquantized": rate / base,
-               "quantize_cpu_s": quantize_s, "kernels": kernels_by_kind(loaded.model)}
-        row.update(kld(loaded, reference, wins))
-        _row(args.out, "decode", row)
-        del loaded
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        row = attempt(args.out, "decode", f"rtn {spec}", lambda: decode_variant(args, spec, reference, wins))
+        if row is not None:
+            row["x_unquantized"] = row["tok_s"] / base["tok_s"] if base else None
+            _row(args.out, "decode", row)
         last = time.monotonic() - t0
     return 0
+
+
+def decode_variant(args: argparse.Namespace, spec: str, reference, wins) -> dict:
+    """One RTN checkpoint: made on the CPU, loaded onto the device, its decode rate, kernels and KLD."""
+    import torch
+
+    path, quantize_s = rtn_checkpoint(args, spec)
+    loaded = load_on(path, args)
+    row = {"variant": f"rtn {spec}", "weights": weights_kind(args.model), **decode_rate(loaded, args),
+           "quantize_cpu_s": quantize_s, "kernels": kernels_by_kind(loaded.model), **kld(loaded, reference, wins)}
+    del loaded
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def device_agreement(device: str, out_features: int = 512, in_features: int = 1536, tokens: int = 4096) -> dict:
+    """GPTQ w4g128 of one random layer (correlated random inputs) on ``device`` and on the CPU: the share of
+    equal codes and each one's relative output error on the inputs (summation order differs, so a few codes
+    may differ; the errors should agree to a few percent)."""
+    import torch
+
+    from bitsmith.methods import LayerStats
+    from bitsmith.methods.gptq import gptq, layer_error
+    from bitsmith.spec import QuantSpec
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, in_features, generator=g) @ torch.randn(in_features, in_features, generator=g) / in_features**0.5
+    h, w, spec = x.T @ x, torch.randn(out_features, in_features, generator=g) * 0.02, QuantSpec.parse("w4g128")
+    stats = LayerStats(hessian=h, importance=h.diagonal() / tokens, tokens=tokens)
+    cpu = gptq(w, spec, stats, {})
+    dev_stats = LayerStats(hessian=h.to(device), importance=stats.importance.to(device), tokens=tokens)
+    on_device = gptq(w.to(device), spec, dev_stats, {}).to("cpu")
+    return {"check": f"gptq w4g128 of a random {out_features}x{in_features} layer, {device} vs cpu",
+            "codes_equal": float((cpu.codes == on_device.codes).float().mean()),
+            "output_error_cpu": layer_error(w, cpu.weight(), h), "output_error_device": layer_error(w, on_device.weight(), h)}
 
 
 def part_gptq(args: argparse.Namespace) -> int:
@@ -131,6 +224,9 @@ def part_gptq(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     print(f"## gptq: {args.model} {args.gptq_spec} on {args.device}, {args.calib_samples} x 512 calibration tokens", flush=True)
+    check = attempt(args.out, "gptq", "device check", lambda: device_agreement(args.device))
+    if check is not None:
+        _row(args.out, "gptq", check)
     on_cuda = device.type == "cuda"  # the tests run this part on the CPU with a tiny model
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -139,7 +235,7 @@ def part_gptq(args: argparse.Namespace) -> int:
                     calibration=CalibrationConfig(samples=args.calib_samples, seq_len=512), device=args.device,
                     overwrite=True)
     wall = time.perf_counter() - t0
-    row = {"variant": f"gptq {args.gptq_spec}", "wall_s": wall, "peak_device_gb": torch.cuda.max_memory_allocated(device) / 1e9 if on_cuda else None,
+    row = {"variant": f"gptq {args.gptq_spec}", "weights": weights_kind(args.model), "wall_s": wall, "peak_device_gb": torch.cuda.max_memory_allocated(device) / 1e9 if on_cuda else None,
            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
     _row(args.out, "gptq", row)
     reference = load_on(args.model, args)

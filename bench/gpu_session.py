@@ -1,6 +1,11 @@
 """One GPU session: what issue 18 asks a lent GPU to measure, in one command, under 8 minutes.
 
-    timeout 480 python bench/gpu_session.py --out $OUT
+    timeout 480 python bench/gpu_session.py --out $OUT [--model FOLDER]
+
+A model file cannot travel to a lent GPU machine (64 MiB per call), so a session first runs, where the
+model is installed, ``python bench/gpu_session.py --prepare .gpu_session/qwen`` (its config and tokenizer,
+~11 MB, no weights), carries that folder and passes it as ``--model``: the script then draws random weights
+of the model's shapes there, once (decode and GPTQ times depend on shapes; every row says ``weights``).
 
 Parts, in this order, each in its own process under a time cap (GPU memory and peaks start clean for
 each). A part that would get less than half its cap from what is left of ``--budget`` is skipped with a
@@ -22,8 +27,8 @@ output is ``$OUT/<part>.log``, its figures ``$OUT/<part>.jsonl`` (one JSON objec
   kernels  ``bench/gpu_kernels.py``'s table on the 1.5B's shapes.
 
 The reference is the unquantized model in ``--dtype`` (fp16 by default) on the GPU, not PROTOCOL's float32:
-the KLD figures say so. Nothing is downloaded: the model is the installed package's. Without CUDA the script
-says so and runs nothing. Checkpoints go to ``--work`` (default: bench/common.py's work folder).
+the KLD figures say so. Nothing is downloaded: the model is the installed package's, or a prepared folder
+given random weights. Without CUDA the script says so and runs nothing. Checkpoints go to ``--work`` (default: bench/common.py's work folder).
 """
 
 from __future__ import annotations
@@ -120,7 +125,7 @@ def forwarded(args: argparse.Namespace) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="folder for the timetable, logs and figures")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the timetable, logs and figures (required but with --prepare)")
     ap.add_argument("--work", type=Path, default=None, help="folder for checkpoints (default: bench work folder gpu-session)")
     ap.add_argument("--budget", type=float, default=455, help="seconds for all parts together (default 455)")
     ap.add_argument("--parts", default=",".join(p.name for p in PARTS), help="which parts, in order (default: all)")
@@ -136,9 +141,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gptq-spec", default="w4g128", help="the gptq part's spec (default w4g128)")
     ap.add_argument("--calib-samples", type=int, default=128, help="GPTQ calibration sequences of 512 tokens")
     ap.add_argument("--kernel-shapes", default="8960x1536,1536x8960,151936x1536", help="gpu_kernels.py --shapes")
+    ap.add_argument("--prepare", type=Path, default=None, metavar="DIR",
+                    help="write --model's config and tokenizer (no weights) to DIR and stop: run here, carry DIR to "
+                         "the GPU machine (the model file cannot travel) and pass it there as --model")
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)  # run one part in this process
     ap.add_argument("--cap", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.out is None and args.prepare is None:
+        ap.error("--out is required: the folder for the timetable, logs and figures (e.g. --out $OUT)")
     known = {p.name for p in PARTS}
     chosen = [p for p in args.parts.split(",") if p]
     if not chosen or any(p not in known for p in chosen):
@@ -161,24 +171,34 @@ def cuda_refusal(device: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    sys.path.insert(0, str(HERE))  # bench/common.py and bench/gpu_parts.py
+    if args.prepare is not None:  # here, where the model is installed: no GPU needed
+        from gpu_parts import prepare
+
+        print(f"{prepare(args.model, args.prepare)}: config and tokenizer of {args.model}; carry it to the GPU "
+              f"machine and pass it as --model")
+        return 0
+    if args.part is not None:  # one part, started by the timetable below (which checked the device)
+        from gpu_parts import PART_FUNCTIONS
+
+        return PART_FUNCTIONS[args.part](args)
     refusal = cuda_refusal(args.device)
     if refusal:
         print(refusal)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(HERE))  # bench/common.py and bench/gpu_parts.py
     if args.work is None:
         from common import work_dir
 
         args.work = work_dir("gpu-session")
-    if args.part is not None:
-        from gpu_parts import PART_FUNCTIONS
-
-        return PART_FUNCTIONS[args.part](args)
     print(environment(), flush=True)
     parts = [p for name in args.parts.split(",") for p in PARTS if p.name == name]
     start = time.monotonic()
-    rows = run_timetable(parts, args.budget, subprocess_runner(args))
+    from gpu_parts import with_weights
+
+    args.model = with_weights(args.model, args.work, args.device)  # a prepared folder: random weights, made once
+    print(f"model: {args.model} ({time.monotonic() - start:.1f} s to make ready)", flush=True)
+    rows = run_timetable(parts, args.budget - (time.monotonic() - start), subprocess_runner(args))
     table = timetable(rows, time.monotonic() - start)
     (args.out / "timetable.md").write_text(environment() + "\n\n" + table + "\n")
     print(table)

@@ -76,4 +76,42 @@ def test_parts_run_end_to_end_on_the_cpu(session, tmp_path, monkeypatch) -> None
     assert all(r["tok_s"] > 0 and len(r["runs"]) == 1 for r in decode)
     assert set(decode[1]["kernels"]) >= {"q_proj", "down_proj"} and decode[2]["kld_mean"] > decode[1]["kld_mean"] >= 0
     gptq = [json.loads(line) for line in (args.out / "gptq.jsonl").read_text().splitlines()]
-    assert gptq[0]["wall_s"] > 0 and gptq[0]["peak_device_gb"] is None and gptq[1]["kld_mean"] >= 0
+    assert gptq[0]["codes_equal"] == 1.0 and gptq[0]["output_error_cpu"] == gptq[0]["output_error_device"] > 0  # cpu vs cpu
+    assert gptq[1]["wall_s"] > 0 and gptq[1]["peak_device_gb"] is None and gptq[2]["kld_mean"] >= 0
+
+
+def test_a_prepared_folder_gets_random_weights_once(session, tmp_path, monkeypatch) -> None:
+    """--prepare writes config and tokenizer only (what can travel to the GPU machine); there the script
+    draws random weights of those shapes once into its work folder, marked as random in every row."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(session.__file__).parent))
+    sys.modules.pop("gpu_parts", None)
+    parts = __import__("gpu_parts")
+    model = make_tiny_model(tmp_path / "tiny", "qwen2")
+    assert session.main(["--out", str(tmp_path / "out"), "--model", str(model), "--prepare", str(tmp_path / "shapes")]) == 0
+    assert not list((tmp_path / "shapes").glob("*.safetensors")) and (tmp_path / "shapes" / "config.json").is_file()
+    made = parts.with_weights(str(tmp_path / "shapes"), tmp_path / "work", "cpu")
+    assert parts.weights_kind(made) == "random" and parts.weights_kind(str(model)) == "real"
+    assert parts.with_weights(made, tmp_path / "work", "cpu") == made  # a folder with weights is used as it is
+    assert parts.with_weights(str(tmp_path / "shapes"), tmp_path / "work", "cpu") == made  # made once
+    from bitsmith.runtime.load import load_model
+
+    loaded = load_model(made)
+    assert loaded.model.config.hidden_size == 64 and loaded.tokenizer("the cat")["input_ids"]
+
+
+def test_a_part_runs_in_its_own_process_with_the_options_given(session, tmp_path) -> None:
+    """The timetable's runner starts ``gpu_session.py --part NAME`` with the options it was given (here the
+    gptq part of a tiny model on the CPU) and reports a part that overruns its cap as stopped."""
+    model = make_tiny_model(tmp_path / "tiny", "qwen2", max_position_embeddings=1024)
+    args = session.parse_args(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--model", str(model),
+                               "--device", "cpu", "--calib-samples", "2", "--gptq-spec", "w4g32", "--windows", "1"])
+    args.out.mkdir()
+    args.work.mkdir()
+    run = session.subprocess_runner(args)
+    assert run(session.Part("gptq", 300, ""), 300) == ("ok", "")
+    rows = [json.loads(line) for line in (args.out / "gptq.jsonl").read_text().splitlines()]
+    assert [r.get("variant") for r in rows] == [None, "gptq w4g32", "gptq w4g32"] and rows[1]["weights"] == "real"
+    assert "## gptq:" in (args.out / "gptq.log").read_text()
+    assert run(session.Part("decode", 0.5, ""), 0.5) == ("stopped at cap", "its rows so far are in decode.log")

@@ -3,6 +3,7 @@ identical to no device at all, and the CPU-only paths (native kernels, AMX, fpma
 off the CPU. CUDA itself is not here: meta tensors stand in for "not on the CPU", and
 bench/gpu_session.py runs the real thing where a GPU is lent."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from bitsmith.calib.stats import StatsAccumulator
 from bitsmith.cli import main
 from bitsmith.methods import native
 from bitsmith.methods.gptq import gptq_walk
-from bitsmith.pipeline.device import NO_CUDA, check_device, check_device_plan, to_device
+from bitsmith.pipeline.device import NO_CUDA, batch_workers, check_device, check_device_plan, to_device
 from bitsmith.pipeline.layerwise import quantize_blocks
 from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.spec import QuantSpec
@@ -74,8 +75,9 @@ def test_cli_refuses_cuda_before_any_work(tiny, tmp_path, capsys) -> None:
 
 
 def test_device_cpu_is_byte_identical_to_no_device(tiny, tmp_path) -> None:
-    """The same checkpoint files, byte for byte, from the CLI with --device cpu and without it (GPTQ with a
-    calibrated head: block forwards, Hessians, the solve and the head all go through the device code)."""
+    """The same checkpoint from the CLI with --device cpu and without it (GPTQ with a calibrated head: block
+    forwards, Hessians, the solve and the head all go through the device code): every file byte for byte,
+    but safetensors' header (its metadata keys' order varies: tensors compared) and the report's seconds."""
     text = tmp_path / "calib.txt"
     text.write_text(sample_text(3000))
     common = ["quantize", str(tiny), "--method", "gptq", "--spec", "w4g32", "--calib", str(text), "--calib-samples", "5",
@@ -84,11 +86,22 @@ def test_device_cpu_is_byte_identical_to_no_device(tiny, tmp_path) -> None:
     assert main([*common, "--device", "cpu", "--out", str(tmp_path / "cpu")]) == 0
     files = sorted(p.name for p in (tmp_path / "plain").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "cpu").iterdir())
+
+    def untimed(value):
+        if isinstance(value, dict):
+            return {k: untimed(v) for k, v in value.items() if k != "seconds"}
+        return [untimed(v) for v in value] if isinstance(value, list) else value
+
     for name in files:
-        if name.endswith(".safetensors"):  # safetensors writes its metadata keys in a random order: compare tensors
+        a_path, b_path = tmp_path / "plain" / name, tmp_path / "cpu" / name
+        if name == "bitsmith.json":
+            assert untimed(json.loads(a_path.read_text())) == untimed(json.loads(b_path.read_text()))
+        elif not name.endswith(".safetensors"):
+            assert a_path.read_bytes() == b_path.read_bytes(), name
+        else:  # safetensors writes its metadata keys in a random order: compare tensors
             from safetensors.torch import load_file
 
-            a, b = load_file(str(tmp_path / "plain" / name)), load_file(str(tmp_path / "cpu" / name))
+            a, b = load_file(str(a_path)), load_file(str(b_path))
             assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
 
 
@@ -105,6 +118,12 @@ def test_plan_device_cpu_runs_the_device_code_with_the_same_result(tiny, tmp_pat
         outs[name] = load_file(str(quantize_blocks(tiny, tmp_path / name, plan, calib) / "model.safetensors"))
     assert set(outs["plain"]) == set(outs["cpu"])
     assert all(torch.equal(outs["plain"][k], outs["cpu"][k]) for k in outs["plain"])
+
+
+def test_batches_run_one_at_a_time_off_the_cpu() -> None:
+    """The CPU keeps run_batches' default (a thread per core); a GPU gets one batch at a time."""
+    assert batch_workers("cpu") is None and batch_workers(torch.device("cpu")) is None
+    assert batch_workers(torch.device("cuda", 0)) == 1 and batch_workers("meta") == 1
 
 
 def test_block_calls_move_with_their_structure() -> None:

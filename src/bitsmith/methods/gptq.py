@@ -276,7 +276,10 @@ def _group_params(
 
 
 def _chunks(groups: torch.Tensor) -> list[slice]:
-    """Cache-sized row chunks of groups [out, G, gs] for the range searches (rows are independent)."""
+    """Cache-sized row chunks of groups [out, G, gs] for the range searches (rows are independent); one
+    chunk off the CPU (a GPU gains nothing from L2-sized pieces and pays a launch per operation and chunk)."""
+    if groups.device.type != "cpu":
+        return [slice(0, groups.shape[0])]
     return row_chunks(groups.shape[0], groups[0].numel(), SEARCH_CHUNK_WEIGHTS)
 
 

@@ -62,6 +62,14 @@ def check_device_plan(device: str, quantizer: str, transforms: tuple[str, ...], 
         raise ValueError(f"{', '.join(transforms)} cannot run on {device} yet; drop it or use --device cpu")
 
 
+def batch_workers(device: Any) -> int | None:
+    """Threads for the calibration batches of one pass (:func:`bitsmith.pipeline.batches.run_batches`):
+    its default (one per core) on the CPU; one off it, where each operation already fills the device and
+    batches run side by side would hold that many batches' activations at once (16 threads x a 7B MLP's
+    8 x 512 x 18,944 intermediates is ~7 GB of a 24 GB card)."""
+    return None if str(device) == CPU else 1
+
+
 def to_device(value: Any, device: Any) -> Any:
     """``value`` with every tensor in it (nested tuples, lists and dicts; a block's call arguments:
     masks, rotary tables, positions) moved to ``device``; anything else as it is. On the tensors'

@@ -43,7 +43,7 @@ from bitsmith.models.family import HEAD_WEIGHT
 from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
 from bitsmith.pipeline.embedding import release_embedding, rtn_by_rows
-from bitsmith.pipeline.device import to_device
+from bitsmith.pipeline.device import batch_workers, to_device
 from bitsmith.pipeline.common import (
     STORAGE_DTYPES, check_layers, finish_folder, fits_fp16, kept_report, layer_report, quantizable_layers,
     sqnr_db_by_rows, storage, summary,
@@ -393,7 +393,7 @@ def _next_inputs(block: nn.Module, store: ActivationStore, calls: list[BlockCall
         out.tensor[slices[b]] = (result[0] if isinstance(result, tuple) else result).to(out.tensor.device)
 
     with replay.active(record=False):
-        for _ in run_batches(forward, len(slices)):
+        for _ in run_batches(forward, len(slices), batch_workers(device)):
             pass
     replay.clear()
 

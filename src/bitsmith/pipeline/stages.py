@@ -21,6 +21,7 @@ from bitsmith.methods import LayerStats, Method
 from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall
 from bitsmith.pipeline.common import layer_report, sqnr_db_by_rows
+from bitsmith.pipeline.device import batch_workers
 from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.pipeline.replay import OutputReplay, SpilledTail
 from bitsmith.primitives import sqnr_db
@@ -123,7 +124,7 @@ def stage_stats(
     hook = first.register_forward_pre_hook(catch)
     try:
         with replay.active(tail_of=tail_of) if replay is not None else nullcontext():
-            for _, x in run_batches(run, len(slices)):  # in batch order: the sums do not depend on threads
+            for _, x in run_batches(run, len(slices), batch_workers(device)):  # in batch order: the sums do not depend on threads
                 if x is None:
                     continue
                 acc.add(x)
@@ -247,5 +248,5 @@ def rtn_dequantized(weight: torch.Tensor, spec) -> torch.Tensor:
                                DEFAULT_CLIP_GRID, weight.shape[1])
     if fast is not None:
         return quantize_with_params(weight.float(), fast[0], fast[1], spec).dequantize()
-    chunks = row_chunks(weight.shape[0], weight.shape[1], RTN_CHUNK_WEIGHTS)
+    chunks = row_chunks(weight.shape[0], weight.shape[1], RTN_CHUNK_WEIGHTS if weight.device.type == "cpu" else weight.numel())
     return torch.cat(map_chunks(lambda rows: rtn(weight[rows], spec, None, {}).dequantize(), chunks))
