@@ -115,3 +115,20 @@ def test_a_part_runs_in_its_own_process_with_the_options_given(session, tmp_path
     assert [r.get("variant") for r in rows] == [None, "gptq w4g32", "gptq w4g32"] and rows[1]["weights"] == "real"
     assert "## gptq:" in (args.out / "gptq.log").read_text()
     assert run(session.Part("decode", 0.5, ""), 0.5) == ("stopped at cap", "its rows so far are in decode.log")
+
+
+def test_the_whole_session_on_the_cpu(session, tmp_path, monkeypatch) -> None:
+    """main as a GPU session runs it, with the CUDA check bypassed: a prepared folder gets its random
+    weights, the gptq part runs in its process, the kernels part (gpu_kernels.py: no CUDA here) fails with
+    its return code, and the timetable says so."""
+    model = make_tiny_model(tmp_path / "tiny", "qwen2", max_position_embeddings=1024)
+    assert session.main(["--model", str(model), "--prepare", str(tmp_path / "shapes")]) == 0
+    monkeypatch.setattr(session, "cuda_refusal", lambda device: None)
+    out = tmp_path / "out"
+    assert session.main(["--out", str(out), "--work", str(tmp_path / "work"), "--model", str(tmp_path / "shapes"),
+                         "--device", "cpu", "--parts", "gptq,kernels", "--calib-samples", "2", "--gptq-spec", "w4g32",
+                         "--windows", "1", "--budget", "500"]) == 0
+    table = (out / "timetable.md").read_text()
+    assert "| gptq | 170 |" in table and "| ok |" in table and "| kernels | 50 |" in table and "failed (rc 1)" in table
+    rows = [json.loads(line) for line in (out / "gptq.jsonl").read_text().splitlines()]
+    assert rows[1]["weights"] == "random" and (tmp_path / "work" / "random-shapes" / "RANDOM_WEIGHTS.txt").is_file()
