@@ -172,3 +172,13 @@ def test_native_paths_are_skipped_off_the_cpu(monkeypatch) -> None:
     stats = acc.stats()
     assert stats.hessian.device.type == "meta" and stats.importance.device.type == "meta" and stats.tokens == 21
 
+
+
+def test_compute_dtype_auto_follows_the_gpu(monkeypatch) -> None:
+    """--compute-dtype auto on a CUDA device: bf16 where the GPU multiplies it natively, else fp32; the CPU's
+    own rule (tests/cli/test_cli.py) is untouched."""
+    from bitsmith.pipeline.plan import resolve_compute_dtype
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda v=native: v)
+        assert resolve_compute_dtype("auto", "cuda:0") == expected and resolve_compute_dtype("fp32", "cuda") == "fp32"
