@@ -37,6 +37,7 @@ def quantize(
     calibration: str | Path | CalibrationConfig | None = None,
     options: dict[str, Any] | None = None,
     compute_dtype: str = "auto",
+    device: str = "cpu",
     output_spec: str | QuantSpec | None = "w8",
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
@@ -49,19 +50,21 @@ def quantize(
     command line; calibrated methods without ``calibration`` use the shipped State of the Union
     text (``"prose"``), AWQ and vq the built-in prose + code text (``"prose+code"``). ``options`` are the
     method's own (e.g. ``{"clip_search": False}``); ``compute_dtype`` (auto, bf16, fp32) is that of
-    calibrated block forwards. ``output_spec`` quantizes the embedding
+    calibrated block forwards, ``device`` (cpu, cuda, cuda:N) where they and the methods compute. ``output_spec`` quantizes the embedding
     table and the head (default ``w8``, as on the command line; ``None`` or ``"keep"`` leaves them
     unquantized)."""
     from bitsmith.calib.data import CalibrationConfig
     from bitsmith.pipeline.outputs import parse_output_spec, with_output_spec
+    from bitsmith.pipeline.device import check_device
     from bitsmith.pipeline.plan import QuantizePlan, default_method, resolve_compute_dtype
     from bitsmith.pipeline.quantize import quantize as run
 
     parsed = spec if isinstance(spec, QuantSpec) else QuantSpec.parse(spec)
     calib = calibration if isinstance(calibration, CalibrationConfig) or calibration is None else (
         CalibrationConfig(text=Path(calibration)))
+    device = check_device(device)  # before compute_dtype's auto asks the device
     plan = QuantizePlan(parsed, method or default_method(calibration is not None), dict(options or {}),
-                        compute_dtype=resolve_compute_dtype(compute_dtype), calib=calib)
+                        compute_dtype=resolve_compute_dtype(compute_dtype, device), calib=calib, device=device)
     outputs = parse_output_spec(output_spec) if isinstance(output_spec, str) else output_spec
     plan = with_output_spec(plan, model, outputs)
     return run(model, Path(out), plan, progress=progress, overwrite=overwrite)

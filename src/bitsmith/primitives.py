@@ -27,13 +27,13 @@ def to_groups(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return weight.reshape(out_features, groups, width)
 
 
-def group_mask(spec: QuantSpec, in_features: int) -> torch.Tensor | None:
-    """[G, gs] bool marking real weights (None when every group is full)."""
+def group_mask(spec: QuantSpec, in_features: int, device: torch.device | str | None = None) -> torch.Tensor | None:
+    """[G, gs] bool marking real weights (None when every group is full), on ``device`` (default the CPU)."""
     width = spec.group_width(in_features)
     groups = spec.groups_per_row(in_features)
     if groups * width == in_features:
         return None
-    return (torch.arange(groups * width) < in_features).reshape(groups, width)
+    return (torch.arange(groups * width, device=device) < in_features).reshape(groups, width)
 
 
 def from_groups(grouped: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -140,7 +140,7 @@ def fit_grid(normalized: torch.Tensor, weights: torch.Tensor | None, bits: int, 
     if values.numel() > max_samples:  # a deterministic stride sample keeps this cheap on big tensors
         step = values.numel() // max_samples
         values, w = values[::step], w[::step]
-    grid = nf_grid(bits)
+    grid = nf_grid(bits).to(values.device)
     for _ in range(iters):
         codes = nearest_grid_codes(values, grid)
         mass = torch.zeros_like(grid).index_add_(0, codes, w)

@@ -51,19 +51,25 @@ class StatsAccumulator:
     importance (mean x^2) still covers every token. For quantizers that need no Hessian the
     pipeline keeps one only for its report's output error, and the full product was the largest
     cost of an AWQ + RTN block on Qwen2.5-1.5B (the 8960 x 8960 down_proj input: 6.6 TFLOP over
-    128 x 512 tokens, for a report figure)."""
+    128 x 512 tokens, for a report figure).
 
-    def __init__(self, in_features: int, products: str = "fp32", hessian_tokens: int | None = None) -> None:
+    ``device``: where the sums live and the products run (the inputs must be there); off the CPU they
+    are plain float32 (or bf16, ``products="bf16"``) torch GEMMs, the CPU-only AMX kernel and oneDNN
+    fpmath mode are not used."""
+
+    def __init__(self, in_features: int, products: str = "fp32", hessian_tokens: int | None = None,
+                 device: "torch.device | str" = "cpu") -> None:
         if products not in ("fp32", "bf16"):
             raise ValueError(f"products must be 'fp32' or 'bf16', got {products!r}")
         if hessian_tokens is not None and hessian_tokens < 1:
             raise ValueError(f"hessian_tokens must be >= 1 or None, got {hessian_tokens}")
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32)  # [in, in]
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # [in, in]
+        self._cpu = self.hessian.device.type == "cpu"
         self.tokens = 0
         self.products = products
         self.hessian_tokens = hessian_tokens
         self._in_hessian = 0  # tokens summed into the Hessian so far
-        self._squares = None if hessian_tokens is None else torch.zeros(in_features, dtype=torch.float64)
+        self._squares = None if hessian_tokens is None else torch.zeros(in_features, dtype=torch.float64, device=device)
         n = in_features
         panels = PANELS if n >= 2 * SYMMETRIC_FROM else 2  # narrower panels lose more to the GEMM's edges
         self._cuts = ([round(n * i / panels) for i in range(panels + 1)] if n >= SYMMETRIC_FROM else None)
@@ -78,7 +84,7 @@ class StatsAccumulator:
             if x.shape[0] == 0:
                 return
         self._in_hessian += x.shape[0]
-        exact_bf16 = self.products == "fp32" and x.dtype == torch.bfloat16
+        exact_bf16 = self.products == "fp32" and x.dtype == torch.bfloat16 and self._cpu  # the CPU-only paths
         if exact_bf16 and self._native_add(x):
             return
         x = x.to(torch.bfloat16) if self.products == "bf16" else x.float()

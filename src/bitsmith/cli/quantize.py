@@ -50,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--report-dtype", choices=["bf16", "fp32"], default="bf16",
                    help="products of the per-layer reports' output errors: bf16 (default: bf16 operands, fp32 sums, "
                         "~2x faster; figures within ~1e-3 relative of fp32's) or fp32 (exact float32 products)")
+    c.add_argument("--device", default="cpu",
+                   help="where calibrated runs (gptq, rtn with --calib) compute: cpu (default), cuda or cuda:N; each block "
+                        "goes to the GPU for its forwards, Hessians and solve, the model as a whole never does")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run: a calibrated one from its last finished block, "
                    "a calibration-free one (rtn, hqq) from its last finished output shard")
     p.set_defaults(run=run)
@@ -62,13 +65,13 @@ def default_method(args: argparse.Namespace) -> str:
     return args.method or library_default(args.calib is not None)
 
 
-def compute_dtype(choice: str):
-    """The torch dtype of the calibrated block forwards for --compute-dtype (auto: bf16 where the CPU
-    has native bf16 instructions; :func:`bitsmith.pipeline.plan.resolve_compute_dtype`)."""
+def compute_dtype(choice: str, device: str = "cpu"):
+    """The torch dtype of the calibrated block forwards for --compute-dtype (auto: bf16 where the CPU,
+    or the CUDA ``device``, has native bf16 instructions; :func:`bitsmith.pipeline.plan.resolve_compute_dtype`)."""
     from bitsmith.pipeline.common import STORAGE_DTYPES
     from bitsmith.pipeline.plan import resolve_compute_dtype
 
-    return STORAGE_DTYPES[resolve_compute_dtype(choice)]
+    return STORAGE_DTYPES[resolve_compute_dtype(choice, device)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     # --out before any work (the --budget sensitivity pass alone takes minutes): an existing path without
     # --overwrite, or with it anything but an earlier checkpoint, is refused now
     Destination(Path(args.out), "checkpoint", args.overwrite, CheckpointError).check()
+    from bitsmith.pipeline.device import check_device
+
+    device = check_device(args.device)  # before anything reads the model (the plan checks the method for it)
     args.method = default_method(args)
     options = {**({"clip_search": False} if args.no_clip_search else {}), **({"awq": True} if args.awq else {}),
                **({"rotate": True} if args.rotate else {}),
@@ -97,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
     plan = QuantizePlan(
         spec=QuantSpec.parse(args.spec), method=args.method, options=options,
         quantize_head=args.quantize_head, quantize_embeddings=args.quantize_embeddings, unquantized_dtype=args.unquantized_dtype,
-        compute_dtype=dtype_name(compute_dtype(args.compute_dtype)), hessian_dtype=args.hessian_dtype,
-        report_dtype=args.report_dtype,
+        compute_dtype=dtype_name(compute_dtype(args.compute_dtype, device)), hessian_dtype=args.hessian_dtype,
+        report_dtype=args.report_dtype, device=device, calib=_device_calib(args, device),
     )
     plan = _outputs(args, plan)
     calib = None
@@ -125,6 +131,16 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"warning: {layer['name']} is not quantized: {layer[KEPT]}", markup=False)
     out.print(f"{path}  ({dir_size_mb(path):.1f} MB)")
     return 0
+
+
+def _device_calib(args: argparse.Namespace, device: str):
+    """The calibration the plan is first built with: none (the run decides below), except off the CPU,
+    where the plan must know now that the run is calibrated (it refuses an uncalibrated --device run)."""
+    if device == "cpu" or args.calib is None:
+        return None
+    from bitsmith.calib import CalibrationConfig
+
+    return CalibrationConfig(text=args.calib)
 
 
 def _outputs(args: argparse.Namespace, plan):

@@ -50,24 +50,27 @@ class Method(Protocol):
 class MethodInfo:
     """A registered method: the function, what it needs, its typed options (a frozen dataclass
     with ``from_dict``, or None when it reads its few options itself), and the built-in calibration
-    text it uses when the user names none (None: the library's default)."""
+    text it uses when the user names none (None: the library's default). ``any_device``: the method
+    computes on the device of the weight it is given (torch operations only off the CPU, its native
+    kernels skipped there), so the calibrated pipeline may run it on an accelerator (``--device``)."""
 
     name: str
     fn: Method
     needs: Needs = Needs.NOTHING
     options: type | None = None
     calib_text: str | None = None
+    any_device: bool = False
 
 
 METHODS: dict[str, MethodInfo] = {}
 
 
 def register(name: str, needs: Needs = Needs.NOTHING, options: type | None = None,
-             calib_text: str | None = None) -> Callable[[Method], Method]:
+             calib_text: str | None = None, any_device: bool = False) -> Callable[[Method], Method]:
     """Decorator: register ``fn`` under ``name``; it stays a plain function."""
 
     def wrap(fn: Method) -> Method:
-        METHODS[name] = MethodInfo(name, fn, needs, options, calib_text)
+        METHODS[name] = MethodInfo(name, fn, needs, options, calib_text, any_device)
         return fn
 
     return wrap

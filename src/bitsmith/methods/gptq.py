@@ -169,7 +169,7 @@ def _layer_errors(weight: torch.Tensor, dequant_rows: Callable[[slice], list[tor
     # H is symmetric: e H e^T from its upper block triangle (diagonal blocks once, the blocks right of
     # them twice), (c + 1) / 2c of the full product's multiply-adds with c column panels
     cuts = [round(n * i / ERROR_PANELS) for i in range(ERROR_PANELS + 1)] if n >= ERROR_PANELS_FROM else [0, n]
-    totals = torch.zeros(count + relative, dtype=torch.float64)
+    totals = torch.zeros(count + relative, dtype=torch.float64, device=h.device)
     out_features = weight.shape[0]
     step = max(rows, chunk_rows // rows * rows)  # whole inner chunks per call: the inner loop is unchanged
     for outer in range(0, out_features, step):
@@ -219,7 +219,7 @@ def _damped_inverse_factor(hessian: torch.Tensor, rev: torch.Tensor, damp: float
     diag = h.diagonal()
     diag[diag <= 0] = 1.0
     diag.add_(damp * diag.mean().item())
-    _, info = torch.linalg.cholesky_ex(h, out=(h, torch.empty((), dtype=torch.int32)))  # in place
+    _, info = torch.linalg.cholesky_ex(h, out=(h, torch.empty((), dtype=torch.int32, device=h.device)))  # in place
     if int(info) != 0:
         return None
     upper = flip_both_(lower_inverse_(h))  # [in, in]
@@ -240,7 +240,7 @@ def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, perm: torch.Ten
     # With J the reversal, J H J = L L^T gives H = R R^T, R = J L J upper, so H^-1 = U^T U with
     # U = R^-1 = J L^-1 J: one factorization and one triangular inverse, no explicit inverse
     # (as accurate; LAPACK's potri also stalls badly on an oversubscribed CPU).
-    rev = (torch.arange(n) if perm is None else perm).flip(0)
+    rev = (torch.arange(n, device=hessian.device) if perm is None else perm).flip(0)
     damp = max(damp_percent, 1e-6)
     for attempt in range(DAMP_RETRIES + 1):
         upper = _damped_inverse_factor(hessian, rev, damp)
@@ -262,7 +262,7 @@ def _group_params(
     [in]; fp16-rounded, the values a loader will see. zero is None for grids."""
     stats = LayerStats(importance=importance)
     groups = to_groups(weight, spec)  # [out, G, gs]
-    mask, weights = group_mask(spec, weight.shape[1]), channel_weights(stats, spec, weight.shape[1])
+    mask, weights = group_mask(spec, weight.shape[1], weight.device), channel_weights(stats, spec, weight.shape[1])
     if grid is not None:
         parts = map_chunks(lambda rows: fit_grid_scales(groups[rows], grid, mask, weights, steps), _chunks(groups))
         return torch.cat(parts).half().float(), None
@@ -276,7 +276,10 @@ def _group_params(
 
 
 def _chunks(groups: torch.Tensor) -> list[slice]:
-    """Cache-sized row chunks of groups [out, G, gs] for the range searches (rows are independent)."""
+    """Cache-sized row chunks of groups [out, G, gs] for the range searches (rows are independent); one
+    chunk off the CPU (a GPU gains nothing from L2-sized pieces and pays a launch per operation and chunk)."""
+    if groups.device.type != "cpu":
+        return [slice(0, groups.shape[0])]
     return row_chunks(groups.shape[0], groups[0].numel(), SEARCH_CHUNK_WEIGHTS)
 
 
@@ -314,8 +317,9 @@ def gptq_walk(
     codes were 5 x the weights' size: 0.9 GB on a 17920 x 1536 stage)."""
     w_t = weight_t
     n = w_t.shape[0]
-    codes_t = torch.empty(w_t.shape, dtype=torch.uint8)
-    lib = native.library() if refit is None and grid is None and zero_g is not None else None
+    codes_t = torch.empty(w_t.shape, dtype=torch.uint8, device=w_t.device)
+    native_case = refit is None and grid is None and zero_g is not None and native.on_cpu(w_t, upper)
+    lib = native.library() if native_case else None
     groups = torch.tensor(group_of, dtype=torch.int64) if lib is not None else None
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -356,7 +360,7 @@ def _walk_rows(weight: torch.Tensor, perm: torch.Tensor, upper: torch.Tensor, sc
     weight (0.93 GB on a 151,936 x 1,536 head).
     Dynamic groups (``refit``) refit every row of a group at once and walk whole."""
     out_features, in_features = weight.shape
-    codes = torch.empty(out_features, in_features, dtype=torch.uint8)
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=weight.device)
     step = out_features if refit is not None else max(256, WALK_WEIGHTS // max(1, in_features) // 256 * 256)
     for start in range(0, out_features, step):
         rows = slice(start, min(start + step, out_features))
@@ -370,17 +374,18 @@ def _walk_rows(weight: torch.Tensor, perm: torch.Tensor, upper: torch.Tensor, sc
     return codes
 
 
-def _checked_hessian(stats: LayerStats | None, in_features: int) -> torch.Tensor:
-    """``stats.hessian`` as float32 [in, in], or a clear error when it is missing or the wrong shape."""
+def _checked_hessian(stats: LayerStats | None, in_features: int, device: torch.device) -> torch.Tensor:
+    """``stats.hessian`` as float32 [in, in] on ``device`` (the weight's), or a clear error when it is
+    missing or the wrong shape."""
     if stats is None or stats.hessian is None:
         raise ValueError("gptq needs calibration data; pass --calib or use rtn/hqq")
     if tuple(stats.hessian.shape) != (in_features, in_features):
         shape = tuple(stats.hessian.shape)
         raise ValueError(f"gptq: Hessian shape {shape} does not match the layer's {in_features} inputs")
-    return stats.hessian.float()
+    return stats.hessian.to(device=device, dtype=torch.float32)
 
 
-@register("gptq", needs=Needs.HESSIAN, options=GPTQOptions)
+@register("gptq", needs=Needs.HESSIAN, options=GPTQOptions, any_device=True)
 def gptq(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, options: dict | None = None) -> QuantizedTensor:
     """GPTQ (Algorithm 1) with act-order and static groups. Needs ``stats.hessian`` [in, in]: any
     positive multiple of X X^T (the sum over calibration tokens, or the mean).
@@ -390,12 +395,13 @@ def gptq(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None,
     opts = GPTQOptions.from_dict(options)
     weight = weight.float()
     out_features, in_features = weight.shape
-    hessian = _checked_hessian(stats, in_features)
+    hessian = _checked_hessian(stats, in_features, weight.device)  # the method computes where the weight is
     importance = hessian.diagonal().clamp_min(0)  # ∝ mean squared input; 0 for dead channels
     steps = opts.clip_grid if opts.clip_search else 0
     grid = grid_for(weight, spec, LayerStats(importance=importance))  # fit grids see the original weights
 
-    perm = torch.argsort(importance, descending=True, stable=True) if opts.act_order else torch.arange(in_features)
+    perm = (torch.argsort(importance, descending=True, stable=True) if opts.act_order
+            else torch.arange(in_features, device=weight.device))
     # the factorization and the walk's GEMMs of a narrow layer are a few GFLOP in many small calls:
     # one thread is faster than a barrier per call (methods.parallel); wide layers keep every core
     threads = 1 if in_features <= SINGLE_THREAD_WIDTH else torch.get_num_threads()

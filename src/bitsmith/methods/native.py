@@ -34,6 +34,12 @@ def library() -> ctypes.CDLL | None:
     })
 
 
+def on_cpu(*tensors: torch.Tensor | None) -> bool:
+    """Whether every given tensor is on the CPU: the native functions read raw pointers, so a tensor on
+    an accelerator (the calibrated pipeline's ``--device``) takes the torch path instead."""
+    return all(t is None or t.device.type == "cpu" for t in tensors)
+
+
 def _threads(weights: int) -> int:
     return 1 if weights < MIN_PARALLEL_WEIGHTS else max(1, torch.get_num_threads())
 
@@ -44,8 +50,9 @@ def _ptr(t: torch.Tensor) -> int:
 
 def vq_nearest(vectors: torch.Tensor, codebook: torch.Tensor, half_norms: torch.Tensor) -> torch.Tensor | None:
     """Index of the entry maximising ``x . c - half_norms`` for each of vectors [N, d] (the nearest
-    codebook row, first on a tie) -> int64 [N]; None without the native library (the torch path then)."""
-    lib = library()
+    codebook row, first on a tie) -> int64 [N]; None without the native library or off the CPU (the torch
+    path then)."""
+    lib = library() if on_cpu(vectors, codebook, half_norms) else None
     if lib is None:
         return None
     x = vectors.float().contiguous()
@@ -78,8 +85,8 @@ def range_search(groups: torch.Tensor, spec: QuantSpec, mask: torch.Tensor | Non
                  steps: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`bitsmith.methods.rtn.fit_group_ranges` (affine specs, ``steps`` > 0) for groups
     [out, G, gs] of a weight with ``in_features`` inputs: (scale, zero) [out, G, 1]. None when the
-    native path does not apply (no library, a grid spec, no search)."""
-    lib = library()
+    native path does not apply (no library, a grid spec, no search, tensors off the CPU)."""
+    lib = library() if on_cpu(groups, weights, mask) else None
     if lib is None or steps <= 0 or spec.grid != "uniform":
         return None
     from bitsmith.methods.rtn import MIN_SHRINK

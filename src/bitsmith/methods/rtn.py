@@ -169,16 +169,17 @@ def minmax_params(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
 
 
 def grid_for(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None) -> torch.Tensor | None:
-    """The level grid a non-uniform spec uses for this tensor: fixed (nf) or fitted (fit)."""
+    """The level grid a non-uniform spec uses for this tensor: fixed (nf) or fitted (fit), on the weight's device."""
     if spec.grid != "fit":
-        return default_grid(spec)
+        grid = default_grid(spec)
+        return None if grid is None else grid.to(weight.device)
     groups = to_groups(weight.float(), spec)
     absmax = groups.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
     weights = channel_weights(stats, spec, weight.shape[1])
     return fit_grid(groups / absmax, None if weights is None else weights.expand_as(groups), spec.bits)
 
 
-@register("rtn")
+@register("rtn", any_device=True)
 def rtn(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, options: dict | None = None) -> QuantizedTensor:
     """options: ``clip_search`` (bool, default True) and ``clip_grid`` (int steps)."""
     options = options or {}
@@ -188,7 +189,7 @@ def rtn(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, 
         return quantize_with_params(weight, *minmax_params(weight, spec), spec)
     weight = weight.float()
     groups = to_groups(weight, spec)  # [out, G, gs]
-    mask, weights = group_mask(spec, in_features), channel_weights(stats, spec, in_features)
+    mask, weights = group_mask(spec, in_features, weight.device), channel_weights(stats, spec, in_features)
     levels = grid_for(weight, spec, stats)
     if levels is not None:
         return quantize_with_params(weight, fit_grid_scales(groups, levels, mask, weights, steps), None, spec, levels)

@@ -24,12 +24,12 @@ def lower_inverse_(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
     no trtri), and one (n/2)^2 temporary."""
     n = lower.shape[0]
     if n <= leaf:
-        lower.copy_(torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False))
+        lower.copy_(torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device), upper=False))
         return lower
     half = n // 2
     lower_inverse_(lower[:half, :half], leaf)
     lower_inverse_(lower[half:, half:], leaf)
-    right = torch.empty(n - half, half, dtype=lower.dtype)
+    right = torch.empty(n - half, half, dtype=lower.dtype, device=lower.device)
     _times_lower(lower[half:, :half], lower[:half, :half], right, leaf)  # C A^-1
     corner = lower[half:, :half]
     _lower_times(lower[half:, half:], right, corner, leaf)  # D^-1 (C A^-1), over C (read above)

@@ -43,6 +43,7 @@ from bitsmith.models.family import HEAD_WEIGHT
 from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall, batch_slices, capture_block_calls
 from bitsmith.pipeline.embedding import release_embedding, rtn_by_rows
+from bitsmith.pipeline.device import batch_workers, to_device
 from bitsmith.pipeline.common import (
     STORAGE_DTYPES, check_layers, finish_folder, fits_fp16, kept_report, layer_report, quantizable_layers,
     sqnr_db_by_rows, storage, summary,
@@ -239,7 +240,9 @@ def _state_key(source: Any, plan: QuantizePlan, calib: torch.Tensor, dtype: torc
     return {"model": str(source.path), "spec": str(plan.spec), "layer_specs": layer_specs, "method": plan.method, "options": options,
             "quantize_head": plan.quantize_head, "quantize_embeddings": plan.quantize_embeddings,
             "unquantized_dtype": plan.unquantized_dtype, "calib": tokens_digest(calib), "calib_shape": list(calib.shape),
-            "compute_dtype": str(dtype).removeprefix("torch."), "batch_size": plan.batch_size}
+            "compute_dtype": str(dtype).removeprefix("torch."), "batch_size": plan.batch_size,
+            # another device sums in another order: no bit-identical resume across devices (a CPU key is as before)
+            **({"device": plan.device} if plan.device != "cpu" else {})}
 
 
 def _hidden_size(net: nn.Module, config: Any) -> int:
@@ -334,7 +337,8 @@ def _process_block(
     from bitsmith.models import block_linears
 
     slices = batch_slices(store.tensor.shape[0], plan.batch_size)
-    compute_dtype = store.tensor.dtype
+    compute_dtype, device = store.tensor.dtype, torch.device(plan.device)
+    calls = to_device(calls, device)  # masks and rotary tables, once per block (the same objects on the CPU)
     with torch.no_grad():
         _apply_transforms(block, store, calls, plan)
         linears = block_linears(block)
@@ -344,28 +348,28 @@ def _process_block(
         masters = {rel: lin.weight.detach().float() for rel, lin in linears.items()}
         tensors = {f"{block_prefix}.{rel}": storage(t.detach(), plan.unquantized_dtype)
                    for rel, t in block.state_dict().items() if rel.removesuffix(".weight") not in linears}
-        block.to(compute_dtype)
-        stages = block_stages(block, linears, store.tensor[slices[0]], calls[0], {} if known_stages is None else known_stages)
+        block.to(device=device, dtype=compute_dtype)  # the masters above stay fp32 on the CPU
+        stages = block_stages(block, linears, store.tensor[slices[0]].to(device), calls[0],
+                              {} if known_stages is None else known_stages)
         hessian_cap = report_hessian_tokens(plan.quantizer)
         replay = OutputReplay(block, linears, len(slices), plan.replay_bytes)
         specs, reports = {}, []
         for stage in stages:
             stats = stage_stats(block, linears[stage[0]], store, slices, calls, replay,
                                 stage[0] if len(stage) == 1 else None, plan.hessian_dtype, hessian_cap,
-                                spill=state.path / TAIL_FILE.format(stage[0]))
-            names = [f"{block_prefix}.{rel}" for rel in stage]
-            weights = [masters.pop(rel) for rel in stage]
+                                spill=state.path / TAIL_FILE.format(stage[0]), device=device)
+            names, weights = [f"{block_prefix}.{rel}" for rel in stage], [masters.pop(rel) for rel in stage]
             results = quantize_stage(names, weights, _before_solve(stats, heap_keep), method, plan)
             del stats
             for j, (rel, name, (qt, report)) in enumerate(zip(stage, names, results)):
                 weight, weights[j] = weights[j], None  # dropped once done: the peak stays in quantize_stage
                 if fits_fp16(qt):
-                    linears[rel].weight = nn.Parameter(qt.weight().to(compute_dtype), requires_grad=False)
+                    linears[rel].weight = nn.Parameter(qt.weight().to(device=device, dtype=compute_dtype), requires_grad=False)
                     tensors.update(qt.to_state(name))
                     specs[name] = qt.entry()
                     reports.append(report)
                 else:  # the overflow rule (pipeline.common): the layer stays fp32
-                    linears[rel].weight = nn.Parameter(weight.to(compute_dtype), requires_grad=False)
+                    linears[rel].weight = nn.Parameter(weight.to(device=device, dtype=compute_dtype), requires_grad=False)
                     tensors[f"{name}.weight"] = weight.float()
                     reports.append(kept_report(name, weight))
                 del weight
@@ -373,18 +377,25 @@ def _process_block(
             _trim_heap(heap_keep)  # the solve's and the swap's freed heap, before the next pass starts
         index = int(block_prefix.rsplit(".", 1)[1])
         out = ActivationStore.create(tuple(store.tensor.shape), compute_dtype, state.inputs_file(index + 1), plan.spill_bytes)
-        def forward(b: int) -> None:  # batches in parallel threads (pipeline.batches), disjoint rows of out
-            replay.batch = b
-            result = block(store.tensor[slices[b]], *calls[b][0], **calls[b][1])
-            out.tensor[slices[b]] = result[0] if isinstance(result, tuple) else result
-
-        with replay.active(record=False):
-            for _ in run_batches(forward, len(slices)):
-                pass
-        replay.clear()
+        _next_inputs(block, store, calls, slices, replay, out, device)
     out.save(state.inputs_file(index + 1))
     store.close()
     return tensors, specs, reports, out
+
+
+def _next_inputs(block: nn.Module, store: ActivationStore, calls: list[BlockCall], slices: list[slice],
+                 replay: OutputReplay, out: ActivationStore, device: torch.device) -> None:
+    """The quantized block's outputs (the next block's inputs) into ``out``: each batch copied to ``device``
+    for the forward and its output back to ``out`` on the CPU; then the replay is cleared."""
+    def forward(b: int) -> None:  # batches in parallel threads (pipeline.batches), disjoint rows of out
+        replay.batch = b
+        result = block(store.tensor[slices[b]].to(device), *calls[b][0], **calls[b][1])
+        out.tensor[slices[b]] = (result[0] if isinstance(result, tuple) else result).to(out.tensor.device)
+
+    with replay.active(record=False):
+        for _ in run_batches(forward, len(slices), batch_workers(device)):
+            pass
+    replay.clear()
 
 
 def _apply_transforms(block: nn.Module, store: ActivationStore, calls: list[BlockCall], plan: QuantizePlan) -> None:

@@ -32,15 +32,19 @@ def default_method(calibration_given: bool) -> str:
     return "gptq" if calibration_given else "hqq"
 
 
-def resolve_compute_dtype(choice: str) -> str:
+def resolve_compute_dtype(choice: str, device: str = "cpu") -> str:
     """The dtype name ("bf16" or "fp32") of calibrated block forwards for a choice of auto, bf16 or
     fp32. ``auto`` picks bf16 only where the CPU has bf16 dot-product instructions: elsewhere bf16
     GEMMs are emulated and slower than fp32. Measured on SmolLM2: one bf16 forward over 128 x 512
-    tokens 71 s vs 128 s in fp32, and GPTQ's KLD 0.1413 (bf16 forwards) vs 0.1445 (fp32)."""
+    tokens 71 s vs 128 s in fp32, and GPTQ's KLD 0.1413 (bf16 forwards) vs 0.1445 (fp32). On a CUDA
+    ``device`` (checked: :func:`bitsmith.pipeline.device.check_device`) ``auto`` is bf16 where the GPU
+    multiplies bf16 natively (Ampere and later)."""
     if choice != "auto":
         return choice
     import torch
 
+    if device != "cpu":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     try:  # private helpers (torch >= 2.3); without them, stay on the safe side
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except AttributeError:
@@ -87,6 +91,7 @@ class QuantizePlan:
     batch_size: int = DEFAULT_BATCH_SIZE
     spill_bytes: int = DEFAULT_SPILL_BYTES
     replay_bytes: int = DEFAULT_REPLAY_BYTES
+    device: str = "cpu"  # where calibrated runs compute (pipeline.device): cpu, cuda, cuda:N
     quantizer: str = field(init=False)  # the method that quantizes each layer
     transforms: tuple[str, ...] = field(init=False)  # applied to each block before the quantizer
     run_options: dict[str, Any] = field(init=False)  # ``options`` with the plan's defaults; recorded
@@ -110,6 +115,10 @@ class QuantizePlan:
         object.__setattr__(self, "quantizer", quantizer)
         object.__setattr__(self, "transforms", transforms)
         object.__setattr__(self, "run_options", run_options)
+        from bitsmith.pipeline.device import check_device, check_device_plan
+
+        object.__setattr__(self, "device", check_device(self.device))
+        check_device_plan(self.device, quantizer, transforms, self.needs_calibration)
 
     def quantizer_fn(self) -> "Method":
         """The quantizer as the pipelines call it: the method wrapped by any basis transform (rotate)."""
@@ -139,7 +148,8 @@ class QuantizePlan:
     def recorded_options(self) -> dict[str, Any]:
         """The options as the checkpoint records them (the calibrated run adds its calibration)."""
         return {**self.run_options, "quantize_head": self.quantize_head, "quantize_embeddings": self.quantize_embeddings,
-                "unquantized_dtype": self.unquantized_dtype}
+                "unquantized_dtype": self.unquantized_dtype,
+                **({"device": self.device} if self.device != "cpu" else {})}  # a CPU run records what it always did
 
     # -- the head/embedding policy: the tied-head rule lives here and nowhere else ---------------------
     def unties_head(self, tensor_names: list[str]) -> bool:

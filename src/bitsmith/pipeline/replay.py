@@ -250,27 +250,28 @@ class SpilledTail:
     per block) to make it again. Written once by the stage's statistics pass, read back per batch
     (``os.pread``: the final pass's batch threads read concurrently) as the same bits. Counts 0 bytes
     against the budget; plain writes and reads, not a memory map, so the file's pages are not the
-    process's resident set."""
+    process's resident set. Tensors on an accelerator (``--device``) are written from a CPU copy and
+    read back onto the device they came from."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        self._items: list[tuple[int, tuple, torch.dtype]] = []  # offset, shape, dtype per batch
+        self._items: list[tuple[int, tuple, torch.dtype, torch.device]] = []  # offset, shape, dtype, device per batch
         self._end = 0
 
     def append(self, x: torch.Tensor) -> None:
-        raw = memoryview(x.detach().contiguous().view(-1).view(torch.uint8).numpy())  # its bytes, any dtype
+        raw = memoryview(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())  # its bytes, any dtype
         done = 0
         while done < raw.nbytes:  # unbuffered: a later pread sees every byte
             done += os.pwrite(self._fd, raw[done:], self._end + done)
-        self._items.append((self._end, tuple(x.shape), x.dtype))
+        self._items.append((self._end, tuple(x.shape), x.dtype, x.device))
         self._end += raw.nbytes
 
     def __len__(self) -> int:
         return len(self._items)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        offset, shape, dtype = self._items[index]
+        offset, shape, dtype, device = self._items[index]
         out = torch.empty(shape, dtype=dtype)
         buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
         done = 0
@@ -279,7 +280,7 @@ class SpilledTail:
             if got <= 0:
                 raise OSError(f"{self.path} is shorter than the activations written to it")
             done += got
-        return out
+        return out.to(device)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -21,6 +21,7 @@ from bitsmith.methods import LayerStats, Method
 from bitsmith.pipeline.batches import run_batches
 from bitsmith.pipeline.capture import ActivationStore, BlockCall
 from bitsmith.pipeline.common import layer_report, sqnr_db_by_rows
+from bitsmith.pipeline.device import batch_workers
 from bitsmith.pipeline.plan import QuantizePlan
 from bitsmith.pipeline.replay import OutputReplay, SpilledTail
 from bitsmith.primitives import sqnr_db
@@ -90,15 +91,16 @@ def block_stages(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.
 def stage_stats(
     block: nn.Module, first: nn.Linear, store: ActivationStore, slices: list[slice], calls: list[BlockCall],
     replay: "OutputReplay | None" = None, tail_of: str | None = None, hessian_dtype: str = "fp32",
-    hessian_tokens: int | None = None, spill: Path | None = None,
+    hessian_tokens: int | None = None, spill: Path | None = None, device: "torch.device | str" = "cpu",
 ) -> LayerStats:
     """Input statistics of a stage over all calibration batches: the block runs only up to the
     stage's first linear (the hook stops it there), replaying final sub-modules. ``tail_of``, the
     name of a stage's only linear, also hands its input per batch to ``replay`` as a tail (see
     :class:`OutputReplay`), as far as the replay budget allows. ``hessian_tokens`` caps the tokens
     in the Hessian (:class:`StatsAccumulator`; the importance covers all). A tail beyond the replay
-    budget goes to the file ``spill`` (:class:`SpilledTail`) when given, else is not kept."""
-    acc = StatsAccumulator(first.in_features, hessian_dtype, hessian_tokens)
+    budget goes to the file ``spill`` (:class:`SpilledTail`) when given, else is not kept. ``device``: where
+    the block is; each batch is copied there from ``store`` (on the CPU), and the statistics sum there."""
+    acc = StatsAccumulator(first.in_features, hessian_dtype, hessian_tokens, device)
     keep = replay.tail_recorder(tail_of) if replay is not None and tail_of else None
     tail_of = tail_of if keep is not None else None
     caught = threading.local()  # each thread's stage input (batches run in parallel threads)
@@ -113,7 +115,7 @@ def stage_stats(
         caught.x = None
         args, kwargs = calls[b]
         try:
-            block(store.tensor[slices[b]], *args, **kwargs)
+            block(store.tensor[slices[b]].to(device), *args, **kwargs)
         except _StopForward:
             pass
         x, caught.x = caught.x, None  # the thread-local must not keep it: see the loop below
@@ -122,7 +124,7 @@ def stage_stats(
     hook = first.register_forward_pre_hook(catch)
     try:
         with replay.active(tail_of=tail_of) if replay is not None else nullcontext():
-            for _, x in run_batches(run, len(slices)):  # in batch order: the sums do not depend on threads
+            for _, x in run_batches(run, len(slices), batch_workers(device)):  # in batch order: the sums do not depend on threads
                 if x is None:
                     continue
                 acc.add(x)
@@ -157,24 +159,41 @@ def quantize_stage(names: list[str], weights: list[torch.Tensor], stats: LayerSt
                     plan: QuantizePlan) -> list[tuple]:
     """Quantize a stage's layers (they share ``stats``): in one call when the method can take them
     together (``method.many``, e.g. GPTQ's one walk over the stacked rows) and they share a spec,
-    else one by one. Returns (QuantizedTensor, report) per layer."""
+    else one by one. Returns (QuantizedTensor, report) per layer. The method and the reports run on
+    ``plan.device`` (weights and statistics are copied there); the tensors come back on the CPU."""
     specs = [plan.spec_for(n) for n in names]
     many = getattr(method, "many", None)
     if many is None or len(names) < 2 or any(s != specs[0] for s in specs):
         return [quantize_linear(n, w, stats, method, plan) for n, w in zip(names, weights)]
+    weights, stats = [w.to(plan.device) for w in weights], stats_on(stats, plan.device)
     t0 = time.perf_counter()
     qts = many(weights, specs[0], stats, plan.method_options())
     elapsed = (time.perf_counter() - t0) / len(names)
-    return [(qt, _linear_report(n, w, qt, stats, method, elapsed, plan.report_dtype))
+    return [(to_cpu(qt), _linear_report(n, w, qt, stats, method, elapsed, plan.report_dtype))
             for n, w, qt in zip(names, weights, qts)]
 
 
 def quantize_linear(name: str, weight: torch.Tensor, stats: LayerStats, method: Method, plan: QuantizePlan):
     """Quantize one layer; its report adds ``output_error``, the relative squared output error
-    ||X W^T - X Wq^T||^2 / ||X W^T||^2 on the calibration inputs, and plain RTN's for comparison."""
+    ||X W^T - X Wq^T||^2 / ||X W^T||^2 on the calibration inputs, and plain RTN's for comparison.
+    Computed on ``plan.device``; the QuantizedTensor comes back on the CPU."""
+    weight, stats = weight.to(plan.device), stats_on(stats, plan.device)
     t0 = time.perf_counter()
     qt = method(weight, plan.spec_for(name), stats, plan.method_options())
-    return qt, _linear_report(name, weight, qt, stats, method, time.perf_counter() - t0, plan.report_dtype)
+    return to_cpu(qt), _linear_report(name, weight, qt, stats, method, time.perf_counter() - t0, plan.report_dtype)
+
+
+def stats_on(stats: LayerStats, device: "torch.device | str") -> LayerStats:
+    """``stats`` with its tensors on ``device`` (itself when they are there already, or None)."""
+    if stats is None or all(t is None or t.device == torch.device(device) for t in (stats.hessian, stats.importance)):
+        return stats
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return LayerStats(hessian=move(stats.hessian), importance=move(stats.importance), tokens=stats.tokens)
+
+
+def to_cpu(qt):
+    """A QuantizedTensor on the CPU, where the checkpoint is written (itself when it is there)."""
+    return qt if qt.codes.device.type == "cpu" else qt.to("cpu")
 
 
 def _linear_report(name: str, weight: torch.Tensor, qt, stats: LayerStats, method: Method, seconds: float,
@@ -229,5 +248,5 @@ def rtn_dequantized(weight: torch.Tensor, spec) -> torch.Tensor:
                                DEFAULT_CLIP_GRID, weight.shape[1])
     if fast is not None:
         return quantize_with_params(weight.float(), fast[0], fast[1], spec).dequantize()
-    chunks = row_chunks(weight.shape[0], weight.shape[1], RTN_CHUNK_WEIGHTS)
+    chunks = row_chunks(weight.shape[0], weight.shape[1], RTN_CHUNK_WEIGHTS if weight.device.type == "cpu" else weight.numel())
     return torch.cat(map_chunks(lambda rows: rtn(weight[rows], spec, None, {}).dequantize(), chunks))
