@@ -48,7 +48,8 @@ def run(args: argparse.Namespace, url: str, tokenizer, chat: bool) -> dict:
     from bitsmith.eval.humaneval import build_prompt, load_problems, pass_at_1
     from bitsmith.eval.remote import ServerStats, check_prompts, make_server_complete_many
 
-    problems = load_problems(args.limit or None)
+    problems = load_problems()[args.start:]
+    problems = problems[: args.limit] if args.limit else problems
     checks = check_prompts(url, tokenizer, [build_prompt(p, chat) for p in problems[: args.check]], chat)
     for p, c in zip(problems, checks):
         print(f"  prompt check {p.task_id}: sent {c.sent_tokens} ids, server counted {c.server_tokens}, "
@@ -75,7 +76,8 @@ def main() -> int:
     ap.add_argument("gguf", type=Path, help="the GGUF file llama-server loads")
     ap.add_argument("--tokenizer", required=True, help="model whose tokenizer and chat template make the prompts "
                     "(checkpoint, Hugging Face folder or alias); the GGUF's own model")
-    ap.add_argument("--limit", type=int, default=0, help="first N problems (0: all 164)")
+    ap.add_argument("--limit", type=int, default=0, help="first N problems from --start (0: all to the end)")
+    ap.add_argument("--start", type=int, default=0, help="skip the first S problems (split a long run into parts)")
     ap.add_argument("--parallel", type=int, default=8, help="server slots and requests in flight")
     ap.add_argument("--ctx-per-slot", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1, help="llama-server --threads and --threads-batch")
@@ -85,6 +87,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="write the result (per-problem statuses and completions) here as JSON; "
                     "each problem's outcome is appended beside it (.jsonl) as soon as it is tested")
     args = ap.parse_args()
+    if args.start < 0 or args.limit < 0:
+        ap.error("--start and --limit take counts of problems, 0 or more")
 
     from bitsmith.eval.remote import ServerError
     from bitsmith.eval.tasks import has_chat_template
