@@ -18,7 +18,8 @@ tinygemm's offset).
   per output row) for 8-bit uniform codes with one group per row (``w8``, ``w8s``). bitsmith's codes are
   0..255 with a zero ``z``: ``w = (q - 128) * s + (128 - z) * s``, so the op gets ``q - 128`` as int8 and
   the row offset ``m = (128 - z) * s`` is added as ``sum(x) * m`` (float32). Device memory: [out, in] int8
-  plus two float32 values per row.
+  plus two float32 values per row. The CPU variant takes rows of a multiple of 16 inputs only (torch's
+  bf16 CPU path miscomputes other widths).
 
 ``*_takes`` say why a layer is not taken (None when it is), so the selector
 (:mod:`bitsmith.kernels.device_select`) can log it; an unsupported shape never reaches torch's op.
@@ -36,6 +37,9 @@ TINYGEMM_GROUPS = (32, 64, 128, 256)
 INT4_OUT_MULTIPLE = {"cuda": 8, "cpu": 16}  # tinygemm's n-tile constraints (the CPU one checks N % 16)
 INT4_MIDPOINT = 8  # tinygemm's codes are offset by 8: w = (q - 8) * scale + offset
 INT8_MIDPOINT = 128  # bitsmith's 8-bit codes 0..255 -> int8 -128..127
+# torch 2.13's CPU int8pack with bfloat16 inputs returns garbage (or crashes) when in_features is not a
+# multiple of 16 (seen at 13, 24, 40, 100, 200, 1000 inputs; 16 * n all right): the CPU variant takes only those
+INT8_CPU_IN_MULTIPLE = 16
 
 
 def int4_takes(spec: QuantSpec, grid: torch.Tensor | None, out_features: int, in_features: int,
@@ -63,6 +67,8 @@ def int8_takes(spec: QuantSpec, grid: torch.Tensor | None, out_features: int, in
         return "grouped 8-bit (int8pack takes one scale per row)"
     if device.type not in ("cuda", "cpu"):
         return f"no int8pack on {device.type}"
+    if device.type == "cpu" and in_features % INT8_CPU_IN_MULTIPLE:
+        return f"{in_features} inputs, not a multiple of {INT8_CPU_IN_MULTIPLE} (the CPU op's bf16 path)"
     return None
 
 
