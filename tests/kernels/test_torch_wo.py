@@ -116,14 +116,15 @@ def test_int4_kernel_against_the_oracle(group: int, symmetric: bool, dtype: torc
         assert_within_bounds(y, x, qt, 8, dtype)
 
 
-def test_int4_bf16_compute_on_float32_inputs() -> None:
-    """What a GPU does (bf16 only) on the CPU: float32 in and out, bf16 arithmetic inside."""
-    qt = random_layer("w4g128", 48, 384, seed=3)
-    kernel = kernel_for(TorchInt4Kernel, qt, compute_dtype=torch.bfloat16)
+@pytest.mark.parametrize("cls,spec,midpoint", [(TorchInt4Kernel, "w4g128", 8), (TorchInt8Kernel, "w8", 128)])
+def test_bf16_compute_on_float32_inputs(cls, spec: str, midpoint: int) -> None:
+    """What CUDA's tinygemm does (bf16 only), on the CPU: float32 in and out, bf16 arithmetic inside."""
+    qt = random_layer(spec, 48, 384, seed=3)
+    kernel = kernel_for(cls, qt, compute_dtype=torch.bfloat16)
     x = torch.randn(5, 384)
     y = kernel(x)
     assert y.dtype == torch.float32
-    assert_within_bounds(y, x, qt, 8, torch.bfloat16)
+    assert_within_bounds(y, x, qt, midpoint, torch.bfloat16)
 
 
 @pytest.mark.parametrize("spec", ["w8", "w8s"])

@@ -175,13 +175,15 @@ class TorchInt4Kernel(HostCheckpoint):
 
 class TorchInt8Kernel(HostCheckpoint):
     """x [..., in] -> y [..., out] in x's dtype through int8pack (see the module docstring). On the CPU
-    the op takes its scales in the input's dtype (rounded from float32 per call); CUDA's takes float32."""
+    the op takes its scales in the input's dtype (rounded from float32 per call); CUDA's takes float32.
+    ``compute_dtype``: the dtype the input is given to the op in (None: the input's own)."""
 
     name = "torch-int8"
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
-                 in_features: int, device: torch.device | str) -> None:
+                 in_features: int, device: torch.device | str, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__(qweight, scale, zero, spec, in_features, device)
+        self.compute_dtype = compute_dtype
         reason = int8_takes(spec, None, self.out_features, in_features, self.device)
         if reason is not None:
             raise ValueError(f"int8pack cannot take this {spec} layer [{self.out_features} x {in_features}]: {reason}")
@@ -194,7 +196,7 @@ class TorchInt8Kernel(HostCheckpoint):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        rows = as_rows(x, x.dtype)
+        rows = as_rows(x, self.compute_dtype or x.dtype)
         if rows.shape[0] == 0:
             return x.new_empty(*x.shape[:-1], self.out_features)
         scale = self.row_scale if self.device.type == "cuda" else self.row_scale.to(rows.dtype)
