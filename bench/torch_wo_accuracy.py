@@ -3,11 +3,12 @@ path (kernels/torch_wo.py, the CPU variants of the ops a GPU runs) against the e
 
 Every quantized linear the torch kernels take is swapped for them on the CPU; the rest of the model
 (embedding, norms, attention, layers they do not take) stays float32 and identical in every run. The
-exact path is the generic device kernel on the CPU (float32 dequantize-then-matmul, bit for bit the
-reference). Variants: the torch kernels computing in float32 (the CPU ops take it), and in bfloat16
-(what CUDA's tinygemm does whatever the input dtype: bf16 activations, scales and offsets; CUDA's
-int8pack widens to float32, so for w8 the float32 row is the GPU's arithmetic and the bf16 row that of
-a bf16 model on the CPU op). Each token is one
+exact path is bitsmith's native CPU kernel with exact float arithmetic (``int8_decode=False``, exact
+prefill: the dequantize-then-matmul oracle up to the float32 summation order, tests/kernels/test_kernels.py),
+which also serves the layers the torch kernels do not take. Variants (``--variants``): ``torch``, the
+torch kernels computing in float32 (the CPU ops take it); ``gpu``, CUDA's arithmetic (tinygemm is
+bf16-only: bf16 activations, scales and offsets whatever the input dtype; CUDA's int8pack widens to
+float32); ``bf16``, both kernels given bf16 activations. Each token is one
 forward through the Hugging Face KV cache, so every kernel call has one row, as in batch-1 decode.
 
     python bench/torch_wo_accuracy.py --checkpoint ~/.cache/bitsmith/bench/speed/smollm2-135m-w4g128 --threads 1
@@ -26,30 +27,43 @@ import torch
 import bitsmith
 from bitsmith.eval.metrics import summarize, token_stats
 from bitsmith.eval.perplexity import tokenize_text
-from bitsmith.kernels.device import DeviceKernel
 from bitsmith.kernels.torch_wo import TorchInt4Kernel, TorchInt8Kernel, int4_takes, int8_takes
 from bitsmith.nn.qlinear import QuantLinear
+from bitsmith.runtime.options import RuntimeOptions
 from common import text_path
 
 CPU = torch.device("cpu")
+EXACT = RuntimeOptions(int8_decode=False, prefill="exact", fused_decode=False)
+
+
+# variant -> the dtype each torch kernel computes in (None: the input's, float32 here)
+VARIANTS = {
+    "torch": {"torch-int4": None, "torch-int8": None},
+    "gpu": {"torch-int4": torch.bfloat16, "torch-int8": None},  # CUDA: tinygemm is bf16-only, int8pack widens to fp32
+    "bf16": {"torch-int4": torch.bfloat16, "torch-int8": torch.bfloat16},
+}
+LABELS = {"torch": "torch kernels, fp32 compute", "gpu": "torch kernels, CUDA's arithmetic (int4 bf16, int8 fp32)",
+          "bf16": "torch kernels, bf16 compute"}
 
 
 def swap_kernels(model: torch.nn.Module, variant: str) -> dict[str, int]:
-    """Give every QuantLinear the variant's kernel ("exact", "torch", "torch-bf16"); counts by kernel name."""
+    """Give every QuantLinear the variant's kernel ("exact" or a VARIANTS key); counts by kernel name."""
     counts: dict[str, int] = {}
     for module in model.modules():
         if not isinstance(module, QuantLinear):
             continue
+        if not hasattr(module, "exact_kernel"):
+            module.exact_kernel = module._kernel
         state = module.to_state("w")
         args = (state["w.qweight"], state["w.scale"], state.get("w.zero"), module.spec, module.in_features, CPU)
         shape = (module.out_features, module.in_features)
-        kernel = DeviceKernel(*args, state.get("w.grid"), compile=False)
+        kernel = module.exact_kernel  # kept by the first call
         if variant != "exact" and "w.grid" not in state:
-            dtype = torch.bfloat16 if variant == "torch-bf16" else None
+            dtypes = VARIANTS[variant]
             if int4_takes(module.spec, None, *shape, CPU) is None:
-                kernel = TorchInt4Kernel(*args, compute_dtype=dtype)
+                kernel = TorchInt4Kernel(*args, compute_dtype=dtypes["torch-int4"])
             elif int8_takes(module.spec, None, *shape, CPU) is None:
-                kernel = TorchInt8Kernel(*args, compute_dtype=dtype)
+                kernel = TorchInt8Kernel(*args, compute_dtype=dtypes["torch-int8"])
         module._kernel = kernel
         counts[kernel.name] = counts.get(kernel.name, 0) + 1
     return counts
@@ -76,15 +90,19 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64, help="tokens prefilled before decoding")
     ap.add_argument("--decode", type=int, default=256, help="tokens decoded one by one per window")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", default="torch,gpu,bf16", help=f"some of {', '.join(VARIANTS)}")
     args = ap.parse_args()
+    chosen = args.variants.split(",")
+    if not set(chosen) <= set(VARIANTS):
+        raise SystemExit(f"--variants {args.variants!r}: choose among {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
     ref = bitsmith.load(args.model)
-    quant = bitsmith.load(args.checkpoint)
+    quant = bitsmith.load(args.checkpoint, options=EXACT)
     text = text_path().read_text(encoding="utf-8")
     ids = torch.tensor(tokenize_text(ref.tokenizer, text))
     span = args.prompt + args.decode + 1
     windows = [ids[w * span : (w + 1) * span] for w in range(args.windows) if (w + 1) * span <= ids.numel()]
-    variants = ("exact", "torch", "torch-bf16")
+    variants = ("exact", *chosen)
     logits: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
     t0 = time.perf_counter()
     for name in variants:
@@ -106,12 +124,11 @@ def main() -> None:
     print("| path | against | KLD mean | KLD p99 | top-1 | ppl |")
     print("|---|---|---:|---:|---:|---:|")
     r = summarize(float_stats)
-    print(f"| exact (generic kernel, fp32) | {args.model} fp32 | {r.kld_mean:.6f} | {r.kld_p99:.5f} | {r.top1:.4f} | "
+    print(f"| exact (native kernel, fp32) | {args.model} fp32 | {r.kld_mean:.6f} | {r.kld_p99:.5f} | {r.top1:.4f} | "
           f"{r.ppl:.3f} |")
     for name, stats in runs.items():
         r = summarize(stats)
-        label = "torch kernels, fp32 compute" if name == "torch" else "torch kernels, bf16 compute (tinygemm on CUDA)"
-        print(f"| {label} | exact path | {r.kld_mean:.2e} | {r.kld_p99:.2e} | {r.top1:.4f} | {r.ppl:.3f} |")
+        print(f"| {LABELS[name]} | exact path | {r.kld_mean:.2e} | {r.kld_p99:.2e} | {r.top1:.4f} | {r.ppl:.3f} |")
 
 
 if __name__ == "__main__":
