@@ -38,7 +38,7 @@ def kernels_for(w: torch.Tensor, spec: QuantSpec, threads: int) -> dict:
     exact = prepare(qt, RuntimeOptions(threads=threads, int8_decode=False, prefill="exact"))
     torch_kernel = cls(*args)
     bf16 = cls(*args, compute_dtype=torch.bfloat16)
-    return {f"native ({native.name})": native, "native exact": exact, f"{torch_kernel.name} fp32": torch_kernel,
+    return {"native default": native, "native exact": exact, f"{torch_kernel.name} fp32": torch_kernel,
             f"{torch_kernel.name} bf16": bf16, "fp32 dense": lambda x: torch.nn.functional.linear(x, w)}
 
 

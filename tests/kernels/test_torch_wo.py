@@ -286,6 +286,21 @@ def test_forcing_triton_without_it_is_refused(no_triton) -> None:
     assert select(random_layer("w3g64", 32, 128, seed=1)).name == "device"
 
 
+def test_move_off_the_cpu_asks_the_selector_with_the_layers_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bitsmith.kernels import move
+    from bitsmith.nn.qlinear import QuantLinear
+
+    calls = []
+    monkeypatch.setattr(device_select, "device_kernel", lambda *args: calls.append(args) or "picked")
+    options = RuntimeOptions(device_kernel="generic")
+    layer = QuantLinear(random_layer("w4g128", 64, 256, seed=1), options=options)
+    assert move(layer._kernel, "meta", layer.spec, 256, layer.options) == "picked"
+    (qweight, scale, zero, spec, in_features, device, grid, passed), = calls
+    assert device == torch.device("meta") and passed is options and spec == layer.spec and in_features == 256
+    for key, value in layer.to_state("w").items():
+        assert torch.equal({"w.qweight": qweight, "w.scale": scale, "w.zero": zero}[key], value)
+
+
 def test_int4_takes_follows_each_devices_tiles() -> None:
     spec = QuantSpec.parse("w4g32")
     assert int4_takes(spec, None, 24, 64, torch.device("cuda", 0)) is None  # CUDA: n-tiles of 8

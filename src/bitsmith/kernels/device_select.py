@@ -104,8 +104,10 @@ def device_kernel(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
             if reason is None and not torch_kernel_works(name, device):
                 reason = f"{name} failed its self-check on {device}"
             if reason is None:
-                note(device, spec, shape, name)
-                return cls(qweight, scale, zero, spec, in_features, device)
+                kernel = cls(qweight, scale, zero, spec, in_features, device)
+                bf16 = getattr(kernel, "compute_dtype", None) == torch.bfloat16
+                note(device, spec, shape, name, "bf16 activations, scales and offsets" if bf16 else "")
+                return kernel
             if spec.bits == (4 if name == "torch-int4" else 8):
                 skipped.append(f"{name}: {reason}")
     if choice in ("auto", "triton"):
