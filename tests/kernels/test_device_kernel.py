@@ -115,7 +115,9 @@ def test_cuda_quantlinear_equals_reference(spec: str) -> None:
     x = torch.randn(4, 200)
     ref = reference_linear(x, qt) + bias
     layer.cuda()
-    assert layer.kernel_name == "device" and layer.device.type == "cuda"
+    # 300 x 200 is no tinygemm shape; per-channel 8-bit goes to torch's int8pack (float32 inside on CUDA)
+    expected = ("torch-int8",) if spec in ("w8", "w8s") else ("device", "triton")
+    assert layer.kernel_name in expected and layer.device.type == "cuda"
     with torch.no_grad():
         torch.testing.assert_close(layer(x.cuda()).cpu(), ref, atol=1e-4, rtol=1e-4)  # GPU float32 matmul order
         layer.half()  # a dtype change keeps the packed weights where they are
@@ -145,9 +147,12 @@ def test_cuda_quantized_model_generates_the_cpu_tokens(arch: str, tmp_path) -> N
     from bitsmith.pipeline.plan import QuantizePlan
     from bitsmith.pipeline.quantize import quantize
 
+    from bitsmith.runtime.options import RuntimeOptions
+
     src = make_tiny_model(tmp_path / "m", arch, seed=4)
     ckpt = quantize(src, tmp_path / "q", QuantizePlan(QuantSpec.parse("w4g32")))
-    loaded = load_model(ckpt)
+    # the generic kernel's float32 arithmetic; tinygemm's bf16 (test_torch_wo.py) may flip a near-tie token
+    loaded = load_model(ckpt, options=RuntimeOptions(device_kernel="generic"))
     prompt = "the cat sat on the mat"
     cpu_tokens = generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=16, stop_at_eos=False).token_ids
     loaded.model.to("cuda")

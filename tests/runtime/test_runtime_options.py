@@ -22,11 +22,13 @@ def test_environment_overrides() -> None:
     assert RuntimeOptions.from_env({"BITSMITH_COMPILE": "no"}).compile is False
     assert RuntimeOptions.from_env({"BITSMITH_COMPILE": "auto", "BITSMITH_INT8_DECODE": "yes"}) == RuntimeOptions()
     assert set(ENV) == {f.name for f in dataclasses.fields(RuntimeOptions)}
+    assert RuntimeOptions.from_env({"BITSMITH_DEVICE_KERNEL": "Generic"}).device_kernel == "generic"
 
 
 @pytest.mark.parametrize("env,match", [({"BITSMITH_KERNEL": "fastest"}, "BITSMITH_KERNEL"),
                                        ({"BITSMITH_KV_CACHE": "int4"}, "BITSMITH_KV_CACHE"),
-                                       ({"BITSMITH_THREADS": "many"}, "BITSMITH_THREADS")])
+                                       ({"BITSMITH_THREADS": "many"}, "BITSMITH_THREADS"),
+                                       ({"BITSMITH_DEVICE_KERNEL": "cublas"}, "BITSMITH_DEVICE_KERNEL")])
 def test_bad_values_name_the_variable(env: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         RuntimeOptions.from_env(env)

@@ -6,8 +6,10 @@ float32, then ``F.linear``. ``prepare`` picks a kernel for a QuantizedTensor onc
 - ``native`` (:mod:`bitsmith.kernels.cpu`): compiled C++/OpenMP reading the packed codes; every spec.
 - ``torch-chunked``: torch only, dequantizing a few MB of rows at a time; used without a compiler.
 - ``reference``: the oracle itself.
-- ``device`` (:mod:`bitsmith.kernels.device`): packed codes on an accelerator, dequantized there in
-  row blocks; chosen by :func:`move` when a module goes to a non-CPU device (``model.to("cuda")``).
+- off the CPU (``model.to("cuda")``), :func:`move` asks :func:`bitsmith.kernels.device_select.device_kernel`:
+  torch's int4/int8 weight-only kernels (:mod:`bitsmith.kernels.torch_wo`), a Triton kernel, or the generic
+  ``device`` kernel (:mod:`bitsmith.kernels.device`: packed codes on the device, dequantized there in row
+  blocks), as ``RuntimeOptions.device_kernel`` says.
 
 ``RuntimeOptions.kernel`` (``auto``, the default, or ``native``, ``torch``, ``reference``) forces a
 choice; the options are a parameter of every ``prepare`` call (the user's ``$BITSMITH_KERNEL`` reaches
@@ -92,8 +94,9 @@ def kernel_device(kernel: Kernel) -> torch.device:
 
 def move(kernel: Kernel, device: torch.device | str, spec: QuantSpec, in_features: int,
          options: RuntimeOptions = DEFAULT_OPTIONS) -> Kernel:
-    """The kernel for the same packed tensors on ``device``: :class:`~bitsmith.kernels.device.DeviceKernel`
-    off the CPU, the fastest CPU kernel (:func:`prepare_packed`) back on it. No-op when already there."""
+    """The kernel for the same packed tensors on ``device``: the device selector's choice off the CPU
+    (:func:`~bitsmith.kernels.device_select.device_kernel`), the fastest CPU kernel (:func:`prepare_packed`)
+    back on it. No-op when already there."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -102,9 +105,9 @@ def move(kernel: Kernel, device: torch.device | str, spec: QuantSpec, in_feature
     state = kernel.to_state("w")
     qweight, scale, zero, grid = state["w.qweight"], state["w.scale"], state.get("w.zero"), state.get("w.grid")
     if device.type != "cpu":
-        from bitsmith.kernels.device import DeviceKernel
+        from bitsmith.kernels.device_select import device_kernel
 
-        return DeviceKernel(qweight, scale, zero, spec, in_features, device, grid, options.compile)
+        return device_kernel(qweight, scale, zero, spec, in_features, device, grid, options)
     cpu = (lambda t: None if t is None else t.cpu())  # noqa: E731
     if grid is not None:
         return prepare(QuantizedTensor.from_state(cpu(qweight), cpu(scale), cpu(zero), spec, in_features, cpu(grid)), options)

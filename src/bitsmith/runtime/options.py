@@ -15,6 +15,7 @@ variable                   field                       values (default first)
 ``BITSMITH_FUSED_DECODE``  ``fused_decode``            on; 0/false/no/off = torch lean decode
 ``BITSMITH_COMPILE``       ``compile``                 auto (CUDA only); 1/yes/true/on; 0/no/...
 ``BITSMITH_THREADS``       ``threads``                 torch's thread count; a positive integer
+``BITSMITH_DEVICE_KERNEL`` ``device_kernel``           auto, torch, triton, generic
 =========================  ==========================  ============================================
 
 This module imports nothing heavy: ``import bitsmith`` stays torch-free.
@@ -26,9 +27,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["KERNEL_CHOICES", "KV_CACHE_CHOICES", "PREFILL_CHOICES", "RuntimeOptions", "ENV"]
+__all__ = ["DEVICE_KERNEL_CHOICES", "KERNEL_CHOICES", "KV_CACHE_CHOICES", "PREFILL_CHOICES", "RuntimeOptions", "ENV"]
 
 KERNEL_CHOICES = ("auto", "native", "torch", "reference")
+DEVICE_KERNEL_CHOICES = ("auto", "torch", "triton", "generic")
 KV_CACHE_CHOICES = ("fp16", "fp32")
 PREFILL_CHOICES = ("auto", "bf16", "exact")
 _OFF = ("0", "false", "no", "off")
@@ -43,6 +45,7 @@ ENV = {
     "fused_decode": "BITSMITH_FUSED_DECODE",
     "compile": "BITSMITH_COMPILE",
     "threads": "BITSMITH_THREADS",
+    "device_kernel": "BITSMITH_DEVICE_KERNEL",
 }
 
 
@@ -69,6 +72,10 @@ class RuntimeOptions:
     - ``fused_decode``: one native call per decoded token when the model allows it (infer/fused.py).
     - ``compile``: torch.compile the device kernel's dequantization; None = on CUDA only.
     - ``threads``: native kernel threads; None = torch's current ``get_num_threads()`` at each call.
+    - ``device_kernel``: the kernel a quantized layer gets off the CPU (:mod:`bitsmith.kernels.device_select`):
+      ``auto`` tries torch's int4/int8 weight-only kernels, then Triton, then the generic dequantize-per-call
+      kernel; ``torch`` and ``triton`` use only that family (generic where it does not take a layer);
+      ``generic`` always the generic kernel (the arithmetic the CPU's reference does).
     """
 
     kernel: str = "auto"
@@ -77,11 +84,15 @@ class RuntimeOptions:
     fused_decode: bool = True
     compile: bool | None = None
     threads: int | None = None
-    prefill: str = "auto"  # last: callers build RuntimeOptions positionally
+    prefill: str = "auto"  # after the others: callers build RuntimeOptions positionally
+    device_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNEL_CHOICES:
             raise ValueError(f"{ENV['kernel']}={self.kernel!r} is not a kernel choice; use one of {', '.join(KERNEL_CHOICES)}")
+        if self.device_kernel not in DEVICE_KERNEL_CHOICES:
+            raise ValueError(f"{ENV['device_kernel']}={self.device_kernel!r} is not a device kernel choice; use one of "
+                             f"{', '.join(DEVICE_KERNEL_CHOICES)}")
         if self.prefill not in PREFILL_CHOICES:
             raise ValueError(f"{ENV['prefill']}={self.prefill!r} is not a prefill choice; use one of {', '.join(PREFILL_CHOICES)}")
         if self.kv_cache not in KV_CACHE_CHOICES:
@@ -122,4 +133,5 @@ class RuntimeOptions:
             fused_decode=switch("fused_decode"),
             compile=False if compile_choice in _OFF else True if compile_choice in _ON else None,
             threads=int(threads) if threads else None,
+            device_kernel=text("device_kernel", "auto"),
         )
