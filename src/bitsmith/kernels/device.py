@@ -70,6 +70,15 @@ def want_compile(device: torch.device, choice: bool | None) -> bool:
     return device.type == "cuda" if choice is None else choice
 
 
+def check_layer_input(x: torch.Tensor, in_features: int, device: torch.device) -> None:
+    """A clear error for an input of the wrong width or on another device than the layer's weights."""
+    if x.shape[-1:] != (in_features,):
+        raise ValueError(f"input has {tuple(x.shape)[-1:]} features; this layer takes {in_features}")
+    if x.device != device:
+        raise ValueError(f"input is on {x.device} but this layer's weights are on {device}; move the model "
+                         f"with model.to({str(x.device)!r}) or the input with x.to({str(device)!r})")
+
+
 class DeviceKernel:
     """x [..., in] on ``device`` -> y [..., out] in x's dtype, from packed codes kept on ``device``."""
 
@@ -111,12 +120,7 @@ class DeviceKernel:
                                           self.in_features, self.grid)
 
     def check_input(self, x: torch.Tensor) -> None:
-        """A clear error for an input of the wrong width or on another device."""
-        if x.shape[-1:] != (self.in_features,):
-            raise ValueError(f"input has {tuple(x.shape)[-1:]} features; this layer takes {self.in_features}")
-        if x.device != self.device:
-            raise ValueError(f"input is on {x.device} but this layer's weights are on {self.device}; move the model "
-                             f"with model.to({str(x.device)!r}) or the input with x.to({str(self.device)!r})")
+        check_layer_input(x, self.in_features, self.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

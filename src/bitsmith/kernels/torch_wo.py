@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from bitsmith.formats.packing import unpack
+from bitsmith.kernels.device import check_layer_input
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
@@ -106,11 +107,7 @@ class HostCheckpoint:
         self.checkpoint = QuantizedTensor.from_state(self.qweight, self.scale, self.zero, spec, in_features)
 
     def check_input(self, x: torch.Tensor) -> None:
-        if x.shape[-1:] != (self.in_features,):
-            raise ValueError(f"input has {tuple(x.shape)[-1:]} features; this layer takes {self.in_features}")
-        if x.device != self.device:
-            raise ValueError(f"input is on {x.device} but this layer's weights are on {self.device}; move the model "
-                             f"with model.to({str(x.device)!r}) or the input with x.to({str(self.device)!r})")
+        check_layer_input(x, self.in_features, self.device)
 
     def quantized(self) -> QuantizedTensor:
         """The QuantizedTensor on the kernel's device (codes unpacked from the host copy)."""
