@@ -1,7 +1,6 @@
 """The bitsmith command end to end on a tiny random model, and its one-line errors."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,18 +29,6 @@ def test_quantize_default_output_spec(tiny: Path, tmp_path: Path, capsys) -> Non
     assert specs["w6"]["model.embed_tokens"] == specs["w6"]["lm_head"] == "w6g64"
     assert "model.embed_tokens" not in specs["keep"] and "lm_head" not in specs["keep"]
     assert specs["default"]["model.layers.0.self_attn.q_proj"] == "w4g32"
-
-
-def test_quantize_asks_torch_for_huge_pages(tiny: Path, tmp_path: Path, monkeypatch) -> None:
-    """The command sets torch's huge-page variable (kernels.alloc.prefer_huge_pages) unless the user set it."""
-    from bitsmith.kernels.alloc import THP_VARIABLE
-
-    monkeypatch.delenv(THP_VARIABLE, raising=False)
-    assert main(["quantize", str(tiny), "--spec", "w4g32", "--method", "rtn", "--out", str(tmp_path / "a")]) == 0
-    assert os.environ.get(THP_VARIABLE) == "1"
-    monkeypatch.setenv(THP_VARIABLE, "0")
-    assert main(["quantize", str(tiny), "--spec", "w4g32", "--method", "rtn", "--out", str(tmp_path / "b")]) == 0
-    assert os.environ[THP_VARIABLE] == "0"
 
 
 def test_quantize_inspect_eval_generate(tiny: Path, tmp_path: Path, capsys) -> None:

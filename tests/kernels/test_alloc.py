@@ -100,12 +100,3 @@ def test_without_glibc_nothing_happens(monkeypatch):
 def test_real_heap_free_bytes_is_a_count_where_glibc_has_it():
     free = alloc.heap_free_bytes()
     assert free is None or (isinstance(free, int) and free >= 0)
-
-
-def test_prefer_huge_pages_sets_torch_variable_unless_the_user_did(monkeypatch):
-    monkeypatch.delenv(alloc.THP_VARIABLE, raising=False)
-    assert alloc.prefer_huge_pages() is True
-    assert alloc.os.environ[alloc.THP_VARIABLE] == "1"
-    monkeypatch.setenv(alloc.THP_VARIABLE, "0")  # the user's own choice wins
-    assert alloc.prefer_huge_pages() is False
-    assert alloc.os.environ[alloc.THP_VARIABLE] == "0"

@@ -74,9 +74,6 @@ def compute_dtype(choice: str):
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from bitsmith.kernels.alloc import prefer_huge_pages
-
-    prefer_huge_pages()  # before torch's first allocation: the calibrated forwards' tensors on 2 MiB pages
     from bitsmith.calib import CalibrationConfig
     from bitsmith.cli.common import console, dir_size_mb, out, progress_bar
     from bitsmith.io.checkpoint import CheckpointError

@@ -20,17 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import threading
 from collections.abc import Iterator
 
-__all__ = ["LEAN_THRESHOLD", "REUSE_THRESHOLD", "THP_VARIABLE", "heap_free_bytes", "heap_reuse", "prefer_huge_pages",
-           "trim_heap"]
+__all__ = ["LEAN_THRESHOLD", "REUSE_THRESHOLD", "heap_free_bytes", "heap_reuse", "trim_heap"]
 
-# torch's CPU allocator (c10/core/alloc_cpu.cpp) reads this once, at its first allocation: "1" makes it
-# madvise(MADV_HUGEPAGE) every block of 2 MiB and more (transparent huge pages where the kernel's mode is
-# "madvise", as here; a no-op where THP is off)
-THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h> mallopt parameters
 LEAN_THRESHOLD = 128 * 1024  # what the lean runner keeps between forwards (infer.lean)
 REUSE_THRESHOLD = 1 << 30  # during a batched forward: every activation (logits included) from the heap
@@ -109,19 +103,3 @@ def trim_heap(keep_free: int = 0) -> bool:
         return False
     libc.malloc_trim(0)
     return True
-
-
-def prefer_huge_pages() -> bool:
-    """Have torch back its CPU tensors of 2 MiB and more with transparent huge pages (``THP_VARIABLE``),
-    unless the environment already says otherwise; returns whether the variable asks for them now.
-
-    Why: a calibrated run's block forwards make many fresh tensors of tens of MB (Qwen2.5-1.5B at 8 x 512
-    tokens: 73 MB per gate/up output, SiLU and product in bf16), larger than glibc keeps on its heap, so
-    each is a new mapping faulted in 4 KiB at a time and unmapped at free; with 2 MiB pages a fault covers
-    512 times as much. Measured (Qwen2.5-Coder-1.5B GPTQ w4g128, first 2 blocks, 1 thread, loaded machine):
-    5.7-6.0 M minor faults -> 0.6-0.7 M, system CPU 15.8-16.8 -> 9.1-10.5 s, the same peak RSS; SmolLM2's
-    whole run wrote the same checkpoint bytes either way (bench/results/calibrated-methods, session 18).
-    Takes effect only if called before torch's first CPU allocation in the process (torch reads the
-    variable once); importing torch or bitsmith allocates none, so a command calls it first thing."""
-    os.environ.setdefault(THP_VARIABLE, "1")
-    return os.environ[THP_VARIABLE] == "1"
