@@ -212,6 +212,7 @@ def test_flip_and_permutation_forms_are_the_same_bits(monkeypatch, width) -> Non
         x = torch.randn(3 * n, n, generator=g)
         h, perm, m = x.T @ x, torch.randperm(n, generator=g), torch.randn(n, n, generator=g)
         monkeypatch.setattr(gptq_module, "SINGLE_THREAD_WIDTH", width)
+        monkeypatch.setattr(gptq_module, "PERMUTE_ROWS", 10)  # the wide form's column slices: 10 rows, a ragged last one
         monkeypatch.setattr(triangular, "FLIP_COPY_ROWS", width)
         assert torch.equal(triangular.flip_both_(m.clone()), m.flip(0, 1))
         assert torch.equal(gptq_module._permuted(h, perm), h[perm][:, perm])

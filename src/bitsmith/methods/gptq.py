@@ -58,6 +58,7 @@ DEFAULT_DAMP = 0.01  # λ as a fraction of mean(diag(H)) (paper sec. 3, "Cholesk
 DEFAULT_BLOCK = 128  # B, columns per lazy batch update
 DAMP_RETRIES = 4  # on a failed Cholesky, retry with λ x10 this many times
 SINGLE_THREAD_WIDTH = 2048  # layers with at most this many inputs factorize and walk on one thread
+PERMUTE_ROWS = 256  # rows per slice when a wide Hessian's columns are put in visit order (_permuted)
 ERROR_PANELS, ERROR_PANELS_FROM = 4, 512  # layer_errors: column panels of H's upper triangle, from this width
 OUTLIER_CHANNELS = 32  # layer_errors' bf16 products: channels (largest H_ii) whose terms stay float32
 # weights per column walk of a static-group layer (256 MB of float32): a larger layer walks a slice of
@@ -202,11 +203,17 @@ def _layer_errors(weight: torch.Tensor, dequant_rows: Callable[[slice], list[tor
 
 
 def _permuted(h: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """``h[order][:, order]`` as a new matrix: two row gathers (3x faster than one 2-D gather) up to
-    ``SINGLE_THREAD_WIDTH`` rows; wider ones in one gather, so no second n x n temporary."""
+    """``h[order][:, order]`` as a new matrix: two gathers (3x faster than one 2-D gather) up to
+    ``SINGLE_THREAD_WIDTH`` rows; wider ones gather the rows into the new matrix, then its columns in
+    place ``PERMUTE_ROWS`` rows at a time, so no second n x n temporary (8,960 wide, 1 thread: 0.37-0.44
+    CPU s against 0.6 for the one 2-D gather this replaced; the same values, only copied)."""
     if h.shape[0] <= SINGLE_THREAD_WIDTH:
         return h.index_select(0, order).index_select(1, order)
-    return h[order[:, None], order[None, :]]
+    out = h.index_select(0, order)
+    for a in range(0, out.shape[0], PERMUTE_ROWS):
+        rows = out[a:a + PERMUTE_ROWS]
+        rows.copy_(rows.index_select(1, order))
+    return out
 
 
 def _damped_inverse_factor(hessian: torch.Tensor, rev: torch.Tensor, damp: float) -> torch.Tensor | None:
