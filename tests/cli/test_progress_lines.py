@@ -31,7 +31,7 @@ def test_lines_are_throttled_per_task_and_the_end_is_always_written():
         bar.update(a, completed=164)
     lines = stream.getvalue().splitlines()
     assert lines == [
-        "humaneval: 1/164 (1%)  0:00 elapsed, ~0:00 left",
+        "humaneval: 1/164 (1%)  0:00 elapsed",  # no estimate from the first seconds
         "humaneval: 41/164 (25%)  0:35 elapsed, ~1:45 left",
         "reasoning: 3  3 tok/s  0:00 elapsed",
         "humaneval: 164/164 (100%)  0:36 elapsed",

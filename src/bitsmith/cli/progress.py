@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
 LINE_INTERVAL_S = 30.0  # a long job's log gets a line at most this often per task (and one at the end)
+ETA_AFTER_S = 10.0  # no time-left estimate before this: one item's time (a model load inside it) says little
 
 
 def clock(seconds: float) -> str:
@@ -85,7 +86,7 @@ class LineProgress:
         if rate:
             parts.append(rate)
         timing = f"{clock(elapsed)} elapsed"
-        if task.total and 0 < task.completed < task.total:
+        if task.total and 0 < task.completed < task.total and elapsed >= ETA_AFTER_S:
             timing += f", ~{clock(elapsed * (task.total - task.completed) / task.completed)} left"
         parts.append(timing)
         self.stream.write(" ".join(parts[:1]) + ("  " + "  ".join(parts[1:]) if parts[1:] else "") + "\n")
