@@ -28,7 +28,7 @@ import torch
 import bitsmith.kernels
 from bitsmith.formats.packing import unpack
 from bitsmith.kernels import reference_linear
-from bitsmith.kernels import device_select
+from bitsmith.kernels import device_select, self_check
 from bitsmith.kernels.device import DeviceKernel
 from bitsmith.kernels.device_select import device_kernel, torch_kernel_works
 from bitsmith.kernels.torch_wo import TorchInt4Kernel, TorchInt8Kernel, int4_takes
@@ -242,8 +242,8 @@ def test_a_failing_torch_kernel_falls_back_to_the_generic_one(cls, monkeypatch, 
     kernels = dict(device_select.TORCH_KERNELS)
     kernels["torch-int4"] = (cls, *kernels["torch-int4"][1:])
     monkeypatch.setattr(device_select, "TORCH_KERNELS", kernels)
-    monkeypatch.setattr(device_select, "_WORKS", {})
-    with caplog.at_level(logging.WARNING, logger="bitsmith.kernels.device_select"):
+    monkeypatch.setattr(self_check, "_VERDICTS", {})
+    with caplog.at_level(logging.WARNING, logger="bitsmith.kernels.self_check"):
         kernel = select(random_layer("w4g128", 64, 256, seed=2))
         assert kernel.name == "device"
         select(random_layer("w4g64", 64, 256, seed=3))

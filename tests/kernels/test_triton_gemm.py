@@ -21,8 +21,9 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'bitsmith[gpu]')")
 
 from bitsmith.kernels.device import DeviceKernel, dequantize_packed  # noqa: E402
-from bitsmith.kernels import triton_gemm  # noqa: E402
-from bitsmith.kernels.triton_gemm import TritonKernel, block_config, interpreter_on, sample_layer, supports  # noqa: E402
+from bitsmith.kernels import self_check  # noqa: E402
+from bitsmith.kernels.self_check import sample_layer  # noqa: E402
+from bitsmith.kernels.triton_gemm import TritonKernel, block_config, interpreter_on, supports  # noqa: E402
 from bitsmith.spec import QuantSpec  # noqa: E402
 from bitsmith.tensor import QuantizedTensor  # noqa: E402
 
@@ -147,12 +148,12 @@ def test_k_blocks_never_straddle_a_group(spec: str) -> None:
 def test_a_kernel_that_fails_its_self_check_is_not_offered(monkeypatch: pytest.MonkeyPatch,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     spec = QuantSpec.parse("w3g32")
-    monkeypatch.setattr(triton_gemm, "_WORKS", {})
+    monkeypatch.setattr(self_check, "_VERDICTS", {})
     assert supports(spec, None, 100, DEVICE)
-    monkeypatch.setattr(triton_gemm, "_WORKS", {})
+    monkeypatch.setattr(self_check, "_VERDICTS", {})
     monkeypatch.setattr(TritonKernel, "__call__", lambda self, x: DeviceKernel.__call__(self, x) * 1.01)  # 1% off
     assert not supports(spec, None, 100, DEVICE) and "disagrees with the reference" in caplog.text
-    monkeypatch.setattr(triton_gemm, "_WORKS", {})
+    monkeypatch.setattr(self_check, "_VERDICTS", {})
     monkeypatch.setattr(TritonKernel, "__call__", lambda self, x: 1 / 0)  # a compile or launch error
     assert not supports(spec, None, 100, DEVICE) and "ZeroDivisionError" in caplog.text
 

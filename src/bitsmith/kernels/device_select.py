@@ -9,9 +9,10 @@
 - ``triton``: the Triton kernel, else the generic one; refused when Triton cannot be imported.
 - ``generic``: always the generic kernel (dequantize per call, then the device's matmul).
 
-Each torch kernel is first run once per device on a small random layer against the dequantize-then-
-matmul oracle; if it fails there (a GPU too old for tinygemm, a build without the op) or disagrees
-with the oracle, it is logged once and never chosen on that device. Every (spec, shape) a device sees
+Each torch kernel, and the Triton kernel per spec, is first run once per device on a small random
+layer against the dequantize-then-matmul oracle (:mod:`bitsmith.kernels.self_check`); if it fails
+there (a GPU too old for tinygemm, a build without the op) or disagrees with the oracle, it is logged
+once and never chosen on that device. Every (spec, shape) a device sees
 is logged once with the kernel it got.
 """
 
@@ -21,8 +22,8 @@ import logging
 
 import torch
 
-from bitsmith.formats.packing import pack
 from bitsmith.kernels.device import DeviceKernel, dequantize_packed
+from bitsmith.kernels.self_check import kernel_passes, sample_layer
 from bitsmith.kernels.torch_wo import TorchInt4Kernel, TorchInt8Kernel, int4_takes, int8_takes
 from bitsmith.runtime.options import ENV, RuntimeOptions
 from bitsmith.spec import QuantSpec
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 CHECK_SHAPE = (32, 256)  # the self-check layer: whole tinygemm tiles on every device
 CHECK_TOLERANCE = 0.05  # relative L2 error; bf16 arithmetic is ~4e-3, a wrong layout or offset is ~1
-_WORKS: dict[tuple[str, str], bool] = {}  # (kernel name, device) -> its self-check passed
 _LOGGED: set[tuple] = set()
 
 TORCH_KERNELS = {  # name -> (its class, the function saying why it does not take a layer, the spec it checks with)
@@ -40,39 +40,21 @@ TORCH_KERNELS = {  # name -> (its class, the function saying why it does not tak
 }
 
 
-def self_check_layer(spec: QuantSpec, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random packed codes, fp16 scales and zeros of a CHECK_SHAPE layer (on the CPU)."""
-    gen = torch.Generator().manual_seed(seed)
-    out_features, in_features = CHECK_SHAPE
-    groups = spec.groups_per_row(in_features)
-    codes = torch.randint(0, spec.qmax + 1, (out_features, in_features), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(out_features, groups, generator=gen) * 0.02 + 0.001).half()
-    zero = (torch.rand(out_features, groups, generator=gen) * spec.qmax).half()
-    return pack(codes, spec.bits), scale, zero
-
-
 def torch_kernel_works(name: str, device: torch.device) -> bool:
-    """Whether torch's ``name`` kernel runs on ``device`` and matches the oracle (checked once per device)."""
-    key = (name, str(device))
-    if key not in _WORKS:
-        cls, _, spec_text = TORCH_KERNELS[name]
-        spec = QuantSpec.parse(spec_text)
-        qweight, scale, zero = self_check_layer(spec)
+    """Whether torch's ``name`` kernel runs on ``device`` and matches the oracle within CHECK_TOLERANCE
+    (relative L2) on a random CHECK_SHAPE layer of its check spec; once per device (:mod:`self_check`)."""
+    cls, _, spec_text = TORCH_KERNELS[name]
+    spec = QuantSpec.parse(spec_text)
+
+    def check() -> bool:
+        layer = sample_layer(spec, *CHECK_SHAPE, torch.Generator().manual_seed(0))
+        qweight, scale, zero = layer["qweight"], layer["scale"], layer["zero"]
         x = torch.randn(3, CHECK_SHAPE[1], generator=torch.Generator().manual_seed(1))
         want = x @ dequantize_packed(qweight, scale, zero, None, spec, CHECK_SHAPE[1], torch.float32).T
-        try:
-            got = cls(qweight, scale, zero, spec, CHECK_SHAPE[1], device)(x.to(device)).float().cpu()
-            error = float((got - want).norm() / want.norm())
-        except Exception as exc:  # an old GPU, a torch build without the op: the generic kernel serves
-            log.warning("%s does not run on %s (%s: %s); using other kernels there", name, device,
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            error = float("inf")
-        else:
-            if not error <= CHECK_TOLERANCE:
-                log.warning("%s on %s disagrees with the reference (relative error %.3g); using other kernels there",
-                            name, device, error)
-        _WORKS[key] = error <= CHECK_TOLERANCE
-    return _WORKS[key]
+        got = cls(qweight, scale, zero, spec, CHECK_SHAPE[1], device)(x.to(device)).float().cpu()
+        return float((got - want).norm() / want.norm()) <= CHECK_TOLERANCE
+
+    return kernel_passes(name, device, spec, check)
 
 
 def triton_module():

@@ -24,18 +24,14 @@ selector keeps the generic :class:`~bitsmith.kernels.device.DeviceKernel`.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import triton
 import triton.language as tl
 
-from bitsmith.formats.packing import pack
 from bitsmith.kernels.device import DeviceKernel
+from bitsmith.kernels.self_check import kernel_passes, sample_layer
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
-
-log = logging.getLogger(__name__)
 
 DECODE_ROWS = 8  # up to this many activation rows: broadcast-multiply tiles; above, tl.dot tiles
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # x dtypes the fused kernel takes
@@ -142,46 +138,16 @@ def supports(spec: QuantSpec, grid: torch.Tensor | None, in_features: int, devic
     return usable and kernel_works(spec, device)
 
 
-def sample_layer(spec: QuantSpec, out_features: int, in_features: int, gen: torch.Generator) -> dict:
-    """Random tensors as a checkpoint stores one layer (``qweight``, ``scale``, ``zero``, ``grid``; absent
-    ones None): codes over every level, fp16 scales of both signs, fractional fp16 zeros, a random
-    fp16 grid or codebook where the spec has one. For the self-check and the tests."""
-    codes = torch.randint(0, spec.levels, (out_features, in_features // spec.vq_dim), generator=gen, dtype=torch.uint8)
-    groups = spec.groups_per_row(in_features)
-    sign = torch.randint(0, 2, (out_features, groups), generator=gen) * 2 - 1
-    layer = {"qweight": pack(codes, spec.index_bits),
-             "scale": ((torch.rand(out_features, groups, generator=gen) * 0.09 + 0.01) * sign).half(),
-             "zero": None, "grid": None}
-    if spec.has_zero:
-        layer["zero"] = (torch.rand(out_features, groups, generator=gen) * spec.qmax).half()
-    if spec.grid == "vq":
-        layer["grid"] = torch.randn(spec.levels, spec.vq_dim, generator=gen).half()
-    elif spec.grid != "uniform":
-        layer["grid"] = torch.sort(torch.randn(spec.levels, generator=gen)).values.half()
-    return layer
-
-
-_WORKS: dict[tuple[str, str], bool] = {}  # (device, spec) -> the self-check's verdict, once per process
-
-
 def kernel_works(spec: QuantSpec, device: torch.device) -> bool:
-    """Whether the kernel compiles for ``spec`` on ``device`` and matches the reference there, on a random
-    fp16 layer with a ragged last group, through both tile kinds (1 and 20 rows). A failure (an old
-    driver, a Triton or compiler bug) is logged once and the layer keeps another kernel."""
-    key = (str(device), str(spec))
-    if key not in _WORKS:
-        try:
-            _WORKS[key] = self_check(spec, device)
-        except Exception as exc:  # compilation or launch errors of any kind: fall back, never fail the load
-            log.warning("the Triton kernel failed for %s on %s (%s: %s); using another kernel", spec, device,
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            _WORKS[key] = False
-    return _WORKS[key]
+    """Whether the kernel compiles for ``spec`` on ``device`` and matches the reference there (:func:`self_check`),
+    once per process (:func:`bitsmith.kernels.self_check.kernel_passes`)."""
+    return kernel_passes(TritonKernel.name, device, spec, lambda: self_check(spec, device))
 
 
 def self_check(spec: QuantSpec, device: torch.device) -> bool:
-    """One random layer through :class:`TritonKernel` against the float64 product of the reference
-    weights (rounded to fp16 like the kernel's); within fp16 output rounding plus float32 sums."""
+    """One random fp16 layer with a ragged last group through :class:`TritonKernel`, both tile kinds (1 and
+    20 rows), against the float64 product of the reference weights (rounded to fp16 like the kernel's);
+    within fp16 output rounding plus float32 sums."""
     in_features = 2 * (spec.group_size or 64) + 12  # a short last group, a padded run of 8 codes
     layer = sample_layer(spec, 40, in_features, torch.Generator().manual_seed(0))
     kernel = TritonKernel(layer["qweight"], layer["scale"], layer["zero"], spec, in_features, device, layer["grid"])
@@ -193,7 +159,6 @@ def self_check(spec: QuantSpec, device: torch.device) -> bool:
         exact = x.double() @ w.T
         bound = 2.0**-10 * ((x.double().abs() @ w.abs().T) + exact.abs())
         if not bool(((y - exact).abs() <= bound).all()):
-            log.warning("the Triton kernel disagrees with the reference for %s on %s; using another kernel", spec, device)
             return False
     return True
 
