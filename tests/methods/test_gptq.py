@@ -3,6 +3,7 @@ import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bitsmith.methods import LayerStats, get_method
 from bitsmith.methods.gptq import gptq, inverse_cholesky, layer_error
@@ -290,3 +291,52 @@ def test_walk_in_row_slices_equals_the_whole_walk(text: str, act_order: bool, mo
     assert walked == ([512, 512, 476] if sliced_walk else [1500])
     assert torch.equal(sliced.codes, whole.codes) and torch.equal(sliced.scale, whole.scale)
     assert (sliced.zero is None) == (whole.zero is None) and (sliced.zero is None or torch.equal(sliced.zero, whole.zero))
+
+
+@pytest.mark.parametrize("text", ["w8", "w4g32", "w3g64s", "w4g32nf", "w4g32fit"])
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_weight_gives_what_its_float32_copy_gives(text: str, act_order: bool, dtype: torch.dtype,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16/fp16 weight (the head, kept in its source dtype) is made float32 a slice at a time: the same
+    codes, scales and zeros as GPTQ on its float32 copy, through sliced walks and chunked range searches;
+    and where the walk goes by slices of rows, no float32 tensor of the weight's size is ever made."""
+    from bitsmith.methods import gptq as gptq_module
+
+    _, x = _calib(64, 256, 1024, seed=10)
+    stats = _stats(x)
+    w = (torch.randn(1500, 256, generator=torch.Generator().manual_seed(11)) * 0.02).to(dtype)
+    spec, options = QuantSpec.parse(text), {"act_order": act_order}
+    want = gptq(w.float(), spec, stats, options)
+    monkeypatch.setattr(gptq_module, "WALK_WEIGHTS", 512 * 256)  # slices of 512 rows
+    monkeypatch.setattr(gptq_module, "HALF_SEARCH_ROWS", 700)  # three range-search calls, the last ragged
+    with WholeFloatCopies(w.numel()) as copies:
+        got = gptq(w, spec, stats, options)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale)
+    assert (got.zero is None) == (want.zero is None) and (got.zero is None or torch.equal(got.zero, want.zero))
+    assert (got.grid is None) == (want.grid is None) and (got.grid is None or torch.equal(got.grid, want.grid))
+    sliced = (act_order or spec.group_size is None) and spec.grid != "fit"  # dynamic groups walk whole; a fit grid is fitted whole
+    assert (copies.seen == []) == sliced, copies.seen
+
+
+class WholeFloatCopies(TorchDispatchMode):
+    """Notes every operation whose output is a float32 tensor of at least ``numel`` elements."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= self.numel:
+                self.seen.append(str(func))
+        return out
+
+
+def test_only_gptq_takes_half_weights() -> None:
+    """The head goes to a method in bf16 only when it says it reads such weights slice by slice."""
+    from bitsmith.methods import METHODS
+
+    assert METHODS["gptq"].half_weights
+    assert not any(info.half_weights for name, info in METHODS.items() if name != "gptq")

@@ -52,7 +52,9 @@ class MethodInfo:
     with ``from_dict``, or None when it reads its few options itself), and the built-in calibration
     text it uses when the user names none (None: the library's default). ``any_device``: the method
     computes on the device of the weight it is given (torch operations only off the CPU, its native
-    kernels skipped there), so the calibrated pipeline may run it on an accelerator (``--device``)."""
+    kernels skipped there), so the calibrated pipeline may run it on an accelerator (``--device``).
+    ``half_weights``: the method takes a bf16/fp16 weight as it is and makes it float32 a slice at a time,
+    so the pipeline may hand it a large tensor (the head) in its source dtype, half the bytes of float32."""
 
     name: str
     fn: Method
@@ -60,17 +62,19 @@ class MethodInfo:
     options: type | None = None
     calib_text: str | None = None
     any_device: bool = False
+    half_weights: bool = False
 
 
 METHODS: dict[str, MethodInfo] = {}
 
 
 def register(name: str, needs: Needs = Needs.NOTHING, options: type | None = None,
-             calib_text: str | None = None, any_device: bool = False) -> Callable[[Method], Method]:
+             calib_text: str | None = None, any_device: bool = False,
+             half_weights: bool = False) -> Callable[[Method], Method]:
     """Decorator: register ``fn`` under ``name``; it stays a plain function."""
 
     def wrap(fn: Method) -> Method:
-        METHODS[name] = MethodInfo(name, fn, needs, options, calib_text, any_device)
+        METHODS[name] = MethodInfo(name, fn, needs, options, calib_text, any_device, half_weights)
         return fn
 
     return wrap

@@ -70,15 +70,18 @@ class ModelSource:
         """Storage type on disk: ``bf16``/``f16``/``f32`` for safetensors, the ggml name for GGUF."""
         return self.store.dtype(name)
 
-    def load_tensor(self, name: str) -> torch.Tensor:
-        """One tensor, float32 (integer tensors keep their type), checked to be finite."""
+    def load_tensor(self, name: str, keep_half: bool = False) -> torch.Tensor:
+        """One tensor, float32 (integer tensors keep their type), checked to be finite. ``keep_half``: a
+        bf16/fp16 tensor stays in its dtype (every value as float32 would hold it, half the bytes), for a
+        caller that makes it float32 a slice at a time."""
         import torch
 
         from bitsmith.primitives import abs_max
 
         tensor = self.store.load(name)
         if tensor.is_floating_point():
-            tensor = tensor.to(torch.float32)
+            if not (keep_half and tensor.dtype in (torch.bfloat16, torch.float16)):
+                tensor = tensor.to(torch.float32)
             # max |x| is NaN or inf exactly when some element is (abs_max: no tensor-sized copy)
             if tensor.numel() and not math.isfinite(abs_max(tensor)):
                 raise ModelSourceError(

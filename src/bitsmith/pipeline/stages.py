@@ -206,10 +206,10 @@ def _linear_report(name: str, weight: torch.Tensor, qt, stats: LayerStats, metho
         sqnr = sqnr_db_by_rows(weight, lambda rows: qt.rows(rows).weight())
 
         def approx(rows: slice) -> list[torch.Tensor]:  # RTN's ranges are per group: rows give the same values
-            return [qt.rows(rows).weight()] + ([rtn_dequantized(weight[rows], qt.spec)] if with_rtn else [])
+            return [qt.rows(rows).weight()] + ([rtn_dequantized(weight[rows].float(), qt.spec)] if with_rtn else [])
     else:  # a per-tensor grid or codebook (fit, vq) or a rotation: whole reconstructions
         # qt.weight(): the dequantized weight in the layer's own basis (a rotated layer un-rotates it)
-        whole = [qt.weight()] + ([rtn_dequantized(weight, qt.spec)] if with_rtn else [])
+        whole = [qt.weight()] + ([rtn_dequantized(weight.float(), qt.spec)] if with_rtn else [])
         sqnr = sqnr_db(weight, whole[0])
         approx = lambda rows: [d[rows] for d in whole]  # noqa: E731
     report = layer_report(name, weight, qt, seconds, sqnr)
