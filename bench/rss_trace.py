@@ -23,6 +23,9 @@ import sys
 import threading
 import time
 
+from bitsmith.cli import ARENA_SHARING_COMMANDS
+from bitsmith.kernels.alloc import share_arenas
+
 FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 PHASES = ["_open_run", "_write_other_tensors", "_walk_blocks", "_load_block", "_process_block", "stage_stats",
           "quantize_stage", "_quantize_head", "_head_stats", "quantize_linear", "finish_folder", "_emit_block",
@@ -142,6 +145,8 @@ def main() -> int:
     opts, args = parser.parse_args(argv[:cut]), argv[cut + 1:]  # after --: the bitsmith command line
     if not args:
         parser.error("give the bitsmith command line after --, e.g. -- quantize MODEL --method gptq --out DIR")
+    if args[0] in ARENA_SHARING_COMMANDS:  # as the bitsmith CLI does, before the sampler thread allocates
+        share_arenas()
     tracer = Tracer(opts.trace)
     threading.Thread(target=tracer.sample_forever, daemon=True).start()
 

@@ -1,5 +1,8 @@
 """kernels.alloc.heap_reuse: batched forwards reuse heap pages; the lean thresholds come back after."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -100,3 +103,59 @@ def test_without_glibc_nothing_happens(monkeypatch):
 def test_real_heap_free_bytes_is_a_count_where_glibc_has_it():
     free = alloc.heap_free_bytes()
     assert free is None or (isinstance(free, int) and free >= 0)
+
+
+def test_share_arenas_sets_glibcs_arena_limit_to_one(fake):
+    assert alloc.share_arenas()
+    assert fake.calls == [("mallopt", alloc.M_ARENA_MAX, 1)]
+
+
+def test_share_arenas_without_glibc_does_nothing(monkeypatch):
+    monkeypatch.setattr(alloc, "_glibc", lambda: None)
+    assert not alloc.share_arenas()
+
+
+ARENAS = """
+import ctypes, sys
+from concurrent.futures import ThreadPoolExecutor
+import torch
+if sys.argv[1] == "share":
+    from bitsmith.kernels.alloc import share_arenas
+    assert share_arenas()
+def work(i):
+    return sum(float(torch.randn(1 << 18)[0]) for _ in range(20))
+for _ in range(3):
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(work, range(8)))
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+f = libc.fopen(sys.argv[2].encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(f))
+libc.fclose(ctypes.c_void_p(f))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or alloc._glibc() is None, reason="glibc only")
+@pytest.mark.parametrize("share", [False, True])
+def test_threads_after_share_arenas_use_one_arena(tmp_path, share: bool):
+    """With the real glibc, in a fresh process: threads started after share_arenas() allocate from one arena
+    (malloc_info lists one heap), and from several without it (the oracle that the count can differ)."""
+    info = tmp_path / "malloc.xml"
+    subprocess.run([sys.executable, "-c", ARENAS, "share" if share else "default", str(info)], check=True)
+    heaps = info.read_text().count("<heap nr=")
+    assert heaps == 1 if share else heaps > 1
+
+
+def test_bitsmith_quantize_shares_arenas_before_its_work(monkeypatch):
+    import bitsmith.cli as cli
+    import bitsmith.cli.quantize as quantize
+
+    order = []
+    monkeypatch.setattr(alloc, "share_arenas", lambda: order.append("share") or True)
+    monkeypatch.setattr(quantize, "run", lambda args: order.append("run") or 0)
+    assert cli.main(["quantize", "smollm2-135m", "--out", "unused"]) == 0
+    assert order == ["share", "run"]
+    order.clear()
+    monkeypatch.setattr(cli, "ARENA_SHARING_COMMANDS", ())
+    cli.main(["quantize", "smollm2-135m", "--out", "unused"])
+    assert order == ["run"]

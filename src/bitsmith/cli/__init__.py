@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands whose calibrated passes run batches in threads: one shared heap arena keeps their peak RSS down
+ARENA_SHARING_COMMANDS = ("quantize",)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # bitsmith never downloads at run time
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -40,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    if args.command in ARENA_SHARING_COMMANDS:  # before any thread allocates (kernels.alloc.share_arenas)
+        from bitsmith.kernels.alloc import share_arenas
+
+        share_arenas()
     from bitsmith.cli.common import friendly_errors
 
     with friendly_errors():
