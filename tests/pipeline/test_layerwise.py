@@ -460,3 +460,51 @@ def test_calibrated_head_on_an_untied_model(models, calib, tmp_path, arch) -> No
     config = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", batch_size=BATCH, quantize_head=True)
     got = tensors(quantize_blocks(models[arch], tmp_path / "q", config, calib))
     assert "lm_head.qweight" in got and "lm_head.weight" not in got
+
+
+def test_a_parent_with_two_one_linear_stages_gets_its_last_tail() -> None:
+    """A module whose two linears are stages of their own (a then b, each with a recorded tail input) is
+    computed from its last tail, the linear whose output it returns; two tails used to patch it twice, and
+    leaving the pass raised AttributeError."""
+    from torch import nn
+
+    from bitsmith.pipeline.replay import OutputReplay
+
+    class Parent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Parent()
+
+        def forward(self, x):
+            return x + self.inner(x)
+
+    torch.manual_seed(0)
+    block = Block()
+    linears = {"inner.a": block.inner.a, "inner.b": block.inner.b}
+    batches = [torch.randn(3, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        want = [block(x) for x in batches]
+        replay = OutputReplay(block, linears, batches=len(batches), budget=1 << 30)
+        for rel in ("inner.a", "inner.b"):  # each stage's pass records its linear's input as a tail
+            tail = replay.tail_recorder(rel)
+            hook = linears[rel].register_forward_pre_hook(lambda m, a, tail=tail: tail.append(a[0]))
+            with replay.active():
+                for b, x in enumerate(batches):
+                    replay.batch = b
+                    block(x)
+            hook.remove()
+            replay.mark_done([rel])
+            replay.keep_tail(rel, tail)
+        for _ in range(2):
+            with replay.active():
+                for b, x in enumerate(batches):
+                    replay.batch = b
+                    assert torch.equal(block(x), want[b])

@@ -142,8 +142,10 @@ class OutputReplay:
             if name in self._cache and not any(a in self._cache for a in self._ancestors(name)):
                 module.forward = (lambda *a, _n=name, **k: self._cache[_n][self.batch])
                 patched.append(module)
-        for rel, inputs in self._tails.items():
-            parent = rel.rpartition(".")[0]
+        # one tail per parent, its last: the linear whose output it returns (a parent whose two linears are
+        # stages of their own, e.g. q then o, records two, and patching it twice broke the pass's exit)
+        last = {rel.rpartition(".")[0]: (rel, inputs) for rel, inputs in self._tails.items()}
+        for parent, (rel, inputs) in last.items():
             if not self._covered(parent) and self._linears_done(parent):  # (failed tails are dropped after their pass)
                 module = self._modules[parent]
                 module.forward = self._tail_forward(parent, module, self._modules[rel], inputs)
