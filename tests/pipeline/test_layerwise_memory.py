@@ -70,7 +70,6 @@ def test_float_tables_are_released_before_their_codes_are_written(tmp_path, monk
     """The embedding (quantized outside the blocks) and the untied head (quantized last) are no longer
     referenced when the writer packs their codes: on Qwen2.5-1.5B each is 0.93 GB of float32, and the
     embedding's was the whole run's peak."""
-    import bitsmith.models as models
     from bitsmith.calib import calibration_batches
     from bitsmith.io.checkpoint import CheckpointWriter
     from bitsmith.pipeline.plan import QuantizePlan
@@ -79,20 +78,7 @@ def test_float_tables_are_released_before_their_codes_are_written(tmp_path, monk
     folder = make_tiny_model(tmp_path / "src", tie_word_embeddings=False, num_hidden_layers=2)
     calib = calibration_batches(tiny_tokenizer(), sample_text(1000), samples=4, seq_len=32)
     last_load: dict[str, weakref.ref] = {}
-    real_open = models.open_source
-
-    def open_source(model):
-        source = real_open(model)
-        real_load = source.load_tensor
-
-        def load_tensor(name, **kwargs):
-            tensor = real_load(name, **kwargs)
-            last_load[name] = weakref.ref(tensor)
-            return tensor
-
-        source.load_tensor = load_tensor
-        return source
-
+    watch_loads(monkeypatch, lambda name, tensor: last_load.__setitem__(name, weakref.ref(tensor)))
     checked = []
     real_add = CheckpointWriter.add_quantized
 
@@ -103,7 +89,6 @@ def test_float_tables_are_released_before_their_codes_are_written(tmp_path, monk
             checked.append(module_name)
         return real_add(self, module_name, qt, report)
 
-    monkeypatch.setattr(models, "open_source", open_source)
     monkeypatch.setattr(CheckpointWriter, "add_quantized", add_quantized)
     plan = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", quantize_head=True, quantize_embeddings=True, batch_size=2)
     layerwise.quantize_blocks(folder, tmp_path / "q", plan, calib)
@@ -237,29 +222,14 @@ def test_the_heap_is_trimmed_after_the_swap_before_each_pass(tmp_path, monkeypat
 def test_a_bf16_head_goes_to_gptq_in_bf16_with_the_same_result(tmp_path, monkeypatch, tied: bool) -> None:
     """A bf16 checkpoint's head is read in bf16 for GPTQ (half of float32's bytes while it is quantized:
     0.47 GB on Qwen2.5-1.5B) and the checkpoint is byte for byte the one a float32 head gives."""
-    import bitsmith.models as models
     from bitsmith.calib import calibration_batches
     from bitsmith.pipeline.plan import QuantizePlan
     from tests.tiny import make_tiny_model, sample_text, tiny_tokenizer
 
     folder = make_tiny_model(tmp_path / "src", dtype=torch.bfloat16, tie_word_embeddings=tied, num_hidden_layers=1)
     calib = calibration_batches(tiny_tokenizer(), sample_text(1000), samples=4, seq_len=32)
-    loaded: dict[str, torch.dtype] = {}
-    real_open = models.open_source
-
-    def open_source(model):
-        source = real_open(model)
-        real_load = source.load_tensor
-
-        def load_tensor(name, **kwargs):  # the dtype of the last load of each name (a tied head: the embedding's)
-            tensor = real_load(name, **kwargs)
-            loaded[name] = tensor.dtype
-            return tensor
-
-        source.load_tensor = load_tensor
-        return source
-
-    monkeypatch.setattr(models, "open_source", open_source)
+    loaded: dict[str, torch.dtype] = {}  # the dtype of the last load of each name (a tied head: the embedding's)
+    watch_loads(monkeypatch, lambda name, tensor: loaded.__setitem__(name, tensor.dtype))
     plan = QuantizePlan(QuantSpec.parse("w4g32"), "gptq", quantize_head=True, batch_size=2)
     layerwise.quantize_blocks(folder, tmp_path / "half", plan, calib)
     head = "model.embed_tokens.weight" if tied else "lm_head.weight"
@@ -270,3 +240,24 @@ def test_a_bf16_head_goes_to_gptq_in_bf16_with_the_same_result(tmp_path, monkeyp
     assert loaded[head] == torch.float32
     half, whole = (tmp_path / d / "model.safetensors" for d in ("half", "float"))
     assert half.read_bytes() == whole.read_bytes()
+
+
+def watch_loads(monkeypatch: pytest.MonkeyPatch, record) -> None:
+    """Every source the pipeline opens calls ``record(name, tensor)`` for each tensor it loads."""
+    import bitsmith.models as models
+
+    real_open = models.open_source
+
+    def open_source(model):
+        source = real_open(model)
+        real_load = source.load_tensor
+
+        def load_tensor(name, **kwargs):
+            tensor = real_load(name, **kwargs)
+            record(name, tensor)
+            return tensor
+
+        source.load_tensor = load_tensor
+        return source
+
+    monkeypatch.setattr(models, "open_source", open_source)
