@@ -89,5 +89,5 @@ class LineProgress:
         if task.total and 0 < task.completed < task.total and elapsed >= ETA_AFTER_S:
             timing += f", ~{clock(elapsed * (task.total - task.completed) / task.completed)} left"
         parts.append(timing)
-        self.stream.write(" ".join(parts[:1]) + ("  " + "  ".join(parts[1:]) if parts[1:] else "") + "\n")
+        self.stream.write("  ".join(parts) + "\n")
         self.stream.flush()

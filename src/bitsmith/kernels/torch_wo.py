@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import torch
 
-from bitsmith.formats.packing import unpack
 from bitsmith.kernels.device import check_layer_input
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
