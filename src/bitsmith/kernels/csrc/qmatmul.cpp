@@ -26,6 +26,13 @@
 
 #include "gemv.h"
 
+// No contraction of a * b + c into a fused multiply-add where the source does not write one: the
+// compiler contracts (or not) per instantiation, so the scalar tails and zero-point terms of a row
+// could round differently in a 4-row tile than alone (seen on AVX2, Zen 3: test_small_gemm), and
+// speculative verification needs every row bit for bit what the single-row gemv computes. The
+// vector code's FMAs are explicit intrinsics and unaffected.
+#pragma GCC optimize("fp-contract=off")
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define BS_SIMD 512
