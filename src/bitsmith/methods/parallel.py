@@ -67,9 +67,13 @@ def bf16_fpmath(enabled: bool = True) -> Iterator[bool]:
     ``methods.gptq.layer_errors_by_rows``). The setting is process-wide: callers use it only where no
     other thread multiplies (the statistics are summed, and the reports computed, on the pipeline's
     own thread while no batch forward runs).
-    A torch without the setting, or without oneDNN, keeps plain float32 GEMMs (same values)."""
+    A torch without the setting, or without oneDNN, keeps plain float32 GEMMs (same values), and so
+    does a CPU without native bf16 (AVX2 only: oneDNN ignores the mode there and computes float32,
+    seen on a Zen 3), so the answer is False there too."""
+    from bitsmith.kernels.cpu import native_bf16
+
     backend = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    if not enabled or backend is None or not hasattr(backend, "fp32_precision") or not torch.backends.mkldnn.is_available():
+    if not enabled or backend is None or not hasattr(backend, "fp32_precision") or not native_bf16():
         yield False
         return
     before = backend.fp32_precision

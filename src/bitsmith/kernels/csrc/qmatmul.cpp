@@ -386,6 +386,15 @@ inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 
 inline __m256i load256(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
 
+#if !BS_VNNI
+// 8-bit codes as code - 128 in int8, and the int32 lane sums (4 bytes each) of their products with x
+// given |code - 128| (u) and code - 128 (b): maddubs(|b|, sign(x, b)) = b * x pairwise, no saturation.
+inline __m256i signed8(__m256i codes) { return _mm256_xor_si256(codes, _mm256_set1_epi8((char)0x80)); }
+inline __m256i dot_abs_sign(__m256i u, __m256i b, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, b)), _mm256_set1_epi16(1));
+}
+#endif
+
 // Integer dot products of one 64-code 4-bit chunk (32 bytes at p) with xq at q.
 inline __m256i chunk4(__m256i b, const int8_t* q) {
   const __m256i nib = _mm256_set1_epi8(0x0F);
@@ -462,6 +471,28 @@ void row_tile_int8(const Weights& w, int64_t o, int64_t t0, const float* xv, con
             f0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_loadu_ps(v[t] + k / 4), f0[t]);
           }
         }
+#else
+        // AVX2 without VNNI: maddubs would saturate on u8 codes, so the codes go in as code - 128 (int8)
+        // and the product as |code - 128| (u8, <= 128) times x with the sign of code - 128: each i16 pair
+        // sum is at most 2 * 128 * 127 < 32767, exact. The -128 offset is folded into the zero points
+        // by the caller (gemv_rows: zero - 128), so the row's result is the same exact product.
+        int64_t k = g * group;
+        for (; k + 64 <= end; k += 64) {
+          const __m256i b0 = signed8(load256(row + k)), b1 = signed8(load256(row + k + 32));
+          const __m256i u0 = _mm256_abs_epi8(b0), u1 = _mm256_abs_epi8(b1);
+          for (int t = 0; t < TT; ++t) {
+            const __m256i a0 = dot_abs_sign(u0, b0, load256(q[t] + k));
+            const __m256i a1 = dot_abs_sign(u1, b1, load256(q[t] + k + 32));
+            f0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_loadu_ps(v[t] + k / 4), f0[t]);
+            f1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), _mm256_loadu_ps(v[t] + k / 4 + 8), f1[t]);
+          }
+        }
+        if (k < end) {  // one 32-block left
+          const __m256i b0 = signed8(load256(row + k)), u0 = _mm256_abs_epi8(b0);
+          for (int t = 0; t < TT; ++t)
+            f0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_abs_sign(u0, b0, load256(q[t] + k))),
+                                    _mm256_loadu_ps(v[t] + k / 4), f0[t]);
+        }
 #endif
       }
       const __m256 s = _mm256_set1_ps(sc[g]);
@@ -479,7 +510,7 @@ inline bool int8_ok(const bs::Matrix& m) {
   if (!BS_INT8 || !m.int8) return false;
   if (bs::vbmi_takes(m)) return true;  // any width, vbmi.cpp
   if (m.bits == 4) return m.in % 64 == 0 && (m.group == 32 || m.group % 64 == 0);
-  return m.bits == 8 && BS_VNNI && m.in % 32 == 0 && m.group % 32 == 0;
+  return m.bits == 8 && m.in % 32 == 0 && m.group % 32 == 0;  // AVX2 without VNNI too (row_tile_int8)
 }
 
 #if BS_INT8
@@ -591,6 +622,8 @@ void gemv_rows(const Matrix& m, const float* x, const float* xp, const float* xs
 #pragma omp for schedule(static)
     for (int64_t o = 0; o < m.out; ++o) {
       w.row_params(o, sc, zr);
+      if (m.bits == 8 && !BS_VNNI)  // row_tile_int8 multiplies code - 128 there
+        for (int64_t g = 0; g < w.groups; ++g) zr[g] -= 128.f;
       int64_t t = 0;
       for (; t + 4 <= T; t += 4) row_tile_int8<4>(w, o, t, xp, xq, xs, sc, zr, y);
       switch (T - t) {
@@ -794,7 +827,7 @@ int bs_simd_width() { return BS_SIMD; }
 // The bit widths this build runs on the int8-activation path (see row_tile_int8) when a call asks for
 // it, as a mask (1 << bits).
 int bs_int8_widths() {
-  int mask = (BS_INT8 ? 1 << 4 : 0) | (BS_VNNI ? 1 << 8 : 0);
+  int mask = BS_INT8 ? 1 << 4 | 1 << 8 : 0;
   const bs::Matrix probe{nullptr, nullptr, nullptr, 1, 64, 2, 64, true};
   for (int bits = 2; bits <= 8; ++bits) {
     bs::Matrix m = probe;
