@@ -470,7 +470,7 @@ void row_tile_int8(const Weights& w, int64_t o, int64_t t0, const float* xv, con
 
 inline bool int8_ok(const bs::Matrix& m) {
   if (!BS_INT8 || !m.int8) return false;
-  if (bs::vbmi_takes(m)) return true;  // any width, vbmi.cpp
+  if (bs::vbmi_takes(m) || bs::avx2_takes(m)) return true;  // any width, vbmi.cpp; 2/3 bits, avx2_int8.cpp
   if (m.bits == 4) return m.in % 64 == 0 && (m.group == 32 || m.group % 64 == 0);
   return m.bits == 8 && BS_VNNI && m.in % 32 == 0 && m.group % 32 == 0;
 }
@@ -552,6 +552,8 @@ void gemv_prepare(const Matrix& m, const float* x, int64_t T, float* xsum, float
     prepare_int8(m, x, T, xsum, xp, (int8_t*)(xp + T * (m.in / 4)));
     if (strided_takes(m) && (T == 1 || m.layout == kMixed3))  // the mixed layout reads permuted rows at any T
       for (int64_t t = 0; t < T; ++t) vbmi_permute(m, (int8_t*)(xp + T * (m.in / 4)) + t * m.in, xp + t * (m.in / 4));
+    if (avx2_takes(m))
+      for (int64_t t = 0; t < T; ++t) avx2_permute(m, (int8_t*)(xp + T * (m.in / 4)) + t * m.in, xp + t * (m.in / 4));
     return;
   }
 #endif
@@ -574,6 +576,7 @@ void gemv_rows(const Matrix& m, const float* x, const float* xp, const float* xs
 #if BS_INT8
   if (int8_ok(m) && vbmi_takes(m))  // before the scratch below: vbmi.cpp needs none (one malloc per thread per call)
     return vbmi_rows(m, xp, (const int8_t*)(xp + T * (m.in / 4)), xs, T, y);
+  if (int8_ok(m) && avx2_takes(m)) return avx2_rows(m, xp, (const int8_t*)(xp + T * (m.in / 4)), xs, T, y);
 #endif
   std::vector<float> params(2 * w.groups);  // this thread's row scales and zeros as floats
   float* sc = params.data();
@@ -793,6 +796,8 @@ int bs_int8_widths() {
     bs::Matrix m = probe;
     m.bits = bits;
     if (bs::vbmi_takes(m)) mask |= 1 << bits;  // vbmi.cpp: every width on AVX-512 VBMI + VNNI
+    m.in = m.group = 128;
+    if (bs::avx2_takes(m)) mask |= 1 << bits;  // avx2_int8.cpp: 2 and 3 bits on AVX2 without AVX-512
   }
   return mask;
 }
