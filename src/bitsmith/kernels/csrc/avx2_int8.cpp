@@ -18,9 +18,9 @@
 //   their high bits come from a second shuffle shifted left (vpsllvd). Two planes of 16 codes per lane:
 //   codes (0,1,3,4) and (6,7,2,5) of the lane's 4 runs; int32 lanes 0-3 are the chunk's first 32-block,
 //   4-7 its second.
-// xv (x scales, 8 floats per chunk) is rewritten per chunk to match those int32 lanes. Weight groups
-// narrower than a chunk (32, 64) get per-lane weight scales; wider ones (multiples of the chunk)
-// accumulate their chunks first and are scaled once.
+// xv (x scales, 8 floats per chunk) is rewritten per chunk to match those int32 lanes; each chunk's
+// int32 lanes are scaled by x's block scales times per-lane weight scales (groups of 32 and 64 can be
+// narrower than a chunk; wider groups are whole chunks).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -66,7 +66,7 @@ struct Planes {
       u[3] = _mm256_and_si256(_mm256_srli_epi16(b, 6), m);
     } else {
       // lane 0: bytes 0-15 (runs 0-3), lane 1: bytes 12-27 (runs 4-7)
-      const __m256i v = _mm256_permutevar8x32_epi32(load256(p), _mm256_setr_epi32(0, 1, 2, 3, 3, 4, 5, 6));
+      const __m256i v = _mm256_loadu2_m128i((const __m128i*)(p + 12), (const __m128i*)p);
       const __m256i i1 = _mm256_setr_epi8(0, 3, 6, 9, 0, 3, 6, 9, 1, 4, 7, 10, 1, 4, 7, 10,
                                           0, 3, 6, 9, 0, 3, 6, 9, 1, 4, 7, 10, 1, 4, 7, 10);
       const __m256i i2 = _mm256_setr_epi8(2, 5, 8, 11, 2, 5, 8, 11, 0, 3, 6, 9, 1, 4, 7, 10,
@@ -99,27 +99,34 @@ struct Rows {
 };
 
 // Row o's weight scales into sc [groups] (sc has 8 floats of slack), returning the zero-point term
-// sum_g s_g * z_g * xsum_g of each activation row t < TT.
+// sum_g s_g * z_g * xsum_g of each activation row t < TT. 8 groups per step, the last few through a
+// zero-padded copy (a scalar tail cost a tenth of a 1536-code row's time at 12 groups).
 template <int TT>
 void row_scales(const Rows& r, int64_t o, const float* xsum, float* sc, float* offset) {
   const uint16_t* s16 = r.m.scale + o * r.groups;
   const uint16_t* z16 = r.m.zero ? r.m.zero + o * r.groups : nullptr;
   __m256 acc[TT];
   for (int t = 0; t < TT; ++t) acc[t] = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 8 <= r.groups; g += 8) {
-    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s16 + g)));
-    const __m256 z = z16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(z16 + g))) : _mm256_set1_ps(r.mid);
+  for (int64_t g = 0; g < r.groups; g += 8) {
+    const int64_t n = std::min<int64_t>(8, r.groups - g);
+    const uint16_t *sp = s16 + g, *zp = z16 ? z16 + g : nullptr;
+    const float* xp[TT];
+    for (int t = 0; t < TT; ++t) xp[t] = xsum + t * r.groups + g;
+    uint16_t s_pad[8] = {}, z_pad[8] = {};
+    float x_pad[TT][8] = {};
+    if (n < 8) {
+      std::memcpy(s_pad, sp, 2 * n);
+      sp = s_pad;
+      if (zp) std::memcpy(z_pad, zp, 2 * n), zp = z_pad;
+      for (int t = 0; t < TT; ++t) std::memcpy(x_pad[t], xp[t], 4 * n), xp[t] = x_pad[t];
+    }
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)sp));
+    const __m256 z = zp ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)zp)) : _mm256_set1_ps(r.mid);
     _mm256_storeu_ps(sc + g, s);
     const __m256 sz = _mm256_mul_ps(s, z);
-    for (int t = 0; t < TT; ++t) acc[t] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xsum + t * r.groups + g), acc[t]);
+    for (int t = 0; t < TT; ++t) acc[t] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xp[t]), acc[t]);
   }
   for (int t = 0; t < TT; ++t) offset[t] = hsum(acc[t]);
-  for (; g < r.groups; ++g) {
-    sc[g] = bs::half_to_float(s16[g]);
-    const float z = z16 ? bs::half_to_float(z16[g]) : r.mid;
-    for (int t = 0; t < TT; ++t) offset[t] += sc[g] * z * xsum[t * r.groups + g];
-  }
 }
 
 #ifndef BS_AVX2_AHEAD
@@ -145,30 +152,23 @@ void row_tile(const Rows& r, int64_t o, int64_t t0, const float* xv, const int8_
     total[t] = _mm256_setzero_ps();
   }
   row_scales<TT>(r, o, xsum + t0 * r.groups, sc, offset);
+  // One flat loop over chunks, each with per-lane weight scales (per-group inner loops of one or two
+  // chunks cost 20-40% more on Zen 3): lane l of chunk c is in group (c * CW + l * CW / 8) / group.
   const int64_t chunks = m.in / CW;
-  if (m.group < CW) {  // per-lane weight scales: lane l of chunk c is in group (c * CW + l * CW / 8) / group
-    const int64_t per = CW / m.group;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const Planes<BITS> w(row + c * CB);
-      const __m256 ws = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + c * per), r.lane_group);
-      for (int t = 0; t < TT; ++t) {
-        const __m256 f = _mm256_mul_ps(ws, _mm256_loadu_ps(v[t] + c * 8));
-        total[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(w.dot(q[t] + c * CW)), f, total[t]);
-      }
+  const int64_t per = m.group <= CW ? CW / m.group : 0;  // groups per chunk, or
+  const int64_t span = m.group <= CW ? 0 : m.group / CW;  // chunks per group
+  for (int64_t c = 0, g = 0, left = span; c < chunks; ++c) {
+    const Planes<BITS> w(row + c * CB);
+    __m256 ws;
+    if (per) {
+      ws = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + c * per), r.lane_group);
+    } else {
+      ws = _mm256_set1_ps(sc[g]);
+      if (--left == 0) ++g, left = span;
     }
-  } else {
-    const int64_t per = m.group / CW;
-    for (int64_t g = 0; g < r.groups; ++g) {
-      __m256 acc[TT];
-      for (int t = 0; t < TT; ++t) acc[t] = _mm256_setzero_ps();
-      const int64_t end = std::min((g + 1) * per, chunks);
-      for (int64_t c = g * per; c < end; ++c) {
-        const Planes<BITS> w(row + c * CB);
-        for (int t = 0; t < TT; ++t)
-          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(w.dot(q[t] + c * CW)), _mm256_loadu_ps(v[t] + c * 8), acc[t]);
-      }
-      const __m256 s = _mm256_set1_ps(sc[g]);
-      for (int t = 0; t < TT; ++t) total[t] = _mm256_fmadd_ps(acc[t], s, total[t]);
+    for (int t = 0; t < TT; ++t) {
+      const __m256 f = _mm256_mul_ps(ws, _mm256_loadu_ps(v[t] + c * 8));
+      total[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(w.dot(q[t] + c * CW)), f, total[t]);
     }
   }
   for (int t = 0; t < TT; ++t) y[(t0 + t) * m.out + o] = hsum(total[t]) - offset[t];
@@ -229,7 +229,7 @@ void avx2_rows(const Matrix& m, const float* xv, const int8_t* xq, const float* 
 #if BS_AVX2_INT8
   const int64_t cw = chunk_codes(m.bits);
   alignas(32) int32_t lanes[8];
-  for (int l = 0; l < 8; ++l) lanes[l] = (int32_t)(m.group < cw ? l * (cw / 8) / m.group : 0);
+  for (int l = 0; l < 8; ++l) lanes[l] = (int32_t)(m.group <= cw ? l * (cw / 8) / m.group : 0);
   const Rows r{m, gemv_groups(m), (m.in + 7) / 8 * m.bits, cw, (float)((1 << m.bits) / 2),
                _mm256_load_si256((const __m256i*)lanes)};
   if (m.bits == 2) return rows<2>(r, xv, xq, xsum, T, y);
