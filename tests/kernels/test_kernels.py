@@ -265,7 +265,8 @@ def test_eight_bit_codes_are_shared_not_copied() -> None:
 def test_int8_decode_matches_its_oracle(spec: QuantSpec) -> None:
     """Default decode: exact to the int8-activation oracle, and within the stated few-1e-3 of the float
     reference, for every width the build runs that way (4 and 8 bits with VNNI; every width on
-    AVX-512 VBMI, csrc/vbmi.cpp); shapes the path cannot take stay exact."""
+    AVX-512 VBMI, csrc/vbmi.cpp; 2 and 3 bits on AVX2 without AVX-512, csrc/avx2_int8.cpp); shapes the
+    path cannot take stay exact."""
     from bitsmith.formats.packing import pack
 
     gen = torch.Generator().manual_seed(11 + spec.bits + (spec.group_size or 0) + spec.symmetric)
@@ -289,6 +290,9 @@ def test_int8_decode_matches_its_oracle(spec: QuantSpec) -> None:
                 takes_path = True
             elif spec.bits == 4:
                 takes_path = inp % 64 == 0 and (group == 32 or group % 64 == 0)
+            elif spec.bits in (2, 3):  # avx2_int8.cpp: whole chunks of 128 (2-bit) or 64 (3-bit) codes
+                chunk = 128 if spec.bits == 2 else 64
+                takes_path = inp % chunk == 0 and (group % chunk == 0 or group in (32, 64) and group < chunk)
             else:
                 takes_path = spec.bits == 8 and inp % 32 == 0 and group % 32 == 0
             if spec.bits in widths and takes_path:

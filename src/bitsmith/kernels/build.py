@@ -39,6 +39,7 @@ SOURCES += (CSRC / "hessian.cpp",)  # AMX bf16 Hessian update X^T X (calib.stats
 SOURCES += (CSRC / "score.cpp",)  # log-sum-exp and argmax per row of logits (kernels.score, for eval)
 SOURCES += (CSRC / "vq_search.cpp",)  # nearest codebook entry per vector (methods.vq via methods.native)
 SOURCES += (CSRC / "mixed3.cpp",)  # the 3-bit mixed layout: repack, batched rows, dequant (kernels.cpu)
+SOURCES += (CSRC / "avx2_int8.cpp",)  # 2/3-bit int8 decode on AVX2 without AVX-512 (kernels.cpu)
 HEADERS = (CSRC / "gemv.h", CSRC / "attention.h", CSRC / "step.h", CSRC / "unpack.h", CSRC / "strided.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
 
@@ -144,7 +145,8 @@ def int8_widths(lib: ctypes.CDLL) -> frozenset[int]:
     """The bit widths whose decode products this build can run with int8 activations (llama.cpp's
     trade: a few 1e-3 relative error on each product, up to twice the speed) when a call asks for it
     (``RuntimeOptions.int8_decode``): every width 2-8 with AVX-512 VBMI + VNNI (csrc/vbmi.cpp), {4, 8}
-    with VNNI alone, {4} on other AVX2 builds, empty without AVX2."""
+    with VNNI alone, {2, 3, 4} on AVX2 builds without AVX-512 (csrc/avx2_int8.cpp; {2, 3, 4, 8} with
+    AVX-VNNI), empty without AVX2."""
     mask = lib.bs_int8_widths()
     return frozenset(b for b in range(2, 9) if mask & (1 << b))
 

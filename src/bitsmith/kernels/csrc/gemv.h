@@ -121,6 +121,12 @@ void vbmi_permute(const Matrix& m, int8_t* xq, float* xv);
 // The 3-bit mixed layout (mixed3.cpp): whether a 3-bit matrix of this shape may be repacked (this build
 // runs it: in and group as strided_takes needs them), T >= 2 int8 activation rows of one (every row
 // permuted by vbmi_permute; an orphaned `omp for`), and row o dequantized ((code - zero) * scale) into dst [in].
+// The int8 decode of 2- and 3-bit codes on AVX2 builds without AVX-512 (avx2_int8.cpp): whether m takes
+// it, x's int8 codes and scales of one activation row permuted in place after prepare_int8, and its rows
+// (an orphaned `omp for` as gemv_rows).
+bool avx2_takes(const Matrix& m);
+void avx2_permute(const Matrix& m, int8_t* xq, float* xv);
+void avx2_rows(const Matrix& m, const float* xv, const int8_t* xq, const float* xsum, int64_t T, float* y);
 bool mixed3_takes(const Matrix& m);
 void mixed3_rows(const Matrix& m, const float* xv, const int8_t* xq, const float* xsum, int64_t T, float* y);
 void mixed3_dequant_row(const Matrix& m, int64_t o, float* dst);

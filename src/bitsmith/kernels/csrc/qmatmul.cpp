@@ -399,7 +399,12 @@ inline __m256i dot_abs_sign(__m256i u, __m256i b, __m256i x) {
 inline __m256i chunk4(__m256i b, const int8_t* q) {
   const __m256i nib = _mm256_set1_epi8(0x0F);
   const __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+#if BS_VNNI
   return dot_u8s8(dot_u8s8(_mm256_setzero_si256(), lo, load256(q)), hi, load256(q + 32));
+#else  // both halves summed in int16 first (2 * 2 * 15 * 127 < 32767): one vpmaddwd, one add fewer
+  const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo, load256(q)), _mm256_maddubs_epi16(hi, load256(q + 32)));
+  return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+#endif
 }
 
 // Per row: total += sum over groups of scale_g * (sum over the group's chunks/blocks of x-scaled
@@ -433,6 +438,18 @@ void row_tile_int8(const Weights& w, int64_t o, int64_t t0, const float* xv, con
         total[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk4(b, q[t] + g * 32)), f, total[t]);
       }
     }
+#if BS_SIMD == 256
+  } else if (w.bits == 4) {  // group % 64 == 0: one flat loop over chunks, each scaled by its group's scale
+    // (per-group inner loops of one or two chunks cost 20-40% more on Zen 3, session 20)
+    const int64_t per = group / 64;
+    for (int64_t c = 0, g = 0, left = per; c < in / 64; ++c) {
+      const __m256i b = load256(row + c * 32);
+      const __m256 s = _mm256_set1_ps(sc[g]);
+      for (int t = 0; t < TT; ++t)
+        total[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk4(b, q[t] + c * 64)), _mm256_mul_ps(s, _mm256_loadu_ps(v[t] + c * 8)), total[t]);
+      if (--left == 0) ++g, left = per;
+    }
+#endif
   } else {
     for (int64_t g = 0; g < groups; ++g) {
       __m256 f0[TT], f1[TT];  // two FMA chains, alternating chunks
@@ -508,7 +525,7 @@ void row_tile_int8(const Weights& w, int64_t o, int64_t t0, const float* xv, con
 
 inline bool int8_ok(const bs::Matrix& m) {
   if (!BS_INT8 || !m.int8) return false;
-  if (bs::vbmi_takes(m)) return true;  // any width, vbmi.cpp
+  if (bs::vbmi_takes(m) || bs::avx2_takes(m)) return true;  // any width, vbmi.cpp; 2/3 bits, avx2_int8.cpp
   if (m.bits == 4) return m.in % 64 == 0 && (m.group == 32 || m.group % 64 == 0);
   return m.bits == 8 && m.in % 32 == 0 && m.group % 32 == 0;  // AVX2 without VNNI too (row_tile_int8)
 }
@@ -590,6 +607,8 @@ void gemv_prepare(const Matrix& m, const float* x, int64_t T, float* xsum, float
     prepare_int8(m, x, T, xsum, xp, (int8_t*)(xp + T * (m.in / 4)));
     if (strided_takes(m) && (T == 1 || m.layout == kMixed3))  // the mixed layout reads permuted rows at any T
       for (int64_t t = 0; t < T; ++t) vbmi_permute(m, (int8_t*)(xp + T * (m.in / 4)) + t * m.in, xp + t * (m.in / 4));
+    if (avx2_takes(m))
+      for (int64_t t = 0; t < T; ++t) avx2_permute(m, (int8_t*)(xp + T * (m.in / 4)) + t * m.in, xp + t * (m.in / 4));
     return;
   }
 #endif
@@ -612,6 +631,7 @@ void gemv_rows(const Matrix& m, const float* x, const float* xp, const float* xs
 #if BS_INT8
   if (int8_ok(m) && vbmi_takes(m))  // before the scratch below: vbmi.cpp needs none (one malloc per thread per call)
     return vbmi_rows(m, xp, (const int8_t*)(xp + T * (m.in / 4)), xs, T, y);
+  if (int8_ok(m) && avx2_takes(m)) return avx2_rows(m, xp, (const int8_t*)(xp + T * (m.in / 4)), xs, T, y);
 #endif
   std::vector<float> params(2 * w.groups);  // this thread's row scales and zeros as floats
   float* sc = params.data();
@@ -833,6 +853,8 @@ int bs_int8_widths() {
     bs::Matrix m = probe;
     m.bits = bits;
     if (bs::vbmi_takes(m)) mask |= 1 << bits;  // vbmi.cpp: every width on AVX-512 VBMI + VNNI
+    m.in = m.group = 128;
+    if (bs::avx2_takes(m)) mask |= 1 << bits;  // avx2_int8.cpp: 2 and 3 bits on AVX2 without AVX-512
   }
   return mask;
 }
