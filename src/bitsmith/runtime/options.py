@@ -55,8 +55,8 @@ class RuntimeOptions:
 
     - ``kernel``: the CPU matmul for quantized linears (see :mod:`bitsmith.kernels`); ``auto`` takes the
       native kernels when they build, else the torch path.
-    - ``int8_decode``: decode products with int8 activations (4/8-bit codes with VNNI, every width 2-8 on
-      AVX-512 VBMI CPUs: kernels/csrc/vbmi.cpp) (llama.cpp's trade, a few 1e-3
+    - ``int8_decode``: decode products with int8 activations (every width 2-8 on AVX-512 VBMI CPUs:
+      kernels/csrc/vbmi.cpp; 2, 3, 4 and 8 bits on AVX2: avx2_int8.cpp, qmatmul.cpp) (llama.cpp's trade, a few 1e-3
       relative error, up to twice the speed); False runs the exact float path.
     - ``prefill``: the native kernel's batched matmul (more than ``GEMV_MAX_ROWS`` rows: prefill,
       evaluation). ``bf16`` dequantizes weight blocks to bfloat16 and multiplies bf16-rounded
