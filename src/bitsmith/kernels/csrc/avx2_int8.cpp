@@ -43,13 +43,6 @@ constexpr int64_t chunk_codes(int64_t bits) { return bits == 2 ? 128 : 64; }
 #if BS_AVX2_INT8
 inline __m256i load256(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
 
-inline float hsum(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // The unpacked planes of one chunk (as u8 codes) and their integer dot product with the permuted xq.
 template <int BITS>
 struct Planes {
@@ -126,7 +119,7 @@ void row_scales(const Rows& r, int64_t o, const float* xsum, float* sc, float* o
     const __m256 sz = _mm256_mul_ps(s, z);
     for (int t = 0; t < TT; ++t) acc[t] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xp[t]), acc[t]);
   }
-  for (int t = 0; t < TT; ++t) offset[t] = hsum(acc[t]);
+  for (int t = 0; t < TT; ++t) offset[t] = bs::hsum8(acc[t]);
 }
 
 #ifndef BS_AVX2_AHEAD
@@ -171,7 +164,7 @@ void row_tile(const Rows& r, int64_t o, int64_t t0, const float* xv, const int8_
       total[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(w.dot(q[t] + c * CW)), f, total[t]);
     }
   }
-  for (int t = 0; t < TT; ++t) y[(t0 + t) * m.out + o] = hsum(total[t]) - offset[t];
+  for (int t = 0; t < TT; ++t) y[(t0 + t) * m.out + o] = bs::hsum8(total[t]) - offset[t];
 }
 
 template <int BITS>

@@ -95,13 +95,6 @@ void row_dot_scalar(const Shape& s, const uint8_t* row, const uint16_t* scale, c
 }
 
 #if defined(BS_VQ_AVX2)
-inline float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
-
 // 8 weights = 8 / D codebook entries side by side in one register
 template <int D>
 inline __m256 gather8(const float* cb, const uint32_t* idx) {
@@ -134,7 +127,7 @@ void row_dot_avx2(const Shape& s, const uint8_t* row, const uint16_t* scale, con
       for (int i = 0; i < M; ++i) total[i] = _mm256_fmadd_ps(sc, part[i], total[i]);
     }
   }
-  for (int i = 0; i < M; ++i) acc[i] = hsum(total[i]);
+  for (int i = 0; i < M; ++i) acc[i] = bs::hsum8(total[i]);
 }
 
 template <int D>

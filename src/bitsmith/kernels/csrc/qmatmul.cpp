@@ -57,15 +57,6 @@ inline uint32_t code_at(const uint8_t* row, int64_t i, int bits) {
   return (uint32_t)(run_word(row, i >> 3, bits) >> ((i & 7) * bits)) & ((1u << bits) - 1u);
 }
 
-#if BS_SIMD >= 256
-// The eight lanes of a 256-bit float vector summed (the AVX2 Vec and the int8 decode path).
-inline float hsum256(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
 
 // One vector of L float lanes and the few operations the kernels need, per instruction set.
 #if BS_SIMD == 512
@@ -111,7 +102,7 @@ struct Vec {
   static f mul(f a, f b) { return _mm256_mul_ps(a, b); }
   static void store(float* p, f a) { _mm256_storeu_ps(p, a); }
   static f set(float s) { return _mm256_set1_ps(s); }
-  static float sum(f a) { return hsum256(a); }
+  static float sum(f a) { return bs::hsum8(a); }
   static __m256i bytes(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
   static f u8(const uint8_t* p) { return _mm256_cvtepi32_ps(bytes(p)); }
   static void nibbles(const uint8_t* p, f& lo, f& hi) {
@@ -516,7 +507,7 @@ void row_tile_int8(const Weights& w, int64_t o, int64_t t0, const float* xv, con
       for (int t = 0; t < TT; ++t) total[t] = _mm256_fmadd_ps(_mm256_add_ps(f0[t], f1[t]), s, total[t]);
     }
   }
-  for (int t = 0; t < TT; ++t) y[(t0 + t) * w.out + o] = hsum256(total[t]) - zero_offset(sc, zr, xsum + (t0 + t) * groups, groups);
+  for (int t = 0; t < TT; ++t) y[(t0 + t) * w.out + o] = bs::hsum8(total[t]) - zero_offset(sc, zr, xsum + (t0 + t) * groups, groups);
 }
 #else
 #define BS_INT8 0
