@@ -145,8 +145,9 @@ def int8_widths(lib: ctypes.CDLL) -> frozenset[int]:
     """The bit widths whose decode products this build can run with int8 activations (llama.cpp's
     trade: a few 1e-3 relative error on each product, up to twice the speed) when a call asks for it
     (``RuntimeOptions.int8_decode``): every width 2-8 with AVX-512 VBMI + VNNI (csrc/vbmi.cpp), {4, 8}
-    with VNNI alone, {2, 3, 4} on AVX2 builds without AVX-512 (csrc/avx2_int8.cpp; {2, 3, 4, 8} with
-    AVX-VNNI), empty without AVX2."""
+    with AVX-512 but no VBMI, {2, 3, 4, 8} on AVX2 builds without AVX-512 (csrc/avx2_int8.cpp for 2 and
+    3 bits; 8-bit codes as |code - 128| with the sign moved onto x where there is no VNNI), empty
+    without AVX2."""
     mask = lib.bs_int8_widths()
     return frozenset(b for b in range(2, 9) if mask & (1 << b))
 

@@ -41,7 +41,7 @@ namespace {
 constexpr int64_t chunk_codes(int64_t bits) { return bits == 2 ? 128 : 64; }
 
 #if BS_AVX2_INT8
-inline __m256i load256(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+using bs::load256;
 
 // The unpacked planes of one chunk (as u8 codes) and their integer dot product with the permuted xq.
 template <int BITS>
@@ -86,7 +86,7 @@ struct Planes {
 
 struct Rows {
   const bs::Matrix& m;
-  int64_t groups, row_bytes, cw;
+  int64_t groups, row_bytes;
   float mid;
   __m256i lane_group;  // group < cw: lane l's group within its chunk
 };
@@ -223,7 +223,7 @@ void avx2_rows(const Matrix& m, const float* xv, const int8_t* xq, const float* 
   const int64_t cw = chunk_codes(m.bits);
   alignas(32) int32_t lanes[8];
   for (int l = 0; l < 8; ++l) lanes[l] = (int32_t)(m.group <= cw ? l * (cw / 8) / m.group : 0);
-  const Rows r{m, gemv_groups(m), (m.in + 7) / 8 * m.bits, cw, (float)((1 << m.bits) / 2),
+  const Rows r{m, gemv_groups(m), (m.in + 7) / 8 * m.bits, (float)((1 << m.bits) / 2),
                _mm256_load_si256((const __m256i*)lanes)};
   if (m.bits == 2) return rows<2>(r, xv, xq, xsum, T, y);
   return rows<3>(r, xv, xq, xsum, T, y);

@@ -107,6 +107,8 @@ inline float hsum8(__m256 a) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+// 32 bytes from p, unaligned (the AVX2 int8 paths' code and activation loads).
+inline __m256i load256(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
 #endif
 
 inline int64_t gemv_groups(const Matrix& m) { return (m.in + m.group - 1) / m.group; }

@@ -375,7 +375,7 @@ inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-inline __m256i load256(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+using bs::load256;
 
 #if !BS_VNNI
 // 8-bit codes as code - 128 in int8, and the int32 lane sums (4 bytes each) of their products with x
