@@ -6,6 +6,13 @@ InputRotated around one) for a :class:`TunableLinear` that computes ``x W^T + b`
 forward, so gradients reach the scales and zeros (and a vq layer's codebook); codes stay uint8 buffers. Norm weights (1-D
 parameters of modules whose class name says "Norm") are trained as they are. Everything else is
 frozen. :func:`tuned_tensors` gives the tuned layers back as QuantizedTensors for the writer.
+
+The product runs through :class:`RebuiltLinear`, which keeps only the layer's input for the backward
+pass and builds ``W`` again there. Why: plain autograd keeps ``W`` and the intermediates that built it
+(``codes - zero`` and the expanded scales, each as large as ``W`` in float32) for every layer until the
+backward pass, about three float32 copies of the model: 16 GB on Qwen2.5-Coder-1.5B, which ran a
+24 GB machine out of memory at 2 x 256 tokens. Rebuilding one layer's ``W`` costs an elementwise pass,
+small next to the two matrix products of its backward.
 """
 
 from __future__ import annotations
@@ -39,24 +46,60 @@ class TunableLinear(nn.Module):
 
     def weight(self) -> torch.Tensor:
         """The dequantized weight in the codes' basis, float32 [out, in], differentiable in scale/zero."""
-        scale = expand_groups(self.scale, self.spec, self.in_features)
+        return self.build(self.scale, self.zero, self.grid)
+
+    def build(self, scale: torch.Tensor, zero: torch.Tensor | None, grid: torch.Tensor | None) -> torch.Tensor:
+        """``W`` from these scale / zero / grid tensors and the layer's frozen codes."""
+        scale = expand_groups(scale, self.spec, self.in_features)
         if self.spec.grid == "vq":  # vector codes: whole codebook rows
-            return self.grid[self.codes.long()].reshape(self.out_features, self.in_features) * scale
-        if self.grid is not None:
-            return self.grid[self.codes.long()] * scale
-        zero = self.zero if self.zero is not None else torch.full_like(self.scale, (self.spec.qmax + 1) / 2)
+            return grid[self.codes.long()].reshape(self.out_features, self.in_features) * scale
+        if grid is not None:
+            return grid[self.codes.long()] * scale
+        if zero is None:
+            zero = torch.full_like(self.scale, (self.spec.qmax + 1) / 2)
         return (self.codes.float() - expand_groups(zero, self.spec, self.in_features)) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotation is not None:
             x = self.rotation.apply(x)
-        return F.linear(x.float(), self.weight(), self.bias)
+        return RebuiltLinear.apply(x.float(), self, self.bias, self.scale, self.zero, self.grid)
 
     def quantized(self) -> QuantizedTensor:
         """The layer as stored: scale and zero rounded to fp16, as the checkpoint keeps them."""
         zero = None if self.zero is None else self.zero.detach().half()
         grid = None if self.grid is None else self.grid.detach().half()
         return QuantizedTensor(self.codes, self.scale.detach().half(), zero, self.spec, grid, self.rotation)
+
+
+class RebuiltLinear(torch.autograd.Function):
+    """``x W^T + b`` with ``W = layer.build(scale, zero, grid)``, keeping only ``x`` and the small
+    parameters for the backward pass, where ``W`` is built again (module docstring). Gradients are
+    those of ``F.linear(x, layer.build(...), b)`` under plain autograd (tests/recover/test_tunable.py
+    holds them to float32 rounding); ``b`` is a frozen buffer and gets none."""
+
+    @staticmethod
+    def forward(ctx, x, layer, bias, scale, zero, grid):  # noqa: D102  (torch's signature)
+        with torch.no_grad():
+            w = layer.build(scale, zero, grid)
+        ctx.layer = layer
+        ctx.save_for_backward(x, scale, zero, grid)
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # noqa: D102
+        x, scale, zero, grid = ctx.saved_tensors
+        wants = ctx.needs_input_grad[3:]
+        with torch.enable_grad():
+            leaves = [None if t is None else t.detach().requires_grad_(want) for t, want in zip((scale, zero, grid), wants)]
+            w = ctx.layer.build(*leaves)
+        grad_x = grad_y @ w.detach() if ctx.needs_input_grad[0] else None
+        grads: list[torch.Tensor | None] = [None, None, None]
+        if any(wants):
+            grad_w = grad_y.reshape(-1, grad_y.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            asked = [i for i, want in enumerate(wants) if want]
+            for i, g in zip(asked, torch.autograd.grad(w, [leaves[i] for i in asked], grad_w)):
+                grads[i] = g
+        return grad_x, None, None, *grads
 
 
 def _quantized_of(module: nn.Module) -> tuple[QuantizedTensor, torch.Tensor | None] | None:
