@@ -128,7 +128,9 @@ def test_bf16_inputs_give_an_fp32_accurate_hessian(n) -> None:
     oracle = flat.T @ flat
     scale = oracle.diagonal().mean()
     err = (fast.stats().hessian.double() - oracle).abs().max() / scale
-    assert err < 2e-6, err
+    # a float32 GEMM summing K = 3072 products: about sqrt(K) x 2^-24 ~ 3e-6 of the scale (measured 2.15e-6
+    # where oneDNN ignores the bf16 mode and MKL sums in float32); bf16-rounded products are ~1e-3
+    assert err < 4e-6, err
     assert (rounded.stats().hessian.double() - oracle).abs().max() / scale > 10 * err
     torch.testing.assert_close(fast.stats().importance.double(), flat.pow(2).mean(0), rtol=1e-5, atol=1e-7)
     before = torch.backends.mkldnn.matmul.fp32_precision

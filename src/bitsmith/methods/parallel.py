@@ -16,6 +16,8 @@ operation. Splitting rows changes no result: each row's arithmetic is the same i
 
 from __future__ import annotations
 
+import functools
+
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -59,6 +61,27 @@ def row_chunks(rows: int, row_size: int, weights_per_chunk: int) -> list[slice]:
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
+@functools.lru_cache(maxsize=1)
+def bf16_fpmath_rounds() -> bool:
+    """Whether oneDNN's bf16 fpmath mode changes a float32 matmul on this CPU and torch: a 64 x 64
+    product of 1 + 2^-12 (not a bf16 value: it rounds to 1) differs from the float32 one only where the
+    mode is honoured. Measured once per process, because the CPU flags do not tell (AVX512-BF16
+    without AMX ignored it on one Xeon)."""
+    from bitsmith.kernels.cpu import native_bf16
+
+    backend = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if backend is None or not hasattr(backend, "fp32_precision") or not native_bf16():
+        return False
+    x = torch.full((64, 64), 1 + 2.0**-12)
+    before = backend.fp32_precision
+    exact = float((x @ x)[0, 0])
+    backend.fp32_precision = "bf16"
+    try:
+        return float((x @ x)[0, 0]) != exact
+    finally:
+        backend.fp32_precision = before
+
+
 @contextmanager
 def bf16_fpmath(enabled: bool = True) -> Iterator[bool]:
     """Run float32 matmuls in the block through oneDNN's bf16 fpmath mode (operands rounded to bf16,
@@ -68,12 +91,10 @@ def bf16_fpmath(enabled: bool = True) -> Iterator[bool]:
     other thread multiplies (the statistics are summed, and the reports computed, on the pipeline's
     own thread while no batch forward runs).
     A torch without the setting, or without oneDNN, keeps plain float32 GEMMs (same values), and so
-    does a CPU without native bf16 (AVX2 only: oneDNN ignores the mode there and computes float32,
-    seen on a Zen 3), so the answer is False there too."""
-    from bitsmith.kernels.cpu import native_bf16
-
+    do CPUs where oneDNN ignores the mode (seen on an AVX2-only Zen 3, and on an AVX512-BF16 Xeon
+    without AMX), so the answer is False wherever :func:`bf16_fpmath_rounds` finds no effect."""
     backend = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    if not enabled or backend is None or not hasattr(backend, "fp32_precision") or not native_bf16():
+    if not enabled or backend is None or not hasattr(backend, "fp32_precision") or not bf16_fpmath_rounds():
         yield False
         return
     before = backend.fp32_precision

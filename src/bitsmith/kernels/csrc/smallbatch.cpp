@@ -28,6 +28,11 @@
 
 #include "gemv.h"
 
+// As in qmatmul.cpp, whose single-row gemv every row here must equal bit for bit: no contraction of
+// a * b + c into a fused multiply-add where the source does not write one (the scalar zero-point terms
+// rounded differently here than there on an AVX-512 host when only qmatmul.cpp had this: test_small_gemm).
+#pragma GCC optimize("fp-contract=off")
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define BS_SMALL_SIMD 1
