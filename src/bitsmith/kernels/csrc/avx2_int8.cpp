@@ -1,5 +1,5 @@
 // bitsmith: int8-activation decode of 2- and 3-bit codes on AVX2 builds without AVX-512 (Zen 2/3,
-// most laptops). Without it these widths ran qmatmul.cpp's float dot_runs (widen every code to float,
+// most laptops). Without it these widths ran qmatmul_float.h's dot_runs (widen every code to float,
 // one FMA each) and so decoded slower than 4-bit despite reading fewer bytes (issue 18).
 //
 // The arithmetic contract is that of qmatmul.cpp's int8 path: x is rounded once per call to int8 with
