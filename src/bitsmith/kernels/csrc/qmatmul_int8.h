@@ -72,12 +72,9 @@ void row_tile_int8(const Weights& w, int64_t o, int64_t t0, const float* xv, con
   const uint8_t* row = w.packed + o * w.row_bytes;
   const int64_t group = w.group, groups = w.groups, in = w.in;
 #ifndef BS_ROWS_AHEAD
-#define BS_ROWS_AHEAD 2
+#define BS_ROWS_AHEAD 2  // rows ahead to prefetch
 #endif
-  // software prefetch of the row BS_ROWS_AHEAD rows on (see vbmi.cpp's BS_AHEAD: the streamers stop at
-  // 4 KB boundaries); one request per cache line, a few per row
-  for (int64_t b = 0; BS_ROWS_AHEAD > 0 && b < w.row_bytes; b += 64)
-    _mm_prefetch((const char*)(row + BS_ROWS_AHEAD * w.row_bytes + b), _MM_HINT_T0);
+  bs::prefetch_row_ahead(row, w.row_bytes, BS_ROWS_AHEAD);
   const int8_t* q[TT];
   const float* v[TT];
   __m256 total[TT];
