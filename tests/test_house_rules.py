@@ -19,10 +19,7 @@ MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 60
 
 # path (relative to the repository) or path:function -> why it may be longer
-ALLOWLIST: dict[str, str] = {
-    "src/bitsmith/kernels/csrc/qmatmul.cpp": "native kernels: one translation unit per instruction-set family keeps "
-                                            "the build a single compiler call (kernels/build.py)",
-}
+ALLOWLIST: dict[str, str] = {}
 
 
 def module_name(path: Path) -> str:

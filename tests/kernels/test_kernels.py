@@ -266,7 +266,7 @@ def test_int8_decode_matches_its_oracle(spec: QuantSpec) -> None:
     """Default decode: exact to the int8-activation oracle, and within the stated few-1e-3 of the float
     reference, for every width the build runs that way (4 and 8 bits with VNNI; every width on
     AVX-512 VBMI, csrc/vbmi.cpp; 2, 3 and 8 bits on AVX2 without VNNI too, csrc/avx2_int8.cpp and
-    qmatmul.cpp row_tile_int8); shapes the path cannot take stay exact."""
+    qmatmul_int8.h row_tile_int8); shapes the path cannot take stay exact."""
     from bitsmith.formats.packing import pack
 
     gen = torch.Generator().manual_seed(11 + spec.bits + (spec.group_size or 0) + spec.symmetric)

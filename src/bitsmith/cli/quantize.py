@@ -135,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _device_calib(args: argparse.Namespace, device: str):
     """The calibration the plan is first built with: none (the run decides below), except off the CPU,
-    where the plan must know now that the run is calibrated (it refuses an uncalibrated --device run)."""
+    where the plan must know now that the run is calibrated (it refuses an uncalibrated --device run).
+    Not the full --calib config on every device: on the CPU that would make rtn and hqq runs with --budget
+    calibrated, where their --calib text feeds only the sensitivity pass (_allocate)."""
     if device == "cpu" or args.calib is None:
         return None
     from bitsmith.calib import CalibrationConfig

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "qmatmul.cpp"
 SOURCES = (SOURCE, CSRC / "decode.cpp", CSRC / "vbmi.cpp")  # compiled together into one library
+SOURCES += (CSRC / "dequant.cpp",)  # the prefill's dequantization and bf16 conversions (kernels.cpu)
 SOURCES += (CSRC / "smallbatch.cpp",)  # 2..16-row exact packed matmul (kernels.small)
 SOURCES += (CSRC / "codebook.cpp",)  # vector-codebook (vq) decode (kernels.codebook)
 SOURCES += (CSRC / "gptq.cpp",)  # GPTQ's block walk and the range search (methods.native declares them)
@@ -40,7 +41,8 @@ SOURCES += (CSRC / "score.cpp",)  # log-sum-exp and argmax per row of logits (ke
 SOURCES += (CSRC / "vq_search.cpp",)  # nearest codebook entry per vector (methods.vq via methods.native)
 SOURCES += (CSRC / "mixed3.cpp",)  # the 3-bit mixed layout: repack, batched rows, dequant (kernels.cpu)
 SOURCES += (CSRC / "avx2_int8.cpp",)  # 2/3-bit int8 decode on AVX2 without AVX-512 (kernels.cpu)
-HEADERS = (CSRC / "gemv.h", CSRC / "attention.h", CSRC / "step.h", CSRC / "unpack.h", CSRC / "strided.h")
+HEADERS = (CSRC / "gemv.h", CSRC / "attention.h", CSRC / "step.h", CSRC / "unpack.h", CSRC / "strided.h",
+           CSRC / "qmatmul.h", CSRC / "qmatmul_float.h", CSRC / "qmatmul_int8.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
 
 _I64 = ctypes.c_int64

@@ -27,6 +27,8 @@ tinygemm's offset).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from bitsmith.kernels.device import check_layer_input
@@ -108,6 +110,13 @@ class HostCheckpoint:
     def check_input(self, x: torch.Tensor) -> None:
         check_layer_input(x, self.in_features, self.device)
 
+    def check_taken(self, takes: Callable[..., str | None], op: str) -> None:
+        """Refuse (ValueError, saying why) a layer that ``takes`` (:func:`int4_takes`, :func:`int8_takes`)
+        says torch's ``op`` cannot run on this device."""
+        reason = takes(self.spec, None, self.out_features, self.in_features, self.device)
+        if reason is not None:
+            raise ValueError(f"{op} cannot take this {self.spec} layer [{self.out_features} x {self.in_features}]: {reason}")
+
     def quantized(self) -> QuantizedTensor:
         """The QuantizedTensor on the kernel's device (codes unpacked from the host copy)."""
         return self.checkpoint.to(self.device)
@@ -140,9 +149,7 @@ class TorchInt4Kernel(HostCheckpoint):
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
                  in_features: int, device: torch.device | str, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__(qweight, scale, zero, spec, in_features, device)
-        reason = int4_takes(spec, None, self.out_features, in_features, self.device)
-        if reason is not None:
-            raise ValueError(f"tinygemm cannot take this {spec} layer [{self.out_features} x {in_features}]: {reason}")
+        self.check_taken(int4_takes, "tinygemm")
         self.compute_dtype = torch.bfloat16 if self.device.type == "cuda" else compute_dtype
         self.group = spec.group_width(in_features)
         self.packed = repack_int4(self.checkpoint.codes, self.device)
@@ -179,10 +186,8 @@ class TorchInt8Kernel(HostCheckpoint):
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
                  in_features: int, device: torch.device | str, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__(qweight, scale, zero, spec, in_features, device)
+        self.check_taken(int8_takes, "int8pack")
         self.compute_dtype = compute_dtype
-        reason = int8_takes(spec, None, self.out_features, in_features, self.device)
-        if reason is not None:
-            raise ValueError(f"int8pack cannot take this {spec} layer [{self.out_features} x {in_features}]: {reason}")
         codes = self.checkpoint.codes.to(self.device)
         self.codes = (codes.to(torch.int16) - INT8_MIDPOINT).to(torch.int8).contiguous()  # [out, in]
         s = self.scale.float().reshape(-1)

@@ -1,5 +1,5 @@
 // bitsmith: int8-activation decode of 2- and 3-bit codes on AVX2 builds without AVX-512 (Zen 2/3,
-// most laptops). Without it these widths ran qmatmul.cpp's float dot_runs (widen every code to float,
+// most laptops). Without it these widths ran qmatmul_float.h's dot_runs (widen every code to float,
 // one FMA each) and so decoded slower than 4-bit despite reading fewer bytes (issue 18).
 //
 // The arithmetic contract is that of qmatmul.cpp's int8 path: x is rounded once per call to int8 with
@@ -123,7 +123,7 @@ void row_scales(const Rows& r, int64_t o, const float* xsum, float* sc, float* o
 }
 
 #ifndef BS_AVX2_AHEAD
-#define BS_AVX2_AHEAD 2  // rows ahead to prefetch (as qmatmul.cpp's BS_ROWS_AHEAD)
+#define BS_AVX2_AHEAD 2  // rows ahead to prefetch (as qmatmul_int8.h's BS_ROWS_AHEAD)
 #endif
 
 // y[t0 .. t0+TT, o] for one output row.
@@ -132,8 +132,7 @@ void row_tile(const Rows& r, int64_t o, int64_t t0, const float* xv, const int8_
               float* y) {
   const bs::Matrix& m = r.m;
   const uint8_t* row = m.packed + o * r.row_bytes;
-  for (int64_t b = 0; BS_AVX2_AHEAD > 0 && b < r.row_bytes; b += 64)
-    _mm_prefetch((const char*)(row + BS_AVX2_AHEAD * r.row_bytes + b), _MM_HINT_T0);
+  bs::prefetch_row_ahead(row, r.row_bytes, BS_AVX2_AHEAD);
   constexpr int64_t CW = chunk_codes(BITS), CB = CW * BITS / 8;
   const int8_t* q[TT];
   const float* v[TT];

@@ -109,6 +109,13 @@ inline float hsum8(__m256 a) {
 }
 // 32 bytes from p, unaligned (the AVX2 int8 paths' code and activation loads).
 inline __m256i load256(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+// Software prefetch of the weight row `ahead` rows of row_bytes past `row` (none where ahead <= 0), one
+// request per cache line, a few per row: the hardware streamers stop at 4 KB boundaries (see vbmi.cpp's
+// BS_AHEAD). The AVX2 int8 row tiles call it once per output row (qmatmul_int8.h, avx2_int8.cpp).
+inline void prefetch_row_ahead(const uint8_t* row, int64_t row_bytes, int ahead) {
+  for (int64_t b = 0; ahead > 0 && b < row_bytes; b += 64)
+    _mm_prefetch((const char*)(row + ahead * row_bytes + b), _MM_HINT_T0);
+}
 #endif
 
 inline int64_t gemv_groups(const Matrix& m) { return (m.in + m.group - 1) / m.group; }

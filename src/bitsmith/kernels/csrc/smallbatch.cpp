@@ -13,7 +13,7 @@
 // loaded machine): on par with bs_gemv's float path at 4 rows (0.84 vs 0.82 ms), 8 % faster at 8 rows; the
 // FMAs themselves (one per code per row) remain, so several rows still cost several times one row here.
 //
-// Exactness: each row's arithmetic is the float32 gemv's for one row (qmatmul.cpp row_tile4<1>) in the
+// Exactness: each row's arithmetic is the float32 gemv's for one row (qmatmul_float.h row_tile4<1>) in the
 // same order (per group one chain of FMAs over the 32-blocks, even codes then odd; groups alternately
 // into two scaled totals; lanes summed by _mm512_reduce_add_ps; minus the zero-point term summed as
 // there), so every row equals what the exact single-row decode computes for it, bit for bit. Speculative
@@ -53,7 +53,7 @@ struct Rows4 {
 };
 
 // sum_g scale_g * zero_g * xsum_g in 16 float lanes, then the leftover groups one by one (the order of
-// qmatmul.cpp's zero_offset, so the result is the same float).
+// qmatmul.h's zero_offset, so the result is the same float).
 inline float zero_term(const float* sc, const float* zr, const float* xs, int64_t groups) {
   __m512 off = _mm512_setzero_ps();
   int64_t g = 0;

@@ -1,6 +1,6 @@
 // bitsmith decode gemv for every code width (2-8 bits) with int8 activations, on AVX-512 VBMI + VNNI.
 //
-// The float decode of 2/3/5/6/7-bit codes (qmatmul.cpp dot_runs) widens each run of 8 codes with
+// The float decode of 2/3/5/6/7-bit codes (qmatmul_float.h dot_runs) widens each run of 8 codes with
 // per-lane 64-bit shifts and converts it to float: a dozen instructions per 8 codes, so a 2- or 3-bit
 // matrix decoded slower than a 4-bit one although it is fewer bytes. Here one 64-code chunk of any
 // width b is 8*b packed bytes, and becomes 64 codes in natural order in three instructions:
