@@ -65,6 +65,16 @@ inline uint16_t to_bf16(float f) {
   return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// The weights as the C entry points below receive them: ``bits`` is the code width | layout <<
+// kLayoutShift (gemv.h).
+inline Weights abi_weights(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero, int64_t out,
+                           int64_t in, int64_t bits, int64_t group) {
+  const int64_t layout = bits >> bs::kLayoutShift;
+  bits &= (1 << bs::kLayoutShift) - 1;
+  return Weights{packed, scale, zero, out, in, bits, group, (in + group - 1) / group, (in + 7) / 8 * bits,
+                 (float)((1 << bits) / 2), layout};
+}
+
 }  // namespace
 
 extern "C" {
@@ -76,10 +86,7 @@ extern "C" {
 void bs_dequant(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero, int64_t out, int64_t in,
                 int64_t bits, int64_t group, int64_t row0, int64_t rows, float* buf, int64_t permuted,
                 int64_t threads) {
-  const int64_t layout = bits >> bs::kLayoutShift;  // the code width | layout << kLayoutShift (gemv.h)
-  bits &= (1 << bs::kLayoutShift) - 1;
-  Weights w{packed, scale, zero, out, in, bits, group, (in + group - 1) / group, (in + 7) / 8 * bits,
-            (float)((1 << bits) / 2), layout};
+  const Weights w = abi_weights(packed, scale, zero, out, in, bits, group);
 #pragma omp parallel for schedule(static) num_threads((int)threads)
   for (int64_t r = 0; r < rows; ++r) dequant_row(w, row0 + r, buf + r * in, permuted != 0);
 }
@@ -90,10 +97,7 @@ void bs_dequant(const uint8_t* packed, const uint16_t* scale, const uint16_t* ze
 void bs_dequant_bf16(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero, int64_t out, int64_t in,
                      int64_t bits, int64_t group, int64_t row0, int64_t rows, uint16_t* buf, int64_t permuted,
                      int64_t threads) {
-  const int64_t layout = bits >> bs::kLayoutShift;  // the code width | layout << kLayoutShift (gemv.h)
-  bits &= (1 << bs::kLayoutShift) - 1;
-  Weights w{packed, scale, zero, out, in, bits, group, (in + group - 1) / group, (in + 7) / 8 * bits,
-            (float)((1 << bits) / 2), layout};
+  const Weights w = abi_weights(packed, scale, zero, out, in, bits, group);
 #pragma omp parallel num_threads((int)threads)
   {
     std::vector<float> row(in);
