@@ -264,3 +264,19 @@ def test_cli_calibration_flags_reach_the_config(setup, tmp_path: Path, monkeypat
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         main(["distill", str(setup["q"]), "--reference", str(setup["model"]), "--out", str(tmp_path / "d"), *flags])
     assert {k: getattr(seen["config"], k) for k in want} == want
+
+
+def test_a_model_with_biased_projections_keeps_its_biases(tmp_path: Path) -> None:
+    """Qwen2's q/k/v projections carry biases (frozen, not part of the quantized tensor): the distilled
+    checkpoint holds every tensor the input did, biases unchanged, and loads (it once lacked them)."""
+    model = make_tiny_model(tmp_path / "m", "qwen2", hidden_size=64, num_hidden_layers=2)
+    text = tmp_path / "calib.txt"
+    text.write_text(sample_text(800, seed=4))
+    bitsmith.quantize(model, tmp_path / "q", "w4g32", "rtn")
+    cfg = DistillConfig(steps=2, lr=1e-2, samples=4, seq_len=16, batch=2, calib_text=str(text))
+    result = distill(tmp_path / "q", model, tmp_path / "d", cfg)
+    before, after = load_file(str(tmp_path / "q" / "model.safetensors")), load_file(str(result.path / "model.safetensors"))
+    biases = [k for k in before if k.endswith("proj.bias")]
+    assert biases and before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in biases)
+    assert bitsmith.load(result.path).model is not None

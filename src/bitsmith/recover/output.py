@@ -35,9 +35,10 @@ def write_distilled(checkpoint: Path, out: Path, net: nn.Module, tunable: dict[s
         for path in shard_files(checkpoint):
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
-                    module = key.rpartition(".")[0]
-                    if module in tunable or module in untouched:
+                    module, _, leaf = key.rpartition(".")
+                    if (module in tunable or module in untouched) and leaf != "bias":
                         continue  # written once below, from the tuned layer or as the quantized tensor it is
+                    # a quantized layer's bias (Qwen2's q/k/v) is frozen and is not part of its QuantizedTensor
                     writer.add_tensor(key, tuned[key] if key in tuned else f.get_tensor(key))
         for module, layer in tunable.items():
             writer.add_quantized(module, layer.quantized())
