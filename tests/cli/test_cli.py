@@ -109,16 +109,17 @@ def test_default_method_is_hqq_without_calibration_and_gptq_with_it(tmp_path) ->
 
 
 def test_compute_dtype_auto_follows_the_cpu(monkeypatch) -> None:
-    """--compute-dtype auto: bf16 only where the CPU multiplies bf16 natively; explicit choices win."""
+    """--compute-dtype auto: bf16 only where the CPU has AMX (AVX512-BF16 alone measured slower than
+    fp32, kernels.cpu.BF16_FLAGS); explicit choices win."""
     import torch
 
     from bitsmith.cli.quantize import compute_dtype
+    from bitsmith.kernels import build, cpu
 
-    for avx512_bf16, amx, expected in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
-                                       (False, False, torch.float32)):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+    for flags, expected in (("avx512f avx512_bf16", torch.float32), ("avx512_bf16 amx_bf16 amx_tile", torch.bfloat16),
+                            ("avx2 fma", torch.float32)):
+        monkeypatch.setattr(build, "cpu_flags", lambda f=flags: f)
+        cpu.native_bf16.cache_clear()  # answered once per process otherwise
         assert compute_dtype("auto") == expected
         assert compute_dtype("fp32") == torch.float32 and compute_dtype("bf16") == torch.bfloat16
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
-    assert compute_dtype("auto") == torch.float32  # an older torch without the helper: the safe choice
+    cpu.native_bf16.cache_clear()  # the real CPU's answer for the tests after this one

@@ -26,7 +26,10 @@ from bitsmith.tensor import QuantizedTensor
 GEMV_MAX_ROWS = 8  # above this many activation rows, dequantize blocks + BLAS is faster
 CHUNK_BYTES = 2 << 20  # fp32 weight rows per block on the prefill path
 BF16_CHUNK_BYTES = 2 << 20  # bf16 weight rows per block on the bf16 prefill path
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that multiply bf16 natively
+# /proc/cpuinfo flags of CPUs where a bf16 matmul beats float32: AMX. AVX512-BF16 alone is native too, but
+# on a Xeon without AMX (session 21) the bf16 prefill ran at 0.82x (Qwen2.5-Coder-1.5B) and 0.85x (SmolLM2)
+# of the float32 one (bench/speed.py --prefill exact,bf16), so there `auto` keeps float32
+BF16_FLAGS = ("amx_bf16",)
 PARALLEL_MIN_WEIGHTS = 1 << 16  # smaller matrices run on one thread: waking others costs more
 LAYOUT_SHIFT = 8  # csrc/gemv.h kLayoutShift: the C entries' bits argument carries the packed layout above it
 MIXED3 = 1  # csrc/gemv.h kMixed3: 3-bit superblocks repacked at load for the int8 decode (csrc/strided.h)
@@ -73,8 +76,9 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
 
 @lru_cache(maxsize=None)
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively through oneDNN (AMX or AVX512-BF16). Elsewhere a
-    bf16 ``mm`` is emulated and slower than float32, so ``auto`` keeps the exact path there."""
+    """Whether this CPU multiplies bfloat16 faster than float32 through oneDNN (AMX: ``BF16_FLAGS``).
+    Elsewhere a bf16 ``mm`` is emulated, or (AVX512-BF16 without AMX) native but measured slower than
+    float32, so ``auto`` keeps the exact path there."""
     from bitsmith.kernels.build import cpu_flags
 
     flags = cpu_flags().split()
