@@ -17,7 +17,6 @@ operation. Splitting rows changes no result: each row's arithmetic is the same i
 from __future__ import annotations
 
 import functools
-
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence, TypeVar
