@@ -209,10 +209,9 @@ def main() -> int:
         extras.append((label, Path(path)))
     if not (args.types or args.check or extras):
         ap.error("nothing to score: give --types, --check or --extra")
+    needs_bins = bool(args.types or args.check)  # llama.cpp's rows; bitsmith checkpoints alone need just the tree
     try:
         use_tree_gguf()
-        # the binaries only make llama.cpp's rows: bitsmith checkpoints alone (--extra) need just the tree
-        needs_bins = bool(args.types or args.check)
         quantize = tools.llama_bin("llama-quantize") if needs_bins else None
         imatrix_bin = tools.llama_bin("llama-imatrix") if args.types else None
     except tools.ToolMissing as exc:
@@ -229,7 +228,7 @@ def main() -> int:
     work = (args.work or work_dir("iquant-anchor")) / args.model
     work.mkdir(parents=True, exist_ok=True)
     ref_gguf = work / "ref-F32.gguf"
-    if not ref_gguf.exists() and (args.types or args.check or any(p.suffix == ".gguf" for _, p in extras)):
+    if not ref_gguf.exists() and (needs_bins or any(p.suffix == ".gguf" for _, p in extras)):
         export_gguf(args.model, ref_gguf, "F32")
     # each llama.cpp file is made just before it is scored, so a long run prints its rows as it goes
     imatrix = make_imatrix(imatrix_bin, ref_gguf, work, args.chunks, args.threads, args.calib_text) if args.types else None

@@ -92,10 +92,10 @@ def bf16_fpmath(enabled: bool = True) -> Iterator[bool]:
     A torch without the setting, or without oneDNN, keeps plain float32 GEMMs (same values), and so
     do CPUs where oneDNN ignores the mode (seen on an AVX2-only Zen 3, and on an AVX512-BF16 Xeon
     without AMX), so the answer is False wherever :func:`bf16_fpmath_rounds` finds no effect."""
-    backend = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    if not enabled or backend is None or not hasattr(backend, "fp32_precision") or not bf16_fpmath_rounds():
+    if not enabled or not bf16_fpmath_rounds():  # False too without the setting or without oneDNN
         yield False
         return
+    backend = torch.backends.mkldnn.matmul
     before = backend.fp32_precision
     backend.fp32_precision = "bf16"
     try:

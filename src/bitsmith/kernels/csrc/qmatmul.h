@@ -1,8 +1,8 @@
 // bitsmith CPU kernels: matmul straight from the packed on-disk layout (formats/packing.py). This header
 // holds what the units of that matmul share, internal to them (anonymous namespace, like step.h):
 // qmatmul.cpp (the decode gemv: its float tiles in qmatmul_float.h, its int8-activation tiles in
-// qmatmul_int8.h) and dequant.cpp (the prefill's dequantization). Include it after every other header:
-// its pragma holds for the rest of the including unit.
+// qmatmul_int8.h), dequant.cpp (the prefill's dequantization) and smallbatch.cpp (its zero-point term).
+// Include it after every other header: its pragma holds for the rest of the including unit.
 //
 // Layout: each row of `in` codes is padded to a multiple of 8; every run of 8 codes is `bits` bytes,
 // a little-endian bit stream with code i of the run in bits [i*bits, (i+1)*bits). Scales and zeros

@@ -28,17 +28,17 @@
 
 #include "gemv.h"
 
-// As in qmatmul.cpp, whose single-row gemv every row here must equal bit for bit: no contraction of
-// a * b + c into a fused multiply-add where the source does not write one (the scalar zero-point terms
-// rounded differently here than there on an AVX-512 host when only qmatmul.cpp had this: test_small_gemm).
-#pragma GCC optimize("fp-contract=off")
-
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define BS_SMALL_SIMD 1
 #else
 #define BS_SMALL_SIMD 0
 #endif
+
+// Last: its zero_offset is the zero-point term of the single-row gemv that every row here must equal bit
+// for bit, and its fp-contract=off pragma (no a * b + c contracted where the source writes none) then
+// holds for this unit as for the gemv's (without it the scalar tail rounded differently: test_small_gemm).
+#include "qmatmul.h"
 
 namespace {
 
@@ -51,18 +51,6 @@ struct Rows4 {
   const uint16_t* zero;
   int64_t out, in, group, groups, row_bytes;
 };
-
-// sum_g scale_g * zero_g * xsum_g in 16 float lanes, then the leftover groups one by one (the order of
-// qmatmul.h's zero_offset, so the result is the same float).
-inline float zero_term(const float* sc, const float* zr, const float* xs, int64_t groups) {
-  __m512 off = _mm512_setzero_ps();
-  int64_t g = 0;
-  for (; g + 16 <= groups; g += 16)
-    off = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(sc + g), _mm512_loadu_ps(zr + g)), _mm512_loadu_ps(xs + g), off);
-  float offset = _mm512_reduce_add_ps(off);
-  for (; g < groups; ++g) offset += sc[g] * zr[g] * xs[g];
-  return offset;
-}
 
 // Output row o for activation rows t0 .. t0 + TT: xp is x permuted per 32-block into [16 even | 16 odd]
 // (bs::gemv_prepare), matching the nibbles (byte j of a block holds code 2j low, 2j + 1 high).
@@ -96,7 +84,7 @@ void tile4(const Rows4& w, int64_t o, int64_t t0, const float* xp, const float* 
   }
   for (int t = 0; t < TT; ++t)
     y[(t0 + t) * w.out + o] = _mm512_reduce_add_ps(_mm512_add_ps(total[2 * t], total[2 * t + 1])) -
-                              zero_term(sc, zr, xsum + (t0 + t) * w.groups, w.groups);
+                              zero_offset(sc, zr, xsum + (t0 + t) * w.groups, w.groups);
 }
 
 void tile4_any(int tt, const Rows4& w, int64_t o, int64_t t0, const float* xp, const float* xsum, const float* sc,
