@@ -155,7 +155,8 @@ def test_prefill_option(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="BITSMITH_PREFILL"):
         RuntimeOptions.from_env({"BITSMITH_PREFILL": "int4"})
     assert resolve_prefill("exact") == "exact" and resolve_prefill("bf16") == "bf16"
-    monkeypatch.setattr(cpu, "native_bf16", lambda: False)  # a CPU without AMX / AVX512-BF16
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)  # a CPU without AMX
+    monkeypatch.setattr(cpu, "native_int8_gemm", lambda: False)  # ... and without the int8 GEMM
     assert resolve_prefill("auto") == "exact"
     monkeypatch.setattr(cpu, "native_bf16", lambda: True)
     assert resolve_prefill("auto") == "bf16"

@@ -41,6 +41,7 @@ SOURCES += (CSRC / "score.cpp",)  # log-sum-exp and argmax per row of logits (ke
 SOURCES += (CSRC / "vq_search.cpp",)  # nearest codebook entry per vector (methods.vq via methods.native)
 SOURCES += (CSRC / "mixed3.cpp",)  # the 3-bit mixed layout: repack, batched rows, dequant (kernels.cpu)
 SOURCES += (CSRC / "avx2_int8.cpp",)  # 2/3-bit int8 decode on AVX2 without AVX-512 (kernels.cpu)
+SOURCES += (CSRC / "gemm_int8.cpp",)  # the int8 prefill GEMM on AVX-512 VNNI (kernels.cpu)
 HEADERS = (CSRC / "gemv.h", CSRC / "attention.h", CSRC / "step.h", CSRC / "unpack.h", CSRC / "strided.h",
            CSRC / "qmatmul.h", CSRC / "qmatmul_float.h", CSRC / "qmatmul_int8.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
@@ -140,6 +141,11 @@ def load(path: Path) -> ctypes.CDLL:
         lib.bs_mixed3_takes.restype = _I64
         lib.bs_mixed3_repack.argtypes = [_PTR, _I64, _I64, _I64, _I64]
         lib.bs_mixed3_repack.restype = _I64
+    if hasattr(lib, "bs_gemm_int8"):
+        lib.bs_gemm_int8_takes.argtypes = [_I64, _I64, _I64]
+        lib.bs_gemm_int8_takes.restype = _I64
+        lib.bs_gemm_int8.argtypes = args + [_PTR, _I64, _PTR, _I64]
+        lib.bs_gemm_int8.restype = None
     return lib
 
 

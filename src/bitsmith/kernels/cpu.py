@@ -105,12 +105,22 @@ def widen_bf16(lib: ctypes.CDLL, src: torch.Tensor, dst: torch.Tensor) -> None:
     _widen_bf16(lib)(src.data_ptr(), src.shape[0], src.shape[1], dst.data_ptr(), dst.stride(0))
 
 
+@lru_cache(maxsize=None)
+def native_int8_gemm() -> bool:
+    """Whether this build runs the int8 prefill GEMM (csrc/gemm_int8.cpp: AVX-512 VNNI + VBMI)."""
+    from bitsmith.kernels.build import native_library
+
+    lib = native_library()
+    return lib is not None and hasattr(lib, "bs_gemm_int8_takes") and bool(lib.bs_gemm_int8_takes(64, 4, 64))
+
+
 def resolve_prefill(choice: str) -> str:
-    """``RuntimeOptions.prefill`` as the kernel runs it: ``bf16`` or ``exact`` (``auto`` asks the CPU)."""
+    """``RuntimeOptions.prefill`` as the kernel runs it: ``int8``, ``bf16`` or ``exact`` (``auto`` asks
+    the CPU: bf16 with AMX, else int8 where the int8 GEMM is built, else exact)."""
     if choice == "auto":
-        return "bf16" if native_bf16() else "exact"
-    if choice not in ("bf16", "exact"):
-        raise ValueError(f"prefill={choice!r}; use auto, bf16 or exact")
+        return "bf16" if native_bf16() else "int8" if native_int8_gemm() else "exact"
+    if choice not in ("int8", "bf16", "exact"):
+        raise ValueError(f"prefill={choice!r}; use auto, int8, bf16 or exact")
     return choice
 
 
@@ -129,7 +139,7 @@ class NativeKernel:
         in_features: int,
         int8_decode: bool = True,  # decode products with int8 activations (csrc/qmatmul.cpp, csrc/vbmi.cpp)
         threads: int | None = None,  # None: torch's thread count at each call
-        prefill: str = "exact",  # batched matmul: "exact" float32, "bf16" (or "auto": resolve_prefill)
+        prefill: str = "exact",  # batched matmul: "exact" float32, "int8", "bf16" (or "auto": resolve_prefill)
         mixed3: bool = False,  # qweight's whole 3-bit superblocks are already in the mixed layout (fuse_native)
     ) -> None:
         out_features = qweight.shape[0]
@@ -194,6 +204,8 @@ class NativeKernel:
         bits = self.spec.bits | (MIXED3 << LAYOUT_SHIFT if self._mixed3 else 0)
         self._args = (self.qweight.data_ptr(), self.scale.data_ptr(), zero, self.out_features, self.in_features,
                       bits, self._group)
+        self._gemm_int8 = (self.prefill == "int8" and hasattr(self._lib, "bs_gemm_int8_takes")
+                           and bool(self._lib.bs_gemm_int8_takes(self.in_features, bits, self._group)))
 
     def _threads(self) -> int:
         return 1 if self._small else self.threads or torch.get_num_threads()
@@ -217,6 +229,8 @@ class NativeKernel:
                 small_gemm(self._lib, self._args, x2, y, self._threads())
             elif rows <= GEMV_MAX_ROWS:
                 self._lib.bs_gemv(*self._args, x2.data_ptr(), rows, y.data_ptr(), self._threads(), int(self.int8_decode))
+            elif self.prefill == "int8" and self._gemm_int8:
+                self._lib.bs_gemm_int8(*self._args, x2.data_ptr(), rows, y.data_ptr(), self._threads())
             elif self.prefill == "bf16":
                 self._blocked_bf16(x2, y)
             else:

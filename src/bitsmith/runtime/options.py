@@ -32,7 +32,7 @@ __all__ = ["DEVICE_KERNEL_CHOICES", "KERNEL_CHOICES", "KV_CACHE_CHOICES", "PREFI
 KERNEL_CHOICES = ("auto", "native", "torch", "reference")
 DEVICE_KERNEL_CHOICES = ("auto", "torch", "triton", "generic")
 KV_CACHE_CHOICES = ("fp16", "fp32")
-PREFILL_CHOICES = ("auto", "bf16", "exact")
+PREFILL_CHOICES = ("auto", "int8", "bf16", "exact")
 _OFF = ("0", "false", "no", "off")
 _ON = ("1", "yes", "true", "on")
 

@@ -150,5 +150,7 @@ void avx2_rows(const Matrix& m, const float* xv, const int8_t* xq, const float* 
 bool mixed3_takes(const Matrix& m);
 void mixed3_rows(const Matrix& m, const float* xv, const int8_t* xq, const float* xsum, int64_t T, float* y);
 void mixed3_dequant_row(const Matrix& m, int64_t o, float* dst);
+// Row o's codes in natural order into c [in] (the int8 prefill GEMM, gemm_int8.cpp).
+void mixed3_codes_row(const Matrix& m, int64_t o, uint8_t* c);
 
 }  // namespace bs

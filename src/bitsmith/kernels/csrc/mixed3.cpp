@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "gemv.h"
 
@@ -136,7 +137,7 @@ void mixed3_rows(const Matrix& m, const float* xv, const int8_t* xq, const float
 #endif
 }
 
-void mixed3_dequant_row(const Matrix& m, int64_t o, float* dst) {
+void mixed3_codes_row(const Matrix& m, int64_t o, uint8_t* c) {
 #if BS_MIX
   static const PermTable natural(kSpan, [](int n) {  // permuted byte of natural code n
     for (int p = 0; p < kSpan; ++p)
@@ -144,25 +145,34 @@ void mixed3_dequant_row(const Matrix& m, int64_t o, float* dst) {
     return 0;
   });
   static const Strided st(Matrix{nullptr, nullptr, nullptr, 1, kSpan, 3, kSpan, true});  // its bit matrices only
-  const int64_t groups = gemv_groups(m), row_bytes = m.in / 8 * 3, blocks = m.in / kSpan;
+  const int64_t row_bytes = m.in / 8 * 3, blocks = m.in / kSpan;
   const uint8_t* row = m.packed + o * row_bytes;
-  alignas(64) uint8_t codes[kSpan];
   const Unpack u(3);
+  for (int64_t b = 0; b < blocks; ++b) {
+    alignas(64) uint8_t codes[kSpan];
+    __m512i d[4];
+    mixed3_codes(row + b * kBytes, st, d);
+    for (int j = 0; j < 4; ++j) _mm512_store_si512(codes + 64 * j, d[j]);
+    natural.apply(codes, c + b * kSpan);
+  }
+  for (int64_t k = blocks * kSpan; k < m.in; k += 64) _mm512_storeu_si512(c + k, u.codes(row + k / 8 * 3, 3));
+#else
+  (void)m, (void)o, (void)c;
+#endif
+}
+
+void mixed3_dequant_row(const Matrix& m, int64_t o, float* dst) {
+#if BS_MIX
+  std::vector<uint8_t> codes((size_t)m.in);
+  mixed3_codes_row(m, o, codes.data());
+  const int64_t groups = gemv_groups(m);
   for (int64_t k = 0; k < m.in; k += 64) {
-    if (k < blocks * kSpan && k % kSpan == 0) {
-      __m512i d[4];
-      mixed3_codes(row + k / kSpan * kBytes, st, d);
-      for (int j = 0; j < 4; ++j) _mm512_store_si512(codes + 64 * j, d[j]);
-      natural.apply(codes, codes);
-    } else if (k >= blocks * kSpan) {
-      _mm512_store_si512(codes, u.codes(row + k / 8 * 3, 3));
-    }
-    const int64_t g = k / m.group, at = k < blocks * kSpan ? k % kSpan : 0;
+    const int64_t g = k / m.group;
     const __m512 s = _mm512_set1_ps(half_to_float(m.scale[o * groups + g]));
     const __m512 z = _mm512_set1_ps(m.zero ? half_to_float(m.zero[o * groups + g]) : 4.f);
     for (int i = 0; i < 64; i += 16) {
-      const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(codes + at + i))));
-      _mm512_storeu_ps(dst + k + i, _mm512_mul_ps(_mm512_sub_ps(c, z), s));
+      const __m512 cf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes.data() + k + i))));
+      _mm512_storeu_ps(dst + k + i, _mm512_mul_ps(_mm512_sub_ps(cf, z), s));
     }
   }
 #else
