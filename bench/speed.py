@@ -413,7 +413,7 @@ def main() -> int:
     p.add_argument("--no-llamacpp", action="store_true")
     p.add_argument("--prepare-only", action="store_true", help="make the checkpoints and GGUFs, measure nothing")
     p.add_argument("--hf", action="store_true", help="bitsmith on the Hugging Face forward instead of the lean path")
-    p.add_argument("--prefill", default="", help="RuntimeOptions.prefill modes (exact, bf16, auto), comma-separated: "
+    p.add_argument("--prefill", default="", help="RuntimeOptions.prefill modes (exact, int8, bf16, auto), comma-separated: "
                                                  "each quantized variant runs under each, alternating within a round")
     p.add_argument("--child-model", help=argparse.SUPPRESS)
     p.add_argument("--child-variant", help=argparse.SUPPRESS)

@@ -180,7 +180,7 @@ void bs_gemm_int8(const uint8_t* packed, const uint16_t* scale, const uint16_t* 
     std::vector<uint8_t> scratch((size_t)(16 * in));
     std::vector<uint8_t> wb((size_t)(NR * in) + 64);
     std::vector<float> sc((size_t)(groups * NR)), sz((size_t)(groups * NR));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t n0 = tile * NR;
       const int valid = (int)std::min<int64_t>(NR, out - n0);
