@@ -4,10 +4,11 @@ It keeps exactly what a checkpoint stores (packed codes, fp16 scale, fp16 zero),
 is the packed size; 3-bit codes for the int8 decode are held with each 256-code superblock's bytes
 reordered (the mixed layout, csrc/strided.h: same size, half the unpack work). Decode and small batches (up to ``GEMV_MAX_ROWS`` activation rows) run the
 fused gemv: codes are widened to float in registers and multiplied into x, group by group, with the
-zero point folded into a per-group sum of x. Larger batches (prefill, evaluation) dequantize a few MB
-of weight rows at a time into a reused buffer and hand each block to torch's ``mm``: float32 (MKL
-sgemm) on the exact path, or bfloat16 (oneDNN, AMX tiles on CPUs that have them) on the fast path
-(``RuntimeOptions.prefill``; :func:`resolve_prefill` decides what ``auto`` means on this CPU).
+zero point folded into a per-group sum of x. Larger batches (prefill, evaluation) run the int8 GEMM
+(csrc/gemm_int8.cpp: x rounded to int8 per 32-block, AVX-512 VNNI), or dequantize a few MB of weight
+rows at a time into a reused buffer and hand each block to torch's ``mm``: float32 (MKL sgemm) on the
+exact path, bfloat16 (oneDNN, AMX tiles) on CPUs with AMX (``RuntimeOptions.prefill``;
+:func:`resolve_prefill` decides what ``auto`` means on this CPU).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ variable                   field                       values (default first)
 =========================  ==========================  ============================================
 ``BITSMITH_KERNEL``        ``kernel``                  auto, native, torch, reference
 ``BITSMITH_INT8_DECODE``   ``int8_decode``             on; 0/false/no/off = exact float decode
-``BITSMITH_PREFILL``       ``prefill``                 auto, bf16, exact
+``BITSMITH_PREFILL``       ``prefill``                 auto, int8, bf16, exact
 ``BITSMITH_KV_CACHE``      ``kv_cache``                fp16, fp32
 ``BITSMITH_FUSED_DECODE``  ``fused_decode``            on; 0/false/no/off = torch lean decode
 ``BITSMITH_COMPILE``       ``compile``                 auto (CUDA only); 1/yes/true/on; 0/no/...
@@ -59,15 +59,19 @@ class RuntimeOptions:
       kernels/csrc/vbmi.cpp; 2, 3, 4 and 8 bits on AVX2: avx2_int8.cpp, qmatmul.cpp) (llama.cpp's trade, a few 1e-3
       relative error, up to twice the speed); False runs the exact float path.
     - ``prefill``: the native kernel's batched matmul (more than ``GEMV_MAX_ROWS`` rows: prefill,
-      evaluation). ``bf16`` dequantizes weight blocks to bfloat16 and multiplies bf16-rounded
-      activations in oneDNN (AMX / AVX512-BF16; float32 accumulation, bf16 output): 4-9x the float32
-      path per layer at T=512 on one core of an AMX CPU, SmolLM2-135M w4g128 prefill 165 -> 332 tok/s.
-      Its cost, teacher-forced on SmolLM2-135M w4g128 over 4 x 512 tokens of Austen: mean KLD 7.2e-4
-      against the exact path, top-1 agreement 97.6%, while the 4-bit quantization itself costs a KLD
-      of 0.344 against the float model (bf16 moves that by +0.1%). ``exact`` is the float32
+      evaluation). ``int8`` rounds the activations to int8 per 32-block, as the int8 decode does, and
+      multiplies them into the codes with AVX-512 VNNI (kernels/csrc/gemm_int8.cpp): Qwen2.5-Coder-1.5B
+      w4g128's 512-token prefill 56.5 -> 290.5 tok/s on a Zen 5 (session 22), at a mean KLD of 8e-4 (prose)
+      and 3e-4 (code) against the exact path, SmolLM2-135M 3e-3 (bench/prefill_accuracy.py).
+      ``bf16`` dequantizes weight blocks to bfloat16 and multiplies bf16-rounded activations in oneDNN
+      (float32 accumulation, bf16 output): 4-9x the float32 path per layer at T=512 on one core of an
+      AMX CPU, SmolLM2-135M w4g128 prefill 165 -> 332 tok/s, mean KLD 7.2e-4 against the exact path
+      (teacher-forced, 4 x 512 tokens of Austen), top-1 agreement 97.6%. ``exact`` is the float32
       dequantize-then-matmul, bit for bit the old path. ``auto`` is ``bf16`` where the CPU has AMX
-      (``kernels.cpu.native_bf16``) and ``exact`` elsewhere: with AVX512-BF16 alone the bf16 path measured
-      0.82-0.85x of ``exact`` (session 21).
+      (``kernels.cpu.native_bf16``), else ``int8`` where the build has the int8 GEMM
+      (``kernels.cpu.native_int8_gemm``), else ``exact``: with AVX512-BF16 alone the bf16 path measured
+      0.82-0.85x of ``exact`` (session 21). Shapes the int8 GEMM does not take (inputs not whole 64-code
+      chunks, groups not whole 32-blocks) run ``exact``.
     - ``kv_cache``: the lean runner's cache dtype for float32 models (``fp16`` halves the bytes decode
       reads per token; other model dtypes keep theirs).
     - ``fused_decode``: one native call per decoded token when the model allows it (infer/fused.py).
@@ -106,8 +110,8 @@ class RuntimeOptions:
         """:meth:`from_env`, except that the batched matmul defaults to ``exact``: quality numbers
         (eval, compare, the demo's quality columns) measure the checkpoint's own arithmetic, not a
         kernel shortcut. The bf16 prefill adds a mean KLD of ~7e-4 against the exact path, a third
-        of w8's whole loss on SmolLM2 (0.0022), so it would blur exactly the comparisons users make
-        near the top. ``BITSMITH_PREFILL`` set by the user still wins."""
+        of w8's whole loss on SmolLM2 (0.0022), the int8 one ~3e-3 there, so they would blur exactly the
+        comparisons users make near the top. ``BITSMITH_PREFILL`` set by the user still wins."""
         env = os.environ if environ is None else environ
         return cls.from_env({**env, ENV["prefill"]: env.get(ENV["prefill"], "exact")})
 
