@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from bitsmith.infer.fused import fused_decoder
 from bitsmith.infer.plan import SUPPORTED_MODEL_TYPES, Layer, LeanUnsupported, Plan, lean_plan
 from bitsmith.kernels.alloc import heap_reuse
+from bitsmith.kernels.attention import causal_prefill
 from bitsmith.runtime.options import RuntimeOptions
 
 __all__ = ["LeanRunner", "LeanUnsupported", "lean_plan", "lean_runner", "SUPPORTED_MODEL_TYPES"]
@@ -168,6 +169,10 @@ class LeanRunner:
     def _attend(self, layer: Layer, i: int, q: Tensor, start: int, stop: int) -> Tensor:
         """q [H, T, D] at positions [start, stop) against the cache [0, stop) -> [T, H*D]."""
         t = stop - start
+        if t > 1 and layer.window is None and layer.softcap is None:
+            out = causal_prefill(q, self.keys[i], self.values[i], start, layer.scaling)  # None: torch's path below
+            if out is not None:
+                return out
         lo = 0
         if layer.window is not None and t == 1:
             lo = max(0, stop - layer.window)

@@ -42,6 +42,7 @@ SOURCES += (CSRC / "vq_search.cpp",)  # nearest codebook entry per vector (metho
 SOURCES += (CSRC / "mixed3.cpp",)  # the 3-bit mixed layout: repack, batched rows, dequant (kernels.cpu)
 SOURCES += (CSRC / "avx2_int8.cpp",)  # 2/3-bit int8 decode on AVX2 without AVX-512 (kernels.cpu)
 SOURCES += (CSRC / "gemm_int8.cpp",)  # the int8 prefill GEMM on AVX-512 VNNI (kernels.cpu)
+SOURCES += (CSRC / "attn_prefill.cpp",)  # causal attention of a prompt slice (kernels.attention)
 HEADERS = (CSRC / "gemv.h", CSRC / "attention.h", CSRC / "step.h", CSRC / "unpack.h", CSRC / "strided.h",
            CSRC / "qmatmul.h", CSRC / "qmatmul_float.h", CSRC / "qmatmul_int8.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
