@@ -2,10 +2,11 @@
 
 torch's CPU flash attention takes keys in blocks of 512, so a 512-token causal prompt computes every score
 of the square; the native kernel scores each block of 32 query rows only against the keys up to its last
-row (per layer at T = 512: SmolLM2-135M 3.4 -> 1.6 ms, Qwen2.5-Coder-1.5B 8.3 -> 3.6 ms; bench/results/speed/README.md, session 22). :func:`causal_prefill` returns
-None where it does not apply (no native library or AVX-512, head sizes not whole 16-float vectors, a
-cache that is neither float32 nor fp16, queries that are not float32) and the caller keeps torch's
-``scaled_dot_product_attention``, the oracle the tests hold it to.
+row (per layer at T = 512: SmolLM2-135M 3.4 -> 1.6 ms, Qwen2.5-Coder-1.5B 8.3 -> 3.6 ms; session 22 in
+bench/results/speed/README.md). :func:`causal_prefill` returns None where it does not apply (no native
+library or AVX-512, head sizes not whole 16-float vectors, a cache that is neither float32 nor fp16,
+queries that are not float32) and the caller keeps torch's ``scaled_dot_product_attention``, the oracle
+the tests hold it to.
 """
 
 from __future__ import annotations
