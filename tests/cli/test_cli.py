@@ -109,17 +109,23 @@ def test_default_method_is_hqq_without_calibration_and_gptq_with_it(tmp_path) ->
 
 
 def test_compute_dtype_auto_follows_the_cpu(monkeypatch) -> None:
-    """--compute-dtype auto: bf16 only where the CPU has AMX (AVX512-BF16 alone measured slower than
-    fp32, kernels.cpu.BF16_FLAGS); explicit choices win."""
+    """--compute-dtype auto: bf16 where the CPU has AMX, or AVX512-BF16 with a bf16 matmul measured at
+    least twice float32's (kernels.cpu.fast_bf16_matmul: a Zen 5 yes, a Xeon without AMX no); explicit
+    choices win."""
     import torch
 
     from bitsmith.cli.quantize import compute_dtype
     from bitsmith.kernels import build, cpu
 
-    for flags, expected in (("avx512f avx512_bf16", torch.float32), ("avx512_bf16 amx_bf16 amx_tile", torch.bfloat16),
-                            ("avx2 fma", torch.float32)):
+    for flags, speedup, expected in (("avx512f avx512_bf16", 0.8, torch.float32),
+                                     ("avx512f avx512_bf16", 4.5, torch.bfloat16),
+                                     ("avx512_bf16 amx_bf16 amx_tile", 0.8, torch.bfloat16),
+                                     ("avx2 fma", 4.5, torch.float32)):
         monkeypatch.setattr(build, "cpu_flags", lambda f=flags: f)
+        monkeypatch.setattr(cpu, "bf16_speedup", lambda s=speedup: s)
         cpu.native_bf16.cache_clear()  # answered once per process otherwise
+        cpu.fast_bf16_matmul.cache_clear()
         assert compute_dtype("auto") == expected
         assert compute_dtype("fp32") == torch.float32 and compute_dtype("bf16") == torch.bfloat16
+    cpu.fast_bf16_matmul.cache_clear()
     cpu.native_bf16.cache_clear()  # the real CPU's answer for the tests after this one

@@ -86,6 +86,42 @@ def native_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and any(f in flags for f in BF16_FLAGS)
 
 
+BF16_MIN_SPEEDUP = 2.0  # fast_bf16_matmul: a bf16 matmul at least this many times float32's speed
+
+
+def bf16_speedup() -> float:
+    """float32 matmul time / bfloat16 matmul time on this CPU and torch's thread count: a 512 x 1024 x 1024
+    product, best of 3 each after one warm-up (~30 ms in all)."""
+    import time
+
+    def best(a: torch.Tensor, b: torch.Tensor) -> float:
+        torch.mm(a, b)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
+    return best(a, b) / best(a.bfloat16(), b.bfloat16())
+
+
+@lru_cache(maxsize=None)
+def fast_bf16_matmul() -> bool:
+    """Whether bfloat16 matmuls pay on this CPU, for the calibrated passes' forwards and searches: AMX
+    (:func:`native_bf16`), or AVX512-BF16 with a bf16 matmul measured at least ``BF16_MIN_SPEEDUP`` times
+    float32's. The flags alone do not tell: on a Zen 5 without AMX bf16 ran 4.3-5.1x float32 (oneDNN,
+    2 threads, session 22), on a Xeon without AMX 0.82-0.85x (session 21). Measured once per process."""
+    from bitsmith.kernels.build import cpu_flags
+
+    if native_bf16():
+        return True
+    if "avx512_bf16" not in cpu_flags().split() or not torch.backends.mkldnn.is_available():
+        return False
+    return bf16_speedup() >= BF16_MIN_SPEEDUP
+
+
 def _widen_bf16(lib: ctypes.CDLL):
     """csrc/qmatmul.cpp ``bs_widen_bf16`` with its C signature declared (once per library)."""
     fn = lib.bs_widen_bf16

@@ -66,10 +66,10 @@ def bf16_fpmath_rounds() -> bool:
     product of 1 + 2^-12 (not a bf16 value: it rounds to 1) differs from the float32 one only where the
     mode is honoured. Measured once per process, because the CPU flags do not tell (AVX512-BF16
     without AMX ignored it on one Xeon)."""
-    from bitsmith.kernels.cpu import native_bf16
+    from bitsmith.kernels.cpu import fast_bf16_matmul
 
     backend = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    if backend is None or not hasattr(backend, "fp32_precision") or not native_bf16():
+    if backend is None or not hasattr(backend, "fp32_precision") or not fast_bf16_matmul():
         return False
     x = torch.full((64, 64), 1 + 2.0**-12)
     before = backend.fp32_precision

@@ -34,21 +34,21 @@ def default_method(calibration_given: bool) -> str:
 
 def resolve_compute_dtype(choice: str, device: str = "cpu") -> str:
     """The dtype name ("bf16" or "fp32") of calibrated block forwards for a choice of auto, bf16 or
-    fp32. ``auto`` picks bf16 only where the CPU has AMX (``kernels.cpu.native_bf16``): elsewhere bf16
-    GEMMs are emulated, or native (AVX512-BF16) but measured slower than fp32 (session 21). Measured on
-    SmolLM2 (AMX): one bf16 forward over 128 x 512 tokens 71 s vs 128 s in fp32, and GPTQ's KLD 0.1413
-    (bf16 forwards) vs 0.1445 (fp32). On a CUDA
-    ``device`` (checked: :func:`bitsmith.pipeline.device.check_device`) ``auto`` is bf16 where the GPU
-    multiplies bf16 natively (Ampere and later)."""
+    fp32. ``auto`` picks bf16 where bf16 matmuls pay on this CPU (``kernels.cpu.fast_bf16_matmul``: AMX,
+    or AVX512-BF16 measured at least twice float32's speed, as on a Zen 5; a Xeon with AVX512-BF16 and
+    no AMX measured it slower than fp32, session 21). Measured on SmolLM2 (AMX): one bf16 forward over
+    128 x 512 tokens 71 s vs 128 s in fp32, and GPTQ's KLD 0.1413 (bf16 forwards) vs 0.1445 (fp32). On a
+    CUDA ``device`` (checked: :func:`bitsmith.pipeline.device.check_device`) ``auto`` is bf16 where the
+    GPU multiplies bf16 natively (Ampere and later)."""
     if choice != "auto":
         return choice
     import torch
 
     if device != "cpu":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    from bitsmith.kernels.cpu import native_bf16  # AMX only: AVX512-BF16 alone measured slower than fp32
+    from bitsmith.kernels.cpu import fast_bf16_matmul
 
-    return "bf16" if native_bf16() else "fp32"
+    return "bf16" if fast_bf16_matmul() else "fp32"
 
 
 def parse_method(method: str, options: dict[str, Any]) -> tuple[str, tuple[str, ...], dict[str, Any]]:

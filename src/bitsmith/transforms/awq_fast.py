@@ -69,11 +69,12 @@ def simulated_quantizer(spec: QuantSpec, method: Method, options: dict) -> Qdq:
 
 
 def search_dtype(choice: str) -> torch.dtype:
-    """``awq_search_dtype`` as a torch dtype: bf16, fp32, or auto (bf16 where the CPU has it natively)."""
+    """``awq_search_dtype`` as a torch dtype: bf16, fp32, or auto (bf16 where bf16 matmuls pay on this
+    CPU: ``kernels.cpu.fast_bf16_matmul``)."""
     if choice == "auto":
-        from bitsmith.kernels.cpu import native_bf16
+        from bitsmith.kernels.cpu import fast_bf16_matmul
 
-        return torch.bfloat16 if native_bf16() else torch.float32
+        return torch.bfloat16 if fast_bf16_matmul() else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[choice]
 
 
