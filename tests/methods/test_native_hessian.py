@@ -1,6 +1,6 @@
-"""The AMX Hessian update (kernels/csrc/hessian.cpp via methods.native): held to a float64 oracle on
-random ragged shapes, its untouched lower blocks, thread-count independence, and StatsAccumulator's
-results with and without it."""
+"""The bf16 Hessian update (kernels/csrc/hessian.cpp via methods.native: AMX tiles, or AVX512-BF16
+without AMX): held to a float64 oracle on random ragged shapes, its untouched lower blocks,
+thread-count independence, and StatsAccumulator's results with and without it."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from bitsmith.calib.stats import mirror_upper
 from bitsmith.methods import native
 
 LIB = native.hessian_library()
-needs_amx = pytest.mark.skipif(LIB is None, reason="no AMX on this CPU (or no compiler): the GEMM path is used")
+needs_amx = pytest.mark.skipif(LIB is None, reason="no AMX or AVX512-BF16 on this CPU (or no compiler): the GEMM path is used")
 
 
 def _bf16(g: torch.Generator, *shape: int) -> torch.Tensor:

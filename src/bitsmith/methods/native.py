@@ -110,7 +110,8 @@ def range_search(groups: torch.Tensor, spec: QuantSpec, mask: torch.Tensor | Non
 
 
 def hessian_library() -> ctypes.CDLL | None:
-    """The kernel library when its AMX Hessian update (kernels/csrc/hessian.cpp) runs on this CPU, else None."""
+    """The kernel library when its bf16 Hessian update (kernels/csrc/hessian.cpp: AMX, or AVX512-BF16) runs on
+    this CPU, else None."""
     from bitsmith.kernels.build import declared_library
 
     lib = declared_library({

@@ -1,5 +1,7 @@
 // bitsmith calibration statistics: the GPTQ Hessian's rank-k update H += X^T X for bfloat16 inputs X
-// [T, n], summed in float32, on AMX tiles (calib.stats declares and calls it).
+// [T, n], summed in float32, on AMX tiles, or without AMX on AVX512-BF16 (vdpbf16ps, the same packed
+// tiles; block_update's second form) (calib.stats declares and calls it). On a Zen 5 without AMX the
+// fallback it replaces, a float32 addmm at ~200 GFLOP/s, was two thirds of GPTQ's time on SmolLM2.
 //
 // Why a kernel of our own: torch 2.13 has no CPU bf16 x bf16 -> fp32 matmul (mm(out_dtype=) is not
 // implemented), so the exact path was a float32 GEMM in oneDNN's bf16 "fpmath" mode: the bf16 batch was
@@ -28,6 +30,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #define BS_HAVE_AMX 1
+#define BS_HESSIAN 1
+#elif defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define BS_HAVE_DPBF16 1  // no AMX: the same packed tiles through AVX512-BF16 vdpbf16ps (block_update below)
+#define BS_HESSIAN 1
 #endif
 
 namespace {
@@ -61,6 +68,9 @@ void configure_tiles() {  // per thread: eight tiles of 16 rows x 64 bytes
     }
     _tile_loadconfig(&cfg);
 }
+#endif
+
+#ifdef BS_HESSIAN
 
 // Pack tokens [k0, k0 + kc) of x, zero-padded, panel by panel (each 32-feature panel contiguous, so a
 // tile's 16 rows are 1 KB of consecutive bytes rather than 16 rows a whole matrix row apart):
@@ -124,6 +134,7 @@ void pack(const uint16_t* x, int64_t ldx, int64_t n, int64_t k0, int64_t kc, int
 }
 
 // H[i0:i0+32, j0:j0+32] += A(i0) . B(j0) over the chunk's kp tokens.
+#ifdef BS_HAVE_AMX
 void block_update(const uint16_t* xa, const uint16_t* xb, int64_t kp, int64_t i0, int64_t j0,
                   float* h, int64_t ldh, int64_t n) {
     alignas(64) float local[BLK * BLK];
@@ -159,6 +170,62 @@ void block_update(const uint16_t* xa, const uint16_t* xb, int64_t kp, int64_t i0
         for (int64_t i = i0; i < n && i < i0 + BLK; ++i)
             for (int64_t j = j0; j < n && j < j0 + BLK; ++j) h[i * ldh + j] = local[(i - i0) * BLK + (j - j0)];
 }
+#else
+// Without AMX: 4 rows of the block at a time. Per token pair p, the B row (the pair for 32 features: two zmm
+// of 16 features x 2 tokens, the layout vdpbf16ps pairs lane by lane) meets row i's pair from A (one 32-bit
+// broadcast): lane l gains x[2p][i] x[2p][j0+l] + x[2p+1][i] x[2p+1][j0+l], products of bf16 exact in
+// float32. Each 32 tokens are summed into fresh accumulators and then added to the block's: one float32
+// chain over all of a chunk's tokens left 2-6e-6 of the diagonal's size against the float64 oracle, twice
+// MKL's float32 addmm (tests/methods/test_native_hessian.py).
+void block_update(const uint16_t* xa, const uint16_t* xb, int64_t kp, int64_t i0, int64_t j0,
+                  float* h, int64_t ldh, int64_t n) {
+    alignas(64) float local[BLK * BLK];
+    const bool inside = i0 + BLK <= n && j0 + BLK <= n;
+    float* c = inside ? h + i0 * ldh + j0 : local;
+    const int64_t ldc = inside ? ldh : BLK;
+    if (!inside) {  // an edge block: through a zero-padded copy
+        std::memset(local, 0, sizeof local);
+        for (int64_t i = i0; i < n && i < i0 + BLK; ++i)
+            for (int64_t j = j0; j < n && j < j0 + BLK; ++j) local[(i - i0) * BLK + (j - j0)] = h[i * ldh + j];
+    }
+    constexpr int R = 4;
+    for (int64_t r0 = 0; r0 < BLK; r0 += R) {
+        __m512 acc[R][2];
+        for (int r = 0; r < R; ++r) {
+            acc[r][0] = _mm512_loadu_ps(c + (r0 + r) * ldc);
+            acc[r][1] = _mm512_loadu_ps(c + (r0 + r) * ldc + 16);
+        }
+        const uint16_t* a = xa + i0 * kp;
+        const uint16_t* b = xb + j0 * kp;
+        for (int64_t k = 0; k < kp; k += BLK, a += BLK * BLK, b += BLK * BLK) {
+            __m512 part[R][2];
+            for (int r = 0; r < R; ++r) part[r][0] = part[r][1] = _mm512_setzero_ps();
+            for (int p = 0; p < BLK / 2; ++p) {
+                const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + p * 2 * BLK);
+                const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + p * 2 * BLK + BLK);
+                for (int r = 0; r < R; ++r) {
+                    int32_t pair;
+                    std::memcpy(&pair, a + (r0 + r) * BLK + 2 * p, 4);
+                    const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+                    part[r][0] = _mm512_dpbf16_ps(part[r][0], av, b0);
+                    part[r][1] = _mm512_dpbf16_ps(part[r][1], av, b1);
+                }
+            }
+            for (int r = 0; r < R; ++r) {
+                acc[r][0] = _mm512_add_ps(acc[r][0], part[r][0]);
+                acc[r][1] = _mm512_add_ps(acc[r][1], part[r][1]);
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            _mm512_storeu_ps(c + (r0 + r) * ldc, acc[r][0]);
+            _mm512_storeu_ps(c + (r0 + r) * ldc + 16, acc[r][1]);
+        }
+    }
+    if (!inside)
+        for (int64_t i = i0; i < n && i < i0 + BLK; ++i)
+            for (int64_t j = j0; j < n && j < j0 + BLK; ++j) h[i * ldh + j] = local[(i - i0) * BLK + (j - j0)];
+}
+#endif
 
 // Row blocks per task: GROUP on one thread; on several, fewer, so the dynamic schedule has about four
 // tasks per thread. The tasks are triangular (earlier rows have more blocks): on 576 inputs (18 row
@@ -175,7 +242,9 @@ void chunk_update(const uint16_t* xa, const uint16_t* xb, int64_t np, int64_t kp
     const int64_t nb = np / BLK, group = row_group(nb, threads), groups = (nb + group - 1) / group;
 #pragma omp parallel num_threads(threads)
     {
+#ifdef BS_HAVE_AMX
         configure_tiles();
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t g = 0; g < groups; ++g) {  // earlier groups have more blocks: dynamic balances them
             const int64_t ib0 = g * group, ib1 = ib0 + group < nb ? ib0 + group : nb;
@@ -183,7 +252,9 @@ void chunk_update(const uint16_t* xa, const uint16_t* xb, int64_t np, int64_t kp
                 for (int64_t ib = ib0; ib < ib1 && ib <= jb; ++ib)
                     block_update(xa, xb, kp, ib * BLK, jb * BLK, h, ldh, n);
         }
+#ifdef BS_HAVE_AMX
         _tile_release();
+#endif
     }
 }
 #endif
@@ -196,6 +267,8 @@ extern "C" {
 int bs_hessian_bf16_available() {
 #ifdef BS_HAVE_AMX
     return amx_permitted() ? 1 : 0;
+#elif defined(BS_HAVE_DPBF16)
+    return 1;
 #else
     return 0;
 #endif
@@ -205,8 +278,10 @@ int bs_hessian_bf16_available() {
 // the reference the tests hold the vector packing to, bit for bit).
 int bs_hessian_bf16_packed(const uint16_t* x, int64_t tokens, int64_t n, int64_t ldx, float* h, int64_t ldh,
                            int64_t threads, int64_t scalar_pack) {
+#ifdef BS_HESSIAN
 #ifdef BS_HAVE_AMX
     if (!amx_permitted()) return -1;
+#endif
     const int nt = threads < 1 ? 1 : (int)threads;
     const int64_t np = round_up(n, BLK);
     const int64_t kcap = round_up(tokens < KC ? tokens : KC, BLK);
