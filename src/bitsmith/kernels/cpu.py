@@ -111,7 +111,7 @@ def bf16_speedup() -> float:
 def fast_bf16_matmul() -> bool:
     """Whether bfloat16 matmuls pay on this CPU, for the calibrated passes' forwards and searches: AMX
     (:func:`native_bf16`), or AVX512-BF16 with a bf16 matmul measured at least ``BF16_MIN_SPEEDUP`` times
-    float32's. The flags alone do not tell: on a Zen 5 without AMX bf16 ran 4.3-5.1x float32 (oneDNN,
+    float32's. The flags alone do not tell: on a Zen 5 without AMX bf16 ran 4.1-5.1x float32 (oneDNN,
     2 threads, session 22), on a Xeon without AMX 0.82-0.85x (session 21). Measured once per process."""
     from bitsmith.kernels.build import cpu_flags
 
