@@ -125,9 +125,9 @@ def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
 
 
 # Prompt tokens per prefill slice (see LeanRunner.forward); llama.cpp's default batch too. A prompt of 512
-# tokens in one slice attends causally (SDPA skips the masked half) where two slices of 256 made the second
-# attend through an explicit mask over all 512 keys: SmolLM2-135M's 512-token prefill spent 91 ms in
-# attention that way, with the int8 GEMM's linears at 115 ms (session 22).
+# tokens in one slice attends causally, where two slices of 256 made the second attend through an explicit
+# mask over all 512 keys: SmolLM2-135M's 512-token prefill spent 91 ms in attention that way, with the int8
+# GEMM's linears at 115 ms (session 22; kernels.attention now skips the masked half of the causal square).
 PREFILL_CHUNK = 512
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from bitsmith.infer.generate import seeded_generator
-from bitsmith.infer.lean import LeanRunner, lean_runner
+from bitsmith.infer.lean import PREFILL_CHUNK, LeanRunner, lean_runner
 from bitsmith.infer.speculative import MAX_DRAFT_TOKENS, DraftCursor, speculate
 from bitsmith.runtime.options import RuntimeOptions
 from bitsmith.serve.batch import ragged_step
@@ -41,9 +41,9 @@ from bitsmith.serve.sampling import SamplingParams, TextTail, TokenLogprob, choo
 
 __all__ = ["DEFAULT_PREFILL_CHUNK", "Finished", "Job", "Prompt", "QueueFull", "Scheduler", "SchedulerStopped", "Token"]
 
-# Prompt tokens per step, shared by all prefilling sequences: half the lean runner's slice, so a long prompt
-# stalls the decoding streams for at most a 256-token step
-DEFAULT_PREFILL_CHUNK = 256
+# Prompt tokens per step, shared by all prefilling sequences: half the lean runner's slice (256), so a long
+# prompt stalls the decoding streams for at most a 256-token step
+DEFAULT_PREFILL_CHUNK = PREFILL_CHUNK // 2
 
 log = logging.getLogger(__name__)
 

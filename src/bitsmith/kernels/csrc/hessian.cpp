@@ -133,19 +133,37 @@ void pack(const uint16_t* x, int64_t ldx, int64_t n, int64_t k0, int64_t kc, int
     }
 }
 
-// H[i0:i0+32, j0:j0+32] += A(i0) . B(j0) over the chunk's kp tokens.
-#ifdef BS_HAVE_AMX
-void block_update(const uint16_t* xa, const uint16_t* xb, int64_t kp, int64_t i0, int64_t j0,
-                  float* h, int64_t ldh, int64_t n) {
+// The 32 x 32 block of H at (i0, j0) as block_update reads and writes it: in place (row stride ld = ldh),
+// or, for an edge block, a zero-padded copy (ld = 32) that finish() writes back.
+struct HBlock {
     alignas(64) float local[BLK * BLK];
-    const bool inside = i0 + BLK <= n && j0 + BLK <= n;
-    float* c = inside ? h + i0 * ldh + j0 : local;
-    const int64_t ldc = (inside ? ldh : BLK) * (int64_t)sizeof(float);
-    if (!inside) {  // an edge block: through a zero-padded copy
+    float* h;
+    int64_t ldh, n, i0, j0;
+    bool inside;
+    float* c;
+    int64_t ld;
+    HBlock(float* h_, int64_t ldh_, int64_t n_, int64_t i0_, int64_t j0_)
+        : h(h_), ldh(ldh_), n(n_), i0(i0_), j0(j0_), inside(i0_ + BLK <= n_ && j0_ + BLK <= n_),
+          c(inside ? h_ + i0_ * ldh_ + j0_ : local), ld(inside ? ldh_ : BLK) {
+        if (inside) return;
         std::memset(local, 0, sizeof local);
         for (int64_t i = i0; i < n && i < i0 + BLK; ++i)
             for (int64_t j = j0; j < n && j < j0 + BLK; ++j) local[(i - i0) * BLK + (j - j0)] = h[i * ldh + j];
     }
+    void finish() {
+        if (inside) return;
+        for (int64_t i = i0; i < n && i < i0 + BLK; ++i)
+            for (int64_t j = j0; j < n && j < j0 + BLK; ++j) h[i * ldh + j] = local[(i - i0) * BLK + (j - j0)];
+    }
+};
+
+// H[i0:i0+32, j0:j0+32] += A(i0) . B(j0) over the chunk's kp tokens.
+#ifdef BS_HAVE_AMX
+void block_update(const uint16_t* xa, const uint16_t* xb, int64_t kp, int64_t i0, int64_t j0,
+                  float* h, int64_t ldh, int64_t n) {
+    HBlock blk(h, ldh, n, i0, j0);
+    float* c = blk.c;
+    const int64_t ldc = blk.ld * (int64_t)sizeof(float);
     _tile_loadd(0, c, ldc);
     _tile_loadd(1, c + 16, ldc);
     _tile_loadd(2, (char*)c + 16 * ldc, ldc);
@@ -166,9 +184,7 @@ void block_update(const uint16_t* xa, const uint16_t* xb, int64_t kp, int64_t i0
     _tile_stored(1, c + 16, ldc);
     _tile_stored(2, (char*)c + 16 * ldc, ldc);
     _tile_stored(3, (char*)c + 16 * ldc + 64, ldc);
-    if (!inside)
-        for (int64_t i = i0; i < n && i < i0 + BLK; ++i)
-            for (int64_t j = j0; j < n && j < j0 + BLK; ++j) h[i * ldh + j] = local[(i - i0) * BLK + (j - j0)];
+    blk.finish();
 }
 #else
 // Without AMX: 4 rows of the block at a time. Per token pair p, the B row (the pair for 32 features: two zmm
@@ -179,15 +195,9 @@ void block_update(const uint16_t* xa, const uint16_t* xb, int64_t kp, int64_t i0
 // MKL's float32 addmm (tests/methods/test_native_hessian.py).
 void block_update(const uint16_t* xa, const uint16_t* xb, int64_t kp, int64_t i0, int64_t j0,
                   float* h, int64_t ldh, int64_t n) {
-    alignas(64) float local[BLK * BLK];
-    const bool inside = i0 + BLK <= n && j0 + BLK <= n;
-    float* c = inside ? h + i0 * ldh + j0 : local;
-    const int64_t ldc = inside ? ldh : BLK;
-    if (!inside) {  // an edge block: through a zero-padded copy
-        std::memset(local, 0, sizeof local);
-        for (int64_t i = i0; i < n && i < i0 + BLK; ++i)
-            for (int64_t j = j0; j < n && j < j0 + BLK; ++j) local[(i - i0) * BLK + (j - j0)] = h[i * ldh + j];
-    }
+    HBlock blk(h, ldh, n, i0, j0);
+    float* c = blk.c;
+    const int64_t ldc = blk.ld;
     constexpr int R = 4;
     for (int64_t r0 = 0; r0 < BLK; r0 += R) {
         __m512 acc[R][2];
@@ -221,9 +231,7 @@ void block_update(const uint16_t* xa, const uint16_t* xb, int64_t kp, int64_t i0
             _mm512_storeu_ps(c + (r0 + r) * ldc + 16, acc[r][1]);
         }
     }
-    if (!inside)
-        for (int64_t i = i0; i < n && i < i0 + BLK; ++i)
-            for (int64_t j = j0; j < n && j < j0 + BLK; ++j) h[i * ldh + j] = local[(i - i0) * BLK + (j - j0)];
+    blk.finish();
 }
 #endif
 
