@@ -110,7 +110,7 @@ def bitsmith_rows(ckpt: str, windows: int, prefill: str, reference=None) -> dict
     import torch
 
     from bitsmith.eval.metrics import token_stats
-    from bitsmith.eval.perplexity import eval_mode, evaluate
+    from bitsmith.eval.perplexity import eval_mode, evaluate, window_logits
     from bitsmith.eval.refcache import build_cache, evaluate_against_cache
     from bitsmith.eval.suite import text_windows
 
@@ -119,12 +119,11 @@ def bitsmith_rows(ckpt: str, windows: int, prefill: str, reference=None) -> dict
     wins = text_windows(loaded.tokenizer, text_path().read_text(encoding="utf-8"), CTX, windows)  # [n, ctx]
     tokens = wins.numel()
     with torch.inference_mode():
-        model(input_ids=wins[:1, :32], use_cache=False)  # warm-up: kernels and allocator, not counted
+        window_logits(model, wins[0, :32])  # warm-up: the lean plan, kernels and allocator, not counted
 
-        def forward_all() -> list:
+        def forward_all() -> list:  # the forward eval runs (eval.perplexity.window_logits)
             with eval_mode(model):  # the scoring loops' allocator setting (kernels.alloc.heap_reuse)
-                return [model(input_ids=w[None], use_cache=False).logits[0, :-1] for w in wins[:2]] + [
-                    model(input_ids=w[None], use_cache=False).logits[0, :1] for w in wins[2:]]
+                return [window_logits(model, w)[:-1] for w in wins[:2]] + [window_logits(model, w)[:1] for w in wins[2:]]
 
         fwd_s, logits = timed(forward_all)
         metric_s, _ = timed(lambda: token_stats(logits[1][:-1], logits[0][1:], wins[0, 2:]))

@@ -4,9 +4,12 @@ The measurement protocol is ``docs/PROTOCOL.md``: tokenize with the model's own 
 into non-overlapping windows of ``ctx`` tokens (remainder dropped), and score every predicted
 position of every window: positions ``0..ctx-2`` predict tokens ``1..ctx-1``.
 
-Models are Hugging Face causal LMs (possibly with quantized linear layers) used only through
-``model(input_ids=..., use_cache=False).logits``. Only one window's logits per model are alive
-at a time, so a 152k vocabulary at ctx 512 costs ~300 MB per model, not per text.
+Models are Hugging Face causal LMs (possibly with quantized linear layers). A window's logits come from
+:func:`window_logits`: the lean runner's whole-window forward (:mod:`bitsmith.infer.lean`, float32 KV
+cache, the causal attention kernel, q/k/v and gate/up as one kernel call each) where the model fits it,
+else ``model(input_ids=..., use_cache=False).logits``. The two agree to float32 summation order (the
+lean runner's tests hold it to the Hugging Face forward at 2e-4). Only one window's logits per model
+are alive at a time, so a 152k vocabulary at ctx 512 costs ~300 MB per model, not per text.
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ from torch import Tensor
 
 from bitsmith.eval.metrics import EvalResult, TokenStats, summarize, token_stats
 from bitsmith.kernels.alloc import heap_reuse
+from bitsmith.runtime.options import RuntimeOptions
 
-__all__ = ["windows", "evaluate", "tokenize_text"]
+__all__ = ["windows", "evaluate", "tokenize_text", "window_logits"]
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +82,27 @@ def eval_mode(*models: Any) -> Iterator[None]:
             model.train(was_training)
 
 
-def _window_logits(model: Any, window: Tensor) -> Tensor:
-    """Logits [ctx, V] of one window [ctx]."""
+# How scoring runs the lean forward: a float32 KV cache (the Hugging Face forward keeps K/V in the model's
+# dtype; generation's fp16 cache would round them) and no fused decode step (whole windows only). The
+# matmuls compute as the model's kernels were prepared at load time (exact for `eval`, see
+# RuntimeOptions.for_measurement).
+SCORING_OPTIONS = RuntimeOptions(kv_cache="fp32", fused_decode=False)
+
+
+def window_logits(model: Any, window: Tensor, lean: bool = True) -> Tensor:
+    """Logits [ctx, V] of one window [ctx] (token ids), every position.
+
+    With ``lean`` (the default) through the lean runner where the model fits it; its plan is read once
+    per model and cached, a cache of ``ctx`` positions is allocated per window. On a 512-token window
+    of Qwen2.5-Coder-1.5B the Hugging Face forward computes attention over the whole 512 x 512 square
+    (torch's CPU kernels skip no masked block at this size) and calls q/k/v and gate/up separately.
+    ``lean=False``, or a model the runner declines (logged once), runs the Hugging Face forward."""
+    from bitsmith.infer.lean import lean_runner
+
+    window = window.reshape(-1)
+    runner = lean_runner(model, window.numel(), SCORING_OPTIONS) if lean else None
+    if runner is not None:
+        return runner.forward(window, all_logits=True)  # [ctx, V]
     input_ids = window.to(_device(model)).unsqueeze(0)  # [1, ctx]
     return model(input_ids=input_ids, use_cache=False).logits[0]  # [ctx, V]
 
@@ -89,12 +112,13 @@ def evaluate(
     windows: Tensor,
     reference: Any | None = None,
     progress: Callable[[int, int], None] | None = None,
+    lean: bool = True,
 ) -> EvalResult:
     """Score ``model`` on every predicted position of ``windows`` [n, ctx].
 
     With a ``reference`` model (the unquantized one, same tokenizer) the result also holds
     KL(reference || model), top-1 agreement and the reference's own perplexity.
-    ``progress(done_tokens, total_tokens)`` is called after each window.
+    ``progress(done_tokens, total_tokens)`` is called after each window. ``lean``: see :func:`window_logits`.
     """
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(
@@ -109,8 +133,8 @@ def evaluate(
             targets = window[1:]  # [ctx-1]
             ref_logits = None
             if reference is not None:
-                ref_logits = _window_logits(reference, window)[:-1]  # [ctx-1, V]
-            logits = _window_logits(model, window)[:-1]  # [ctx-1, V]
+                ref_logits = window_logits(reference, window, lean)[:-1]  # [ctx-1, V]
+            logits = window_logits(model, window, lean)[:-1]  # [ctx-1, V]
             if ref_logits is not None:
                 ref_logits = ref_logits.to(logits.device)
             stats.append(token_stats(ref_logits, logits, targets))

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from bitsmith.eval.metrics import EvalResult, TokenStats, summarize
-from bitsmith.eval.perplexity import eval_mode
+from bitsmith.eval.perplexity import eval_mode, window_logits
 from bitsmith.kernels.score import lse_argmax
 
 __all__ = [
@@ -192,7 +192,7 @@ def build_cache(
     vocab = 0
     with torch.inference_mode(), eval_mode(model):
         for i, window in enumerate(wins):
-            logits = model(input_ids=window.long().unsqueeze(0), use_cache=False).logits[0, :-1]
+            logits = window_logits(model, window.long())[:-1]
             vocab = int(logits.shape[-1])
             for name, value in _window_stats(logits, window[1:], k).items():
                 parts[name].append(value.cpu())
@@ -308,7 +308,7 @@ def evaluate_against_cache(
     with torch.inference_mode(), eval_mode(model):
         for i, window in enumerate(cache.windows):
             rows = slice(i * (ctx - 1), (i + 1) * (ctx - 1))
-            logits = model(input_ids=window.long().unsqueeze(0), use_cache=False).logits[0, :-1]
+            logits = window_logits(model, window.long())[:-1]
             if logits.shape[-1] != int(cache.meta.get("vocab", logits.shape[-1])):
                 raise RefCacheError(f"the model has {logits.shape[-1]} logits per position but the cache was built with a vocabulary of {cache.meta['vocab']}; use a cache of this model's reference")
             stats.append(score_window(logits, window[1:], cache, rows))

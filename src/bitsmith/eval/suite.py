@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 
 from bitsmith.eval.metrics import EvalResult, TokenStats, summarize, token_stats
-from bitsmith.eval.perplexity import convention_adds_bos, eval_mode, tokenize_text, windows
+from bitsmith.eval.perplexity import convention_adds_bos, eval_mode, tokenize_text, window_logits, windows
 from bitsmith.io.textfile import read_text_file
 
 DEFAULT_TEXT = "pride_and_prejudice_60k.txt"
@@ -53,13 +53,12 @@ def evaluate_variants(
     with torch.inference_mode(), eval_mode(reference, *variants.values()):
         for i, window in enumerate(wins):
             targets = window[1:]
-            ids = window.unsqueeze(0)
             ref_logits = None
             if reference is not None:
-                ref_logits = reference(input_ids=ids, use_cache=False).logits[0, :-1]  # [ctx-1, V]
+                ref_logits = window_logits(reference, window)[:-1]  # [ctx-1, V]
                 stats["reference"].append(token_stats(None, ref_logits, targets))
             for name, model in variants.items():
-                logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+                logits = window_logits(model, window)[:-1]
                 stats[name].append(token_stats(ref_logits, logits, targets))
                 del logits
             if progress:

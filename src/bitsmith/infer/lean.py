@@ -135,8 +135,8 @@ def kv_cache_dtype(dtype: torch.dtype, choice: str = "fp16") -> torch.dtype:
     """The KV cache's dtype for a model computing in ``dtype``: float16 for float32 models unless
     ``choice`` (``RuntimeOptions.kv_cache``) is ``fp32``. Decode reads the whole cache per token (at 512
     positions about a fifth of SmolLM2's bytes per token); half of it in fp16, rounded once when written,
-    as llama.cpp's default f16 cache. Generation only: eval never goes through the runner. Other model
-    dtypes keep theirs."""
+    as llama.cpp's default f16 cache. Generation only: scoring (eval.perplexity.window_logits) asks for
+    fp32. Other model dtypes keep theirs."""
     return torch.float16 if dtype == torch.float32 and choice == "fp16" else dtype
 
 

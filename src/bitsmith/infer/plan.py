@@ -184,7 +184,9 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _text_config(model: nn.Module) -> Any:
-    config = model.config
+    config = getattr(model, "config", None)
+    if config is None:
+        raise LeanUnsupported(f"{type(model).__name__} has no Hugging Face config")
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 

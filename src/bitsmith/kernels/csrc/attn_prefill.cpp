@@ -65,9 +65,12 @@ void scores_tile(const float* q, int64_t D, const float* kt, int64_t S, int64_t 
 
 // Row r's probabilities in place over keys [0, n) (exp(s - max), unnormalised; keys [n, width) set to 0);
 // returns their sum.
+// The lanes past n load as -inf, not 0: a row whose scores are all below -87 (Qwen2.5's layer 0 reaches
+// -1,601 .. 12,381) would otherwise take 0 as its maximum, and exp16's clamp would flatten it.
 float softmax_row(float* s, int64_t n, int64_t width) {
-  __m512 mx = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_maskz_loadu_ps(tail16(j, n), s + j));
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  __m512 mx = neg_inf;
+  for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(neg_inf, tail16(j, n), s + j));
   const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
   __m512 total = _mm512_setzero_ps();
   for (int64_t j = 0; j < width; j += 16) {
