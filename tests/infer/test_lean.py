@@ -68,6 +68,25 @@ def test_prefill_and_decode_logits_equal_hf(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
+def test_norms_with_large_weights_are_read_right(arch: str) -> None:
+    """Real norm weights reach the hundreds (Gemma 3 270M's final norm: up to 300), where x*w and x*(1+w)
+    differ by 1/300 of the output: a relative tolerance took one for the other and every real Gemma 3
+    forward came out as noise, while the tiny models' weights of ~0.3 kept the two apart."""
+    model = random_model(arch, seed=5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.uniform_(-1.0, 300.0)
+    ids = torch.randint(0, model.config.vocab_size, (20,), generator=torch.Generator().manual_seed(6))
+    ref = reference_logits(model, ids)
+    runner = lean_runner(model, 20, EXACT)
+    with torch.no_grad():
+        got = runner(ids, all_logits=True)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(got, ref, atol=1e-4 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_long_prompt_prefills_in_slices(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A prompt longer than PREFILL_CHUNK runs slice by slice (bounded peak memory) with the same last
     logits and cache as the HF forward; 23 tokens in slices of 5 leave a short last slice, and gemma's
