@@ -4,8 +4,9 @@
 user's ``generate``, ``serve`` and the calibrated passes may run the default ``auto`` instead: the int8
 GEMM (csrc/gemm_int8.cpp, x rounded to int8 per 32-block) on AVX-512 VNNI CPUs, bf16 on AMX ones. This
 script runs the same checkpoint under each ``--modes`` prefill over windows of the built-in prose and
-code domains (teacher-forced: every position's logits come from one batched forward) and scores each
-against the unquantized model (docs/PROTOCOL.md metrics) and against the exact path.
+code domains (teacher-forced: every position's logits come from one batched forward of the lean runner, as
+``eval`` scores and ``generate`` prefills: ``eval.perplexity.window_logits``, the attention kernel included)
+and scores each against the unquantized model (docs/PROTOCOL.md metrics) and against the exact path.
 
     python bench/prefill_accuracy.py --model smollm2-135m --checkpoint ~/.cache/bitsmith/bench/speed/smollm2-135m-w4g128
 
@@ -22,7 +23,7 @@ import torch
 import bitsmith
 from bitsmith.eval.domains import builtin_domain
 from bitsmith.eval.metrics import summarize, token_stats
-from bitsmith.eval.perplexity import tokenize_text
+from bitsmith.eval.perplexity import tokenize_text, window_logits
 from bitsmith.kernels.cpu import resolve_prefill
 from bitsmith.runtime.options import RuntimeOptions
 
@@ -55,11 +56,11 @@ def main() -> None:
                 break
             targets = window[1:]
             with torch.no_grad():
-                want = ref.model(input_ids=window[None]).logits[0, :-1].float()
+                want = window_logits(ref.model, window)[:-1].float()
                 logits = {}
                 for m in modes:
                     t0 = time.perf_counter()
-                    logits[m] = quant[m].model(input_ids=window[None]).logits[0, :-1].float()
+                    logits[m] = window_logits(quant[m].model, window)[:-1].float()
                     seconds[m] += time.perf_counter() - t0
             for m in modes:
                 stats[m].append(token_stats(want, logits[m], targets))

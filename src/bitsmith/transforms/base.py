@@ -31,8 +31,9 @@ class TransformFn(Protocol):
         self, block: "nn.Module", hidden: "torch.Tensor", block_kwargs: dict, spec: "QuantSpec", options: dict,
         batch_size: int,
     ) -> Any: ...
-    # block: loaded in float32, changed in place; hidden [N, L, H] float32: its calibration inputs;
-    # block_kwargs: what the model passes to the block; returns a report (logged)
+    # block: loaded in float32, changed in place; hidden [N, L, H]: its calibration inputs, float32 or the
+    # run's bf16 (convert the rows used: hidden.index_select(0, rows).float()); block_kwargs: what the model
+    # passes to the block; returns a report (logged)
 
 
 class WrapFn(Protocol):
