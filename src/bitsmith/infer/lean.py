@@ -124,11 +124,13 @@ def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     return torch.addcmul(x * cos, swapped, signed_sin)
 
 
-# Prompt tokens per prefill slice (see LeanRunner.forward); llama.cpp's default batch too. A prompt of 512
-# tokens in one slice attends causally, where two slices of 256 made the second attend through an explicit
-# mask over all 512 keys: SmolLM2-135M's 512-token prefill spent 91 ms in attention that way, with the int8
-# GEMM's linears at 115 ms (session 22; kernels.attention now skips the masked half of the causal square).
-PREFILL_CHUNK = 512
+# Prompt tokens per prefill slice (see LeanRunner.forward). Session 22 raised it to 512 when a second slice
+# attended through an explicit mask over all keys (91 ms of SmolLM2-135M's 512-token prefill); the attention
+# kernel (kernels.attention) now handles a slice's causal block itself. Session 24, 256 again, for memory: a
+# slice's activations and their heap fragments are most of what RSS grows by while generating, and SmolLM2-135M
+# w4g128's growth over a 512-token prompt went 44 -> 34 MiB (85 MB packed), for a prefill 2.4% slower (Qwen2.5-
+# Coder-1.5B: 3.4%; 7 and 3 alternating rounds in one process). Scoring (all_logits) never slices.
+PREFILL_CHUNK = 256
 
 
 def kv_cache_dtype(dtype: torch.dtype, choice: str = "fp16") -> torch.dtype:

@@ -41,9 +41,9 @@ from bitsmith.serve.sampling import SamplingParams, TextTail, TokenLogprob, choo
 
 __all__ = ["DEFAULT_PREFILL_CHUNK", "Finished", "Job", "Prompt", "QueueFull", "Scheduler", "SchedulerStopped", "Token"]
 
-# Prompt tokens per step, shared by all prefilling sequences: half the lean runner's slice (256), so a long
+# Prompt tokens per step, shared by all prefilling sequences: the lean runner's slice (256), so a long
 # prompt stalls the decoding streams for at most a 256-token step
-DEFAULT_PREFILL_CHUNK = PREFILL_CHUNK // 2
+DEFAULT_PREFILL_CHUNK = PREFILL_CHUNK
 
 log = logging.getLogger(__name__)
 
