@@ -43,6 +43,11 @@ from common import text_path  # noqa: E402
 from tools import llama_bin  # noqa: E402
 
 CTX = 512
+# Positions scored per window: bitsmith every predicted one (docs/PROTOCOL.md); llama-perplexity only the
+# second half's (tools/perplexity/perplexity.cpp: first = n_ctx/2, n_ctx - 1 - first tokens), computing
+# the head for those positions only. The window columns compare the forwards; "scored tok/s" what each
+# tool's number rests on.
+SCORED_BITSMITH, SCORED_LLAMA = CTX - 1, CTX - 1 - CTX // 2
 
 
 def _stamp(text: str, pattern: str) -> float:
@@ -156,8 +161,9 @@ def table(rows: list[dict], threads: int, windows: int) -> str:
              "| model | llama-perplexity (GGUF) | bitsmith forward | bitsmith eval | eval --reference (live) | "
              "eval --reference-cache | ratio eval / llama | ratio eval --reference / llama | KLD vs reference | "
              "exact-KL metrics per window (s) | bitsmith prefill | llama-perplexity --kl-divergence | "
-             "ratio eval --reference-cache / llama (plain, --kl-divergence) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ratio eval --reference-cache / llama (plain, --kl-divergence) | scored tok/s: eval, llama | "
+             "ratio of scored tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, l = r["bitsmith"], r["llama"]
         llama_rate = l["tokens"] / l["seconds"]
@@ -170,7 +176,9 @@ def table(rows: list[dict], threads: int, windows: int) -> str:
                      f"{ref_rate / llama_rate:.2f}x | {kld} | "
                      f"{b['metrics_ref_s_per_window']:.2f} (V={b['vocab']}) | {r['prefill']} | "
                      f"{kl_rate if kl_rate is None else f'{kl_rate:.1f}'} | {cached_rate / llama_rate:.2f}x, "
-                     f"{'-' if kl_rate is None else f'{cached_rate / kl_rate:.2f}x'} |")
+                     f"{'-' if kl_rate is None else f'{cached_rate / kl_rate:.2f}x'} | "
+                     f"{rate * SCORED_BITSMITH / CTX:.1f}, {llama_rate * SCORED_LLAMA / CTX:.1f} | "
+                     f"{rate * SCORED_BITSMITH / (llama_rate * SCORED_LLAMA):.2f}x |")
     return "\n".join(lines)
 
 

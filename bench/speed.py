@@ -42,8 +42,8 @@ mode (``$BITSMITH_PREFILL`` in the child), one after the other within each round
 gives paired before/after prefill ratios on a shared machine (rows ``w4g128@exact``, ``w4g128@auto``).
 
 Made once and cached under ``--cache`` (default ``speed`` under bench/common.work_dir: ~/.cache/bitsmith/bench): the bitsmith checkpoints (RTN,
-no clip search: speed does not depend on the rounding; the embedding and head at w8, the layers at
-the variant's spec) and the GGUFs (``llama-quantize --allow-requantize`` of the alias's own GGUF to F16,
+no clip search: speed does not depend on the rounding; the layers at the variant's spec, the embedding
+and head as ``bitsmith quantize`` sets them without flags: w6g128 under bodies of at most 4 bits, w8 above) and the GGUFs (``llama-quantize --allow-requantize`` of the alias's own GGUF to F16,
 then F16 -> Q8_0 / Q4_0 / Q4_K_M, i.e. the same weights as bitsmith's fp32 model).
 """
 
@@ -129,7 +129,7 @@ def _resident_tensor_bytes(model) -> int:
             for t in (mod._kernel.qweight, mod._kernel.scale, getattr(mod._kernel, "zero", None)):
                 add(t)
         if isinstance(mod, QuantEmbedding):
-            for t in (mod.qt.codes, mod.qt.scale, mod.qt.zero):
+            for t in mod.held_tensors():
                 add(t)
     return total
 
@@ -194,28 +194,26 @@ def child(args: argparse.Namespace) -> None:
 
 def checkpoint(cache: Path, model: str, variant: str) -> Path:
     """A bitsmith checkpoint of ``model`` at ``variant`` (made once): layers at the spec, the embedding
-    and the head (tied or not) at w8, as llama.cpp keeps its output at 6-8 bits."""
-    path = cache / f"{model}-{variant}"
-    if (path / "bitsmith.json").exists():
-        made = json.loads((path / "bitsmith.json").read_text()).get("options", {})
-        if made.get("quantize_embeddings"):  # this recipe (an older one left a float embedding table)
-            return path
+    and the head (tied or not) at the spec ``bitsmith quantize`` gives them without flags
+    (pipeline.outputs.default_output_spec: w6g128 under bodies of at most 4 bits, w8 above, as llama.cpp
+    keeps its output at Q6_K / Q8_0). The folder name carries the output spec unless it is w8 (the
+    recipe of sessions before 24, whose folders stay valid for w8 outputs)."""
     from bitsmith.models import embedding_and_head_names, open_source
     from bitsmith.models.meta import meta_model
+    from bitsmith.pipeline.outputs import AUTO, with_output_spec
     from bitsmith.pipeline.plan import QuantizePlan
     from bitsmith.pipeline.quantize import quantize
     from bitsmith.spec import QuantSpec
 
-    source = open_source(model)
-    emb, head = embedding_and_head_names(meta_model(source.config))
-    tied = getattr(source.config, "tie_word_embeddings", False)
-    w8 = QuantSpec.parse("w8")
-    # the embedding at w8 too when untied: otherwise the loader keeps a float32 table (RSS, not speed)
-    layer_specs = {emb.removesuffix(".weight"): w8}
-    if not tied:
-        layer_specs[(head or "lm_head.weight").removesuffix(".weight")] = w8
-    plan = QuantizePlan(QuantSpec.parse(variant), "rtn", {"clip_search": False}, quantize_embeddings=True,
-                        quantize_head=not tied, layer_specs=layer_specs)
+    # the embedding quantized even when untied: otherwise the loader keeps a float32 table (RSS, not speed)
+    plan = with_output_spec(QuantizePlan(QuantSpec.parse(variant), "rtn", {"clip_search": False}), model, AUTO)
+    emb, _ = embedding_and_head_names(meta_model(open_source(model).config))
+    outputs = str(plan.layer_specs[emb.removesuffix(".weight")])
+    path = cache / (f"{model}-{variant}" + ("" if outputs == "w8" else f"-out{outputs}"))
+    if (path / "bitsmith.json").exists():
+        made = json.loads((path / "bitsmith.json").read_text()).get("options", {})
+        if made.get("quantize_embeddings"):  # this recipe (an older one left a float embedding table)
+            return path
     print(f"[prepare] quantizing {model} -> {path} (once)", file=sys.stderr, flush=True)
     quantize(model, path, plan, overwrite=True)
     return path

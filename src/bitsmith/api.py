@@ -38,7 +38,7 @@ def quantize(
     options: dict[str, Any] | None = None,
     compute_dtype: str = "auto",
     device: str = "cpu",
-    output_spec: str | QuantSpec | None = "w8",
+    output_spec: str | QuantSpec | None = "auto",
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
@@ -51,8 +51,8 @@ def quantize(
     text (``"prose"``), AWQ and vq the built-in prose + code text (``"prose+code"``). ``options`` are the
     method's own (e.g. ``{"clip_search": False}``); ``compute_dtype`` (auto, bf16, fp32) is that of
     calibrated block forwards, ``device`` (cpu, cuda, cuda:N) where they and the methods compute. ``output_spec`` quantizes the embedding
-    table and the head (default ``w8``, as on the command line; ``None`` or ``"keep"`` leaves them
-    unquantized)."""
+    table and the head (default ``"auto"``, as on the command line: ``w6g128`` under a body of at most 4
+    bits, ``w8`` above; ``None`` or ``"keep"`` leaves them unquantized)."""
     from bitsmith.calib.data import CalibrationConfig
     from bitsmith.pipeline.outputs import parse_output_spec, with_output_spec
     from bitsmith.pipeline.device import check_device

@@ -17,16 +17,21 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_quantize_default_output_spec(tiny: Path, tmp_path: Path, capsys) -> None:
-    """Without flags the embedding and head are w8 (the fast decode path); keep and a spec are honoured
-    (with --budget too: tests/plan/test_budget_pinned.py)."""
+    """Without flags the embedding and head follow the body (pipeline.outputs.default_output_spec): w6g128
+    under a 4-bit body, its group narrowed to the tiny model's 64-wide rows, w8 under an 8-bit one; keep
+    and a spec are honoured (with --budget too: tests/plan/test_budget_pinned.py)."""
     from bitsmith.io.checkpoint import read_info
 
     specs = {}
-    for name, flags in {"default": [], "keep": ["--output-spec", "keep"], "w6": ["--output-spec", "w6g64"]}.items():
+    runs = {"default": [], "keep": ["--output-spec", "keep"], "w5": ["--output-spec", "w5g32"],
+            "auto": ["--output-spec", "auto"], "w8body": ["--spec", "w8"]}
+    for name, flags in runs.items():
         assert main(["quantize", str(tiny), "--spec", "w4g32", "--method", "rtn", "--out", str(tmp_path / name), *flags]) == 0
         specs[name] = {k: str(v) for k, v in read_info(tmp_path / name).specs.items()}
-    assert specs["default"]["model.embed_tokens"] == specs["default"]["lm_head"] == "w8"
-    assert specs["w6"]["model.embed_tokens"] == specs["w6"]["lm_head"] == "w6g64"
+    assert specs["default"]["model.embed_tokens"] == specs["default"]["lm_head"] == "w6g64"
+    assert specs["auto"] == specs["default"]
+    assert specs["w8body"]["model.embed_tokens"] == specs["w8body"]["lm_head"] == "w8"
+    assert specs["w5"]["model.embed_tokens"] == specs["w5"]["lm_head"] == "w5g32"
     assert "model.embed_tokens" not in specs["keep"] and "lm_head" not in specs["keep"]
     assert specs["default"]["model.layers.0.self_attn.q_proj"] == "w4g32"
 
@@ -129,3 +134,13 @@ def test_compute_dtype_auto_follows_the_cpu(monkeypatch) -> None:
         assert compute_dtype("fp32") == torch.float32 and compute_dtype("bf16") == torch.bfloat16
     cpu.fast_bf16_matmul.cache_clear()
     cpu.native_bf16.cache_clear()  # the real CPU's answer for the tests after this one
+
+
+def test_default_output_spec_follows_the_body_and_fits_the_row() -> None:
+    from bitsmith.pipeline.outputs import default_output_spec
+    from bitsmith.spec import QuantSpec
+
+    spec = lambda text, width: str(default_output_spec(QuantSpec.parse(text), width))  # noqa: E731
+    assert spec("w4g128", 1536) == spec("w2g64", 576) == spec("w3g128", 640) == "w6g128"
+    assert spec("w5g128", 1536) == spec("w8", 1536) == "w8"
+    assert spec("w4g32", 64) == "w6g64" and spec("w4g32", 40) == "w6g32" and spec("w4g32", 16) == "w6"

@@ -27,18 +27,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _quantize_all(args, specs, bar) -> dict:
     from pathlib import Path
 
-    from bitsmith.pipeline.outputs import DEFAULT_OUTPUT_SPEC, with_output_spec
+    from bitsmith.pipeline.outputs import AUTO, with_output_spec
     from bitsmith.pipeline.plan import QuantizePlan
     from bitsmith.pipeline.quantize import quantize
     from bitsmith.spec import QuantSpec
 
     paths = {}
-    output_spec = QuantSpec.parse(DEFAULT_OUTPUT_SPEC)  # as `bitsmith quantize` does without flags
     for spec in specs:
         task = bar.add_task(f"quantize {spec}", total=None, rate="")
         done = lambda name, i, n, task=task: bar.update(task, completed=i, total=n, rate="")  # noqa: E731
         out = Path(args.out) / f"{Path(str(args.model)).stem}-{spec}"
-        plan = with_output_spec(QuantizePlan(QuantSpec.parse(spec), args.method), args.model, output_spec)
+        # the outputs as `bitsmith quantize` sets them without flags
+        plan = with_output_spec(QuantizePlan(QuantSpec.parse(spec), args.method), args.model, AUTO)
         paths[spec] = quantize(args.model, out, plan, progress=done, overwrite=True)
     return paths
 

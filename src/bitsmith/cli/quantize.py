@@ -18,8 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out once the new checkpoint is complete")
     p.add_argument("--no-clip-search", action="store_true", help="RTN: plain min/max ranges, no clipping search")
     p.add_argument("--output-spec", default=None,
-                   help="spec of the embedding table and the output head: w8 (default: decode reads 8-bit instead of "
-                        "fp16 head bytes, as llama.cpp keeps its output at 6-8 bits), any spec, or keep (unquantized); "
+                   help="spec of the embedding table and the output head: auto (default: w6g128 under a --spec of at "
+                        "most 4 bits, w8 above; decode reads 6-8-bit instead of fp16 head bytes, as llama.cpp keeps its "
+                        "output at Q6_K/Q8_0), any spec, or keep (unquantized); "
                         "with --budget the default is keep, and a spec given stays fixed for those two tensors, outside a "
                         "bits/weight budget (a size budget counts their bytes)")
     p.add_argument("--quantize-head", action="store_true", help="quantize lm_head at --spec (overrides --output-spec)")
@@ -146,11 +147,12 @@ def _device_calib(args: argparse.Namespace, device: str):
 
 
 def _outputs(args: argparse.Namespace, plan):
-    """The embedding/head policy: --output-spec (default w8 without --budget, keep with it; an explicit
-    spec with --budget is pinned, outside the allocation)."""
-    from bitsmith.pipeline.outputs import DEFAULT_OUTPUT_SPEC, KEEP, parse_output_spec, with_output_spec
+    """The embedding/head policy: --output-spec (default auto without --budget: w6g128 under bodies of
+    at most 4 bits, w8 above; keep with --budget; an explicit spec with --budget is pinned, outside the
+    allocation)."""
+    from bitsmith.pipeline.outputs import AUTO, KEEP, parse_output_spec, with_output_spec
 
-    chosen = args.output_spec or (KEEP if args.budget is not None else DEFAULT_OUTPUT_SPEC)
+    chosen = args.output_spec or (KEEP if args.budget is not None else AUTO)
     # with --budget an explicit spec pins the embedding and head: the allocator leaves them at it and a
     # bits/weight budget counts the other layers only (a size budget counts their bytes too)
     spec = parse_output_spec(chosen)

@@ -7,7 +7,7 @@ into one kernel each), float32 and on the CPU, :func:`fused_decoder` describes t
 structs (packed weights, biases, norm weights, the runner's KV cache and rotary tables) and decoding a
 token becomes: embedding (torch), ``bs_decode_step`` (all layers, K/V written into the same cache
 tensors the torch prefill fills, and the final norm and head when the head is a native-kernel
-quantized linear too, as the w8 head quantize gives by default: one parallel region per token), then
+quantized linear too, as the w6g128 or w8 head quantize gives by default: one parallel region per token), then
 the head in torch only when it is not (a float head) and Gemma's logit softcap.
 
 Anything outside that (torch or other kernels, bf16, another device, attention logit softcapping, an
@@ -159,7 +159,7 @@ def _layer_spec(layer: Layer, i: int, hidden: int, keep: list) -> dict[str, Any]
 
 def _head_spec(plan: Plan, lib: Any, options: tuple[bool, int | None]) -> dict[str, Any] | None:
     """The final norm and head as C descriptions when the head is a native-kernel quantized linear of
-    the layers' library and options (w8 heads, as quantize and llama.cpp keep them); else None and
+    the layers' library and options (6-8-bit heads, as quantize and llama.cpp keep them); else None and
     torch runs the head after the step (a float head, another kernel: the head's own reason)."""
     from bitsmith.nn.qlinear import QuantLinear
 

@@ -24,7 +24,7 @@ Both models run through :class:`bitsmith.infer.lean.LeanRunner`; rolling back is
 Exactness (greedy output equal to plain decoding's, token for token):
 
 - with the default int8-activation decode, when the target decodes with the fused native step and its head
-  runs in it (bitsmith's w8 head), the verify is the fused verify step (:mod:`bitsmith.infer.verify`,
+  runs in it (bitsmith's default head), the verify is the fused verify step (:mod:`bitsmith.infer.verify`,
   csrc/verify.cpp): every one of its ``k + 1`` rows' logits is bit for bit what plain decoding's one-token
   step computes (tests/infer/test_verify.py), so greedy output is plain decoding's exactly;
 - with exact float decode (``RuntimeOptions(int8_decode=False)``) the verify is the runner's batched

@@ -12,7 +12,7 @@ decode's (csrc/verify_rows.cpp), so greedy speculative decoding emits plain deco
 decoding's fast default, not only with ``BITSMITH_INT8_DECODE=0``.
 
 Taken when the target runner decodes with the fused step (:mod:`bitsmith.infer.fused`), its head runs in
-that step (a native-kernel quantized head, as bitsmith's w8 head) and its kernels use int8 activations;
+that step (a native-kernel quantized head, as bitsmith's default head) and its kernels use int8 activations;
 otherwise :func:`fused_verifier` returns None and the caller verifies through the runner's own batched
 forward (the exact float small-batch path for ``int8_decode=False``, csrc/smallbatch.cpp).
 """

@@ -1,32 +1,90 @@
-"""QuantEmbedding: an embedding table kept quantized; a lookup dequantizes only the rows it needs."""
+"""QuantEmbedding: an embedding table kept quantized; a lookup dequantizes only the rows it needs.
+
+Codes narrower than a byte are held packed (formats.packing's layout) and unpacked per looked-up row:
+one byte per code would make a 6-bit table a third larger than its packed bytes. A tied output head
+(a native-kernel QuantLinear over the same table) lends its packed codes, so the table is held once
+(:func:`shared_codes`); 8-bit codes are shared as they are (NativeKernel keeps an 8-bit table's tensor).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from bitsmith.formats.packing import pack, packed_row_bytes, unpack
 from bitsmith.tensor import QuantizedTensor
 
 
+def _packable(qt: QuantizedTensor) -> bool:
+    """Affine codes below 8 bits in the layer's own basis: the tables packing helps and unpack restores."""
+    return qt.spec.bits < 8 and qt.spec.grid == "uniform" and qt.grid is None and qt.rotation is None
+
+
+def shared_codes(head: nn.Module | None, qt: QuantizedTensor) -> torch.Tensor | None:
+    """The packed codes of a tied head's native kernel when they are ``qt``'s codes in the natural layout
+    (3-bit kernels may repack theirs in place for the int8 decode, so never those), else None."""
+    from bitsmith.kernels.cpu import NativeKernel
+
+    kernel = getattr(head, "_kernel", None)
+    if not isinstance(kernel, NativeKernel) or not _packable(qt) or qt.spec.bits == 3 or kernel.mixed3:
+        return None
+    out, cols = qt.shape
+    codes = kernel.qweight
+    if tuple(codes.shape) != (out, packed_row_bytes(cols, qt.spec.bits)) or codes.device != qt.codes.device:
+        return None
+    return codes
+
+
 class QuantEmbedding(nn.Module):
-    def __init__(self, qt: QuantizedTensor, embed_scale: torch.Tensor | float | None = None) -> None:
+    def __init__(self, qt: QuantizedTensor, embed_scale: torch.Tensor | float | None = None,
+                 packed: torch.Tensor | None = None) -> None:
+        """``packed``: ``qt``'s codes in formats.packing's layout to hold instead of ``qt.codes`` (a tied
+        head's, :func:`shared_codes`); without it, codes below 8 bits are packed here."""
         super().__init__()
         self.num_embeddings, self.embedding_dim = qt.shape
         self.spec = qt.spec
-        self.qt = qt
         # Some architectures (Gemma) scale the looked-up rows; keep the source module's factor.
         self.embed_scale = embed_scale
+        self._table: QuantizedTensor | None = qt  # the unpacked table, or None when held packed
+        self._packed = self._scale = self._zero = None
+        if _packable(qt):
+            self._packed = pack(qt.codes, qt.spec.bits) if packed is None else packed
+            self._scale, self._zero, self._table = qt.scale, qt.zero, None
+
+    @property
+    def qt(self) -> QuantizedTensor:
+        """The whole table as a QuantizedTensor (unpacked on demand when held packed)."""
+        if self._table is not None:
+            return self._table
+        return QuantizedTensor(unpack(self._packed, self.spec.bits, self.embedding_dim), self._scale, self._zero, self.spec)
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The tensors this table keeps alive (packed codes or unpacked ones, scales, zeros)."""
+        if self._table is not None:
+            return [t for t in (self._table.codes, self._table.scale, self._table.zero, self._table.grid) if t is not None]
+        return [t for t in (self._packed, self._scale, self._zero) if t is not None]
+
+    def _rows(self, ids: torch.Tensor) -> QuantizedTensor:
+        if self._table is not None:
+            return self._table.rows(ids)
+        codes = unpack(self._packed[ids], self.spec.bits, self.embedding_dim)
+        return QuantizedTensor(codes, self._scale[ids], None if self._zero is None else self._zero[ids], self.spec)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """Moving the module moves the quantized table (it is not a parameter); dtypes are kept."""
         super()._apply(fn, recurse)
-        target = fn(torch.empty(0, device=self.qt.codes.device)).device  # .half() keeps the device
-        if self.qt.codes.device != target:
-            self.qt = self.qt.to(target)
+        held = self._table.codes if self._table is not None else self._packed
+        target = fn(torch.empty(0, device=held.device)).device  # .half() keeps the device
+        if held.device != target:
+            if self._table is not None:
+                self._table = self._table.to(target)
+            else:
+                self._packed, self._scale = self._packed.to(target), self._scale.to(target)
+                self._zero = None if self._zero is None else self._zero.to(target)
         return self
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.qt.rows(ids.reshape(-1)).dequantize()  # [n, dim]
+        rows = self._rows(ids.reshape(-1)).dequantize()  # [n, dim]
         out = rows.reshape(*ids.shape, self.embedding_dim)
         if self.embed_scale is not None:
             out = out * torch.as_tensor(self.embed_scale, dtype=out.dtype, device=out.device)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitsmith.nn.qembedding import QuantEmbedding
+from bitsmith.nn.qembedding import QuantEmbedding, shared_codes
 from bitsmith.hadamard import Rotation
 from bitsmith.io.packed import layer_rotation
 from bitsmith.nn.qlinear import InputRotated, QuantLinear, set_submodule
@@ -84,8 +84,11 @@ def install_quantized(net: nn.Module, layers: Mapping[str, QuantizedLayer], tied
         old = net.get_submodule(name)
         if isinstance(old, nn.Embedding):
             qt = layer.unpacked()
-            set_submodule(net, name, QuantEmbedding(qt, getattr(old, "embed_scale", None)))
+            head = None
             if tied_head and isinstance(net.get_output_embeddings(), nn.Linear):
-                net.set_output_embeddings(QuantLinear(qt, options=options))  # the tied head computes from the same table
+                head = QuantLinear(qt, options=options)  # the tied head computes from the same table
+                net.set_output_embeddings(head)
+            # held packed, in the tied head's own bytes where its kernel has them in the natural layout
+            set_submodule(net, name, QuantEmbedding(qt, getattr(old, "embed_scale", None), shared_codes(head, qt)))
             continue
         set_submodule(net, name, layer.linear(loaded_bias(old), options))
