@@ -63,3 +63,18 @@ def test_a_tied_head_shares_its_packed_codes(tmp_path: Path, spec: str) -> None:
     torch.testing.assert_close(emb(ids)[0], qt.dequantize()[ids[0]], rtol=0, atol=0)
     x = torch.randn(5, qt.shape[1])
     torch.testing.assert_close(head(x), x @ qt.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_pack_and_unpack_in_row_slices_equal_one_go(monkeypatch: pytest.MonkeyPatch, bits: int) -> None:
+    """Large tables are packed and unpacked a slice of rows at a time (bounded int64 intermediates); the
+    bytes and codes are those of the whole-matrix path, including a last slice shorter than the others."""
+    from bitsmith.formats import packing
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (23, 75), generator=g, dtype=torch.uint8)
+    whole = packing.pack(codes, bits)
+    monkeypatch.setattr(packing, "ROW_SLICE", 5)
+    sliced = packing.pack(codes, bits)
+    assert torch.equal(sliced, whole)
+    assert torch.equal(packing.unpack(sliced, bits, 75), codes)
