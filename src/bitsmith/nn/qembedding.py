@@ -23,16 +23,34 @@ def _packable(qt: QuantizedTensor) -> bool:
 def shared_codes(head: nn.Module | None, qt: QuantizedTensor) -> torch.Tensor | None:
     """The packed codes of a tied head's native kernel when they are ``qt``'s codes in the natural layout
     (3-bit kernels may repack theirs in place for the int8 decode, so never those), else None."""
+    if not _packable(qt):
+        return None
+    return _kernel_codes(head, qt.spec.bits, qt.shape, qt.codes.device)
+
+
+def _kernel_codes(head: nn.Module | None, bits: int, shape: tuple[int, int], device: torch.device) -> torch.Tensor | None:
     from bitsmith.kernels.cpu import NativeKernel
 
     kernel = getattr(head, "_kernel", None)
-    if not isinstance(kernel, NativeKernel) or not _packable(qt) or qt.spec.bits == 3 or kernel.mixed3:
+    if not isinstance(kernel, NativeKernel) or bits == 3 or kernel.mixed3:
         return None
-    out, cols = qt.shape
     codes = kernel.qweight
-    if tuple(codes.shape) != (out, packed_row_bytes(cols, qt.spec.bits)) or codes.device != qt.codes.device:
+    if tuple(codes.shape) != (shape[0], packed_row_bytes(shape[1], bits)) or codes.device != device:
         return None
     return codes
+
+
+def packed_embedding(parts: dict, spec, in_features: int, head: nn.Module | None,
+                     embed_scale: torch.Tensor | float | None = None) -> "QuantEmbedding | None":
+    """A QuantEmbedding over a checkpoint's packed parts (``qweight``, ``scale``, ``zero``) of affine codes
+    below 8 bits, in a tied ``head``'s kernel bytes where it has them, else in the parts' own; None
+    for anything else (the caller builds it from the unpacked tensor)."""
+    if spec.bits >= 8 or spec.grid != "uniform" or "grid" in parts:
+        return None
+    qweight = parts["qweight"]
+    codes = _kernel_codes(head, spec.bits, (qweight.shape[0], in_features), qweight.device)
+    return QuantEmbedding.from_packed(qweight if codes is None else codes, parts["scale"], parts.get("zero"), spec,
+                                      in_features, embed_scale)
 
 
 class QuantEmbedding(nn.Module):
@@ -50,6 +68,18 @@ class QuantEmbedding(nn.Module):
         if _packable(qt):
             self._packed = pack(qt.codes, qt.spec.bits) if packed is None else packed
             self._scale, self._zero, self._table = qt.scale, qt.zero, None
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec, in_features: int,
+                    embed_scale: torch.Tensor | float | None = None) -> "QuantEmbedding":
+        """From a checkpoint's packed codes (formats.packing's layout) of affine codes below 8 bits, held
+        as they are: no unpacked table is ever made."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.num_embeddings, module.embedding_dim = packed.shape[0], in_features
+        module.spec, module.embed_scale, module._table = spec, embed_scale, None
+        module._packed, module._scale, module._zero = packed, scale, zero
+        return module
 
     @property
     def qt(self) -> QuantizedTensor:

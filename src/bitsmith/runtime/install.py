@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitsmith.nn.qembedding import QuantEmbedding, shared_codes
+from bitsmith.nn.qembedding import QuantEmbedding, packed_embedding, shared_codes
 from bitsmith.hadamard import Rotation
 from bitsmith.io.packed import layer_rotation
 from bitsmith.nn.qlinear import InputRotated, QuantLinear, set_submodule
@@ -76,6 +76,21 @@ def loaded_bias(module: nn.Module) -> torch.Tensor | None:
     return None if bias is None or bias.is_meta else bias.detach()
 
 
+def _embedding_from_parts(layer: QuantizedLayer, tied: bool, options: RuntimeOptions, embed_scale,
+                          ) -> tuple[QuantEmbedding, nn.Module | None] | None:
+    """An embedding (and its tied head) straight from a checkpoint's packed codes below 8 bits: never
+    unpacked to a byte per code (a 151936 x 1536 table would be 233 MB more for the load's duration)."""
+    if layer.parts is None or layer.perm is not None or layer.rotation() is not None:
+        return None
+    p = layer.parts
+    if layer.spec.bits >= 8 or layer.spec.grid != "uniform" or "grid" in p:
+        return None
+    head = QuantLinear.from_state(p["qweight"], p["scale"], p.get("zero"), layer.spec, layer.in_features,
+                                  None, options) if tied else None
+    emb = packed_embedding(dict(p), layer.spec, layer.in_features, head, embed_scale)
+    return None if emb is None else (emb, head)
+
+
 def install_quantized(net: nn.Module, layers: Mapping[str, QuantizedLayer], tied_head: bool,
                       options: RuntimeOptions) -> None:
     """Replace each named module of ``net`` by the quantized module computing from ``layers[name]``;
@@ -83,12 +98,16 @@ def install_quantized(net: nn.Module, layers: Mapping[str, QuantizedLayer], tied
     for name, layer in layers.items():
         old = net.get_submodule(name)
         if isinstance(old, nn.Embedding):
-            qt = layer.unpacked()
-            head = None
-            if tied_head and isinstance(net.get_output_embeddings(), nn.Linear):
-                head = QuantLinear(qt, options=options)  # the tied head computes from the same table
+            tied = tied_head and isinstance(net.get_output_embeddings(), nn.Linear)
+            built = _embedding_from_parts(layer, tied, options, getattr(old, "embed_scale", None))
+            if built is None:
+                qt = layer.unpacked()
+                head = QuantLinear(qt, options=options) if tied else None  # computes from the same table
+                # held packed, in the tied head's own bytes where its kernel has them in the natural layout
+                built = QuantEmbedding(qt, getattr(old, "embed_scale", None), shared_codes(head, qt)), head
+            emb, head = built
+            if head is not None:
                 net.set_output_embeddings(head)
-            # held packed, in the tied head's own bytes where its kernel has them in the natural layout
-            set_submodule(net, name, QuantEmbedding(qt, getattr(old, "embed_scale", None), shared_codes(head, qt)))
+            set_submodule(net, name, emb)
             continue
         set_submodule(net, name, layer.linear(loaded_bias(old), options))
