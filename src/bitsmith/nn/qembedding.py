@@ -15,9 +15,13 @@ from bitsmith.formats.packing import pack, packed_row_bytes, unpack
 from bitsmith.tensor import QuantizedTensor
 
 
+def packable_spec(spec) -> bool:
+    """Affine codes below 8 bits: the tables packing shrinks and unpack restores."""
+    return spec.bits < 8 and spec.grid == "uniform"
+
+
 def _packable(qt: QuantizedTensor) -> bool:
-    """Affine codes below 8 bits in the layer's own basis: the tables packing helps and unpack restores."""
-    return qt.spec.bits < 8 and qt.spec.grid == "uniform" and qt.grid is None and qt.rotation is None
+    return packable_spec(qt.spec) and qt.grid is None and qt.rotation is None  # in the layer's own basis
 
 
 def shared_codes(head: nn.Module | None, qt: QuantizedTensor) -> torch.Tensor | None:
@@ -41,12 +45,9 @@ def _kernel_codes(head: nn.Module | None, bits: int, shape: tuple[int, int], dev
 
 
 def packed_embedding(parts: dict, spec, in_features: int, head: nn.Module | None,
-                     embed_scale: torch.Tensor | float | None = None) -> "QuantEmbedding | None":
-    """A QuantEmbedding over a checkpoint's packed parts (``qweight``, ``scale``, ``zero``) of affine codes
-    below 8 bits, in a tied ``head``'s kernel bytes where it has them, else in the parts' own; None
-    for anything else (the caller builds it from the unpacked tensor)."""
-    if spec.bits >= 8 or spec.grid != "uniform" or "grid" in parts:
-        return None
+                     embed_scale: torch.Tensor | float | None = None) -> "QuantEmbedding":
+    """A QuantEmbedding over a checkpoint's packed parts (``qweight``, ``scale``, ``zero``) of a
+    :func:`packable_spec`, in a tied ``head``'s kernel bytes where it has them, else in the parts' own."""
     qweight = parts["qweight"]
     codes = _kernel_codes(head, spec.bits, (qweight.shape[0], in_features), qweight.device)
     return QuantEmbedding.from_packed(qweight if codes is None else codes, parts["scale"], parts.get("zero"), spec,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitsmith.nn.qembedding import QuantEmbedding, packed_embedding, shared_codes
+from bitsmith.nn.qembedding import QuantEmbedding, packable_spec, packed_embedding, shared_codes
 from bitsmith.hadamard import Rotation
 from bitsmith.io.packed import layer_rotation
 from bitsmith.nn.qlinear import InputRotated, QuantLinear, set_submodule
@@ -83,12 +83,11 @@ def _embedding_from_parts(layer: QuantizedLayer, tied: bool, options: RuntimeOpt
     if layer.parts is None or layer.perm is not None or layer.rotation() is not None:
         return None
     p = layer.parts
-    if layer.spec.bits >= 8 or layer.spec.grid != "uniform" or "grid" in p:
+    if not packable_spec(layer.spec) or "grid" in p:
         return None
     head = QuantLinear.from_state(p["qweight"], p["scale"], p.get("zero"), layer.spec, layer.in_features,
                                   None, options) if tied else None
-    emb = packed_embedding(dict(p), layer.spec, layer.in_features, head, embed_scale)
-    return None if emb is None else (emb, head)
+    return packed_embedding(dict(p), layer.spec, layer.in_features, head, embed_scale), head
 
 
 def install_quantized(net: nn.Module, layers: Mapping[str, QuantizedLayer], tied_head: bool,
