@@ -198,8 +198,6 @@ def checkpoint(cache: Path, model: str, variant: str) -> Path:
     (pipeline.outputs.default_output_spec: w6g128 under bodies of at most 4 bits, w8 above, as llama.cpp
     keeps its output at Q6_K / Q8_0). The folder name carries the output spec unless it is w8 (the
     recipe of sessions before 24, whose folders stay valid for w8 outputs)."""
-    from bitsmith.models import embedding_and_head_names, open_source
-    from bitsmith.models.meta import meta_model
     from bitsmith.pipeline.outputs import AUTO, with_output_spec
     from bitsmith.pipeline.plan import QuantizePlan
     from bitsmith.pipeline.quantize import quantize
@@ -207,8 +205,7 @@ def checkpoint(cache: Path, model: str, variant: str) -> Path:
 
     # the embedding quantized even when untied: otherwise the loader keeps a float32 table (RSS, not speed)
     plan = with_output_spec(QuantizePlan(QuantSpec.parse(variant), "rtn", {"clip_search": False}), model, AUTO)
-    emb, _ = embedding_and_head_names(meta_model(open_source(model).config))
-    outputs = str(plan.layer_specs[emb.removesuffix(".weight")])
+    outputs = str(next(iter(plan.layer_specs.values())))  # the only per-layer specs: embedding (and head) alike
     path = cache / (f"{model}-{variant}" + ("" if outputs == "w8" else f"-out{outputs}"))
     if (path / "bitsmith.json").exists():
         made = json.loads((path / "bitsmith.json").read_text()).get("options", {})
@@ -303,16 +300,16 @@ def decode_comparisons(runs: dict, model: str, ours: str) -> list[str]:
     depth): w4g128 against llama.cpp's fastest 4-bit type of each round, w8 against Q8_0, the narrower
     variants against w4g128 in proportion to their bytes, and w4g128's fraction of the bound."""
     lines = []
+    w4 = runs.get((model, ours, "w4g128"))
+    fours = [runs[model, "llama.cpp", t] for t in ("Q4_0", "Q4_K_M") if (model, "llama.cpp", t) in runs]
+    w8, q8 = runs.get((model, ours, "w8")), runs.get((model, "llama.cpp", "Q8_0"))
     for key, where in DEPTHS.items():
         decode = lambda r: r.get(key, 0.0)  # noqa: E731
-        w4 = runs.get((model, ours, "w4g128"))
-        fours = [runs[model, "llama.cpp", t] for t in ("Q4_0", "Q4_K_M") if (model, "llama.cpp", t) in runs]
         if w4 and fours:
             best = [max(rounds, key=decode) for rounds in zip(*fours)]  # each round's faster 4-bit type
             names = sorted({r["gguf_type"] for r in best})
             lines.append(f"{model}: decode {where}: w4g128 / llama.cpp's fastest 4-bit ({'/'.join(names)}) = "
                          f"{describe(paired(w4, best, decode))} (target >= {W4_TARGET.get(model, 1.0):.1f}x)")
-        w8, q8 = runs.get((model, ours, "w8")), runs.get((model, "llama.cpp", "Q8_0"))
         if w8 and q8:
             lines.append(f"{model}: decode {where}: w8 / llama.cpp Q8_0 = {describe(paired(w8, q8, decode))} (target >= 1.0x)")
         if w4:

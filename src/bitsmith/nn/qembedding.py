@@ -8,6 +8,8 @@ one byte per code would make a 6-bit table a third larger than its packed bytes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -44,7 +46,7 @@ def _kernel_codes(head: nn.Module | None, bits: int, shape: tuple[int, int], dev
     return codes
 
 
-def packed_embedding(parts: dict, spec, in_features: int, head: nn.Module | None,
+def packed_embedding(parts: Mapping[str, torch.Tensor], spec, in_features: int, head: nn.Module | None,
                      embed_scale: torch.Tensor | float | None = None) -> "QuantEmbedding":
     """A QuantEmbedding over a checkpoint's packed parts (``qweight``, ``scale``, ``zero``) of a
     :func:`packable_spec`, in a tied ``head``'s kernel bytes where it has them, else in the parts' own."""
@@ -60,15 +62,21 @@ class QuantEmbedding(nn.Module):
         """``packed``: ``qt``'s codes in formats.packing's layout to hold instead of ``qt.codes`` (a tied
         head's, :func:`shared_codes`); without it, codes below 8 bits are packed here."""
         super().__init__()
-        self.num_embeddings, self.embedding_dim = qt.shape
-        self.spec = qt.spec
-        # Some architectures (Gemma) scale the looked-up rows; keep the source module's factor.
-        self.embed_scale = embed_scale
-        self._table: QuantizedTensor | None = qt  # the unpacked table, or None when held packed
-        self._packed = self._scale = self._zero = None
+        self._hold(qt.shape, qt.spec, embed_scale)
         if _packable(qt):
             self._packed = pack(qt.codes, qt.spec.bits) if packed is None else packed
-            self._scale, self._zero, self._table = qt.scale, qt.zero, None
+            self._scale, self._zero = qt.scale, qt.zero
+        else:
+            self._table = qt
+
+    def _hold(self, shape: tuple[int, int], spec, embed_scale: torch.Tensor | float | None) -> None:
+        """The table's description, held neither packed nor unpacked yet (the caller sets one)."""
+        self.num_embeddings, self.embedding_dim = shape
+        self.spec = spec
+        # Some architectures (Gemma) scale the looked-up rows; keep the source module's factor.
+        self.embed_scale = embed_scale
+        self._table: QuantizedTensor | None = None  # the unpacked table, or None when held packed
+        self._packed = self._scale = self._zero = None
 
     @classmethod
     def from_packed(cls, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec, in_features: int,
@@ -77,8 +85,7 @@ class QuantEmbedding(nn.Module):
         as they are: no unpacked table is ever made."""
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module.num_embeddings, module.embedding_dim = packed.shape[0], in_features
-        module.spec, module.embed_scale, module._table = spec, embed_scale, None
+        module._hold((packed.shape[0], in_features), spec, embed_scale)
         module._packed, module._scale, module._zero = packed, scale, zero
         return module
 

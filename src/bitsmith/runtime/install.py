@@ -80,14 +80,10 @@ def _embedding_from_parts(layer: QuantizedLayer, tied: bool, options: RuntimeOpt
                           ) -> tuple[QuantEmbedding, nn.Module | None] | None:
     """An embedding (and its tied head) straight from a checkpoint's packed codes below 8 bits: never
     unpacked to a byte per code (a 151936 x 1536 table would be 233 MB more for the load's duration)."""
-    if layer.parts is None or layer.perm is not None or layer.rotation() is not None:
+    if layer.parts is None or layer.perm is not None or layer.rotation() is not None or not packable_spec(layer.spec):
         return None
-    p = layer.parts
-    if not packable_spec(layer.spec) or "grid" in p:
-        return None
-    head = QuantLinear.from_state(p["qweight"], p["scale"], p.get("zero"), layer.spec, layer.in_features,
-                                  None, options) if tied else None
-    return packed_embedding(dict(p), layer.spec, layer.in_features, head, embed_scale), head
+    head = layer.linear(None, options) if tied else None  # a plain QuantLinear over the packed codes here
+    return packed_embedding(layer.parts, layer.spec, layer.in_features, head, embed_scale), head
 
 
 def install_quantized(net: nn.Module, layers: Mapping[str, QuantizedLayer], tied_head: bool,
