@@ -66,8 +66,10 @@ from bitsmith.tensor import QuantizedTensor
 from bitsmith.formats.packing import pack
 from common import work_dir
 
-# Qwen2.5-Coder-1.5B's decode shapes: gate/up joined, down, q/k/v joined
-SHAPES = {"gate/up": (17920, 1536), "down": (1536, 8960), "qkv": (2048, 1536)}
+# Qwen2.5-Coder-1.5B's decode shapes (gate/up joined, down, q/k/v joined), and SmolLM2-135M's
+SHAPES = {"gate/up": (17920, 1536), "down": (1536, 8960), "qkv": (2048, 1536),
+          # SmolLM2-135M's (overhead-bound: 144 packed bytes a row at w2g64)
+          "s-gate/up": (3072, 576), "s-down": (576, 1536), "s-qkv": (960, 576)}
 
 
 def build_rev(rev: str, work: Path) -> Path:
@@ -249,7 +251,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--pool-mb", type=float, default=400.0, help="packed MB of distinct matrices per library")
     ap.add_argument("--specs", default="w4g128,w3g128,w2g64")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
+    ap.add_argument("--shapes", default="gate/up,down,qkv", help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--lib", action="append", default=[], help="NAME=WHAT (repeatable; see above)")
     ap.add_argument("--direct", action="store_true",
                     help="call the library's C entry directly instead of NativeKernel (no Python work per call)")

@@ -139,3 +139,20 @@ def test_bf16_inputs_give_an_fp32_accurate_hessian(n) -> None:
     with bf16_fpmath(False) as on:
         assert not on
     assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 255, 256, 700])
+def test_square_sums_equal_the_float64_sums_and_leave_the_input(dtype, tokens) -> None:
+    """The importance's per-channel sum of squares (float32 partial sums over token slices, float64
+    across them) against a float64 oracle, on ragged token counts and both input dtypes; the caller's
+    tensor is not squared in place."""
+    from bitsmith.calib.stats import square_sums
+
+    x = (torch.randn(tokens, 37, generator=torch.Generator().manual_seed(tokens)) * 3).to(dtype)
+    before = x.clone()
+    got = square_sums(x)
+    want = x.double().pow(2).sum(0)
+    assert got.dtype == torch.float64 and got.shape == (37,)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+    assert torch.equal(x, before)

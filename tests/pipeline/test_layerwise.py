@@ -508,3 +508,24 @@ def test_a_parent_with_two_one_linear_stages_gets_its_last_tail() -> None:
                 for b, x in enumerate(batches):
                     replay.batch = b
                     assert torch.equal(block(x), want[b])
+
+
+def test_awq_runs_only_the_sequences_its_search_reads(models, calib, tmp_path, monkeypatch) -> None:
+    """AWQ's final min/max RTN reads no statistics, so only the calibration sequences AWQ's searches read
+    run through the blocks: the checkpoint's tensors equal those of the run over every sequence (its oracle,
+    the selection switched off), and the checkpoint records the sequences used. A quantizer that reads
+    statistics (RTN with its clip search, GPTQ) keeps them all."""
+    from bitsmith.io.checkpoint import read_info
+
+    plan = QuantizePlan(QuantSpec.parse("w4g32"), "awq", {"awq_tokens": 96}, batch_size=BATCH)  # 2 of 7 sequences
+    assert plan.calibration_windows(7, 48) == [0, 6]
+    assert QuantizePlan(QuantSpec.parse("w4g32"), "awq", {"awq_tokens": 96, "clip_search": True}).calibration_windows(7, 48) is None
+    assert QuantizePlan(QuantSpec.parse("w4g32"), "gptq", {"awq": True, "awq_tokens": 96}).calibration_windows(7, 48) is None
+    assert QuantizePlan(QuantSpec.parse("w4g32"), "awq").calibration_windows(7, 48) is None  # 4096 tokens: all 7
+    fast = quantize_blocks(models["qwen2"], tmp_path / "fast", plan, calib)
+    monkeypatch.setattr(QuantizePlan, "calibration_windows", lambda self, samples, seq_len: None)
+    every = quantize_blocks(models["qwen2"], tmp_path / "every", plan, calib)
+    a, b = tensors(fast), tensors(every)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_info(fast).options["calibration"]["samples"] == 2
+    assert read_info(every).options["calibration"]["samples"] == 7

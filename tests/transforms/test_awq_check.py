@@ -150,7 +150,7 @@ def test_harmful_folds_and_clips_are_kept_out(monkeypatch):
         scale = torch.logspace(-3, 3, width)[torch.randperm(width, generator=torch.Generator().manual_seed(0))]
         return scale, 0.5, 1.0, 0.5
 
-    def bad_clip(weight, inputs, spec, method, options, grid=20, min_ratio=0.5, dtype=None, damp=0.0):
+    def bad_clip(weight, inputs, spec, method, options, grid=20, min_ratio=0.5, dtype=None, damp=0.0, step=1):
         bound = 0.3 * weight.abs().amax()
         ratio = torch.full((weight.shape[0], spec.groups_per_row(weight.shape[1])), 0.3)
         return weight.clamp(-bound, bound), ratio, 1.0, 0.5

@@ -42,6 +42,7 @@ from bitsmith.methods.parallel import bf16_fpmath
 SYMMETRIC_FROM = 512  # inputs at least this wide use the upper-triangle accumulation
 PANELS = 4
 MIRROR_ROWS = 512  # rows per slice when the upper triangle is mirrored (no whole-matrix temporary)
+SQUARE_SLICE = 256  # tokens per float32 partial sum of the importance (square_sums)
 
 
 class StatsAccumulator:
@@ -79,7 +80,7 @@ class StatsAccumulator:
         x = x.reshape(-1, x.shape[-1])  # [tokens, in]
         self.tokens += x.shape[0]
         if self._squares is not None:  # capped Hessian: the importance from every token on its own
-            self._squares += x.float().pow(2).sum(0, dtype=torch.float64)
+            self._squares += square_sums(x)
             x = x[: max(0, self.hessian_tokens - self._in_hessian)]
             if x.shape[0] == 0:
                 return
@@ -119,6 +120,19 @@ class StatsAccumulator:
         else:
             importance = self.hessian.diagonal() / max(self.tokens, 1)  # [in], mean x^2
         return LayerStats(hessian=self.hessian, importance=importance.clone(), tokens=self.tokens)
+
+
+def square_sums(x: torch.Tensor) -> torch.Tensor:
+    """sum_t x_t^2 per channel of x [tokens, in], float64: float32 sums over slices of ``SQUARE_SLICE``
+    tokens, float64 across them. One float32 copy squared in place; ``x.float().pow(2).sum(0,
+    dtype=float64)`` cast every element to float64 on the way and took 180 ms per 4096 x 8960 batch
+    at 2 threads here (~4 s of every AWQ block of Qwen2.5-1.5B, on the thread the forwards wait on),
+    this 53 ms; the sums differ by ~1e-7 relative."""
+    tokens, width = x.shape
+    full = tokens - tokens % SQUARE_SLICE
+    squares = x.square() if x.dtype == torch.float32 else x.float().square_()  # never the caller's tensor
+    out = squares[:full].view(-1, SQUARE_SLICE, width).sum(1).sum(0, dtype=torch.float64)
+    return out + squares[full:].sum(0, dtype=torch.float64) if full < tokens else out
 
 
 def mirror_upper(h: torch.Tensor) -> None:

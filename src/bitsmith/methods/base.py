@@ -54,7 +54,10 @@ class MethodInfo:
     computes on the device of the weight it is given (torch operations only off the CPU, its native
     kernels skipped there), so the calibrated pipeline may run it on an accelerator (``--device``).
     ``half_weights``: the method takes a bf16/fp16 weight as it is and makes it float32 a slice at a time,
-    so the pipeline may hand it a large tensor (the head) in its source dtype, half the bytes of float32."""
+    so the pipeline may hand it a large tensor (the head) in its source dtype, half the bytes of float32.
+    ``reads_stats(options, spec)``: whether the method reads ``stats`` at all with these options and spec
+    (None: whenever given). A calibrated run whose quantizer reads none runs only the calibration sequences
+    its transforms read through the blocks (:meth:`~bitsmith.pipeline.plan.QuantizePlan.calibration_windows`)."""
 
     name: str
     fn: Method
@@ -63,6 +66,7 @@ class MethodInfo:
     calib_text: str | None = None
     any_device: bool = False
     half_weights: bool = False
+    reads_stats: "Callable[[dict, QuantSpec], bool] | None" = None
 
 
 METHODS: dict[str, MethodInfo] = {}
@@ -70,11 +74,12 @@ METHODS: dict[str, MethodInfo] = {}
 
 def register(name: str, needs: Needs = Needs.NOTHING, options: type | None = None,
              calib_text: str | None = None, any_device: bool = False,
-             half_weights: bool = False) -> Callable[[Method], Method]:
+             half_weights: bool = False,
+             reads_stats: "Callable[[dict, QuantSpec], bool] | None" = None) -> Callable[[Method], Method]:
     """Decorator: register ``fn`` under ``name``; it stays a plain function."""
 
     def wrap(fn: Method) -> Method:
-        METHODS[name] = MethodInfo(name, fn, needs, options, calib_text, any_device, half_weights)
+        METHODS[name] = MethodInfo(name, fn, needs, options, calib_text, any_device, half_weights, reads_stats)
         return fn
 
     return wrap

@@ -179,13 +179,23 @@ def grid_for(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None) ->
     return fit_grid(groups / absmax, None if weights is None else weights.expand_as(groups), spec.bits)
 
 
-@register("rtn", any_device=True)
+def _clip_steps(options: dict) -> int:
+    return int(options.get("clip_grid", DEFAULT_CLIP_GRID)) if options.get("clip_search", True) else 0
+
+
+def reads_stats(options: dict, spec: QuantSpec) -> bool:
+    """Whether :func:`rtn` reads ``stats`` (the importance) with these options: not with plain min/max ranges
+    on a uniform grid, AWQ's final quantizer (``clip_search`` off)."""
+    return _clip_steps(options or {}) > 0 or spec.grid != "uniform"
+
+
+@register("rtn", any_device=True, reads_stats=reads_stats)
 def rtn(weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None, options: dict | None = None) -> QuantizedTensor:
     """options: ``clip_search`` (bool, default True) and ``clip_grid`` (int steps)."""
     options = options or {}
     in_features = weight.shape[1]
-    steps = int(options.get("clip_grid", DEFAULT_CLIP_GRID)) if options.get("clip_search", True) else 0
-    if steps <= 0 and spec.grid == "uniform":  # plain min/max: a streaming pass, the weight kept as stored
+    steps = _clip_steps(options)
+    if not reads_stats(options, spec):  # plain min/max: a streaming pass, the weight kept as stored
         return quantize_with_params(weight, *minmax_params(weight, spec), spec)
     weight = weight.float()
     groups = to_groups(weight, spec)  # [out, G, gs]

@@ -127,6 +127,11 @@ def quantize_blocks(
     destination.check()  # before any work: an existing --out, or a foreign folder even with --overwrite
     if calib.dim() != 2 or calib.shape[0] < 1:
         raise ValueError(f"calibration tokens must be [samples, seq_len], got shape {tuple(calib.shape)}")
+    windows = plan.calibration_windows(*calib.shape)
+    if windows is not None:
+        log.info("%s reads %d of the %d calibration sequences and %s no statistics: only those run through "
+                 "the blocks", "/".join(plan.transforms), len(windows), calib.shape[0], plan.quantizer)
+        calib = calib[windows]
     from bitsmith.models import open_source
 
     source = open_source(model)  # once: the allocator decision and the run both read it
@@ -339,8 +344,11 @@ def _process_block(
     slices = batch_slices(store.tensor.shape[0], plan.batch_size)
     compute_dtype, device = store.tensor.dtype, torch.device(plan.device)
     calls = to_device(calls, device)  # masks and rotary tables, once per block (the same objects on the CPU)
+    clock = {"transform": 0.0, "statistics": 0.0, "solve": 0.0, "forward": 0.0}  # seconds, for the log
     with torch.no_grad():
+        t0 = time.perf_counter()
         _apply_transforms(block, store, calls, plan)
+        clock["transform"] = time.perf_counter() - t0
         linears = block_linears(block)
         # fp32 [out, in] masters: the loaded tensors themselves (block.to() below and the dequantized
         # weights swapped in later replace the modules' references, never these); each is dropped
@@ -355,32 +363,48 @@ def _process_block(
         replay = OutputReplay(block, linears, len(slices), plan.replay_bytes)
         specs, reports = {}, []
         for stage in stages:
+            t0 = time.perf_counter()
             stats = stage_stats(block, linears[stage[0]], store, slices, calls, replay,
                                 stage[0] if len(stage) == 1 else None, plan.hessian_dtype, hessian_cap,
                                 spill=state.path / TAIL_FILE.format(stage[0]), device=device)
             names, weights = [f"{block_prefix}.{rel}" for rel in stage], [masters.pop(rel) for rel in stage]
+            t1 = time.perf_counter()
             results = quantize_stage(names, weights, _before_solve(stats, heap_keep), method, plan)
             del stats
-            for j, (rel, name, (qt, report)) in enumerate(zip(stage, names, results)):
-                weight, weights[j] = weights[j], None  # dropped once done: the peak stays in quantize_stage
-                if fits_fp16(qt):
-                    linears[rel].weight = nn.Parameter(qt.weight().to(device=device, dtype=compute_dtype), requires_grad=False)
-                    tensors.update(qt.to_state(name))
-                    specs[name] = qt.entry()
-                    reports.append(report)
-                else:  # the overflow rule (pipeline.common): the layer stays fp32
-                    linears[rel].weight = nn.Parameter(weight.to(device=device, dtype=compute_dtype), requires_grad=False)
-                    tensors[f"{name}.weight"] = weight.float()
-                    reports.append(kept_report(name, weight))
-                del weight
+            clock["statistics"] += t1 - t0
+            clock["solve"] += time.perf_counter() - t1
+            _swap_in(stage, names, weights, results, linears, (tensors, specs, reports), (device, compute_dtype))
             replay.mark_done(stage)
             _trim_heap(heap_keep)  # the solve's and the swap's freed heap, before the next pass starts
         index = int(block_prefix.rsplit(".", 1)[1])
         out = ActivationStore.create(tuple(store.tensor.shape), compute_dtype, state.inputs_file(index + 1), plan.spill_bytes)
+        t0 = time.perf_counter()
         _next_inputs(block, store, calls, slices, replay, out, device)
+        clock["forward"] = time.perf_counter() - t0
+    log.info("block %d: %s", index + 1, ", ".join(f"{k} {v:.1f} s" for k, v in clock.items() if v or k != "transform"))
     out.save(state.inputs_file(index + 1))
     store.close()
     return tensors, specs, reports, out
+
+
+def _swap_in(stage: list[str], names: list[str], weights: list, results: list[tuple], linears: dict[str, nn.Module],
+             out: tuple[dict, dict, list], where: tuple[torch.device, torch.dtype]) -> None:
+    """A quantized stage's dequantized weights into its linears (``where``: device and compute dtype), its
+    tensors, specs and reports into ``out``; each fp32 master in ``weights`` dropped once done (the peak
+    stays in quantize_stage)."""
+    tensors, specs, reports = out
+    for j, (rel, name, (qt, report)) in enumerate(zip(stage, names, results)):
+        weight, weights[j] = weights[j], None
+        if fits_fp16(qt):
+            linears[rel].weight = nn.Parameter(qt.weight().to(*where), requires_grad=False)
+            tensors.update(qt.to_state(name))
+            specs[name] = qt.entry()
+            reports.append(report)
+        else:  # the overflow rule (pipeline.common): the layer stays fp32
+            linears[rel].weight = nn.Parameter(weight.to(*where), requires_grad=False)
+            tensors[f"{name}.weight"] = weight.float()
+            reports.append(kept_report(name, weight))
+        del weight
 
 
 def _next_inputs(block: nn.Module, store: ActivationStore, calls: list[BlockCall], slices: list[slice],

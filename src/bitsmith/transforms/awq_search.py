@@ -32,7 +32,8 @@ from bitsmith.transforms.awq import (
 from bitsmith.transforms.awq_check import BlockCheck
 from bitsmith.transforms.awq_options import AwqOptions, AwqReport, ClipResult, ScaleResult
 from bitsmith.transforms.awq_fast import (
-    clip_errors, group_gram, output_error, scale_candidates, search_dtype, simulated_quantizer, token_basis,
+    clip_errors, coarse_indices, group_gram, output_error, scale_candidates, search_dtype, search_indices,
+    simulated_quantizer, token_basis,
 )
 from bitsmith.transforms.base import register_transform
 
@@ -227,27 +228,27 @@ def _search_scale(
     # the search batches run in parallel threads, one intra-op thread each (methods.parallel); the
     # squared errors are summed in batch order on this thread, so the choice does not depend on threads
     reference = map_chunks(outputs, range(len(calls)))
-    best = (torch.ones_like(x_mean), 0.0, math.inf)
-    loss_plain = math.inf
+    candidates = [(alpha, tie_heads(s, group)[0]) for alpha, s in scale_candidates(x_mean, w_mean, opts.grid)]
+
+    def loss(i: int) -> float:
+        s = candidates[i][1]
+        for module, weight in zip(linears, originals):
+            module.weight.copy_(_qdq(weight * s, spec, method, options) / s)
+        errs = map_chunks(lambda b: float((outputs(b) - reference[b]).float().pow(2).sum()), range(len(calls)))
+        return sum(errs) / sum(ref.numel() for ref in reference)
+
     try:
-        for i in range(opts.grid):
-            alpha = i / opts.grid
-            s = x_mean.pow(alpha).clamp_min(1e-4)
-            if w_mean is not None:
-                s = s / w_mean.pow(1 - alpha).clamp_min(1e-4)
-            s, _ = tie_heads(s / (s.max() * s.min()).sqrt(), group)
-            for module, weight in zip(linears, originals):
-                module.weight.copy_(_qdq(weight * s, spec, method, options) / s)
-            errs = map_chunks(lambda i: float((outputs(i) - reference[i]).float().pow(2).sum()), range(len(calls)))
-            err = sum(errs)
-            loss = err / sum(ref.numel() for ref in reference)
-            loss_plain = loss if i == 0 else loss_plain
-            if loss < best[2]:
-                best = (s, alpha, loss)
+        return _best_scale(candidates, search_indices(opts.grid, opts.grid_step, loss))
     finally:
         for module, weight in zip(linears, originals):
             module.weight.copy_(weight)
-    return best[0], best[1], loss_plain, best[2]
+
+
+def _best_scale(candidates: list[tuple[float, torch.Tensor]], losses: dict[int, float]
+                ) -> tuple[torch.Tensor, float, float, float]:
+    """(scale, alpha, loss at alpha 0, best loss) of the searched ``losses`` (candidate index -> loss)."""
+    best = min(losses, key=lambda i: (losses[i], i))
+    return candidates[best][1], candidates[best][0], losses[0], losses[best]
 
 
 def _search_scale_linear(
@@ -264,22 +265,21 @@ def _search_scale_linear(
     weights = [m.weight.detach() for m in linears]
     qdq = simulated_quantizer(spec, method, options)
     norm = tokens * sum(w.shape[0] for w in weights)  # loss: mean squared error per output element
-    best, loss_plain = (torch.ones_like(x_mean), 0.0, math.inf), math.inf
-    for alpha, s in scale_candidates(x_mean, w_mean, opts.grid):
-        s, _ = tie_heads(s, group)
-        loss = output_error(basis, weights, s, qdq) / norm
-        loss_plain = loss if alpha == 0 else loss_plain
-        if loss < best[2]:
-            best = (s, alpha, loss)
-    return best[0], best[1], loss_plain, best[2]
+    candidates = [(alpha, tie_heads(s, group)[0]) for alpha, s in scale_candidates(x_mean, w_mean, opts.grid)]
+    losses = search_indices(opts.grid, opts.grid_step,
+                            lambda i: output_error(basis, weights, candidates[i][1], qdq) / norm)
+    return _best_scale(candidates, losses)
 
 
 def clip_search(
     weight: torch.Tensor, inputs: torch.Tensor, spec: QuantSpec, method: Method, options: dict,
     grid: int = 20, min_ratio: float = 0.5, dtype: torch.dtype = torch.float32, damp: float = 0.0,
+    step: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """AWQ's weight clipping for one linear: weight [out, in], inputs [T, in]. ``damp`` adds
-    ``damp * mean(diag H_g)`` to each group's Gram diagonal (a share of plain weight error).
+    ``damp * mean(diag H_g)`` to each group's Gram diagonal (a share of plain weight error). ``step``
+    > 1 searches each (row, group)'s ratio coarse to fine (:func:`search_indices`): every ``step``-th
+    ratio and the last for all groups, then each group's ratios within ``step - 1`` of its best.
 
     Returns (clipped weight [out, in], ratio per group [out, G], loss before, loss after)."""
     out_features, in_features = weight.shape
@@ -293,19 +293,29 @@ def clip_search(
     absmax = w.abs().amax(dim=-1, keepdim=True)  # [out, G, 1]
     qdq = simulated_quantizer(spec, method, options)
     chunks = row_chunks(out_features, in_features, QDQ_CHUNK_WEIGHTS)
+    ratios = torch.linspace(1.0, min_ratio, grid, device=w.device)
     best_err = torch.full((out_features, n_groups), math.inf, device=w.device)
-    best_ratio = torch.ones_like(best_err)
+    best_index = torch.zeros((out_features, n_groups), dtype=torch.long, device=w.device)
 
-    def errors(ratio: float, rows: slice) -> torch.Tensor:  # per (row, group): mean_t (x_g . delta_g)^2
-        part = w[rows]
-        clipped = torch.maximum(torch.minimum(part, absmax[rows] * ratio), -absmax[rows] * ratio)
+    def errors(index: torch.Tensor, rows: slice) -> torch.Tensor:  # per (row, group): mean_t (x_g . delta_g)^2
+        part, bound = w[rows], absmax[rows] * ratios[index[rows]].unsqueeze(-1)
+        clipped = torch.maximum(torch.minimum(part, bound), -bound)
         delta = to_groups(qdq(from_groups(clipped, in_features)), spec) - part
         return clip_errors(delta, gram, inputs.shape[0])
 
-    for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
-        err = torch.cat(map_chunks(lambda rows: errors(ratio, rows), chunks))
-        better = err < best_err
-        best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, ratio, best_ratio)
+    def visit(index: torch.Tensor) -> None:  # ties keep the lower index, as a pass in grid order keeps the first
+        nonlocal best_err, best_index
+        err = torch.cat(map_chunks(lambda rows: errors(index, rows), chunks))
+        better = (err < best_err) | ((err == best_err) & (index < best_index))
+        best_err, best_index = torch.where(better, err, best_err), torch.where(better, index, best_index)
+
+    for i in coarse_indices(grid, step):
+        visit(torch.full_like(best_index, i))
+    if step > 1:
+        first = best_index.clone()
+        for offset in [d for d in range(1 - step, step) if d != 0]:  # each group around its own best
+            visit((first + offset).clamp(0, grid - 1))
+    best_ratio = ratios[best_index]
     bound = absmax * best_ratio.unsqueeze(-1)
     result = from_groups(torch.maximum(torch.minimum(w, bound), -bound), in_features).to(weight)
 
@@ -318,10 +328,17 @@ def clip_search(
     return result, best_ratio, loss(weight), loss(result)
 
 
+def search_windows(n: int, tokens_per_seq: int, options: dict) -> list[int]:
+    """The calibration sequences AWQ's searches read: evenly spaced, ~``awq_tokens`` tokens in all. Of ``n``
+    sequences these; of exactly these (a run that propagates only them), all of them again."""
+    n_kept = min(n, max(1, math.ceil(AwqOptions.from_dict(options).tokens / max(tokens_per_seq, 1))))
+    return torch.linspace(0, n - 1, n_kept).round().long().unique().tolist()
+
+
 def _batches(n: int, tokens_per_seq: int, opts: AwqOptions, batch_size: int) -> tuple[list, list]:
-    """(kept, rest) index batches: the kept sequences, evenly spaced, hold ~opts.tokens tokens."""
-    n_kept = min(n, max(1, math.ceil(opts.tokens / max(tokens_per_seq, 1))))
-    kept = torch.linspace(0, n - 1, n_kept).round().long().unique()
+    """(kept, rest) index batches: the kept sequences (:func:`search_windows`), evenly spaced, hold
+    ~opts.tokens tokens."""
+    kept = torch.tensor(search_windows(n, tokens_per_seq, {"awq_tokens": opts.tokens}), dtype=torch.long)
     taken = set(kept.tolist())
     rest = torch.tensor([i for i in range(n) if i not in taken], dtype=torch.long)
     # at least as many search batches as cores, so that the search forwards run in parallel threads
@@ -344,7 +361,8 @@ def awq_transform(
     the module that holds them, the paper's), ``awq_search_tokens`` (2048), ``awq_search_dtype``
     ("auto"), ``awq_clip_dtype`` ("fp32"), ``awq_check`` (True: a fold or clip is kept only if it lowers the
     quantized block's output error, :mod:`bitsmith.transforms.awq_check`), ``awq_check_tokens`` (1024),
-    ``awq_clip_damp`` (1.0). Cache kwargs are dropped: every call must see only its own tokens."""
+    ``awq_clip_damp`` (1.0), ``awq_grid_step`` (4: the scale search coarse to fine, every 4th alpha then the
+    best's neighbours; 1: every alpha), ``awq_clip_step`` (1: every clip ratio). Cache kwargs are dropped: every call must see only its own tokens."""
     opts = AwqOptions.from_dict(options)
     was_training = block.training
     block.eval()
@@ -441,7 +459,8 @@ def _clip_linear(
     """Clip search for one linear (inputs [T, in]); the clip is applied if it lowers the linear's
     output error on those tokens and (with the check) the quantized block's."""
     clipped, ratio, before, after = clip_search(linear.weight.detach(), inputs, spec, method, options, opts.clip_grid,
-                                                opts.clip_min, search_dtype(opts.clip_dtype), opts.clip_damp)
+                                                opts.clip_min, search_dtype(opts.clip_dtype), opts.clip_damp,
+                                                opts.clip_step)
     if after > before:  # per-group choices ignore cross-group terms; never make the linear worse
         ratio, after = torch.ones_like(ratio), before
     elif check is not None and not check.try_change([linear.weight], [name], lambda: linear.weight.copy_(clipped)):
@@ -454,7 +473,7 @@ def _clip_linear(
 
 # calibrated on prose and code by default (calib.data's built-in "prose+code"): on Qwen2.5-Coder-1.5B w4g128,
 # AWQ calibrated on prose alone left the code KLD 6% above RTN's (bench/results/calibrated-methods)
-@register_transform("awq", needs=Needs.BLOCK_REPLAY, calib_text="prose+code")
+@register_transform("awq", needs=Needs.BLOCK_REPLAY, calib_text="prose+code", windows=search_windows)
 def apply_awq(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict, spec: QuantSpec, options: dict,
               batch_size: int) -> AwqReport:
     """The pipeline's AWQ step: the searches simulate plain min/max RTN (as the reference

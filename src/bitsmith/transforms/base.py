@@ -50,6 +50,10 @@ class Transform:
     # the calibration text (a --calib value: a built-in name of calib.data or a path) a run uses when the
     # user names none; None: the library's default (calib.data.DEFAULT_CALIB_TEXT)
     calib_text: str | None = None
+    # windows(samples, seq_len, options) -> the calibration sequences (indices) its searches read; None: all
+    # of them. A run whose quantizer reads no statistics runs only those through the blocks
+    # (pipeline.plan.QuantizePlan.calibration_windows)
+    windows: Callable[[int, int, dict], list[int]] | None = None
 
     @property
     def changes_block(self) -> bool:
@@ -64,10 +68,11 @@ class Transform:
 TRANSFORMS: dict[str, Transform] = {}
 
 
-def register_transform(name: str, needs: Needs = Needs.BLOCK_REPLAY,
-                       calib_text: str | None = None) -> Callable[[TransformFn], TransformFn]:
+def register_transform(name: str, needs: Needs = Needs.BLOCK_REPLAY, calib_text: str | None = None,
+                       windows: Callable[[int, int, dict], list[int]] | None = None,
+                       ) -> Callable[[TransformFn], TransformFn]:
     def wrap(fn: TransformFn) -> TransformFn:
-        TRANSFORMS[name] = Transform(name, fn, needs, calib_text=calib_text)
+        TRANSFORMS[name] = Transform(name, fn, needs, calib_text=calib_text, windows=windows)
         return fn
 
     return wrap
