@@ -381,7 +381,7 @@ def _process_block(
         t0 = time.perf_counter()
         _next_inputs(block, store, calls, slices, replay, out, device)
         clock["forward"] = time.perf_counter() - t0
-    log.info("block %d: %s", index + 1, ", ".join(f"{k} {v:.1f} s" for k, v in clock.items() if v or k != "transform"))
+    log.info("block %d: %s", index + 1, ", ".join(f"{k} {v:.1f} s" for k, v in clock.items() if k != "transform" or v >= 0.05))
     out.save(state.inputs_file(index + 1))
     store.close()
     return tensors, specs, reports, out
