@@ -39,7 +39,7 @@ from bitsmith.transforms.base import register_transform
 
 log = logging.getLogger(__name__)
 
-QDQ_CHUNK_WEIGHTS = 1 << 16  # weights per row chunk of the simulated quantizer
+QDQ_CHUNK_WEIGHTS = 1 << 18  # weights per row chunk of the clip search (1 << 16: 1.7x the time on an 8960 x 1536 layer)
 
 
 def _first(output: Any) -> torch.Tensor:
