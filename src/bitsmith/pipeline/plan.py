@@ -151,7 +151,7 @@ class QuantizePlan:
         specs = {self.spec, *self.layer_specs.values()}
         if reads is None or any(reads(self.method_options(), s) for s in specs):
             return None
-        transforms = [get_transform(t) for t in self.transforms if get_transform(t).changes_block]
+        transforms = [t for t in map(get_transform, self.transforms) if t.changes_block]
         if not transforms or any(t.windows is None for t in transforms):
             return None
         windows = sorted({i for t in transforms for i in t.windows(samples, seq_len, self.run_options)})

@@ -21,7 +21,6 @@ never the attention or the nonlinearity:
   rate on AMX). Its rounding perturbs a candidate's loss by ~1e-5 relative (tested against float32).
 - **Cache-sized row chunks over the cores**: quantize-dequantize, error and product per chunk of rows,
   one intra-op thread per chunk (:mod:`bitsmith.methods.parallel`), sums in chunk order.
-
 - **Coarse to fine over alpha** (``awq_grid_step``, 4): every 4th candidate and the last, then the best's
   neighbours within 3 (:func:`search_indices`): 12 of the 20 candidates' losses. The loss summed over whole
   weights is smooth in alpha; on SmolLM2 w4g128 it chose the exhaustive search's alpha in 107 of 111 groups.
@@ -135,9 +134,10 @@ def fine_indices(best: int, n: int, step: int) -> list[int]:
 def search_indices(n: int, step: int, loss: Callable[[int], float]) -> dict[int, float]:
     """Losses of candidates 0..n-1, coarse to fine: every ``step``-th and the last, then every one within
     ``step - 1`` of the best of those (``step`` 1: all of them, in order). The minimum of a loss that is
-    unimodal over the grid is found with ~n / step + 2 step evaluations instead of n (20 -> 11 at step 4);
-    the AWQ searches' losses are smooth in alpha and in the clip ratio (bench/results/calibrated-methods).
-    Ties go to the lower index, as an exhaustive pass in order keeps the first minimum."""
+    unimodal over the grid is found with at most ~n / step + 2 (step - 1) evaluations instead of n (20 -> 12
+    at step 4). AWQ's alpha loss, summed over whole weights, is smooth enough for it; a clip ratio's
+    per-group error is not (bench/results/calibrated-methods, session 25). Ties go to the lower index, as an
+    exhaustive pass in order keeps the first minimum."""
     losses = {i: loss(i) for i in coarse_indices(n, step)}
     best = min(losses, key=lambda i: (losses[i], i))
     losses.update({i: loss(i) for i in fine_indices(best, n, step)})

@@ -329,16 +329,21 @@ def clip_search(
 
 
 def search_windows(n: int, tokens_per_seq: int, options: dict) -> list[int]:
-    """The calibration sequences AWQ's searches read: evenly spaced, ~``awq_tokens`` tokens in all. Of ``n``
-    sequences these; of exactly these (a run that propagates only them), all of them again."""
-    n_kept = min(n, max(1, math.ceil(AwqOptions.from_dict(options).tokens / max(tokens_per_seq, 1))))
-    return torch.linspace(0, n - 1, n_kept).round().long().unique().tolist()
+    """The calibration sequences AWQ's searches read (the transform's ``windows``): evenly spaced, ~``awq_tokens``
+    tokens in all. Of ``n`` sequences these; of exactly these (a run that propagates only them), all of them."""
+    return _kept(n, tokens_per_seq, AwqOptions.from_dict(options).tokens).tolist()
+
+
+def _kept(n: int, tokens_per_seq: int, tokens: int) -> torch.Tensor:
+    """Indices of the ~``tokens`` tokens' worth of evenly spaced sequences of ``n``."""
+    n_kept = min(n, max(1, math.ceil(tokens / max(tokens_per_seq, 1))))
+    return torch.linspace(0, n - 1, n_kept).round().long().unique()
 
 
 def _batches(n: int, tokens_per_seq: int, opts: AwqOptions, batch_size: int) -> tuple[list, list]:
     """(kept, rest) index batches: the kept sequences (:func:`search_windows`), evenly spaced, hold
     ~opts.tokens tokens."""
-    kept = torch.tensor(search_windows(n, tokens_per_seq, {"awq_tokens": opts.tokens}), dtype=torch.long)
+    kept = _kept(n, tokens_per_seq, opts.tokens)
     taken = set(kept.tolist())
     rest = torch.tensor([i for i in range(n) if i not in taken], dtype=torch.long)
     # at least as many search batches as cores, so that the search forwards run in parallel threads
