@@ -11,11 +11,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import bitsmith.pipeline.attention as calib_attention
 from bitsmith.calib import calibration_batches
-from bitsmith.kernels.attention import _library
+from bitsmith.kernels.attention import causal_prefill
 from bitsmith.pipeline.attention import attention_forward, calibration_attention
 
-needs_kernel = pytest.mark.skipif(_library() is None or not _library().bs_attn_prefill_takes(16),
-                                  reason="no native causal attention kernel on this build")
+needs_kernel = pytest.mark.skipif(causal_prefill(torch.zeros(1, 2, 16), torch.zeros(1, 2, 16), torch.zeros(1, 2, 16), 0, 1.0)
+                                  is None, reason="no native causal attention kernel on this build")
 
 
 class _Attention(torch.nn.Module):

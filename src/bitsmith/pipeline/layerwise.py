@@ -206,25 +206,19 @@ def _walk_blocks(run: _Run, writer: CheckpointWriter, progress: Callable[[str, i
         _emit_block(writer, run.state, i)
     with calibration_attention(run.net.config):  # the blocks' causal attention on the native kernel
         for i in range(run.state.done, n_blocks):
-            _quantize_block(run, writer, i, progress)
-
-
-def _quantize_block(run: _Run, writer: CheckpointWriter, i: int, progress: Callable[[str, int, int], None] | None) -> None:
-    """Load, quantize, commit and write block ``i``."""
-    n_blocks = len(run.blocks)
-    t0 = time.perf_counter()
-    block_prefix = f"{run.prefix}.{i}"
-    _load_block(run.net, run.source, block_prefix)
-    tensors, specs, reports, run.store = _process_block(
-        run.blocks[i], block_prefix, run.store, run.calls[i], run.method, run.plan, run.state, run.stages,
-        run.heap_keep)
-    _unload_block(run.blocks[i])
-    _trim_heap(run.heap_keep)
-    run.state.commit_block(i, tensors, specs, reports)
-    _emit_block(writer, run.state, i)
-    log.info("block %d/%d quantized in %.1f s", i + 1, n_blocks, time.perf_counter() - t0)
-    if progress:
-        progress(f"block {i + 1}/{n_blocks}", i + 1, n_blocks)
+            t0 = time.perf_counter()
+            block_prefix = f"{run.prefix}.{i}"
+            _load_block(run.net, run.source, block_prefix)
+            tensors, specs, reports, run.store = _process_block(
+                run.blocks[i], block_prefix, run.store, run.calls[i], run.method, run.plan, run.state, run.stages,
+                run.heap_keep)
+            _unload_block(run.blocks[i])
+            _trim_heap(run.heap_keep)
+            run.state.commit_block(i, tensors, specs, reports)
+            _emit_block(writer, run.state, i)
+            log.info("block %d/%d quantized in %.1f s", i + 1, n_blocks, time.perf_counter() - t0)
+            if progress:
+                progress(f"block {i + 1}/{n_blocks}", i + 1, n_blocks)
 
 
 def _block_inputs(
