@@ -15,7 +15,7 @@ from bitsmith.tensor import QuantizedTensor
 needs_native = pytest.mark.skipif(native_library() is None, reason="no C++ compiler: the native kernels are not built")
 needs_vq8 = pytest.mark.skipif(native_library() is None or not native_library().bs_vq8_available(),
                                reason="no AVX-512 VBMI + VNNI build: the int8 vq decode is not compiled in")
-EXACT = RuntimeOptions(int8_decode=False)  # float activations and codebook: the exact oracle
+EXACT = RuntimeOptions(int8_decode=False, prefill="exact")  # float activations and codebook: the exact oracle
 
 
 def random_vq(text: str, out: int, inn: int, seed: int) -> QuantizedTensor:
@@ -70,7 +70,7 @@ def test_torch_choice_uses_the_oracle_arithmetic() -> None:
 def test_threaded_kernel_equals_oracle(text: str) -> None:
     """Large enough for the parallel paths (several table slabs shared by two threads)."""
     qt = random_vq(text, 260, 1024, seed=9)
-    kernel = prepare(qt, RuntimeOptions(threads=2, int8_decode=False))
+    kernel = prepare(qt, RuntimeOptions(threads=2, int8_decode=False, prefill="exact"))
     for rows in (1, 4, 20):
         x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(rows))
         assert torch.allclose(kernel(x), reference_linear(x, qt), atol=1e-3, rtol=1e-5)
@@ -137,3 +137,45 @@ def test_int8_decode_declines_lanes_across_groups() -> None:
     took = lib.bs_vq_gemm_int8(x.data_ptr(), 1, packed.data_ptr(), scale.data_ptr(), tables.data_ptr(), 1.0, 3, 64,
                                4, 8, 8, y.data_ptr(), 1)
     assert took == 0 and torch.equal(y, torch.full((3,), 7.0))
+
+
+# the int8 prefill (bs_vq_gemm_prefill): 8-bit indices of 4 weights (w2), 6-bit of 2 (w3), 8-bit of 2 (w4),
+# a short last chunk of indices (576 / 4 = 144), short last groups (576 = 4.5 x 128), rows past the last
+# whole tile of 32 and activation rows past the last whole 4
+PREFILL_SHAPES = [("w2g64vq", 96, 576), ("w3g128vq", 40, 576), ("w4g64vq", 20, 256), ("w3g256vq", 70, 1536),
+                  ("w2g64vq", 33, 8960 // 5 // 64 * 64), ("w3g32vq", 7, 96)]
+
+
+@needs_vq8
+@pytest.mark.parametrize("text, out, inn", PREFILL_SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [9, 14, 70])
+def test_int8_prefill_equals_its_oracle(text: str, out: int, inn: int, threads: int, rows: int) -> None:
+    qt = random_vq(text, out, inn, seed=out * 5 + inn + rows)
+    kernel = prepare(qt, RuntimeOptions(threads=threads, prefill="int8"))
+    assert kernel.prefill == "int8"
+    g = torch.Generator().manual_seed(inn * 3 + rows)
+    x = torch.randn(rows, inn, generator=g) * torch.rand(rows, 1, generator=g) * 6  # rows of unlike scales
+    got = kernel(x)
+    assert torch.allclose(got, int8_oracle(x, qt), atol=2e-5 * inn ** 0.5, rtol=1e-5)
+    assert not torch.allclose(got, reference_linear(x, qt), atol=2e-5 * inn ** 0.5, rtol=1e-5)  # not the float path
+    # the decode's arithmetic: a row of the batch gets what the int8 decode gives it alone, to float
+    # rounding (the same integer sums; the float steps are summed in another order)
+    assert torch.allclose(got[rows - 1], kernel(x[rows - 1:])[0], atol=2e-5 * inn ** 0.5, rtol=1e-5)
+
+
+@needs_vq8
+def test_int8_prefill_choices() -> None:
+    """auto means int8 for vq on every CPU (there is no bf16 vq prefill); exact and bf16 keep the float
+    blocks; a width the tiles do not take (1000: not whole 32-blocks) falls back to them by itself."""
+    qt = random_vq("w2g64vq", 40, 256, seed=3)
+    x = torch.randn(12, 256, generator=torch.Generator().manual_seed(3))
+    assert prepare(qt, RuntimeOptions(prefill="auto")).prefill == "int8"
+    for choice in ("exact", "bf16"):
+        kernel = prepare(qt, RuntimeOptions(prefill=choice))
+        assert kernel.prefill == "exact"
+        assert torch.allclose(kernel(x), reference_linear(x, qt), atol=1e-4, rtol=1e-5)
+    ragged = random_vq("w2g32vq", 30, 1000, seed=4)
+    xr = torch.randn(12, 1000, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(prepare(ragged, RuntimeOptions(prefill="int8"))(xr), reference_linear(xr, ragged),
+                          atol=2e-5 * 1000 ** 0.5, rtol=1e-5)

@@ -75,7 +75,7 @@ def prepare(qt: QuantizedTensor, options: RuntimeOptions = DEFAULT_OPTIONS) -> K
     if qt.spec.grid == "vq" and choice in ("auto", "native"):  # vector codes: csrc/codebook.cpp
         from bitsmith.kernels.codebook import prepare_codebook
 
-        kernel = prepare_codebook(qt, options.threads, options.int8_decode)
+        kernel = prepare_codebook(qt, options.threads, options.int8_decode, options.prefill)
         if kernel is not None:
             return kernel
     if choice == "torch" or qt.grid is not None:  # the native kernels know uniform codes only

@@ -10,6 +10,9 @@ With ``int8=True`` (``RuntimeOptions.int8_decode``, the default) and an AVX-512 
 1 to 8 activation rows instead run ``bs_vq_gemm_int8`` (csrc/codebook_int8.cpp): the codebook rounded
 once to int8 with one per-codebook scale (``int8_codebook``) and looked up with byte shuffles, the
 activations rounded to int8 per 32-weight block; it equals ``int8_oracle`` exactly (to float rounding).
+With ``prefill="int8"`` or ``"auto"`` (``RuntimeOptions.prefill``), more rows (prefill, eval) take the
+same arithmetic through the int8 prefill GEMM's tiles (``bs_vq_gemm_prefill``: csrc/gemm_tile.h, each
+tile's indices looked up into natural-order int8 weights once per call) instead of the float32 blocks.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import ctypes
 import torch
 
 from bitsmith.formats.packing import pack, packed_row_bytes
+from bitsmith.kernels.cpu import resolve_prefill
 from bitsmith.kernels.torch_path import reference_linear
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
@@ -41,6 +45,9 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bs_vq_gemm_int8.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, ctypes.c_float, _I64, _I64, _I64, _I64, _I64, _PTR,
                                     _I64]
     lib.bs_vq_gemm_int8.restype = ctypes.c_int
+    lib.bs_vq_gemm_prefill.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, ctypes.c_float, _I64, _I64, _I64, _I64, _I64, _PTR,
+                                       _I64]
+    lib.bs_vq_gemm_prefill.restype = ctypes.c_int
     return lib
 
 
@@ -78,7 +85,8 @@ class CodebookKernel:
     name = "native-vq"
 
     def __init__(self, lib: ctypes.CDLL, qweight: torch.Tensor, scale: torch.Tensor, grid: torch.Tensor,
-                 spec: QuantSpec, in_features: int, threads: int | None = None, int8: bool = False) -> None:
+                 spec: QuantSpec, in_features: int, threads: int | None = None, int8: bool = False,
+                 prefill: str = "exact") -> None:
         if spec.grid != "vq":
             raise ValueError(f"CodebookKernel runs vq specs, not {spec}")
         out_features = qweight.shape[0]
@@ -96,14 +104,19 @@ class CodebookKernel:
         self._group = spec.group_size or max(in_features, 1)
         self._small = out_features * in_features < PARALLEL_MIN_WEIGHTS
         self.int8 = bool(int8) and bool(lib.bs_vq8_available())
-        if self.int8:  # planes [d][entries] of the int8 codebook + 128 (what the byte shuffles index)
+        # the batched path: int8 through the int8 GEMM's tiles for "int8" and "auto" (on every CPU: vq has
+        # no bf16 prefill, so "auto" does not mean bf16 here), else dequantize + float32 mm ("exact", "bf16")
+        resolve_prefill(prefill)  # the choice's check
+        self.prefill = "int8" if prefill in ("auto", "int8") and lib.bs_vq8_available() else "exact"
+        if self.int8 or self.prefill == "int8":  # planes [d][entries] of the int8 codebook + 128 (what the byte shuffles index)
             q, self._cb_scale = int8_codebook(self.grid)
             self._tables = (q.to(torch.int16).T + 128).to(torch.uint8).contiguous()
 
     @classmethod
     def of(cls, lib: ctypes.CDLL, qt: QuantizedTensor, threads: int | None = None,
-           int8: bool = False) -> "CodebookKernel":
-        return cls(lib, pack(qt.codes, qt.spec.index_bits), qt.scale, qt.grid, qt.spec, qt.shape[1], threads, int8)
+           int8: bool = False, prefill: str = "exact") -> "CodebookKernel":
+        return cls(lib, pack(qt.codes, qt.spec.index_bits), qt.scale, qt.grid, qt.spec, qt.shape[1], threads, int8,
+                   prefill)
 
     def _threads(self) -> int:
         return 1 if self._small else self.threads or torch.get_num_threads()
@@ -127,7 +140,7 @@ class CodebookKernel:
                 self._lib.bs_vq_gemv(x2.data_ptr(), rows, self.qweight.data_ptr(), self.scale.data_ptr(),
                                      self.codebook.data_ptr(), self.out_features, self.in_features, self.spec.vq_dim,
                                      self.spec.index_bits, self._group, y.data_ptr(), self._threads())
-            else:
+            elif not (self.prefill == "int8" and self._gemm_prefill(x2, y)):
                 self._blocked(x2, y)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
@@ -137,6 +150,14 @@ class CodebookKernel:
             x2.data_ptr(), x2.shape[0], self.qweight.data_ptr(), self.scale.data_ptr(), self._tables.data_ptr(), self._cb_scale,
             self.out_features, self.in_features, self.spec.vq_dim, self.spec.index_bits, self._group, y.data_ptr(),
             self._threads()))
+
+    def _gemm_prefill(self, x2: torch.Tensor, y: torch.Tensor) -> bool:
+        """Any number of rows through the int8 GEMM's tiles (csrc/codebook_int8.cpp bs_vq_gemm_prefill): the
+        same int8 codebook and activations as the decode; False where that path does not take the shape."""
+        return bool(self._lib.bs_vq_gemm_prefill(
+            x2.data_ptr(), x2.shape[0], self.qweight.data_ptr(), self.scale.data_ptr(), self._tables.data_ptr(),
+            self._cb_scale, self.out_features, self.in_features, self.spec.vq_dim, self.spec.index_bits, self._group,
+            y.data_ptr(), self._threads()))
 
     def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of W, float32 [stop - start, in], computed by the native kernel."""
@@ -158,10 +179,12 @@ class CodebookKernel:
         return {f"{prefix}.qweight": self.qweight, f"{prefix}.scale": self.scale, f"{prefix}.grid": self.grid}
 
 
-def prepare_codebook(qt: QuantizedTensor, threads: int | None = None, int8: bool = False) -> CodebookKernel | None:
+def prepare_codebook(qt: QuantizedTensor, threads: int | None = None, int8: bool = False,
+                     prefill: str = "exact") -> CodebookKernel | None:
     """The native kernel for a vq tensor, or None when the native library cannot be built. ``int8``:
-    one activation row with the int8 codebook and activations where the CPU has the instructions."""
+    1 to 8 activation rows with the int8 codebook and activations where the CPU has the instructions;
+    ``prefill`` (``RuntimeOptions.prefill``): more rows the same way when it resolves to ``int8``."""
     from bitsmith.kernels.build import native_library
 
     lib = native_library()
-    return None if lib is None else CodebookKernel.of(lib, qt, threads, int8)
+    return None if lib is None else CodebookKernel.of(lib, qt, threads, int8, prefill)

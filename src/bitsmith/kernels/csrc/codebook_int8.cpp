@@ -22,6 +22,7 @@
 // Exact against its oracle: the dequantized weights with the int8 codebook times the int8-rounded x
 // (kernels/codebook.py int8_oracle; tests/kernels/test_codebook.py), on ragged rows and groups.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -308,6 +309,61 @@ void rows_batch(const Prep* p, int64_t rows, const uint8_t* packed, int64_t row_
     default: return rows_multi<D, IB, 8>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
   }
 }
+
+#include "gemm_tile.h"
+
+// A vq matrix's rows as gemm_tiles (the int8 prefill GEMM) reads them: each chunk of 64 indices looked up
+// into D planes of unsigned entries (int8 codebook + 128, zero point 128) and interleaved back into
+// natural order, so the prefill multiplies exactly the weights the int8 decode does (int8_oracle).
+struct VqArgs {
+  const uint8_t* packed;
+  const uint16_t* scale;
+  const uint8_t* tables;
+  float cb_scale;
+  int64_t in, row_bytes, groups;
+};
+
+template <int D, int IB>
+struct VqRows {
+  using Args = VqArgs;
+  static constexpr bool kDivide = true;
+  static constexpr int REGS = IB == 8 ? 4 : 1;
+  static constexpr int64_t chunk_bytes = kChunk * IB / 8;
+  const VqArgs& a;
+  __m512i plane[D][REGS];
+  __m512i order[D];  // D = 2: vpermt2b indices of natural register i; D = 4: of both halves' pair merges
+  explicit VqRows(const VqArgs& args) : a(args) {
+    for (int t = 0; t < D; ++t)
+      for (int k = 0; k < REGS; ++k) plane[t][k] = _mm512_loadu_si512(a.tables + (t * REGS + k) * 64);
+    alignas(64) uint8_t g[64];
+    for (int i = 0; i < D; ++i) {  // natural register i, byte k: component k % D of vector (64 / D) i + k / D
+      for (int k = 0; k < 64; ++k) g[k] = (uint8_t)(((k % D) & 1) << 6 | ((64 / D) * i + k / D));
+      order[i] = _mm512_load_si512(g);
+    }
+  }
+  void codes(int64_t o, uint8_t* c) const {
+    const uint8_t* row = a.packed + o * a.row_bytes;
+    for (int64_t ch = 0; ch * kChunk * D < a.in; ++ch) {
+      const __m512i idx = load_indices<IB>(row + ch * chunk_bytes, a.row_bytes - ch * chunk_bytes);
+      __m512i w[D];
+      for (int t = 0; t < D; ++t) w[t] = lookup<IB>(idx, plane[t]);
+      const int64_t left = a.in - ch * kChunk * D;  // natural bytes of this chunk inside the row
+      for (int i = 0; i < D; ++i) {
+        __m512i nat = _mm512_permutex2var_epi8(w[0], order[i], w[1]);
+        if constexpr (D == 4)  // bytes 2, 3 of every 4 from planes 2 and 3
+          nat = _mm512_mask_blend_epi8((__mmask64)0xCCCCCCCCCCCCCCCCull, nat,
+                                       _mm512_permutex2var_epi8(w[2], order[i], w[3]));
+        const int64_t n = left - 64 * i;
+        if (n <= 0) break;
+        _mm512_mask_storeu_epi8(c + ch * kChunk * D + 64 * i, n >= 64 ? ~0ull : (1ull << n) - 1, nat);
+      }
+    }
+  }
+  void scales(int64_t o, int64_t g, float* s, float* sz) const {
+    *s = bs::half_to_float(a.scale[o * a.groups + g]) * a.cb_scale;
+    *sz = *s * 128.f;
+  }
+};
 #endif
 
 }  // namespace
@@ -348,6 +404,29 @@ int bs_vq_gemm_int8(const float* x, int64_t rows, const uint8_t* packed, const u
   return 1;
 #else
   (void)x, (void)rows, (void)packed, (void)scale, (void)tables, (void)cb_scale, (void)out, (void)in, (void)d;
+  (void)bits, (void)group, (void)y, (void)threads;
+  return 0;
+#endif
+}
+
+// Prefill: y [T, out] = x [T, in] @ W^T for any T, through the int8 GEMM's tiles (gemm_tile.h) with the
+// same int8 codebook and the same int8 rounding of x as bs_vq_gemm_int8. Returns 0, computing nothing,
+// where the shape or the CPU is not one this path takes.
+int bs_vq_gemm_prefill(const float* x, int64_t T, const uint8_t* packed, const uint16_t* scale, const uint8_t* tables,
+                       float cb_scale, int64_t out, int64_t in, int64_t d, int64_t bits, int64_t group, float* y,
+                       int64_t threads) {
+#if BS_VQ8
+  if (T < 1 || d <= 0 || in % 32 != 0 || in % d != 0 || group <= 0 || group % 32 != 0) return 0;
+  const bool six = bits == 6 && d == 2, eight4 = bits == 8 && d == 4, eight2 = bits == 8 && d == 2;
+  if (!(six || eight4 || eight2)) return 0;
+  const int64_t codes = in / d;
+  const VqArgs args{packed, scale, tables, cb_scale, in, (codes + 7) / 8 * bits, (in + group - 1) / group};
+  if (six) gemm_tiles<VqRows<2, 6>>(args, out, in, group, x, T, y, threads);
+  if (eight4) gemm_tiles<VqRows<4, 8>>(args, out, in, group, x, T, y, threads);
+  if (eight2) gemm_tiles<VqRows<2, 8>>(args, out, in, group, x, T, y, threads);
+  return 1;
+#else
+  (void)x, (void)T, (void)packed, (void)scale, (void)tables, (void)cb_scale, (void)out, (void)in, (void)d;
   (void)bits, (void)group, (void)y, (void)threads;
   return 0;
 #endif
