@@ -44,7 +44,7 @@ SOURCES += (CSRC / "avx2_int8.cpp",)  # 2/3-bit int8 decode on AVX2 without AVX-
 SOURCES += (CSRC / "gemm_int8.cpp",)  # the int8 prefill GEMM on AVX-512 VNNI (kernels.cpu)
 SOURCES += (CSRC / "attn_prefill.cpp",)  # causal attention of a prompt slice (kernels.attention)
 HEADERS = (CSRC / "gemv.h", CSRC / "attention.h", CSRC / "step.h", CSRC / "unpack.h", CSRC / "strided.h",
-           CSRC / "qmatmul.h", CSRC / "qmatmul_float.h", CSRC / "qmatmul_int8.h")
+           CSRC / "qmatmul.h", CSRC / "qmatmul_float.h", CSRC / "qmatmul_int8.h", CSRC / "gemm_tile.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
 
 _I64 = ctypes.c_int64
