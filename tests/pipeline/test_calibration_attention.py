@@ -83,6 +83,27 @@ def test_the_context_sets_and_restores_the_implementation() -> None:
     assert config._attn_implementation == "sdpa"
 
 
+def test_a_config_that_refuses_the_name_keeps_sdpa() -> None:
+    class Strict:
+        def __init__(self) -> None:
+            self._impl = "sdpa"
+
+        @property
+        def _attn_implementation(self) -> str:
+            return self._impl
+
+        @_attn_implementation.setter
+        def _attn_implementation(self, value: str) -> None:
+            if value not in ("sdpa", "eager"):
+                raise ValueError(f"unknown attention {value}")
+            self._impl = value
+
+    config = Strict()
+    with calibration_attention(config):
+        assert config._attn_implementation == "sdpa"
+    assert config._attn_implementation == "sdpa"
+
+
 @needs_kernel
 def test_the_pipeline_runs_its_blocks_on_the_kernel(tmp_path, monkeypatch) -> None:
     """GPTQ on a tiny llama: every block forward's attention takes the kernel (none falls back), and the

@@ -16,6 +16,7 @@ rounded to the inputs' dtype as sdpa's is (held to sdpa in tests/pipeline/test_c
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 NAME = "bitsmith_calibration"
+log = logging.getLogger(__name__)
 
 
 def _sdpa() -> Any:
@@ -84,8 +86,14 @@ def calibration_attention(config: Any, enabled: bool = True) -> Iterator[None]:
     if not enabled or before != "sdpa":
         yield
         return
-    _register()
-    config._attn_implementation = NAME
+    try:
+        _register()
+        config._attn_implementation = NAME
+    except Exception as exc:  # a transformers without the interface, or one that refuses the name: sdpa as before
+        log.info("calibration forwards keep transformers' sdpa attention (%s: %s)", type(exc).__name__, exc)
+        config._attn_implementation = before
+        yield
+        return
     try:
         yield
     finally:
