@@ -44,7 +44,13 @@ gives paired before/after prefill ratios on a shared machine (rows ``w4g128@exac
 Made once and cached under ``--cache`` (default ``speed`` under bench/common.work_dir: ~/.cache/bitsmith/bench): the bitsmith checkpoints (RTN,
 no clip search: speed does not depend on the rounding; the layers at the variant's spec, the embedding
 and head as ``bitsmith quantize`` sets them without flags: w6g128 under bodies of at most 4 bits, w8 above) and the GGUFs (``llama-quantize --allow-requantize`` of the alias's own GGUF to F16,
-then F16 -> Q8_0 / Q4_0 / Q4_K_M, i.e. the same weights as bitsmith's fp32 model).
+then F16 -> Q8_0 / Q4_0 / Q4_K_M, i.e. the same weights as bitsmith's fp32 model; i-quant types, ``IQ3_XXS``
+and the like, with an importance matrix from the first 32 x 512 tokens of bitsmith's prose+code calibration mix,
+bench/iquant_anchor.py make_imatrix). A checkpoint made elsewhere (a vq or calibrated one, whose making takes
+far longer than RTN) joins as one more row with ``--checkpoint MODEL:NAME=PATH``, e.g. the 3-bit vq beside IQ3_XXS:
+
+    python bench/speed.py --models qwen2.5-coder-1.5b --variants w4g128 --gguf-types Q4_0,IQ3_XXS \
+        --checkpoint qwen2.5-coder-1.5b:w3g256vq=DIR --prefill exact,auto --rounds 2
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from pathlib import Path
 
 import tools
 from common import text_path, work_dir
+from iquant_anchor import make_imatrix
 
 LLAMA_BIN = tools.llama_bin_dir()  # `make bench-tools` builds it; without it the llama.cpp rows are skipped
 MODELS = ["smollm2-135m", "qwen2.5-coder-1.5b"]
@@ -216,8 +223,14 @@ def checkpoint(cache: Path, model: str, variant: str) -> Path:
     return path
 
 
+# i-quant GGUFs (IQ*) get llama.cpp's importance matrix from bitsmith's own calibration mix, as the vq and AWQ
+# checkpoints they are compared with calibrate on (bench/iquant_anchor.py make_imatrix: first N x 512 tokens)
+IMATRIX_TEXT, IMATRIX_CHUNKS = "prose+code", 32
+
+
 def ggufs(cache: Path, model: str, types: list[str]) -> dict[str, Path]:
-    """llama.cpp files of the alias's weights: requantized to F16 once, then F16 -> each type."""
+    """llama.cpp files of the alias's weights: requantized to F16 once, then F16 -> each type (i-quants
+    with an importance matrix, ``{model}-{type}-imatrix.gguf``)."""
     from bitsmith.models import open_source
 
     folder = cache / "gguf"
@@ -231,10 +244,13 @@ def ggufs(cache: Path, model: str, types: list[str]) -> dict[str, Path]:
         tmp.rename(f16)
     out = {}
     for t in types:
-        path = folder / f"{model}-{t}.gguf"
+        imatrix = t.upper().startswith("IQ")  # llama.cpp refuses most i-quants without one, and users make one
+        path = folder / f"{model}-{t}{'-imatrix' if imatrix else ''}.gguf"
         if not path.exists():
             tmp = path.with_suffix(".tmp")
-            subprocess.run([quantize, str(f16), str(tmp), t, "2"], check=True, capture_output=True)
+            extra = ["--imatrix", str(make_imatrix(LLAMA_BIN / "llama-imatrix", f16, folder, IMATRIX_CHUNKS, 2,
+                                                   IMATRIX_TEXT))] if imatrix else []
+            subprocess.run([quantize, *extra, str(f16), str(tmp), t, "2"], check=True, capture_output=True)
             tmp.rename(path)
         out[t] = path
     return out
@@ -325,6 +341,23 @@ def decode_comparisons(runs: dict, model: str, ours: str) -> list[str]:
                          f"measured just before it): median {statistics.median(fractions):.1%}, best {fractions[-1]:.1%} "
                          "(target >= 95%)")
     return lines
+
+
+def extra_checkpoints(specs: list[str], models: list[str]) -> dict[tuple[str, str], Path]:
+    """``--checkpoint MODEL:NAME=PATH`` values as {(model, name): path}; a malformed one, a model not in
+    ``--models`` or a folder without bitsmith.json ends the run with a message."""
+    out = {}
+    for spec in specs:
+        head, eq, path = spec.partition("=")
+        model, colon, name = head.partition(":")
+        if not (eq and colon and model and name and path):
+            raise SystemExit(f"--checkpoint {spec!r}: expected MODEL:NAME=PATH, e.g. qwen2.5-coder-1.5b:w3g256vq=DIR")
+        if model not in models:
+            raise SystemExit(f"--checkpoint {spec!r}: {model} is not in --models ({', '.join(models)})")
+        if not (Path(path) / "bitsmith.json").exists():
+            raise SystemExit(f"--checkpoint {spec!r}: {path} is not a bitsmith checkpoint (no bitsmith.json)")
+        out[model, name] = Path(path)
+    return out
 
 
 def run_bitsmith(args: argparse.Namespace, model: str, variant: str, path: Path | None, prefill: str = "") -> dict | None:
@@ -435,6 +468,9 @@ def main() -> int:
     p.add_argument("--hf", action="store_true", help="bitsmith on the Hugging Face forward instead of the lean path")
     p.add_argument("--prefill", default="", help="RuntimeOptions.prefill modes (exact, int8, bf16, auto), comma-separated: "
                                                  "each quantized variant runs under each, alternating within a round")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="MODEL:NAME=PATH",
+                   help="a bitsmith checkpoint made elsewhere (a vq or calibrated one) as one more row of MODEL, named "
+                        "NAME, e.g. qwen2.5-coder-1.5b:w3g256vq=DIR; repeatable")
     p.add_argument("--child-model", help=argparse.SUPPRESS)
     p.add_argument("--child-variant", help=argparse.SUPPRESS)
     p.add_argument("--child-path", help=argparse.SUPPRESS)
@@ -452,7 +488,9 @@ def main() -> int:
         print(f"llama-bench not found in {LLAMA_BIN}; llama.cpp rows skipped (`make bench-tools` builds it)", file=sys.stderr)
     args.cache = args.cache or work_dir("speed")
     args.cache.mkdir(parents=True, exist_ok=True)
+    extra = extra_checkpoints(args.checkpoint, models)  # before any quantizing: a wrong argument fails at once
     paths = {(m, v): checkpoint(args.cache, m, v) for m in models for v in variants if v not in ("fp32", "bf16")}
+    paths.update(extra)
     files = {m: ggufs(args.cache, m, types) for m in models} if llamacpp else {}
     if args.prepare_only:
         return 0
@@ -465,7 +503,7 @@ def main() -> int:
     commands: list[str] = []
     for round_ in range(args.rounds):
         for m in models:
-            for v in variants:
+            for v in variants + [name for (mm, name) in extra if mm == m]:
                 for mode in (modes if (m, v) in paths else [""]):
                     label = f"{v}@{mode}" if mode else v
                     bw_now = bandwidth_gbs(args.threads)
