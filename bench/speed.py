@@ -248,7 +248,9 @@ def ggufs(cache: Path, model: str, types: list[str]) -> dict[str, Path]:
         path = folder / f"{model}-{t}{'-imatrix' if imatrix else ''}.gguf"
         if not path.exists():
             tmp = path.with_suffix(".tmp")
-            extra = ["--imatrix", str(make_imatrix(LLAMA_BIN / "llama-imatrix", f16, folder, IMATRIX_CHUNKS, 2,
+            work = folder / f"{model}-imatrix"  # make_imatrix names its file by chunks and text: one folder per model
+            work.mkdir(exist_ok=True)
+            extra = ["--imatrix", str(make_imatrix(LLAMA_BIN / "llama-imatrix", f16, work, IMATRIX_CHUNKS, 2,
                                                    IMATRIX_TEXT))] if imatrix else []
             subprocess.run([quantize, *extra, str(f16), str(tmp), t, "2"], check=True, capture_output=True)
             tmp.rename(path)
