@@ -190,3 +190,19 @@ def test_speed_counts_the_bytes_a_3bit_decode_reads(monkeypatch: pytest.MonkeyPa
     want = sum(k.qweight.nbytes + k.scale.nbytes + (0 if k.zero is None else k.zero.nbytes) for k in kernels)
     want += sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert speed._weight_bytes_per_token(model) == want
+
+
+def test_speed_takes_a_checkpoint_made_elsewhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """bench/speed.py --checkpoint MODEL:NAME=PATH: a malformed value, a model the run does not measure or a
+    folder that is not a checkpoint stops the run with a message before anything is made."""
+    monkeypatch.syspath_prepend(str(BENCH))  # speed.py imports its siblings (tools, common, iquant_anchor)
+    speed = load("speed")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "bitsmith.json").write_text("{}")
+    got = speed.extra_checkpoints([f"qwen2.5-coder-1.5b:w3g256vq={ckpt}"], ["smollm2-135m", "qwen2.5-coder-1.5b"])
+    assert got == {("qwen2.5-coder-1.5b", "w3g256vq"): ckpt}
+    for value, says in [("qwen2.5-coder-1.5b", "MODEL:NAME=PATH"), (f"other:w3={ckpt}", "not in --models"),
+                        (f"qwen2.5-coder-1.5b:w3={tmp_path}", "not a bitsmith checkpoint")]:
+        with pytest.raises(SystemExit, match=says):
+            speed.extra_checkpoints([value], ["qwen2.5-coder-1.5b"])
