@@ -22,8 +22,8 @@ import ctypes
 import torch
 
 from bitsmith.formats.packing import pack, packed_row_bytes
-from bitsmith.kernels.cpu import resolve_prefill
 from bitsmith.kernels.torch_path import reference_linear
+from bitsmith.runtime.options import PREFILL_CHOICES
 from bitsmith.spec import QuantSpec
 from bitsmith.tensor import QuantizedTensor
 
@@ -106,7 +106,8 @@ class CodebookKernel:
         self.int8 = bool(int8) and bool(lib.bs_vq8_available())
         # the batched path: int8 through the int8 GEMM's tiles for "int8" and "auto" (on every CPU: vq has
         # no bf16 prefill, so "auto" does not mean bf16 here), else dequantize + float32 mm ("exact", "bf16")
-        resolve_prefill(prefill)  # the choice's check
+        if prefill not in PREFILL_CHOICES:
+            raise ValueError(f"prefill={prefill!r}; use one of {', '.join(PREFILL_CHOICES)}")
         self.prefill = "int8" if prefill in ("auto", "int8") and lib.bs_vq8_available() else "exact"
         if self.int8 or self.prefill == "int8":  # planes [d][entries] of the int8 codebook + 128 (what the byte shuffles index)
             q, self._cb_scale = int8_codebook(self.grid)
@@ -183,7 +184,7 @@ def prepare_codebook(qt: QuantizedTensor, threads: int | None = None, int8: bool
                      prefill: str = "exact") -> CodebookKernel | None:
     """The native kernel for a vq tensor, or None when the native library cannot be built. ``int8``:
     1 to 8 activation rows with the int8 codebook and activations where the CPU has the instructions;
-    ``prefill`` (``RuntimeOptions.prefill``): more rows the same way when it resolves to ``int8``."""
+    ``prefill`` (``RuntimeOptions.prefill``): more rows the same way when it is ``int8`` or ``auto``."""
     from bitsmith.kernels.build import native_library
 
     lib = native_library()

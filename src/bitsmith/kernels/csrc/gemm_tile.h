@@ -118,12 +118,10 @@ void gemm_tiles(const typename Rows::Args& args, int64_t out, int64_t in, int64_
       for (int r = 0; r < NR; ++r) {
         if (r < valid) {
           rows.codes(n0 + r, scratch.data() + r * in);
-        } else {
+          for (int64_t g = 0; g < groups; ++g) rows.scales(n0 + r, g, &sc[g * NR + r], &sz[g * NR + r]);
+        } else {  // rows past the matrix: zero codes with zero scales
           std::memset(scratch.data() + r * in, 0, (size_t)in);
-        }
-        for (int64_t g = 0; g < groups; ++g) {
-          if (r < valid) rows.scales(n0 + r, g, &sc[g * NR + r], &sz[g * NR + r]);
-          else sc[g * NR + r] = sz[g * NR + r] = 0.f;
+          for (int64_t g = 0; g < groups; ++g) sc[g * NR + r] = sz[g * NR + r] = 0.f;
         }
       }
       interleave_tile(scratch.data(), in, wb.data());
