@@ -13,11 +13,12 @@
 // 64 of 4-bit, 96 of 3-bit) is gathered into ONE int32 accumulator whose lane l always covers codes of the
 // same 32-block of x (so of one x scale and one weight group): one conversion and one FMA per
 // superblock instead of one per 64 codes, and an unpack of a few shifts and masks:
-//   2 bits (S = 512): natural dword d (bytes 4d..4d+3, codes 16d..16d+15) lies in x block d/2; two
-//     vpermt2d put dwords 2l (half v = 0) and 2l+1 (v = 1) in lane l, so lane l sums the 32 codes of x
-//     block l. In each half, byte b's code s is b & 3 (s = 0) or one vgf2p8affineqb moving bits 2s,
-//     2s+1 to bits 0, 1 (session 15: ~3% less compute than a shift and three vpermb lookups); xq per
-//     superblock as dot 4v+s reads code s of natural dword 2l+v's byte e in byte 4l+e. One conversion and scale step per 512 codes: with 256 it was ~30% of the
+//   2 bits (S = 512): natural dword d (bytes 4d..4d+3, codes 16d..16d+15) lies in x block d/2; each
+//     64-byte half v is summed as it lies (lane l: dword 16v+l), then two vpermt2d of the two int32
+//     sums put dwords 2l and 2l+1 in lane l, so lane l sums the 32 codes of x block l. In each half,
+//     byte b's code s is b & 3 (s = 0) or one vgf2p8affineqb moving bits 2s, 2s+1 to bits 0, 1
+//     (session 15: ~3% less compute than a shift and three vpermb lookups); xq per superblock as dot
+//     4v+s reads code s of natural dword 16v+l's byte e in byte 4l+e. One conversion and scale step per 512 codes: with 256 it was ~30% of the
 //     2-bit time (session 12).
 //   4 bits (S = 128): b & 15 are the even codes, (b >> 4) & 15 the odd ones; xq as [x_{2j} | x_{2j+1}];
 //     lane l sums codes 8l..8l+7 (x block l/4).
@@ -48,9 +49,9 @@ constexpr int strided_span(int bits) { return bits == 4 ? 128 : bits == 2 ? 512 
 
 // codes of superblock position p (natural index within the superblock) for permuted byte p
 inline int strided_source(int bits, int p) {
-  if (bits == 2) {  // dot k = 4v + s reads codes 4e+s of natural dword 2l+v in byte e of lane l
+  if (bits == 2) {  // dot k = 4v + s reads codes 4e+s of natural dword 16v+l in byte e of lane l
     const int k = p / 64, l = (p % 64) / 4, e = p % 4;
-    return 32 * l + 16 * (k / 4) + 4 * e + k % 4;
+    return 256 * (k / 4) + 16 * l + 4 * e + k % 4;
   }
   if (bits == 4) return 2 * (p % 64) + p / 64;
   // 3 bits: dot k = p / 64 reads gather k / 2, codes 0-3 (k even) or 4-7 of its runs; byte e of qword j
@@ -67,7 +68,7 @@ constexpr uint64_t bit_matrix(int a, int b, int c) {
 struct Strided {
   __m512i gather3[2];  // 3 bits: vpermi2b indices of run pair g over bytes [0, 64) | [32, 96)
   __m512i half3[2];    // 3 bits: vpmultishiftqb offsets of codes 0-3 (h = 0) or 4-7 (h = 1) of both runs
-  __m512i dwords2[2];  // 2 bits: vpermt2d indices of dwords 0, 2, .., 30 | 1, 3, .., 31 of the 128 bytes
+  __m512i dwords2[2];  // 2 bits: vpermt2d indices of lanes 0, 2, .., 30 | 1, 3, .., 31 of the two halves' sums
   __m512i plane2[3];   // 2 bits: gf2p8affineqb matrices taking bits 2s, 2s+1 of a byte to bits 0, 1 (s = 1..3)
   __m512i mix[3];      // 3-bit mixed layout, dots 1-3: A's bits 3-5; B's 2-4 | 5-7; (A's 6-7, B's 0 | 1)
   __m512i lanes;       // S > G: lane -> group offset within the superblock
@@ -128,19 +129,23 @@ inline __m512i strided_dot(const uint8_t* p, const int8_t* q, const Strided& st)
     for (int k = 1; k < 4; ++k) acc = _mm512_dpbusd_epi32(acc, d[k], _mm512_loadu_si512(q + 64 * k));
     return acc;
   } else if constexpr (BITS == 2) {
-    // 512 codes in 128 bytes; vpermt2d sorts the 32 dwords (16 codes each) so that lane l of both halves
-    // is natural dword 2l or 2l+1, both of x block l: one int32 accumulator, one conversion per 512 codes
-    const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 64), m3 = _mm512_set1_epi8(3);
+    // 512 codes in 128 bytes, each half (v) read as it lies: lane l of half v is natural dword 16v + l
+    // (codes 16(16v+l) ..+15, x block 8v + l/2). The two halves' int32 sums are then folded by two
+    // vpermt2d + an add so that lane l holds x block l (natural dwords 2l and 2l+1): one conversion per
+    // 512 codes, and the permutes come after the multiply chains rather than in front of them
+    // (session 27: 0.82x the cost per byte on 576-wide rows, where a row is one superblock)
+    const __m512i m3 = _mm512_set1_epi8(3);
     __m512i acc[2];
     for (int v = 0; v < 2; ++v) {
-      const __m512i raw = _mm512_permutex2var_epi32(a, st.dwords2[v], b);
+      const __m512i raw = _mm512_loadu_si512(p + 64 * v);
       const int8_t* qv = q + 256 * v;
       acc[v] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, m3), _mm512_loadu_si512(qv));
       for (int s = 1; s < 4; ++s)  // code s of each byte (bits 2s, 2s+1) into bits 0, 1: one GF(2) affine step
         acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_gf2p8affine_epi64_epi8(raw, st.plane2[s - 1], 0),
                                      _mm512_loadu_si512(qv + 64 * s));
     }
-    return _mm512_add_epi32(acc[0], acc[1]);
+    return _mm512_add_epi32(_mm512_permutex2var_epi32(acc[0], st.dwords2[0], acc[1]),
+                            _mm512_permutex2var_epi32(acc[0], st.dwords2[1], acc[1]));
   } else if constexpr (BITS == 4) {
     const __m512i raw = _mm512_loadu_si512(p), m15 = _mm512_set1_epi8(15);
     const __m512i lo = _mm512_and_si512(raw, m15), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15);
