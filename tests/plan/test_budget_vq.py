@@ -133,3 +133,24 @@ def test_budget_sensitivity_reads_the_text_the_vq_quantize_reads(tiny: Path, tmp
     expected = calibration_batches(tokenizer, read_calibration_text(PROSE_CODE), 8, 512)
     assert not torch.equal(expected, calibration_batches(tokenizer, read_calibration_text(None), 8, 512))  # reaches code
     assert torch.equal(seen["tokens"], expected)
+
+
+def test_cli_budget_under_vq_takes_its_main_spec_from_the_candidates(tiny: Path, calib_file: Path, tmp_path: Path,
+                                                                    capsys) -> None:
+    """--budget replaces --spec: under --method vq the run needs no --spec (it once refused with "use a vq
+    spec ... not w4g128", the unused default); candidates without a vq spec are refused before any work."""
+    from bitsmith.cli import main
+    from bitsmith.io.checkpoint import read_info
+
+    common = ["quantize", str(tiny), "--method", "vq", "--budget", "3.6bpw", "--calib", str(calib_file),
+              "--calib-samples", "4", "--calib-len", "64", "--sensitivity-windows", "2"]
+    assert main([*common, "--candidates", "w4g32,w2g32vq,w3g32vq", "--out", str(tmp_path / "mixed")]) == 0
+    specs = set(read_info(tmp_path / "mixed").specs.values())
+    assert {s.grid for s in specs} <= {"vq", "uniform"} and any(s.grid == "vq" for s in specs)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*common, "--candidates", "w4g32,w8", "--out", str(tmp_path / "scalar")])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "needs a vq spec among --candidates" in err and "Traceback" not in err
+    assert not (tmp_path / "scalar").exists()

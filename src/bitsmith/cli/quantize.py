@@ -9,7 +9,7 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model into a packed bitsmith checkpoint")
     p.add_argument("model", help="Hugging Face folder, .gguf file, or alias (smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b)")
-    p.add_argument("--spec", default="w4g128", help="quantization spec: w8, w4g128, w3g64s, ... (default w4g128)")
+    p.add_argument("--spec", default=None, help="quantization spec: w8, w4g128, w3g64s, ... (default w4g128)")
     p.add_argument("--method", default=None,
                    help="quantization method: rtn, hqq (no calibration), gptq, awq (calibrated) "
                         "(default: gptq with --calib, else hqq); vq (calibrated) for vector-codebook specs "
@@ -66,6 +66,22 @@ def default_method(args: argparse.Namespace) -> str:
     return args.method or library_default(args.calib is not None)
 
 
+def main_spec(args: argparse.Namespace) -> str:
+    """--spec, else w4g128; under --budget with --method vq, where --budget replaces --spec and the plan's
+    main spec must be a vector one (methods.vq.check_method), the first vq candidate."""
+    if args.spec is not None:
+        return args.spec
+    if args.budget is not None and args.method == "vq":
+        from bitsmith.spec import QuantSpec
+
+        vq = [s.strip() for s in args.candidates.split(",") if s.strip() and QuantSpec.parse(s.strip()).grid == "vq"]
+        if not vq:
+            raise ValueError(f"--method vq with --budget needs a vq spec among --candidates (such as w2g64vq or "
+                             f"w3g128vq), got {args.candidates}")
+        return vq[0]
+    return "w4g128"
+
+
 def compute_dtype(choice: str, device: str = "cpu"):
     """The torch dtype of the calibrated block forwards for --compute-dtype (auto: bf16 where the CPU,
     or the CUDA ``device``, has native bf16 instructions; :func:`bitsmith.pipeline.plan.resolve_compute_dtype`)."""
@@ -101,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
                **({"rotate_seed": args.rotate_seed} if args.rotate_seed is not None else {})}
     if args.rotate_seed is not None and not args.rotate:
         raise ValueError("--rotate-seed needs --rotate")
+    args.spec = main_spec(args)
     plan = QuantizePlan(
         spec=QuantSpec.parse(args.spec), method=args.method, options=options,
         quantize_head=args.quantize_head, quantize_embeddings=args.quantize_embeddings, unquantized_dtype=args.unquantized_dtype,
