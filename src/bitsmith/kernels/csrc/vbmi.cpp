@@ -52,6 +52,15 @@
 // 14), time against the build without it: w4g128 17920x1536 0.907, 2048x1536 0.901, 1536x8960 1.002;
 // w3g128 0.973 / 0.981 / 1.005; w2g64 1.006 / 0.971 / 0.979 (T1 hint, 8 passes: no better). On by default
 // since; the 1-thread figures of session 13 agreed for w4 (0.91x) and saw the rest within +-3%.
+// 2-bit rows of one superblock (and a tail) prefetch their pass as one stream of lines, a share at each
+// row's superblock, instead of two lines ahead of each row's superblock and the tail's lines again: on
+// SmolLM2's 576-wide rows (144 bytes: one superblock and a 16-byte tail) that issued ~2.7 prefetches per
+// line. In cache, 1 thread (session 27): 0.69x the cost per byte on 576-wide w2g64 rows. The same loop
+// on 1536-wide rows cost 1.1x and on 4-bit rows 1.15-1.6x, so longer rows and 3/4 bits keep the per-row
+// prefetch. -DBS_PF_STREAM=0 turns it off.
+#ifndef BS_PF_STREAM
+#define BS_PF_STREAM 1
+#endif
 #ifndef BS_PF_FAR
 #define BS_PF_FAR 4
 #endif
@@ -175,7 +184,7 @@ void rows_vbmi1(const bs::Matrix& m, const Unpack& u, int64_t o0, const float* x
 // scale index a counter or a product, not a run-time division: with `b * S / G` per row and superblock
 // the loop ran a 64-bit idiv per row and superblock (~9 in the 4-row loop, ~10-15% of a 3-bit pass) and
 // the compiler spilled x's codes to the stack around the branch.
-template <int BITS, int R, bool LANES, bool MIX = false>
+template <int BITS, int R, bool LANES, bool MIX = false, bool STREAM = false>
 void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64_t o0, const float* xv,
                   const int8_t* xq, const float* xsum, float* y) {
   constexpr int S = strided_span(BITS), SB = S * BITS / 8;
@@ -196,17 +205,30 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
     total[r] = -row_scales(m, o0 + r, groups, mid, xsum, scales + r * (kMaxGroups + 16));  // the zero-point term
     f[r] = _mm512_setzero_ps();
   }
+  // STREAM: the pass's bytes as one stream of lines, a share of them prefetched at each superblock step
+  const uintptr_t first = STREAM ? (uintptr_t)row[0] & ~(uintptr_t)63 : 0;
+  const int64_t lines = STREAM ? ((int64_t)((uintptr_t)row[0] + R * row_bytes - first) + 63) / 64 : 0;
+  const int64_t per = STREAM ? (lines + R - 1) / R : 0;  // STREAM: one superblock a row
+  int64_t cursor = 0;  // lines prefetched so far
   int64_t g = 0, left = step;  // !LANES: the current group, and how many of its superblocks are to come
   for (int64_t b = 0; b < blocks; ++b) {
     const __m512 v = _mm512_loadu_ps(xv + b * (S / 4));
     const int8_t* q = xq + b * S;
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = row[r] + b * SB;
-      _mm_prefetch((const char*)(p + ahead), _MM_HINT_T0);
-      if (SB > 64) _mm_prefetch((const char*)(p + ahead + 64), _MM_HINT_T0);
-      if (far) {
-        _mm_prefetch((const char*)(p + far), BS_PF_FAR_HINT);
-        if (SB > 64) _mm_prefetch((const char*)(p + far + 64), BS_PF_FAR_HINT);
+      if constexpr (STREAM) {
+        for (int64_t i = 0; i < per && cursor < lines; ++i, ++cursor) {
+          const char* line = (const char*)(first + 64 * cursor);
+          _mm_prefetch(line + ahead, _MM_HINT_T0);
+          if (far) _mm_prefetch(line + far, BS_PF_FAR_HINT);
+        }
+      } else {
+        _mm_prefetch((const char*)(p + ahead), _MM_HINT_T0);
+        if (SB > 64) _mm_prefetch((const char*)(p + ahead + 64), _MM_HINT_T0);
+        if (far) {
+          _mm_prefetch((const char*)(p + far), BS_PF_FAR_HINT);
+          if (SB > 64) _mm_prefetch((const char*)(p + far + 64), BS_PF_FAR_HINT);
+        }
       }
       const __m512 d = _mm512_cvtepi32_ps(strided_dot<BITS, MIX>(p, q, st));
       if constexpr (LANES) {  // the lanes span several groups: per-lane weight scales
@@ -233,7 +255,7 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
     const int64_t gk = k / G;
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = row[r] + k / 8 * BITS;
-      if (k == blocks * S) {  // the superblocks' prefetch stops short of the tail (< SB bytes): its lines too
+      if (!STREAM && k == blocks * S) {  // the superblocks' prefetch stops short of the tail (< SB bytes): its lines too
         for (int64_t line = 0; line < row_bytes - blocks * SB; line += 64) {
           _mm_prefetch((const char*)(p + ahead + line), _MM_HINT_T0);
           if (far) _mm_prefetch((const char*)(p + far + line), BS_PF_FAR_HINT);
@@ -246,22 +268,32 @@ void rows_strided(const bs::Matrix& m, const Unpack& u, const Strided& st, int64
   store_sums<R>(total, y + o0);
 }
 
-template <int BITS, bool LANES, bool MIX>
+template <int BITS, bool LANES, bool MIX, bool STREAM = false>
 void strided_rows_all(const bs::Matrix& m, const Unpack& u, const Strided& st, const float* xv, const int8_t* xq,
                       const float* xsum, float* y) {
   constexpr int R = 4;
   const int64_t quads = m.out / R;
 #pragma omp for schedule(static)
   for (int64_t b = 0; b <= quads; ++b) {
-    if (b < quads) rows_strided<BITS, R, LANES, MIX>(m, u, st, b * R, xv, xq, xsum, y);
+    if (b < quads) rows_strided<BITS, R, LANES, MIX, STREAM>(m, u, st, b * R, xv, xq, xsum, y);
     else
-      for (int64_t o = quads * R; o < m.out; ++o) rows_strided<BITS, 1, LANES, MIX>(m, u, st, o, xv, xq, xsum, y);
+      for (int64_t o = quads * R; o < m.out; ++o) rows_strided<BITS, 1, LANES, MIX, STREAM>(m, u, st, o, xv, xq, xsum, y);
   }
+}
+
+// Not inlined into strided_all: beside the other instantiation GCC stopped inlining the row loop of
+// the 1536-wide 2-bit rows (1.15x their in-cache cost per byte, session 27).
+template <int BITS, bool MIX>
+__attribute__((noinline)) void stream_rows_all(const bs::Matrix& m, const Unpack& u, const Strided& st, const float* xv,
+                                               const int8_t* xq, const float* xsum, float* y) {
+  strided_rows_all<BITS, true, MIX, true>(m, u, st, xv, xq, xsum, y);
 }
 
 template <int BITS, bool MIX = false>
 void strided_all(const bs::Matrix& m, const Unpack& u, const float* xv, const int8_t* xq, const float* xsum, float* y) {
   const Strided st(m);
+  if (BITS == 2 && BS_PF_STREAM && m.in < 2 * strided_span(BITS) && m.group < strided_span(BITS))
+    return stream_rows_all<BITS, MIX>(m, u, st, xv, xq, xsum, y);  // one superblock a row (see BS_PF_STREAM)
   if (m.group < strided_span(BITS)) return strided_rows_all<BITS, true, MIX>(m, u, st, xv, xq, xsum, y);
   strided_rows_all<BITS, false, MIX>(m, u, st, xv, xq, xsum, y);
 }
