@@ -72,14 +72,19 @@ def main_spec(args: argparse.Namespace) -> str:
     if args.spec is not None:
         return args.spec
     if args.budget is not None and args.method == "vq":
-        from bitsmith.spec import QuantSpec
-
-        vq = [s.strip() for s in args.candidates.split(",") if s.strip() and QuantSpec.parse(s.strip()).grid == "vq"]
+        vq = [s for s in candidate_specs(args.candidates) if s.grid == "vq"]
         if not vq:
             raise ValueError(f"--method vq with --budget needs a vq spec among --candidates (such as w2g64vq or "
                              f"w3g128vq), got {args.candidates}")
-        return vq[0]
+        return str(vq[0])
     return "w4g128"
+
+
+def candidate_specs(text: str):
+    """--candidates as QuantSpecs, in the order given."""
+    from bitsmith.spec import QuantSpec
+
+    return [QuantSpec.parse(s.strip()) for s in text.split(",") if s.strip()]
 
 
 def compute_dtype(choice: str, device: str = "cpu"):
@@ -185,10 +190,9 @@ def _allocate(args: argparse.Namespace, plan, calib):
     from bitsmith.pipeline.quantize import calibration
     from bitsmith.plan.allocate import Budget
     from bitsmith.plan.sensitivity import check_plan_budget, plan_allocation
-    from bitsmith.spec import QuantSpec
 
     budget = Budget.parse(args.budget)
-    candidates = [QuantSpec.parse(s) for s in args.candidates.split(",") if s.strip()]
+    candidates = candidate_specs(args.candidates)
     check_plan_budget(args.model, plan, budget, candidates)  # an unreachable budget, before minutes of work
     # the sensitivity pass reads the text the quantize step will (vq and awq: prose + code by default)
     sens_text = args.calib if args.calib is not None else calibration(plan).text
