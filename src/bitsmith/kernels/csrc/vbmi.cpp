@@ -292,8 +292,10 @@ __attribute__((noinline)) void stream_rows_all(const bs::Matrix& m, const Unpack
 template <int BITS, bool MIX = false>
 void strided_all(const bs::Matrix& m, const Unpack& u, const float* xv, const int8_t* xq, const float* xsum, float* y) {
   const Strided st(m);
-  if (BITS == 2 && BS_PF_STREAM && m.in < 2 * strided_span(BITS) && m.group < strided_span(BITS))
-    return stream_rows_all<BITS, MIX>(m, u, st, xv, xq, xsum, y);  // one superblock a row (see BS_PF_STREAM)
+  if constexpr (BITS == 2 && BS_PF_STREAM) {  // 3- and 4-bit instantiations never emit the stream path
+    if (m.in < 2 * strided_span(BITS) && m.group < strided_span(BITS))
+      return stream_rows_all<BITS, MIX>(m, u, st, xv, xq, xsum, y);  // one superblock a row (see BS_PF_STREAM)
+  }
   if (m.group < strided_span(BITS)) return strided_rows_all<BITS, true, MIX>(m, u, st, xv, xq, xsum, y);
   strided_rows_all<BITS, false, MIX>(m, u, st, xv, xq, xsum, y);
 }
