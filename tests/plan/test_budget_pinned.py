@@ -48,15 +48,19 @@ def test_budget_layers_splits_pinned_outputs(tiny) -> None:
     assert budget_layers(source, bare) == (free, {}, fixed_bits(source, free, bare.unquantized_dtype))
 
 
+def _mixing_bpw(blocks: dict[str, tuple[int, int]]) -> float:
+    """A bits/weight budget between the candidates' floor and top: the allocation must mix."""
+    low, high = reachable_bits(blocks, [QuantSpec.parse(s) for s in CANDIDATES.split(",")])
+    return (low + high) / 2 / sum(o * i for o, i in blocks.values())
+
+
 def test_budget_with_output_spec_end_to_end(tiny, tmp_path, capsys) -> None:
     from bitsmith.cli import main
     from bitsmith.io.checkpoint import read_info
 
     blocks = _blocks(tiny)
-    cands = [QuantSpec.parse(s) for s in CANDIDATES.split(",")]
-    low, high = reachable_bits(blocks, cands)
     weights = sum(o * i for o, i in blocks.values())
-    bpw = (low + high) / 2 / weights  # between the floor and the top: the allocation must mix
+    bpw = _mixing_bpw(blocks)
     out = tmp_path / "q"
     args = ["quantize", str(tiny), "--method", "rtn", "--candidates", CANDIDATES, "--budget", f"{bpw:.4f}bpw",
             "--output-spec", "w8", "--out", str(out)]
@@ -85,3 +89,33 @@ def test_budget_below_the_blocks_floor_is_refused_with_pinned_outputs(tiny, tmp_
         main(["quantize", str(tiny), "--method", "rtn", "--candidates", CANDIDATES, "--budget", f"{below:.4f}bpw",
               "--output-spec", "w8", "--out", str(tmp_path / "q")])
     assert "cannot be met" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("outputs", ["default", "keep"])
+def test_budget_pins_the_auto_outputs_unless_kept(tiny, tmp_path, outputs) -> None:
+    """Without --output-spec a budget quantizes the embedding and head as a plain quantize does, at the
+    auto spec for a body of the budget's bits/weight rounded down (pinned, outside the allocation);
+    ``keep`` still leaves them unquantized."""
+    import math
+
+    from bitsmith.cli import main
+    from bitsmith.io.checkpoint import read_info
+    from bitsmith.models import open_source
+    from bitsmith.pipeline.outputs import default_output_spec
+
+    blocks = _blocks(tiny)
+    bpw = _mixing_bpw(blocks)
+    out = tmp_path / "q"
+    extra = [] if outputs == "default" else ["--output-spec", "keep"]
+    assert main(["quantize", str(tiny), "--method", "rtn", "--candidates", CANDIDATES, "--budget", f"{bpw:.4f}bpw",
+                 "--out", str(out), *extra]) == 0
+    info = read_info(out)
+    specs = {k: str(v) for k, v in info.specs.items()}
+    assert {specs[n] for n in blocks} == set(CANDIDATES.split(","))
+    if outputs == "keep":
+        assert "model.embed_tokens" not in specs and "lm_head" not in specs
+        return
+    width = open_source(tiny).config.hidden_size
+    expected = str(default_output_spec(QuantSpec.parse(f"w{math.floor(bpw)}"), width))
+    assert specs["model.embed_tokens"] == specs["lm_head"] == expected
+    assert info.report["allocation"]["pinned"] == {"model.embed_tokens": expected, "lm_head": expected}

@@ -90,7 +90,10 @@ def test_cli_budget_with_vq_candidates(tiny: Path, calib_file: Path, tmp_path: P
     assert rc == 0
     info = read_info(out)
     assert info.report["allocation"]["bits_per_weight"] <= 4.2
-    assert {str(s) for s in info.specs.values()} <= {"w2g32vq", "w3g32vq", "w4g32"}
+    pinned = info.report["allocation"]["pinned"]  # the embedding and head at the auto spec, outside the budget
+    assert set(pinned) == {"model.embed_tokens", "lm_head"} and len(set(pinned.values())) == 1
+    allocated = {str(s) for name, s in info.specs.items() if name not in pinned}
+    assert allocated <= {"w2g32vq", "w3g32vq", "w4g32"}
 
 
 def test_vq_candidates_without_the_vq_method_are_refused_before_sensitivity(tiny: Path, calib_file: Path,

@@ -41,7 +41,8 @@ def _cli(tiny: Path, out: Path, *extra: str) -> list[str]:
     return ["quantize", str(tiny), "--method", "rtn", "--candidates", CANDIDATES, "--out", str(out), *extra]
 
 
-@pytest.mark.parametrize("budget", ["0.5bpw", "1.9bpw", "1kB", "60kB"])  # the tiny model needs at least ~64 kB
+# the tiny model needs at least ~46 kB (its embedding and head pinned at the auto w6g64)
+@pytest.mark.parametrize("budget", ["0.5bpw", "1.9bpw", "1kB", "45kB"])
 def test_impossible_budget_is_refused_before_sensitivity(tiny, tmp_path, no_sensitivity, capsys, budget) -> None:
     from bitsmith.cli import main
 
@@ -69,7 +70,7 @@ def test_reachable_range_is_exact() -> None:
         check_budget(Budget(bits_per_weight=(low - 1) / weights), shapes, cands)
     fixed = 8000
     check_budget(Budget(total_bytes=(low + fixed) // 8), shapes, cands, fixed)
-    with pytest.raises(AllocationError, match=r"of which 1\.0 kB stay unquantized"):
+    with pytest.raises(AllocationError, match=r"of which 1\.0 kB are fixed"):
         check_budget(Budget(total_bytes=(low + fixed) // 8 - 1), shapes, cands, fixed)
     signs = 128 + 64  # a rotation's sign per input channel of each layer: stored whatever the specs
     check_budget(Budget(bits_per_weight=(low + signs) / weights), shapes, cands, sign_bits=signs)

@@ -21,8 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="spec of the embedding table and the output head: auto (default: w6g128 under a --spec of at "
                         "most 4 bits, w8 above; decode reads 6-8-bit instead of fp16 head bytes, as llama.cpp keeps its "
                         "output at Q6_K/Q8_0), any spec, or keep (unquantized); "
-                        "with --budget the default is keep, and a spec given stays fixed for those two tensors, outside a "
-                        "bits/weight budget (a size budget counts their bytes)")
+                        "with --budget auto follows the budget's bits/weight (a size budget: --spec), and the spec stays "
+                        "fixed for those two tensors, outside a bits/weight budget (a size budget counts their bytes)")
     p.add_argument("--quantize-head", action="store_true", help="quantize lm_head at --spec (overrides --output-spec)")
     p.add_argument("--quantize-embeddings", action="store_true", help="quantize the input embedding table at --spec (overrides --output-spec)")
     p.add_argument("--unquantized-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage for tensors left unquantized")
@@ -169,16 +169,17 @@ def _device_calib(args: argparse.Namespace, device: str):
 
 
 def _outputs(args: argparse.Namespace, plan):
-    """The embedding/head policy: --output-spec (default auto without --budget: w6g128 under bodies of
-    at most 4 bits, w8 above; keep with --budget; an explicit spec with --budget is pinned, outside the
-    allocation)."""
-    from bitsmith.pipeline.outputs import AUTO, KEEP, parse_output_spec, with_output_spec
+    """The embedding/head policy: --output-spec (default auto: w6g128 under bodies of at most 4 bits,
+    w8 above; under --budget the body is the budget's bits/weight rounded down, or the main spec for a
+    size budget; with --budget the spec is pinned, outside the allocation)."""
+    from bitsmith.pipeline.outputs import AUTO, budget_body, parse_output_spec, with_output_spec
+    from bitsmith.plan.allocate import Budget
 
-    chosen = args.output_spec or (KEEP if args.budget is not None else AUTO)
-    # with --budget an explicit spec pins the embedding and head: the allocator leaves them at it and a
+    spec = parse_output_spec(args.output_spec or AUTO)
+    # with --budget the spec pins the embedding and head: the allocator leaves them at it and a
     # bits/weight budget counts the other layers only (a size budget counts their bytes too)
-    spec = parse_output_spec(chosen)
-    return with_output_spec(plan, args.model, spec)
+    body = budget_body(plan.spec, Budget.parse(args.budget).bits_per_weight) if args.budget is not None else None
+    return with_output_spec(plan, args.model, spec, body=body)
 
 
 def _allocate(args: argparse.Namespace, plan, calib):

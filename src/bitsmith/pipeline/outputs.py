@@ -20,6 +20,7 @@ it would triple SmolLM2's KLD (0.0029 -> 0.0097), so 8-bit bodies keep w8.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -56,9 +57,23 @@ def parse_output_spec(text: str) -> QuantSpec | str | None:
     return QuantSpec.parse(text)
 
 
-def with_output_spec(plan: QuantizePlan, model: object, spec: QuantSpec | str | None) -> QuantizePlan:
+def budget_body(spec: QuantSpec, bits_per_weight: float | None) -> QuantSpec:
+    """The body ``AUTO`` resolves against under a mixed-precision budget: ``bits_per_weight`` rounded
+    down (2.34bpw and 4.25bpw are 2- and 4-bit bodies: w6g128; 6bpw and above: w8), else ``spec``,
+    the plan's main spec (a size budget, whose body width is not known before the allocation).
+
+    Before session 28 a budget kept both tensors unquantized by default: Qwen2.5-Coder-1.5B at
+    2.34bpw stored 1317 MB where uniform w2g64vq with the auto outputs stored 734 MB, and its
+    decode read an fp16 head."""
+    if bits_per_weight is None:
+        return spec
+    return QuantSpec.parse(f"w{min(8, max(2, math.floor(bits_per_weight)))}")
+
+
+def with_output_spec(plan: QuantizePlan, model: object, spec: QuantSpec | str | None,
+                     body: QuantSpec | None = None) -> QuantizePlan:
     """``plan`` with the embedding (and an untied head) quantized at ``spec`` (``AUTO``: the default for
-    the plan's own spec, :func:`default_output_spec`).
+    ``body``, else the plan's own spec, :func:`default_output_spec`).
 
     ``model`` is anything :func:`bitsmith.models.open_source` accepts; only its config is read.
     An explicit ``quantize_head``/``quantize_embeddings`` in the plan wins (those tensors then
@@ -71,7 +86,7 @@ def with_output_spec(plan: QuantizePlan, model: object, spec: QuantSpec | str | 
     meta = meta_model(open_source(model).config)
     embedding, head = embedding_and_head_names(meta)
     if spec == AUTO:
-        spec = default_output_spec(plan.spec, meta.get_input_embeddings().weight.shape[1])
+        spec = default_output_spec(body or plan.spec, meta.get_input_embeddings().weight.shape[1])
     elif not isinstance(spec, QuantSpec):
         raise ValueError(f"output spec {spec!r}: give a spec (e.g. w8), {AUTO!r} or None (keep)")
     outputs = {embedding.removesuffix(".weight"): spec}
