@@ -30,6 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--budget", default=None, help="size budget: bits per quantized weight (3.5bpw) or checkpoint tensor bytes (900MB); replaces --spec")
     b.add_argument("--candidates", default="w2g64,w3g64,w4g64,w4g128,w8", help="specs each layer may get (default w2g64,w3g64,w4g64,w4g128,w8)")
     b.add_argument("--sensitivity", choices=["fisher", "measured"], default="fisher", help="cost estimator: fisher (one backward per window) or measured (a forward per layer x spec; tiny models)")
+    b.add_argument("--allocation-from", default=None, metavar="CKPT",
+                   help="take every layer's spec from the allocation recorded in CKPT (a checkpoint made with --budget) "
+                        "instead of running the sensitivity pass again: the same allocation with another method, "
+                        "output spec or calibration")
     b.add_argument("--sensitivity-windows", type=int, default=16, help="calibration sequences for the sensitivity pass (default 16, at most --calib-samples)")
     c = p.add_argument_group("calibration (gptq, awq; rtn/hqq use it only when --calib is given)")
     c.add_argument("--calib", type=Path, default=None, help="calibration text file, or a built-in text: prose (the shipped State of the Union text) or "
@@ -71,7 +75,7 @@ def main_spec(args: argparse.Namespace) -> str:
     main spec must be a vector one (methods.vq.check_method), the first vq candidate."""
     if args.spec is not None:
         return args.spec
-    if args.budget is not None and args.method == "vq":
+    if (args.budget is not None or args.allocation_from is not None) and args.method == "vq":
         vq = [s for s in candidate_specs(args.candidates) if s.grid == "vq"]
         if not vq:
             raise ValueError(f"--method vq with --budget needs a vq spec among --candidates (such as w2g64vq or "
@@ -122,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
                **({"rotate_seed": args.rotate_seed} if args.rotate_seed is not None else {})}
     if args.rotate_seed is not None and not args.rotate:
         raise ValueError("--rotate-seed needs --rotate")
+    recorded = _recorded(args)
     args.spec = main_spec(args)
     plan = QuantizePlan(
         spec=QuantSpec.parse(args.spec), method=args.method, options=options,
@@ -129,14 +134,12 @@ def run(args: argparse.Namespace) -> int:
         compute_dtype=dtype_name(compute_dtype(args.compute_dtype, device)), hessian_dtype=args.hessian_dtype,
         report_dtype=args.report_dtype, device=device, calib=_device_calib(args, device),
     )
-    plan = _outputs(args, plan)
+    plan = _outputs(args, plan, recorded)
     calib = None
     if args.calib is not None or plan.needs_calibration:
         calib = CalibrationConfig(text=args.calib, samples=args.calib_samples, seq_len=args.calib_len,
                                   seed=args.seed, random_offsets=args.calib_random)
-    allocation = None
-    if args.budget is not None:
-        plan, allocation, calib = _allocate(args, plan, calib)
+    plan, allocation, calib = _per_layer_specs(args, plan, calib, recorded)
     with progress_bar() as bar:
         task = bar.add_task(f"quantize {args.budget or args.spec}", total=None, rate="")
         done = lambda name, i, n: bar.update(task, completed=i, total=n, rate=name)  # noqa: E731
@@ -168,17 +171,48 @@ def _device_calib(args: argparse.Namespace, device: str):
     return CalibrationConfig(text=args.calib)
 
 
-def _outputs(args: argparse.Namespace, plan):
+def _per_layer_specs(args: argparse.Namespace, plan, calib, recorded):
+    """(plan, allocation, calibration): --budget's new allocation, --allocation-from's recorded one,
+    or the plan as it is (no allocation)."""
+    if args.budget is not None:
+        return _allocate(args, plan, calib)
+    if recorded is None:
+        return plan, None, calib
+    from bitsmith.plan.reuse import replay_allocation
+
+    plan = replay_allocation(args.model, plan, recorded)
+    return plan, recorded, (calib if plan.needs_calibration else None)  # as under --budget: rtn/hqq take the specs alone
+
+
+def _recorded(args: argparse.Namespace):
+    """--allocation-from's recorded allocation (None without it); its candidates stand in for
+    --candidates, so that a vq plan's main spec is found as under --budget."""
+    if args.allocation_from is None:
+        return None
+    if args.budget is not None:
+        raise ValueError("give either --budget (a new allocation) or --allocation-from (a recorded one), not both")
+    from bitsmith.plan.reuse import recorded_allocation
+
+    recorded = recorded_allocation(args.allocation_from)
+    args.candidates = ",".join(recorded.extra.get("candidates") or sorted({str(s) for s in recorded.specs.values()}))
+    return recorded
+
+
+def _outputs(args: argparse.Namespace, plan, recorded=None):
     """The embedding/head policy: --output-spec (default auto: w6g128 under bodies of at most 4 bits,
     w8 above; under --budget the body is the budget's bits/weight rounded down, or the main spec for a
-    size budget; with --budget the spec is pinned, outside the allocation)."""
+    size budget, and under --allocation-from the recorded bits/weight; under either the spec is pinned,
+    outside the allocation)."""
     from bitsmith.pipeline.outputs import AUTO, budget_body, parse_output_spec, with_output_spec
     from bitsmith.plan.allocate import Budget
 
     spec = parse_output_spec(args.output_spec or AUTO)
     # with --budget the spec pins the embedding and head: the allocator leaves them at it and a
     # bits/weight budget counts the other layers only (a size budget counts their bytes too)
-    body = budget_body(plan.spec, Budget.parse(args.budget).bits_per_weight) if args.budget is not None else None
+    bpw = Budget.parse(args.budget).bits_per_weight if args.budget is not None else None
+    if recorded is not None:
+        bpw = recorded.bits_per_weight
+    body = budget_body(plan.spec, bpw) if args.budget is not None or recorded is not None else None
     return with_output_spec(plan, args.model, spec, body=body)
 
 
