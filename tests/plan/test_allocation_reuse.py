@@ -36,17 +36,6 @@ def budgeted(tiny, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def no_sensitivity(monkeypatch):
-    import bitsmith.plan.sensitivity as sensitivity
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the sensitivity pass ran")
-
-    monkeypatch.setattr(sensitivity, "float_model", forbidden)
-    monkeypatch.setattr(sensitivity, "estimate_sensitivity", forbidden)
-
-
 def test_replayed_allocation_gives_the_same_checkpoint(tiny, budgeted, tmp_path, no_sensitivity) -> None:
     from bitsmith.cli import main
     from bitsmith.io.checkpoint import read_info

@@ -25,18 +25,6 @@ def tiny(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
 
 
-@pytest.fixture
-def no_sensitivity(monkeypatch):
-    """Fail the test if any sensitivity work starts (building the float model or estimating costs)."""
-    import bitsmith.plan.sensitivity as sensitivity
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the sensitivity pass ran before the refusal")
-
-    monkeypatch.setattr(sensitivity, "float_model", forbidden)
-    monkeypatch.setattr(sensitivity, "estimate_sensitivity", forbidden)
-
-
 def _cli(tiny: Path, out: Path, *extra: str) -> list[str]:
     return ["quantize", str(tiny), "--method", "rtn", "--candidates", CANDIDATES, "--out", str(out), *extra]
 
