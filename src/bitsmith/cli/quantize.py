@@ -209,11 +209,11 @@ def _outputs(args: argparse.Namespace, plan, recorded=None):
     spec = parse_output_spec(args.output_spec or AUTO)
     # with --budget the spec pins the embedding and head: the allocator leaves them at it and a
     # bits/weight budget counts the other layers only (a size budget counts their bytes too)
-    bpw = Budget.parse(args.budget).bits_per_weight if args.budget is not None else None
     if recorded is not None:
         bpw = recorded.bits_per_weight
-    body = budget_body(plan.spec, bpw) if args.budget is not None or recorded is not None else None
-    return with_output_spec(plan, args.model, spec, body=body)
+    else:  # no budget, or a size budget: the main spec is the body
+        bpw = Budget.parse(args.budget).bits_per_weight if args.budget is not None else None
+    return with_output_spec(plan, args.model, spec, body=budget_body(plan.spec, bpw))
 
 
 def _allocate(args: argparse.Namespace, plan, calib):

@@ -134,8 +134,8 @@ def check_budget(budget: Budget, shapes: Mapping[str, tuple[int, int]], candidat
     """Refuse, before any sensitivity pass, a budget that no allocation can meet: the message gives
     the reachable range in bits per weight and in bytes (``fixed_bits``: what the allocation does not
     choose, unquantized tensors and pinned outputs; ``sign_bits``: a rotating plan's sign bits, stored
-    whatever the specs and taken off the top of the budget as the allocation takes them). A budget above the range is fine
-    (every layer then gets its best candidate)."""
+    whatever the specs and taken off the top of the budget as the allocation takes them). A budget
+    above the range is fine (every layer then gets its best candidate)."""
     if not shapes:
         raise ValueError("no layers to allocate; the model has no quantizable layers")
     weights = sum(o * i for o, i in shapes.values())
@@ -150,8 +150,7 @@ def check_budget(budget: Budget, shapes: Mapping[str, tuple[int, int]], candidat
         f"{len(shapes)} quantized layers take {low / weights:.3f} to {high / weights:.3f} bits/weight{signs}, a "
         f"checkpoint of {_size(to_bytes(low))} to {_size(to_bytes(high))} ({to_bytes(low):,} to {to_bytes(high):,} "
         f"bytes, of which {_size(math.ceil(fixed_bits / 8))} are fixed: unquantized tensors and any pinned embedding "
-        f"and head); raise the budget into that range or "
-        "add a smaller candidate"
+        "and head); raise the budget into that range or add a smaller candidate"
     )
 
 
