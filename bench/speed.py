@@ -199,12 +199,22 @@ def child(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- preparation
 
 
+def _output_specs(model: str, specs: dict) -> tuple[str, str]:
+    """The embedding table's and the head's specs in a plan's per-layer ``specs`` (tied: the table's twice)."""
+    from bitsmith.models import embedding_and_head_names, open_source
+    from bitsmith.models.meta import meta_model
+
+    table, head = (n and n.removesuffix(".weight") for n in embedding_and_head_names(meta_model(open_source(model).config)))
+    return str(specs[table]), str(specs[head or table])
+
+
 def checkpoint(cache: Path, model: str, variant: str) -> Path:
     """A bitsmith checkpoint of ``model`` at ``variant`` (made once): layers at the spec, the embedding
     and the head (tied or not) at the spec ``bitsmith quantize`` gives them without flags
     (pipeline.outputs.default_output_spec: w6g128 under bodies of at most 4 bits, w8 above, as llama.cpp
-    keeps its output at Q6_K / Q8_0). The folder name carries the output spec unless it is w8 (the
-    recipe of sessions before 24, whose folders stay valid for w8 outputs)."""
+    keeps its output at Q6_K / Q8_0; an untied table w4g128 under those bodies since session 29). The
+    folder name carries the output spec unless it is w8 (the recipe of sessions before 24, whose folders
+    stay valid for w8 outputs), and a narrower table's spec after ``-emb``."""
     from bitsmith.pipeline.outputs import AUTO, with_output_spec
     from bitsmith.pipeline.plan import QuantizePlan
     from bitsmith.pipeline.quantize import quantize
@@ -212,7 +222,8 @@ def checkpoint(cache: Path, model: str, variant: str) -> Path:
 
     # the embedding quantized even when untied: otherwise the loader keeps a float32 table (RSS, not speed)
     plan = with_output_spec(QuantizePlan(QuantSpec.parse(variant), "rtn", {"clip_search": False}), model, AUTO)
-    outputs = str(next(iter(plan.layer_specs.values())))  # the only per-layer specs: embedding (and head) alike
+    table, head = _output_specs(model, plan.layer_specs)
+    outputs = head if table == head else f"{head}-emb{table}"  # an untied table narrower than its head (session 29)
     path = cache / (f"{model}-{variant}" + ("" if outputs == "w8" else f"-out{outputs}"))
     if (path / "bitsmith.json").exists():
         made = json.loads((path / "bitsmith.json").read_text()).get("options", {})

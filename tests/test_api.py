@@ -26,11 +26,11 @@ def test_front_door_quantize_load_evaluate(tiny: Path, tmp_path: Path) -> None:
     text = tmp_path / "text.txt"
     text.write_text(sample_text() * 4)
     path = bitsmith.quantize(tiny, tmp_path / "q", "w4g32")  # hqq: the calibration-free default
-    # the front door's default plan: hqq, and the embedding and the (untied) head at w6g64 (the default
-    # w6g128 under a 4-bit body, narrowed to the tiny model's 64-wide rows)
-    w6 = bitsmith.QuantSpec.parse("w6g64")
-    plan = QuantizePlan(bitsmith.QuantSpec.parse("w4g32"), "hqq", quantize_embeddings=True, quantize_head=True,
-                        layer_specs={"model.embed_tokens": w6, "lm_head": w6})
+    # the front door's default plan: hqq, the (untied) head at w6g64 and the embedding at w4g64 (the
+    # defaults w6g128 and w4g128 under a 4-bit body, narrowed to the tiny model's 64-wide rows)
+    parse = bitsmith.QuantSpec.parse
+    plan = QuantizePlan(parse("w4g32"), "hqq", quantize_embeddings=True, quantize_head=True,
+                        layer_specs={"model.embed_tokens": parse("w4g64"), "lm_head": parse("w6g64")})
     same = quantize(tiny, tmp_path / "q2", plan)
     ids = torch.arange(3, 40).unsqueeze(0)
     with torch.no_grad():
@@ -51,7 +51,10 @@ def test_front_door_output_spec(tiny: Path, tmp_path: Path) -> None:
 
     default = read_info(bitsmith.quantize(tiny, tmp_path / "d", "w4g32"))
     kept = read_info(bitsmith.quantize(tiny, tmp_path / "k", "w4g32", output_spec=None))
-    assert str(default.specs["model.embed_tokens"]) == str(default.specs["lm_head"]) == "w6g64"  # as the CLI: auto
+    table = read_info(bitsmith.quantize(tiny, tmp_path / "t", "w4g32", embedding_spec="w2g32"))
+    # as the CLI: auto
+    assert (str(default.specs["model.embed_tokens"]), str(default.specs["lm_head"])) == ("w4g64", "w6g64")
+    assert (str(table.specs["model.embed_tokens"]), str(table.specs["lm_head"])) == ("w2g32", "w6g64")
     assert "model.embed_tokens" not in kept.specs and "lm_head" not in kept.specs
     assert str(kept.specs["model.layers.0.mlp.down_proj"]) == str(default.specs["model.layers.0.mlp.down_proj"]) == "w4g32"
 

@@ -39,6 +39,7 @@ def quantize(
     compute_dtype: str = "auto",
     device: str = "cpu",
     output_spec: str | QuantSpec | None = "auto",
+    embedding_spec: str | QuantSpec | None = "auto",
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
@@ -52,7 +53,9 @@ def quantize(
     method's own (e.g. ``{"clip_search": False}``); ``compute_dtype`` (auto, bf16, fp32) is that of
     calibrated block forwards, ``device`` (cpu, cuda, cuda:N) where they and the methods compute. ``output_spec`` quantizes the embedding
     table and the head (default ``"auto"``, as on the command line: ``w6g128`` under a body of at most 4
-    bits, ``w8`` above; ``None`` or ``"keep"`` leaves them unquantized)."""
+    bits, ``w8`` above; ``None`` or ``"keep"`` leaves them unquantized). ``embedding_spec`` sets an untied
+    embedding table apart (default ``"auto"``: ``w4g128`` beside an auto head under such bodies, else the
+    head's spec; a tied table is the head, so only ``output_spec`` sets it)."""
     from bitsmith.calib.data import CalibrationConfig
     from bitsmith.pipeline.outputs import parse_output_spec, with_output_spec
     from bitsmith.pipeline.device import check_device
@@ -65,8 +68,8 @@ def quantize(
     device = check_device(device)  # before compute_dtype's auto asks the device
     plan = QuantizePlan(parsed, method or default_method(calibration is not None), dict(options or {}),
                         compute_dtype=resolve_compute_dtype(compute_dtype, device), calib=calib, device=device)
-    outputs = parse_output_spec(output_spec) if isinstance(output_spec, str) else output_spec
-    plan = with_output_spec(plan, model, outputs)
+    outputs, table = (parse_output_spec(s) if isinstance(s, str) else s for s in (output_spec, embedding_spec))
+    plan = with_output_spec(plan, model, outputs, embedding=table)
     return run(model, Path(out), plan, progress=progress, overwrite=overwrite)
 
 

@@ -17,23 +17,46 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_quantize_default_output_spec(tiny: Path, tmp_path: Path, capsys) -> None:
-    """Without flags the embedding and head follow the body (pipeline.outputs.default_output_spec): w6g128
-    under a 4-bit body, its group narrowed to the tiny model's 64-wide rows, w8 under an 8-bit one; keep
-    and a spec are honoured (with --budget too: tests/plan/test_budget_pinned.py)."""
+    """Without flags the head follows the body (pipeline.outputs.default_output_spec): w6g128 under a
+    4-bit body, its group narrowed to the tiny model's 64-wide rows, w8 under an 8-bit one; the untied
+    embedding table gets w4g128 (narrowed: w4g64) under the 4-bit body and the head's w8 above. An
+    --output-spec covers both tensors, --embedding-spec sets the table apart, keep keeps (with --budget
+    too: tests/plan/test_budget_pinned.py)."""
     from bitsmith.io.checkpoint import read_info
 
     specs = {}
     runs = {"default": [], "keep": ["--output-spec", "keep"], "w5": ["--output-spec", "w5g32"],
-            "auto": ["--output-spec", "auto"], "w8body": ["--spec", "w8"]}
+            "auto": ["--output-spec", "auto"], "w8body": ["--spec", "w8"],
+            "table2": ["--embedding-spec", "w2g32"], "tableonly": ["--output-spec", "keep", "--embedding-spec", "w3g32"],
+            "headonly": ["--embedding-spec", "keep"]}
     for name, flags in runs.items():
         assert main(["quantize", str(tiny), "--spec", "w4g32", "--method", "rtn", "--out", str(tmp_path / name), *flags]) == 0
         specs[name] = {k: str(v) for k, v in read_info(tmp_path / name).specs.items()}
-    assert specs["default"]["model.embed_tokens"] == specs["default"]["lm_head"] == "w6g64"
+    assert (specs["default"]["model.embed_tokens"], specs["default"]["lm_head"]) == ("w4g64", "w6g64")
     assert specs["auto"] == specs["default"]
     assert specs["w8body"]["model.embed_tokens"] == specs["w8body"]["lm_head"] == "w8"
     assert specs["w5"]["model.embed_tokens"] == specs["w5"]["lm_head"] == "w5g32"
     assert "model.embed_tokens" not in specs["keep"] and "lm_head" not in specs["keep"]
+    assert (specs["table2"]["model.embed_tokens"], specs["table2"]["lm_head"]) == ("w2g32", "w6g64")
+    assert specs["tableonly"]["model.embed_tokens"] == "w3g32" and "lm_head" not in specs["tableonly"]
+    assert specs["headonly"]["lm_head"] == "w6g64" and "model.embed_tokens" not in specs["headonly"]
     assert specs["default"]["model.layers.0.self_attn.q_proj"] == "w4g32"
+
+
+def test_a_tied_table_takes_one_spec(tmp_path: Path, capsys) -> None:
+    """A tied model's head is its embedding table: a separate --embedding-spec is refused before any
+    work, with the flag to use instead; one equal to the head's is accepted."""
+    tied = make_tiny_model(tmp_path / "tied", "qwen2", tie_word_embeddings=True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", str(tied), "--spec", "w4g32", "--method", "rtn", "--embedding-spec", "w2g32",
+              "--out", str(tmp_path / "no")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "ties its output head" in err and "--output-spec" in err and "Traceback" not in err
+    assert not (tmp_path / "no").exists()
+    assert main(["quantize", str(tied), "--spec", "w4g32", "--method", "rtn", "--output-spec", "w5g32",
+                 "--embedding-spec", "w5g32", "--out", str(tmp_path / "ok")]) == 0
 
 
 def test_quantize_inspect_eval_generate(tiny: Path, tmp_path: Path, capsys) -> None:
@@ -144,3 +167,13 @@ def test_default_output_spec_follows_the_body_and_fits_the_row() -> None:
     assert spec("w4g128", 1536) == spec("w2g64", 576) == spec("w3g128", 640) == "w6g128"
     assert spec("w5g128", 1536) == spec("w8", 1536) == "w8"
     assert spec("w4g32", 64) == "w6g64" and spec("w4g32", 40) == "w6g32" and spec("w4g32", 16) == "w6"
+
+
+def test_default_embedding_spec_is_narrower_under_narrow_bodies() -> None:
+    from bitsmith.pipeline.outputs import default_embedding_spec
+    from bitsmith.spec import QuantSpec
+
+    spec = lambda text, width: str(default_embedding_spec(QuantSpec.parse(text), width))  # noqa: E731
+    assert spec("w4g128", 1536) == spec("w2g64vq", 1536) == spec("w3g128", 640) == "w4g128"
+    assert spec("w5g128", 1536) == spec("w8", 1536) == "w8"
+    assert spec("w4g32", 64) == "w4g64" and spec("w2g64", 16) == "w4"

@@ -101,7 +101,7 @@ def test_budget_pins_the_auto_outputs_unless_kept(tiny, tmp_path, outputs) -> No
     from bitsmith.cli import main
     from bitsmith.io.checkpoint import read_info
     from bitsmith.models import open_source
-    from bitsmith.pipeline.outputs import default_output_spec
+    from bitsmith.pipeline.outputs import default_embedding_spec, default_output_spec
 
     blocks = _blocks(tiny)
     bpw = _mixing_bpw(blocks)
@@ -116,6 +116,7 @@ def test_budget_pins_the_auto_outputs_unless_kept(tiny, tmp_path, outputs) -> No
         assert "model.embed_tokens" not in specs and "lm_head" not in specs
         return
     width = open_source(tiny).config.hidden_size
-    expected = str(default_output_spec(QuantSpec.parse(f"w{math.floor(bpw)}"), width))
-    assert specs["model.embed_tokens"] == specs["lm_head"] == expected
-    assert info.report["allocation"]["pinned"] == {"model.embed_tokens": expected, "lm_head": expected}
+    body = QuantSpec.parse(f"w{math.floor(bpw)}")
+    expected = {"model.embed_tokens": str(default_embedding_spec(body, width)), "lm_head": str(default_output_spec(body, width))}
+    assert {n: specs[n] for n in expected} == expected
+    assert info.report["allocation"]["pinned"] == expected

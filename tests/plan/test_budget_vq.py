@@ -91,7 +91,7 @@ def test_cli_budget_with_vq_candidates(tiny: Path, calib_file: Path, tmp_path: P
     info = read_info(out)
     assert info.report["allocation"]["bits_per_weight"] <= 4.2
     pinned = info.report["allocation"]["pinned"]  # the embedding and head at the auto spec, outside the budget
-    assert set(pinned) == {"model.embed_tokens", "lm_head"} and len(set(pinned.values())) == 1
+    assert set(pinned) == {"model.embed_tokens", "lm_head"} and len(set(pinned.values())) == 2  # the table narrower
     allocated = {str(s) for name, s in info.specs.items() if name not in pinned}
     assert allocated <= {"w2g32vq", "w3g32vq", "w4g32"}
 

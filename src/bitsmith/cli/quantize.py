@@ -18,11 +18,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out once the new checkpoint is complete")
     p.add_argument("--no-clip-search", action="store_true", help="RTN: plain min/max ranges, no clipping search")
     p.add_argument("--output-spec", default=None,
-                   help="spec of the embedding table and the output head: auto (default: w6g128 under a --spec of at "
-                        "most 4 bits, w8 above; decode reads 6-8-bit instead of fp16 head bytes, as llama.cpp keeps its "
+                   help="spec of the output head and the embedding table: auto (default: head w6g128 under a --spec "
+                        "of at most 4 bits, an untied table w4g128 there, both w8 above; decode reads 6-8-bit instead of fp16 head bytes, as llama.cpp keeps its "
                         "output at Q6_K/Q8_0), any spec, or keep (unquantized); "
                         "with --budget auto follows the budget's bits/weight (a size budget: --spec), and the spec stays "
                         "fixed for those two tensors, outside a bits/weight budget (a size budget counts their bytes)")
+    p.add_argument("--embedding-spec", default=None,
+                   help="spec of an untied input embedding table apart from the head: auto (default: w4g128 under "
+                        "--output-spec auto and bodies of at most 4 bits, where a lookup reads one row per token, "
+                        "else the head's), any spec (w3g128, w2g64: smaller files, measured KLD cost in the README), "
+                        "or keep; a tied table is the head and takes --output-spec only")
     p.add_argument("--quantize-head", action="store_true", help="quantize lm_head at --spec (overrides --output-spec)")
     p.add_argument("--quantize-embeddings", action="store_true", help="quantize the input embedding table at --spec (overrides --output-spec)")
     p.add_argument("--unquantized-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage for tensors left unquantized")
@@ -199,21 +204,22 @@ def _recorded(args: argparse.Namespace):
 
 
 def _outputs(args: argparse.Namespace, plan, recorded=None):
-    """The embedding/head policy: --output-spec (default auto: w6g128 under bodies of at most 4 bits,
-    w8 above; under --budget the body is the budget's bits/weight rounded down, or the main spec for a
+    """The embedding/head policy: --output-spec and --embedding-spec (default auto: head w6g128 and an
+    untied table w4g128 under bodies of at most 4 bits, w8 above; under --budget the body is the budget's bits/weight rounded down, or the main spec for a
     size budget, and under --allocation-from the recorded bits/weight; under either the spec is pinned,
     outside the allocation)."""
     from bitsmith.pipeline.outputs import AUTO, budget_body, parse_output_spec, with_output_spec
     from bitsmith.plan.allocate import Budget
 
     spec = parse_output_spec(args.output_spec or AUTO)
+    embedding = parse_output_spec(args.embedding_spec or AUTO)
     # with --budget the spec pins the embedding and head: the allocator leaves them at it and a
     # bits/weight budget counts the other layers only (a size budget counts their bytes too)
     if recorded is not None:
         bpw = recorded.bits_per_weight
     else:  # no budget, or a size budget: the main spec is the body
         bpw = Budget.parse(args.budget).bits_per_weight if args.budget is not None else None
-    return with_output_spec(plan, args.model, spec, body=budget_body(plan.spec, bpw))
+    return with_output_spec(plan, args.model, spec, body=budget_body(plan.spec, bpw), embedding=embedding)
 
 
 def _allocate(args: argparse.Namespace, plan, calib):
