@@ -21,6 +21,11 @@ TINY_NORMS = 2 * (2 * 8) + 8  # two norms of size 8 per block, plus the final no
 NO_CONTEXT = Runtime(cuda_context_gb=0.0)  # isolate the arithmetic from the runtime constant
 
 
+def plan16(*args, **kwargs):
+    """The hand arithmetic below keeps the embedding table and head in 16 bit (outputs="16")."""
+    return plan(*args, outputs="16", **kwargs)
+
+
 def test_tiny_shape_param_counts() -> None:
     assert TINY.layer_linear_params == 576
     assert TINY.block_linear_params == 2 * 576
@@ -34,7 +39,7 @@ def test_tiny_shape_param_counts() -> None:
 
 def test_tiny_plan_matches_hand_arithmetic() -> None:
     ctx, batch = 4, 3
-    p = plan(TINY, 10**12, ctx=ctx, batch=batch, kv_bits=16, levels=(4,), runtime=NO_CONTEXT)
+    p = plan16(TINY, 10**12, ctx=ctx, batch=batch, kv_bits=16, levels=(4,), runtime=NO_CONTEXT)
     lvl = p.level(4)
     assert lvl.bits_per_weight == 4.25  # 4 + (16-bit scale + 16-bit zero) / 128
     weights = 1152 * 4.25 / 8 + 80 * 16 / 8 + 40 * 32 / 8  # 612 + 160 + 160 bytes
@@ -56,7 +61,7 @@ def test_tiny_plan_offload_by_hand() -> None:
     total = 932 + 384 + 1656  # bytes, from the test above
     layer = 576 * 4.25 / 8 + 16 * 32 / 8  # one block: 306 bytes of codes + 64 bytes of norms = 370
     # one layer offloaded frees 370 but the staging buffer takes 370 back: no gain, so two are needed
-    p = plan(TINY, total - 1, ctx=4, batch=3, levels=(4,), runtime=NO_CONTEXT)
+    p = plan16(TINY, total - 1, ctx=4, batch=3, levels=(4,), runtime=NO_CONTEXT)
     lvl = p.level(4)
     assert not lvl.fits and lvl.offload_layers == 2
     assert lvl.layer_gb * GB == pytest.approx(layer)
@@ -67,9 +72,9 @@ def test_tiny_plan_offload_by_hand() -> None:
     assert lvl.tok_s == pytest.approx(3 / step)
     assert lvl.slowdown == pytest.approx(lvl.tok_s_resident / lvl.tok_s) and lvl.slowdown > 1
     # exactly at the boundary it still fits with two; one byte less and no count of layers is enough
-    assert plan(TINY, round(total - layer), ctx=4, batch=3, levels=(4,),
+    assert plan16(TINY, round(total - layer), ctx=4, batch=3, levels=(4,),
                 runtime=NO_CONTEXT).level(4).offload_layers == 2
-    hopeless = plan(TINY, round(total - layer) - 1, ctx=4, batch=3, levels=(4,), runtime=NO_CONTEXT)
+    hopeless = plan16(TINY, round(total - layer) - 1, ctx=4, batch=3, levels=(4,), runtime=NO_CONTEXT)
     assert hopeless.level(4).offload_layers is None and hopeless.level(4).tok_s is None
     assert "even with all 2 layers" in "\n".join(hopeless.explain(4))
 
@@ -79,9 +84,9 @@ def test_bits_per_weight_table() -> None:
     assert bits_per_weight(8, 128) == 8.25
     assert bits_per_weight(4, 128) == 4.25
     assert bits_per_weight(2, 64) == 2.5
-    levels = {lvl.bits: lvl.bits_per_weight for lvl in plan(TINY, GB).levels}
+    levels = {lvl.bits: lvl.bits_per_weight for lvl in plan16(TINY, GB).levels}
     assert levels == {16: 16.0, 8: 8.25, 6: 6.25, 5: 5.25, 4: 4.25, 3: 3.25, 2: 2.5}
-    assert plan(TINY, GB, levels=(4,), group_size=32).level(4).bits_per_weight == 5.0
+    assert plan16(TINY, GB, levels=(4,), group_size=32).level(4).bits_per_weight == 5.0
     with pytest.raises(ValueError, match="group size"):
         bits_per_weight(4, 0)
 
@@ -92,7 +97,7 @@ def test_kv_bits_shrink_the_cache_with_scales_and_gqa_counts_kv_heads() -> None:
     # 8-bit and 4-bit caches carry one fp16 scale per 32 values (q8_0 / q4_0): 8.5 and 4.5 bits
     assert kv[8] == pytest.approx(kv[16] * 8.5 / 16) and kv[4] == pytest.approx(kv[16] * 4.5 / 16)
     assert kv_bits_per_value(16) == 16 and kv_bits_per_value(8) == 8.5 and kv_bits_per_value(4) == 4.5
-    tiny_kv = plan(TINY, GB, ctx=4, batch=3, kv_bits=4, levels=(4,)).level(4).kv_gb * GB
+    tiny_kv = plan16(TINY, GB, ctx=4, batch=3, kv_bits=4, levels=(4,)).level(4).kv_gb * GB
     assert tiny_kv == pytest.approx(2 * 2 * 2 * 2 * 4 * 3 * 4.5 / 8)  # 216 bytes by hand
     # GQA: 8 KV heads, not 64 query heads -> 2 x 80 x 8 x 128 x 8192 x 2 bytes
     assert kv[16] * GB == pytest.approx(2 * 80 * 8 * 128 * 8192 * 2) and kv[16] < 2.7
@@ -101,16 +106,16 @@ def test_kv_bits_shrink_the_cache_with_scales_and_gqa_counts_kv_heads() -> None:
 def test_untied_input_embedding_is_not_read_per_token_and_cpu_offload_speed() -> None:
     untied = ArchShape("u", 2, 8, 4, 2, 2, 10, 16, tied_embeddings=False)
     rt = Runtime(cuda_context_gb=0.0)
-    lvl = plan(untied, 10**12, ctx=4, batch=3, levels=(4,), runtime=rt).level(4)
+    lvl = plan16(untied, 10**12, ctx=4, batch=3, levels=(4,), runtime=rt).level(4)
     weights = 1152 * 4.25 / 8 + 160 * 16 / 8 + 40 * 32 / 8  # 612 + 320 + 160 bytes
     assert lvl.weights_gb * GB == pytest.approx(weights)
     # one step reads the linears, the lm_head (80 x 2 bytes) and the KV, not the input embedding
     assert lvl.read_gb * GB == pytest.approx(weights - 80 * 2 + 384)
     assert lvl.tok_s == pytest.approx(3 / (lvl.read_gb / rt.gpu_bandwidth_gb_s))
-    tied = plan(TINY, 10**12, ctx=4, batch=3, levels=(4,), runtime=rt).level(4)
+    tied = plan16(TINY, 10**12, ctx=4, batch=3, levels=(4,), runtime=rt).level(4)
     assert tied.read_gb * GB == pytest.approx(932 + 384)  # tied: the one matrix is the lm_head, read
     total = lvl.total_gb * GB
-    off = plan(untied, round(total - 1), ctx=4, batch=3, levels=(4,), runtime=rt).level(4)
+    off = plan16(untied, round(total - 1), ctx=4, batch=3, levels=(4,), runtime=rt).level(4)
     assert off.offload_layers == 2 and off.tok_s_cpu_offload is not None
     layer = 576 * 4.25 / 8 + 16 * 32 / 8
     on_gpu = (weights - 160 + 384 - 2 * layer) / GB / rt.gpu_bandwidth_gb_s
@@ -121,10 +126,34 @@ def test_untied_input_embedding_is_not_read_per_token_and_cpu_offload_speed() ->
 
 def test_tied_embeddings_counted_once_and_quantize_embeddings() -> None:
     untied = ArchShape("u", 2, 8, 4, 2, 2, 10, 16, tied_embeddings=False)
-    tied_gb = plan(TINY, GB, levels=(4,)).level(4).embeddings_gb
-    assert plan(untied, GB, levels=(4,)).level(4).embeddings_gb == pytest.approx(2 * tied_gb)
-    quant = plan(TINY, GB, levels=(4,), quantize_embeddings=True).level(4)
+    tied_gb = plan16(TINY, GB, levels=(4,)).level(4).embeddings_gb
+    assert plan16(untied, GB, levels=(4,)).level(4).embeddings_gb == pytest.approx(2 * tied_gb)
+    quant = plan(TINY, GB, levels=(4,), outputs="level").level(4)
     assert quant.embeddings_gb * GB == pytest.approx(80 * 4.25 / 8)
+
+
+def test_auto_outputs_count_what_bitsmith_quantize_stores() -> None:
+    """outputs="auto" (the default) counts the embedding table and head at bitsmith quantize's default
+    specs (pipeline.outputs): on Qwen2.5-Coder-1.5B's shape at 4 bits a w6g128 head and a w4g128 table,
+    at 8 bits both w8 (one scale per row); a tied table at the head's spec; 16 bits stays 16."""
+    from bitsmith.spec import QuantSpec
+
+    qwen = ArchShape("q", 28, 1536, 12, 2, 128, 151936, 8960, tied_embeddings=False)
+    table = 151936 * 1536
+    bpw = {t: QuantSpec.parse(t).bits_per_weight(151936, 1536) for t in ("w4g128", "w6g128", "w8")}
+    four = plan(qwen, 8 * GB, levels=(16, 8, 4)).level(4)
+    assert (four.embedding_bits, four.head_bits) == (bpw["w4g128"], bpw["w6g128"]) == (4.25, 6.25)
+    assert four.embeddings_gb * GB == pytest.approx(table * (4.25 + 6.25) / 8)
+    # the table is looked up, not read per step; the head is
+    assert four.read_gb == pytest.approx(four.weights_gb - table * 4.25 / 8 / GB + four.kv_gb)
+    eight = plan(qwen, 8 * GB, levels=(8,)).level(8)
+    assert eight.embedding_bits == eight.head_bits == bpw["w8"] < 8.03  # one scale and zero per row
+    assert plan(qwen, 8 * GB, levels=(16,)).level(16).embeddings_gb * GB == pytest.approx(2 * table * 2)
+    smol = get_shape("smollm2-135m")
+    tied = plan(smol, GB, levels=(2,)).level(2)
+    assert tied.embedding_bits == tied.head_bits == QuantSpec.parse("w6g128").bits_per_weight(smol.vocab, smol.hidden)
+    with pytest.raises(ValueError, match="outputs must be one of"):
+        plan(qwen, GB, outputs="fp8")
 
 
 def test_llama_3_70b_4bit_fits_48gb_not_24gb() -> None:
@@ -132,14 +161,17 @@ def test_llama_3_70b_4bit_fits_48gb_not_24gb() -> None:
     assert shape.n_params == 70_553_706_496  # the published 70.6B, from the shapes
     on_48 = plan(shape, parse_size("48GB"), ctx=8192).level(4)
     assert on_48.fits and on_48.offload_layers == 0 and on_48.total_gb < 48
-    assert on_48.weights_gb == pytest.approx(40.57, abs=0.01)
+    # 36.36 GB of block linears + the 128256 x 8192 table at w4g128 and head at w6g128 (1.38 GB)
+    assert on_48.weights_gb == pytest.approx(37.75, abs=0.01)
+    # with both kept in 16 bit (a GPTQ/AWQ export on vLLM): 4.2 GB instead
+    assert plan(shape, parse_size("48GB"), ctx=8192, outputs="16").level(4).weights_gb == pytest.approx(40.57, abs=0.01)
     on_24 = plan(shape, parse_size("24GB"), ctx=8192)
     lvl = on_24.level(4)
-    assert not lvl.fits and lvl.offload_layers == 46 and lvl.gpu_gb <= 24
+    assert not lvl.fits and lvl.offload_layers == 40 and lvl.gpu_gb <= 24
     assert lvl.tok_s is not None and lvl.slowdown is not None and lvl.slowdown > 5
     text = "\n".join(on_24.explain())  # nothing fits fully: explains the 4-bit level
     assert "68.45e9 params x 4.25 bits / 8 = 36.36 GB" in text
-    assert "46 of 80 layers" in text and "does not fit" in text
+    assert "40 of 80 layers" in text and "does not fit" in text
     assert "fits" in "\n".join(plan(shape, parse_size("48GB"), ctx=8192).explain(4))
 
 
@@ -316,7 +348,7 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     for key in ("bits_per_weight", "weights_gb", "kv_gb", "overhead_gb", "total_gb", "fits",
                 "offload_layers", "offload_gb", "tok_s", "slowdown"):
         assert key in four
-    assert four["bits_per_weight"] == 4.25 and four["fits"] is False and four["offload_layers"] == 46
+    assert four["bits_per_weight"] == 4.25 and four["fits"] is False and four["offload_layers"] == 40
 
 
 def test_cli_table_and_local_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,6 +19,7 @@ from bitsmith.plan.fit import (
     DEFAULT_LEVELS,
     GPU_BANDWIDTH_GB_S,
     KV_BITS_CHOICES,
+    OUTPUTS,
     PCIE_GB_S,
     PLANNABLE_BITS,
     RAM_GB_S,
@@ -51,8 +52,13 @@ def add_parser(subparsers: Any) -> None:
                         help="explain this bit width, 2 to 8 or 16 (default: the best one that fits, else 4)")
     parser.add_argument("--group-size", type=int, default=None,
                         help="quantization group size for every level (default: 128, 64 at 2-bit)")
-    parser.add_argument("--quantize-embeddings", action="store_true",
-                        help="count embeddings and lm_head at the level's bits instead of 16")
+    parser.add_argument("--outputs", choices=OUTPUTS, default="auto",
+                        help="how the embedding table and lm_head are counted: auto (default: as bitsmith "
+                        "quantize stores them, a w6g128 head and an untied w4g128 table under 2-4 bits, w8 above), "
+                        "16 (runtimes that keep them in 16 bit, e.g. GPTQ/AWQ exports on vLLM) or level "
+                        "(at the level's bits)")
+    parser.add_argument("--quantize-embeddings", dest="outputs", action="store_const", const="level",
+                        help="the same as --outputs level")
     parser.add_argument("--gpu-bandwidth", type=float, default=GPU_BANDWIDTH_GB_S,
                         help=f"GPU memory bandwidth in GB/s ({GPU_BANDWIDTH_GB_S:g})")
     parser.add_argument("--pcie", type=float, default=PCIE_GB_S,
@@ -138,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         levels = DEFAULT_LEVELS if args.bits is None else tuple(sorted({*DEFAULT_LEVELS, args.bits}))
         result = plan(shape, memory, ctx=args.ctx, batch=args.batch, kv_bits=args.kv_bits,
                       levels=levels, group_size=args.group_size,
-                      quantize_embeddings=args.quantize_embeddings, runtime=runtime)
+                      outputs=args.outputs, runtime=runtime)
         lines = result.explain(args.bits)
     except (KeyError, ValueError, FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)

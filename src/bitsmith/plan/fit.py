@@ -3,7 +3,7 @@
 Pure arithmetic over an :class:`~bitsmith.plan.catalog.ArchShape`. For each bit width the planner adds
 
     weights  = block linears x bits_per_weight / 8            (quantized)
-             + embeddings (+ untied lm_head) x 16 / 8         (kept in 16 bit unless quantize_embeddings)
+             + embedding table (+ untied lm_head) x their bits / 8   (``outputs``: see below)
              + norm weights and biases x 32 / 8
     KV cache = 2 (K and V) x layers x kv_heads x head_dim x ctx x batch x kv_bits_per_value / 8
     overhead = runtime constant (CUDA context, allocator slack) + activations of one prefill chunk
@@ -19,6 +19,13 @@ then read from RAM at the CPU's memory bandwidth and never cross PCIe.
 Bytes read per decoded token: every quantized linear, the output head and the whole KV cache (an
 upper bound: the cache is full only at the end of the context); an untied input embedding is not
 read, only one of its rows per token.
+
+The embedding table and the head (``outputs``): ``auto`` counts them as ``bitsmith quantize`` stores
+them by default (pipeline.outputs: under bodies of at most 4 bits a w6g128 head and an untied w4g128
+table, w8 above; the layout of llama.cpp's Q4_K_M, Q6_K head and Q4_K table); ``16`` keeps both in 16
+bit (runtimes that do not quantize them, e.g. a GPTQ/AWQ export served by vLLM); ``level`` counts
+them at the level's bits. On Qwen2.5-Coder-1.5B at 4 bits that is 0.31 / 0.93 / 0.25 GB (its w4g128 checkpoint
+with the auto outputs stores 1.015 GB; the plan counts 1.003 GB of weights).
 
 Bits per weight include the quantization metadata: a group of ``g`` weights shares one fp16 scale and
 one fp16 zero point, so ``bits_per_weight = bits + 32 / g`` (4-bit g128 -> 4.25). A quantized KV
@@ -62,7 +69,8 @@ ZERO_BITS = 16  # one fp16 zero point per group (asymmetric quantization)
 UNQUANTIZED_BITS = 16  # weights that are not quantized are stored in bf16/fp16
 # The widths bitsmith quantizes to (QuantSpec's 2..8), and 16 for unquantized weights.
 PLANNABLE_BITS: tuple[int, ...] = (*BITS_RANGE, UNQUANTIZED_BITS)
-EMBEDDING_BITS = 16  # token embedding and lm_head stay 16 bit unless quantize_embeddings=True
+EMBEDDING_BITS = 16  # token embedding and lm_head under outputs="16" (and at the 16-bit level)
+OUTPUTS = ("auto", "16", "level")  # how the embedding table and the head are counted (module docstring)
 NORM_BITS = 32  # norm weights and biases are tiny and kept in fp32
 LOGIT_BYTES = 4  # logits of the last position are computed in fp32
 
@@ -108,6 +116,8 @@ class FitLevel:
     bits_per_weight: float
     linears_gb: float  # quantized linear weights of the decoder blocks
     embeddings_gb: float  # token embedding and lm_head (once if tied)
+    embedding_bits: float  # bits per weight of the input embedding table (a tied head's too)
+    head_bits: float  # bits per weight of the output head
     norms_gb: float  # norm weights and biases
     weights_gb: float  # linears + embeddings + norms
     kv_gb: float
@@ -160,6 +170,23 @@ def _activation_bytes(shape: ArchShape, ctx: int, batch: int, runtime: Runtime) 
     return max(attention, mlp) * runtime.activation_bytes + logits
 
 
+def output_bits(shape: ArchShape, bits: int, bpw: float, outputs: str) -> tuple[float, float]:
+    """Bits per weight of the input embedding table and of the output head of ``shape`` at a level of
+    ``bits`` (``bpw`` with its scales) under the ``outputs`` policy (module docstring). A tied head is
+    the table: both figures are then the head's."""
+    if outputs == "16" or bits >= UNQUANTIZED_BITS:
+        return float(EMBEDDING_BITS), float(EMBEDDING_BITS)
+    if outputs == "level":
+        return bpw, bpw
+    from bitsmith.pipeline.outputs import default_embedding_spec, default_output_spec
+    from bitsmith.spec import QuantSpec
+
+    body = QuantSpec.parse(f"w{bits}")
+    head = default_output_spec(body, shape.hidden)
+    table = head if shape.tied_embeddings else default_embedding_spec(body, shape.hidden)
+    return tuple(s.bits_per_weight(shape.vocab, shape.hidden) for s in (table, head))
+
+
 def _min_offload(total: float, layer: float, layers: int, memory: float, staging: int) -> int | None:
     """Fewest layers to move to CPU RAM so the GPU part fits; None if moving all is not enough."""
     for k in range(1, layers + 1):
@@ -169,12 +196,13 @@ def _min_offload(total: float, layer: float, layers: int, memory: float, staging
 
 
 def _level(shape: ArchShape, bits: int, group_size: int | None, memory_gb: float, batch: int,
-           kv_gb: float, act_gb: float, runtime: Runtime, quantize_embeddings: bool) -> FitLevel:
+           kv_gb: float, act_gb: float, runtime: Runtime, outputs: str) -> FitLevel:
     group = None if bits >= UNQUANTIZED_BITS else group_size or DEFAULT_GROUP_SIZE.get(bits, 128)
     bpw = bits_per_weight(bits, group)
-    emb_bits = bpw if quantize_embeddings else EMBEDDING_BITS
+    emb_bits, head_bits = output_bits(shape, bits, bpw, outputs)
     linears = shape.block_linear_params * bpw / 8 / GB
-    embeddings = shape.embedding_params * emb_bits / 8 / GB
+    table = shape.vocab * shape.hidden
+    embeddings = table * (emb_bits + (0 if shape.tied_embeddings else head_bits)) / 8 / GB
     norms = shape.norm_params * NORM_BITS / 8 / GB
     weights = linears + embeddings + norms
     overhead = runtime.cuda_context_gb + act_gb
@@ -198,6 +226,7 @@ def _level(shape: ArchShape, bits: int, group_size: int | None, memory_gb: float
         tok_s_cpu = batch / (on_gpu_s + offload_gb / runtime.ram_gb_s)
     return FitLevel(
         bits=bits, group_size=group, bits_per_weight=bpw, linears_gb=linears, embeddings_gb=embeddings,
+        embedding_bits=emb_bits, head_bits=emb_bits if shape.tied_embeddings else head_bits,
         norms_gb=norms, weights_gb=weights, kv_gb=kv_gb, activations_gb=act_gb, overhead_gb=overhead,
         total_gb=total, fits=fits, layer_gb=layer, offload_layers=offload, offload_gb=offload_gb,
         gpu_gb=gpu_gb, read_gb=read, tok_s_resident=tok_s_resident, tok_s=tok_s,
@@ -214,7 +243,7 @@ class FitPlan:
     ctx: int
     batch: int
     kv_bits: int
-    quantize_embeddings: bool
+    outputs: str
     runtime: Runtime
     levels: tuple[FitLevel, ...] = field(default_factory=tuple)
 
@@ -251,7 +280,7 @@ class FitPlan:
             "ctx": self.ctx,
             "batch": self.batch,
             "kv_bits": self.kv_bits,
-            "quantize_embeddings": self.quantize_embeddings,
+            "outputs": self.outputs,
             "runtime": asdict(self.runtime),
             "levels": [asdict(lvl) for lvl in self.levels],
         }
@@ -259,7 +288,7 @@ class FitPlan:
 
 def plan(shape: ArchShape, memory_bytes: int, ctx: int = 8192, batch: int = 1, kv_bits: int = 16,
          levels: Sequence[int] = DEFAULT_LEVELS, *, group_size: int | None = None,
-         quantize_embeddings: bool = False, runtime: Runtime = Runtime()) -> FitPlan:
+         outputs: str = "auto", runtime: Runtime = Runtime()) -> FitPlan:
     """Plan memory use of ``shape`` at each bit width in ``levels`` on a device of ``memory_bytes``.
 
     Args:
@@ -270,7 +299,8 @@ def plan(shape: ArchShape, memory_bytes: int, ctx: int = 8192, batch: int = 1, k
         kv_bits: KV cache precision, 16, 8 or 4 (8 and 4 include a fp16 scale per 32 values).
         levels: weight bit widths to plan (2..16).
         group_size: override :data:`DEFAULT_GROUP_SIZE` for every quantized level.
-        quantize_embeddings: store embeddings and lm_head at the level's bits instead of 16.
+        outputs: the embedding table and head as ``bitsmith quantize`` stores them (``auto``), in
+            16 bit (``16``) or at the level's bits (``level``); see the module docstring.
         runtime: runtime and machine assumptions (CUDA context, chunk size, bandwidths).
     """
     if memory_bytes <= 0:
@@ -280,6 +310,8 @@ def plan(shape: ArchShape, memory_bytes: int, ctx: int = 8192, batch: int = 1, k
     if kv_bits not in KV_BITS_CHOICES:
         raise ValueError(f"kv_bits must be one of {KV_BITS_CHOICES}, got {kv_bits}")
     bad = [b for b in levels if b not in PLANNABLE_BITS]
+    if outputs not in OUTPUTS:
+        raise ValueError(f"outputs must be one of {', '.join(OUTPUTS)}, got {outputs!r}")
     if bad or not levels:
         raise ValueError(f"levels must be bit widths from 2 to 8, or 16 (unquantized), got {list(levels)}")
     if group_size is not None and group_size < 1:  # 0 used to fall back to the default silently
@@ -289,10 +321,10 @@ def plan(shape: ArchShape, memory_bytes: int, ctx: int = 8192, batch: int = 1, k
     kv_gb = kv_values * kv_bits_per_value(kv_bits) / 8 / GB
     act_gb = _activation_bytes(shape, ctx, batch, runtime) / GB
     planned = tuple(
-        _level(shape, b, group_size, memory_gb, batch, kv_gb, act_gb, runtime, quantize_embeddings)
+        _level(shape, b, group_size, memory_gb, batch, kv_gb, act_gb, runtime, outputs)
         for b in sorted(set(levels), reverse=True)
     )
-    return FitPlan(shape, memory_gb, ctx, batch, kv_bits, quantize_embeddings, runtime, planned)
+    return FitPlan(shape, memory_gb, ctx, batch, kv_bits, outputs, runtime, planned)
 
 
 def _count(n: float) -> str:
@@ -307,11 +339,17 @@ def _gb(x: float) -> str:
     return f"{x:.2f} GB" if x >= 0.1 or x == 0 else f"{x:.4f} GB"
 
 
+def _embedding_line(p: FitPlan, lvl: FitLevel) -> str:
+    table, bits = p.shape.vocab * p.shape.hidden, f"{lvl.embedding_bits:.3g}"
+    what = "embeddings (tied, counted once)" if p.shape.tied_embeddings else "embedding table + lm_head"
+    if not p.shape.tied_embeddings:
+        bits = f"({bits} + {lvl.head_bits:.3g})"
+    return f"{what}: {_count(table)} params x {bits} bits / 8 = {_gb(lvl.embeddings_gb)}  (outputs {p.outputs})"
+
+
 def _explain(p: FitPlan, lvl: FitLevel) -> list[str]:
     s, rt = p.shape, p.runtime
     group = f"group {lvl.group_size}, fp16 scale + zero" if lvl.group_size else "unquantized"
-    emb_bits = lvl.bits_per_weight if p.quantize_embeddings else EMBEDDING_BITS
-    emb_what = "embeddings (tied, counted once)" if s.tied_embeddings else "embeddings + lm_head"
     kv_bpv = kv_bits_per_value(p.kv_bits)
     kv_what = f"{p.kv_bits} bits" if p.kv_bits >= 16 else f"{kv_bpv:g} bits ({p.kv_bits}-bit + fp16 scale/{KV_GROUP})"
     unread = lvl.weights_gb + lvl.kv_gb - lvl.read_gb
@@ -322,7 +360,7 @@ def _explain(p: FitPlan, lvl: FitLevel) -> list[str]:
         f"{s.heads} heads / {s.kv_heads} KV heads x {s.head_dim}, vocab {s.vocab}, MLP {s.intermediate})",
         f"block linears: {_count(s.block_linear_params)} params x {lvl.bits_per_weight:g} bits / 8 "
         f"= {_gb(lvl.linears_gb)}  ({lvl.bits}-bit, {group})",
-        f"{emb_what}: {_count(s.embedding_params)} params x {emb_bits:g} bits / 8 = {_gb(lvl.embeddings_gb)}",
+        _embedding_line(p, lvl),
         f"norms (+ biases): {_count(s.norm_params)} params x {NORM_BITS} bits / 8 = {_gb(lvl.norms_gb)}",
         f"weights: {_gb(lvl.linears_gb)} + {_gb(lvl.embeddings_gb)} + {_gb(lvl.norms_gb)} "
         f"= {_gb(lvl.weights_gb)}",
