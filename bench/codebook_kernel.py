@@ -28,7 +28,7 @@ from common import best_us
 
 SHAPES = {"smollm2 q/o": (576, 576), "smollm2 k/v": (192, 576), "smollm2 gate/up": (1536, 576),
           "smollm2 down": (576, 1536), "qwen q/o": (1536, 1536), "qwen gate/up": (8960, 1536), "qwen down": (1536, 8960)}
-PAIRS = [("w2g64vq", "w2g64"), ("w3g128vq", "w3g128")]
+PAIRS = "w2g64vq=w2g64,w3g128vq=w3g128"  # --pairs: each vq spec beside a scalar one
 
 
 def random_qt(out: int, inp: int, spec: QuantSpec) -> QuantizedTensor:
@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--exact", action="store_true", help="float activations (int8_decode off)")
     ap.add_argument("--rows", type=int, default=1, help="activation rows per call, 1-8")
+    ap.add_argument("--pairs", default=PAIRS, help=f"VQ=SCALAR spec pairs, comma-separated (default {PAIRS})")
+    ap.add_argument("--shapes", default=None, help="only the shapes whose label contains one of these words (e.g. qwen)")
     args = ap.parse_args()
     if not 1 <= args.rows <= 8:
         ap.error(f"--rows must be 1-8 (the decode kernels' row counts), got {args.rows}")
@@ -67,9 +69,13 @@ def main() -> None:
     print(f"{args.threads} thread(s), best of {args.rounds} x {args.reps} calls, {args.rows} activation row(s) ({mode})\n")
     print("| shape | spec | kernel | packed KB | us/call | GB/s | vq / scalar time |" + (" vq float |" if float_vq else ""))
     print("|---|---|---|---|---|---|---|" + ("---|" if float_vq else ""))
+    pairs = [tuple(t.strip() for t in pair.split("=")) for pair in args.pairs.split(",") if pair.strip()]
+    words = args.shapes.split(",") if args.shapes else [""]
     for label, (out, inp) in SHAPES.items():
+        if not any(w in label for w in words):
+            continue
         x = torch.randn(args.rows, inp)
-        for vq_text, scalar_text in PAIRS:
+        for vq_text, scalar_text in pairs:
             qts = [random_qt(out, inp, QuantSpec.parse(t)) for t in (vq_text, scalar_text)]
             kernels = [prepare(qt, options) for qt in qts]
             for qt, k in zip(qts, kernels):  # checked before timed

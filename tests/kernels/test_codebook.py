@@ -179,3 +179,21 @@ def test_int8_prefill_choices() -> None:
     xr = torch.randn(12, 1000, generator=torch.Generator().manual_seed(4))
     assert torch.allclose(prepare(ragged, RuntimeOptions(prefill="int8"))(xr), reference_linear(xr, ragged),
                           atol=2e-5 * 1000 ** 0.5, rtol=1e-5)
+
+
+@needs_vq8
+@pytest.mark.parametrize("permi2b", [0, 1])
+@pytest.mark.parametrize("text, out, inn", [("w2g64vq", 70, 1536), ("w4g128vq", 9, 384), ("w2g32vq", 33, 576)])
+def test_both_256_entry_lookups_equal_the_oracle(permi2b: int, text: str, out: int, inn: int) -> None:
+    """8-bit indices are looked up as four vpermb or as two vpermi2b, whichever the CPU runs faster
+    (codebook_int8.cpp use_permi2b); each, built on purpose, is held to the int8 oracle in the decode
+    (1 and 3 rows) and the prefill, so the path this CPU does not take is tested here too."""
+    from bitsmith.kernels.codebook import CodebookKernel
+
+    lib = native_library((f"-DBS_VQ8_PERMI2B={permi2b}",))
+    qt = random_vq(text, out, inn, seed=out + inn + permi2b)
+    kernel = CodebookKernel.of(lib, qt, threads=2, int8=True, prefill="int8")
+    g = torch.Generator().manual_seed(inn + permi2b)
+    for rows in (1, 3, 14):
+        x = torch.randn(rows, inn, generator=g) * torch.rand(rows, 1, generator=g) * 6
+        assert torch.allclose(kernel(x), int8_oracle(x, qt), atol=2e-5 * inn ** 0.5, rtol=1e-5), rows

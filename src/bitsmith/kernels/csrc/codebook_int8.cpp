@@ -43,6 +43,12 @@
 #define BS_VQ8_AHEAD 1024
 #endif
 
+// 256-entry lookups (8-bit indices) as two vpermi2b and a blend (1), as four vpermb (0), or chosen by
+// the CPU at run time (-1, the default): see lookup() and use_permi2b().
+#ifndef BS_VQ8_PERMI2B
+#define BS_VQ8_PERMI2B -1
+#endif
+
 // Weight rows per pass of the batched (2-8 activation rows) decode: each activation plane loaded once
 // serves this many weight rows. Qwen2.5-Coder-1.5B shapes, 8 activation rows, 1 thread (loaded machine,
 // medians of 5 alternating): 4 rows took 0.28-0.67x the time of 1 and 0.9-1.1x that of 8; 2 activation
@@ -137,6 +143,18 @@ void prepare(const float* x, int64_t in, int64_t d, int64_t group_codes, int64_t
   }
 }
 
+// Whether 256-entry lookups take two vpermi2b (AMD: Zen 4, in this file's decode, 1.23-1.33x faster than four
+// vpermb, session 29) or four vpermb (elsewhere: on an Intel Xeon two vpermi2b and a blend cost more than twice
+// a vpermb, 7% slower in all). BS_VQ8_PERMI2B 0 or 1 fixes the choice at build time (A/B benchmarks).
+inline bool use_permi2b() {
+#if BS_VQ8_PERMI2B >= 0
+  return BS_VQ8_PERMI2B != 0;
+#else
+  static const bool amd = (__builtin_cpu_init(), __builtin_cpu_is("amd"));
+  return amd;
+#endif
+}
+
 // 64 indices, one per byte (the low 6 bits meaningful for 6-bit indices), from a row's chunk of
 // `avail` readable bytes (masked loads past the row's end: nothing past it is touched).
 template <int IB>
@@ -155,11 +173,18 @@ inline __m512i load_indices(const uint8_t* p, int64_t avail) {
 }
 
 // Component t of the 64 vectors' codebook entries (unsigned bytes), from the planes in registers.
-template <int IB>
+// 8-bit indices: P2, two 128-entry vpermi2b (bit 6 picks the register) and a blend on bit 7, else four
+// vpermb. Which is faster depends on the core (use_permi2b).
+template <int IB, bool P2>
 inline __m512i lookup(__m512i idx, const __m512i* plane) {
   if (IB == 6) return _mm512_permutexvar_epi8(idx, plane[0]);
-  // four 64-entry vpermb (bit 6 picks within a pair, bit 7 between pairs): 7% faster here than two
-  // vpermi2b and a blend, which cost more than twice a vpermb on this Xeon (measured)
+  if constexpr (P2) {
+    const __m512i lo = _mm512_permutex2var_epi8(plane[0], idx, plane[1]);
+    const __m512i hi = _mm512_permutex2var_epi8(plane[2], idx, plane[3]);
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), lo, hi);
+  }
+  // four 64-entry vpermb (bit 6 picks within a pair, bit 7 between pairs): on an Intel Xeon 7% faster than
+  // two vpermi2b and a blend, which cost more than twice a vpermb there (measured); slower on Zen 4
   const __mmask64 high = _mm512_movepi8_mask(idx);
   const __mmask64 b6 = _mm512_movepi8_mask(_mm512_add_epi8(idx, idx));  // not vptestmb: port 5
   const __m512i lo = _mm512_mask_permutexvar_epi8(_mm512_permutexvar_epi8(idx, plane[0]), b6, idx, plane[1]);
@@ -168,12 +193,12 @@ inline __m512i lookup(__m512i idx, const __m512i* plane) {
 }
 
 // One chunk of one row: its 16 lanes' int32 sums of int8 weight x int8 activation products.
-template <int D, int IB>
+template <int D, int IB, bool P2>
 inline __m512i chunk_dot(__m512i idx, const __m512i (*plane)[IB == 8 ? 4 : 1], const int8_t* xc, __m512i off) {
   __m512i acc0 = off, acc1 = _mm512_setzero_si512();  // two chains: vpdpbusd's latency
   for (int t = 0; t < D; t += 2) {
-    acc0 = _mm512_dpbusd_epi32(acc0, lookup<IB>(idx, plane[t]), _mm512_loadu_si512(xc + t * kChunk));
-    acc1 = _mm512_dpbusd_epi32(acc1, lookup<IB>(idx, plane[t + 1]), _mm512_loadu_si512(xc + (t + 1) * kChunk));
+    acc0 = _mm512_dpbusd_epi32(acc0, lookup<IB, P2>(idx, plane[t]), _mm512_loadu_si512(xc + t * kChunk));
+    acc1 = _mm512_dpbusd_epi32(acc1, lookup<IB, P2>(idx, plane[t + 1]), _mm512_loadu_si512(xc + (t + 1) * kChunk));
   }
   return _mm512_add_epi32(acc0, acc1);
 }
@@ -185,7 +210,7 @@ inline __m512i chunk_dot(__m512i idx, const __m512i (*plane)[IB == 8 ? 4 : 1], c
 // takes 16 registers) g++ 12 -O3 -march=native (AVX-512) compiles that order at R = 4 with 38
 // instructions moving zmm registers to or from the stack against 12 here: not folded into it, so the
 // one-row decode keeps this schedule.
-template <int D, int IB, int R>
+template <int D, int IB, int R, bool P2>
 void rows_block(const Prep& p, const uint8_t* packed, int64_t row_bytes, const uint16_t* scale, int64_t groups,
                 const __m512i (*plane)[IB == 8 ? 4 : 1], float cb_scale, int64_t r, float* y) {
   constexpr int64_t chunk_bytes = kChunk * IB / 8;
@@ -203,7 +228,7 @@ void rows_block(const Prep& p, const uint8_t* packed, int64_t row_bytes, const u
     for (int i = 0; i < R; ++i) {
       const uint8_t* src = packed + (r + i) * row_bytes + c * chunk_bytes;
       _mm_prefetch((const char*)(src + BS_VQ8_AHEAD), _MM_HINT_T0);
-      const __m512i acc = chunk_dot<D, IB>(load_indices<IB>(src, avail), plane, xp + c * D * kChunk, o);
+      const __m512i acc = chunk_dot<D, IB, P2>(load_indices<IB>(src, avail), plane, xp + c * D * kChunk, o);
       const __m256i h = _mm256_maskz_loadu_epi16(smask, scale + (r + i) * groups + p.g0[c]);
       const __m512 ws = _mm512_mul_ps(xsc, _mm512_permutexvar_ps(lanes, _mm512_cvtph_ps(h)));
       total[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), ws, total[i]);
@@ -212,7 +237,7 @@ void rows_block(const Prep& p, const uint8_t* packed, int64_t row_bytes, const u
   for (int i = 0; i < R; ++i) y[r + i] = _mm512_reduce_add_ps(total[i]) * cb_scale;
 }
 
-template <int D, int IB>
+template <int D, int IB, bool P2>
 void rows_int8(const Prep& p, const uint8_t* packed, int64_t row_bytes, const uint16_t* scale, int64_t groups,
                const uint8_t* tables, float cb_scale, int64_t out, float* y, int64_t threads) {
   constexpr int REGS = IB == 8 ? 4 : 1;  // registers per plane
@@ -224,10 +249,10 @@ void rows_int8(const Prep& p, const uint8_t* packed, int64_t row_bytes, const ui
       for (int k = 0; k < REGS; ++k) plane[t][k] = _mm512_loadu_si512(tables + (t * REGS + k) * 64);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < out / R; ++b)
-      rows_block<D, IB, R>(p, packed, row_bytes, scale, groups, plane, cb_scale, b * R, y);
+      rows_block<D, IB, R, P2>(p, packed, row_bytes, scale, groups, plane, cb_scale, b * R, y);
 #pragma omp single
     for (int64_t r = out / R * R; r < out; ++r)
-      rows_block<D, IB, 1>(p, packed, row_bytes, scale, groups, plane, cb_scale, r, y);
+      rows_block<D, IB, 1, P2>(p, packed, row_bytes, scale, groups, plane, cb_scale, r, y);
   }
 }
 
@@ -236,7 +261,7 @@ void rows_int8(const Prep& p, const uint8_t* packed, int64_t row_bytes, const ui
 // row's planes, each plane loaded once for the R weight rows, so M rows cost one index stream and
 // M x D x R vpdpbusd instead of M passes over the weights. The lane bookkeeping (groups) depends on the
 // shape only, so every Prep shares p[0]'s.
-template <int D, int IB, int M, int R>
+template <int D, int IB, int M, int R, bool P2>
 void rows_multi_block(const Prep* p, const uint8_t* packed, int64_t row_bytes, const uint16_t* scale, int64_t groups,
                       const __m512i (*plane)[IB == 8 ? 4 : 1], float cb_scale, int64_t r, int64_t out, float* y) {
   constexpr int64_t chunk_bytes = kChunk * IB / 8;
@@ -254,7 +279,7 @@ void rows_multi_block(const Prep* p, const uint8_t* packed, int64_t row_bytes, c
       const uint8_t* src = packed + (r + i) * row_bytes + c * chunk_bytes;
       _mm_prefetch((const char*)(src + BS_VQ8_AHEAD), _MM_HINT_T0);
       const __m512i idx = load_indices<IB>(src, avail);
-      for (int t = 0; t < D; ++t) w[i][t] = lookup<IB>(idx, plane[t]);
+      for (int t = 0; t < D; ++t) w[i][t] = lookup<IB, P2>(idx, plane[t]);
       const __m256i h = _mm256_maskz_loadu_epi16(smask, scale + (r + i) * groups + shape.g0[c]);
       ws[i] = _mm512_permutexvar_ps(lanes, _mm512_cvtph_ps(h));
     }
@@ -276,7 +301,7 @@ void rows_multi_block(const Prep* p, const uint8_t* packed, int64_t row_bytes, c
     for (int m = 0; m < M; ++m) y[m * out + r + i] = _mm512_reduce_add_ps(total[i][m]) * cb_scale;
 }
 
-template <int D, int IB, int M>
+template <int D, int IB, int M, bool P2>
 void rows_multi(const Prep* p, const uint8_t* packed, int64_t row_bytes, const uint16_t* scale, int64_t groups,
                 const uint8_t* tables, float cb_scale, int64_t out, float* y, int64_t threads) {
   constexpr int REGS = IB == 8 ? 4 : 1;
@@ -288,25 +313,25 @@ void rows_multi(const Prep* p, const uint8_t* packed, int64_t row_bytes, const u
       for (int k = 0; k < REGS; ++k) plane[t][k] = _mm512_loadu_si512(tables + (t * REGS + k) * 64);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < out / R; ++b)
-      rows_multi_block<D, IB, M, R>(p, packed, row_bytes, scale, groups, plane, cb_scale, b * R, out, y);
+      rows_multi_block<D, IB, M, R, P2>(p, packed, row_bytes, scale, groups, plane, cb_scale, b * R, out, y);
 #pragma omp single
     for (int64_t r = out / R * R; r < out; ++r)
-      rows_multi_block<D, IB, M, 1>(p, packed, row_bytes, scale, groups, plane, cb_scale, r, out, y);
+      rows_multi_block<D, IB, M, 1, P2>(p, packed, row_bytes, scale, groups, plane, cb_scale, r, out, y);
   }
 }
 
 // M (2..8) activation rows of one layout, M a compile-time constant.
-template <int D, int IB>
+template <int D, int IB, bool P2>
 void rows_batch(const Prep* p, int64_t rows, const uint8_t* packed, int64_t row_bytes, const uint16_t* scale,
                 int64_t groups, const uint8_t* tables, float cb_scale, int64_t out, float* y, int64_t threads) {
   switch (rows) {
-    case 2: return rows_multi<D, IB, 2>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-    case 3: return rows_multi<D, IB, 3>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-    case 4: return rows_multi<D, IB, 4>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-    case 5: return rows_multi<D, IB, 5>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-    case 6: return rows_multi<D, IB, 6>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-    case 7: return rows_multi<D, IB, 7>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-    default: return rows_multi<D, IB, 8>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+    case 2: return rows_multi<D, IB, 2, P2>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+    case 3: return rows_multi<D, IB, 3, P2>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+    case 4: return rows_multi<D, IB, 4, P2>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+    case 5: return rows_multi<D, IB, 5, P2>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+    case 6: return rows_multi<D, IB, 6, P2>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+    case 7: return rows_multi<D, IB, 7, P2>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+    default: return rows_multi<D, IB, 8, P2>(p, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
   }
 }
 
@@ -323,7 +348,7 @@ struct VqArgs {
   int64_t in, row_bytes, groups;
 };
 
-template <int D, int IB>
+template <int D, int IB, bool P2>
 struct VqRows {
   using Args = VqArgs;
   static constexpr bool kDivide = true;
@@ -346,7 +371,7 @@ struct VqRows {
     for (int64_t ch = 0; ch * kChunk * D < a.in; ++ch) {
       const __m512i idx = load_indices<IB>(row + ch * chunk_bytes, a.row_bytes - ch * chunk_bytes);
       __m512i w[D];
-      for (int t = 0; t < D; ++t) w[t] = lookup<IB>(idx, plane[t]);
+      for (int t = 0; t < D; ++t) w[t] = lookup<IB, P2>(idx, plane[t]);
       const int64_t left = a.in - ch * kChunk * D;  // natural bytes of this chunk inside the row
       for (int i = 0; i < D; ++i) {
         __m512i nat = _mm512_permutex2var_epi8(w[0], order[i], w[1]);
@@ -390,17 +415,22 @@ int bs_vq_gemm_int8(const float* x, int64_t rows, const uint8_t* packed, const u
   if (!(groups == 1 || group_codes % 4 == 0) || 32 % (4 * d) != 0) return 0;
   const bool six = bits == 6 && d == 2, eight4 = bits == 8 && d == 4, eight2 = bits == 8 && d == 2;
   if (!(six || eight4 || eight2)) return 0;
+  const bool p2 = use_permi2b();
   static thread_local Prep p[kMaxRows];  // reused: no allocation per call once the widest layer has run
   for (int64_t m = 0; m < rows; ++m) prepare(x + m * in, in, d, group_codes, groups, p[m]);
   if (rows == 1) {  // 4 weight rows per pass (rows_int8): faster than the one-row-at-a-time batch loop
-    if (six) rows_int8<2, 6>(p[0], packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-    if (eight4) rows_int8<4, 8>(p[0], packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-    if (eight2) rows_int8<2, 8>(p[0], packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+    if (six) rows_int8<2, 6, false>(p[0], packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+    if (eight4 && p2) rows_int8<4, 8, true>(p[0], packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+    if (eight4 && !p2) rows_int8<4, 8, false>(p[0], packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+    if (eight2 && p2) rows_int8<2, 8, true>(p[0], packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+    if (eight2 && !p2) rows_int8<2, 8, false>(p[0], packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
     return 1;
   }
-  if (six) rows_batch<2, 6>(p, rows, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-  if (eight4) rows_batch<4, 8>(p, rows, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-  if (eight2) rows_batch<2, 8>(p, rows, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+  if (six) rows_batch<2, 6, false>(p, rows, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+  if (eight4 && p2) rows_batch<4, 8, true>(p, rows, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+  if (eight4 && !p2) rows_batch<4, 8, false>(p, rows, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+  if (eight2 && p2) rows_batch<2, 8, true>(p, rows, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+  if (eight2 && !p2) rows_batch<2, 8, false>(p, rows, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
   return 1;
 #else
   (void)x, (void)rows, (void)packed, (void)scale, (void)tables, (void)cb_scale, (void)out, (void)in, (void)d;
@@ -421,9 +451,12 @@ int bs_vq_gemm_prefill(const float* x, int64_t T, const uint8_t* packed, const u
   if (!(six || eight4 || eight2)) return 0;
   const int64_t codes = in / d;
   const VqArgs args{packed, scale, tables, cb_scale, in, (codes + 7) / 8 * bits, (in + group - 1) / group};
-  if (six) gemm_tiles<VqRows<2, 6>>(args, out, in, group, x, T, y, threads);
-  if (eight4) gemm_tiles<VqRows<4, 8>>(args, out, in, group, x, T, y, threads);
-  if (eight2) gemm_tiles<VqRows<2, 8>>(args, out, in, group, x, T, y, threads);
+  const bool p2 = use_permi2b();
+  if (six) gemm_tiles<VqRows<2, 6, false>>(args, out, in, group, x, T, y, threads);
+  if (eight4 && p2) gemm_tiles<VqRows<4, 8, true>>(args, out, in, group, x, T, y, threads);
+  if (eight4 && !p2) gemm_tiles<VqRows<4, 8, false>>(args, out, in, group, x, T, y, threads);
+  if (eight2 && p2) gemm_tiles<VqRows<2, 8, true>>(args, out, in, group, x, T, y, threads);
+  if (eight2 && !p2) gemm_tiles<VqRows<2, 8, false>>(args, out, in, group, x, T, y, threads);
   return 1;
 #else
   (void)x, (void)T, (void)packed, (void)scale, (void)tables, (void)cb_scale, (void)out, (void)in, (void)d;
