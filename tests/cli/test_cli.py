@@ -55,6 +55,9 @@ def test_a_tied_table_takes_one_spec(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "ties its output head" in err and "--output-spec" in err and "Traceback" not in err
     assert not (tmp_path / "no").exists()
+    with pytest.raises(SystemExit):  # a spec that does not parse is named by its flag
+        main(["quantize", str(tied), "--embedding-spec", "w9g32", "--out", str(tmp_path / "no")])
+    assert "--embedding-spec w9g32: 9 bits" in capsys.readouterr().err
     assert main(["quantize", str(tied), "--spec", "w4g32", "--method", "rtn", "--output-spec", "w5g32",
                  "--embedding-spec", "w5g32", "--out", str(tmp_path / "ok")]) == 0
 

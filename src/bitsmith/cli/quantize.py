@@ -211,8 +211,8 @@ def _outputs(args: argparse.Namespace, plan, recorded=None):
     from bitsmith.pipeline.outputs import AUTO, budget_body, parse_output_spec, with_output_spec
     from bitsmith.plan.allocate import Budget
 
-    spec = parse_output_spec(args.output_spec or AUTO)
-    embedding = parse_output_spec(args.embedding_spec or AUTO)
+    spec, embedding = (_flag_spec(flag, text, parse_output_spec) for flag, text in
+                       (("--output-spec", args.output_spec or AUTO), ("--embedding-spec", args.embedding_spec or AUTO)))
     # with --budget the spec pins the embedding and head: the allocator leaves them at it and a
     # bits/weight budget counts the other layers only (a size budget counts their bytes too)
     if recorded is not None:
@@ -220,6 +220,14 @@ def _outputs(args: argparse.Namespace, plan, recorded=None):
     else:  # no budget, or a size budget: the main spec is the body
         bpw = Budget.parse(args.budget).bits_per_weight if args.budget is not None else None
     return with_output_spec(plan, args.model, spec, body=budget_body(plan.spec, bpw), embedding=embedding)
+
+
+def _flag_spec(flag: str, text: str, parse):
+    """``parse(text)``, its error naming the flag that gave ``text``."""
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise ValueError(f"{flag} {text}: {err}") from None
 
 
 def _allocate(args: argparse.Namespace, plan, calib):
