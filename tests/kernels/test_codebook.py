@@ -79,7 +79,8 @@ def test_threaded_kernel_equals_oracle(text: str) -> None:
 # the int8 decode (csrc/codebook_int8.cpp): whole chunks of 64 indices, a short last chunk (576 / 4 =
 # 144 = 2.25 chunks), short last groups, per-channel rows with 45 indices (no whole lane group), rows
 # whose indices do not fill a run of 8, 6-bit runs cut by the row's end, 256-entry 2-dim codes
-INT8_SHAPES = SHAPES + [("w2g64vq", 70, 1536), ("w3g128vq", 33, 8960 // 5), ("w4g128vq", 9, 384), ("w2g32vq", 5, 200)]
+INT8_SHAPES = SHAPES + [("w2g64vq", 70, 1536), ("w3g128vq", 33, 8960 // 5), ("w4g128vq", 9, 384), ("w2g32vq", 5, 200),
+               ("w3g256vq", 70, 1536), ("w3g256vq", 9, 8960 // 5)]  # groups of two chunks (group sums)
 
 
 @needs_vq8
