@@ -351,6 +351,20 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert four["bits_per_weight"] == 4.25 and four["fits"] is False and four["offload_layers"] == 40
 
 
+def test_cli_outputs_flag_and_its_alias(capsys: pytest.CaptureFixture[str]) -> None:
+    """--outputs picks how the embedding and head are counted; --quantize-embeddings is --outputs level."""
+    counted = {}
+    for name, flags in {"auto": [], "16": ["--outputs", "16"], "level": ["--quantize-embeddings"]}.items():
+        assert _cli(["qwen2.5-32b", "--memory", "24GB", "--bits", "4", "--json", *flags]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["outputs"] == name
+        counted[name] = next(lvl for lvl in out["levels"] if lvl["bits"] == 4)["embeddings_gb"]
+    assert counted["level"] < counted["auto"] < counted["16"]
+    with pytest.raises(SystemExit) as exc:  # argparse refuses a choice it does not know, naming the choices
+        _cli(["qwen2.5-32b", "--memory", "24GB", "--outputs", "fp8"])
+    assert exc.value.code == 2 and "choose from" in capsys.readouterr().err
+
+
 def test_cli_table_and_local_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B_CONFIG))
     assert _cli([str(tmp_path), "--memory", "48GB", "--kv-bits", "8"]) == 0
