@@ -205,14 +205,14 @@ def _recorded(args: argparse.Namespace):
 
 def _outputs(args: argparse.Namespace, plan, recorded=None):
     """The embedding/head policy: --output-spec and --embedding-spec (default auto: head w6g128 and an
-    untied table w4g128 under bodies of at most 4 bits, w8 above; under --budget the body is the budget's bits/weight rounded down, or the main spec for a
-    size budget, and under --allocation-from the recorded bits/weight; under either the spec is pinned,
-    outside the allocation)."""
-    from bitsmith.pipeline.outputs import AUTO, budget_body, parse_output_spec, with_output_spec
+    untied table w4g128 under bodies of at most 4 bits, w8 above; under --budget the body is the
+    budget's bits/weight rounded down, or the main spec for a size budget, and under --allocation-from
+    the recorded bits/weight; under either the specs are pinned, outside the allocation)."""
+    from bitsmith.pipeline.outputs import AUTO, budget_body, with_output_spec
     from bitsmith.plan.allocate import Budget
 
-    spec, embedding = (_flag_spec(flag, text, parse_output_spec) for flag, text in
-                       (("--output-spec", args.output_spec or AUTO), ("--embedding-spec", args.embedding_spec or AUTO)))
+    spec = _flag_spec("--output-spec", args.output_spec or AUTO)
+    embedding = _flag_spec("--embedding-spec", args.embedding_spec or AUTO)
     # with --budget the spec pins the embedding and head: the allocator leaves them at it and a
     # bits/weight budget counts the other layers only (a size budget counts their bytes too)
     if recorded is not None:
@@ -222,10 +222,12 @@ def _outputs(args: argparse.Namespace, plan, recorded=None):
     return with_output_spec(plan, args.model, spec, body=budget_body(plan.spec, bpw), embedding=embedding)
 
 
-def _flag_spec(flag: str, text: str, parse):
-    """``parse(text)``, its error naming the flag that gave ``text``."""
+def _flag_spec(flag: str, text: str):
+    """:func:`~bitsmith.pipeline.outputs.parse_output_spec` of ``text``, its error naming the flag that gave it."""
+    from bitsmith.pipeline.outputs import parse_output_spec
+
     try:
-        return parse(text)
+        return parse_output_spec(text)
     except ValueError as err:
         raise ValueError(f"{flag} {text}: {err}") from None
 

@@ -215,7 +215,7 @@ def _level(shape: ArchShape, bits: int, group_size: int | None, memory_gb: float
     # decoding is memory-bound: one step (one token for each of `batch` sequences) reads every weight
     # but an untied input embedding (one row per token) and the whole KV cache once; offloaded weights
     # additionally cross PCIe (no overlap assumed), or, run on the CPU, are read from RAM there
-    unread = shape.vocab * shape.hidden * emb_bits / 8 / GB if not shape.tied_embeddings else 0.0
+    unread = table * emb_bits / 8 / GB if not shape.tied_embeddings else 0.0
     read = weights - unread + kv_gb
     tok_s_resident = batch / (read / runtime.gpu_bandwidth_gb_s)
     tok_s: float | None = None
@@ -226,7 +226,7 @@ def _level(shape: ArchShape, bits: int, group_size: int | None, memory_gb: float
         tok_s_cpu = batch / (on_gpu_s + offload_gb / runtime.ram_gb_s)
     return FitLevel(
         bits=bits, group_size=group, bits_per_weight=bpw, linears_gb=linears, embeddings_gb=embeddings,
-        embedding_bits=emb_bits, head_bits=emb_bits if shape.tied_embeddings else head_bits,
+        embedding_bits=emb_bits, head_bits=head_bits,
         norms_gb=norms, weights_gb=weights, kv_gb=kv_gb, activations_gb=act_gb, overhead_gb=overhead,
         total_gb=total, fits=fits, layer_gb=layer, offload_layers=offload, offload_gb=offload_gb,
         gpu_gb=gpu_gb, read_gb=read, tok_s_resident=tok_s_resident, tok_s=tok_s,

@@ -389,6 +389,48 @@ struct VqRows {
     *sz = *s * 128.f;
   }
 };
+
+// One decode call's operands (bs_vq_gemm_int8), for the lookup variant chosen at run time.
+struct DecodeArgs {
+  const Prep* p;
+  int64_t rows;
+  const uint8_t* packed;
+  int64_t row_bytes;
+  const uint16_t* scale;
+  int64_t groups;
+  const uint8_t* tables;
+  float cb_scale;
+  int64_t out;
+  float* y;
+  int64_t threads;
+};
+
+template <int D, int IB, bool P2>
+void decode_rows(const DecodeArgs& a) {
+  if (a.rows == 1)  // 4 weight rows per pass (rows_int8): faster than the one-row-at-a-time batch loop
+    return rows_int8<D, IB, P2>(a.p[0], a.packed, a.row_bytes, a.scale, a.groups, a.tables, a.cb_scale, a.out, a.y,
+                                a.threads);
+  rows_batch<D, IB, P2>(a.p, a.rows, a.packed, a.row_bytes, a.scale, a.groups, a.tables, a.cb_scale, a.out, a.y,
+                        a.threads);
+}
+
+// The run-time lookup choice (use_permi2b) as a template argument; 6-bit indices have one lookup.
+template <int D, int IB>
+void decode(const DecodeArgs& a, bool p2) {
+  if constexpr (IB == 8) {
+    if (p2) return decode_rows<D, IB, true>(a);
+  }
+  decode_rows<D, IB, false>(a);
+}
+
+template <int D, int IB>
+void prefill(const VqArgs& args, bool p2, int64_t out, int64_t in, int64_t group, const float* x, int64_t T, float* y,
+             int64_t threads) {
+  if constexpr (IB == 8) {
+    if (p2) return gemm_tiles<VqRows<D, IB, true>>(args, out, in, group, x, T, y, threads);
+  }
+  gemm_tiles<VqRows<D, IB, false>>(args, out, in, group, x, T, y, threads);
+}
 #endif
 
 }  // namespace
@@ -418,19 +460,10 @@ int bs_vq_gemm_int8(const float* x, int64_t rows, const uint8_t* packed, const u
   const bool p2 = use_permi2b();
   static thread_local Prep p[kMaxRows];  // reused: no allocation per call once the widest layer has run
   for (int64_t m = 0; m < rows; ++m) prepare(x + m * in, in, d, group_codes, groups, p[m]);
-  if (rows == 1) {  // 4 weight rows per pass (rows_int8): faster than the one-row-at-a-time batch loop
-    if (six) rows_int8<2, 6, false>(p[0], packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-    if (eight4 && p2) rows_int8<4, 8, true>(p[0], packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-    if (eight4 && !p2) rows_int8<4, 8, false>(p[0], packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-    if (eight2 && p2) rows_int8<2, 8, true>(p[0], packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-    if (eight2 && !p2) rows_int8<2, 8, false>(p[0], packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-    return 1;
-  }
-  if (six) rows_batch<2, 6, false>(p, rows, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-  if (eight4 && p2) rows_batch<4, 8, true>(p, rows, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-  if (eight4 && !p2) rows_batch<4, 8, false>(p, rows, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-  if (eight2 && p2) rows_batch<2, 8, true>(p, rows, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
-  if (eight2 && !p2) rows_batch<2, 8, false>(p, rows, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads);
+  const DecodeArgs a{p, rows, packed, row_bytes, scale, groups, tables, cb_scale, out, y, threads};
+  if (six) decode<2, 6>(a, p2);
+  if (eight4) decode<4, 8>(a, p2);
+  if (eight2) decode<2, 8>(a, p2);
   return 1;
 #else
   (void)x, (void)rows, (void)packed, (void)scale, (void)tables, (void)cb_scale, (void)out, (void)in, (void)d;
@@ -452,11 +485,9 @@ int bs_vq_gemm_prefill(const float* x, int64_t T, const uint8_t* packed, const u
   const int64_t codes = in / d;
   const VqArgs args{packed, scale, tables, cb_scale, in, (codes + 7) / 8 * bits, (in + group - 1) / group};
   const bool p2 = use_permi2b();
-  if (six) gemm_tiles<VqRows<2, 6, false>>(args, out, in, group, x, T, y, threads);
-  if (eight4 && p2) gemm_tiles<VqRows<4, 8, true>>(args, out, in, group, x, T, y, threads);
-  if (eight4 && !p2) gemm_tiles<VqRows<4, 8, false>>(args, out, in, group, x, T, y, threads);
-  if (eight2 && p2) gemm_tiles<VqRows<2, 8, true>>(args, out, in, group, x, T, y, threads);
-  if (eight2 && !p2) gemm_tiles<VqRows<2, 8, false>>(args, out, in, group, x, T, y, threads);
+  if (six) prefill<2, 6>(args, p2, out, in, group, x, T, y, threads);
+  if (eight4) prefill<4, 8>(args, p2, out, in, group, x, T, y, threads);
+  if (eight2) prefill<2, 8>(args, p2, out, in, group, x, T, y, threads);
   return 1;
 #else
   (void)x, (void)T, (void)packed, (void)scale, (void)tables, (void)cb_scale, (void)out, (void)in, (void)d;
