@@ -80,7 +80,7 @@ def test_threaded_kernel_equals_oracle(text: str) -> None:
 # 144 = 2.25 chunks), short last groups, per-channel rows with 45 indices (no whole lane group), rows
 # whose indices do not fill a run of 8, 6-bit runs cut by the row's end, 256-entry 2-dim codes
 INT8_SHAPES = SHAPES + [("w2g64vq", 70, 1536), ("w3g128vq", 33, 8960 // 5), ("w4g128vq", 9, 384), ("w2g32vq", 5, 200),
-               ("w3g256vq", 70, 1536), ("w3g256vq", 9, 8960 // 5)]  # groups of two chunks (group sums)
+               ("w3g256vq", 70, 1536), ("w3g256vq", 9, 8960 // 5)]  # a scale group spans two chunks
 
 
 @needs_vq8

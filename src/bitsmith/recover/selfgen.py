@@ -42,7 +42,8 @@ def cache_keyword(model: torch.nn.Module) -> str:
 
 
 SAMPLE_BATCH = 64  # sequences sampled together: the draws do not depend on it (one generator per sequence);
-# 64 x 512 tokens of SmolLM2-135M in 189 s at 2 threads, against ~300 s 16 at a time (bench/results/low-bit, session 30)
+# SmolLM2-135M at 2 threads: 64 x 512 tokens in 189 s; 16 at a time, 16 x 512 took 76 s (so ~304 s for 64)
+# (bench/results/low-bit, session 30)
 
 
 @torch.no_grad()
